@@ -1,0 +1,149 @@
+"""The seam between gateway/ and abi/: the only abi names gateway/ imports.
+
+Headers cross as ``list[tuple[str, str]]`` (lower-case names, pseudo-headers first);
+bodies as async iterators, so a chain that never touches a body hands it back untouched.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import AsyncIterator, Protocol
+
+Headers = list[tuple[str, str]]
+Body = AsyncIterator[bytes]
+
+
+@dataclass(frozen=True)
+class FilterLimits:
+    memory_bytes: int = 64 * 1024 * 1024
+    callback_ms: int = 100
+
+
+@dataclass(frozen=True)
+class FilterSpec:
+    """One `filters:` entry of the config, resolved and encoded."""
+    name: str
+    wasm_path: Path
+    configuration: bytes = b""
+    vm_configuration: bytes = b""
+    failure_policy: str = "fail_closed"          # "fail_closed" | "fail_open"
+    limits: FilterLimits = field(default_factory=FilterLimits)
+    environment: tuple[tuple[str, str], ...] = ()
+    deliver_body_while_paused: bool = False       # False: Envoy (Pause in headers stops the body)
+
+
+@dataclass
+class CallResponse:
+    status: int
+    headers: Headers
+    body: bytes
+    trailers: Headers = field(default_factory=list)
+
+
+class CallFailed(Exception):
+    """An HTTP callout failed: refused, reset or timed out. ``reason`` is short text."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class HostServices(Protocol):
+    """What the gateway provides to the ABI host."""
+    log: logging.Logger
+
+    def has_cluster(self, name: str) -> bool: ...
+
+    async def http_call(self, cluster: str, method: str, path: str, authority: str,
+                        headers: Headers, body: bytes, timeout_s: float | None) -> CallResponse:
+        """Raise CallFailed on refuse/reset/timeout."""
+        ...
+
+
+@dataclass
+class StreamInfo:
+    """Facts about one request, from which properties (§4.4) are answered."""
+    request_id: str
+    route_name: str
+    cluster_name: str
+    client_addr: tuple[str, int]
+    local_addr: tuple[str, int]
+    connection_id: int
+    scheme: str = "http"
+    protocol: str = "HTTP/1.1"
+    start_time_ns: int = 0
+
+
+@dataclass
+class LogInfo:
+    """Facts known when the request is over (for response.* properties and on_log)."""
+    status: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    duration_ns: int = 0
+    upstream_address: str = ""
+
+
+@dataclass
+class LocalReply:
+    """A filter answered the request itself, or failed closed."""
+    status: int
+    headers: Headers = field(default_factory=list)
+    body: bytes = b""
+    details: str = ""
+
+
+@dataclass
+class Forward:
+    """Go on with these headers and this body.
+
+    Iterating ``body`` may raise LocalReplyInterrupt: on the request side abort the upstream
+    request and send the reply; on the response side send it if nothing went downstream yet,
+    else close the client connection.
+    """
+    headers: Headers
+    body: Body | None
+
+
+class LocalReplyInterrupt(Exception):
+    def __init__(self, reply: LocalReply):
+        super().__init__(f"local reply {reply.status}")
+        self.reply = reply
+
+
+class FilterLoadError(Exception):
+    """A filter could not be loaded; the message names the filter, its file and the cause."""
+
+    def __init__(self, filter_name: str, message: str):
+        super().__init__(f'filter "{filter_name}": {message}')
+        self.filter_name = filter_name
+        self.message = message
+
+
+@dataclass
+class MetricSample:
+    """One Prometheus sample: ``name{labels} value`` with its type for # TYPE lines."""
+    name: str
+    kind: str                      # "counter" | "gauge" | "histogram"
+    value: float
+    labels: dict[str, str] = field(default_factory=dict)
+    help: str = ""
+
+
+class HttpStream(Protocol):
+    async def request(self, headers: Headers, body: Body | None) -> Forward | LocalReply: ...
+    async def response(self, status: int, headers: Headers, body: Body | None) -> Forward | LocalReply: ...
+    async def finish(self, log: LogInfo) -> None: ...
+
+
+class FilterHostProtocol(Protocol):
+    def stream(self, filter_names: list[str], info: StreamInfo) -> HttpStream: ...
+    def metrics(self) -> list[MetricSample]: ...
+    async def close(self) -> None: ...
+
+
+async def load_filter_host(specs: list[FilterSpec], services: HostServices) -> FilterHostProtocol:
+    """Load, start and configure every filter; raise FilterLoadError naming the first failure."""
+    from .filter_host import FilterHost   # deferred: keeps gateway imports free of wasmtime
+    return await FilterHost.load(specs, services)
