@@ -1,0 +1,419 @@
+"""abi/engine.py: correctness of every crossing, isolation limits, the compile cache."""
+from __future__ import annotations
+
+import gc
+import time
+from pathlib import Path
+
+import pytest
+
+from abi.engine import (Engine, EngineError, HostTrap, Import, Instance, MemoryAccessError,
+                        Trap)
+
+MB = 1 << 20
+
+CORE_WAT = b"""
+(module
+  (import "env" "h32" (func $h32 (param i32 i32) (result i32)))
+  (import "env" "h64" (func $h64 (param i64) (result i64)))
+  (import "env" "hvoid" (func $hvoid (param i32)))
+  (memory (export "memory") 1)
+  (func (export "add") (param i32 i32) (result i32) local.get 0 local.get 1 i32.add)
+  (func (export "add64") (param i64 i64) (result i64) local.get 0 local.get 1 i64.add)
+  (func (export "call_h32") (param i32 i32) (result i32) local.get 0 local.get 1 call $h32)
+  (func (export "call_h64") (param i64) (result i64) local.get 0 call $h64)
+  (func (export "call_hvoid") (param i32) local.get 0 call $hvoid)
+  (func (export "load") (param i32) (result i32) local.get 0 i32.load)
+  (func (export "grow") (param i32) (result i32) local.get 0 memory.grow)
+  (func (export "grow_then_h") (param i32) (result i32)
+    local.get 0 memory.grow drop  i32.const 0 i32.const 0 call $h32)
+  (func (export "spin") (loop br 0))
+  (func $crash (export "crash") unreachable)
+  (func $outer (export "outer") call $crash)
+  (func (export "div0") (result i32) i32.const 1 i32.const 0 i32.div_s)
+  (func $rec (export "recurse") call $rec)
+)
+"""
+
+
+def host_defaults(**overrides):
+    funcs = {("env", "h32"): lambda a, b: a, ("env", "h64"): lambda a: a,
+             ("env", "hvoid"): lambda a: None}
+    funcs.update({("env", k): v for k, v in overrides.items()})
+    return funcs
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    eng = Engine(cache_dir=tmp_path_factory.mktemp("cache"))
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(scope="module")
+def core(engine):
+    return engine.compile(CORE_WAT, name="core.wasm")
+
+
+def make(engine, module, funcs=None, *, mem=16 * MB, deadline_ms=100):
+    return Instance(engine, module, funcs if funcs is not None else host_defaults(),
+                    memory_limit_bytes=mem, deadline_ms=deadline_ms)
+
+
+# -- module metadata ---------------------------------------------------------------------
+
+def test_module_lists_typed_imports_and_exports(core):
+    assert core.imports[0] == Import("env", "h32", "func", ("i32", "i32"), ("i32",))
+    assert core.imports[1] == Import("env", "h64", "func", ("i64",), ("i64",))
+    assert core.exports["memory"].kind == "memory"
+    assert core.exports["add64"].params == ("i64", "i64")
+    assert core.exports["spin"].results == ()
+    assert len(core.sha256) == 64
+
+
+def test_engine_reports_pinned_wasmtime_version(engine):
+    assert engine.version == "50.0.1"
+
+
+def test_invalid_wasm_is_an_engine_error(engine):
+    with pytest.raises(EngineError):
+        engine.compile(b"(module (func (result i32)))")   # type error: no value on stack
+    with pytest.raises(EngineError):
+        engine.compile(b"\0asm\x01\0\0\0garbage")
+
+
+# -- calls, arguments, results -----------------------------------------------------------
+
+def test_i32_results_are_unsigned_and_args_accept_both_signs(engine, core):
+    add = make(engine, core).export_func("add")
+    assert add(1, 2) == 3
+    assert add(-1, 0) == 0xFFFFFFFF
+    assert add(0xFFFFFFFF, 1) == 0
+    assert add(0x80000000, 0) == 0x80000000
+
+
+def test_i64_is_signed_both_ways(engine, core):
+    inst = make(engine, core)
+    assert inst.export_func("add64")(-5, 2) == -3
+    assert inst.export_func("add64")(2**63 - 1, 1) == -2**63
+    seen = []
+    inst = make(engine, core, host_defaults(h64=lambda a: seen.append(a) or a * 2))
+    assert inst.export_func("call_h64")(-7) == -14
+    assert seen == [-7]
+
+
+def test_host_i32_args_arrive_unsigned_and_results_may_be_negative(engine, core):
+    seen = []
+    inst = make(engine, core, host_defaults(h32=lambda a, b: seen.append((a, b)) or -1))
+    assert inst.export_func("call_h32")(-1, 0x80000000) == 0xFFFFFFFF
+    assert seen == [(0xFFFFFFFF, 0x80000000)]
+
+
+def test_host_function_without_result(engine, core):
+    seen = []
+    inst = make(engine, core, host_defaults(hvoid=seen.append))
+    assert inst.export_func("call_hvoid")(42) is None
+    assert seen == [42]
+
+
+def test_export_func_is_cached_and_has_export(engine, core):
+    inst = make(engine, core)
+    assert inst.export_func("add") is inst.export_func("add")
+    assert inst.has_export("add") and not inst.has_export("nope")
+    assert not inst.has_export("memory")     # not a function
+    with pytest.raises(KeyError):
+        inst.export_func("nope")
+
+
+def test_nested_call_from_host_function(engine, core):
+    box = {}
+
+    def h32(a, b):
+        # as the ABI host does with proxy_on_memory_allocate: call back into the guest
+        return box["inst"].export_func("add")(a, b) + 1
+
+    inst = make(engine, core, host_defaults(h32=h32))
+    box["inst"] = inst
+    assert inst.export_func("call_h32")(20, 21) == 42
+    assert inst.export_func("call_h32")(1, 1) == 3    # still usable afterwards
+    assert not inst.poisoned
+
+
+def test_trap_in_nested_call_keeps_its_kind(engine, core):
+    box = {}
+
+    def h32(a, b):
+        box["inst"].export_func("crash")()
+        return 0
+
+    inst = make(engine, core, host_defaults(h32=h32))
+    box["inst"] = inst
+    with pytest.raises(Trap) as ei:
+        inst.export_func("call_h32")(1, 2)
+    assert ei.value.kind == "trap"
+    assert "unreachable" in ei.value.message
+    assert inst.poisoned
+
+
+# -- memory ------------------------------------------------------------------------------
+
+def test_memory_read_write_roundtrip_visible_to_guest(engine, core):
+    inst = make(engine, core)
+    mem = inst.memory
+    mem.write(100, b"\x01\x02\x03\x04")
+    assert inst.export_func("load")(100) == 0x04030201
+    assert mem.read(100, 4) == b"\x01\x02\x03\x04"
+    mem.write_u32(200, 0xDEADBEEF)
+    assert mem.read_u32(200) == 0xDEADBEEF
+    mem.write_u32(204, -1)
+    assert mem.read_u32(204) == 0xFFFFFFFF
+    mem.write_u64(300, 2**64 - 2)
+    assert mem.read_u64(300) == 2**64 - 2
+    assert mem.read(0, 0) == b""
+    assert mem.size() == 65536
+
+
+@pytest.mark.parametrize("ptr,length", [(65536, 1), (65533, 4), (-1, 1), (0, 65537),
+                                        (0xFFFFFFFF, 2), (10, -1)])
+def test_memory_bounds_are_checked(engine, core, ptr, length):
+    mem = make(engine, core).memory
+    with pytest.raises(MemoryAccessError):
+        mem.read(ptr, length)
+
+
+def test_memory_writes_and_ints_are_bounds_checked(engine, core):
+    mem = make(engine, core).memory
+    with pytest.raises(MemoryAccessError):
+        mem.write(65535, b"ab")
+    with pytest.raises(MemoryAccessError):
+        mem.read_u32(65533)
+    with pytest.raises(MemoryAccessError):
+        mem.write_u64(65530, 1)
+    mem.write(65535, b"z")       # the last byte is fine
+    assert mem.read(65535, 1) == b"z"
+
+
+def test_memory_growth_is_seen_after_guest_call(engine, core):
+    inst = make(engine, core)
+    mem = inst.memory
+    mem.write(10, b"keep")
+    assert mem.size() == 65536
+    assert inst.export_func("grow")(3) == 1
+    assert mem.size() == 4 * 65536
+    mem.write(3 * 65536 + 5, b"new")
+    assert mem.read(3 * 65536 + 5, 3) == b"new"
+    assert mem.read(10, 4) == b"keep"
+
+
+def test_memory_growth_is_seen_inside_host_call(engine, core):
+    box = {}
+
+    def h32(a, b):
+        mem = box["inst"].memory
+        mem.write(mem.size() - 4, b"tail")    # only valid after the refresh
+        return mem.size()
+
+    inst = make(engine, core, host_defaults(h32=h32))
+    box["inst"] = inst
+    inst.memory.read(0, 1)                     # warm any cached view before the growth
+    assert inst.export_func("grow_then_h")(2) == 3 * 65536
+    assert inst.memory.read(3 * 65536 - 4, 4) == b"tail"
+
+
+def test_memory_cap_makes_grow_fail(engine, core):
+    inst = make(engine, core, mem=4 * 65536)
+    grow = inst.export_func("grow")
+    assert grow(3) == 1
+    assert grow(1) == 0xFFFFFFFF           # -1: refused by the limiter
+    assert inst.memory.size() == 4 * 65536
+    assert not inst.poisoned
+
+
+def test_initial_memory_above_cap_fails_instantiation(engine):
+    module = engine.compile(b'(module (memory (export "memory") 20))')
+    with pytest.raises(EngineError):
+        make(engine, module, {}, mem=65536)
+
+
+# -- traps and deadlines -----------------------------------------------------------------
+
+def test_infinite_loop_hits_the_deadline(engine, core):
+    inst = make(engine, core, deadline_ms=30)
+    start = time.monotonic()
+    with pytest.raises(Trap) as ei:
+        inst.export_func("spin")()
+    elapsed = time.monotonic() - start
+    assert ei.value.kind == "deadline"
+    assert elapsed >= 0.029          # never earlier than the deadline (upper bound: see bench)
+    assert inst.poisoned
+
+
+def test_deadline_is_rearmed_for_each_top_level_call(engine, core):
+    inst = make(engine, core, deadline_ms=20)
+    add = inst.export_func("add")
+    for _ in range(3):
+        time.sleep(0.025)            # longer than the deadline between calls
+        assert add(1, 1) == 2
+
+
+@pytest.mark.parametrize("export,needle", [("crash", "unreachable"),
+                                           ("div0", "divide by zero"),
+                                           ("recurse", "call stack exhausted")])
+def test_trap_kinds_and_messages(engine, core, export, needle):
+    inst = make(engine, core)
+    with pytest.raises(Trap) as ei:
+        inst.export_func(export)()
+    assert ei.value.kind == "trap"
+    assert needle in ei.value.message.lower()
+    assert ei.value.backtrace
+
+
+def test_backtrace_names_frames_innermost_first(engine, core):
+    inst = make(engine, core)
+    with pytest.raises(Trap) as ei:
+        inst.export_func("outer")()
+    assert ei.value.backtrace[:2] == ["core.wasm!crash", "core.wasm!outer"]
+
+
+def test_host_trap_is_kind_exit(engine, core):
+    def h32(a, b):
+        raise HostTrap("proc_exit(3)")
+
+    inst = make(engine, core, host_defaults(h32=h32))
+    with pytest.raises(Trap) as ei:
+        inst.export_func("call_h32")(0, 0)
+    assert ei.value.kind == "exit"
+    assert "proc_exit(3)" in ei.value.message
+    assert inst.poisoned
+
+
+def test_host_exception_is_kind_host_and_engine_survives(engine, core):
+    def h32(a, b):
+        raise ValueError("bug in host")
+
+    inst = make(engine, core, host_defaults(h32=h32))
+    with pytest.raises(Trap) as ei:
+        inst.export_func("call_h32")(0, 0)
+    assert ei.value.kind == "host"
+    assert "bug in host" in ei.value.message
+    # a fresh instance of the same module works
+    assert make(engine, core).export_func("call_h32")(5, 6) == 5
+
+
+def test_host_returning_garbage_traps_as_host(engine, core):
+    inst = make(engine, core, host_defaults(h32=lambda a, b: "nope"))
+    with pytest.raises(Trap) as ei:
+        inst.export_func("call_h32")(0, 0)
+    assert ei.value.kind == "host"
+
+
+def test_poisoned_instance_refuses_calls(engine, core):
+    inst = make(engine, core)
+    with pytest.raises(Trap):
+        inst.export_func("crash")()
+    assert inst.poisoned
+    with pytest.raises(Trap):
+        inst.export_func("add")(1, 2)
+
+
+def test_trap_in_start_function_raises_trap(engine):
+    module = engine.compile(b'(module (func $s unreachable) (start $s))')
+    with pytest.raises(Trap) as ei:
+        make(engine, module, {})
+    assert ei.value.kind == "trap"
+
+
+def test_start_function_may_call_host(engine):
+    seen = []
+    module = engine.compile(b'''(module (import "env" "f" (func $f (param i32)))
+        (func $s i32.const -3 call $f) (start $s))''')
+    make(engine, module, {("env", "f"): seen.append})
+    assert seen == [0xFFFFFFFD]
+
+
+# -- linking -----------------------------------------------------------------------------
+
+def test_missing_imports_are_all_listed(engine):
+    module = engine.compile(b'''(module
+        (import "env" "a" (func)) (import "env" "b" (func))
+        (import "wasi_snapshot_preview1" "fd_write" (func (param i32 i32 i32 i32) (result i32))))''')
+    with pytest.raises(EngineError) as ei:
+        make(engine, module, {("env", "b"): lambda: None})
+    msg = str(ei.value)
+    assert "env.a" in msg and "wasi_snapshot_preview1.fd_write" in msg
+    assert "env.b" not in msg
+
+
+def test_many_instances_are_isolated(engine, core):
+    insts = [make(engine, core) for _ in range(50)]
+    for n, inst in enumerate(insts):
+        inst.memory.write(0, bytes([n]))
+    assert [inst.memory.read(0, 1)[0] for inst in insts] == list(range(50))
+    with pytest.raises(Trap):
+        insts[7].export_func("crash")()
+    assert insts[8].export_func("add")(1, 2) == 3
+    for inst in insts:
+        inst.close()
+
+
+def test_closed_instances_are_collected_without_crash(engine, core):
+    for _ in range(20):
+        inst = make(engine, core, host_defaults(h32=lambda a, b: a + b))
+        assert inst.export_func("call_h32")(2, 3) == 5
+        inst.close()
+        del inst
+    gc.collect()
+    assert make(engine, core).export_func("add")(2, 2) == 4
+
+
+# -- compile cache -----------------------------------------------------------------------
+
+def cache_files(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.suffix == ".cwasm")
+
+
+def test_compile_cache_hit(tmp_path):
+    eng = Engine(cache_dir=tmp_path)
+    try:
+        first = eng.compile(CORE_WAT)
+        assert not first.cache_hit
+        files = cache_files(tmp_path)
+        assert len(files) == 1 and first.sha256 in files[0].name and "50.0.1" in files[0].name
+        other = Engine(cache_dir=tmp_path)
+        second = other.compile(CORE_WAT)
+        assert second.cache_hit
+        assert make(other, second).export_func("add")(2, 3) == 5
+        other.close()
+    finally:
+        eng.close()
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "empty"])
+def test_corrupt_cache_entry_is_recompiled(tmp_path, damage):
+    eng = Engine(cache_dir=tmp_path)
+    try:
+        eng.compile(CORE_WAT)
+        (path,) = cache_files(tmp_path)
+        blob = bytearray(path.read_bytes())
+        if damage == "flip":
+            blob[len(blob) // 2] ^= 0xFF
+        elif damage == "truncate":
+            blob = blob[: len(blob) // 3]
+        else:
+            blob = bytearray()
+        path.write_bytes(bytes(blob))
+        again = eng.compile(CORE_WAT)
+        assert not again.cache_hit
+        assert make(eng, again).export_func("add")(40, 2) == 42
+        assert eng.compile(CORE_WAT).cache_hit      # rewritten
+    finally:
+        eng.close()
+
+
+def test_default_cache_dir_from_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("WASMGATE_CACHE_DIR", str(tmp_path / "c"))
+    eng = Engine()
+    try:
+        assert eng.cache_dir == tmp_path / "c"
+    finally:
+        eng.close()
