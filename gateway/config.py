@@ -1,0 +1,693 @@
+"""YAML → validated, frozen Config.
+
+Validation walks PyYAML's composed node tree (not the constructed dicts) so that every error
+can name the file, the line and the field path: ``config.yaml:14 routes[2].cluster: no cluster
+named "usrs"``. All errors are collected before ConfigError is raised, so ``wasmgate check``
+shows every problem at once.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from abi.api import FilterLimits, FilterSpec
+
+
+class ConfigError(Exception):
+    """The config is invalid; ``errors`` lists every problem, one line each."""
+
+    def __init__(self, errors: list[str]):
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+@dataclass(frozen=True)
+class Listener:
+    name: str
+    address: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Admin:
+    address: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_request_body_bytes: int = 104857600
+    max_header_bytes: int = 65536
+    drain_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Cluster:
+    name: str
+    endpoints: tuple[Endpoint, ...]
+    connect_timeout_ms: int = 1000
+    request_timeout_ms: int = 15000
+    max_connections: int = 256
+    eject_ms: int = 5000
+
+
+@dataclass(frozen=True)
+class RouteMatch:
+    host: str | None = None           # lower-case, no port
+    prefix: str | None = None
+    path: str | None = None
+    methods: frozenset[str] | None = None
+    headers: tuple[tuple[str, str], ...] = ()   # lower-case names
+
+
+@dataclass(frozen=True)
+class Rewrite:
+    prefix: str | None = None
+    host: str | None = None
+
+
+@dataclass(frozen=True)
+class Route:
+    name: str
+    match: RouteMatch
+    cluster: str
+    rewrite: Rewrite | None = None
+    filters: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Config:
+    source: Path
+    listeners: tuple[Listener, ...]
+    admin: Admin | None
+    limits: Limits
+    access_log_path: str | None                # "-" = stdout, None = disabled
+    clusters: tuple[Cluster, ...]
+    routes: tuple[Route, ...]
+    filters: tuple[FilterSpec, ...]
+    shared_data_max_bytes: int = 16777216
+    # The parsed YAML as written (for GET /config, after redaction).
+    raw: Any = field(default=None, compare=False, repr=False)
+
+    def cluster(self, name: str) -> Cluster:
+        return next(c for c in self.clusters if c.name == name)
+
+    @property
+    def has_filters(self) -> bool:
+        return any(r.filters for r in self.routes)
+
+
+# --------------------------------------------------------------------------------------------
+# Node-walking helpers. Each returns a value or None after recording an error.
+
+_MISSING = object()
+_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+
+class _Checker:
+    def __init__(self, filename: str, loader: yaml.SafeLoader):
+        self.filename = filename
+        self.loader = loader
+        self.errors: list[str] = []
+
+    def error(self, node: yaml.Node | None, path: str, message: str) -> None:
+        line = node.start_mark.line + 1 if node is not None else 1
+        self.errors.append(f"{self.filename}:{line} {path}: {message}")
+
+    def value(self, node: yaml.Node) -> Any:
+        return self.loader.construct_object(node, deep=True)
+
+    def mapping(self, node: yaml.Node, path: str, allowed: set[str],
+                required: set[str] = frozenset()) -> dict[str, yaml.Node] | None:
+        if not isinstance(node, yaml.MappingNode):
+            self.error(node, path, f"expected a mapping, got {_kind(node)}")
+            return None
+        out: dict[str, yaml.Node] = {}
+        for key_node, value_node in node.value:
+            key = self.value(key_node) if isinstance(key_node, yaml.ScalarNode) else None
+            if not isinstance(key, str):
+                self.error(key_node, path, f"keys must be strings, got {_kind(key_node)}")
+                continue
+            child = f"{path}.{key}" if path else key
+            if key in out:
+                self.error(key_node, child, "duplicate key")
+            elif key not in allowed:
+                self.error(key_node, child, f"unknown key (allowed: {', '.join(sorted(allowed))})")
+            else:
+                out[key] = value_node
+        for key in sorted(required - out.keys()):
+            self.error(node, f"{path}.{key}" if path else key, "required")
+        return out
+
+    def sequence(self, node: yaml.Node, path: str) -> list[yaml.Node] | None:
+        if not isinstance(node, yaml.SequenceNode):
+            self.error(node, path, f"expected a list, got {_kind(node)}")
+            return None
+        return list(node.value)
+
+    def scalar(self, node: yaml.Node, path: str, types: tuple[type, ...], what: str) -> Any:
+        if isinstance(node, yaml.ScalarNode):
+            v = self.value(node)
+            # bool is an int in Python; YAML `true` must not pass as a port number.
+            if isinstance(v, types) and not (isinstance(v, bool) and bool not in types):
+                return v
+            shown = "null" if v is None else (repr(v) if isinstance(v, str) else node.value)
+            self.error(node, path, f"expected {what}, got {shown}")
+        else:
+            self.error(node, path, f"expected {what}, got {_kind(node)}")
+        return None
+
+    def string(self, node: yaml.Node, path: str, *, nonempty: bool = True) -> str | None:
+        v = self.scalar(node, path, (str,), "a string")
+        if v is not None and nonempty and not v:
+            self.error(node, path, "must not be empty")
+            return None
+        return v
+
+    def integer(self, node: yaml.Node, path: str, lo: int, hi: int | None = None) -> int | None:
+        v = self.scalar(node, path, (int,), "an integer")
+        if v is None:
+            return None
+        if v < lo or (hi is not None and v > hi):
+            rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+            self.error(node, path, f"must be {rng}, got {v}")
+            return None
+        return v
+
+    def number(self, node: yaml.Node, path: str, lo: float) -> float | None:
+        v = self.scalar(node, path, (int, float), "a number")
+        if v is None:
+            return None
+        if v < lo:
+            self.error(node, path, f"must be >= {lo}, got {v}")
+            return None
+        return float(v)
+
+    def boolean(self, node: yaml.Node, path: str) -> bool | None:
+        return self.scalar(node, path, (bool,), "true or false")
+
+
+def _kind(node: yaml.Node) -> str:
+    if isinstance(node, yaml.MappingNode):
+        return "a mapping"
+    if isinstance(node, yaml.SequenceNode):
+        return "a list"
+    return f"scalar {node.value!r}" if node.value != "" else "nothing"
+
+
+def _get(fields: dict[str, yaml.Node], key: str, path: str,
+         read: Callable[[yaml.Node, str], Any], default: Any = None) -> Any:
+    node = fields.get(key)
+    if node is None:
+        return default
+    v = read(node, f"{path}.{key}" if path else key)
+    return default if v is None else v
+
+
+def _unique_names(ck: _Checker, items: list[tuple[str | None, yaml.Node]], path: str) -> None:
+    seen: dict[str, int] = {}
+    for i, (name, node) in enumerate(items):
+        if name is None:
+            continue
+        if name in seen:
+            ck.error(node, f"{path}[{i}].name", f'duplicate name "{name}" (also {path}[{seen[name]}])')
+        else:
+            seen[name] = i
+
+
+# --------------------------------------------------------------------------------------------
+
+def _address(ck: _Checker, node: yaml.Node, path: str) -> str | None:
+    v = ck.string(node, path)
+    if v is None:
+        return None
+    if v != "localhost":
+        try:
+            ipaddress.ip_address(v)
+        except ValueError:
+            ck.error(node, path, f'"{v}" is not an IP address')
+            return None
+    return v
+
+
+def _listener(ck: _Checker, node: yaml.Node, path: str) -> Listener | None:
+    n0 = len(ck.errors)
+    f = ck.mapping(node, path, {"name", "address", "port"}, {"name", "port"})
+    if f is None:
+        return None
+    name = _get(f, "name", path, ck.string)
+    if name is not None and not _NAME.match(name):
+        ck.error(f["name"], f"{path}.name", f'"{name}" may contain only letters, digits, "_", "-", "."')
+        name = None
+    address = _get(f, "address", path, lambda n, p: _address(ck, n, p), "127.0.0.1")
+    port = _get(f, "port", path, lambda n, p: ck.integer(n, p, 0, 65535))
+    if len(ck.errors) > n0:
+        return None
+    return Listener(name, address, port)
+
+
+def _admin(ck: _Checker, node: yaml.Node, path: str) -> Admin | None:
+    n0 = len(ck.errors)
+    f = ck.mapping(node, path, {"address", "port"}, {"port"})
+    if f is None:
+        return None
+    address = _get(f, "address", path, lambda n, p: _address(ck, n, p), "127.0.0.1")
+    port = _get(f, "port", path, lambda n, p: ck.integer(n, p, 0, 65535))
+    return None if len(ck.errors) > n0 else Admin(address, port)
+
+
+def _limits(ck: _Checker, node: yaml.Node, path: str) -> Limits:
+    d = Limits()
+    f = ck.mapping(node, path, {"max_request_body_bytes", "max_header_bytes", "drain_timeout_s"})
+    if f is None:
+        return d
+    return Limits(
+        max_request_body_bytes=_get(f, "max_request_body_bytes", path, lambda n, p: ck.integer(n, p, 0),
+                                    d.max_request_body_bytes),
+        max_header_bytes=_get(f, "max_header_bytes", path, lambda n, p: ck.integer(n, p, 256),
+                              d.max_header_bytes),
+        drain_timeout_s=_get(f, "drain_timeout_s", path, lambda n, p: ck.number(n, p, 0), d.drain_timeout_s),
+    )
+
+
+def _endpoint(ck: _Checker, node: yaml.Node, path: str) -> Endpoint | None:
+    v = ck.string(node, path)
+    if v is None:
+        return None
+    m = re.match(r"^\[([0-9a-fA-F:.]+)\]:(\d+)$", v) or re.match(r"^([^:\[\]\s]+):(\d+)$", v)
+    if not m:
+        ck.error(node, path, f'"{v}" is not host:port (IPv6 as [addr]:port)')
+        return None
+    port = int(m.group(2))
+    if not 1 <= port <= 65535:
+        ck.error(node, path, f'"{v}": port must be 1..65535')
+        return None
+    return Endpoint(m.group(1), port)
+
+
+def _cluster(ck: _Checker, node: yaml.Node, path: str) -> Cluster | None:
+    f = ck.mapping(node, path, {"name", "endpoints", "connect_timeout_ms", "request_timeout_ms",
+                                "max_connections", "eject_ms"}, {"name", "endpoints"})
+    if f is None:
+        return None
+    name = _get(f, "name", path, ck.string)
+    endpoints: list[Endpoint] = []
+    ok = True
+    if "endpoints" in f:
+        items = ck.sequence(f["endpoints"], f"{path}.endpoints")
+        if items is not None and not items:
+            ck.error(f["endpoints"], f"{path}.endpoints", "needs at least one endpoint")
+            ok = False
+        for i, item in enumerate(items or []):
+            ep = _endpoint(ck, item, f"{path}.endpoints[{i}]")
+            ok = ok and ep is not None
+            if ep is not None:
+                endpoints.append(ep)
+        ok = ok and items is not None
+    d = Cluster("", ())
+    ms = lambda lo: (lambda n, p: ck.integer(n, p, lo))  # noqa: E731
+    cluster = Cluster(
+        name=name or "", endpoints=tuple(endpoints),
+        connect_timeout_ms=_get(f, "connect_timeout_ms", path, ms(1), d.connect_timeout_ms),
+        request_timeout_ms=_get(f, "request_timeout_ms", path, ms(1), d.request_timeout_ms),
+        max_connections=_get(f, "max_connections", path, ms(1), d.max_connections),
+        eject_ms=_get(f, "eject_ms", path, ms(0), d.eject_ms),
+    )
+    return cluster if name and ok else None
+
+
+def _route(ck: _Checker, node: yaml.Node, path: str, clusters: set[str], filters: set[str] | None
+           ) -> tuple[str | None, Route | None]:
+    f = ck.mapping(node, path, {"name", "match", "cluster", "rewrite", "filters"}, {"name", "cluster"})
+    if f is None:
+        return None, None
+    ok = True
+    name = _get(f, "name", path, ck.string)
+    cluster = _get(f, "cluster", path, ck.string)
+    if cluster is not None and cluster not in clusters:
+        ck.error(f["cluster"], f"{path}.cluster", f'no cluster named "{cluster}"')
+        ok = False
+    match = RouteMatch()
+    if "match" in f:
+        match = _match(ck, f["match"], f"{path}.match")
+        ok = ok and match is not None
+    rewrite = None
+    if "rewrite" in f:
+        rewrite = _rewrite(ck, f["rewrite"], f"{path}.rewrite", match)
+        ok = ok and rewrite is not None
+    names: list[str] = []
+    if "filters" in f:
+        items = ck.sequence(f["filters"], f"{path}.filters")
+        ok = ok and items is not None
+        for i, item in enumerate(items or []):
+            fname = ck.string(item, f"{path}.filters[{i}]")
+            if fname is None:
+                ok = False
+            elif filters is not None and fname not in filters:
+                ck.error(item, f"{path}.filters[{i}]", f'no filter named "{fname}"')
+                ok = False
+            elif fname in names:
+                ck.error(item, f"{path}.filters[{i}]", f'filter "{fname}" listed twice')
+                ok = False
+            else:
+                names.append(fname)
+    if not (ok and name and cluster):
+        return name, None
+    return name, Route(name, match, cluster, rewrite, tuple(names))
+
+
+def _match(ck: _Checker, node: yaml.Node, path: str) -> RouteMatch | None:
+    f = ck.mapping(node, path, {"host", "prefix", "path", "methods", "headers"})
+    if f is None:
+        return None
+    ok = True
+    host = _get(f, "host", path, ck.string)
+    if host is not None:
+        host = host.lower()
+        if ":" in host and not host.startswith("["):
+            host = host.rsplit(":", 1)[0]     # port is ignored when matching
+    prefix = _get(f, "prefix", path, ck.string)
+    exact = _get(f, "path", path, ck.string)
+    for key, v in (("prefix", prefix), ("path", exact)):
+        if v is not None and not v.startswith("/"):
+            ck.error(f[key], f"{path}.{key}", f'must start with "/", got "{v}"')
+            ok = False
+    if prefix is not None and exact is not None:
+        ck.error(f["path"], f"{path}.path", "use either prefix or path, not both")
+        ok = False
+    methods = None
+    if "methods" in f:
+        items = ck.sequence(f["methods"], f"{path}.methods")
+        if items is not None and not items:
+            ck.error(f["methods"], f"{path}.methods", "must list at least one method")
+            ok = False
+        ms: set[str] = set()
+        for i, item in enumerate(items or []):
+            m = ck.string(item, f"{path}.methods[{i}]")
+            if m is None or not _TOKEN.match(m):
+                if m is not None:
+                    ck.error(item, f"{path}.methods[{i}]", f'"{m}" is not an HTTP method')
+                ok = False
+            else:
+                ms.add(m.upper())
+        methods = frozenset(ms)
+        ok = ok and items is not None
+    headers: list[tuple[str, str]] = []
+    if "headers" in f:
+        hnode = f["headers"]
+        if not isinstance(hnode, yaml.MappingNode):
+            ck.error(hnode, f"{path}.headers", f"expected a mapping of header name to value, got {_kind(hnode)}")
+            ok = False
+        else:
+            for kn, vn in hnode.value:
+                k = ck.string(kn, f"{path}.headers")
+                if k is None or not _TOKEN.match(k):
+                    if k is not None:
+                        ck.error(kn, f"{path}.headers.{k}", "not a valid header name")
+                    ok = False
+                    continue
+                v = ck.scalar(vn, f"{path}.headers.{k}", (str, int, float), "a string")
+                if v is None:
+                    ok = False
+                    continue
+                headers.append((k.lower(), str(v)))
+    return RouteMatch(host, prefix, exact, methods, tuple(headers)) if ok else None
+
+
+def _rewrite(ck: _Checker, node: yaml.Node, path: str, match: RouteMatch | None) -> Rewrite | None:
+    f = ck.mapping(node, path, {"prefix", "host"})
+    if f is None:
+        return None
+    prefix = _get(f, "prefix", path, lambda n, p: ck.string(n, p, nonempty=False))
+    host = _get(f, "host", path, ck.string)
+    ok = True
+    if prefix is not None and match is not None and match.prefix is None and match.path is None:
+        ck.error(f["prefix"], f"{path}.prefix", "needs match.prefix or match.path to know what to replace")
+        ok = False
+    if prefix and not prefix.startswith("/"):
+        ck.error(f["prefix"], f"{path}.prefix", f'must start with "/", got "{prefix}"')
+        ok = False
+    return Rewrite(prefix, host) if ok else None
+
+
+_SECRETS = ("secret", "password", "passwd", "key", "token", "credential", "auth")
+
+
+def _encode(ck: _Checker, node: yaml.Node, path: str, encoding: str) -> bytes | None:
+    """A filter configuration: string as is, mapping/list → JSON or msgpack."""
+    if isinstance(node, yaml.ScalarNode):
+        v = ck.value(node)
+        if v is None:
+            return b""
+        if isinstance(v, str):
+            return v.encode()
+        ck.error(node, path, f"expected a string, mapping or list, got {v!r}")
+        return None
+    v = ck.value(node)
+    try:
+        if encoding == "msgpack":
+            import msgpack
+            return msgpack.packb(v, use_bin_type=True, datetime=False)
+        return json.dumps(v, separators=(",", ":")).encode()
+    except (TypeError, ValueError) as e:
+        ck.error(node, path, f"cannot encode as {encoding}: {e}")
+        return None
+
+
+def _filter(ck: _Checker, node: yaml.Node, path: str, base: Path) -> FilterSpec | None:
+    f = ck.mapping(node, path, {"name", "wasm", "config", "encoding", "vm_config", "failure_policy",
+                                "limits", "environment", "deliver_body_while_paused"}, {"name", "wasm"})
+    if f is None:
+        return None
+    ok = True
+    name = _get(f, "name", path, ck.string)
+    wasm = _get(f, "wasm", path, ck.string)
+    wasm_path = None
+    if wasm is not None:
+        wasm_path = (base / wasm).resolve()
+        if not wasm_path.is_file():
+            ck.error(f["wasm"], f"{path}.wasm", f"file not found: {wasm_path}")
+            ok = False
+    encoding = _get(f, "encoding", path, ck.string, "json")
+    if encoding not in ("json", "msgpack"):
+        ck.error(f["encoding"], f"{path}.encoding", f'must be json or msgpack, got "{encoding}"')
+        ok, encoding = False, "json"
+    configuration = _encode(ck, f["config"], f"{path}.config", encoding) if "config" in f else b""
+    vm_configuration = _encode(ck, f["vm_config"], f"{path}.vm_config", encoding) if "vm_config" in f else b""
+    policy = _get(f, "failure_policy", path, ck.string, "fail_closed")
+    if policy not in ("fail_closed", "fail_open"):
+        ck.error(f["failure_policy"], f"{path}.failure_policy", f'must be fail_closed or fail_open, got "{policy}"')
+        ok = False
+    limits = FilterLimits()
+    if "limits" in f:
+        lf = ck.mapping(f["limits"], f"{path}.limits", {"memory_mb", "callback_ms"})
+        if lf is None:
+            ok = False
+        else:
+            mem = _get(lf, "memory_mb", f"{path}.limits", lambda n, p: ck.integer(n, p, 1, 4096), None)
+            cb = _get(lf, "callback_ms", f"{path}.limits", lambda n, p: ck.integer(n, p, 1), None)
+            limits = FilterLimits(memory_bytes=(mem * 1024 * 1024) if mem else limits.memory_bytes,
+                                  callback_ms=cb or limits.callback_ms)
+    env: list[tuple[str, str]] = []
+    if "environment" in f:
+        en = f["environment"]
+        if not isinstance(en, yaml.MappingNode):
+            ck.error(en, f"{path}.environment", f"expected a mapping of string to string, got {_kind(en)}")
+            ok = False
+        else:
+            for kn, vn in en.value:
+                k = ck.string(kn, f"{path}.environment")
+                v = ck.scalar(vn, f"{path}.environment.{k}", (str, int, float), "a string")
+                if k is None or v is None:
+                    ok = False
+                else:
+                    env.append((k, str(v)))
+    deliver = _get(f, "deliver_body_while_paused", path, ck.boolean, False)
+    if not ok or name is None or wasm_path is None or configuration is None or vm_configuration is None:
+        return None
+    return FilterSpec(name=name, wasm_path=wasm_path, configuration=configuration,
+                      vm_configuration=vm_configuration, failure_policy=policy, limits=limits,
+                      environment=tuple(env), deliver_body_while_paused=deliver)
+
+
+_TOP = {"listeners", "admin", "limits", "access_log", "clusters", "routes", "filters", "shared_data"}
+
+
+def parse_config(text: str, filename: str, base_dir: Path) -> Config:
+    """Validate YAML text; raise ConfigError listing every problem."""
+    loader = yaml.SafeLoader(text)
+    try:
+        try:
+            root = loader.get_single_node()
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = mark.line + 1 if mark is not None else 1
+            problem = getattr(e, "problem", None) or str(e)
+            raise ConfigError([f"{filename}:{line} invalid YAML: {problem}"]) from None
+        ck = _Checker(filename, loader)
+        if root is None:
+            raise ConfigError([f"{filename}:1 the file is empty"])
+        return _build(ck, root, base_dir)
+    finally:
+        loader.dispose()
+
+
+def _build(ck: _Checker, root: yaml.Node, base_dir: Path) -> Config:
+    top = ck.mapping(root, "", _TOP, {"listeners", "clusters", "routes"})
+    if top is None:
+        raise ConfigError(ck.errors)
+
+    listeners: list[Listener] = []
+    if "listeners" in top:
+        items = ck.sequence(top["listeners"], "listeners") or []
+        if isinstance(top["listeners"], yaml.SequenceNode) and not items:
+            ck.error(top["listeners"], "listeners", "needs at least one listener")
+        names = []
+        for i, item in enumerate(items):
+            lst = _listener(ck, item, f"listeners[{i}]")
+            names.append((_name_of(ck, item), item))
+            if lst:
+                listeners.append(lst)
+        _unique_names(ck, names, "listeners")
+        _unique_ports(ck, listeners, items)
+
+    admin = _admin(ck, top["admin"], "admin") if "admin" in top and not _is_null(top["admin"]) else None
+    limits = _limits(ck, top["limits"], "limits") if "limits" in top else Limits()
+
+    access_log: str | None = "-"
+    if "access_log" in top:
+        node = top["access_log"]
+        if _is_null(node):
+            access_log = None
+        else:
+            f = ck.mapping(node, "access_log", {"path"}, {"path"})
+            if f is not None and "path" in f:
+                access_log = None if _is_null(f["path"]) else ck.string(f["path"], "access_log.path")
+                if access_log not in (None, "-"):
+                    access_log = str((base_dir / access_log).resolve())
+                    if not Path(access_log).parent.is_dir():
+                        ck.error(f["path"], "access_log.path", f"directory does not exist: {Path(access_log).parent}")
+
+    clusters: list[Cluster] = []
+    cluster_names: set[str] = set()
+    if "clusters" in top:
+        items = ck.sequence(top["clusters"], "clusters") or []
+        names = []
+        for i, item in enumerate(items):
+            c = _cluster(ck, item, f"clusters[{i}]")
+            nm = _name_of(ck, item)
+            names.append((nm, item))
+            if nm:
+                cluster_names.add(nm)
+            if c:
+                clusters.append(c)
+        _unique_names(ck, names, "clusters")
+
+    filters: list[FilterSpec] = []
+    filter_names: set[str] = set()
+    if "filters" in top and not _is_null(top["filters"]):
+        items = ck.sequence(top["filters"], "filters") or []
+        names = []
+        for i, item in enumerate(items):
+            spec = _filter(ck, item, f"filters[{i}]", base_dir)
+            nm = _name_of(ck, item)
+            names.append((nm, item))
+            if nm:
+                filter_names.add(nm)
+            if spec:
+                filters.append(spec)
+        _unique_names(ck, names, "filters")
+
+    routes: list[Route] = []
+    if "routes" in top:
+        items = ck.sequence(top["routes"], "routes") or []
+        if isinstance(top["routes"], yaml.SequenceNode) and not items:
+            ck.error(top["routes"], "routes", "needs at least one route")
+        names = []
+        for i, item in enumerate(items):
+            nm, r = _route(ck, item, f"routes[{i}]", cluster_names, filter_names)
+            names.append((nm, item))
+            if r:
+                routes.append(r)
+        _unique_names(ck, names, "routes")
+
+    shared_max = 16777216
+    if "shared_data" in top:
+        f = ck.mapping(top["shared_data"], "shared_data", {"max_bytes"})
+        if f:
+            shared_max = _get(f, "max_bytes", "shared_data", lambda n, p: ck.integer(n, p, 0), shared_max)
+
+    if ck.errors:
+        raise ConfigError(ck.errors)
+    raw = ck.value(root)
+    return Config(source=Path(ck.filename), listeners=tuple(listeners), admin=admin, limits=limits,
+                  access_log_path=access_log, clusters=tuple(clusters), routes=tuple(routes),
+                  filters=tuple(filters), shared_data_max_bytes=shared_max, raw=raw)
+
+
+def _is_null(node: yaml.Node) -> bool:
+    return isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null"
+
+
+def _name_of(ck: _Checker, node: yaml.Node) -> str | None:
+    """The `name:` of a list item without reporting errors (used for reference checks)."""
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            if isinstance(k, yaml.ScalarNode) and k.value == "name" and isinstance(v, yaml.ScalarNode):
+                val = ck.value(v)
+                return val if isinstance(val, str) and val else None
+    return None
+
+
+def _unique_ports(ck: _Checker, listeners: list[Listener], items: list[yaml.Node]) -> None:
+    seen: dict[tuple[str, int], str] = {}
+    for lst, item in zip(listeners, items):
+        if lst.port == 0:
+            continue          # port 0: the OS picks distinct ports
+        key = (lst.address, lst.port)
+        if key in seen:
+            ck.error(item, f"listeners.{lst.name}.port", f'{lst.address}:{lst.port} is also used by listener "{seen[key]}"')
+        seen[key] = lst.name
+
+
+def load_config(path: str | Path, *, base_dir: Path | None = None) -> Config:
+    """Read and validate a config file. Relative paths in it resolve against its directory."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError([f"{p}: cannot read: {e.strerror or e}"]) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"{p}: not UTF-8 text: {e.reason}"]) from None
+    return parse_config(text, str(path), base_dir if base_dir is not None else p.resolve().parent)
+
+
+def redact(value: Any, secret_context: bool = False) -> Any:
+    """A copy of parsed YAML with values under secret-looking keys replaced by "[redacted]"."""
+    if isinstance(value, dict):
+        return {k: ("[redacted]" if _looks_secret(k) and not isinstance(v, (dict, list)) else redact(v, _looks_secret(k)))
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v, secret_context) for v in value]
+    return "[redacted]" if secret_context else value
+
+
+def _looks_secret(key: Any) -> bool:
+    k = str(key).lower()
+    return any(s in k for s in _SECRETS)
