@@ -1,0 +1,1 @@
+"""wasmgate benchmark harness: `python -m bench` (see bench/README.md)."""

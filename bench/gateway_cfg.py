@@ -1,0 +1,70 @@
+"""wasmgate configs for the benchmark, generated per docs/ARCHITECTURE.md's schema.
+
+The filter options follow filters/README.md: the bench sends one API key, and the rate limit is
+set far above anything a 2-core box can push, so nothing is ever rejected (checked at warm-up).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from bench.tools import ROOT
+
+DIST = ROOT / "filters" / "dist"
+CHAIN = ["auth", "ratelimit", "headers"]
+
+API_KEY_HEADER = "x-api-key"
+API_KEY = "bench-key-7f3a9c2e"
+AUTH_HEADERS = {API_KEY_HEADER: API_KEY}
+
+# filter name -> (wasm file stem, config mapping)
+FILTER_CONFIGS: dict[str, dict] = {
+    "auth": {"api_keys": {API_KEY: "bench"}, "header": API_KEY_HEADER},
+    "ratelimit": {"requests_per_second": 100_000_000, "burst": 100_000_000},
+    "headers": {"request": {"set": {"x-bench": "1"}}, "response": {"set": {"x-served-by": "wasmgate"}}},
+}
+
+
+def missing_wasm(stems=CHAIN) -> list[str]:
+    return [str(DIST / f"{s}.wasm") for s in stems if not (DIST / f"{s}.wasm").is_file()]
+
+
+def _filter_entry(name: str, stem: str) -> dict:
+    return {
+        "name": name,
+        "wasm": str(DIST / f"{stem}.wasm"),
+        "config": FILTER_CONFIGS[stem],
+        "failure_policy": "fail_closed",
+    }
+
+
+def gateway_config(*, port: int, admin_port: int, upstream_port: int,
+                   filters: list[tuple[str, str]] | None = None) -> dict:
+    """filters: [(entry name, wasm stem)] — all of them on the one route, in that order."""
+    filters = filters or []
+    route: dict = {"name": "bench", "cluster": "upstream"}
+    if filters:
+        route["filters"] = [n for n, _ in filters]
+    cfg = {
+        "listeners": [{"name": "main", "address": "127.0.0.1", "port": port}],
+        "admin": {"address": "127.0.0.1", "port": admin_port},
+        "limits": {"drain_timeout_s": 1},
+        "access_log": None,     # like the peers: baseline and nginx log nothing either
+        "clusters": [{"name": "upstream", "endpoints": [f"127.0.0.1:{upstream_port}"],
+                      "max_connections": 256}],
+        "routes": [route],
+    }
+    if filters:
+        cfg["filters"] = [_filter_entry(n, s) for n, s in filters]
+    return cfg
+
+
+def write_config(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+CHAIN_FILTERS = [(n, n) for n in CHAIN]
+# Cold start: 5 filter entries over the built modules (two reused), all on the route.
+COLD_FILTERS = CHAIN_FILTERS + [("auth_2", "auth"), ("headers_2", "headers")]

@@ -1,0 +1,86 @@
+"""nginx as the fixed-speed upstream and as the native proxy peer, each with its own temp prefix
+and config (never the system config)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from bench.procs import Proc, wait_ready
+
+UPSTREAM_BODY = "hello from the bench upstream\n"   # 30 bytes, fixed
+
+_COMMON = """\
+{user}daemon off;
+master_process on;
+worker_processes 1;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 4096; multi_accept on; }}
+http {{
+    access_log off;
+    client_body_temp_path {prefix}/tmp_body;
+    proxy_temp_path {prefix}/tmp_proxy;
+    fastcgi_temp_path {prefix}/tmp_fastcgi;
+    uwsgi_temp_path {prefix}/tmp_uwsgi;
+    scgi_temp_path {prefix}/tmp_scgi;
+    keepalive_requests 100000000;
+    keepalive_timeout 300s;
+    server_tokens off;
+{body}
+}}
+"""
+
+_UPSTREAM = """\
+    server {{
+        listen 127.0.0.1:{port} reuseport backlog=4096;
+        location / {{
+            default_type text/plain;
+            return 200 "{text}";
+        }}
+    }}
+"""
+
+_PROXY = """\
+    upstream bench_upstream {{
+        server 127.0.0.1:{upstream_port};
+        keepalive 128;
+    }}
+    server {{
+        listen 127.0.0.1:{port} reuseport backlog=4096;
+        location / {{
+            proxy_pass http://bench_upstream;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
+"""
+
+
+def _config(prefix: Path, body: str) -> str:
+    user = "user root;\n" if os.geteuid() == 0 else ""
+    return _COMMON.format(user=user, prefix=prefix, body=body)
+
+
+def start_nginx(nginx_bin: str, prefix: Path, name: str, port: int, *,
+                upstream_port: int | None = None, cpus: str | None = None) -> Proc:
+    """Upstream (fixed 200 response) when upstream_port is None, else a keep-alive proxy to it."""
+    prefix.mkdir(parents=True, exist_ok=True)
+    if upstream_port is None:
+        text = UPSTREAM_BODY.replace("\n", "\\n")
+        body = _UPSTREAM.format(port=port, text=text)
+    else:
+        body = _PROXY.format(port=port, upstream_port=upstream_port)
+    conf = prefix / "nginx.conf"
+    conf.write_text(_config(prefix, body))
+    argv = [nginx_bin, "-p", str(prefix), "-e", str(prefix / "error.log"), "-c", str(conf)]
+    if cpus:
+        argv = ["taskset", "-c", cpus] + argv
+    proc = Proc(name, argv, log_path=prefix / "stdout.log")
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/", proc, timeout=10)
+    except Exception:
+        err = (prefix / "error.log")
+        extra = err.read_text(errors="replace")[-2000:] if err.exists() else ""
+        proc.stop()
+        raise RuntimeError(f"{name} (nginx) did not start: {extra}")
+    return proc

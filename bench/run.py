@@ -1,0 +1,475 @@
+"""`python -m bench`: every scenario in one run, a table, and bench/results/latest.json.
+
+See bench/README.md for what each scenario is and how the numbers are taken.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+from bench import gateway_cfg as gcfg
+from bench.nginx import start_nginx
+from bench.procs import (Proc, free_port, http_get, install_signal_handlers, stop_all,
+                         tree_cpu_seconds, wait_ready)
+from bench.tools import ROOT, ensure_tools, machine_info
+from bench.wrk import WrkResult, run_wrk
+
+SCENARIOS = ["baseline_aiohttp", "gateway_plain", "gateway_chain", "gateway_chain_2w",
+             "nginx_proxy"]
+EXTRAS = ["chain_half_rate", "crossing", "cold_start"]
+ALL = SCENARIOS + EXTRAS
+
+TARGETS = [  # key, description, comparison, bar
+    ("chain_cpu_vs_baseline", "gateway_chain CPU/req ÷ baseline_aiohttp CPU/req", "<=", 1.0),
+    ("chain_2w_rps_vs_chain", "gateway_chain_2w rps ÷ gateway_chain rps", ">=", 1.6),
+    ("chain_p99_at_half_peak_ms", "gateway_chain p99 at half its peak rate (ms)", "<=", 5.0),
+    ("cold_start_5_filters_s", "cold start, 5 filters, warm module cache (s)", "<=", 1.0),
+    ("guest_call_us", "one guest callback (µs)", "<=", 3.0),
+    ("host_call_us", "one host call (µs)", "<=", 1.5),
+]
+
+
+class Skip(Exception):
+    """The scenario cannot run yet (missing component): reported, not a failure."""
+
+
+class Failed(Exception):
+    """The scenario ran and something is wrong: reported loudly, exit status 1."""
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.tmp = Path(tempfile.mkdtemp(prefix="wasmgate-bench-"))
+        self.pin = not args.no_pin
+        self.proxy_cpus = "1" if self.pin else None          # single-process proxies
+        self.proxy_cpus_2w = "0,1" if self.pin else None     # 2 workers: both cores
+        self.load_cpus = "0" if self.pin else None           # wrk, paced client, upstream nginx
+        self.scenarios: dict[str, dict] = {}
+        self.details: dict[str, dict] = {}
+        self.skipped: dict[str, str] = {}
+        self.failed: dict[str, str] = {}
+        self.notes: list[str] = []
+        self.crossing: dict = {"guest_call_us": None, "host_call_us": None}
+        self.cold_start: dict | None = None
+        self.half_rate: dict | None = None
+        self.tools: dict[str, str] = {}
+        self.upstream_port = 0
+
+    # ---------------------------------------------------------------- helpers
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        return env
+
+    def py(self, *args: str, cpus: str | None = None) -> list[str]:
+        argv = [sys.executable, *args]
+        return (["taskset", "-c", cpus] + argv) if cpus else argv
+
+    def wrk(self, url: str, duration: float, headers: dict | None) -> WrkResult:
+        return run_wrk(self.tools["wrk"], url, duration_s=duration,
+                       connections=self.args.connections, headers=headers,
+                       cpus=self.load_cpus, workdir=self.tmp)
+
+    def measure(self, name: str, proc: Proc, url: str, headers: dict | None = None,
+                cpus: str | None = None) -> WrkResult:
+        """Check one request, warm up under wrk (must be all 2xx), then the measured run with
+        CPU time of the proxy's process tree read before and after."""
+        status, _, body = http_get(url, headers)
+        if status != 200:
+            raise Failed(f"{name}: first request answered {status}: {body[:200]!r}")
+        warm = self.wrk(url, self.args.warmup, headers)
+        if not warm.ok():
+            raise Failed(f"{name}: warm-up had {warm.non_2xx} non-2xx responses and "
+                         f"{warm.socket_errors} socket errors out of {warm.requests}")
+        if not proc.alive():
+            raise Failed(f"{name}: proxy exited during warm-up:\n{proc.log_tail()}")
+        cpu0 = tree_cpu_seconds(proc.pid)
+        res = self.wrk(url, self.args.duration, headers)
+        cpu1 = tree_cpu_seconds(proc.pid)
+        if not res.ok():
+            raise Failed(f"{name}: measured run had {res.non_2xx} non-2xx responses and "
+                         f"{res.socket_errors} socket errors out of {res.requests}")
+        cpu_us = (cpu1 - cpu0) / res.requests * 1e6
+        self.scenarios[name] = {"rps": round(res.rps, 1), "p50_ms": round(res.p50_ms, 3),
+                                "p99_ms": round(res.p99_ms, 3),
+                                "cpu_us_per_req": round(cpu_us, 1)}
+        self.details[name] = {
+            "requests": res.requests, "duration_s": round(res.duration_s, 3),
+            "p90_ms": round(res.p90_ms, 3), "max_ms": round(res.max_ms, 3),
+            "proxy_cpu_s": round(cpu1 - cpu0, 3),
+            "proxy_cpu_utilisation": round((cpu1 - cpu0) / res.duration_s, 3),
+            "proxy_processes": len(__import__("bench.procs").procs.tree_pids(proc.pid)),
+            "proxy_cpus": cpus or "any", "wrk_cpus": self.load_cpus or "any",
+            "connections": self.args.connections,
+            "warmup": {"requests": warm.requests, "rps": round(warm.rps, 1)},
+        }
+        log(f"  {name}: {res.rps:,.0f} req/s  p50 {res.p50_ms:.2f} ms  p99 {res.p99_ms:.2f} ms  "
+            f"CPU {cpu_us:.1f} µs/req")
+        return res
+
+    # ---------------------------------------------------------------- gateway
+    def gateway_available(self) -> None:
+        if importlib.util.find_spec("gateway.cli") is None and not (ROOT / "gateway/cli.py").exists():
+            raise Skip("gateway/cli.py not present yet")
+
+    def start_gateway(self, name: str, cfg: dict, workers: int | None, cpus: str | None,
+                      ready_timeout: float = 60.0) -> tuple[Proc, int, float]:
+        path = gcfg.write_config(self.tmp / f"{name}.yaml", cfg)
+        chk = subprocess.run(self.py("-m", "gateway.cli", "check", str(path)), cwd=ROOT,
+                             env=self.env(), capture_output=True, text=True, timeout=60)
+        if chk.returncode != 0:
+            out = (chk.stdout + chk.stderr).strip()
+            if "No module named gateway.cli" in out or "No module named 'gateway.cli'" in out:
+                raise Skip("gateway.cli not importable yet")
+            raise Failed(f"{name}: `wasmgate check` rejected the generated config "
+                         f"({path}):\n{out[-2000:]}")
+        argv = self.py("-m", "gateway.cli", "run", "-c", str(path), cpus=cpus)
+        if workers:
+            argv += ["--workers", str(workers)]
+        t0 = time.monotonic()
+        proc = Proc(name, argv, cwd=ROOT, env=self.env(), log_path=self.tmp / f"{name}.log")
+        admin = cfg["admin"]["port"]
+        try:
+            t_ready = wait_ready(f"http://127.0.0.1:{admin}/ready", proc, ready_timeout)
+        except RuntimeError as e:
+            proc.stop()
+            raise Failed(f"{name}: gateway did not become ready: {e}")
+        return proc, cfg["listeners"][0]["port"], t_ready - t0
+
+    def gateway_scenario(self, name: str, filters, workers: int | None, cpus: str | None,
+                         half_rate: bool = False) -> None:
+        self.gateway_available()
+        if filters:
+            miss = gcfg.missing_wasm()
+            if miss:
+                raise Skip(f"filters not built: {', '.join(miss)}")
+        cfg = gcfg.gateway_config(port=free_port(), admin_port=free_port(),
+                                  upstream_port=self.upstream_port, filters=filters)
+        proc, port, _ = self.start_gateway(name, cfg, workers, cpus)
+        try:
+            url = f"http://127.0.0.1:{port}/bench"
+            headers = gcfg.AUTH_HEADERS if filters else None
+            if filters:
+                status, _, body = http_get(url, None)
+                if status not in (401, 403):
+                    raise Failed(f"{name}: a request WITHOUT the API key answered {status} — "
+                                 f"the auth filter is not active: {body[:200]!r}")
+            res = self.measure(name, proc, url, headers, cpus)
+            if half_rate:
+                self.run_half_rate(url, headers, res.rps, proc)
+        finally:
+            proc.stop()
+
+    def run_half_rate(self, url: str, headers: dict | None, peak: float, proc: Proc) -> None:
+        rate = max(1.0, peak / 2)
+        log(f"  chain_half_rate: paced open-loop load at {rate:,.0f} req/s (half of {peak:,.0f})")
+        argv = self.py("-m", "bench.paced", "--url", url, "--rate", f"{rate:.1f}",
+                       "--duration", str(self.args.duration), "--warmup", "1",
+                       "--connections", str(self.args.connections), cpus=self.load_cpus)
+        for k, v in (headers or {}).items():
+            argv += ["-H", f"{k}: {v}"]
+        cpu0 = tree_cpu_seconds(proc.pid)
+        r = subprocess.run(argv, cwd=ROOT, env=self.env(), capture_output=True, text=True,
+                           timeout=self.args.duration + 60)
+        cpu1 = tree_cpu_seconds(proc.pid)
+        if r.returncode != 0:
+            raise Failed(f"chain_half_rate: paced client failed: {r.stderr[-2000:]}")
+        d = json.loads(r.stdout.strip().splitlines()[-1])
+        d["peak_rps"] = round(peak, 1)
+        d["proxy_cpu_us_per_req"] = (round((cpu1 - cpu0) / d["completed"] * 1e6, 1)
+                                     if d["completed"] else None)
+        d["method"] = ("bench/paced.py: open-loop fixed-rate asyncio client, keep-alive "
+                       f"connections={self.args.connections}, latency from issue to last byte")
+        for k in ("p50_ms", "p90_ms", "p99_ms", "p999_ms", "max_ms", "lag_p99_ms", "achieved_rps"):
+            if d.get(k) is not None:
+                d[k] = round(d[k], 3)
+        self.half_rate = d
+        bad = sum(v for k, v in d["statuses"].items() if k != "200")
+        if bad or d["errors"] or d["unanswered"]:
+            raise Failed(f"chain_half_rate: {bad} non-200, {d['errors']} errors, "
+                         f"{d['unanswered']} unanswered: {d['statuses']}")
+        log(f"  chain_half_rate: achieved {d['achieved_rps']:,.0f} req/s  p50 {d['p50_ms']:.2f} ms"
+            f"  p99 {d['p99_ms']:.2f} ms  (client lag p99 {d['lag_p99_ms']:.2f} ms)")
+
+    # ---------------------------------------------------------------- scenarios
+    def sc_baseline_aiohttp(self) -> None:
+        port = free_port()
+        proc = Proc("baseline_aiohttp",
+                    self.py("-m", "bench.baseline_proxy", "--port", str(port), "--upstream",
+                            f"127.0.0.1:{self.upstream_port}", cpus=self.proxy_cpus),
+                    cwd=ROOT, env=self.env(), log_path=self.tmp / "baseline.log")
+        try:
+            wait_ready(f"http://127.0.0.1:{port}/", proc, 30)
+            self.measure("baseline_aiohttp", proc, f"http://127.0.0.1:{port}/bench", None,
+                         self.proxy_cpus)
+        finally:
+            proc.stop()
+
+    def sc_gateway_plain(self) -> None:
+        self.gateway_scenario("gateway_plain", None, None, self.proxy_cpus)
+
+    def sc_gateway_chain(self) -> None:
+        self.gateway_scenario("gateway_chain", gcfg.CHAIN_FILTERS, None, self.proxy_cpus,
+                              half_rate="chain_half_rate" in self.selected)
+
+    def sc_gateway_chain_2w(self) -> None:
+        self.gateway_scenario("gateway_chain_2w", gcfg.CHAIN_FILTERS, 2, self.proxy_cpus_2w)
+
+    def sc_nginx_proxy(self) -> None:
+        port = free_port()
+        proc = start_nginx(self.tools["nginx"], self.tmp / "nginx_proxy", "nginx_proxy", port,
+                           upstream_port=self.upstream_port, cpus=self.proxy_cpus)
+        try:
+            self.measure("nginx_proxy", proc, f"http://127.0.0.1:{port}/bench", None,
+                         self.proxy_cpus)
+        finally:
+            proc.stop()
+
+    def sc_chain_half_rate(self) -> None:
+        pass  # runs inside gateway_chain, against the same process, right after its peak run
+
+    def sc_crossing(self) -> None:
+        if not (ROOT / "bench" / "crossing.py").exists():
+            self.crossing["note"] = "skipped: bench/crossing.py not present yet"
+            raise Skip("bench/crossing.py not present yet")
+        code = ("import json, bench.crossing as c; "
+                "print('CROSSING ' + json.dumps(c.measure()))")
+        r = subprocess.run(self.py("-c", code, cpus=self.proxy_cpus), cwd=ROOT, env=self.env(),
+                           capture_output=True, text=True, timeout=300)
+        line = next((ln for ln in r.stdout.splitlines() if ln.startswith("CROSSING ")), None)
+        if r.returncode != 0 or line is None:
+            self.crossing["note"] = "failed: bench.crossing.measure() raised"
+            raise Failed(f"crossing: bench.crossing.measure() failed:\n{r.stderr[-2000:]}")
+        d = json.loads(line[len("CROSSING "):])
+        self.crossing.update({k: (round(v, 3) if isinstance(v, float) else v) for k, v in d.items()})
+        log(f"  crossing: guest call {d.get('guest_call_us')} µs, host call {d.get('host_call_us')} µs")
+
+    def sc_cold_start(self) -> None:
+        self.gateway_available()
+        miss = gcfg.missing_wasm()
+        if miss:
+            raise Skip(f"filters not built: {', '.join(miss)}")
+        runs: list[float] = []
+        n = 1 if self.args.quick else 3
+        for i in range(n + 1):   # run 0 warms the compiled-module cache, not counted
+            cfg = gcfg.gateway_config(port=free_port(), admin_port=free_port(),
+                                      upstream_port=self.upstream_port, filters=gcfg.COLD_FILTERS)
+            proc, port, secs = self.start_gateway(f"cold_start_{i}", cfg, None, self.proxy_cpus)
+            try:
+                if i == 0:
+                    status, _, body = http_get(f"http://127.0.0.1:{port}/bench", gcfg.AUTH_HEADERS)
+                    if status != 200:
+                        raise Failed(f"cold_start: the 5-filter route answered {status}: {body[:200]!r}")
+                else:
+                    runs.append(secs)
+            finally:
+                proc.stop()
+        self.cold_start = {"seconds": round(statistics.median(runs), 3),
+                           "runs_s": [round(x, 3) for x in runs],
+                           "filters": len(gcfg.COLD_FILTERS),
+                           "method": "process start (Popen) → first 200 from admin /ready, "
+                                     "polled every 5 ms; one unmeasured run first warms the "
+                                     "compiled-module cache; median of the measured runs"}
+        log(f"  cold_start: {self.cold_start['seconds']:.3f} s (runs {self.cold_start['runs_s']})")
+
+    # ---------------------------------------------------------------- driver
+    def run(self) -> int:
+        self.selected = self.select()
+        log(f"bench: scratch dir {self.tmp}")
+        self.tools = ensure_tools(log)
+        self.machine = machine_info(self.tools)
+        self.upstream_port = free_port()
+        upstream = start_nginx(self.tools["nginx"], self.tmp / "upstream", "upstream",
+                               self.upstream_port, cpus=self.load_cpus)
+        try:
+            for name in ALL:
+                if name not in self.selected or name == "chain_half_rate":
+                    continue
+                log(f"== {name}")
+                try:
+                    getattr(self, f"sc_{name}")()
+                except Skip as e:
+                    self.skipped[name] = str(e)
+                    log(f"  {name}: skipped: {e}")
+                except (Failed, Exception) as e:   # noqa: BLE001 - report, go on
+                    msg = str(e) if isinstance(e, Failed) else traceback.format_exc()
+                    self.failed[name] = msg
+                    log(f"  {name}: FAILED: {msg}")
+                if not upstream.alive():
+                    raise RuntimeError("upstream nginx died:\n" + upstream.log_tail())
+            if "chain_half_rate" in self.selected and self.half_rate is None:
+                why = self.failed.get("gateway_chain") or self.skipped.get("gateway_chain") \
+                    or "did not run"
+                (self.failed if "gateway_chain" in self.failed else self.skipped)[
+                    "chain_half_rate"] = f"gateway_chain: {why}"
+        finally:
+            upstream.stop()
+            stop_all()
+        result = self.result()
+        out = Path(self.args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        self.print_table(result)
+        log(f"\nwrote {out}" + ("  (PARTIAL run)" if result["partial"] else ""))
+        if not self.args.keep:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        else:
+            log(f"kept scratch dir {self.tmp}")
+        return 1 if self.failed else 0
+
+    def select(self) -> list[str]:
+        if not self.args.only:
+            return list(ALL)
+        names = [n.strip() for n in self.args.only.split(",") if n.strip()]
+        bad = [n for n in names if n not in ALL]
+        if bad:
+            raise SystemExit(f"unknown scenario(s) {bad}; choose from {', '.join(ALL)}")
+        if "chain_half_rate" in names and "gateway_chain" not in names:
+            names.append("gateway_chain")   # the half rate is half of its measured peak
+        return names
+
+    def ratios(self) -> dict:
+        sc = self.scenarios
+        base = sc.get("baseline_aiohttp")
+        vs = {}
+        if base:
+            for name, s in sc.items():
+                vs[name] = {
+                    "rps": round(s["rps"] / base["rps"], 3),
+                    "cpu_us_per_req": round(s["cpu_us_per_req"] / base["cpu_us_per_req"], 3),
+                }
+        chain, chain2 = sc.get("gateway_chain"), sc.get("gateway_chain_2w")
+        values = {
+            "chain_cpu_vs_baseline": vs.get("gateway_chain", {}).get("cpu_us_per_req"),
+            "chain_2w_rps_vs_chain": round(chain2["rps"] / chain["rps"], 3)
+            if chain and chain2 else None,
+            "chain_p99_at_half_peak_ms": self.half_rate["p99_ms"] if self.half_rate else None,
+            "cold_start_5_filters_s": self.cold_start["seconds"] if self.cold_start else None,
+            "guest_call_us": self.crossing.get("guest_call_us"),
+            "host_call_us": self.crossing.get("host_call_us"),
+        }
+        targets = {}
+        for key, desc, op, bar in TARGETS:
+            v = values[key]
+            met = None if v is None else (v <= bar if op == "<=" else v >= bar)
+            targets[key] = {"value": v, "target": f"{op} {bar}", "met": met, "what": desc}
+        return {"vs_baseline": vs, "targets": targets}
+
+    def result(self) -> dict:
+        scenarios = {}
+        for name in SCENARIOS:
+            if name in self.selected:
+                scenarios[name] = self.scenarios.get(
+                    name, {"rps": None, "p50_ms": None, "p99_ms": None, "cpu_us_per_req": None})
+        partial = bool(self.skipped or self.failed or self.args.only or self.args.quick)
+        return {
+            "scenarios": scenarios,
+            "crossing": self.crossing,
+            "machine": self.machine,
+            "partial": partial,
+            "skipped": self.skipped,
+            "failed": {k: v[-1000:] for k, v in self.failed.items()},
+            "cold_start": self.cold_start,
+            "chain_half_rate": self.half_rate,
+            "ratios": self.ratios(),
+            "details": self.details,
+            "settings": {
+                "duration_s": self.args.duration, "warmup_s": self.args.warmup,
+                "connections": self.args.connections, "wrk_threads": 1,
+                "pinning": ({"proxy": self.proxy_cpus, "proxy_2_workers": self.proxy_cpus_2w,
+                             "wrk_paced_client_upstream": self.load_cpus} if self.pin else None),
+                "quick": self.args.quick, "only": self.args.only,
+                "cpu_per_req": "Δ(utime+stime+cutime+cstime) of the proxy process and all its "
+                               "descendants over the measured wrk run ÷ requests completed",
+            },
+        }
+
+    def print_table(self, r: dict) -> None:
+        vs = r["ratios"]["vs_baseline"]
+        log("\n{:<18} {:>10} {:>9} {:>9} {:>12} {:>9}  {}".format(
+            "scenario", "req/s", "p50 ms", "p99 ms", "CPU µs/req", "CPU/base", "status"))
+        for name in SCENARIOS:
+            if name not in self.selected:
+                continue
+            s = r["scenarios"][name]
+            if s["rps"] is None:
+                st = ("skipped: " + self.skipped[name]) if name in self.skipped else \
+                     ("FAILED: " + self.failed.get(name, "?").splitlines()[0][:70])
+                log(f"{name:<18} {'-':>10} {'-':>9} {'-':>9} {'-':>12} {'-':>9}  {st}")
+                continue
+            ratio = vs.get(name, {}).get("cpu_us_per_req")
+            log("{:<18} {:>10,.0f} {:>9.2f} {:>9.2f} {:>12.1f} {:>9}  ok".format(
+                name, s["rps"], s["p50_ms"], s["p99_ms"], s["cpu_us_per_req"],
+                f"{ratio:.2f}" if ratio is not None else "-"))
+        h = r["chain_half_rate"]
+        if h:
+            log(f"gateway_chain @ half peak ({h['target_rps']:,.0f} req/s): p50 {h['p50_ms']:.2f} ms,"
+                f" p99 {h['p99_ms']:.2f} ms")
+        c = r["crossing"]
+        log(f"crossing: guest call {c.get('guest_call_us')} µs, host call {c.get('host_call_us')} µs"
+            + (f"  ({c['note']})" if c.get("note") else ""))
+        if r["cold_start"]:
+            log(f"cold start (5 filters, warm cache): {r['cold_start']['seconds']:.3f} s")
+        log("\ntargets:")
+        for key, t in r["ratios"]["targets"].items():
+            met = {True: "met", False: "MISSED", None: "n/a"}[t["met"]]
+            v = "-" if t["value"] is None else f"{t['value']}"
+            log(f"  {t['what']:<52} {v:>10}  (target {t['target']})  {met}")
+        for name, why in {**self.skipped}.items():
+            if name not in SCENARIOS:
+                log(f"skipped {name}: {why}")
+        for name in self.failed:
+            if name not in SCENARIOS:
+                log(f"FAILED {name}: {self.failed[name].splitlines()[0][:200]}")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    ap.add_argument("--duration", type=float, default=None,
+                    help="seconds of each measured run (default 20; 2 with --quick)")
+    ap.add_argument("--warmup", type=float, default=None,
+                    help="seconds of wrk warm-up before each measured run (default 3; 1 with --quick)")
+    ap.add_argument("--connections", type=int, default=64, help="wrk connections (default 64)")
+    ap.add_argument("--only", default="", help="comma-separated subset of: " + ", ".join(ALL))
+    ap.add_argument("--quick", action="store_true", help="~30 s smoke run (short runs)")
+    ap.add_argument("--no-pin", action="store_true",
+                    help="don't pin processes to CPUs with taskset")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest.json"))
+    ap.add_argument("--keep", action="store_true", help="keep the scratch dir (configs, logs)")
+    a = ap.parse_args(argv)
+    if a.duration is None:
+        a.duration = 2.0 if a.quick else 20.0
+    if a.warmup is None:
+        a.warmup = 1.0 if a.quick else 3.0
+    if (os.cpu_count() or 1) < 2 and not a.no_pin:
+        a.no_pin = True
+    return a
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    install_signal_handlers()
+    bench = Bench(args)
+    try:
+        return bench.run()
+    except KeyboardInterrupt:
+        log("\nbench: interrupted — stopping everything it started")
+        return 130
+    finally:
+        stop_all()
