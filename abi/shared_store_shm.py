@@ -1,0 +1,825 @@
+"""Gateway-wide SharedStore: shared data, shared queues and metrics shared by ALL worker processes.
+
+Backend: LMDB (PyPI ``lmdb``) in a directory on tmpfs (``/dev/shm``). LMDB gives us, for free,
+what a hand-written shared-memory zone would have to re-invent:
+
+* an mmap shared by every process that opens the directory — reads are lock-free snapshots;
+* one writer at a time via a *robust* pthread mutex in ``lock.mdb``: a process killed with -9
+  while holding it does not leave the store locked (the next writer gets EOWNERDEAD and LMDB
+  discards the dead writer's uncommitted transaction);
+* copy-on-write B-tree pages + a meta-page commit: a transaction is either fully visible or not
+  at all, so a worker dying mid-write can never leave a torn record;
+* a hard size cap (``map_size``) with a clean ``MapFullError``.
+
+Everything that crosses the process boundary is msgpack.
+
+Layout (LMDB named databases):
+
+=======  ==================================================  =====================================
+db       key                                                 value (msgpack)
+=======  ==================================================  =====================================
+meta     ``b"m"``                                            ``[cas_counter, used_bytes, qseq, mseq]``
+data     ``b"k"+key`` (``b"h"+blake2b(key)`` if key ≥ 480 B)   ``[cas, value]`` (``[cas, value, key]``)
+queues   ``b"n"+name`` → qid;  ``b"i"+qid(u32 BE)``             ``[name, head, tail, {token: [pid, pending]}]``
+qitems   ``qid(u32 BE) + seq(u64 BE)``                        raw item bytes
+metrics  ``b"n"+kind+name`` → id;  ``b"i"+id(u32 BE)``          ``[kind, name, value]`` / histogram
+                                                             ``[2, name, sum, count, [bucket counts]]``
+=======  ==================================================  =====================================
+
+Size: ``max_bytes`` is a *logical* budget, enforced exactly by this module: every shared-data
+entry costs ``len(key) + len(value) + ENTRY_OVERHEAD`` and every queued item
+``len(item) + ENTRY_OVERHEAD`` (metric definitions ``len(name) + ENTRY_OVERHEAD``). A write that
+would exceed it returns ``STATUS_FULL`` and changes nothing. The LMDB map is sized
+``MAP_FACTOR * max_bytes + MAP_HEADROOM`` so B-tree slack, copy-on-write and metric updates never
+reach the physical limit; if they somehow do (``MapFullError``), the write is retried once after
+clearing dead readers and then reported as ``STATUS_FULL`` too. tmpfs pages are only allocated
+when touched, so the map's virtual size costs nothing until used.
+
+Queue-ready notification: each process that registers a queue gets a FIFO
+``<dir>/wake/<token>`` (opened O_RDWR|O_NONBLOCK) that its event loop watches with
+``loop.add_reader``. An enqueue increments, inside its transaction, a per-(queue, registrant)
+``pending`` count; on a 0→1 transition it writes one byte to that registrant's FIFO after
+commit. The registrant drains its FIFO, then atomically takes and zeroes its pending counts and
+calls ``callback(qid)`` once per enqueued item (the Rust SDK's usual on_queue_ready handler
+dequeues ONE item per call, so coalescing calls would strand items). No polling, no busy wait.
+Every process that registered a queue is notified; only one of them gets each item on dequeue
+(the others see EMPTY, which every SDK tolerates).
+
+Fork safety: an LMDB environment must not be used across fork(), and a child must not close
+the parent's (it would wipe the parent's reader slots). ``os.register_at_fork`` closes every
+open environment in the parent just before fork; each process (re)opens lazily on first use.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import logging
+import os
+import shutil
+import struct
+import tempfile
+import threading
+import weakref
+from bisect import bisect_left
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import lmdb
+import msgpack
+
+log = logging.getLogger("wasmgate.shared_store")
+
+# proxy_status_t (§3.1)
+OK = 0
+NOT_FOUND = 1
+BAD_ARGUMENT = 2
+EMPTY = 7
+CAS_MISMATCH = 8
+INTERNAL_FAILURE = 10
+#: what set()/enqueue() return when the budget is exhausted (see module docstring / report).
+STATUS_FULL = INTERNAL_FAILURE
+
+COUNTER, GAUGE, HISTOGRAM = 0, 1, 2
+KIND_NAMES = {COUNTER: "counter", GAUGE: "gauge", HISTOGRAM: "histogram"}
+
+ENTRY_OVERHEAD = 64                 # accounted bytes per entry on top of key + value
+MAP_FACTOR = 4
+MAP_HEADROOM = 8 * 1024 * 1024
+MIN_MAX_BYTES = 4096
+LONG_KEY = 480                      # LMDB keys are limited to 511 bytes
+#: histogram bucket upper bounds (Envoy's default supported_buckets, integer-valued samples)
+HISTOGRAM_BOUNDS: tuple[float, ...] = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000,
+                                       10000, 30000, 60000, 300000, 600000, 1800000, 3600000)
+
+_U32 = 0xFFFFFFFF
+_U64 = (1 << 64) - 1
+_CONFIG_FILE = "wasmgate-store.msgpack"
+_FORMAT = 1
+
+_packb = msgpack.packb
+_unpackb = msgpack.unpackb
+_qkey = struct.Struct(">I").pack
+_itemkey = struct.Struct(">IQ").pack
+
+
+class StoreFull(Exception):
+    """define_metric() when the budget is exhausted (set/enqueue return STATUS_FULL instead)."""
+
+
+@dataclass
+class StoreMetric:
+    """One metric summed over the whole gateway, for /metrics."""
+    name: str
+    kind: str                                   # "counter" | "gauge" | "histogram"
+    value: int                                  # counter/gauge value; histogram: sample count
+    buckets: list[tuple[float, int]] = field(default_factory=list)  # (le, CUMULATIVE count), +Inf last
+    sum: int = 0
+    count: int = 0
+
+
+def store_path(path_or_name: str | os.PathLike) -> Path:
+    """A bare name maps to ``/dev/shm/wasmgate-<name>`` (tmpfs); anything with a '/' is a path."""
+    s = os.fspath(path_or_name)
+    if os.sep in s:
+        return Path(s)
+    base = Path("/dev/shm") if os.path.isdir("/dev/shm") else Path(tempfile.gettempdir())
+    return base / f"wasmgate-{s}"
+
+
+def _map_size(max_bytes: int) -> int:
+    page = 4096
+    size = MAP_FACTOR * max_bytes + MAP_HEADROOM
+    return (size + page - 1) // page * page
+
+
+def _data_key(key: bytes) -> tuple[bytes, bool]:
+    if len(key) < LONG_KEY:
+        return b"k" + key, False
+    return b"h" + hashlib.blake2b(key, digest_size=32).digest(), True
+
+
+_open_stores: "weakref.WeakSet[ShmStore]" = weakref.WeakSet()
+
+
+def _before_fork() -> None:
+    for s in list(_open_stores):
+        s._close_env_for_fork()
+
+
+def _after_fork_child() -> None:
+    for s in list(_open_stores):
+        s._forget_process_state()
+
+
+def _after_fork_parent() -> None:
+    for s in list(_open_stores):
+        s._release_fork_lock()
+
+
+os.register_at_fork(before=_before_fork, after_in_child=_after_fork_child,
+                    after_in_parent=_after_fork_parent)
+
+
+class ShmStore:
+    """A SharedStore (see abi/shared_store.py) shared by every process that opens the same path.
+
+    Construct with :meth:`create` (supervisor, once, before the workers start) or :meth:`open`
+    (each worker). Methods are synchronous and cost a few microseconds (one LMDB transaction).
+    """
+
+    # ---------------------------------------------------------------- lifecycle
+    def __init__(self, path: Path, max_bytes: int, map_size: int):
+        self.path = path
+        self.max_bytes = max_bytes
+        self._map_size = map_size
+        self._lock = threading.Lock()
+        self._env: lmdb.Environment | None = None
+        self._dbs: tuple = ()
+        self._pid = os.getpid()
+        self._token = os.urandom(8)
+        self._my_queues: set[int] = set()
+        self._callbacks: list[Callable[[int], None]] = []
+        self._wake_fd: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._writer_fds: dict[bytes, int] = {}
+        self._dead_tokens: set[bytes] = set()
+        self._closed = False
+        _open_stores.add(self)
+
+    @classmethod
+    def create(cls, path_or_name: str | os.PathLike, max_bytes: int) -> "ShmStore":
+        """Create a fresh, empty store (wiping a stale one left by a crashed supervisor)."""
+        if max_bytes < MIN_MAX_BYTES:
+            raise ValueError(f"shared_data.max_bytes must be at least {MIN_MAX_BYTES}, got {max_bytes}")
+        path = store_path(path_or_name)
+        shutil.rmtree(path, ignore_errors=True)
+        (path / "wake").mkdir(parents=True, exist_ok=True)
+        map_size = _map_size(max_bytes)
+        store = cls(path, max_bytes, map_size)
+        with store._lock:
+            env, (meta, *_rest) = store._ensure_env()
+            with env.begin(write=True, db=meta) as txn:
+                txn.put(b"m", _packb([0, 0, 0, 0]))
+        cfg = path / _CONFIG_FILE
+        tmp = path / (_CONFIG_FILE + ".tmp")
+        tmp.write_bytes(_packb({"format": _FORMAT, "max_bytes": max_bytes, "map_size": map_size}))
+        os.replace(tmp, cfg)          # written last: open() only succeeds on a complete store
+        return store
+
+    @classmethod
+    def open(cls, path_or_name: str | os.PathLike) -> "ShmStore":
+        """Open a store created by :meth:`create` (typically in the supervisor)."""
+        path = store_path(path_or_name)
+        try:
+            cfg = _unpackb((path / _CONFIG_FILE).read_bytes())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no shared store at {path} (create() it first)") from None
+        if cfg.get("format") != _FORMAT:
+            raise ValueError(f"shared store at {path} has format {cfg.get('format')}, expected {_FORMAT}")
+        store = cls(path, int(cfg["max_bytes"]), int(cfg["map_size"]))
+        with store._lock:
+            env, _ = store._ensure_env()
+            env.reader_check()        # clear reader slots of dead processes
+        return store
+
+    @staticmethod
+    def remove(path_or_name: str | os.PathLike) -> None:
+        """Delete the store's files (supervisor, on exit). Open mappings stay valid until closed."""
+        shutil.rmtree(store_path(path_or_name), ignore_errors=True)
+
+    def close(self) -> None:
+        """Unregister this process from its queues, close the wake-up FIFO and the environment."""
+        if self._closed:
+            return
+        try:
+            if self._my_queues and self._pid == os.getpid():
+                self._write(self._unregister_txn)
+        except Exception:                                      # pragma: no cover - best effort
+            log.exception("shared store: unregistering queues failed")
+        self._closed = True
+        self.detach()
+        for fd in self._writer_fds.values():
+            _close_quietly(fd)
+        self._writer_fds.clear()
+        if self._wake_fd is not None:
+            _close_quietly(self._wake_fd)
+            self._wake_fd = None
+            try:
+                os.unlink(self._wake_path(self._token))
+            except OSError:
+                pass
+        with self._lock:
+            if self._env is not None:
+                self._env.close()
+                self._env = None
+        _open_stores.discard(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # fork hooks -------------------------------------------------------
+    def _close_env_for_fork(self) -> None:
+        self._lock.acquire()          # released in the parent by _release_fork_lock
+        if self._env is not None:     # in the child the lock is re-created
+            self._env.close()
+            self._env = None
+
+    def _release_fork_lock(self) -> None:
+        self._lock.release()
+
+    def _forget_process_state(self) -> None:
+        """In a forked child: nothing of the parent's process identity may be reused."""
+        self._lock = threading.Lock()
+        self._env = None
+        self._pid = os.getpid()
+        self._token = os.urandom(8)
+        self._my_queues = set()
+        self._callbacks = []
+        if self._wake_fd is not None:
+            _close_quietly(self._wake_fd)      # the parent's FIFO: not ours to read
+            self._wake_fd = None
+        self._loop = None
+        for fd in self._writer_fds.values():
+            _close_quietly(fd)
+        self._writer_fds = {}
+
+    # env ----------------------------------------------------------------
+    def _ensure_env(self):
+        env = self._env
+        if env is None:
+            if self._closed:
+                raise RuntimeError("shared store is closed")
+            env = lmdb.open(str(self.path), map_size=self._map_size, subdir=True, max_dbs=8,
+                            max_readers=1024, sync=False, metasync=False, writemap=True,
+                            readahead=False, meminit=False, lock=True)
+            with env.begin(write=True) as txn:
+                self._dbs = tuple(env.open_db(n, txn=txn) for n in
+                                  (b"meta", b"data", b"queues", b"qitems", b"metrics"))
+            self._env = env
+        return env, self._dbs
+
+    def check_readers(self) -> int:
+        """Clear reader slots left by dead processes; returns how many were cleared."""
+        with self._lock:
+            env, _ = self._ensure_env()
+            return env.reader_check()
+
+    def _write(self, fn, *args):
+        """Run fn(txn, dbs, *args) in one write transaction. fn returns (commit, result)."""
+        for attempt in (0, 1):
+            with self._lock:
+                env, dbs = self._ensure_env()
+                txn = env.begin(write=True)
+                try:
+                    commit, result = fn(txn, dbs, *args)
+                    if commit:
+                        txn.commit()
+                    else:
+                        txn.abort()
+                    return result
+                except lmdb.MapFullError:
+                    txn.abort()
+                    if attempt == 0:
+                        env.reader_check()
+                        continue
+                    log.warning("shared store %s: LMDB map full (%d bytes)", self.path, self._map_size)
+                    return _FULL
+                except BaseException:
+                    txn.abort()
+                    raise
+        return _FULL                                            # pragma: no cover
+
+    @staticmethod
+    def _meta(txn, meta_db) -> list:
+        return _unpackb(txn.get(b"m", db=meta_db))
+
+    # ---------------------------------------------------------------- shared data (§5.4)
+    def get(self, key: bytes) -> tuple[bytes, int] | None:
+        dk, hashed = _data_key(key)
+        with self._lock:
+            env, dbs = self._ensure_env()
+            with env.begin(db=dbs[1]) as txn:
+                raw = txn.get(dk)
+        if raw is None:
+            return None
+        rec = _unpackb(raw)
+        if hashed and rec[2] != key:
+            return None
+        return rec[1], rec[0]
+
+    def set(self, key: bytes, value: bytes, cas: int) -> int:
+        r = self._write(self._set_txn, bytes(key), bytes(value), cas & _U32)
+        return STATUS_FULL if r is _FULL else r
+
+    def _set_txn(self, txn, dbs, key, value, cas):
+        meta_db, data_db = dbs[0], dbs[1]
+        dk, hashed = _data_key(key)
+        old_cost = 0
+        raw = txn.get(dk, db=data_db)
+        if raw is not None:
+            rec = _unpackb(raw)
+            if hashed and rec[2] != key:           # hash collision: treat as absent, overwrite
+                rec = None
+            else:
+                if cas and cas != rec[0]:
+                    return False, CAS_MISMATCH
+            if rec is not None:
+                old_cost = len(key) + len(rec[1]) + ENTRY_OVERHEAD
+        meta = self._meta(txn, meta_db)
+        new_cost = len(key) + len(value) + ENTRY_OVERHEAD
+        used = meta[1] + new_cost - old_cost
+        if new_cost > old_cost and used > self.max_bytes:
+            return False, STATUS_FULL
+        fresh = meta[0] % _U32 + 1                 # global counter, 1..2^32-1, skips 0
+        meta[0] = fresh
+        meta[1] = used
+        txn.put(dk, _packb([fresh, value, key] if hashed else [fresh, value]), db=data_db)
+        txn.put(b"m", _packb(meta), db=meta_db)
+        return True, OK
+
+    def delete(self, key: bytes) -> int:
+        """Remove a key entirely (not part of the ABI; Rust's 'remove' writes an empty value)."""
+        return self._write(self._delete_txn, bytes(key))
+
+    def _delete_txn(self, txn, dbs, key):
+        meta_db, data_db = dbs[0], dbs[1]
+        dk, hashed = _data_key(key)
+        raw = txn.get(dk, db=data_db)
+        if raw is None:
+            return False, NOT_FOUND
+        rec = _unpackb(raw)
+        if hashed and rec[2] != key:
+            return False, NOT_FOUND
+        meta = self._meta(txn, meta_db)
+        meta[1] -= len(key) + len(rec[1]) + ENTRY_OVERHEAD
+        txn.delete(dk, db=data_db)
+        txn.put(b"m", _packb(meta), db=meta_db)
+        return True, OK
+
+    # ---------------------------------------------------------------- shared queues (§5.5)
+    def register_queue(self, name: str) -> int:
+        self._ensure_wake_fifo()
+        qid = self._write(self._register_txn, name)
+        if qid is _FULL:
+            raise StoreFull(f"shared store full: cannot register queue {name!r}")
+        self._my_queues.add(qid)
+        return qid
+
+    def _register_txn(self, txn, dbs, name):
+        meta_db, q_db = dbs[0], dbs[2]
+        nkey = b"n" + name.encode()
+        raw = txn.get(nkey, db=q_db)
+        if raw is None:
+            meta = self._meta(txn, meta_db)
+            meta[2] = meta[2] % _U32 + 1
+            qid = meta[2]
+            meta[1] += len(nkey) + ENTRY_OVERHEAD   # the definition is accounted, not refused:
+            txn.put(b"m", _packb(meta), db=meta_db)  # Rust accepts only OK from register
+            txn.put(nkey, _packb(qid), db=q_db)
+            rec = [name, 0, 0, {}]
+        else:
+            qid = _unpackb(raw)
+            rec = _unpackb(txn.get(b"i" + _qkey(qid), db=q_db))
+        regs = rec[3]
+        for tok, (pid, _pending) in list(regs.items()):
+            if tok != self._token and not _pid_alive(pid):
+                del regs[tok]
+        if self._token not in regs:
+            regs[self._token] = [os.getpid(), 0]
+        txn.put(b"i" + _qkey(qid), _packb(rec), db=q_db)
+        return True, qid
+
+    def _unregister_txn(self, txn, dbs):
+        q_db = dbs[2]
+        for qid in self._my_queues:
+            ik = b"i" + _qkey(qid)
+            raw = txn.get(ik, db=q_db)
+            if raw is None:
+                continue
+            rec = _unpackb(raw)
+            if rec[3].pop(self._token, None) is not None:
+                txn.put(ik, _packb(rec), db=q_db)
+        return True, None
+
+    def resolve_queue(self, name: str) -> int | None:
+        with self._lock:
+            env, dbs = self._ensure_env()
+            with env.begin(db=dbs[2]) as txn:
+                raw = txn.get(b"n" + name.encode())
+        return None if raw is None else _unpackb(raw)
+
+    def enqueue(self, qid: int, data: bytes) -> int:
+        r = self._write(self._enqueue_txn, qid & _U32, bytes(data))
+        if r is _FULL:
+            return STATUS_FULL
+        status, wake = r
+        for tok in wake:
+            self._wake(tok)
+        return status
+
+    def _enqueue_txn(self, txn, dbs, qid, data):
+        meta_db, q_db, qi_db = dbs[0], dbs[2], dbs[3]
+        ik = b"i" + _qkey(qid)
+        raw = txn.get(ik, db=q_db)
+        if raw is None:
+            return False, (NOT_FOUND, ())
+        meta = self._meta(txn, meta_db)
+        used = meta[1] + len(data) + ENTRY_OVERHEAD
+        if used > self.max_bytes:
+            return False, (STATUS_FULL, ())
+        rec = _unpackb(raw)
+        tail = rec[2]
+        txn.put(_itemkey(qid, tail), data, db=qi_db)
+        rec[2] = tail + 1
+        wake = []
+        regs = rec[3]
+        for tok in list(regs):
+            if tok in self._dead_tokens:
+                del regs[tok]
+                continue
+            ent = regs[tok]
+            ent[1] += 1
+            if ent[1] == 1:
+                wake.append(tok)
+        meta[1] = used
+        txn.put(ik, _packb(rec), db=q_db)
+        txn.put(b"m", _packb(meta), db=meta_db)
+        return True, (OK, wake)
+
+    def dequeue(self, qid: int) -> bytes | int:
+        r = self._write(self._dequeue_txn, qid & _U32)
+        return INTERNAL_FAILURE if r is _FULL else r
+
+    def _dequeue_txn(self, txn, dbs, qid):
+        meta_db, q_db, qi_db = dbs[0], dbs[2], dbs[3]
+        ik = b"i" + _qkey(qid)
+        raw = txn.get(ik, db=q_db)
+        if raw is None:
+            return False, NOT_FOUND
+        rec = _unpackb(raw)
+        head = rec[1]
+        if head >= rec[2]:
+            return False, EMPTY
+        k = _itemkey(qid, head)
+        item = txn.pop(k, db=qi_db)
+        rec[1] = head + 1
+        meta = self._meta(txn, meta_db)
+        meta[1] -= len(item) + ENTRY_OVERHEAD
+        txn.put(ik, _packb(rec), db=q_db)
+        txn.put(b"m", _packb(meta), db=meta_db)
+        return True, bytes(item)
+
+    # notification ------------------------------------------------------
+    def _wake_path(self, token: bytes) -> str:
+        return os.path.join(self.path, "wake", token.hex())
+
+    def _ensure_wake_fifo(self) -> int:
+        if self._wake_fd is None:
+            p = self._wake_path(self._token)
+            try:
+                os.mkfifo(p, 0o600)
+            except FileExistsError:
+                pass
+            # O_RDWR: we never see EOF/POLLHUP when writers come and go, and when this process
+            # dies the last reader is gone, so writers get EPIPE and drop us.
+            self._wake_fd = os.open(p, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        return self._wake_fd
+
+    def _wake(self, token: bytes) -> None:
+        fd = self._writer_fds.get(token)
+        try:
+            if fd is None:
+                fd = os.open(self._wake_path(token), os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+                self._writer_fds[token] = fd
+            os.write(fd, b"\x01")
+        except BlockingIOError:
+            pass                          # pipe full: the reader has wake-ups pending anyway
+        except OSError as e:              # ENOENT / ENXIO (no reader) / EPIPE: registrant is dead
+            if e.errno not in (errno.ENOENT, errno.ENXIO, errno.EPIPE):
+                log.warning("shared store: waking queue registrant failed: %s", e)
+            old = self._writer_fds.pop(token, None)
+            if old is not None:
+                _close_quietly(old)
+            self._dead_tokens.add(token)
+
+    def fileno(self) -> int:
+        """The fd to watch for queue-ready notifications of this process."""
+        return self._ensure_wake_fifo()
+
+    def on_enqueue(self, callback: Callable[[int], None]) -> None:
+        """callback(qid) once per item enqueued (by any process) to a queue this process registered.
+
+        Delivered from the event loop: if called inside a running loop, the wake-up fd is attached
+        to it now; otherwise call :meth:`attach` later (or :meth:`dispatch_notifications` yourself).
+        """
+        self._callbacks.append(callback)
+        self._ensure_wake_fifo()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self.attach(loop)
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._loop is loop:
+            return
+        self.detach()
+        loop.add_reader(self._ensure_wake_fifo(), self.dispatch_notifications)
+        self._loop = loop
+
+    def detach(self) -> None:
+        if self._loop is not None and self._wake_fd is not None:
+            try:
+                self._loop.remove_reader(self._wake_fd)
+            except Exception:                                   # loop already closed
+                pass
+        self._loop = None
+
+    def dispatch_notifications(self) -> int:
+        """Drain the wake-up fd, take this process's pending counts, call the callbacks.
+        Returns the number of callback invocations (per callback)."""
+        fd = self._ensure_wake_fifo()
+        try:
+            while os.read(fd, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        if not self._my_queues:
+            return 0
+        due = self._write(self._take_pending_txn)
+        if due is _FULL:
+            return 0
+        n = 0
+        for qid, count in due:
+            for _ in range(count):
+                n += 1
+                for cb in list(self._callbacks):
+                    try:
+                        cb(qid)
+                    except Exception:
+                        log.exception("shared store: on_enqueue callback failed for queue %d", qid)
+        return n
+
+    def _take_pending_txn(self, txn, dbs):
+        q_db = dbs[2]
+        due = []
+        for qid in sorted(self._my_queues):
+            ik = b"i" + _qkey(qid)
+            raw = txn.get(ik, db=q_db)
+            if raw is None:
+                continue
+            rec = _unpackb(raw)
+            ent = rec[3].get(self._token)
+            if ent is None:
+                ent = rec[3][self._token] = [os.getpid(), 0]
+            elif ent[1]:
+                due.append((qid, ent[1]))
+                ent[1] = 0
+            else:
+                continue
+            txn.put(ik, _packb(rec), db=q_db)
+        return bool(due), due
+
+    # ---------------------------------------------------------------- metrics (§5.6)
+    def define_metric(self, kind: int, name: str) -> int:
+        """Same (kind, name) → same id in every process. Raises ValueError for kind > 2."""
+        if kind not in KIND_NAMES:
+            raise ValueError(f"bad metric kind {kind}")
+        with self._lock:
+            env, dbs = self._ensure_env()
+            with env.begin(db=dbs[4]) as txn:
+                raw = txn.get(b"n" + bytes([kind]) + name.encode())
+        if raw is not None:
+            return _unpackb(raw)
+        mid = self._write(self._define_txn, kind, name)
+        if mid is _FULL or mid is None:
+            raise StoreFull(f"shared store full: cannot define metric {name!r}")
+        return mid
+
+    def _define_txn(self, txn, dbs, kind, name):
+        meta_db, m_db = dbs[0], dbs[4]
+        nkey = b"n" + bytes([kind]) + name.encode()
+        raw = txn.get(nkey, db=m_db)
+        if raw is not None:
+            return False, _unpackb(raw)
+        meta = self._meta(txn, meta_db)
+        used = meta[1] + len(nkey) + ENTRY_OVERHEAD
+        if used > self.max_bytes:
+            return False, None
+        meta[3] += 1
+        mid = (meta[3] << 2) | kind
+        if mid > _U32:
+            return False, None
+        meta[1] = used
+        rec = ([kind, name, 0, 0, [0] * (len(HISTOGRAM_BOUNDS) + 1)] if kind == HISTOGRAM
+               else [kind, name, 0])
+        txn.put(nkey, _packb(mid), db=m_db)
+        txn.put(b"i" + _qkey(mid), _packb(rec), db=m_db)
+        txn.put(b"m", _packb(meta), db=meta_db)
+        return True, mid
+
+    def increment_metric(self, metric_id: int, delta: int) -> int:
+        kind = metric_id & 3
+        if kind == HISTOGRAM:
+            return BAD_ARGUMENT
+        if kind not in (COUNTER, GAUGE):
+            return NOT_FOUND
+        r = self._write(self._metric_txn, metric_id & _U32, delta, True)
+        return INTERNAL_FAILURE if r is _FULL else r
+
+    def record_metric(self, metric_id: int, value: int) -> int:
+        if metric_id & 3 == 3:
+            return NOT_FOUND
+        r = self._write(self._metric_txn, metric_id & _U32, value, False)
+        return INTERNAL_FAILURE if r is _FULL else r
+
+    def _metric_txn(self, txn, dbs, mid, v, increment):
+        m_db = dbs[4]
+        ik = b"i" + _qkey(mid)
+        raw = txn.get(ik, db=m_db)
+        if raw is None:
+            return False, NOT_FOUND
+        rec = _unpackb(raw)
+        kind = rec[0]
+        if kind == COUNTER:
+            if increment and v <= 0:
+                return False, BAD_ARGUMENT
+            rec[2] = (rec[2] + (v & _U64)) & _U64          # record on a counter adds (§5.6)
+        elif kind == GAUGE:
+            x = rec[2] + v if increment else v
+            rec[2] = ((x + (1 << 63)) & _U64) - (1 << 63)   # i64 wrap
+        else:
+            if increment:
+                return False, BAD_ARGUMENT
+            v &= _U64
+            rec[2] = (rec[2] + v) & _U64
+            rec[3] += 1
+            rec[4][bisect_left(HISTOGRAM_BOUNDS, v)] += 1
+        txn.put(ik, _packb(rec), db=m_db)
+        return True, OK
+
+    def get_metric(self, metric_id: int) -> tuple[int, int]:
+        with self._lock:
+            env, dbs = self._ensure_env()
+            with env.begin(db=dbs[4]) as txn:
+                raw = txn.get(b"i" + _qkey(metric_id & _U32))
+        if raw is None:
+            return NOT_FOUND, 0
+        rec = _unpackb(raw)
+        if rec[0] == HISTOGRAM:
+            return BAD_ARGUMENT, 0
+        return OK, rec[2]
+
+    def metric_samples(self) -> list[StoreMetric]:
+        """Every metric, gateway-wide (one value shared by all workers), ordered by definition."""
+        out: list[StoreMetric] = []
+        with self._lock:
+            env, dbs = self._ensure_env()
+            with env.begin(db=dbs[4], buffers=False) as txn:
+                cur = txn.cursor()
+                if cur.set_range(b"i"):
+                    for k, raw in cur:
+                        if not k.startswith(b"i"):
+                            break
+                        out.append(_unpackb(raw))
+        samples = []
+        for rec in out:
+            kind = rec[0]
+            if kind == HISTOGRAM:
+                cum, buckets = 0, []
+                for le, c in zip(HISTOGRAM_BOUNDS + (float("inf"),), rec[4]):
+                    cum += c
+                    buckets.append((le, cum))
+                samples.append(StoreMetric(rec[1], "histogram", rec[3], buckets, rec[2], rec[3]))
+            else:
+                samples.append(StoreMetric(rec[1], KIND_NAMES[kind], rec[2]))
+        return samples
+
+    # ---------------------------------------------------------------- introspection
+    def usage(self) -> dict:
+        """{'used': accounted bytes, 'max_bytes': budget, 'map_size': LMDB map size, ...}."""
+        with self._lock:
+            env, dbs = self._ensure_env()
+            with env.begin(db=dbs[0]) as txn:
+                meta = self._meta(txn, dbs[0])
+            info = env.info()
+        return {"used": meta[1], "max_bytes": self.max_bytes, "map_size": self._map_size,
+                "lmdb_last_pgno": info["last_pgno"], "cas_counter": meta[0]}
+
+    def verify(self) -> list[str]:
+        """Full consistency check (tests, debugging): recompute accounted bytes from the records.
+        Returns a list of problems (empty = consistent)."""
+        problems: list[str] = []
+        with self._lock:
+            env, dbs = self._ensure_env()
+            meta_db, data_db, q_db, qi_db, m_db = dbs
+            with env.begin(buffers=False) as txn:
+                meta = self._meta(txn, meta_db)
+                used = 0
+                for k, raw in txn.cursor(db=data_db):
+                    rec = _unpackb(raw)
+                    if not (isinstance(rec, list) and len(rec) in (2, 3) and 0 < rec[0] <= _U32):
+                        problems.append(f"bad data record {k!r}")
+                        continue
+                    klen = len(rec[2]) if k[:1] == b"h" else len(k) - 1
+                    used += klen + len(rec[1]) + ENTRY_OVERHEAD
+                items: dict[int, list[int]] = {}
+                for k, raw in txn.cursor(db=qi_db):
+                    qid, seq = struct.unpack(">IQ", k)
+                    items.setdefault(qid, []).append(seq)
+                    used += len(raw) + ENTRY_OVERHEAD
+                for k, raw in txn.cursor(db=q_db):
+                    if k[:1] == b"n":
+                        used += len(k) + ENTRY_OVERHEAD
+                        qid = _unpackb(raw)
+                        rec_raw = txn.get(b"i" + _qkey(qid), db=q_db)
+                        if rec_raw is None:
+                            problems.append(f"queue {k[1:]!r} has no record")
+                            continue
+                        _name, head, tail, _regs = _unpackb(rec_raw)
+                        seqs = items.get(qid, [])
+                        if seqs != list(range(head, tail)):
+                            problems.append(f"queue {qid}: items {seqs[:5]}… != range({head},{tail})")
+                for k, raw in txn.cursor(db=m_db):
+                    if k[:1] == b"n":
+                        used += len(k) + ENTRY_OVERHEAD
+            if used != meta[1]:
+                problems.append(f"accounted bytes {meta[1]} != recomputed {used}")
+        return problems
+
+
+_FULL = object()      # sentinel: the LMDB map itself was full
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def create(path_or_name: str | os.PathLike, max_bytes: int) -> ShmStore:
+    return ShmStore.create(path_or_name, max_bytes)
+
+
+def open(path_or_name: str | os.PathLike) -> ShmStore:      # noqa: A001 - mirrors the brief
+    return ShmStore.open(path_or_name)
+
+
+def remove(path_or_name: str | os.PathLike) -> None:
+    ShmStore.remove(path_or_name)
