@@ -173,6 +173,8 @@ class Bench:
             res = self.measure(name, proc, url, headers, cpus)
             if half_rate:
                 self.run_half_rate(url, headers, res.rps, proc)
+        except Failed as e:
+            raise Failed(f"{e}\n--- {name} log tail ({proc.log_path}):\n{proc.log_tail()}")
         finally:
             proc.stop()
 
@@ -327,11 +329,13 @@ class Bench:
         out.write_text(json.dumps(result, indent=2) + "\n")
         self.print_table(result)
         log(f"\nwrote {out}" + ("  (PARTIAL run)" if result["partial"] else ""))
-        if not self.args.keep:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-        else:
-            log(f"kept scratch dir {self.tmp}")
         return 1 if self.failed else 0
+
+    def cleanup(self) -> None:
+        if self.args.keep or self.failed:
+            log(f"kept scratch dir {self.tmp} (configs, process logs)")
+        else:
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
     def select(self) -> list[str]:
         if not self.args.only:
@@ -473,3 +477,4 @@ def main(argv=None) -> int:
         return 130
     finally:
         stop_all()
+        bench.cleanup()
