@@ -1,0 +1,215 @@
+//! Routes every `proxy_on_*` export to the right context object by context id
+//! (the role of proxy-wasm-rust-sdk `src/dispatcher.rs`).
+//!
+//! A context is taken out of its table for the duration of its callback and put back
+//! afterwards, so a callback may call any SDK function (including ones that consult the
+//! dispatcher, like `dispatch_http_call`) without a `RefCell` double borrow.
+
+use crate::hostcalls;
+use crate::traits::*;
+use crate::types::*;
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+
+pub type NewRootContext = fn(context_id: u32) -> Box<dyn RootContext>;
+pub type NewHttpContext = fn(context_id: u32, root_context_id: u32) -> Box<dyn HttpContext>;
+
+struct Dispatcher {
+    new_root: Cell<Option<NewRootContext>>,
+    new_http: Cell<Option<NewHttpContext>>,
+    roots: RefCell<BTreeMap<u32, Box<dyn RootContext>>>,
+    https: RefCell<BTreeMap<u32, Box<dyn HttpContext>>>,
+    /// http context id → its root context id
+    parents: RefCell<BTreeMap<u32, u32>>,
+    /// callout token → context id that dispatched it
+    callouts: RefCell<BTreeMap<u32, u32>>,
+    active_id: Cell<u32>,
+}
+
+thread_local! {
+    static DISPATCHER: Dispatcher = Dispatcher {
+        new_root: Cell::new(None),
+        new_http: Cell::new(None),
+        roots: RefCell::new(BTreeMap::new()),
+        https: RefCell::new(BTreeMap::new()),
+        parents: RefCell::new(BTreeMap::new()),
+        callouts: RefCell::new(BTreeMap::new()),
+        active_id: Cell::new(0),
+    };
+}
+
+pub fn set_root_context(callback: NewRootContext) {
+    DISPATCHER.with(|d| d.new_root.set(Some(callback)));
+}
+
+pub fn set_http_context(callback: NewHttpContext) {
+    DISPATCHER.with(|d| d.new_http.set(Some(callback)));
+}
+
+pub(crate) fn register_callout(token: u32) {
+    DISPATCHER.with(|d| {
+        let id = d.active_id.get();
+        d.callouts.borrow_mut().insert(token, id);
+    });
+}
+
+fn with_root<R>(id: u32, f: impl FnOnce(&mut dyn RootContext) -> R) -> R {
+    let mut ctx = DISPATCHER
+        .with(|d| d.roots.borrow_mut().remove(&id))
+        .unwrap_or_else(|| panic!("invalid root context_id {}", id));
+    DISPATCHER.with(|d| d.active_id.set(id));
+    let r = f(ctx.as_mut());
+    DISPATCHER.with(|d| d.roots.borrow_mut().insert(id, ctx));
+    r
+}
+
+fn with_http<R>(id: u32, f: impl FnOnce(&mut dyn HttpContext) -> R) -> R {
+    let mut ctx = DISPATCHER
+        .with(|d| d.https.borrow_mut().remove(&id))
+        .unwrap_or_else(|| panic!("invalid http context_id {}", id));
+    DISPATCHER.with(|d| d.active_id.set(id));
+    let r = f(ctx.as_mut());
+    DISPATCHER.with(|d| d.https.borrow_mut().insert(id, ctx));
+    r
+}
+
+fn is_root(id: u32) -> bool {
+    DISPATCHER.with(|d| d.roots.borrow().contains_key(&id))
+}
+
+fn is_http(id: u32) -> bool {
+    DISPATCHER.with(|d| d.https.borrow().contains_key(&id))
+}
+
+fn create_context(context_id: u32, parent_id: u32) {
+    if is_root(context_id) || is_http(context_id) {
+        panic!("duplicate context_id {}", context_id);
+    }
+    if parent_id == 0 {
+        let ctx: Box<dyn RootContext> = match DISPATCHER.with(|d| d.new_root.get()) {
+            Some(f) => f(context_id),
+            None => Box::new(DefaultRoot),
+        };
+        DISPATCHER.with(|d| d.roots.borrow_mut().insert(context_id, ctx));
+        return;
+    }
+    let ctx = if let Some(f) = DISPATCHER.with(|d| d.new_http.get()) {
+        Some(f(context_id, parent_id))
+    } else {
+        with_root(parent_id, |root| match root.get_type() {
+            Some(ContextType::HttpContext) => root.create_http_context(context_id),
+            _ => None,
+        })
+    };
+    let ctx = ctx.unwrap_or_else(|| panic!("root context {} created no http context", parent_id));
+    DISPATCHER.with(|d| {
+        d.https.borrow_mut().insert(context_id, ctx);
+        d.parents.borrow_mut().insert(context_id, parent_id);
+    });
+}
+
+struct DefaultRoot;
+impl Context for DefaultRoot {}
+impl RootContext for DefaultRoot {}
+
+// ---- exports ----
+
+#[no_mangle]
+pub extern "C" fn proxy_on_context_create(context_id: u32, parent_context_id: u32) {
+    create_context(context_id, parent_context_id)
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_on_vm_start(context_id: u32, vm_configuration_size: usize) -> bool {
+    with_root(context_id, |r| r.on_vm_start(vm_configuration_size))
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_on_configure(context_id: u32, plugin_configuration_size: usize) -> bool {
+    with_root(context_id, |r| r.on_configure(plugin_configuration_size))
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_on_tick(context_id: u32) {
+    with_root(context_id, |r| r.on_tick())
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_on_queue_ready(context_id: u32, queue_id: u32) {
+    with_root(context_id, |r| r.on_queue_ready(queue_id))
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_on_request_headers(context_id: u32, num_headers: usize, end_of_stream: bool) -> Action {
+    with_http(context_id, |c| c.on_http_request_headers(num_headers, end_of_stream))
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_on_request_body(context_id: u32, body_size: usize, end_of_stream: bool) -> Action {
+    with_http(context_id, |c| c.on_http_request_body(body_size, end_of_stream))
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_on_request_trailers(context_id: u32, num_trailers: usize) -> Action {
+    with_http(context_id, |c| c.on_http_request_trailers(num_trailers))
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_on_response_headers(context_id: u32, num_headers: usize, end_of_stream: bool) -> Action {
+    with_http(context_id, |c| c.on_http_response_headers(num_headers, end_of_stream))
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_on_response_body(context_id: u32, body_size: usize, end_of_stream: bool) -> Action {
+    with_http(context_id, |c| c.on_http_response_body(body_size, end_of_stream))
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_on_response_trailers(context_id: u32, num_trailers: usize) -> Action {
+    with_http(context_id, |c| c.on_http_response_trailers(num_trailers))
+}
+
+/// The first argument is the root context id (the host registers callouts on the root);
+/// the SDK routes the answer to the context that dispatched the call and makes it effective.
+#[no_mangle]
+pub extern "C" fn proxy_on_http_call_response(_root_id: u32, token: u32, num_headers: usize, body_size: usize, num_trailers: usize) {
+    let target = DISPATCHER
+        .with(|d| d.callouts.borrow_mut().remove(&token))
+        .unwrap_or_else(|| panic!("invalid token_id {}", token));
+    if is_http(target) {
+        let _ = hostcalls::set_effective_context(target);
+        with_http(target, |c| c.on_http_call_response(token, num_headers, body_size, num_trailers))
+    } else if is_root(target) {
+        let _ = hostcalls::set_effective_context(target);
+        with_root(target, |c| c.on_http_call_response(token, num_headers, body_size, num_trailers))
+    }
+    // else: the dispatching stream is gone; drop the answer (as the Go SDK does).
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_on_done(context_id: u32) -> bool {
+    if is_http(context_id) {
+        with_http(context_id, |c| c.on_done())
+    } else {
+        with_root(context_id, |c| c.on_done())
+    }
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_on_log(context_id: u32) {
+    if is_http(context_id) {
+        with_http(context_id, |c| c.on_log())
+    } else {
+        with_root(context_id, |c| c.on_log())
+    }
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_on_delete(context_id: u32) {
+    DISPATCHER.with(|d| {
+        d.https.borrow_mut().remove(&context_id);
+        d.parents.borrow_mut().remove(&context_id);
+        d.roots.borrow_mut().remove(&context_id);
+        d.callouts.borrow_mut().retain(|_, v| *v != context_id);
+    });
+}
