@@ -1,0 +1,163 @@
+"""Gateway lifecycle: bind listeners and admin, serve, drain on stop."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import Any, Awaitable, Callable
+
+from .accesslog import AccessLog
+from .config import Config
+from .metrics import Metrics
+from .proxy import Downstream, Generation, Proxy
+from .routing import Router
+from .upstream import Upstreams
+
+log = logging.getLogger("wasmgate")
+
+# async (specs, services) -> FilterHostProtocol; the default is abi.api.load_filter_host.
+FilterHostFactory = Callable[[list, Any], Awaitable[Any]]
+
+
+class StartError(Exception):
+    """The gateway could not start (e.g. a port is taken); the message says which listener."""
+
+
+async def _default_filter_host(specs: list, services: Any) -> Any:
+    # Imported only when a config has filters, so a filter-free gateway never loads wasmtime.
+    from abi.api import load_filter_host
+    return await load_filter_host(specs, services)
+
+
+def bind_socket(address: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """A bound (not yet listening) TCP socket; SO_REUSEPORT lets worker processes share a port."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((address, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+class Gateway:
+    """A running gateway: listeners, admin, one config generation. Create with ``await Gateway.start``."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.metrics = Metrics()
+        self.access_log = AccessLog(config.access_log_path)
+        self.connections: set[Downstream] = set()
+        self.draining = False
+        self.ready = False
+        self.listener_ports: dict[str, int] = {}
+        self.admin_port: int | None = None
+        self.generation: Generation
+        self.proxy = Proxy(self)
+        self._servers: list[asyncio.AbstractServer] = []
+        self._admin_runner: Any = None
+        self._stopped = asyncio.Event()
+
+    @classmethod
+    async def start(cls, config: Config, *, filter_host_factory: FilterHostFactory | None = None,
+                    reuse_port: bool = False, ports: dict[str, int] | None = None) -> "Gateway":
+        """Load filters (only if the config has any), bind every listener and the admin port.
+
+        ``ports`` overrides listener ports by name (the worker supervisor passes the real ports
+        it resolved for ``port: 0``; key ``"admin"`` for the admin port). Raises StartError or
+        abi.api.FilterLoadError; nothing is left running when it raises.
+        """
+        gw = cls(config)
+        upstreams = Upstreams(config.clusters)
+        filter_host = None
+        try:
+            if config.filters:
+                factory = filter_host_factory or _default_filter_host
+                filter_host = await factory(list(config.filters), upstreams)
+            gw.generation = Generation(config, Router(config.routes), upstreams, filter_host)
+            await gw._bind(reuse_port, ports or {})
+        except BaseException:
+            await gw._close_servers()
+            upstreams.close()
+            if filter_host is not None:
+                await filter_host.close()
+            gw.access_log.close()
+            raise
+        gw.ready = True
+        return gw
+
+    async def _bind(self, reuse_port: bool, ports: dict[str, int]) -> None:
+        limit = max(self.config.limits.max_header_bytes + 4, 65536)
+        for lst in self.config.listeners:
+            port = ports.get(lst.name, lst.port)
+            try:
+                sock = bind_socket(lst.address, port, reuse_port=reuse_port)
+            except OSError as e:
+                raise StartError(f'listener "{lst.name}": cannot bind {lst.address}:{port}: '
+                                 f'{e.strerror or e}') from None
+            server = await asyncio.start_server(self.proxy.handle_connection, sock=sock, limit=limit,
+                                                backlog=1024)
+            self._servers.append(server)
+            self.listener_ports[lst.name] = sock.getsockname()[1]
+        if self.config.admin is not None:
+            from .admin import start_admin
+            adm = self.config.admin
+            port = ports.get("admin", adm.port)
+            try:
+                sock = bind_socket(adm.address, port, reuse_port=reuse_port)
+            except OSError as e:
+                raise StartError(f"admin: cannot bind {adm.address}:{port}: {e.strerror or e}") from None
+            self._admin_runner = await start_admin(self, sock)
+            self.admin_port = sock.getsockname()[1]
+
+    async def stop(self, drain_timeout_s: float | None = None) -> None:
+        """Stop accepting, let in-flight requests finish (bounded), then close everything."""
+        if self.draining:
+            await self._stopped.wait()
+            return
+        self.draining = True
+        self.ready = False
+        timeout = self.config.limits.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
+        for server in self._servers:
+            server.close()
+        for conn in list(self.connections):
+            if conn.idle:
+                conn.transport.close()    # an idle keep-alive connection has nothing to finish
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.connections and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        if self.connections:
+            log.warning("drain timeout (%.1fs): closing %d connection(s) with requests in flight",
+                        timeout, len(self.connections))
+            for conn in list(self.connections):
+                conn.transport.abort()
+                if conn.task is not None:
+                    conn.task.cancel()
+            await asyncio.sleep(0)
+        await self._close_servers()
+        gen = self.generation
+        gen.upstreams.close()
+        if gen.filter_host is not None:
+            try:
+                await gen.filter_host.close()   # type: ignore[attr-defined]
+            except Exception:
+                log.exception("closing filters failed")
+        self.access_log.close()
+        self._stopped.set()
+
+    async def _close_servers(self) -> None:
+        for server in self._servers:
+            server.close()
+        self._servers.clear()
+        if self._admin_runner is not None:
+            await self._admin_runner.cleanup()
+            self._admin_runner = None
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()

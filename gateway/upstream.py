@@ -1,0 +1,421 @@
+"""A lean HTTP/1.1 upstream client: one keep-alive pool per cluster, round robin, ejection.
+
+Built on asyncio streams and the strict parser in http1.py rather than aiohttp's ClientSession,
+whose per-request machinery costs more CPU than the whole proxied request may spend.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import AsyncIterator
+
+from abi.api import CallFailed, CallResponse, Headers
+
+from .config import Cluster, Endpoint
+from .http1 import (FRAMING, HttpError, PeerClosed, body_length, connection_tokens,
+                    parse_response_head, read_chunked)
+
+log = logging.getLogger("wasmgate.upstream")
+
+_READ = 262144
+_SKIP_ON_WRITE = FRAMING | {"host", "expect"}
+
+
+class UpstreamError(Exception):
+    """The upstream could not give us a response head. ``status`` is what the client gets."""
+
+    def __init__(self, status: int, kind: str, message: str, endpoint: str = ""):
+        super().__init__(message)
+        self.status = status
+        self.kind = kind            # refused | timeout | reset | bad_response | overloaded
+        self.message = message
+        self.endpoint = endpoint
+
+
+class UpstreamReset(Exception):
+    """The upstream broke off while sending the response body."""
+
+
+class _Stale(Exception):
+    """A reused keep-alive connection turned out to be closed before answering."""
+
+
+class UpConn:
+    __slots__ = ("reader", "writer", "endpoint", "reused", "timed_out")
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, endpoint: Endpoint):
+        self.reader = reader
+        self.writer = writer
+        self.endpoint = endpoint
+        self.reused = False
+        self.timed_out = False
+
+    def usable(self) -> bool:
+        return not self.writer.transport.is_closing() and not self.reader.at_eof()
+
+    def abort(self) -> None:
+        self.writer.transport.abort()
+
+    def on_timeout(self) -> None:
+        self.timed_out = True
+        self.writer.transport.abort()
+
+
+class UpstreamResponse:
+    """Status, headers and a body iterator; ``finish()`` returns the connection to the pool."""
+    __slots__ = ("pool", "conn", "status", "headers", "length", "keepalive", "complete", "body",
+                 "endpoint", "bytes")
+
+    def __init__(self, pool: "Pool", conn: UpConn, status: int, headers: Headers, length: int | None,
+                 keepalive: bool):
+        self.pool = pool
+        self.conn = conn
+        self.status = status
+        self.headers = headers
+        self.length = length            # int, None = chunked, -1 = until close
+        self.keepalive = keepalive
+        self.complete = length == 0
+        self.endpoint = str(conn.endpoint)
+        self.bytes = 0
+        self.body: AsyncIterator[bytes] | None = None if length == 0 else self._body()
+
+    async def _body(self) -> AsyncIterator[bytes]:
+        reader = self.conn.reader
+        n = self.length
+        try:
+            if n is None:
+                async for data in read_chunked(reader, status=502):
+                    self.bytes += len(data)
+                    yield data
+            elif n == -1:
+                while True:
+                    data = await reader.read(_READ)
+                    if not data:
+                        break
+                    self.bytes += len(data)
+                    yield data
+            else:
+                while n > 0:
+                    data = await reader.read(n if n < _READ else _READ)
+                    if not data:
+                        raise PeerClosed(f"upstream closed with {n} body bytes missing")
+                    n -= len(data)
+                    self.bytes += len(data)
+                    yield data
+        except (PeerClosed, HttpError, ConnectionError) as e:
+            raise UpstreamReset(f"{self.endpoint}: {e}") from None
+        self.complete = True
+
+    def finish(self) -> None:
+        """Keep the connection if the body was read to its end, else close it."""
+        conn = self.conn
+        if conn is None:
+            return
+        self.conn = None  # type: ignore[assignment]
+        if self.complete and self.keepalive:
+            self.pool.release(conn)
+        else:
+            self.pool.discard(conn)
+
+
+class Pool:
+    """Connections to one cluster's endpoints, at most ``max_connections`` open at once."""
+
+    def __init__(self, cluster: Cluster):
+        self.cluster = cluster
+        self.idle: dict[Endpoint, list[UpConn]] = {ep: [] for ep in cluster.endpoints}
+        self.open = 0
+        self._rr = 0
+        self._ejected: dict[Endpoint, float] = {}
+        self._waiters: list[asyncio.Future] = []
+        self._connect_timeout = cluster.connect_timeout_ms / 1000
+        self._request_timeout = cluster.request_timeout_ms / 1000
+        self._closed = False
+
+    # -- connection management ---------------------------------------------------------------
+
+    def _candidates(self) -> list[Endpoint]:
+        eps = self.cluster.endpoints
+        if len(eps) == 1:
+            return list(eps)
+        start = self._rr % len(eps)
+        self._rr += 1
+        ordered = eps[start:] + eps[:start]
+        if not self._ejected:
+            return list(ordered)
+        now = time.monotonic()
+        live = [ep for ep in ordered if self._ejected.get(ep, 0) <= now]
+        # All ejected: try them anyway rather than fail without trying (Envoy's "panic" mode).
+        return live or list(ordered)
+
+    def is_ejected(self, ep: Endpoint) -> bool:
+        return self._ejected.get(ep, 0) > time.monotonic()
+
+    def _eject(self, ep: Endpoint) -> None:
+        if self.cluster.eject_ms > 0:
+            self._ejected[ep] = time.monotonic() + self.cluster.eject_ms / 1000
+            log.warning('cluster "%s": endpoint %s ejected for %d ms', self.cluster.name, ep,
+                        self.cluster.eject_ms)
+
+    async def acquire(self) -> UpConn:
+        last: UpstreamError | None = None
+        for ep in self._candidates():
+            idle = self.idle[ep]
+            while idle:
+                conn = idle.pop()
+                if conn.usable():
+                    conn.reused = True
+                    return conn
+                self._close(conn)
+            await self._reserve_slot()
+            try:
+                conn = await self._connect(ep)
+            except UpstreamError as e:
+                self.open -= 1
+                self._wake()
+                last = e
+                continue
+            self._ejected.pop(ep, None)
+            return conn
+        assert last is not None
+        raise last
+
+    async def _reserve_slot(self) -> None:
+        if self.open >= self.cluster.max_connections:
+            if not self._evict_one_idle():
+                fut = asyncio.get_running_loop().create_future()
+                self._waiters.append(fut)
+                try:
+                    await asyncio.wait_for(fut, self._connect_timeout)
+                except asyncio.TimeoutError:
+                    raise UpstreamError(503, "overloaded",
+                                        f'cluster "{self.cluster.name}": all {self.cluster.max_connections} '
+                                        f'connections busy') from None
+                finally:
+                    if fut in self._waiters:
+                        self._waiters.remove(fut)
+                # A released connection may be idle now: prefer it over a new one.
+                if self.open >= self.cluster.max_connections and not self._evict_one_idle():
+                    return await self._reserve_slot()
+        self.open += 1
+
+    def _evict_one_idle(self) -> bool:
+        for conns in self.idle.values():
+            if conns:
+                self._close(conns.pop(0))
+                return True
+        return False
+
+    async def _connect(self, ep: Endpoint) -> UpConn:
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(ep.host, ep.port, limit=_READ), self._connect_timeout)
+        except asyncio.TimeoutError:
+            self._eject(ep)
+            raise UpstreamError(504, "timeout", f"connect to {ep} timed out", str(ep)) from None
+        except OSError as e:
+            self._eject(ep)
+            why = "refused" if isinstance(e, ConnectionRefusedError) else (e.strerror or str(e))
+            raise UpstreamError(502, "refused", f"connect to {ep}: {why}", str(ep)) from None
+        return UpConn(reader, writer, ep)
+
+    def release(self, conn: UpConn) -> None:
+        if self._closed or not conn.usable():
+            self._close(conn)
+            return
+        self.idle[conn.endpoint].append(conn)
+        self._wake()
+
+    def discard(self, conn: UpConn) -> None:
+        conn.abort()
+        self.open -= 1
+        self._wake()
+
+    def _close(self, conn: UpConn) -> None:
+        conn.writer.transport.close()
+        self.open -= 1
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters:
+            fut = self._waiters.pop(0)
+            if not fut.done():
+                fut.set_result(None)
+                return
+
+    def close(self) -> None:
+        self._closed = True
+        for conns in self.idle.values():
+            while conns:
+                self._close(conns.pop())
+
+    # -- one exchange -------------------------------------------------------------------------
+
+    async def exchange(self, method: str, target: str, authority: str, headers: Headers,
+                       body: AsyncIterator[bytes] | None, length: int | None) -> UpstreamResponse:
+        """Send a request and read the response head.
+
+        ``body`` None means no body (``length`` 0 still writes ``content-length: 0``); otherwise
+        ``length`` is the Content-Length, or None to send it chunked.
+        """
+        for attempt in (0, 1):
+            conn = await self.acquire()
+            try:
+                return await self._exchange_on(conn, method, target, authority, headers, body, length)
+            except _Stale:
+                self.discard(conn)
+                # Replaying is only safe when no body bytes were consumed.
+                if body is None and attempt == 0:
+                    continue
+                raise UpstreamError(502, "reset", f"{conn.endpoint} closed the connection before responding",
+                                    str(conn.endpoint)) from None
+            except BaseException:
+                self.discard(conn)
+                raise
+        raise AssertionError("unreachable")
+
+    async def _exchange_on(self, conn: UpConn, method: str, target: str, authority: str, headers: Headers,
+                           body: AsyncIterator[bytes] | None, length: int | None) -> UpstreamResponse:
+        parts = [f"{method} {target} HTTP/1.1\r\nhost: {authority}\r\n"]
+        parts += [f"{n}: {v}\r\n" for n, v in headers if n[0] != ":" and n not in _SKIP_ON_WRITE]
+        if body is not None:
+            parts.append("transfer-encoding: chunked\r\n\r\n" if length is None else f"content-length: {length}\r\n\r\n")
+        elif length == 0:
+            parts.append("content-length: 0\r\n\r\n")
+        else:
+            parts.append("\r\n")
+        writer = conn.writer
+        writer.write("".join(parts).encode("latin-1", "replace"))
+        if body is not None:
+            try:
+                await self._send_body(conn, body, length)
+            except (ConnectionError, _UploadStalled):
+                # The upstream may have answered early (e.g. 413) and closed; read what it said.
+                pass
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(self._request_timeout, conn.on_timeout)
+        reader = conn.reader
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except asyncio.IncompleteReadError as e:
+                    if conn.timed_out:
+                        raise UpstreamError(504, "timeout", f"{conn.endpoint} did not respond within "
+                                            f"{self.cluster.request_timeout_ms} ms", str(conn.endpoint)) from None
+                    if not e.partial and conn.reused:
+                        raise _Stale() from None
+                    raise UpstreamError(502, "reset", f"{conn.endpoint} closed the connection before responding",
+                                        str(conn.endpoint)) from None
+                except asyncio.LimitOverrunError:
+                    raise UpstreamError(502, "bad_response", f"{conn.endpoint} sent a response head over "
+                                        f"{_READ} bytes", str(conn.endpoint)) from None
+                except ConnectionError as e:
+                    if conn.timed_out:
+                        raise UpstreamError(504, "timeout", f"{conn.endpoint} did not respond in time",
+                                            str(conn.endpoint)) from None
+                    raise UpstreamError(502, "reset", f"{conn.endpoint}: {e}", str(conn.endpoint)) from None
+                try:
+                    status, version, rheaders = parse_response_head(head)
+                except HttpError as e:
+                    raise UpstreamError(502, "bad_response", f"{conn.endpoint}: {e.message}", str(conn.endpoint)) from None
+                if 100 <= status < 200 and status != 101:
+                    continue            # interim responses (100 Continue, 103) are not forwarded
+                break
+        finally:
+            timer.cancel()
+        if status == 101:
+            raise UpstreamError(502, "bad_response", f"{conn.endpoint} switched protocols, which is not supported",
+                                str(conn.endpoint))
+        if method == "HEAD" or status == 204 or status == 304:
+            n: int | None = 0
+        else:
+            try:
+                n = body_length(rheaders, request=False)
+            except HttpError as e:
+                raise UpstreamError(502, "bad_response", f"{conn.endpoint}: {e.message}", str(conn.endpoint)) from None
+        keepalive = version == "HTTP/1.1" and n != -1
+        if keepalive:
+            for name, value in rheaders:
+                if name == "connection" and "close" in connection_tokens([(name, value)]):
+                    keepalive = False
+        return UpstreamResponse(self, conn, status, rheaders, n, keepalive)
+
+    async def _send_body(self, conn: UpConn, body: AsyncIterator[bytes], length: int | None) -> None:
+        writer = conn.writer
+        transport = writer.transport
+        sent = 0
+        async for chunk in body:
+            if not chunk:
+                continue
+            if length is None:
+                writer.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+            else:
+                writer.write(chunk)
+            sent += len(chunk)
+            if transport.get_write_buffer_size() > 65536:
+                await self._drain(conn)
+        if length is None:
+            writer.write(b"0\r\n\r\n")
+        elif sent != length:
+            # Framing would be wrong on the wire; never send a message the upstream would split.
+            raise UpstreamError(502, "bad_request_body", f"body had {sent} bytes, Content-Length said {length}",
+                                str(conn.endpoint))
+
+    async def _drain(self, conn: UpConn) -> None:
+        # An upstream that stops reading for a whole request timeout is treated as stalled.
+        try:
+            await asyncio.wait_for(conn.writer.drain(), self._request_timeout)
+        except asyncio.TimeoutError:
+            conn.on_timeout()
+            raise _UploadStalled() from None
+
+
+class _UploadStalled(Exception):
+    pass
+
+
+class Upstreams:
+    """All clusters' pools; also the gateway's HostServices for filter callouts."""
+
+    def __init__(self, clusters: tuple[Cluster, ...], logger: logging.Logger | None = None):
+        self.pools = {c.name: Pool(c) for c in clusters}
+        self.log = logger or logging.getLogger("wasmgate.filters")
+
+    def has_cluster(self, name: str) -> bool:
+        return name in self.pools
+
+    async def http_call(self, cluster: str, method: str, path: str, authority: str, headers: Headers,
+                        body: bytes, timeout_s: float | None) -> CallResponse:
+        """HostServices.http_call: a whole request/response to a named cluster."""
+        pool = self.pools.get(cluster)
+        if pool is None:
+            raise CallFailed(f'no cluster named "{cluster}"')
+        resp: UpstreamResponse | None = None
+        try:
+            async with asyncio.timeout(timeout_s):
+                resp = await pool.exchange(method, path, authority, headers,
+                                           _once(body) if body else None, len(body) if body else None)
+                chunks = []
+                if resp.body is not None:
+                    async for chunk in resp.body:
+                        chunks.append(chunk)
+                return CallResponse(resp.status, list(resp.headers), b"".join(chunks))
+        except TimeoutError:
+            raise CallFailed("timeout") from None
+        except UpstreamError as e:
+            raise CallFailed("timeout" if e.kind == "timeout" else e.kind if e.kind != "refused" else "refused") from None
+        except UpstreamReset:
+            raise CallFailed("reset") from None
+        finally:
+            if resp is not None:
+                resp.finish()
+
+    def close(self) -> None:
+        for pool in self.pools.values():
+            pool.close()
+
+
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    yield data
