@@ -140,22 +140,84 @@ def _data_key(key: bytes) -> tuple[bytes, bool]:
     return b"h" + hashlib.blake2b(key, digest_size=32).digest(), True
 
 
+class _Env:
+    """One LMDB environment per path per process, shared by every ShmStore object on that path
+    (LMDB forbids opening the same environment twice in one process)."""
+
+    def __init__(self, path: Path, map_size: int):
+        self.path = path
+        self.map_size = map_size
+        self.lock = threading.Lock()
+        self.env: lmdb.Environment | None = None
+        self.dbs: tuple = ()
+        self.refs = 0
+
+    def ensure(self):
+        env = self.env
+        if env is None:
+            env = lmdb.open(str(self.path), map_size=self.map_size, subdir=True, max_dbs=8,
+                            max_readers=1024, sync=False, metasync=False, writemap=True,
+                            readahead=False, meminit=False, lock=True)
+            with env.begin(write=True) as txn:
+                self.dbs = tuple(env.open_db(n, txn=txn) for n in
+                                 (b"meta", b"data", b"queues", b"qitems", b"metrics"))
+            self.env = env
+        return env, self.dbs
+
+    def close(self) -> None:
+        if self.env is not None:
+            self.env.close()
+            self.env = None
+
+
+_envs: dict[str, _Env] = {}
+_envs_lock = threading.Lock()
 _open_stores: "weakref.WeakSet[ShmStore]" = weakref.WeakSet()
 
 
+def _acquire_env(path: Path, map_size: int) -> _Env:
+    key = os.path.realpath(path)
+    with _envs_lock:
+        e = _envs.get(key)
+        if e is None:
+            e = _envs[key] = _Env(path, map_size)
+        e.refs += 1
+        return e
+
+
+def _release_env(e: _Env) -> None:
+    with _envs_lock:
+        e.refs -= 1
+        if e.refs > 0:
+            return
+        _envs.pop(os.path.realpath(e.path), None)
+    with e.lock:
+        e.close()
+
+
 def _before_fork() -> None:
-    for s in list(_open_stores):
-        s._close_env_for_fork()
-
-
-def _after_fork_child() -> None:
-    for s in list(_open_stores):
-        s._forget_process_state()
+    # LMDB: never use an environment across fork(), and never close the parent's in the child
+    # (it would wipe the parent's reader slots). So close them all here; reopened lazily.
+    _envs_lock.acquire()
+    for e in list(_envs.values()):
+        e.lock.acquire()
+        e.close()
 
 
 def _after_fork_parent() -> None:
+    for e in list(_envs.values()):
+        e.lock.release()
+    _envs_lock.release()
+
+
+def _after_fork_child() -> None:
+    global _envs_lock
+    _envs_lock = threading.Lock()
+    for e in list(_envs.values()):
+        e.lock = threading.Lock()
+        e.env = None
     for s in list(_open_stores):
-        s._release_fork_lock()
+        s._forget_process_state()
 
 
 os.register_at_fork(before=_before_fork, after_in_child=_after_fork_child,
@@ -174,9 +236,7 @@ class ShmStore:
         self.path = path
         self.max_bytes = max_bytes
         self._map_size = map_size
-        self._lock = threading.Lock()
-        self._env: lmdb.Environment | None = None
-        self._dbs: tuple = ()
+        self._e = _acquire_env(path, map_size)
         self._pid = os.getpid()
         self._token = os.urandom(8)
         self._my_queues: set[int] = set()
@@ -194,6 +254,8 @@ class ShmStore:
         if max_bytes < MIN_MAX_BYTES:
             raise ValueError(f"shared_data.max_bytes must be at least {MIN_MAX_BYTES}, got {max_bytes}")
         path = store_path(path_or_name)
+        if os.path.realpath(path) in _envs:
+            raise RuntimeError(f"shared store {path} is open in this process; close it before create()")
         shutil.rmtree(path, ignore_errors=True)
         (path / "wake").mkdir(parents=True, exist_ok=True)
         map_size = _map_size(max_bytes)
@@ -250,11 +312,8 @@ class ShmStore:
                 os.unlink(self._wake_path(self._token))
             except OSError:
                 pass
-        with self._lock:
-            if self._env is not None:
-                self._env.close()
-                self._env = None
         _open_stores.discard(self)
+        _release_env(self._e)
 
     def __enter__(self):
         return self
@@ -262,20 +321,9 @@ class ShmStore:
     def __exit__(self, *exc):
         self.close()
 
-    # fork hooks -------------------------------------------------------
-    def _close_env_for_fork(self) -> None:
-        self._lock.acquire()          # released in the parent by _release_fork_lock
-        if self._env is not None:     # in the child the lock is re-created
-            self._env.close()
-            self._env = None
-
-    def _release_fork_lock(self) -> None:
-        self._lock.release()
-
+    # fork ---------------------------------------------------------------
     def _forget_process_state(self) -> None:
         """In a forked child: nothing of the parent's process identity may be reused."""
-        self._lock = threading.Lock()
-        self._env = None
         self._pid = os.getpid()
         self._token = os.urandom(8)
         self._my_queues = set()
@@ -289,19 +337,14 @@ class ShmStore:
         self._writer_fds = {}
 
     # env ----------------------------------------------------------------
+    @property
+    def _lock(self) -> threading.Lock:
+        return self._e.lock          # per path per process; replaced in a forked child
+
     def _ensure_env(self):
-        env = self._env
-        if env is None:
-            if self._closed:
-                raise RuntimeError("shared store is closed")
-            env = lmdb.open(str(self.path), map_size=self._map_size, subdir=True, max_dbs=8,
-                            max_readers=1024, sync=False, metasync=False, writemap=True,
-                            readahead=False, meminit=False, lock=True)
-            with env.begin(write=True) as txn:
-                self._dbs = tuple(env.open_db(n, txn=txn) for n in
-                                  (b"meta", b"data", b"queues", b"qitems", b"metrics"))
-            self._env = env
-        return env, self._dbs
+        if self._closed:
+            raise RuntimeError("shared store is closed")
+        return self._e.ensure()
 
     def check_readers(self) -> int:
         """Clear reader slots left by dead processes; returns how many were cleared."""
@@ -384,7 +427,8 @@ class ShmStore:
 
     def delete(self, key: bytes) -> int:
         """Remove a key entirely (not part of the ABI; Rust's 'remove' writes an empty value)."""
-        return self._write(self._delete_txn, bytes(key))
+        r = self._write(self._delete_txn, bytes(key))
+        return STATUS_FULL if r is _FULL else r
 
     def _delete_txn(self, txn, dbs, key):
         meta_db, data_db = dbs[0], dbs[1]
