@@ -56,6 +56,7 @@ import errno
 import hashlib
 import logging
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -68,6 +69,8 @@ from typing import Callable
 
 import lmdb
 import msgpack
+
+from .api import MetricSample
 
 log = logging.getLogger("wasmgate.shared_store")
 
@@ -590,6 +593,11 @@ class ShmStore:
             if old is not None:
                 _close_quietly(old)
             self._dead_tokens.add(token)
+            if e.errno in (errno.ENXIO, errno.EPIPE):   # FIFOs are opened before registering,
+                try:                                    # so "no reader" means the owner died
+                    os.unlink(self._wake_path(token))
+                except OSError:
+                    pass
 
     def fileno(self) -> int:
         """The fd to watch for queue-ready notifications of this process."""
@@ -608,6 +616,10 @@ class ShmStore:
         except RuntimeError:
             return
         self.attach(loop)
+
+    def remove_enqueue_callback(self, callback: Callable[[int], None]) -> None:
+        if callback in self._callbacks:
+            self._callbacks.remove(callback)
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._loop is loop:
@@ -757,11 +769,11 @@ class ShmStore:
         rec = _unpackb(raw)
         if rec[0] == HISTOGRAM:
             return BAD_ARGUMENT, 0
-        return OK, rec[2]
+        return OK, rec[2] & _U64           # the ABI value is a u64 (a negative gauge wraps)
 
-    def metric_samples(self) -> list[StoreMetric]:
+    def metric_values(self) -> list[StoreMetric]:
         """Every metric, gateway-wide (one value shared by all workers), ordered by definition."""
-        out: list[StoreMetric] = []
+        out: list = []
         with self._lock:
             env, dbs = self._ensure_env()
             with env.begin(db=dbs[4], buffers=False) as txn:
@@ -771,7 +783,7 @@ class ShmStore:
                         if not k.startswith(b"i"):
                             break
                         out.append(_unpackb(raw))
-        samples = []
+        values = []
         for rec in out:
             kind = rec[0]
             if kind == HISTOGRAM:
@@ -779,10 +791,28 @@ class ShmStore:
                 for le, c in zip(HISTOGRAM_BOUNDS + (float("inf"),), rec[4]):
                     cum += c
                     buckets.append((le, cum))
-                samples.append(StoreMetric(rec[1], "histogram", rec[3], buckets, rec[2], rec[3]))
+                values.append(StoreMetric(rec[1], "histogram", rec[3], buckets, rec[2], rec[3]))
             else:
-                samples.append(StoreMetric(rec[1], KIND_NAMES[kind], rec[2]))
-        return samples
+                values.append(StoreMetric(rec[1], KIND_NAMES[kind], rec[2]))
+        return values
+
+    def metric_samples(self) -> list[MetricSample]:
+        """For /metrics, in the same shape as abi.shared_store.LocalStore.metric_samples():
+        ``wasmcustom_<name>``; histograms as ``_bucket{le}`` (cumulative), ``_sum``, ``_count``."""
+        out: list[MetricSample] = []
+        for m in self.metric_values():
+            prom = _prometheus_name("wasmcustom_" + m.name)
+            help_ = f"wasm metric {m.name}"
+            if m.kind != "histogram":
+                out.append(MetricSample(prom, m.kind, float(m.value), help=help_))
+                continue
+            for le, cum in m.buckets:
+                out.append(MetricSample(prom + "_bucket", "histogram", float(cum),
+                                        {"le": "+Inf" if le == float("inf") else repr(float(le))},
+                                        help=help_))
+            out.append(MetricSample(prom + "_sum", "histogram", float(m.sum), help=help_))
+            out.append(MetricSample(prom + "_count", "histogram", float(m.count), help=help_))
+        return out
 
     # ---------------------------------------------------------------- introspection
     def usage(self) -> dict:
@@ -838,6 +868,14 @@ class ShmStore:
 
 
 _FULL = object()      # sentinel: the LMDB map itself was full
+
+
+_PROM_BAD = re.compile(r"[^a-zA-Z0-9_:]")
+
+
+def _prometheus_name(name: str) -> str:       # same rule as abi.shared_store.prometheus_name
+    name = _PROM_BAD.sub("_", name)
+    return name if not name[:1].isdigit() else "_" + name
 
 
 def _close_quietly(fd: int) -> None:

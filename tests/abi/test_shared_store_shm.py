@@ -258,6 +258,7 @@ def test_dead_registrant_is_dropped(name):
     with env.begin(db=dbs[2]) as txn:
         regs = msgpack.unpackb(txn.get(b"i" + qid.to_bytes(4, "big")))[3]
     assert regs == {}
+    assert [f.name for f in (s.path / "wake").iterdir()] == [s._token.hex()]   # its FIFO removed
     assert s.dequeue(qid) == b"a" and s.dequeue(qid) == b"b"
     s.close()
 
@@ -278,7 +279,7 @@ def test_metric_statuses(store):
     assert store.record_metric(c, 2) == S.OK                 # record on a counter adds
     assert store.get_metric(c) == (S.OK, 7)
     assert store.increment_metric(g, -3) == S.OK
-    assert store.get_metric(g) == (S.OK, -3)
+    assert store.get_metric(g) == (S.OK, (1 << 64) - 3)        # u64 on the ABI
     assert store.record_metric(g, 10) == S.OK                # record on a gauge sets
     assert store.increment_metric(g, 1) == S.OK
     assert store.get_metric(g) == (S.OK, 11)
@@ -313,7 +314,7 @@ def test_metrics_summed_across_processes(name):
     for p in procs:
         p.join(30)
         assert p.exitcode == 0
-    by_name = {m.name: m for m in s.metric_samples()}
+    by_name = {m.name: m for m in s.metric_values()}
     assert set(by_name) == {"requests", "balance", "size"}
     assert (by_name["requests"].kind, by_name["requests"].value) == ("counter", len(seeds) * k)
     assert by_name["balance"].value == sum(sd * k for sd in seeds)
@@ -323,6 +324,15 @@ def test_metrics_summed_across_processes(name):
     assert h.buckets[-1] == (float("inf"), len(samples))
     for le, cum in h.buckets:
         assert cum == sum(1 for x in samples if x <= le)
+    # the /metrics shape (same as abi.shared_store.LocalStore): one sum for the gateway
+    prom = {(m.name, m.labels.get("le")): m for m in s.metric_samples()}
+    assert prom[("wasmcustom_requests", None)].value == len(seeds) * k
+    assert prom[("wasmcustom_requests", None)].kind == "counter"
+    assert prom[("wasmcustom_balance", None)].kind == "gauge"
+    assert prom[("wasmcustom_size_count", None)].value == len(samples)
+    assert prom[("wasmcustom_size_sum", None)].value == sum(samples)
+    assert prom[("wasmcustom_size_bucket", "+Inf")].value == len(samples)
+    assert prom[("wasmcustom_size_bucket", "25.0")].value == sum(1 for x in samples if x <= 25)
     # every process got the same ids
     assert s.define_metric(S.COUNTER, "requests") == s.define_metric(S.COUNTER, "requests")
     assert s.get_metric(s.define_metric(S.COUNTER, "requests")) == (S.OK, len(seeds) * k)
@@ -463,6 +473,61 @@ def test_model_based_budget(ops):
         S.remove(name)
 
 
+# ------------------------------------------------------------------ same behaviour as LocalStore
+
+@settings(max_examples=40, deadline=None)
+@given(ops=st.lists(st.tuples(st.sampled_from(["get", "set", "set_cas", "set_stale", "enq", "deq",
+                                               "incr", "rec", "getm"]),
+                              st.integers(0, 3), st.integers(-3, 300)), max_size=50))
+def test_same_results_as_local_store(ops):
+    """Differential test against the in-process backend (abi/shared_store.py), budget not hit."""
+    local_mod = pytest.importorskip("abi.shared_store")
+    local = local_mod.LocalStore(max_bytes=1 << 20)
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    shm = S.create(name, 1 << 20)
+    try:
+        stores = (local, shm)
+        stale = [{}, {}]
+        qids = [[st_.register_queue(f"q{i}") for i in range(2)] for st_ in stores]
+        mids = [[st_.define_metric(kind, f"m{kind}") for kind in (0, 1, 2)] for st_ in stores]
+        for op, i, n in ops:
+            key, val = b"key%d" % i, b"v" * max(n, 0)
+            res = []
+            for j, st_ in enumerate(stores):
+                if op == "get":
+                    r = st_.get(key)
+                    res.append(r and r[0])
+                elif op in ("set", "set_cas", "set_stale"):
+                    cur = st_.get(key)
+                    if op == "set_stale" and key in stale[j]:
+                        cas = stale[j][key]
+                    else:
+                        cas = cur[1] if (cur and op != "set") else 0
+                    if cur:
+                        stale[j][key] = cur[1]
+                    res.append(int(st_.set(key, val, cas)))
+                elif op == "enq":
+                    res.append(int(st_.enqueue(qids[j][i % 2], val)))
+                elif op == "deq":
+                    r = st_.dequeue(qids[j][i % 2])
+                    res.append(r if isinstance(r, bytes) else int(r))
+                elif op == "incr":
+                    res.append(int(st_.increment_metric(mids[j][i % 3], n)))
+                elif op == "rec":
+                    res.append(int(st_.record_metric(mids[j][i % 3], abs(n))))
+                else:
+                    r = st_.get_metric(mids[j][i % 3])
+                    res.append((int(r[0]), r[1]))
+            assert res[0] == res[1], (op, i, n, res)
+        key_of = lambda m: (m.name, tuple(sorted(m.labels.items())))  # noqa: E731
+        a = sorted((key_of(m), m.kind, m.value) for m in local.metric_samples())
+        b = sorted((key_of(m), m.kind, m.value) for m in shm.metric_samples())
+        assert a == b
+    finally:
+        shm.close()
+        S.remove(name)
+
+
 # ------------------------------------------------------------------ kill -9 robustness
 
 def _spawn(*args: str) -> subprocess.Popen:
@@ -558,7 +623,7 @@ def test_kill_9_mid_burst_keeps_store_consistent(name):
     assert total == sum(counts.values())                    # no torn or lost update
     assert counts["survivor"] == k
     assert all(counts[f"victim{r}"] >= 100 for r in range(3))
-    ops = {m.name: m.value for m in s.metric_samples()}["ops"]
+    ops = {m.name: m.value for m in s.metric_values()}["ops"]
     assert total - 3 <= ops <= total                         # each victim may die between the two ops
     # queue: FIFO per writer, every item well-formed
     qid = s.resolve_queue("log")
