@@ -149,3 +149,59 @@ async def run_gateway(yaml_text: str, tmp_path: Path, *, filter_host_factory=Non
         yield RunningGateway(gateway, path)
     finally:
         await gateway.stop(drain_timeout_s=drain_timeout_s)
+
+
+async def raw_exchange(port: int, data: bytes, *, timeout: float = 5.0, half_close: bool = False) -> bytes:
+    """Send raw bytes to 127.0.0.1:port and return everything received until the server closes
+    (or ``timeout`` passes). For malformed-request and smuggling tests no client library allows."""
+    import asyncio
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        if half_close:
+            writer.write_eof()
+        chunks = []
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    chunk = await reader.read(65536)
+                    if not chunk:
+                        break
+                    chunks.append(chunk)
+        except TimeoutError:
+            pass
+        return b"".join(chunks)
+    finally:
+        writer.close()
+
+
+def split_responses(raw: bytes) -> list[tuple[int, dict[str, str], bytes]]:
+    """Parse concatenated HTTP/1.1 responses with Content-Length or chunked bodies (test use)."""
+    out = []
+    while raw:
+        head, _, rest = raw.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ")[1])
+        headers = {}
+        for line in lines[1:]:
+            k, _, v = line.partition(":")
+            headers[k.strip().lower()] = v.strip()
+        if "content-length" in headers:
+            n = int(headers["content-length"])
+            body, raw = rest[:n], rest[n:]
+        elif headers.get("transfer-encoding") == "chunked":
+            body = b""
+            while True:
+                size_line, _, rest = rest.partition(b"\r\n")
+                size = int(size_line, 16)
+                if size == 0:
+                    rest = rest[2:]
+                    break
+                body += rest[:size]
+                rest = rest[size + 2:]
+            raw = rest
+        else:
+            body, raw = rest, b""
+        out.append((status, headers, body))
+    return out
