@@ -1,0 +1,394 @@
+//! ratelimit: token buckets (rate per period, burst) keyed by client address, a request
+//! header, the identity header the auth filter set, or one global bucket. Several limits per
+//! route; a request is admitted only if every applicable bucket has a token, and then takes
+//! one from each. Bucket state lives in shared data and is updated with a CAS retry loop
+//! (get → compute → set with cas → retry on CasMismatch), so every request of the gateway
+//! counts once whichever worker or instance serves it.
+//!
+//! Over the limit → 429 with `Retry-After` and a JSON body. Every response (admitted or not)
+//! carries `RateLimit-Limit`, `RateLimit-Remaining`, `RateLimit-Reset` for the most
+//! constrained applicable limit.
+
+use std::rc::Rc;
+use wasmgate_sdk::config::Cfg;
+use wasmgate_sdk::hostcalls;
+use wasmgate_sdk::traits::*;
+use wasmgate_sdk::types::*;
+use wasmgate_sdk::{error, json, warn};
+
+wasmgate_sdk::main! {{
+    wasmgate_sdk::set_log_level(LogLevel::Info);
+    wasmgate_sdk::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { cfg: None }) });
+}}
+
+const MAX_CAS_RETRIES: usize = 64;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Key {
+    Global,
+    Client,
+    Header(String),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limit {
+    pub name: String,
+    pub key: Key,
+    /// tokens added per second
+    pub per_second: f64,
+    pub burst: f64,
+    /// when the key is absent: false = the limit does not apply, true = one shared bucket
+    pub missing_shared: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub limits: Vec<Limit>,
+    pub namespace: Option<String>,
+    pub headers: bool,
+}
+
+impl Config {
+    pub fn parse(bytes: &[u8]) -> Result<Config, String> {
+        let v = wasmgate_sdk::config::parse(bytes)?;
+        let c = Cfg::root(&v);
+        c.only(&["limits", "identity_header", "namespace", "headers"])?;
+        let identity_header = c.str_or("identity_header", "x-auth-identity")?.to_ascii_lowercase();
+        let mut limits: Vec<Limit> = Vec::new();
+        for (i, l) in c.list("limits")?.into_iter().enumerate() {
+            l.only(&["name", "key", "rate", "period_s", "burst", "on_missing"])?;
+            let name = l.str("name")?.unwrap_or_else(|| format!("limit{}", i));
+            if name.is_empty() || name.contains(['\r', '\n', '\0']) {
+                return Err(l.err("name", "must be a non-empty single-line string"));
+            }
+            if limits.iter().any(|x| x.name == name) {
+                return Err(l.err("name", &format!("duplicate limit name {:?}", name)));
+            }
+            let key_src = l.str_or("key", "client")?;
+            let key = match key_src.as_str() {
+                "global" => Key::Global,
+                "client" | "source.address" => Key::Client,
+                "identity" => Key::Header(identity_header.clone()),
+                other => match other.strip_prefix("header:") {
+                    Some(h) if !h.is_empty() => Key::Header(h.to_ascii_lowercase()),
+                    _ => return Err(l.err("key", "expected global, client, identity or header:<name>")),
+                },
+            };
+            let rate = l.f64("rate")?.ok_or_else(|| l.err("rate", "required (tokens per period)"))?;
+            let period = l.f64("period_s")?.unwrap_or(1.0);
+            if !(rate > 0.0 && rate.is_finite()) {
+                return Err(l.err("rate", "must be a positive number"));
+            }
+            if !(period > 0.0 && period.is_finite()) {
+                return Err(l.err("period_s", "must be a positive number"));
+            }
+            let burst = l.f64("burst")?.unwrap_or_else(|| rate.ceil().max(1.0));
+            if !(burst >= 1.0 && burst.is_finite() && burst.fract() == 0.0) {
+                return Err(l.err("burst", "must be a whole number >= 1"));
+            }
+            let missing_shared = match l.str_or("on_missing", "skip")?.as_str() {
+                "skip" => false,
+                "shared" => true,
+                _ => return Err(l.err("on_missing", "expected skip or shared")),
+            };
+            limits.push(Limit { name, key, per_second: rate / period, burst, missing_shared });
+        }
+        if limits.is_empty() {
+            return Err("limits: at least one limit is required".into());
+        }
+        Ok(Config { limits, namespace: c.str("namespace")?, headers: c.bool_or("headers", true)? })
+    }
+}
+
+/// Bucket state as stored in shared data: tokens (f64 LE) then last update (u64 ns LE).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Bucket {
+    pub tokens: f64,
+    pub last_ns: u64,
+}
+
+impl Bucket {
+    pub fn encode(&self) -> [u8; 16] {
+        let mut out = [0u8; 16];
+        out[..8].copy_from_slice(&self.tokens.to_le_bytes());
+        out[8..].copy_from_slice(&self.last_ns.to_le_bytes());
+        out
+    }
+
+    pub fn decode(b: &[u8]) -> Option<Bucket> {
+        if b.len() != 16 {
+            return None;
+        }
+        let mut t = [0u8; 8];
+        let mut n = [0u8; 8];
+        t.copy_from_slice(&b[..8]);
+        n.copy_from_slice(&b[8..]);
+        let tokens = f64::from_le_bytes(t);
+        if !tokens.is_finite() {
+            return None;
+        }
+        Some(Bucket { tokens, last_ns: u64::from_le_bytes(n) })
+    }
+
+    /// The bucket refilled up to `now_ns` (never above `burst`; clocks going back add nothing).
+    pub fn refilled(&self, limit: &Limit, now_ns: u64) -> Bucket {
+        let elapsed = now_ns.saturating_sub(self.last_ns) as f64 / 1e9;
+        Bucket {
+            tokens: (self.tokens + elapsed * limit.per_second).min(limit.burst),
+            last_ns: self.last_ns.max(now_ns),
+        }
+    }
+}
+
+/// What one bucket looks like after this request, for the response headers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Report {
+    pub limit: f64,
+    pub remaining: u64,
+    /// seconds until the bucket is full again
+    pub reset_s: u64,
+    /// seconds until one token is available (0 if one is)
+    pub retry_after_s: u64,
+}
+
+pub fn report(limit: &Limit, b: &Bucket) -> Report {
+    let to_full = ((limit.burst - b.tokens).max(0.0) / limit.per_second).ceil();
+    let to_one = ((1.0 - b.tokens).max(0.0) / limit.per_second).ceil();
+    Report {
+        limit: limit.burst,
+        remaining: b.tokens.max(0.0).floor() as u64,
+        reset_s: to_full as u64,
+        retry_after_s: if b.tokens >= 1.0 { 0 } else { (to_one as u64).max(1) },
+    }
+}
+
+enum Take {
+    Taken(Bucket),
+    Empty(Bucket),
+}
+
+/// One CAS-guarded attempt loop on one bucket: take a token if there is one.
+fn take_token(key: &str, limit: &Limit, now_ns: u64) -> Result<Take, Status> {
+    for _ in 0..MAX_CAS_RETRIES {
+        let (value, cas) = hostcalls::get_shared_data(key)?;
+        let current = value
+            .as_deref()
+            .and_then(Bucket::decode)
+            .unwrap_or(Bucket { tokens: limit.burst, last_ns: now_ns });
+        let b = current.refilled(limit, now_ns);
+        if b.tokens < 1.0 {
+            return Ok(Take::Empty(b));
+        }
+        let next = Bucket { tokens: b.tokens - 1.0, last_ns: b.last_ns };
+        match hostcalls::set_shared_data(key, Some(&next.encode()), cas) {
+            Ok(()) => return Ok(Take::Taken(next)),
+            Err(Status::CasMismatch) => continue,
+            Err(s) => return Err(s),
+        }
+    }
+    Err(Status::CasMismatch)
+}
+
+/// Give a token back (the request was denied by a later limit).
+fn refund(key: &str, limit: &Limit) {
+    for _ in 0..MAX_CAS_RETRIES {
+        let (value, cas) = match hostcalls::get_shared_data(key) {
+            Ok(x) => x,
+            Err(_) => return,
+        };
+        let mut b = match value.as_deref().and_then(Bucket::decode) {
+            Some(b) => b,
+            None => return,
+        };
+        b.tokens = (b.tokens + 1.0).min(limit.burst);
+        match hostcalls::set_shared_data(key, Some(&b.encode()), cas) {
+            Err(Status::CasMismatch) => continue,
+            _ => return,
+        }
+    }
+}
+
+/// Client IP from `source.address` ("ip:port" or "[v6]:port").
+pub fn client_ip(addr: &str) -> &str {
+    if let Some(rest) = addr.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match addr.rsplit_once(':') {
+        Some((ip, port)) if !ip.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) => ip,
+        _ => addr,
+    }
+}
+
+struct Root {
+    cfg: Option<Rc<(Config, String)>>,
+}
+
+impl Context for Root {}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, _size: usize) -> bool {
+        let bytes = self.get_plugin_configuration().unwrap_or_default();
+        match Config::parse(&bytes) {
+            Ok(c) => {
+                let ns = c.namespace.clone().unwrap_or_else(|| {
+                    self.get_property(vec!["plugin_name"])
+                        .map(|b| String::from_utf8_lossy(&b).into_owned())
+                        .filter(|s| !s.is_empty())
+                        .unwrap_or_else(|| "ratelimit".into())
+                });
+                self.cfg = Some(Rc::new((c, ns)));
+                true
+            }
+            Err(e) => {
+                error!("ratelimit: bad configuration: {}", e);
+                false
+            }
+        }
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+
+    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        let cfg = self.cfg.clone().expect("ratelimit: stream before configuration");
+        Some(Box::new(Stream { cfg, report: None }))
+    }
+}
+
+struct Stream {
+    cfg: Rc<(Config, String)>,
+    report: Option<Report>,
+}
+
+impl Stream {
+    fn key_value(&self, key: &Key) -> Option<String> {
+        match key {
+            Key::Global => Some(String::new()),
+            Key::Client => self
+                .get_property(vec!["source", "address"])
+                .map(|b| client_ip(&String::from_utf8_lossy(&b)).to_string())
+                .filter(|s| !s.is_empty()),
+            Key::Header(h) => self.get_http_request_header(h).filter(|s| !s.is_empty()),
+        }
+    }
+
+    fn headers_of(r: &Report) -> [(&'static str, String); 3] {
+        [
+            ("ratelimit-limit", format!("{}", r.limit as u64)),
+            ("ratelimit-remaining", r.remaining.to_string()),
+            ("ratelimit-reset", r.reset_s.to_string()),
+        ]
+    }
+}
+
+impl Context for Stream {}
+
+impl HttpContext for Stream {
+    fn on_http_request_headers(&mut self, _n: usize, _eos: bool) -> Action {
+        let cfg = self.cfg.clone();
+        let (config, ns) = (&cfg.0, &cfg.1);
+        let now = self.get_current_time_nanos();
+        let mut taken: Vec<(String, &Limit)> = Vec::new();
+        let mut best: Option<Report> = None;
+        for limit in &config.limits {
+            let kv = match self.key_value(&limit.key) {
+                Some(v) => v,
+                None if limit.missing_shared => "-".to_string(),
+                None => continue,
+            };
+            // length-prefix the value so no value can collide with another limit's key
+            let key = format!("ratelimit:{}:{}:{}:{}", ns, limit.name, kv.len(), kv);
+            match take_token(&key, limit, now) {
+                Ok(Take::Taken(b)) => {
+                    let r = report(limit, &b);
+                    if best.map(|x| r.remaining < x.remaining).unwrap_or(true) {
+                        best = Some(r);
+                    }
+                    taken.push((key, limit));
+                }
+                Ok(Take::Empty(b)) => {
+                    for (k, l) in &taken {
+                        refund(k, l);
+                    }
+                    let r = report(limit, &b);
+                    let body = format!(
+                        "{{\"error\":\"rate_limited\",\"limit\":{},\"retry_after_s\":{}}}",
+                        json::quote(&limit.name),
+                        r.retry_after_s
+                    );
+                    let retry = r.retry_after_s.to_string();
+                    let hs = Self::headers_of(&r);
+                    let mut headers: Vec<(&str, &str)> = vec![("content-type", "application/json"), ("retry-after", &retry)];
+                    if config.headers {
+                        for (k, v) in hs.iter() {
+                            headers.push((k, v));
+                        }
+                    }
+                    self.report = Some(r);
+                    self.send_http_response(429, headers, Some(body.as_bytes()));
+                    return Action::Pause;
+                }
+                Err(s) => {
+                    // the store failed (not contention we can retry): admit, loudly
+                    warn!("ratelimit: shared data error {:?} on {}; request admitted", s, key);
+                }
+            }
+        }
+        self.report = best;
+        Action::Continue
+    }
+
+    fn on_http_response_headers(&mut self, _n: usize, _eos: bool) -> Action {
+        if self.cfg.0.headers {
+            if let Some(r) = self.report {
+                for (k, v) in Self::headers_of(&r).iter() {
+                    self.set_http_response_header(k, Some(v));
+                }
+            }
+        }
+        Action::Continue
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_config() {
+        let c = Config::parse(br#"{"limits": [{"name": "k", "key": "identity", "rate": 5, "period_s": 60, "burst": 3},
+                                            {"name": "g", "key": "global", "rate": 100}]}"#).unwrap();
+        assert_eq!(c.limits[0].key, Key::Header("x-auth-identity".into()));
+        assert!((c.limits[0].per_second - 5.0 / 60.0).abs() < 1e-12);
+        assert_eq!(c.limits[1].burst, 100.0);
+        assert!(Config::parse(br#"{"limits": []}"#).is_err());
+        assert!(Config::parse(br#"{"limits": [{"rate": 0}]}"#).unwrap_err().contains("positive"));
+        assert!(Config::parse(br#"{"limits": [{"rate": 1, "burst": 0.5}]}"#).is_err());
+        assert!(Config::parse(br#"{"limits": [{"rate": 1, "key": "cookie"}]}"#).unwrap_err().contains("key"));
+        assert!(Config::parse(br#"{"limits": [{"name": "a", "rate": 1}, {"name": "a", "rate": 1}]}"#).unwrap_err().contains("duplicate"));
+    }
+
+    #[test]
+    fn bucket_math() {
+        let l = Limit { name: "x".into(), key: Key::Global, per_second: 2.0, burst: 4.0, missing_shared: false };
+        let b = Bucket { tokens: 0.0, last_ns: 1_000_000_000 };
+        assert_eq!(b.refilled(&l, 1_500_000_000).tokens, 1.0);
+        assert_eq!(b.refilled(&l, 10_000_000_000).tokens, 4.0);
+        assert_eq!(b.refilled(&l, 0).tokens, 0.0); // clock went back
+        assert_eq!(Bucket::decode(&b.encode()), Some(b));
+        assert_eq!(Bucket::decode(&[1, 2, 3]), None);
+        let r = report(&l, &Bucket { tokens: 0.5, last_ns: 0 });
+        assert_eq!((r.remaining, r.reset_s, r.retry_after_s), (0, 2, 1));
+        let r = report(&l, &Bucket { tokens: 3.0, last_ns: 0 });
+        assert_eq!((r.remaining, r.reset_s, r.retry_after_s), (3, 1, 0));
+    }
+
+    #[test]
+    fn client_ips() {
+        assert_eq!(client_ip("10.1.2.3:5555"), "10.1.2.3");
+        assert_eq!(client_ip("[::1]:5555"), "::1");
+        assert_eq!(client_ip("10.1.2.3"), "10.1.2.3");
+        assert_eq!(client_ip("::1"), "::1");
+    }
+}
