@@ -1,0 +1,137 @@
+"""Loading: ABI 0.1.0, Go-like 0.2.0 and C++-like modules load and run; bad modules are refused
+with an error naming the file and the cause (FilterLoadError, gateway start, `wasmgate run`)."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+
+import pytest
+
+from abi.api import FilterLoadError, FilterSpec, load_filter_host
+from tests.conformance import watlib
+from tests.conformance.probe import (filter_entry, gateway_yaml, parse_report, probe_gateway,
+                                     strict_module)
+from tests.helpers import run_gateway
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
+
+
+async def fetch(session, url, **kw):
+    async with session.get(url, **kw) as r:
+        return r.status, r.headers, await r.read()
+
+
+async def test_abi_0_1_0_module_two_arg_header_callbacks_and_get_configuration(tmp_path, upstream):
+    f = filter_entry("old", watlib.build("abi010.wat", tmp_path), config="cfg-010")
+    async with probe_gateway(tmp_path, upstream, [f]) as (gw, s):
+        status, headers, _ = await fetch(s, gw.url("/old"))
+    assert status == 200
+    assert upstream.main_requests()[-1].first("x-abi010") == "cfg-010"
+    rep = {k: v[0] for k, v in parse_report(headers.get("x-abi010-report")).items()}
+    assert rep["cfg"] == "cfg-010"
+    assert int(rep["n"]) >= 4            # pseudo-headers counted; 2-arg callback got num_headers
+    assert int(rep["rn"]) >= 1
+    # §0.1: v0.1.0 get_header_map_value answers OK + empty for a missing key (NOT_FOUND is 0.2.x)
+    assert rep["missing"] == "0"
+
+
+async def test_go_like_0_2_0_module_with_start_and_wasi(tmp_path, upstream):
+    f = filter_entry("golike", watlib.build("golike.wat", tmp_path), config="x",
+                     environment={"PROBE_ENV": "hello"})
+    async with probe_gateway(tmp_path, upstream, [f]) as (gw, s):
+        status, headers, _ = await fetch(s, gw.url("/go"))
+    assert status == 200
+    rep = {k: v[0] for k, v in parse_report(headers.get("x-golike")).items()}
+    assert rep["start"] == "1"           # _start runs when _initialize is absent
+    assert rep["argc"] == "0"            # no args
+    assert rep["clock"] == "0"           # clock_time_get(MONOTONIC) succeeds
+    assert rep["envc"] == "1"            # only what the config grants
+    assert rep["env"] == "PROBE_ENV=hello"
+
+
+async def test_cpp_like_module_wasi_unstable_malloc_initialize_then_main(tmp_path, upstream):
+    f = filter_entry("cpplike", watlib.build("cpplike.wat", tmp_path), config={"a": 1, "b": "two"})
+    async with probe_gateway(tmp_path, upstream, [f]) as (gw, s):
+        status, headers, _ = await fetch(s, gw.url("/cpp"))
+    assert status == 200
+    raw = headers.get("x-cpplike")
+    assert raw is not None
+    head, _, cfg = raw.partition(";cfg=")
+    rep = {k: v[0] for k, v in parse_report(head).items()}
+    assert rep["init"] == "1" and rep["main"] == "1"
+    assert rep["order"] == "1"           # main(0,0) after _initialize
+    assert rep["rootid"] == "1"          # plugin_root_id answered OK
+    assert json.loads(cfg) == {"a": 1, "b": "two"}   # mapping config → JSON bytes
+
+
+class _Services:
+    log = logging.getLogger("conformance")
+
+    def has_cluster(self, name):
+        return False
+
+    async def http_call(self, *a, **k):
+        raise AssertionError("not used")
+
+
+async def _load_error(path, name="bad") -> FilterLoadError:
+    with pytest.raises(FilterLoadError) as ei:
+        host = await load_filter_host([FilterSpec(name=name, wasm_path=path, configuration=b"x")], _Services())
+        await host.close()
+    return ei.value
+
+
+async def test_module_without_abi_marker_is_refused_naming_the_file(tmp_path):
+    path = watlib.build("nomarker.wat", tmp_path)
+    err = await _load_error(path)
+    assert err.filter_name == "bad"
+    assert str(path) in str(err) or path.name in str(err)
+    assert "abi" in str(err).lower() or "proxy_abi_version" in str(err)
+
+
+async def test_unknown_import_is_refused_naming_the_import(tmp_path):
+    path = watlib.build("unknown_import.wat", tmp_path)
+    err = await _load_error(path)
+    assert "foo_bar" in str(err)
+    assert str(path) in str(err) or path.name in str(err)
+
+
+async def test_on_configure_false_is_a_load_error(tmp_path):
+    path = strict_module(tmp_path)
+    with pytest.raises(FilterLoadError) as ei:
+        host = await load_filter_host([FilterSpec(name="rejecting", wasm_path=path, configuration=b"reject")],
+                                      _Services())
+        await host.close()
+    assert ei.value.filter_name == "rejecting"
+    assert "configure" in str(ei.value)
+
+
+async def test_gateway_refuses_to_start_with_unloadable_filter(tmp_path, upstream):
+    path = watlib.build("unknown_import.wat", tmp_path)
+    yaml_text = gateway_yaml(upstream.port, [filter_entry("broken", path)],
+                             [{"name": "all", "cluster": "backend", "filters": ["broken"]}])
+    with pytest.raises(FilterLoadError) as ei:
+        async with run_gateway(yaml_text, tmp_path):
+            pass
+    assert "foo_bar" in str(ei.value)
+
+
+async def test_wasmgate_run_exits_with_clear_error(tmp_path, upstream):
+    path = watlib.build("nomarker.wat", tmp_path)
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(gateway_yaml(upstream.port, [filter_entry("nomark", path)],
+                                [{"name": "all", "cluster": "backend", "filters": ["nomark"]}]))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway.cli", "run", "-c", str(cfg), cwd=str(ROOT),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout=30)
+    except asyncio.TimeoutError:
+        proc.kill()
+        await proc.wait()
+        pytest.fail("wasmgate run kept running with a filter that has no ABI marker")
+    assert proc.returncode != 0
+    text = err.decode()
+    assert "nomark" in text and "nomarker" in text, text

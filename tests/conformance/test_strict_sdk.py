@@ -1,0 +1,411 @@
+"""Conformance through real HTTP with a strict-SDK WAT probe (wat/strict_sdk.wat).
+
+The probe traps wherever the Rust SDK would panic (unexpected statuses, bad context ids, bad
+maps), so any host deviation turns into a 503 or a missing report; deviations the SDK would
+tolerate are reported as `viol` bits and must be 0.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import struct
+
+import aiohttp
+
+from tests.conformance.probe import (filter_entry, get_trace, ints, metrics_text, one,
+                                     parse_report, probe_gateway, samples, strict_module, wait_for)
+
+
+def probe_filter(tmp_path, name="probe", tag="p1", **extra):
+    return filter_entry(name, strict_module(tmp_path), config=tag, **extra)
+
+
+async def fetch(session, url, method="GET", **kw):
+    async with session.request(method, url, **kw) as r:
+        body = await r.read()
+        return r.status, r.headers, body
+
+
+def report_of(headers, tag="p1"):
+    rep = parse_report(headers.get(f"x-probe-{tag}"))
+    assert one(rep, "viol") == "0", f"host deviations (bits) {rep['viol']}: see strict_sdk.wat $violate"
+    return rep
+
+
+# ---------------------------------------------------------------- start sequence, context ids
+async def test_start_sequence_root_id_and_config_with_signed_max_size(tmp_path, upstream):
+    f = probe_filter(tmp_path, tag="p1", vm_config="vm-configuration")
+    async with probe_gateway(tmp_path, upstream, [f]) as (gw, s):
+        status, headers, _ = await fetch(s, gw.url("/x"))
+        assert status == 200
+        rep = report_of(headers)
+        # get_buffer_bytes(7, 0, 0xFFFFFFFF) must return the whole configuration ("p1")
+        assert one(rep, "cfglen") == "2"
+        assert one(rep, "vmcfglen") == str(len("vm-configuration"))
+        trace = [ints(e) if e[0] != "init" else e for e in await get_trace(s, gw, "p1")]
+    assert trace[0] == ("init",)
+    create, vm_start, configure = trace[1], trace[2], trace[3]
+    assert create[0] == "create" and create[2] == 0
+    root = create[1]
+    assert root != 0
+    assert vm_start == ("vm_start", root, len("vm-configuration"))
+    assert configure == ("configure", root, 2)
+    # every stream context is created with parent = root, and ids are never reused while live
+    creates = [e for e in trace[4:] if e[0] == "create"]
+    assert creates and all(e[2] == root for e in creates)
+    assert len({e[1] for e in creates}) == len(creates)
+    assert root not in {e[1] for e in creates}
+
+
+async def test_context_ids_fresh_per_request_per_filter(tmp_path, upstream):
+    mod = strict_module(tmp_path)
+    filters = [filter_entry("fa", mod, config="a"), filter_entry("fb", mod, config="b")]
+    async with probe_gateway(tmp_path, upstream, filters) as (gw, s):
+        seq = [await fetch(s, gw.url(f"/seq/{i}")) for i in range(4)]
+        conc = await asyncio.gather(*[fetch(s, gw.url(f"/conc/{i}")) for i in range(8)])
+        reps = {"a": [], "b": []}
+        for status, headers, _ in seq + list(conc):
+            assert status == 200
+            for tag in "ab":
+                reps[tag].append(report_of(headers, tag))
+        trace_a = await get_trace(s, gw, "a")
+    root_a = int(trace_a[1][1])
+    for tag in "ab":
+        ids = [one(r, "ctx") for r in reps[tag]]
+        assert len(set(ids)) == len(ids), f"filter {tag}: context ids reused {ids}"
+        roots = {one(r, "root") for r in reps[tag]}
+        assert len(roots) == 1
+        assert roots.isdisjoint(ids)
+    assert {one(r, "root") for r in reps["a"]} == {str(root_a)}
+
+
+# ---------------------------------------------------------------- headers
+async def test_request_headers_count_pseudo_headers_and_eos(tmp_path, upstream):
+    async with probe_gateway(tmp_path, upstream, [probe_filter(tmp_path)]) as (gw, s):
+        status, headers, _ = await fetch(s, gw.url("/get?a=1"), headers={"x-one": "1"})
+        assert status == 200
+        rep = report_of(headers)
+        keys = one(rep, "keys").split(",")
+        assert keys[:4] and set(keys[:4]) == {":method", ":path", ":authority", ":scheme"}, keys
+        assert "x-one" in keys
+        assert int(one(rep, "n")) == len(keys) == int(one(rep, "pairs"))
+        assert one(rep, "eos") == "1"            # GET without a body
+        assert "rb" not in rep                   # no body callback for a body-less GET
+
+        status, headers, _ = await fetch(s, gw.url("/post"), method="POST", data=b"hello body")
+        assert status == 200
+        rep = report_of(headers)
+        assert one(rep, "eos") == "0"            # a body follows
+        rb = [tuple(int(x) for x in v.split("/")) for v in rep["rb"]]
+        assert rb[-1] == (len(b"hello body"), 1)
+        # response side: :status counted, reported by value
+        assert one(rep, "status") == "200"
+        assert int(one(rep, "rn")) == int(one(rep, "rpairs"))
+
+
+async def test_header_map_get_add_replace_remove(tmp_path, upstream):
+    async with probe_gateway(tmp_path, upstream, [probe_filter(tmp_path)]) as (gw, s):
+        status, headers, body = await fetch(s, gw.url("/hdrs"), headers={
+            "x-act": "hdrs", "x-replace": "old", "x-remove": "bye", "x-empty": "",
+            "X-Mixed-Case": "mixedval"})
+        assert status == 200
+        rep = report_of(headers)
+        seen = upstream.main_requests()[-1]
+        assert seen.all("x-added") == ["a1"]
+        assert seen.all("x-replace") == ["new"]
+        assert seen.all("x-replace-new") == ["created"]
+        assert seen.all("x-remove") == []
+        # missing header -> NOT_FOUND (1), nothing returned
+        assert one(rep, "missing") == "1:0:0"
+        # empty value -> OK with (0, 0), no allocation
+        assert one(rep, "empty") == "0:0:0"
+        # keys are matched case-insensitively (Envoy lower-cases the key)
+        assert one(rep, "mixed") == "mixedval"
+        assert one(rep, "readback") == "a1"
+        # response side reached the client
+        assert headers.getall("x-resp-added") == ["r1"]
+        assert headers.getall("x-up-replace") == ["replaced"]
+        assert "x-up-remove" not in headers
+        assert headers.get("x-upstream") == "echo"
+
+
+async def test_set_header_map_pairs_replaces_whole_map(tmp_path, upstream):
+    async with probe_gateway(tmp_path, upstream, [probe_filter(tmp_path)]) as (gw, s):
+        status, headers, _ = await fetch(s, gw.url("/pairs?q=2"), headers={"x-act": "setpairs", "x-keep": "k"})
+        assert status == 200
+        rep = report_of(headers)
+        assert int(one(rep, "pairs_after")) == int(one(rep, "pairs")) + 1
+        seen = upstream.main_requests()[-1]
+        assert seen.first("x-set-pairs") == "yes"
+        assert seen.first("x-keep") == "k"
+        assert seen.path == "/pairs?q=2"
+
+
+async def test_replace_path_pseudo_header_reaches_upstream(tmp_path, upstream):
+    async with probe_gateway(tmp_path, upstream, [probe_filter(tmp_path)]) as (gw, s):
+        status, headers, body = await fetch(s, gw.url("/orig"), headers={"x-act": "path"})
+        assert status == 200
+        report_of(headers)
+        assert upstream.main_requests()[-1].path == "/rewritten?q=1"
+        assert json.loads(body)["path"] == "/rewritten?q=1"
+
+
+# ---------------------------------------------------------------- bodies
+async def test_request_body_cumulative_while_paused_and_replaced(tmp_path, upstream):
+    chunks = [b"chunk-one|", b"chunk-two|", b"chunk-three"]
+    total = b"".join(chunks)
+
+    async def gen():
+        for c in chunks:
+            yield c
+            await asyncio.sleep(0.05)
+
+    async with probe_gateway(tmp_path, upstream, [probe_filter(tmp_path)]) as (gw, s):
+        status, headers, body = await fetch(s, gw.url("/body"), method="POST", data=gen(),
+                                            headers={"x-act": "body"})
+        assert status == 200, body
+        rep = report_of(headers)
+    rb = [tuple(int(x) for x in v.split("/")) for v in rep["rb"]]
+    sizes = [sz for sz, _ in rb]
+    assert sizes == sorted(sizes), f"body_size must be cumulative while paused: {rb}"
+    assert rb[-1] == (len(total), 1)
+    assert all(eos == 0 for _, eos in rb[:-1])
+    assert one(rep, "past") == "0:0:0"          # start >= len -> OK, (0, 0)
+    assert one(rep, "slice") == total[2:5].decode()
+    assert one(rep, "bodylen") == str(len(total))  # max_size 0xFFFFFFFF (-1 signed) = all
+    seen = upstream.main_requests()[-1]
+    assert seen.body == b"<<tagged:" + total + b">>"
+
+
+async def test_response_body_replaced(tmp_path, upstream):
+    async with probe_gateway(tmp_path, upstream, [probe_filter(tmp_path)]) as (gw, s):
+        status, headers, body = await fetch(s, gw.url("/resp-body"), headers={"x-act": "resp-body"})
+    assert status == 200
+    assert body.startswith(b"rewritten: ")
+    echoed = json.loads(body[len(b"rewritten: "):])
+    assert echoed["path"] == "/resp-body"
+    if "content-length" in headers:
+        assert int(headers["content-length"]) == len(body)
+
+
+# ---------------------------------------------------------------- local responses
+async def test_send_local_response_from_request_headers(tmp_path, upstream):
+    async with probe_gateway(tmp_path, upstream, [probe_filter(tmp_path)]) as (gw, s):
+        for method, data in (("GET", None), ("POST", b"some body")):
+            status, headers, body = await fetch(s, gw.url("/deny"), method=method, data=data,
+                                                headers={"x-act": "reply-hdrs"})
+            assert status == 403
+            assert body == b"denied in request headers"
+            assert headers.get("x-reply-by") == "probe"
+            assert headers.get("x-reply-extra") == "1"
+        assert upstream.main_requests() == []
+
+
+async def test_send_local_response_from_request_body(tmp_path, upstream):
+    async with probe_gateway(tmp_path, upstream, [probe_filter(tmp_path)]) as (gw, s):
+        status, headers, body = await fetch(s, gw.url("/deny-body"), method="POST", data=b"x" * 5000,
+                                            headers={"x-act": "reply-body"})
+        assert status == 422
+        assert body == b"denied in request body"
+        assert headers.get("x-reply-by") == "probe"
+        await asyncio.sleep(0.1)
+        assert [r for r in upstream.main_requests() if r.path == "/deny-body"] == []
+        # the gateway still serves
+        status, headers, _ = await fetch(s, gw.url("/after"))
+        assert status == 200
+
+
+async def test_send_local_response_from_response_headers(tmp_path, upstream):
+    async with probe_gateway(tmp_path, upstream, [probe_filter(tmp_path)]) as (gw, s):
+        status, headers, body = await fetch(s, gw.url("/deny-resp"), headers={"x-act": "reply-resp"})
+        assert status == 451
+        assert body == b"denied in response headers"
+        assert headers.get("x-reply-by") == "probe"
+        assert "x-upstream" not in headers       # the upstream response was discarded
+        assert [r.path for r in upstream.main_requests()] == ["/deny-resp"]
+
+
+# ---------------------------------------------------------------- lifecycle and chain
+async def test_teardown_order_done_log_delete(tmp_path, upstream):
+    async with probe_gateway(tmp_path, upstream, [probe_filter(tmp_path)]) as (gw, s):
+        status, headers, _ = await fetch(s, gw.url("/life"))
+        assert status == 200
+        ctx = int(one(report_of(headers), "ctx"))
+
+        async def deleted():
+            tr = await get_trace(s, gw, "p1")
+            return tr if ("delete", str(ctx)) in tr else None
+        trace = await wait_for(deleted)
+    assert trace, "on_delete never called for the request context"
+    mine = [e[0] for e in trace if len(e) > 1 and e[1] == str(ctx)]
+    assert mine == ["create", "req_hdrs", "resp_hdrs", "resp_body", "done", "log", "delete"] or \
+        mine == ["create", "req_hdrs", "resp_hdrs", "done", "log", "delete"], mine
+    assert mine[-3:] == ["done", "log", "delete"]
+
+
+async def test_chain_order_request_yaml_order_response_reverse(tmp_path, upstream):
+    mod = strict_module(tmp_path)
+    filters = [filter_entry("first", mod, config="a"), filter_entry("second", mod, config="b"),
+               filter_entry("third", mod, config="c")]
+    async with probe_gateway(tmp_path, upstream, filters) as (gw, s):
+        status, headers, _ = await fetch(s, gw.url("/chain"))
+        assert status == 200
+        for tag in "abc":
+            report_of(headers, tag)
+    assert upstream.main_requests()[-1].all("x-chain") == ["a", "b", "c"]
+    assert headers.getall("x-chain-resp") == ["c", "b", "a"]
+
+
+# ---------------------------------------------------------------- properties
+def prop(rep, key):
+    st, _, hexval = one(rep, key).partition(":")
+    return int(st), bytes.fromhex(hexval)
+
+
+async def test_properties_envoy_encoding(tmp_path, upstream):
+    async with probe_gateway(tmp_path, upstream, [probe_filter(tmp_path, name="propfilter")]) as (gw, s):
+        status, headers, _ = await fetch(s, gw.url("/props/x?y=1"),
+                                         headers={"x-act": "props", "x-prop-hdr": "hv"})
+        assert status == 200
+        rep = report_of(headers)
+        ctx = one(rep, "ctx")
+
+        async def logged():
+            tr = await get_trace(s, gw, "p1")
+            return tr if ("log", ctx) in tr else None
+        trace = await wait_for(logged)
+    assert prop(rep, "p_path") == (0, b"/props/x?y=1")
+    assert prop(rep, "p_method") == (0, b"GET")
+    assert prop(rep, "p_protocol") == (0, b"HTTP/1.1")
+    assert prop(rep, "p_scheme") == (0, b"http")
+    assert prop(rep, "p_url_path") == (0, b"/props/x")
+    st, src = prop(rep, "p_source")
+    assert st == 0 and re.fullmatch(rb"127\.0\.0\.1:\d+", src), src
+    st, port = prop(rep, "p_source_port")
+    assert st == 0 and len(port) == 8 and struct.unpack("<q", port)[0] == int(src.rsplit(b":", 1)[1])
+    st, dport = prop(rep, "p_dest_port")
+    assert st == 0 and struct.unpack("<q", dport)[0] == gw.port()
+    assert prop(rep, "p_plugin_name") == (0, b"propfilter")
+    assert prop(rep, "p_root_id")[0] == 0        # C++ SDK aborts unless plugin_root_id is OK
+    assert prop(rep, "p_nosuch") == (1, b"")
+    assert prop(rep, "p_hdr") == (0, b"hv")
+    assert prop(rep, "p_custom") == (0, b"hello-prop")
+    st, code = prop(rep, "p_resp_code")
+    assert st in (0, 1)
+    if st == 0:
+        assert code == struct.pack("<q", 200)
+    # response.code in on_log: int64 LE, 200 -> c8 00 00 00 00 00 00 00
+    assert trace, "on_log not seen"
+    codes = [e for e in trace if e[0] == "code"]
+    assert codes and codes[-1][1:] == ("0", "c800000000000000"), codes
+
+
+# ---------------------------------------------------------------- http_call
+async def test_http_call_callback_on_root_and_resume(tmp_path, upstream):
+    async with probe_gateway(tmp_path, upstream, [probe_filter(tmp_path)]) as (gw, s):
+        status, headers, body = await fetch(s, gw.url("/with-call"), headers={"x-act": "call", "x-cluster": "callout"})
+        assert status == 200, body
+        rep = report_of(headers)
+        trace = await get_trace(s, gw, "p1")
+    root = trace[1][1]
+    assert one(rep, "callst") == "0"
+    token = one(rep, "token")
+    calls = [e for e in trace if e[0] == "call_resp"]
+    assert len(calls) == 1
+    assert calls[0][1] == root and calls[0][2] == token      # first arg is the ROOT id
+    assert int(one(rep, "cnh")) >= 2
+    assert one(rep, "cstatus") == "201"
+    assert one(rep, "cheader") == "yes"
+    assert one(rep, "cbs") == str(len(b"callout-ok"))
+    assert one(rep, "cbody") == "callout-ok"
+    assert one(rep, "ctrailers") == "0"
+    co = upstream.callouts()[-1]
+    assert co.path == "/callout/probe" and co.method == "GET"
+    assert co.first("x-probe-call") == "1"
+    assert co.first("host") == "callout.local"
+    # the paused request was resumed by continue_stream(0) inside the callback
+    assert json.loads(body)["path"] == "/with-call"
+
+
+async def test_http_call_unknown_cluster_is_bad_argument(tmp_path, upstream):
+    async with probe_gateway(tmp_path, upstream, [probe_filter(tmp_path)]) as (gw, s):
+        status, headers, _ = await fetch(s, gw.url("/nocluster"), headers={"x-act": "call", "x-cluster": "nope"})
+        assert status == 200
+        assert one(report_of(headers), "callst") == "2"
+
+
+async def test_http_call_to_dead_cluster_reports_failure(tmp_path, upstream):
+    async with probe_gateway(tmp_path, upstream, [probe_filter(tmp_path)]) as (gw, s):
+        status, headers, body = await fetch(s, gw.url("/deadcall"), headers={"x-act": "call", "x-cluster": "dead"})
+        assert status == 200, body
+        rep = report_of(headers)
+    assert one(rep, "callst") == "0"
+    assert one(rep, "cnh") == "0" and one(rep, "cbs") == "0"
+    assert "cfail" in rep
+
+
+# ---------------------------------------------------------------- shared data, metrics, ticks
+async def test_shared_data_cas(tmp_path, upstream):
+    key = f"conf-key-{tmp_path.name}"
+    async with probe_gateway(tmp_path, upstream, [probe_filter(tmp_path)]) as (gw, s):
+        status, headers, _ = await fetch(s, gw.url("/shared"), headers={"x-act": "shared", "x-key": key})
+        assert status == 200
+        rep = report_of(headers)
+    assert one(rep, "g1") == "1"            # NOT_FOUND
+    assert one(rep, "s1") == "0"
+    assert one(rep, "g2") == "0" and one(rep, "v2") == "v1"
+    cas1 = int(one(rep, "cas1"))
+    assert cas1 != 0
+    assert one(rep, "s2") == "8"            # CAS_MISMATCH
+    assert one(rep, "s3") == "0"
+    assert one(rep, "g3") == "0" and one(rep, "v3") == "v2"
+    cas2 = int(one(rep, "cas2"))
+    assert cas2 not in (0, cas1)
+    assert one(rep, "s4") == "0"            # missing key + non-zero cas still succeeds
+    assert one(rep, "s5") == "0"
+    assert one(rep, "g5") == "0:0:0"        # empty value -> OK, (0, 0)
+
+
+async def test_metrics_visible_on_admin(tmp_path, upstream):
+    async with probe_gateway(tmp_path, upstream, [probe_filter(tmp_path, tag="m1")]) as (gw, s):
+        reps = []
+        for i in range(3):
+            status, headers, _ = await fetch(s, gw.url(f"/m/{i}"), headers={"x-act": "metrics"})
+            assert status == 200
+            reps.append(report_of(headers, "m1"))
+        text = await metrics_text(s, gw)
+    assert one(reps[-1], "mcount") == "3"
+    assert one(reps[-1], "mgauge") == "9"
+    smp = samples(text)
+    counters = [v for n, _, v in smp if "probe_requests_m1" in n]
+    gauges = [v for n, _, v in smp if "probe_gauge_m1" in n]
+    hists = [n for n, _, v in smp if "probe_hist_m1" in n]
+    assert counters == [3.0], [l for l in text.splitlines() if "probe_" in l]
+    assert gauges == [9.0]
+    assert hists, "histogram not exported"
+
+
+async def test_on_tick_fires_on_root_after_set_tick_period(tmp_path, upstream):
+    async with probe_gateway(tmp_path, upstream, [probe_filter(tmp_path)]) as (gw, s):
+        status, headers, _ = await fetch(s, gw.url("/tick"), headers={"x-act": "tick"})
+        assert status == 200
+
+        async def three_ticks():
+            tr = await get_trace(s, gw, "p1")
+            return tr if len([e for e in tr if e[0] == "tick"]) >= 3 else None
+        trace = await wait_for(three_ticks, timeout=3.0)
+        assert trace, "on_tick did not fire 3 times within 3 s of set_tick_period(20)"
+        root = trace[1][1]
+        assert {e[1] for e in trace if e[0] == "tick"} == {root}
+        await asyncio.sleep(0.2)                 # period set to 0 after the third tick
+        later = await get_trace(s, gw, "p1")
+    assert len([e for e in later if e[0] == "tick"]) == 3
+
+
+async def test_binary_wasm_path_loads(tmp_path, upstream):
+    f = filter_entry("bin", strict_module(tmp_path, binary=True), config="p1")
+    async with probe_gateway(tmp_path, upstream, [f]) as (gw, s):
+        status, headers, _ = await fetch(s, gw.url("/bin"))
+        assert status == 200
+        report_of(headers)
