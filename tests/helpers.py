@@ -205,3 +205,28 @@ def split_responses(raw: bytes) -> list[tuple[int, dict[str, str], bytes]]:
             body, raw = rest, b""
         out.append((status, headers, body))
     return out
+
+
+@asynccontextmanager
+async def raw_upstream(handler) -> AsyncIterator[Upstream]:
+    """An upstream you script byte by byte: ``async def handler(reader, writer)`` runs per
+    connection (asyncio streams). For resets, timeouts, 1xx, odd framing. ``up.requests`` stays
+    empty; count connections yourself if needed."""
+    import asyncio
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    up = Upstream(port=server.sockets[0].getsockname()[1])
+    try:
+        yield up
+    finally:
+        server.close()
+        if hasattr(server, "close_clients"):
+            server.close_clients()
+
+
+async def read_request_head(reader) -> bytes:
+    """For raw_upstream handlers: one request head (b'' at EOF)."""
+    import asyncio
+    try:
+        return await reader.readuntil(b"\r\n\r\n")
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return b""
