@@ -645,6 +645,44 @@ def test_kill_9_mid_burst_keeps_store_consistent(name):
     s.close()
 
 
+def test_inherited_store_object_is_usable_after_fork(name):
+    """A worker forked from a supervisor holding an open store may use the inherited object;
+    the parent's own use before, during and after the fork is unaffected (LMDB forbids sharing
+    an environment across fork; the module's fork hooks reopen per process)."""
+    s = S.create(name, 1 << 20)
+    s.set(b"a", b"0", 0)
+    qid = s.register_queue("parent-q")
+    for _ in range(3):
+        s.get(b"a")                                  # leaves py-lmdb's spare read txn around
+    result = FORK.Queue()
+
+    def child():
+        try:
+            v, cas = s.get(b"a")
+            assert s.set(b"a", b"child", cas) == S.OK
+            cq = s.register_queue("child-q")
+            assert cq != qid and s.enqueue(qid, b"from-child") == S.OK
+            result.put("ok")
+        except Exception as e:                       # pragma: no cover - reported below
+            result.put(repr(e))
+
+    procs = [FORK.Process(target=child) for _ in range(2)]
+    for p in procs:
+        p.start()
+        s.get(b"a")                                  # parent keeps reading while children run
+    for p in procs:
+        p.join(10)
+    assert [result.get(timeout=5) for _ in procs] == ["ok", "ok"]
+    assert s.get(b"a")[0] == b"child"
+    assert s.dequeue(qid) == b"from-child" and s.dequeue(qid) == b"from-child"
+    # the children's notifications went to the parent's FIFO (it registered "parent-q")
+    got = []
+    s.on_enqueue(got.append)
+    assert s.dispatch_notifications() == 2 and got == [qid, qid]
+    assert s.verify() == []
+    s.close()
+
+
 # ------------------------------------------------------------------ lifecycle
 
 def test_open_requires_create_and_remove_cleans_up(name):
