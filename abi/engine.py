@@ -43,7 +43,9 @@ __all__ = [
 ]
 
 WASMTIME_VERSION = "50.0.1"   # pinned: the raw signatures below are checked against it
-EPOCH_TICK_S = 0.001          # one epoch = 1 ms; deadlines are counted in these ticks
+EPOCH_MS = 1                  # one epoch = 1 ms; deadlines are counted in these ticks
+TICKER_PERIOD_S = 0.002       # how often the ticker catches the epoch up (deadline slack)
+IDLE_GRACE_MS = 1000          # quiet time (beyond the longest deadline) before the ticker idles
 _CACHE_MAGIC = b"WGCWASM1"    # our cache-file header: magic + sha256(payload) + payload
 _U32 = 0xFFFFFFFF
 _U64 = 0xFFFFFFFFFFFFFFFF
@@ -107,6 +109,10 @@ def _verify_bindings() -> None:
         fn = getattr(_B, "_" + name)
         if fn.restype is not restype or list(fn.argtypes) != argtypes:
             raise ImportError(f"wasmtime._bindings.{name} changed signature")
+    cb = _B.wasmtime_func_unchecked_callback_t
+    if cb._restype_ is not c_size_t or cb._argtypes_ != (
+            c_void_p, POINTER(_B.wasmtime_caller_t), POINTER(_B.wasmtime_val_raw_t), c_size_t):
+        raise ImportError("wasmtime_func_unchecked_callback_t changed signature")
     if ctypes.sizeof(_B.wasmtime_val_raw_t) != _SLOT:
         raise ImportError("wasmtime_val_raw_t is no longer 16 bytes")
 
@@ -161,27 +167,66 @@ def _default_cache_dir() -> Path:
 
 
 class _Ticker:
-    """Background thread advancing the engine epoch every EPOCH_TICK_S.
+    """Background thread that keeps the engine epoch equal to elapsed milliseconds.
 
-    ``ticks`` mirrors the epoch so callers can skip re-arming a deadline within one tick.
+    Why this shape: a Python thread wake-up costs ~20-25 us of CPU on these machines, so the
+    ticker wakes every TICKER_PERIOD_S (not every ms) and catches the epoch up with the clock,
+    which also keeps sleep jitter from stretching deadlines. When no call has armed a deadline
+    for longer than any deadline could run, it sleeps until the next arm wakes it (an idle
+    worker costs nothing).
+
+    ``ticks`` mirrors the epoch so callers can skip re-arming within one update; while idle it
+    is -1, which forces the next call of every store through arm() (and so wakes us).
     Holds only the wasmtime engine, so our Engine can be collected (its finalizer stops us).
     """
 
     def __init__(self, wt_engine: wt.Engine):
-        self._stop = threading.Event()
         self.ticks = 0
+        self.arms = 0               # bumped by every arm(): tells the ticker calls happen
+        self.idle = False
+        self.max_deadline = 0       # longest deadline (ticks) armed on this engine
+        self._stopped = False
+        self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(wt_engine,),
                                         name="wasmgate-epoch", daemon=True)
         self._thread.start()
 
     def _run(self, wt_engine: wt.Engine) -> None:
         ptr = _addr(wt_engine.ptr())
-        while not self._stop.wait(EPOCH_TICK_S):
-            _increment_epoch(ptr)
-            self.ticks += 1
+        epoch = 0
+        origin = time.monotonic()
+        seen_arms, quiet_since = self.arms, 0
+        while not self._stopped:
+            time.sleep(TICKER_PERIOD_S)
+            now = int((time.monotonic() - origin) * 1000)
+            while epoch < now:
+                _increment_epoch(ptr)
+                epoch += 1
+            self.ticks = epoch
+            if self.arms != seen_arms:
+                seen_arms, quiet_since = self.arms, epoch
+            elif epoch - quiet_since > self.max_deadline + IDLE_GRACE_MS:
+                self._sleep_until_armed(seen_arms, epoch)
+                origin = time.monotonic() - epoch / 1000   # the epoch resumes where it was
+                seen_arms, quiet_since = self.arms, epoch
+
+    def _sleep_until_armed(self, seen_arms: int, epoch: int) -> None:
+        # Publish idle first, then re-check arms; arm() bumps arms first, then reads idle.
+        # Whatever the interleaving, either we see the arm or arm() sees us idle and wakes us.
+        self._wake.clear()
+        self.idle = True
+        self.ticks = -1
+        if self.arms == seen_arms and not self._stopped:
+            self._wake.wait()
+        self.idle = False
+        self.ticks = epoch
+
+    def wake(self) -> None:
+        self._wake.set()
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stopped = True
+        self._wake.set()
 
 
 class Engine:
@@ -360,10 +405,8 @@ _GUEST_CALL_SRC = """
 def {fn}({args}):
     if st.depth or st.poisoned:
         return nested({args})
-    t = ticker.ticks
-    if t != st.armed:
-        set_deadline(ctx, deadline_ticks)
-        st.armed = t
+    if ticker.ticks != st.armed:
+        st.arm()
     pack_into(buf, 0{comma_packed})
     st.depth = 1
     try:
@@ -425,8 +468,7 @@ def _guest_caller(owner: "Instance", st: "_StoreState", name: str, fptr: int,
         "st": st, "ticker": st.ticker, "ctx": st.ctx, "fptr": fptr, "buf": buf,
         "bufaddr": ctypes.addressof(cbuf), "nslots": nslots, "nbytes": len(buf),
         "trap_slot": st.trap_slot, "trapaddr": ctypes.addressof(st.trap_slot),
-        "call_raw": _call_unchecked, "set_deadline": _set_epoch_deadline,
-        "deadline_ticks": st.deadline_ticks, "pack_into": _struct(params, _PACK).pack_into,
+        "call_raw": _call_unchecked, "pack_into": _struct(params, _PACK).pack_into,
         "unpack_from": _struct(results, _UNPACK).unpack_from, "addressof": ctypes.addressof,
         "from_buffer": (c_char * len(buf)).from_buffer, "_keep": cbuf,
         "_owner": owner,   # a caller keeps its instance (and so its store) alive
@@ -476,8 +518,13 @@ class _StoreState:
         self.last_trap: Trap | None = None
 
     def arm(self) -> None:
+        """Give the next top-level call a fresh deadline (at most once per ticker update)."""
+        ticker = self.ticker
         _set_epoch_deadline(self.ctx, self.deadline_ticks)
-        self.armed = self.ticker.ticks
+        ticker.arms += 1              # before reading idle: see _Ticker._sleep_until_armed
+        self.armed = ticker.ticks
+        if ticker.idle:
+            ticker.wake()
 
     # Called from inside a ctypes callback: must never raise.
     def host_failed(self, exc: BaseException) -> int:
@@ -663,7 +710,10 @@ class Instance:
         self._linker: wt.Linker | None = None
         self._store = wt.Store(engine._wt)
         self._store.set_limits(memory_size=memory_limit_bytes)
-        ticks = -(-deadline_ms // max(1, round(EPOCH_TICK_S * 1000))) + 2   # see arm(): ±1 tick
+        # The epoch seen at arm time lags the clock by up to one ticker period, and the trap
+        # lands on a ticker update: never earlier than deadline_ms, at most ~2 periods later.
+        ticks = -(-deadline_ms // EPOCH_MS) + round(TICKER_PERIOD_S * 1000) + 1
+        engine._ticker.max_deadline = max(engine._ticker.max_deadline, ticks)
         self._st = _StoreState(_addr(self._store._context()), engine._ticker, ticks, module)
         try:
             self._link(host_functions)

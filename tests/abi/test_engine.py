@@ -417,3 +417,174 @@ def test_default_cache_dir_from_environment(tmp_path, monkeypatch):
         assert eng.cache_dir == tmp_path / "c"
     finally:
         eng.close()
+
+
+# -- raw binding, lifetime and re-entrancy hazards ---------------------------------------
+
+def test_raw_bindings_are_the_ones_engine_was_written_against():
+    """Fails loudly when wasmtime-py changes a C signature or struct engine.py drives raw."""
+    import ctypes
+    from importlib.metadata import version
+    from ctypes import POINTER, c_char, c_size_t, c_uint64, c_void_p
+
+    import wasmtime._bindings as B
+    from abi import engine
+
+    assert version("wasmtime") == engine.WASMTIME_VERSION == "50.0.1"
+    engine._verify_bindings()        # what the module itself checks at import
+    call = B._wasmtime_func_call_unchecked
+    assert call.restype is POINTER(B.wasmtime_error_t)
+    assert call.argtypes == [POINTER(B.wasmtime_context_t), POINTER(B.wasmtime_func_t),
+                             POINTER(B.wasmtime_val_raw_t), c_size_t,
+                             POINTER(POINTER(B.wasm_trap_t))]
+    cb = B.wasmtime_func_unchecked_callback_t
+    assert cb._restype_ is c_size_t
+    assert cb._argtypes_ == (c_void_p, POINTER(B.wasmtime_caller_t),
+                             POINTER(B.wasmtime_val_raw_t), c_size_t)
+    assert B._wasmtime_context_set_epoch_deadline.argtypes[1] is c_uint64
+    assert B._wasmtime_trap_new.argtypes == [POINTER(c_char), c_size_t]
+    assert ctypes.sizeof(B.wasmtime_val_raw_t) == 16
+    assert [f[0] for f in B.wasmtime_func_t._fields_] == ["store_id", "__private"]
+
+
+FLOAT_WAT = b"""
+(module
+  (import "env" "hf" (func $hf (param f32 f64) (result f64)))
+  (func (export "mul") (param f32 f64) (result f64) local.get 0 f64.promote_f32 local.get 1 f64.mul)
+  (func (export "call_hf") (param f32 f64) (result f64) local.get 0 local.get 1 call $hf)
+  (func (export "pair") (param i32) (result i32 i64) local.get 0 i64.const -1)
+  (func (export "none"))
+)
+"""
+
+
+def test_floats_multi_value_and_no_arg_functions(engine):
+    module = engine.compile(FLOAT_WAT)
+    inst = make(engine, module, {("env", "hf"): lambda a, b: a + b})
+    assert inst.export_func("mul")(1.5, 2.0) == 3.0
+    assert inst.export_func("call_hf")(0.5, 0.25) == 0.75
+    assert inst.export_func("pair")(-2) == (0xFFFFFFFE, -1)
+    assert inst.export_func("none")() is None
+
+
+def test_wrong_argument_count_is_a_type_error_not_a_trap(engine, core):
+    inst = make(engine, core)
+    with pytest.raises(TypeError):
+        inst.export_func("add")(1)
+    assert not inst.poisoned
+
+
+def test_memory_base_does_not_move_on_growth(engine, core):
+    inst = make(engine, core, mem=256 * MB)
+    view_before = inst.memory._view
+    inst.export_func("grow")(2000)            # 125 MiB more
+    inst.memory.size()
+    # same base address: the old, shorter view aliases the new memory
+    inst.memory.write(8, b"same")
+    assert bytes(view_before[8:12]) == b"same"
+
+
+def test_swallowed_nested_trap_still_fails_the_outer_call(engine, core):
+    box = {}
+
+    def h32(a, b):
+        try:
+            box["inst"].export_func("div0")()
+        except Trap:
+            pass                              # a careless host must not resurrect the guest
+        return 0
+
+    inst = make(engine, core, host_defaults(h32=h32))
+    box["inst"] = inst
+    with pytest.raises(Trap) as ei:
+        inst.export_func("call_h32")(0, 0)
+    assert "divide by zero" in ei.value.message
+    assert inst.poisoned
+
+
+def test_close_inside_a_call_is_deferred_until_it_unwinds(engine, core):
+    box = {}
+
+    def h32(a, b):
+        box["inst"].close()
+        return 7
+
+    inst = make(engine, core, host_defaults(h32=h32))
+    box["inst"] = inst
+    with pytest.raises(Trap):
+        inst.export_func("call_h32")(0, 0)
+    assert inst.poisoned
+    with pytest.raises(Trap):
+        inst.export_func("add")(1, 1)
+    with pytest.raises(MemoryAccessError):
+        inst.memory.read(0, 1)
+
+
+def test_closed_instance_memory_and_calls_are_refused(engine, core):
+    inst = make(engine, core)
+    add, mem = inst.export_func("add"), inst.memory
+    inst.close()
+    inst.close()                              # idempotent
+    with pytest.raises(Trap):
+        add(1, 2)
+    with pytest.raises(MemoryAccessError):
+        mem.read(0, 4)
+
+
+def test_caller_keeps_its_instance_alive(engine, core):
+    add = make(engine, core).export_func("add")
+    gc.collect()
+    assert add(20, 22) == 42
+
+
+def test_backtrace_uses_export_names_for_unnamed_functions(engine):
+    module = engine.compile(b'(module (func (export "proxy_on_tick") (param i32) unreachable))',
+                            name="auth.wasm")
+    with pytest.raises(Trap) as ei:
+        make(engine, module, {}).export_func("proxy_on_tick")(1)
+    assert ei.value.backtrace == ["auth.wasm!proxy_on_tick"]
+
+
+def test_deadline_counts_host_time_and_nested_calls_share_it(engine, core):
+    box = {}
+
+    def h32(a, b):
+        if a:
+            box["inst"].export_func("spin")()   # nested: no fresh deadline
+        return 0
+
+    inst = make(engine, core, host_defaults(h32=h32), deadline_ms=30)
+    box["inst"] = inst
+    with pytest.raises(Trap) as ei:
+        inst.export_func("call_h32")(1, 0)
+    assert ei.value.kind == "deadline"
+
+
+def test_hostile_host_results_never_escape_as_python_errors(engine, core):
+    for bad in (None, "x", 1.5, object(), 2**80):
+        inst = make(engine, core, host_defaults(h32=lambda a, b, bad=bad: bad))
+        try:
+            inst.export_func("call_h32")(0, 0)
+        except Trap as t:
+            assert t.kind == "host"
+        else:
+            assert bad == 2**80               # an oversized int is masked to its low 32 bits
+
+
+def test_idle_ticker_wakes_up_for_the_next_call(tmp_path, monkeypatch):
+    from abi import engine as engine_mod
+    monkeypatch.setattr(engine_mod, "IDLE_GRACE_MS", 0)
+    eng = Engine(cache_dir=tmp_path)
+    try:
+        inst = make(eng, eng.compile(CORE_WAT), deadline_ms=20)
+        assert inst.export_func("add")(1, 2) == 3
+        for _ in range(200):                  # quiet for > 20 ms + 0 grace: ticker idles
+            if eng._ticker.idle:
+                break
+            time.sleep(0.005)
+        assert eng._ticker.idle
+        with pytest.raises(Trap) as ei:       # the call re-arms, wakes it, and is interrupted
+            inst.export_func("spin")()
+        assert ei.value.kind == "deadline"
+    finally:
+        eng.close()
