@@ -638,7 +638,7 @@ class Memory:
             return
         mem = ctypes.addressof(self._handle._memory)
         size = _memory_data_size(st.ctx, mem)
-        if size:
+        if size and size != self._size:
             base = _memory_data(st.ctx, mem)
             self._view = memoryview((c_char * size).from_address(base)).cast("B")
         self._size = size
@@ -724,7 +724,16 @@ class Instance:
 
     @property
     def poisoned(self) -> bool:
+        """True after any Trap: discard the instance. The ABI host may clear it for a trap it
+        knows to be benign (proc_exit(0) at the end of a command's _start)."""
         return self._st.poisoned
+
+    @poisoned.setter
+    def poisoned(self, value: bool) -> None:
+        st = self._st
+        if value or not st.closed:
+            st.poisoned = bool(value)
+            st.pending = st.last_trap = None
 
     # -- linking -------------------------------------------------------------------------
 

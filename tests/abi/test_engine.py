@@ -588,3 +588,18 @@ def test_idle_ticker_wakes_up_for_the_next_call(tmp_path, monkeypatch):
         assert ei.value.kind == "deadline"
     finally:
         eng.close()
+
+
+def test_abi_host_may_clear_poisoned_after_a_benign_exit(engine, core):
+    def h32(a, b):
+        raise HostTrap("proc_exit(0)")
+
+    inst = make(engine, core, host_defaults(h32=h32))
+    with pytest.raises(Trap) as ei:
+        inst.export_func("call_h32")(0, 0)
+    assert ei.value.kind == "exit" and inst.poisoned
+    inst.poisoned = False                     # as abi/filter.py does for TinyGo's _start
+    assert inst.export_func("add")(2, 3) == 5
+    inst.close()
+    inst.poisoned = False                     # a closed instance stays refused
+    assert inst.poisoned
