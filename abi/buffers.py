@@ -1,0 +1,123 @@
+"""Header maps and body buffers as the guest sees them (reference §4.1, §5.8).
+
+Both are lazy: a header map serializes only when the guest asks for all pairs, a body
+buffer joins its chunks only when the guest reads or rewrites it.
+"""
+from __future__ import annotations
+
+from .enums import Status
+from .pairs import serialize_str, to_bytes, to_str
+
+
+def lower_key(key: bytes) -> str:
+    # Envoy lower-cases header names (LowerCaseString: ASCII only).
+    return to_str(key.lower())
+
+
+class HeaderMap:
+    """Ordered (name, value) pairs with lower-case names; serialization cached."""
+    __slots__ = ("items", "_ser")
+
+    def __init__(self, items: list[tuple[str, str]]):
+        self.items = items
+        self._ser: bytes | None = None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def serialized(self) -> bytes:
+        ser = self._ser
+        if ser is None:
+            ser = self._ser = serialize_str(self.items)
+        return ser
+
+    def get(self, name: str) -> str | None:
+        for k, v in self.items:
+            if k == name:
+                return v
+        return None
+
+    def add(self, name: str, value: str) -> None:
+        self._ser = None
+        self.items.append((name, value))
+
+    def replace(self, name: str, value: str) -> None:
+        """Envoy setCopy: the first occurrence takes the value, later ones go."""
+        self._ser = None
+        out = []
+        done = False
+        for k, v in self.items:
+            if k == name:
+                if not done:
+                    out.append((k, value))
+                    done = True
+            else:
+                out.append((k, v))
+        if not done:
+            out.append((name, value))
+        self.items[:] = out
+
+    def remove(self, name: str) -> None:
+        if any(k == name for k, _ in self.items):
+            self._ser = None
+            self.items[:] = [(k, v) for k, v in self.items if k != name]
+
+    def set_all(self, pairs: list[tuple[str, str]]) -> None:
+        self._ser = None
+        self.items[:] = pairs
+
+
+class BodyBuffer:
+    """Chunks buffered at one filter; joined only on demand."""
+    __slots__ = ("chunks", "size", "writable")
+
+    def __init__(self, writable: bool = True, data: bytes | None = None):
+        self.chunks: list[bytes] = [data] if data else []
+        self.size = len(data) if data else 0
+        self.writable = writable
+
+    def append(self, chunk: bytes) -> None:
+        if chunk:
+            self.chunks.append(chunk)
+            self.size += len(chunk)
+
+    def data(self) -> bytes:
+        chunks = self.chunks
+        if len(chunks) == 1:
+            return chunks[0]
+        if not chunks:
+            return b""
+        joined = b"".join(chunks)
+        self.chunks = [joined]
+        return joined
+
+    def take(self) -> bytes:
+        data = self.data()
+        self.chunks = []
+        self.size = 0
+        return data
+
+    def read(self, start: int, max_size: int) -> bytes:
+        if start >= self.size:
+            return b""
+        return self.data()[start:start + max_size]
+
+    def write(self, start: int, size: int, data: bytes) -> int:
+        """Envoy Buffer semantics: start 0 drains `size` bytes then prepends; start >= len
+        appends; anything else is BAD_ARGUMENT."""
+        if not self.writable:
+            return Status.BAD_ARGUMENT
+        if start == 0:
+            rest = self.data()[size:]
+            new = data + rest
+        elif start >= self.size:
+            new = self.data() + data
+        else:
+            return Status.BAD_ARGUMENT
+        self.chunks = [new] if new else []
+        self.size = len(new)
+        return Status.OK
+
+
+def header_bytes(items: list[tuple[str, str]]) -> int:
+    return sum(len(to_bytes(k)) + len(to_bytes(v)) for k, v in items)

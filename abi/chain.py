@@ -1,0 +1,383 @@
+"""HttpStream: one request through one route's filter chain (reference §2.4, §3.4).
+
+Request callbacks run in chain order, response callbacks in reverse. A body flows through a
+pipeline of per-filter stages (async generators) that exist only for filters exporting a body
+callback; without any, the gateway's body iterator is handed back untouched. A stage buffers
+while its filter answers Pause and releases the buffer on Continue, so each body callback
+sees the cumulative buffered size.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import AsyncIterator
+
+from .api import Body, Forward, Headers, LocalReply, LocalReplyInterrupt, LogInfo, StreamInfo
+from .buffers import BodyBuffer, HeaderMap
+from .context import REQUEST, RESPONSE, HttpContext
+from .filter import Filter, FilterFailure
+
+PAUSE_TIMEOUT_S = 60.0           # a filter that pauses and never resumes fails the request
+FAIL_DETAILS = "wasm_fail_stream"
+
+HEADERS_CB = ("proxy_on_request_headers", "proxy_on_response_headers")
+BODY_CB = ("proxy_on_request_body", "proxy_on_response_body")
+TEARDOWN_CB = ("proxy_on_done", "proxy_on_log", "proxy_on_delete")
+
+# Highest valid return value per callback kind (cpp-sdk FilterHeadersStatus/FilterDataStatus).
+MAX_HEADERS_ACTION = 4
+MAX_BODY_ACTION = 3
+CONTINUE_HEADERS = (0, 2)        # Continue, ContinueAndEndStream
+
+CONTINUE, PAUSED, SKIPPED = 0, 1, 2
+
+Chunks = AsyncIterator[tuple[bytes, bool]]
+
+# Envoy's HTTP → gRPC status mapping for local replies (Grpc::Utility::httpToGrpcStatus).
+_HTTP_TO_GRPC = {400: 13, 401: 16, 403: 7, 404: 12, 429: 14, 502: 14, 503: 14, 504: 14}
+
+
+class _Stop(Exception):
+    """The chain ends with a local reply (a filter answered or failed closed)."""
+
+    def __init__(self, reply: LocalReply):
+        self.reply = reply
+
+
+async def _with_eos(body: Body) -> Chunks:
+    # One chunk of look-ahead so the last chunk carries end_of_stream, as on Envoy.
+    it = body.__aiter__()
+    try:
+        prev = await it.__anext__()
+    except StopAsyncIteration:
+        yield b"", True
+        return
+    while True:
+        try:
+            nxt = await it.__anext__()
+        except StopAsyncIteration:
+            yield prev, True
+            return
+        yield prev, False
+        prev = nxt
+
+
+async def _payload(chunks: Chunks) -> Body:
+    async for data, _eos in chunks:
+        if data:
+            yield data
+
+
+class Chain:
+    """Implements api.HttpStream; also the StreamFacts that properties read."""
+
+    def __init__(self, filters: list[Filter], info: StreamInfo):
+        self.filters = filters
+        self.info: StreamInfo | None = info
+        self.request_headers: HeaderMap | None = None
+        self.response_headers: HeaderMap | None = None
+        self.log: LogInfo | None = None
+        self.custom: dict[bytes, bytes] = {}
+        n = len(filters)
+        self.ctxs: list[HttpContext | None] = [None] * n
+        self.skipped = [False] * n
+        self.failed = [False] * n
+        self.reply: LocalReply | None = None
+        self._replying = False           # a local reply is being encoded: no second one
+        self._closed = False             # response headers went downstream
+        self._phase = REQUEST
+
+    # -- local replies -----------------------------------------------------------------------
+
+    def set_reply(self, reply: LocalReply) -> None:
+        if self.reply is None and not self._replying and not self._closed:
+            self.reply = reply
+
+    def shape_reply(self, reply: LocalReply, grpc_status: int) -> LocalReply:
+        """Envoy sendLocalReply: gRPC requests get a trailers-only gRPC answer, a body a
+        content-type."""
+        ct = self.request_headers.get("content-type") if self.request_headers else None
+        if ct and ct.startswith("application/grpc"):
+            grpc = grpc_status if grpc_status >= 0 else _HTTP_TO_GRPC.get(reply.status, 2)
+            msg = reply.body.decode("utf-8", "replace").replace("\r", " ").replace("\n", " ")
+            headers = [("content-type", "application/grpc"), ("grpc-status", str(grpc))]
+            if msg:
+                headers.append(("grpc-message", msg))
+            return LocalReply(200, headers + reply.headers, b"", reply.details)
+        if reply.body and not any(k == "content-type" for k, _ in reply.headers):
+            reply.headers.append(("content-type", "text/plain"))
+        return reply
+
+    def _fail(self, i: int) -> None:
+        """Apply filter i's failure policy: skip it (fail_open) or stop with 503."""
+        self.failed[i] = True
+        if self.filters[i].spec.failure_policy == "fail_open":
+            self.skipped[i] = True
+            return
+        raise _Stop(LocalReply(503, [], b"", FAIL_DETAILS))
+
+    def _invalid(self, i: int, name: str, action: int) -> None:
+        self.filters[i].record_soft_failure(name, "invalid_action", f"returned {action}")
+        self._fail(i)
+
+    # -- invoking callbacks ------------------------------------------------------------------
+
+    def _invoke(self, i: int, name: str, *args: int) -> int | None:
+        """Call filter i; None when it is skipped from now on. Raises _Stop on a reply."""
+        ctx = self.ctxs[i]
+        if ctx is None or not ctx.alive:
+            self._fail(i)
+            return None
+        try:
+            action = self.filters[i].call(ctx, name, *args)
+        except FilterFailure:
+            self._fail(i)
+            return None
+        if self.reply is not None:
+            raise _Stop(self.reply)
+        return action
+
+    def _open(self, i: int) -> bool:
+        f = self.filters[i]
+        try:
+            ctx = f.new_http_context(self)
+        except FilterFailure:
+            ctx = None
+        if ctx is None:
+            self._fail(i)
+            return False
+        self.ctxs[i] = ctx
+        return True
+
+    async def _headers(self, i: int, direction: int, eos: bool) -> int:
+        f = self.filters[i]
+        name = HEADERS_CB[direction]
+        if not f.has(name):
+            return CONTINUE
+        ctx = self.ctxs[i]
+        hmap = self.request_headers if direction == REQUEST else self.response_headers
+        ctx.resumed[direction] = False
+        if f.loaded.headers_take_eos:
+            action = self._invoke(i, name, ctx.id, len(hmap), 1 if eos else 0)
+        else:
+            action = self._invoke(i, name, ctx.id, len(hmap))
+        if action is None:
+            return SKIPPED
+        if action in CONTINUE_HEADERS:
+            return CONTINUE
+        if action > MAX_HEADERS_ACTION:
+            self._invalid(i, name, action)
+            return SKIPPED
+        return CONTINUE if ctx.resumed[direction] else PAUSED
+
+    async def _wait(self, i: int, direction: int) -> None:
+        """Wait until filter i resumes `direction` (proxy_continue_stream), replies or dies."""
+        ctx = self.ctxs[i]
+        deadline = time.monotonic() + PAUSE_TIMEOUT_S
+        loop = asyncio.get_running_loop()
+        while True:
+            if self.reply is not None:
+                raise _Stop(self.reply)
+            if not ctx.alive:
+                self._fail(i)
+                return
+            if ctx.resumed[direction]:
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.filters[i].record_soft_failure(HEADERS_CB[direction], "pause_timeout",
+                                                    f"paused for more than {PAUSE_TIMEOUT_S:g}s")
+                self._fail(i)
+                return
+            ctx.waiter = loop.create_future()
+            try:
+                await asyncio.wait_for(ctx.waiter, remaining)
+            except asyncio.TimeoutError:
+                pass
+            finally:
+                ctx.waiter = None
+
+    # -- request -------------------------------------------------------------------------------
+
+    async def request(self, headers: Headers, body: Body | None) -> Forward | LocalReply:
+        self._phase = REQUEST
+        try:
+            return await self._request(headers, body)
+        except _Stop as s:
+            return await self._encode_reply(s.reply)
+
+    async def _request(self, headers: Headers, body: Body | None) -> Forward:
+        self.request_headers = HeaderMap(list(headers))
+        eos = body is None
+        src: Chunks | None = None if body is None else _with_eos(body)
+        touched = False
+        for i, f in enumerate(self.filters):
+            if not self._open(i):
+                continue
+            state = await self._headers(i, REQUEST, eos)
+            staged = False
+            if state == PAUSED:
+                if src is not None and f.spec.deliver_body_while_paused and f.has(BODY_CB[REQUEST]):
+                    src = await self._body_while_paused(i, src)
+                    staged = touched = True
+                else:
+                    await self._wait(i, REQUEST)
+            if src is not None and not staged and not self.skipped[i] and f.has(BODY_CB[REQUEST]):
+                src = self._stage(i, REQUEST, src)
+                touched = True
+        out = body if not touched else _payload(src)
+        return Forward(self.request_headers.items, out)
+
+    async def _body_while_paused(self, i: int, src: Chunks) -> Chunks:
+        """Filter i paused in request headers still gets the body (deliver_body_while_paused).
+
+        As Envoy with allow_on_headers_stop_iteration: a body callback answering Continue (or
+        proxy_continue_stream) resumes the headers too; the buffered body then moves on.
+        """
+        ctx = self.ctxs[i]
+        name = BODY_CB[REQUEST]
+        buf = BodyBuffer()
+        ctx.bodies[REQUEST] = buf
+        it = src.__aiter__()
+        ended = False
+        while not ctx.resumed[REQUEST] and not ended:
+            chunk, ended = await it.__anext__()
+            buf.append(chunk)
+            ctx.resumed[REQUEST] = False
+            action = self._invoke(i, name, ctx.id, buf.size, 1 if ended else 0)
+            if action is None:
+                break
+            if action == 0:
+                ctx.resumed[REQUEST] = True
+            elif action > MAX_BODY_ACTION:
+                self._invalid(i, name, action)
+                break
+        if not self.skipped[i] and not ctx.resumed[REQUEST]:
+            await self._wait(i, REQUEST)
+        return self._then(buf.take(), ended, it, None if self.skipped[i] else i)
+
+    async def _then(self, head: bytes, ended: bool, rest: Chunks, stage_at: int | None) -> Chunks:
+        yield head, ended
+        if not ended:
+            tail = rest if stage_at is None else self._stage(stage_at, REQUEST, rest)
+            async for item in tail:
+                yield item
+
+    async def _stage(self, i: int, direction: int, src: Chunks) -> Chunks:
+        ctx = self.ctxs[i]
+        name = BODY_CB[direction]
+        buf = BodyBuffer()
+        ctx.bodies[direction] = buf
+        try:
+            async for chunk, eos in src:
+                if self.skipped[i]:
+                    if buf.size:
+                        yield buf.take(), False
+                    yield chunk, eos
+                    continue
+                buf.append(chunk)
+                ctx.resumed[direction] = False
+                action = self._invoke(i, name, ctx.id, buf.size, 1 if eos else 0)
+                if action is None:                       # failed open: let it all through
+                    yield buf.take(), eos
+                    continue
+                if action > MAX_BODY_ACTION:
+                    self._invalid(i, name, action)
+                    yield buf.take(), eos
+                    continue
+                if action == 0 or ctx.resumed[direction]:
+                    yield buf.take(), eos
+                elif eos:
+                    await self._wait(i, direction)
+                    yield buf.take(), True
+        except _Stop as s:
+            if direction == REQUEST:
+                raise LocalReplyInterrupt(await self._encode_reply(s.reply)) from None
+            raise LocalReplyInterrupt(self._finish_reply(s.reply)) from None
+
+    # -- response ------------------------------------------------------------------------------
+
+    async def response(self, status: int, headers: Headers, body: Body | None) -> Forward | LocalReply:
+        self._phase = RESPONSE
+        try:
+            return await self._response(status, headers, body)
+        except _Stop as s:
+            return self._finish_reply(s.reply)
+
+    async def _response(self, status: int, headers: Headers, body: Body | None) -> Forward:
+        items = [(":status", str(status))]
+        items.extend(h for h in headers if h[0] != ":status")
+        self.response_headers = HeaderMap(items)
+        eos = body is None
+        src: Chunks | None = None if body is None else _with_eos(body)
+        touched = False
+        for i in range(len(self.filters) - 1, -1, -1):
+            if self.ctxs[i] is None or self.skipped[i]:
+                continue
+            f = self.filters[i]
+            state = await self._headers(i, RESPONSE, eos)
+            if state == PAUSED:
+                await self._wait(i, RESPONSE)
+            if src is not None and not self.skipped[i] and f.has(BODY_CB[RESPONSE]):
+                src = self._stage(i, RESPONSE, src)
+                touched = True
+        out = body if not touched else _payload(src)
+        return Forward(self.response_headers.items, out)
+
+    def _finish_reply(self, reply: LocalReply) -> LocalReply:
+        self._closed = True
+        return reply
+
+    async def _encode_reply(self, reply: LocalReply) -> LocalReply:
+        """A request-phase reply passes the response callbacks of the filters that saw the
+        request (Envoy encodes local replies through the chain; the replier sees its own)."""
+        self._replying = True
+        self._phase = RESPONSE
+        self.response_headers = HeaderMap([(":status", str(reply.status))] + list(reply.headers))
+        body = reply.body
+        for i in range(len(self.filters) - 1, -1, -1):
+            ctx = self.ctxs[i]
+            if ctx is None or self.skipped[i] or not ctx.alive:
+                continue
+            f = self.filters[i]
+            try:
+                if f.has(HEADERS_CB[RESPONSE]):
+                    n = len(self.response_headers)
+                    args = (ctx.id, n, 0 if body else 1) if f.loaded.headers_take_eos else (ctx.id, n)
+                    f.call(ctx, HEADERS_CB[RESPONSE], *args)
+                if body and f.has(BODY_CB[RESPONSE]) and ctx.alive:
+                    buf = ctx.bodies[RESPONSE] = BodyBuffer(data=body)
+                    f.call(ctx, BODY_CB[RESPONSE], ctx.id, buf.size, 1)
+                    body = buf.data()
+            except FilterFailure:
+                self.failed[i] = True
+        items = self.response_headers.items
+        status = items[0][1] if items and items[0][0] == ":status" else ""
+        return self._finish_reply(LocalReply(
+            int(status) if status.isdigit() else reply.status,
+            [(k, v) for k, v in items if not k.startswith(":")], body, reply.details))
+
+    # -- teardown --------------------------------------------------------------------------------
+
+    async def finish(self, log: LogInfo) -> None:
+        """on_done → on_log → on_delete for every context (on_delete last); never raises."""
+        self.log = log
+        self._closed = True
+        for i, ctx in enumerate(self.ctxs):
+            if ctx is None:
+                continue
+            f = self.filters[i]
+            try:
+                f.cancel_calls(ctx)
+                ctx.wake()
+                for name in TEARDOWN_CB:
+                    if ctx.alive and f.has(name):
+                        f.call(ctx, name, ctx.id)
+                if ctx.alive and not self.failed[i]:
+                    f.note_success()
+            except FilterFailure:
+                pass
+            except Exception:            # noqa: BLE001 — teardown must never fail the gateway
+                f.log.exception('filter "%s": teardown failed', f.name)
+            finally:
+                f.release(ctx)

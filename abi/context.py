@@ -1,0 +1,172 @@
+"""Root and HTTP context state: what the host functions act on (cpp-host ContextBase).
+
+Host functions (hostcalls.py) unmarshal guest memory and call exactly one method here; the
+behaviour of the host lives in these classes, the chain (chain.py) and the filter (filter.py).
+"""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .api import LocalReply
+from .buffers import BodyBuffer, HeaderMap
+from .enums import BufferType, MapType, Status, StreamType
+from .properties import PropertySource, RootFacts, get_property, set_property
+
+if TYPE_CHECKING:
+    from .chain import Chain
+    from .filter import Filter
+
+REQUEST = StreamType.HTTP_REQUEST
+RESPONSE = StreamType.HTTP_RESPONSE
+
+
+@dataclass
+class CalloutData:
+    """An HTTP-call response, readable (map 6/7, buffer 4) only during its callback."""
+    headers: HeaderMap
+    body: BodyBuffer
+    trailers: HeaderMap
+
+
+class Context:
+    """Behaviour common to every context of one filter instance."""
+    is_root = False
+
+    def __init__(self, filter: "Filter", context_id: int, generation: int):
+        self.filter = filter
+        self.id = context_id
+        self.generation = generation
+        self.props: PropertySource
+
+    @property
+    def root(self) -> "RootContext":
+        return self.filter.root
+
+    @property
+    def alive(self) -> bool:
+        return self.generation == self.filter.generation
+
+    # -- maps ----------------------------------------------------------------------------
+
+    def get_map(self, map_type: int) -> HeaderMap | None:
+        callout = self.filter.callout
+        if callout is not None:
+            if map_type == MapType.HTTP_CALL_RESPONSE_HEADERS:
+                return callout.headers
+            if map_type == MapType.HTTP_CALL_RESPONSE_TRAILERS:
+                return callout.trailers
+        return None
+
+    def writable_map(self, map_type: int) -> HeaderMap | None:
+        return None
+
+    # -- buffers ---------------------------------------------------------------------------
+
+    def get_buffer(self, buffer_type: int) -> BodyBuffer | None:
+        if buffer_type == BufferType.HTTP_CALL_RESPONSE_BODY and self.filter.callout is not None:
+            return self.filter.callout.body
+        if buffer_type == BufferType.VM_CONFIGURATION:
+            return BodyBuffer(writable=False, data=self.filter.spec.vm_configuration)
+        if buffer_type == BufferType.PLUGIN_CONFIGURATION and self.filter.configuring:
+            return BodyBuffer(writable=False, data=self.filter.spec.configuration)
+        return None
+
+    # -- properties ----------------------------------------------------------------------
+
+    def get_property(self, path: bytes) -> bytes | None:
+        return get_property(self.props, path)
+
+    def set_property(self, path: bytes, value: bytes) -> int:
+        set_property(self.props, path, value)
+        return Status.OK
+
+    # -- stream control (meaningful for HTTP contexts only) -------------------------------
+
+    def continue_stream(self, stream_type: int) -> int:
+        return Status.BAD_ARGUMENT if stream_type > StreamType.UPSTREAM else Status.OK
+
+    def close_stream(self, stream_type: int) -> int:
+        return Status.BAD_ARGUMENT if stream_type > StreamType.UPSTREAM else Status.OK
+
+    def send_local_response(self, reply: LocalReply, grpc_status: int) -> int:
+        # No stream to answer (root context): Envoy has no decoder callbacks and ignores it.
+        self.filter.log.debug("filter %s: send_local_response outside a request ignored",
+                              self.filter.name)
+        return Status.OK
+
+
+class VmContext(Context):
+    """Context id 0: what host calls made during _initialize/_start act on."""
+
+    def __init__(self, filter: "Filter", generation: int):
+        super().__init__(filter, 0, generation)
+        self.props = PropertySource(filter.name, RootFacts())
+
+
+class RootContext(Context):
+    is_root = True
+
+    def __init__(self, filter: "Filter", context_id: int, generation: int):
+        super().__init__(filter, context_id, generation)
+        self.props = PropertySource(filter.name, RootFacts())
+
+
+class HttpContext(Context):
+    """One request through one filter."""
+
+    def __init__(self, filter: "Filter", context_id: int, generation: int, chain: "Chain"):
+        super().__init__(filter, context_id, generation)
+        self.chain = chain
+        self.props = PropertySource(filter.name, chain)
+        self.bodies: list[BodyBuffer | None] = [None, None]      # [request, response]
+        self.resumed = [False, False]
+        self.waiter: asyncio.Future[Any] | None = None
+        self.pending_calls: set[int] = set()
+
+    def get_map(self, map_type: int) -> HeaderMap | None:
+        if map_type == MapType.HTTP_REQUEST_HEADERS:
+            return self.chain.request_headers
+        if map_type == MapType.HTTP_RESPONSE_HEADERS:
+            return self.chain.response_headers
+        return super().get_map(map_type)
+
+    def writable_map(self, map_type: int) -> HeaderMap | None:
+        # Trailers never reach the chain through the gateway seam, so only headers are writable.
+        if map_type == MapType.HTTP_REQUEST_HEADERS:
+            return self.chain.request_headers
+        if map_type == MapType.HTTP_RESPONSE_HEADERS:
+            return self.chain.response_headers
+        return None
+
+    def get_buffer(self, buffer_type: int) -> BodyBuffer | None:
+        if buffer_type <= BufferType.HTTP_RESPONSE_BODY:
+            return self.bodies[buffer_type]
+        return super().get_buffer(buffer_type)
+
+    def continue_stream(self, stream_type: int) -> int:
+        if stream_type <= RESPONSE:
+            self.resumed[stream_type] = True
+            self.wake()
+            return Status.OK
+        return super().continue_stream(stream_type)
+
+    def close_stream(self, stream_type: int) -> int:
+        if stream_type <= RESPONSE:
+            # The seam cannot reset a stream; the nearest equivalent is a reply that never
+            # reaches the upstream (Envoy: resetStream, details "wasm_close_stream").
+            self.chain.set_reply(LocalReply(503, [], b"", "wasm_close_stream"))
+            self.wake()
+            return Status.OK
+        return super().close_stream(stream_type)
+
+    def send_local_response(self, reply: LocalReply, grpc_status: int) -> int:
+        self.chain.set_reply(self.chain.shape_reply(reply, grpc_status))
+        self.wake()
+        return Status.OK
+
+    def wake(self) -> None:
+        w = self.waiter
+        if w is not None and not w.done():
+            w.set_result(None)

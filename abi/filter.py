@@ -1,0 +1,546 @@
+"""One loaded filter in one worker: its instance, root context, start sequence, failures.
+
+The instance is reused across requests and never re-entered: callout responses, ticks and
+queue events are delivered from the event loop, i.e. only between guest calls. Any trap
+discards the instance (a trapped SDK is poisoned, reference §0.5); a fresh one is built
+proactively after a backoff that grows while the filter keeps failing (Envoy FAIL_RELOAD).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from typing import TYPE_CHECKING, Callable
+
+from .api import CallFailed, CallResponse, FilterLoadError, FilterSpec, HostServices
+from .buffers import BodyBuffer, HeaderMap
+from .context import CalloutData, Context, HttpContext, RootContext, VmContext
+from .engine import Engine, EngineError, Instance, MemoryAccessError, Trap
+from .enums import Status, WasiErrno
+from .hostcalls import HOSTCALLS, PY_LEVELS, guarded
+from .module import LoadedModule
+from .shared_store import SharedStore
+from .wasi import WASI, WASI_MODULES, ProcExit
+
+if TYPE_CHECKING:
+    from .chain import Chain
+    from .filter_host import FilterHost
+
+BACKOFF_FIRST_S = 0.1
+BACKOFF_MAX_S = 30.0
+ROOT_DONE_WAIT_S = 1.0
+_U32 = 0xFFFFFFFF
+
+
+class FilterFailure(Exception):
+    """A guest call failed; the instance is already discarded, logged and counted."""
+
+    def __init__(self, filter_name: str, callback: str, kind: str, message: str):
+        super().__init__(f'filter "{filter_name}": {kind} in {callback}: {message}')
+        self.callback = callback
+        self.kind = kind
+        self.message = message
+
+
+class StartError(Exception):
+    def __init__(self, callback: str, message: str):
+        super().__init__(f"{callback}: {message}")
+        self.callback = callback
+
+
+class Filter:
+    def __init__(self, spec: FilterSpec, loaded: LoadedModule, engine: Engine,
+                 services: HostServices, store: SharedStore, host: "FilterHost"):
+        self.spec = spec
+        self.name = spec.name
+        self.loaded = loaded
+        self.has: Callable[[str], bool] = loaded.exports.__contains__
+        self.engine = engine
+        self.services = services
+        self.log: logging.Logger = services.log
+        self.store = store
+        self.host = host
+        self.loop = asyncio.get_running_loop()
+        self.instance: Instance | None = None
+        self.generation = 0
+        self.root: RootContext | None = None
+        self.contexts: dict[int, Context] = {}
+        self.callout: CalloutData | None = None
+        self.call_status: tuple[int, str] = (Status.OK, "")
+        self.configuring = False
+        self.closed = False
+        self.consecutive_failures = 0
+        self.failures: Counter[tuple[str, str]] = Counter()
+        self.rebuilds = 0
+        self.host_errors = 0
+        self._next_id = 1
+        self._next_token = 4                 # http callouts: type 0 in the low 2 bits (cpp-host)
+        self._current: Context | None = None
+        self._effective: Context | None = None
+        self._vm_ctx = VmContext(self, 0)
+        self._funcs: dict[str, Callable] = {}
+        self._alloc: Callable | None = None
+        self._deferred: list[Callable[[], None]] = []
+        self._pending_done: dict[int, asyncio.Event] = {}
+        self._calls: dict[int, tuple[asyncio.Task, int]] = {}
+        self._tick_period_ms = 0
+        self._tick_handle: asyncio.TimerHandle | None = None
+        self._rebuild_handle: asyncio.TimerHandle | None = None
+        self._next_attempt = 0.0
+        self.starting = False            # inside _initialize/main/_start
+        self.host_functions = self._host_functions()
+
+    # -- linking ---------------------------------------------------------------------------
+
+    def _host_functions(self) -> dict[tuple[str, str], Callable]:
+        table = {}
+        for name, (fn, _params, results) in HOSTCALLS.items():
+            void = not results
+            table[("env", name)] = guarded(
+                self, name, fn, bad_memory=None if void else Status.INVALID_MEMORY_ACCESS,
+                internal=None if void else Status.INTERNAL_FAILURE)
+        for name, (fn, _params, results) in WASI.items():
+            void = not results
+            wrapped = guarded(self, name, fn, bad_memory=None if void else WasiErrno.FAULT,
+                              internal=None if void else WasiErrno.INVAL)
+            for module in WASI_MODULES:
+                table[(module, name)] = wrapped
+        return table
+
+    # -- start sequence (reference §2.3) ----------------------------------------------------
+
+    def start_at_load(self) -> None:
+        try:
+            self._start()
+        except StartError as e:
+            self.closed = True           # never used: no rebuilds, no timers
+            self._cancel_tick()
+            if self._rebuild_handle is not None:
+                self._rebuild_handle.cancel()
+            raise FilterLoadError(self.name, f"{self.loaded.path}: {e}") from None
+
+    def _start(self) -> None:
+        try:
+            inst = Instance(self.engine, self.loaded.module, self.host_functions,
+                            memory_limit_bytes=self.spec.limits.memory_bytes,
+                            deadline_ms=self.spec.limits.callback_ms)
+        except EngineError as e:
+            self.consecutive_failures += 1
+            raise StartError("instantiate", str(e)) from None
+        except Trap as t:
+            self._record_failure("instantiate", t)
+            raise StartError("instantiate", f"{t.kind}: {t.message}") from None
+        self.generation += 1
+        self.instance = inst
+        self._funcs = {}
+        alloc = "proxy_on_memory_allocate" if self.has("proxy_on_memory_allocate") else "malloc"
+        self._alloc = inst.export_func(alloc) if self.has(alloc) else None
+        self._vm_ctx = VmContext(self, self.generation)
+        try:
+            self._run_start_sequence()
+        except FilterFailure as e:
+            raise StartError(e.callback, f"{e.kind}: {e.message}") from None
+        except StartError as e:
+            self.consecutive_failures += 1
+            self.failures[(e.callback, "rejected")] += 1
+            self._discard()
+            raise
+
+    def _run_start_sequence(self) -> None:
+        vm = self._vm_ctx
+        self.starting = True
+        try:
+            if self.has("_initialize"):
+                self.call(vm, "_initialize")
+                if self.has("main") and self.loaded.arity("main") == 2:
+                    self.call(vm, "main", 0, 0)
+            elif self.has("_start"):
+                self.call(vm, "_start")
+        finally:
+            self.starting = False
+        root = RootContext(self, self._new_id(), self.generation)
+        self.root = root
+        self.contexts[root.id] = root
+        if self.has("proxy_on_context_create"):
+            self.call(root, "proxy_on_context_create", root.id, 0)
+        self._start_callback(root, "proxy_on_vm_start", len(self.spec.vm_configuration))
+        self.configuring = True
+        try:
+            self._start_callback(root, "proxy_on_configure", len(self.spec.configuration))
+        finally:
+            self.configuring = False
+
+    def _start_callback(self, root: RootContext, name: str, size: int) -> None:
+        if self.has(name) and self.call(root, name, root.id, size) == 0:
+            raise StartError(name, "returned false (the filter rejected its configuration)")
+
+    def ensure_ready(self) -> bool:
+        """True when an instance is up; builds one if the backoff allows."""
+        if self.instance is not None:
+            return True
+        if self.closed or time.monotonic() < self._next_attempt:
+            return False
+        try:
+            self._start()
+        except StartError as e:
+            self.log.error('filter "%s": rebuild failed: %s', self.name, e)
+            self._schedule_rebuild()
+            return False
+        self.rebuilds += 1
+        self.log.warning('filter "%s": instance rebuilt after a failure', self.name)
+        return True
+
+    def note_success(self) -> None:
+        self.consecutive_failures = 0
+
+    def _new_id(self) -> int:
+        cid = self._next_id
+        self._next_id += 1
+        return cid
+
+    # -- calling the guest -------------------------------------------------------------------
+
+    def call(self, ctx: Context, name: str, *args: int) -> int | None:
+        """Call an export with `ctx` current; a trap raises FilterFailure (instance gone)."""
+        inst = self.instance
+        if inst is None:
+            raise FilterFailure(self.name, name, "unavailable", "no live instance")
+        fn = self._funcs.get(name)
+        if fn is None:
+            fn = self._funcs[name] = inst.export_func(name)
+        saved = self._current, self._effective
+        self._current, self._effective = ctx, None
+        try:
+            return fn(*args)
+        except Trap as t:
+            self._record_failure(name, t)
+            self._discard()
+            raise FilterFailure(self.name, name, t.kind, t.message) from None
+        finally:
+            self._current, self._effective = saved
+            if self._deferred:
+                self._run_deferred()
+
+    def _run_deferred(self) -> None:
+        todo, self._deferred = self._deferred, []
+        for action in todo:
+            try:
+                action()
+            except FilterFailure:
+                pass
+
+    def ctx(self) -> Context:
+        return self._effective or self._current or self._vm_ctx
+
+    def _record_failure(self, callback: str, t: Trap) -> None:
+        self.failures[(callback, t.kind)] += 1
+        self.consecutive_failures += 1
+        trace = "\n    ".join(t.backtrace) if t.backtrace else "(none)"
+        self.log.error('filter "%s" (%s): %s in %s: %s\n  wasm backtrace:\n    %s',
+                       self.name, self.loaded.path.name, t.kind, callback, t.message, trace)
+
+    def record_soft_failure(self, callback: str, kind: str, message: str) -> None:
+        """A protocol violation that leaves the instance usable (invalid action, pause timeout)."""
+        self.failures[(callback, kind)] += 1
+        self.log.error('filter "%s" (%s): %s in %s: %s', self.name, self.loaded.path.name,
+                       kind, callback, message)
+
+    def _discard(self) -> None:
+        inst, self.instance = self.instance, None
+        if inst is not None:
+            inst.close()
+        self.generation += 1            # every context of the old instance is now dead
+        self.root = None
+        self.callout = None
+        self._funcs = {}
+        self._alloc = None
+        contexts, self.contexts = self.contexts, {}
+        for ctx in contexts.values():
+            if isinstance(ctx, HttpContext):
+                ctx.wake()
+        for task, _origin in self._calls.values():
+            task.cancel()
+        self._calls.clear()
+        for ev in self._pending_done.values():
+            ev.set()
+        self._pending_done.clear()
+        self._cancel_tick()
+        self._schedule_rebuild()
+
+    def _schedule_rebuild(self) -> None:
+        n = self.consecutive_failures
+        delay = 0.0 if n <= 1 else min(BACKOFF_FIRST_S * 2 ** (n - 2), BACKOFF_MAX_S)
+        self._next_attempt = time.monotonic() + delay
+        if self._rebuild_handle is not None:
+            self._rebuild_handle.cancel()
+        if not self.closed:
+            self._rebuild_handle = self.loop.call_later(delay, self._rebuild_soon)
+
+    def _rebuild_soon(self) -> None:
+        self._rebuild_handle = None
+        if self.instance is None and not self.closed:
+            self.ensure_ready()
+
+    # -- guest memory (used by the host functions) -------------------------------------------
+
+    def _memory(self):
+        inst = self.instance
+        mem = inst.memory if inst is not None else None
+        if mem is None:
+            raise MemoryAccessError("the module has no exported memory")
+        return mem
+
+    def read(self, ptr: int, size: int) -> bytes:
+        if size == 0:
+            return b""
+        return self._memory().read(ptr, size)
+
+    def write(self, ptr: int, data: bytes) -> None:
+        self._memory().write(ptr, data)
+
+    def write_u32(self, ptr: int, value: int) -> None:
+        self._memory().write_u32(ptr, value)
+
+    def write_u64(self, ptr: int, value: int) -> None:
+        self._memory().write_u64(ptr, value)
+
+    def check_out(self, ptr: int, size: int) -> None:
+        if ptr + size > self._memory().size():
+            raise MemoryAccessError(f"({ptr}, {size}) outside linear memory")
+
+    def write_result(self, data: bytes, ret_pp: int, ret_size_p: int) -> int:
+        """Copy `data` into guest-owned memory (guest allocator) and fill the out-pointers."""
+        self.check_out(ret_pp, 4)
+        self.check_out(ret_size_p, 4)
+        if not data:
+            self.write_u32(ret_pp, 0)
+            self.write_u32(ret_size_p, 0)
+            return Status.OK
+        alloc = self._alloc
+        addr = alloc(len(data)) if alloc is not None else 0
+        if not addr:
+            return Status.INVALID_MEMORY_ACCESS
+        mem = self._memory()             # re-read: the allocator may have grown memory
+        mem.write(addr, data)
+        mem.write_u32(ret_pp, addr)
+        mem.write_u32(ret_size_p, len(data))
+        return Status.OK
+
+    # -- logging -------------------------------------------------------------------------------
+
+    def guest_log(self, level: int, message: bytes) -> None:
+        py = PY_LEVELS[level]
+        if self.log.isEnabledFor(py):
+            self.log.log(py, 'filter "%s": %s', self.name, message.decode("utf-8", "replace"))
+
+    def guest_stdio(self, fd: int, data: bytes) -> None:
+        py = logging.INFO if fd == 1 else logging.ERROR
+        if data and self.log.isEnabledFor(py):
+            text = data.decode("utf-8", "replace")
+            self.log.log(py, 'filter "%s" %s: %s', self.name, "stdout" if fd == 1 else "stderr",
+                         text[:-1] if text.endswith("\n") else text)
+
+    def host_error(self, name: str, e: Exception) -> None:
+        self.host_errors += 1
+        self.log.error('filter "%s": host function %s failed: %r', self.name, name, e,
+                       exc_info=e)
+
+    @staticmethod
+    def now_ns() -> int:
+        return time.time_ns()
+
+    # -- contexts ------------------------------------------------------------------------------
+
+    def new_http_context(self, chain: "Chain") -> HttpContext | None:
+        """A context for one request, or None when no instance is available (backoff)."""
+        if not self.ensure_ready():
+            return None
+        root = self.root
+        ctx = HttpContext(self, self._new_id(), self.generation, chain)
+        self.contexts[ctx.id] = ctx
+        if self.has("proxy_on_context_create"):
+            self.call(ctx, "proxy_on_context_create", ctx.id, root.id)
+        return ctx
+
+    def release(self, ctx: HttpContext) -> None:
+        self.cancel_calls(ctx)
+        if self.contexts.get(ctx.id) is ctx:
+            del self.contexts[ctx.id]
+
+    def set_effective_context(self, context_id: int) -> int:
+        ctx = self.contexts.get(context_id)
+        if ctx is None:
+            return Status.BAD_ARGUMENT
+        self._effective = ctx
+        return Status.OK
+
+    def proxy_done(self, ctx: Context) -> int:
+        ev = self._pending_done.pop(ctx.id, None)
+        if ev is None:
+            return Status.NOT_FOUND
+
+        def delete() -> None:
+            if self.instance is not None and self.has("proxy_on_delete"):
+                self.call(ctx, "proxy_on_delete", ctx.id)
+            ev.set()
+        self._deferred.append(delete)    # cpp-host: on_delete after the current call returns
+        return Status.OK
+
+    # -- ticks (reference §5.7) --------------------------------------------------------------
+
+    def set_tick_period(self, period_ms: int) -> None:
+        self._tick_period_ms = period_ms
+        self._cancel_tick()
+        if period_ms:
+            self._tick_handle = self.loop.call_later(period_ms / 1000, self._tick, self.generation)
+
+    def _cancel_tick(self) -> None:
+        if self._tick_handle is not None:
+            self._tick_handle.cancel()
+            self._tick_handle = None
+
+    def _tick(self, generation: int) -> None:
+        self._tick_handle = None
+        if generation != self.generation or self.root is None or self.closed:
+            return
+        period = self._tick_period_ms
+        self._tick_handle = self.loop.call_later(period / 1000, self._tick, generation)
+        if self.has("proxy_on_tick"):
+            try:
+                self.call(self.root, "proxy_on_tick", self.root.id)
+            except FilterFailure:
+                pass
+
+    # -- HTTP callouts (reference §5.2) --------------------------------------------------------
+
+    def http_call(self, ctx: Context, cluster: str, headers: list[tuple[str, str]], body: bytes,
+                  timeout_ms: int) -> tuple[int, int]:
+        if self.closed or not self.services.has_cluster(cluster):
+            return Status.BAD_ARGUMENT, 0
+        pseudo: dict[str, str] = {}
+        rest = []
+        for k, v in headers:
+            if k.startswith(":"):
+                pseudo[k.lower()] = v
+            else:
+                rest.append((k.lower(), v))
+        method, path, authority = pseudo.get(":method"), pseudo.get(":path"), pseudo.get(":authority")
+        if not method or not path or authority is None:
+            return Status.BAD_ARGUMENT, 0
+        token = self._next_token
+        self._next_token = (token + 4) & _U32 or 4
+        timeout = timeout_ms / 1000 if timeout_ms else None
+        task = self.loop.create_task(self._run_http_call(
+            token, self.generation, cluster, method, path, authority, rest, body, timeout))
+        self._calls[token] = (task, ctx.id)
+        if isinstance(ctx, HttpContext):
+            ctx.pending_calls.add(token)
+        return Status.OK, token
+
+    async def _run_http_call(self, token: int, generation: int, cluster: str, method: str,
+                             path: str, authority: str, headers: list[tuple[str, str]],
+                             body: bytes, timeout: float | None) -> None:
+        response: CallResponse | None = None
+        try:
+            call = self.services.http_call(cluster, method, path, authority, headers, body, timeout)
+            response = await (asyncio.wait_for(call, timeout) if timeout else call)
+        except (CallFailed, asyncio.TimeoutError) as e:
+            self.log.info('filter "%s": http call to %s failed: %s', self.name, cluster,
+                          getattr(e, "reason", None) or "timeout")
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:           # noqa: BLE001 — a gateway bug is a failed call here
+            self.log.error('filter "%s": http call to %s failed: %r', self.name, cluster, e)
+        self._deliver_http_response(token, generation, response)
+
+    def _deliver_http_response(self, token: int, generation: int,
+                               response: CallResponse | None) -> None:
+        entry = self._calls.pop(token, None)
+        if entry is None or generation != self.generation or self.root is None:
+            return
+        origin = self.contexts.get(entry[1])
+        if isinstance(origin, HttpContext):
+            origin.pending_calls.discard(token)
+        if not self.has("proxy_on_http_call_response"):
+            return
+        if response is None:
+            data = CalloutData(HeaderMap([]), BodyBuffer(False), HeaderMap([]))
+            self.call_status = (Status.BROKEN_CONNECTION, "reset")
+            counts = (0, 0, 0)
+        else:
+            hdrs = HeaderMap([(":status", str(response.status))]
+                             + [(k.lower(), v) for k, v in response.headers])
+            data = CalloutData(hdrs, BodyBuffer(False, response.body),
+                               HeaderMap([(k.lower(), v) for k, v in response.trailers]))
+            self.call_status = (Status.OK, "")
+            counts = (len(hdrs), len(response.body), len(response.trailers))
+        self.callout = data
+        root = self.root
+        try:
+            self.call(root, "proxy_on_http_call_response", root.id, token, *counts)
+        except FilterFailure:
+            pass
+        finally:
+            self.callout = None
+
+    def cancel_calls(self, ctx: HttpContext) -> None:
+        for token in ctx.pending_calls:
+            entry = self._calls.pop(token, None)
+            if entry is not None:
+                entry[0].cancel()
+        ctx.pending_calls.clear()
+
+    # -- queues (reference §5.5) ----------------------------------------------------------------
+
+    def register_queue(self, name: str) -> int:
+        qid = self.store.register_queue(name)
+        self.host.set_queue_owner(qid, self)
+        return qid
+
+    def queue_ready(self, qid: int) -> None:
+        """Store callback; delivery waits for the event loop (never inside a guest call)."""
+        self.loop.call_soon_threadsafe(self._deliver_queue_ready, qid, self.generation)
+
+    def _deliver_queue_ready(self, qid: int, generation: int) -> None:
+        root = self.root
+        if generation != self.generation or root is None or not self.has("proxy_on_queue_ready"):
+            return
+        try:
+            self.call(root, "proxy_on_queue_ready", root.id, qid)
+        except FilterFailure:
+            pass
+
+    # -- shutdown (reference §2.6) -----------------------------------------------------------
+
+    async def close(self) -> None:
+        self.closed = True
+        self._cancel_tick()
+        if self._rebuild_handle is not None:
+            self._rebuild_handle.cancel()
+        for task, _origin in list(self._calls.values()):
+            task.cancel()
+        self._calls.clear()
+        root = self.root
+        if self.instance is not None and root is not None:
+            try:
+                done = self.call(root, "proxy_on_done", root.id) if self.has("proxy_on_done") else 1
+                if done == 0:
+                    ev = self._pending_done[root.id] = asyncio.Event()
+                    try:
+                        await asyncio.wait_for(ev.wait(), ROOT_DONE_WAIT_S)
+                    except asyncio.TimeoutError:
+                        self._pending_done.pop(root.id, None)
+                        self._delete_root(root)
+                else:
+                    self._delete_root(root)
+            except FilterFailure:
+                pass
+        if self.instance is not None:
+            self.instance.close()
+            self.instance = None
+        self.generation += 1
+
+    def _delete_root(self, root: RootContext) -> None:
+        if self.instance is not None and self.has("proxy_on_delete"):
+            self.call(root, "proxy_on_delete", root.id)

@@ -1,0 +1,107 @@
+"""FilterHost: every filter of one config generation in one worker (api.FilterHostProtocol)."""
+from __future__ import annotations
+
+import asyncio
+
+from .api import FilterSpec, HostServices, MetricSample, StreamInfo
+from .chain import Chain
+from .engine import Engine
+from .filter import Filter
+from .module import load_module
+from .shared_store import LocalStore, SharedStore
+
+_engine: Engine | None = None
+_store: LocalStore | None = None
+
+
+def default_engine() -> Engine:
+    """One engine per process: it owns the epoch thread and the compiled-module cache."""
+    global _engine
+    if _engine is None:
+        _engine = Engine()
+    return _engine
+
+
+def default_store() -> LocalStore:
+    """One store per process, so shared data and queues survive a config reload."""
+    global _store
+    if _store is None:
+        _store = LocalStore()
+    return _store
+
+
+class FilterHost:
+    def __init__(self, filters: dict[str, Filter], store: SharedStore):
+        self.filters = filters
+        self.store = store
+        self._queue_owner: dict[int, Filter] = {}
+        self._closed = False
+
+    @classmethod
+    async def load(cls, specs: list[FilterSpec], services: HostServices, *,
+                   engine: Engine | None = None, store: SharedStore | None = None) -> "FilterHost":
+        """Compile, link, start and configure every filter; FilterLoadError names the first
+        that fails (the ones already started are closed again)."""
+        engine = engine or default_engine()
+        store = store or getattr(services, "shared_store", None) or default_store()
+        host = cls({}, store)
+        try:
+            for spec in specs:
+                # Compiling can take seconds on a cache miss: keep the event loop responsive.
+                loaded = await asyncio.to_thread(load_module, engine, spec)
+                f = Filter(spec, loaded, engine, services, store, host)
+                f.start_at_load()
+                host.filters[spec.name] = f
+        except BaseException:
+            await host.close()
+            raise
+        store.on_enqueue(host._on_enqueue)
+        return host
+
+    def stream(self, filter_names: list[str], info: StreamInfo) -> Chain:
+        try:
+            filters = [self.filters[n] for n in filter_names]
+        except KeyError as e:
+            raise ValueError(f"no filter named {e.args[0]!r} is loaded") from None
+        return Chain(filters, info)
+
+    def set_queue_owner(self, qid: int, f: Filter) -> None:
+        # cpp-host: the registering root context becomes the queue's notification target.
+        self._queue_owner[qid] = f
+
+    def _on_enqueue(self, qid: int) -> None:
+        f = self._queue_owner.get(qid)
+        if f is not None and not self._closed:
+            f.queue_ready(qid)
+
+    def metrics(self) -> list[MetricSample]:
+        out: list[MetricSample] = []
+        for f in self.filters.values():
+            labels = {"filter": f.name}
+            out.append(MetricSample("wasmgate_filter_up", "gauge",
+                                    1.0 if f.instance is not None else 0.0, dict(labels),
+                                    "1 when the filter has a live instance"))
+            out.append(MetricSample("wasmgate_filter_rebuilds_total", "counter", float(f.rebuilds),
+                                    dict(labels), "instances rebuilt after a failure"))
+            out.append(MetricSample("wasmgate_filter_host_errors_total", "counter",
+                                    float(f.host_errors), dict(labels),
+                                    "internal errors inside host functions"))
+            for (callback, kind), n in sorted(f.failures.items()):
+                out.append(MetricSample("wasmgate_filter_failures_total", "counter", float(n),
+                                        {"filter": f.name, "callback": callback, "kind": kind},
+                                        "filter failures (trap, deadline, exit, invalid action...)"))
+        out.extend(self.store.metric_samples())
+        return out
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        remove = getattr(self.store, "remove_enqueue_callback", None)
+        if remove is not None:
+            remove(self._on_enqueue)
+        for f in self.filters.values():
+            try:
+                await f.close()
+            except Exception:        # noqa: BLE001 — shutting down must finish
+                f.log.exception('filter "%s": close failed', f.name)

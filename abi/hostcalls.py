@@ -1,0 +1,438 @@
+"""The env.proxy_* host functions: thin adapters (cpp-host src/exports.cc).
+
+Each one unmarshals guest memory, calls one method on the effective context (or the filter)
+and marshals the result back. Arguments arrive unsigned (the engine masks i32s); i64s arrive
+signed. Statuses are the ones the SDKs tolerate (reference §1.3); a bad guest pointer gives
+INVALID_MEMORY_ACCESS as in cpp-host, never a Python exception (see guarded()).
+"""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Callable
+
+from .api import LocalReply
+from .buffers import lower_key
+from .enums import BufferType, LogLevel, MapType, MetricType, Status
+from .engine import HostTrap, MemoryAccessError, Trap
+from .pairs import deserialize, deserialize_str, to_str
+
+if TYPE_CHECKING:
+    from .filter import Filter
+
+I32, I64 = "i32", "i64"
+_U32 = 0xFFFFFFFF
+
+PY_LEVELS = {LogLevel.TRACE: 5, LogLevel.DEBUG: logging.DEBUG, LogLevel.INFO: logging.INFO,
+             LogLevel.WARN: logging.WARNING, LogLevel.ERROR: logging.ERROR,
+             LogLevel.CRITICAL: logging.CRITICAL}
+
+
+def proxy_level(py_level: int) -> int:
+    """Python logging level → proxy LogLevel (for proxy_get_log_level)."""
+    for lvl in (LogLevel.CRITICAL, LogLevel.ERROR, LogLevel.WARN, LogLevel.INFO, LogLevel.DEBUG):
+        if py_level >= PY_LEVELS[lvl]:
+            return lvl
+    return LogLevel.TRACE
+
+
+# -- logging, time, ticks -----------------------------------------------------------------
+
+def proxy_log(f: "Filter", level, ptr, size):
+    if level > LogLevel.CRITICAL:
+        return Status.BAD_ARGUMENT
+    f.guest_log(level, f.read(ptr, size))
+    return Status.OK
+
+
+def proxy_get_log_level(f, ret_p):
+    f.write_u32(ret_p, proxy_level(f.log.getEffectiveLevel()))
+    return Status.OK
+
+
+def proxy_get_current_time_nanoseconds(f, ret_p):
+    f.write_u64(ret_p, f.now_ns())
+    return Status.OK
+
+
+def proxy_set_tick_period_milliseconds(f, period):
+    f.set_tick_period(period)
+    return Status.OK
+
+
+# -- buffers ------------------------------------------------------------------------------
+
+def proxy_get_buffer_bytes(f, buffer_type, start, max_size, ret_pp, ret_size_p):
+    if buffer_type > BufferType.MAX:
+        return Status.BAD_ARGUMENT
+    buf = f.ctx().get_buffer(buffer_type)
+    if buf is None:
+        return Status.NOT_FOUND
+    return f.write_result(buf.read(start, max_size), ret_pp, ret_size_p)
+
+
+def proxy_set_buffer_bytes(f, buffer_type, start, size, data_ptr, data_size):
+    if buffer_type > BufferType.MAX:
+        return Status.BAD_ARGUMENT
+    data = f.read(data_ptr, data_size)
+    buf = f.ctx().get_buffer(buffer_type)
+    if buf is None:
+        return Status.NOT_FOUND
+    return buf.write(start, size, data)
+
+
+def proxy_get_buffer_status(f, buffer_type, ret_len_p, ret_flags_p):
+    if buffer_type > BufferType.MAX:
+        return Status.BAD_ARGUMENT
+    buf = f.ctx().get_buffer(buffer_type)
+    if buf is None:
+        return Status.NOT_FOUND
+    f.write_u32(ret_len_p, buf.size)
+    f.write_u32(ret_flags_p, 0)
+    return Status.OK
+
+
+# -- header maps ----------------------------------------------------------------------------
+
+def proxy_get_header_map_pairs(f, map_type, ret_pp, ret_size_p):
+    if map_type > MapType.MAX:
+        return Status.BAD_ARGUMENT
+    m = f.ctx().get_map(map_type)
+    # An unavailable map reads as empty: the Rust SDK accepts only OK here.
+    return f.write_result(m.serialized() if m is not None else b"", ret_pp, ret_size_p)
+
+
+def proxy_set_header_map_pairs(f, map_type, ptr, size):
+    if map_type > MapType.MAX:
+        return Status.BAD_ARGUMENT
+    pairs = deserialize(f.read(ptr, size))
+    m = f.ctx().writable_map(map_type)
+    if m is None or pairs is None:
+        return Status.BAD_ARGUMENT
+    m.set_all([(lower_key(k), to_str(v)) for k, v in pairs])
+    return Status.OK
+
+
+def proxy_get_header_map_value(f, map_type, key_ptr, key_size, ret_pp, ret_size_p):
+    if map_type > MapType.MAX:
+        return Status.BAD_ARGUMENT
+    key = lower_key(f.read(key_ptr, key_size))
+    m = f.ctx().get_map(map_type)
+    value = m.get(key) if m is not None else None
+    if value is None:
+        return Status.NOT_FOUND
+    return f.write_result(value.encode("utf-8", "surrogateescape"), ret_pp, ret_size_p)
+
+
+def _map_edit(f, map_type, key_ptr, key_size, val_ptr, val_size, op: str):
+    if map_type > MapType.MAX:
+        return Status.BAD_ARGUMENT
+    key = lower_key(f.read(key_ptr, key_size))
+    value = to_str(f.read(val_ptr, val_size))
+    m = f.ctx().writable_map(map_type)
+    if m is None:
+        return Status.BAD_ARGUMENT
+    if op == "add":
+        m.add(key, value)
+    elif op == "replace":
+        m.replace(key, value)
+    else:
+        m.remove(key)
+    return Status.OK
+
+
+def proxy_add_header_map_value(f, map_type, kp, ks, vp, vs):
+    return _map_edit(f, map_type, kp, ks, vp, vs, "add")
+
+
+def proxy_replace_header_map_value(f, map_type, kp, ks, vp, vs):
+    return _map_edit(f, map_type, kp, ks, vp, vs, "replace")
+
+
+def proxy_remove_header_map_value(f, map_type, kp, ks):
+    return _map_edit(f, map_type, kp, ks, 0, 0, "remove")
+
+
+def proxy_get_header_map_size(f, map_type, ret_p):
+    if map_type > MapType.MAX:
+        return Status.BAD_ARGUMENT
+    m = f.ctx().get_map(map_type)
+    f.write_u32(ret_p, len(m.serialized()) if m is not None else 0)
+    return Status.OK
+
+
+# -- properties -----------------------------------------------------------------------------
+
+def proxy_get_property(f, path_ptr, path_size, ret_pp, ret_size_p):
+    value = f.ctx().get_property(f.read(path_ptr, path_size))
+    if value is None:
+        return Status.NOT_FOUND
+    return f.write_result(value, ret_pp, ret_size_p)
+
+
+def proxy_set_property(f, path_ptr, path_size, val_ptr, val_size):
+    path = f.read(path_ptr, path_size)
+    return f.ctx().set_property(path, f.read(val_ptr, val_size))
+
+
+# -- stream control -------------------------------------------------------------------------
+
+def proxy_continue_stream(f, stream_type):
+    return f.ctx().continue_stream(stream_type)
+
+
+def proxy_close_stream(f, stream_type):
+    return f.ctx().close_stream(stream_type)
+
+
+def proxy_continue_request(f):                      # ABI 0.1.0
+    return f.ctx().continue_stream(0)
+
+
+def proxy_continue_response(f):                     # ABI 0.1.0
+    return f.ctx().continue_stream(1)
+
+
+def proxy_clear_route_cache(f):                     # ABI 0.1.0: routing is decided up front
+    return Status.OK
+
+
+def proxy_get_configuration(f, ret_pp, ret_size_p):  # ABI 0.1.0
+    buf = f.ctx().get_buffer(BufferType.PLUGIN_CONFIGURATION)
+    return f.write_result(buf.data() if buf is not None else b"", ret_pp, ret_size_p)
+
+
+def proxy_send_local_response(f, status_code, details_ptr, details_size, body_ptr, body_size,
+                              headers_ptr, headers_size, grpc_status):
+    details = to_str(f.read(details_ptr, details_size))
+    body = f.read(body_ptr, body_size)
+    headers = deserialize_str(f.read(headers_ptr, headers_size)) or []
+    reply = LocalReply(status_code, [(k.lower(), v) for k, v in headers], body,
+                       "_".join(details.split()) if details else "")
+    grpc = grpc_status if grpc_status <= 16 else -1          # -1 / 0xFFFFFFFF: unset
+    return f.ctx().send_local_response(reply, grpc)
+
+
+def proxy_done(f):
+    return f.proxy_done(f.ctx())
+
+
+def proxy_set_effective_context(f, context_id):
+    return f.set_effective_context(context_id)
+
+
+# -- callouts -------------------------------------------------------------------------------
+
+def proxy_http_call(f, up_ptr, up_size, h_ptr, h_size, b_ptr, b_size, t_ptr, t_size,
+                    timeout_ms, ret_token_p):
+    cluster = to_str(f.read(up_ptr, up_size))
+    headers = deserialize_str(f.read(h_ptr, h_size))
+    body = f.read(b_ptr, b_size)
+    f.read(t_ptr, t_size)                     # trailers: validated, not sent (HTTP/1.1 upstreams)
+    f.write_u32(ret_token_p, 0)               # as cpp-host: prove the out-pointer first
+    if headers is None:
+        return Status.BAD_ARGUMENT
+    status, token = f.http_call(f.ctx(), cluster, headers, body, timeout_ms)
+    if status == Status.OK:
+        f.write_u32(ret_token_p, token)
+    return status
+
+
+def proxy_get_status(f, ret_code_p, ret_msg_pp, ret_msg_size_p):
+    code, message = f.call_status
+    f.write_u32(ret_code_p, code)
+    return f.write_result(message.encode(), ret_msg_pp, ret_msg_size_p)
+
+
+def proxy_grpc_call(f, up, up_s, svc, svc_s, meth, meth_s, md, md_s, msg, msg_s, timeout, ret_p):
+    for p, s in ((up, up_s), (svc, svc_s), (meth, meth_s), (md, md_s), (msg, msg_s)):
+        f.read(p, s)
+    f.write_u32(ret_p, 0)
+    return Status.INTERNAL_FAILURE            # no gRPC client: an ordinary failed call
+
+
+def proxy_grpc_stream(f, up, up_s, svc, svc_s, meth, meth_s, md, md_s, ret_p):
+    for p, s in ((up, up_s), (svc, svc_s), (meth, meth_s), (md, md_s)):
+        f.read(p, s)
+    f.write_u32(ret_p, 0)
+    return Status.INTERNAL_FAILURE
+
+
+def proxy_grpc_send(f, token, msg, msg_s, end_stream):
+    f.read(msg, msg_s)
+    return Status.NOT_FOUND
+
+
+def proxy_grpc_cancel(f, token):
+    return Status.NOT_FOUND
+
+
+def proxy_grpc_close(f, token):
+    return Status.NOT_FOUND
+
+
+def proxy_call_foreign_function(f, name_ptr, name_size, args_ptr, args_size, ret_pp, ret_size_p):
+    f.read(name_ptr, name_size)
+    f.read(args_ptr, args_size)
+    return Status.NOT_FOUND                   # we export no foreign functions
+
+
+# -- shared data and queues -------------------------------------------------------------------
+
+def proxy_get_shared_data(f, key_ptr, key_size, ret_pp, ret_size_p, ret_cas_p):
+    found = f.store.get(f.read(key_ptr, key_size))
+    if found is None:
+        return Status.NOT_FOUND
+    value, cas = found
+    f.check_out(ret_cas_p, 4)
+    status = f.write_result(value, ret_pp, ret_size_p)
+    if status == Status.OK:
+        f.write_u32(ret_cas_p, cas)
+    return status
+
+
+def proxy_set_shared_data(f, key_ptr, key_size, val_ptr, val_size, cas):
+    key = f.read(key_ptr, key_size)
+    return f.store.set(key, f.read(val_ptr, val_size), cas)
+
+
+def proxy_register_shared_queue(f, name_ptr, name_size, ret_p):
+    name = to_str(f.read(name_ptr, name_size))
+    f.check_out(ret_p, 4)
+    f.write_u32(ret_p, f.register_queue(name))
+    return Status.OK
+
+
+def proxy_resolve_shared_queue(f, vm_ptr, vm_size, name_ptr, name_size, ret_p):
+    f.read(vm_ptr, vm_size)                   # one vm_id ("") gateway-wide: any vm_id resolves
+    qid = f.store.resolve_queue(to_str(f.read(name_ptr, name_size)))
+    if qid is None:
+        return Status.NOT_FOUND
+    f.write_u32(ret_p, qid)
+    return Status.OK
+
+
+def proxy_enqueue_shared_queue(f, qid, val_ptr, val_size):
+    return f.store.enqueue(qid, f.read(val_ptr, val_size))
+
+
+def proxy_dequeue_shared_queue(f, qid, ret_pp, ret_size_p):
+    f.check_out(ret_pp, 4)
+    f.check_out(ret_size_p, 4)
+    item = f.store.dequeue(qid)
+    if isinstance(item, int):
+        return item
+    return f.write_result(item, ret_pp, ret_size_p)
+
+
+# -- metrics ----------------------------------------------------------------------------------
+
+def proxy_define_metric(f, metric_type, name_ptr, name_size, ret_p):
+    if metric_type > MetricType.HISTOGRAM:
+        return Status.BAD_ARGUMENT
+    name = to_str(f.read(name_ptr, name_size))
+    f.check_out(ret_p, 4)
+    f.write_u32(ret_p, f.store.define_metric(metric_type, name))
+    return Status.OK
+
+
+def proxy_increment_metric(f, metric_id, delta):
+    return f.store.increment_metric(metric_id, delta)
+
+
+def proxy_record_metric(f, metric_id, value):
+    return f.store.record_metric(metric_id, value)
+
+
+def proxy_get_metric(f, metric_id, ret_p):
+    f.check_out(ret_p, 8)
+    status, value = f.store.get_metric(metric_id)
+    if status == Status.OK:
+        f.write_u64(ret_p, value)
+    return status
+
+
+# -- emscripten leftovers -------------------------------------------------------------------
+
+def emscripten_notify_memory_growth(f, index):
+    return None
+
+
+def pthread_equal(f, a, b):
+    return 1 if a == b else 0
+
+
+def _sig(n: int, *, i64_at: tuple[int, ...] = (), result: bool = True):
+    params = tuple(I64 if i in i64_at else I32 for i in range(n))
+    return params, ((I32,) if result else ())
+
+
+# name → (adapter, params, results). Every ABI version gets the whole set (cpp-host registers
+# 0.1.0-only and 0.2.x-only names per version; offering both is strictly more permissive).
+HOSTCALLS: dict[str, tuple[Callable, tuple[str, ...], tuple[str, ...]]] = {
+    "proxy_log": (proxy_log, *_sig(3)),
+    "proxy_get_log_level": (proxy_get_log_level, *_sig(1)),
+    "proxy_get_current_time_nanoseconds": (proxy_get_current_time_nanoseconds, *_sig(1)),
+    "proxy_set_tick_period_milliseconds": (proxy_set_tick_period_milliseconds, *_sig(1)),
+    "proxy_get_buffer_bytes": (proxy_get_buffer_bytes, *_sig(5)),
+    "proxy_set_buffer_bytes": (proxy_set_buffer_bytes, *_sig(5)),
+    "proxy_get_buffer_status": (proxy_get_buffer_status, *_sig(3)),
+    "proxy_get_header_map_pairs": (proxy_get_header_map_pairs, *_sig(3)),
+    "proxy_set_header_map_pairs": (proxy_set_header_map_pairs, *_sig(3)),
+    "proxy_get_header_map_value": (proxy_get_header_map_value, *_sig(5)),
+    "proxy_add_header_map_value": (proxy_add_header_map_value, *_sig(5)),
+    "proxy_replace_header_map_value": (proxy_replace_header_map_value, *_sig(5)),
+    "proxy_remove_header_map_value": (proxy_remove_header_map_value, *_sig(3)),
+    "proxy_get_header_map_size": (proxy_get_header_map_size, *_sig(2)),
+    "proxy_get_property": (proxy_get_property, *_sig(4)),
+    "proxy_set_property": (proxy_set_property, *_sig(4)),
+    "proxy_continue_stream": (proxy_continue_stream, *_sig(1)),
+    "proxy_close_stream": (proxy_close_stream, *_sig(1)),
+    "proxy_continue_request": (proxy_continue_request, *_sig(0)),
+    "proxy_continue_response": (proxy_continue_response, *_sig(0)),
+    "proxy_clear_route_cache": (proxy_clear_route_cache, *_sig(0)),
+    "proxy_get_configuration": (proxy_get_configuration, *_sig(2)),
+    "proxy_send_local_response": (proxy_send_local_response, *_sig(8)),
+    "proxy_done": (proxy_done, *_sig(0)),
+    "proxy_set_effective_context": (proxy_set_effective_context, *_sig(1)),
+    "proxy_http_call": (proxy_http_call, *_sig(10)),
+    "proxy_get_status": (proxy_get_status, *_sig(3)),
+    "proxy_grpc_call": (proxy_grpc_call, *_sig(12)),
+    "proxy_grpc_stream": (proxy_grpc_stream, *_sig(9)),
+    "proxy_grpc_send": (proxy_grpc_send, *_sig(4)),
+    "proxy_grpc_cancel": (proxy_grpc_cancel, *_sig(1)),
+    "proxy_grpc_close": (proxy_grpc_close, *_sig(1)),
+    "proxy_call_foreign_function": (proxy_call_foreign_function, *_sig(6)),
+    "proxy_get_shared_data": (proxy_get_shared_data, *_sig(5)),
+    "proxy_set_shared_data": (proxy_set_shared_data, *_sig(5)),
+    "proxy_register_shared_queue": (proxy_register_shared_queue, *_sig(3)),
+    "proxy_resolve_shared_queue": (proxy_resolve_shared_queue, *_sig(5)),
+    "proxy_enqueue_shared_queue": (proxy_enqueue_shared_queue, *_sig(3)),
+    "proxy_dequeue_shared_queue": (proxy_dequeue_shared_queue, *_sig(3)),
+    "proxy_define_metric": (proxy_define_metric, *_sig(4)),
+    "proxy_increment_metric": (proxy_increment_metric, *_sig(2, i64_at=(1,))),
+    "proxy_record_metric": (proxy_record_metric, *_sig(2, i64_at=(1,))),
+    "proxy_get_metric": (proxy_get_metric, *_sig(2)),
+    "emscripten_notify_memory_growth": (emscripten_notify_memory_growth, *_sig(1, result=False)),
+    "pthread_equal": (pthread_equal, *_sig(2)),
+}
+
+def guarded(f: "Filter", name: str, fn: Callable, *, bad_memory: int | None,
+            internal: int | None) -> Callable:
+    """Wrap an adapter so nothing but a deliberate trap leaves it.
+
+    A bad guest pointer → `bad_memory` (INVALID_MEMORY_ACCESS, as cpp-host; WASI: FAULT); a
+    bug of ours → logged, counted, `internal`. Trap (a nested guest call such as the allocator
+    trapped) and HostTrap (proc_exit) propagate: they end the guest call on purpose.
+    """
+    def host(*args):
+        try:
+            return fn(f, *args)
+        except MemoryAccessError:
+            return bad_memory
+        except (Trap, HostTrap):
+            raise
+        except Exception as e:          # noqa: BLE001 — a host bug must not kill the guest call
+            f.host_error(name, e)
+            return internal
+    host.__name__ = name
+    return host

@@ -1,0 +1,79 @@
+"""Loading a filter's module: compile (disk-cached by the engine), ABI version, import check.
+
+Mirrors cpp-host bytecode_util.cc (ABI marker) and wasm.cc (import registration): everything is
+decided before instantiation so a user sees one clear error naming the file.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .api import FilterLoadError, FilterSpec
+from .engine import Engine, EngineError, Module
+from .enums import ABI_MARKERS
+from .hostcalls import HOSTCALLS
+from .wasi import WASI, WASI_MODULES
+
+
+@dataclass(frozen=True)
+class LoadedModule:
+    path: Path
+    module: Module
+    abi_version: str                 # "0.1.0" | "0.2.0" | "0.2.1"
+    exports: frozenset[str]          # exported function names
+
+    @property
+    def headers_take_eos(self) -> bool:
+        # ABI 0.1.0: proxy_on_request_headers/response_headers take (ctx, num_headers).
+        return self.abi_version != "0.1.0"
+
+    def arity(self, name: str) -> int:
+        return len(self.module.exports[name].params)
+
+
+def expected_signature(module: str, name: str) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+    """(params, results) we implement for an import, or None when we do not know it."""
+    if module == "env" and name in HOSTCALLS:
+        return HOSTCALLS[name][1], HOSTCALLS[name][2]
+    if module in WASI_MODULES and name in WASI:
+        return WASI[name][1], WASI[name][2]
+    return None
+
+
+def load_module(engine: Engine, spec: FilterSpec) -> LoadedModule:
+    path = Path(spec.wasm_path)
+    try:
+        wasm = path.read_bytes()
+    except OSError as e:
+        raise FilterLoadError(spec.name, f"cannot read {path}: {e.strerror or e}") from None
+    try:
+        module = engine.compile(wasm, path.name)
+    except EngineError as e:
+        raise FilterLoadError(spec.name, f"{path}: {e}") from None
+    funcs = frozenset(n for n, exp in module.exports.items() if exp.kind == "func")
+    version = next((v for marker, v in ABI_MARKERS.items() if marker in funcs), None)
+    if version is None:
+        raise FilterLoadError(spec.name, f"{path}: missing or unknown Proxy-Wasm ABI version "
+                              "(no proxy_abi_version_0_2_1/0_2_0/0_1_0 export)")
+    _check_imports(spec, path, module)
+    return LoadedModule(path, module, version, funcs)
+
+
+def _check_imports(spec: FilterSpec, path: Path, module: Module) -> None:
+    unknown, mismatched = [], []
+    for imp in module.imports:
+        want = expected_signature(imp.module, imp.name) if imp.kind == "func" else None
+        if want is None:
+            unknown.append(f"{imp.module}.{imp.name}" + ("" if imp.kind == "func" else f" ({imp.kind})"))
+        elif (tuple(imp.params), tuple(imp.results)) != want:
+            mismatched.append(f"{imp.module}.{imp.name} is {_fmt(imp.params, imp.results)}, "
+                              f"expected {_fmt(*want)}")
+    if unknown:
+        raise FilterLoadError(spec.name, f"{path}: unknown imports: {', '.join(unknown)}")
+    if mismatched:
+        raise FilterLoadError(spec.name, f"{path}: imports with the wrong signature: "
+                              + "; ".join(mismatched))
+
+
+def _fmt(params, results) -> str:
+    return f"({', '.join(params)}) -> ({', '.join(results)})"

@@ -1,0 +1,79 @@
+"""Header-map (de)serialization, reference §4.1 (cpp-host pairs_util.cc).
+
+Layout: u32 N, N x (u32 key_len, u32 value_len), N x (key, NUL, value, NUL).
+An empty map serializes to b"" so the host hands (0, 0) to the guest, never the
+1-byte form that the Rust SDK cannot parse.
+"""
+from __future__ import annotations
+
+import struct
+
+MAX_BYTES = 1 << 20        # cpp-host PROXY_WASM_HOST_PAIRS_MAX_BYTES
+MAX_COUNT = 1024           # cpp-host PROXY_WASM_HOST_PAIRS_MAX_COUNT
+
+_U32 = struct.Struct("<I")
+
+
+def to_bytes(s: str) -> bytes:
+    # Headers cross the seam as str; surrogateescape keeps arbitrary bytes lossless.
+    return s.encode("utf-8", "surrogateescape")
+
+
+def to_str(b: bytes) -> str:
+    return b.decode("utf-8", "surrogateescape")
+
+
+def serialize(pairs: list[tuple[bytes, bytes]]) -> bytes:
+    """Serialize byte pairs; an empty list gives b""."""
+    n = len(pairs)
+    if n == 0:
+        return b""
+    sizes = []
+    data = []
+    for k, v in pairs:
+        sizes.append(len(k))
+        sizes.append(len(v))
+        data.append(k)
+        data.append(v)
+    head = struct.pack(f"<{2 * n + 1}I", n, *sizes)
+    return head + b"\0".join(data) + b"\0"
+
+
+def serialize_str(pairs: list[tuple[str, str]]) -> bytes:
+    return serialize([(to_bytes(k), to_bytes(v)) for k, v in pairs])
+
+
+def deserialize(data: bytes) -> list[tuple[bytes, bytes]] | None:
+    """Parse a serialized map; None when malformed (same checks as cpp-host toPairs)."""
+    size = len(data)
+    if size == 0:
+        return []
+    if size < 4 or size > MAX_BYTES:
+        return None
+    n = _U32.unpack_from(data, 0)[0]
+    if n > MAX_COUNT:
+        return None
+    pos = 4 + 8 * n
+    if pos > size:
+        return None
+    sizes = struct.unpack_from(f"<{2 * n}I", data, 4)
+    out = []
+    for i in range(n):
+        klen, vlen = sizes[2 * i], sizes[2 * i + 1]
+        kend = pos + klen
+        vstart = kend + 1
+        vend = vstart + vlen
+        if vend + 1 > size or data[kend] != 0 or data[vend] != 0:
+            return None
+        out.append((data[pos:kend], data[vstart:vend]))
+        pos = vend + 1
+    if pos != size:
+        return None
+    return out
+
+
+def deserialize_str(data: bytes) -> list[tuple[str, str]] | None:
+    pairs = deserialize(data)
+    if pairs is None:
+        return None
+    return [(to_str(k), to_str(v)) for k, v in pairs]

@@ -1,0 +1,189 @@
+"""Properties (reference §4.2-§4.4) answered from a request's facts, in Envoy's encoding.
+
+A path is NUL-joined segments. The first one or two segments name an attribute; further
+segments index into a map (header name) or a list (decimal index). Values are encoded as
+Envoy's ``serializeValue``: strings raw, int/uint/double/timestamp/duration as 8 bytes LE,
+bool as 1 byte, maps/lists in the header-map pair layout.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+from urllib.parse import urlsplit
+
+from .api import LogInfo, StreamInfo
+from .buffers import HeaderMap
+from .pairs import serialize, to_bytes
+
+
+class Uint(int):
+    """An unsigned CEL value (encoded as u64)."""
+
+
+class Timestamp(int):
+    """Nanoseconds since the Unix epoch."""
+
+
+class Duration(int):
+    """Nanoseconds."""
+
+
+class StreamFacts(Protocol):
+    """What a stream offers to properties (the chain implements it)."""
+    info: StreamInfo | None
+    request_headers: HeaderMap | None
+    response_headers: HeaderMap | None
+    log: LogInfo | None
+    custom: dict[bytes, bytes]
+
+
+@dataclass
+class RootFacts:
+    """A root context has no stream: only its own proxy_set_property values."""
+    info: StreamInfo | None = None
+    request_headers: HeaderMap | None = None
+    response_headers: HeaderMap | None = None
+    log: LogInfo | None = None
+    custom: dict[bytes, bytes] = field(default_factory=dict)
+
+
+@dataclass
+class PropertySource:
+    """What one context can see: its filter's name and its stream's facts.
+
+    For a stream, ``facts.custom`` (proxy_set_property values) is shared by the chain's
+    filters, like Envoy's per-stream filter state.
+    """
+    plugin_name: str
+    facts: StreamFacts
+
+
+def encode(value: Any) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return to_bytes(value)
+    if isinstance(value, bool):
+        return b"\x01" if value else b"\x00"
+    if isinstance(value, Uint):
+        return struct.pack("<Q", value & 0xFFFFFFFFFFFFFFFF)
+    if isinstance(value, int):
+        return struct.pack("<q", value)
+    if isinstance(value, float):
+        return struct.pack("<d", value)
+    if isinstance(value, dict):
+        return serialize([(encode(k), encode(v)) for k, v in value.items()])
+    if isinstance(value, (list, tuple)):
+        return serialize([(encode(v), b"") for v in value])
+    raise TypeError(f"cannot encode property value of type {type(value).__name__}")
+
+
+def _headers_map(h: HeaderMap | None) -> dict[str, str] | None:
+    # Envoy: lower-case names, repeated headers joined with ",".
+    if h is None:
+        return None
+    out: dict[str, str] = {}
+    for k, v in h.items:
+        out[k] = out[k] + "," + v if k in out else v
+    return out
+
+
+def _req(name: str) -> Callable[[PropertySource], Any]:
+    def get(src: PropertySource) -> Any:
+        return src.facts.request_headers.get(name) if src.facts.request_headers is not None else None
+    return get
+
+
+def _url(src: PropertySource):
+    path = _req(":path")(src)
+    return None if path is None else urlsplit(path)
+
+
+def _addr(a: tuple[str, int]) -> str:
+    host, port = a
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _info(fn: Callable[[StreamInfo], Any]) -> Callable[[PropertySource], Any]:
+    return lambda src: fn(src.facts.info) if src.facts.info is not None else None
+
+
+def _log(fn: Callable[[LogInfo], Any]) -> Callable[[PropertySource], Any]:
+    return lambda src: fn(src.facts.log) if src.facts.log is not None else None
+
+
+def _response_code(src: PropertySource) -> Any:
+    if src.facts.log is not None and src.facts.log.status:
+        return src.facts.log.status
+    h = src.facts.response_headers
+    status = h.get(":status") if h is not None else None
+    return int(status) if status and status.isdigit() else None
+
+
+_ATTRIBUTES: dict[tuple[str, ...], Callable[[PropertySource], Any]] = {
+    ("request", "path"): _req(":path"),
+    ("request", "url_path"): lambda s: (u.path if (u := _url(s)) is not None else None),
+    ("request", "query"): lambda s: (u.query if (u := _url(s)) is not None else None),
+    ("request", "host"): _req(":authority"),
+    ("request", "scheme"): _req(":scheme"),
+    ("request", "method"): _req(":method"),
+    ("request", "headers"): lambda s: _headers_map(s.facts.request_headers),
+    ("request", "referer"): _req("referer"),
+    ("request", "useragent"): _req("user-agent"),
+    ("request", "id"): lambda s: _req("x-request-id")(s) or (s.facts.info.request_id if s.facts.info else None),
+    ("request", "protocol"): _info(lambda i: i.protocol),
+    ("request", "time"): _info(lambda i: Timestamp(i.start_time_ns)),
+    ("request", "duration"): _log(lambda l: Duration(l.duration_ns)),
+    ("request", "size"): _log(lambda l: l.bytes_in),
+    ("request", "total_size"): _log(lambda l: l.bytes_in),
+    ("response", "code"): _response_code,
+    ("response", "headers"): lambda s: _headers_map(s.facts.response_headers),
+    ("response", "size"): _log(lambda l: l.bytes_out),
+    ("response", "total_size"): _log(lambda l: l.bytes_out),
+    ("response", "flags"): _log(lambda l: 0),
+    ("source", "address"): _info(lambda i: _addr(i.client_addr)),
+    ("source", "port"): _info(lambda i: i.client_addr[1]),
+    ("destination", "address"): _info(lambda i: _addr(i.local_addr)),
+    ("destination", "port"): _info(lambda i: i.local_addr[1]),
+    ("connection", "id"): _info(lambda i: Uint(i.connection_id)),
+    ("connection", "mtls"): _info(lambda i: False),
+    ("upstream", "address"): _log(lambda l: l.upstream_address or None),
+    ("xds", "route_name"): _info(lambda i: i.route_name),
+    ("xds", "cluster_name"): _info(lambda i: i.cluster_name),
+    ("route_name",): _info(lambda i: i.route_name),
+    ("cluster_name",): _info(lambda i: i.cluster_name),
+    ("plugin_name",): lambda s: s.plugin_name,
+    ("plugin_root_id",): lambda s: "",      # our filters have one unnamed root context
+    ("plugin_vm_id",): lambda s: "",
+}
+
+
+def _index(value: Any, segment: bytes) -> Any:
+    if isinstance(value, dict):
+        return value.get(segment.decode("utf-8", "surrogateescape").lower())
+    if isinstance(value, (list, tuple)) and segment.isdigit():
+        i = int(segment)
+        return value[i] if i < len(value) else None
+    return None
+
+
+def get_property(src: PropertySource, path: bytes) -> bytes | None:
+    """Encoded value of `path`, or None when not found."""
+    segments = path.split(b"\0")
+    names = tuple(s.decode("utf-8", "surrogateescape") for s in segments[:2])
+    for depth in (2, 1):
+        getter = _ATTRIBUTES.get(names[:depth]) if len(names) >= depth else None
+        if getter is None:
+            continue
+        value = getter(src)
+        for seg in segments[depth:]:
+            if value is None:
+                break
+            value = _index(value, seg)
+        return None if value is None else encode(value)
+    return src.facts.custom.get(path)
+
+
+def set_property(src: PropertySource, path: bytes, value: bytes) -> None:
+    src.facts.custom[path] = value
