@@ -155,12 +155,13 @@ class _Env:
         self.dbs: tuple = ()
         self.refs = 0
 
-    def ensure(self):
+    def ensure(self, create: bool = False):
         env = self.env
         if env is None:
+            # create=False: a worker outliving a removed store must not silently recreate it
             env = lmdb.open(str(self.path), map_size=self.map_size, subdir=True, max_dbs=8,
                             max_readers=1024, sync=False, metasync=False, writemap=True,
-                            readahead=False, meminit=False, lock=True)
+                            readahead=False, meminit=False, lock=True, create=create)
             with env.begin(write=True) as txn:
                 self.dbs = tuple(env.open_db(n, txn=txn) for n in
                                  (b"meta", b"data", b"queues", b"qitems", b"metrics"))
@@ -264,7 +265,7 @@ class ShmStore:
         map_size = _map_size(max_bytes)
         store = cls(path, max_bytes, map_size)
         with store._lock:
-            env, (meta, *_rest) = store._ensure_env()
+            env, (meta, *_rest) = store._e.ensure(create=True)
             with env.begin(write=True, db=meta) as txn:
                 txn.put(b"m", _packb([0, 0, 0, 0]))
         cfg = path / _CONFIG_FILE
