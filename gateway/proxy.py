@@ -45,7 +45,7 @@ class Generation:
 
 class Downstream:
     """One client connection."""
-    __slots__ = ("reader", "writer", "transport", "id", "peer", "peer_text", "local", "idle", "task")
+    __slots__ = ("reader", "writer", "transport", "id", "peer", "peer_text", "local", "idle", "task", "linger")
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         self.reader = reader
@@ -59,6 +59,7 @@ class Downstream:
         self.local = (local[0], local[1])
         self.idle = True
         self.task: asyncio.Task | None = None
+        self.linger = False         # closing after an error reply with request bytes maybe unread
 
 
 class RequestBody:
@@ -163,6 +164,8 @@ class Proxy:
         except Exception:
             log.exception("unexpected error on connection %s", conn.peer_text)
         finally:
+            if conn.linger and not conn.transport.is_closing():
+                await _lingering_close(conn, 0.2 if gw.draining else 1.0)
             gw.connections.discard(conn)
             self.metrics.active_connections -= 1
             if not conn.transport.is_closing():
@@ -486,6 +489,7 @@ class Proxy:
         parts.append("\r\n")
         data = "".join(parts).encode("latin-1", "replace")
         conn.writer.write(data if ex.method == "HEAD" else data + body)
+        conn.linger = close
         ex.status = status
         ex.bytes_out = 0 if ex.method == "HEAD" else len(body)
 
@@ -506,6 +510,26 @@ class Proxy:
                               status=ex.status, bytes_in=bytes_in, bytes_out=ex.bytes_out,
                               route=ex.route, upstream=ex.upstream,
                               duration_ms=(time.perf_counter() - ex.t0) * 1000, error=ex.error)
+
+
+async def _lingering_close(conn: Downstream, seconds: float) -> None:
+    """Send FIN, then read and drop what the client still sends for a moment.
+
+    Closing a socket with unread input makes the kernel send RST, which can destroy the error
+    response we just wrote before the client reads it (e.g. a 431 while the client is still
+    sending its huge header).
+    """
+    try:
+        conn.writer.write_eof()
+        async with asyncio.timeout(seconds):
+            dropped = 0
+            while dropped < 16 * 1024 * 1024:
+                data = await conn.reader.read(65536)
+                if not data:
+                    break
+                dropped += len(data)
+    except (TimeoutError, ConnectionError, OSError, RuntimeError):
+        pass
 
 
 # -- header helpers ---------------------------------------------------------------------------
