@@ -50,7 +50,7 @@ class Recorder:
 
 def _handler(rec: Recorder):
     async def handle(request: web.Request) -> web.StreamResponse:
-        body = await request.read()
+        body = await request.content.read()   # no client_max_size cap
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.raw_headers]
         rec.requests.append(Seen(request.method, request.path_qs, headers, body))
         if request.path.startswith("/callout"):

@@ -69,9 +69,16 @@ async def abuse_round(session, gw, a_kwargs: dict, n_a=N_A, n_b=N_B, method="GET
     return a_res
 
 
-async def a_works_again(session, gw):
-    status, headers, body, _ = await fetch(session, gw.url("/a/again"))
-    assert status == 200, f"abusive filter's instance not rebuilt: {status} {body[:200]!r}"
+async def a_works_again(session, gw, within_s: float = 8.0):
+    """The abusive filter's instance comes back (after the rebuild backoff) and serves cleanly."""
+    deadline = time.monotonic() + within_s
+    while True:
+        status, headers, body, _ = await fetch(session, gw.url("/a/again"))
+        if status == 200 and "x-probe-ab" in headers:
+            break
+        assert time.monotonic() < deadline, \
+            f"abusive filter's instance not rebuilt within {within_s} s: {status} {body[:200]!r}"
+        await asyncio.sleep(0.05)
     assert one(parse_report(headers.get("x-probe-ab")), "viol") == "0"
 
 
