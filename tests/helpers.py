@@ -230,3 +230,70 @@ async def read_request_head(reader) -> bytes:
         return await reader.readuntil(b"\r\n\r\n")
     except (asyncio.IncompleteReadError, ConnectionError):
         return b""
+
+
+class CliGateway:
+    """A `wasmgate run` subprocess; ``ports`` maps listener names (and "admin") to real ports."""
+
+    def __init__(self, proc, ports: dict[str, int]):
+        self.proc = proc
+        self.ports = ports
+
+    def url(self, path: str = "/", listener: str = "main") -> str:
+        return f"http://127.0.0.1:{self.ports[listener]}{path}"
+
+
+@asynccontextmanager
+async def run_cli_gateway(config_path: Path, *extra_args: str, startup_timeout: float = 20.0,
+                          stop_timeout: float = 20.0) -> AsyncIterator[CliGateway]:
+    """Run ``python -m gateway.cli run -c config_path *extra_args`` and wait for its
+    "wasmgate: listener NAME on http://HOST:PORT" lines; SIGTERM and wait on exit."""
+    import asyncio
+    import re
+    import signal
+    import sys
+    from gateway.config import load_config
+    config = load_config(config_path)
+    expected = {lst.name for lst in config.listeners} | ({"admin"} if config.admin else set())
+    root = Path(__file__).resolve().parent.parent
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway.cli", "run", "-c", str(config_path), *extra_args,
+        cwd=root, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    ports: dict[str, int] = {}
+    output: list[str] = []
+    try:
+        async with asyncio.timeout(startup_timeout):
+            while True:
+                line = (await proc.stdout.readline()).decode()
+                if not line:
+                    raise RuntimeError("gateway exited during start-up:\n" + "".join(output))
+                output.append(line)
+                m = re.match(r"wasmgate: (?:listener (\S+)|(admin)) on http://[^:]+:(\d+)", line)
+                if m:
+                    ports[m.group(1) or "admin"] = int(m.group(3))
+                    if set(ports) >= expected:
+                        break
+        gw = CliGateway(proc, ports)
+        gw.output = output  # type: ignore[attr-defined]
+
+        async def pump():
+            # Keep reading so the child never blocks on a full pipe; tests may inspect it.
+            while line := await proc.stdout.readline():
+                output.append(line.decode())
+        pump_task = asyncio.ensure_future(pump())
+        try:
+            yield gw
+        finally:
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+            try:
+                async with asyncio.timeout(stop_timeout):
+                    await proc.wait()
+                    await pump_task
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
