@@ -1,0 +1,129 @@
+"""headers filter end to end: add / set / remove / rename on request and response, values
+templated from properties and headers, empty-value handling, `$$` escape."""
+from __future__ import annotations
+
+import json
+
+import aiohttp
+import pytest
+import pytest_asyncio
+from aiohttp import web
+
+from tests.filters.conftest import filter_gateway, header_values
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+FILTERS = [
+    {"name": "req", "wasm": "headers", "config": {"request": {
+        "remove": ["x-drop", "X-Drop-Too"],
+        "rename": {"x-old": "x-new"},
+        "set": {"x-set": "fixed", "x-path": "${request.path}", "x-method": "${request.method}",
+                "x-rid": "${request.id}", "x-client": "${source.address}", "x-port": "${source.port}",
+                "x-copy": "foo=${request.header.x-foo};", "x-missing": "${request.header.x-absent}",
+                "x-dollar": "$$5 and $x"},
+        "add": [{"name": "x-add", "value": "one"}, {"name": "x-add", "value": "two"}],
+    }}},
+    {"name": "keep", "wasm": "headers", "config": {"keep_empty": True, "request": {
+        "set": {"x-missing": "${request.header.x-absent}", "x-literal-empty": ""}}}},
+    {"name": "resp", "wasm": "headers", "config": {"response": {
+        "remove": ["x-secret"],
+        "rename": [{"name": "x-up-multi", "to": "x-renamed"}],
+        "set": {"server": "wasmgate", "x-code": "${response.code}", "x-echo": "${request.header.x-foo}",
+                "x-up": "up said ${response.header.x-up}", "x-rid": "${request.id}"},
+        "add": {"x-added": "1"},
+    }}},
+    {"name": "both", "wasm": "headers", "config": {
+        "request": {"add": {"x-req-tag": "in"}},
+        "response": {"add": {"x-resp-tag": "out"}}}},
+]
+ROUTES = [{"name": f["name"], "match": {"prefix": f"/{f['name']}/"}, "cluster": "backend", "filters": [f["name"]]}
+          for f in FILTERS]
+
+
+def handler_for(state):
+    async def handle(request: web.Request) -> web.StreamResponse:
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.raw_headers]
+        state.append(headers)
+        resp = web.Response(body=json.dumps({"path": request.path_qs}).encode(), content_type="application/json")
+        resp.headers["x-secret"] = "s3cr3t"
+        resp.headers["x-up"] = "hello"
+        resp.headers.add("x-up-multi", "a")
+        resp.headers.add("x-up-multi", "b")
+        return resp
+    return handle
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def gw(tmp_path_factory):
+    seen: list = []
+    async with filter_gateway(tmp_path_factory.mktemp("hdr"), FILTERS, ROUTES, handler=handler_for(seen)) as (gw, _):
+        async with aiohttp.ClientSession() as session:
+            yield gw, seen, session
+
+
+async def call(gw, path, headers=None):
+    g, seen, s = gw
+    before = len(seen)
+    async with s.get(g.url(path), headers=headers or {}) as r:
+        await r.read()
+        assert len(seen) == before + 1
+        return r.status, r.headers, seen[-1]
+
+
+async def test_request_operations_and_templates(gw):
+    g = gw[0]
+    status, resp_h, up = await call(gw, "/req/a/b?q=1", [
+        ("x-drop", "1"), ("X-Drop-Too", "2"), ("x-old", "o1"), ("x-old", "o2"), ("x-set", "client"),
+        ("x-foo", "bar"), ("x-add", "zero"), ("x-request-id", "rid-123")])
+    assert status == 200
+    assert header_values(up, "x-drop") == [] and header_values(up, "x-drop-too") == []
+    assert header_values(up, "x-old") == []
+    assert header_values(up, "x-new") == ["o1", "o2"]
+    assert header_values(up, "x-set") == ["fixed"]                     # set replaces the client's value
+    assert header_values(up, "x-path") == ["/req/a/b?q=1"]
+    assert header_values(up, "x-method") == ["GET"]
+    assert header_values(up, "x-rid") == ["rid-123"]
+    client = header_values(up, "x-client")[0]
+    host, _, port = client.rpartition(":")
+    assert host == "127.0.0.1" and port.isdigit()
+    assert header_values(up, "x-port") == [port]                       # int property, 8-byte LE decoded
+    assert header_values(up, "x-copy") == ["foo=bar;"]
+    assert header_values(up, "x-missing") == []                        # empty template → not added
+    assert header_values(up, "x-dollar") == ["$5 and $x"]
+    assert header_values(up, "x-add") == ["zero", "one", "two"]        # add keeps existing values
+    assert "x-added" not in resp_h                                     # request-only filter
+
+
+async def test_request_id_generated_by_gateway(gw):
+    _, resp_h, up = await call(gw, "/req/x")
+    rid = header_values(up, "x-rid")
+    assert len(rid) == 1 and rid[0]
+    assert header_values(up, "x-request-id") == rid
+
+
+async def test_templates_with_absent_values_keep_empty(gw):
+    _, _, up = await call(gw, "/keep/x")
+    assert header_values(up, "x-missing") == [""]
+    assert header_values(up, "x-literal-empty") == [""]
+
+
+async def test_response_operations_and_templates(gw):
+    status, h, _ = await call(gw, "/resp/x", {"x-foo": "from-request", "x-request-id": "rid-9"})
+    assert status == 200
+    assert "x-secret" not in h
+    assert "x-up-multi" not in h
+    assert h.getall("x-renamed") == ["a", "b"]
+    assert h["server"] == "wasmgate"
+    assert h["x-code"] == "200"
+    assert h["x-echo"] == "from-request"                               # request header captured for the response
+    assert h["x-up"] == "up said hello"
+    assert h["x-rid"] == "rid-9"
+    assert h["x-added"] == "1"
+
+
+async def test_both_directions(gw):
+    _, h, up = await call(gw, "/both/x")
+    assert header_values(up, "x-req-tag") == ["in"]
+    assert header_values(up, "x-resp-tag") == []
+    assert h["x-resp-tag"] == "out"
+    assert "x-req-tag" not in h
