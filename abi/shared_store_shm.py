@@ -13,18 +13,22 @@ what a hand-written shared-memory zone would have to re-invent:
 
 Everything that crosses the process boundary is msgpack.
 
-Layout (LMDB named databases):
+Layout: ONE LMDB B-tree (the main database), records told apart by a key prefix — a write
+touching two named sub-databases costs about 1 µs more, since each sub-database root is itself a
+record in the main tree.
 
-=======  ==================================================  =====================================
-db       key                                                 value (msgpack)
-=======  ==================================================  =====================================
-meta     ``b"m"``                                            ``[cas_counter, used_bytes, qseq, mseq]``
-data     ``b"k"+key`` (``b"h"+blake2b(key)`` if key ≥ 480 B)   ``[cas, value]`` (``[cas, value, key]``)
-queues   ``b"n"+name`` → qid;  ``b"i"+qid(u32 BE)``             ``[name, head, tail, {token: [pid, pending]}]``
-qitems   ``qid(u32 BE) + seq(u64 BE)``                        raw item bytes
-metrics  ``b"n"+kind+name`` → id;  ``b"i"+id(u32 BE)``          ``[kind, name, value]`` / histogram
-                                                             ``[2, name, sum, count, [bucket counts]]``
-=======  ==================================================  =====================================
+===========================================  ===================================================
+key                                          value (msgpack unless noted)
+===========================================  ===================================================
+``M``                                        ``[cas_counter, used_bytes, queue_seq, metric_seq]``
+``k``+key  (``h``+blake2b(key) if ≥ 480 B)   ``[cas, value]``  (``[cas, value, key]``)
+``Qn``+name                                  qid
+``Qi``+qid (u32 BE)                          ``[name, head, tail, {token: [pid, pending]}]``
+``I``+qid (u32 BE)+seq (u64 BE)              the item (raw bytes)
+``Xn``+kind (1 byte)+name                    metric id  (``(seq << 2) | kind``, as Envoy)
+``Xi``+id (u32 BE)                           ``[kind, name, value]``; histogram
+                                             ``[2, name, sum, count, [count per bucket]]``
+===========================================  ===================================================
 
 Size: ``max_bytes`` is a *logical* budget, enforced exactly by this module: every shared-data
 entry costs ``len(key) + len(value) + ENTRY_OVERHEAD`` and every queued item
@@ -48,6 +52,32 @@ Every process that registered a queue is notified; only one of them gets each it
 Fork safety: an LMDB environment must not be used across fork(), and a child must not close
 the parent's (it would wipe the parent's reader slots). ``os.register_at_fork`` closes every
 open environment in the parent just before fork; each process (re)opens lazily on first use.
+One environment per path per process is shared by every ShmStore object on that path.
+
+Full store: ``set``/``enqueue`` return ``STATUS_FULL`` = INTERNAL_FAILURE (10). Not CAS_MISMATCH,
+although it is the only non-OK status the Rust SDK's set_shared_data accepts: every CAS loop
+(rate limiters) retries on CAS_MISMATCH, so a full store would spin the worker forever on the
+request path. A Rust filter panics on 10 — a trap, which the host contains (the instance is
+rebuilt, the request follows the filter's failure_policy); Go/C++ SDKs surface it as an error.
+That is the same status abi.shared_store.LocalStore returns for set. (LocalStore.enqueue drops
+the oldest item instead; this backend refuses the new one, so nothing is ever lost silently.)
+
+Known limits: a process *stopped* (SIGSTOP, debugger) while inside a write transaction blocks
+every other writer until it continues (killing it is fine). Concurrent *creation* of a key is
+racy in any proxy-wasm host: a get() that finds nothing yields no cas and set(cas=0) is
+unconditional (§5.4) — filters should seed counters (e.g. in on_configure). If the LMDB map
+itself ever filled up (it cannot while the budget holds), even deletes would fail until
+dead readers are cleared, since LMDB deletes are copy-on-write too.
+
+Wiring (supervisor / worker / host)::
+
+    # supervisor, before starting workers (config: shared_data.max_bytes)
+    store = ShmStore.create(f"gw-{os.getpid()}", cfg.shared_data.max_bytes)
+    ...; store.close()                       # optional: the supervisor need not keep it open
+    # every worker (forked or spawned), once, inside its event loop
+    store = ShmStore.open(name)              # pass the name via argv/env to spawned workers
+    store.on_enqueue(host.queue_ready)       # attaches the wake-up fd to the running loop
+    # supervisor: after reaping a dead worker → store.check_readers(); on exit → ShmStore.remove(name)
 """
 from __future__ import annotations
 
@@ -105,6 +135,10 @@ _packb = msgpack.packb
 _unpackb = msgpack.unpackb
 _qkey = struct.Struct(">I").pack
 _itemkey = struct.Struct(">IQ").pack
+# key prefixes in the single LMDB tree (data keys start with b"k" or b"h")
+_META = b"M"
+_QNAME, _QREC, _ITEM = b"Qn", b"Qi", b"I"
+_MNAME, _MREC = b"Xn", b"Xi"
 
 
 class StoreFull(Exception):
@@ -154,6 +188,7 @@ class _Env:
         self.env: lmdb.Environment | None = None
         self.dbs: tuple = ()
         self.refs = 0
+        self.pack = msgpack.Packer().pack      # reused; only called under self.lock
 
     def ensure(self, create: bool = False):
         env = self.env
@@ -162,9 +197,9 @@ class _Env:
             env = lmdb.open(str(self.path), map_size=self.map_size, subdir=True, max_dbs=8,
                             max_readers=1024, sync=False, metasync=False, writemap=True,
                             readahead=False, meminit=False, lock=True, create=create)
-            with env.begin(write=True) as txn:
-                self.dbs = tuple(env.open_db(n, txn=txn) for n in
-                                 (b"meta", b"data", b"queues", b"qitems", b"metrics"))
+            # One (main) B-tree with key prefixes: a write touching two named databases
+            # costs ~1 µs more (each sub-database root is a record in the main tree).
+            self.dbs = (None,) * 5          # meta, data, queues, qitems, metrics: db=None = main
             self.env = env
         return env, self.dbs
 
@@ -267,7 +302,7 @@ class ShmStore:
         with store._lock:
             env, (meta, *_rest) = store._e.ensure(create=True)
             with env.begin(write=True, db=meta) as txn:
-                txn.put(b"m", _packb([0, 0, 0, 0]))
+                txn.put(_META, _packb([0, 0, 0, 0]))
         cfg = path / _CONFIG_FILE
         tmp = path / (_CONFIG_FILE + ".tmp")
         tmp.write_bytes(_packb({"format": _FORMAT, "max_bytes": max_bytes, "map_size": map_size}))
@@ -383,7 +418,7 @@ class ShmStore:
 
     @staticmethod
     def _meta(txn, meta_db) -> list:
-        return _unpackb(txn.get(b"m", db=meta_db))
+        return _unpackb(txn.get(_META, db=meta_db))
 
     # ---------------------------------------------------------------- shared data (§5.4)
     def get(self, key: bytes) -> tuple[bytes, int] | None:
@@ -425,8 +460,8 @@ class ShmStore:
         fresh = meta[0] % _U32 + 1                 # global counter, 1..2^32-1, skips 0
         meta[0] = fresh
         meta[1] = used
-        txn.put(dk, _packb([fresh, value, key] if hashed else [fresh, value]), db=data_db)
-        txn.put(b"m", _packb(meta), db=meta_db)
+        txn.put(dk, self._e.pack([fresh, value, key] if hashed else [fresh, value]), db=data_db)
+        txn.put(_META, self._e.pack(meta), db=meta_db)
         return True, OK
 
     def delete(self, key: bytes) -> int:
@@ -446,7 +481,7 @@ class ShmStore:
         meta = self._meta(txn, meta_db)
         meta[1] -= len(key) + len(rec[1]) + ENTRY_OVERHEAD
         txn.delete(dk, db=data_db)
-        txn.put(b"m", _packb(meta), db=meta_db)
+        txn.put(_META, self._e.pack(meta), db=meta_db)
         return True, OK
 
     # ---------------------------------------------------------------- shared queues (§5.5)
@@ -460,45 +495,45 @@ class ShmStore:
 
     def _register_txn(self, txn, dbs, name):
         meta_db, q_db = dbs[0], dbs[2]
-        nkey = b"n" + name.encode()
+        nkey = _QNAME + name.encode()
         raw = txn.get(nkey, db=q_db)
         if raw is None:
             meta = self._meta(txn, meta_db)
             meta[2] = meta[2] % _U32 + 1
             qid = meta[2]
-            meta[1] += len(nkey) + ENTRY_OVERHEAD   # the definition is accounted, not refused:
-            txn.put(b"m", _packb(meta), db=meta_db)  # Rust accepts only OK from register
-            txn.put(nkey, _packb(qid), db=q_db)
+            meta[1] += len(nkey) - 2 + ENTRY_OVERHEAD  # the definition is accounted, not refused:
+            txn.put(_META, self._e.pack(meta), db=meta_db)  # Rust accepts only OK from register
+            txn.put(nkey, self._e.pack(qid), db=q_db)
             rec = [name, 0, 0, {}]
         else:
             qid = _unpackb(raw)
-            rec = _unpackb(txn.get(b"i" + _qkey(qid), db=q_db))
+            rec = _unpackb(txn.get(_QREC + _qkey(qid), db=q_db))
         regs = rec[3]
         for tok, (pid, _pending) in list(regs.items()):
             if tok != self._token and not _pid_alive(pid):
                 del regs[tok]
         if self._token not in regs:
             regs[self._token] = [os.getpid(), 0]
-        txn.put(b"i" + _qkey(qid), _packb(rec), db=q_db)
+        txn.put(_QREC + _qkey(qid), self._e.pack(rec), db=q_db)
         return True, qid
 
     def _unregister_txn(self, txn, dbs):
         q_db = dbs[2]
         for qid in self._my_queues:
-            ik = b"i" + _qkey(qid)
+            ik = _QREC + _qkey(qid)
             raw = txn.get(ik, db=q_db)
             if raw is None:
                 continue
             rec = _unpackb(raw)
             if rec[3].pop(self._token, None) is not None:
-                txn.put(ik, _packb(rec), db=q_db)
+                txn.put(ik, self._e.pack(rec), db=q_db)
         return True, None
 
     def resolve_queue(self, name: str) -> int | None:
         with self._lock:
             env, dbs = self._ensure_env()
             with env.begin(db=dbs[2]) as txn:
-                raw = txn.get(b"n" + name.encode())
+                raw = txn.get(_QNAME + name.encode())
         return None if raw is None else _unpackb(raw)
 
     def enqueue(self, qid: int, data: bytes) -> int:
@@ -512,7 +547,7 @@ class ShmStore:
 
     def _enqueue_txn(self, txn, dbs, qid, data):
         meta_db, q_db, qi_db = dbs[0], dbs[2], dbs[3]
-        ik = b"i" + _qkey(qid)
+        ik = _QREC + _qkey(qid)
         raw = txn.get(ik, db=q_db)
         if raw is None:
             return False, (NOT_FOUND, ())
@@ -522,7 +557,7 @@ class ShmStore:
             return False, (STATUS_FULL, ())
         rec = _unpackb(raw)
         tail = rec[2]
-        txn.put(_itemkey(qid, tail), data, db=qi_db)
+        txn.put(_ITEM + _itemkey(qid, tail), data, db=qi_db)
         rec[2] = tail + 1
         wake = []
         regs = rec[3]
@@ -535,8 +570,8 @@ class ShmStore:
             if ent[1] == 1:
                 wake.append(tok)
         meta[1] = used
-        txn.put(ik, _packb(rec), db=q_db)
-        txn.put(b"m", _packb(meta), db=meta_db)
+        txn.put(ik, self._e.pack(rec), db=q_db)
+        txn.put(_META, self._e.pack(meta), db=meta_db)
         return True, (OK, wake)
 
     def dequeue(self, qid: int) -> bytes | int:
@@ -545,7 +580,7 @@ class ShmStore:
 
     def _dequeue_txn(self, txn, dbs, qid):
         meta_db, q_db, qi_db = dbs[0], dbs[2], dbs[3]
-        ik = b"i" + _qkey(qid)
+        ik = _QREC + _qkey(qid)
         raw = txn.get(ik, db=q_db)
         if raw is None:
             return False, NOT_FOUND
@@ -553,13 +588,13 @@ class ShmStore:
         head = rec[1]
         if head >= rec[2]:
             return False, EMPTY
-        k = _itemkey(qid, head)
+        k = _ITEM + _itemkey(qid, head)
         item = txn.pop(k, db=qi_db)
         rec[1] = head + 1
         meta = self._meta(txn, meta_db)
         meta[1] -= len(item) + ENTRY_OVERHEAD
-        txn.put(ik, _packb(rec), db=q_db)
-        txn.put(b"m", _packb(meta), db=meta_db)
+        txn.put(ik, self._e.pack(rec), db=q_db)
+        txn.put(_META, self._e.pack(meta), db=meta_db)
         return True, bytes(item)
 
     # notification ------------------------------------------------------
@@ -666,7 +701,7 @@ class ShmStore:
         q_db = dbs[2]
         due = []
         for qid in sorted(self._my_queues):
-            ik = b"i" + _qkey(qid)
+            ik = _QREC + _qkey(qid)
             raw = txn.get(ik, db=q_db)
             if raw is None:
                 continue
@@ -679,7 +714,7 @@ class ShmStore:
                 ent[1] = 0
             else:
                 continue
-            txn.put(ik, _packb(rec), db=q_db)
+            txn.put(ik, self._e.pack(rec), db=q_db)
         return bool(due), due
 
     # ---------------------------------------------------------------- metrics (§5.6)
@@ -690,7 +725,7 @@ class ShmStore:
         with self._lock:
             env, dbs = self._ensure_env()
             with env.begin(db=dbs[4]) as txn:
-                raw = txn.get(b"n" + bytes([kind]) + name.encode())
+                raw = txn.get(_MNAME + bytes([kind]) + name.encode())
         if raw is not None:
             return _unpackb(raw)
         mid = self._write(self._define_txn, kind, name)
@@ -700,12 +735,12 @@ class ShmStore:
 
     def _define_txn(self, txn, dbs, kind, name):
         meta_db, m_db = dbs[0], dbs[4]
-        nkey = b"n" + bytes([kind]) + name.encode()
+        nkey = _MNAME + bytes([kind]) + name.encode()
         raw = txn.get(nkey, db=m_db)
         if raw is not None:
             return False, _unpackb(raw)
         meta = self._meta(txn, meta_db)
-        used = meta[1] + len(nkey) + ENTRY_OVERHEAD
+        used = meta[1] + len(nkey) - 3 + ENTRY_OVERHEAD
         if used > self.max_bytes:
             return False, None
         meta[3] += 1
@@ -715,9 +750,9 @@ class ShmStore:
         meta[1] = used
         rec = ([kind, name, 0, 0, [0] * (len(HISTOGRAM_BOUNDS) + 1)] if kind == HISTOGRAM
                else [kind, name, 0])
-        txn.put(nkey, _packb(mid), db=m_db)
-        txn.put(b"i" + _qkey(mid), _packb(rec), db=m_db)
-        txn.put(b"m", _packb(meta), db=meta_db)
+        txn.put(nkey, self._e.pack(mid), db=m_db)
+        txn.put(_MREC + _qkey(mid), self._e.pack(rec), db=m_db)
+        txn.put(_META, self._e.pack(meta), db=meta_db)
         return True, mid
 
     def increment_metric(self, metric_id: int, delta: int) -> int:
@@ -737,7 +772,7 @@ class ShmStore:
 
     def _metric_txn(self, txn, dbs, mid, v, increment):
         m_db = dbs[4]
-        ik = b"i" + _qkey(mid)
+        ik = _MREC + _qkey(mid)
         raw = txn.get(ik, db=m_db)
         if raw is None:
             return False, NOT_FOUND
@@ -757,14 +792,14 @@ class ShmStore:
             rec[2] = (rec[2] + v) & _U64
             rec[3] += 1
             rec[4][bisect_left(HISTOGRAM_BOUNDS, v)] += 1
-        txn.put(ik, _packb(rec), db=m_db)
+        txn.put(ik, self._e.pack(rec), db=m_db)
         return True, OK
 
     def get_metric(self, metric_id: int) -> tuple[int, int]:
         with self._lock:
             env, dbs = self._ensure_env()
             with env.begin(db=dbs[4]) as txn:
-                raw = txn.get(b"i" + _qkey(metric_id & _U32))
+                raw = txn.get(_MREC + _qkey(metric_id & _U32))
         if raw is None:
             return NOT_FOUND, 0
         rec = _unpackb(raw)
@@ -779,9 +814,9 @@ class ShmStore:
             env, dbs = self._ensure_env()
             with env.begin(db=dbs[4], buffers=False) as txn:
                 cur = txn.cursor()
-                if cur.set_range(b"i"):
+                if cur.set_range(_MREC):
                     for k, raw in cur:
-                        if not k.startswith(b"i"):
+                        if not k.startswith(_MREC):
                             break
                         out.append(_unpackb(raw))
         values = []
@@ -830,41 +865,46 @@ class ShmStore:
         """Full consistency check (tests, debugging): recompute accounted bytes from the records.
         Returns a list of problems (empty = consistent)."""
         problems: list[str] = []
+        used = 0
+        items: dict[int, list[int]] = {}
+        qnames: dict[int, bytes] = {}
+        qrecs: dict[int, list] = {}
         with self._lock:
-            env, dbs = self._ensure_env()
-            meta_db, data_db, q_db, qi_db, m_db = dbs
+            env, _ = self._ensure_env()
             with env.begin(buffers=False) as txn:
-                meta = self._meta(txn, meta_db)
-                used = 0
-                for k, raw in txn.cursor(db=data_db):
-                    rec = _unpackb(raw)
-                    if not (isinstance(rec, list) and len(rec) in (2, 3) and 0 < rec[0] <= _U32):
-                        problems.append(f"bad data record {k!r}")
-                        continue
-                    klen = len(rec[2]) if k[:1] == b"h" else len(k) - 1
-                    used += klen + len(rec[1]) + ENTRY_OVERHEAD
-                items: dict[int, list[int]] = {}
-                for k, raw in txn.cursor(db=qi_db):
-                    qid, seq = struct.unpack(">IQ", k)
-                    items.setdefault(qid, []).append(seq)
-                    used += len(raw) + ENTRY_OVERHEAD
-                for k, raw in txn.cursor(db=q_db):
-                    if k[:1] == b"n":
-                        used += len(k) + ENTRY_OVERHEAD
-                        qid = _unpackb(raw)
-                        rec_raw = txn.get(b"i" + _qkey(qid), db=q_db)
-                        if rec_raw is None:
-                            problems.append(f"queue {k[1:]!r} has no record")
+                meta = self._meta(txn, None)
+                for k, raw in txn.cursor():
+                    p1, p2 = k[:1], k[:2]
+                    if p1 in (b"k", b"h"):
+                        rec = _unpackb(raw)
+                        if not (isinstance(rec, list) and len(rec) in (2, 3) and 0 < rec[0] <= _U32):
+                            problems.append(f"bad data record {k!r}")
                             continue
-                        _name, head, tail, _regs = _unpackb(rec_raw)
-                        seqs = items.get(qid, [])
-                        if seqs != list(range(head, tail)):
-                            problems.append(f"queue {qid}: items {seqs[:5]}… != range({head},{tail})")
-                for k, raw in txn.cursor(db=m_db):
-                    if k[:1] == b"n":
-                        used += len(k) + ENTRY_OVERHEAD
-            if used != meta[1]:
-                problems.append(f"accounted bytes {meta[1]} != recomputed {used}")
+                        klen = len(rec[2]) if p1 == b"h" else len(k) - 1
+                        used += klen + len(rec[1]) + ENTRY_OVERHEAD
+                    elif p1 == _ITEM:
+                        qid, seq = struct.unpack(">IQ", k[1:])
+                        items.setdefault(qid, []).append(seq)
+                        used += len(raw) + ENTRY_OVERHEAD
+                    elif p2 in (_QNAME, _MNAME):
+                        used += len(k) - (2 if p2 == _QNAME else 3) + ENTRY_OVERHEAD
+                        if p2 == _QNAME:
+                            qnames[_unpackb(raw)] = k[2:]
+                    elif p2 == _QREC:
+                        qrecs[struct.unpack(">I", k[2:])[0]] = _unpackb(raw)
+                    elif k not in (_META,) and p2 != _MREC:
+                        problems.append(f"unknown key {k!r}")
+        if set(qnames) != set(qrecs):
+            problems.append(f"queue names {sorted(qnames)} != queue records {sorted(qrecs)}")
+        for qid, rec in qrecs.items():
+            _name, head, tail, _regs = rec
+            seqs = items.pop(qid, [])
+            if seqs != list(range(head, tail)):
+                problems.append(f"queue {qid}: items {seqs[:5]}… != range({head},{tail})")
+        if items:
+            problems.append(f"items of unknown queues {sorted(items)}")
+        if used != meta[1]:
+            problems.append(f"accounted bytes {meta[1]} != recomputed {used}")
         return problems
 
 

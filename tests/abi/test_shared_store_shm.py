@@ -100,9 +100,9 @@ def test_long_keys_are_distinct(store):
 def test_cas_counter_skips_zero_on_wrap(store):
     env, dbs = store._ensure_env()
     with env.begin(write=True) as txn:           # put the global counter at u32 max
-        meta = msgpack.unpackb(txn.get(b"m", db=dbs[0]))
+        meta = msgpack.unpackb(txn.get(S._META))
         meta[0] = 0xFFFFFFFE
-        txn.put(b"m", msgpack.packb(meta), db=dbs[0])
+        txn.put(S._META, msgpack.packb(meta))
     store.set(b"a", b"1", 0)
     assert store.get(b"a")[1] == 0xFFFFFFFF
     store.set(b"a", b"2", 0)
@@ -255,8 +255,8 @@ def test_dead_registrant_is_dropped(name):
     assert s.enqueue(qid, b"a") == S.OK     # the dead registrant's FIFO has no reader: no error
     assert s.enqueue(qid, b"b") == S.OK     # and it has been dropped from the registrants
     env, dbs = s._ensure_env()
-    with env.begin(db=dbs[2]) as txn:
-        regs = msgpack.unpackb(txn.get(b"i" + qid.to_bytes(4, "big")))[3]
+    with env.begin() as txn:
+        regs = msgpack.unpackb(txn.get(S._QREC + qid.to_bytes(4, "big")))[3]
     assert regs == {}
     assert list((s.path / "wake").iterdir()) == []          # its FIFO was removed
     assert s.dequeue(qid) == b"a" and s.dequeue(qid) == b"b"
@@ -433,7 +433,7 @@ def test_model_based_budget(ops):
     s = S.create(name, budget)
     try:
         qid = s.register_queue("q")
-        used = len(b"nq") + S.ENTRY_OVERHEAD
+        used = len(b"q") + S.ENTRY_OVERHEAD
         data: dict[bytes, bytes] = {}
         q: deque[bytes] = deque()
         cost = lambda k, v: len(k) + len(v) + S.ENTRY_OVERHEAD  # noqa: E731
@@ -570,7 +570,7 @@ def _hold_write_lock_main(name: str) -> None:
     s = S.open(name)
     env, dbs = s._ensure_env()
     txn = env.begin(write=True)
-    txn.put(b"m", b"garbage that must never become visible", db=dbs[0])
+    txn.put(S._META, b"garbage that must never become visible")
     print("holding", flush=True)
     time.sleep(60)
 
