@@ -1,0 +1,31 @@
+"""Helpers shared by the ABI tests (imported as a plain module: tests/ is not a package)."""
+from __future__ import annotations
+
+from abi.api import StreamInfo
+
+
+def info(**kw) -> StreamInfo:
+    base = dict(request_id="req-1", route_name="r1", cluster_name="backend",
+                client_addr=("127.0.0.1", 40000), local_addr=("127.0.0.1", 8080),
+                connection_id=7, start_time_ns=1_700_000_000_000_000_000)
+    base.update(kw)
+    return StreamInfo(**base)
+
+
+REQ = [(":method", "GET"), (":path", "/hello?x=1"), (":authority", "example.com"),
+       (":scheme", "http"), ("user-agent", "t"), ("x-a", "1")]
+
+
+async def body_iter(*chunks: bytes):
+    for c in chunks:
+        yield c
+
+
+async def collect(body) -> bytes:
+    if body is None:
+        return b""
+    out = b""
+    async for c in body:
+        out += c
+    return out
+

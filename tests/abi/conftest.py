@@ -1,0 +1,103 @@
+"""Fixtures for ABI tests: fake gateway services, trace capture, a FilterHost loader."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import pytest
+
+from abi.api import FilterLimits, FilterSpec
+from abi.engine import Engine
+from abi.filter_host import FilterHost
+from abi.shared_store import LocalStore
+
+
+class TraceHandler(logging.Handler):
+    def __init__(self):
+        super().__init__(level=1)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+    def lines(self, filter_name: str | None = None) -> list[str]:
+        out = []
+        for r in self.records:
+            msg = r.getMessage()
+            prefix = f'filter "{filter_name}": ' if filter_name else 'filter "'
+            if msg.startswith(prefix):
+                out.append(msg[len(prefix):] if filter_name else msg.split('": ', 1)[1])
+        return out
+
+    def text(self) -> str:
+        return "\n".join(r.getMessage() for r in self.records)
+
+
+class FakeServices:
+    """HostServices for in-process tests: clusters answer from a dict of handlers."""
+
+    def __init__(self, log: logging.Logger):
+        self.log = log
+        self.clusters: dict[str, object] = {}
+        self.calls: list[tuple] = []
+
+    def has_cluster(self, name: str) -> bool:
+        return name in self.clusters
+
+    async def http_call(self, cluster, method, path, authority, headers, body, timeout_s):
+        self.calls.append((cluster, method, path, authority, headers, body, timeout_s))
+        handler = self.clusters[cluster]
+        result = handler(method, path, headers, body) if callable(handler) else handler
+        if asyncio.iscoroutine(result):
+            result = await result
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+
+@pytest.fixture(scope="session")
+def engine(tmp_path_factory) -> Engine:
+    return Engine(cache_dir=tmp_path_factory.mktemp("wasm-cache"))
+
+
+@pytest.fixture
+def trace():
+    handler = TraceHandler()
+    return handler
+
+
+@pytest.fixture
+def services(trace, request):
+    log = logging.getLogger(f"test.abi.{request.node.name}")
+    log.setLevel(1)
+    log.propagate = False
+    log.addHandler(trace)
+    yield FakeServices(log)
+    log.removeHandler(trace)
+
+
+@pytest.fixture
+async def load(engine, services, tmp_path):
+    """load(wat_or_Wat, name="f", **spec) -> FilterHost; several: load({"a": w1, "b": w2})."""
+    hosts: list[FilterHost] = []
+
+    async def _load(modules, store=None, **spec_kw):
+        if not isinstance(modules, dict):
+            modules = {spec_kw.pop("name", "f"): modules}
+        limits = spec_kw.pop("limits", FilterLimits(memory_bytes=16 << 20, callback_ms=200))
+        specs = []
+        for name, mod in modules.items():
+            text = mod.render() if hasattr(mod, "render") else mod
+            path = tmp_path / f"{name}.wat"
+            path.write_text(text) if isinstance(text, str) else path.write_bytes(text)
+            specs.append(FilterSpec(name=name, wasm_path=path, limits=limits, **spec_kw))
+        host = await FilterHost.load(specs, services, engine=engine, store=store or LocalStore())
+        hosts.append(host)
+        return host
+
+    yield _load
+    for h in hosts:
+        await h.close()
+
+

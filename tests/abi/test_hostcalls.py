@@ -1,0 +1,283 @@
+"""Host functions as the SDKs use them: statuses, empty encodings, signed arguments."""
+from __future__ import annotations
+
+import struct
+
+from abi.api import Forward, LocalReply, LogInfo
+from abi.pairs import serialize
+
+from abi_helpers import REQ, body_iter, collect, info
+from abi_wat import LOG_OUT, OUT, Wat, out_ptr_size, status
+
+O = f"(i32.const {OUT}) (i32.const {OUT + 4})"
+
+
+async def run_request(host, headers=REQ, body=None, name="f"):
+    s = host.stream([name], info())
+    out = await s.request(headers, body)
+    return s, out
+
+
+async def test_plugin_configuration_read_with_usize_max(load, trace):
+    # Rust get_plugin_configuration(): proxy_get_buffer_bytes(7, 0, usize::MAX) -> max_size -1.
+    w = Wat()
+    w.on("proxy_on_configure", status(w, "st", f"(call $proxy_get_buffer_bytes (i32.const 7) (i32.const 0) (i32.const -1) {O})")
+         + LOG_OUT + " (i32.const 1)")
+    await load(w, configuration=b'{"k": "value"}')
+    assert trace.lines("f")[-2:] == ["st 0", '{"k": "value"}']
+
+
+async def test_plugin_configuration_only_during_configure(load, trace):
+    w = Wat()
+    w.on("proxy_on_request_headers",
+         status(w, "cfg", f"(call $proxy_get_buffer_bytes (i32.const 7) (i32.const 0) (i32.const -1) {O})")
+         + status(w, "vm", f"(call $proxy_get_buffer_bytes (i32.const 6) (i32.const 0) (i32.const -1) {O})")
+         + LOG_OUT
+         + status(w, "body", f"(call $proxy_get_buffer_bytes (i32.const 0) (i32.const 0) (i32.const -1) {O})")
+         + status(w, "bad", f"(call $proxy_get_buffer_bytes (i32.const 9) (i32.const 0) (i32.const -1) {O})")
+         + " (i32.const 0)")
+    host = await load(w, configuration=b"abc", vm_configuration=b"vmcfg")
+    trace.records.clear()
+    await run_request(host)
+    assert trace.lines("f")[1:] == ["cfg 1", "vm 0", "vmcfg", "body 1", "bad 2"]
+
+
+async def test_empty_map_is_null_pointer_and_zero_size(load, trace):
+    w = Wat()
+    w.on("proxy_on_request_headers",
+         f"(i32.store (i32.const {OUT}) (i32.const 77)) (i32.store (i32.const {OUT + 4}) (i32.const 77))"
+         + status(w, "st", f"(call $proxy_get_header_map_pairs (i32.const 1) {O})")
+         + out_ptr_size(w, "trailers")
+         + status(w, "resp", f"(call $proxy_get_header_map_pairs (i32.const 2) {O})")
+         + out_ptr_size(w, "resp-before")
+         + " (i32.const 0)")
+    host = await load(w)
+    trace.records.clear()
+    await run_request(host)
+    assert trace.lines("f")[1:] == ["st 0", "trailers 0 0", "resp 0", "resp-before 0 0"]
+
+
+async def test_header_pairs_serialization_includes_pseudo_headers(load, trace):
+    w = Wat()
+    w.on("proxy_on_request_headers",
+         status(w, "st", f"(call $proxy_get_header_map_pairs (i32.const 0) {O})") + LOG_OUT + " (i32.const 0)")
+    host = await load(w)
+    trace.records.clear()
+    await run_request(host)
+    expected = serialize([(k.encode(), v.encode()) for k, v in REQ])
+    assert trace.lines("f")[1] == "st 0"
+    assert trace.lines("f")[2] == expected.decode()
+
+
+async def test_header_value_get_add_replace_remove(load, trace):
+    w = Wat()
+    w.on("proxy_on_request_headers",
+         status(w, "miss", f"(call $proxy_get_header_map_value (i32.const 0) {w.s('x-none')} {O})")
+         + status(w, "hit", f"(call $proxy_get_header_map_value (i32.const 0) {w.s('X-A')} {O})") + LOG_OUT
+         + status(w, "add", f"(call $proxy_add_header_map_value (i32.const 0) {w.s('X-New')} {w.s('n1')})")
+         + status(w, "add2", f"(call $proxy_add_header_map_value (i32.const 0) {w.s('x-new')} {w.s('n2')})")
+         + status(w, "rep", f"(call $proxy_replace_header_map_value (i32.const 0) {w.s('x-a')} {w.s('2')})")
+         + status(w, "rm", f"(call $proxy_remove_header_map_value (i32.const 0) {w.s('user-agent')})")
+         + status(w, "rm-absent", f"(call $proxy_remove_header_map_value (i32.const 0) {w.s('nope')})")
+         + status(w, "path", f"(call $proxy_replace_header_map_value (i32.const 0) {w.s(':path')} {w.s('/rewritten')})")
+         + status(w, "empty", f"(call $proxy_add_header_map_value (i32.const 0) {w.s('x-empty')} (i32.const 0) (i32.const 0))")
+         + status(w, "get-empty", f"(call $proxy_get_header_map_value (i32.const 0) {w.s('x-empty')} {O})")
+         + out_ptr_size(w, "empty-out")
+         + " (i32.const 0)")
+    host = await load(w)
+    trace.records.clear()
+    _, fwd = await run_request(host)
+    assert trace.lines("f")[1:] == ["miss 1", "hit 0", "1", "add 0", "add2 0", "rep 0", "rm 0",
+                                    "rm-absent 0", "path 0", "empty 0", "get-empty 0", "empty-out 0 0"]
+    assert fwd.headers == [(":method", "GET"), (":path", "/rewritten"), (":authority", "example.com"),
+                           (":scheme", "http"), ("x-a", "2"), ("x-new", "n1"), ("x-new", "n2"),
+                           ("x-empty", "")]
+
+
+async def test_set_header_map_pairs_replaces_all_and_lowercases(load):
+    w = Wat()
+    data = serialize([(b":method", b"POST"), (b":path", b"/p"), (b":authority", b"h"), (b"X-Up", b"v")])
+    w.on("proxy_on_request_headers",
+         f"(drop (call $proxy_set_header_map_pairs (i32.const 0) {w.s(data)})) (i32.const 0)")
+    host = await load(w)
+    _, fwd = await run_request(host)
+    assert fwd.headers == [(":method", "POST"), (":path", "/p"), (":authority", "h"), ("x-up", "v")]
+
+
+async def test_unavailable_map_writes_are_bad_argument(load, trace):
+    w = Wat()
+    w.on("proxy_on_request_headers",
+         status(w, "trailers", f"(call $proxy_add_header_map_value (i32.const 1) {w.s('a')} {w.s('b')})")
+         + status(w, "callresp", f"(call $proxy_add_header_map_value (i32.const 6) {w.s('a')} {w.s('b')})")
+         + status(w, "badtype", f"(call $proxy_add_header_map_value (i32.const 8) {w.s('a')} {w.s('b')})")
+         + " (i32.const 0)")
+    host = await load(w)
+    trace.records.clear()
+    await run_request(host)
+    assert trace.lines("f")[1:] == ["trailers 2", "callresp 2", "badtype 2"]
+
+
+async def test_body_replace_prepend_append(load, trace):
+    w = Wat()
+    # Rust: set_http_request_body(0, usize::MAX, b"X") replaces; (0,0) prepends; (usize::MAX,0) appends
+    w.on("proxy_on_request_body",
+         "(if (local.get $c) (then "
+         + status(w, "rep", f"(call $proxy_set_buffer_bytes (i32.const 0) (i32.const 0) (i32.const -1) {w.s('XY')})")
+         + status(w, "pre", f"(call $proxy_set_buffer_bytes (i32.const 0) (i32.const 0) (i32.const 0) {w.s('<')})")
+         + status(w, "app", f"(call $proxy_set_buffer_bytes (i32.const 0) (i32.const -1) (i32.const 0) {w.s('>')})")
+         + status(w, "mid", f"(call $proxy_set_buffer_bytes (i32.const 0) (i32.const 1) (i32.const 1) {w.s('!')})")
+         + status(w, "get", f"(call $proxy_get_buffer_bytes (i32.const 0) (i32.const 1) (i32.const 2) {O})") + LOG_OUT
+         + ") (else (return (i32.const 1)))) (i32.const 0)")
+    host = await load(w)
+    trace.records.clear()
+    s, fwd = await run_request(host, body=body_iter(b"hello ", b"world"))
+    assert await collect(fwd.body) == b"<XY>"
+    assert trace.lines("f")[-6:] == ["rep 0", "pre 0", "app 0", "mid 2", "get 0", "XY"]
+
+
+async def test_pause_in_body_buffers_cumulative_size(load, trace):
+    w = Wat()
+    w.on("proxy_on_request_body", w.trace("body", 3) + " (i32.xor (local.get $c) (i32.const 1))")
+    host = await load(w)
+    trace.records.clear()
+    s, fwd = await run_request(host, body=body_iter(b"aa", b"bbb", b"c"))
+    chunks = [c async for c in fwd.body]
+    assert chunks == [b"aabbbc"]
+    assert [l for l in trace.lines("f") if l.startswith("body")] == ["body 2 2 0", "body 2 5 0", "body 2 6 1"]
+
+
+async def test_properties_envoy_encoding(load, trace):
+    w = Wat()
+    body = ""
+    for label, path in [("path", b"request\0path"), ("url_path", b"request\0url_path"),
+                        ("method", b"request\0method"), ("host", b"request\0host"),
+                        ("ua", b"request\0headers\0user-agent"), ("plugin", b"plugin_name"),
+                        ("srcaddr", b"source\0address"), ("query", b"request\0query"),
+                        ("proto", b"request\0protocol"), ("route", b"xds\0route_name")]:
+        body += status(w, label, f"(call $proxy_get_property {w.s(path)} {O})") + LOG_OUT
+    nope, mykey = w.s(b"request\0nope"), w.s(b"my\0key")
+    body += status(w, "missing", f"(call $proxy_get_property {nope} {O})")
+    body += status(w, "set", f"(call $proxy_set_property {mykey} {w.s('val')})")
+    body += status(w, "get-set", f"(call $proxy_get_property {mykey} {O})") + LOG_OUT
+    body += status(w, "root-id", f"(call $proxy_get_property {w.s(b'plugin_root_id')} {O})") + out_ptr_size(w, "root-id-out")
+    w.on("proxy_on_request_headers", body + " (i32.const 0)")
+    host = await load(w, name="props")
+    trace.records.clear()
+    await run_request(host, name="props")
+    assert trace.lines("props")[1:] == [
+        "path 0", "/hello?x=1", "url_path 0", "/hello", "method 0", "GET", "host 0", "example.com",
+        "ua 0", "t", "plugin 0", "props", "srcaddr 0", "127.0.0.1:40000", "query 0", "x=1",
+        "proto 0", "HTTP/1.1", "route 0", "r1", "missing 1", "set 0", "get-set 0", "val",
+        "root-id 0", "root-id-out 0 0"]
+
+
+async def test_numeric_properties_are_8_byte_little_endian(load, trace, engine):
+    w = Wat()
+    code, port = w.s(b"response\0code"), w.s(b"source\0port")
+    w.on("proxy_on_log",
+         status(w, "code", f"(call $proxy_get_property {code} {O})")
+         + f"(call $trace {w.s('v')} (i32.const 2) (i32.load (i32.load (i32.const {OUT}))) (i32.load (i32.const {OUT + 4})) (i32.const 0))"
+         + status(w, "port", f"(call $proxy_get_property {port} {O})")
+         + f"(call $trace {w.s('v')} (i32.const 2) (i32.load (i32.load (i32.const {OUT}))) (i32.load (i32.const {OUT + 4})) (i32.const 0))")
+    host = await load(w)
+    s, _ = await run_request(host)
+    await s.response(201, [], None)
+    trace.records.clear()
+    await s.finish(LogInfo(status=201))
+    assert trace.lines("f")[1:5] == ["code 0", "v 201 8", "port 0", "v 40000 8"]
+
+
+async def test_local_response_from_request_headers(load, trace):
+    # Rust send_http_response(403, [("x-why","no")], Some(b"denied")): details (0,0), grpc -1.
+    w = Wat()
+    hdrs = serialize([(b"X-Why", b"no")])
+    w.on("proxy_on_request_headers",
+         status(w, "slr", f"(call $proxy_send_local_response (i32.const 403) (i32.const 0) (i32.const 0) {w.s('denied')} {w.s(hdrs)} (i32.const -1))")
+         + " (i32.const 1)")
+    host = await load(w)
+    trace.records.clear()
+    s, out = await run_request(host, body=body_iter(b"never read"))
+    assert isinstance(out, LocalReply)
+    assert out.status == 403 and out.body == b"denied"
+    assert ("x-why", "no") in out.headers and ("content-type", "text/plain") in out.headers
+    await s.finish(LogInfo(status=403))
+    # The replier sees its own reply's response headers (Envoy, verified trace §2.4).
+    assert trace.lines("f") == ["proxy_on_context_create 2 1", "slr 0",
+                                "proxy_on_response_headers 2 3 0", "proxy_on_response_body 2 6 1",
+                                "proxy_on_done 2", "proxy_on_log 2", "proxy_on_delete 2"]
+
+
+async def test_local_response_skips_later_filters(load, trace):
+    a, b = Wat(), Wat()
+    a.on("proxy_on_request_headers",
+         f"(drop (call $proxy_send_local_response (i32.const 401) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const -1))) (i32.const 0)")
+    host = await load({"a": a, "b": b})
+    trace.records.clear()
+    s = host.stream(["a", "b"], info())
+    out = await s.request(REQ, None)
+    assert isinstance(out, LocalReply) and out.status == 401 and out.body == b""
+    await s.finish(LogInfo(status=401))
+    assert trace.lines("b") == []
+
+
+async def test_grpc_request_gets_grpc_local_reply(load):
+    w = Wat()
+    w.on("proxy_on_request_headers",
+         f"(drop (call $proxy_send_local_response (i32.const 200) (i32.const 0) (i32.const 0) {w.s('nope')} (i32.const 0) (i32.const 0) (i32.const 7))) (i32.const 1)")
+    host = await load(w)
+    s, out = await run_request(host, headers=REQ + [("content-type", "application/grpc")])
+    assert out.status == 200 and out.body == b""
+    assert ("grpc-status", "7") in out.headers and ("grpc-message", "nope") in out.headers
+
+
+async def test_log_levels_and_bad_level(load, trace):
+    w = Wat()
+    w.on("proxy_on_request_headers",
+         status(w, "lvl9", f"(call $proxy_log (i32.const 9) {w.s('x')})")
+         + status(w, "getlvl", f"(call $proxy_get_log_level (i32.const {OUT}))")
+         + f"(call $log_num {w.s('level')} (i32.load (i32.const {OUT})))"
+         + f"(drop (call $proxy_log (i32.const 4) {w.s('an error')}))"
+         + " (i32.const 0)")
+    host = await load(w)
+    trace.records.clear()
+    await run_request(host)
+    assert trace.lines("f")[1:] == ["lvl9 2", "getlvl 0", "level 0", "an error"]
+    assert trace.records[-1].levelname == "ERROR"
+
+
+async def test_time_and_foreign_and_grpc_statuses(load, trace):
+    w = Wat()
+    w.on("proxy_on_request_headers",
+         status(w, "time", f"(call $proxy_get_current_time_nanoseconds (i32.const {OUT}))")
+         + status(w, "foreign", f"(call $proxy_call_foreign_function {w.s('compress')} {w.s('x')} {O})")
+         + status(w, "grpc", f"(call $proxy_grpc_call {w.s('c')} {w.s('s')} {w.s('m')} (i32.const 0) (i32.const 0) {w.s('x')} (i32.const 100) (i32.const {OUT + 8}))")
+         + status(w, "grpc_stream", f"(call $proxy_grpc_stream {w.s('c')} {w.s('s')} {w.s('m')} (i32.const 0) (i32.const 0) (i32.const {OUT + 8}))")
+         + status(w, "grpc_send", f"(call $proxy_grpc_send (i32.const 1) {w.s('x')} (i32.const 0))")
+         + status(w, "grpc_cancel", "(call $proxy_grpc_cancel (i32.const 1))")
+         + status(w, "grpc_close", "(call $proxy_grpc_close (i32.const 1))")
+         + status(w, "done", "(call $proxy_done)")
+         + status(w, "eff-bad", "(call $proxy_set_effective_context (i32.const 999))")
+         + status(w, "eff-root", "(call $proxy_set_effective_context (i32.const 1))")
+         + " (i32.const 0)")
+    host = await load(w)
+    trace.records.clear()
+    await run_request(host)
+    # Rust: grpc_call/stream accept OK/PARSE_FAILURE/INTERNAL_FAILURE; send/cancel/close NOT_FOUND.
+    assert trace.lines("f")[1:] == ["time 0", "foreign 1", "grpc 10", "grpc_stream 10",
+                                    "grpc_send 1", "grpc_cancel 1", "grpc_close 1", "done 1",
+                                    "eff-bad 2", "eff-root 0"]
+
+
+async def test_out_of_bounds_pointers_give_invalid_memory_access(load, trace):
+    w = Wat()
+    w.on("proxy_on_request_headers",
+         status(w, "log", "(call $proxy_log (i32.const 2) (i32.const -16) (i32.const 64))")
+         + status(w, "pairs-out", "(call $proxy_get_header_map_pairs (i32.const 0) (i32.const -2) (i32.const 0))")
+         + status(w, "value-key", f"(call $proxy_get_header_map_value (i32.const 0) (i32.const 0x7ffffff0) (i32.const 100) {O})")
+         + status(w, "huge-len", f"(call $proxy_add_header_map_value (i32.const 0) (i32.const 0) (i32.const -1) (i32.const 0) (i32.const 1))")
+         + " (i32.const 0)")
+    host = await load(w)
+    trace.records.clear()
+    s, fwd = await run_request(host)
+    assert isinstance(fwd, Forward)
+    assert trace.lines("f")[1:] == ["log 6", "pairs-out 6", "value-key 6", "huge-len 6"]
