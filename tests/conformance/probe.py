@@ -21,6 +21,9 @@ from tests.conformance import watlib
 from tests.helpers import echo_upstream, run_gateway
 
 
+STREAM_PARTS = [b"part-one;", b"part-two;", b"part-three"]
+
+
 @dataclass
 class Seen:
     method: str
@@ -55,6 +58,16 @@ def _handler(rec: Recorder):
         rec.requests.append(Seen(request.method, request.path_qs, headers, body))
         if request.path.startswith("/callout"):
             return web.Response(status=201, body=b"callout-ok", headers={"x-callout": "yes"})
+        if request.path.startswith("/nobody"):
+            return web.Response(status=204, headers={"x-upstream": "echo"})
+        if request.path.startswith("/stream"):
+            resp = web.StreamResponse(headers={"x-upstream": "echo", "content-type": "text/plain"})
+            await resp.prepare(request)
+            for part in STREAM_PARTS:
+                await resp.write(part)
+                await asyncio.sleep(0.05)
+            await resp.write_eof()
+            return resp
         payload = {"method": request.method, "path": request.path_qs, "headers": headers,
                    "body": body.decode("latin-1")}
         return web.Response(body=json.dumps(payload).encode(), content_type="application/json",

@@ -410,3 +410,115 @@ async def test_binary_wasm_path_loads(tmp_path, upstream):
         status, headers, _ = await fetch(s, gw.url("/bin"))
         assert status == 200
         report_of(headers)
+
+
+# ---------------------------------------------------------------- more SDK-faithfulness probes
+async def test_post_with_empty_body_has_end_of_stream_in_headers(tmp_path, upstream):
+    async with probe_gateway(tmp_path, upstream, [probe_filter(tmp_path)]) as (gw, s):
+        status, headers, _ = await fetch(s, gw.url("/empty"), method="POST", data=b"")
+        assert status == 200
+        rep = report_of(headers)
+    assert one(rep, "eos") == "1"        # Content-Length: 0 -> no body follows
+    assert "rb" not in rep
+
+
+async def test_response_without_body_has_end_of_stream_in_headers(tmp_path, upstream):
+    async with probe_gateway(tmp_path, upstream, [probe_filter(tmp_path)]) as (gw, s):
+        status, headers, _ = await fetch(s, gw.url("/nobody"))
+        assert status == 204
+        rep = report_of(headers)
+        ctx = one(rep, "ctx")
+        trace = await wait_for(lambda: _deleted(s, gw, ctx))
+    assert one(rep, "reos") == "1"
+    assert one(rep, "status") == "204"
+    assert trace and not [e for e in trace if e[0] == "resp_body" and e[1] == ctx]
+
+
+async def _deleted(s, gw, ctx, tag="p1"):
+    tr = await get_trace(s, gw, tag)
+    return tr if ("delete", ctx) in tr else None
+
+
+async def test_streamed_response_body_cumulative_while_paused(tmp_path, upstream):
+    from tests.conformance.probe import STREAM_PARTS
+    total = b"".join(STREAM_PARTS)
+    async with probe_gateway(tmp_path, upstream, [probe_filter(tmp_path)]) as (gw, s):
+        status, headers, body = await fetch(s, gw.url("/stream"), headers={"x-act": "resp-body"})
+        assert status == 200
+        ctx = one(report_of(headers), "ctx")
+        trace = await wait_for(lambda: _deleted(s, gw, ctx))
+    assert body == b"rewritten: " + total
+    calls = [(int(e[2]), int(e[3])) for e in trace if e[0] == "resp_body" and e[1] == ctx]
+    sizes = [sz for sz, _ in calls]
+    assert sizes == sorted(sizes), calls
+    assert calls[-1] == (len(total), 1), calls
+    assert all(eos == 0 for _, eos in calls[:-1])
+
+
+async def test_local_reply_runs_the_filters_response_callbacks(tmp_path, upstream):
+    # Envoy runs encode callbacks for a local reply (verified trace of the Rust http_headers
+    # example: send_local_response in on_request_headers, then on_response_headers, on_done...)
+    async with probe_gateway(tmp_path, upstream, [probe_filter(tmp_path)]) as (gw, s):
+        status, headers, body = await fetch(s, gw.url("/deny"), headers={"x-act": "reply-hdrs"})
+        assert status == 403
+        rep = parse_report(headers.get("x-probe-p1"))
+        ctx = one(rep, "ctx")
+        trace = await wait_for(lambda: _deleted(s, gw, ctx))
+    mine = [e[0] for e in trace if len(e) > 1 and e[1] == ctx]
+    assert mine[:3] == ["create", "req_hdrs", "resp_hdrs"], mine
+    assert mine[-3:] == ["done", "log", "delete"], mine
+    assert one(rep, "status") == "403"
+
+
+async def test_local_reply_then_continue_still_short_circuits(tmp_path, upstream):
+    # cpp-host: after send_local_response the callback's return value is treated as Stop
+    async with probe_gateway(tmp_path, upstream, [probe_filter(tmp_path)]) as (gw, s):
+        status, headers, body = await fetch(s, gw.url("/deny-continue"), headers={"x-act": "reply-continue"})
+        assert status == 403
+        assert body == b"denied, then Continue returned"
+        await asyncio.sleep(0.05)
+    assert upstream.main_requests() == []
+
+
+async def test_local_reply_from_http_call_callback(tmp_path, upstream):
+    async with probe_gateway(tmp_path, upstream, [probe_filter(tmp_path)]) as (gw, s):
+        status, headers, body = await fetch(s, gw.url("/call-deny"), headers={"x-act": "call-deny", "x-cluster": "callout"})
+        assert status == 401
+        assert body == b"denied after callout"
+        assert headers.get("x-reply-by") == "probe"
+    assert len(upstream.callouts()) == 1
+    assert upstream.main_requests() == []
+
+
+async def test_chain_waits_for_paused_filter_and_effective_context_writes(tmp_path, upstream):
+    mod = strict_module(tmp_path)
+    filters = [filter_entry("caller", mod, config="a"), filter_entry("next", mod, config="b")]
+    async with probe_gateway(tmp_path, upstream, filters) as (gw, s):
+        status, headers, body = await fetch(s, gw.url("/chain-call"), method="POST", data=b"payload-after-call",
+                                            headers={"x-act": "call", "x-cluster": "callout"})
+        assert status == 200, body
+        rep_a, rep_b = report_of(headers, "a"), report_of(headers, "b")
+    # both filters act on x-act: a calls out and pauses; b's request headers run only after a
+    # resumed, so b sees what a wrote from inside its callback through the effective context;
+    # then b calls out too, and both writes reach the upstream in order
+    assert one(rep_b, "after_call") == "a"
+    assert len(upstream.callouts()) == 2
+    seen = upstream.main_requests()[-1]
+    assert seen.all("x-after-call") == ["a", "b"]
+    assert seen.body == b"payload-after-call"
+    assert one(rep_a, "cstatus") == "201"
+
+
+async def test_headers_readable_in_on_log(tmp_path, upstream):
+    async with probe_gateway(tmp_path, upstream, [probe_filter(tmp_path)]) as (gw, s):
+        status, headers, _ = await fetch(s, gw.url("/logmaps"), headers={"x-act": "log-maps"})
+        assert status == 200
+        ctx = one(report_of(headers), "ctx")
+        trace = await wait_for(lambda: _deleted(s, gw, ctx))
+    assert trace, "context never deleted (a trap in on_log?)"
+    logmaps = [e for e in trace if e[0] == "logmaps"]
+    assert len(logmaps) == 1, trace
+    _, path_st, path_len, n_req, n_resp, status_st = logmaps[0]
+    assert (path_st, path_len) == ("0", str(len("/logmaps")))
+    assert int(n_req) >= 4 and int(n_resp) >= 1
+    assert status_st == "0"

@@ -435,6 +435,9 @@
     (if (call $act_is $S"trap-log") (then (return (i32.const 25))))
     (if (call $act_is $S"body-pass") (then (return (i32.const 26))))
     (if (call $act_is $S"metrics") (then (return (i32.const 27))))
+    (if (call $act_is $S"log-maps") (then (return (i32.const 28))))
+    (if (call $act_is $S"reply-continue") (then (return (i32.const 29))))
+    (if (call $act_is $S"call-deny") (then (return (i32.const 30))))
     (i32.const 0))
 
   (func $local_reply (param $status i32) (param $body i32) (param $bn i32)
@@ -549,6 +552,22 @@
     (call $tr $S"log")
     (call $tr_arg (local.get $id))
     (if (i32.eq (i32.load offset=16 (local.get $r)) (i32.const 25)) (then unreachable))
+    (if (i32.eq (i32.load offset=16 (local.get $r)) (i32.const 28))
+      (then
+        ;; Rust filters commonly read headers in on_log: get_map_value accepts OK|NOT_FOUND,
+        ;; get_map (pairs) accepts OK only
+        (call $tr $S"logmaps")
+        (call $tr_arg (call $hget (i32.const 0) $S":path"))
+        (call $tr_arg (i32.load (i32.const 20)))
+        (call $clear_ret)
+        (local.set $st (call $expect (call $get_pairs (i32.const 0) (i32.const 16) (i32.const 20)) (i32.const 1)))
+        (call $check_ret (local.get $st))
+        (call $tr_arg (call $parse_map (i32.load (i32.const 16)) (i32.load (i32.const 20))))
+        (call $clear_ret)
+        (local.set $st (call $expect (call $get_pairs (i32.const 2) (i32.const 16) (i32.const 20)) (i32.const 1)))
+        (call $check_ret (local.get $st))
+        (call $tr_arg (call $parse_map (i32.load (i32.const 16)) (i32.load (i32.const 20))))
+        (call $tr_arg (call $hget (i32.const 2) $S":status"))))
     (if (i32.eq (i32.load offset=16 (local.get $r)) (i32.const 7))
       (then
         (call $clear_ret)
@@ -612,6 +631,9 @@
     (call $rend (local.get $r))
 
     (drop (call $expect (call $add_hv (i32.const 0) $S"x-chain" (call $b_data (i32.const 256)) (call $b_len (i32.const 256))) (i32.const 1)))
+    ;; a header an earlier filter added inside its http-call callback
+    (if (i32.eqz (call $hget (i32.const 0) $S"x-after-call"))
+      (then (call $rep_str (local.get $r) $S"after_call" (i32.load (i32.const 16)) (i32.load (i32.const 20)))))
 
     ;; action
     (call $b_reset (i32.const 4096))
@@ -631,6 +653,9 @@
         (drop (call $expect (call $remove_hv (i32.const 0) $S"content-length") (i32.const 1)))))
     (if (i32.eq (local.get $act) (i32.const 7)) (then (call $props (local.get $r))))
     (if (i32.eq (local.get $act) (i32.const 8)) (then (return (call $start_call (local.get $r)))))
+    (if (i32.eq (local.get $act) (i32.const 30)) (then (return (call $start_call (local.get $r)))))
+    (if (i32.eq (local.get $act) (i32.const 29))
+      (then (call $local_reply (i32.const 403) $S"denied, then Continue returned") (return (i32.const 0))))
     (if (i32.eq (local.get $act) (i32.const 9)) (then (call $shared (local.get $r))))
     (if (i32.eq (local.get $act) (i32.const 10))
       (then (drop (call $expect (call $set_tick (i32.const 20)) (i32.const 1)))))
@@ -818,6 +843,10 @@
         (local.set $st (call $expect (call $get_status (i32.const 24) (i32.const 16) (i32.const 20)) (i32.const 1)))
         (call $check_ret (local.get $st))
         (call $rep_u32 (local.get $r) $S"cfail" (i32.load (i32.const 24)))))
+    (if (i32.eq (i32.load offset=16 (local.get $r)) (i32.const 30))
+      (then (call $local_reply (i32.const 401) $S"denied after callout") (return)))
+    ;; through the effective context: the paused request's headers are still writable
+    (drop (call $expect (call $add_hv (i32.const 0) $S"x-after-call" (call $b_data (i32.const 256)) (call $b_len (i32.const 256))) (i32.const 1)))
     (drop (call $expect (call $continue_stream (i32.const 0)) (i32.const 1))))
 
   (func $shared (param $r i32)
