@@ -683,6 +683,65 @@ def test_inherited_store_object_is_usable_after_fork(name):
     s.close()
 
 
+def test_repeated_kill_9_at_random_points(name):
+    """Fork writers and SIGKILL each at a random moment of its write burst, 20 times."""
+    import random
+    s = S.create(name, 1 << 20)
+    s.set(b"ledger", msgpack.packb([0, {}]), 0)
+    qid = s.register_queue("log")
+    rng = random.Random(6)
+    for r in range(20):
+        pid = os.fork()
+        if pid == 0:                                   # child: inherited store object
+            try:
+                for i in range(1_000_000):
+                    _ledger_increment(s, f"w{r}")
+                    s.enqueue(qid, msgpack.packb([f"w{r}", i]))
+                    if i % 2:
+                        s.dequeue(qid)
+            finally:
+                os._exit(0)
+        time.sleep(rng.uniform(0.001, 0.02))
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    s.check_readers()
+    assert s.verify() == []
+    total, counts = msgpack.unpackb(s.get(b"ledger")[0])
+    assert total == sum(counts.values()) and total > 0
+    for _ in range(50):
+        _ledger_increment(s, "parent")
+    assert msgpack.unpackb(s.get(b"ledger")[0])[0] == total + 50
+    n = 0
+    while s.dequeue(qid) != S.EMPTY and n < 10**6:
+        n += 1
+    assert s.verify() == [] and s.usage()["used"] == len(b"ledger") + len(s.get(b"ledger")[0]) \
+        + 2 * S.ENTRY_OVERHEAD + len(b"log")
+    s.close()
+
+
+def test_notification_with_uvloop(name):
+    uvloop = pytest.importorskip("uvloop")
+    s = S.create(name, 1 << 20)
+    qid = s.register_queue("u")
+
+    async def main():
+        got = asyncio.Event()
+        s.on_enqueue(lambda q: got.set())
+        p = FORK.Process(target=_worker_enqueue, args=(name, "u", 1, FORK.Event()))
+        p.start()
+        await asyncio.wait_for(got.wait(), 5)
+        p.join(5)
+        s.detach()
+        return s.dequeue(qid)
+
+    loop = uvloop.new_event_loop()
+    try:
+        assert loop.run_until_complete(main()) == b"item-0"
+    finally:
+        loop.close()
+    s.close()
+
+
 # ------------------------------------------------------------------ lifecycle
 
 def test_open_requires_create_and_remove_cleans_up(name):
