@@ -60,7 +60,11 @@ def rewrite_target(route: Route, target: str) -> str:
     if m.path is not None:
         path = rw.prefix or "/"
     elif m.prefix is not None:
-        path = rw.prefix + path[len(m.prefix):]
+        rest = path[len(m.prefix):]
+        # `prefix: /items` + `rewrite: {prefix: /}` must give /42 for /items/42, not //42.
+        if rw.prefix.endswith("/") and rest.startswith("/"):
+            rest = rest[1:]
+        path = rw.prefix + rest
         if not path.startswith("/"):
             path = "/" + path
     return path + q + query
