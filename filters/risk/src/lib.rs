@@ -3,6 +3,10 @@
 //! indexes arrays) and, above `threshold`, rejects with 403 and a JSON reason — or, with
 //! `action: tag`, forwards the request with a tag header instead. A body that is not JSON
 //! gets 400.
+//!
+//! Tag mode pauses the request headers until the body verdict, so its filter entry needs
+//! `deliver_body_while_paused: true` (without it the host never delivers the body to a filter
+//! that paused in headers — Envoy semantics — and the request waits for the pause timeout).
 
 use std::rc::Rc;
 use wasmgate_sdk::config::Cfg;
@@ -105,6 +109,9 @@ pub enum Verdict {
 }
 
 pub fn judge(cfg: &Config, body: &[u8]) -> Verdict {
+    if body.iter().all(|b| b.is_ascii_whitespace()) {
+        return Verdict::Bad("request body is empty".into());
+    }
     let doc = match json::parse(body) {
         Ok(v) => v,
         Err(_) => return Verdict::Bad("request body is not JSON".into()),
@@ -225,7 +232,14 @@ impl HttpContext for Stream {
                 return self.reply(413, "{\"error\":\"payload_too_large\",\"message\":\"request body too large for the risk check\"}".into());
             }
         }
-        // Continue (not Pause): pausing headers would stop body delivery (Envoy semantics).
+        if self.cfg.action == RiskAction::Tag {
+            // The tag is a request header, so the headers must wait for the body verdict.
+            // This needs the host to deliver the body while headers are paused
+            // (`deliver_body_while_paused: true`; Envoy: allow_on_headers_stop_iteration).
+            return Action::Pause;
+        }
+        // Reject mode: Continue, so a host with Envoy semantics still delivers the body;
+        // the body itself is held (Pause in on_http_request_body) until the verdict.
         Action::Continue
     }
 
