@@ -176,7 +176,8 @@ class _Ticker:
     worker costs nothing).
 
     ``ticks`` mirrors the epoch so callers can skip re-arming within one update; while idle it
-    is -1, which forces the next call of every store through arm() (and so wakes us).
+    is negative (a new value per nap), which forces the next call of every store through
+    arm() (and so wakes us).
     Holds only the wasmtime engine, so our Engine can be collected (its finalizer stops us).
     """
 
@@ -184,6 +185,7 @@ class _Ticker:
         self.ticks = 0
         self.arms = 0               # bumped by every arm(): tells the ticker calls happen
         self.idle = False
+        self._naps = 0
         self.max_deadline = 0       # longest deadline (ticks) armed on this engine
         self._stopped = False
         self._wake = threading.Event()
@@ -215,7 +217,8 @@ class _Ticker:
         # Whatever the interleaving, either we see the arm or arm() sees us idle and wakes us.
         self._wake.clear()
         self.idle = True
-        self.ticks = -1
+        self._naps += 1
+        self.ticks = -self._naps    # unique per nap: no store's `armed` can match a stale one
         if self.arms == seen_arms and not self._stopped:
             self._wake.wait()
         self.idle = False
@@ -261,7 +264,7 @@ class Engine:
         if wt_module is None:
             wt_module = self._compile_fresh(binary)
             self._store_cached(path, wt_module)
-        return Module(self, wt_module, digest, name, cache_hit, _export_func_names(binary))
+        return Module(wt_module, digest, name, cache_hit, _parse_signatures(binary))
 
     def _compile_fresh(self, binary: bytes) -> wt.Module:
         try:
@@ -306,77 +309,137 @@ def _to_binary(wasm: bytes) -> bytes:
         raise EngineError(f"invalid wasm module: {e}") from None
 
 
-def _leb(data: bytes, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        byte = data[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        shift += 7
-        if not byte & 0x80:
-            return result, pos
+class _Reader:
+    """Just enough of the wasm binary format to read signatures of imports and exports.
+
+    Why not wasmtime-py's ImportType/ExportType: asking it for a v128 or GC reference value
+    type calls ``wasm_valtype_kind``, which aborts the whole process. The module is already
+    validated by wasmtime when this runs, so only the unsupported-but-valid cases matter.
+    """
+
+    _VALTYPES = {0x7F: "i32", 0x7E: "i64", 0x7D: "f32", 0x7C: "f64", 0x7B: "v128",
+                 0x70: "funcref", 0x6F: "externref"}
+
+    def __init__(self, data: bytes, pos: int = 0):
+        self.data = data
+        self.pos = pos
+
+    def byte(self) -> int:
+        b = self.data[self.pos]
+        self.pos += 1
+        return b
+
+    def leb(self) -> int:
+        result = shift = 0
+        while True:
+            b = self.byte()
+            result |= (b & 0x7F) << shift
+            shift += 7
+            if not b & 0x80:
+                return result
+
+    def name(self) -> str:
+        n = self.leb()
+        self.pos += n
+        return self.data[self.pos - n:self.pos].decode("utf-8", "replace")
+
+    def valtype(self) -> str:
+        b = self.byte()
+        if b in self._VALTYPES:
+            return self._VALTYPES[b]
+        if b in (0x63, 0x64):               # (ref null? heaptype): typed function references
+            self.leb()
+            return "ref"
+        raise EngineError(f"unsupported wasm value type 0x{b:02x}")
+
+    def limits(self) -> None:
+        flags = self.byte()
+        self.leb()
+        if flags & 0x01:
+            self.leb()
+        if flags & 0x08:                    # custom-page-sizes: page size log2
+            self.leb()
 
 
-def _export_func_names(binary: bytes) -> dict[int, str]:
-    """Function index -> export name, so backtraces of stripped modules still say
-    ``proxy_on_request_headers`` instead of a bare index. Best effort: {} on any surprise."""
+_Sig = tuple[tuple[str, ...], tuple[str, ...]]
+
+
+def _parse_signatures(binary: bytes) -> tuple[list[Import], dict[str, Export], dict[int, str]]:
+    """Imports and exports with value types, plus function index -> export name (so backtraces
+    of stripped modules still name ``proxy_on_request_headers``)."""
+    types: list[_Sig] = []
+    imports: list[Import] = []
+    func_types: list[int] = []              # type index per function index
+    exports: dict[str, Export] = {}
     names: dict[int, str] = {}
+    r = _Reader(binary, 8)
     try:
-        pos = 8
-        while pos < len(binary):
-            section, pos = binary[pos], pos + 1
-            size, pos = _leb(binary, pos)
-            if section == 7:
-                count, p = _leb(binary, pos)
-                for _ in range(count):
-                    n, p = _leb(binary, p)
-                    name = binary[p:p + n].decode("utf-8", "replace")
-                    kind, p = binary[p + n], p + n + 1
-                    index, p = _leb(binary, p)
+        while r.pos < len(binary):
+            section, size = r.byte(), r.leb()
+            end = r.pos + size
+            if section == 1:
+                types = [_functype(r) for _ in range(r.leb())]
+            elif section == 2:
+                for _ in range(r.leb()):
+                    imports.append(_import(r, types, func_types))
+            elif section == 3:
+                func_types += [r.leb() for _ in range(r.leb())]
+            elif section == 7:
+                for _ in range(r.leb()):
+                    name, kind, index = r.name(), r.byte(), r.leb()
                     if kind == 0:
+                        exports[name] = Export("func", *types[func_types[index]])
                         names.setdefault(index, name)
-                break
-            pos += size
-    except (IndexError, ValueError):
-        return {}
-    return names
+                    else:
+                        exports[name] = Export(_EXTERN_KINDS.get(kind, "unknown"))
+            r.pos = end
+    except (IndexError, ValueError) as e:
+        raise EngineError(f"cannot read the module's imports/exports: {e}") from None
+    return imports, exports, names
 
 
-def _valtypes(types) -> tuple[str, ...]:
-    return tuple(str(t) for t in types)
+_EXTERN_KINDS = {0: "func", 1: "table", 2: "memory", 3: "global", 4: "tag"}
 
 
-def _extern_sig(ty) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
-    if isinstance(ty, wt.FuncType):
-        return "func", _valtypes(ty.params), _valtypes(ty.results)
-    if isinstance(ty, wt.MemoryType):
-        return "memory", (), ()
-    if isinstance(ty, wt.TableType):
-        return "table", (), ()
-    if isinstance(ty, wt.GlobalType):
-        return "global", (), ()
-    return "unknown", (), ()
+def _functype(r: _Reader) -> _Sig:
+    form = r.byte()
+    if form != 0x60:
+        raise EngineError("unsupported wasm type definition (GC proposal)")
+    params = tuple(r.valtype() for _ in range(r.leb()))
+    results = tuple(r.valtype() for _ in range(r.leb()))
+    return params, results
+
+
+def _import(r: _Reader, types: list[_Sig], func_types: list[int]) -> Import:
+    module, name, kind = r.name(), r.name(), r.byte()
+    if kind == 0:
+        index = r.leb()
+        func_types.append(index)
+        return Import(module, name, "func", *types[index])
+    if kind == 1:
+        r.valtype()
+        r.limits()
+    elif kind == 2:
+        r.limits()
+    elif kind == 3:
+        r.valtype()
+        r.byte()
+    elif kind == 4:
+        r.byte()
+        r.leb()                         # a tag's type index
+    return Import(module, name, _EXTERN_KINDS.get(kind, "unknown"))
 
 
 class Module:
     """A compiled module: its sha256, imports and exports (with value types)."""
 
-    def __init__(self, engine: Engine, wt_module: wt.Module, sha256: str, name: str = "",
-                 cache_hit: bool = False, export_names: dict[int, str] | None = None):
-        self._engine = engine
+    def __init__(self, wt_module: wt.Module, sha256: str, name: str,
+                 cache_hit: bool, signatures: tuple[list[Import], dict[str, Export], dict[int, str]]):
         self._wt = wt_module
         self.sha256 = sha256
         self.name = name
         self.cache_hit = cache_hit
-        self._export_names = export_names or {}
-        self.imports: list[Import] = []
-        for imp in wt_module.imports:
-            kind, params, results = _extern_sig(imp.type)
-            self.imports.append(Import(imp.module, imp.name or "", kind, params, results))
-        self.exports: dict[str, Export] = {}
-        for exp in wt_module.exports:
-            kind, params, results = _extern_sig(exp.type)
-            self.exports[exp.name] = Export(kind, params, results)
+        self.imports, self.exports, self._export_names = signatures
 
 
 # -- per-signature code generation -------------------------------------------------------
@@ -507,7 +570,7 @@ class _StoreState:
         self.ctx = ctx
         self.ticker = ticker
         self.deadline_ticks = deadline_ticks
-        self.armed = -1                 # ticker.ticks when the deadline was last armed
+        self.armed = None               # ticker.ticks when the deadline was last armed
         self.depth = 0                  # guest calls in progress (nesting through host calls)
         self.poisoned = False
         self.closed = False
@@ -748,6 +811,7 @@ class Instance:
             self._define(imp, host_functions[(imp.module, imp.name)])
 
     def _define(self, imp: Import, fn: Callable[..., Any]) -> None:
+        _require_supported(f"{imp.module}.{imp.name}", imp.params + imp.results)
         closure = _HostCallback(_host_callback(self._st, fn, imp.params, imp.results))
         self._callbacks.append(closure)
         ty = wt.FuncType([_VALTYPE[p] for p in imp.params], [_VALTYPE[r] for r in imp.results])
@@ -799,6 +863,7 @@ class Instance:
             raise KeyError(f"no exported function {name!r}")
         if self._st.closed:
             raise self._st.refusal()
+        _require_supported(name, exp.params + exp.results)
         func = self._wt_instance.exports(self._store)[name]
         caller = _guest_caller(self, self._st, name, ctypes.addressof(func._func),
                                exp.params, exp.results)
@@ -834,6 +899,12 @@ class Instance:
             self.close()
         except Exception:            # noqa: BLE001 - interpreter teardown
             pass
+
+
+def _require_supported(what: str, types: tuple[str, ...]) -> None:
+    odd = [t for t in types if t not in _VALTYPE]
+    if odd:
+        raise EngineError(f"{what}: unsupported value type {', '.join(odd)}")
 
 
 _VALTYPE = {"i32": wt.ValType.i32(), "i64": wt.ValType.i64(),

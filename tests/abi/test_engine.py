@@ -603,3 +603,56 @@ def test_abi_host_may_clear_poisoned_after_a_benign_exit(engine, core):
     inst.close()
     inst.poisoned = False                     # a closed instance stays refused
     assert inst.poisoned
+
+
+def _wait_for(predicate, timeout_s=2.0):
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.002)
+
+
+def test_deadline_armed_while_ticker_idle_is_rearmed_after_the_next_nap(tmp_path, monkeypatch):
+    from abi import engine as engine_mod
+    monkeypatch.setattr(engine_mod, "IDLE_GRACE_MS", 0)
+    eng = Engine(cache_dir=tmp_path)
+    try:
+        inst = make(eng, eng.compile(CORE_WAT), deadline_ms=5)
+        add = inst.export_func("add")
+        _wait_for(lambda: eng._ticker.idle)
+        assert add(1, 2) == 3                 # armed during a nap; wakes the ticker
+        _wait_for(lambda: not eng._ticker.idle)
+        _wait_for(lambda: eng._ticker.idle)   # epoch moved on, then a second nap
+        assert add(2, 2) == 4                 # a stale deadline would trap here
+        with pytest.raises(Trap) as ei:
+            inst.export_func("spin")()
+        assert ei.value.kind == "deadline"
+    finally:
+        eng.close()
+
+
+def test_unsupported_value_types_are_engine_errors(engine):
+    module = engine.compile(b'''(module (import "env" "r" (func (param externref)))
+        (func (export "v") (param v128)))''')
+    with pytest.raises(EngineError, match="env.r"):
+        make(engine, module, {("env", "r"): lambda r: None})
+    ok = engine.compile(b'(module (func (export "v") (param v128)))')
+    with pytest.raises(EngineError, match="v128"):
+        make(engine, ok, {}).export_func("v")
+
+
+def test_exotic_signatures_never_abort_the_process(engine):
+    # wasmtime-py's type inspection aborts on these; the engine reads signatures itself
+    module = engine.compile(b'''(module
+        (import "env" "memory" (memory 1))
+        (import "env" "tbl" (table 1 funcref))
+        (import "env" "g" (global i32))
+        (func (export "r") (param (ref func)))
+        (func (export "s") (param v128) (result v128) local.get 0))''')
+    assert module.exports["r"].params == ("ref",)
+    assert module.exports["s"] == module.exports["s"].__class__("func", ("v128",), ("v128",))
+    kinds = [(i.name, i.kind) for i in module.imports]
+    assert kinds == [("memory", "memory"), ("tbl", "table"), ("g", "global")]
+    with pytest.raises(EngineError) as ei:
+        make(engine, module, {})
+    assert "env.memory (memory)" in str(ei.value) and "env.g (global)" in str(ei.value)
