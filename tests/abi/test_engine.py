@@ -656,3 +656,53 @@ def test_exotic_signatures_never_abort_the_process(engine):
     with pytest.raises(EngineError) as ei:
         make(engine, module, {})
     assert "env.memory (memory)" in str(ei.value) and "env.g (global)" in str(ei.value)
+
+
+def test_keyboard_interrupt_in_host_is_not_masked_as_a_trap(engine, core):
+    def h32(a, b):
+        raise KeyboardInterrupt
+
+    inst = make(engine, core, host_defaults(h32=h32))
+    with pytest.raises(KeyboardInterrupt):
+        inst.export_func("call_h32")(0, 0)
+    assert inst.poisoned
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_EDGES = st.sampled_from([0, 1, 4, 8, 65532, 65535, 65536, 2**31, 2**32 - 1, 2**32, 2**64])
+
+
+@settings(max_examples=300, deadline=None)
+@given(ptr=st.one_of(_EDGES, st.integers(-2**40, 2**40)),
+       length=st.one_of(st.sampled_from([0, 1, 4, 8, 65535, 65536]), st.integers(-10, 70000)))
+def test_memory_access_is_exact_or_memory_access_error(engine, core, ptr, length):
+    mem = _shared_instance(engine, core).memory
+    inside = ptr >= 0 and length >= 0 and ptr + length <= 65536
+    try:
+        assert len(mem.read(ptr, length)) == length
+        assert inside
+    except MemoryAccessError:
+        assert not inside
+    data = b"\x5a" * max(length, 0)
+    try:
+        mem.write(ptr, data)
+        assert ptr >= 0 and ptr + len(data) <= 65536
+    except MemoryAccessError:
+        assert not (ptr >= 0 and ptr + len(data) <= 65536)
+    for width, op in ((4, mem.read_u32), (8, mem.read_u64)):
+        try:
+            op(ptr)
+            assert 0 <= ptr <= 65536 - width
+        except MemoryAccessError:
+            assert not 0 <= ptr <= 65536 - width
+
+
+_SHARED: dict = {}
+
+
+def _shared_instance(engine, core):
+    inst = _SHARED.get(id(engine))
+    if inst is None:
+        inst = _SHARED[id(engine)] = make(engine, core)
+    return inst
