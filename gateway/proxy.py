@@ -105,7 +105,8 @@ class RequestBody:
 
 class Exchange:
     """Per-request facts collected for the access log, metrics and LogInfo."""
-    __slots__ = ("t0", "method", "target", "route", "status", "bytes_out", "upstream", "error", "rid", "body")
+    __slots__ = ("t0", "method", "target", "route", "status", "bytes_out", "upstream", "error", "rid", "body",
+                 "keepalive")
 
     def __init__(self, method: str, target: str):
         self.t0 = time.perf_counter()
@@ -118,6 +119,7 @@ class Exchange:
         self.error = ""
         self.rid = ""
         self.body: RequestBody | None = None
+        self.keepalive = False
 
 
 class Proxy:
@@ -228,6 +230,7 @@ class Proxy:
         if rid is None:
             rid = os.urandom(16).hex()
         ex.rid = rid
+        ex.keepalive = keepalive
 
         if length is not None and length > limits.max_request_body_bytes:
             return self._reply_error(conn, ex, 413, f"request body of {length} bytes is over the "
@@ -245,10 +248,8 @@ class Proxy:
 
         body = RequestBody(conn, length, limits.max_request_body_bytes, expect == "100-continue") if has_body else None
         fwd_headers = _upstream_headers(headers, conn_tokens, conn.peer[0], authority, rid)
-        # Body framing upstream: Content-Length kept, chunked stays chunked, none stays none.
-        up_length = length if length is None or length >= 0 else None
-        if length == -1:
-            up_length = None
+        # Body framing upstream: Content-Length kept (incl. 0), chunked stays chunked, none stays none.
+        up_length = None if length == -1 else length
         ex.body = body
         self.metrics.active_requests += 1
         try:
@@ -258,8 +259,7 @@ class Proxy:
             else:
                 ok = await self._forward(conn, gen, ex, route, method, rewrite_target(route, target),
                                          _rewrite_host(route, authority), fwd_headers,
-                                         body.iterator if body else None, 0 if length == 0 else up_length,
-                                         version, None)
+                                         body.iterator if body else None, up_length, version, None)
         finally:
             self.metrics.active_requests -= 1
         return ok and keepalive and (body is None or body.done) and not self.gw.draining
@@ -291,7 +291,7 @@ class Proxy:
                 return False if (body is not None and not body.done) else True
             new_method, new_target, new_authority, rest = _split_pseudo(result.headers, method, target, authority)
             if result.body is None:
-                up_body, up_len = None, (0 if body is not None else None)
+                up_body, up_len = None, (0 if body is not None or length == 0 else None)
             elif result.body is original:
                 # Untouched body: keep its framing unless a filter dropped or changed the length.
                 up_body = original
@@ -361,7 +361,7 @@ class Proxy:
                 length = None               # a filter dropped or changed Content-Length
             body = result.body
         no_body = method == "HEAD" or status in (204, 304) or status < 200
-        close = self.gw.draining or version == "HTTP/1.0" and length is None and not no_body
+        close = not ex.keepalive or self.gw.draining
         parts = [f"HTTP/1.1 {status} {_reason(status)}\r\n"]
         parts += [f"{n}: {v}\r\n" for n, v in headers if n not in FRAMING]
         chunked = False
@@ -474,7 +474,7 @@ class Proxy:
         if reply.details:
             ex.error = reply.details
         self._write_reply(conn, ex, reply.status, [(n, v) for n, v in reply.headers if n[0] != ":"],
-                          reply.body, close=close or self.gw.draining)
+                          reply.body, close=close or self.gw.draining or not ex.keepalive)
 
     def _write_reply(self, conn: Downstream, ex: Exchange, status: int, headers: list[tuple[str, str]],
                      body: bytes, close: bool) -> None:

@@ -159,21 +159,28 @@ class Pool:
                         self.cluster.eject_ms)
 
     async def acquire(self) -> UpConn:
+        """A connection to the next endpoint in round robin: idle if one is pooled, else new."""
         last: UpstreamError | None = None
         for ep in self._candidates():
             idle = self.idle[ep]
-            while idle:
-                conn = idle.pop()
-                if conn.usable():
-                    conn.reused = True
-                    return conn
-                self._close(conn)
-            await self._reserve_slot()
+            while True:
+                while idle:
+                    conn = idle.pop()
+                    if conn.usable():
+                        conn.reused = True
+                        return conn
+                    self._close(conn)
+                if self.open < self.cluster.max_connections or self._evict_one_idle():
+                    break
+                await self._wait_for_release()
+            self.open += 1
             try:
                 conn = await self._connect(ep)
-            except UpstreamError as e:
+            except BaseException as e:
                 self.open -= 1
                 self._wake()
+                if not isinstance(e, UpstreamError):
+                    raise
                 last = e
                 continue
             self._ejected.pop(ep, None)
@@ -181,24 +188,17 @@ class Pool:
         assert last is not None
         raise last
 
-    async def _reserve_slot(self) -> None:
-        if self.open >= self.cluster.max_connections:
-            if not self._evict_one_idle():
-                fut = asyncio.get_running_loop().create_future()
-                self._waiters.append(fut)
-                try:
-                    await asyncio.wait_for(fut, self._connect_timeout)
-                except asyncio.TimeoutError:
-                    raise UpstreamError(503, "overloaded",
-                                        f'cluster "{self.cluster.name}": all {self.cluster.max_connections} '
-                                        f'connections busy') from None
-                finally:
-                    if fut in self._waiters:
-                        self._waiters.remove(fut)
-                # A released connection may be idle now: prefer it over a new one.
-                if self.open >= self.cluster.max_connections and not self._evict_one_idle():
-                    return await self._reserve_slot()
-        self.open += 1
+    async def _wait_for_release(self) -> None:
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await asyncio.wait_for(fut, self._connect_timeout)
+        except asyncio.TimeoutError:
+            raise UpstreamError(503, "overloaded", f'cluster "{self.cluster.name}": all '
+                                f'{self.cluster.max_connections} connections busy') from None
+        finally:
+            if fut in self._waiters:
+                self._waiters.remove(fut)
 
     def _evict_one_idle(self) -> bool:
         for conns in self.idle.values():

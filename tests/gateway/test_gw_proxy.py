@@ -395,3 +395,29 @@ async def test_client_disconnect_mid_upload_does_not_break_gateway(upstream, tmp
         await asyncio.sleep(0.1)
         status, _, _ = await get_json(gw.url("/fine"))
         assert status == 200
+
+
+async def test_max_connections_queues_then_503(tmp_path):
+    active = peak = conns = 0
+
+    async def handler(reader, writer):
+        nonlocal active, peak, conns
+        conns += 1
+        while await read_request_head(reader):
+            active += 1
+            peak = max(peak, active)
+            await asyncio.sleep(0.1)
+            active -= 1
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    async with raw_upstream(handler) as up:
+        text = basic_yaml(up.port, cluster_extra=", max_connections: 1, connect_timeout_ms: 1000")
+        async with run_gateway(text, tmp_path) as gw:
+            results = await asyncio.gather(*(get_status(gw.url(f"/{i}")) for i in range(3)))
+            assert [r[0] for r in results] == [200, 200, 200]
+            assert peak == 1 and conns == 1          # one connection, reused in turn
+        text = basic_yaml(up.port, cluster_extra=", max_connections: 1, connect_timeout_ms: 50")
+        async with run_gateway(text, tmp_path) as gw:
+            results = await asyncio.gather(*(get_status(gw.url(f"/{i}")) for i in range(2)))
+            assert sorted(r[0] for r in results) == [200, 503]
