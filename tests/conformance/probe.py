@@ -21,6 +21,7 @@ from tests.conformance import watlib
 from tests.helpers import echo_upstream, run_gateway
 
 
+CALLOUT_DELAY_S = 0.1
 STREAM_PARTS = [b"part-one;", b"part-two;", b"part-three"]
 
 
@@ -57,6 +58,7 @@ def _handler(rec: Recorder):
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.raw_headers]
         rec.requests.append(Seen(request.method, request.path_qs, headers, body))
         if request.path.startswith("/callout"):
+            await asyncio.sleep(CALLOUT_DELAY_S)
             return web.Response(status=201, body=b"callout-ok", headers={"x-callout": "yes"})
         if request.path.startswith("/nobody"):
             return web.Response(status=204, headers={"x-upstream": "echo"})

@@ -10,6 +10,7 @@ import asyncio
 import json
 import re
 import struct
+import time
 
 import aiohttp
 
@@ -106,9 +107,10 @@ async def test_request_headers_count_pseudo_headers_and_eos(tmp_path, upstream):
 
 async def test_header_map_get_add_replace_remove(tmp_path, upstream):
     async with probe_gateway(tmp_path, upstream, [probe_filter(tmp_path)]) as (gw, s):
-        status, headers, body = await fetch(s, gw.url("/hdrs"), headers={
-            "x-act": "hdrs", "x-replace": "old", "x-remove": "bye", "x-empty": "",
-            "X-Mixed-Case": "mixedval"})
+        status, headers, body = await fetch(s, gw.url("/hdrs"), headers=[
+            ("x-act", "hdrs"), ("x-replace", "old"), ("x-remove", "bye"), ("x-empty", ""),
+            ("X-Mixed-Case", "mixedval"), ("x-dup", "first"), ("x-dup", "second"),
+            ("x-dup-rep", "1"), ("x-dup-rep", "2"), ("x-dup-rm", "1"), ("x-dup-rm", "2")])
         assert status == 200
         rep = report_of(headers)
         seen = upstream.main_requests()[-1]
@@ -123,6 +125,11 @@ async def test_header_map_get_add_replace_remove(tmp_path, upstream):
         # keys are matched case-insensitively (Envoy lower-cases the key)
         assert one(rep, "mixed") == "mixedval"
         assert one(rep, "readback") == "a1"
+        # multi-valued: get answers the first value; replace and remove act on every occurrence
+        assert one(rep, "dup") == "first"
+        assert seen.all("x-dup") == ["first", "second"]
+        assert seen.all("x-dup-rep") == ["one"]
+        assert seen.all("x-dup-rm") == []
         # response side reached the client
         assert headers.getall("x-resp-added") == ["r1"]
         assert headers.getall("x-up-replace") == ["replaced"]
@@ -259,6 +266,22 @@ async def test_chain_order_request_yaml_order_response_reverse(tmp_path, upstrea
 
 
 # ---------------------------------------------------------------- properties
+def decode_map(data: bytes) -> list[tuple[str, str]]:
+    if not data:
+        return []
+    (n,) = struct.unpack_from("<I", data, 0)
+    sizes = [struct.unpack_from("<II", data, 4 + 8 * i) for i in range(n)]
+    pos, out = 4 + 8 * n, []
+    for kl, vl in sizes:
+        k = data[pos:pos + kl]
+        pos += kl + 1
+        v = data[pos:pos + vl]
+        pos += vl + 1
+        out.append((k.decode(), v.decode()))
+    assert pos == len(data)
+    return out
+
+
 def prop(rep, key):
     st, _, hexval = one(rep, key).partition(":")
     return int(st), bytes.fromhex(hexval)
@@ -292,6 +315,18 @@ async def test_properties_envoy_encoding(tmp_path, upstream):
     assert prop(rep, "p_nosuch") == (1, b"")
     assert prop(rep, "p_hdr") == (0, b"hv")
     assert prop(rep, "p_custom") == (0, b"hello-prop")
+    assert prop(rep, "p_query") == (0, b"y=1")
+    st, req_id = prop(rep, "p_req_id")
+    assert st == 0 and req_id.decode() == upstream.main_requests()[-1].first("x-request-id")
+    st, t = prop(rep, "p_time")                      # timestamp: int64 LE ns since the epoch
+    assert st == 0 and len(t) == 8 and abs(struct.unpack("<q", t)[0] / 1e9 - time.time()) < 120
+    st, conn = prop(rep, "p_conn_id")                # uint: 8 bytes LE
+    assert st == 0 and len(conn) == 8
+    assert prop(rep, "p_vm_id")[0] == 0
+    st, hmap = prop(rep, "p_headers")                # map: §4.1 serialization, lower-case names
+    assert st == 0
+    pairs = decode_map(hmap)
+    assert ("x-prop-hdr", "hv") in pairs and ("x-act", "props") in pairs
     st, code = prop(rep, "p_resp_code")
     assert st in (0, 1)
     if st == 0:

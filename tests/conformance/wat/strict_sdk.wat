@@ -85,6 +85,7 @@
   (global $m_hist (mut i32) (i32.const 0))
   (global $vm_cfg_len (mut i32) (i32.const -1))
   (global $cfg_seen (mut i32) (i32.const -1))
+  (global $tick_trap (mut i32) (i32.const 0))
 
   ;;@DATA
 
@@ -438,6 +439,9 @@
     (if (call $act_is $S"log-maps") (then (return (i32.const 28))))
     (if (call $act_is $S"reply-continue") (then (return (i32.const 29))))
     (if (call $act_is $S"call-deny") (then (return (i32.const 30))))
+    (if (call $act_is $S"call-trap") (then (return (i32.const 31))))
+    (if (call $act_is $S"tick-trap") (then (return (i32.const 32))))
+    (if (call $act_is $S"call-loop") (then (return (i32.const 33))))
     (i32.const 0))
 
   (func $local_reply (param $status i32) (param $body i32) (param $bn i32)
@@ -464,9 +468,9 @@
     (if (local.get $parent)
       (then
         (i32.store offset=8 (local.get $r) (i32.const 2))
-        (local.set $b (call $alloc (i32.const 2048)))
+        (local.set $b (call $alloc (i32.const 8192)))
         (if (i32.eqz (local.get $b)) (then unreachable))
-        (call $b_init (local.get $b) (i32.const 2032))
+        (call $b_init (local.get $b) (i32.const 8176))
         (i32.store offset=20 (local.get $r) (local.get $b)))
       (else (i32.store offset=8 (local.get $r) (i32.const 1))))
     (call $tr $S"create")
@@ -530,6 +534,7 @@
     (drop (call $root (local.get $id)))
     (call $tr $S"tick")
     (call $tr_arg (local.get $id))
+    (if (global.get $tick_trap) (then unreachable))
     (global.set $tick_count (i32.add (global.get $tick_count) (i32.const 1)))
     (if (i32.ge_u (global.get $tick_count) (i32.const 3))
       (then (drop (call $expect (call $set_tick (i32.const 0)) (i32.const 1))))))
@@ -654,6 +659,12 @@
     (if (i32.eq (local.get $act) (i32.const 7)) (then (call $props (local.get $r))))
     (if (i32.eq (local.get $act) (i32.const 8)) (then (return (call $start_call (local.get $r)))))
     (if (i32.eq (local.get $act) (i32.const 30)) (then (return (call $start_call (local.get $r)))))
+    (if (i32.eq (local.get $act) (i32.const 31)) (then (return (call $start_call (local.get $r)))))
+    (if (i32.eq (local.get $act) (i32.const 33)) (then (return (call $start_call (local.get $r)))))
+    (if (i32.eq (local.get $act) (i32.const 32))
+      (then
+        (global.set $tick_trap (i32.const 1))
+        (drop (call $expect (call $set_tick (i32.const 20)) (i32.const 1)))))
     (if (i32.eq (local.get $act) (i32.const 29))
       (then (call $local_reply (i32.const 403) $S"denied, then Continue returned") (return (i32.const 0))))
     (if (i32.eq (local.get $act) (i32.const 9)) (then (call $shared (local.get $r))))
@@ -711,6 +722,12 @@
     (if (i32.eqz (local.get $st))
       (then (call $rep_str (local.get $r) $S"mixed" (i32.load (i32.const 16)) (i32.load (i32.const 20))))
       (else (call $rep_u32 (local.get $r) $S"mixedst" (local.get $st))))
+    ;; multi-valued headers: get -> first value, replace -> all occurrences, remove -> all
+    (local.set $st (call $hget (i32.const 0) $S"x-dup"))
+    (if (i32.eqz (local.get $st))
+      (then (call $rep_str (local.get $r) $S"dup" (i32.load (i32.const 16)) (i32.load (i32.const 20)))))
+    (drop (call $expect (call $replace_hv (i32.const 0) $S"x-dup-rep" $S"one") (i32.const 1)))
+    (drop (call $expect (call $remove_hv (i32.const 0) $S"x-dup-rm") (i32.const 1)))
     ;; read back what we added
     (local.set $st (call $hget (i32.const 0) $S"x-added"))
     (if (i32.eqz (local.get $st))
@@ -755,6 +772,12 @@
     (call $prop (local.get $r) $S"p_root_id" $S"plugin_root_id")
     (call $prop (local.get $r) $S"p_nosuch" $S"no\00such\00property")
     (call $prop (local.get $r) $S"p_hdr" $S"request\00headers\00x-prop-hdr")
+    (call $prop (local.get $r) $S"p_headers" $S"request\00headers")
+    (call $prop (local.get $r) $S"p_req_id" $S"request\00id")
+    (call $prop (local.get $r) $S"p_time" $S"request\00time")
+    (call $prop (local.get $r) $S"p_vm_id" $S"plugin_vm_id")
+    (call $prop (local.get $r) $S"p_conn_id" $S"connection\00id")
+    (call $prop (local.get $r) $S"p_query" $S"request\00query")
     (drop (call $expect (call $set_property $S"probe_custom" $S"hello-prop") (i32.const 1)))
     (call $prop (local.get $r) $S"p_custom" $S"probe_custom"))
 
@@ -845,6 +868,8 @@
         (call $rep_u32 (local.get $r) $S"cfail" (i32.load (i32.const 24)))))
     (if (i32.eq (i32.load offset=16 (local.get $r)) (i32.const 30))
       (then (call $local_reply (i32.const 401) $S"denied after callout") (return)))
+    (if (i32.eq (i32.load offset=16 (local.get $r)) (i32.const 31)) (then unreachable))
+    (if (i32.eq (i32.load offset=16 (local.get $r)) (i32.const 33)) (then (loop $forever (br $forever))))
     ;; through the effective context: the paused request's headers are still writable
     (drop (call $expect (call $add_hv (i32.const 0) $S"x-after-call" (call $b_data (i32.const 256)) (call $b_len (i32.const 256))) (i32.const 1)))
     (drop (call $expect (call $continue_stream (i32.const 0)) (i32.const 1))))
