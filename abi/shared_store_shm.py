@@ -156,13 +156,63 @@ class StoreMetric:
     count: int = 0
 
 
-def store_path(path_or_name: str | os.PathLike) -> Path:
-    """A bare name maps to ``/dev/shm/wasmgate-<name>`` (tmpfs); anything with a '/' is a path."""
+def _candidates(path_or_name: str | os.PathLike) -> list[Path]:
     s = os.fspath(path_or_name)
     if os.sep in s:
-        return Path(s)
-    base = Path("/dev/shm") if os.path.isdir("/dev/shm") else Path(tempfile.gettempdir())
-    return base / f"wasmgate-{s}"
+        return [Path(s)]
+    bases = [Path("/dev/shm")] if os.path.isdir("/dev/shm") else []
+    bases.append(Path(tempfile.gettempdir()))
+    return [b / f"wasmgate-{s}" for b in bases]
+
+
+def store_path(path_or_name: str | os.PathLike) -> Path:
+    """Where an existing store lives. A bare name means ``/dev/shm/wasmgate-<name>`` (tmpfs), or
+    ``$TMPDIR/wasmgate-<name>`` if create() had to fall back there; a name with '/' is a path."""
+    cands = _candidates(path_or_name)
+    for c in cands:
+        if (c / _CONFIG_FILE).exists():
+            return c
+    return cands[0]
+
+
+def _free_bytes(directory: Path) -> int:
+    st = os.statvfs(directory)
+    return st.f_bavail * st.f_frsize
+
+
+def _pick_location(path_or_name: str | os.PathLike, map_size: int) -> Path:
+    """The first candidate whose filesystem can hold the whole map. Writing to an mmap'ed page
+    that the filesystem cannot back raises SIGBUS — a crash — so refuse up front instead."""
+    cands = _candidates(path_or_name)
+    report = []
+    for c in cands:
+        parent = c.parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            free = _free_bytes(parent) + (_du(c) if c.exists() else 0)
+        except OSError as e:
+            report.append(f"{parent}: {e}")
+            continue
+        if free >= map_size:
+            if c != cands[0]:
+                log.warning("shared store: %s lacks room for %d MiB, using %s", cands[0].parent,
+                            map_size >> 20, parent)
+            return c
+        report.append(f"{parent}: {free >> 20} MiB free")
+    raise OSError(errno.ENOSPC, f"shared store needs {map_size >> 20} MiB "
+                  f"({MAP_FACTOR} x shared_data.max_bytes + {MAP_HEADROOM >> 20} MiB) but "
+                  + "; ".join(report) + " — lower shared_data.max_bytes or make room")
+
+
+def _du(path: Path) -> int:
+    total = 0
+    for f in path.rglob("*"):
+        try:
+            st = f.lstat()
+        except OSError:
+            continue
+        total += st.st_blocks * 512
+    return total
 
 
 def _map_size(max_bytes: int) -> int:
@@ -288,21 +338,34 @@ class ShmStore:
         _open_stores.add(self)
 
     @classmethod
-    def create(cls, path_or_name: str | os.PathLike, max_bytes: int) -> "ShmStore":
-        """Create a fresh, empty store (wiping a stale one left by a crashed supervisor)."""
+    def create(cls, path_or_name: str | os.PathLike, max_bytes: int,
+               preallocate: bool = False) -> "ShmStore":
+        """Create a fresh, empty store (wiping a stale one left by a crashed supervisor).
+
+        Raises OSError(ENOSPC) if no candidate filesystem has room for the whole map.
+        ``preallocate`` reserves it now (posix_fallocate), so another tmpfs user can never
+        take the pages later; otherwise pages are allocated when first touched."""
         if max_bytes < MIN_MAX_BYTES:
             raise ValueError(f"shared_data.max_bytes must be at least {MIN_MAX_BYTES}, got {max_bytes}")
-        path = store_path(path_or_name)
-        if os.path.realpath(path) in _envs:
-            raise RuntimeError(f"shared store {path} is open in this process; close it before create()")
-        shutil.rmtree(path, ignore_errors=True)
-        (path / "wake").mkdir(parents=True, exist_ok=True)
+        for c in _candidates(path_or_name):
+            if os.path.realpath(c) in _envs:
+                raise RuntimeError(f"shared store {c} is open in this process; close it before create()")
         map_size = _map_size(max_bytes)
+        path = _pick_location(path_or_name, map_size)
+        for c in _candidates(path_or_name):
+            shutil.rmtree(c, ignore_errors=True)
+        (path / "wake").mkdir(parents=True, exist_ok=True)
         store = cls(path, max_bytes, map_size)
         with store._lock:
             env, (meta, *_rest) = store._e.ensure(create=True)
             with env.begin(write=True, db=meta) as txn:
                 txn.put(_META, _packb([0, 0, 0, 0]))
+        if preallocate:
+            fd = os.open(path / "data.mdb", os.O_RDWR)
+            try:
+                os.posix_fallocate(fd, 0, map_size)
+            finally:
+                os.close(fd)
         cfg = path / _CONFIG_FILE
         tmp = path / (_CONFIG_FILE + ".tmp")
         tmp.write_bytes(_packb({"format": _FORMAT, "max_bytes": max_bytes, "map_size": map_size}))
@@ -328,7 +391,8 @@ class ShmStore:
     @staticmethod
     def remove(path_or_name: str | os.PathLike) -> None:
         """Delete the store's files (supervisor, on exit). Open mappings stay valid until closed."""
-        shutil.rmtree(store_path(path_or_name), ignore_errors=True)
+        for c in _candidates(path_or_name):
+            shutil.rmtree(c, ignore_errors=True)
 
     def close(self) -> None:
         """Unregister this process from its queues, close the wake-up FIFO and the environment."""

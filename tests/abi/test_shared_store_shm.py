@@ -761,6 +761,35 @@ def test_open_requires_create_and_remove_cleans_up(name):
         S.create(name, 10)
 
 
+def test_no_room_for_the_map_fails_at_create_not_with_sigbus(name, monkeypatch, tmp_path):
+    real_free = S._free_bytes
+    monkeypatch.setattr(S, "_free_bytes",
+                        lambda d: 1 << 20 if str(d) == "/dev/shm" else real_free(d))
+    s = S.create(name, 1 << 20)                      # /dev/shm "too small": falls back to $TMPDIR
+    try:
+        if os.path.isdir("/dev/shm"):
+            assert not str(s.path).startswith("/dev/shm")
+        w = S.open(name)                             # a worker finds it by the bare name
+        assert w.path == s.path
+        s.set(b"a", b"1", 0)
+        assert w.get(b"a")[0] == b"1"
+        w.close()
+    finally:
+        s.close()
+        S.remove(name)
+    assert not s.path.exists()
+    monkeypatch.setattr(S, "_free_bytes", lambda d: 1 << 20)
+    with pytest.raises(OSError, match="shared_data.max_bytes"):
+        S.create(tmp_path / "store", 1 << 20)
+
+
+def test_preallocate_reserves_the_map(name):
+    s = S.create(name, 1 << 20, preallocate=True)
+    assert (s.path / "data.mdb").stat().st_blocks * 512 >= s.usage()["map_size"]
+    assert s.set(b"a", b"1", 0) == S.OK and s.verify() == []
+    s.close()
+
+
 if __name__ == "__main__":                                  # subprocess entry points
     cmd, *rest = sys.argv[1:]
     if cmd == "write":
