@@ -1000,8 +1000,8 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def create(path_or_name: str | os.PathLike, max_bytes: int) -> ShmStore:
-    return ShmStore.create(path_or_name, max_bytes)
+def create(path_or_name: str | os.PathLike, max_bytes: int, preallocate: bool = False) -> ShmStore:
+    return ShmStore.create(path_or_name, max_bytes, preallocate)
 
 
 def open(path_or_name: str | os.PathLike) -> ShmStore:      # noqa: A001 - mirrors the brief
