@@ -23,9 +23,11 @@ Not thread-safe: an Instance belongs to one thread (one worker's event loop).
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import struct
+import textwrap
 import threading
 import time
 import weakref
@@ -458,10 +460,22 @@ def _packed(names: list[str], types: tuple[str, ...]) -> str:
     return ", ".join(f"{n}{_MASK[t]}" for n, t in zip(names, types))
 
 
-def _compile_source(src: str, env: dict[str, Any], name: str) -> Callable:
-    scope = dict(env)
-    exec(compile(src, f"<wasmgate engine: {name}>", "exec"), scope)
-    return scope[name]
+@functools.lru_cache(maxsize=None)
+def _factory(src: str, env_names: tuple[str, ...], name: str) -> Callable[..., Callable]:
+    """Compile a template once; each call of the returned factory binds it to its values.
+
+    Generated per signature so the hot path has no loops over arguments; cached per template
+    text so building an instance (29+ host functions) compiles nothing after the first time.
+    """
+    body = textwrap.indent(src, "    ")
+    code = f"def factory({', '.join(env_names)}):\n{body}\n    return {name}\n"
+    scope: dict[str, Any] = {}
+    exec(compile(code, f"<wasmgate engine: {name}>", "exec"), scope)
+    return scope["factory"]
+
+
+def _bind(src: str, env: dict[str, Any], name: str) -> Callable:
+    return _factory(src, tuple(env), name)(**env)
 
 
 _GUEST_CALL_SRC = """
@@ -533,11 +547,11 @@ def _guest_caller(owner: "Instance", st: "_StoreState", name: str, fptr: int,
         "trap_slot": st.trap_slot, "trapaddr": ctypes.addressof(st.trap_slot),
         "call_raw": _call_unchecked, "pack_into": _struct(params, _PACK).pack_into,
         "unpack_from": _struct(results, _UNPACK).unpack_from, "addressof": ctypes.addressof,
-        "from_buffer": (c_char * len(buf)).from_buffer, "_keep": cbuf,
-        "_owner": owner,   # a caller keeps its instance (and so its store) alive
+        "from_buffer": (c_char * len(buf)).from_buffer,
     }
-    call = _compile_source(src, env, "call")
+    call = _bind(src, env, "call")
     call.__name__ = call.__qualname__ = name
+    call._owner = owner     # a caller keeps its instance (and so its store) alive
     return call
 
 
@@ -557,7 +571,7 @@ def _host_callback(st: "_StoreState", fn: Callable, params: tuple[str, ...],
     env = {"st": st, "fn": fn, "slots": c_char * (nslots * _SLOT),
            "unpack_from": _struct(params, _UNPACK).unpack_from,
            "pack_into": _struct(results, _PACK).pack_into}
-    return _compile_source(src, env, "callback")
+    return _bind(src, env, "callback")
 
 
 # -- store state shared by callers, callbacks and memory ---------------------------------
