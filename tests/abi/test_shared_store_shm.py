@@ -749,7 +749,12 @@ def test_open_requires_create_and_remove_cleans_up(name):
         S.open(name)
     s = S.create(name, 1 << 16)
     w = S.open(s.path)                                       # by path as well as by name
-    w.close()
+    qid = w.register_queue("q")
+    w.close()                                                # close() unregisters from queues
+    env, _ = s._ensure_env()
+    with env.begin() as txn:
+        assert msgpack.unpackb(txn.get(S._QREC + qid.to_bytes(4, "big")))[3] == {}
+    assert s.enqueue(qid, b"x") == S.OK and s.dequeue(qid) == b"x"
     s.set(b"a", b"1", 0)
     s.close()
     s2 = S.open(name)                                        # data outlives any one process
