@@ -48,13 +48,15 @@ HEAP = 0x10000        # bump allocator start
 
 class Wat:
     def __init__(self, abi: str = "0_2_1", *, pages: int = 2, imports: dict | None = None,
-                 wasi: bool = True, allocator: bool = True, max_pages: int | None = None):
+                 wasi: bool = True, allocator: bool = True, max_pages: int | None = None,
+                 metric_imports: bool = True):
         self.abi = abi
         self.pages = pages
         self.max_pages = max_pages
         self.imports = RUST_IMPORTS if imports is None else imports
         self.wasi = wasi
         self.allocator = allocator
+        self.metric_imports = metric_imports
         self._strings: dict[bytes, int] = {}
         self._next = 0x400
         self.callbacks: dict[str, str | None] = {}
@@ -105,7 +107,7 @@ class Wat:
             params = " ".join(["i32"] * n)
             parts.append(f'(import "env" "{name}" (func ${name} (param {params}) (result i32)))'
                          if n else f'(import "env" "{name}" (func ${name} (result i32)))')
-        for name in I64_IMPORTS:
+        for name in I64_IMPORTS if self.metric_imports else ():
             parts.append(f'(import "env" "{name}" (func ${name} (param i32 i64) (result i32)))')
         if self.wasi:
             parts.append('(import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))')
