@@ -45,7 +45,8 @@ class Generation:
 
 class Downstream:
     """One client connection."""
-    __slots__ = ("reader", "writer", "transport", "id", "peer", "peer_text", "local", "idle", "task", "linger")
+    __slots__ = ("reader", "writer", "transport", "id", "peer", "peer_text", "local", "idle", "task", "linger",
+                 "last_active")
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         self.reader = reader
@@ -60,6 +61,7 @@ class Downstream:
         self.idle = True
         self.task: asyncio.Task | None = None
         self.linger = False         # closing after an error reply with request bytes maybe unread
+        self.last_active = time.monotonic()
 
 
 class RequestBody:
@@ -139,6 +141,7 @@ class Proxy:
         try:
             while not gw.draining:
                 conn.idle = True
+                conn.last_active = time.monotonic()
                 try:
                     head = await reader.readuntil(b"\r\n\r\n")
                 except asyncio.IncompleteReadError as e:
@@ -275,7 +278,11 @@ class Proxy:
         info = StreamInfo(request_id=ex.rid, route_name=route.name, cluster_name=route.cluster,
                           client_addr=conn.peer, local_addr=conn.local, connection_id=conn.id,
                           scheme="http", protocol=version, start_time_ns=time.time_ns())
-        stream = host.stream(list(route.filters), info)   # type: ignore[attr-defined]
+        try:
+            stream = host.stream(list(route.filters), info)   # type: ignore[attr-defined]
+        except Exception as e:
+            log.exception('route "%s": could not open a filter stream', route.name)
+            return self._reply_error(conn, ex, 500, f"filter chain error: {type(e).__name__}", "filter_error")
         chain_headers = [(":method", method), (":path", target), (":authority", authority),
                          (":scheme", "http")] + fwd_headers
         original = body.iterator if body else None

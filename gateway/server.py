@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from typing import Any, Awaitable, Callable
 
 from .accesslog import AccessLog
@@ -14,6 +15,10 @@ from .routing import Router
 from .upstream import Upstreams
 
 log = logging.getLogger("wasmgate")
+
+# A client connection idle this long (keep-alive, or a request head that never completes) is
+# closed, so idle or slowloris clients cannot pin sockets forever.
+IDLE_TIMEOUT_S = 60.0
 
 # async (specs, services) -> FilterHostProtocol; the default is abi.api.load_filter_host.
 FilterHostFactory = Callable[[list, Any], Awaitable[Any]]
@@ -62,6 +67,8 @@ class Gateway:
         self._servers: list[asyncio.AbstractServer] = []
         self._admin_runner: Any = None
         self._stopped = asyncio.Event()
+        self.idle_timeout_s = IDLE_TIMEOUT_S
+        self._sweeper: asyncio.Task | None = None
 
     @classmethod
     async def start(cls, config: Config, *, filter_host_factory: FilterHostFactory | None = None,
@@ -89,7 +96,17 @@ class Gateway:
             gw.access_log.close()
             raise
         gw.ready = True
+        gw._sweeper = asyncio.ensure_future(gw._sweep_idle())
         return gw
+
+    async def _sweep_idle(self) -> None:
+        # One periodic pass instead of a timer per request keeps the hot path timer-free.
+        while True:
+            await asyncio.sleep(min(5.0, self.idle_timeout_s / 2))
+            cutoff = time.monotonic() - self.idle_timeout_s
+            for conn in list(self.connections):
+                if conn.idle and conn.last_active < cutoff:
+                    conn.transport.close()
 
     async def _bind(self, reuse_port: bool, ports: dict[str, int]) -> None:
         limit = max(self.config.limits.max_header_bytes + 4, 65536)
@@ -122,6 +139,8 @@ class Gateway:
             return
         self.draining = True
         self.ready = False
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         timeout = self.config.limits.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
         for server in self._servers:
             server.close()

@@ -68,9 +68,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tck = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tck, int(fields[12]) / tck
 
 
 def wait_port(port: int, timeout: float = 10) -> None:
@@ -84,8 +86,8 @@ def wait_port(port: int, timeout: float = 10) -> None:
     raise RuntimeError(f"port {port} never opened")
 
 
-def load(pid: int, port: int, seconds: float, connections: int) -> tuple[int, float, float]:
-    """(requests, cpu µs/request of pid, requests/s)."""
+def load(pid: int, port: int, seconds: float, connections: int) -> tuple[int, float, float, float]:
+    """(requests, user µs/request, system µs/request, requests/s) for process pid."""
     url = f"http://127.0.0.1:{port}/bench"
     subprocess.run(["wrk", "-t1", "-c4", "-d1s", url], capture_output=True, check=True)   # warm-up
     c0 = cpu_seconds(pid)
@@ -97,7 +99,7 @@ def load(pid: int, port: int, seconds: float, connections: int) -> tuple[int, fl
     if non2xx:
         raise RuntimeError(f"{non2xx.group(1)} failed responses:\n{out}")
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    return n, (c1 - c0) / n * 1e6, rps
+    return n, (c1[0] - c0[0]) / n * 1e6, (c1[1] - c0[1]) / n * 1e6, rps
 
 
 def main() -> int:
@@ -127,8 +129,9 @@ def main() -> int:
         wait_port(gw_port)
         wait_port(ah_port)
         for name, proc, port in (("wasmgate", gw, gw_port), ("aiohttp proxy", ah, ah_port)):
-            n, us, rps = load(proc.pid, port, args.seconds, args.connections)
-            print(f"{name:14s} {n:7d} requests  {us:6.1f} µs CPU/request  {rps:8.0f} req/s")
+            n, user, system, rps = load(proc.pid, port, args.seconds, args.connections)
+            print(f"{name:14s} {n:7d} requests  {user + system:6.1f} µs CPU/request "
+                  f"(user {user:5.1f}, system {system:5.1f})  {rps:8.0f} req/s")
     finally:
         for p in procs:
             p.terminate()

@@ -180,3 +180,14 @@ filters: [{name: broken, wasm: broken.wasm}]
     assert r.returncode != 0
     assert 'filter "broken"' in r.stderr and "not started" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+async def test_idle_client_connections_are_closed(upstream, tmp_path):
+    async with run_gateway(basic_yaml(upstream.port), tmp_path) as gw:
+        gw.gateway.idle_timeout_s = 0.2
+        gw.gateway._sweeper.cancel()
+        gw.gateway._sweeper = asyncio.ensure_future(gw.gateway._sweep_idle())
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port())
+        writer.write(b"GET / HTTP/1.1\r\nHost: slow")          # a head that never completes
+        assert await asyncio.wait_for(reader.read(), 3) == b""
+        writer.close()
