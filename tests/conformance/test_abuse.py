@@ -10,7 +10,7 @@ import time
 import aiohttp
 import pytest
 
-from tests.conformance.probe import (filter_entry, metrics_text, one, parse_report, probe_gateway,
+from tests.conformance.probe import (filter_entry, metrics_text, one, parse_report, probe_gateway, wait_for,
                                      samples, strict_module)
 
 N_A = 6
@@ -192,3 +192,101 @@ async def test_huge_buffer_with_failing_allocator_is_isolated(tmp_path, upstream
                 assert not (st == "0" and size != "0" and ptr in ("0", str(0xFFFFFF00))), rep["huge"]
         await a_works_again(s, gw)
         await healthy_b(s, gw, 5)
+
+
+# ---------------------------------------------------------------- failures outside request headers
+@pytest.mark.parametrize("act", ["call-trap", "call-loop"])
+async def test_failure_in_http_call_callback_answers_503(tmp_path, upstream, act):
+    async with probe_gateway(tmp_path, upstream, filters(tmp_path), routes()) as (gw, s):
+        before = failures(await metrics_text(s, gw))
+        a_res = await abuse_round(s, gw, {"headers": {"x-act": act, "x-cluster": "callout"}}, n_a=3)
+        for status, _, body, elapsed in a_res:
+            assert status == 503, body[:200]
+            assert elapsed < 5.0
+        assert [r.path for r in upstream.main_requests() if r.path.startswith("/a/")] == []
+        await a_works_again(s, gw)
+        assert failures(await metrics_text(s, gw)) >= before + 1
+
+
+async def test_trap_in_on_tick_rebuilds_instance(tmp_path, upstream):
+    async with probe_gateway(tmp_path, upstream, filters(tmp_path), routes()) as (gw, s):
+        before = failures(await metrics_text(s, gw))
+        status, _, _, _ = (await abuse_round(s, gw, {"headers": {"x-act": "tick-trap"}}, n_a=1))[0]
+        # the request itself is fine, unless the first tick (20 ms) trapped while it was in
+        # flight: then its context died with the instance
+        assert status in (200, 503)
+
+        async def counted():
+            return failures(await metrics_text(s, gw)) >= before + 1
+        assert await wait_for(counted, timeout=3.0), "trap in on_tick not counted"
+        await a_works_again(s, gw)
+        await healthy_b(s, gw, 5)
+
+
+async def test_trap_in_on_log_after_response_was_sent(tmp_path, upstream):
+    async with probe_gateway(tmp_path, upstream, filters(tmp_path), routes()) as (gw, s):
+        before = failures(await metrics_text(s, gw))
+        # one at a time: a trap poisons the instance, so requests in flight on it fail too
+        a_res = await abuse_round(s, gw, {"headers": {"x-act": "trap-log"}}, n_a=1)
+        for status, headers, body, _ in a_res:
+            assert status == 200                  # the response was complete before on_log
+            assert headers.get("x-upstream") == "echo"
+
+        async def counted():
+            return failures(await metrics_text(s, gw)) >= before + 1
+        assert await wait_for(counted, timeout=3.0), "trap in on_log not counted"
+        await a_works_again(s, gw)
+
+
+@pytest.mark.parametrize("policy", ["fail_closed", "fail_open"])
+async def test_failure_in_the_middle_of_a_chain(tmp_path, upstream, policy):
+    mod = strict_module(tmp_path)
+    fl = [filter_entry("first", mod, config="f1"),
+          filter_entry("abuse", mod, config="ab", failure_policy=policy),
+          filter_entry("last", mod, config="f3")]
+    rt = [{"name": "chain", "cluster": "backend", "filters": ["first", "abuse", "last"]}]
+    async with probe_gateway(tmp_path, upstream, fl, rt) as (gw, s):
+        status, headers, body, _ = await fetch(s, gw.url("/chain"), headers={"x-act-ab": "trap"})
+        if policy == "fail_closed":
+            assert status == 503
+            assert upstream.main_requests() == []
+        else:
+            assert status == 200, body[:200]
+            seen = upstream.main_requests()[-1]
+            # the failed filter is skipped, the ones around it still run in order (what the
+            # failed filter wrote before trapping may stay, as in Envoy's in-place header map)
+            chain = seen.all("x-chain")
+            assert chain in (["f1", "f3"], ["f1", "ab", "f3"]), chain
+            assert headers.getall("x-chain-resp") == ["f3", "f1"]
+
+
+async def test_pause_never_resumed_is_answered(tmp_path, upstream, monkeypatch):
+    import abi.chain
+    monkeypatch.setattr(abi.chain, "PAUSE_TIMEOUT_S", 0.5)
+    async with probe_gateway(tmp_path, upstream, filters(tmp_path), routes()) as (gw, s):
+        a_res = await abuse_round(s, gw, {"headers": {"x-act": "ret", "x-ret": "1"}}, n_a=2)
+        for status, _, _, elapsed in a_res:
+            assert status >= 500
+            assert elapsed < 5
+        assert [r.path for r in upstream.main_requests() if r.path.startswith("/a/")] == []
+
+
+async def test_client_gone_while_paused_on_callout(tmp_path, upstream):
+    """The client disconnects while the filter waits for its callout: no callback for a deleted
+    context (Envoy cancels pending calls in ~Context), the instance is not poisoned."""
+    import aiohttp as _aiohttp
+    async with probe_gateway(tmp_path, upstream, filters(tmp_path), routes()) as (gw, s):
+        async with _aiohttp.ClientSession(timeout=_aiohttp.ClientTimeout(total=0.03)) as impatient:
+            with pytest.raises(asyncio.TimeoutError):
+                async with impatient.get(gw.url("/a/gone"), headers={"x-act": "call", "x-cluster": "callout"}) as r:
+                    await r.read()
+        await asyncio.sleep(0.4)                  # the callout (0.1 s) has completed by now
+        status, headers, body, _ = await fetch(s, gw.url("/a/next"))
+        assert status == 200, body[:200]
+        rep = parse_report(headers.get("x-probe-ab"))
+        assert one(rep, "viol") == "0"
+        from tests.conformance.probe import get_trace
+        trace = await get_trace(s, gw, "ab", prefix="/a")
+    assert trace[0] == ("init",) and trace.count(("init",)) == 1, "instance was rebuilt (trap?)"
+    gone = [e for e in trace if e[0] == "create" and e[2] != "0"][0][1]
+    assert ("delete", gone) in trace

@@ -17,11 +17,12 @@
 ;;   * the plugin configuration is the filter "tag" (short, alphanumeric);
 ;;   * request headers: adds `x-chain: <tag>`; response headers: adds `x-chain-resp: <tag>`
 ;;     and `x-probe-<tag>: k=v;k=v;...` (the per-request report);
-;;   * GET /__trace/<tag> answers (local reply) with the global event trace, space separated:
+;;   * GET .../__trace/<tag> answers (local reply) with the global event trace, space separated:
 ;;     init create:id:parent vm_start:id:size configure:id:size req_hdrs:id:n:eos
 ;;     req_body:id:size:eos resp_hdrs:id:n:eos resp_body:id:size:eos done:id log:id delete:id
 ;;     tick:id call_resp:root:token:nh:bs:nt code:status:hex
-;;   * request header `x-act: <action>` selects a behaviour (see $parse_act).
+;;   * request header `x-act: <action>` (or `x-act-<tag>` for one filter of a chain) selects
+;;     a behaviour (see $parse_act).
 ;;
 ;; Source macros expanded by tests/conformance/conftest.py before loading:
 ;;   $S"text"            -> (i32.const ptr) (i32.const len)   (bytes in a data segment; \00 = NUL)
@@ -615,8 +616,12 @@
     (call $b_copy (i32.const 512) (i32.const 256))
     (if (i32.eqz (call $hget (i32.const 0) $S":path"))
       (then
-        (if (call $mem_eq (i32.load (i32.const 16)) (i32.load (i32.const 20))
-                          (call $b_data (i32.const 512)) (call $b_len (i32.const 512)))
+        ;; any path ending in /__trace/<tag> (so that prefix routes can reach it)
+        (if (i32.and
+              (i32.ge_u (i32.load (i32.const 20)) (call $b_len (i32.const 512)))
+              (call $mem_eq (i32.sub (i32.add (i32.load (i32.const 16)) (i32.load (i32.const 20))) (call $b_len (i32.const 512)))
+                            (call $b_len (i32.const 512))
+                            (call $b_data (i32.const 512)) (call $b_len (i32.const 512))))
           (then
             (drop (call $expect
               (call $send_local (i32.const 200) $S"trace" (call $b_data (i32.const 32768)) (call $b_len (i32.const 32768))
@@ -641,9 +646,16 @@
       (then (call $rep_str (local.get $r) $S"after_call" (i32.load (i32.const 16)) (i32.load (i32.const 20)))))
 
     ;; action
+    ;; `x-act-<tag>` (this filter only) wins over `x-act` (every probe in the chain)
     (call $b_reset (i32.const 4096))
-    (if (i32.eqz (call $hget (i32.const 0) $S"x-act"))
-      (then (call $b_str (i32.const 4096) (i32.load (i32.const 16)) (i32.load (i32.const 20)))))
+    (call $b_reset (i32.const 512))
+    (call $b_str (i32.const 512) $S"x-act-")
+    (call $b_copy (i32.const 512) (i32.const 256))
+    (if (i32.eqz (call $hget (i32.const 0) (call $b_data (i32.const 512)) (call $b_len (i32.const 512))))
+      (then (call $b_str (i32.const 4096) (i32.load (i32.const 16)) (i32.load (i32.const 20))))
+      (else
+        (if (i32.eqz (call $hget (i32.const 0) $S"x-act"))
+          (then (call $b_str (i32.const 4096) (i32.load (i32.const 16)) (i32.load (i32.const 20)))))))
     (local.set $act (call $parse_act))
     (i32.store offset=16 (local.get $r) (local.get $act))
     (if (i32.eqz (call $hget (i32.const 0) $S"x-ret"))
