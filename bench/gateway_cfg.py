@@ -1,6 +1,6 @@
 """wasmgate configs for the benchmark, generated per docs/ARCHITECTURE.md's schema.
 
-The filter options follow filters/README.md: the bench sends one API key, and the rate limit is
+The filter options follow each filter's Config::parse (filters/<name>/src/lib.rs): the bench sends one API key, and the rate limit is
 set far above anything a 2-core box can push, so nothing is ever rejected (checked at warm-up).
 """
 from __future__ import annotations
@@ -18,11 +18,15 @@ API_KEY_HEADER = "x-api-key"
 API_KEY = "bench-key-7f3a9c2e"
 AUTH_HEADERS = {API_KEY_HEADER: API_KEY}
 
-# filter name -> (wasm file stem, config mapping)
+# wasm file stem -> config (options per filters/<name>/src/lib.rs, Config::parse)
 FILTER_CONFIGS: dict[str, dict] = {
-    "auth": {"api_keys": {API_KEY: "bench"}, "header": API_KEY_HEADER},
-    "ratelimit": {"requests_per_second": 100_000_000, "burst": 100_000_000},
-    "headers": {"request": {"set": {"x-bench": "1"}}, "response": {"set": {"x-served-by": "wasmgate"}}},
+    "auth": {"api_key": {"header": API_KEY_HEADER,
+                         "keys": [{"key": API_KEY, "identity": "bench-client"}]}},
+    # one token bucket per client address, far above what this box can push
+    "ratelimit": {"limits": [{"name": "per_client", "key": "client",
+                              "rate": 100_000_000, "burst": 100_000_000}]},
+    "headers": {"request": {"set": {"x-request-id": "${request.id}"}},
+                "response": {"set": {"x-served-by": "wasmgate"}}},
 }
 
 

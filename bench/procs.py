@@ -180,3 +180,24 @@ def tree_cpu_seconds(root: int) -> float:
         except (OSError, ValueError):
             pass
     return total / CLK_TCK
+
+
+def system_busy_seconds() -> float:
+    """Busy CPU seconds of the whole machine (all cores) from /proc/stat: everything but idle
+    and iowait."""
+    with open("/proc/stat") as f:
+        parts = f.readline().split()[1:]
+    v = [int(x) for x in parts[:8]]  # user nice system idle iowait irq softirq steal
+    return (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / CLK_TCK
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds of this process plus its reaped children (wrk, the paced client)."""
+    import resource
+    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+
+def loadavg() -> float:
+    with open("/proc/loadavg") as f:
+        return float(f.read().split()[0])

@@ -19,8 +19,9 @@ from pathlib import Path
 
 from bench import gateway_cfg as gcfg
 from bench.nginx import start_nginx
-from bench.procs import (Proc, free_port, http_get, install_signal_handlers, stop_all,
-                         tree_cpu_seconds, wait_ready)
+from bench.procs import (Proc, free_port, http_get, install_signal_handlers, loadavg,
+                         own_cpu_seconds, stop_all, system_busy_seconds, tree_cpu_seconds,
+                         wait_ready)
 from bench.tools import ROOT, ensure_tools, machine_info
 from bench.wrk import WrkResult, run_wrk
 
@@ -69,6 +70,7 @@ class Bench:
         self.half_rate: dict | None = None
         self.tools: dict[str, str] = {}
         self.upstream_port = 0
+        self.upstream: Proc | None = None
 
     # ---------------------------------------------------------------- helpers
     def env(self) -> dict[str, str]:
@@ -86,6 +88,24 @@ class Bench:
                        connections=self.args.connections, headers=headers,
                        cpus=self.load_cpus, workdir=self.tmp)
 
+    def foreign_mark(self) -> tuple[float, float, float]:
+        up = tree_cpu_seconds(self.upstream.pid) if self.upstream else 0.0
+        return system_busy_seconds(), own_cpu_seconds(), up
+
+    def foreign_share(self, m0, m1, proxy_cpu: float, duration: float) -> float:
+        """Share of the machine's cores used during a run by processes the bench did not start
+        (other people's builds and tests): machine busy time − proxy − upstream − wrk/client."""
+        busy = m1[0] - m0[0]
+        ours = proxy_cpu + (m1[1] - m0[1]) + (m1[2] - m0[2])
+        return round(max(0.0, busy - ours) / (duration * (os.cpu_count() or 1)), 3)
+
+    def warn_foreign(self, name: str, share: float) -> None:
+        if share > 0.05:
+            msg = (f"{name}: other processes used {share:.0%} of the machine during the "
+                   f"measured run — numbers are noisy")
+            self.notes.append(msg)
+            log(f"  WARNING {msg}")
+
     def measure(self, name: str, proc: Proc, url: str, headers: dict | None = None,
                 cpus: str | None = None) -> WrkResult:
         """Check one request, warm up under wrk (must be all 2xx), then the measured run with
@@ -99,9 +119,11 @@ class Bench:
                          f"{warm.socket_errors} socket errors out of {warm.requests}")
         if not proc.alive():
             raise Failed(f"{name}: proxy exited during warm-up:\n{proc.log_tail()}")
-        cpu0 = tree_cpu_seconds(proc.pid)
+        load = loadavg()
+        cpu0, mark0 = tree_cpu_seconds(proc.pid), self.foreign_mark()
         res = self.wrk(url, self.args.duration, headers)
-        cpu1 = tree_cpu_seconds(proc.pid)
+        cpu1, mark1 = tree_cpu_seconds(proc.pid), self.foreign_mark()
+        foreign = self.foreign_share(mark0, mark1, cpu1 - cpu0, res.duration_s)
         if not res.ok():
             raise Failed(f"{name}: measured run had {res.non_2xx} non-2xx responses and "
                          f"{res.socket_errors} socket errors out of {res.requests}")
@@ -118,9 +140,12 @@ class Bench:
             "proxy_cpus": cpus or "any", "wrk_cpus": self.load_cpus or "any",
             "connections": self.args.connections,
             "warmup": {"requests": warm.requests, "rps": round(warm.rps, 1)},
+            "loadavg_before": load,
+            "foreign_cpu_share": foreign,
         }
         log(f"  {name}: {res.rps:,.0f} req/s  p50 {res.p50_ms:.2f} ms  p99 {res.p99_ms:.2f} ms  "
-            f"CPU {cpu_us:.1f} µs/req")
+            f"CPU {cpu_us:.1f} µs/req  (proxy busy {(cpu1 - cpu0) / res.duration_s:.2f} cores)")
+        self.warn_foreign(name, foreign)
         return res
 
     # ---------------------------------------------------------------- gateway
@@ -172,7 +197,13 @@ class Bench:
                                  f"the auth filter is not active: {body[:200]!r}")
             res = self.measure(name, proc, url, headers, cpus)
             if half_rate:
-                self.run_half_rate(url, headers, res.rps, proc)
+                log("== chain_half_rate")
+                try:
+                    self.run_half_rate(url, headers, res.rps, proc)
+                except Failed as e:   # its own verdict; gateway_chain's numbers stand
+                    msg = f"{e}\n--- {name} log tail ({proc.log_path}):\n{proc.log_tail()}"
+                    self.failed["chain_half_rate"] = msg
+                    log(f"  chain_half_rate: FAILED: {msg}")
         except Failed as e:
             raise Failed(f"{e}\n--- {name} log tail ({proc.log_path}):\n{proc.log_tail()}")
         finally:
@@ -186,10 +217,12 @@ class Bench:
                        "--connections", str(self.args.connections), cpus=self.load_cpus)
         for k, v in (headers or {}).items():
             argv += ["-H", f"{k}: {v}"]
-        cpu0 = tree_cpu_seconds(proc.pid)
+        cpu0, mark0 = tree_cpu_seconds(proc.pid), self.foreign_mark()
+        t0 = time.monotonic()
         r = subprocess.run(argv, cwd=ROOT, env=self.env(), capture_output=True, text=True,
                            timeout=self.args.duration + 60)
-        cpu1 = tree_cpu_seconds(proc.pid)
+        cpu1, mark1 = tree_cpu_seconds(proc.pid), self.foreign_mark()
+        foreign = self.foreign_share(mark0, mark1, cpu1 - cpu0, time.monotonic() - t0)
         if r.returncode != 0:
             raise Failed(f"chain_half_rate: paced client failed: {r.stderr[-2000:]}")
         d = json.loads(r.stdout.strip().splitlines()[-1])
@@ -201,7 +234,9 @@ class Bench:
         for k in ("p50_ms", "p90_ms", "p99_ms", "p999_ms", "max_ms", "lag_p99_ms", "achieved_rps"):
             if d.get(k) is not None:
                 d[k] = round(d[k], 3)
+        d["foreign_cpu_share"] = foreign
         self.half_rate = d
+        self.warn_foreign("chain_half_rate", foreign)
         bad = sum(v for k, v in d["statuses"].items() if k != "200")
         if bad or d["errors"] or d["unanswered"]:
             raise Failed(f"chain_half_rate: {bad} non-200, {d['errors']} errors, "
@@ -260,7 +295,8 @@ class Bench:
             raise Failed(f"crossing: bench.crossing.measure() failed:\n{r.stderr[-2000:]}")
         d = json.loads(line[len("CROSSING "):])
         self.crossing.update({k: (round(v, 3) if isinstance(v, float) else v) for k, v in d.items()})
-        log(f"  crossing: guest call {d.get('guest_call_us')} µs, host call {d.get('host_call_us')} µs")
+        log(f"  crossing: guest call {self.crossing['guest_call_us']} µs, "
+            f"host call {self.crossing['host_call_us']} µs")
 
     def sc_cold_start(self) -> None:
         self.gateway_available()
@@ -297,8 +333,14 @@ class Bench:
         self.tools = ensure_tools(log)
         self.machine = machine_info(self.tools)
         self.upstream_port = free_port()
-        upstream = start_nginx(self.tools["nginx"], self.tmp / "upstream", "upstream",
-                               self.upstream_port, cpus=self.load_cpus)
+        load = loadavg()
+        if load > 0.5:
+            msg = (f"load average {load:.2f} at start: other work is running on this machine; "
+                   f"numbers will be noisy (see details.*.foreign_cpu_share)")
+            self.notes.append(msg)
+            log(f"bench: WARNING {msg}")
+        upstream = self.upstream = start_nginx(self.tools["nginx"], self.tmp / "upstream",
+                                               "upstream", self.upstream_port, cpus=self.load_cpus)
         try:
             for name in ALL:
                 if name not in self.selected or name == "chain_half_rate":
@@ -315,7 +357,8 @@ class Bench:
                     log(f"  {name}: FAILED: {msg}")
                 if not upstream.alive():
                     raise RuntimeError("upstream nginx died:\n" + upstream.log_tail())
-            if "chain_half_rate" in self.selected and self.half_rate is None:
+            if "chain_half_rate" in self.selected and self.half_rate is None \
+                    and "chain_half_rate" not in self.failed:
                 why = self.failed.get("gateway_chain") or self.skipped.get("gateway_chain") \
                     or "did not run"
                 (self.failed if "gateway_chain" in self.failed else self.skipped)[
@@ -393,6 +436,7 @@ class Bench:
             "chain_half_rate": self.half_rate,
             "ratios": self.ratios(),
             "details": self.details,
+            "notes": self.notes,
             "settings": {
                 "duration_s": self.args.duration, "warmup_s": self.args.warmup,
                 "connections": self.args.connections, "wrk_threads": 1,
@@ -438,6 +482,8 @@ class Bench:
         for name, why in {**self.skipped}.items():
             if name not in SCENARIOS:
                 log(f"skipped {name}: {why}")
+        for n in self.notes:
+            log(f"note: {n}")
         for name in self.failed:
             if name not in SCENARIOS:
                 log(f"FAILED {name}: {self.failed[name].splitlines()[0][:200]}")
