@@ -30,6 +30,11 @@ FILTER_CONFIGS: dict[str, dict] = {
 }
 
 
+# Response headers that prove each filter ran: ratelimit's RateLimit-* and headers' x-served-by
+# (auth is proven by the 401 a request without the key gets).
+CHAIN_EVIDENCE = ["ratelimit-limit", "x-served-by"]
+
+
 def missing_wasm(stems=CHAIN) -> list[str]:
     return [str(DIST / f"{s}.wasm") for s in stems if not (DIST / f"{s}.wasm").is_file()]
 

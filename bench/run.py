@@ -195,6 +195,14 @@ class Bench:
                 if status not in (401, 403):
                     raise Failed(f"{name}: a request WITHOUT the API key answered {status} — "
                                  f"the auth filter is not active: {body[:200]!r}")
+                status, rh, body = http_get(url, headers)
+                if status != 200:
+                    raise Failed(f"{name}: a request WITH the API key answered {status}: "
+                                 f"{body[:200]!r}")
+                missing = [h for h in gcfg.CHAIN_EVIDENCE if h not in rh]
+                if missing:
+                    raise Failed(f"{name}: response lacks {missing}: not every filter of the "
+                                 f"chain ran (headers seen: {sorted(rh)})")
             res = self.measure(name, proc, url, headers, cpus)
             if half_rate:
                 log("== chain_half_rate")
