@@ -99,6 +99,28 @@ class Bench:
         ours = proxy_cpu + (m1[1] - m0[1]) + (m1[2] - m0[2])
         return round(max(0.0, busy - ours) / (duration * (os.cpu_count() or 1)), 3)
 
+    def wait_quiet(self) -> None:
+        """--wait-quiet S: before a scenario, wait up to S seconds for the machine to be idle
+        (< 10 % busy over 1 s), so someone else's build doesn't end up in the numbers."""
+        if self.args.wait_quiet <= 0:
+            return
+        deadline = time.monotonic() + self.args.wait_quiet
+        said = False
+        while True:
+            b0, t0 = system_busy_seconds(), time.monotonic()
+            time.sleep(1.0)
+            share = (system_busy_seconds() - b0) / ((time.monotonic() - t0) * (os.cpu_count() or 1))
+            if share < 0.10:
+                return
+            if time.monotonic() >= deadline:
+                log(f"  machine still {share:.0%} busy after --wait-quiet {self.args.wait_quiet:g}s; "
+                    f"going on")
+                return
+            if not said:
+                log(f"  machine {share:.0%} busy; waiting up to {self.args.wait_quiet:g}s for it "
+                    f"to quieten")
+                said = True
+
     def warn_foreign(self, name: str, share: float) -> None:
         if share > 0.05:
             msg = (f"{name}: other processes used {share:.0%} of the machine during the "
@@ -354,6 +376,7 @@ class Bench:
                 if name not in self.selected or name == "chain_half_rate":
                     continue
                 log(f"== {name}")
+                self.wait_quiet()
                 try:
                     getattr(self, f"sc_{name}")()
                 except Skip as e:
@@ -508,6 +531,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="~30 s smoke run (short runs)")
     ap.add_argument("--no-pin", action="store_true",
                     help="don't pin processes to CPUs with taskset")
+    ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
+                    help="before each scenario wait up to S s for the machine to be idle "
+                         "(< 10%% busy); default 0 = don't wait")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest.json"))
     ap.add_argument("--keep", action="store_true", help="keep the scratch dir (configs, logs)")
     a = ap.parse_args(argv)
