@@ -368,7 +368,8 @@ class ShmStore:
                 os.close(fd)
         cfg = path / _CONFIG_FILE
         tmp = path / (_CONFIG_FILE + ".tmp")
-        tmp.write_bytes(_packb({"format": _FORMAT, "max_bytes": max_bytes, "map_size": map_size}))
+        tmp.write_bytes(_packb({"format": _FORMAT, "max_bytes": max_bytes, "map_size": map_size,
+                                "creator_pid": os.getpid()}))
         os.replace(tmp, cfg)          # written last: open() only succeeds on a complete store
         return store
 
@@ -393,6 +394,23 @@ class ShmStore:
         """Delete the store's files (supervisor, on exit). Open mappings stay valid until closed."""
         for c in _candidates(path_or_name):
             shutil.rmtree(c, ignore_errors=True)
+
+    @staticmethod
+    def remove_stale() -> list[Path]:
+        """Remove stores (bare-name locations) whose creating supervisor is dead — left behind by
+        a supervisor killed with -9. Returns the removed paths."""
+        removed = []
+        for base in {c.parent for c in _candidates("x")}:
+            for d in base.glob("wasmgate-*"):
+                try:
+                    cfg = _unpackb((d / _CONFIG_FILE).read_bytes())
+                    pid = int(cfg["creator_pid"])
+                except (OSError, ValueError, KeyError, TypeError, msgpack.UnpackException):
+                    continue
+                if not _pid_alive(pid) and os.path.realpath(d) not in _envs:
+                    shutil.rmtree(d, ignore_errors=True)
+                    removed.append(d)
+        return removed
 
     def close(self) -> None:
         """Unregister this process from its queues, close the wake-up FIFO and the environment."""

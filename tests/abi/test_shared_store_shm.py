@@ -795,6 +795,20 @@ def test_preallocate_reserves_the_map(name):
     s.close()
 
 
+def test_remove_stale_store_of_dead_supervisor(name):
+    code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); from abi import shared_store_shm as S; " \
+           f"S.create({name!r}, 1 << 16).set(b'a', b'1', 0)"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=30)   # "supervisor" exits
+    path = S.store_path(name)
+    assert path.exists()
+    mine = S.create(name + "-alive", 1 << 16)        # created by a live process: kept
+    mine.close()
+    removed = S.ShmStore.remove_stale()
+    assert path in removed and not path.exists()
+    assert S.store_path(name + "-alive").exists()
+    S.remove(name + "-alive")
+
+
 if __name__ == "__main__":                                  # subprocess entry points
     cmd, *rest = sys.argv[1:]
     if cmd == "write":
