@@ -78,6 +78,8 @@ async def test_concurrent_admission_is_exact(gw):
     remaining = sorted(rl_headers(h)[1] for s, h, _ in results if s == 200)
     assert remaining == [0, 1, 2, 3, 4, 5, 6]   # each admitted request took exactly one token
     for s, h, body in results:
+        for name in ("ratelimit-limit", "ratelimit-remaining", "ratelimit-reset"):
+            assert len(h.getall(name)) == 1, (s, name, h.getall(name))
         limit, rem, reset = rl_headers(h)
         assert limit == 7
         if s == 429:
