@@ -499,11 +499,12 @@ def {fn}({args}):
     {ret}
 
 def nested({args}):
+    # From inside a host function (e.g. the guest allocator). Reusing one buffer even when
+    # this export is re-entered is safe: wasmtime reads arguments on entry and writes results
+    # on exit, and we unpack ours before the outer call can finish.
     if st.poisoned:
         raise st.refusal()
-    nbuf = bytearray(nbytes)
     pack_into(nbuf, 0{comma_packed})
-    nbufaddr = addressof(from_buffer(nbuf))
     st.depth += 1
     try:
         err = call_raw(ctx, fptr, nbufaddr, nslots, trapaddr)
@@ -530,12 +531,18 @@ def callback(env, caller, raw, nraw):
 """
 
 
+def _buffer_address(buf: bytearray) -> int:
+    # The bytearray is never resized, so its storage address is stable while it is alive
+    # (the generated caller keeps it alive).
+    return ctypes.addressof((c_char * len(buf)).from_buffer(buf))
+
+
 def _guest_caller(owner: "Instance", st: "_StoreState", name: str, fptr: int,
                   params: tuple[str, ...], results: tuple[str, ...]) -> Callable[..., Any]:
     names = [f"a{i}" for i in range(len(params))]
     nslots = max(len(params), len(results), 1)
     buf = bytearray(nslots * _SLOT)
-    cbuf = (c_char * len(buf)).from_buffer(buf)
+    nbuf = bytearray(nslots * _SLOT)
     if not results:
         ret = "return None"
     elif len(results) == 1:
@@ -546,12 +553,12 @@ def _guest_caller(owner: "Instance", st: "_StoreState", name: str, fptr: int,
     src = _GUEST_CALL_SRC.format(fn="call", args=", ".join(names),
                                  comma_packed=", " + packed if packed else "", ret=ret)
     env = {
-        "st": st, "ticker": st.ticker, "ctx": st.ctx, "fptr": fptr, "buf": buf,
-        "bufaddr": ctypes.addressof(cbuf), "nslots": nslots, "nbytes": len(buf),
+        "st": st, "ticker": st.ticker, "ctx": st.ctx, "fptr": fptr,
+        "buf": buf, "bufaddr": _buffer_address(buf),
+        "nbuf": nbuf, "nbufaddr": _buffer_address(nbuf), "nslots": nslots,
         "trap_slot": st.trap_slot, "trapaddr": ctypes.addressof(st.trap_slot),
         "call_raw": _call_unchecked, "pack_into": _struct(params, _PACK).pack_into,
-        "unpack_from": _struct(results, _UNPACK).unpack_from, "addressof": ctypes.addressof,
-        "from_buffer": (c_char * len(buf)).from_buffer,
+        "unpack_from": _struct(results, _UNPACK).unpack_from,
     }
     call = _bind(src, env, "call")
     call.__name__ = call.__qualname__ = name

@@ -706,3 +706,18 @@ def _shared_instance(engine, core):
     if inst is None:
         inst = _SHARED[id(engine)] = make(engine, core)
     return inst
+
+
+def test_same_export_reentered_through_host_keeps_each_levels_values(engine):
+    # f(0) = 100; f(n) = host(n) + 1 where host(n) = 2 * f(n - 1)  => f(3) = 807
+    module = engine.compile(b'''(module
+        (import "env" "h" (func $h (param i32) (result i32)))
+        (func (export "f") (param $n i32) (result i32)
+          (if (result i32) (i32.eqz (local.get $n))
+            (then (i32.const 100))
+            (else (i32.add (call $h (local.get $n)) (i32.const 1))))))''')
+    box = {}
+    inst = make(engine, module, {("env", "h"): lambda n: 2 * box["f"](n - 1)})
+    box["f"] = inst.export_func("f")
+    assert box["f"](3) == 807
+    assert box["f"](0) == 100
