@@ -32,6 +32,7 @@ _CONN_IDS = itertools.count(1)
 _XF = ("x-forwarded-for", "x-forwarded-proto", "x-forwarded-host")
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _HIGH_WATER = 65536
+_SMALL_BODY = 65536
 
 
 @dataclass
@@ -348,8 +349,9 @@ class Proxy:
                        resp: UpstreamResponse, stream) -> bool:
         status = resp.status
         headers = _strip_hop_by_hop(resp.headers)
-        body = resp.body
         length = resp.length                     # int, None = chunked, -1 = until close
+        small = stream is None and length is not None and 0 < length <= _SMALL_BODY
+        body = None if small else resp.body
         if stream is not None:
             try:
                 result = await stream.response(status, [(":status", str(status))] + headers, body)
@@ -391,9 +393,20 @@ class Proxy:
         head = "".join(parts).encode("latin-1", "replace")
         writer = conn.writer
         transport = conn.transport
-        if no_body or body is None:
+        if no_body or (body is None and not small):
             writer.write(head)
             ex.status = status
+            return not close
+        if small:
+            # Small body, no filters: one read and one write, no iterator machinery.
+            try:
+                data = await resp.read_exact()
+            except UpstreamReset as e:
+                log.warning("upstream reset before the response body was complete: %s", e)
+                return self._reply_error(conn, ex, 502, "upstream connection reset", "upstream_reset")
+            writer.write(head + data)
+            ex.status = status
+            ex.bytes_out = length
             return not close
         it = body.__aiter__()
         # Headers go out together with the first body chunk, so a rejection on that chunk can

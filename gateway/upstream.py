@@ -64,7 +64,7 @@ class UpConn:
 
 class UpstreamResponse:
     """Status, headers and a body iterator; ``finish()`` returns the connection to the pool."""
-    __slots__ = ("pool", "conn", "status", "headers", "length", "keepalive", "complete", "body",
+    __slots__ = ("pool", "conn", "status", "headers", "length", "keepalive", "complete", "_body_iter",
                  "endpoint", "bytes")
 
     def __init__(self, pool: "Pool", conn: UpConn, status: int, headers: Headers, length: int | None,
@@ -78,7 +78,27 @@ class UpstreamResponse:
         self.complete = length == 0
         self.endpoint = str(conn.endpoint)
         self.bytes = 0
-        self.body: AsyncIterator[bytes] | None = None if length == 0 else self._body()
+        self._body_iter: AsyncIterator[bytes] | None = None
+
+    @property
+    def body(self) -> AsyncIterator[bytes] | None:
+        """The body as an async iterator (the same object on every access); None if empty."""
+        if self.length == 0:
+            return None
+        if self._body_iter is None:
+            self._body_iter = self._body()
+        return self._body_iter
+
+    async def read_exact(self) -> bytes:
+        """The whole Content-Length body in one read: the fast path for small responses."""
+        assert self.length is not None and self.length > 0 and self._body_iter is None
+        try:
+            data = await self.conn.reader.readexactly(self.length)
+        except (asyncio.IncompleteReadError, ConnectionError) as e:
+            raise UpstreamReset(f"{self.endpoint}: connection closed inside the body ({e})") from None
+        self.bytes = len(data)
+        self.complete = True
+        return data
 
     async def _body(self) -> AsyncIterator[bytes]:
         reader = self.conn.reader

@@ -421,3 +421,16 @@ async def test_max_connections_queues_then_503(tmp_path):
         async with run_gateway(text, tmp_path) as gw:
             results = await asyncio.gather(*(get_status(gw.url(f"/{i}")) for i in range(2)))
             assert sorted(r[0] for r in results) == [200, 503]
+
+
+async def test_upstream_short_small_body_is_502(tmp_path):
+    async def handler(reader, writer):
+        await read_request_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly ten b")
+        await writer.drain()
+        writer.close()
+
+    async with raw_upstream(handler) as up:
+        async with run_gateway(basic_yaml(up.port), tmp_path) as gw:
+            status, _, body = await get_status(gw.url("/"))
+    assert status == 502 and b"upstream connection reset" in body
