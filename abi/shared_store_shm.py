@@ -113,6 +113,12 @@ CAS_MISMATCH = 8
 INTERNAL_FAILURE = 10
 #: what set()/enqueue() return when the budget is exhausted (see module docstring / report).
 STATUS_FULL = INTERNAL_FAILURE
+#: A cas value this store never issues. A host may answer get() on a missing key with
+#: (b"", MISSING_CAS) instead of NOT_FOUND (opt-in): the guest's CAS loop then sends
+#: set(key, v, MISSING_CAS), which creates the key if it is still missing (§5.4: cas != 0 on a
+#: missing key succeeds) and gets CAS_MISMATCH if another worker created it first — making the
+#: *creation* of a counter/bucket atomic, which plain §5.4 (cas 0 = unconditional) cannot.
+MISSING_CAS = 0xFFFFFFFF
 
 COUNTER, GAUGE, HISTOGRAM = 0, 1, 2
 KIND_NAMES = {COUNTER: "counter", GAUGE: "gauge", HISTOGRAM: "histogram"}
@@ -539,7 +545,7 @@ class ShmStore:
         used = meta[1] + new_cost - old_cost
         if new_cost > old_cost and used > self.max_bytes:
             return False, STATUS_FULL
-        fresh = meta[0] % _U32 + 1                 # global counter, 1..2^32-1, skips 0
+        fresh = meta[0] % (MISSING_CAS - 1) + 1    # global counter 1..2^32-2: skips 0 and MISSING_CAS
         meta[0] = fresh
         meta[1] = used
         txn.put(dk, self._e.pack([fresh, value, key] if hashed else [fresh, value]), db=data_db)

@@ -101,12 +101,13 @@ def test_cas_counter_skips_zero_on_wrap(store):
     env, dbs = store._ensure_env()
     with env.begin(write=True) as txn:           # put the global counter at u32 max
         meta = msgpack.unpackb(txn.get(S._META))
-        meta[0] = 0xFFFFFFFE
+        meta[0] = 0xFFFFFFFD
         txn.put(S._META, msgpack.packb(meta))
     store.set(b"a", b"1", 0)
-    assert store.get(b"a")[1] == 0xFFFFFFFF
+    assert store.get(b"a")[1] == 0xFFFFFFFE
     store.set(b"a", b"2", 0)
-    assert store.get(b"a")[1] == 1               # wrapped, skipping 0
+    assert store.get(b"a")[1] == 1               # wrapped, skipping MISSING_CAS and 0
+    assert S.MISSING_CAS == 0xFFFFFFFF
 
 
 def _worker_cas(name, key, k, q, barrier):
@@ -141,6 +142,39 @@ def test_processes_cas_counter_is_exact(name, nproc):
     assert s.get(b"before-fork")[0] == b"1"      # ... and after (fork-safe env handling)
     assert s.set(b"after-fork", b"2", 0) == S.OK
     assert s.verify() == []
+    s.close()
+
+
+def _worker_cas_unseeded(name, key, k, barrier):
+    """The CAS loop with the opt-in MISSING_CAS protocol: a missing key reads as (b"", MISSING_CAS)."""
+    s = S.open(name)
+    barrier.wait(10)
+    for _ in range(k):
+        for _ in range(100_000):
+            cur = s.get(key) or (b"", S.MISSING_CAS)
+            n = int(cur[0]) if cur[0] else 0
+            if s.set(key, str(n + 1).encode(), cur[1]) == S.OK:
+                break
+    s.close()
+
+
+def test_missing_cas_makes_concurrent_creation_exact(name):
+    s = S.create(name, 1 << 20)
+    nproc, k = 4, 300
+    # 20 rounds, each on a fresh (missing) key: every process starts by creating it
+    keys = [b"fresh-%d" % r for r in range(20)]
+    for key in keys:
+        barrier = FORK.Barrier(nproc)
+        procs = [FORK.Process(target=_worker_cas_unseeded, args=(name, key, k // 10, barrier))
+                 for _ in range(nproc)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(30)
+            assert p.exitcode == 0
+    assert [int(s.get(key)[0]) for key in keys] == [nproc * (k // 10)] * len(keys)
+    # and set(MISSING_CAS) never overwrites an existing key
+    assert s.set(keys[0], b"x", S.MISSING_CAS) == S.CAS_MISMATCH
     s.close()
 
 
