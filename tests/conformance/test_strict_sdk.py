@@ -125,6 +125,13 @@ async def test_header_map_get_add_replace_remove(tmp_path, upstream):
         # keys are matched case-insensitively (Envoy lower-cases the key)
         assert one(rep, "mixed") == "mixedval"
         assert one(rep, "readback") == "a1"
+        assert one(rep, "authority") == f"127.0.0.1:{gw.port()}"
+        assert one(rep, "scheme") == "http"
+        assert one(rep, "method") == "GET"
+        assert one(rep, "upper") == "up"
+        # bodies that do not exist in on_request_headers: NOT_FOUND (or OK, empty) — never a panic
+        for key in ("buf_req", "buf_resp", "buf_call"):
+            assert one(rep, key) in ("1:0:0", "0:0:0"), (key, rep[key])
         # multi-valued: get answers the first value; replace and remove act on every occurrence
         assert one(rep, "dup") == "first"
         assert seen.all("x-dup") == ["first", "second"]
@@ -557,3 +564,117 @@ async def test_headers_readable_in_on_log(tmp_path, upstream):
     assert (path_st, path_len) == ("0", str(len("/logmaps")))
     assert int(n_req) >= 4 and int(n_resp) >= 1
     assert status_st == "0"
+
+
+async def test_replace_status_pseudo_header(tmp_path, upstream):
+    async with probe_gateway(tmp_path, upstream, [probe_filter(tmp_path)]) as (gw, s):
+        status, headers, body = await fetch(s, gw.url("/status"), headers={"x-act": "status-rewrite"})
+    assert status == 202
+    assert json.loads(body)["path"] == "/status"
+
+
+async def test_shared_queue_register_resolve_enqueue_on_queue_ready(tmp_path, upstream):
+    async with probe_gateway(tmp_path, upstream, [probe_filter(tmp_path)]) as (gw, s):
+        status, headers, _ = await fetch(s, gw.url("/queue"), headers={"x-act": "queue"})
+        assert status == 200
+        rep = report_of(headers)
+
+        async def ready():
+            tr = await get_trace(s, gw, "p1")
+            return tr if [e for e in tr if e[0] == "queue"] else None
+        trace = await wait_for(ready)
+    qid = one(rep, "qid")
+    assert qid != "0"
+    assert one(rep, "qres") == "0" and one(rep, "qres_same") == "1"
+    assert one(rep, "qenq") == "0"
+    assert one(rep, "qenq_unknown") == "1"          # NOT_FOUND
+    assert trace, "proxy_on_queue_ready never called"
+    root = trace[1][1]
+    events = [e for e in trace if e[0] == "queue"]
+    assert events[0] == ("queue", root, qid, "0", "queued-message", "7"), events   # then EMPTY
+
+
+async def test_grpc_and_foreign_function_fail_softly(tmp_path, upstream):
+    async with probe_gateway(tmp_path, upstream, [probe_filter(tmp_path)]) as (gw, s):
+        status, headers, _ = await fetch(s, gw.url("/grpc"), headers={"x-act": "grpc"})
+        assert status == 200
+        rep = report_of(headers)
+    # a status the SDKs treat as a failed call (the probe traps on anything Rust does not accept)
+    assert one(rep, "grpc") in ("4", "10")
+    assert one(rep, "grpc_stream") in ("4", "10")
+    assert one(rep, "foreign") == "1"               # unknown name -> NOT_FOUND
+
+
+async def test_concurrent_callouts_get_their_own_tokens_and_responses(tmp_path, upstream):
+    async with probe_gateway(tmp_path, upstream, [probe_filter(tmp_path)]) as (gw, s):
+        results = await asyncio.gather(*[
+            fetch(s, gw.url(f"/cc/{i}"), headers={"x-act": "call", "x-cluster": "callout"}) for i in range(8)])
+    tokens = []
+    for i, (status, headers, body) in enumerate(results):
+        assert status == 200, body
+        rep = report_of(headers)
+        assert one(rep, "cbody") == "callout-ok"
+        assert json.loads(body)["path"] == f"/cc/{i}"
+        tokens.append(one(rep, "token"))
+    assert len(set(tokens)) == len(tokens)
+
+
+async def test_http_call_timeout_is_honoured(tmp_path, upstream):
+    async with probe_gateway(tmp_path, upstream, [probe_filter(tmp_path)]) as (gw, s):
+        status, headers, body = await fetch(s, gw.url("/slowcall"), headers={
+            "x-act": "call", "x-cluster": "callout", "x-timeout": "20"})
+        assert status == 200, body
+        rep = report_of(headers)
+    # the callout answers after 100 ms; with a 20 ms timeout the callback reports a failure
+    assert one(rep, "cnh") == "0" and one(rep, "cbs") == "0"
+    assert "cfail" in rep
+    assert json.loads(body)["path"] == "/slowcall"
+
+
+async def test_unpaused_request_body_chunks_reported_once(tmp_path, upstream):
+    chunks = [b"a" * 3000, b"b" * 3000, b"c" * 3000]
+
+    async def gen():
+        for c in chunks:
+            yield c
+            await asyncio.sleep(0.05)
+
+    async with probe_gateway(tmp_path, upstream, [probe_filter(tmp_path)]) as (gw, s):
+        status, headers, body = await fetch(s, gw.url("/stream-up"), method="POST", data=gen())
+        assert status == 200
+        rep = report_of(headers)
+    rb = [tuple(int(x) for x in v.split("/")) for v in rep["rb"]]
+    # not paused: each callback sees only the data that arrived since the previous one
+    assert sum(sz for sz, _ in rb) == 9000, rb
+    assert rb[-1][1] == 1
+    assert upstream.main_requests()[-1].body == b"".join(chunks)
+
+
+async def _body_vs_callout_order(tmp_path, upstream, deliver: bool):
+    async def gen():
+        yield b"early-body"
+        await asyncio.sleep(0.01)
+        yield b"|rest"
+
+    f = probe_filter(tmp_path, deliver_body_while_paused=deliver)
+    async with probe_gateway(tmp_path, upstream, [f]) as (gw, s):
+        status, headers, body = await fetch(s, gw.url("/pause-body"), method="POST", data=gen(),
+                                            headers={"x-act": "call", "x-cluster": "callout"})
+        assert status == 200, body
+        ctx = one(report_of(headers), "ctx")
+        trace = await wait_for(lambda: _deleted(s, gw, ctx))
+    mine = [e[0] for e in trace if len(e) > 1 and e[1] == ctx]
+    resp_at = next(i for i, e in enumerate(trace) if e[0] == "call_resp")
+    first_body = next(i for i, e in enumerate(trace) if e[0] == "req_body" and e[1] == ctx)
+    assert upstream.main_requests()[-1].body == b"early-body|rest"
+    return first_body < resp_at, mine
+
+
+async def test_pause_in_headers_holds_body_callbacks_envoy_default(tmp_path, upstream):
+    body_first, mine = await _body_vs_callout_order(tmp_path, upstream, deliver=False)
+    assert not body_first, f"body delivered while paused in request headers: {mine}"
+
+
+async def test_deliver_body_while_paused_option(tmp_path, upstream):
+    body_first, mine = await _body_vs_callout_order(tmp_path, upstream, deliver=True)
+    assert body_first, f"body not delivered while paused although configured: {mine}"

@@ -443,6 +443,9 @@
     (if (call $act_is $S"call-trap") (then (return (i32.const 31))))
     (if (call $act_is $S"tick-trap") (then (return (i32.const 32))))
     (if (call $act_is $S"call-loop") (then (return (i32.const 33))))
+    (if (call $act_is $S"queue") (then (return (i32.const 34))))
+    (if (call $act_is $S"grpc") (then (return (i32.const 35))))
+    (if (call $act_is $S"status-rewrite") (then (return (i32.const 36))))
     (i32.const 0))
 
   (func $local_reply (param $status i32) (param $body i32) (param $bn i32)
@@ -540,10 +543,6 @@
     (if (i32.ge_u (global.get $tick_count) (i32.const 3))
       (then (drop (call $expect (call $set_tick (i32.const 0)) (i32.const 1))))))
 
-  (func (export "proxy_on_queue_ready") (param $id i32) (param $q i32)
-    (drop (call $root (local.get $id)))
-    (call $tr $S"queue")
-    (call $tr_arg (local.get $id)))
 
   (func (export "proxy_on_done") (param $id i32) (result i32)
     (local $r i32)
@@ -672,6 +671,8 @@
     (if (i32.eq (local.get $act) (i32.const 8)) (then (return (call $start_call (local.get $r)))))
     (if (i32.eq (local.get $act) (i32.const 30)) (then (return (call $start_call (local.get $r)))))
     (if (i32.eq (local.get $act) (i32.const 31)) (then (return (call $start_call (local.get $r)))))
+    (if (i32.eq (local.get $act) (i32.const 34)) (then (call $queue (local.get $r))))
+    (if (i32.eq (local.get $act) (i32.const 35)) (then (call $grpc (local.get $r))))
     (if (i32.eq (local.get $act) (i32.const 33)) (then (return (call $start_call (local.get $r)))))
     (if (i32.eq (local.get $act) (i32.const 32))
       (then
@@ -740,6 +741,30 @@
       (then (call $rep_str (local.get $r) $S"dup" (i32.load (i32.const 16)) (i32.load (i32.const 20)))))
     (drop (call $expect (call $replace_hv (i32.const 0) $S"x-dup-rep" $S"one") (i32.const 1)))
     (drop (call $expect (call $remove_hv (i32.const 0) $S"x-dup-rm") (i32.const 1)))
+    ;; pseudo-header values
+    (if (i32.eqz (call $hget (i32.const 0) $S":authority"))
+      (then (call $rep_str (local.get $r) $S"authority" (i32.load (i32.const 16)) (i32.load (i32.const 20)))))
+    (if (i32.eqz (call $hget (i32.const 0) $S":scheme"))
+      (then (call $rep_str (local.get $r) $S"scheme" (i32.load (i32.const 16)) (i32.load (i32.const 20)))))
+    (if (i32.eqz (call $hget (i32.const 0) $S":method"))
+      (then (call $rep_str (local.get $r) $S"method" (i32.load (i32.const 16)) (i32.load (i32.const 20)))))
+    ;; names are case-insensitive (Envoy lower-cases what the SDK passes)
+    (drop (call $expect (call $add_hv (i32.const 0) $S"X-Upper-Added" $S"up") (i32.const 1)))
+    (if (i32.eqz (call $hget (i32.const 0) $S"x-upper-added"))
+      (then (call $rep_str (local.get $r) $S"upper" (i32.load (i32.const 16)) (i32.load (i32.const 20)))))
+    ;; buffers that do not exist in request headers: Rust get_buffer accepts OK | NOT_FOUND
+    (call $clear_ret)
+    (local.set $st (call $expect (call $get_buffer_bytes (i32.const 0) (i32.const 0) (i32.const -1) (i32.const 16) (i32.const 20)) (i32.const 3)))
+    (call $check_ret (local.get $st))
+    (call $rep_ret (local.get $r) $S"buf_req" (local.get $st))
+    (call $clear_ret)
+    (local.set $st (call $expect (call $get_buffer_bytes (i32.const 1) (i32.const 0) (i32.const -1) (i32.const 16) (i32.const 20)) (i32.const 3)))
+    (call $check_ret (local.get $st))
+    (call $rep_ret (local.get $r) $S"buf_resp" (local.get $st))
+    (call $clear_ret)
+    (local.set $st (call $expect (call $get_buffer_bytes (i32.const 4) (i32.const 0) (i32.const -1) (i32.const 16) (i32.const 20)) (i32.const 3)))
+    (call $check_ret (local.get $st))
+    (call $rep_ret (local.get $r) $S"buf_call" (local.get $st))
     ;; read back what we added
     (local.set $st (call $hget (i32.const 0) $S"x-added"))
     (if (i32.eqz (local.get $st))
@@ -798,6 +823,9 @@
     (call $b_reset (i32.const 4352))
     (if (i32.eqz (call $hget (i32.const 0) $S"x-cluster"))
       (then (call $b_str (i32.const 4352) (i32.load (i32.const 16)) (i32.load (i32.const 20)))))
+    (i32.store offset=36 (local.get $r) (i32.const 5000))
+    (if (i32.eqz (call $hget (i32.const 0) $S"x-timeout"))
+      (then (i32.store offset=36 (local.get $r) (call $parse_int (i32.load (i32.const 16)) (i32.load (i32.const 20))))))
     (i32.store (i32.const 24) (i32.const 0))
     ;; Rust dispatch_http_call: body None -> (null, 0), trailers [] -> 4 zero bytes
     (local.set $st (call $expect
@@ -805,7 +833,7 @@
                        $M":method=GET|:path=/callout/probe|:authority=callout.local|x-probe-call=1"
                        (i32.const 0) (i32.const 0)
                        $M""
-                       (i32.const 5000) (i32.const 24))
+                       (i32.load offset=36 (local.get $r)) (i32.const 24))
       (i32.const 1029)))
     (call $rep_u32 (local.get $r) $S"callst" (local.get $st))
     (if (local.get $st) (then (return (i32.const 0))))
@@ -996,6 +1024,53 @@
       (if (i32.eq (local.get $k) (i32.const 48)) (then (return (call $http_call $S"callout" $S"\05\00\00\00garbage" (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 1000) (i32.const 24))))))
     (i32.const -100))
 
+  (func $queue (param $r i32)
+    (local $st i32) (local $id i32)
+    (drop (call $expect (call $register_q $S"probe-queue" (i32.const 24)) (i32.const 1)))
+    (local.set $id (i32.load (i32.const 24)))
+    (call $rep_u32 (local.get $r) $S"qid" (local.get $id))
+    (i32.store (i32.const 24) (i32.const 0))
+    ;; empty vm_id = our own VM
+    (local.set $st (call $expect (call $resolve_q (i32.const 0) (i32.const 0) $S"probe-queue" (i32.const 24)) (i32.const 3)))
+    (call $rep_u32 (local.get $r) $S"qres" (local.get $st))
+    (call $rep_u32 (local.get $r) $S"qres_same" (i32.eq (i32.load (i32.const 24)) (local.get $id)))
+    (call $rep_u32 (local.get $r) $S"qenq"
+      (call $expect (call $enqueue_q (local.get $id) $S"queued-message") (i32.const 3)))
+    (call $rep_u32 (local.get $r) $S"qenq_unknown"
+      (call $expect (call $enqueue_q (i32.const 0x7ffffff0) $S"x") (i32.const 3))))
+
+  (func (export "proxy_on_queue_ready") (param $id i32) (param $q i32)
+    (local $st i32)
+    (drop (call $root (local.get $id)))
+    (call $tr $S"queue")
+    (call $tr_arg (local.get $id))
+    (call $tr_arg (local.get $q))
+    (call $clear_ret)
+    (local.set $st (call $expect (call $dequeue_q (local.get $q) (i32.const 16) (i32.const 20)) (i32.const 131)))
+    (call $check_ret (local.get $st))
+    (call $tr_arg (local.get $st))
+    (call $b_byte (i32.const 32768) (i32.const 58))
+    (if (i32.eqz (local.get $st))
+      (then (call $b_str (i32.const 32768) (i32.load (i32.const 16)) (i32.load (i32.const 20)))))
+    (call $clear_ret)
+    (local.set $st (call $expect (call $dequeue_q (local.get $q) (i32.const 16) (i32.const 20)) (i32.const 131)))
+    (call $check_ret (local.get $st))
+    (call $tr_arg (local.get $st)))
+
+  (func $grpc (param $r i32)
+    ;; Rust grpc_call accepts OK | PARSE_FAILURE | INTERNAL_FAILURE
+    (i32.store (i32.const 24) (i32.const 0))
+    (call $rep_u32 (local.get $r) $S"grpc"
+      (call $expect (call $grpc_call $S"callout" $S"svc.Service" $S"Method" $M"" $S"msg" (i32.const 1000) (i32.const 24))
+                    (i32.const 1041)))
+    (call $rep_u32 (local.get $r) $S"grpc_stream"
+      (call $expect (call $grpc_stream $S"callout" $S"svc.Service" $S"Stream" $M"" (i32.const 24))
+                    (i32.const 1041)))
+    ;; unknown foreign function -> NOT_FOUND
+    (call $clear_ret)
+    (call $rep_u32 (local.get $r) $S"foreign"
+      (call $expect (call $call_foreign $S"no_such_function" $S"args" (i32.const 16) (i32.const 20)) (i32.const 1039))))
+
   ;; ------------------------------------------------------------------ bodies
   (func (export "proxy_on_request_body") (param $id i32) (param $size i32) (param $eos i32) (result i32)
     (local $r i32) (local $act i32) (local $st i32) (local $b i32) (local $new i32) (local $nn i32)
@@ -1012,6 +1087,10 @@
     (local.set $act (i32.load offset=16 (local.get $r)))
     (if (i32.eq (local.get $act) (i32.const 18)) (then (return (i32.load offset=32 (local.get $r)))))
     (if (i32.eq (local.get $act) (i32.const 23)) (then unreachable))
+    ;; body delivered while our callout is still pending (deliver_body_while_paused): keep
+    ;; holding it, like a WAF that must see the verdict first
+    (if (i32.and (i32.eq (local.get $act) (i32.const 8)) (i32.ne (i32.load offset=28 (local.get $r)) (i32.const 0)))
+      (then (return (i32.const 1))))
     (if (i32.eq (local.get $act) (i32.const 3))
       (then
         (if (i32.eqz (local.get $eos)) (then (return (i32.const 1))))
@@ -1093,6 +1172,8 @@
         (drop (call $expect (call $remove_hv (i32.const 2) $S"x-up-remove") (i32.const 1)))))
     (if (i32.eq (local.get $act) (i32.const 6))
       (then (drop (call $expect (call $remove_hv (i32.const 2) $S"content-length") (i32.const 1)))))
+    (if (i32.eq (local.get $act) (i32.const 36))
+      (then (drop (call $expect (call $replace_hv (i32.const 2) $S":status" $S"202") (i32.const 1)))))
     (if (i32.eq (local.get $act) (i32.const 7))
       (then (call $prop (local.get $r) $S"p_resp_code" $S"response\00code")))
     (if (i32.eq (local.get $act) (i32.const 17)) (then (return (i32.load offset=32 (local.get $r)))))
