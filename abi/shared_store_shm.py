@@ -242,7 +242,6 @@ class _Env:
         self.map_size = map_size
         self.lock = threading.Lock()
         self.env: lmdb.Environment | None = None
-        self.dbs: tuple = ()
         self.refs = 0
         self.pack = msgpack.Packer().pack      # reused; only called under self.lock
 
@@ -250,14 +249,13 @@ class _Env:
         env = self.env
         if env is None:
             # create=False: a worker outliving a removed store must not silently recreate it
-            env = lmdb.open(str(self.path), map_size=self.map_size, subdir=True, max_dbs=8,
+            env = lmdb.open(str(self.path), map_size=self.map_size, subdir=True, max_dbs=0,
                             max_readers=1024, sync=False, metasync=False, writemap=True,
                             readahead=False, meminit=False, lock=True, create=create)
             # One (main) B-tree with key prefixes: a write touching two named databases
             # costs ~1 µs more (each sub-database root is a record in the main tree).
-            self.dbs = (None,) * 5          # meta, data, queues, qitems, metrics: db=None = main
             self.env = env
-        return env, self.dbs
+        return env
 
     def close(self) -> None:
         if self.env is not None:
@@ -363,8 +361,8 @@ class ShmStore:
         (path / "wake").mkdir(parents=True, exist_ok=True)
         store = cls(path, max_bytes, map_size)
         with store._lock:
-            env, (meta, *_rest) = store._e.ensure(create=True)
-            with env.begin(write=True, db=meta) as txn:
+            env = store._e.ensure(create=True)
+            with env.begin(write=True) as txn:
                 txn.put(_META, _packb([0, 0, 0, 0]))
         if preallocate:
             fd = os.open(path / "data.mdb", os.O_RDWR)
@@ -391,7 +389,7 @@ class ShmStore:
             raise ValueError(f"shared store at {path} has format {cfg.get('format')}, expected {_FORMAT}")
         store = cls(path, int(cfg["max_bytes"]), int(cfg["map_size"]))
         with store._lock:
-            env, _ = store._ensure_env()
+            env = store._ensure_env()
             env.reader_check()        # clear reader slots of dead processes
         return store
 
@@ -476,17 +474,17 @@ class ShmStore:
     def check_readers(self) -> int:
         """Clear reader slots left by dead processes; returns how many were cleared."""
         with self._lock:
-            env, _ = self._ensure_env()
+            env = self._ensure_env()
             return env.reader_check()
 
     def _write(self, fn, *args):
-        """Run fn(txn, dbs, *args) in one write transaction. fn returns (commit, result)."""
+        """Run fn(txn, *args) in one write transaction. fn returns (commit, result)."""
         for attempt in (0, 1):
             with self._lock:
-                env, dbs = self._ensure_env()
+                env = self._ensure_env()
                 txn = env.begin(write=True)
                 try:
-                    commit, result = fn(txn, dbs, *args)
+                    commit, result = fn(txn, *args)
                     if commit:
                         txn.commit()
                     else:
@@ -505,15 +503,15 @@ class ShmStore:
         return _FULL                                            # pragma: no cover
 
     @staticmethod
-    def _meta(txn, meta_db) -> list:
-        return _unpackb(txn.get(_META, db=meta_db))
+    def _meta(txn) -> list:
+        return _unpackb(txn.get(_META))
 
     # ---------------------------------------------------------------- shared data (§5.4)
     def get(self, key: bytes) -> tuple[bytes, int] | None:
         dk, hashed = _data_key(key)
         with self._lock:
-            env, dbs = self._ensure_env()
-            with env.begin(db=dbs[1]) as txn:
+            env = self._ensure_env()
+            with env.begin() as txn:
                 raw = txn.get(dk)
         if raw is None:
             return None
@@ -526,11 +524,10 @@ class ShmStore:
         r = self._write(self._set_txn, bytes(key), bytes(value), cas & _U32)
         return STATUS_FULL if r is _FULL else r
 
-    def _set_txn(self, txn, dbs, key, value, cas):
-        meta_db, data_db = dbs[0], dbs[1]
+    def _set_txn(self, txn, key, value, cas):
         dk, hashed = _data_key(key)
         old_cost = 0
-        raw = txn.get(dk, db=data_db)
+        raw = txn.get(dk)
         if raw is not None:
             rec = _unpackb(raw)
             if hashed and rec[2] != key:           # hash collision: treat as absent, overwrite
@@ -540,7 +537,7 @@ class ShmStore:
                     return False, CAS_MISMATCH
             if rec is not None:
                 old_cost = len(key) + len(rec[1]) + ENTRY_OVERHEAD
-        meta = self._meta(txn, meta_db)
+        meta = self._meta(txn)
         new_cost = len(key) + len(value) + ENTRY_OVERHEAD
         used = meta[1] + new_cost - old_cost
         if new_cost > old_cost and used > self.max_bytes:
@@ -548,8 +545,8 @@ class ShmStore:
         fresh = meta[0] % (MISSING_CAS - 1) + 1    # global counter 1..2^32-2: skips 0 and MISSING_CAS
         meta[0] = fresh
         meta[1] = used
-        txn.put(dk, self._e.pack([fresh, value, key] if hashed else [fresh, value]), db=data_db)
-        txn.put(_META, self._e.pack(meta), db=meta_db)
+        txn.put(dk, self._e.pack([fresh, value, key] if hashed else [fresh, value]))
+        txn.put(_META, self._e.pack(meta))
         return True, OK
 
     def delete(self, key: bytes) -> int:
@@ -557,19 +554,18 @@ class ShmStore:
         r = self._write(self._delete_txn, bytes(key))
         return STATUS_FULL if r is _FULL else r
 
-    def _delete_txn(self, txn, dbs, key):
-        meta_db, data_db = dbs[0], dbs[1]
+    def _delete_txn(self, txn, key):
         dk, hashed = _data_key(key)
-        raw = txn.get(dk, db=data_db)
+        raw = txn.get(dk)
         if raw is None:
             return False, NOT_FOUND
         rec = _unpackb(raw)
         if hashed and rec[2] != key:
             return False, NOT_FOUND
-        meta = self._meta(txn, meta_db)
+        meta = self._meta(txn)
         meta[1] -= len(key) + len(rec[1]) + ENTRY_OVERHEAD
-        txn.delete(dk, db=data_db)
-        txn.put(_META, self._e.pack(meta), db=meta_db)
+        txn.delete(dk)
+        txn.put(_META, self._e.pack(meta))
         return True, OK
 
     # ---------------------------------------------------------------- shared queues (§5.5)
@@ -581,46 +577,44 @@ class ShmStore:
         self._my_queues.add(qid)
         return qid
 
-    def _register_txn(self, txn, dbs, name):
-        meta_db, q_db = dbs[0], dbs[2]
+    def _register_txn(self, txn, name):
         nkey = _QNAME + name.encode()
-        raw = txn.get(nkey, db=q_db)
+        raw = txn.get(nkey)
         if raw is None:
-            meta = self._meta(txn, meta_db)
+            meta = self._meta(txn)
             meta[2] = meta[2] % _U32 + 1
             qid = meta[2]
             meta[1] += len(nkey) - 2 + ENTRY_OVERHEAD  # the definition is accounted, not refused:
-            txn.put(_META, self._e.pack(meta), db=meta_db)  # Rust accepts only OK from register
-            txn.put(nkey, self._e.pack(qid), db=q_db)
+            txn.put(_META, self._e.pack(meta))  # Rust accepts only OK from register
+            txn.put(nkey, self._e.pack(qid))
             rec = [name, 0, 0, {}]
         else:
             qid = _unpackb(raw)
-            rec = _unpackb(txn.get(_QREC + _qkey(qid), db=q_db))
+            rec = _unpackb(txn.get(_QREC + _qkey(qid)))
         regs = rec[3]
         for tok, (pid, _pending) in list(regs.items()):
             if tok != self._token and not _pid_alive(pid):
                 del regs[tok]
         if self._token not in regs:
             regs[self._token] = [os.getpid(), 0]
-        txn.put(_QREC + _qkey(qid), self._e.pack(rec), db=q_db)
+        txn.put(_QREC + _qkey(qid), self._e.pack(rec))
         return True, qid
 
-    def _unregister_txn(self, txn, dbs):
-        q_db = dbs[2]
+    def _unregister_txn(self, txn):
         for qid in self._my_queues:
             ik = _QREC + _qkey(qid)
-            raw = txn.get(ik, db=q_db)
+            raw = txn.get(ik)
             if raw is None:
                 continue
             rec = _unpackb(raw)
             if rec[3].pop(self._token, None) is not None:
-                txn.put(ik, self._e.pack(rec), db=q_db)
+                txn.put(ik, self._e.pack(rec))
         return True, None
 
     def resolve_queue(self, name: str) -> int | None:
         with self._lock:
-            env, dbs = self._ensure_env()
-            with env.begin(db=dbs[2]) as txn:
+            env = self._ensure_env()
+            with env.begin() as txn:
                 raw = txn.get(_QNAME + name.encode())
         return None if raw is None else _unpackb(raw)
 
@@ -633,19 +627,18 @@ class ShmStore:
             self._wake(tok)
         return status
 
-    def _enqueue_txn(self, txn, dbs, qid, data):
-        meta_db, q_db, qi_db = dbs[0], dbs[2], dbs[3]
+    def _enqueue_txn(self, txn, qid, data):
         ik = _QREC + _qkey(qid)
-        raw = txn.get(ik, db=q_db)
+        raw = txn.get(ik)
         if raw is None:
             return False, (NOT_FOUND, ())
-        meta = self._meta(txn, meta_db)
+        meta = self._meta(txn)
         used = meta[1] + len(data) + ENTRY_OVERHEAD
         if used > self.max_bytes:
             return False, (STATUS_FULL, ())
         rec = _unpackb(raw)
         tail = rec[2]
-        txn.put(_ITEM + _itemkey(qid, tail), data, db=qi_db)
+        txn.put(_ITEM + _itemkey(qid, tail), data)
         rec[2] = tail + 1
         wake = []
         regs = rec[3]
@@ -658,18 +651,17 @@ class ShmStore:
             if ent[1] == 1:
                 wake.append(tok)
         meta[1] = used
-        txn.put(ik, self._e.pack(rec), db=q_db)
-        txn.put(_META, self._e.pack(meta), db=meta_db)
+        txn.put(ik, self._e.pack(rec))
+        txn.put(_META, self._e.pack(meta))
         return True, (OK, wake)
 
     def dequeue(self, qid: int) -> bytes | int:
         r = self._write(self._dequeue_txn, qid & _U32)
         return INTERNAL_FAILURE if r is _FULL else r
 
-    def _dequeue_txn(self, txn, dbs, qid):
-        meta_db, q_db, qi_db = dbs[0], dbs[2], dbs[3]
+    def _dequeue_txn(self, txn, qid):
         ik = _QREC + _qkey(qid)
-        raw = txn.get(ik, db=q_db)
+        raw = txn.get(ik)
         if raw is None:
             return False, NOT_FOUND
         rec = _unpackb(raw)
@@ -677,12 +669,12 @@ class ShmStore:
         if head >= rec[2]:
             return False, EMPTY
         k = _ITEM + _itemkey(qid, head)
-        item = txn.pop(k, db=qi_db)
+        item = txn.pop(k)
         rec[1] = head + 1
-        meta = self._meta(txn, meta_db)
+        meta = self._meta(txn)
         meta[1] -= len(item) + ENTRY_OVERHEAD
-        txn.put(ik, self._e.pack(rec), db=q_db)
-        txn.put(_META, self._e.pack(meta), db=meta_db)
+        txn.put(ik, self._e.pack(rec))
+        txn.put(_META, self._e.pack(meta))
         return True, bytes(item)
 
     # notification ------------------------------------------------------
@@ -785,12 +777,11 @@ class ShmStore:
                         log.exception("shared store: on_enqueue callback failed for queue %d", qid)
         return n
 
-    def _take_pending_txn(self, txn, dbs):
-        q_db = dbs[2]
+    def _take_pending_txn(self, txn):
         due = []
         for qid in sorted(self._my_queues):
             ik = _QREC + _qkey(qid)
-            raw = txn.get(ik, db=q_db)
+            raw = txn.get(ik)
             if raw is None:
                 continue
             rec = _unpackb(raw)
@@ -802,7 +793,7 @@ class ShmStore:
                 ent[1] = 0
             else:
                 continue
-            txn.put(ik, self._e.pack(rec), db=q_db)
+            txn.put(ik, self._e.pack(rec))
         return bool(due), due
 
     # ---------------------------------------------------------------- metrics (§5.6)
@@ -811,8 +802,8 @@ class ShmStore:
         if kind not in KIND_NAMES:
             raise ValueError(f"bad metric kind {kind}")
         with self._lock:
-            env, dbs = self._ensure_env()
-            with env.begin(db=dbs[4]) as txn:
+            env = self._ensure_env()
+            with env.begin() as txn:
                 raw = txn.get(_MNAME + bytes([kind]) + name.encode())
         if raw is not None:
             return _unpackb(raw)
@@ -821,13 +812,12 @@ class ShmStore:
             raise StoreFull(f"shared store full: cannot define metric {name!r}")
         return mid
 
-    def _define_txn(self, txn, dbs, kind, name):
-        meta_db, m_db = dbs[0], dbs[4]
+    def _define_txn(self, txn, kind, name):
         nkey = _MNAME + bytes([kind]) + name.encode()
-        raw = txn.get(nkey, db=m_db)
+        raw = txn.get(nkey)
         if raw is not None:
             return False, _unpackb(raw)
-        meta = self._meta(txn, meta_db)
+        meta = self._meta(txn)
         used = meta[1] + len(nkey) - 3 + ENTRY_OVERHEAD
         if used > self.max_bytes:
             return False, None
@@ -838,9 +828,9 @@ class ShmStore:
         meta[1] = used
         rec = ([kind, name, 0, 0, [0] * (len(HISTOGRAM_BOUNDS) + 1)] if kind == HISTOGRAM
                else [kind, name, 0])
-        txn.put(nkey, self._e.pack(mid), db=m_db)
-        txn.put(_MREC + _qkey(mid), self._e.pack(rec), db=m_db)
-        txn.put(_META, self._e.pack(meta), db=meta_db)
+        txn.put(nkey, self._e.pack(mid))
+        txn.put(_MREC + _qkey(mid), self._e.pack(rec))
+        txn.put(_META, self._e.pack(meta))
         return True, mid
 
     def increment_metric(self, metric_id: int, delta: int) -> int:
@@ -858,10 +848,9 @@ class ShmStore:
         r = self._write(self._metric_txn, metric_id & _U32, value, False)
         return INTERNAL_FAILURE if r is _FULL else r
 
-    def _metric_txn(self, txn, dbs, mid, v, increment):
-        m_db = dbs[4]
+    def _metric_txn(self, txn, mid, v, increment):
         ik = _MREC + _qkey(mid)
-        raw = txn.get(ik, db=m_db)
+        raw = txn.get(ik)
         if raw is None:
             return False, NOT_FOUND
         rec = _unpackb(raw)
@@ -880,13 +869,13 @@ class ShmStore:
             rec[2] = (rec[2] + v) & _U64
             rec[3] += 1
             rec[4][bisect_left(HISTOGRAM_BOUNDS, v)] += 1
-        txn.put(ik, self._e.pack(rec), db=m_db)
+        txn.put(ik, self._e.pack(rec))
         return True, OK
 
     def get_metric(self, metric_id: int) -> tuple[int, int]:
         with self._lock:
-            env, dbs = self._ensure_env()
-            with env.begin(db=dbs[4]) as txn:
+            env = self._ensure_env()
+            with env.begin() as txn:
                 raw = txn.get(_MREC + _qkey(metric_id & _U32))
         if raw is None:
             return NOT_FOUND, 0
@@ -899,8 +888,8 @@ class ShmStore:
         """Every metric, gateway-wide (one value shared by all workers), ordered by definition."""
         out: list = []
         with self._lock:
-            env, dbs = self._ensure_env()
-            with env.begin(db=dbs[4], buffers=False) as txn:
+            env = self._ensure_env()
+            with env.begin(buffers=False) as txn:
                 cur = txn.cursor()
                 if cur.set_range(_MREC):
                     for k, raw in cur:
@@ -942,9 +931,9 @@ class ShmStore:
     def usage(self) -> dict:
         """{'used': accounted bytes, 'max_bytes': budget, 'map_size': LMDB map size, ...}."""
         with self._lock:
-            env, dbs = self._ensure_env()
-            with env.begin(db=dbs[0]) as txn:
-                meta = self._meta(txn, dbs[0])
+            env = self._ensure_env()
+            with env.begin() as txn:
+                meta = self._meta(txn)
             info = env.info()
         return {"used": meta[1], "max_bytes": self.max_bytes, "map_size": self._map_size,
                 "lmdb_last_pgno": info["last_pgno"], "cas_counter": meta[0]}
@@ -958,9 +947,9 @@ class ShmStore:
         qnames: dict[int, bytes] = {}
         qrecs: dict[int, list] = {}
         with self._lock:
-            env, _ = self._ensure_env()
+            env = self._ensure_env()
             with env.begin(buffers=False) as txn:
-                meta = self._meta(txn, None)
+                meta = self._meta(txn)
                 for k, raw in txn.cursor():
                     p1, p2 = k[:1], k[:2]
                     if p1 in (b"k", b"h"):

@@ -98,7 +98,7 @@ def test_long_keys_are_distinct(store):
 
 
 def test_cas_counter_skips_zero_on_wrap(store):
-    env, dbs = store._ensure_env()
+    env = store._ensure_env()
     with env.begin(write=True) as txn:           # put the global counter at u32 max
         meta = msgpack.unpackb(txn.get(S._META))
         meta[0] = 0xFFFFFFFD
@@ -288,7 +288,7 @@ def test_dead_registrant_is_dropped(name):
     p.join(10)
     assert s.enqueue(qid, b"a") == S.OK     # the dead registrant's FIFO has no reader: no error
     assert s.enqueue(qid, b"b") == S.OK     # and it has been dropped from the registrants
-    env, dbs = s._ensure_env()
+    env = s._ensure_env()
     with env.begin() as txn:
         regs = msgpack.unpackb(txn.get(S._QREC + qid.to_bytes(4, "big")))[3]
     assert regs == {}
@@ -602,7 +602,7 @@ def _writer_main(name: str, wid: str, n: int) -> None:
 
 def _hold_write_lock_main(name: str) -> None:
     s = S.open(name)
-    env, dbs = s._ensure_env()
+    env = s._ensure_env()
     txn = env.begin(write=True)
     txn.put(S._META, b"garbage that must never become visible")
     print("holding", flush=True)
@@ -785,7 +785,7 @@ def test_open_requires_create_and_remove_cleans_up(name):
     w = S.open(s.path)                                       # by path as well as by name
     qid = w.register_queue("q")
     w.close()                                                # close() unregisters from queues
-    env, _ = s._ensure_env()
+    env = s._ensure_env()
     with env.begin() as txn:
         assert msgpack.unpackb(txn.get(S._QREC + qid.to_bytes(4, "big")))[3] == {}
     assert s.enqueue(qid, b"x") == S.OK and s.dequeue(qid) == b"x"
