@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -58,13 +59,16 @@ def _plural(n: int, word: str) -> str:
 
 
 async def serve(config: Config, *, reuse_port: bool = False, ports: dict[str, int] | None = None,
-                announce: bool = True, before_start: Any = None) -> int:
+                announce: bool = True, shared_store_name: str | None = None) -> int:
     """Start the gateway, print where it listens, run until SIGTERM/SIGINT, then drain."""
     from abi.api import FilterLoadError
     from .server import Gateway, StartError
 
+    store = None
+    if shared_store_name is not None:
+        store = _shared_store_api("open_shared_store")(shared_store_name)
     try:
-        gw = await Gateway.start(config, reuse_port=reuse_port, ports=ports)
+        gw = await Gateway.start(config, reuse_port=reuse_port, ports=ports, shared_store=store)
     except FilterLoadError as e:
         print(f"wasmgate: {e}; not started", file=sys.stderr)
         return 1
@@ -104,7 +108,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.worker_ports is not None:
         ports = dict(item.split("=", 1) for item in args.worker_ports.split(",") if item)
         return run_loop(serve(config, reuse_port=True, ports={k: int(v) for k, v in ports.items()},
-                              announce=False))
+                              announce=False, shared_store_name=args.shared_store))
     if args.workers == 1:
         return run_loop(serve(config))
     return supervise(args.config, config, args.workers)
@@ -134,6 +138,9 @@ def supervise(path: str, config: Config, workers: int) -> int:
         return 1
     spec = ",".join(f"{k}={v}" for k, v in ports.items())
     cmd = [sys.executable, "-m", "gateway.cli", "run", "-c", path, "--worker-ports", spec]
+    store_name = _create_shared_store(config)
+    if store_name is not None:
+        cmd += ["--shared-store", store_name]
     procs = [_spawn(cmd) for _ in range(workers)]
     stopping = False
 
@@ -178,7 +185,34 @@ def supervise(path: str, config: Config, workers: int) -> int:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+        if store_name is not None:
+            _shared_store_api("remove_shared_store")(store_name)
     return code
+
+
+def _shared_store_api(name: str) -> Any:
+    import abi.api
+    return getattr(abi.api, name)
+
+
+def _create_shared_store(config: Config) -> str | None:
+    """One shared-data store for all workers, if the config has filters and abi.api offers it.
+
+    Until abi.api exports create/open/remove_shared_store, each worker keeps its own store.
+    """
+    if not config.filters:
+        return None
+    import abi.api
+    create = getattr(abi.api, "create_shared_store", None)
+    if create is None:
+        log.warning("shared data is per worker: abi.api has no create_shared_store yet")
+        return None
+    name = f"wasmgate-{os.getpid()}"
+    _KEEP.append(create(name, config.shared_data_max_bytes))   # the supervisor holds it open
+    return name
+
+
+_KEEP: list[Any] = []
 
 
 def _spawn(cmd: list[str]) -> subprocess.Popen:
@@ -201,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("-c", "--config", default="config.yaml", help="config file (default: config.yaml)")
     run.add_argument("--workers", type=int, default=1, help="worker processes sharing the ports (SO_REUSEPORT)")
     run.add_argument("--worker-ports", default=None, help=argparse.SUPPRESS)
+    run.add_argument("--shared-store", default=None, help=argparse.SUPPRESS)
     check = sub.add_parser("check", help="validate a config file and list every error")
     check.add_argument("config")
     args = parser.parse_args(argv)

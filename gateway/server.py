@@ -72,15 +72,17 @@ class Gateway:
 
     @classmethod
     async def start(cls, config: Config, *, filter_host_factory: FilterHostFactory | None = None,
-                    reuse_port: bool = False, ports: dict[str, int] | None = None) -> "Gateway":
+                    reuse_port: bool = False, ports: dict[str, int] | None = None,
+                    shared_store: Any = None) -> "Gateway":
         """Load filters (only if the config has any), bind every listener and the admin port.
 
         ``ports`` overrides listener ports by name (the worker supervisor passes the real ports
-        it resolved for ``port: 0``; key ``"admin"`` for the admin port). Raises StartError or
-        abi.api.FilterLoadError; nothing is left running when it raises.
+        it resolved for ``port: 0``; key ``"admin"`` for the admin port). ``shared_store`` reaches
+        the filter host as ``services.shared_store`` (one store shared by all workers). Raises
+        StartError or abi.api.FilterLoadError; nothing is left running when it raises.
         """
         gw = cls(config)
-        upstreams = Upstreams(config.clusters)
+        upstreams = Upstreams(config.clusters, shared_store=shared_store)
         filter_host = None
         try:
             if config.filters:

@@ -397,11 +397,17 @@ class _UploadStalled(Exception):
 
 
 class Upstreams:
-    """All clusters' pools; also the gateway's HostServices for filter callouts."""
+    """All clusters' pools; also the gateway's HostServices for filter callouts.
 
-    def __init__(self, clusters: tuple[Cluster, ...], logger: logging.Logger | None = None):
+    ``shared_store``: the gateway-wide store for shared data/queues when workers share one
+    (set by the worker supervisor); None lets the filter host use a per-process store.
+    """
+
+    def __init__(self, clusters: tuple[Cluster, ...], logger: logging.Logger | None = None,
+                 shared_store: object | None = None):
         self.pools = {c.name: Pool(c) for c in clusters}
         self.log = logger or logging.getLogger("wasmgate.filters")
+        self.shared_store = shared_store
 
     def has_cluster(self, name: str) -> bool:
         return name in self.pools
