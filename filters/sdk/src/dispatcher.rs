@@ -213,3 +213,126 @@ pub extern "C" fn proxy_on_delete(context_id: u32) {
         d.callouts.borrow_mut().retain(|_, v| *v != context_id);
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+    use std::rc::Rc;
+
+    thread_local! {
+        static EVENTS: RefCell<Vec<String>> = RefCell::new(Vec::new());
+    }
+
+    fn ev(s: String) {
+        EVENTS.with(|e| e.borrow_mut().push(s));
+    }
+
+    fn events() -> Vec<String> {
+        EVENTS.with(|e| e.borrow_mut().drain(..).collect())
+    }
+
+    struct Root {
+        id: u32,
+        seen: Rc<RefCell<u32>>,
+    }
+    impl Context for Root {}
+    impl RootContext for Root {
+        fn on_vm_start(&mut self, size: usize) -> bool {
+            ev(format!("vm_start {} {}", self.id, size));
+            true
+        }
+        fn on_configure(&mut self, size: usize) -> bool {
+            ev(format!("configure {} {}", self.id, size));
+            size != 7
+        }
+        fn get_type(&self) -> Option<ContextType> {
+            Some(ContextType::HttpContext)
+        }
+        fn create_http_context(&self, id: u32) -> Option<Box<dyn HttpContext>> {
+            *self.seen.borrow_mut() += 1;
+            Some(Box::new(Http { id, root: self.id }))
+        }
+    }
+
+    struct Http {
+        id: u32,
+        root: u32,
+    }
+    impl Context for Http {
+        fn on_done(&mut self) -> bool {
+            ev(format!("done {}", self.id));
+            true
+        }
+    }
+    impl HttpContext for Http {
+        fn on_http_request_headers(&mut self, n: usize, eos: bool) -> Action {
+            ev(format!("req_headers {} root={} n={} eos={}", self.id, self.root, n, eos));
+            // re-entering the dispatcher from a callback must not panic
+            assert!(is_http(self.id) == false);
+            Action::Pause
+        }
+        fn on_http_response_body(&mut self, size: usize, eos: bool) -> Action {
+            ev(format!("resp_body {} {} {}", self.id, size, eos));
+            Action::Continue
+        }
+        fn on_log(&mut self) {
+            ev(format!("log {}", self.id));
+        }
+    }
+
+    #[test]
+    fn routes_callbacks_by_context_id() {
+        set_root_context(|id| -> Box<dyn RootContext> { Box::new(Root { id, seen: Rc::new(RefCell::new(0)) }) });
+        proxy_on_context_create(1, 0);
+        assert!(proxy_on_vm_start(1, 0));
+        assert!(proxy_on_configure(1, 15));
+        assert!(!proxy_on_configure(1, 7));
+        proxy_on_context_create(2, 1);
+        proxy_on_context_create(3, 1);
+        assert_eq!(proxy_on_request_headers(3, 4, true), Action::Pause);
+        assert_eq!(proxy_on_request_headers(2, 5, false), Action::Pause);
+        assert_eq!(proxy_on_request_body(2, 10, true), Action::Continue); // default
+        assert_eq!(proxy_on_response_body(2, 3, true), Action::Continue);
+        assert!(proxy_on_done(2));
+        proxy_on_log(2);
+        proxy_on_delete(2);
+        assert!(!is_http(2));
+        assert!(is_http(3));
+        assert_eq!(
+            events(),
+            vec![
+                "vm_start 1 0",
+                "configure 1 15",
+                "configure 1 7",
+                "req_headers 3 root=1 n=4 eos=true",
+                "req_headers 2 root=1 n=5 eos=false",
+                "resp_body 2 3 true",
+                "done 2",
+                "log 2",
+            ]
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "invalid http context_id 9")]
+    fn unknown_context_panics() {
+        proxy_on_request_headers(9, 1, true);
+    }
+
+    #[test]
+    #[should_panic(expected = "duplicate context_id 1")]
+    fn duplicate_context_panics() {
+        proxy_on_context_create(1, 0);
+        proxy_on_context_create(1, 0);
+    }
+
+    #[test]
+    fn http_context_factory_overrides_root() {
+        set_http_context(|id, root| -> Box<dyn HttpContext> { Box::new(Http { id, root: root + 100 }) });
+        proxy_on_context_create(1, 0);
+        proxy_on_context_create(5, 1);
+        proxy_on_request_headers(5, 0, true);
+        assert_eq!(events(), vec!["req_headers 5 root=101 n=0 eos=true"]);
+    }
+}
