@@ -44,22 +44,30 @@ class _Stop(Exception):
         self.reply = reply
 
 
-async def _with_eos(body: Body) -> Chunks:
-    # One chunk of look-ahead so the last chunk carries end_of_stream, as on Envoy.
-    it = body.__aiter__()
-    try:
-        prev = await it.__anext__()
-    except StopAsyncIteration:
+async def _with_eos(body: Body, expected: int | None) -> Chunks:
+    """Pair each chunk with end_of_stream as Envoy's HTTP/1 codec does: the chunk completing a
+    known content-length carries it; otherwise an empty final chunk does (chunked encoding).
+    No look-ahead, so a chunk reaches the filters as soon as it arrives."""
+    if expected == 0:
         yield b"", True
         return
-    while True:
-        try:
-            nxt = await it.__anext__()
-        except StopAsyncIteration:
-            yield prev, True
+    total = 0
+    async for chunk in body:
+        if not chunk:
+            continue
+        total += len(chunk)
+        if expected is not None and total >= expected:
+            yield chunk, True
             return
-        yield prev, False
-        prev = nxt
+        yield chunk, False
+    yield b"", True
+
+
+def _content_length(headers: Headers) -> int | None:
+    for k, v in headers:
+        if k == "content-length":
+            return int(v) if v.strip().isdigit() else None
+    return None
 
 
 async def _payload(chunks: Chunks) -> Body:
@@ -209,7 +217,7 @@ class Chain:
     async def _request(self, headers: Headers, body: Body | None) -> Forward:
         self.request_headers = HeaderMap(list(headers))
         eos = body is None
-        src: Chunks | None = None if body is None else _with_eos(body)
+        src: Chunks | None = None if body is None else _with_eos(body, _content_length(headers))
         touched = False
         for i, f in enumerate(self.filters):
             if not self._open(i):
@@ -309,7 +317,7 @@ class Chain:
         items.extend(h for h in headers if h[0] != ":status")
         self.response_headers = HeaderMap(items)
         eos = body is None
-        src: Chunks | None = None if body is None else _with_eos(body)
+        src: Chunks | None = None if body is None else _with_eos(body, _content_length(headers))
         touched = False
         for i in range(len(self.filters) - 1, -1, -1):
             if self.ctxs[i] is None or self.skipped[i]:

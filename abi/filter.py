@@ -56,6 +56,7 @@ class Filter:
         self.name = spec.name
         self.loaded = loaded
         self.has: Callable[[str], bool] = loaded.exports.__contains__
+        self.abi_010 = loaded.abi_version == "0.1.0"
         self.engine = engine
         self.services = services
         self.log: logging.Logger = services.log

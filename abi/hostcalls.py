@@ -119,7 +119,9 @@ def proxy_get_header_map_value(f, map_type, key_ptr, key_size, ret_pp, ret_size_
     m = f.ctx().get_map(map_type)
     value = m.get(key) if m is not None else None
     if value is None:
-        return Status.NOT_FOUND
+        if not f.abi_010:
+            return Status.NOT_FOUND
+        value = ""                   # ABI 0.1.0 answered OK + empty for a missing key
     return f.write_result(value.encode("utf-8", "surrogateescape"), ret_pp, ret_size_p)
 
 

@@ -140,7 +140,7 @@ async def test_pause_in_body_buffers_cumulative_size(load, trace):
     w.on("proxy_on_request_body", w.trace("body", 3) + " (i32.xor (local.get $c) (i32.const 1))")
     host = await load(w)
     trace.records.clear()
-    s, fwd = await run_request(host, body=body_iter(b"aa", b"bbb", b"c"))
+    s, fwd = await run_request(host, REQ + [("content-length", "6")], body_iter(b"aa", b"bbb", b"c"))
     chunks = [c async for c in fwd.body]
     assert chunks == [b"aabbbc"]
     assert [l for l in trace.lines("f") if l.startswith("body")] == ["body 2 2 0", "body 2 5 0", "body 2 6 1"]
