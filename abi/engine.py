@@ -51,6 +51,7 @@ __all__ = [
 WASMTIME_VERSION = "50.0.1"   # pinned: the raw signatures below are checked against it
 EPOCH_MS = 1                  # one epoch = 1 ms; deadlines are counted in these ticks
 TICKER_PERIOD_S = 0.002       # how often the ticker catches the epoch up (deadline slack)
+TABLE_ELEMENTS_FLOOR = 100_000  # table cap never below this (big Go binaries have ~10k funcs)
 IDLE_GRACE_MS = 1000          # quiet time (beyond the longest deadline) before the ticker idles
 _CACHE_MAGIC = b"WGCWASM1"    # our cache-file header: magic + sha256(payload) + payload
 _U32 = 0xFFFFFFFF
@@ -797,7 +798,10 @@ class Instance:
         self._callbacks: list[Any] = []       # ctypes closures: alive as long as the store
         self._linker: wt.Linker | None = None
         self._store = wt.Store(engine._wt)
-        self._store.set_limits(memory_size=memory_limit_bytes)
+        # Tables get the same byte budget as memory (wasmtime counts 8 bytes per element):
+        # otherwise a table.grow could allocate gigabytes outside the memory cap.
+        self._store.set_limits(memory_size=memory_limit_bytes,
+                               table_elements=max(TABLE_ELEMENTS_FLOOR, memory_limit_bytes // 8))
         # The epoch seen at arm time lags the clock by up to one ticker period, and the trap
         # lands on a ticker update: never earlier than deadline_ms, at most ~2 periods later.
         ticks = -(-deadline_ms // EPOCH_MS) + round(TICKER_PERIOD_S * 1000) + 1

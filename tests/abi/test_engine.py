@@ -721,3 +721,12 @@ def test_same_export_reentered_through_host_keeps_each_levels_values(engine):
     box["f"] = inst.export_func("f")
     assert box["f"](3) == 807
     assert box["f"](0) == 100
+
+
+def test_table_growth_is_capped_too(engine):
+    module = engine.compile(b'''(module (table $t 1 funcref)
+        (func (export "grow") (param i32) (result i32)
+          (table.grow $t (ref.null func) (local.get 0))))''')
+    inst = make(engine, module, {}, mem=8 * MB)         # budget: 1M elements
+    assert inst.export_func("grow")(2_000_000) == 0xFFFFFFFF
+    assert inst.export_func("grow")(1000) == 1
