@@ -74,8 +74,9 @@ Wiring (supervisor / worker / host)::
     # supervisor, before starting workers (config: shared_data.max_bytes)
     store = ShmStore.create(f"gw-{os.getpid()}", cfg.shared_data.max_bytes)
     ...; store.close()                       # optional: the supervisor need not keep it open
+    env[ENV_VAR] = str(store.path)           # in each worker's environment (subprocess env=)
     # every worker (forked or spawned), once, inside its event loop
-    store = ShmStore.open(name)              # pass the name via argv/env to spawned workers
+    store = open_from_env()                  # = ShmStore.open(os.environ[ENV_VAR])
     store.on_enqueue(host.queue_ready)       # attaches the wake-up fd to the running loop
     # supervisor: after reaping a dead worker → store.check_readers(); on exit → ShmStore.remove(name)
 """
@@ -1023,6 +1024,17 @@ def open(path_or_name: str | os.PathLike) -> ShmStore:      # noqa: A001 - mirro
 
 def remove(path_or_name: str | os.PathLike) -> None:
     ShmStore.remove(path_or_name)
+
+
+#: The supervisor puts ``str(store.path)`` here in each worker's environment.
+ENV_VAR = "WASMGATE_SHARED_STORE"
+
+
+def open_from_env(environ=os.environ) -> ShmStore | None:
+    """In a worker: the gateway-wide store named by $WASMGATE_SHARED_STORE, or None (single
+    process: use abi.shared_store.LocalStore)."""
+    where = environ.get(ENV_VAR)
+    return ShmStore.open(where) if where else None
 
 
 # ---------------------------------------------------------------------- benchmark

@@ -794,6 +794,10 @@ def test_open_requires_create_and_remove_cleans_up(name):
     s2 = S.open(name)                                        # data outlives any one process
     assert s2.get(b"a")[0] == b"1"
     s2.close()
+    assert S.open_from_env({}) is None
+    w = S.open_from_env({S.ENV_VAR: str(s2.path)})
+    assert w.get(b"a")[0] == b"1"
+    w.close()
     S.remove(name)
     assert not S.store_path(name).exists()
     with pytest.raises(ValueError):
