@@ -18,6 +18,9 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "t
 FRAMING = frozenset({"content-length", "transfer-encoding", "connection"})
 
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# A whole header section in one match: `token ":" value CRLF`, values free of control chars
+# (this also rejects obs-fold, bare CR/LF and whitespace before the colon).
+_HEADER_BLOCK = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\x00-\x08\x0a-\x1f\x7f]*\r\n)*")
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _DIGITS = re.compile(rb"[0-9]+")
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(;[^\r\n]*)?")
@@ -58,11 +61,24 @@ def parse_headers(lines: list[bytes]) -> Headers:
     return headers
 
 
+def _fast_headers(head: bytes, end: int) -> Headers:
+    """Headers of a head whose first line ends at ``end``; validated by one regex match."""
+    if _HEADER_BLOCK.fullmatch(head, end + 2, len(head) - 2) is None:
+        return parse_headers(head[end + 2:-4].split(b"\r\n"))   # slow path: names the bad line
+    if end + 4 >= len(head):
+        return []
+    headers: Headers = []
+    append = headers.append
+    for line in head[end + 2:-4].decode("latin-1").split("\r\n"):
+        name, _, value = line.partition(":")
+        append((name.lower(), value.strip(" \t")))
+    return headers
+
+
 def parse_request_head(head: bytes) -> tuple[str, str, str, Headers]:
     """``head`` ends with CRLFCRLF. Returns method, target, version, lower-cased headers."""
-    lines = head[:-4].split(b"\r\n")
-    request_line = lines[0]
-    parts = request_line.split(b" ")
+    end = head.find(b"\r\n")
+    parts = head[:end].split(b" ")
     if len(parts) != 3 or not _TOKEN.fullmatch(parts[0]) or not parts[1]:
         raise HttpError(400, "malformed request line")
     version = parts[2]
@@ -74,16 +90,19 @@ def parse_request_head(head: bytes) -> tuple[str, str, str, Headers]:
     if _BAD_VALUE.search(target) or b" " in target:
         raise HttpError(400, "invalid character in request target")
     return (parts[0].decode("latin-1"), target.decode("latin-1"), version.decode("latin-1"),
-            parse_headers(lines[1:]))
+            _fast_headers(head, end))
 
 
 def parse_response_head(head: bytes) -> tuple[int, str, Headers]:
-    lines = head[:-4].split(b"\r\n")
-    status_line = lines[0]
+    end = head.find(b"\r\n")
+    status_line = head[:end]
     parts = status_line.split(b" ", 2)
     if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or len(parts[1]) != 3 or not parts[1].isdigit():
         raise HttpError(502, f"malformed upstream status line {status_line[:60]!r}")
-    return int(parts[1]), parts[0].decode("latin-1"), parse_headers(lines[1:])
+    try:
+        return int(parts[1]), parts[0].decode("latin-1"), _fast_headers(head, end)
+    except HttpError as e:
+        raise HttpError(502, f"upstream sent {e.message}") from None
 
 
 def connection_tokens(headers: Headers) -> set[str]:

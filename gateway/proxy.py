@@ -526,10 +526,11 @@ class Proxy:
     def _log(self, conn: Downstream, ex: Exchange) -> None:
         bytes_in = ex.body.received if ex.body else 0
         self.metrics.request_done(ex.route or "-", ex.status, bytes_in, ex.bytes_out)
-        self.access_log.write(request_id=ex.rid, client=conn.peer_text, method=ex.method, path=ex.target,
-                              status=ex.status, bytes_in=bytes_in, bytes_out=ex.bytes_out,
-                              route=ex.route, upstream=ex.upstream,
-                              duration_ms=(time.perf_counter() - ex.t0) * 1000, error=ex.error)
+        if self.access_log.enabled:
+            self.access_log.write(request_id=ex.rid, client=conn.peer_text, method=ex.method, path=ex.target,
+                                  status=ex.status, bytes_in=bytes_in, bytes_out=ex.bytes_out,
+                                  route=ex.route, upstream=ex.upstream,
+                                  duration_ms=(time.perf_counter() - ex.t0) * 1000, error=ex.error)
 
 
 async def _lingering_close(conn: Downstream, seconds: float) -> None:
