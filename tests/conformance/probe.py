@@ -22,6 +22,7 @@ from tests.helpers import echo_upstream, run_gateway
 
 
 CALLOUT_DELAY_S = 0.1
+BIG_BODY = bytes(range(256)) * (3 * 4096)          # 3 MiB
 STREAM_PARTS = [b"part-one;", b"part-two;", b"part-three"]
 
 
@@ -60,6 +61,11 @@ def _handler(rec: Recorder):
         if request.path.startswith("/callout"):
             await asyncio.sleep(CALLOUT_DELAY_S)
             return web.Response(status=201, body=b"callout-ok", headers={"x-callout": "yes"})
+        if request.path.startswith("/big"):
+            return web.Response(body=BIG_BODY, headers={"x-upstream": "echo"}, content_type="application/octet-stream")
+        if request.path.startswith("/slow"):
+            await asyncio.sleep(0.5)
+            return web.Response(body=b"slow", headers={"x-upstream": "echo"})
         if request.path.startswith("/nobody"):
             return web.Response(status=204, headers={"x-upstream": "echo"})
         if request.path.startswith("/stream"):

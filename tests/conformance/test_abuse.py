@@ -290,3 +290,30 @@ async def test_client_gone_while_paused_on_callout(tmp_path, upstream):
     assert trace[0] == ("init",) and trace.count(("init",)) == 1, "instance was rebuilt (trap?)"
     gone = [e for e in trace if e[0] == "create" and e[2] != "0"][0][1]
     assert ("delete", gone) in trace
+
+
+@pytest.mark.parametrize("act", ["recurse", "alloc-trap", "alloc-loop", "exit"])
+async def test_stack_overflow_allocator_failures_and_proc_exit(tmp_path, upstream, act):
+    async with probe_gateway(tmp_path, upstream, filters(tmp_path), routes()) as (gw, s):
+        before = failures(await metrics_text(s, gw))
+        a_res = await abuse_round(s, gw, {"headers": {"x-act": act}}, n_a=3)
+        for status, _, body, elapsed in a_res:
+            assert status == 503, body[:200]
+            assert elapsed < 5.0
+        await a_works_again(s, gw)
+        assert failures(await metrics_text(s, gw)) >= before + 1
+
+
+async def test_close_stream_from_request_headers(tmp_path, upstream):
+    async with probe_gateway(tmp_path, upstream, filters(tmp_path), routes()) as (gw, s):
+        async def closing():
+            try:
+                status, _, _, _ = await fetch(s, gw.url("/a/close"), headers={"x-act": "close"})
+                return status
+            except aiohttp.ClientError:
+                return "reset"
+        results = await asyncio.gather(*[closing() for _ in range(3)], healthy_b(s, gw, 10))
+        for r in results[:3]:
+            assert r == "reset" or r >= 400, r
+        assert [r.path for r in upstream.main_requests() if r.path == "/a/close"] == []
+        await a_works_again(s, gw)

@@ -621,14 +621,14 @@ async def test_concurrent_callouts_get_their_own_tokens_and_responses(tmp_path, 
 
 async def test_http_call_timeout_is_honoured(tmp_path, upstream):
     async with probe_gateway(tmp_path, upstream, [probe_filter(tmp_path)]) as (gw, s):
-        status, headers, body = await fetch(s, gw.url("/slowcall"), headers={
+        status, headers, body = await fetch(s, gw.url("/timeoutcall"), headers={
             "x-act": "call", "x-cluster": "callout", "x-timeout": "20"})
         assert status == 200, body
         rep = report_of(headers)
     # the callout answers after 100 ms; with a 20 ms timeout the callback reports a failure
     assert one(rep, "cnh") == "0" and one(rep, "cbs") == "0"
     assert "cfail" in rep
-    assert json.loads(body)["path"] == "/slowcall"
+    assert json.loads(body)["path"] == "/timeoutcall"
 
 
 async def test_unpaused_request_body_chunks_reported_once(tmp_path, upstream):
@@ -678,3 +678,57 @@ async def test_pause_in_headers_holds_body_callbacks_envoy_default(tmp_path, ups
 async def test_deliver_body_while_paused_option(tmp_path, upstream):
     body_first, mine = await _body_vs_callout_order(tmp_path, upstream, deliver=True)
     assert body_first, f"body not delivered while paused although configured: {mine}"
+
+
+async def test_guest_grown_memory_is_visible_to_host_calls(tmp_path, upstream):
+    async with probe_gateway(tmp_path, upstream, [probe_filter(tmp_path)]) as (gw, s):
+        status, headers, body = await fetch(s, gw.url("/grow"), headers={"x-act": "grow-then-call"})
+        assert status == 200, body[:300]
+        rep = report_of(headers)
+    assert one(rep, "grown_len") == "3" and one(rep, "grown_time") == "1"
+    assert upstream.main_requests()[-1].all("x-grown") == ["yes"]
+
+
+async def test_large_request_body_read_whole_and_replaced(tmp_path, upstream):
+    from tests.conformance.probe import BIG_BODY
+    async with probe_gateway(tmp_path, upstream, [probe_filter(tmp_path)]) as (gw, s):
+        status, headers, body = await fetch(s, gw.url("/bigpost"), method="POST", data=BIG_BODY,
+                                            headers={"x-act": "body"})
+        assert status == 200, body[:300]
+        rep = report_of(headers)
+    assert one(rep, "bodylen") == str(len(BIG_BODY))
+    seen = upstream.main_requests()[-1]
+    assert len(seen.body) == len(BIG_BODY) + 11
+    assert seen.body == b"<<tagged:" + BIG_BODY + b">>"
+
+
+async def test_large_response_body_read_whole_and_replaced(tmp_path, upstream):
+    from tests.conformance.probe import BIG_BODY
+    async with probe_gateway(tmp_path, upstream, [probe_filter(tmp_path)]) as (gw, s):
+        status, headers, body = await fetch(s, gw.url("/big"), headers={"x-act": "resp-body"})
+    assert status == 200
+    assert len(body) == len(BIG_BODY) + 11
+    assert body == b"rewritten: " + BIG_BODY
+
+
+async def test_client_abort_still_tears_down_context(tmp_path, upstream):
+    async with probe_gateway(tmp_path, upstream, [probe_filter(tmp_path)]) as (gw, s):
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.1)) as impatient:
+            try:
+                async with impatient.get(gw.url("/slow")) as r:
+                    await r.read()
+            except asyncio.TimeoutError:
+                pass
+            else:
+                raise AssertionError("the slow upstream answered within 0.1 s")
+
+        async def torn_down():
+            tr = await get_trace(s, gw, "p1")
+            first = [e for e in tr if e[0] == "create" and e[2] != "0"][0][1]
+            return tr if ("delete", first) in tr else None
+        trace = await wait_for(torn_down, timeout=3.0)
+        assert trace, "context of an aborted request never deleted"
+        first = [e for e in trace if e[0] == "create" and e[2] != "0"][0][1]
+        mine = [e[0] for e in trace if len(e) > 1 and e[1] == first]
+        assert mine[-1] == "delete" and mine.count("delete") == 1, mine
+        assert "log" in mine and mine.index("log") < mine.index("delete")
