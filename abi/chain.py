@@ -52,11 +52,16 @@ async def _with_eos(body: Body, expected: int | None) -> Chunks:
         yield b"", True
         return
     total = 0
-    async for chunk in body:
+    it = body.__aiter__()
+    async for chunk in it:
         if not chunk:
             continue
         total += len(chunk)
         if expected is not None and total >= expected:
+            # Let the gateway's iterator reach its end (immediate once content-length bytes
+            # are in) so a reply on this last chunk finds the request body fully read.
+            async for extra in it:
+                chunk += extra
             yield chunk, True
             return
         yield chunk, False
