@@ -732,3 +732,50 @@ async def test_client_abort_still_tears_down_context(tmp_path, upstream):
         mine = [e[0] for e in trace if len(e) > 1 and e[1] == first]
         assert mine[-1] == "delete" and mine.count("delete") == 1, mine
         assert "log" in mine and mine.index("log") < mine.index("delete")
+
+
+async def test_on_done_false_on_http_stream_still_logs_and_deletes(tmp_path, upstream):
+    # Envoy ignores proxy_on_done's result for HTTP streams (reference §2.6)
+    async with probe_gateway(tmp_path, upstream, [probe_filter(tmp_path)]) as (gw, s):
+        status, headers, _ = await fetch(s, gw.url("/done-false"), headers={"x-act": "done-false"})
+        assert status == 200
+        ctx = one(report_of(headers), "ctx")
+        trace = await wait_for(lambda: _deleted(s, gw, ctx), timeout=3.0)
+        assert trace, "on_delete never came after on_done returned false"
+        mine = [e[0] for e in trace if len(e) > 1 and e[1] == ctx]
+        assert mine[-3:] == ["done", "log", "delete"], mine
+
+
+async def test_response_code_property_after_local_reply(tmp_path, upstream):
+    async with probe_gateway(tmp_path, upstream, [probe_filter(tmp_path)]) as (gw, s):
+        status, headers, _ = await fetch(s, gw.url("/rp"), headers={"x-act": "reply-props"})
+        assert status == 403
+        ctx = one(parse_report(headers.get("x-probe-p1")), "ctx")
+        trace = await wait_for(lambda: _deleted(s, gw, ctx))
+    codes = [e for e in trace if e[0] == "code"]
+    assert codes and codes[-1][1:] == ("0", struct.pack("<q", 403).hex()), codes
+
+
+async def test_metrics_and_shared_data_survive_instance_rebuild(tmp_path, upstream):
+    key = f"survive-{tmp_path.name}"
+    async with probe_gateway(tmp_path, upstream, [probe_filter(tmp_path, tag="m2")]) as (gw, s):
+        for i in range(2):
+            status, headers, _ = await fetch(s, gw.url(f"/m/{i}"), headers={"x-act": "metrics"})
+            assert status == 200
+        status, headers, _ = await fetch(s, gw.url("/sh"), headers={"x-act": "shared", "x-key": key})
+        assert status == 200
+        before = [v for n, _, v in samples(await metrics_text(s, gw)) if "probe_requests_m2" in n]
+        assert before == [3.0]
+        status, _, _ = await fetch(s, gw.url("/boom"), headers={"x-act": "trap"})
+        assert status == 503
+
+        async def back():
+            st, hd, _ = await fetch(s, gw.url("/get"), headers={"x-act": "shared-get", "x-key": key})
+            return hd if st == 200 and "x-probe-m2" in hd else None
+        headers = await wait_for(back, timeout=5.0)
+        assert headers, "instance not rebuilt"
+        rep = report_of(headers, "m2")
+        after = [v for n, _, v in samples(await metrics_text(s, gw)) if "probe_requests_m2" in n]
+    # host-side state (Envoy stats, shared data) outlives the wasm instance
+    assert one(rep, "sg") == "0" and one(rep, "sgv") == "v2"
+    assert len(after) == 1 and after[0] >= 5.0, after     # 3 + the trapping request + this one

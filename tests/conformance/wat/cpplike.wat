@@ -48,7 +48,14 @@
     (if (i32.ge_u (local.get $v) (i32.const 10)) (then (call $put_u32 (i32.div_u (local.get $v) (i32.const 10)))))
     (i32.store8 (i32.const 8) (i32.add (i32.const 48) (i32.rem_u (local.get $v) (i32.const 10))))
     (call $put (i32.const 8) (i32.const 1)))
-  (func (export "proxy_on_context_create") (param $id i32) (param $parent i32))
+  ;; C++ SDK proxy_on_context_create(root, 0) -> ensureRootContext(): getProperty("plugin_root_id")
+  ;; and abort() unless it answers OK
+  (func (export "proxy_on_context_create") (param $id i32) (param $parent i32)
+    (if (i32.eqz (local.get $parent))
+      (then
+        (i32.store (i32.const 16) (i32.const 0))
+        (i32.store (i32.const 20) (i32.const 0))
+        (if (i32.ne (call $get_property $S"plugin_root_id" (i32.const 16) (i32.const 20)) (i32.const 0)) (then unreachable)))))
   (func (export "proxy_on_vm_start") (param $id i32) (param $n i32) (result i32) (i32.const 1))
   (func (export "proxy_on_configure") (param $id i32) (param $n i32) (result i32)
     (i32.store (i32.const 16) (i32.const 0))
