@@ -217,6 +217,7 @@ async def test_jwt_audience_list_and_skew(gw):
     ("wrong_audience", "audience not allowed"),
     ("no_exp", "token has no exp"),
     ("no_sub", "token has no sub claim"),
+    ("sub_with_crlf", "sub claim is not a valid header value"),
     ("tampered", "invalid signature"),
     ("two_parts", "malformed token"),
     ("garbage", "malformed token (header is not base64url)"),
@@ -237,6 +238,7 @@ async def test_jwt_rejects(gw, case, message):
         "wrong_audience": lambda: mint_jwt(claims(aud=["mobile"]), SECRET),
         "no_exp": lambda: mint_jwt(claims(exp=None), SECRET),
         "no_sub": lambda: mint_jwt(claims(sub=None), SECRET),
+        "sub_with_crlf": lambda: mint_jwt(claims(sub="erin\r\nx-admin: true"), SECRET),
         "tampered": lambda: (lambda t, f: f"{t.split('.')[0]}.{f.split('.')[1]}.{t.split('.')[2]}")(
             mint_jwt(claims(), SECRET), mint_jwt(claims(sub="root"), b"x")),
         "two_parts": lambda: "abc.def",

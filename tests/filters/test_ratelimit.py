@@ -99,6 +99,13 @@ async def test_header_keyed_buckets_are_independent(gw):
     assert s == 200 and rl_headers(h)[1] == 1
 
 
+async def test_long_key_values_get_their_own_buckets(gw):
+    long_a, long_b = "a" * 3000, "a" * 2999 + "b"     # hashed keys: still one bucket each
+    a = [(await get(gw, "/rl_header/x", {"x-user": long_a}))[0] for _ in range(3)]
+    b = [(await get(gw, "/rl_header/x", {"x-user": long_b}))[0] for _ in range(3)]
+    assert a == [200, 200, 429] and b == [200, 200, 429]
+
+
 async def test_missing_key_skips_the_limit(gw):
     for _ in range(4):
         s, h, _ = await get(gw, "/rl_header/x")

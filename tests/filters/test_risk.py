@@ -79,6 +79,8 @@ async def test_numeric_string_amount_counts(gw):
     (js({"amount": None}), "field amount is missing"),
     (js({"amount": "lots"}), "field amount is not a number"),
     (js({"amount": [1]}), "field amount is not a number"),
+    (b'{"amount": 1, "amount": 20000}', "field amount appears more than once"),
+    (b'{"amount": 20000, "amount": 1}', "field amount appears more than once"),
 ])
 async def test_bad_bodies_get_400(gw, body, message):
     status, h, data, fwd = await send(gw, "/reject/pay", body)

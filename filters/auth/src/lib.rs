@@ -92,6 +92,9 @@ impl Config {
             for k in a.list("keys")? {
                 k.only(&["key", "key_sha256", "identity"])?;
                 let identity = k.str("identity")?.ok_or_else(|| k.err("identity", "required"))?;
+                if identity.is_empty() || identity.chars().any(|c| c.is_control()) {
+                    return Err(k.err("identity", "must be a non-empty header value"));
+                }
                 let digest = match (k.str("key")?, k.str("key_sha256")?) {
                     (Some(key), None) if !key.is_empty() => sha256(key.as_bytes()),
                     (None, Some(hex)) => {
@@ -115,7 +118,7 @@ impl Config {
             for u in b.list("users")? {
                 u.only(&["username", "salt", "password_sha256"])?;
                 let username = u.str("username")?.ok_or_else(|| u.err("username", "required"))?;
-                if username.contains(':') || username.is_empty() {
+                if username.contains(':') || username.is_empty() || username.chars().any(|c| c.is_control()) {
                     return Err(u.err("username", "must be non-empty and contain no ':'"));
                 }
                 let salt = u.str_or("salt", "")?.into_bytes();
@@ -328,6 +331,9 @@ pub fn check_jwt(cfg: &Jwt, token: &str, now_s: f64) -> Result<String, String> {
         }
     }
     match claims.get(&cfg.identity_claim) {
+        Some(Value::Str(s)) if s.chars().any(|c| c.is_control()) => {
+            Err(format!("{} claim is not a valid header value", cfg.identity_claim))
+        }
         Some(Value::Str(s)) if !s.is_empty() => Ok(s.clone()),
         Some(Value::Int(i)) => Ok(i.to_string()),
         _ => Err(format!("token has no {} claim", cfg.identity_claim)),
@@ -578,6 +584,8 @@ mod tests {
         assert_eq!(check_jwt(&c, &noexp, 900.0).unwrap_err(), "token has no exp");
         assert_eq!(check_jwt(&c, "a.b", 0.0).unwrap_err(), "malformed token");
         assert!(check_jwt(&c, "a.b.c", 0.0).unwrap_err().starts_with("malformed token"));
+        let crlf = mint(h, r#"{"sub":"a\r\nx-admin: 1","exp":1000,"iss":"me","aud":"api"}"#, SECRET.as_bytes());
+        assert_eq!(check_jwt(&c, &crlf, 900.0).unwrap_err(), "sub claim is not a valid header value");
         let nosub = mint(h, r#"{"exp":1000,"iss":"me","aud":"api"}"#, SECRET.as_bytes());
         assert_eq!(check_jwt(&c, &nosub, 900.0).unwrap_err(), "token has no sub claim");
         // tampered payload with the original signature

@@ -208,6 +208,18 @@ fn refund(key: &str, limit: &Limit) {
     }
 }
 
+/// Shared-data key of one bucket. The value is length-prefixed (no value can collide with
+/// another limit's key) and replaced by its SHA-256 when longer than 64 bytes, so a client
+/// sending huge header values cannot make huge keys.
+pub fn bucket_key(namespace: &str, limit: &str, value: &str) -> String {
+    if value.len() > 64 {
+        let h = wasmgate_sdk::crypto::hex_encode(&wasmgate_sdk::crypto::sha256(value.as_bytes()));
+        format!("ratelimit:{}:{}:h:{}", namespace, limit, h)
+    } else {
+        format!("ratelimit:{}:{}:{}:{}", namespace, limit, value.len(), value)
+    }
+}
+
 /// Client IP from `source.address` ("ip:port" or "[v6]:port").
 pub fn client_ip(addr: &str) -> &str {
     if let Some(rest) = addr.strip_prefix('[') {
@@ -297,8 +309,7 @@ impl HttpContext for Stream {
                 None if limit.missing_shared => "-".to_string(),
                 None => continue,
             };
-            // length-prefix the value so no value can collide with another limit's key
-            let key = format!("ratelimit:{}:{}:{}:{}", ns, limit.name, kv.len(), kv);
+            let key = bucket_key(ns, &limit.name, &kv);
             match take_token(&key, limit, now) {
                 Ok(Take::Taken(b)) => {
                     let r = report(limit, &b);
@@ -382,6 +393,16 @@ mod tests {
         assert_eq!((r.remaining, r.reset_s, r.retry_after_s), (0, 2, 1));
         let r = report(&l, &Bucket { tokens: 3.0, last_ns: 0 });
         assert_eq!((r.remaining, r.reset_s, r.retry_after_s), (3, 1, 0));
+    }
+
+    #[test]
+    fn bucket_keys() {
+        assert_eq!(bucket_key("ns", "g", ""), "ratelimit:ns:g:0:");
+        assert_eq!(bucket_key("ns", "k", "alice"), "ratelimit:ns:k:5:alice");
+        let long = "x".repeat(1000);
+        let k = bucket_key("ns", "k", &long);
+        assert!(k.len() < 100 && k.starts_with("ratelimit:ns:k:h:"));
+        assert_ne!(k, bucket_key("ns", "k", &"x".repeat(1001)));
     }
 
     #[test]

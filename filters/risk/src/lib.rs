@@ -108,6 +108,30 @@ pub enum Verdict {
     Bad(String),
 }
 
+/// Does any object on the way to `dotted` hold the next segment's key more than once?
+pub fn has_duplicate_along(doc: &Value, dotted: &str) -> bool {
+    let mut cur = doc;
+    for seg in dotted.split('.') {
+        match cur {
+            Value::Object(members) => {
+                if members.iter().filter(|(k, _)| k == seg).count() > 1 {
+                    return true;
+                }
+                match cur.get(seg) {
+                    Some(v) => cur = v,
+                    None => return false,
+                }
+            }
+            Value::Array(items) => match seg.parse::<usize>().ok().and_then(|i| items.get(i)) {
+                Some(v) => cur = v,
+                None => return false,
+            },
+            _ => return false,
+        }
+    }
+    false
+}
+
 pub fn judge(cfg: &Config, body: &[u8]) -> Verdict {
     if body.iter().all(|b| b.is_ascii_whitespace()) {
         return Verdict::Bad("request body is empty".into());
@@ -116,6 +140,11 @@ pub fn judge(cfg: &Config, body: &[u8]) -> Verdict {
         Ok(v) => v,
         Err(_) => return Verdict::Bad("request body is not JSON".into()),
     };
+    // Parsers disagree on duplicate keys (first wins vs last wins): a body naming the field
+    // twice could show this filter one amount and the upstream another. Refuse it.
+    if has_duplicate_along(&doc, &cfg.field) {
+        return Verdict::Bad(format!("field {} appears more than once", cfg.field));
+    }
     let value = match doc.path(&cfg.field) {
         None | Some(Value::Null) => {
             return if cfg.missing_rejects { Verdict::Bad(format!("field {} is missing", cfg.field)) } else { Verdict::Allow };
@@ -277,7 +306,11 @@ mod tests {
         assert!(matches!(judge(&c, br#"{"amount": true}"#), Verdict::Bad(_)));
         assert!(matches!(judge(&c, br#"{"amount": "x"}"#), Verdict::Bad(_)));
         assert!(matches!(judge(&c, br#"{"other": 1}"#), Verdict::Bad(_)));
+        assert_eq!(judge(&c, br#"{"amount": 1, "amount": 20000}"#), Verdict::Bad("field amount appears more than once".into()));
+        assert_eq!(judge(&c, br#"{"amount": 1, "other": 1, "other": 2}"#), Verdict::Allow);
         let c = cfg(r#"{"threshold": 5, "field": "payment.items.1.amount", "on_missing": "allow"}"#);
+        assert!(matches!(judge(&c, br#"{"payment": {"items": []}, "payment": {"items": [{}, {"amount": 9}]}}"#), Verdict::Bad(_)));
+        assert!(matches!(judge(&c, br#"{"payment": {"items": [{}, {"amount": 1, "amount": 9}]}}"#), Verdict::Bad(_)));
         assert_eq!(judge(&c, br#"{"payment": {"items": [{"amount": 1}, {"amount": 6}]}}"#), Verdict::Risky(6.0));
         assert_eq!(judge(&c, br#"{"payment": {}}"#), Verdict::Allow);
     }
