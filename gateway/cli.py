@@ -59,7 +59,8 @@ def _plural(n: int, word: str) -> str:
 
 
 async def serve(config: Config, *, reuse_port: bool = False, ports: dict[str, int] | None = None,
-                announce: bool = True, shared_store_name: str | None = None) -> int:
+                announce: bool = True, shared_store_name: str | None = None,
+                on_started: Any = None) -> int:
     """Start the gateway, print where it listens, run until SIGTERM/SIGINT, then drain."""
     from abi.api import FilterLoadError
     from .server import Gateway, StartError
@@ -81,6 +82,8 @@ async def serve(config: Config, *, reuse_port: bool = False, ports: dict[str, in
         loop.add_signal_handler(sig, stop.set)
     if announce:
         _announce(config, gw.listener_ports, gw.admin_port)
+    if on_started is not None:
+        on_started(gw)
     await stop.wait()
     log.info("stopping: draining in-flight requests (up to %.1fs)", config.limits.drain_timeout_s)
     await gw.stop()
@@ -165,13 +168,13 @@ def supervise(path: str, config: Config, workers: int) -> int:
                 rc = p.poll()
                 if rc is None:
                     continue
-                if time.monotonic() - started < 5 or rc in (1, 2):
+                if time.monotonic() - started < _STARTUP_S or rc in (1, 2):
                     # Dying at start-up (bad filter, port taken) is not worth restarting.
                     print(f"wasmgate: worker {p.pid} exited with {rc} at start-up; stopping", file=sys.stderr)
                     stopping, code = True, rc or 1
                     break
-                print(f"wasmgate: worker {p.pid} exited with {rc}; restarting", file=sys.stderr)
                 procs[i] = _spawn(cmd)
+                print(f"wasmgate: worker {p.pid} exited with {rc}; restarted as {procs[i].pid}", flush=True)
     finally:
         for s in holders:
             s.close()
@@ -213,6 +216,10 @@ def _create_shared_store(config: Config) -> str | None:
 
 
 _KEEP: list[Any] = []
+
+
+# A worker exiting this soon after start-up failed to start; later deaths are crashes to restart.
+_STARTUP_S = 2.0
 
 
 def _spawn(cmd: list[str]) -> subprocess.Popen:

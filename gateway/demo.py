@@ -41,13 +41,13 @@ async def _demo(config: Config) -> int:
         print(f"demo: cannot start the echo upstream on {ep}: {e.strerror or e}", file=sys.stderr)
         return 1
     print(f"demo: echo upstream on http://{ep} (cluster \"{config.clusters[0].name}\")", flush=True)
-    port = config.listeners[0].port
+    def started(gw) -> None:
+        hint = curl_hint(config, gw.listener_ports[config.listeners[0].name])
+        print(f"demo: gateway ready; in another terminal try:\n\n    {hint}\n\n"
+              f"(the echo upstream answers with what it received; Ctrl-C stops both)", flush=True)
 
     try:
-        hint = curl_hint(config, port) if port else None
-        if hint:
-            print(f"demo: gateway starting; in another terminal try:\n\n    {hint}\n", flush=True)
-        return await serve(config)
+        return await serve(config, on_started=started)
     finally:
         await runner.cleanup()
 

@@ -30,7 +30,7 @@ routes: [{{name: api, match: {{prefix: /api}}, cluster: backend}}]
     lines = []
     try:
         async with asyncio.timeout(20):
-            while not any("wasmgate: listener main" in line for line in lines):
+            while not any("curl -i" in line for line in lines):
                 line = (await proc.stdout.readline()).decode()
                 assert line, "demo exited:\n" + "".join(lines)
                 lines.append(line)

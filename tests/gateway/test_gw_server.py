@@ -191,3 +191,33 @@ async def test_idle_client_connections_are_closed(upstream, tmp_path):
         writer.write(b"GET / HTTP/1.1\r\nHost: slow")          # a head that never completes
         assert await asyncio.wait_for(reader.read(), 3) == b""
         writer.close()
+
+
+async def test_cli_worker_crash_is_restarted(tmp_path):
+    import os
+    async with echo_upstream() as up:
+        cfg = tmp_path / "w.yaml"
+        cfg.write_text(basic_yaml(up.port))
+        async with run_cli_gateway(cfg, "--workers", "2") as gw:
+            for _ in range(100):
+                pids_line = next((line for line in gw.output if "2 workers:" in line), None)
+                if pids_line:
+                    break
+                await asyncio.sleep(0.05)
+            victim = int(pids_line.split()[-1])
+            await asyncio.sleep(2.5)                 # past the start-up window
+            os.kill(victim, signal.SIGKILL)
+            deadline = asyncio.get_running_loop().time() + 10
+            while not any(f"worker {victim} exited" in line for line in gw.output):
+                assert asyncio.get_running_loop().time() < deadline, gw.output
+                await asyncio.sleep(0.1)
+            ok = 0
+            while ok < 10 and asyncio.get_running_loop().time() < deadline:
+                try:
+                    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+                        async with s.get(gw.url("/after")) as r:
+                            ok += r.status == 200
+                except aiohttp.ClientError:
+                    await asyncio.sleep(0.1)
+            assert ok == 10
+        assert gw.proc.returncode == 0
