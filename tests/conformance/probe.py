@@ -66,6 +66,8 @@ def _handler(rec: Recorder):
         if request.path.startswith("/slow"):
             await asyncio.sleep(0.5)
             return web.Response(body=b"slow", headers={"x-upstream": "echo"})
+        if request.path.startswith("/notmodified"):
+            return web.Response(status=304, headers={"x-upstream": "echo", "etag": '"v1"'})
         if request.path.startswith("/nobody"):
             return web.Response(status=204, headers={"x-upstream": "echo"})
         if request.path.startswith("/stream"):

@@ -779,3 +779,30 @@ async def test_metrics_and_shared_data_survive_instance_rebuild(tmp_path, upstre
     # host-side state (Envoy stats, shared data) outlives the wasm instance
     assert one(rep, "sg") == "0" and one(rep, "sgv") == "v2"
     assert len(after) == 1 and after[0] >= 5.0, after     # 3 + the trapping request + this one
+
+
+async def _no_body_response(s, gw, method, path):
+    status, headers, body = await fetch(s, gw.url(path), method=method)
+    rep = report_of(headers)
+    ctx = one(rep, "ctx")
+    trace = await wait_for(lambda: _deleted(s, gw, ctx))
+    assert trace
+    body_calls = [e for e in trace if e[0] == "resp_body" and e[1] == ctx]
+    return status, body, rep, body_calls
+
+
+async def test_head_response_has_end_of_stream_in_headers(tmp_path, upstream):
+    async with probe_gateway(tmp_path, upstream, [probe_filter(tmp_path)]) as (gw, s):
+        status, body, rep, body_calls = await _no_body_response(s, gw, "HEAD", "/head")
+    assert status == 200 and body == b""
+    # a HEAD response never has a body: Envoy's codec ends the stream with the headers
+    assert one(rep, "reos") == "1", rep
+    assert body_calls == []
+
+
+async def test_304_response_has_end_of_stream_in_headers(tmp_path, upstream):
+    async with probe_gateway(tmp_path, upstream, [probe_filter(tmp_path)]) as (gw, s):
+        status, body, rep, body_calls = await _no_body_response(s, gw, "GET", "/notmodified")
+    assert status == 304 and body == b""
+    assert one(rep, "reos") == "1", rep
+    assert body_calls == []
