@@ -20,20 +20,21 @@ ROOT = Path(__file__).resolve().parents[2]
 DIST = ROOT / "filters" / "dist"
 
 
-def gateway_yaml(up_port: int, filters: list[dict[str, Any]], routes: list[dict[str, Any]]) -> str:
+def gateway_yaml(up_port: int, filters: list[dict[str, Any]], routes: list[dict[str, Any]],
+                 extra_clusters: list[dict[str, Any]] | None = None) -> str:
     """The config as JSON (a subset of YAML). ``filters`` entries may give ``wasm`` as a bare
     filter name ("auth"), resolved to filters/dist/<name>.wasm."""
     fl = []
     for f in filters:
         f = dict(f)
-        if "/" not in f["wasm"]:
+        if "/" not in str(f["wasm"]):
             f["wasm"] = str(DIST / f"{f['wasm']}.wasm")
         fl.append(f)
     doc = {
         "listeners": [{"name": "main", "address": "127.0.0.1", "port": 0}],
         "admin": {"address": "127.0.0.1", "port": 0},
         "access_log": {"path": None},
-        "clusters": [{"name": "backend", "endpoints": [f"127.0.0.1:{up_port}"]}],
+        "clusters": [{"name": "backend", "endpoints": [f"127.0.0.1:{up_port}"]}] + (extra_clusters or []),
         "routes": routes,
         "filters": fl,
     }
