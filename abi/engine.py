@@ -50,7 +50,8 @@ __all__ = [
 
 WASMTIME_VERSION = "50.0.1"   # pinned: the raw signatures below are checked against it
 EPOCH_MS = 1                  # one epoch = 1 ms; deadlines are counted in these ticks
-TICKER_PERIOD_S = 0.002       # how often the ticker catches the epoch up (deadline slack)
+TICKER_PERIOD_S = 0.002       # how often the ticker advances the epoch (deadline slack)
+REARM_S = 0.002               # a store re-arms its deadline at most this often (cost: a C call)
 TABLE_ELEMENTS_FLOOR = 100_000  # table cap never below this (big Go binaries have ~10k funcs)
 IDLE_GRACE_MS = 1000          # quiet time (beyond the longest deadline) before the ticker idles
 _CACHE_MAGIC = b"WGCWASM1"    # our cache-file header: magic + sha256(payload) + payload
@@ -174,62 +175,64 @@ def _default_cache_dir() -> Path:
 
 
 class _Ticker:
-    """Background thread that keeps the engine epoch equal to elapsed milliseconds.
+    """Background thread that keeps the engine epoch at the milliseconds elapsed on its clock.
 
     Why this shape: a Python thread wake-up costs ~20-25 us of CPU on these machines, so the
-    ticker wakes every TICKER_PERIOD_S (not every ms) and catches the epoch up with the clock,
-    which also keeps sleep jitter from stretching deadlines. When no call has armed a deadline
-    for longer than any deadline could run, it sleeps until the next arm wakes it (an idle
-    worker costs nothing).
+    ticker wakes every TICKER_PERIOD_S (not every ms) and sets the epoch to the clock, so sleep
+    jitter does not stretch deadlines. The epoch never runs ahead of ``now_ms()``; when the
+    ticker is starved (GIL, CPU) it lags, and catches up in one burst when it runs again.
+    ``_StoreState.arm`` adds the current lag to the deadline, so that burst never cuts a call
+    short. When no call has armed a deadline for longer than any deadline could run, the
+    ticker sleeps until the next arm wakes it (an idle worker costs nothing); the epoch then
+    resumes where it stopped.
 
-    ``ticks`` mirrors the epoch so callers can skip re-arming within one update; while idle it
-    is negative (a new value per nap), which forces the next call of every store through
-    arm() (and so wakes us).
     Holds only the wasmtime engine, so our Engine can be collected (its finalizer stops us).
     """
 
     def __init__(self, wt_engine: wt.Engine):
-        self.ticks = 0
+        self.epoch = 0              # engine epoch, published after the engine has reached it
+        self.origin = time.monotonic()
         self.arms = 0               # bumped by every arm(): tells the ticker calls happen
         self.idle = False
-        self._naps = 0
-        self.max_deadline = 0       # longest deadline (ticks) armed on this engine
+        self.max_deadline = 0       # longest deadline (ms) armed on this engine
         self._stopped = False
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(wt_engine,),
                                         name="wasmgate-epoch", daemon=True)
         self._thread.start()
 
+    def now_ms(self) -> int:
+        return int((time.monotonic() - self.origin) * 1000)
+
+    def lag_ms(self) -> int:
+        """How far the engine epoch may still jump at once (0 while idle: no catch-up then)."""
+        return 0 if self.idle else max(0, self.now_ms() - self.epoch)
+
     def _run(self, wt_engine: wt.Engine) -> None:
         ptr = _addr(wt_engine.ptr())
-        epoch = 0
-        origin = time.monotonic()
         seen_arms, quiet_since = self.arms, 0
         while not self._stopped:
             time.sleep(TICKER_PERIOD_S)
-            now = int((time.monotonic() - origin) * 1000)
-            while epoch < now:
+            epoch, target = self.epoch, self.now_ms()
+            while epoch < target:
                 _increment_epoch(ptr)
                 epoch += 1
-            self.ticks = epoch
+            self.epoch = epoch
             if self.arms != seen_arms:
                 seen_arms, quiet_since = self.arms, epoch
             elif epoch - quiet_since > self.max_deadline + IDLE_GRACE_MS:
-                self._sleep_until_armed(seen_arms, epoch)
-                origin = time.monotonic() - epoch / 1000   # the epoch resumes where it was
-                seen_arms, quiet_since = self.arms, epoch
+                self._sleep_until_armed(seen_arms)
+                seen_arms, quiet_since = self.arms, self.epoch
 
-    def _sleep_until_armed(self, seen_arms: int, epoch: int) -> None:
+    def _sleep_until_armed(self, seen_arms: int) -> None:
         # Publish idle first, then re-check arms; arm() bumps arms first, then reads idle.
         # Whatever the interleaving, either we see the arm or arm() sees us idle and wakes us.
         self._wake.clear()
         self.idle = True
-        self._naps += 1
-        self.ticks = -self._naps    # unique per nap: no store's `armed` can match a stale one
         if self.arms == seen_arms and not self._stopped:
             self._wake.wait()
+        self.origin = time.monotonic() - self.epoch / 1000   # before idle clears: lag_ms()
         self.idle = False
-        self.ticks = epoch
 
     def wake(self) -> None:
         self._wake.set()
@@ -487,7 +490,7 @@ _GUEST_CALL_SRC = """
 def {fn}({args}):
     if st.depth or st.poisoned:
         return nested({args})
-    if ticker.ticks != st.armed:
+    if monotonic() - st.armed_at > REARM_S:
         st.arm()
     pack_into(buf, 0{comma_packed})
     st.depth = 1
@@ -554,7 +557,7 @@ def _guest_caller(owner: "Instance", st: "_StoreState", name: str, fptr: int,
     src = _GUEST_CALL_SRC.format(fn="call", args=", ".join(names),
                                  comma_packed=", " + packed if packed else "", ret=ret)
     env = {
-        "st": st, "ticker": st.ticker, "ctx": st.ctx, "fptr": fptr,
+        "st": st, "monotonic": time.monotonic, "REARM_S": REARM_S, "ctx": st.ctx, "fptr": fptr,
         "buf": buf, "bufaddr": _buffer_address(buf),
         "nbuf": nbuf, "nbufaddr": _buffer_address(nbuf), "nslots": nslots,
         "trap_slot": st.trap_slot, "trapaddr": ctypes.addressof(st.trap_slot),
@@ -596,7 +599,7 @@ class _StoreState:
         self.ctx = ctx
         self.ticker = ticker
         self.deadline_ticks = deadline_ticks
-        self.armed = None               # ticker.ticks when the deadline was last armed
+        self.armed_at = -1e9            # time.monotonic() of the last arm()
         self.depth = 0                  # guest calls in progress (nesting through host calls)
         self.poisoned = False
         self.closed = False
@@ -607,11 +610,15 @@ class _StoreState:
         self.last_trap: Trap | None = None
 
     def arm(self) -> None:
-        """Give the next top-level call a fresh deadline (at most once per ticker update)."""
+        """Give the calls of the next REARM_S a fresh deadline.
+
+        The deadline is counted from the engine epoch, which may lag the clock and then jump:
+        adding the current lag keeps that jump from eating into this deadline.
+        """
         ticker = self.ticker
-        _set_epoch_deadline(self.ctx, self.deadline_ticks)
         ticker.arms += 1              # before reading idle: see _Ticker._sleep_until_armed
-        self.armed = ticker.ticks
+        _set_epoch_deadline(self.ctx, self.deadline_ticks + ticker.lag_ms())
+        self.armed_at = time.monotonic()
         if ticker.idle:
             ticker.wake()
 
@@ -802,9 +809,9 @@ class Instance:
         # otherwise a table.grow could allocate gigabytes outside the memory cap.
         self._store.set_limits(memory_size=memory_limit_bytes,
                                table_elements=max(TABLE_ELEMENTS_FLOOR, memory_limit_bytes // 8))
-        # The epoch seen at arm time lags the clock by up to one ticker period, and the trap
-        # lands on a ticker update: never earlier than deadline_ms, at most ~2 periods later.
-        ticks = -(-deadline_ms // EPOCH_MS) + round(TICKER_PERIOD_S * 1000) + 1
+        # A call may start up to REARM_S after the arm its deadline comes from, and the epoch
+        # is floored: never earlier than deadline_ms; later by about one ticker period.
+        ticks = -(-deadline_ms // EPOCH_MS) + round(REARM_S * 1000) + 1
         engine._ticker.max_deadline = max(engine._ticker.max_deadline, ticks)
         self._st = _StoreState(_addr(self._store._context()), engine._ticker, ticks, module)
         try:

@@ -730,3 +730,24 @@ def test_table_growth_is_capped_too(engine):
     inst = make(engine, module, {}, mem=8 * MB)         # budget: 1M elements
     assert inst.export_func("grow")(2_000_000) == 0xFFFFFFFF
     assert inst.export_func("grow")(1000) == 1
+
+
+def test_a_starved_ticker_never_fires_a_fresh_deadline_early(tmp_path):
+    import ctypes
+    eng = Engine(cache_dir=tmp_path)
+    try:
+        inst = make(eng, eng.compile(CORE_WAT), deadline_ms=40)
+        add = inst.export_func("add")
+        assert add(1, 1) == 2                            # wakes the ticker if it napped
+        _wait_for(lambda: not eng._ticker.idle)
+        epoch = eng._ticker.epoch
+        _wait_for(lambda: eng._ticker.epoch > epoch)     # it is ticking
+        assert add(1, 1) == 2
+        ctypes.PyDLL(None).usleep(120_000)               # hold the GIL: the ticker starves
+        start = time.monotonic()
+        with pytest.raises(Trap) as ei:
+            inst.export_func("spin")()                   # the ticker catches up meanwhile
+        assert ei.value.kind == "deadline"
+        assert time.monotonic() - start >= 0.039
+    finally:
+        eng.close()
