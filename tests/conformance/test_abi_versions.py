@@ -135,3 +135,11 @@ async def test_wasmgate_run_exits_with_clear_error(tmp_path, upstream):
     assert proc.returncode != 0
     text = err.decode()
     assert "nomark" in text and "nomarker" in text, text
+
+
+async def test_initialize_preferred_over_start_and_main_called_once(tmp_path, upstream):
+    f = filter_entry("both", watlib.build("both_entries.wat", tmp_path))
+    async with probe_gateway(tmp_path, upstream, [f]) as (gw, s):
+        status, headers, _ = await fetch(s, gw.url("/both"))
+    assert status == 200
+    assert headers.get("x-entry") == "init=1;main=1"

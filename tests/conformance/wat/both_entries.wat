@@ -1,0 +1,31 @@
+;; both_entries.wat — exports both `_initialize` (reactor) and `_start` (command). cpp-host calls
+;; `_initialize` (+ `main` if exported) and never `_start` when `_initialize` exists; `_start`
+;; traps here. Response headers get `x-entry: init=<n>;main=<n>`.
+(module
+  (import "env" "proxy_add_header_map_value" (func $add_hv (param i32 i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (global $init (mut i32) (i32.const 0))
+  (global $main (mut i32) (i32.const 0))
+  (global $heap (mut i32) (i32.const 32768))
+  ;;@DATA
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param $n i32) (result i32)
+    (local $p i32)
+    (local.set $p (global.get $heap))
+    (global.set $heap (i32.and (i32.add (i32.add (global.get $heap) (local.get $n)) (i32.const 7)) (i32.const -8)))
+    (local.get $p))
+  (func (export "_initialize") (global.set $init (i32.add (global.get $init) (i32.const 1))))
+  (func (export "_start") unreachable)
+  (func (export "main") (param i32 i32) (result i32)
+    (global.set $main (i32.add (global.get $main) (i32.const 1)))
+    (i32.const 0))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_vm_start") (param i32 i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_configure") (param i32 i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_response_headers") (param $id i32) (param $n i32) (param $eos i32) (result i32)
+    (memory.copy (i32.const 1024) $S"init=0;main=0")
+    (i32.store8 (i32.const 1029) (i32.add (i32.const 48) (global.get $init)))
+    (i32.store8 (i32.const 1036) (i32.add (i32.const 48) (global.get $main)))
+    (if (i32.ne (call $add_hv (i32.const 2) $S"x-entry" (i32.const 1024) (i32.const 13)) (i32.const 0)) (then unreachable))
+    (i32.const 0))
+)
