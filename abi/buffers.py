@@ -44,18 +44,19 @@ class HeaderMap:
     def replace(self, name: str, value: str) -> None:
         """Envoy setCopy: the first occurrence takes the value, later ones go."""
         self._ser = None
-        out = []
-        done = False
-        for k, v in self.items:
+        items = self.items
+        first = -1
+        for i, (k, _v) in enumerate(items):
             if k == name:
-                if not done:
-                    out.append((k, value))
-                    done = True
-            else:
-                out.append((k, v))
-        if not done:
-            out.append((name, value))
-        self.items[:] = out
+                if first < 0:
+                    first = i
+                else:
+                    items[:] = [kv for j, kv in enumerate(items) if j <= first or kv[0] != name]
+                    break
+        if first < 0:
+            items.append((name, value))
+        else:
+            items[first] = (name, value)
 
     def remove(self, name: str) -> None:
         if any(k == name for k, _ in self.items):
