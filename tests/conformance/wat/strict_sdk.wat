@@ -9,7 +9,7 @@
 ;;   * any HTTP callback (incl. on_log) for an unknown / already deleted context;
 ;;   * a serialized map that is 1..3 bytes long or does not parse per §4.1;
 ;;   * on_http_call_response with an unknown token.
-;; Host deviations the SDK would tolerate (zero-length result with a non-null pointer,
+;; Host deviations the SDK would tolerate (re-entrant calls, zero-length result with a non-null pointer,
 ;; a result pointer that did not come from our allocator, configuration truncated, ...)
 ;; are recorded as bits in $violations and reported in every response.
 ;;
@@ -470,7 +470,7 @@
     (call $setup)
     (call $tr $S"init"))
 
-  (func (export "proxy_on_context_create") (param $id i32) (param $parent i32)
+  (func $impl_proxy_on_context_create (param $id i32) (param $parent i32)
     (local $r i32) (local $b i32)
     (call $setup)
     (if (i32.eqz (local.get $id)) (then unreachable))
@@ -492,7 +492,7 @@
     (call $tr_arg (local.get $id))
     (call $tr_arg (local.get $parent)))
 
-  (func (export "proxy_on_vm_start") (param $id i32) (param $size i32) (result i32)
+  (func $impl_proxy_on_vm_start (param $id i32) (param $size i32) (result i32)
     (local $st i32)
     (drop (call $root (local.get $id)))
     (call $tr $S"vm_start")
@@ -506,7 +506,7 @@
     (if (i32.ne (i32.load (i32.const 20)) (local.get $size)) (then (call $violate (i32.const 8))))
     (i32.const 1))
 
-  (func (export "proxy_on_configure") (param $id i32) (param $size i32) (result i32)
+  (func $impl_proxy_on_configure (param $id i32) (param $size i32) (result i32)
     (local $st i32)
     (drop (call $root (local.get $id)))
     (call $tr $S"configure")
@@ -545,7 +545,7 @@
       (then (return (i32.const 0))))
     (i32.const 1))
 
-  (func (export "proxy_on_tick") (param $id i32)
+  (func $impl_proxy_on_tick (param $id i32)
     (drop (call $root (local.get $id)))
     (call $tr $S"tick")
     (call $tr_arg (local.get $id))
@@ -555,7 +555,7 @@
       (then (drop (call $expect (call $set_tick (i32.const 0)) (i32.const 1))))))
 
 
-  (func (export "proxy_on_done") (param $id i32) (result i32)
+  (func $impl_proxy_on_done (param $id i32) (result i32)
     (local $r i32)
     (local.set $r (call $any_ctx (local.get $id)))
     (call $tr $S"done")
@@ -563,7 +563,7 @@
     ;; false: "I will call proxy_done() later" (Envoy ignores it for HTTP streams)
     (i32.ne (i32.load offset=16 (local.get $r)) (i32.const 44)))
 
-  (func (export "proxy_on_log") (param $id i32)
+  (func $impl_proxy_on_log (param $id i32)
     (local $r i32) (local $st i32)
     (local.set $r (call $any_ctx (local.get $id)))
     (call $tr $S"log")
@@ -597,7 +597,7 @@
         (if (i32.eqz (local.get $st))
           (then (call $b_hex (i32.const 32768) (i32.load (i32.const 16)) (i32.load (i32.const 20))))))))
 
-  (func (export "proxy_on_delete") (param $id i32)
+  (func $impl_proxy_on_delete (param $id i32)
     (local $r i32)
     (local.set $r (call $any_ctx (local.get $id)))
     (call $tr $S"delete")
@@ -605,7 +605,7 @@
     (i32.store offset=8 (local.get $r) (i32.const 0)))
 
   ;; ------------------------------------------------------------------ request headers
-  (func (export "proxy_on_request_headers") (param $id i32) (param $n i32) (param $eos i32) (result i32)
+  (func $impl_proxy_on_request_headers (param $id i32) (param $n i32) (param $eos i32) (result i32)
     (local $r i32) (local $st i32) (local $act i32) (local $cnt i32) (local $b i32) (local $k i32)
     (local.set $r (call $http (local.get $id)))
     (call $tr $S"req_hdrs")
@@ -893,7 +893,7 @@
     (call $rep_u32 (local.get $r) $S"token" (local.get $tok))
     (i32.const 1))
 
-  (func (export "proxy_on_http_call_response") (param $root i32) (param $tok i32) (param $nh i32) (param $bs i32) (param $nt i32)
+  (func $impl_proxy_on_http_call_response (param $root i32) (param $tok i32) (param $nh i32) (param $bs i32) (param $nt i32)
     (local $r i32) (local $q i32) (local $st i32) (local $cnt i32)
     (drop (call $root (local.get $root)))
     (call $tr $S"call_resp")
@@ -1096,7 +1096,7 @@
     (call $rep_u32 (local.get $r) $S"qenq_unknown"
       (call $expect (call $enqueue_q (i32.const 0x7ffffff0) $S"x") (i32.const 3))))
 
-  (func (export "proxy_on_queue_ready") (param $id i32) (param $q i32)
+  (func $impl_proxy_on_queue_ready (param $id i32) (param $q i32)
     (local $st i32)
     (drop (call $root (local.get $id)))
     (call $tr $S"queue")
@@ -1129,7 +1129,7 @@
       (call $expect (call $call_foreign $S"no_such_function" $S"args" (i32.const 16) (i32.const 20)) (i32.const 1039))))
 
   ;; ------------------------------------------------------------------ bodies
-  (func (export "proxy_on_request_body") (param $id i32) (param $size i32) (param $eos i32) (result i32)
+  (func $impl_proxy_on_request_body (param $id i32) (param $size i32) (param $eos i32) (result i32)
     (local $r i32) (local $act i32) (local $st i32) (local $b i32) (local $new i32) (local $nn i32)
     (local.set $r (call $http (local.get $id)))
     (call $tr $S"req_body")
@@ -1192,14 +1192,14 @@
         (return (i32.const 0))))
     (i32.const 0))
 
-  (func (export "proxy_on_request_trailers") (param $id i32) (param $n i32) (result i32)
+  (func $impl_proxy_on_request_trailers (param $id i32) (param $n i32) (result i32)
     (drop (call $http (local.get $id)))
     (call $tr $S"req_trl")
     (call $tr_arg (local.get $id))
     (call $tr_arg (local.get $n))
     (i32.const 0))
 
-  (func (export "proxy_on_response_headers") (param $id i32) (param $n i32) (param $eos i32) (result i32)
+  (func $impl_proxy_on_response_headers (param $id i32) (param $n i32) (param $eos i32) (result i32)
     (local $r i32) (local $act i32) (local $st i32) (local $cnt i32)
     (local.set $r (call $http (local.get $id)))
     (call $tr $S"resp_hdrs")
@@ -1244,7 +1244,7 @@
                         (i32.const 1)))
     (i32.const 0))
 
-  (func (export "proxy_on_response_body") (param $id i32) (param $size i32) (param $eos i32) (result i32)
+  (func $impl_proxy_on_response_body (param $id i32) (param $size i32) (param $eos i32) (result i32)
     (local $r i32) (local $st i32) (local $new i32) (local $nn i32)
     (local.set $r (call $http (local.get $id)))
     (call $tr $S"resp_body")
@@ -1267,10 +1267,97 @@
         (return (i32.const 0))))
     (i32.const 0))
 
-  (func (export "proxy_on_response_trailers") (param $id i32) (param $n i32) (result i32)
+  (func $impl_proxy_on_response_trailers (param $id i32) (param $n i32) (result i32)
     (drop (call $http (local.get $id)))
     (call $tr $S"resp_trl")
     (call $tr_arg (local.get $id))
     (call $tr_arg (local.get $n))
     (i32.const 0))
+
+  ;; ------------------------------------------------------------------ re-entrancy guard
+  ;; The host must never call into the guest while a guest call is running (apart from the
+  ;; allocator): every callback goes through $enter/$leave; nesting sets violation bit 128.
+  (global $busy (mut i32) (i32.const 0))
+  (func $enter
+    (if (global.get $busy) (then (call $violate (i32.const 128))))
+    (global.set $busy (i32.const 1)))
+  (func $leave (global.set $busy (i32.const 0)))
+  (func (export "proxy_on_context_create") (param i32 i32)
+    (call $enter)
+    (call $impl_proxy_on_context_create (local.get 0) (local.get 1))
+    (call $leave))
+  (func (export "proxy_on_vm_start") (param i32 i32) (result i32)
+    (local $ret i32)
+    (call $enter)
+    (local.set $ret (call $impl_proxy_on_vm_start (local.get 0) (local.get 1)))
+    (call $leave)
+    (local.get $ret))
+  (func (export "proxy_on_configure") (param i32 i32) (result i32)
+    (local $ret i32)
+    (call $enter)
+    (local.set $ret (call $impl_proxy_on_configure (local.get 0) (local.get 1)))
+    (call $leave)
+    (local.get $ret))
+  (func (export "proxy_on_tick") (param i32)
+    (call $enter)
+    (call $impl_proxy_on_tick (local.get 0))
+    (call $leave))
+  (func (export "proxy_on_queue_ready") (param i32 i32)
+    (call $enter)
+    (call $impl_proxy_on_queue_ready (local.get 0) (local.get 1))
+    (call $leave))
+  (func (export "proxy_on_done") (param i32) (result i32)
+    (local $ret i32)
+    (call $enter)
+    (local.set $ret (call $impl_proxy_on_done (local.get 0)))
+    (call $leave)
+    (local.get $ret))
+  (func (export "proxy_on_log") (param i32)
+    (call $enter)
+    (call $impl_proxy_on_log (local.get 0))
+    (call $leave))
+  (func (export "proxy_on_delete") (param i32)
+    (call $enter)
+    (call $impl_proxy_on_delete (local.get 0))
+    (call $leave))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (local $ret i32)
+    (call $enter)
+    (local.set $ret (call $impl_proxy_on_request_headers (local.get 0) (local.get 1) (local.get 2)))
+    (call $leave)
+    (local.get $ret))
+  (func (export "proxy_on_request_body") (param i32 i32 i32) (result i32)
+    (local $ret i32)
+    (call $enter)
+    (local.set $ret (call $impl_proxy_on_request_body (local.get 0) (local.get 1) (local.get 2)))
+    (call $leave)
+    (local.get $ret))
+  (func (export "proxy_on_request_trailers") (param i32 i32) (result i32)
+    (local $ret i32)
+    (call $enter)
+    (local.set $ret (call $impl_proxy_on_request_trailers (local.get 0) (local.get 1)))
+    (call $leave)
+    (local.get $ret))
+  (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32)
+    (local $ret i32)
+    (call $enter)
+    (local.set $ret (call $impl_proxy_on_response_headers (local.get 0) (local.get 1) (local.get 2)))
+    (call $leave)
+    (local.get $ret))
+  (func (export "proxy_on_response_body") (param i32 i32 i32) (result i32)
+    (local $ret i32)
+    (call $enter)
+    (local.set $ret (call $impl_proxy_on_response_body (local.get 0) (local.get 1) (local.get 2)))
+    (call $leave)
+    (local.get $ret))
+  (func (export "proxy_on_response_trailers") (param i32 i32) (result i32)
+    (local $ret i32)
+    (call $enter)
+    (local.set $ret (call $impl_proxy_on_response_trailers (local.get 0) (local.get 1)))
+    (call $leave)
+    (local.get $ret))
+  (func (export "proxy_on_http_call_response") (param i32 i32 i32 i32 i32)
+    (call $enter)
+    (call $impl_proxy_on_http_call_response (local.get 0) (local.get 1) (local.get 2) (local.get 3) (local.get 4))
+    (call $leave))
 )
