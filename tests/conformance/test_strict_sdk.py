@@ -806,3 +806,53 @@ async def test_304_response_has_end_of_stream_in_headers(tmp_path, upstream):
     assert status == 304 and body == b""
     assert one(rep, "reos") == "1", rep
     assert body_calls == []
+
+
+async def test_mixed_concurrent_requests_keep_contexts_apart(tmp_path, upstream):
+    """Callouts, paused bodies, local replies and body rewrites interleave on one instance."""
+    kinds = ["plain", "call", "body", "reply", "resp-body"]
+
+    async def one_request(i):
+        kind = kinds[i % len(kinds)]
+        if kind == "plain":
+            return kind, i, await fetch(s, gw.url(f"/mix/{i}"))
+        if kind == "call":
+            return kind, i, await fetch(s, gw.url(f"/mix/{i}"), headers={"x-act": "call", "x-cluster": "callout"})
+        if kind == "body":
+            return kind, i, await fetch(s, gw.url(f"/mix/{i}"), method="POST", data=f"body-{i}".encode() * 50,
+                                        headers={"x-act": "body"})
+        if kind == "reply":
+            return kind, i, await fetch(s, gw.url(f"/mix/{i}"), headers={"x-act": "reply-hdrs"})
+        return kind, i, await fetch(s, gw.url(f"/mix/{i}"), headers={"x-act": "resp-body"})
+
+    async with probe_gateway(tmp_path, upstream, [probe_filter(tmp_path)]) as (gw, s):
+        results = await asyncio.gather(*[one_request(i) for i in range(40)])
+        ctxs = []
+        for kind, i, (status, headers, body) in results:
+            if kind == "reply":
+                assert status == 403 and body == b"denied in request headers"
+                continue
+            assert status == 200, (kind, i, status, body[:200])
+            if kind == "resp-body":
+                assert body.startswith(b"rewritten: ")
+                assert json.loads(body[len(b"rewritten: "):])["path"] == f"/mix/{i}"
+                continue
+            rep = report_of(headers)
+            ctxs.append(one(rep, "ctx"))
+            assert json.loads(body)["path"] == f"/mix/{i}"
+            if kind == "call":
+                assert one(rep, "cbody") == "callout-ok"
+            if kind == "body":
+                assert json.loads(body)["body"] == "<<tagged:" + f"body-{i}" * 50 + ">>"
+        assert len(set(ctxs)) == len(ctxs)
+        # everything torn down exactly once, nothing poisoned: a fresh request is clean
+        await asyncio.sleep(0.2)
+        trace = await get_trace(s, gw, "p1")
+        status, headers, _ = await fetch(s, gw.url("/after-mix"))
+        assert status == 200
+        report_of(headers)
+    assert trace.count(("init",)) == 1
+    created = [e[1] for e in trace if e[0] == "create" and e[2] != "0"]
+    deleted = [e[1] for e in trace if e[0] == "delete"]
+    assert sorted(deleted) == sorted(set(deleted))
+    assert set(created) - set(deleted) <= {created[-1]}      # only the trace request is still live
