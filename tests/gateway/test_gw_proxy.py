@@ -434,3 +434,48 @@ async def test_upstream_short_small_body_is_502(tmp_path):
         async with run_gateway(basic_yaml(up.port), tmp_path) as gw:
             status, _, body = await get_status(gw.url("/"))
     assert status == 502 and b"upstream connection reset" in body
+
+
+async def test_upstream_close_delimited_and_bodyless_statuses(tmp_path):
+    async def handler(reader, writer):
+        while head := await read_request_head(reader):
+            path = head.split(b" ")[1]
+            if path == b"/eof":
+                writer.write(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the end")
+                await writer.drain()
+                writer.close()
+                return
+            status = path[1:].decode()
+            writer.write(f"HTTP/1.1 {status} X\r\nContent-Length: 0\r\n\r\n".encode() if status == "304"
+                         else f"HTTP/1.1 {status} X\r\n\r\n".encode())
+            await writer.drain()
+
+    async with raw_upstream(handler) as up:
+        async with run_gateway(basic_yaml(up.port), tmp_path) as gw:
+            raw = await raw_exchange(gw.port(), b"GET /eof HTTP/1.1\r\nHost: h\r\n\r\nGET /204 HTTP/1.1\r\nHost: h\r\n\r\n"
+                                     b"GET /304 HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+    assert raw.count(b"HTTP/1.1 ") == 3, raw
+    head204 = raw.index(b"HTTP/1.1 204")
+    head304 = raw.index(b"HTTP/1.1 304")
+    assert raw[head204:head304].endswith(b"\r\n\r\n") and b"content-length" not in raw[head204:head304]
+    first = split_responses(raw[:head204])[0]
+    third = split_responses(raw[head304:])[0]
+    assert first[0] == 200 and first[1]["transfer-encoding"] == "chunked" and first[2] == b"until the end"
+    assert third[0] == 304 and third[2] == b""
+
+
+async def test_concurrent_clients_all_served_and_counters_settle(upstream, tmp_path):
+    async with run_gateway(basic_yaml(upstream.port, cluster_extra=", max_connections: 16"), tmp_path) as gw:
+        async def client(i):
+            async with aiohttp.ClientSession() as s:
+                for j in range(6):
+                    async with s.post(gw.url(f"/c{i}/{j}"), data=b"x" * (i * 100 + j)) as r:
+                        echo = await r.json()
+                        assert echo["body_length"] == i * 100 + j and echo["path"] == f"/c{i}/{j}"
+        async with asyncio.timeout(30):
+            await asyncio.gather(*(client(i) for i in range(50)))
+        pools = gw.gateway.generation.upstreams.pools
+        assert pools["backend"].open <= 16
+        assert gw.gateway.metrics.active_requests == 0
+        assert gw.gateway.metrics.requests[("all", 200)] == 300
+    assert len(upstream.requests) == 300
