@@ -21,7 +21,7 @@ from bench import gateway_cfg as gcfg
 from bench.nginx import start_nginx
 from bench.procs import (Proc, free_port, http_get, install_signal_handlers, loadavg,
                          own_cpu_seconds, stop_all, system_busy_seconds, tree_cpu_seconds,
-                         wait_ready)
+                         tree_pids, wait_ready)
 from bench.tools import ROOT, ensure_tools, machine_info
 from bench.wrk import WrkResult, run_wrk
 
@@ -146,28 +146,31 @@ class Bench:
         res = self.wrk(url, self.args.duration, headers)
         cpu1, mark1 = tree_cpu_seconds(proc.pid), self.foreign_mark()
         foreign = self.foreign_share(mark0, mark1, cpu1 - cpu0, res.duration_s)
-        if not res.ok():
-            raise Failed(f"{name}: measured run had {res.non_2xx} non-2xx responses and "
-                         f"{res.socket_errors} socket errors out of {res.requests}")
-        cpu_us = (cpu1 - cpu0) / res.requests * 1e6
-        self.scenarios[name] = {"rps": round(res.rps, 1), "p50_ms": round(res.p50_ms, 3),
-                                "p99_ms": round(res.p99_ms, 3),
-                                "cpu_us_per_req": round(cpu_us, 1)}
+        cpu_us = (cpu1 - cpu0) / res.requests * 1e6 if res.requests else float("nan")
+        measured = {"rps": round(res.rps, 1), "p50_ms": round(res.p50_ms, 3),
+                    "p99_ms": round(res.p99_ms, 3), "cpu_us_per_req": round(cpu_us, 1)}
         self.details[name] = {
             "requests": res.requests, "duration_s": round(res.duration_s, 3),
+            "non_2xx": res.non_2xx, "socket_errors": res.socket_errors,
             "p90_ms": round(res.p90_ms, 3), "max_ms": round(res.max_ms, 3),
             "proxy_cpu_s": round(cpu1 - cpu0, 3),
             "proxy_cpu_utilisation": round((cpu1 - cpu0) / res.duration_s, 3),
-            "proxy_processes": len(__import__("bench.procs").procs.tree_pids(proc.pid)),
+            "proxy_processes": len(tree_pids(proc.pid)),
             "proxy_cpus": cpus or "any", "wrk_cpus": self.load_cpus or "any",
             "connections": self.args.connections,
             "warmup": {"requests": warm.requests, "rps": round(warm.rps, 1)},
             "loadavg_before": load,
             "foreign_cpu_share": foreign,
         }
+        self.warn_foreign(name, foreign)
+        if not res.ok():
+            # numbers kept in details for diagnosis, but not reported as the scenario's result
+            self.details[name]["rejected_result"] = measured
+            raise Failed(f"{name}: measured run had {res.non_2xx} non-2xx responses and "
+                         f"{res.socket_errors} socket errors out of {res.requests}")
+        self.scenarios[name] = measured
         log(f"  {name}: {res.rps:,.0f} req/s  p50 {res.p50_ms:.2f} ms  p99 {res.p99_ms:.2f} ms  "
             f"CPU {cpu_us:.1f} µs/req  (proxy busy {(cpu1 - cpu0) / res.duration_s:.2f} cores)")
-        self.warn_foreign(name, foreign)
         return res
 
     # ---------------------------------------------------------------- gateway
