@@ -338,10 +338,17 @@ async def test_properties_envoy_encoding(tmp_path, upstream):
     assert st in (0, 1)
     if st == 0:
         assert code == struct.pack("<q", 200)
+    assert prop(rep, "p_host") == (0, f"127.0.0.1:{gw.port()}".encode())
+    assert prop(rep, "p_dest") == (0, f"127.0.0.1:{gw.port()}".encode())
+    st, rh = prop(rep, "p_resp_headers")
+    assert st == 0 and ("x-upstream", "echo") in decode_map(rh)
     # response.code in on_log: int64 LE, 200 -> c8 00 00 00 00 00 00 00
     assert trace, "on_log not seen"
     codes = [e for e in trace if e[0] == "code"]
     assert codes and codes[-1][1:] == ("0", "c800000000000000"), codes
+    rhp = [e for e in trace if e[0] == "resp_headers_prop"]
+    assert rhp and rhp[-1][1] == "0", rhp
+    assert ("x-upstream", "echo") in decode_map(bytes.fromhex(rhp[-1][2]))
 
 
 # ---------------------------------------------------------------- http_call

@@ -317,6 +317,12 @@
     (global.set $last_size (local.get $size))
     (local.get $p))
 
+  ;; TinyGo modules export libc `malloc` too; the host should use proxy_on_memory_allocate
+  ;; (reference §2.1, wasilibs/nottinygc#31): using malloc sets violation bit 256
+  (func (export "malloc") (param $size i32) (result i32)
+    (call $violate (i32.const 256))
+    (call $alloc (local.get $size)))
+
   ;; ------------------------------------------------------------------ contexts
   ;; record: +0 id +4 parent +8 kind(0 free,1 root,2 http) +12 flags +16 act +20 report builder
   ;;         +24 token +28 pending +32 ret value +36 body rewrite flag
@@ -595,6 +601,14 @@
         (call $tr_arg (local.get $st))
         (call $b_byte (i32.const 32768) (i32.const 58))
         (if (i32.eqz (local.get $st))
+          (then (call $b_hex (i32.const 32768) (i32.load (i32.const 16)) (i32.load (i32.const 20)))))
+        (call $clear_ret)
+        (local.set $st (call $expect (call $get_property $S"response\00headers" (i32.const 16) (i32.const 20)) (i32.const 1035)))
+        (call $check_ret (local.get $st))
+        (call $tr $S"resp_headers_prop")
+        (call $tr_arg (local.get $st))
+        (call $b_byte (i32.const 32768) (i32.const 58))
+        (if (i32.eqz (local.get $st))
           (then (call $b_hex (i32.const 32768) (i32.load (i32.const 16)) (i32.load (i32.const 20))))))))
 
   (func $impl_proxy_on_delete (param $id i32)
@@ -854,6 +868,7 @@
     (call $prop (local.get $r) $S"p_vm_id" $S"plugin_vm_id")
     (call $prop (local.get $r) $S"p_conn_id" $S"connection\00id")
     (call $prop (local.get $r) $S"p_query" $S"request\00query")
+    (call $prop (local.get $r) $S"p_dest" $S"destination\00address")
     (drop (call $expect (call $set_property $S"probe_custom" $S"hello-prop") (i32.const 1)))
     (call $prop (local.get $r) $S"p_custom" $S"probe_custom"))
 
@@ -1232,7 +1247,9 @@
     (if (i32.eq (local.get $act) (i32.const 36))
       (then (drop (call $expect (call $replace_hv (i32.const 2) $S":status" $S"202") (i32.const 1)))))
     (if (i32.eq (local.get $act) (i32.const 7))
-      (then (call $prop (local.get $r) $S"p_resp_code" $S"response\00code")))
+      (then
+        (call $prop (local.get $r) $S"p_resp_code" $S"response\00code")
+        (call $prop (local.get $r) $S"p_resp_headers" $S"response\00headers")))
     (if (i32.eq (local.get $act) (i32.const 17)) (then (return (i32.load offset=32 (local.get $r)))))
     (drop (call $expect (call $add_hv (i32.const 2) $S"x-chain-resp" (call $b_data (i32.const 256)) (call $b_len (i32.const 256))) (i32.const 1)))
     (call $rep_u32 (local.get $r) $S"viol" (global.get $violations))
