@@ -515,15 +515,11 @@ class Filter:
     # -- shutdown (reference §2.6) -----------------------------------------------------------
 
     async def close(self) -> None:
-        self.closed = True
-        self._cancel_tick()
+        # Ticks and callouts keep working while the root finishes (on_done false → proxy_done).
         if self._rebuild_handle is not None:
             self._rebuild_handle.cancel()
-        for task, _origin in list(self._calls.values()):
-            task.cancel()
-        self._calls.clear()
         root = self.root
-        if self.instance is not None and root is not None:
+        if self.instance is not None and root is not None and not self.closed:
             try:
                 done = self.call(root, "proxy_on_done", root.id) if self.has("proxy_on_done") else 1
                 if done == 0:
@@ -537,6 +533,13 @@ class Filter:
                     self._delete_root(root)
             except FilterFailure:
                 pass
+        self.closed = True
+        self._cancel_tick()
+        if self._rebuild_handle is not None:
+            self._rebuild_handle.cancel()
+        for task, _origin in list(self._calls.values()):
+            task.cancel()
+        self._calls.clear()
         if self.instance is not None:
             self.instance.close()
             self.instance = None

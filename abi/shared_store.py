@@ -61,7 +61,7 @@ class LocalStore:
         self._queue_ids: dict[str, int] = {}
         self._queues: dict[int, deque[bytes]] = {}
         self._callbacks: list[QueueCallback] = []
-        self.queue_drops = 0
+        self.queue_refusals = 0
         self._metric_ids: dict[int, _Metric] = {}
         self._metrics_by_name: dict[tuple[int, str], _Metric] = {}
         self._next_metric = [MetricType.COUNTER, MetricType.GAUGE, MetricType.HISTOGRAM]
@@ -105,8 +105,9 @@ class LocalStore:
         if q is None:
             return Status.NOT_FOUND
         if len(q) >= self.max_queue_items:
-            q.popleft()              # bounded memory: the oldest item goes, counted
-            self.queue_drops += 1
+            # Full: refuse the new item (as the gateway-wide ShmStore does), never drop silently.
+            self.queue_refusals += 1
+            return Status.INTERNAL_FAILURE
         q.append(data)
         for cb in self._callbacks:
             cb(qid)

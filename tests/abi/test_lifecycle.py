@@ -36,3 +36,39 @@ async def test_body_without_content_length_ends_with_empty_chunk(load, trace):
     assert await collect(fwd.body) == b"abcde"
     assert [l for l in trace.lines("f") if "body" in l] == [
         "proxy_on_request_body 2 3 0", "proxy_on_request_body 2 2 0", "proxy_on_request_body 2 0 1"]
+
+
+async def test_root_teardown_waits_for_proxy_done(load, trace):
+    # on_done(root) answers false; the plugin finishes on a later tick with proxy_done; only
+    # then does the host call on_delete(root) (cpp-host pending_done_).
+    from abi_wat import status
+    w = Wat()
+    w.on("proxy_on_done",
+         w.trace("proxy_on_done", 1)
+         + "(if (i32.eq (local.get $a) (i32.const 1)) (then "
+         "(drop (call $proxy_set_tick_period_milliseconds (i32.const 5))) (return (i32.const 0))))"
+         " (i32.const 1)")
+    w.on("proxy_on_tick", w.trace("tick", 1) + status(w, "done", "(call $proxy_done)")
+         + "(drop (call $proxy_set_tick_period_milliseconds (i32.const 0)))")
+    host = await load(w)
+    trace.records.clear()
+    await host.close()
+    assert trace.lines("f") == ["proxy_on_done 1", "tick 1", "done 0", "proxy_on_delete 1"]
+
+
+async def test_context_ids_unique_and_per_filter(load, trace):
+    host = await load({"a": Wat(), "b": Wat()})
+    trace.records.clear()
+    for _ in range(2):
+        s = host.stream(["a", "b"], info())
+        await s.request(REQ, None)
+        await s.response(200, [], None)
+        await s.finish(LogInfo())
+    creates = [l for l in trace.lines("a") if l.startswith("proxy_on_context_create")]
+    assert creates == ["proxy_on_context_create 2 1", "proxy_on_context_create 3 1"]
+    # on_delete is always the last call for a context
+    for name in ("a", "b"):
+        lines = trace.lines(name)
+        for cid in ("2", "3"):
+            mine = [l for l in lines if l.split()[1:2] == [cid]]
+            assert mine[-1] == f"proxy_on_delete {cid}"

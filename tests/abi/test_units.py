@@ -1,0 +1,110 @@
+"""Unit tests of the host's building blocks: header maps, body buffers, store, properties."""
+from __future__ import annotations
+
+import struct
+
+from abi.api import LogInfo
+from abi.buffers import BodyBuffer, HeaderMap
+from abi.enums import MetricType, Status
+from abi.properties import PropertySource, RootFacts, get_property
+from abi.shared_store import LocalStore
+
+from abi_helpers import info
+
+
+def test_header_replace_keeps_first_position_and_drops_duplicates():
+    m = HeaderMap([("a", "1"), ("b", "2"), ("a", "3"), ("c", "4"), ("a", "5")])
+    m.replace("a", "x")
+    assert m.items == [("a", "x"), ("b", "2"), ("c", "4")]
+    m.replace("d", "y")
+    assert m.items[-1] == ("d", "y")
+
+
+def test_header_serialization_cache_invalidated_on_edit():
+    m = HeaderMap([("a", "1")])
+    before = m.serialized()
+    m.add("b", "2")
+    assert m.serialized() != before and struct.unpack_from("<I", m.serialized())[0] == 2
+    m.remove("a")
+    m.remove("zzz")
+    assert m.items == [("b", "2")]
+
+
+def test_body_buffer_envoy_write_semantics():
+    b = BodyBuffer()
+    b.append(b"hello")
+    b.append(b" world")
+    assert b.size == 11 and b.read(6, 100) == b"world" and b.read(20, 5) == b""
+    assert b.write(0, 5, b"HELLO") == Status.OK and b.data() == b"HELLO world"
+    assert b.write(3, 1, b"?") == Status.BAD_ARGUMENT
+    assert b.write(b.size, 0, b"!") == Status.OK and b.data() == b"HELLO world!"
+    assert BodyBuffer(writable=False, data=b"x").write(0, 0, b"y") == Status.BAD_ARGUMENT
+
+
+def test_shared_data_cas_semantics():
+    s = LocalStore()
+    assert s.get(b"k") is None
+    assert s.set(b"k", b"v", 12345) == Status.OK          # cas on a missing key still creates
+    v, cas = s.get(b"k")
+    assert v == b"v" and cas != 0
+    assert s.set(b"k", b"w", cas + 1) == Status.CAS_MISMATCH
+    assert s.set(b"k", b"w", cas) == Status.OK
+    assert s.get(b"k")[1] != cas
+    assert s.set(b"k", b"z", 0) == Status.OK               # cas 0: unconditional
+
+
+def test_shared_data_budget():
+    s = LocalStore(max_bytes=10)
+    assert s.set(b"k", b"12345", 0) == Status.OK
+    assert s.set(b"k2", b"123456", 0) == Status.INTERNAL_FAILURE
+    assert s.set(b"k", b"1", 0) == Status.OK                 # shrinking frees budget
+    assert s.set(b"k2", b"1234", 0) == Status.OK
+
+
+def test_queues_and_callbacks():
+    s = LocalStore(max_queue_items=2)
+    seen = []
+    s.on_enqueue(seen.append)
+    q = s.register_queue("q")
+    assert s.register_queue("q") == q and s.resolve_queue("q") == q and s.resolve_queue("x") is None
+    assert s.dequeue(q) == Status.EMPTY and s.dequeue(99) == Status.NOT_FOUND
+    assert s.enqueue(q, b"1") == Status.OK and s.enqueue(q, b"2") == Status.OK
+    assert s.enqueue(q, b"3") == Status.INTERNAL_FAILURE     # full: refused, not dropped
+    assert s.enqueue(99, b"x") == Status.NOT_FOUND
+    assert seen == [q, q]
+    assert s.dequeue(q) == b"1" and s.dequeue(q) == b"2"
+
+
+def test_metric_ids_encode_type_like_envoy():
+    s = LocalStore()
+    c1, c2 = s.define_metric(MetricType.COUNTER, "a"), s.define_metric(MetricType.COUNTER, "a")
+    g = s.define_metric(MetricType.GAUGE, "g")
+    h = s.define_metric(MetricType.HISTOGRAM, "h")
+    assert (c1 % 4, g % 4, h % 4) == (0, 1, 2) and c1 != c2
+    assert s.increment_metric(c1, 2) == Status.OK and s.increment_metric(c2, 3) == Status.OK
+    assert s.get_metric(c1) == (Status.OK, 5)                # both ids name one stat
+    assert s.record_metric(g, 9) == Status.OK and s.get_metric(g) == (Status.OK, 9)
+    assert s.increment_metric(c1, 0) == Status.BAD_ARGUMENT
+
+
+def test_properties_after_completion():
+    class Facts:
+        pass
+    f = Facts()
+    f.info = info()
+    f.request_headers = HeaderMap([(":path", "/a?b=c"), ("x-request-id", "rid"), ("cookie", "1"), ("cookie", "2")])
+    f.response_headers = HeaderMap([(":status", "404")])
+    f.log = LogInfo(status=404, bytes_in=3, bytes_out=9, duration_ns=1234)
+    f.custom = {}
+    src = PropertySource("p", f)
+    assert get_property(src, b"response\0code") == struct.pack("<q", 404)
+    assert get_property(src, b"request\0duration") == struct.pack("<q", 1234)
+    assert get_property(src, b"request\0id") == b"rid"
+    assert get_property(src, b"request\0headers\0cookie") == b"1,2"
+    assert get_property(src, b"request\0time") == struct.pack("<q", 1_700_000_000_000_000_000)
+    assert get_property(src, b"connection\0id") == struct.pack("<Q", 7)
+    assert get_property(src, b"connection\0mtls") == b"\x00"
+    assert get_property(src, b"destination\0port") == struct.pack("<q", 8080)
+    root = PropertySource("p", RootFacts())
+    assert get_property(root, b"request\0path") is None
+    assert get_property(root, b"plugin_name") == b"p"
