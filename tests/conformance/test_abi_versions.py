@@ -143,3 +143,20 @@ async def test_initialize_preferred_over_start_and_main_called_once(tmp_path, up
         status, headers, _ = await fetch(s, gw.url("/both"))
     assert status == 200
     assert headers.get("x-entry") == "init=1;main=1"
+
+
+async def test_wasmgate_check_reports_unloadable_filters(tmp_path, upstream):
+    """`wasmgate check` promises to list every error before deployment; a filter that cannot
+    load (no ABI marker, unknown import) is such an error."""
+    marker = watlib.build("nomarker.wat", tmp_path)
+    unknown = watlib.build("unknown_import.wat", tmp_path)
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(gateway_yaml(upstream.port, [filter_entry("nomark", marker), filter_entry("unknown", unknown)],
+                                [{"name": "all", "cluster": "backend", "filters": ["nomark", "unknown"]}]))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway.cli", "check", str(cfg), cwd=str(ROOT),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=30)
+    text = (out + err).decode()
+    assert proc.returncode != 0, text
+    assert "nomarker.wat" in text and "foo_bar" in text, text
