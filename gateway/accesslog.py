@@ -9,6 +9,9 @@ import time
 from typing import IO
 
 _FLUSH_S = 0.2
+# The line is formatted by hand: json.dumps costs several µs per request on the hot path.
+# Strings go through json's C string escaper, so the output is still strict JSON.
+_q = json.encoder.encode_basestring_ascii   # type: ignore[attr-defined]
 
 
 class AccessLog:
@@ -40,13 +43,11 @@ class AccessLog:
               error: str = "") -> None:
         if not self.enabled:
             return
-        entry = {"time": self._time(time.time()), "request_id": request_id, "client": client,
-                 "method": method, "path": path, "status": status, "bytes_in": bytes_in,
-                 "bytes_out": bytes_out, "route": route, "upstream": upstream,
-                 "duration_ms": round(duration_ms, 3), "worker": self._pid}
-        if error:
-            entry["error"] = error
-        self._pending.append(json.dumps(entry, separators=(",", ":")))
+        line = (f'{{"time":"{self._time(time.time())}","request_id":{_q(request_id)},"client":{_q(client)},'
+                f'"method":{_q(method)},"path":{_q(path)},"status":{int(status)},"bytes_in":{int(bytes_in)},'
+                f'"bytes_out":{int(bytes_out)},"route":{_q(route)},"upstream":{_q(upstream)},'
+                f'"duration_ms":{duration_ms:.3f},"worker":{self._pid}')
+        self._pending.append(f'{line},"error":{_q(error)}}}' if error else line + "}")
         if self._timer is None:
             try:
                 self._timer = asyncio.get_running_loop().call_later(_FLUSH_S, self.flush)

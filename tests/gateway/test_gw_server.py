@@ -221,3 +221,14 @@ async def test_cli_worker_crash_is_restarted(tmp_path):
                     await asyncio.sleep(0.1)
             assert ok == 10
         assert gw.proc.returncode == 0
+
+
+async def test_access_log_lines_are_strict_json_with_escaping(tmp_path):
+    from gateway.accesslog import AccessLog
+    log = AccessLog(str(tmp_path / "a.log"))
+    log.write(request_id='id"\n\u00e9', client="127.0.0.1:1", method="GET", path='/p?"q"=\\', status=400,
+              bytes_in=1, bytes_out=2, route="", upstream="", duration_ms=1.23456, error='bad "x"')
+    log.close()
+    entry = json.loads((tmp_path / "a.log").read_text())
+    assert entry["request_id"] == 'id"\n\u00e9' and entry["path"] == '/p?"q"=\\'
+    assert entry["duration_ms"] == 1.235 and entry["error"] == 'bad "x"' and entry["status"] == 400
