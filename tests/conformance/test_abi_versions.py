@@ -63,6 +63,8 @@ async def test_cpp_like_module_wasi_unstable_malloc_initialize_then_main(tmp_pat
     assert rep["init"] == "1" and rep["main"] == "1"
     assert rep["order"] == "1"           # main(0,0) after _initialize
     assert rep["rootid"] == "1"          # plugin_root_id answered OK
+    # getProperty({"request", "path"}) as the C++ SDK sends it: "request\0path\0"
+    assert (rep["pathst"], rep["path"]) == ("0", "/cpp")
     assert json.loads(cfg) == {"a": 1, "b": "two"}   # mapping config → JSON bytes
 
 

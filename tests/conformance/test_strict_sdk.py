@@ -338,6 +338,10 @@ async def test_properties_envoy_encoding(tmp_path, upstream):
     assert st in (0, 1)
     if st == 0:
         assert code == struct.pack("<q", 200)
+    # trailing NUL (C++ SDK style) names the same property
+    assert prop(rep, "p_path_nul") == prop(rep, "p_path")
+    assert prop(rep, "p_root_nul") == prop(rep, "p_root_id")
+    assert prop(rep, "p_hdr_nul") == prop(rep, "p_hdr")
     assert prop(rep, "p_host") == (0, f"127.0.0.1:{gw.port()}".encode())
     assert prop(rep, "p_dest") == (0, f"127.0.0.1:{gw.port()}".encode())
     st, rh = prop(rep, "p_resp_headers")

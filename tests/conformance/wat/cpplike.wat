@@ -2,7 +2,7 @@
 ;; `wasi_unstable` (fd_write, fd_seek, fd_close, proc_exit, args_*, environ_*), the emscripten
 ;; helpers env.emscripten_notify_memory_growth / env.pthread_equal, allocator exported as
 ;; `malloc` (no proxy_on_memory_allocate), reactor entry `_initialize` followed by `main(0,0)`.
-;; Response headers get `x-cpplike: init=<n>;main=<n>;order=<ok>;cfg=<plugin config>`.
+;; Response headers get `x-cpplike: init=<n>;main=<n>;order=<ok>;rootid=<ok>;pathst=<status>;path=<request.path>;cfg=<plugin config>`.
 (module
   (import "wasi_unstable" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
   (import "wasi_unstable" "fd_seek" (func $fd_seek (param i32 i64 i32 i32) (result i32)))
@@ -68,7 +68,15 @@
     (if (i32.ne (call $get_property $S"plugin_root_id" (i32.const 16) (i32.const 20)) (i32.const 0)) (then unreachable))
     (global.set $root_ok (i32.const 1))
     (i32.const 1))
-  (func (export "proxy_on_request_headers") (param $id i32) (param $n i32) (param $eos i32) (result i32) (i32.const 0))
+  ;; C++ SDK getValue({"request", "path"}, &path): parts NUL-terminated, trailing NUL included
+  (func (export "proxy_on_request_headers") (param $id i32) (param $n i32) (param $eos i32) (result i32)
+    (i32.store (i32.const 16) (i32.const 0))
+    (i32.store (i32.const 20) (i32.const 0))
+    (i32.store (i32.const 2044) (call $get_property $S"request\00path\00" (i32.const 16) (i32.const 20)))
+    (i32.store (i32.const 2040) (i32.load (i32.const 20)))
+    (if (i32.gt_u (i32.load (i32.const 20)) (i32.const 200)) (then unreachable))
+    (memory.copy (i32.const 2048) (i32.load (i32.const 16)) (i32.load (i32.const 20)))
+    (i32.const 0))
   (func (export "proxy_on_response_headers") (param $id i32) (param $n i32) (param $eos i32) (result i32)
     (i32.store (i32.const 1020) (i32.const 0))
     (call $put $S"init=")
@@ -79,6 +87,10 @@
     (call $put_u32 (global.get $order))
     (call $put $S";rootid=")
     (call $put_u32 (global.get $root_ok))
+    (call $put $S";pathst=")
+    (call $put_u32 (i32.load (i32.const 2044)))
+    (call $put $S";path=")
+    (call $put (i32.const 2048) (i32.load (i32.const 2040)))
     (call $put $S";cfg=")
     (call $put (i32.const 512) (i32.load (i32.const 508)))
     (if (i32.ne (call $add_hv (i32.const 2) $S"x-cpplike" (i32.const 1024) (i32.load (i32.const 1020))) (i32.const 0)) (then unreachable))

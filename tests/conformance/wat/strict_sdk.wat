@@ -869,6 +869,11 @@
     (call $prop (local.get $r) $S"p_conn_id" $S"connection\00id")
     (call $prop (local.get $r) $S"p_query" $S"request\00query")
     (call $prop (local.get $r) $S"p_dest" $S"destination\00address")
+    ;; C++ SDK getProperty({...}) NUL-terminates every part, the last one included (Envoy's
+    ;; parser stops at the end: a trailing NUL adds no segment)
+    (call $prop (local.get $r) $S"p_path_nul" $S"request\00path\00")
+    (call $prop (local.get $r) $S"p_root_nul" $S"plugin_root_id\00")
+    (call $prop (local.get $r) $S"p_hdr_nul" $S"request\00headers\00x-prop-hdr\00")
     (drop (call $expect (call $set_property $S"probe_custom" $S"hello-prop") (i32.const 1)))
     (call $prop (local.get $r) $S"p_custom" $S"probe_custom"))
 
