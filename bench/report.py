@@ -1,0 +1,65 @@
+"""Render bench/results/latest.json as Markdown (the README's Performance table):
+
+    python -m bench.report [path/to/result.json]
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from bench.run import SCENARIOS
+from bench.tools import ROOT
+
+
+def _f(v, fmt: str) -> str:
+    return "–" if v is None else format(v, fmt)
+
+
+def render(r: dict) -> str:
+    m = r.get("machine", {})
+    vs = r.get("ratios", {}).get("vs_baseline", {})
+    out = []
+    if r.get("partial"):
+        out.append("**Partial run** (skipped: %s; failed: %s).\n" % (
+            ", ".join(r.get("skipped", {})) or "none", ", ".join(r.get("failed", {})) or "none"))
+    out.append(f"{m.get('date')} · {m.get('cpu_model')} × {m.get('cores')} · Python {m.get('python')}"
+               f" · wasmtime {m.get('wasmtime')} · {m.get('nginx')} · commit {m.get('git_commit')}\n")
+    out.append("| scenario | req/s | p50 ms | p99 ms | CPU µs/req | CPU vs baseline |")
+    out.append("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for name in SCENARIOS:
+        s = r["scenarios"].get(name)
+        if s is None:
+            continue
+        ratio = vs.get(name, {}).get("cpu_us_per_req")
+        out.append(f"| `{name}` | {_f(s['rps'], ',.0f')} | {_f(s['p50_ms'], '.2f')} | "
+                   f"{_f(s['p99_ms'], '.2f')} | {_f(s['cpu_us_per_req'], '.1f')} | "
+                   f"{_f(ratio, '.2f')} |")
+    out.append("")
+    h, c, cs = r.get("chain_half_rate"), r.get("crossing", {}), r.get("cold_start")
+    if h:
+        out.append(f"- `gateway_chain` at half its peak ({h['target_rps']:,.0f} req/s, open loop): "
+                   f"p50 {h['p50_ms']:.2f} ms, p99 {h['p99_ms']:.2f} ms")
+    out.append(f"- crossing: guest callback {c.get('guest_call_us')} µs, host call "
+               f"{c.get('host_call_us')} µs")
+    if cs:
+        out.append(f"- cold start, {cs['filters']} filters, warm module cache: {cs['seconds']:.3f} s")
+    out.append("")
+    out.append("| target | value | bar | |")
+    out.append("| --- | ---: | ---: | --- |")
+    for t in r.get("ratios", {}).get("targets", {}).values():
+        met = {True: "met", False: "**missed**", None: "n/a"}[t["met"]]
+        out.append(f"| {t['what']} | {_f(t['value'], '')} | {t['target']} | {met} |")
+    if r.get("notes"):
+        out.append("\nNotes from the run:\n")
+        out += [f"- {n}" for n in r["notes"]]
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    path = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "bench" / "results" / "latest.json"
+    sys.stdout.write(render(json.loads(path.read_text())))
+
+
+if __name__ == "__main__":
+    main()
