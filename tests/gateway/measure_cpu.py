@@ -106,6 +106,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=3)
     ap.add_argument("--connections", type=int, default=10)
+    ap.add_argument("--access-log", action="store_true", help="gateway writes its access log to a file")
     args = ap.parse_args()
     if not shutil.which("wrk"):
         print("wrk is needed", file=sys.stderr)
@@ -115,7 +116,7 @@ def main() -> int:
     cfg = tmp / "bench.yaml"
     cfg.write_text(textwrap.dedent(f"""
         listeners: [{{name: main, address: 127.0.0.1, port: {gw_port}}}]
-        access_log: {{path: null}}
+        access_log: {{path: {str(tmp / "access.log") if args.access_log else "null"}}}
         clusters: [{{name: backend, endpoints: ["127.0.0.1:{up_port}"]}}]
         routes: [{{name: all, cluster: backend}}]
     """))
