@@ -162,3 +162,18 @@ async def test_wasmgate_check_reports_unloadable_filters(tmp_path, upstream):
     text = (out + err).decode()
     assert proc.returncode != 0, text
     assert "nomarker.wat" in text and "foo_bar" in text, text
+
+
+async def test_go124_like_module_with_full_wasi_surface(tmp_path, upstream):
+    f = filter_entry("go124", watlib.build("go124like.wat", tmp_path))
+    async with probe_gateway(tmp_path, upstream, [f]) as (gw, s):
+        status, headers, _ = await fetch(s, gw.url("/go124"))
+    assert status == 200
+    rep = {k: v[0] for k, v in parse_report(headers.get("x-go124")).items()}
+    assert rep["prestat"] == "8"         # BADF: no preopens (wasi-libc / Go stop scanning here)
+    assert rep["poll"] == "0"            # the Go runtime requires SUCCESS
+    assert rep["yield"] == "0"
+    assert rep["random"] == "0" and rep["rnz"] == "1"
+    assert rep["fdstat"] == "0"
+    assert rep["clockres"] == "0"
+    assert rep["pathopen"] != "0"        # no filesystem
