@@ -31,6 +31,8 @@ class FilterSpec:
     limits: FilterLimits = field(default_factory=FilterLimits)
     environment: tuple[tuple[str, str], ...] = ()
     deliver_body_while_paused: bool = False       # False: Envoy (Pause in headers stops the body)
+    root_id: str = ""                             # Envoy plugin root_id (property plugin_root_id);
+                                                  # C++/AssemblyScript SDKs pick their root context by it
 
 
 @dataclass

@@ -102,7 +102,7 @@ class VmContext(Context):
 
     def __init__(self, filter: "Filter", generation: int):
         super().__init__(filter, 0, generation)
-        self.props = PropertySource(filter.name, RootFacts())
+        self.props = PropertySource(filter.name, RootFacts(), filter.spec.root_id)
 
 
 class RootContext(Context):
@@ -110,7 +110,7 @@ class RootContext(Context):
 
     def __init__(self, filter: "Filter", context_id: int, generation: int):
         super().__init__(filter, context_id, generation)
-        self.props = PropertySource(filter.name, RootFacts())
+        self.props = PropertySource(filter.name, RootFacts(), filter.spec.root_id)
 
 
 class HttpContext(Context):
@@ -119,7 +119,7 @@ class HttpContext(Context):
     def __init__(self, filter: "Filter", context_id: int, generation: int, chain: "Chain"):
         super().__init__(filter, context_id, generation)
         self.chain = chain
-        self.props = PropertySource(filter.name, chain)
+        self.props = PropertySource(filter.name, chain, filter.spec.root_id)
         self.bodies: list[BodyBuffer | None] = [None, None]      # [request, response]
         self.resumed = [False, False]
         self.waiter: asyncio.Future[Any] | None = None

@@ -57,6 +57,7 @@ class PropertySource:
     """
     plugin_name: str
     facts: StreamFacts
+    root_id: str = ""
 
 
 def encode(value: Any) -> bytes:
@@ -154,7 +155,7 @@ _ATTRIBUTES: dict[tuple[str, ...], Callable[[PropertySource], Any]] = {
     ("route_name",): _info(lambda i: i.route_name),
     ("cluster_name",): _info(lambda i: i.cluster_name),
     ("plugin_name",): lambda s: s.plugin_name,
-    ("plugin_root_id",): lambda s: "",      # our filters have one unnamed root context
+    ("plugin_root_id",): lambda s: s.root_id,
     ("plugin_vm_id",): lambda s: "",
 }
 
@@ -168,8 +169,14 @@ def _index(value: Any, segment: bytes) -> Any:
     return None
 
 
+def _normalize(path: bytes) -> bytes:
+    # The C++ SDK terminates every segment, the last one too; Envoy ignores that final NUL.
+    return path[:-1] if path.endswith(b"\0") else path
+
+
 def get_property(src: PropertySource, path: bytes) -> bytes | None:
     """Encoded value of `path`, or None when not found."""
+    path = _normalize(path)
     segments = path.split(b"\0")
     names = tuple(s.decode("utf-8", "surrogateescape") for s in segments[:2])
     for depth in (2, 1):
@@ -186,4 +193,4 @@ def get_property(src: PropertySource, path: bytes) -> bytes | None:
 
 
 def set_property(src: PropertySource, path: bytes, value: bytes) -> None:
-    src.facts.custom[path] = value
+    src.facts.custom[_normalize(path)] = value

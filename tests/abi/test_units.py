@@ -108,3 +108,11 @@ def test_properties_after_completion():
     root = PropertySource("p", RootFacts())
     assert get_property(root, b"request\0path") is None
     assert get_property(root, b"plugin_name") == b"p"
+
+
+def test_property_path_with_trailing_nul_and_root_id():
+    # The C++ SDK NUL-terminates every segment, the last one too.
+    src = PropertySource("p", RootFacts(), root_id="my_root_id")
+    assert get_property(src, b"plugin_root_id\0") == b"my_root_id"
+    assert get_property(src, b"plugin_root_id") == b"my_root_id"
+    assert get_property(src, b"plugin_name\0\0") is None
