@@ -83,14 +83,36 @@ class Metrics:
 
 
 def render_samples(out: list[str], samples: list[MetricSample]) -> None:
-    """Samples from elsewhere (pools, filters), grouped into families with one # TYPE each."""
-    seen: set[str] = set()
-    for s in sorted(samples, key=lambda s: s.name):
-        if s.name not in seen:
-            seen.add(s.name)
-            _family(out, s.name, s.kind if s.kind in ("counter", "gauge", "histogram") else "untyped", s.help)
-        labels = ",".join(f'{k}="{_esc(v)}"' for k, v in sorted(s.labels.items()))
-        out.append(f"{s.name}{{{labels}}} {s.value:g}" if labels else f"{s.name} {s.value:g}")
+    """Samples from elsewhere (pools, filters), grouped into families with one # TYPE each.
+
+    Histogram samples arrive as name_bucket / name_sum / name_count; their family is `name`.
+    Order within a family is kept (bucket bounds ascend as given).
+    """
+    families: dict[str, list[MetricSample]] = {}
+    for s in samples:
+        families.setdefault(_family_name(s), []).append(s)
+    for family in sorted(families):
+        group = families[family]
+        kind = group[0].kind if group[0].kind in ("counter", "gauge", "histogram") else "untyped"
+        _family(out, family, kind, group[0].help)
+        for s in group:
+            labels = ",".join(f'{k}="{_esc(v)}"' for k, v in s.labels.items())
+            out.append(f"{s.name}{{{labels}}} {_num(s.value)}" if labels else f"{s.name} {_num(s.value)}")
+
+
+def _family_name(s: MetricSample) -> str:
+    if s.kind == "histogram":
+        for suffix in ("_bucket", "_sum", "_count"):
+            if s.name.endswith(suffix):
+                return s.name[: -len(suffix)]
+    return s.name
+
+
+def _num(v: float) -> str:
+    # "%g" would print 1234567 as 1.23457e+06: integers must stay exact.
+    if v == int(v) and abs(v) < 2**53:
+        return str(int(v))
+    return repr(float(v))
 
 
 def _family(out: list[str], name: str, kind: str, help_text: str) -> None:
