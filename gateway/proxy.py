@@ -20,7 +20,7 @@ from abi.api import Forward, LocalReply, LocalReplyInterrupt, LogInfo, StreamInf
 from .config import Config, Limits, Route
 from .http1 import (FRAMING, HOP_BY_HOP, BodyTooLarge, HttpError, PeerClosed, body_length,
                     parse_request_head, read_chunked)
-from .routing import Router, rewrite_target
+from .routing import Router, remove_dot_segments, rewrite_target
 from .upstream import UpstreamError, UpstreamReset, UpstreamResponse, Upstreams
 
 if TYPE_CHECKING:
@@ -243,6 +243,11 @@ class Proxy:
             return self._reply_error(conn, ex, 417, f"unsupported Expect: {expect}", "bad_request")
 
         path = target.partition("?")[0]
+        if "/." in path:
+            normalized = remove_dot_segments(path)
+            target = normalized + target[len(path):]
+            path = normalized
+            ex.target = target
         route = gen.router.match(method, authority, path, headers)
         has_body = length is None or length > 0
         if route is None:

@@ -80,3 +80,27 @@ routes:
     assert first.header("host") == "internal.svc"
     assert first.header("x-forwarded-host") == "public.example"
     assert len(up.requests) == 2
+
+
+def test_remove_dot_segments():
+    from gateway.routing import remove_dot_segments as r
+    assert r("/a/../b") == "/b" and r("/../../x") == "/x" and r("/a/./b/.") == "/a/b/"
+    assert r("/a/b/..") == "/a/" and r("/a/.hidden/..b") == "/a/.hidden/..b"
+
+
+async def test_dot_segments_cannot_dodge_a_route(tmp_path):
+    async with echo_upstream() as up:
+        text = f"""
+listeners: [{{name: main, address: 127.0.0.1, port: 0}}]
+access_log: {{path: null}}
+clusters: [{{name: c, endpoints: ["127.0.0.1:{up.port}"]}}]
+routes:
+  - {{name: private, match: {{prefix: /private}}, cluster: c, rewrite: {{prefix: /guarded}}}}
+  - {{name: public, match: {{prefix: /public}}, cluster: c}}
+"""
+        async with run_gateway(text, tmp_path) as gw:
+            from tests.helpers import raw_exchange
+            raw = await raw_exchange(gw.port(), b"GET /public/../private/x?q=/../ HTTP/1.1\r\nHost: h\r\n"
+                                     b"Connection: close\r\n\r\n")
+            assert raw.startswith(b"HTTP/1.1 200")
+    assert up.requests[0].path == "/guarded/x?q=/../"
