@@ -317,3 +317,31 @@ async def test_close_stream_from_request_headers(tmp_path, upstream):
             assert r == "reset" or r >= 400, r
         assert [r.path for r in upstream.main_requests() if r.path == "/a/close"] == []
         await a_works_again(s, gw)
+
+
+@pytest.mark.parametrize("act", ["rm-pseudo", "bad-status"])
+async def test_filter_breaks_pseudo_headers(tmp_path, upstream, act):
+    async with probe_gateway(tmp_path, upstream, filters(tmp_path), routes()) as (gw, s):
+        a_res = await abuse_round(s, gw, {"headers": {"x-act": act}}, n_a=3)
+        for status, _, body, elapsed in a_res:
+            assert 200 <= status < 600, (status, body[:200])    # answered, whatever it is
+            assert elapsed < 5.0
+        await a_works_again(s, gw)
+
+
+async def test_header_injection_from_filter_does_not_reach_the_wire(tmp_path, upstream):
+    async with probe_gateway(tmp_path, upstream, filters(tmp_path), routes()) as (gw, s):
+        status, headers, body, _ = await fetch(s, gw.url("/a/inj"), headers={"x-act": "crlf-req"})
+        for r in upstream.main_requests():
+            names = [k.lower() for k, _ in r.headers]
+            assert "injected-req" not in names and "injected-req2" not in names, r.headers
+            assert "bad name" not in names
+        try:
+            status, headers, body, _ = await fetch(s, gw.url("/a/inj-resp"), headers={"x-act": "crlf-resp"})
+        except aiohttp.ClientError:
+            status, headers = None, {}
+        if status is not None:
+            assert "injected-resp" not in {k.lower() for k in headers.keys()}
+            assert "injected-resp2" not in {k.lower() for k in headers.keys()}
+        await a_works_again(s, gw)
+        await healthy_b(s, gw, 5)

@@ -867,3 +867,71 @@ async def test_mixed_concurrent_requests_keep_contexts_apart(tmp_path, upstream)
     deleted = [e[1] for e in trace if e[0] == "delete"]
     assert sorted(deleted) == sorted(set(deleted))
     assert set(created) - set(deleted) <= {created[-1]}      # only the trace request is still live
+
+
+async def test_replace_authority_changes_upstream_host(tmp_path, upstream):
+    async with probe_gateway(tmp_path, upstream, [probe_filter(tmp_path)]) as (gw, s):
+        status, headers, _ = await fetch(s, gw.url("/auth"), headers={"x-act": "authority"})
+        assert status == 200
+        report_of(headers)
+    assert upstream.main_requests()[-1].first("host") == "rewritten.example"
+
+
+async def test_mixed_abi_versions_in_one_chain(tmp_path, upstream):
+    from tests.conformance import watlib
+    filters = [probe_filter(tmp_path, name="probe"),
+               filter_entry("old", watlib.build("abi010.wat", tmp_path), config="cfg-010"),
+               filter_entry("golike", watlib.build("golike.wat", tmp_path), config="x"),
+               filter_entry("cpplike", watlib.build("cpplike.wat", tmp_path), config="c")]
+    async with probe_gateway(tmp_path, upstream, filters) as (gw, s):
+        status, headers, _ = await fetch(s, gw.url("/mixed"))
+    assert status == 200
+    report_of(headers)
+    assert "cfg=cfg-010" in headers.get("x-abi010-report", "")
+    assert headers.get("x-golike", "").startswith("start=1")
+    assert "pathst=0" in headers.get("x-cpplike", "")
+    assert upstream.main_requests()[-1].first("x-abi010") == "cfg-010"
+
+
+async def test_grpc_request_gets_grpc_local_reply(tmp_path, upstream):
+    async with probe_gateway(tmp_path, upstream, [probe_filter(tmp_path)]) as (gw, s):
+        status, headers, body = await fetch(s, gw.url("/pkg.Svc/Method"), method="POST", data=b"\x00\x00\x00\x00\x00",
+                                            headers={"x-act": "reply-hdrs", "content-type": "application/grpc"})
+    # Envoy sendLocalReply for a gRPC request: HTTP 200, grpc-status from the HTTP code
+    # (403 -> 7 PERMISSION_DENIED), the body as grpc-message
+    assert status == 200
+    assert headers.get("grpc-status") == "7"
+    assert headers.get("grpc-message") == "denied in request headers"
+    assert upstream.main_requests() == []
+
+
+async def test_upstream_failure_still_tears_down_with_response_code(tmp_path, upstream):
+    f = probe_filter(tmp_path)
+    routes = [{"name": "dead", "cluster": "dead", "filters": ["probe"]}]
+    async with probe_gateway(tmp_path, upstream, [f], routes) as (gw, s):
+        status, headers, _ = await fetch(s, gw.url("/to-dead"), headers={"x-act": "props"})
+        assert status in (502, 503)
+
+        async def torn_down():
+            tr = await get_trace(s, gw, "p1")
+            first = [e for e in tr if e[0] == "create" and e[2] != "0"][0][1]
+            return tr if ("delete", first) in tr else None
+        trace = await wait_for(torn_down)
+    assert trace, "context never deleted after an upstream failure"
+    ctx = [e for e in trace if e[0] == "create" and e[2] != "0"][0][1]
+    mine = [e[0] for e in trace if len(e) > 1 and e[1] == ctx]
+    assert mine[-3:] == ["done", "log", "delete"], mine
+    codes = [e for e in trace if e[0] == "code"]
+    assert codes and codes[0][1:] == ("0", struct.pack("<q", status).hex()), codes
+
+
+async def test_upstream_failure_reply_passes_the_filters_response_callbacks(tmp_path, upstream):
+    # Envoy encodes the router's "upstream connect error" 503 through the filter chain: the
+    # filter's on_response_headers sees it (and can add headers to it)
+    f = probe_filter(tmp_path)
+    routes = [{"name": "dead", "cluster": "dead", "filters": ["probe"]}]
+    async with probe_gateway(tmp_path, upstream, [f], routes) as (gw, s):
+        status, headers, _ = await fetch(s, gw.url("/to-dead"))
+    assert status in (502, 503)
+    rep = report_of(headers)
+    assert one(rep, "status") == str(status)

@@ -463,6 +463,11 @@
     (if (call $act_is $S"reply-props") (then (return (i32.const 43))))
     (if (call $act_is $S"done-false") (then (return (i32.const 44))))
     (if (call $act_is $S"shared-get") (then (return (i32.const 45))))
+    (if (call $act_is $S"authority") (then (return (i32.const 46))))
+    (if (call $act_is $S"rm-pseudo") (then (return (i32.const 47))))
+    (if (call $act_is $S"bad-status") (then (return (i32.const 48))))
+    (if (call $act_is $S"crlf-req") (then (return (i32.const 49))))
+    (if (call $act_is $S"crlf-resp") (then (return (i32.const 50))))
     (i32.const 0))
 
   (func $local_reply (param $status i32) (param $body i32) (param $bn i32)
@@ -716,6 +721,20 @@
       (then
         (global.set $tick_trap (i32.const 1))
         (drop (call $expect (call $set_tick (i32.const 20)) (i32.const 1)))))
+    (if (i32.eq (local.get $act) (i32.const 46))
+      (then (drop (call $expect (call $replace_hv (i32.const 0) $S":authority" $S"rewritten.example") (i32.const 1)))))
+    (if (i32.eq (local.get $act) (i32.const 47))
+      (then
+        ;; a buggy filter: drops the pseudo-headers the gateway needs (statuses not checked)
+        (drop (call $remove_hv (i32.const 0) $S":path"))
+        (drop (call $remove_hv (i32.const 0) $S":method"))
+        (drop (call $remove_hv (i32.const 0) $S":authority"))))
+    (if (i32.eq (local.get $act) (i32.const 49))
+      (then
+        ;; header injection attempt: CR/LF inside a value and an invalid name
+        (drop (call $add_hv (i32.const 0) $S"x-inj" $S"a\0d\0aInjected-Req: 1"))
+        (drop (call $add_hv (i32.const 0) $S"bad name" $S"v"))
+        (drop (call $add_hv (i32.const 0) $S"x-inj2" $S"b\0aInjected-Req2: 1"))))
     (if (i32.eq (local.get $act) (i32.const 43))
       (then (call $local_reply (i32.const 403) $S"denied, see on_log") (return (i32.const 1))))
     (if (i32.eq (local.get $act) (i32.const 45))
@@ -1251,6 +1270,13 @@
       (then (drop (call $expect (call $remove_hv (i32.const 2) $S"content-length") (i32.const 1)))))
     (if (i32.eq (local.get $act) (i32.const 36))
       (then (drop (call $expect (call $replace_hv (i32.const 2) $S":status" $S"202") (i32.const 1)))))
+    (if (i32.eq (local.get $act) (i32.const 48))
+      (then (drop (call $replace_hv (i32.const 2) $S":status" $S"abc"))))
+    (if (i32.eq (local.get $act) (i32.const 50))
+      (then
+        (drop (call $add_hv (i32.const 2) $S"x-inj" $S"a\0d\0aInjected-Resp: 1"))
+        (drop (call $add_hv (i32.const 2) $S"x-inj2" $S"b\0aInjected-Resp2: 1"))
+        (drop (call $add_hv (i32.const 2) $S"bad name" $S"v"))))
     (if (i32.eq (local.get $act) (i32.const 7))
       (then
         (call $prop (local.get $r) $S"p_resp_code" $S"response\00code")
