@@ -630,4 +630,26 @@ mod tests {
         assert!(Config::parse(br#"{"basic": {"users": [{"username": "a", "password_sha256": "zz"}]}}"#).is_err());
         assert!(Config::parse(br#"{"jwtt": {}}"#).unwrap_err().contains("unknown key"));
     }
+
+    #[test]
+    fn request_data_never_panics() {
+        let mut rng = wasmgate_sdk::fuzz::Rng(42);
+        let c = jwt_cfg(r#", "issuer": "me", "audience": "api""#);
+        let tok = mint(r#"{"alg":"HS256"}"#, r#"{"sub":"a","exp":1000,"iss":"me","aud":"api","nbf":1}"#, SECRET.as_bytes());
+        let pw = wasmgate_sdk::crypto::hex_encode(&sha256(b"sp"));
+        let src = format!(r#"{{"basic": {{"users": [{{"username": "u", "salt": "s", "password_sha256": "{}"}}]}}}}"#, pw);
+        let users = Config::parse(src.as_bytes()).unwrap().basic.unwrap();
+        let basic = base64::encode_std("u:p".as_bytes());
+        let path = "/a/b?x=%41&api_key=k%2x&&=&y";
+        for _ in 0..20_000 {
+            let t = String::from_utf8_lossy(&rng.mutate(tok.as_bytes(), b".-_=%{}\"")).into_owned();
+            let _ = check_jwt(&c, &t, 900.0);
+            let b = String::from_utf8_lossy(&rng.mutate(basic.as_bytes(), b":=+/\xc3")).into_owned();
+            let _ = check_basic(&users, &b);
+            let p = String::from_utf8_lossy(&rng.mutate(path.as_bytes(), b"%?&=#\xc3\xa9+")).into_owned();
+            let _ = query_param(&p, "api_key");
+            let _ = strip_query_param(&p, "api_key");
+            let _ = split_scheme(&p);
+        }
+    }
 }

@@ -352,4 +352,17 @@ mod tests {
         assert!(Config::parse(br#"{"request": {"set": [{"name": "x"}]}}"#).unwrap_err().contains("value: required"));
         assert!(Config::parse(b"[1]").is_err());
     }
+
+    #[test]
+    fn templates_never_panic() {
+        let mut rng = wasmgate_sdk::fuzz::Rng(7);
+        let seed = "a ${request.id} $$ ${request.header.x-é} b${response.header.y}";
+        for _ in 0..20_000 {
+            let t = String::from_utf8_lossy(&rng.mutate(seed.as_bytes(), b"${}.$\xc3\xa9")).into_owned();
+            if let Ok(t) = Template::parse(&t, true) {
+                let out = t.render(&|_| Some("v\r\n".into()));
+                assert!(!out.contains(['\r', '\n']));
+            }
+        }
+    }
 }

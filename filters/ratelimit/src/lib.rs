@@ -412,4 +412,16 @@ mod tests {
         assert_eq!(client_ip("10.1.2.3"), "10.1.2.3");
         assert_eq!(client_ip("::1"), "::1");
     }
+
+    #[test]
+    fn addresses_never_panic() {
+        let mut rng = wasmgate_sdk::fuzz::Rng(5);
+        for seed in ["10.1.2.3:5555", "[::1]:80", "[fe80::1%eth0]:1"] {
+            for _ in 0..5_000 {
+                let a = String::from_utf8_lossy(&rng.mutate(seed.as_bytes(), b"[]:.%\xc3")).into_owned();
+                let ip = client_ip(&a);
+                assert!(a.contains(ip));
+            }
+        }
+    }
 }

@@ -325,4 +325,14 @@ mod tests {
         assert!(Config::parse(br#"{"threshold": 1, "field": "a..b"}"#).is_err());
         assert!(Config::parse(br#"{"threshold": 1, "colour": 1}"#).is_err());
     }
+
+    #[test]
+    fn bodies_never_panic() {
+        let mut rng = wasmgate_sdk::fuzz::Rng(99);
+        let c = cfg(r#"{"threshold": 10, "field": "p.items.1.amount"}"#);
+        let seed = br#"{"p": {"items": [{"amount": 1}, {"amount": "12.5"}]}, "x": [1e3, -0.5, null, true]}"#;
+        for _ in 0..20_000 {
+            let _ = judge(&c, &rng.mutate(seed, b"{}[]\":,.0123456789e-"));
+        }
+    }
 }

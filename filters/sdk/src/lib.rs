@@ -20,6 +20,8 @@ pub mod base64;
 pub mod config;
 pub mod crypto;
 pub mod dispatcher;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod hostcalls;
 pub mod json;
 pub mod logger;
