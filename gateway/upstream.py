@@ -19,6 +19,10 @@ from .http1 import (FRAMING, HttpError, PeerClosed, body_length, connection_toke
 log = logging.getLogger("wasmgate.upstream")
 
 _READ = 262144
+# An idle keep-alive connection older than this is closed instead of reused: servers close
+# idle connections on their own schedule (Node.js after 5 s), and a request sent into a
+# connection the server is closing fails in a way that cannot be retried once a body went out.
+IDLE_REUSE_S = 4.0
 _SKIP_ON_WRITE = FRAMING | {"host", "expect"}
 
 
@@ -42,7 +46,7 @@ class _Stale(Exception):
 
 
 class UpConn:
-    __slots__ = ("reader", "writer", "endpoint", "reused", "timed_out")
+    __slots__ = ("reader", "writer", "endpoint", "reused", "timed_out", "idle_since")
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, endpoint: Endpoint):
         self.reader = reader
@@ -50,6 +54,7 @@ class UpConn:
         self.endpoint = endpoint
         self.reused = False
         self.timed_out = False
+        self.idle_since = 0.0
 
     def usable(self) -> bool:
         return not self.writer.transport.is_closing() and not self.reader.at_eof()
@@ -186,7 +191,7 @@ class Pool:
             while True:
                 while idle:
                     conn = idle.pop()
-                    if conn.usable():
+                    if conn.usable() and time.monotonic() - conn.idle_since < IDLE_REUSE_S:
                         conn.reused = True
                         return conn
                     self._close(conn)
@@ -244,6 +249,7 @@ class Pool:
         if self._closed or not conn.usable():
             self._close(conn)
             return
+        conn.idle_since = time.monotonic()
         self.idle[conn.endpoint].append(conn)
         self._wake()
 

@@ -479,3 +479,25 @@ async def test_concurrent_clients_all_served_and_counters_settle(upstream, tmp_p
         assert gw.gateway.metrics.active_requests == 0
         assert gw.gateway.metrics.requests[("all", 200)] == 300
     assert len(upstream.requests) == 300
+
+
+async def test_old_idle_upstream_connections_are_not_reused(tmp_path, monkeypatch):
+    import gateway.upstream
+    monkeypatch.setattr(gateway.upstream, "IDLE_REUSE_S", 0.1)
+    conns = 0
+
+    async def handler(reader, writer):
+        nonlocal conns
+        conns += 1
+        while await read_request_head(reader):
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    async with raw_upstream(handler) as up:
+        async with run_gateway(basic_yaml(up.port), tmp_path) as gw:
+            for pause in (0, 0.2):
+                await asyncio.sleep(pause)
+                assert (await get_status(gw.url("/")))[0] == 200
+            assert (await get_status(gw.url("/")))[0] == 200
+            assert gw.gateway.generation.upstreams.pools["backend"].open == 1
+    assert conns == 2       # reused right away, replaced after sitting idle too long
