@@ -935,3 +935,41 @@ async def test_upstream_failure_reply_passes_the_filters_response_callbacks(tmp_
     assert status in (502, 503)
     rep = report_of(headers)
     assert one(rep, "status") == str(status)
+
+
+async def test_http_call_from_response_headers_resumes_response(tmp_path, upstream):
+    async with probe_gateway(tmp_path, upstream, [probe_filter(tmp_path)]) as (gw, s):
+        status, headers, body = await fetch(s, gw.url("/resp-call"), headers={"x-act": "call-resp", "x-cluster": "callout"})
+    assert status == 200, body[:200]
+    assert headers.getall("x-after-call") == ["p1"]      # written from the callback, then resumed
+    assert json.loads(body)["path"] == "/resp-call"
+    assert len(upstream.callouts()) == 1
+
+
+async def test_send_local_response_from_response_body(tmp_path, upstream):
+    async with probe_gateway(tmp_path, upstream, [probe_filter(tmp_path)]) as (gw, s):
+        status, headers, body = await fetch(s, gw.url("/stream"), headers={"x-act": "reply-resp-body"})
+        assert status == 500
+        assert body == b"denied in response body"
+        assert headers.get("x-reply-by") == "probe"
+        status, _, _ = await fetch(s, gw.url("/after"))
+        assert status == 200
+
+
+async def test_local_reply_at_end_of_streamed_request_body(tmp_path, upstream):
+    async def gen():
+        yield b"first-part|" * 100
+        await asyncio.sleep(0.1)
+        yield b"last-part"
+
+    async with probe_gateway(tmp_path, upstream, [probe_filter(tmp_path)]) as (gw, s):
+        status, headers, body = await fetch(s, gw.url("/late"), method="POST", data=gen(),
+                                            headers={"x-act": "reply-body-late"})
+        assert status == 422, body[:200]
+        assert body == b"denied at the end of the request body"
+        await asyncio.sleep(0.1)
+        # the upstream may have started receiving the body, but never got it complete
+        for r in upstream.main_requests():
+            assert not r.body.endswith(b"last-part"), "the rejected body reached the upstream"
+        status, _, _ = await fetch(s, gw.url("/after"))
+        assert status == 200

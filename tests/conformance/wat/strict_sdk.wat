@@ -468,6 +468,9 @@
     (if (call $act_is $S"bad-status") (then (return (i32.const 48))))
     (if (call $act_is $S"crlf-req") (then (return (i32.const 49))))
     (if (call $act_is $S"crlf-resp") (then (return (i32.const 50))))
+    (if (call $act_is $S"call-resp") (then (return (i32.const 51))))
+    (if (call $act_is $S"reply-resp-body") (then (return (i32.const 52))))
+    (if (call $act_is $S"reply-body-late") (then (return (i32.const 53))))
     (i32.const 0))
 
   (func $local_reply (param $status i32) (param $body i32) (param $bn i32)
@@ -988,6 +991,11 @@
       (then (call $local_reply (i32.const 401) $S"denied after callout") (return)))
     (if (i32.eq (i32.load offset=16 (local.get $r)) (i32.const 31)) (then unreachable))
     (if (i32.eq (i32.load offset=16 (local.get $r)) (i32.const 33)) (then (loop $forever (br $forever))))
+    (if (i32.eq (i32.load offset=16 (local.get $r)) (i32.const 51))
+      (then
+        (drop (call $expect (call $add_hv (i32.const 2) $S"x-after-call" (call $b_data (i32.const 256)) (call $b_len (i32.const 256))) (i32.const 1)))
+        (drop (call $expect (call $continue_stream (i32.const 1)) (i32.const 1)))
+        (return)))
     ;; through the effective context: the paused request's headers are still writable
     (drop (call $expect (call $add_hv (i32.const 0) $S"x-after-call" (call $b_data (i32.const 256)) (call $b_len (i32.const 256))) (i32.const 1)))
     (drop (call $expect (call $continue_stream (i32.const 0)) (i32.const 1))))
@@ -1187,6 +1195,11 @@
     ;; holding it, like a WAF that must see the verdict first
     (if (i32.and (i32.eq (local.get $act) (i32.const 8)) (i32.ne (i32.load offset=28 (local.get $r)) (i32.const 0)))
       (then (return (i32.const 1))))
+    (if (i32.eq (local.get $act) (i32.const 53))
+      (then
+        (if (i32.eqz (local.get $eos)) (then (return (i32.const 0))))   ;; earlier chunks already went on
+        (call $local_reply (i32.const 422) $S"denied at the end of the request body")
+        (return (i32.const 1))))
     (if (i32.eq (local.get $act) (i32.const 3))
       (then
         (if (i32.eqz (local.get $eos)) (then (return (i32.const 1))))
@@ -1290,6 +1303,8 @@
     (drop (call $expect (call $add_hv (i32.const 2) (call $b_data (i32.const 512)) (call $b_len (i32.const 512))
                                      (call $b_data (call $rep (local.get $r))) (call $b_len (call $rep (local.get $r))))
                         (i32.const 1)))
+    ;; Rust: dispatch_http_call in on_http_response_headers, Pause, resume_http_response() later
+    (if (i32.eq (local.get $act) (i32.const 51)) (then (return (call $start_call (local.get $r)))))
     (i32.const 0))
 
   (func $impl_proxy_on_response_body (param $id i32) (param $size i32) (param $eos i32) (result i32)
@@ -1299,6 +1314,11 @@
     (call $tr_arg (local.get $id))
     (call $tr_arg (local.get $size))
     (call $tr_arg (local.get $eos))
+    (if (i32.eq (i32.load offset=16 (local.get $r)) (i32.const 52))
+      (then
+        (if (i32.eqz (local.get $eos)) (then (return (i32.const 1))))
+        (call $local_reply (i32.const 500) $S"denied in response body")
+        (return (i32.const 1))))
     (if (i32.eq (i32.load offset=16 (local.get $r)) (i32.const 6))
       (then
         (if (i32.eqz (local.get $eos)) (then (return (i32.const 1))))
