@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 BACKOFF_FIRST_S = 0.1
 BACKOFF_MAX_S = 30.0
 ROOT_DONE_WAIT_S = 1.0
+START_DEADLINE_MS = 5000          # _initialize/main/_start + vm_start + configure, if the engine allows
 _U32 = 0xFFFFFFFF
 
 
@@ -138,6 +139,7 @@ class Filter:
         alloc = "proxy_on_memory_allocate" if self.has("proxy_on_memory_allocate") else "malloc"
         self._alloc = inst.export_func(alloc) if self.has(alloc) else None
         self._vm_ctx = VmContext(self, self.generation)
+        self._set_deadline(inst, max(START_DEADLINE_MS, self.spec.limits.callback_ms))
         try:
             self._run_start_sequence()
         except FilterFailure as e:
@@ -147,6 +149,15 @@ class Filter:
             self.failures[(e.callback, "rejected")] += 1
             self._discard()
             raise
+        self._set_deadline(inst, self.spec.limits.callback_ms)
+
+    @staticmethod
+    def _set_deadline(inst: Instance, ms: int) -> None:
+        # Runtime start-up (Go's especially) may need longer than one callback; engines that
+        # can change the deadline of an instance get a longer one for the start sequence.
+        setter = getattr(inst, "set_deadline_ms", None)
+        if setter is not None:
+            setter(ms)
 
     def _run_start_sequence(self) -> None:
         vm = self._vm_ctx
@@ -403,11 +414,11 @@ class Filter:
 
     def _tick(self, generation: int) -> None:
         self._tick_handle = None
-        if generation != self.generation or self.root is None or self.closed:
+        if generation != self.generation or self.closed or not self._tick_period_ms:
             return
         period = self._tick_period_ms
         self._tick_handle = self.loop.call_later(period / 1000, self._tick, generation)
-        if self.has("proxy_on_tick"):
+        if self.root is not None and self.has("proxy_on_tick"):
             try:
                 self.call(self.root, "proxy_on_tick", self.root.id)
             except FilterFailure:

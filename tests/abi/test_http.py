@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 
 import aiohttp
 
@@ -91,8 +92,20 @@ async def test_chain_order_local_reply_and_isolation_over_http(tmp_path):
             async with aiohttp.ClientSession() as s:
                 async with s.get(gw.admin_url + "/metrics") as r:
                     text = await r.text()
-            assert ('wasmgate_filter_failures_total{callback="proxy_on_request_headers",'
-                    'filter="loop",kind="deadline"} 1') in text.splitlines()
+            assert prom_value(text, "wasmgate_filter_failures_total",
+                              filter="loop", callback="proxy_on_request_headers", kind="deadline") == 1
+
+
+def prom_value(text: str, name: str, **labels: str) -> float | None:
+    """Value of the sample `name` with exactly these labels (any order) in a Prometheus text."""
+    for line in text.splitlines():
+        m = re.fullmatch(r'([a-zA-Z_:][\w:]*)(?:\{(.*)\})? (\S+)', line)
+        if not m or m.group(1) != name:
+            continue
+        got = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
+        if got == labels:
+            return float(m.group(3))
+    return None
 
 
 async def test_fail_open_over_http(tmp_path):
