@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import TYPE_CHECKING, AsyncIterator
 
-from abi.api import Forward, LocalReply, LocalReplyInterrupt, LogInfo, StreamInfo
+from abi.api import LocalReply, LocalReplyInterrupt, LogInfo, StreamInfo
 
 from .config import Config, Limits, Route
 from .http1 import (FRAMING, HOP_BY_HOP, BodyTooLarge, HttpError, PeerClosed, body_length,

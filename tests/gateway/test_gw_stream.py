@@ -1,5 +1,4 @@
 """Bodies far larger than the memory bound stream through a gateway process with flat memory."""
-import asyncio
 import hashlib
 import time
 from pathlib import Path
