@@ -149,3 +149,22 @@ async def load_filter_host(specs: list[FilterSpec], services: HostServices) -> F
     """Load, start and configure every filter; raise FilterLoadError naming the first failure."""
     from .filter_host import FilterHost   # deferred: keeps gateway imports free of wasmtime
     return await FilterHost.load(specs, services)
+
+
+# -- gateway-wide shared data (added for worker processes; backward compatible) -------------
+
+def create_shared_store(name: str, max_bytes: int):
+    """Create the store all worker processes share (supervisor, before starting workers)."""
+    from .shared_store_shm import create     # deferred: lmdb only when workers share a store
+    return create(name, max_bytes)
+
+
+def open_shared_store(name: str):
+    """Open it in a worker; pass it to the gateway so filters get it as services.shared_store."""
+    from .shared_store_shm import open as open_store
+    return open_store(name)
+
+
+def remove_shared_store(name: str) -> None:
+    from .shared_store_shm import remove
+    remove(name)
