@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from abi.api import FilterLoadError, FilterSpec, load_filter_host
+from abi.api import FilterLimits, FilterLoadError, FilterSpec, load_filter_host
 from tests.conformance import watlib
 from tests.conformance.probe import (filter_entry, gateway_yaml, parse_report, probe_gateway,
                                      strict_module)
@@ -177,3 +177,26 @@ async def test_go124_like_module_with_full_wasi_surface(tmp_path, upstream):
     assert rep["fdstat"] == "0"
     assert rep["clockres"] == "0"
     assert rep["pathopen"] != "0"        # no filesystem
+
+
+async def test_filter_hanging_in_on_configure_fails_to_load_within_deadline(tmp_path):
+    import time
+    path = strict_module(tmp_path)
+    spec = FilterSpec(name="hanging", wasm_path=path, configuration=b"hang",
+                      limits=FilterLimits(callback_ms=100))
+    t0 = time.monotonic()
+    with pytest.raises(FilterLoadError) as ei:
+        host = await asyncio.wait_for(load_filter_host([spec], _Services()), timeout=20)
+        await host.close()
+    assert time.monotonic() - t0 < 10
+    assert ei.value.filter_name == "hanging"
+    assert "configure" in str(ei.value)
+
+
+async def test_initial_memory_above_limit_fails_to_load(tmp_path):
+    path = watlib.build("bigmem.wat", tmp_path)
+    spec = FilterSpec(name="big", wasm_path=path, limits=FilterLimits(memory_bytes=16 * 1024 * 1024))
+    with pytest.raises(FilterLoadError) as ei:
+        host = await load_filter_host([spec], _Services())
+        await host.close()
+    assert ei.value.filter_name == "big"

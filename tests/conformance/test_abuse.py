@@ -10,7 +10,7 @@ import time
 import aiohttp
 import pytest
 
-from tests.conformance.probe import (filter_entry, metrics_text, one, parse_report, probe_gateway, wait_for,
+from tests.conformance.probe import (filter_entry, get_trace, metrics_text, one, parse_report, probe_gateway, wait_for,
                                      samples, strict_module)
 
 N_A = 6
@@ -99,6 +99,12 @@ async def test_trap_fail_closed_503_and_rebuilt(tmp_path, upstream, act, method,
         await healthy_b(s, gw, 5)
         after = failures(await metrics_text(s, gw))
         assert after >= before + 1, "the trap was not counted on /metrics"
+        # the rebuilt instance went through the whole start sequence again
+        trace = await get_trace(s, gw, "ab", prefix="/a")
+    assert trace[0] == ("init",)
+    assert [e[0] for e in trace[1:4]] == ["create", "vm_start", "configure"]
+    root = trace[1][1]
+    assert trace[1][2] == "0" and trace[2][1] == root and trace[3][1:] == (root, "2")
 
 
 async def test_trap_fail_open_passes_through(tmp_path, upstream):
