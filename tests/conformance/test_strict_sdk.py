@@ -973,3 +973,30 @@ async def test_local_reply_at_end_of_streamed_request_body(tmp_path, upstream):
             assert not r.body.endswith(b"last-part"), "the rejected body reached the upstream"
         status, _, _ = await fetch(s, gw.url("/after"))
         assert status == 200
+
+
+async def test_many_requests_contexts_are_released(tmp_path, upstream):
+    # the probe has 256 context slots: contexts that are never deleted would exhaust them
+    async with probe_gateway(tmp_path, upstream, [probe_filter(tmp_path)]) as (gw, s):
+        sem = asyncio.Semaphore(10)
+
+        async def one_req(i):
+            async with sem:
+                return await fetch(s, gw.url(f"/many/{i}"))
+        results = await asyncio.gather(*[one_req(i) for i in range(300)])
+        for status, headers, _ in results:
+            assert status == 200
+            report_of(headers)
+        ids = [int(one(report_of(h), "ctx")) for _, h, _ in results]
+        assert len(set(ids)) == 300
+
+
+async def test_many_headers_counted(tmp_path, upstream):
+    extra = [(f"x-h{i:03d}", f"v{i}") for i in range(100)]
+    async with probe_gateway(tmp_path, upstream, [probe_filter(tmp_path)]) as (gw, s):
+        status, headers, _ = await fetch(s, gw.url("/many-headers"), headers=extra)
+        assert status == 200
+        rep = report_of(headers)
+    keys = one(rep, "keys").split(",")
+    assert int(one(rep, "n")) == len(keys)
+    assert [k for k in keys if k.startswith("x-h")] == [k for k, _ in extra]
