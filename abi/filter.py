@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 BACKOFF_FIRST_S = 0.1
 BACKOFF_MAX_S = 30.0
 ROOT_DONE_WAIT_S = 1.0
+MAX_PENDING_CALLS = 1000         # callouts in flight per filter instance
+MAX_LOG_BYTES = 16 * 1024        # one guest log line is cut beyond this
 START_DEADLINE_MS = 5000          # _initialize/main/_start + vm_start + configure, if the engine allows
 _U32 = 0xFFFFFFFF
 
@@ -344,12 +346,12 @@ class Filter:
     def guest_log(self, level: int, message: bytes) -> None:
         py = PY_LEVELS[level]
         if self.log.isEnabledFor(py):
-            self.log.log(py, 'filter "%s": %s', self.name, message.decode("utf-8", "replace"))
+            self.log.log(py, 'filter "%s": %s', self.name, _clip(message))
 
     def guest_stdio(self, fd: int, data: bytes) -> None:
         py = logging.INFO if fd == 1 else logging.ERROR
         if data and self.log.isEnabledFor(py):
-            text = data.decode("utf-8", "replace")
+            text = _clip(data)
             self.log.log(py, 'filter "%s" %s: %s', self.name, "stdout" if fd == 1 else "stderr",
                          text[:-1] if text.endswith("\n") else text)
 
@@ -430,6 +432,9 @@ class Filter:
                   timeout_ms: int) -> tuple[int, int]:
         if self.closed or not self.services.has_cluster(cluster):
             return Status.BAD_ARGUMENT, 0
+        if len(self._calls) >= MAX_PENDING_CALLS:
+            return Status.INTERNAL_FAILURE, 0      # a filter dispatching in a loop
+
         pseudo: dict[str, str] = {}
         rest = []
         for k, v in headers:
@@ -559,3 +564,8 @@ class Filter:
     def _delete_root(self, root: RootContext) -> None:
         if self.instance is not None and self.has("proxy_on_delete"):
             self.call(root, "proxy_on_delete", root.id)
+
+
+def _clip(data: bytes) -> str:
+    text = data[:MAX_LOG_BYTES].decode("utf-8", "replace")
+    return text if len(data) <= MAX_LOG_BYTES else f"{text}… ({len(data)} bytes)"

@@ -333,7 +333,10 @@ def proxy_define_metric(f, metric_type, name_ptr, name_size, ret_p):
         return Status.BAD_ARGUMENT
     name = to_str(f.read(name_ptr, name_size))
     f.check_out(ret_p, 4)
-    f.write_u32(ret_p, f.store.define_metric(metric_type, name))
+    metric_id = f.store.define_metric(metric_type, name)
+    if metric_id is None or isinstance(metric_id, bool) or metric_id < 0:
+        return Status.INTERNAL_FAILURE        # the store is full of metric names
+    f.write_u32(ret_p, metric_id)
     return Status.OK
 
 

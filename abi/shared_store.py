@@ -30,7 +30,7 @@ class SharedStore(Protocol):
     def enqueue(self, qid: int, data: bytes) -> int: ...
     def dequeue(self, qid: int) -> bytes | int: ...
     def on_enqueue(self, callback: QueueCallback) -> None: ...
-    def define_metric(self, kind: int, name: str) -> int: ...
+    def define_metric(self, kind: int, name: str) -> int | None: ...   # None: full
     def increment_metric(self, metric_id: int, delta: int) -> int: ...
     def record_metric(self, metric_id: int, value: int) -> int: ...
     def get_metric(self, metric_id: int) -> tuple[int, int]: ...
@@ -52,9 +52,11 @@ class _Metric:
 class LocalStore:
     """In-process store for one worker (the default backend)."""
 
-    def __init__(self, max_bytes: int = 16 * 1024 * 1024, max_queue_items: int = 10000):
+    def __init__(self, max_bytes: int = 16 * 1024 * 1024, max_queue_items: int = 10000,
+                 max_metrics: int = 10000):
         self.max_bytes = max_bytes
         self.max_queue_items = max_queue_items
+        self.max_metrics = max_metrics
         self._data: dict[bytes, tuple[bytes, int]] = {}
         self._bytes = 0
         self._next_cas = 1
@@ -130,10 +132,13 @@ class LocalStore:
 
     # -- metrics (Envoy Context::defineMetric & co) -----------------------------------------
 
-    def define_metric(self, kind: int, name: str) -> int:
-        """Return a new id (type in the low 2 bits, as cpp-host) bound to the named stat."""
+    def define_metric(self, kind: int, name: str) -> int | None:
+        """Return a new id (type in the low 2 bits, as cpp-host) bound to the named stat;
+        None when the store holds max_metrics names already."""
         metric = self._metrics_by_name.get((kind, name))
         if metric is None:
+            if len(self._metrics_by_name) >= self.max_metrics:
+                return None                  # the host answers INTERNAL_FAILURE
             metric = _Metric(kind, name)
             self._metrics_by_name[(kind, name)] = metric
         mid = self._next_metric[kind]

@@ -211,3 +211,38 @@ async def test_failure_metrics_exported(load):
     samples = [m for m in host.metrics() if m.name == "wasmgate_filter_failures_total"]
     assert [(m.labels, m.value) for m in samples] == [
         ({"filter": "f", "callback": "proxy_on_request_headers", "kind": "trap"}, 1.0)]
+
+
+async def test_callout_flood_is_bounded(load, services, trace):
+    from abi.api import CallResponse
+    from abi.filter import MAX_PENDING_CALLS
+    from abi.pairs import serialize
+
+    async def hang(*a):
+        await asyncio.sleep(10)
+    services.clusters["c"] = hang
+    w = Wat()
+    hdrs = serialize([(b":method", b"GET"), (b":path", b"/"), (b":authority", b"a")])
+    w.extra.append("(global $n (mut i32) (i32.const 0))")
+    w.on("proxy_on_request_headers",
+         "(block $out (loop $l "
+         f"(br_if $out (call $proxy_http_call {w.s('c')} {w.s(hdrs)} (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const {OUT})))"
+         "(global.set $n (i32.add (global.get $n) (i32.const 1))) (br $l)))"
+         f"(call $log_num {w.s('dispatched')} (global.get $n)) (i32.const 0)")
+    host = await load(w, limits=FilterLimits(memory_bytes=16 << 20, callback_ms=2000))
+    trace.records.clear()
+    s = host.stream(["f"], info())
+    await s.request(REQ, None)
+    assert trace.lines("f")[1] == f"dispatched {MAX_PENDING_CALLS}"
+    await s.finish(LogInfo())
+    assert host.filters["f"]._calls == {}
+
+
+async def test_huge_guest_log_line_is_clipped(load, trace):
+    w = Wat(pages=40)
+    w.on("proxy_on_request_headers", "(drop (call $proxy_log (i32.const 2) (i32.const 0) (i32.const 2000000))) (i32.const 0)")
+    host = await load(w)
+    trace.records.clear()
+    await one(host)
+    line = trace.lines("f")[1]
+    assert len(line) < 20000 and line.endswith("(2000000 bytes)")

@@ -116,3 +116,11 @@ def test_property_path_with_trailing_nul_and_root_id():
     assert get_property(src, b"plugin_root_id\0") == b"my_root_id"
     assert get_property(src, b"plugin_root_id") == b"my_root_id"
     assert get_property(src, b"plugin_name\0\0") is None
+
+
+def test_metric_names_are_bounded():
+    s = LocalStore(max_metrics=2)
+    assert s.define_metric(MetricType.COUNTER, "a") is not None
+    assert s.define_metric(MetricType.GAUGE, "b") is not None
+    assert s.define_metric(MetricType.COUNTER, "c") is None
+    assert s.define_metric(MetricType.COUNTER, "a") is not None   # known names still resolve
