@@ -1000,3 +1000,30 @@ async def test_many_headers_counted(tmp_path, upstream):
     keys = one(rep, "keys").split(",")
     assert int(one(rep, "n")) == len(keys)
     assert [k for k in keys if k.startswith("x-h")] == [k for k, _ in extra]
+
+
+async def test_tick_armed_in_on_configure(tmp_path, upstream):
+    async with probe_gateway(tmp_path, upstream, [probe_filter(tmp_path, tag="tick")]) as (gw, s):
+        async def three_ticks():
+            tr = await get_trace(s, gw, "tick")
+            return tr if len([e for e in tr if e[0] == "tick"]) >= 3 else None
+        trace = await wait_for(three_ticks, timeout=3.0)
+    assert trace, "a timer armed in on_configure never fired"
+    root = trace[1][1]
+    assert {e[1] for e in trace if e[0] == "tick"} == {root}
+
+
+async def test_http_call_from_root_context_on_tick(tmp_path, upstream):
+    async with probe_gateway(tmp_path, upstream, [probe_filter(tmp_path, tag="tickcall")]) as (gw, s):
+        async def answered():
+            tr = await get_trace(s, gw, "tickcall")
+            return tr if [e for e in tr if e[0] == "root_call_resp"] else None
+        trace = await wait_for(answered, timeout=3.0)
+    assert trace, "the root context's callout never got its callback"
+    root = trace[1][1]
+    calls = [e for e in trace if e[0] == "call_resp"]
+    token = [e for e in trace if e[0] == "root_call"][0][1]
+    assert calls and calls[0][1] == root and calls[0][2] == token
+    resp = [e for e in trace if e[0] == "root_call_resp"][0]
+    assert resp[2] == "201"
+    assert [r.path for r in upstream.callouts()] == ["/callout/from-tick"]

@@ -87,6 +87,8 @@
   (global $vm_cfg_len (mut i32) (i32.const -1))
   (global $cfg_seen (mut i32) (i32.const -1))
   (global $tick_trap (mut i32) (i32.const 0))
+  (global $tick_call (mut i32) (i32.const 0))      ;; tag "tickcall": http_call from on_tick
+  (global $root_token (mut i32) (i32.const -1))
 
   ;;@DATA
 
@@ -554,6 +556,12 @@
     (call $b_copy (i32.const 512) (i32.const 256))
     (drop (call $expect (call $define_metric (i32.const 2) (call $b_data (i32.const 512)) (call $b_len (i32.const 512)) (i32.const 24)) (i32.const 1)))
     (global.set $m_hist (i32.load (i32.const 24)))
+    ;; tags "tick" / "tickcall" arm the timer at configuration time (Rust hello_world style)
+    (if (i32.or (call $mem_eq (call $b_data (i32.const 256)) (call $b_len (i32.const 256)) $S"tick")
+                (call $mem_eq (call $b_data (i32.const 256)) (call $b_len (i32.const 256)) $S"tickcall"))
+      (then
+        (global.set $tick_call (call $mem_eq (call $b_data (i32.const 256)) (call $b_len (i32.const 256)) $S"tickcall"))
+        (drop (call $expect (call $set_tick (i32.const 20)) (i32.const 1)))))
     ;; a tag of "hang" loops forever in on_configure (the deadline must end the load)
     (if (call $mem_eq (call $b_data (i32.const 256)) (call $b_len (i32.const 256)) $S"hang")
       (then (loop $forever (br $forever))))
@@ -567,6 +575,16 @@
     (call $tr $S"tick")
     (call $tr_arg (local.get $id))
     (if (global.get $tick_trap) (then unreachable))
+    (if (i32.and (global.get $tick_call) (i32.eq (global.get $root_token) (i32.const -1)))
+      (then
+        (i32.store (i32.const 24) (i32.const 0))
+        (drop (call $expect
+          (call $http_call $S"callout" $M":method=GET|:path=/callout/from-tick|:authority=callout.local"
+                           (i32.const 0) (i32.const 0) $M"" (i32.const 5000) (i32.const 24))
+          (i32.const 1)))
+        (global.set $root_token (i32.load (i32.const 24)))
+        (call $tr $S"root_call")
+        (call $tr_arg (global.get $root_token))))
     (global.set $tick_count (i32.add (global.get $tick_count) (i32.const 1)))
     (if (i32.ge_u (global.get $tick_count) (i32.const 3))
       (then (drop (call $expect (call $set_tick (i32.const 0)) (i32.const 1))))))
@@ -947,6 +965,19 @@
     (call $tr_arg (local.get $nh))
     (call $tr_arg (local.get $bs))
     (call $tr_arg (local.get $nt))
+    ;; a callout the root context dispatched (from on_tick)
+    (if (i32.eq (local.get $tok) (global.get $root_token))
+      (then
+        (global.set $root_token (i32.const -2))
+        (drop (call $expect (call $set_effective (local.get $root)) (i32.const 1)))
+        (call $tr $S"root_call_resp")
+        (call $tr_arg (local.get $nh))
+        (call $b_byte (i32.const 32768) (i32.const 58))
+        (if (local.get $nh)
+          (then
+            (if (i32.eqz (call $hget (i32.const 6) $S":status"))
+              (then (call $b_str (i32.const 32768) (i32.load (i32.const 16)) (i32.load (i32.const 20)))))))
+        (return)))
     (local.set $q (i32.const 16384))
     (block $done
       (loop $l
