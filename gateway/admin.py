@@ -1,48 +1,147 @@
 """Admin listener: /ready, /metrics, /config, and the slot for POST /reload (issue 6).
 
-Not on the hot path, so it uses aiohttp's web.Application for readability.
+A few lines of asyncio over the same strict parser as the proxy: importing aiohttp's web
+stack just for this would add ~100 ms to every worker's start-up.
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
+import logging
 import socket
-from typing import TYPE_CHECKING, Any
-
-from aiohttp import web
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from abi.api import MetricSample
 
 from .config import Config, redact
+from .http1 import HttpError, body_length, parse_request_head
 
 if TYPE_CHECKING:
     from .server import Gateway
 
-GATEWAY_KEY = web.AppKey("gateway", object)
+log = logging.getLogger("wasmgate.admin")
+
+MAX_ADMIN_BODY = 16 * 1024 * 1024
 
 
-async def start_admin(gw: "Gateway", sock: socket.socket) -> web.AppRunner:
-    app = web.Application()
-    app[GATEWAY_KEY] = gw
-    app.router.add_get("/ready", ready)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/config", config_view)
-    app.router.add_post("/reload", reload)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    await web.SockSite(runner, sock).start()
-    return runner
+@dataclass
+class AdminRequest:
+    method: str
+    path: str                    # without the query string
+    query: str
+    headers: list[tuple[str, str]]
+    body: bytes
 
 
-async def ready(request: web.Request) -> web.Response:
-    gw = request.app[GATEWAY_KEY]
+@dataclass
+class AdminResponse:
+    status: int = 200
+    body: bytes = b""
+    content_type: str = "text/plain; charset=utf-8"
+    headers: list[tuple[str, str]] = field(default_factory=list)
+
+    @classmethod
+    def text(cls, text: str, status: int = 200) -> "AdminResponse":
+        return cls(status, text.encode())
+
+
+Handler = Callable[["Gateway", AdminRequest], Awaitable[AdminResponse]]
+
+
+class AdminServer:
+    """Serves ROUTES on one socket; ``close()`` stops it and its connections."""
+
+    def __init__(self, gw: "Gateway"):
+        self.gw = gw
+        self.server: asyncio.AbstractServer | None = None
+        self.writers: set[asyncio.StreamWriter] = set()
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.add(writer)
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+                    return
+                try:
+                    req, keepalive = await self._read_request(reader, head)
+                    resp = await self._dispatch(req)
+                except HttpError as e:
+                    resp, keepalive = AdminResponse.text(f"{e.status} {e.message}\n", e.status), False
+                writer.write(_serialize(resp, keepalive, head_only=head.startswith(b"HEAD ")))
+                await writer.drain()
+                if not keepalive:
+                    return
+        except ConnectionError:
+            pass
+        finally:
+            self.writers.discard(writer)
+            writer.close()
+
+    async def _read_request(self, reader: asyncio.StreamReader, head: bytes) -> tuple[AdminRequest, bool]:
+        method, target, version, headers = parse_request_head(head)
+        length = body_length(headers, request=True)
+        if length is None:
+            raise HttpError(411, "send a Content-Length")
+        if length > MAX_ADMIN_BODY:
+            raise HttpError(413, f"body over {MAX_ADMIN_BODY} bytes")
+        body = await reader.readexactly(length) if length > 0 else b""
+        path, _, query = target.partition("?")
+        keepalive = version == "HTTP/1.1" and not any(
+            n == "connection" and "close" in v.lower() for n, v in headers)
+        return AdminRequest(method, path, query, headers, body), keepalive
+
+    async def _dispatch(self, req: AdminRequest) -> AdminResponse:
+        methods = ROUTES.get(req.path)
+        if methods is None:
+            return AdminResponse.text(f"404 no admin endpoint {req.path}; try {', '.join(sorted(ROUTES))}\n", 404)
+        handler = methods.get("GET" if req.method == "HEAD" else req.method)
+        if handler is None:
+            resp = AdminResponse.text(f"405 {req.path} takes {', '.join(sorted(methods))}\n", 405)
+            resp.headers.append(("allow", ", ".join(sorted(methods))))
+            return resp
+        try:
+            return await handler(self.gw, req)
+        except Exception:
+            log.exception("admin %s %s failed", req.method, req.path)
+            return AdminResponse.text("500 admin handler failed (see the gateway log)\n", 500)
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for writer in list(self.writers):
+            writer.transport.abort()
+        await asyncio.sleep(0)
+
+
+def _serialize(resp: AdminResponse, keepalive: bool, head_only: bool) -> bytes:
+    reason = HTTPStatus(resp.status).phrase if resp.status in HTTPStatus._value2member_map_ else "Unknown"
+    lines = [f"HTTP/1.1 {resp.status} {reason}", f"content-type: {resp.content_type}",
+             f"content-length: {len(resp.body)}"]
+    lines += [f"{n}: {v}" for n, v in resp.headers]
+    if not keepalive:
+        lines.append("connection: close")
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
+    return head if head_only else head + resp.body
+
+
+async def start_admin(gw: "Gateway", sock: socket.socket) -> AdminServer:
+    admin = AdminServer(gw)
+    admin.server = await asyncio.start_server(admin.handle, sock=sock, limit=65536)
+    return admin
+
+
+async def ready(gw: "Gateway", req: AdminRequest) -> AdminResponse:
     if gw.ready and not gw.draining:
-        return web.Response(text="ready\n")
-    return web.Response(status=503, text="draining\n" if gw.draining else "starting\n")
+        return AdminResponse.text("ready\n")
+    return AdminResponse.text("draining\n" if gw.draining else "starting\n", 503)
 
 
-async def metrics(request: web.Request) -> web.Response:
-    gw = request.app[GATEWAY_KEY]
+async def metrics(gw: "Gateway", req: AdminRequest) -> AdminResponse:
     gen = gw.generation
     pools = [MetricSample("wasmgate_upstream_connections", "gauge", float(p.open), {"cluster": name},
                           "Open upstream connections (busy and idle).")
@@ -54,29 +153,35 @@ async def metrics(request: web.Request) -> web.Response:
     extra: list[MetricSample] = []
     if gen.filter_host is not None:
         try:
-            extra = list(gen.filter_host.metrics())
+            extra = list(gen.filter_host.metrics())   # type: ignore[attr-defined]
         except Exception as e:   # filter metrics must not take the gateway's own metrics down
             gw.metrics.error("filter_metrics")
-            request.app.logger.warning("filter_host.metrics() failed: %s", e)
+            log.warning("filter_host.metrics() failed: %s", e)
     text = gw.metrics.render(extra=extra, gauges=pools)
-    return web.Response(text=text, content_type="text/plain", charset="utf-8",
-                        headers={"X-Content-Type-Version": "0.0.4"})
+    return AdminResponse(200, text.encode(), "text/plain; version=0.0.4; charset=utf-8")
 
 
-async def config_view(request: web.Request) -> web.Response:
-    gw = request.app[GATEWAY_KEY]
+async def config_view(gw: "Gateway", req: AdminRequest) -> AdminResponse:
     view = effective_config(gw.generation.config, gw.listener_ports, gw.admin_port)
-    return web.Response(text=json.dumps(view, indent=2) + "\n", content_type="application/json")
+    return AdminResponse(200, (json.dumps(view, indent=2) + "\n").encode(), "application/json")
 
 
-async def reload(request: web.Request) -> web.Response:
-    # Issue 6 plugs in here: Gateway.reload(new_config) builds a new Generation and swaps
+async def reload(gw: "Gateway", req: AdminRequest) -> AdminResponse:
+    # Issue 6 plugs in here: Gateway.reload(request) builds a new Generation and swaps
     # gw.generation; the proxy reads the generation once per request.
-    gw = request.app[GATEWAY_KEY]
     handler = getattr(gw, "reload", None)
     if handler is None:
-        return web.Response(status=501, text="reload is not implemented yet\n")
-    return await handler(request)
+        return AdminResponse.text("501 reload is not implemented yet\n", 501)
+    return await handler(req)
+
+
+# path → method → handler. Issue 6 adds its endpoints here.
+ROUTES: dict[str, dict[str, Handler]] = {
+    "/ready": {"GET": ready},
+    "/metrics": {"GET": metrics},
+    "/config": {"GET": config_view},
+    "/reload": {"POST": reload},
+}
 
 
 def effective_config(config: Config, listener_ports: dict[str, int], admin_port: int | None) -> dict[str, Any]:

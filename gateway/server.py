@@ -177,7 +177,7 @@ class Gateway:
             server.close()
         self._servers.clear()
         if self._admin_runner is not None:
-            await self._admin_runner.cleanup()
+            await self._admin_runner.close()
             self._admin_runner = None
 
     async def wait_stopped(self) -> None:

@@ -232,3 +232,20 @@ async def test_access_log_lines_are_strict_json_with_escaping(tmp_path):
     entry = json.loads((tmp_path / "a.log").read_text())
     assert entry["request_id"] == 'id"\n\u00e9' and entry["path"] == '/p?"q"=\\'
     assert entry["duration_ms"] == 1.235 and entry["error"] == 'bad "x"' and entry["status"] == 400
+
+
+async def test_admin_methods_and_errors(upstream, tmp_path):
+    from tests.helpers import raw_exchange
+    async with run_gateway(basic_yaml(upstream.port), tmp_path) as gw:
+        async with aiohttp.ClientSession() as s:
+            async with s.get(gw.admin_url + "/reload") as r:
+                assert r.status == 405 and r.headers["Allow"] == "POST"
+            async with s.head(gw.admin_url + "/ready") as r:
+                assert r.status == 200 and r.headers["Content-Length"] == "6"
+            async with s.get(gw.admin_url + "/metrics?x=1") as r:
+                assert r.status == 200
+        raw = await raw_exchange(gw.gateway.admin_port, b"GET /ready HTTP/1.1\r\nHost: a\r\n\r\n"
+                                 b"GET /config HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        assert raw.count(b"HTTP/1.1 200 OK") == 2 and raw.endswith(b"}\n")
+        raw = await raw_exchange(gw.gateway.admin_port, b"BAD REQUEST LINE\r\n\r\n")
+        assert raw.startswith(b"HTTP/1.1 400")
