@@ -28,6 +28,7 @@ class _Conn(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
         self.t0 = 0.0
+        self.rec = False          # issued inside the recorded window
         self.busy = False
         self.closed = False
 
@@ -38,8 +39,9 @@ class _Conn(asyncio.Protocol):
         self.closed = True
         self.client.on_lost(self)
 
-    def send(self, t0: float) -> None:
+    def send(self, t0: float, rec: bool) -> None:
         self.t0 = t0
+        self.rec = rec
         self.busy = True
         self.transport.write(self.client.request_bytes)
 
@@ -51,7 +53,7 @@ class _Conn(asyncio.Protocol):
                 return
             status, close = done
             self.busy = False
-            self.client.on_response(self, status, _now() - self.t0, close)
+            self.client.on_response(self, status, _now() - self.t0, close, self.rec)
 
     def _parse(self):
         buf = self.buf
@@ -105,7 +107,7 @@ class PacedClient:
         self.rate = rate
         self.n_conns = connections
         self.idle: list[_Conn] = []
-        self.pending: collections.deque[float] = collections.deque()
+        self.pending: collections.deque[tuple[float, bool]] = collections.deque()
         self.latencies: list[float] = []
         self.lags: list[float] = []
         self.statuses: collections.Counter[int] = collections.Counter()
@@ -123,13 +125,14 @@ class PacedClient:
         if conn.closed:
             return
         if self.pending:
-            conn.send(self.pending.popleft())
+            conn.send(*self.pending.popleft())
         else:
             self.idle.append(conn)
 
-    def on_response(self, conn: _Conn, status: int, latency: float, close: bool) -> None:
+    def on_response(self, conn: _Conn, status: int, latency: float, close: bool,
+                    rec: bool) -> None:
         self.outstanding -= 1
-        if self.recording:
+        if rec:
             self.latencies.append(latency)
             self.statuses[status] += 1
         if close:
@@ -143,7 +146,8 @@ class PacedClient:
         if conn.busy:
             conn.busy = False
             self.outstanding -= 1
-            self.errors += 1
+            if conn.rec:
+                self.errors += 1
         self.reconnects += 1
         asyncio.get_running_loop().create_task(self._reopen())
 
@@ -156,9 +160,9 @@ class PacedClient:
     def _issue(self, t0: float) -> None:
         self.outstanding += 1
         if self.idle:
-            self.idle.pop().send(t0)
+            self.idle.pop().send(t0, self.recording)
         else:
-            self.pending.append(t0)
+            self.pending.append((t0, self.recording))
 
     async def run(self, duration: float, warmup: float) -> dict:
         await asyncio.gather(*(self._open() for _ in range(self.n_conns)))
