@@ -200,3 +200,18 @@ async def test_initial_memory_above_limit_fails_to_load(tmp_path):
         host = await load_filter_host([spec], _Services())
         await host.close()
     assert ei.value.filter_name == "big"
+
+
+async def test_guest_logs_and_stdout_reach_the_gateway_log_tagged(tmp_path, upstream, caplog):
+    caplog.set_level(logging.DEBUG)
+    filters = [filter_entry("loudgo", watlib.build("golike.wat", tmp_path), config="x"),
+               filter_entry("loudprobe", strict_module(tmp_path), config="p1")]
+    async with probe_gateway(tmp_path, upstream, filters) as (gw, s):
+        status, _, _ = await fetch(s, gw.url("/log"))
+        assert status == 200
+    records = [(r.getMessage(), r.name) for r in caplog.records]
+    stdout = [m for m, n in records if "golike: _start()" in m]
+    assert stdout, "WASI fd_write(1) output not in the gateway log"
+    assert any("loudgo" in m or "loudgo" in n for m, n in records if "golike: _start()" in m)
+    logged = [m for m, n in records if "strict_sdk configured" in m]
+    assert logged and any("loudprobe" in m or "loudprobe" in n for m, n in records if "strict_sdk configured" in m)
