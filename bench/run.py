@@ -367,6 +367,7 @@ class Bench:
         self.machine = machine_info(self.tools)
         self.upstream_port = free_port()
         load = loadavg()
+        self.machine["loadavg_at_start"] = load
         if load > 0.5:
             msg = (f"load average {load:.2f} at start: other work is running on this machine; "
                    f"numbers will be noisy (see details.*.foreign_cpu_share)")
