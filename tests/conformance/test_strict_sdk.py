@@ -1027,3 +1027,14 @@ async def test_http_call_from_root_context_on_tick(tmp_path, upstream):
     resp = [e for e in trace if e[0] == "root_call_resp"][0]
     assert resp[2] == "201"
     assert [r.path for r in upstream.callouts()] == ["/callout/from-tick"]
+
+
+async def test_http_call_timeout_zero_means_no_timeout(tmp_path, upstream):
+    # Envoy: a zero timeout on an async HTTP call means "no timeout", not "fail at once"
+    async with probe_gateway(tmp_path, upstream, [probe_filter(tmp_path)]) as (gw, s):
+        status, headers, body = await fetch(s, gw.url("/t0"), headers={
+            "x-act": "call", "x-cluster": "callout", "x-timeout": "0"})
+        assert status == 200, body
+        rep = report_of(headers)
+    assert one(rep, "cstatus") == "201"
+    assert one(rep, "cbody") == "callout-ok"
