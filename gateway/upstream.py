@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from typing import AsyncIterator
 
@@ -243,6 +244,10 @@ class Pool:
             self._eject(ep)
             why = "refused" if isinstance(e, ConnectionRefusedError) else (e.strerror or str(e))
             raise UpstreamError(502, "refused", f"connect to {ep}: {why}", str(ep)) from None
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            # Head, body chunks and the final chunk go out as separate writes: no Nagle delay.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return UpConn(reader, writer, ep)
 
     def release(self, conn: UpConn) -> None:

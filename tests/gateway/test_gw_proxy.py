@@ -501,3 +501,35 @@ async def test_old_idle_upstream_connections_are_not_reused(tmp_path, monkeypatc
             assert (await get_status(gw.url("/")))[0] == 200
             assert gw.gateway.generation.upstreams.pools["backend"].open == 1
     assert conns == 2       # reused right away, replaced after sitting idle too long
+
+
+async def test_sockets_have_tcp_nodelay(tmp_path):
+    """Small trailing writes (last chunk) must not wait for a delayed ACK (~40 ms)."""
+    import socket
+    import time
+    seen = {}
+
+    async def handler(reader, writer):
+        while await read_request_head(reader):
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            await writer.drain()
+            writer.write(b"5\r\nhello\r\n")
+            await writer.drain()
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+
+    async with raw_upstream(handler) as up:
+        async with run_gateway(basic_yaml(up.port), tmp_path) as gw:
+            pool = gw.gateway.generation.upstreams.pools["backend"]
+            async with aiohttp.ClientSession() as s:
+                samples = []
+                for _ in range(12):
+                    t = time.perf_counter()
+                    async with s.get(gw.url("/")) as r:
+                        assert await r.read() == b"hello"
+                    samples.append(time.perf_counter() - t)
+            conn = pool.idle[pool.cluster.endpoints[0]][0]
+            seen["up"] = conn.writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    assert seen["up"] != 0
+    samples.sort()
+    assert samples[len(samples) // 2] < 0.02, samples
