@@ -471,6 +471,7 @@
     (if (call $act_is $S"crlf-req") (then (return (i32.const 49))))
     (if (call $act_is $S"crlf-resp") (then (return (i32.const 50))))
     (if (call $act_is $S"call-resp") (then (return (i32.const 51))))
+    (if (call $act_is $S"crlf-strict") (then (return (i32.const 54))))
     (if (call $act_is $S"reply-resp-body") (then (return (i32.const 52))))
     (if (call $act_is $S"reply-body-late") (then (return (i32.const 53))))
     (i32.const 0))
@@ -759,6 +760,13 @@
         (drop (call $add_hv (i32.const 0) $S"x-inj" $S"a\0d\0aInjected-Req: 1"))
         (drop (call $add_hv (i32.const 0) $S"bad name" $S"v"))
         (drop (call $add_hv (i32.const 0) $S"x-inj2" $S"b\0aInjected-Req2: 1"))))
+    (if (i32.eq (local.get $act) (i32.const 54))
+      (then
+        ;; Rust set_http_request_header / add_http_request_header: the SDK accepts only OK.
+        ;; A value with CR LF (e.g. copied from untrusted input) must not crash the filter; the
+        ;; host keeps it off the wire instead.
+        (drop (call $expect (call $add_hv (i32.const 0) $S"x-inj" $S"a\0d\0aInjected-Req: 1") (i32.const 1)))
+        (drop (call $expect (call $replace_hv (i32.const 0) $S"x-inj-rep" $S"b\0aInjected-Req2: 1") (i32.const 1)))))
     (if (i32.eq (local.get $act) (i32.const 43))
       (then (call $local_reply (i32.const 403) $S"denied, see on_log") (return (i32.const 1))))
     (if (i32.eq (local.get $act) (i32.const 45))
@@ -1261,7 +1269,9 @@
         (local.set $st (call $expect (call $get_buffer_bytes (i32.const 0) (i32.const 2) (i32.const 3) (i32.const 16) (i32.const 20)) (i32.const 3)))
         (call $check_ret (local.get $st))
         (if (i32.eqz (local.get $st))
-          (then (call $rep_str (local.get $r) $S"slice" (i32.load (i32.const 16)) (i32.load (i32.const 20)))))
+          (then
+            (call $b_hex (call $rk (local.get $r) $S"slice") (i32.load (i32.const 16)) (i32.load (i32.const 20)))
+            (call $rend (local.get $r))))
         ;; the whole body, Rust-style max = usize::MAX
         (call $clear_ret)
         (local.set $st (call $expect (call $get_buffer_bytes (i32.const 0) (i32.const 0) (i32.const -1) (i32.const 16) (i32.const 20)) (i32.const 3)))
