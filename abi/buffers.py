@@ -5,8 +5,20 @@ buffer joins its chunks only when the guest reads or rewrites it.
 """
 from __future__ import annotations
 
+import re
+
 from .enums import Status
 from .pairs import serialize_str, to_bytes, to_str
+
+
+_NAME = re.compile(r":?[!#$%&'*+\-.^_`|~0-9a-z]+")
+_BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def valid_header(name: str, value: str) -> bool:
+    """A lower-cased name that is an HTTP token (or a pseudo-header) and a value without
+    control characters: what a filter sets must not be able to split a message on the wire."""
+    return _NAME.fullmatch(name) is not None and _BAD_VALUE.search(value) is None
 
 
 def lower_key(key: bytes) -> str:

@@ -14,7 +14,7 @@ from collections import Counter
 from typing import TYPE_CHECKING, Callable
 
 from .api import CallFailed, CallResponse, FilterLoadError, FilterSpec, HostServices
-from .buffers import BodyBuffer, HeaderMap
+from .buffers import BodyBuffer, HeaderMap, valid_header
 from .context import CalloutData, Context, HttpContext, RootContext, VmContext
 from .engine import Engine, EngineError, Instance, MemoryAccessError, Trap
 from .enums import Status, WasiErrno
@@ -443,7 +443,8 @@ class Filter:
             else:
                 rest.append((k.lower(), v))
         method, path, authority = pseudo.get(":method"), pseudo.get(":path"), pseudo.get(":authority")
-        if not method or not path or authority is None:
+        if not method or not path or authority is None \
+                or not all(valid_header(k.lower(), v) for k, v in headers):
             return Status.BAD_ARGUMENT, 0
         token = self._next_token
         self._next_token = (token + 4) & _U32 or 4

@@ -11,7 +11,7 @@ import logging
 from typing import TYPE_CHECKING, Callable
 
 from .api import LocalReply
-from .buffers import lower_key
+from .buffers import lower_key, valid_header
 from .enums import BufferType, LogLevel, MapType, MetricType, Status
 from .engine import HostTrap, MemoryAccessError, Trap
 from .pairs import deserialize, deserialize_str, to_str
@@ -108,7 +108,10 @@ def proxy_set_header_map_pairs(f, map_type, ptr, size):
     m = f.ctx().writable_map(map_type)
     if m is None or pairs is None:
         return Status.BAD_ARGUMENT
-    m.set_all([(lower_key(k), to_str(v)) for k, v in pairs])
+    items = [(lower_key(k), to_str(v)) for k, v in pairs]
+    if not all(valid_header(k, v) for k, v in items):
+        return Status.BAD_ARGUMENT
+    m.set_all(items)
     return Status.OK
 
 
@@ -131,7 +134,7 @@ def _map_edit(f, map_type, key_ptr, key_size, val_ptr, val_size, op: str):
     key = lower_key(f.read(key_ptr, key_size))
     value = to_str(f.read(val_ptr, val_size))
     m = f.ctx().writable_map(map_type)
-    if m is None:
+    if m is None or (op != "remove" and not valid_header(key, value)):
         return Status.BAD_ARGUMENT
     if op == "add":
         m.add(key, value)
@@ -208,8 +211,11 @@ def proxy_send_local_response(f, status_code, details_ptr, details_size, body_pt
     details = to_str(f.read(details_ptr, details_size))
     body = f.read(body_ptr, body_size)
     headers = deserialize_str(f.read(headers_ptr, headers_size)) or []
-    reply = LocalReply(status_code, [(k.lower(), v) for k, v in headers], body,
-                       "_".join(details.split()) if details else "")
+    headers = [(k.lower(), v) for k, v in headers]
+    good = [(k, v) for k, v in headers if valid_header(k, v) and not k.startswith(":")]
+    if len(good) != len(headers):
+        f.log.warning('filter "%s": send_local_response: invalid headers dropped', f.name)
+    reply = LocalReply(status_code, good, body, "_".join(details.split()) if details else "")
     grpc = grpc_status if grpc_status <= 16 else -1          # -1 / 0xFFFFFFFF: unset
     return f.ctx().send_local_response(reply, grpc)
 

@@ -281,3 +281,19 @@ async def test_out_of_bounds_pointers_give_invalid_memory_access(load, trace):
     s, fwd = await run_request(host)
     assert isinstance(fwd, Forward)
     assert trace.lines("f")[1:] == ["log 6", "pairs-out 6", "value-key 6", "huge-len 6"]
+
+
+async def test_header_injection_is_refused(load, trace):
+    w = Wat()
+    w.on("proxy_on_request_headers",
+         status(w, "crlf", f"(call $proxy_add_header_map_value (i32.const 0) {w.s('x-a')} {w.s('v' + chr(13) + chr(10) + 'x-evil: 1')})")
+         + status(w, "nul", f"(call $proxy_replace_header_map_value (i32.const 0) {w.s('x-b')} {w.s(b'a' + bytes(1) + b'b')})")
+         + status(w, "name", f"(call $proxy_add_header_map_value (i32.const 0) {w.s('bad name')} {w.s('v')})")
+         + status(w, "pairs", f"(call $proxy_set_header_map_pairs (i32.const 0) {w.s(serialize([(b'ok', b'1'), (b'x', bytes([10]))]))})")
+         + status(w, "tab-ok", f"(call $proxy_add_header_map_value (i32.const 0) {w.s('x-tab')} {w.s('a' + chr(9) + 'b')})")
+         + " (i32.const 0)")
+    host = await load(w)
+    trace.records.clear()
+    _, fwd = await run_request(host)
+    assert trace.lines("f")[1:] == ["crlf 2", "nul 2", "name 2", "pairs 2", "tab-ok 0"]
+    assert fwd.headers == REQ + [("x-tab", "a\tb")]
