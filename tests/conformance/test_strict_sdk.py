@@ -438,6 +438,11 @@ async def test_metrics_visible_on_admin(tmp_path, upstream):
     assert counters == [3.0], [l for l in text.splitlines() if "probe_" in l]
     assert gauges == [9.0]
     assert hists, "histogram not exported"
+    # every sample line stays parseable Prometheus text despite the odd metric name
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            assert re.fullmatch(r'[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_][a-zA-Z0-9_]*="([^"\\]|\\.)*",?)*\})? \S+', line), line
+    assert [v for n, _, v in smp if "weird" in n] == [3.0]
 
 
 async def test_on_tick_fires_on_root_after_set_tick_period(tmp_path, upstream):

@@ -819,7 +819,11 @@
         (drop (call $expect (call $get_metric (global.get $m_counter) (i32.const 32)) (i32.const 7)))
         (call $rep_u32 (local.get $r) $S"mcount" (i32.wrap_i64 (i64.load (i32.const 32))))
         (drop (call $expect (call $get_metric (global.get $m_gauge) (i32.const 32)) (i32.const 7)))
-        (call $rep_u32 (local.get $r) $S"mgauge" (i32.wrap_i64 (i64.load (i32.const 32))))))
+        (call $rep_u32 (local.get $r) $S"mgauge" (i32.wrap_i64 (i64.load (i32.const 32))))
+        ;; Envoy-style dotted names with odd characters: define_metric must still answer OK
+        ;; (Rust accepts nothing else); the exporter has to cope with the name
+        (drop (call $expect (call $define_metric (i32.const 0) $S"weird.metric-name/with spaces\"q" (i32.const 24)) (i32.const 1)))
+        (drop (call $expect (call $increment_metric (i32.load (i32.const 24)) (i64.const 1)) (i32.const 7)))))
     (i32.const 0))
 
   (func $req_hdr_ops (param $r i32)
