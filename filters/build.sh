@@ -26,9 +26,11 @@ cd "$HERE"
 # Reproducible output wherever the checkout lives: panic locations name "filters/..." instead
 # of the absolute path, so a fresh build in CI is byte-identical to the committed dist/.
 export RUSTFLAGS="--remap-path-prefix=$HERE=filters ${RUSTFLAGS:-}"
-pkgs=()
-for f in "${FILTERS[@]}"; do pkgs+=(-p "$f"); done
-"$CARGO" build --offline --locked --release --target wasm32-wasi "${pkgs[@]}"
+# One cargo invocation per filter: features of the SDK are resolved per invocation, so a filter
+# that does not enable the SDK's body callbacks does not get them from a sibling that does.
+for f in "${FILTERS[@]}"; do
+    "$CARGO" build --offline --locked --release --target wasm32-wasi -p "$f"
+done
 
 mkdir -p dist
 stale=()

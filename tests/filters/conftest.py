@@ -10,14 +10,31 @@ import base64
 import hashlib
 import hmac
 import json
+import os
+import subprocess
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from tests.helpers import echo_upstream, run_gateway
 
 ROOT = Path(__file__).resolve().parents[2]
 DIST = ROOT / "filters" / "dist"
+CARGO, RUSTC = "/usr/bin/cargo", "/usr/bin/rustc"
+
+
+@pytest.fixture(scope="session")
+def callout_wasm():
+    """filters/examples/callout built from source (an SDK filter exporting every callback)."""
+    if not (os.access(CARGO, os.X_OK) and os.access(RUSTC, os.X_OK)):
+        pytest.skip("Debian's cargo/rustc not installed (./dev test installs them)")
+    r = subprocess.run([CARGO, "build", "--offline", "--locked", "--release", "--target", "wasm32-wasi",
+                        "-p", "example-callout"], cwd=ROOT / "filters", env={**os.environ, "RUSTC": RUSTC},
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return ROOT / "filters" / "target" / "wasm32-wasi" / "release" / "example_callout.wasm"
 
 
 def gateway_yaml(up_port: int, filters: list[dict[str, Any]], routes: list[dict[str, Any]],

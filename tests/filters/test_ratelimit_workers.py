@@ -67,8 +67,6 @@ def _workers_listening(supervisor: int, port: int) -> int:
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="needs /proc to see both workers listen")
-@pytest.mark.xfail(strict=True, reason="host: worker processes each use their own LocalStore "
-                   "(abi/filter_host.py default_store); shared data is not gateway-wide across workers yet")
 async def test_exact_admission_across_two_workers(tmp_path):
     async with echo_upstream() as up:
         cfg = tmp_path / "config.yaml"

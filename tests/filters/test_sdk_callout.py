@@ -4,27 +4,16 @@ here and run through the gateway against a real authorization service."""
 from __future__ import annotations
 
 import os
-import subprocess
 
 import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.filters.conftest import ROOT, gateway_yaml, header_values
+from tests.filters.conftest import CARGO, RUSTC, callout_wasm, gateway_yaml, header_values  # noqa: F401
 from tests.helpers import echo_upstream, run_gateway
 
-CARGO, RUSTC = "/usr/bin/cargo", "/usr/bin/rustc"
 pytestmark = pytest.mark.skipif(not (os.access(CARGO, os.X_OK) and os.access(RUSTC, os.X_OK)),
                                 reason="Debian's cargo/rustc not installed (./dev test installs them)")
-
-
-@pytest.fixture(scope="module")
-def callout_wasm():
-    r = subprocess.run([CARGO, "build", "--offline", "--locked", "--release", "--target", "wasm32-wasi",
-                        "-p", "example-callout"], cwd=ROOT / "filters", env={**os.environ, "RUSTC": RUSTC},
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return ROOT / "filters" / "target" / "wasm32-wasi" / "release" / "example_callout.wasm"
 
 
 async def authz(request: web.Request) -> web.Response:

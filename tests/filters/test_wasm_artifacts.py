@@ -31,6 +31,8 @@ INVALID = {
     "risk": ({"threshold": 1, "action": "drop"}, "action: expected reject or tag"),
 }
 WASI_ALLOWED = {"fd_write", "environ_get", "environ_sizes_get", "proc_exit"}
+# Body/trailer callbacks each filter exports (SDK features): the others stream bodies untouched.
+BODY_EXPORTS = {"auth": set(), "ratelimit": set(), "headers": set(), "risk": {"proxy_on_request_body"}}
 
 
 class MiniHost:
@@ -103,6 +105,7 @@ def test_exports_and_imports(name):
                      "proxy_on_request_headers", "proxy_on_response_headers", "proxy_on_done",
                      "proxy_on_log", "proxy_on_delete"]:
         assert required in exports, f"{name}.wasm does not export {required}"
+    assert {e for e in exports if e.endswith(("_body", "_trailers"))} == BODY_EXPORTS[name]
     for imp in m.imports:
         if imp.module == "env":
             assert imp.name.startswith("proxy_"), imp.name

@@ -144,11 +144,13 @@ pub extern "C" fn proxy_on_request_headers(context_id: u32, num_headers: usize, 
     with_http(context_id, |c| c.on_http_request_headers(num_headers, end_of_stream))
 }
 
+#[cfg(feature = "request-body")]
 #[no_mangle]
 pub extern "C" fn proxy_on_request_body(context_id: u32, body_size: usize, end_of_stream: bool) -> Action {
     with_http(context_id, |c| c.on_http_request_body(body_size, end_of_stream))
 }
 
+#[cfg(feature = "trailers")]
 #[no_mangle]
 pub extern "C" fn proxy_on_request_trailers(context_id: u32, num_trailers: usize) -> Action {
     with_http(context_id, |c| c.on_http_request_trailers(num_trailers))
@@ -159,11 +161,13 @@ pub extern "C" fn proxy_on_response_headers(context_id: u32, num_headers: usize,
     with_http(context_id, |c| c.on_http_response_headers(num_headers, end_of_stream))
 }
 
+#[cfg(feature = "response-body")]
 #[no_mangle]
 pub extern "C" fn proxy_on_response_body(context_id: u32, body_size: usize, end_of_stream: bool) -> Action {
     with_http(context_id, |c| c.on_http_response_body(body_size, end_of_stream))
 }
 
+#[cfg(feature = "trailers")]
 #[no_mangle]
 pub extern "C" fn proxy_on_response_trailers(context_id: u32, num_trailers: usize) -> Action {
     with_http(context_id, |c| c.on_http_response_trailers(num_trailers))
