@@ -1055,3 +1055,56 @@ async def test_header_value_with_crlf_is_accepted_but_never_reaches_the_wire(tmp
     for r in upstream.main_requests():
         names = {k.lower() for k, _ in r.headers}
         assert not names & {"injected-req", "injected-req2"}, r.headers
+
+
+async def _raw_trailer_upstream():
+    async def handle(reader, writer):
+        try:
+            while (await reader.readline()) not in (b"\r\n", b""):
+                pass
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: x-resp-trailer\r\n"
+                         b"content-type: text/plain\r\n\r\n5\r\nhello\r\n0\r\nx-resp-trailer: t1\r\n\r\n")
+            await writer.drain()
+        finally:
+            writer.close()
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+async def _trailer_exchange(tmp_path, upstream):
+    """Issue 3: trailers callbacks when present (HTTP/1.1 chunked trailers, both directions)."""
+    from tests.conformance.probe import gateway_yaml
+    from tests.helpers import run_gateway
+    server, port = await _raw_trailer_upstream()
+    try:
+        text = gateway_yaml(upstream.port, [probe_filter(tmp_path)],
+                            [{"name": "tr", "match": {"prefix": "/tr"}, "cluster": "trailers", "filters": ["probe"]},
+                             {"name": "all", "cluster": "backend", "filters": ["probe"]}])
+        text = text.replace("clusters:\n", f"clusters:\n- name: trailers\n  endpoints: ['127.0.0.1:{port}']\n", 1)
+        async with run_gateway(text, tmp_path) as gw:
+            reader, writer = await asyncio.open_connection("127.0.0.1", gw.port())
+            writer.write(b"POST /with-trailers HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                         b"5\r\nhello\r\n0\r\nx-req-trailer: r1\r\n\r\n")
+            await writer.drain()
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            writer.close()
+            assert head.startswith(b"HTTP/1.1 200"), head
+            async with aiohttp.ClientSession() as s:
+                status, _, body = await fetch(s, gw.url("/tr/resp"))
+                assert status == 200 and body == b"hello"
+                await asyncio.sleep(0.2)
+                trace = await get_trace(s, gw, "p1")
+    finally:
+        server.close()
+        await server.wait_closed()
+    return trace
+
+
+async def test_request_trailers_reach_the_filter(tmp_path, upstream):
+    trace = await _trailer_exchange(tmp_path, upstream)
+    assert [e for e in trace if e[0] == "req_trl"], "on_request_trailers never called"
+
+
+async def test_response_trailers_reach_the_filter(tmp_path, upstream):
+    trace = await _trailer_exchange(tmp_path, upstream)
+    assert [e for e in trace if e[0] == "resp_trl"], "on_response_trailers never called"
