@@ -351,3 +351,26 @@ async def test_header_injection_from_filter_does_not_reach_the_wire(tmp_path, up
             assert "injected-resp2" not in {k.lower() for k in headers.keys()}
         await a_works_again(s, gw)
         await healthy_b(s, gw, 5)
+
+
+@pytest.mark.parametrize("code", ["0", "99", "100", "101", "204", "304", "1000", "-1"])
+async def test_local_reply_with_odd_status_codes(tmp_path, upstream, code):
+    """A filter asks for a local reply with an odd status (and a body). Whatever the gateway
+    makes of it, the wire must carry one well-formed final response: no "HTTP/1.1 0", no 1xx
+    followed by the body as a second message, no body after a 204/304 — the next request on
+    the same keep-alive connection must get its own response."""
+    async with probe_gateway(tmp_path, upstream, filters(tmp_path), routes()) as (gw, s):
+        conn = aiohttp.TCPConnector(limit=1)
+        async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=5)) as one_conn:
+            try:
+                status, _, body, elapsed = await fetch(one_conn, gw.url("/a/odd"),
+                                                       headers={"x-act": "reply-status", "x-ret": code})
+            except aiohttp.ClientError as e:
+                pytest.fail(f"malformed response for a local reply with status {code}: {e!r}")
+            assert 200 <= status < 600, status
+            if status in (204, 304):
+                assert body == b""
+            follow, headers, fbody, _ = await fetch(one_conn, gw.url("/b/next"))
+            assert follow == 200 and "x-probe-ok" in headers, (follow, fbody[:100])
+        await healthy_b(s, gw, 5)
+        await a_works_again(s, gw)

@@ -472,6 +472,7 @@
     (if (call $act_is $S"crlf-resp") (then (return (i32.const 50))))
     (if (call $act_is $S"call-resp") (then (return (i32.const 51))))
     (if (call $act_is $S"crlf-strict") (then (return (i32.const 54))))
+    (if (call $act_is $S"reply-status") (then (return (i32.const 55))))
     (if (call $act_is $S"reply-resp-body") (then (return (i32.const 52))))
     (if (call $act_is $S"reply-body-late") (then (return (i32.const 53))))
     (i32.const 0))
@@ -760,6 +761,12 @@
         (drop (call $add_hv (i32.const 0) $S"x-inj" $S"a\0d\0aInjected-Req: 1"))
         (drop (call $add_hv (i32.const 0) $S"bad name" $S"v"))
         (drop (call $add_hv (i32.const 0) $S"x-inj2" $S"b\0aInjected-Req2: 1"))))
+    (if (i32.eq (local.get $act) (i32.const 55))
+      (then
+        ;; whatever status the filter asks for (x-ret), status of the call not checked
+        (drop (call $send_local (i32.load offset=32 (local.get $r)) (i32.const 0) (i32.const 0)
+                                $S"odd status" $M"" (i32.const -1)))
+        (return (i32.const 1))))
     (if (i32.eq (local.get $act) (i32.const 54))
       (then
         ;; Rust set_http_request_header / add_http_request_header: the SDK accepts only OK.
