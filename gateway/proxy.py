@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import TYPE_CHECKING, AsyncIterator
 
-from abi.api import LocalReply, LocalReplyInterrupt, LogInfo, StreamInfo
+from abi.api import Forward, LocalReply, LocalReplyInterrupt, LogInfo, StreamInfo
 
 from .config import Config, Limits, Route
 from .http1 import (FRAMING, HOP_BY_HOP, BodyTooLarge, HttpError, PeerClosed, body_length,
@@ -334,6 +334,11 @@ class Proxy:
         except UpstreamError as e:
             ex.upstream = e.endpoint
             log.warning('route "%s": %s', route.name, e.message)
+            if stream is not None:
+                # As Envoy encodes its router's error replies through the filters: the chain's
+                # response callbacks see (and may change) the 502/503/504.
+                return await self._error_through_chain(conn, ex, stream, e.status, _short_upstream_reason(e),
+                                                       f"upstream_{e.kind}", close=body is not None)
             return self._reply_error(conn, ex, e.status, _short_upstream_reason(e), f"upstream_{e.kind}",
                                      close=body is not None)
         except LocalReplyInterrupt as e:
@@ -495,6 +500,33 @@ class Proxy:
                           close=close)
         return not close
 
+    async def _error_through_chain(self, conn: Downstream, ex: Exchange, stream, status: int, message: str,
+                                   kind: str, close: bool) -> bool:
+        self.metrics.error(kind)
+        ex.error = message
+        body = f"{status} {_reason(status)}: {message}\n".encode("utf-8", "replace")
+        headers = [("content-type", "text/plain; charset=utf-8"), ("content-length", str(len(body)))]
+        if ex.rid:
+            headers.append(("x-request-id", ex.rid))
+        try:
+            result = await stream.response(status, [(":status", str(status))] + headers, _once(body))
+            if isinstance(result, Forward):
+                chunks = []
+                if result.body is not None:
+                    async for chunk in result.body:
+                        chunks.append(chunk)
+                status = _status_of(result.headers, status)
+                headers = [(n, v) for n, v in result.headers if n[0] != ":"]
+                body = b"".join(chunks)
+        except LocalReplyInterrupt as e:
+            result = e.reply
+        if isinstance(result, LocalReply):
+            self._send_local_reply(conn, ex, result, close=close)
+            return not (close or self.gw.draining or not ex.keepalive)
+        close = close or self.gw.draining or not ex.keepalive
+        self._write_reply(conn, ex, status, headers, body, close=close)
+        return not close
+
     def _send_local_reply(self, conn: Downstream, ex: Exchange, reply: LocalReply, close: bool) -> None:
         if reply.details:
             ex.error = reply.details
@@ -536,6 +568,10 @@ class Proxy:
                                   status=ex.status, bytes_in=bytes_in, bytes_out=ex.bytes_out,
                                   route=ex.route, upstream=ex.upstream,
                                   duration_ms=(time.perf_counter() - ex.t0) * 1000, error=ex.error)
+
+
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    yield data
 
 
 async def _lingering_close(conn: Downstream, seconds: float) -> None:

@@ -319,3 +319,27 @@ routes: [{{name: r, cluster: dead}}]
             await ups.http_call("ghost", "GET", "/", "a", [], b"", 1.0)
         ups.close()
         assert ups.pools["slow"].open == 0
+
+
+async def test_upstream_error_reply_passes_the_chains_response_side(tmp_path):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    hosts = []
+
+    async def factory(specs, services):
+        hosts.append(FakeHost(specs, services))
+        return hosts[-1]
+
+    text = yaml_for(tmp_path, dead)
+    async with run_gateway(text, tmp_path, filter_host_factory=factory) as gw:
+        status, headers, body = await request("GET", gw.url("/x"), headers={"x-fake-resp": "status"})
+        assert status == 299 and headers["x-resp"] == "fake" and b"upstream unreachable" in body
+        status, headers, body = await request("GET", gw.url("/x"))
+        assert status == 502 and b"upstream unreachable" in body
+        status, _, body = await request("GET", gw.url("/x"), headers={"x-fake-resp": "reject-first"})
+        assert (status, body) == (502, b"bad body")
+    seen = hosts[0].response_headers[0]
+    assert seen[0] == (":status", "502") and hget(seen, "content-type").startswith("text/plain")
+    assert [log.status for _, log in hosts[0].finished] == [299, 502, 502]
