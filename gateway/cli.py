@@ -48,10 +48,33 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(line, file=sys.stderr)
         print(f"{args.config}: {len(e.errors)} error(s)", file=sys.stderr)
         return 1
+    load_errors = run_loop(_check_filters(config)) if config.filters and not args.no_load else []
+    if load_errors:
+        for line in load_errors:
+            print(f"{args.config}: {line}", file=sys.stderr)
+        print(f"{args.config}: {len(load_errors)} filter(s) failed to load", file=sys.stderr)
+        return 1
     print(f"{args.config}: OK ({_plural(len(config.listeners), 'listener')}, "
           f"{_plural(len(config.clusters), 'cluster')}, {_plural(len(config.routes), 'route')}, "
           f"{_plural(len(config.filters), 'filter')})")
     return 0
+
+
+async def _check_filters(config: Config) -> list[str]:
+    """Load every filter on its own (start-up stops at the first failure; check lists all)."""
+    from abi.api import FilterLoadError, load_filter_host
+    from .upstream import Upstreams
+    services = Upstreams(config.clusters)
+    errors = []
+    for spec in config.filters:
+        try:
+            host = await load_filter_host([spec], services)
+        except FilterLoadError as e:
+            errors.append(str(e))
+            continue
+        await host.close()
+    services.close()
+    return errors
 
 
 def _plural(n: int, word: str) -> str:
@@ -245,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--shared-store", default=None, help=argparse.SUPPRESS)
     check = sub.add_parser("check", help="validate a config file and list every error")
     check.add_argument("config")
+    check.add_argument("--no-load", action="store_true", help="validate only; do not load the wasm filters")
     args = parser.parse_args(argv)
     setup_logging()
     if args.command == "check":

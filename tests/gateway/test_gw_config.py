@@ -205,10 +205,16 @@ def test_cli_check_lists_errors_and_exits_nonzero(tmp_path):
     assert 'routes[0].cluster: no cluster named "usrs"' in r.stderr
     assert "Traceback" not in r.stderr
     good = write(tmp_path, GOOD, "good.yaml")
-    r = subprocess.run([sys.executable, "-m", "gateway.cli", "check", str(good)], cwd=ROOT,
+    r = subprocess.run([sys.executable, "-m", "gateway.cli", "check", "--no-load", str(good)], cwd=ROOT,
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == f"{good}: OK (1 listener, 1 cluster, 2 routes, 2 filters)"
+    # Without --no-load every filter is loaded: both (empty, unusable) modules are reported.
+    r = subprocess.run([sys.executable, "-m", "gateway.cli", "check", str(good)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert 'filter "auth"' in r.stderr and 'filter "mp"' in r.stderr and "2 filter(s) failed to load" in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_cli_run_refuses_bad_config(tmp_path):
