@@ -282,7 +282,7 @@ async def test_client_gone_while_paused_on_callout(tmp_path, upstream):
     context (Envoy cancels pending calls in ~Context), the instance is not poisoned."""
     import aiohttp as _aiohttp
     async with probe_gateway(tmp_path, upstream, filters(tmp_path), routes()) as (gw, s):
-        async with _aiohttp.ClientSession(timeout=_aiohttp.ClientTimeout(total=0.03)) as impatient:
+        async with _aiohttp.ClientSession(timeout=_aiohttp.ClientTimeout(total=0.05)) as impatient:
             with pytest.raises(asyncio.TimeoutError):
                 async with impatient.get(gw.url("/a/gone"), headers={"x-act": "call", "x-cluster": "callout"}) as r:
                     await r.read()
@@ -374,3 +374,18 @@ async def test_local_reply_with_odd_status_codes(tmp_path, upstream, code):
             assert follow == 200 and "x-probe-ok" in headers, (follow, fbody[:100])
         await healthy_b(s, gw, 5)
         await a_works_again(s, gw)
+
+
+async def test_local_reply_with_framing_headers_stays_well_framed(tmp_path, upstream):
+    async with probe_gateway(tmp_path, upstream, filters(tmp_path), routes()) as (gw, s):
+        conn = aiohttp.TCPConnector(limit=1)
+        async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=5)) as one_conn:
+            try:
+                status, headers, body, _ = await fetch(one_conn, gw.url("/a/framing"), headers={"x-act": "reply-framing"})
+            except aiohttp.ClientError as e:
+                pytest.fail(f"malformed local reply: {e!r}")
+            assert status == 403 and body == b"framed body"
+            assert headers.get("x-ok") == "1"
+            if headers.get("connection", "").lower() != "close":
+                follow, h2, _, _ = await fetch(one_conn, gw.url("/b/next"))
+                assert follow == 200 and "x-probe-ok" in h2

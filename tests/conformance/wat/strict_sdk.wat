@@ -473,6 +473,7 @@
     (if (call $act_is $S"call-resp") (then (return (i32.const 51))))
     (if (call $act_is $S"crlf-strict") (then (return (i32.const 54))))
     (if (call $act_is $S"reply-status") (then (return (i32.const 55))))
+    (if (call $act_is $S"reply-framing") (then (return (i32.const 56))))
     (if (call $act_is $S"reply-resp-body") (then (return (i32.const 52))))
     (if (call $act_is $S"reply-body-late") (then (return (i32.const 53))))
     (i32.const 0))
@@ -761,6 +762,14 @@
         (drop (call $add_hv (i32.const 0) $S"x-inj" $S"a\0d\0aInjected-Req: 1"))
         (drop (call $add_hv (i32.const 0) $S"bad name" $S"v"))
         (drop (call $add_hv (i32.const 0) $S"x-inj2" $S"b\0aInjected-Req2: 1"))))
+    (if (i32.eq (local.get $act) (i32.const 56))
+      (then
+        ;; framing headers in the reply's extra headers: the proxy sets the real ones
+        (drop (call $expect
+          (call $send_local (i32.const 403) (i32.const 0) (i32.const 0) $S"framed body"
+                            $M"content-length=999|transfer-encoding=chunked|connection=close, upgrade|x-ok=1" (i32.const -1))
+          (i32.const 1)))
+        (return (i32.const 1))))
     (if (i32.eq (local.get $act) (i32.const 55))
       (then
         ;; whatever status the filter asks for (x-ret), status of the call not checked
