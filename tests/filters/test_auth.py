@@ -47,6 +47,9 @@ FILTERS = [
                 "header": "x-token", "query": "access_token", "identity_claim": "email",
                 "require_exp": False, "clock_skew_s": 0},
         "identity_header": "x-user", "strip_credentials": True}},
+    {"name": "jwt_keys", "wasm": "auth", "config": {
+        "jwt": {"keys": [{"kid": "2025", "secret": "old-secret-0123456789"},
+                         {"kid": "2026", "secret": "new-secret-0123456789"}]}}},
     {"name": "all", "wasm": "auth", "config": {
         "api_key": {"keys": [{"key": "k-alice-1", "identity": "alice"}]},
         "basic": {"users": [{"username": "carol", "salt": SALT, "password_sha256": sha_hex(SALT + "hunter2")}]},
@@ -276,6 +279,22 @@ async def test_jwt_custom_rejects(gw):
     await expect_401(gw, "/jwt_custom/x", {"x-token": mint_jwt({"email": "a@b", "exp": now - 2}, SECRET)}, "token expired")
     await expect_401(gw, "/jwt_custom/x", {"authorization": "Bearer " + mint_jwt({"email": "a@b"}, SECRET)},
                      "missing credentials")
+
+
+async def test_jwt_key_rotation_by_kid(gw):
+    exp = int(time.time()) + 60
+    old, new = b"old-secret-0123456789", b"new-secret-0123456789"
+    for header, secret in [({"alg": "HS256", "kid": "2025"}, old), ({"alg": "HS256", "kid": "2026"}, new),
+                           ({"alg": "HS256"}, old), ({"alg": "HS256"}, new)]:
+        status, _, _, fwd = await call(gw, "/jwt_keys/x", {"authorization": "Bearer " + mint_jwt({"sub": "gina", "exp": exp}, secret, header)})
+        assert status == 200, header
+        assert header_values(fwd.headers, "x-auth-identity") == ["gina"]
+    await expect_401(gw, "/jwt_keys/x", {"authorization": "Bearer " + mint_jwt({"sub": "g", "exp": exp}, new, {"alg": "HS256", "kid": "2025"})},
+                     "invalid signature")
+    await expect_401(gw, "/jwt_keys/x", {"authorization": "Bearer " + mint_jwt({"sub": "g", "exp": exp}, new, {"alg": "HS256", "kid": "2027"})},
+                     "unknown kid")
+    await expect_401(gw, "/jwt_keys/x", {"authorization": "Bearer " + mint_jwt({"sub": "g", "exp": exp}, SECRET)},
+                     "invalid signature")
 
 
 # ---------------------------------------------------------------- several methods

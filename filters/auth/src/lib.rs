@@ -37,7 +37,8 @@ pub struct BasicUser {
 
 #[derive(Debug, Clone)]
 pub struct Jwt {
-    secret: Vec<u8>,
+    /// (kid, secret); kid None for the single-`secret` form
+    keys: Vec<(Option<String>, Vec<u8>)>,
     issuers: Vec<String>,
     audiences: Vec<String>,
     clock_skew_s: f64,
@@ -132,21 +133,41 @@ impl Config {
             cfg.basic = Some(users);
         }
         if let Some(j) = c.get("jwt") {
-            j.only(&["secret", "secret_base64url", "issuer", "audience", "clock_skew_s", "require_exp", "identity_claim", "header", "query"])?;
-            let secret = match (j.str("secret")?, j.str("secret_base64url")?) {
-                (Some(s), None) => s.into_bytes(),
-                (None, Some(b)) => base64::decode_url(b.trim_end_matches('=')).ok_or_else(|| j.err("secret_base64url", "not base64url"))?,
-                _ => return Err("jwt: give exactly one of secret or secret_base64url".into()),
-            };
-            if secret.len() < 16 {
-                return Err("jwt.secret: at least 16 bytes are required for HS256".into());
+            j.only(&["secret", "secret_base64url", "keys", "issuer", "audience", "clock_skew_s", "require_exp", "identity_claim", "header", "query"])?;
+            fn secret_of(c: &Cfg) -> Result<Option<Vec<u8>>, String> {
+                let secret = match (c.str("secret")?, c.str("secret_base64url")?) {
+                    (Some(s), None) => s.into_bytes(),
+                    (None, Some(b)) => base64::decode_url(b.trim_end_matches('=')).ok_or_else(|| c.err("secret_base64url", "not base64url"))?,
+                    (None, None) => return Ok(None),
+                    _ => return Err(format!("{}: give one of secret or secret_base64url", if c.at.is_empty() { "jwt" } else { &c.at })),
+                };
+                if secret.len() < 16 {
+                    return Err(c.err("secret", "at least 16 bytes are required for HS256"));
+                }
+                Ok(Some(secret))
+            }
+            let mut keys = Vec::new();
+            if let Some(secret) = secret_of(&j)? {
+                keys.push((None, secret));
+            }
+            for k in j.list("keys")? {
+                k.only(&["kid", "secret", "secret_base64url"])?;
+                let kid = k.str("kid")?.ok_or_else(|| k.err("kid", "required"))?;
+                if keys.iter().any(|(x, _)| x.as_deref() == Some(kid.as_str())) {
+                    return Err(k.err("kid", "duplicate"));
+                }
+                let secret = secret_of(&k)?.ok_or_else(|| format!("{}: give one of secret or secret_base64url", k.at))?;
+                keys.push((Some(kid), secret));
+            }
+            if keys.is_empty() {
+                return Err("jwt: give secret, secret_base64url or keys".into());
             }
             let skew = j.f64("clock_skew_s")?.unwrap_or(60.0);
             if !(0.0..=86400.0).contains(&skew) {
                 return Err("jwt.clock_skew_s: must be between 0 and 86400".into());
             }
             cfg.jwt = Some(Jwt {
-                secret,
+                keys,
                 issuers: j.strs("issuer")?,
                 audiences: j.strs("audience")?,
                 clock_skew_s: skew,
@@ -293,8 +314,23 @@ pub fn check_jwt(cfg: &Jwt, token: &str, now_s: f64) -> Result<String, String> {
     }
     let sig = base64::decode_url(parts[2]).ok_or("malformed token (signature is not base64url)")?;
     let signing_input_len = parts[0].len() + 1 + parts[1].len();
-    let want = hmac_sha256(&cfg.secret, &token.as_bytes()[..signing_input_len]);
-    if !constant_time_eq(&sig, &want) {
+    let signing_input = &token.as_bytes()[..signing_input_len];
+    // With a `kid` in the header only the key of that id is tried; without one, every key
+    // (key rotation: old and new secrets accepted side by side).
+    let kid = match header.get("kid") {
+        None => None,
+        Some(Value::Str(k)) => Some(k.as_str()),
+        Some(_) => return Err("kid is not a string".into()),
+    };
+    let mut candidates = cfg.keys.iter().filter(|(k, _)| kid.is_none() || k.as_deref() == kid).peekable();
+    if candidates.peek().is_none() {
+        return Err("unknown kid".into());
+    }
+    let mut valid = false;
+    for (_, secret) in candidates {
+        valid |= constant_time_eq(&sig, &hmac_sha256(secret, signing_input));
+    }
+    if !valid {
         return Err("invalid signature".into());
     }
     let claims = decode_json_part(parts[1], "payload")?;
@@ -595,6 +631,19 @@ mod tests {
     }
 
     #[test]
+    fn jwt_key_rotation() {
+        let src = br#"{"jwt": {"keys": [{"kid": "old", "secret": "old-secret-0123456789"}, {"kid": "new", "secret_base64url": "bmV3LXNlY3JldC0wMTIzNDU2Nzg5"}]}}"#;
+        let c = Config::parse(src).unwrap().jwt.unwrap();
+        let claims = r#"{"sub":"a","exp":1000}"#;
+        assert_eq!(check_jwt(&c, &mint(r#"{"alg":"HS256","kid":"old"}"#, claims, b"old-secret-0123456789"), 0.0).unwrap(), "a");
+        assert_eq!(check_jwt(&c, &mint(r#"{"alg":"HS256","kid":"new"}"#, claims, b"new-secret-0123456789"), 0.0).unwrap(), "a");
+        assert_eq!(check_jwt(&c, &mint(r#"{"alg":"HS256"}"#, claims, b"new-secret-0123456789"), 0.0).unwrap(), "a");
+        assert_eq!(check_jwt(&c, &mint(r#"{"alg":"HS256","kid":"old"}"#, claims, b"new-secret-0123456789"), 0.0).unwrap_err(), "invalid signature");
+        assert_eq!(check_jwt(&c, &mint(r#"{"alg":"HS256","kid":"x"}"#, claims, b"new-secret-0123456789"), 0.0).unwrap_err(), "unknown kid");
+        assert_eq!(check_jwt(&c, &mint(r#"{"alg":"HS256","kid":7}"#, claims, b"new-secret-0123456789"), 0.0).unwrap_err(), "kid is not a string");
+    }
+
+    #[test]
     fn basic_and_keys() {
         let pw = wasmgate_sdk::crypto::hex_encode(&sha256(b"s1hunter2"));
         let src = format!(r#"{{"basic": {{"users": [{{"username": "carol", "salt": "s1", "password_sha256": "{}"}}]}},
@@ -625,6 +674,9 @@ mod tests {
     fn config_errors() {
         assert!(Config::parse(b"{}").unwrap_err().contains("at least one"));
         assert!(Config::parse(br#"{"jwt": {"secret": "short"}}"#).unwrap_err().contains("16 bytes"));
+        assert!(Config::parse(br#"{"jwt": {}}"#).unwrap_err().contains("give secret"));
+        assert!(Config::parse(br#"{"jwt": {"keys": [{"kid": "a", "secret": "0123456789abcdef"}, {"kid": "a", "secret": "0123456789abcdef"}]}}"#).unwrap_err().contains("duplicate"));
+        assert!(Config::parse(br#"{"jwt": {"keys": [{"secret": "0123456789abcdef"}]}}"#).unwrap_err().contains("kid: required"));
         assert!(Config::parse(br#"{"api_key": {"keys": []}}"#).is_err());
         assert!(Config::parse(br#"{"api_key": {"keys": [{"key": "a"}]}}"#).unwrap_err().contains("identity"));
         assert!(Config::parse(br#"{"basic": {"users": [{"username": "a", "password_sha256": "zz"}]}}"#).is_err());
