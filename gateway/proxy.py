@@ -370,7 +370,7 @@ class Proxy:
             if isinstance(result, LocalReply):
                 self._send_local_reply(conn, ex, result, close=False)
                 return True
-            status = _status_of(result.headers, status)
+            status = _final_status(_status_of(result.headers, status), ex)
             headers = [(n, v) for n, v in result.headers if n[0] != ":"]
             if result.body is None:
                 length = 0
@@ -535,12 +535,16 @@ class Proxy:
 
     def _write_reply(self, conn: Downstream, ex: Exchange, status: int, headers: list[tuple[str, str]],
                      body: bytes, close: bool) -> None:
+        status = _final_status(status, ex)
         if conn.transport.is_closing():
             ex.status = status
             return
+        if status == 204 or status == 304:
+            body = b""              # these never carry a body (RFC 9110 §15.3.5, §15.4.5)
         parts = [f"HTTP/1.1 {status} {_reason(status)}\r\n"]
         parts += [f"{n}: {v}\r\n" for n, v in headers if n not in FRAMING]
-        parts.append(f"content-length: {len(body)}\r\n")
+        if status != 204 and status != 304:
+            parts.append(f"content-length: {len(body)}\r\n")
         if close:
             parts.append("connection: close\r\n")
         parts.append("\r\n")
@@ -659,6 +663,15 @@ def _status_of(headers: list[tuple[str, str]], default: int) -> int:
             except ValueError:
                 return default
     return default
+
+
+def _final_status(status: int, ex: Exchange) -> int:
+    """A filter may ask for any number; only 200..599 can be a final HTTP/1.1 response."""
+    if 200 <= status <= 599:
+        return status
+    log.warning("a filter asked for status %s on %s %s; answering 500", status, ex.method, ex.target)
+    ex.error = f"invalid status {status} from a filter"
+    return 500
 
 
 def _header(headers: list[tuple[str, str]], name: str) -> str | None:

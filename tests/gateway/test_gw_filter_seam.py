@@ -30,6 +30,8 @@ class FakeStream:
         self.resp_mode = hget(headers, "x-fake-resp")
         if mode == "reply":
             return LocalReply(403, [("x-by", "fake"), (":status", "403")], b"denied by fake", "fake_denied")
+        if mode and mode.startswith("status-"):
+            return LocalReply(int(mode[7:]), [], b"odd status body", "odd")
         if mode == "add-header":
             return Forward(headers + [("x-added", "1")], body)
         if mode == "path":
@@ -343,3 +345,16 @@ async def test_upstream_error_reply_passes_the_chains_response_side(tmp_path):
     seen = hosts[0].response_headers[0]
     assert seen[0] == (":status", "502") and hget(seen, "content-type").startswith("text/plain")
     assert [log.status for _, log in hosts[0].finished] == [299, 502, 502]
+
+
+@pytest.mark.parametrize("code,expected", [(99, 500), (101, 500), (0, 500), (1000, 500), (204, 204), (304, 304)])
+async def test_local_reply_status_is_always_a_well_formed_final_response(setup, code, expected):
+    gw, up, host = setup
+    raw = await raw_exchange(gw.port(), f"GET /x HTTP/1.1\r\nHost: h\r\nx-fake: status-{code}\r\n\r\n"
+                             "GET /x HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n".encode(), timeout=3)
+    first, _, rest = raw.partition(b"\r\n\r\n")
+    assert first.startswith(f"HTTP/1.1 {expected} ".encode())
+    if expected in (204, 304):
+        assert b"content-length" not in first.lower() and rest.startswith(b"HTTP/1.1 200")
+    else:
+        assert rest.startswith(b"odd status body") and b"HTTP/1.1 200" in rest
