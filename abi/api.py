@@ -2,6 +2,12 @@
 
 Headers cross as ``list[tuple[str, str]]`` (lower-case names, pseudo-headers first);
 bodies as async iterators, so a chain that never touches a body hands it back untouched.
+
+Trailers (optional, backward compatible): a body iterator may carry ``trailers`` (Headers or
+None), read once the iterator is exhausted — set it in the de-chunker when the message had
+HTTP/1.1 chunked trailers. The body the chain hands back carries the trailers after the
+filters (``on_*_trailers``) the same way: read ``getattr(fwd.body, "trailers", None)`` after
+iterating it and send them as chunked trailers.
 """
 from __future__ import annotations
 

@@ -27,12 +27,23 @@ def lower_key(key: bytes) -> str:
 
 
 class HeaderMap:
-    """Ordered (name, value) pairs with lower-case names; serialization cached."""
-    __slots__ = ("items", "_ser")
+    """Ordered (name, value) pairs with lower-case names; serialization cached.
+
+    ``unsafe`` is set when a filter stored a header that must not reach the wire (CR/LF...);
+    Envoy answers OK to such edits, so we do too and drop those entries in ``wire()``.
+    """
+    __slots__ = ("items", "_ser", "unsafe")
 
     def __init__(self, items: list[tuple[str, str]]):
         self.items = items
         self._ser: bytes | None = None
+        self.unsafe = False
+
+    def wire(self) -> list[tuple[str, str]]:
+        """The items safe to send (all of them unless a filter stored an invalid header)."""
+        if not self.unsafe:
+            return self.items
+        return [(k, v) for k, v in self.items if valid_header(k, v)]
 
     def __len__(self) -> int:
         return len(self.items)

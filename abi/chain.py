@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from .api import Body, Forward, Headers, LocalReply, LocalReplyInterrupt, LogInfo, StreamInfo
 from .buffers import BodyBuffer, HeaderMap
@@ -22,6 +22,7 @@ FAIL_DETAILS = "wasm_fail_stream"
 
 HEADERS_CB = ("proxy_on_request_headers", "proxy_on_response_headers")
 BODY_CB = ("proxy_on_request_body", "proxy_on_response_body")
+TRAILERS_CB = ("proxy_on_request_trailers", "proxy_on_response_trailers")
 TEARDOWN_CB = ("proxy_on_done", "proxy_on_log", "proxy_on_delete")
 
 # Highest valid return value per callback kind (cpp-sdk FilterHeadersStatus/FilterDataStatus).
@@ -31,7 +32,12 @@ CONTINUE_HEADERS = (0, 2)        # Continue, ContinueAndEndStream
 
 CONTINUE, PAUSED, SKIPPED = 0, 1, 2
 
-Chunks = AsyncIterator[tuple[bytes, bool]]
+# The end_of_stream slot of a chunk: more data, end of stream, or "trailers follow" (the
+# chunk is empty; the stream ends with the trailers, as Envoy's decodeTrailers).
+MORE, END, TRAILERS = 0, 1, 2
+MAX_TRAILERS_ACTION = 1
+
+Chunks = AsyncIterator[tuple[bytes, int]]
 
 # Envoy's HTTP → gRPC status mapping for local replies (Grpc::Utility::httpToGrpcStatus).
 _HTTP_TO_GRPC = {400: 13, 401: 16, 403: 7, 404: 12, 429: 14, 502: 14, 503: 14, 504: 14}
@@ -44,12 +50,13 @@ class _Stop(Exception):
         self.reply = reply
 
 
-async def _with_eos(body: Body, expected: int | None) -> Chunks:
+async def _with_eos(body: Body, expected: int | None, on_trailers) -> Chunks:
     """Pair each chunk with end_of_stream as Envoy's HTTP/1 codec does: the chunk completing a
-    known content-length carries it; otherwise an empty final chunk does (chunked encoding).
-    No look-ahead, so a chunk reaches the filters as soon as it arrives."""
+    known content-length carries it; otherwise an empty final chunk does (chunked encoding),
+    or the trailers when the body iterator carries some (``body.trailers``, read once it is
+    exhausted). No look-ahead, so a chunk reaches the filters as soon as it arrives."""
     if expected == 0:
-        yield b"", True
+        yield b"", END
         return
     total = 0
     it = body.__aiter__()
@@ -62,10 +69,40 @@ async def _with_eos(body: Body, expected: int | None) -> Chunks:
             # are in) so a reply on this last chunk finds the request body fully read.
             async for extra in it:
                 chunk += extra
-            yield chunk, True
+            yield chunk, END
             return
-        yield chunk, False
-    yield b"", True
+        yield chunk, MORE
+    trailers = getattr(body, "trailers", None)
+    if trailers:
+        on_trailers(HeaderMap(list(trailers)))
+        yield b"", TRAILERS
+    else:
+        yield b"", END
+
+
+class _Payload:
+    """The body handed back to the gateway: data only, and ``trailers`` (wire-safe, after the
+    filters) set once it is exhausted — the same protocol as the body the gateway gave us."""
+
+    def __init__(self, chunks: Chunks, trailers: "Callable[[], Headers | None]"):
+        self._chunks = chunks
+        self._trailers = trailers
+        self.trailers: Headers | None = None
+
+    def __aiter__(self) -> "_Payload":
+        return self
+
+    async def __anext__(self) -> bytes:
+        while True:
+            data, eos = await self._chunks.__anext__()
+            if eos == TRAILERS:
+                self.trailers = self._trailers()
+            if data:
+                return data
+
+
+async def _just(item: tuple[bytes, int]) -> Chunks:
+    yield item
 
 
 def _content_length(headers: Headers) -> int | None:
@@ -73,12 +110,6 @@ def _content_length(headers: Headers) -> int | None:
         if k == "content-length":
             return int(v) if v.strip().isdigit() else None
     return None
-
-
-async def _payload(chunks: Chunks) -> Body:
-    async for data, _eos in chunks:
-        if data:
-            yield data
 
 
 class Chain:
@@ -89,6 +120,8 @@ class Chain:
         self.info: StreamInfo | None = info
         self.request_headers: HeaderMap | None = None
         self.response_headers: HeaderMap | None = None
+        self.request_trailers: HeaderMap | None = None
+        self.response_trailers: HeaderMap | None = None
         self.log: LogInfo | None = None
         self.custom: dict[bytes, bytes] = {}
         n = len(filters)
@@ -120,6 +153,12 @@ class Chain:
         if reply.body and not any(k == "content-type" for k, _ in reply.headers):
             reply.headers.append(("content-type", "text/plain"))
         return reply
+
+    def _wire(self, hmap: HeaderMap) -> Headers:
+        items = hmap.wire()
+        if items is not hmap.items:
+            self.filters[0].log.warning("dropped headers with invalid names or values set by a filter")
+        return items
 
     def _fail(self, i: int) -> None:
         """Apply filter i's failure policy: skip it (fail_open) or stop with 503."""
@@ -222,7 +261,8 @@ class Chain:
     async def _request(self, headers: Headers, body: Body | None) -> Forward:
         self.request_headers = HeaderMap(list(headers))
         eos = body is None
-        src: Chunks | None = None if body is None else _with_eos(body, _content_length(headers))
+        src: Chunks | None = None if body is None else _with_eos(
+            body, _content_length(headers), self._set_request_trailers)
         touched = False
         for i, f in enumerate(self.filters):
             if not self._open(i):
@@ -235,11 +275,25 @@ class Chain:
                     staged = touched = True
                 else:
                     await self._wait(i, REQUEST)
-            if src is not None and not staged and not self.skipped[i] and f.has(BODY_CB[REQUEST]):
+            if src is not None and not staged and not self.skipped[i] and self._sees_body(f, REQUEST):
                 src = self._stage(i, REQUEST, src)
                 touched = True
-        out = body if not touched else _payload(src)
-        return Forward(self.request_headers.items, out)
+        out = body if not touched else _Payload(src, lambda: self._wire_trailers(REQUEST))
+        return Forward(self._wire(self.request_headers), out)
+
+    def _set_request_trailers(self, trailers: HeaderMap) -> None:
+        self.request_trailers = trailers
+
+    def _set_response_trailers(self, trailers: HeaderMap) -> None:
+        self.response_trailers = trailers
+
+    def _wire_trailers(self, direction: int) -> Headers | None:
+        hmap = self.request_trailers if direction == REQUEST else self.response_trailers
+        return None if hmap is None else self._wire(hmap)
+
+    @staticmethod
+    def _sees_body(f: Filter, direction: int) -> bool:
+        return f.has(BODY_CB[direction]) or f.has(TRAILERS_CB[direction])
 
     async def _body_while_paused(self, i: int, src: Chunks) -> Chunks:
         """Filter i paused in request headers still gets the body (deliver_body_while_paused).
@@ -253,8 +307,13 @@ class Chain:
         ctx.bodies[REQUEST] = buf
         it = src.__aiter__()
         ended = False
+        marker = False
         while not ctx.resumed[REQUEST] and not ended:
-            chunk, ended = await it.__anext__()
+            chunk, eos = await it.__anext__()
+            if eos == TRAILERS:         # the trailers go through filter i's stage afterwards
+                marker = True
+                break
+            ended = eos == END
             buf.append(chunk)
             ctx.resumed[REQUEST] = False
             action = self._invoke(i, name, ctx.id, buf.size, 1 if ended else 0)
@@ -267,10 +326,11 @@ class Chain:
                 break
         if not self.skipped[i] and not ctx.resumed[REQUEST]:
             await self._wait(i, REQUEST)
-        return self._then(buf.take(), ended, it, None if self.skipped[i] else i)
+        rest = _just((b"", TRAILERS)) if marker else it
+        return self._then(buf.take(), ended, rest, None if self.skipped[i] else i)
 
     async def _then(self, head: bytes, ended: bool, rest: Chunks, stage_at: int | None) -> Chunks:
-        yield head, ended
+        yield head, END if ended else MORE
         if not ended:
             tail = rest if stage_at is None else self._stage(stage_at, REQUEST, rest)
             async for item in tail:
@@ -281,11 +341,18 @@ class Chain:
         name = BODY_CB[direction]
         buf = BodyBuffer()
         ctx.bodies[direction] = buf
+        has_body = self.filters[i].has(name)
         try:
             async for chunk, eos in src:
-                if self.skipped[i]:
+                if eos == TRAILERS:
+                    await self._trailers(i, direction)
                     if buf.size:
-                        yield buf.take(), False
+                        yield buf.take(), MORE
+                    yield chunk, eos
+                    continue
+                if self.skipped[i] or not has_body:
+                    if buf.size:
+                        yield buf.take(), MORE
                     yield chunk, eos
                     continue
                 buf.append(chunk)
@@ -302,11 +369,27 @@ class Chain:
                     yield buf.take(), eos
                 elif eos:
                     await self._wait(i, direction)
-                    yield buf.take(), True
+                    yield buf.take(), END
         except _Stop as s:
             if direction == REQUEST:
                 raise LocalReplyInterrupt(await self._encode_reply(s.reply)) from None
             raise LocalReplyInterrupt(self._finish_reply(s.reply)) from None
+
+    async def _trailers(self, i: int, direction: int) -> None:
+        f = self.filters[i]
+        name = TRAILERS_CB[direction]
+        if self.skipped[i] or not f.has(name):
+            return
+        hmap = self.request_trailers if direction == REQUEST else self.response_trailers
+        ctx = self.ctxs[i]
+        ctx.resumed[direction] = False
+        action = self._invoke(i, name, ctx.id, len(hmap))
+        if action is None or action == 0:
+            return
+        if action > MAX_TRAILERS_ACTION:
+            self._invalid(i, name, action)
+        elif not ctx.resumed[direction]:
+            await self._wait(i, direction)
 
     # -- response ------------------------------------------------------------------------------
 
@@ -322,7 +405,8 @@ class Chain:
         items.extend(h for h in headers if h[0] != ":status")
         self.response_headers = HeaderMap(items)
         eos = body is None
-        src: Chunks | None = None if body is None else _with_eos(body, _content_length(headers))
+        src: Chunks | None = None if body is None else _with_eos(
+            body, _content_length(headers), self._set_response_trailers)
         touched = False
         for i in range(len(self.filters) - 1, -1, -1):
             if self.ctxs[i] is None or self.skipped[i]:
@@ -331,11 +415,11 @@ class Chain:
             state = await self._headers(i, RESPONSE, eos)
             if state == PAUSED:
                 await self._wait(i, RESPONSE)
-            if src is not None and not self.skipped[i] and f.has(BODY_CB[RESPONSE]):
+            if src is not None and not self.skipped[i] and self._sees_body(f, RESPONSE):
                 src = self._stage(i, RESPONSE, src)
                 touched = True
-        out = body if not touched else _payload(src)
-        return Forward(self.response_headers.items, out)
+        out = body if not touched else _Payload(src, lambda: self._wire_trailers(RESPONSE))
+        return Forward(self._wire(self.response_headers), out)
 
     def _finish_reply(self, reply: LocalReply) -> LocalReply:
         self._closed = True
@@ -364,7 +448,7 @@ class Chain:
                     body = buf.data()
             except FilterFailure:
                 self.failed[i] = True
-        items = self.response_headers.items
+        items = self._wire(self.response_headers)
         status = items[0][1] if items and items[0][0] == ":status" else ""
         return self._finish_reply(LocalReply(
             int(status) if status.isdigit() else reply.status,

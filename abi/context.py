@@ -126,19 +126,23 @@ class HttpContext(Context):
         self.pending_calls: set[int] = set()
 
     def get_map(self, map_type: int) -> HeaderMap | None:
-        if map_type == MapType.HTTP_REQUEST_HEADERS:
-            return self.chain.request_headers
-        if map_type == MapType.HTTP_RESPONSE_HEADERS:
-            return self.chain.response_headers
+        if map_type <= MapType.HTTP_RESPONSE_TRAILERS:
+            return self._stream_map(map_type)
         return super().get_map(map_type)
 
     def writable_map(self, map_type: int) -> HeaderMap | None:
-        # Trailers never reach the chain through the gateway seam, so only headers are writable.
+        # Trailers exist only when the message has some (HTTP/1.1 chunked trailers).
+        return self._stream_map(map_type) if map_type <= MapType.HTTP_RESPONSE_TRAILERS else None
+
+    def _stream_map(self, map_type: int) -> HeaderMap | None:
+        chain = self.chain
         if map_type == MapType.HTTP_REQUEST_HEADERS:
-            return self.chain.request_headers
+            return chain.request_headers
         if map_type == MapType.HTTP_RESPONSE_HEADERS:
-            return self.chain.response_headers
-        return None
+            return chain.response_headers
+        if map_type == MapType.HTTP_REQUEST_TRAILERS:
+            return chain.request_trailers
+        return chain.response_trailers
 
     def get_buffer(self, buffer_type: int) -> BodyBuffer | None:
         if buffer_type <= BufferType.HTTP_RESPONSE_BODY:

@@ -109,9 +109,9 @@ def proxy_set_header_map_pairs(f, map_type, ptr, size):
     if m is None or pairs is None:
         return Status.BAD_ARGUMENT
     items = [(lower_key(k), to_str(v)) for k, v in pairs]
-    if not all(valid_header(k, v) for k, v in items):
-        return Status.BAD_ARGUMENT
     m.set_all(items)
+    if not all(valid_header(k, v) for k, v in items):
+        m.unsafe = True                    # OK as Envoy; the entry never reaches the wire
     return Status.OK
 
 
@@ -134,8 +134,10 @@ def _map_edit(f, map_type, key_ptr, key_size, val_ptr, val_size, op: str):
     key = lower_key(f.read(key_ptr, key_size))
     value = to_str(f.read(val_ptr, val_size))
     m = f.ctx().writable_map(map_type)
-    if m is None or (op != "remove" and not valid_header(key, value)):
+    if m is None:
         return Status.BAD_ARGUMENT
+    if op != "remove" and not valid_header(key, value):
+        m.unsafe = True                    # OK as Envoy; the entry never reaches the wire
     if op == "add":
         m.add(key, value)
     elif op == "replace":

@@ -29,3 +29,22 @@ async def collect(body) -> bytes:
         out += c
     return out
 
+
+
+class TrailerBody:
+    """A body iterator carrying HTTP/1.1 chunked trailers, as the gateway hands them over:
+    ``trailers`` is read once the iterator is exhausted."""
+
+    def __init__(self, chunks: list[bytes], trailers: list[tuple[str, str]]):
+        self._chunks = list(chunks)
+        self._final = trailers
+        self.trailers = None
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> bytes:
+        if not self._chunks:
+            self.trailers = self._final
+            raise StopAsyncIteration
+        return self._chunks.pop(0)

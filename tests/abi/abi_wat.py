@@ -33,6 +33,8 @@ CALLBACKS = {
     "proxy_on_request_body": (3, True, 0),
     "proxy_on_response_headers": (3, True, 0),
     "proxy_on_response_body": (3, True, 0),
+    "proxy_on_request_trailers": (2, True, 0),
+    "proxy_on_response_trailers": (2, True, 0),
     "proxy_on_done": (1, True, 1),
     "proxy_on_log": (1, False, None),
     "proxy_on_delete": (1, False, None),

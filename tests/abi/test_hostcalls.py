@@ -283,17 +283,32 @@ async def test_out_of_bounds_pointers_give_invalid_memory_access(load, trace):
     assert trace.lines("f")[1:] == ["log 6", "pairs-out 6", "value-key 6", "huge-len 6"]
 
 
-async def test_header_injection_is_refused(load, trace):
+async def test_header_injection_never_reaches_the_seam(load, trace):
+    # Envoy answers OK (the Rust SDK panics on anything else); the filter reads back what it
+    # wrote, but the entries never leave the chain.
     w = Wat()
     w.on("proxy_on_request_headers",
          status(w, "crlf", f"(call $proxy_add_header_map_value (i32.const 0) {w.s('x-a')} {w.s('v' + chr(13) + chr(10) + 'x-evil: 1')})")
          + status(w, "nul", f"(call $proxy_replace_header_map_value (i32.const 0) {w.s('x-b')} {w.s(b'a' + bytes(1) + b'b')})")
          + status(w, "name", f"(call $proxy_add_header_map_value (i32.const 0) {w.s('bad name')} {w.s('v')})")
-         + status(w, "pairs", f"(call $proxy_set_header_map_pairs (i32.const 0) {w.s(serialize([(b'ok', b'1'), (b'x', bytes([10]))]))})")
          + status(w, "tab-ok", f"(call $proxy_add_header_map_value (i32.const 0) {w.s('x-tab')} {w.s('a' + chr(9) + 'b')})")
+         + status(w, "readback", f"(call $proxy_get_header_map_value (i32.const 0) {w.s('x-b')} {O})")
+         + out_ptr_size(w, "rb")
          + " (i32.const 0)")
     host = await load(w)
     trace.records.clear()
     _, fwd = await run_request(host)
-    assert trace.lines("f")[1:] == ["crlf 2", "nul 2", "name 2", "pairs 2", "tab-ok 0"]
+    lines = trace.lines("f")
+    assert lines[1:6] == ["crlf 0", "nul 0", "name 0", "tab-ok 0", "readback 0"]
+    assert lines[6].endswith(" 3")
     assert fwd.headers == REQ + [("x-tab", "a\tb")]
+
+
+async def test_invalid_pairs_and_local_reply_headers_never_reach_the_seam(load):
+    w = Wat()
+    bad = serialize([(b"ok", b"1"), (b"x", bytes([10])), (b"Also-Ok", b"2")])
+    w.on("proxy_on_request_headers",
+         f"(drop (call $proxy_send_local_response (i32.const 401) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) {w.s(bad)} (i32.const -1))) (i32.const 1)")
+    host = await load(w)
+    _, out = await run_request(host)
+    assert isinstance(out, LocalReply) and out.headers == [("ok", "1"), ("also-ok", "2")]

@@ -72,3 +72,56 @@ async def test_context_ids_unique_and_per_filter(load, trace):
         for cid in ("2", "3"):
             mine = [l for l in lines if l.split()[1:2] == [cid]]
             assert mine[-1] == f"proxy_on_delete {cid}"
+
+
+async def test_trailers_both_directions(load, trace):
+    from abi_helpers import TrailerBody
+    from abi_wat import OUT, status
+    w = Wat()
+    w.on("proxy_on_request_trailers",
+         w.trace("req_trailers", 2)
+         + status(w, "get", f"(call $proxy_get_header_map_value (i32.const 1) {w.s('x-sum')} (i32.const {OUT}) (i32.const {OUT + 4}))")
+         + f"(drop (call $proxy_add_header_map_value (i32.const 1) {w.s('x-added')} {w.s('1')})) (i32.const 0)")
+    w.on("proxy_on_response_trailers",
+         w.trace("resp_trailers", 2)
+         + f"(drop (call $proxy_replace_header_map_value (i32.const 3) {w.s('grpc-status')} {w.s('0')})) (i32.const 0)")
+    host = await load(w)
+    trace.records.clear()
+    s = host.stream(["f"], info())
+    fwd = await s.request(REQ, TrailerBody([b"ab", b"c"], [("x-sum", "abc")]))
+    assert await collect(fwd.body) == b"abc"
+    assert fwd.body.trailers == [("x-sum", "abc"), ("x-added", "1")]
+    resp = await s.response(200, [], TrailerBody([b"x"], [("grpc-status", "13")]))
+    assert await collect(resp.body) == b"x"
+    assert resp.body.trailers == [("grpc-status", "0")]
+    await s.finish(LogInfo())
+    lines = [l for l in trace.lines("f") if "body" in l or "trailers" in l or l.startswith("get")]
+    # With trailers, no body callback carries end_of_stream: the trailers end the stream.
+    assert lines == ["proxy_on_request_body 2 2 0", "proxy_on_request_body 2 1 0",
+                     "req_trailers 2 1", "get 0",
+                     "proxy_on_response_body 2 1 0", "resp_trailers 2 1"]
+
+
+async def test_trailers_untouched_without_body_or_trailer_callbacks(load):
+    from abi_helpers import TrailerBody
+    w = Wat().without("proxy_on_request_body", "proxy_on_request_trailers")
+    host = await load(w)
+    s = host.stream(["f"], info())
+    body = TrailerBody([b"ab"], [("x-t", "1")])
+    fwd = await s.request(REQ, body)
+    assert fwd.body is body                 # handed back untouched, trailers and all
+
+
+async def test_trailers_paused_until_continue(load, trace):
+    from abi_helpers import TrailerBody
+    import asyncio
+    w = Wat()
+    w.on("proxy_on_request_trailers", "(i32.const 1)")
+    w.on("proxy_on_tick", "(drop (call $proxy_set_effective_context (i32.const 2))) (drop (call $proxy_continue_stream (i32.const 0)))"
+         "(drop (call $proxy_set_tick_period_milliseconds (i32.const 0)))")
+    w.on("proxy_on_request_body", "(drop (call $proxy_set_tick_period_milliseconds (i32.const 20))) (i32.const 1)")
+    host = await load(w)
+    s = host.stream(["f"], info())
+    fwd = await s.request(REQ, TrailerBody([b"ab"], [("x-t", "1")]))
+    data = await asyncio.wait_for(collect(fwd.body), 2)
+    assert data == b"ab" and fwd.body.trailers == [("x-t", "1")]
