@@ -70,7 +70,7 @@ def _handler(rec: Recorder):
             return web.Response(status=304, headers={"x-upstream": "echo", "etag": '"v1"'})
         if request.path.startswith("/nobody"):
             return web.Response(status=204, headers={"x-upstream": "echo"})
-        if request.path.startswith("/stream"):
+        if request.path.rsplit("/", 1)[-1] == "stream":     # /stream, /a/stream
             resp = web.StreamResponse(headers={"x-upstream": "echo", "content-type": "text/plain"})
             await resp.prepare(request)
             for part in STREAM_PARTS:

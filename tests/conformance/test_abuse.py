@@ -389,3 +389,28 @@ async def test_local_reply_with_framing_headers_stays_well_framed(tmp_path, upst
             if headers.get("connection", "").lower() != "close":
                 follow, h2, _, _ = await fetch(one_conn, gw.url("/b/next"))
                 assert follow == 200 and "x-probe-ok" in h2
+
+
+async def test_local_reply_after_response_body_started_never_appends_a_second_response(tmp_path, upstream):
+    """On the response side a reply is only possible before anything went downstream; later the
+    connection is closed — never a second HTTP message glued after the first."""
+    async with probe_gateway(tmp_path, upstream, filters(tmp_path), routes()) as (gw, s):
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port())
+        writer.write(b"GET /a/stream HTTP/1.1\r\nHost: x\r\nx-act: reply-resp-late\r\n\r\n")
+        await writer.drain()
+        data = b""
+        try:
+            while True:
+                chunk = await asyncio.wait_for(reader.read(65536), 3)
+                if not chunk:
+                    break
+                data += chunk
+        except asyncio.TimeoutError:
+            pass
+        writer.close()
+        assert data.startswith(b"HTTP/1.1 200"), data[:200]    # headers + first parts went out
+        assert b"part-one;" in data
+        assert data.count(b"HTTP/1.1 ") == 1, data
+        assert b"too late" not in data, data
+        await a_works_again(s, gw)
+        await healthy_b(s, gw, 5)

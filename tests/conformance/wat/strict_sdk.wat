@@ -474,6 +474,7 @@
     (if (call $act_is $S"crlf-strict") (then (return (i32.const 54))))
     (if (call $act_is $S"reply-status") (then (return (i32.const 55))))
     (if (call $act_is $S"reply-framing") (then (return (i32.const 56))))
+    (if (call $act_is $S"reply-resp-late") (then (return (i32.const 57))))
     (if (call $act_is $S"reply-resp-body") (then (return (i32.const 52))))
     (if (call $act_is $S"reply-body-late") (then (return (i32.const 53))))
     (i32.const 0))
@@ -1378,6 +1379,12 @@
     (call $tr_arg (local.get $id))
     (call $tr_arg (local.get $size))
     (call $tr_arg (local.get $eos))
+    (if (i32.eq (i32.load offset=16 (local.get $r)) (i32.const 57))
+      (then
+        ;; earlier chunks already went downstream: too late for a clean reply
+        (if (i32.eqz (local.get $eos)) (then (return (i32.const 0))))
+        (call $local_reply (i32.const 500) $S"too late")
+        (return (i32.const 1))))
     (if (i32.eq (i32.load offset=16 (local.get $r)) (i32.const 52))
       (then
         (if (i32.eqz (local.get $eos)) (then (return (i32.const 1))))
