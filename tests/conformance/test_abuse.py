@@ -177,11 +177,15 @@ async def test_invalid_actions_still_answered(tmp_path, upstream, where, value):
         method = "POST" if where == "ret-body" else "GET"
         if method == "POST":
             kw["data"] = b"payload"
+        before = failures(await metrics_text(s, gw))
         a_res = await abuse_round(s, gw, kw, n_a=2, method=method)
         for status, _, body, elapsed in a_res:
             assert 200 <= status < 600
             assert elapsed < 15
         await a_works_again(s, gw)
+        # §3.4: Envoy would stop iteration for good; answering is the host's choice, but the
+        # protocol violation must be visible
+        assert failures(await metrics_text(s, gw)) >= before + 1, "invalid action not counted"
 
 
 @pytest.mark.parametrize("act", ["alloc0", "allocoob"])

@@ -187,6 +187,7 @@ async def test_request_body_cumulative_while_paused_and_replaced(tmp_path, upstr
     assert rb[-1] == (len(total), 1)
     assert all(eos == 0 for _, eos in rb[:-1])
     assert one(rep, "past") == "0:0:0"          # start >= len -> OK, (0, 0)
+    assert one(rep, "past2") == "0:0:0"         # start 0x80000000 (negative as signed i32) too
     assert one(rep, "slice") == total[2:5].hex()
     assert one(rep, "bodylen") == str(len(total))  # max_size 0xFFFFFFFF (-1 signed) = all
     seen = upstream.main_requests()[-1]

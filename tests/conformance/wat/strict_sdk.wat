@@ -1285,6 +1285,11 @@
         (local.set $st (call $expect (call $get_buffer_bytes (i32.const 0) (local.get $size) (i32.const 10) (i32.const 16) (i32.const 20)) (i32.const 3)))
         (call $check_ret (local.get $st))
         (call $rep_ret (local.get $r) $S"past" (local.get $st))
+        ;; start above 2 GiB arrives negative in Python: still "past the end"
+        (call $clear_ret)
+        (local.set $st (call $expect (call $get_buffer_bytes (i32.const 0) (i32.const 0x80000000) (i32.const 10) (i32.const 16) (i32.const 20)) (i32.const 3)))
+        (call $check_ret (local.get $st))
+        (call $rep_ret (local.get $r) $S"past2" (local.get $st))
         ;; a middle slice
         (call $clear_ret)
         (local.set $st (call $expect (call $get_buffer_bytes (i32.const 0) (i32.const 2) (i32.const 3) (i32.const 16) (i32.const 20)) (i32.const 3)))
