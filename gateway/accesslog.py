@@ -14,15 +14,25 @@ _FLUSH_S = 0.2
 _q = json.encoder.encode_basestring_ascii   # type: ignore[attr-defined]
 
 
+# Workers share one log file or pipe: each write() must hold whole lines, and a pipe only
+# keeps writes of up to PIPE_BUF bytes from interleaving.
+_BATCH = 4096
+
+
 class AccessLog:
     def __init__(self, path: str | None):
         self.enabled = path is not None
         self._own = False
         self._out: IO[str] | None = None
+        self._fd: int | None = None
         if path == "-":
-            self._out = sys.stdout
+            try:
+                self._fd = sys.stdout.fileno()
+                sys.stdout.flush()
+            except (AttributeError, OSError, ValueError):
+                self._out = sys.stdout          # a replaced stdout (e.g. under a test runner)
         elif path is not None:
-            self._out = open(path, "a", encoding="utf-8")
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             self._own = True
         self._pending: list[str] = []
         self._timer: asyncio.TimerHandle | None = None
@@ -56,12 +66,15 @@ class AccessLog:
 
     def flush(self) -> None:
         self._timer = None
-        if not self._pending or self._out is None:
+        if not self._pending:
             return
         lines, self._pending = self._pending, []
         try:
-            self._out.write("\n".join(lines) + "\n")
-            self._out.flush()
+            if self._fd is not None:
+                _write_batches(self._fd, lines)
+            elif self._out is not None:
+                self._out.write("\n".join(lines) + "\n")
+                self._out.flush()
         except (OSError, ValueError):
             pass    # a closed stdout must not take requests down with it
 
@@ -69,6 +82,27 @@ class AccessLog:
         if self._timer is not None:
             self._timer.cancel()
         self.flush()
-        if self._own and self._out is not None:
-            self._out.close()
-            self._out = None
+        if self._own and self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _write_batches(fd: int, lines: list[str]) -> None:
+    batch: list[bytes] = []
+    size = 0
+    for line in lines:
+        data = line.encode() + b"\n"
+        if batch and size + len(data) > _BATCH:
+            _write_all(fd, b"".join(batch))
+            batch, size = [], 0
+        batch.append(data)
+        size += len(data)
+    if batch:
+        _write_all(fd, b"".join(batch))
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
