@@ -5,6 +5,7 @@ later /a request works, and /metrics counts the failure."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import aiohttp
@@ -440,3 +441,25 @@ async def test_body_rewrite_with_stale_content_length_cannot_smuggle(tmp_path, u
                 assert r.body in (b"abc", b"<<tagged:abc>>"), r.body
         assert status is None or 200 <= status < 600
         await healthy_b(s, gw, 5)
+
+
+async def test_response_rewrite_with_stale_content_length_keeps_connection_in_sync(tmp_path, upstream):
+    """The same careless rewrite on the response: the client's keep-alive connection must stay
+    in sync — the next response on it is its own, not the tail of the previous body."""
+    async with probe_gateway(tmp_path, upstream, filters(tmp_path), routes()) as (gw, s):
+        conn = aiohttp.TCPConnector(limit=1)
+        async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=5)) as one_conn:
+            try:
+                status, headers, body, _ = await fetch(one_conn, gw.url("/a/rcl"), headers={"x-act": "resp-body-keep-cl"})
+            except aiohttp.ClientError:
+                status, body = None, b""
+            if status is not None:
+                assert status == 200
+                declared = headers.get("content-length")
+                assert declared is None or int(declared) == len(body)
+            try:
+                follow, h2, fbody, _ = await fetch(one_conn, gw.url("/b/next"))
+            except aiohttp.ClientError as e:
+                pytest.fail(f"the next response on the connection is garbage: {e!r}")
+            assert follow == 200 and "x-probe-ok" in h2
+            assert json.loads(fbody)["path"] == "/b/next"

@@ -476,6 +476,7 @@
     (if (call $act_is $S"reply-framing") (then (return (i32.const 56))))
     (if (call $act_is $S"reply-resp-late") (then (return (i32.const 57))))
     (if (call $act_is $S"body-keep-cl") (then (return (i32.const 58))))
+    (if (call $act_is $S"resp-body-keep-cl") (then (return (i32.const 59))))
     (if (call $act_is $S"reply-resp-body") (then (return (i32.const 52))))
     (if (call $act_is $S"reply-body-late") (then (return (i32.const 53))))
     (i32.const 0))
@@ -1397,7 +1398,8 @@
         (if (i32.eqz (local.get $eos)) (then (return (i32.const 1))))
         (call $local_reply (i32.const 500) $S"denied in response body")
         (return (i32.const 1))))
-    (if (i32.eq (i32.load offset=16 (local.get $r)) (i32.const 6))
+    (if (i32.or (i32.eq (i32.load offset=16 (local.get $r)) (i32.const 6))
+                (i32.eq (i32.load offset=16 (local.get $r)) (i32.const 59)))     ;; 59: content-length kept
       (then
         (if (i32.eqz (local.get $eos)) (then (return (i32.const 1))))
         (call $clear_ret)
