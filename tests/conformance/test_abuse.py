@@ -463,3 +463,25 @@ async def test_response_rewrite_with_stale_content_length_keeps_connection_in_sy
                 pytest.fail(f"the next response on the connection is garbage: {e!r}")
             assert follow == 200 and "x-probe-ok" in h2
             assert json.loads(fbody)["path"] == "/b/next"
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def test_memory_of_discarded_instances_is_released(tmp_path, upstream):
+    """20 times: the filter fills its 32 MiB cap (touching every page), traps, is rebuilt.
+    Leaked instances would keep ~640 MiB resident."""
+    async with probe_gateway(tmp_path, upstream, filters(tmp_path, memory_mb=32), routes()) as (gw, s):
+        await a_works_again(s, gw)
+        base = _rss_mb()
+        for _ in range(20):
+            status, _, _, _ = await fetch(s, gw.url("/a/oom"), headers={"x-act": "oom"})
+            assert status == 503
+            await a_works_again(s, gw)
+        grown = _rss_mb() - base
+    assert grown < 200, f"RSS grew by {grown:.0f} MiB over 20 discarded 32 MiB instances"

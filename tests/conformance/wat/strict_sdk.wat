@@ -808,7 +808,10 @@
     (if (i32.eq (local.get $act) (i32.const 13)) (then (loop $forever (br $forever))))
     (if (i32.eq (local.get $act) (i32.const 14))
       (then (loop $grow
-              (if (i32.eq (memory.grow (i32.const 16)) (i32.const -1)) (then unreachable))
+              ;; grow by 1 MiB and touch every new page (so the memory is really resident)
+              (local.set $k (memory.grow (i32.const 16)))
+              (if (i32.eq (local.get $k) (i32.const -1)) (then unreachable))
+              (memory.fill (i32.mul (local.get $k) (i32.const 65536)) (i32.const 1) (i32.const 1048576))
               (br $grow))))
     (if (i32.eq (local.get $act) (i32.const 15))
       (then
