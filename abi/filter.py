@@ -178,9 +178,11 @@ class Filter:
         self.contexts[root.id] = root
         if self.has("proxy_on_context_create"):
             self.call(root, "proxy_on_context_create", root.id, 0)
-        self._start_callback(root, "proxy_on_vm_start", len(self.spec.vm_configuration))
+        # The plugin configuration is readable during vm_start and configure (cpp-host keeps
+        # temp_plugin_ set for both).
         self.configuring = True
         try:
+            self._start_callback(root, "proxy_on_vm_start", len(self.spec.vm_configuration))
             self._start_callback(root, "proxy_on_configure", len(self.spec.configuration))
         finally:
             self.configuring = False
