@@ -65,6 +65,9 @@ async def test_cpp_like_module_wasi_unstable_malloc_initialize_then_main(tmp_pat
     assert rep["rootid"] == "1"          # plugin_root_id answered OK
     # getProperty({"request", "path"}) as the C++ SDK sends it: "request\0path\0"
     assert (rep["pathst"], rep["path"]) == ("0", "/cpp")
+    # proxy_get_buffer_status(PLUGIN_CONFIGURATION) outside on_configure: NOT_FOUND, or OK
+    # with the configuration's length
+    assert (rep["bufst"], rep["buflen"]) in (("1", "0"), ("0", str(len(cfg))))
     assert json.loads(cfg) == {"a": 1, "b": "two"}   # mapping config → JSON bytes
 
 
