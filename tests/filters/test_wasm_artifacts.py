@@ -163,3 +163,13 @@ def test_panic_is_logged_at_critical_before_the_trap():
         h.call("proxy_on_context_create", 2, 99)
     crit = [m for lvl, m in h.logs if lvl == 5]
     assert crit and "invalid root context_id 99" in crit[0], h.logs
+
+
+@pytest.mark.parametrize("name", FILTERS)
+def test_allocator_reports_failure_as_null(name):
+    h = MiniHost(DIST / f"{name}.wasm", b"{}")
+    h.call("_initialize")
+    assert h.call("proxy_on_memory_allocate", 3 << 30) == 0       # cannot grow that far: 0, no trap
+    p = h.call("proxy_on_memory_allocate", 64)
+    assert p != 0
+    assert h.call("proxy_on_memory_allocate", 64) not in (0, p)    # the instance is still usable
