@@ -398,6 +398,9 @@ async def test_http_call_to_dead_cluster_reports_failure(tmp_path, upstream):
     assert one(rep, "callst") == "0"
     assert one(rep, "cnh") == "0" and one(rep, "cbs") == "0"
     assert "cfail" in rep
+    assert one(rep, "cfail_pairs") == "0"
+    assert one(rep, "cfail_status") == "1"
+    assert one(rep, "cfail_body") in ("0:0:0", "1:0:0")
 
 
 # ---------------------------------------------------------------- shared data, metrics, ticks
@@ -645,6 +648,9 @@ async def test_http_call_timeout_is_honoured(tmp_path, upstream):
     # the callout answers after 100 ms; with a 20 ms timeout the callback reports a failure
     assert one(rep, "cnh") == "0" and one(rep, "cbs") == "0"
     assert "cfail" in rep
+    assert one(rep, "cfail_pairs") == "0"
+    assert one(rep, "cfail_status") == "1"
+    assert one(rep, "cfail_body") in ("0:0:0", "1:0:0")
     assert json.loads(body)["path"] == "/timeoutcall"
 
 
