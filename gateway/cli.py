@@ -83,7 +83,7 @@ def _plural(n: int, word: str) -> str:
 
 async def serve(config: Config, *, reuse_port: bool = False, ports: dict[str, int] | None = None,
                 announce: bool = True, shared_store_name: str | None = None,
-                on_started: Any = None) -> int:
+                on_started: Any = None, ready_fd: int | None = None) -> int:
     """Start the gateway, print where it listens, run until SIGTERM/SIGINT, then drain."""
     from abi.api import FilterLoadError
     from .server import Gateway, StartError
@@ -107,6 +107,7 @@ async def serve(config: Config, *, reuse_port: bool = False, ports: dict[str, in
         _announce(config, gw.listener_ports, gw.admin_port)
     if on_started is not None:
         on_started(gw)
+    _tell_ready(ready_fd)
     await stop.wait()
     log.info("stopping: draining in-flight requests (up to %.1fs)", config.limits.drain_timeout_s)
     await gw.stop()
@@ -134,7 +135,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.worker_ports is not None:
         ports = dict(item.split("=", 1) for item in args.worker_ports.split(",") if item)
         return run_loop(serve(config, reuse_port=True, ports={k: int(v) for k, v in ports.items()},
-                              announce=False, shared_store_name=args.shared_store))
+                              announce=False, shared_store_name=args.shared_store, ready_fd=args.ready_fd))
     if args.workers == 1:
         return run_loop(serve(config))
     return supervise(args.config, config, args.workers)
@@ -167,7 +168,6 @@ def supervise(path: str, config: Config, workers: int) -> int:
     store_name = _create_shared_store(config)
     if store_name is not None:
         cmd += ["--shared-store", store_name]
-    procs = [_spawn(cmd) for _ in range(workers)]
     stopping = False
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -176,44 +176,99 @@ def supervise(path: str, config: Config, workers: int) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    started = time.monotonic()
-    _announce(config, ports, ports.get("admin"))
-    print(f"wasmgate: {workers} workers: {' '.join(str(p.pid) for p in procs)}", flush=True)
+    procs = [_Worker(cmd) for _ in range(workers)]
     code = 0
     try:
+        # Announce only once every worker listens: a client that reads the "listener" line can
+        # rely on all workers taking connections.
+        failed = _wait_ready(procs, lambda: stopping)
+        if failed is not None:
+            print(f"wasmgate: worker {failed.proc.pid} exited with {failed.proc.returncode} during start-up; "
+                  f"stopping", file=sys.stderr)
+            return failed.proc.returncode or 1
+        for s in holders:
+            s.close()
+        holders = []
+        _announce(config, ports, ports.get("admin"))
+        print(f"wasmgate: {workers} workers: {' '.join(str(w.proc.pid) for w in procs)}", flush=True)
+        last_restart = 0.0
         while not stopping:
             time.sleep(0.1)
-            if holders and time.monotonic() - started > 2:
-                for s in holders:
-                    s.close()
-                holders = []
-            for i, p in enumerate(procs):
-                rc = p.poll()
-                if rc is None:
+            for i, w in enumerate(procs):
+                rc = w.proc.poll()
+                if rc is None or stopping:
                     continue
-                if time.monotonic() - started < _STARTUP_S or rc in (1, 2):
-                    # Dying at start-up (bad filter, port taken) is not worth restarting.
-                    print(f"wasmgate: worker {p.pid} exited with {rc} at start-up; stopping", file=sys.stderr)
-                    stopping, code = True, rc or 1
-                    break
-                procs[i] = _spawn(cmd)
-                print(f"wasmgate: worker {p.pid} exited with {rc}; restarted as {procs[i].pid}", flush=True)
+                # A crashed worker is replaced, at most one restart per second.
+                time.sleep(max(0.0, last_restart + 1.0 - time.monotonic()))
+                last_restart = time.monotonic()
+                procs[i] = _Worker(cmd)
+                print(f"wasmgate: worker {w.proc.pid} exited with {rc}; restarted as {procs[i].proc.pid}",
+                      flush=True)
     finally:
         for s in holders:
             s.close()
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
+        for w in procs:
+            w.close_pipe()
+            if w.proc.poll() is None:
+                w.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + config.limits.drain_timeout_s + 5
-        for p in procs:
+        for w in procs:
             try:
-                p.wait(max(0.1, deadline - time.monotonic()))
+                w.proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+                w.proc.kill()
+                w.proc.wait()
         if store_name is not None:
             _shared_store_api("remove_shared_store")(store_name)
     return code
+
+
+class _Worker:
+    """A worker process and the pipe on which it says it is listening."""
+
+    def __init__(self, cmd: list[str]):
+        r, w = os.pipe()
+        try:
+            self.proc = subprocess.Popen(cmd + ["--ready-fd", str(w)], pass_fds=(w,), preexec_fn=_die_with_parent)
+        finally:
+            os.close(w)
+        self.ready_fd: int | None = r
+        self.ready = False
+
+    def poll_ready(self) -> None:
+        if self.ready or self.ready_fd is None:
+            return
+        import select
+        if select.select([self.ready_fd], [], [], 0)[0]:
+            self.ready = os.read(self.ready_fd, 64).startswith(b"ready")
+            self.close_pipe()
+
+    def close_pipe(self) -> None:
+        if self.ready_fd is not None:
+            os.close(self.ready_fd)
+            self.ready_fd = None
+
+
+def _wait_ready(procs: list[_Worker], stopping: Any) -> _Worker | None:
+    """Block until every worker reported ready; return one that died first, if any."""
+    while not stopping():
+        for w in procs:
+            w.poll_ready()
+            if not w.ready and w.proc.poll() is not None:
+                return w
+        if all(w.ready for w in procs):
+            return None
+        time.sleep(0.02)
+    return None
+
+
+def _tell_ready(fd: int | None) -> None:
+    if fd is not None:
+        try:
+            os.write(fd, b"ready\n")
+            os.close(fd)
+        except OSError:
+            pass
 
 
 def _shared_store_api(name: str) -> Any:
@@ -241,14 +296,6 @@ def _create_shared_store(config: Config) -> str | None:
 _KEEP: list[Any] = []
 
 
-# A worker exiting this soon after start-up failed to start; later deaths are crashes to restart.
-_STARTUP_S = 2.0
-
-
-def _spawn(cmd: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(cmd, preexec_fn=_die_with_parent)
-
-
 def _die_with_parent() -> None:
     # A worker must not outlive a killed supervisor (it would keep holding the port).
     try:
@@ -266,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--workers", type=int, default=1, help="worker processes sharing the ports (SO_REUSEPORT)")
     run.add_argument("--worker-ports", default=None, help=argparse.SUPPRESS)
     run.add_argument("--shared-store", default=None, help=argparse.SUPPRESS)
+    run.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     check = sub.add_parser("check", help="validate a config file and list every error")
     check.add_argument("config")
     check.add_argument("--no-load", action="store_true", help="validate only; do not load the wasm filters")

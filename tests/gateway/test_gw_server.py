@@ -180,6 +180,12 @@ filters: [{name: broken, wasm: broken.wasm}]
     assert r.returncode != 0
     assert 'filter "broken"' in r.stderr and "not started" in r.stderr
     assert "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "gateway.cli", "run", "-c", str(cfg), "--workers", "2"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert 'filter "broken"' in r.stderr and "during start-up; stopping" in r.stderr
+    assert "listener main on" not in r.stdout           # never announced a half-started gateway
+    assert "Traceback" not in r.stderr
 
 
 async def test_idle_client_connections_are_closed(upstream, tmp_path):
@@ -205,7 +211,6 @@ async def test_cli_worker_crash_is_restarted(tmp_path):
                     break
                 await asyncio.sleep(0.05)
             victim = int(pids_line.split()[-1])
-            await asyncio.sleep(2.5)                 # past the start-up window
             os.kill(victim, signal.SIGKILL)
             deadline = asyncio.get_running_loop().time() + 10
             while not any(f"worker {victim} exited" in line for line in gw.output):
