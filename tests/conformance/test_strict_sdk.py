@@ -1115,3 +1115,23 @@ async def test_request_trailers_reach_the_filter(tmp_path, upstream):
 async def test_response_trailers_reach_the_filter(tmp_path, upstream):
     trace = await _trailer_exchange(tmp_path, upstream)
     assert [e for e in trace if e[0] == "resp_trl"], "on_response_trailers never called"
+
+
+async def test_http_call_from_request_body_then_resume(tmp_path, upstream):
+    async def gen():
+        yield b"first-half|"
+        await asyncio.sleep(0.05)
+        yield b"second-half"
+
+    async with probe_gateway(tmp_path, upstream, [probe_filter(tmp_path)]) as (gw, s):
+        status, headers, body = await fetch(s, gw.url("/body-call"), method="POST", data=gen(),
+                                            headers={"x-act": "call-body", "x-cluster": "callout"})
+        assert status == 200, body[:200]
+        ctx = one(report_of(headers), "ctx")
+        trace = await wait_for(lambda: _deleted(s, gw, ctx))
+    assert upstream.main_requests()[-1].body == b"first-half|second-half"
+    assert len(upstream.callouts()) == 1
+    mine = [e[0] for e in trace if len(e) > 1 and e[1] == ctx]
+    last_body = max(i for i, e in enumerate(trace) if e[0] == "req_body" and e[1] == ctx)
+    call = next(i for i, e in enumerate(trace) if e[0] == "call_resp")
+    assert last_body < call, mine

@@ -477,6 +477,7 @@
     (if (call $act_is $S"reply-resp-late") (then (return (i32.const 57))))
     (if (call $act_is $S"body-keep-cl") (then (return (i32.const 58))))
     (if (call $act_is $S"resp-body-keep-cl") (then (return (i32.const 59))))
+    (if (call $act_is $S"call-body") (then (return (i32.const 60))))
     (if (call $act_is $S"reply-resp-body") (then (return (i32.const 52))))
     (if (call $act_is $S"reply-body-late") (then (return (i32.const 53))))
     (i32.const 0))
@@ -1274,6 +1275,11 @@
     ;; holding it, like a WAF that must see the verdict first
     (if (i32.and (i32.eq (local.get $act) (i32.const 8)) (i32.ne (i32.load offset=28 (local.get $r)) (i32.const 0)))
       (then (return (i32.const 1))))
+    ;; external authorization of the body: buffer it, call out at the end, resume in the callback
+    (if (i32.eq (local.get $act) (i32.const 60))
+      (then
+        (if (i32.eqz (local.get $eos)) (then (return (i32.const 1))))
+        (return (call $start_call (local.get $r)))))
     (if (i32.eq (local.get $act) (i32.const 53))
       (then
         (if (i32.eqz (local.get $eos)) (then (return (i32.const 0))))   ;; earlier chunks already went on
