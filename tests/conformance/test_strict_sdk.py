@@ -1135,3 +1135,20 @@ async def test_http_call_from_request_body_then_resume(tmp_path, upstream):
     last_body = max(i for i, e in enumerate(trace) if e[0] == "req_body" and e[1] == ctx)
     call = next(i for i, e in enumerate(trace) if e[0] == "call_resp")
     assert last_body < call, mine
+
+
+async def test_obs_text_header_bytes_reach_the_filter_and_upstream_unchanged(tmp_path, upstream):
+    async with probe_gateway(tmp_path, upstream, [probe_filter(tmp_path)]) as (gw, s):
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port())
+        writer.write(b"GET /latin HTTP/1.1\r\nHost: x\r\nx-act: hdrs\r\nx-latin: caf\xe9\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        raw = await asyncio.wait_for(reader.read(-1), 5)
+        writer.close()
+    head = raw.split(b"\r\n\r\n", 1)[0].decode("latin-1")
+    assert head.startswith("HTTP/1.1 200"), head[:200]
+    report = [line.split(":", 1)[1].strip() for line in head.split("\r\n") if line.lower().startswith("x-probe-p1:")]
+    rep = parse_report(report[0] if report else None)
+    assert upstream.main_requests()[-1].first("x-latin") == "caf\xe9"   # latin-1 decoded by the recorder
+    # and what the filter writes as raw bytes goes out as those bytes
+    assert upstream.main_requests()[-1].first("x-latin-out") == "caf\xe9"
+    assert one(rep, "latin") == b"caf\xe9".hex()          # raw bytes, not re-encoded as UTF-8

@@ -896,6 +896,12 @@
     (local.set $st (call $expect (call $get_buffer_bytes (i32.const 4) (i32.const 0) (i32.const -1) (i32.const 16) (i32.const 20)) (i32.const 3)))
     (call $check_ret (local.get $st))
     (call $rep_ret (local.get $r) $S"buf_call" (local.get $st))
+    ;; obs-text (non-UTF-8) header bytes pass through untouched
+    (drop (call $expect (call $replace_hv (i32.const 0) $S"x-latin-out" $S"caf\e9") (i32.const 1)))
+    (if (i32.eqz (call $hget (i32.const 0) $S"x-latin"))
+      (then
+        (call $b_hex (call $rk (local.get $r) $S"latin") (i32.load (i32.const 16)) (i32.load (i32.const 20)))
+        (call $rend (local.get $r))))
     ;; read back what we added
     (local.set $st (call $hget (i32.const 0) $S"x-added"))
     (if (i32.eqz (local.get $st))
