@@ -154,8 +154,44 @@ async def read_length(reader: asyncio.StreamReader, n: int, chunk: int = 262144)
         yield data
 
 
-async def read_chunked(reader: asyncio.StreamReader, status: int = 400) -> AsyncIterator[bytes]:
-    """De-chunk a body; trailers are read and dropped. Raises HttpError(status) on bad framing."""
+class BodyStream:
+    """Body chunks as an async iterator that may end with trailers.
+
+    ``trailers`` is None or a list of (lower-case name, value), final once iteration ended:
+    the seam's convention for trailers (abi/chain.py reads ``body.trailers`` the same way and
+    hands its own output body back with one).
+    """
+    __slots__ = ("_it", "trailers")
+
+    def __init__(self, it: AsyncIterator[bytes]):
+        self._it = it
+        self.trailers: Headers | None = None
+
+    def __aiter__(self) -> "BodyStream":
+        return self
+
+    def __anext__(self):   # the generator's own awaitable: no extra coroutine per chunk
+        return self._it.__anext__()
+
+
+# Fields that must never travel in a trailer section we write (RFC 9110 §6.5.1).
+TRAILER_FORBIDDEN = HOP_BY_HOP | FRAMING | {"host", "content-type", "content-encoding", "content-range",
+                                            "authorization", "set-cookie", "cookie", "expect"}
+
+
+def trailer_block(trailers: Headers | None) -> bytes:
+    """The last chunk plus trailer section: ``0\r\n`` [fields] ``\r\n``."""
+    if not trailers:
+        return b"0\r\n\r\n"
+    lines = [f"{n}: {v}\r\n" for n, v in trailers
+             if n and n[0] != ":" and n.lower() not in TRAILER_FORBIDDEN and "\r" not in v and "\n" not in v]
+    return ("0\r\n" + "".join(lines) + "\r\n").encode("latin-1", "replace")
+
+
+async def read_chunked(reader: asyncio.StreamReader, status: int = 400,
+                       trailers: list | None = None) -> AsyncIterator[bytes]:
+    """De-chunk a body. Trailer fields go to ``trailers`` if given (else dropped).
+    Raises HttpError(status) on bad framing."""
     while True:
         try:
             line = await reader.readuntil(b"\r\n")
@@ -191,6 +227,11 @@ async def read_chunked(reader: asyncio.StreamReader, status: int = 400) -> Async
             raise HttpError(status, "trailer line too long") from None
         if line == b"\r\n":
             return
+        if trailers is not None:
+            try:
+                trailers.extend(parse_headers([line[:-2]]))
+            except HttpError:
+                raise HttpError(status, "malformed trailer field") from None
 
 
 def serialize_headers(headers: Headers, skip: frozenset[str] | set[str] = FRAMING) -> list[str]:

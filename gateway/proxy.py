@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, AsyncIterator
 from abi.api import Forward, LocalReply, LocalReplyInterrupt, LogInfo, StreamInfo
 
 from .config import Config, Limits, Route
-from .http1 import (FRAMING, HOP_BY_HOP, BodyTooLarge, HttpError, PeerClosed, body_length,
-                    parse_request_head, read_chunked)
+from .http1 import (FRAMING, HOP_BY_HOP, BodyStream, BodyTooLarge, HttpError, PeerClosed, body_length,
+                    parse_request_head, read_chunked, trailer_block)
 from .routing import Router, remove_dot_segments, rewrite_target
 from .upstream import UpstreamError, UpstreamReset, UpstreamResponse, Upstreams
 
@@ -76,7 +76,7 @@ class RequestBody:
         self.expect = expect_continue
         self.received = 0
         self.done = False
-        self.iterator = self._iterate()
+        self.iterator = BodyStream(self._iterate())
 
     async def _iterate(self) -> AsyncIterator[bytes]:
         if self.expect:
@@ -95,11 +95,13 @@ class RequestBody:
                     self.received += len(data)
                     yield data
             else:
-                async for data in read_chunked(reader, status=400):
+                trailers: list = []
+                async for data in read_chunked(reader, status=400, trailers=trailers):
                     self.received += len(data)
                     if self.received > self.limit:
                         raise BodyTooLarge(self.limit)
                     yield data
+                self.iterator.trailers = trailers or None
         except ConnectionError as e:
             # Keep client-side failures distinct from upstream ones for the caller.
             raise PeerClosed(f"client connection lost: {e}") from None
@@ -456,7 +458,7 @@ class Proxy:
                     if transport.get_write_buffer_size() > _HIGH_WATER:
                         await writer.drain()
             if chunked:
-                writer.write(b"0\r\n\r\n")
+                writer.write(trailer_block(getattr(body, "trailers", None)))
         except UpstreamReset as e:
             # Headers are out: the only honest signal left is closing the client connection.
             log.warning("upstream reset mid-response, closing client %s: %s", conn.peer_text, e)

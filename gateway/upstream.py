@@ -14,8 +14,8 @@ from typing import AsyncIterator
 from abi.api import CallFailed, CallResponse, Headers
 
 from .config import Cluster, Endpoint
-from .http1 import (FRAMING, HttpError, PeerClosed, body_length, connection_tokens,
-                    parse_response_head, read_chunked)
+from .http1 import (FRAMING, BodyStream, HttpError, PeerClosed, body_length, connection_tokens,
+                    parse_response_head, read_chunked, trailer_block)
 
 log = logging.getLogger("wasmgate.upstream")
 
@@ -92,7 +92,7 @@ class UpstreamResponse:
         if self.length == 0:
             return None
         if self._body_iter is None:
-            self._body_iter = self._body()
+            self._body_iter = BodyStream(self._body())
         return self._body_iter
 
     async def read_exact(self) -> bytes:
@@ -111,9 +111,11 @@ class UpstreamResponse:
         n = self.length
         try:
             if n is None:
-                async for data in read_chunked(reader, status=502):
+                trailers: list = []
+                async for data in read_chunked(reader, status=502, trailers=trailers):
                     self.bytes += len(data)
                     yield data
+                self._body_iter.trailers = trailers or None   # type: ignore[union-attr]
             elif n == -1:
                 while True:
                     data = await reader.read(_READ)
@@ -388,7 +390,7 @@ class Pool:
             if transport.get_write_buffer_size() > 65536:
                 await self._drain(conn)
         if length is None:
-            writer.write(b"0\r\n\r\n")
+            writer.write(trailer_block(getattr(body, "trailers", None)))
         elif sent != length:
             # Framing would be wrong on the wire; never send a message the upstream would split.
             raise UpstreamError(502, "bad_request_body", f"body had {sent} bytes, Content-Length said {length}",

@@ -533,3 +533,25 @@ async def test_sockets_have_tcp_nodelay(tmp_path):
     assert seen["up"] != 0
     samples.sort()
     assert samples[len(samples) // 2] < 0.02, samples
+
+
+async def test_chunked_trailers_pass_both_ways(tmp_path):
+    got = {}
+
+    async def handler(reader, writer):
+        await read_request_head(reader)
+        rest = b""
+        while not rest.endswith(b"\r\n\r\n") or b"0\r\n" not in rest:
+            rest += await reader.read(1024)
+        got["body"] = rest
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: x-resp-trailer\r\n\r\n"
+                     b"5\r\nhello\r\n0\r\nx-resp-trailer: t1\r\nContent-Length: 99\r\n\r\n")
+        await writer.drain()
+
+    async with raw_upstream(handler) as up:
+        async with run_gateway(basic_yaml(up.port), tmp_path) as gw:
+            raw = await raw_exchange(gw.port(), b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n"
+                                     b"Connection: close\r\n\r\n5\r\nhello\r\n0\r\nx-req-trailer: r1\r\n"
+                                     b"Host: evil\r\n\r\n")
+    assert got["body"].endswith(b"5\r\nhello\r\n0\r\nx-req-trailer: r1\r\n\r\n")     # host dropped
+    assert raw.endswith(b"5\r\nhello\r\n0\r\nx-resp-trailer: t1\r\n\r\n")             # framing dropped
