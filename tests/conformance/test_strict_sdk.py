@@ -1109,12 +1109,16 @@ async def _trailer_exchange(tmp_path, upstream):
 
 async def test_request_trailers_reach_the_filter(tmp_path, upstream):
     trace = await _trailer_exchange(tmp_path, upstream)
-    assert [e for e in trace if e[0] == "req_trl"], "on_request_trailers never called"
+    trl = [e for e in trace if e[0] == "req_trl"]
+    assert trl, "on_request_trailers never called"
+    assert trl[0][2:] == ("1", "1", "x-req-trailer"), trl
 
 
 async def test_response_trailers_reach_the_filter(tmp_path, upstream):
     trace = await _trailer_exchange(tmp_path, upstream)
-    assert [e for e in trace if e[0] == "resp_trl"], "on_response_trailers never called"
+    trl = [e for e in trace if e[0] == "resp_trl"]
+    assert trl, "on_response_trailers never called"
+    assert trl[0][2:] == ("1", "1", "x-resp-trailer"), trl
 
 
 async def test_http_call_from_request_body_then_resume(tmp_path, upstream):

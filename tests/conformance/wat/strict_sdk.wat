@@ -1344,10 +1344,18 @@
     (i32.const 0))
 
   (func $impl_proxy_on_request_trailers (param $id i32) (param $n i32) (result i32)
+    (local $st i32)
     (drop (call $http (local.get $id)))
     (call $tr $S"req_trl")
     (call $tr_arg (local.get $id))
     (call $tr_arg (local.get $n))
+    ;; the trailer map: pairs (OK only) and one value
+    (call $clear_ret)
+    (local.set $st (call $expect (call $get_pairs (i32.const 1) (i32.const 16) (i32.const 20)) (i32.const 1)))
+    (call $check_ret (local.get $st))
+    (call $tr_arg (call $parse_map (i32.load (i32.const 16)) (i32.load (i32.const 20))))
+    (call $b_byte (i32.const 32768) (i32.const 58))
+    (call $b_map_keys (i32.const 32768) (i32.load (i32.const 16)) (i32.load (i32.const 20)))
     (i32.const 0))
 
   (func $impl_proxy_on_response_headers (param $id i32) (param $n i32) (param $eos i32) (result i32)
@@ -1442,10 +1450,18 @@
     (i32.const 0))
 
   (func $impl_proxy_on_response_trailers (param $id i32) (param $n i32) (result i32)
+    (local $st i32)
     (drop (call $http (local.get $id)))
     (call $tr $S"resp_trl")
     (call $tr_arg (local.get $id))
     (call $tr_arg (local.get $n))
+    ;; the trailer map: pairs (OK only) and one value
+    (call $clear_ret)
+    (local.set $st (call $expect (call $get_pairs (i32.const 3) (i32.const 16) (i32.const 20)) (i32.const 1)))
+    (call $check_ret (local.get $st))
+    (call $tr_arg (call $parse_map (i32.load (i32.const 16)) (i32.load (i32.const 20))))
+    (call $b_byte (i32.const 32768) (i32.const 58))
+    (call $b_map_keys (i32.const 32768) (i32.load (i32.const 16)) (i32.load (i32.const 20)))
     (i32.const 0))
 
   ;; ------------------------------------------------------------------ re-entrancy guard
