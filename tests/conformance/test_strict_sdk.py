@@ -1174,3 +1174,17 @@ async def test_raw_path_bytes_reach_the_filter_unchanged(tmp_path, upstream):
     # (the upstream may answer 400 to such a path: the filter's view is what counts here)
     rep = parse_report(report[0])
     assert prop(rep, "p_path") == (0, b"/caf\xe9?q=\xff")
+
+
+async def test_http10_request_protocol_property(tmp_path, upstream):
+    async with probe_gateway(tmp_path, upstream, [probe_filter(tmp_path)]) as (gw, s):
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port())
+        writer.write(b"GET /old HTTP/1.0\r\nHost: x\r\nx-act: props\r\n\r\n")
+        await writer.drain()
+        raw = await asyncio.wait_for(reader.read(-1), 5)
+        writer.close()
+    head = raw.split(b"\r\n\r\n", 1)[0].decode("latin-1")
+    assert head.split(" ")[1] == "200", head[:200]
+    report = [line.split(":", 1)[1].strip() for line in head.split("\r\n") if line.lower().startswith("x-probe-p1:")]
+    rep = parse_report(report[0] if report else None)
+    assert prop(rep, "p_protocol") == (0, b"HTTP/1.0")
