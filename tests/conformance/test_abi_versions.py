@@ -218,3 +218,17 @@ async def test_guest_logs_and_stdout_reach_the_gateway_log_tagged(tmp_path, upst
     assert any("loudgo" in m or "loudgo" in n for m, n in records if "golike: _start()" in m)
     logged = [m for m, n in records if "strict_sdk configured" in m]
     assert logged and any("loudprobe" in m or "loudprobe" in n for m, n in records if "strict_sdk configured" in m)
+
+
+async def test_gateway_stop_tears_down_root_contexts(tmp_path, upstream, caplog):
+    # cpp-host WasmBase::startShutdown: proxy_on_done(root) then proxy_on_delete(root)
+    caplog.set_level(logging.DEBUG)
+    async with probe_gateway(tmp_path, upstream, [filter_entry("stopper", strict_module(tmp_path), config="p1")]) as (gw, s):
+        status, _, _ = await fetch(s, gw.url("/x"))
+        assert status == 200
+        assert not [r for r in caplog.records if "root on_done" in r.getMessage()]
+    msgs = [r.getMessage() for r in caplog.records]
+    done = [i for i, m in enumerate(msgs) if "strict_sdk: root on_done" in m]
+    deleted = [i for i, m in enumerate(msgs) if "strict_sdk: root on_delete" in m]
+    assert len(done) == 1 and len(deleted) == 1, (done, deleted)
+    assert done[0] < deleted[0]

@@ -602,6 +602,8 @@
     (local.set $r (call $any_ctx (local.get $id)))
     (call $tr $S"done")
     (call $tr_arg (local.get $id))
+    (if (i32.eq (i32.load offset=8 (local.get $r)) (i32.const 1))
+      (then (drop (call $expect (call $proxy_log (i32.const 2) $S"strict_sdk: root on_done") (i32.const 1)))))
     ;; false: "I will call proxy_done() later" (Envoy ignores it for HTTP streams)
     (i32.ne (i32.load offset=16 (local.get $r)) (i32.const 44)))
 
@@ -652,6 +654,8 @@
     (local.set $r (call $any_ctx (local.get $id)))
     (call $tr $S"delete")
     (call $tr_arg (local.get $id))
+    (if (i32.eq (i32.load offset=8 (local.get $r)) (i32.const 1))
+      (then (drop (call $expect (call $proxy_log (i32.const 2) $S"strict_sdk: root on_delete") (i32.const 1)))))
     (i32.store offset=8 (local.get $r) (i32.const 0)))
 
   ;; ------------------------------------------------------------------ request headers
