@@ -1188,3 +1188,21 @@ async def test_http10_request_protocol_property(tmp_path, upstream):
     report = [line.split(":", 1)[1].strip() for line in head.split("\r\n") if line.lower().startswith("x-probe-p1:")]
     rep = parse_report(report[0] if report else None)
     assert prop(rep, "p_protocol") == (0, b"HTTP/1.0")
+
+
+async def test_chunked_request_with_empty_body_ends_in_a_body_callback(tmp_path, upstream):
+    # Envoy's HTTP/1 codec cannot know a chunked body is empty until the last chunk: headers
+    # come with end_of_stream=false, then on_request_body(0, end_of_stream=true)
+    async with probe_gateway(tmp_path, upstream, [probe_filter(tmp_path)]) as (gw, s):
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port())
+        writer.write(b"POST /chunked-empty HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                     b"Connection: close\r\n\r\n0\r\n\r\n")
+        await writer.drain()
+        raw = await asyncio.wait_for(reader.read(-1), 5)
+        writer.close()
+    head = raw.split(b"\r\n\r\n", 1)[0].decode("latin-1")
+    assert head.split(" ")[1] == "200", head[:200]
+    report = [line.split(":", 1)[1].strip() for line in head.split("\r\n") if line.lower().startswith("x-probe-p1:")]
+    rep = parse_report(report[0] if report else None)
+    assert one(rep, "eos") == "0"
+    assert rep.get("rb") == ["0/1"], rep.get("rb")
