@@ -406,7 +406,8 @@ class Bench:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")
         self.print_table(result)
-        log(f"\nwrote {out}" + ("  (PARTIAL run)" if result["partial"] else ""))
+        log(f"\nwrote {out}" + ("  (PARTIAL run)" if result["partial"] else "")
+            + ("  (NOISY: other work ran on the machine, see notes)" if result["noisy"] else ""))
         return 1 if self.failed else 0
 
     def cleanup(self) -> None:
@@ -465,6 +466,8 @@ class Bench:
             "crossing": self.crossing,
             "machine": self.machine,
             "partial": partial,
+            # other work used > 5 % of the machine during some measured run: don't commit this
+            "noisy": bool(self.notes),
             "skipped": self.skipped,
             "failed": {k: v[-1000:] for k, v in self.failed.items()},
             "cold_start": self.cold_start,
