@@ -23,6 +23,8 @@ def render(r: dict) -> str:
     if r.get("partial"):
         out.append("**Partial run** (skipped: %s; failed: %s).\n" % (
             ", ".join(r.get("skipped", {})) or "none", ", ".join(r.get("failed", {})) or "none"))
+    if r.get("noisy"):
+        out.append("**Noisy run**: other work used the machine during measured runs (notes below).\n")
     out.append(f"{m.get('date')} · {m.get('cpu_model')} × {m.get('cores')} · Python {m.get('python')}"
                f" · wasmtime {m.get('wasmtime')} · {m.get('nginx')} · commit {m.get('git_commit')}\n")
     out.append("| scenario | req/s | p50 ms | p99 ms | CPU µs/req | CPU vs baseline |")
