@@ -1206,3 +1206,12 @@ async def test_chunked_request_with_empty_body_ends_in_a_body_callback(tmp_path,
     rep = parse_report(report[0] if report else None)
     assert one(rep, "eos") == "0"
     assert rep.get("rb") == ["0/1"], rep.get("rb")
+
+
+async def test_go_sdk_style_body_replace_prepend_append(tmp_path, upstream):
+    async with probe_gateway(tmp_path, upstream, [probe_filter(tmp_path)]) as (gw, s):
+        status, headers, body = await fetch(s, gw.url("/go-body"), method="POST", data=b"original body",
+                                            headers={"x-act": "body-go"})
+        assert status == 200, body[:200]
+        report_of(headers)
+    assert upstream.main_requests()[-1].body == b"<REPLACED>"

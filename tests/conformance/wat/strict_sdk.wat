@@ -478,6 +478,7 @@
     (if (call $act_is $S"body-keep-cl") (then (return (i32.const 58))))
     (if (call $act_is $S"resp-body-keep-cl") (then (return (i32.const 59))))
     (if (call $act_is $S"call-body") (then (return (i32.const 60))))
+    (if (call $act_is $S"body-go") (then (return (i32.const 61))))
     (if (call $act_is $S"reply-resp-body") (then (return (i32.const 52))))
     (if (call $act_is $S"reply-body-late") (then (return (i32.const 53))))
     (i32.const 0))
@@ -730,7 +731,8 @@
     (if (i32.eq (local.get $act) (i32.const 1)) (then (call $req_hdr_ops (local.get $r))))
     (if (i32.eq (local.get $act) (i32.const 2))
       (then (call $local_reply (i32.const 403) $S"denied in request headers") (return (i32.const 1))))
-    (if (i32.or (i32.eq (local.get $act) (i32.const 5)) (i32.eq (local.get $act) (i32.const 3)))
+    (if (i32.or (i32.or (i32.eq (local.get $act) (i32.const 5)) (i32.eq (local.get $act) (i32.const 3)))
+                (i32.eq (local.get $act) (i32.const 61)))
       (then
         ;; the body will change length: drop content-length like the Rust http_body example
         (drop (call $expect (call $remove_hv (i32.const 0) $S"content-length") (i32.const 1)))))
@@ -1285,6 +1287,15 @@
     ;; holding it, like a WAF that must see the verdict first
     (if (i32.and (i32.eq (local.get $act) (i32.const 8)) (i32.ne (i32.load offset=28 (local.get $r)) (i32.const 0)))
       (then (return (i32.const 1))))
+    ;; Go SDK ReplaceHttpRequestBody / PrependHttpRequestBody / AppendHttpRequestBody:
+    ;; (start 0, size MaxInt32), (0, 0), (MaxInt32, 0)
+    (if (i32.eq (local.get $act) (i32.const 61))
+      (then
+        (if (i32.eqz (local.get $eos)) (then (return (i32.const 1))))
+        (drop (call $expect (call $set_buffer_bytes (i32.const 0) (i32.const 0) (i32.const 0x7fffffff) $S"REPLACED") (i32.const 1)))
+        (drop (call $expect (call $set_buffer_bytes (i32.const 0) (i32.const 0) (i32.const 0) $S"<") (i32.const 1)))
+        (drop (call $expect (call $set_buffer_bytes (i32.const 0) (i32.const 0x7fffffff) (i32.const 0) $S">") (i32.const 1)))
+        (return (i32.const 0))))
     ;; external authorization of the body: buffer it, call out at the end, resume in the callback
     (if (i32.eq (local.get $act) (i32.const 60))
       (then
