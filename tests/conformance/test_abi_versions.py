@@ -232,3 +232,17 @@ async def test_gateway_stop_tears_down_root_contexts(tmp_path, upstream, caplog)
     deleted = [i for i, m in enumerate(msgs) if "strict_sdk: root on_delete" in m]
     assert len(done) == 1 and len(deleted) == 1, (done, deleted)
     assert done[0] < deleted[0]
+
+
+async def test_missing_callbacks_are_continue_and_the_rest_still_runs(tmp_path, upstream, caplog):
+    caplog.set_level(logging.DEBUG)
+    f = filter_entry("partial", watlib.build("partial_exports.wat", tmp_path))
+    async with probe_gateway(tmp_path, upstream, [f]) as (gw, s):
+        async with s.post(gw.url("/partial"), data=b"twelve bytes") as r:
+            assert r.status == 200
+            await r.read()
+        await asyncio.sleep(0.1)
+    assert upstream.main_requests()[-1].body == b"twelve bytes"
+    msgs = [r.getMessage() for r in caplog.records]
+    assert any("partial: body 12 1" in m for m in msgs), [m for m in msgs if "partial" in m]
+    assert any("partial: log " in m for m in msgs)

@@ -1,0 +1,36 @@
+;; partial_exports.wat — exports no header callbacks at all, only on_request_body and on_log
+;; (plus the lifecycle): the host must treat the missing callbacks as Continue and still deliver
+;; the others. Logs "partial: body <size> <eos>" and "partial: log <ctx>".
+(module
+  (import "env" "proxy_log" (func $log (param i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (global $heap (mut i32) (i32.const 32768))
+  ;;@DATA
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param $n i32) (result i32)
+    (local $p i32)
+    (local.set $p (global.get $heap))
+    (global.set $heap (i32.and (i32.add (i32.add (global.get $heap) (local.get $n)) (i32.const 7)) (i32.const -8)))
+    (local.get $p))
+  (func $put_u32 (param $at i32) (param $v i32) (result i32)   ;; decimal at $at, returns the end
+    (if (i32.ge_u (local.get $v) (i32.const 10))
+      (then (local.set $at (call $put_u32 (local.get $at) (i32.div_u (local.get $v) (i32.const 10))))))
+    (i32.store8 (local.get $at) (i32.add (i32.const 48) (i32.rem_u (local.get $v) (i32.const 10))))
+    (i32.add (local.get $at) (i32.const 1)))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_vm_start") (param i32 i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_configure") (param i32 i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_request_body") (param $id i32) (param $size i32) (param $eos i32) (result i32)
+    (local $end i32)
+    (memory.copy (i32.const 1024) $S"partial: body ")
+    (local.set $end (call $put_u32 (i32.const 1038) (local.get $size)))
+    (i32.store8 (local.get $end) (i32.const 32))
+    (local.set $end (call $put_u32 (i32.add (local.get $end) (i32.const 1)) (local.get $eos)))
+    (drop (call $log (i32.const 2) (i32.const 1024) (i32.sub (local.get $end) (i32.const 1024))))
+    (i32.const 0))
+  (func (export "proxy_on_log") (param $id i32)
+    (local $end i32)
+    (memory.copy (i32.const 1024) $S"partial: log ")
+    (local.set $end (call $put_u32 (i32.const 1037) (local.get $id)))
+    (drop (call $log (i32.const 2) (i32.const 1024) (i32.sub (local.get $end) (i32.const 1024)))))
+)
