@@ -1215,3 +1215,23 @@ async def test_go_sdk_style_body_replace_prepend_append(tmp_path, upstream):
         assert status == 200, body[:200]
         report_of(headers)
     assert upstream.main_requests()[-1].body == b"<REPLACED>"
+
+
+async def test_callout_from_on_log_never_calls_back_a_deleted_context(tmp_path, upstream):
+    async with probe_gateway(tmp_path, upstream, [probe_filter(tmp_path)]) as (gw, s):
+        status, headers, _ = await fetch(s, gw.url("/log-call"), headers={"x-act": "call-in-log"})
+        assert status == 200
+        ctx = one(report_of(headers), "ctx")
+        trace = await wait_for(lambda: _deleted(s, gw, ctx))
+        assert trace
+        await asyncio.sleep(0.3)                 # the callout (0.1 s) would have answered by now
+        trace = await get_trace(s, gw, "p1")
+        status, headers, _ = await fetch(s, gw.url("/after"))
+        assert status == 200
+        report_of(headers)
+    assert trace.count(("init",)) == 1, "instance rebuilt: a callback reached a deleted context"
+    log_calls = [e for e in trace if e[0] == "log_call"]
+    assert len(log_calls) == 1
+    if log_calls[0][1] == "0":
+        token = log_calls[0][2]
+        assert not [e for e in trace if e[0] == "call_resp" and e[2] == token]

@@ -479,6 +479,7 @@
     (if (call $act_is $S"resp-body-keep-cl") (then (return (i32.const 59))))
     (if (call $act_is $S"call-body") (then (return (i32.const 60))))
     (if (call $act_is $S"body-go") (then (return (i32.const 61))))
+    (if (call $act_is $S"call-in-log") (then (return (i32.const 62))))
     (if (call $act_is $S"reply-resp-body") (then (return (i32.const 52))))
     (if (call $act_is $S"reply-body-late") (then (return (i32.const 53))))
     (i32.const 0))
@@ -614,6 +615,18 @@
     (call $tr $S"log")
     (call $tr_arg (local.get $id))
     (if (i32.eq (i32.load offset=16 (local.get $r)) (i32.const 25)) (then unreachable))
+    ;; a callout dispatched from on_log: the context is about to go; Envoy cancels the call
+    ;; when the context is destroyed, so no callback may come for it
+    (if (i32.eq (i32.load offset=16 (local.get $r)) (i32.const 62))
+      (then
+        (i32.store (i32.const 24) (i32.const 0))
+        (local.set $st (call $expect
+          (call $http_call $S"callout" $M":method=GET|:path=/callout/from-log|:authority=callout.local"
+                           (i32.const 0) (i32.const 0) $M"" (i32.const 5000) (i32.const 24))
+          (i32.const 1029)))
+        (call $tr $S"log_call")
+        (call $tr_arg (local.get $st))
+        (call $tr_arg (i32.load (i32.const 24)))))
     (if (i32.eq (i32.load offset=16 (local.get $r)) (i32.const 28))
       (then
         ;; Rust filters commonly read headers in on_log: get_map_value accepts OK|NOT_FOUND,
