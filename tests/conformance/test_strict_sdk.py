@@ -1235,3 +1235,19 @@ async def test_callout_from_on_log_never_calls_back_a_deleted_context(tmp_path, 
     if log_calls[0][1] == "0":
         token = log_calls[0][2]
         assert not [e for e in trace if e[0] == "call_resp" and e[2] == token]
+
+
+async def test_local_reply_from_body_while_headers_paused(tmp_path, upstream):
+    f = probe_filter(tmp_path, deliver_body_while_paused=True)
+    async with probe_gateway(tmp_path, upstream, [f]) as (gw, s):
+        status, headers, body = await fetch(s, gw.url("/paused-deny"), method="POST", data=b"x" * 100,
+                                            headers={"x-act": "call-body-deny", "x-cluster": "callout"})
+        assert status == 413, body[:200]
+        assert body == b"body refused while headers paused"
+        await asyncio.sleep(0.3)                 # the callout answers meanwhile: must be harmless
+        status, headers, _ = await fetch(s, gw.url("/after"))
+        assert status == 200
+        report_of(headers)
+        trace = await get_trace(s, gw, "p1")
+    assert upstream.main_requests()[-1].path == "/after"
+    assert trace.count(("init",)) == 1

@@ -480,6 +480,7 @@
     (if (call $act_is $S"call-body") (then (return (i32.const 60))))
     (if (call $act_is $S"body-go") (then (return (i32.const 61))))
     (if (call $act_is $S"call-in-log") (then (return (i32.const 62))))
+    (if (call $act_is $S"call-body-deny") (then (return (i32.const 63))))
     (if (call $act_is $S"reply-resp-body") (then (return (i32.const 52))))
     (if (call $act_is $S"reply-body-late") (then (return (i32.const 53))))
     (i32.const 0))
@@ -753,6 +754,7 @@
     (if (i32.eq (local.get $act) (i32.const 8)) (then (return (call $start_call (local.get $r)))))
     (if (i32.eq (local.get $act) (i32.const 30)) (then (return (call $start_call (local.get $r)))))
     (if (i32.eq (local.get $act) (i32.const 31)) (then (return (call $start_call (local.get $r)))))
+    (if (i32.eq (local.get $act) (i32.const 63)) (then (return (call $start_call (local.get $r)))))
     (if (i32.eq (local.get $act) (i32.const 34)) (then (call $queue (local.get $r))))
     (if (i32.eq (local.get $act) (i32.const 37)) (then (call $grow_then_call (local.get $r))))
     (if (i32.eq (local.get $act) (i32.const 38)) (then (drop (call $recurse (i32.const 1)))))
@@ -1296,6 +1298,12 @@
     (local.set $act (i32.load offset=16 (local.get $r)))
     (if (i32.eq (local.get $act) (i32.const 18)) (then (return (i32.load offset=32 (local.get $r)))))
     (if (i32.eq (local.get $act) (i32.const 23)) (then unreachable))
+    ;; deliver_body_while_paused: the body decides before the callout answers
+    (if (i32.eq (local.get $act) (i32.const 63))
+      (then
+        (if (i32.eqz (local.get $eos)) (then (return (i32.const 1))))
+        (call $local_reply (i32.const 413) $S"body refused while headers paused")
+        (return (i32.const 1))))
     ;; body delivered while our callout is still pending (deliver_body_while_paused): keep
     ;; holding it, like a WAF that must see the verdict first
     (if (i32.and (i32.eq (local.get $act) (i32.const 8)) (i32.ne (i32.load offset=28 (local.get $r)) (i32.const 0)))
