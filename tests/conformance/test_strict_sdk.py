@@ -595,7 +595,7 @@ async def test_replace_status_pseudo_header(tmp_path, upstream):
 
 async def test_shared_queue_register_resolve_enqueue_on_queue_ready(tmp_path, upstream):
     async with probe_gateway(tmp_path, upstream, [probe_filter(tmp_path)]) as (gw, s):
-        status, headers, _ = await fetch(s, gw.url("/queue"), headers={"x-act": "queue"})
+        status, headers, _ = await fetch(s, gw.url("/queue"), headers={"x-act": "queue", "x-key": f"queue-{tmp_path.name}"})
         assert status == 200
         rep = report_of(headers)
 

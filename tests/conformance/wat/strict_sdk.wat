@@ -1237,12 +1237,17 @@
 
   (func $queue (param $r i32)
     (local $st i32) (local $id i32)
-    (drop (call $expect (call $register_q $S"probe-queue" (i32.const 24)) (i32.const 1)))
+    ;; queue name: "q-" + x-key (unique per test)
+    (call $b_reset (i32.const 4352))
+    (call $b_str (i32.const 4352) $S"q-")
+    (if (i32.eqz (call $hget (i32.const 0) $S"x-key"))
+      (then (call $b_str (i32.const 4352) (i32.load (i32.const 16)) (i32.load (i32.const 20)))))
+    (drop (call $expect (call $register_q (call $b_data (i32.const 4352)) (call $b_len (i32.const 4352)) (i32.const 24)) (i32.const 1)))
     (local.set $id (i32.load (i32.const 24)))
     (call $rep_u32 (local.get $r) $S"qid" (local.get $id))
     (i32.store (i32.const 24) (i32.const 0))
     ;; empty vm_id = our own VM
-    (local.set $st (call $expect (call $resolve_q (i32.const 0) (i32.const 0) $S"probe-queue" (i32.const 24)) (i32.const 3)))
+    (local.set $st (call $expect (call $resolve_q (i32.const 0) (i32.const 0) (call $b_data (i32.const 4352)) (call $b_len (i32.const 4352)) (i32.const 24)) (i32.const 3)))
     (call $rep_u32 (local.get $r) $S"qres" (local.get $st))
     (call $rep_u32 (local.get $r) $S"qres_same" (i32.eq (i32.load (i32.const 24)) (local.get $id)))
     (call $rep_u32 (local.get $r) $S"qenq"
