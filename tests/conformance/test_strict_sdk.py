@@ -1251,3 +1251,13 @@ async def test_local_reply_from_body_while_headers_paused(tmp_path, upstream):
         trace = await get_trace(s, gw, "p1")
     assert upstream.main_requests()[-1].path == "/after"
     assert trace.count(("init",)) == 1
+
+
+async def test_set_response_header_map_replaces_everything(tmp_path, upstream):
+    async with probe_gateway(tmp_path, upstream, [probe_filter(tmp_path)]) as (gw, s):
+        status, headers, body = await fetch(s, gw.url("/resp-pairs"), headers={"x-act": "resp-setpairs"})
+        assert status == 201
+        assert headers.get("x-only") == "1"
+        assert "x-upstream" not in headers and "x-up-replace" not in headers
+        assert json.loads(body)["path"] == "/resp-pairs"     # the body is untouched
+        report_of(headers)                                   # added after the replacement

@@ -481,6 +481,7 @@
     (if (call $act_is $S"body-go") (then (return (i32.const 61))))
     (if (call $act_is $S"call-in-log") (then (return (i32.const 62))))
     (if (call $act_is $S"call-body-deny") (then (return (i32.const 63))))
+    (if (call $act_is $S"resp-setpairs") (then (return (i32.const 64))))
     (if (call $act_is $S"reply-resp-body") (then (return (i32.const 52))))
     (if (call $act_is $S"reply-body-late") (then (return (i32.const 53))))
     (i32.const 0))
@@ -1433,6 +1434,9 @@
       (then (drop (call $expect (call $replace_hv (i32.const 2) $S":status" $S"202") (i32.const 1)))))
     (if (i32.eq (local.get $act) (i32.const 48))
       (then (drop (call $replace_hv (i32.const 2) $S":status" $S"abc"))))
+    ;; Rust set_http_response_headers(vec![...]): the whole map replaced
+    (if (i32.eq (local.get $act) (i32.const 64))
+      (then (drop (call $expect (call $set_pairs (i32.const 2) $M":status=201|x-only=1|content-type=text/plain") (i32.const 1)))))
     (if (i32.eq (local.get $act) (i32.const 50))
       (then
         (drop (call $add_hv (i32.const 2) $S"x-inj" $S"a\0d\0aInjected-Resp: 1"))
