@@ -108,14 +108,26 @@ async def test_trap_fail_closed_503_and_rebuilt(tmp_path, upstream, act, method,
     assert trace[1][2] == "0" and trace[2][1] == root and trace[3][1:] == (root, "2")
 
 
-async def test_trap_fail_open_passes_through(tmp_path, upstream):
+@pytest.mark.parametrize("act,method,data", [
+    ("trap", "GET", None),
+    ("trap-resp", "GET", None),
+    ("trap-body", "POST", b"b" * 3000),
+])
+async def test_trap_fail_open_passes_through(tmp_path, upstream, act, method, data):
     async with probe_gateway(tmp_path, upstream, filters(tmp_path, policy="fail_open"), routes()) as (gw, s):
         before = failures(await metrics_text(s, gw))
-        a_res = await abuse_round(s, gw, {"headers": {"x-act": "trap"}})
+        kw = {"headers": {"x-act": act}}
+        if data is not None:
+            kw["data"] = data
+        a_res = await abuse_round(s, gw, kw, method=method)
         for status, headers, body, _ in a_res:
             assert status == 200, body[:200]
             assert headers.get("x-upstream") == "echo"     # forwarded to the upstream
             assert "x-probe-ab" not in headers               # the failed filter was skipped
+            echoed = json.loads(body)
+            assert echoed["path"].startswith("/a/")
+            if data is not None:
+                assert echoed["body"] == data.decode()     # the body went through whole
         await a_works_again(s, gw)
         assert failures(await metrics_text(s, gw)) >= before + 1
 
