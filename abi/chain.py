@@ -115,8 +115,10 @@ def _content_length(headers: Headers) -> int | None:
 class Chain:
     """Implements api.HttpStream; also the StreamFacts that properties read."""
 
-    def __init__(self, filters: list[Filter], info: StreamInfo):
+    def __init__(self, filters: list[Filter], info: StreamInfo,
+                 on_finished: Callable[[], None] | None = None):
         self.filters = filters
+        self._on_finished = on_finished
         self.info: StreamInfo | None = info
         self.request_headers: HeaderMap | None = None
         self.response_headers: HeaderMap | None = None
@@ -460,6 +462,14 @@ class Chain:
         """on_done → on_log → on_delete for every context (on_delete last); never raises."""
         self.log = log
         self._closed = True
+        done, self._on_finished = self._on_finished, None
+        try:
+            self._teardown()
+        finally:
+            if done is not None:
+                done()
+
+    def _teardown(self) -> None:
         for i, ctx in enumerate(self.ctxs):
             if ctx is None:
                 continue

@@ -10,6 +10,7 @@ from .filter import Filter
 from .module import load_module
 from .shared_store import LocalStore, SharedStore
 
+CLOSE_WAIT_S = 0.0                # reload: pass e.g. the drain timeout to let streams finish
 _engine: Engine | None = None
 _store: LocalStore | None = None
 
@@ -36,6 +37,9 @@ class FilterHost:
         self.store = store
         self._queue_owner: dict[int, Filter] = {}
         self._closed = False
+        self._active = 0                      # streams not finished yet
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     @classmethod
     async def load(cls, specs: list[FilterSpec], services: HostServices, *,
@@ -63,7 +67,15 @@ class FilterHost:
             filters = [self.filters[n] for n in filter_names]
         except KeyError as e:
             raise ValueError(f"no filter named {e.args[0]!r} is loaded") from None
-        return Chain(filters, info)
+        self._active += 1
+        self._idle.clear()
+        return Chain(filters, info, self._stream_done)
+
+    def _stream_done(self) -> None:
+        self._active -= 1
+        if self._active <= 0:
+            self._active = 0
+            self._idle.set()
 
     def set_queue_owner(self, qid: int, f: Filter) -> None:
         # cpp-host: the registering root context becomes the queue's notification target.
@@ -93,10 +105,17 @@ class FilterHost:
         out.extend(self.store.metric_samples())
         return out
 
-    async def close(self) -> None:
+    async def close(self, wait_streams_s: float = CLOSE_WAIT_S) -> None:
+        """Let streams in flight finish (a config reload: Envoy keeps old VMs until then),
+        then run the roots' on_done/on_delete and free the instances."""
         if self._closed:
             return
         self._closed = True
+        if self._active:
+            try:
+                await asyncio.wait_for(self._idle.wait(), wait_streams_s)
+            except asyncio.TimeoutError:
+                pass
         remove = getattr(self.store, "remove_enqueue_callback", None)
         if remove is not None:
             remove(self._on_enqueue)

@@ -125,3 +125,21 @@ async def test_trailers_paused_until_continue(load, trace):
     fwd = await s.request(REQ, TrailerBody([b"ab"], [("x-t", "1")]))
     data = await asyncio.wait_for(collect(fwd.body), 2)
     assert data == b"ab" and fwd.body.trailers == [("x-t", "1")]
+
+
+async def test_close_can_wait_for_streams_in_flight(load, trace):
+    import asyncio
+    host = await load(Wat())
+    s = host.stream(["f"], info())
+    await s.request(REQ, None)
+
+    async def finish_later():
+        await asyncio.sleep(0.05)
+        await s.response(200, [], None)
+        await s.finish(LogInfo())
+    task = asyncio.ensure_future(finish_later())
+    await host.close(wait_streams_s=2)
+    await task
+    lines = trace.lines("f")
+    # the stream finished on a live instance before the root went away
+    assert lines.index("proxy_on_delete 2") < lines.index("proxy_on_done 1")
