@@ -246,3 +246,13 @@ async def test_missing_callbacks_are_continue_and_the_rest_still_runs(tmp_path, 
     msgs = [r.getMessage() for r in caplog.records]
     assert any("partial: body 12 1" in m for m in msgs), [m for m in msgs if "partial" in m]
     assert any("partial: log " in m for m in msgs)
+
+
+@pytest.mark.parametrize("module,callback", [("init_trap.wat", "_initialize"), ("vm_start_false.wat", "vm_start")])
+async def test_start_sequence_failures_are_load_errors(tmp_path, module, callback):
+    path = watlib.build(module, tmp_path)
+    with pytest.raises(FilterLoadError) as ei:
+        host = await load_filter_host([FilterSpec(name="starter", wasm_path=path)], _Services())
+        await host.close()
+    assert ei.value.filter_name == "starter"
+    assert callback in str(ei.value), str(ei.value)
