@@ -278,6 +278,9 @@ async def test_failure_in_the_middle_of_a_chain(tmp_path, upstream, policy):
         if policy == "fail_closed":
             assert status == 503
             assert upstream.main_requests() == []
+            # the 503 is encoded through the filters that saw the request (Envoy sends the
+            # failure reply through the encoder chain)
+            assert "f1" in headers.getall("x-chain-resp", [])
         else:
             assert status == 200, body[:200]
             seen = upstream.main_requests()[-1]
