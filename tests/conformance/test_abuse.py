@@ -509,3 +509,26 @@ async def test_memory_of_discarded_instances_is_released(tmp_path, upstream):
             await a_works_again(s, gw)
         grown = _rss_mb() - base
     assert grown < 200, f"RSS grew by {grown:.0f} MiB over 20 discarded 32 MiB instances"
+
+
+async def test_paused_body_over_the_gateway_limit(tmp_path, upstream):
+    from tests.conformance.probe import gateway_yaml, get_trace
+    from tests.helpers import run_gateway
+    text = gateway_yaml(upstream.port, filters(tmp_path), routes())
+    text = "limits: {max_request_body_bytes: 100000}\n" + text
+    async with run_gateway(text, tmp_path) as gw:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
+            try:
+                status, _, _, _ = await fetch(s, gw.url("/a/too-big"), method="POST", data=b"q" * 300_000,
+                                              headers={"x-act": "body"})
+            except aiohttp.ClientError:
+                status = "reset"
+            assert status == 413 or status == "reset", status
+            assert [r for r in upstream.main_requests() if r.path == "/a/too-big" and len(r.body) >= 300_000] == []
+            await a_works_again(s, gw)
+
+            async def torn_down():
+                tr = await get_trace(s, gw, "ab", prefix="/a")
+                first = [e for e in tr if e[0] == "create" and e[2] != "0"][0][1]
+                return tr if ("delete", first) in tr else None
+            assert await wait_for(torn_down), "the context of the refused request was never deleted"
