@@ -204,6 +204,9 @@ async def test_invalid_actions_still_answered(tmp_path, upstream, where, value):
         # §3.4: Envoy would stop iteration for good; answering is the host's choice, but the
         # protocol violation must be visible
         assert failures(await metrics_text(s, gw)) >= before + 1, "invalid action not counted"
+        # a protocol violation is not a trap: the instance (and its state) is kept
+        trace = await get_trace(s, gw, "ab", prefix="/a")
+    assert trace.count(("init",)) == 1
 
 
 @pytest.mark.parametrize("act", ["alloc0", "allocoob"])
