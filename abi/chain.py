@@ -9,6 +9,7 @@ sees the cumulative buffered size.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from typing import AsyncIterator, Callable
 
@@ -41,6 +42,9 @@ Chunks = AsyncIterator[tuple[bytes, int]]
 
 # Envoy's HTTP → gRPC status mapping for local replies (Grpc::Utility::httpToGrpcStatus).
 _HTTP_TO_GRPC = {400: 13, 401: 16, 403: 7, 404: 12, 429: 14, 502: 14, 503: 14, 504: 14}
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class _Stop(Exception):
@@ -147,7 +151,7 @@ class Chain:
         ct = self.request_headers.get("content-type") if self.request_headers else None
         if ct and ct.startswith("application/grpc"):
             grpc = grpc_status if grpc_status >= 0 else _HTTP_TO_GRPC.get(reply.status, 2)
-            msg = reply.body.decode("utf-8", "replace").replace("\r", " ").replace("\n", " ")
+            msg = _CONTROL.sub(" ", reply.body.decode("latin-1"))     # bytes kept, no CR/LF
             headers = [("content-type", "application/grpc"), ("grpc-status", str(grpc))]
             if msg:
                 headers.append(("grpc-message", msg))

@@ -14,7 +14,7 @@ from .api import LocalReply
 from .buffers import lower_key, valid_header
 from .enums import BufferType, LogLevel, MapType, MetricType, Status
 from .engine import HostTrap, MemoryAccessError, Trap
-from .pairs import deserialize, deserialize_str, to_str
+from .pairs import deserialize, deserialize_str, to_bytes, to_str, to_text
 
 if TYPE_CHECKING:
     from .filter import Filter
@@ -125,7 +125,7 @@ def proxy_get_header_map_value(f, map_type, key_ptr, key_size, ret_pp, ret_size_
         if not f.abi_010:
             return Status.NOT_FOUND
         value = ""                   # ABI 0.1.0 answered OK + empty for a missing key
-    return f.write_result(value.encode("utf-8", "surrogateescape"), ret_pp, ret_size_p)
+    return f.write_result(to_bytes(value), ret_pp, ret_size_p)
 
 
 def _map_edit(f, map_type, key_ptr, key_size, val_ptr, val_size, op: str):
@@ -234,7 +234,7 @@ def proxy_set_effective_context(f, context_id):
 
 def proxy_http_call(f, up_ptr, up_size, h_ptr, h_size, b_ptr, b_size, t_ptr, t_size,
                     timeout_ms, ret_token_p):
-    cluster = to_str(f.read(up_ptr, up_size))
+    cluster = to_text(f.read(up_ptr, up_size))
     headers = deserialize_str(f.read(h_ptr, h_size))
     body = f.read(b_ptr, b_size)
     f.read(t_ptr, t_size)                     # trailers: validated, not sent (HTTP/1.1 upstreams)
@@ -306,7 +306,7 @@ def proxy_set_shared_data(f, key_ptr, key_size, val_ptr, val_size, cas):
 
 
 def proxy_register_shared_queue(f, name_ptr, name_size, ret_p):
-    name = to_str(f.read(name_ptr, name_size))
+    name = to_text(f.read(name_ptr, name_size))
     f.check_out(ret_p, 4)
     f.write_u32(ret_p, f.register_queue(name))
     return Status.OK
@@ -314,7 +314,7 @@ def proxy_register_shared_queue(f, name_ptr, name_size, ret_p):
 
 def proxy_resolve_shared_queue(f, vm_ptr, vm_size, name_ptr, name_size, ret_p):
     f.read(vm_ptr, vm_size)                   # one vm_id ("") gateway-wide: any vm_id resolves
-    qid = f.store.resolve_queue(to_str(f.read(name_ptr, name_size)))
+    qid = f.store.resolve_queue(to_text(f.read(name_ptr, name_size)))
     if qid is None:
         return Status.NOT_FOUND
     f.write_u32(ret_p, qid)
@@ -339,7 +339,7 @@ def proxy_dequeue_shared_queue(f, qid, ret_pp, ret_size_p):
 def proxy_define_metric(f, metric_type, name_ptr, name_size, ret_p):
     if metric_type > MetricType.HISTOGRAM:
         return Status.BAD_ARGUMENT
-    name = to_str(f.read(name_ptr, name_size))
+    name = to_text(f.read(name_ptr, name_size))
     f.check_out(ret_p, 4)
     metric_id = f.store.define_metric(metric_type, name)
     if metric_id is None or isinstance(metric_id, bool) or metric_id < 0:

@@ -15,11 +15,20 @@ _U32 = struct.Struct("<I")
 
 
 def to_bytes(s: str) -> bytes:
-    # Headers cross the seam as str; surrogateescape keeps arbitrary bytes lossless.
-    return s.encode("utf-8", "surrogateescape")
+    # Headers cross the seam as latin-1 str (one char per wire byte, as the gateway's HTTP/1
+    # codec decodes them), so obs-text bytes reach the filter unchanged.
+    try:
+        return s.encode("latin-1")
+    except UnicodeEncodeError:           # a str that did not come off the wire
+        return s.encode("utf-8", "surrogateescape")
 
 
 def to_str(b: bytes) -> str:
+    return b.decode("latin-1")
+
+
+def to_text(b: bytes) -> str:
+    """Names the filter chooses (clusters, queues, metrics): UTF-8, lossless."""
     return b.decode("utf-8", "surrogateescape")
 
 

@@ -162,7 +162,7 @@ _ATTRIBUTES: dict[tuple[str, ...], Callable[[PropertySource], Any]] = {
 
 def _index(value: Any, segment: bytes) -> Any:
     if isinstance(value, dict):
-        return value.get(segment.decode("utf-8", "surrogateescape").lower())
+        return value.get(segment.decode("latin-1").lower())
     if isinstance(value, (list, tuple)) and segment.isdigit():
         i = int(segment)
         return value[i] if i < len(value) else None

@@ -124,3 +124,11 @@ def test_metric_names_are_bounded():
     assert s.define_metric(MetricType.GAUGE, "b") is not None
     assert s.define_metric(MetricType.COUNTER, "c") is None
     assert s.define_metric(MetricType.COUNTER, "a") is not None   # known names still resolve
+
+
+def test_header_text_is_latin1_like_the_wire():
+    # The gateway decodes header bytes as latin-1; the guest must see the original bytes.
+    from abi.pairs import deserialize_str, serialize_str
+    ser = serialize_str([("x-latin", "caf\xe9")])
+    assert b"caf\xe9\0" in ser
+    assert deserialize_str(ser) == [("x-latin", "caf\xe9")]
