@@ -1261,3 +1261,13 @@ async def test_set_response_header_map_replaces_everything(tmp_path, upstream):
         assert "x-upstream" not in headers and "x-up-replace" not in headers
         assert json.loads(body)["path"] == "/resp-pairs"     # the body is untouched
         report_of(headers)                                   # added after the replacement
+
+
+async def test_http_call_without_required_pseudo_headers_is_bad_argument(tmp_path, upstream):
+    async with probe_gateway(tmp_path, upstream, [probe_filter(tmp_path)]) as (gw, s):
+        status, headers, _ = await fetch(s, gw.url("/noauth"), headers={"x-act": "call-noauth"})
+        assert status == 200
+        rep = report_of(headers)
+        await asyncio.sleep(0.2)
+    assert one(rep, "noauth") == "2" and one(rep, "nopath") == "2"
+    assert upstream.callouts() == []

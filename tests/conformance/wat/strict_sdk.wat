@@ -482,6 +482,7 @@
     (if (call $act_is $S"call-in-log") (then (return (i32.const 62))))
     (if (call $act_is $S"call-body-deny") (then (return (i32.const 63))))
     (if (call $act_is $S"resp-setpairs") (then (return (i32.const 64))))
+    (if (call $act_is $S"call-noauth") (then (return (i32.const 65))))
     (if (call $act_is $S"reply-resp-body") (then (return (i32.const 52))))
     (if (call $act_is $S"reply-body-late") (then (return (i32.const 53))))
     (i32.const 0))
@@ -756,6 +757,15 @@
     (if (i32.eq (local.get $act) (i32.const 30)) (then (return (call $start_call (local.get $r)))))
     (if (i32.eq (local.get $act) (i32.const 31)) (then (return (call $start_call (local.get $r)))))
     (if (i32.eq (local.get $act) (i32.const 63)) (then (return (call $start_call (local.get $r)))))
+    ;; Envoy: a callout without :authority (or :path/:method) is BAD_ARGUMENT at dispatch
+    (if (i32.eq (local.get $act) (i32.const 65))
+      (then
+        (call $rep_u32 (local.get $r) $S"noauth"
+          (call $expect (call $http_call $S"callout" $M":method=GET|:path=/callout/noauth" (i32.const 0) (i32.const 0)
+                                         $M"" (i32.const 1000) (i32.const 24)) (i32.const 1029)))
+        (call $rep_u32 (local.get $r) $S"nopath"
+          (call $expect (call $http_call $S"callout" $M":method=GET|:authority=callout.local" (i32.const 0) (i32.const 0)
+                                         $M"" (i32.const 1000) (i32.const 24)) (i32.const 1029)))))
     (if (i32.eq (local.get $act) (i32.const 34)) (then (call $queue (local.get $r))))
     (if (i32.eq (local.get $act) (i32.const 37)) (then (call $grow_then_call (local.get $r))))
     (if (i32.eq (local.get $act) (i32.const 38)) (then (drop (call $recurse (i32.const 1)))))
