@@ -137,6 +137,7 @@ class Chain:
         self.reply: LocalReply | None = None
         self._replying = False           # a local reply is being encoded: no second one
         self._closed = False             # response headers went downstream
+        self._finished = False           # finish() ran
         self._phase = REQUEST
 
     # -- local replies -----------------------------------------------------------------------
@@ -182,6 +183,8 @@ class Chain:
 
     def _invoke(self, i: int, name: str, *args: int) -> int | None:
         """Call filter i; None when it is skipped from now on. Raises _Stop on a reply."""
+        if self._finished:                  # finish() ran: the contexts are deleted
+            raise _Stop(LocalReply(503, [], b"", "stream_finished"))
         ctx = self.ctxs[i]
         if ctx is None or not ctx.alive:
             self._fail(i)
@@ -234,6 +237,8 @@ class Chain:
         deadline = time.monotonic() + PAUSE_TIMEOUT_S
         loop = asyncio.get_running_loop()
         while True:
+            if self._finished:
+                raise _Stop(LocalReply(503, [], b"", "stream_finished"))
             if self.reply is not None:
                 raise _Stop(self.reply)
             if not ctx.alive:
@@ -436,6 +441,8 @@ class Chain:
         request (Envoy encodes local replies through the chain; the replier sees its own)."""
         self._replying = True
         self._phase = RESPONSE
+        if self._finished:
+            return self._finish_reply(reply)
         self.response_headers = HeaderMap([(":status", str(reply.status))] + list(reply.headers))
         body = reply.body
         for i in range(len(self.filters) - 1, -1, -1):
@@ -466,6 +473,7 @@ class Chain:
         """on_done → on_log → on_delete for every context (on_delete last); never raises."""
         self.log = log
         self._closed = True
+        self._finished = True
         done, self._on_finished = self._on_finished, None
         try:
             self._teardown()

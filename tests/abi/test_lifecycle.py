@@ -143,3 +143,19 @@ async def test_close_can_wait_for_streams_in_flight(load, trace):
     lines = trace.lines("f")
     # the stream finished on a live instance before the root went away
     assert lines.index("proxy_on_delete 2") < lines.index("proxy_on_done 1")
+
+
+async def test_finish_while_request_is_paused_ends_it(load, trace):
+    # The client went away while a filter held the request: finish() tears the contexts
+    # down and the paused request ends at once instead of calling into deleted contexts.
+    import asyncio
+    from abi.api import LocalReply
+    w = Wat().on("proxy_on_request_headers", "(i32.const 1)")
+    host = await load({"a": w, "b": Wat()})
+    s = host.stream(["a", "b"], info())
+    task = asyncio.ensure_future(s.request(REQ, None))
+    await asyncio.sleep(0.01)
+    await s.finish(LogInfo())
+    out = await asyncio.wait_for(task, 1)
+    assert isinstance(out, LocalReply) and out.details == "stream_finished"
+    assert trace.lines("b")[3:] == []          # b never got a context for this request
