@@ -65,13 +65,27 @@ def arg_strategy(params):
 
 
 @pytest.fixture
-async def fuzz_filter(load):
+async def fuzz_filter(load, services):
+    from abi.api import CallResponse
+    from abi.buffers import BodyBuffer
+    services.clusters["c"] = CallResponse(200, [], b"")
     host = await load(everything_module(), name="fz")
     f = host.filters["fz"]
     chain = host.stream(["fz"], info())
+    # every map and buffer present, so the fuzzer reaches the code behind availability checks
     chain.request_headers = HeaderMap(list(REQ))
+    chain.response_headers = HeaderMap([(":status", "200"), ("x", "y")])
+    chain.request_trailers = HeaderMap([("t", "1")])
+    chain.response_trailers = HeaderMap([])
     ctx = f.new_http_context(chain)
+    ctx.bodies = [BodyBuffer(data=b"request body"), BodyBuffer(data=b"response")]
     return f, ctx
+
+
+def callout_data():
+    from abi.buffers import BodyBuffer
+    from abi.context import CalloutData
+    return CalloutData(HeaderMap([(":status", "200")]), BodyBuffer(False, b"resp"), HeaderMap([]))
 
 
 ALL = [("env", n, spec) for n, spec in HOSTCALLS.items()] + \
@@ -91,6 +105,7 @@ async def test_host_function_never_raises(fuzz_filter, module, name, spec):
         f.write(DATA, data + bytes(64 - len(data)))
         f._current = http_ctx if in_stream else f.root
         f._effective = None
+        f.callout = callout_data() if in_stream else None
         try:
             r = fn(*args)
         except HostTrap:
@@ -99,6 +114,7 @@ async def test_host_function_never_raises(fuzz_filter, module, name, spec):
         finally:
             f._current = None
             f._effective = None
+            f.callout = None
         if results:
             assert isinstance(r, int) and 0 <= r <= U32, (name, args, r)
         else:
