@@ -85,6 +85,7 @@ class Filter:
         self._vm_ctx = VmContext(self, 0)
         self._funcs: dict[str, Callable] = {}
         self._alloc: Callable | None = None
+        self._allocating = False
         self._deferred: list[Callable[[], None]] = []
         self._pending_done: dict[int, asyncio.Event] = {}
         self._calls: dict[int, tuple[asyncio.Task, int]] = {}
@@ -334,7 +335,15 @@ class Filter:
             self.write_u32(ret_size_p, 0)
             return Status.OK
         alloc = self._alloc
-        addr = alloc(len(data)) if alloc is not None else 0
+        if alloc is None or self._allocating:
+            # No allocator, or one that calls back into the host for more data: refuse rather
+            # than recurse host → guest → host until Python's stack gives out.
+            return Status.INVALID_MEMORY_ACCESS
+        self._allocating = True
+        try:
+            addr = alloc(len(data))
+        finally:
+            self._allocating = False
         if not addr:
             return Status.INVALID_MEMORY_ACCESS
         mem = self._memory()             # re-read: the allocator may have grown memory

@@ -246,3 +246,19 @@ async def test_huge_guest_log_line_is_clipped(load, trace):
     await one(host)
     line = trace.lines("f")[1]
     assert len(line) < 20000 and line.endswith("(2000000 bytes)")
+
+
+async def test_allocator_reentering_the_host_recursively(load):
+    # A hostile allocator that asks the host for data again: host → guest → host … must end
+    # as a contained failure, not a crash of the gateway.
+    w = Wat(allocator=False)
+    w.extra.append(f'(func (export "proxy_on_memory_allocate") (param i32) (result i32) '
+                   f'(drop (call $proxy_get_header_map_pairs (i32.const 0) (i32.const {OUT}) (i32.const {OUT + 4}))) '
+                   f'(i32.const {OUT + 64}))')
+    w.on("proxy_on_request_headers",
+         f"(drop (call $proxy_get_header_map_pairs (i32.const 0) {O})) (i32.const 0)")
+    host = await load(w, limits=FilterLimits(memory_bytes=16 << 20, callback_ms=2000))
+    out = await one(host)
+    # the nested request for data is refused (INVALID_MEMORY_ACCESS), the outer one succeeds
+    assert isinstance(out, Forward)
+    assert host.filters["f"].host_errors == 0 and failures(host) == {}
