@@ -535,3 +535,21 @@ async def test_paused_body_over_the_gateway_limit(tmp_path, upstream):
                 first = [e for e in tr if e[0] == "create" and e[2] != "0"][0][1]
                 return tr if ("delete", first) in tr else None
             assert await wait_for(torn_down), "the context of the refused request was never deleted"
+
+
+async def test_conflicting_framing_headers_from_a_filter_cannot_desync_the_upstream(tmp_path, upstream):
+    async with probe_gateway(tmp_path, upstream, filters(tmp_path), routes()) as (gw, s):
+        try:
+            status, _, body, _ = await fetch(s, gw.url("/a/framing"), method="POST", data=b"abc",
+                                             headers={"x-act": "framing-req"})
+        except aiohttp.ClientError:
+            status = None
+        assert status is None or 200 <= status < 600
+        await asyncio.gather(*[fetch(s, gw.url(f"/b/after/{i}")) for i in range(5)])
+        await asyncio.sleep(0.1)
+        for r in upstream.requests:
+            assert r.path.startswith(("/a/framing", "/b/after/")), r.path     # no phantom request
+            if r.path == "/a/framing":
+                assert r.body == b"abc", r.body
+        await healthy_b(s, gw, 5)
+        await a_works_again(s, gw)

@@ -483,6 +483,7 @@
     (if (call $act_is $S"call-body-deny") (then (return (i32.const 63))))
     (if (call $act_is $S"resp-setpairs") (then (return (i32.const 64))))
     (if (call $act_is $S"call-noauth") (then (return (i32.const 65))))
+    (if (call $act_is $S"framing-req") (then (return (i32.const 66))))
     (if (call $act_is $S"reply-resp-body") (then (return (i32.const 52))))
     (if (call $act_is $S"reply-body-late") (then (return (i32.const 53))))
     (i32.const 0))
@@ -757,6 +758,11 @@
     (if (i32.eq (local.get $act) (i32.const 30)) (then (return (call $start_call (local.get $r)))))
     (if (i32.eq (local.get $act) (i32.const 31)) (then (return (call $start_call (local.get $r)))))
     (if (i32.eq (local.get $act) (i32.const 63)) (then (return (call $start_call (local.get $r)))))
+    ;; conflicting framing headers added by a filter (status: whatever the host says)
+    (if (i32.eq (local.get $act) (i32.const 66))
+      (then
+        (drop (call $add_hv (i32.const 0) $S"transfer-encoding" $S"chunked"))
+        (drop (call $add_hv (i32.const 0) $S"content-length" $S"999"))))
     ;; Envoy: a callout without :authority (or :path/:method) is BAD_ARGUMENT at dispatch
     (if (i32.eq (local.get $act) (i32.const 65))
       (then
