@@ -553,3 +553,17 @@ async def test_conflicting_framing_headers_from_a_filter_cannot_desync_the_upstr
                 assert r.body == b"abc", r.body
         await healthy_b(s, gw, 5)
         await a_works_again(s, gw)
+
+
+async def test_conflicting_framing_headers_on_a_response_keep_the_client_in_sync(tmp_path, upstream):
+    async with probe_gateway(tmp_path, upstream, filters(tmp_path), routes()) as (gw, s):
+        conn = aiohttp.TCPConnector(limit=1)
+        async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=5)) as one_conn:
+            try:
+                status, headers, body, _ = await fetch(one_conn, gw.url("/a/rframing"), headers={"x-act": "framing-resp"})
+                assert status == 200
+                assert json.loads(body)["path"] == "/a/rframing"
+            except aiohttp.ClientError as e:
+                pytest.fail(f"malformed response: {e!r}")
+            follow, h2, fbody, _ = await fetch(one_conn, gw.url("/b/next"))
+            assert follow == 200 and json.loads(fbody)["path"] == "/b/next"

@@ -484,6 +484,7 @@
     (if (call $act_is $S"resp-setpairs") (then (return (i32.const 64))))
     (if (call $act_is $S"call-noauth") (then (return (i32.const 65))))
     (if (call $act_is $S"framing-req") (then (return (i32.const 66))))
+    (if (call $act_is $S"framing-resp") (then (return (i32.const 67))))
     (if (call $act_is $S"reply-resp-body") (then (return (i32.const 52))))
     (if (call $act_is $S"reply-body-late") (then (return (i32.const 53))))
     (i32.const 0))
@@ -1450,6 +1451,10 @@
       (then (drop (call $expect (call $replace_hv (i32.const 2) $S":status" $S"202") (i32.const 1)))))
     (if (i32.eq (local.get $act) (i32.const 48))
       (then (drop (call $replace_hv (i32.const 2) $S":status" $S"abc"))))
+    (if (i32.eq (local.get $act) (i32.const 67))
+      (then
+        (drop (call $add_hv (i32.const 2) $S"transfer-encoding" $S"chunked"))
+        (drop (call $add_hv (i32.const 2) $S"content-length" $S"999"))))
     ;; Rust set_http_response_headers(vec![...]): the whole map replaced
     (if (i32.eq (local.get $act) (i32.const 64))
       (then (drop (call $expect (call $set_pairs (i32.const 2) $M":status=201|x-only=1|content-type=text/plain") (i32.const 1)))))
