@@ -56,7 +56,49 @@ def load_module(engine: Engine, spec: FilterSpec) -> LoadedModule:
         raise FilterLoadError(spec.name, f"{path}: missing or unknown Proxy-Wasm ABI version "
                               "(no proxy_abi_version_0_2_1/0_2_0/0_1_0 export)")
     _check_imports(spec, path, module)
+    _check_exports(spec, path, module, version)
     return LoadedModule(path, module, version, funcs)
+
+
+_I = "i32"
+# Callbacks we call: (params, results), as cpp-host's getFunction checks them.
+CALLBACK_SIGNATURES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "_initialize": ((), ()),
+    "_start": ((), ()),
+    "proxy_on_memory_allocate": ((_I,), (_I,)),
+    "malloc": ((_I,), (_I,)),
+    "proxy_on_context_create": ((_I, _I), ()),
+    "proxy_on_vm_start": ((_I, _I), (_I,)),
+    "proxy_on_configure": ((_I, _I), (_I,)),
+    "proxy_on_tick": ((_I,), ()),
+    "proxy_on_queue_ready": ((_I, _I), ()),
+    "proxy_on_request_headers": ((_I, _I, _I), (_I,)),
+    "proxy_on_request_body": ((_I, _I, _I), (_I,)),
+    "proxy_on_request_trailers": ((_I, _I), (_I,)),
+    "proxy_on_response_headers": ((_I, _I, _I), (_I,)),
+    "proxy_on_response_body": ((_I, _I, _I), (_I,)),
+    "proxy_on_response_trailers": ((_I, _I), (_I,)),
+    "proxy_on_http_call_response": ((_I, _I, _I, _I, _I), ()),
+    "proxy_on_done": ((_I,), (_I,)),
+    "proxy_on_log": ((_I,), ()),
+    "proxy_on_delete": ((_I,), ()),
+}
+_V010_HEADERS = ((_I, _I), (_I,))
+
+
+def _check_exports(spec: FilterSpec, path: Path, module: Module, version: str) -> None:
+    bad = []
+    for name, want in CALLBACK_SIGNATURES.items():
+        exp = module.exports.get(name)
+        if exp is None or exp.kind != "func":
+            continue
+        if version == "0.1.0" and name in ("proxy_on_request_headers", "proxy_on_response_headers"):
+            want = _V010_HEADERS
+        if (tuple(exp.params), tuple(exp.results)) != want:
+            bad.append(f"{name} is {_fmt(exp.params, exp.results)}, expected {_fmt(*want)}")
+    if bad:
+        raise FilterLoadError(spec.name, f"{path}: exports with the wrong signature (ABI "
+                              f"{version}): " + "; ".join(bad))
 
 
 def _check_imports(spec: FilterSpec, path: Path, module: Module) -> None:

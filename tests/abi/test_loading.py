@@ -168,3 +168,11 @@ async def test_wasi_stdout_stderr_environ_args_clock_random(load, trace):
     stdio = [r for r in trace.records if '" stdout: ' in r.getMessage() or '" stderr: ' in r.getMessage()]
     assert [(r.levelname, r.getMessage()) for r in stdio] == [
         ("INFO", 'filter "f" stdout: hello'), ("ERROR", 'filter "f" stderr: oops')]
+
+
+async def test_callback_with_wrong_signature_refused(load):
+    w = Wat()
+    w.callbacks["proxy_on_request_headers"] = None
+    w.extra.append('(func (export "proxy_on_request_headers") (param i32 i32) (result i32) (i32.const 0))')
+    msg = await expect_load_error(load, w)
+    assert "proxy_on_request_headers is (i32, i32) -> (i32), expected (i32, i32, i32) -> (i32)" in msg
