@@ -268,6 +268,10 @@ class Chain:
             return await self._request(headers, body)
         except _Stop as s:
             return await self._encode_reply(s.reply)
+        except LocalReplyInterrupt as e:
+            # An earlier filter answered on a body chunk while a later one, paused in its
+            # headers, was being fed the body (deliver_body_while_paused): already encoded.
+            return e.reply
 
     async def _request(self, headers: Headers, body: Body | None) -> Forward:
         self.request_headers = HeaderMap(list(headers))

@@ -276,3 +276,14 @@ async def test_metrics_define_increment_record_get(load, trace):
     assert samples[("wasmcustom_lat_count", ())] == 1
     assert samples[("wasmcustom_lat_bucket", (("le", "10.0"),))] == 1
     assert samples[("wasmcustom_lat_bucket", (("le", "5.0"),))] == 0
+
+
+async def test_reply_from_earlier_filter_while_later_one_is_fed_paused_body(load, trace):
+    first, waf = Wat(), Wat()
+    first.on("proxy_on_request_body",
+             f"(drop (call $proxy_send_local_response (i32.const 413) (i32.const 0) (i32.const 0) {first.s('too big')} (i32.const 0) (i32.const 0) (i32.const -1))) (i32.const 1)")
+    waf.on("proxy_on_request_headers", "(i32.const 1)")
+    host = await load({"first": first, "waf": waf}, deliver_body_while_paused=True)
+    s = host.stream(["first", "waf"], info())
+    out = await asyncio.wait_for(s.request(REQ, body_iter(b"ab", b"cd")), 3)
+    assert isinstance(out, LocalReply) and out.status == 413 and out.body == b"too big"
