@@ -275,9 +275,9 @@ class Chain:
 
     async def _request(self, headers: Headers, body: Body | None) -> Forward:
         self.request_headers = HeaderMap(list(headers))
-        eos = body is None
-        src: Chunks | None = None if body is None else _with_eos(
-            body, _content_length(headers), self._set_request_trailers)
+        length = _content_length(headers)
+        eos = body is None or length == 0        # Envoy: end_stream with the headers
+        src: Chunks | None = None if eos else _with_eos(body, length, self._set_request_trailers)
         touched = False
         for i, f in enumerate(self.filters):
             if not self._open(i):
@@ -419,9 +419,9 @@ class Chain:
         items = [(":status", str(status))]
         items.extend(h for h in headers if h[0] != ":status")
         self.response_headers = HeaderMap(items)
-        eos = body is None
-        src: Chunks | None = None if body is None else _with_eos(
-            body, _content_length(headers), self._set_response_trailers)
+        length = _content_length(headers)
+        eos = body is None or length == 0
+        src: Chunks | None = None if eos else _with_eos(body, length, self._set_response_trailers)
         touched = False
         for i in range(len(self.filters) - 1, -1, -1):
             if self.ctxs[i] is None or self.skipped[i]:

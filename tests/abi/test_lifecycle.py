@@ -159,3 +159,14 @@ async def test_finish_while_request_is_paused_ends_it(load, trace):
     out = await asyncio.wait_for(task, 1)
     assert isinstance(out, LocalReply) and out.details == "stream_finished"
     assert trace.lines("b")[3:] == []          # b never got a context for this request
+
+
+async def test_content_length_zero_ends_stream_with_headers(load, trace):
+    host = await load(Wat())
+    trace.records.clear()
+    s = host.stream(["f"], info())
+    fwd = await s.request(REQ + [("content-length", "0")], body_iter())
+    resp = await s.response(200, [("content-length", "0")], body_iter())
+    assert await collect(fwd.body) == b"" and await collect(resp.body) == b""
+    assert [l for l in trace.lines("f") if "headers" in l or "body" in l] == [
+        "proxy_on_request_headers 2 7 1", "proxy_on_response_headers 2 2 1"]
