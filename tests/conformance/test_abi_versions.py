@@ -256,3 +256,10 @@ async def test_start_sequence_failures_are_load_errors(tmp_path, module, callbac
         await host.close()
     assert ei.value.filter_name == "starter"
     assert callback in str(ei.value), str(ei.value)
+
+
+async def test_known_import_with_wrong_signature_is_refused_naming_it(tmp_path):
+    path = watlib.build("wrong_signature.wat", tmp_path)
+    err = await _load_error(path)
+    assert "proxy_grpc_call" in str(err), str(err)
+    assert str(path) in str(err) or path.name in str(err)
