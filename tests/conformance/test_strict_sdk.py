@@ -1271,3 +1271,19 @@ async def test_http_call_without_required_pseudo_headers_is_bad_argument(tmp_pat
         await asyncio.sleep(0.2)
     assert one(rep, "noauth") == "2" and one(rep, "nopath") == "2"
     assert upstream.callouts() == []
+
+
+async def test_one_instance_per_filter_shared_by_routes(tmp_path, upstream):
+    f = probe_filter(tmp_path, name="shared")
+    routes = [{"name": "x", "match": {"prefix": "/x"}, "cluster": "backend", "filters": ["shared"]},
+              {"name": "y", "match": {"prefix": "/y"}, "cluster": "backend", "filters": ["shared"]}]
+    async with probe_gateway(tmp_path, upstream, [f], routes) as (gw, s):
+        ids = []
+        for path in ("/x/1", "/y/1", "/x/2", "/y/2"):
+            status, headers, _ = await fetch(s, gw.url(path))
+            assert status == 200
+            ids.append(one(report_of(headers), "ctx"))
+        trace = await get_trace(s, gw, "p1", prefix="/x")
+    assert trace.count(("init",)) == 1
+    assert len(set(ids)) == 4
+    assert {e[1] for e in trace if e[0] == "req_hdrs"} >= set(ids)
