@@ -151,10 +151,14 @@ class FilterHostProtocol(Protocol):
     async def close(self) -> None: ...
 
 
-async def load_filter_host(specs: list[FilterSpec], services: HostServices) -> FilterHostProtocol:
-    """Load, start and configure every filter; raise FilterLoadError naming the first failure."""
+async def load_filter_host(specs: list[FilterSpec], services: HostServices,
+                           previous: FilterHostProtocol | None = None) -> FilterHostProtocol:
+    """Load, start and configure every filter; raise FilterLoadError naming the first failure.
+
+    ``previous`` (config reload): unchanged filters (same spec, same wasm sha256) keep their
+    instance; ``previous.close()`` then tears down only the others."""
     from .filter_host import FilterHost   # deferred: keeps gateway imports free of wasmtime
-    return await FilterHost.load(specs, services)
+    return await FilterHost.load(specs, services, previous=previous)
 
 
 # -- gateway-wide shared data (added for worker processes; backward compatible) -------------

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+from pathlib import Path
 
 from .api import FilterSpec, HostServices, MetricSample, StreamInfo
 from .chain import Chain
@@ -40,27 +42,58 @@ class FilterHost:
         self._active = 0                      # streams not finished yet
         self._idle = asyncio.Event()
         self._idle.set()
+        self.digests: dict[str, str] = {}     # filter name → sha256 of its wasm file
+        self.borrowed: set[str] = set()       # carried-over filters another host still owns
+        self.carried: set[str] = set()        # filters handed to the next host: not ours to close
 
     @classmethod
     async def load(cls, specs: list[FilterSpec], services: HostServices, *,
-                   engine: Engine | None = None, store: SharedStore | None = None) -> "FilterHost":
+                   engine: Engine | None = None, store: SharedStore | None = None,
+                   previous: "FilterHost | None" = None) -> "FilterHost":
         """Compile, link, start and configure every filter; FilterLoadError names the first
-        that fails (the ones already started are closed again)."""
+        that fails (the ones already started are closed again).
+
+        ``previous`` (a config reload): a filter of it whose spec and wasm sha256 are unchanged
+        is carried over — same instance, root context and timers — and ``previous.close()``
+        will skip it. Nothing of ``previous`` changes unless the whole load succeeds."""
         engine = engine or default_engine()
         store = store or getattr(services, "shared_store", None) or default_store()
         host = cls({}, store)
         try:
             for spec in specs:
+                digest = await asyncio.to_thread(_sha256, spec.wasm_path)
+                old = previous.filters.get(spec.name) if previous is not None else None
+                if old is not None and not old.closed and old.spec == spec \
+                        and previous.digests.get(spec.name) == digest:
+                    host.filters[spec.name] = old
+                    host.borrowed.add(spec.name)
+                    host.digests[spec.name] = digest
+                    continue
                 # Compiling can take seconds on a cache miss: keep the event loop responsive.
                 loaded = await asyncio.to_thread(load_module, engine, spec)
                 f = Filter(spec, loaded, engine, services, store, host)
                 f.start_at_load()
                 host.filters[spec.name] = f
+                host.digests[spec.name] = digest
         except BaseException:
             await host.close()
             raise
+        if previous is not None:
+            host._take_over(previous, services)
         store.on_enqueue(host._on_enqueue)
         return host
+
+    def _take_over(self, previous: "FilterHost", services: HostServices) -> None:
+        # Only after every filter loaded: a failed reload leaves the old host untouched.
+        for name in self.borrowed:
+            f = self.filters[name]
+            f.host = self
+            f.services = services
+            previous.carried.add(name)
+        for qid, f in previous._queue_owner.items():
+            if f.name in self.borrowed:
+                self._queue_owner[qid] = f
+        self.borrowed = set()
 
     def stream(self, filter_names: list[str], info: StreamInfo) -> Chain:
         try:
@@ -83,7 +116,7 @@ class FilterHost:
 
     def _on_enqueue(self, qid: int) -> None:
         f = self._queue_owner.get(qid)
-        if f is not None and not self._closed:
+        if f is not None and not self._closed and f.host is self:   # a carried filter: its new host
             f.queue_ready(qid)
 
     def metrics(self) -> list[MetricSample]:
@@ -119,8 +152,17 @@ class FilterHost:
         remove = getattr(self.store, "remove_enqueue_callback", None)
         if remove is not None:
             remove(self._on_enqueue)
-        for f in self.filters.values():
+        for name, f in self.filters.items():
+            if name in self.borrowed or name in self.carried:
+                continue
             try:
                 await f.close()
             except Exception:        # noqa: BLE001 — shutting down must finish
                 f.log.exception('filter "%s": close failed', f.name)
+
+
+def _sha256(path: Path) -> str:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return ""              # load_module reports the unreadable file, naming it
