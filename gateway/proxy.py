@@ -42,6 +42,7 @@ class Generation:
     router: Router
     upstreams: Upstreams
     filter_host: object | None      # abi.api.FilterHostProtocol
+    active: int = 0                 # requests being served on it (a reload retires it at 0)
 
 
 class Downstream:
@@ -186,6 +187,7 @@ class Proxy:
         gen: Generation = self.gw.generation
         limits: Limits = gen.config.limits
         ex = Exchange("-", "-")
+        gen.active += 1
         try:
             if len(head) > limits.max_header_bytes:
                 return self._reply_error(conn, ex, 431, f"request head over {limits.max_header_bytes} bytes",
@@ -196,6 +198,7 @@ class Proxy:
         except HttpError as e:
             return self._reply_error(conn, ex, e.status, e.message, "bad_request")
         finally:
+            gen.active -= 1
             self._log(conn, ex)
 
     async def _serve_parsed(self, conn: Downstream, gen: Generation, ex: Exchange, method: str, target: str,

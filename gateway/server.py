@@ -85,6 +85,7 @@ class Gateway:
         StartError or abi.api.FilterLoadError; nothing is left running when it raises.
         """
         gw = cls(config)
+        gw.filter_host_factory = filter_host_factory    # a reload loads its filters the same way
         upstreams = Upstreams(config.clusters, shared_store=shared_store)
         filter_host = None
         try:
@@ -103,6 +104,11 @@ class Gateway:
         gw.ready = True
         gw._sweeper = asyncio.ensure_future(gw._sweep_idle())
         return gw
+
+    async def reload(self, req: Any = None) -> Any:
+        """POST /reload: re-read the config file and swap generations (gateway/reload.py)."""
+        from .reload import admin_reload
+        return await admin_reload(self, req)
 
     async def _sweep_idle(self) -> None:
         # One periodic pass instead of a timer per request keeps the hot path timer-free.
@@ -165,6 +171,8 @@ class Gateway:
                     conn.task.cancel()
             await asyncio.sleep(0)
         await self._close_servers()
+        from .reload import wait_retired
+        await wait_retired(self)            # old generations of reloads finish their teardown
         gen = self.generation
         gen.upstreams.close()
         if gen.filter_host is not None:

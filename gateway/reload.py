@@ -1,0 +1,256 @@
+"""Hot reload: build a new Generation off the request path, swap it in, retire the old one.
+
+A reload re-reads the config file the gateway was started with. Every step — YAML, validation,
+compiling and starting the filters — happens before anything changes; if one fails, the current
+Generation keeps serving untouched and the reasons are reported (log, /metrics, /reload body).
+On success new requests take the new Generation; a request in flight holds the one it started
+with (proxy._serve reads ``gw.generation`` once), and the old one is torn down once its requests
+are done, bounded by ``limits.drain_timeout_s``.
+
+Only what changed is rebuilt: filters whose spec and wasm sha256 are unchanged are carried over
+(same instance, root context, timers — abi FilterHost.load(previous=)), and clusters whose
+definition is unchanged keep their connection pool.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .config import Config, ConfigError, load_config
+from .proxy import Generation
+from .routing import Router
+from .upstream import Upstreams
+
+if TYPE_CHECKING:
+    from .server import Gateway
+
+log = logging.getLogger("wasmgate.reload")
+
+
+@dataclass
+class ReloadResult:
+    ok: bool
+    generation: int                          # the generation serving after this attempt
+    fingerprint: str                         # of the config serving after this attempt
+    changes: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def text(self) -> str:
+        if not self.ok:
+            return "reload refused; still serving generation %d:\n%s\n" % (
+                self.generation, "\n".join(f"  {e}" for e in self.errors))
+        what = "\n".join(f"  {c}" for c in self.changes) if self.changes else "  nothing changed"
+        return f"ok: generation {self.generation}\n{what}\n"
+
+
+@dataclass
+class ReloadState:
+    """Per-gateway reload bookkeeping, exported on /metrics."""
+    generation: int = 1
+    fingerprint: str = ""
+    ok: int = 0
+    failed: int = 0
+    last_reload_ts: float = 0.0              # unix time of the last successful reload (0: none)
+    last_attempt_ok: bool = True
+    last_errors: list[str] = field(default_factory=list)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    retiring: set[asyncio.Task] = field(default_factory=set)
+
+
+def state_of(gw: "Gateway") -> ReloadState:
+    st = getattr(gw, "reload_state", None)
+    if st is None:
+        config = gw.generation.config
+        st = gw.reload_state = ReloadState(fingerprint=fingerprint(config, _wasm_digests(config)))
+    return st
+
+
+def fingerprint(config: Config, digests: dict[str, str]) -> str:
+    """Identifies what a generation serves: the config text plus each wasm file's sha256."""
+    h = hashlib.sha256()
+    try:
+        h.update(Path(config.source).read_bytes())
+    except OSError:
+        h.update(repr(config).encode())
+    for name in sorted(digests):
+        h.update(f"\0{name}={digests[name]}".encode())
+    return h.hexdigest()[:16]
+
+
+def _wasm_digests(config: Config) -> dict[str, str]:
+    out = {}
+    for spec in config.filters:
+        try:
+            out[spec.name] = hashlib.sha256(Path(spec.wasm_path).read_bytes()).hexdigest()
+        except OSError:
+            out[spec.name] = ""
+    return out
+
+
+async def reload_gateway(gw: "Gateway") -> ReloadResult:
+    """Reload from the gateway's config file; never raises for a bad config (see ReloadResult)."""
+    st = state_of(gw)
+    async with st.lock:                      # one reload at a time; a second one queues
+        result = await _reload_locked(gw, st)
+    if result.ok:
+        st.ok += 1
+        st.last_attempt_ok = True
+        st.last_errors = []
+        log.info("reload ok: generation %d (%s)", result.generation,
+                 "; ".join(result.changes) or "nothing changed")
+    else:
+        st.failed += 1
+        st.last_attempt_ok = False
+        st.last_errors = result.errors
+        log.error("reload refused, still serving generation %d: %s", result.generation,
+                  "; ".join(result.errors))
+    return result
+
+
+async def _reload_locked(gw: "Gateway", st: ReloadState) -> ReloadResult:
+    old: Generation = gw.generation
+    source = Path(old.config.source)
+    base_dir = getattr(gw, "config_base_dir", None)
+    refused = lambda errors: ReloadResult(False, st.generation, st.fingerprint, errors=errors)  # noqa: E731
+    try:
+        config = await asyncio.to_thread(load_config, source, base_dir=base_dir)
+    except ConfigError as e:
+        return refused(list(e.errors))
+    fixed = _restart_only_changes(old.config, config)
+    if fixed:
+        return refused(fixed)
+    digests = await asyncio.to_thread(_wasm_digests, config)
+    fp = fingerprint(config, digests)
+    upstreams = Upstreams(config.clusters, shared_store=old.upstreams.shared_store)
+    try:
+        host = await _load_filters(gw, config, upstreams, old.filter_host)
+    except Exception as e:                   # FilterLoadError names filter, file and cause
+        upstreams.close()
+        return refused([str(e) if type(e).__name__ == "FilterLoadError" else f"{type(e).__name__}: {e}"])
+    kept_pools = _keep_unchanged_pools(old.upstreams, upstreams)
+    changes = describe_changes(old.config, config, old.filter_host, host, kept_pools)
+    if fp == st.fingerprint and not changes:
+        # Nothing to swap (e.g. the broadcast after this worker already reloaded).
+        if host is not old.filter_host and host is not None:
+            await host.close()
+        return ReloadResult(True, st.generation, st.fingerprint)
+    gw.generation = Generation(config, Router(config.routes), upstreams, host)
+    gw.config = config
+    st.generation += 1
+    st.fingerprint = fp
+    st.last_reload_ts = time.time()
+    task = asyncio.ensure_future(retire(old, config.limits.drain_timeout_s, kept_pools, host))
+    st.retiring.add(task)
+    task.add_done_callback(st.retiring.discard)
+    return ReloadResult(True, st.generation, fp, changes=changes)
+
+
+async def _load_filters(gw: "Gateway", config: Config, upstreams: Upstreams, previous: Any) -> Any:
+    if not config.filters:
+        return None
+    factory = getattr(gw, "filter_host_factory", None)
+    if factory is not None:                  # tests inject fake hosts; they rebuild everything
+        return await factory(list(config.filters), upstreams)
+    from abi.api import load_filter_host
+    return await load_filter_host(list(config.filters), upstreams, previous=previous)
+
+
+def _restart_only_changes(old: Config, new: Config) -> list[str]:
+    """What a reload cannot apply: sockets are bound and the shared store is sized at start."""
+    out = []
+    key = lambda c: [(l.name, l.address, l.port) for l in c.listeners]  # noqa: E731
+    if key(old) != key(new):
+        out.append("listeners changed: restart required")
+    if old.admin != new.admin:
+        out.append("admin listener changed: restart required")
+    if old.shared_data_max_bytes != new.shared_data_max_bytes:
+        out.append("shared_data.max_bytes changed: restart required")
+    if old.access_log_path != new.access_log_path:
+        out.append("access_log changed: restart required")
+    return out
+
+
+def _keep_unchanged_pools(old: Upstreams, new: Upstreams) -> set[str]:
+    """Move the pools of unchanged clusters into the new Upstreams (warm keep-alive connections)."""
+    kept = set()
+    for name, pool in old.pools.items():
+        fresh = new.pools.get(name)
+        if fresh is not None and fresh.cluster == pool.cluster:
+            fresh.close()
+            new.pools[name] = pool
+            kept.add(name)
+    return kept
+
+
+def describe_changes(old: Config, new: Config, old_host: Any, new_host: Any, kept_pools: set[str]) -> list[str]:
+    out = []
+    old_f = getattr(old_host, "filters", {}) or {}
+    new_f = getattr(new_host, "filters", {}) or {}
+    added = sorted(set(new_f) - set(old_f))
+    removed = sorted(set(old_f) - set(new_f))
+    rebuilt = sorted(n for n in set(new_f) & set(old_f) if new_f[n] is not old_f[n])
+    kept = sorted(n for n in set(new_f) & set(old_f) if new_f[n] is old_f[n])
+    for label, names in (("filters added", added), ("filters removed", removed),
+                         ("filters reloaded", rebuilt), ("filters kept", kept)):
+        if names and (label != "filters kept" or added or removed or rebuilt):
+            out.append(f"{label}: {', '.join(names)}")
+    if old.routes != new.routes:
+        out.append(f"routes: {len(new.routes)} (were {len(old.routes)})")
+    changed = sorted({c.name for c in new.clusters} - kept_pools)
+    if changed:
+        out.append(f"clusters new or changed: {', '.join(changed)}")
+    if old.limits != new.limits:
+        out.append("limits changed")
+    return out
+
+
+async def retire(old: Generation, drain_timeout_s: float, kept_pools: set[str], new_host: Any) -> None:
+    """Wait for the old generation's requests to finish (bounded), then tear it down."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + drain_timeout_s
+    while getattr(old, "active", 0) > 0 and loop.time() < deadline:
+        await asyncio.sleep(0.02)
+    if getattr(old, "active", 0) > 0:
+        log.warning("old generation still has %d request(s) after %.1fs; tearing it down",
+                    old.active, drain_timeout_s)
+    for name, pool in old.upstreams.pools.items():
+        if name not in kept_pools:
+            pool.close()
+    host = old.filter_host
+    if host is not None and host is not new_host:
+        try:
+            await host.close()               # root on_done/on_delete of the filters not carried over
+        except Exception:
+            log.exception("closing the old generation's filters failed")
+
+
+async def wait_retired(gw: "Gateway") -> None:
+    """Let old generations finish tearing down (the gateway is stopping)."""
+    st = getattr(gw, "reload_state", None)
+    if st is not None and st.retiring:
+        await asyncio.gather(*list(st.retiring), return_exceptions=True)
+
+
+async def admin_reload(gw: "Gateway", req: Any = None) -> Any:
+    """POST /reload: 200 with what changed, or 422 with the reasons it was refused.
+
+    With workers, the worker that got the request reloads first (so it can answer with the
+    errors), then ``gw.reload_broadcast`` (gateway/workers.py) has the supervisor reload every
+    other worker and reports whether they all reached the same config.
+    """
+    from .admin import AdminResponse
+    result = await reload_gateway(gw)
+    body = result.text()
+    status = 200 if result.ok else 422
+    broadcast = getattr(gw, "reload_broadcast", None)
+    if result.ok and broadcast is not None:
+        all_ok, text = await broadcast(result)
+        body += text
+        if not all_ok:
+            status = 502                     # this worker reloaded; some other did not confirm
+    return AdminResponse.text(body, status)
