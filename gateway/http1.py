@@ -23,6 +23,9 @@ _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _HEADER_BLOCK = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\x00-\x08\x0a-\x1f\x7f]*\r\n)*")
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _DIGITS = re.compile(rb"[0-9]+")
+# A request target is visible ASCII only (RFC 3986 via RFC 9112 §3.2); raw UTF-8 or controls are
+# refused rather than forwarded for each upstream to interpret its own way.
+_BAD_TARGET = re.compile(rb"[^\x21-\x7e]")
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(;[^\r\n]*)?")
 
 Headers = list[tuple[str, str]]
@@ -87,7 +90,7 @@ def parse_request_head(head: bytes) -> tuple[str, str, str, Headers]:
             raise HttpError(505, "only HTTP/1.1 and HTTP/1.0 are supported")
         raise HttpError(400, "malformed request line")
     target = parts[1]
-    if _BAD_VALUE.search(target) or b" " in target:
+    if _BAD_TARGET.search(target):
         raise HttpError(400, "invalid character in request target")
     return (parts[0].decode("latin-1"), target.decode("latin-1"), version.decode("latin-1"),
             _fast_headers(head, end))

@@ -126,6 +126,9 @@ async def _reload_locked(gw: "Gateway", st: ReloadState) -> ReloadResult:
         return refused(fixed)
     digests = await asyncio.to_thread(_wasm_digests, config)
     fp = fingerprint(config, digests)
+    if fp == st.fingerprint and config == old.config:
+        # Nothing to do (e.g. the broadcast reaching the worker that already reloaded).
+        return ReloadResult(True, st.generation, fp)
     upstreams = Upstreams(config.clusters, shared_store=old.upstreams.shared_store)
     try:
         host = await _load_filters(gw, config, upstreams, old.filter_host)
@@ -134,11 +137,6 @@ async def _reload_locked(gw: "Gateway", st: ReloadState) -> ReloadResult:
         return refused([str(e) if type(e).__name__ == "FilterLoadError" else f"{type(e).__name__}: {e}"])
     kept_pools = _keep_unchanged_pools(old.upstreams, upstreams)
     changes = describe_changes(old.config, config, old.filter_host, host, kept_pools)
-    if fp == st.fingerprint and not changes:
-        # Nothing to swap (e.g. the broadcast after this worker already reloaded).
-        if host is not old.filter_host and host is not None:
-            await host.close()
-        return ReloadResult(True, st.generation, st.fingerprint)
     gw.generation = Generation(config, Router(config.routes), upstreams, host)
     gw.config = config
     st.generation += 1
