@@ -120,6 +120,14 @@ class FilterHost:
             f.queue_ready(qid)
 
     def metrics(self) -> list[MetricSample]:
+        return self.local_metrics() + self.shared_metrics()
+
+    def shared_metrics(self) -> list[MetricSample]:
+        """Filter-defined metrics: the store already makes them gateway-wide."""
+        return list(self.store.metric_samples())
+
+    def local_metrics(self) -> list[MetricSample]:
+        """This process's per-filter numbers (workers sum them for /metrics)."""
         out: list[MetricSample] = []
         for f in self.filters.values():
             labels = {"filter": f.name}
@@ -135,7 +143,6 @@ class FilterHost:
                 out.append(MetricSample("wasmgate_filter_failures_total", "counter", float(n),
                                         {"filter": f.name, "callback": callback, "kind": kind},
                                         "filter failures (trap, deadline, exit, invalid action...)"))
-        out.extend(self.store.metric_samples())
         return out
 
     async def close(self, wait_streams_s: float = CLOSE_WAIT_S) -> None:
