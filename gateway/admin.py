@@ -14,8 +14,6 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
-from abi.api import MetricSample
-
 from .config import Config, redact
 from .http1 import HttpError, body_length, parse_request_head
 
@@ -142,22 +140,13 @@ async def ready(gw: "Gateway", req: AdminRequest) -> AdminResponse:
 
 
 async def metrics(gw: "Gateway", req: AdminRequest) -> AdminResponse:
-    gen = gw.generation
-    pools = [MetricSample("wasmgate_upstream_connections", "gauge", float(p.open), {"cluster": name},
-                          "Open upstream connections (busy and idle).")
-             for name, p in gen.upstreams.pools.items()]
-    pools += [MetricSample("wasmgate_upstream_endpoint_ejected", "gauge", 1.0 if p.is_ejected(ep) else 0.0,
-                           {"cluster": name, "endpoint": str(ep)},
-                           "1 while an endpoint is skipped after refusing connections.")
-              for name, p in gen.upstreams.pools.items() for ep in p.cluster.endpoints]
-    extra: list[MetricSample] = []
-    if gen.filter_host is not None:
-        try:
-            extra = list(gen.filter_host.metrics())   # type: ignore[attr-defined]
-        except Exception as e:   # filter metrics must not take the gateway's own metrics down
-            gw.metrics.error("filter_metrics")
-            log.warning("filter_host.metrics() failed: %s", e)
-    text = gw.metrics.render(extra=extra, gauges=pools)
+    # Summed over every worker process when there are several (gateway/worker_metrics.py).
+    from .worker_metrics import render, snapshot
+    ops = getattr(gw, "ops", None)
+    if ops is not None:
+        text = ops.render_metrics()
+    else:
+        text = render(gw, [snapshot(gw)])
     return AdminResponse(200, text.encode(), "text/plain; version=0.0.4; charset=utf-8")
 
 
