@@ -23,6 +23,9 @@ _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _HEADER_BLOCK = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\x00-\x08\x0a-\x1f\x7f]*\r\n)*")
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _DIGITS = re.compile(rb"[0-9]+")
+# Methods as nginx takes them: upper-case tokens (GET, PROPFIND, M-SEARCH...). Any tchar string
+# is a valid token, but "get" or "%00POST" only ever come from broken or hostile clients.
+_METHOD = re.compile(rb"[A-Z][A-Z0-9_-]{0,31}")
 # A request target is visible ASCII only (RFC 3986 via RFC 9112 §3.2); raw UTF-8 or controls are
 # refused rather than forwarded for each upstream to interpret its own way.
 _BAD_TARGET = re.compile(rb"[^\x21-\x7e]")
@@ -82,8 +85,10 @@ def parse_request_head(head: bytes) -> tuple[str, str, str, Headers]:
     """``head`` ends with CRLFCRLF. Returns method, target, version, lower-cased headers."""
     end = head.find(b"\r\n")
     parts = head[:end].split(b" ")
-    if len(parts) != 3 or not _TOKEN.fullmatch(parts[0]) or not parts[1]:
+    if len(parts) != 3 or not parts[1]:
         raise HttpError(400, "malformed request line")
+    if not _METHOD.fullmatch(parts[0]):
+        raise HttpError(400, f"invalid method {parts[0][:40]!r}")
     version = parts[2]
     if version != b"HTTP/1.1" and version != b"HTTP/1.0":
         if version.startswith(b"HTTP/"):

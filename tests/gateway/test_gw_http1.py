@@ -43,3 +43,14 @@ def test_response_head_and_framing():
     assert body_length(headers, request=False) == 5
     assert body_length([("transfer-encoding", "Chunked")], request=True) is None
     assert body_length([], request=True) == -1
+
+
+def test_methods_must_be_upper_case_tokens():
+    for good in (b"GET", b"M-SEARCH", b"PROPFIND", b"X_1"):
+        assert parse_request_head(good + b" / HTTP/1.1\r\n\r\n")[0] == good.decode()
+    for bad in (b"get", b"%00POST", b"G$T", b"1GET", b"X" * 40):
+        try:
+            parse_request_head(bad + b" / HTTP/1.1\r\n\r\n")
+            raise AssertionError(bad)
+        except HttpError as e:
+            assert e.status == 400
