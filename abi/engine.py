@@ -42,6 +42,7 @@ from typing import Any, Callable
 
 import wasmtime as wt
 from wasmtime import _bindings as _B
+from wasmtime._ffi import WASMTIME_EXTERN_MEMORY
 
 __all__ = [
     "Engine", "EngineError", "Export", "HostTrap", "Import", "Instance", "Memory",
@@ -54,6 +55,8 @@ TICKER_PERIOD_S = 0.002       # how often the ticker advances the epoch (deadlin
 REARM_S = 0.002               # a store re-arms its deadline at most this often (cost: a C call)
 TABLE_ELEMENTS_FLOOR = 100_000  # table cap never below this (big Go binaries have ~10k funcs)
 IDLE_GRACE_MS = 1000          # quiet time (beyond the longest deadline) before the ticker idles
+INSTANTIATE_DEADLINE_MS = 1000  # default floor of the deadline of instantiation (start section)
+WASM_PAGE = 65536
 _CACHE_MAGIC = b"WGCWASM1"    # our cache-file header: magic + sha256(payload) + payload
 _U32 = 0xFFFFFFFF
 _U64 = 0xFFFFFFFFFFFFFFFF
@@ -89,6 +92,9 @@ class Import:
     kind: str                       # "func" | "memory" | "table" | "global"
     params: tuple[str, ...] = ()
     results: tuple[str, ...] = ()
+    # memory imports: (minimum, maximum or None) in 64 KiB pages; flags "shared", "i64"
+    limits: tuple[int, int | None] | None = None
+    flags: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -143,6 +149,9 @@ EXPECTED_SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
                                   [POINTER(_B.wasmtime_context_t), POINTER(_B.wasmtime_memory_t)]),
     "wasmtime_trap_new": (POINTER(_B.wasm_trap_t), [POINTER(c_char), c_size_t]),
     "wasmtime_store_context": (POINTER(_B.wasmtime_context_t), [POINTER(_B.wasmtime_store_t)]),
+    # cold path (once per instance, through the public binding): see Instance._resolve_memory
+    "wasmtime_caller_export_get": (ctypes.c_bool, [
+        POINTER(_B.wasmtime_caller_t), POINTER(c_char), c_size_t, POINTER(_B.wasmtime_extern_t)]),
 }
 
 _verify_bindings()
@@ -362,26 +371,30 @@ class _Reader:
             return "ref"
         raise EngineError(f"unsupported wasm value type 0x{b:02x}")
 
-    def limits(self) -> None:
+    def limits(self) -> tuple[int, int | None, int]:
+        """(minimum, maximum or None, flags byte)."""
         flags = self.byte()
-        self.leb()
-        if flags & 0x01:
-            self.leb()
+        minimum = self.leb()
+        maximum = self.leb() if flags & 0x01 else None
         if flags & 0x08:                    # custom-page-sizes: page size log2
             self.leb()
+        return minimum, maximum, flags
 
 
 _Sig = tuple[tuple[str, ...], tuple[str, ...]]
 
 
-def _parse_signatures(binary: bytes) -> tuple[list[Import], dict[str, Export], dict[int, str]]:
-    """Imports and exports with value types, plus function index -> export name (so backtraces
-    of stripped modules still name ``proxy_on_request_headers``)."""
+def _parse_signatures(binary: bytes) -> tuple[list[Import], dict[str, Export], dict[int, str],
+                                               bool]:
+    """Imports and exports with value types, function index -> export name (so backtraces
+    of stripped modules still name ``proxy_on_request_headers``), and whether the module has
+    a start function."""
     types: list[_Sig] = []
     imports: list[Import] = []
     func_types: list[int] = []              # type index per function index
     exports: dict[str, Export] = {}
     names: dict[int, str] = {}
+    has_start = False
     r = _Reader(binary, 8)
     try:
         while r.pos < len(binary):
@@ -402,10 +415,12 @@ def _parse_signatures(binary: bytes) -> tuple[list[Import], dict[str, Export], d
                         names.setdefault(index, name)
                     else:
                         exports[name] = Export(_EXTERN_KINDS.get(kind, "unknown"))
+            elif section == 8:
+                has_start = True
             r.pos = end
     except (IndexError, ValueError) as e:
         raise EngineError(f"cannot read the module's imports/exports: {e}") from None
-    return imports, exports, names
+    return imports, exports, names, has_start
 
 
 _EXTERN_KINDS = {0: "func", 1: "table", 2: "memory", 3: "global", 4: "tag"}
@@ -430,7 +445,10 @@ def _import(r: _Reader, types: list[_Sig], func_types: list[int]) -> Import:
         r.valtype()
         r.limits()
     elif kind == 2:
-        r.limits()
+        minimum, maximum, flags = r.limits()
+        odd = tuple(f for bit, f in ((0x02, "shared"), (0x04, "i64"), (0x08, "page-size"))
+                    if flags & bit)
+        return Import(module, name, "memory", limits=(minimum, maximum), flags=odd)
     elif kind == 3:
         r.valtype()
         r.byte()
@@ -444,12 +462,13 @@ class Module:
     """A compiled module: its sha256, imports and exports (with value types)."""
 
     def __init__(self, wt_module: wt.Module, sha256: str, name: str,
-                 cache_hit: bool, signatures: tuple[list[Import], dict[str, Export], dict[int, str]]):
+                 cache_hit: bool,
+                 signatures: tuple[list[Import], dict[str, Export], dict[int, str], bool]):
         self._wt = wt_module
         self.sha256 = sha256
         self.name = name
         self.cache_hit = cache_hit
-        self.imports, self.exports, self._export_names = signatures
+        self.imports, self.exports, self._export_names, self.has_start = signatures
 
 
 # -- per-signature code generation -------------------------------------------------------
@@ -522,7 +541,7 @@ def nested({args}):
 
 _HOST_CALLBACK_SRC = """
 def callback(env, caller, raw, nraw):
-    try:
+    try:{boot}
         {view}
         {unpack}
         r = fn({args})
@@ -570,8 +589,19 @@ def _guest_caller(owner: "Instance", st: "_StoreState", name: str, fptr: int,
     return call
 
 
+_BOOT_SRC = """
+        if boot:
+            boot(caller)"""
+
+
 def _host_callback(st: "_StoreState", fn: Callable, params: tuple[str, ...],
-                   results: tuple[str, ...]) -> Callable:
+                   results: tuple[str, ...], boot: bool = False) -> Callable:
+    """The Python side of a host function.
+
+    With ``boot`` (modules with a start function only, so other modules pay nothing), its
+    closure cell ``boot`` is None except while the module instantiates: then it holds a hook
+    that gets the wasmtime caller first.
+    """
     names = [f"a{i}" for i in range(len(params))]
     nslots = max(len(params), len(results))
     view = f"v = slots.from_address(raw)" if nslots else "pass"
@@ -582,8 +612,9 @@ def _host_callback(st: "_StoreState", fn: Callable, params: tuple[str, ...],
         pack = f"pack_into(v, 0, {_packed(['r'], results)})"
     else:
         pack = f"pack_into(v, 0, {_packed([f'r[{i}]' for i in range(len(results))], results)})"
-    src = _HOST_CALLBACK_SRC.format(view=view, unpack=unpack, args=", ".join(names), pack=pack)
-    env = {"st": st, "fn": fn, "slots": c_char * (nslots * _SLOT),
+    src = _HOST_CALLBACK_SRC.format(view=view, unpack=unpack, args=", ".join(names), pack=pack,
+                                    boot=_BOOT_SRC if boot else "")
+    env = {"st": st, "fn": fn, "boot": None, "slots": c_char * (nslots * _SLOT),
            "unpack_from": _struct(params, _UNPACK).unpack_from,
            "pack_into": _struct(results, _PACK).pack_into}
     return _bind(src, env, "callback")
@@ -793,33 +824,68 @@ _U64S = struct.Struct("<Q")
 # -- instance ----------------------------------------------------------------------------
 
 class Instance:
-    """One module instance in its own Store, with memory cap and per-call CPU deadline."""
+    """One module instance in its own Store, with memory cap and per-call CPU deadline.
+
+    * ``deadline_ms``: CPU deadline of each top-level guest call; ``set_deadline_ms`` changes
+      it (e.g. longer for a runtime's start-up, then back).
+    * ``instantiate_deadline_ms``: deadline of instantiation itself (the module's start
+      function); default ``max(INSTANTIATE_DEADLINE_MS, deadline_ms)``.
+    * ``on_created(instance)``: called once linked, just before instantiation runs the start
+      function, so host functions the start function calls can reach the instance; its
+      ``memory`` is usable from them (the exported "memory" is resolved through the caller
+      on the first host call, an imported memory exists from the start).
+    * Memory imports (e.g. ``env.memory`` of some Emscripten builds) are satisfied with a
+      fresh memory of the declared limits, its maximum capped by ``memory_limit_bytes``.
+    """
 
     def __init__(self, engine: Engine, module: Module,
                  host_functions: dict[tuple[str, str], Callable[..., int | None]],
-                 *, memory_limit_bytes: int, deadline_ms: int):
+                 *, memory_limit_bytes: int, deadline_ms: int,
+                 instantiate_deadline_ms: int | None = None,
+                 on_created: Callable[["Instance"], None] | None = None):
         self.engine = engine
         self.module = module
         self.memory: Memory | None = None
         self._callers: dict[str, Callable[..., Any]] = {}
         self._callbacks: list[Any] = []       # ctypes closures: alive as long as the store
+        self._boot_cells: list[Any] = []      # each host callback's ``boot`` closure cell
         self._linker: wt.Linker | None = None
+        self._wt_instance = None
         self._store = wt.Store(engine._wt)
         # Tables get the same byte budget as memory (wasmtime counts 8 bytes per element):
         # otherwise a table.grow could allocate gigabytes outside the memory cap.
         self._store.set_limits(memory_size=memory_limit_bytes,
                                table_elements=max(TABLE_ELEMENTS_FLOOR, memory_limit_bytes // 8))
-        # A call may start up to REARM_S after the arm its deadline comes from, and the epoch
-        # is floored: never earlier than deadline_ms; later by about one ticker period.
-        ticks = -(-deadline_ms // EPOCH_MS) + round(REARM_S * 1000) + 1
-        engine._ticker.max_deadline = max(engine._ticker.max_deadline, ticks)
-        self._st = _StoreState(_addr(self._store._context()), engine._ticker, ticks, module)
+        self._st = _StoreState(_addr(self._store._context()), engine._ticker,
+                               self._ticks(deadline_ms), module)
+        if instantiate_deadline_ms is None:
+            instantiate_deadline_ms = max(INSTANTIATE_DEADLINE_MS, deadline_ms)
         try:
-            self._link(host_functions)
-            self._instantiate()
+            self._link(host_functions, memory_limit_bytes)
+            if on_created is not None:
+                on_created(self)
+            self._instantiate(self._ticks(instantiate_deadline_ms))
         except BaseException:
             self.close()
             raise
+
+    def _ticks(self, ms: int) -> int:
+        """Epoch ticks to arm for a deadline of ``ms``. A call may start up to REARM_S after
+        the arm its deadline comes from, and the epoch is floored: never earlier than ``ms``;
+        later by about one ticker period."""
+        if ms <= 0:
+            raise ValueError(f"deadline must be positive, got {ms} ms")
+        ticks = -(-ms // EPOCH_MS) + round(REARM_S * 1000) + 1
+        ticker = self.engine._ticker
+        ticker.max_deadline = max(ticker.max_deadline, ticks)
+        return ticks
+
+    def set_deadline_ms(self, ms: int) -> None:
+        """CPU deadline of each top-level guest call from the next one on (a call in progress
+        keeps the deadline it started with)."""
+        st = self._st
+        st.deadline_ticks = self._ticks(ms)
+        st.armed_at = -1e9              # the next top-level call arms the new deadline
 
     @property
     def poisoned(self) -> bool:
@@ -836,19 +902,60 @@ class Instance:
 
     # -- linking -------------------------------------------------------------------------
 
-    def _link(self, host_functions: dict[tuple[str, str], Callable[..., Any]]) -> None:
+    def _link(self, host_functions: dict[tuple[str, str], Callable[..., Any]],
+              memory_limit_bytes: int) -> None:
+        # A module may import the same (module, name) more than once (legal wasm): a linker
+        # holds one definition per name, so define it once if the types agree.
+        unique: dict[tuple[str, str], Import] = {}
+        conflicts = []
+        for imp in self.module.imports:
+            first = unique.setdefault((imp.module, imp.name), imp)
+            if first != imp:
+                conflicts.append(f"{imp.module}.{imp.name} is imported twice with different "
+                                 f"types: {_describe(first)} and {_describe(imp)}")
+        if conflicts:
+            raise EngineError("conflicting imports: " + "; ".join(conflicts))
         missing = [f"{imp.module}.{imp.name}" + ("" if imp.kind == "func" else f" ({imp.kind})")
-                   for imp in self.module.imports
-                   if imp.kind != "func" or (imp.module, imp.name) not in host_functions]
+                   for key, imp in unique.items()
+                   if not (imp.kind == "memory" or
+                           imp.kind == "func" and key in host_functions)]
         if missing:
             raise EngineError("unknown imports: " + ", ".join(missing))
         self._linker = wt.Linker(self.engine._wt)
-        for imp in self.module.imports:
-            self._define(imp, host_functions[(imp.module, imp.name)])
+        for key, imp in unique.items():
+            if imp.kind == "memory":
+                self._define_memory(imp, memory_limit_bytes)
+            else:
+                self._define(imp, host_functions[key])
+
+    def _define_memory(self, imp: Import, memory_limit_bytes: int) -> None:
+        what = f"{imp.module}.{imp.name}"
+        if imp.flags:
+            raise EngineError(f"{what}: unsupported memory import ({', '.join(imp.flags)})")
+        minimum, maximum = imp.limits or (0, None)
+        cap = memory_limit_bytes // WASM_PAGE
+        if minimum > cap:
+            raise EngineError(f"{what}: the imported memory needs {minimum} pages "
+                              f"({minimum * WASM_PAGE} bytes), above the memory limit of "
+                              f"{memory_limit_bytes} bytes")
+        maximum = cap if maximum is None else min(maximum, cap)
+        try:
+            mem = wt.Memory(self._store, wt.MemoryType(wt.Limits(minimum, maximum)))
+            self._linker.define(self._store, imp.module, imp.name, mem)
+        except wt.WasmtimeError as e:
+            raise EngineError(f"cannot define {what}: {_short_message(str(e))}") from None
+        if self.memory is None:
+            self.memory = Memory(self, self._st, mem)
 
     def _define(self, imp: Import, fn: Callable[..., Any]) -> None:
         _require_supported(f"{imp.module}.{imp.name}", imp.params + imp.results)
-        closure = _HostCallback(_host_callback(self._st, fn, imp.params, imp.results))
+        # Only a start function runs host functions before the exports are reachable.
+        boot = self.module.has_start
+        callback = _host_callback(self._st, fn, imp.params, imp.results, boot)
+        if boot:
+            freevars = callback.__code__.co_freevars
+            self._boot_cells.append(callback.__closure__[freevars.index("boot")])
+        closure = _HostCallback(callback)
         self._callbacks.append(closure)
         ty = wt.FuncType([_VALTYPE[p] for p in imp.params], [_VALTYPE[r] for r in imp.results])
         mod, name = imp.module.encode(), imp.name.encode()
@@ -859,8 +966,13 @@ class Instance:
             raise EngineError(f"cannot define {imp.module}.{imp.name}: "
                               f"{wt.WasmtimeError._from_ptr(err)}")
 
-    def _instantiate(self) -> None:
+    def _instantiate(self, deadline_ticks: int) -> None:
         st = self._st
+        exported = self.module.exports.get("memory")
+        boot = self.memory is None and exported is not None and exported.kind == "memory"
+        if boot:                    # the start function's host calls resolve the memory
+            self._set_boot(self._resolve_memory)
+        callback_ticks, st.deadline_ticks = st.deadline_ticks, deadline_ticks
         st.arm()
         st.depth += 1               # the start function may call host functions
         wt_trap = None
@@ -873,11 +985,34 @@ class Instance:
                 raise EngineError(f"instantiation failed: {_short_message(str(e))}") from None
         finally:
             st.depth -= 1
+            st.deadline_ticks = callback_ticks
+            st.armed_at = -1e9      # the first call arms its own deadline
+            if boot:
+                self._set_boot(None)
         if wt_trap is not None or st.poisoned:
             raise st.conclude(wt_trap, None)
         mem = self._wt_instance.exports(self._store).get("memory")
-        if isinstance(mem, wt.Memory):
+        if isinstance(mem, wt.Memory) and (
+                self.memory is None or not _same_memory(self.memory._handle, mem)):
             self.memory = Memory(self, st, mem)
+
+    def _set_boot(self, hook: Callable[[int], None] | None) -> None:
+        for cell in self._boot_cells:
+            cell.cell_contents = hook
+
+    def _resolve_memory(self, caller: int) -> None:
+        """Boot hook: a host function is called during instantiation (the instance's exports
+        are not reachable yet): find the exported memory through the caller, once."""
+        self._set_boot(None)
+        if self.memory is not None or not caller:
+            return
+        ext = _B.wasmtime_extern_t()
+        name = b"memory"
+        found = _B.wasmtime_caller_export_get(
+            ctypes.cast(caller, POINTER(_B.wasmtime_caller_t)), name, len(name),
+            ctypes.byref(ext))
+        if found and ext.kind == WASMTIME_EXTERN_MEMORY.value:
+            self.memory = Memory(self, self._st, wt.Memory._from_raw(ext.of.memory))
 
     # -- calls ---------------------------------------------------------------------------
 
@@ -935,6 +1070,23 @@ class Instance:
             self.close()
         except Exception:            # noqa: BLE001 - interpreter teardown
             pass
+
+
+def _describe(imp: Import) -> str:
+    if imp.kind == "func":
+        return f"func ({', '.join(imp.params)}) -> ({', '.join(imp.results)})"
+    if imp.kind == "memory" and imp.limits is not None:
+        lo, hi = imp.limits
+        extra = "".join(f" {f}" for f in imp.flags)
+        return f"memory {lo}..{'' if hi is None else hi} pages{extra}"
+    return imp.kind
+
+
+def _same_memory(a: wt.Memory, b: wt.Memory) -> bool:
+    x, y = a._memory, b._memory
+    return (x._anon_1.store_id == y._anon_1.store_id
+            and getattr(x._anon_1, "__private1") == getattr(y._anon_1, "__private1")
+            and getattr(x, "__private2") == getattr(y, "__private2"))
 
 
 def _require_supported(what: str, types: tuple[str, ...]) -> None:

@@ -55,9 +55,9 @@ def core(engine):
     return engine.compile(CORE_WAT, name="core.wasm")
 
 
-def make(engine, module, funcs=None, *, mem=16 * MB, deadline_ms=100):
+def make(engine, module, funcs=None, *, mem=16 * MB, deadline_ms=100, **kwargs):
     return Instance(engine, module, funcs if funcs is not None else host_defaults(),
-                    memory_limit_bytes=mem, deadline_ms=deadline_ms)
+                    memory_limit_bytes=mem, deadline_ms=deadline_ms, **kwargs)
 
 
 # -- module metadata ---------------------------------------------------------------------
@@ -576,7 +576,8 @@ def test_idle_ticker_wakes_up_for_the_next_call(tmp_path, monkeypatch):
     monkeypatch.setattr(engine_mod, "IDLE_GRACE_MS", 0)
     eng = Engine(cache_dir=tmp_path)
     try:
-        inst = make(eng, eng.compile(CORE_WAT), deadline_ms=20)
+        # (the ticker stays awake for the longest deadline ever armed, instantiation's too)
+        inst = make(eng, eng.compile(CORE_WAT), deadline_ms=20, instantiate_deadline_ms=20)
         assert inst.export_func("add")(1, 2) == 3
         for _ in range(200):                  # quiet for > 20 ms + 0 grace: ticker idles
             if eng._ticker.idle:
@@ -617,7 +618,7 @@ def test_deadline_armed_while_ticker_idle_is_rearmed_after_the_next_nap(tmp_path
     monkeypatch.setattr(engine_mod, "IDLE_GRACE_MS", 0)
     eng = Engine(cache_dir=tmp_path)
     try:
-        inst = make(eng, eng.compile(CORE_WAT), deadline_ms=5)
+        inst = make(eng, eng.compile(CORE_WAT), deadline_ms=5, instantiate_deadline_ms=5)
         add = inst.export_func("add")
         _wait_for(lambda: eng._ticker.idle)
         assert add(1, 2) == 3                 # armed during a nap; wakes the ticker
@@ -655,7 +656,8 @@ def test_exotic_signatures_never_abort_the_process(engine):
     assert kinds == [("memory", "memory"), ("tbl", "table"), ("g", "global")]
     with pytest.raises(EngineError) as ei:
         make(engine, module, {})
-    assert "env.memory (memory)" in str(ei.value) and "env.g (global)" in str(ei.value)
+    msg = str(ei.value)                  # a memory import is satisfied (see test below)
+    assert "env.tbl (table)" in msg and "env.g (global)" in msg and "memory" not in msg
 
 
 def test_keyboard_interrupt_in_host_is_not_masked_as_a_trap(engine, core):
@@ -751,3 +753,239 @@ def test_a_starved_ticker_never_fires_a_fresh_deadline_early(tmp_path):
         assert time.monotonic() - start >= 0.039
     finally:
         eng.close()
+
+
+# -- deadline control --------------------------------------------------------------------
+
+NAP_WAT = b"""
+(module
+  (import "env" "sleep" (func $sleep (param i32)))
+  (func (export "nap") (param i32) (local $i i32)
+    local.get 0 call $sleep
+    (loop $again                       ;; a loop back-edge checks the epoch after the host
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br_if $again (i32.lt_u (local.get $i) (i32.const 2)))))
+  (func (export "spin") (loop br 0))
+)
+"""
+
+
+def _sleep_ms(ms):
+    time.sleep(ms / 1000)
+
+
+def test_set_deadline_ms_lengthens_then_restores_the_callback_deadline(engine):
+    module = engine.compile(NAP_WAT)
+    inst = make(engine, module, {("env", "sleep"): _sleep_ms}, deadline_ms=20)
+    nap = inst.export_func("nap")
+    inst.set_deadline_ms(2000)           # e.g. a Go runtime's _start
+    nap(80)                              # 4x the callback deadline: fine now
+    inst.set_deadline_ms(20)             # back to the per-callback deadline
+    with pytest.raises(Trap) as ei:
+        nap(80)
+    assert ei.value.kind == "deadline"
+
+
+def test_set_deadline_ms_applies_to_the_next_call_even_right_after_an_arm(engine):
+    module = engine.compile(NAP_WAT)
+    inst = make(engine, module, {("env", "sleep"): _sleep_ms}, deadline_ms=5000)
+    inst.export_func("nap")(0)           # armed with 5 s just now (re-arm is rate-limited)
+    inst.set_deadline_ms(30)
+    start = time.monotonic()
+    with pytest.raises(Trap) as ei:
+        inst.export_func("spin")()
+    assert ei.value.kind == "deadline"
+    assert 0.029 <= time.monotonic() - start < 2.5
+
+
+def test_set_deadline_ms_rejects_non_positive(engine, core):
+    with pytest.raises(ValueError):
+        make(engine, core).set_deadline_ms(0)
+
+
+START_NAP_WAT = b"""
+(module
+  (import "env" "sleep" (func $sleep (param i32)))
+  (func $s (local $i i32)
+    i32.const 60 call $sleep
+    (loop $again
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br_if $again (i32.lt_u (local.get $i) (i32.const 2)))))
+  (start $s)
+  (func (export "nap") (param i32) local.get 0 call $sleep)
+)
+"""
+
+
+def test_instantiation_gets_its_own_longer_deadline_by_default(engine):
+    module = engine.compile(START_NAP_WAT)
+    # the start function takes 60 ms; the callback deadline is 10 ms
+    inst = make(engine, module, {("env", "sleep"): _sleep_ms}, deadline_ms=10)
+    assert not inst.poisoned
+    inst.export_func("nap")(0)           # calls work, with the callback deadline again
+
+
+def test_instantiation_deadline_can_be_set_and_is_enforced(engine):
+    module = engine.compile(START_NAP_WAT)
+    with pytest.raises(Trap) as ei:
+        Instance(engine, module, {("env", "sleep"): _sleep_ms}, memory_limit_bytes=16 * MB,
+                 deadline_ms=1000, instantiate_deadline_ms=20)
+    assert ei.value.kind == "deadline"
+    spin = engine.compile(b'(module (func $s (loop br 0)) (start $s))')
+    start = time.monotonic()
+    with pytest.raises(Trap) as ei:
+        Instance(engine, spin, {}, memory_limit_bytes=16 * MB, deadline_ms=10,
+                 instantiate_deadline_ms=50)
+    assert ei.value.kind == "deadline"
+    assert 0.049 <= time.monotonic() - start < 2.5
+
+
+def test_first_call_after_instantiation_uses_the_callback_deadline(engine):
+    module = engine.compile(b'''(module (func $s) (start $s) (func (export "spin") (loop br 0)))''')
+    inst = Instance(engine, module, {}, memory_limit_bytes=16 * MB, deadline_ms=30,
+                    instantiate_deadline_ms=5000)
+    start = time.monotonic()
+    with pytest.raises(Trap) as ei:
+        inst.export_func("spin")()       # right after the (long) instantiation arm
+    assert ei.value.kind == "deadline"
+    assert time.monotonic() - start < 2.5
+
+
+# -- duplicate imports -------------------------------------------------------------------
+
+def test_same_import_twice_with_the_same_type_links_once(engine):
+    module = engine.compile(b'''(module
+        (import "env" "f" (func $a (param i32) (result i32)))
+        (import "env" "f" (func $b (param i32) (result i32)))
+        (func (export "both") (param i32) (result i32)
+          (i32.add (call $a (local.get 0)) (call $b (local.get 0)))))''')
+    assert [(i.module, i.name) for i in module.imports] == [("env", "f"), ("env", "f")]
+    seen = []
+    inst = make(engine, module, {("env", "f"): lambda a: seen.append(a) or a * 10})
+    assert inst.export_func("both")(2) == 40
+    assert seen == [2, 2]
+
+
+def test_same_import_twice_with_different_types_is_a_clear_engine_error(engine):
+    module = engine.compile(b'''(module
+        (import "env" "f" (func (param i32)))
+        (import "env" "f" (func (param i64) (result i32))))''')
+    with pytest.raises(EngineError) as ei:
+        make(engine, module, {("env", "f"): lambda a: 0})
+    msg = str(ei.value)
+    assert "env.f" in msg and "twice" in msg
+    assert "(i32) -> ()" in msg and "(i64) -> (i32)" in msg
+
+
+# -- host calls during instantiation -----------------------------------------------------
+
+START_LOG_WAT = b"""
+(module
+  (import "env" "log" (func $log (param i32 i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 16) "hello from start")
+  (func $s (call $log (i32.const 16) (i32.const 16)))
+  (start $s)
+  (func (export "load") (param i32) (result i32) local.get 0 i32.load)
+)
+"""
+
+
+def test_host_function_called_by_the_start_function_can_use_memory(engine):
+    module = engine.compile(START_LOG_WAT)
+    created, seen = [], []
+
+    def log(ptr, size):
+        mem = created[0].memory
+        seen.append((mem, mem.read(ptr, size)))
+        mem.write_u32(64, 0xC0FFEE)
+
+    inst = Instance(engine, module, {("env", "log"): log}, memory_limit_bytes=16 * MB,
+                    deadline_ms=100, on_created=created.append)
+    assert created == [inst]
+    assert seen[0][1] == b"hello from start"
+    assert seen[0][0] is inst.memory     # the same Memory before and after instantiation
+    assert inst.export_func("load")(64) == 0xC0FFEE
+    assert inst.memory.read(16, 5) == b"hello"
+
+
+def test_memory_is_resolved_once_and_later_calls_skip_the_hook(engine):
+    module = engine.compile(START_LOG_WAT)
+    calls = []
+    inst = Instance(engine, module, {("env", "log"): lambda p, n: calls.append((p, n))},
+                    memory_limit_bytes=16 * MB, deadline_ms=100)
+    assert calls == [(16, 16)]
+    assert inst.memory is not None and inst.memory.read(16, 16) == b"hello from start"
+    assert inst._boot_cells and all(cell.cell_contents is None for cell in inst._boot_cells)
+
+
+def test_modules_without_start_function_get_the_plain_host_callbacks(engine, core):
+    assert not core.has_start and engine.compile(START_LOG_WAT).has_start
+    assert make(engine, core)._boot_cells == []     # the hot path has no boot test at all
+
+
+def test_failed_instantiation_still_runs_on_created_and_cleans_up(engine):
+    module = engine.compile(b'''(module (import "env" "log" (func $log (param i32 i32)))
+        (memory (export "memory") 1)
+        (func $s (call $log (i32.const 0) (i32.const 4)) unreachable) (start $s))''')
+    created, seen = [], []
+    with pytest.raises(Trap):
+        Instance(engine, module, {("env", "log"): lambda p, n: seen.append(
+                     created[0].memory.read(p, n))},
+                 memory_limit_bytes=16 * MB, deadline_ms=100, on_created=created.append)
+    assert seen == [b"\0\0\0\0"]
+    with pytest.raises(MemoryAccessError):
+        created[0].memory.read(0, 4)      # closed: the view is detached
+
+
+# -- imported memory ---------------------------------------------------------------------
+
+IMPORTED_MEMORY_WAT = b"""
+(module
+  (import "env" "memory" (memory 2 10))
+  (import "env" "log" (func $log (param i32 i32)))
+  (data (i32.const 8) "imported")
+  (func $s (call $log (i32.const 8) (i32.const 8)))
+  (start $s)
+  (func (export "size") (result i32) memory.size)
+  (func (export "grow") (param i32) (result i32) local.get 0 memory.grow)
+  (func (export "load") (param i32) (result i32) local.get 0 i32.load)
+)
+"""
+
+
+def test_imported_memory_is_created_with_its_limits_and_capped(engine):
+    module = engine.compile(IMPORTED_MEMORY_WAT)
+    assert module.imports[0] == Import("env", "memory", "memory", limits=(2, 10))
+    created, seen = [], []
+    inst = Instance(engine, module,
+                    {("env", "log"): lambda p, n: seen.append(created[0].memory.read(p, n))},
+                    memory_limit_bytes=4 * 65536, deadline_ms=100, on_created=created.append)
+    assert seen == [b"imported"]
+    assert inst.memory.size() == 2 * 65536 and inst.export_func("size")() == 2
+    inst.memory.write_u32(100, 7)
+    assert inst.export_func("load")(100) == 7
+    assert inst.export_func("grow")(2) == 2          # up to the 4-page cap
+    assert inst.export_func("grow")(1) == 0xFFFFFFFF  # the cap, below the declared 10
+    assert inst.memory.size() == 4 * 65536
+
+
+def test_imported_memory_without_maximum_and_above_the_cap(engine):
+    module = engine.compile(b'''(module (import "env" "memory" (memory 1))
+        (func (export "grow") (param i32) (result i32) local.get 0 memory.grow))''')
+    inst = make(engine, module, {}, mem=3 * 65536)
+    assert inst.memory.size() == 65536
+    assert inst.export_func("grow")(3) == 0xFFFFFFFF
+    assert inst.export_func("grow")(2) == 1
+    with pytest.raises(EngineError, match=r"env\.memory.*memory limit"):
+        make(engine, engine.compile(b'(module (import "env" "memory" (memory 5)))'), {},
+             mem=4 * 65536)
+
+
+def test_shared_memory_import_is_an_engine_error(engine):
+    try:
+        module = engine.compile(b'(module (import "env" "memory" (memory 1 2 shared)))')
+    except EngineError:
+        pytest.skip("threads proposal disabled: shared memories do not even compile")
+    with pytest.raises(EngineError, match="env.memory"):
+        make(engine, module, {})
