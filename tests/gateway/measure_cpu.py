@@ -91,7 +91,7 @@ def load(pid: int, port: int, seconds: float, connections: int) -> tuple[int, fl
     url = f"http://127.0.0.1:{port}/bench"
     subprocess.run(["wrk", "-t1", "-c4", "-d1s", url], capture_output=True, check=True)   # warm-up
     c0 = cpu_seconds(pid)
-    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", url],
+    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{int(seconds)}s", url],
                          capture_output=True, text=True, check=True).stdout
     c1 = cpu_seconds(pid)
     n = int(re.search(r"(\d+) requests in", out).group(1))
@@ -104,7 +104,7 @@ def load(pid: int, port: int, seconds: float, connections: int) -> tuple[int, fl
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--seconds", type=float, default=3)
+    ap.add_argument("--seconds", type=int, default=3)
     ap.add_argument("--connections", type=int, default=10)
     ap.add_argument("--access-log", action="store_true", help="gateway writes its access log to a file")
     args = ap.parse_args()
