@@ -83,7 +83,8 @@ def _plural(n: int, word: str) -> str:
 
 async def serve(config: Config, *, reuse_port: bool = False, ports: dict[str, int] | None = None,
                 announce: bool = True, shared_store_name: str | None = None,
-                on_started: Any = None, ready_fd: int | None = None) -> int:
+                on_started: Any = None, ready_fd: int | None = None, ops_store: str | None = None,
+                slot: tuple[int, int] = (0, 1), watch_s: float | None = None) -> int:
     """Start the gateway, print where it listens, run until SIGTERM/SIGINT, then drain."""
     from abi.api import FilterLoadError
     from .server import Gateway, StartError
@@ -103,13 +104,16 @@ async def serve(config: Config, *, reuse_port: bool = False, ports: dict[str, in
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    from .workers import install
+    close_ops = await install(gw, ops_store=ops_store, slot=slot[0], count=slot[1], watch_s=watch_s)
     if announce:
         _announce(config, gw.listener_ports, gw.admin_port)
     if on_started is not None:
         on_started(gw)
     _tell_ready(ready_fd)
     await stop.wait()
-    log.info("stopping: draining in-flight requests (up to %.1fs)", config.limits.drain_timeout_s)
+    log.info("stopping: draining in-flight requests (up to %.1fs)", gw.config.limits.drain_timeout_s)
+    await close_ops()
     await gw.stop()
     return 0
 
@@ -132,18 +136,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.workers < 1:
         print("wasmgate: --workers must be at least 1", file=sys.stderr)
         return 2
+    watch_s = 1.0 if args.watch else None
     if args.worker_ports is not None:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)   # a reload before our handler is up must not kill us
+        from .workers import current_config
+        config = current_config(args.config, args.ops_store) or config   # a restart: the applied config
         ports = dict(item.split("=", 1) for item in args.worker_ports.split(",") if item)
+        slot, count = (int(x) for x in (args.worker_slot or "0/1").split("/"))
         return run_loop(serve(config, reuse_port=True, ports={k: int(v) for k, v in ports.items()},
-                              announce=False, shared_store_name=args.shared_store, ready_fd=args.ready_fd))
+                              announce=False, shared_store_name=args.shared_store, ready_fd=args.ready_fd,
+                              ops_store=args.ops_store, slot=(slot, count)))
     if args.workers == 1:
-        return run_loop(serve(config))
-    return supervise(args.config, config, args.workers)
+        return run_loop(serve(config, watch_s=watch_s))
+    return supervise(args.config, config, args.workers, watch_s)
 
 
 # -- workers ------------------------------------------------------------------------------------
 
-def supervise(path: str, config: Config, workers: int) -> int:
+def supervise(path: str, config: Config, workers: int, watch_s: float | None = None) -> int:
     """Run N worker processes that share each listener port through SO_REUSEPORT."""
     from .server import bind_socket
 
@@ -176,7 +186,10 @@ def supervise(path: str, config: Config, workers: int) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    procs = [_Worker(cmd) for _ in range(workers)]
+    from .workers import SupervisorOps
+    ops = SupervisorOps(path, workers, watch_s)    # reload broadcast, restart count, --watch
+    ops.install_signals()
+    procs = [_Worker(cmd + ops.worker_args(i)) for i in range(workers)]
     code = 0
     try:
         # Announce only once every worker listens: a client that reads the "listener" line can
@@ -194,6 +207,7 @@ def supervise(path: str, config: Config, workers: int) -> int:
         last_restart = 0.0
         while not stopping:
             time.sleep(0.1)
+            ops.tick(procs)
             for i, w in enumerate(procs):
                 rc = w.proc.poll()
                 if rc is None or stopping:
@@ -201,7 +215,8 @@ def supervise(path: str, config: Config, workers: int) -> int:
                 # A crashed worker is replaced, at most one restart per second.
                 time.sleep(max(0.0, last_restart + 1.0 - time.monotonic()))
                 last_restart = time.monotonic()
-                procs[i] = _Worker(cmd)
+                procs[i] = _Worker(cmd + ops.worker_args(i))
+                ops.restarted(w.proc.pid, rc, procs[i].proc.pid)
                 print(f"wasmgate: worker {w.proc.pid} exited with {rc}; restarted as {procs[i].proc.pid}",
                       flush=True)
     finally:
@@ -220,6 +235,7 @@ def supervise(path: str, config: Config, workers: int) -> int:
                 w.proc.wait()
         if store_name is not None:
             _shared_store_api("remove_shared_store")(store_name)
+        ops.close()
     return code
 
 
@@ -281,8 +297,7 @@ def _create_shared_store(config: Config) -> str | None:
 
     Until abi.api exports create/open/remove_shared_store, each worker keeps its own store.
     """
-    if not config.filters:
-        return None
+    # Even without filters now: a reload may add some, and their data must be gateway-wide too.
     import abi.api
     create = getattr(abi.api, "create_shared_store", None)
     if create is None:
@@ -314,6 +329,10 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--worker-ports", default=None, help=argparse.SUPPRESS)
     run.add_argument("--shared-store", default=None, help=argparse.SUPPRESS)
     run.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    run.add_argument("--watch", action="store_true",
+                     help="reload when the config file or a wasm file it references changes (polls every 1 s)")
+    run.add_argument("--ops-store", default=None, help=argparse.SUPPRESS)
+    run.add_argument("--worker-slot", default=None, help=argparse.SUPPRESS)
     check = sub.add_parser("check", help="validate a config file and list every error")
     check.add_argument("config")
     check.add_argument("--no-load", action="store_true", help="validate only; do not load the wasm filters")
