@@ -31,6 +31,16 @@ The echo upstream answers every request with JSON::
 
 and records each request in ``up.requests`` (``Received`` objects incl. the raw body when it is at
 most ``keep_body_bytes``). Pass ``handler=`` to replace the echo with your own aiohttp handler.
+
+Also here:
+
+* ``raw_upstream(handler)``: an upstream scripted byte by byte (asyncio streams), for resets,
+  timeouts, 1xx, trailers, odd framing; ``read_request_head(reader)`` helps its handlers.
+* ``raw_exchange(port, data)``: send raw bytes, get everything until the server closes;
+  ``split_responses(raw)`` parses concatenated responses (Content-Length or chunked).
+* ``run_cli_gateway(config_path, *args)``: ``python -m gateway.cli run`` as a subprocess (e.g.
+  ``"--workers", "2"``), waiting for its "listener NAME on http://..." lines; ``.ports``,
+  ``.url()``, ``.proc``, ``.output``.
 """
 from __future__ import annotations
 
