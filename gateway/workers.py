@@ -203,7 +203,9 @@ async def install(gw: "Gateway", *, ops_store: str | None = None, slot: int = 0,
     loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(on_trigger("SIGHUP")))
     watch_task = None
     if watch_s is not None:
-        watch_task = asyncio.ensure_future(_watch(gw, watch_s, on_trigger))
+        # Built now, not in the task: a change made right after start-up must count as a change.
+        watcher = Watcher(Path(gw.generation.config.source))
+        watch_task = asyncio.ensure_future(_watch(watcher, watch_s, on_trigger))
 
     async def close() -> None:
         loop.remove_signal_handler(signal.SIGHUP)
@@ -214,8 +216,7 @@ async def install(gw: "Gateway", *, ops_store: str | None = None, slot: int = 0,
     return close
 
 
-async def _watch(gw: "Gateway", interval_s: float, trigger: Callable[[str], Awaitable[None]]) -> None:
-    watcher = Watcher(Path(gw.generation.config.source))
+async def _watch(watcher: Watcher, interval_s: float, trigger: Callable[[str], Awaitable[None]]) -> None:
     while True:
         await asyncio.sleep(interval_s)
         changed = await asyncio.to_thread(watcher.poll)
