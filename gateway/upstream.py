@@ -437,10 +437,12 @@ class Upstreams:
                 resp = await pool.exchange(method, path, authority, headers,
                                            _once(body) if body else None, len(body) if body else None)
                 chunks = []
-                if resp.body is not None:
-                    async for chunk in resp.body:
+                body = resp.body
+                if body is not None:
+                    async for chunk in body:
                         chunks.append(chunk)
-                return CallResponse(resp.status, list(resp.headers), b"".join(chunks))
+                trailers = list(getattr(body, "trailers", None) or [])
+                return CallResponse(resp.status, list(resp.headers), b"".join(chunks), trailers)
         except TimeoutError:
             raise CallFailed("timeout") from None
         except UpstreamError as e:

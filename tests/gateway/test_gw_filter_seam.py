@@ -358,3 +358,28 @@ async def test_local_reply_status_is_always_a_well_formed_final_response(setup, 
         assert b"content-length" not in first.lower() and rest.startswith(b"HTTP/1.1 200")
     else:
         assert rest.startswith(b"odd status body") and b"HTTP/1.1 200" in rest
+
+
+async def test_http_call_returns_body_and_trailers(tmp_path):
+    from gateway.upstream import Upstreams
+
+    async def handler(reader, writer):
+        while head := await read_request_head(reader):
+            body = await reader.readexactly(int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0]))
+            writer.write(b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\nX-Up: 1\r\n\r\n"
+                         b"%x\r\n%s\r\n0\r\nx-checksum: abc\r\n\r\n" % (len(body), body))
+            await writer.drain()
+
+    async with raw_upstream(handler) as up:
+        (tmp_path / "config.yaml").write_text(f"""
+listeners: [{{name: main, port: 0}}]
+clusters: [{{name: svc, endpoints: ["127.0.0.1:{up.port}"]}}]
+routes: [{{name: r, cluster: svc}}]
+""")
+        ups = Upstreams(load_config(tmp_path / "config.yaml").clusters)
+        for _ in range(2):      # the second call reuses the pooled connection
+            resp = await ups.http_call("svc", "POST", "/cb", "svc.local", [("x-a", "1")], b"payload", 2.0)
+            assert (resp.status, resp.body) == (201, b"payload")
+            assert ("x-up", "1") in resp.headers and resp.trailers == [("x-checksum", "abc")]
+        assert ups.pools["svc"].open == 1
+        ups.close()
