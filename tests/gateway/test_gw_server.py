@@ -35,7 +35,11 @@ async def test_stop_drains_in_flight_and_refuses_new(tmp_path):
                 inflight = asyncio.ensure_future(s.get(gw.url("/slow")))
                 await asyncio.sleep(0.1)
                 t0 = asyncio.get_running_loop().time()
-                await gw.gateway.stop(drain_timeout_s=5)
+                stopping = asyncio.ensure_future(gw.gateway.stop(drain_timeout_s=5))
+                await asyncio.sleep(0.05)
+                async with s.get(gw.admin_url + "/ready") as r:        # load balancers see it go
+                    assert r.status == 503 and await r.text() == "draining\n"
+                await stopping
                 took = asyncio.get_running_loop().time() - t0
                 r = await inflight
                 assert r.status == 200 and await r.text() == "slow done"
