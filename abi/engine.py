@@ -3,8 +3,12 @@
 * ``Engine`` compiles modules (with an on-disk cache) and owns the epoch ticker that
   enforces CPU deadlines. One per process (workers are separate processes).
 * ``Instance`` is one Store + one instance: host functions are linked from a dict keyed by
-  ``(module, name)``, exports are called through cached fast callers. ``close()`` frees it
-  deterministically (otherwise the GC does, since callers and memory keep it alive).
+  ``(module, name)`` (a pair imported twice with one type is defined once), exports are
+  called through cached fast callers. ``close()`` frees it deterministically (otherwise the
+  GC does, since callers and memory keep it alive). Each top-level call gets a CPU deadline
+  (``set_deadline_ms`` changes it); instantiation gets its own. Host functions called by a
+  start function can already use ``memory`` and exports (see ``on_created``); a memory import
+  is satisfied with a fresh memory capped by the memory limit.
 * ``Memory`` is bounds-checked access to the instance's exported linear memory.
 * A guest call that ends abnormally raises ``Trap`` (kind: trap | deadline | exit | host) and
   poisons the instance.
@@ -42,7 +46,7 @@ from typing import Any, Callable
 
 import wasmtime as wt
 from wasmtime import _bindings as _B
-from wasmtime._ffi import WASMTIME_EXTERN_MEMORY
+from wasmtime._ffi import WASMTIME_EXTERN_FUNC, WASMTIME_EXTERN_MEMORY
 
 __all__ = [
     "Engine", "EngineError", "Export", "HostTrap", "Import", "Instance", "Memory",
@@ -851,6 +855,7 @@ class Instance:
         self._boot_cells: list[Any] = []      # each host callback's ``boot`` closure cell
         self._linker: wt.Linker | None = None
         self._wt_instance = None
+        self._boot_funcs: dict[str, wt.Func] = {}  # exports reached during instantiation
         self._store = wt.Store(engine._wt)
         # Tables get the same byte budget as memory (wasmtime counts 8 bytes per element):
         # otherwise a table.grow could allocate gigabytes outside the memory cap.
@@ -968,10 +973,9 @@ class Instance:
 
     def _instantiate(self, deadline_ticks: int) -> None:
         st = self._st
-        exported = self.module.exports.get("memory")
-        boot = self.memory is None and exported is not None and exported.kind == "memory"
-        if boot:                    # the start function's host calls resolve the memory
-            self._set_boot(self._resolve_memory)
+        boot = bool(self._boot_cells)
+        if boot:                    # the start function's first host call resolves exports
+            self._set_boot(self._resolve_exports)
         callback_ticks, st.deadline_ticks = st.deadline_ticks, deadline_ticks
         st.arm()
         st.depth += 1               # the start function may call host functions
@@ -989,6 +993,7 @@ class Instance:
             st.armed_at = -1e9      # the first call arms its own deadline
             if boot:
                 self._set_boot(None)
+                self._boot_funcs = {}
         if wt_trap is not None or st.poisoned:
             raise st.conclude(wt_trap, None)
         mem = self._wt_instance.exports(self._store).get("memory")
@@ -1000,19 +1005,26 @@ class Instance:
         for cell in self._boot_cells:
             cell.cell_contents = hook
 
-    def _resolve_memory(self, caller: int) -> None:
-        """Boot hook: a host function is called during instantiation (the instance's exports
-        are not reachable yet): find the exported memory through the caller, once."""
+    def _resolve_exports(self, caller: int) -> None:
+        """Boot hook: the start function calls a host function before the instance (and so
+        its exports) is reachable from here. Find the exported memory and functions through
+        the caller, once; their handles stay valid for the store's lifetime."""
         self._set_boot(None)
-        if self.memory is not None or not caller:
+        if not caller:
             return
-        ext = _B.wasmtime_extern_t()
-        name = b"memory"
-        found = _B.wasmtime_caller_export_get(
-            ctypes.cast(caller, POINTER(_B.wasmtime_caller_t)), name, len(name),
-            ctypes.byref(ext))
-        if found and ext.kind == WASMTIME_EXTERN_MEMORY.value:
-            self.memory = Memory(self, self._st, wt.Memory._from_raw(ext.of.memory))
+        caller_p = ctypes.cast(caller, POINTER(_B.wasmtime_caller_t))
+        for name, exp in self.module.exports.items():
+            want_memory = name == "memory" and exp.kind == "memory" and self.memory is None
+            if exp.kind != "func" and not want_memory:
+                continue
+            ext = _B.wasmtime_extern_t()
+            raw = name.encode()
+            if not _B.wasmtime_caller_export_get(caller_p, raw, len(raw), ctypes.byref(ext)):
+                continue
+            if want_memory and ext.kind == WASMTIME_EXTERN_MEMORY.value:
+                self.memory = Memory(self, self._st, wt.Memory._from_raw(ext.of.memory))
+            elif ext.kind == WASMTIME_EXTERN_FUNC.value:
+                self._boot_funcs[name] = wt.Func._from_raw(ext.of.func)
 
     # -- calls ---------------------------------------------------------------------------
 
@@ -1035,7 +1047,13 @@ class Instance:
         if self._st.closed:
             raise self._st.refusal()
         _require_supported(name, exp.params + exp.results)
-        func = self._wt_instance.exports(self._store)[name]
+        if self._wt_instance is not None:
+            func = self._wt_instance.exports(self._store)[name]
+        elif name in self._boot_funcs:      # called from the start function's host calls
+            func = self._boot_funcs[name]
+        else:
+            raise KeyError(f"export {name!r} is not reachable yet (instantiation in progress "
+                           "and no host call of the start function has run)")
         caller = _guest_caller(self, self._st, name, ctypes.addressof(func._func),
                                exp.params, exp.results)
         caller._func = func         # keeps the wasmtime_func_t we pass by address alive

@@ -989,3 +989,44 @@ def test_shared_memory_import_is_an_engine_error(engine):
         pytest.skip("threads proposal disabled: shared memories do not even compile")
     with pytest.raises(EngineError, match="env.memory"):
         make(engine, module, {})
+
+
+def test_start_function_host_call_may_call_back_into_exports(engine):
+    # e.g. proxy_get_property during an AssemblyScript start section: the host allocates
+    # guest memory through the exported allocator and writes the result there
+    module = engine.compile(b'''(module
+        (import "env" "get" (func $get (param i32)))
+        (memory (export "memory") 1)
+        (global $ptr (mut i32) (i32.const 0))
+        (func (export "malloc") (param i32) (result i32) i32.const 256)
+        (func $s (call $get (i32.const 8)))
+        (start $s)
+        (func (export "load") (param i32) (result i32) local.get 0 i32.load))''')
+    created = []
+
+    def get(out_ptr):
+        inst = created[0]
+        ptr = inst.export_func("malloc")(4)
+        inst.memory.write(ptr, b"abcd")
+        inst.memory.write_u32(out_ptr, ptr)
+
+    inst = Instance(engine, module, {("env", "get"): get}, memory_limit_bytes=16 * MB,
+                    deadline_ms=100, on_created=created.append)
+    assert inst.export_func("load")(8) == 256
+    assert inst.memory.read(256, 4) == b"abcd"
+    assert inst.export_func("malloc")(1) == 256      # the caller made during start still works
+
+
+def test_exports_are_not_reachable_before_the_start_function_runs(engine):
+    module = engine.compile(b'''(module (import "env" "f" (func $f))
+        (func (export "g")) (func $s call $f) (start $s))''')
+    seen = []
+
+    def on_created(inst):
+        with pytest.raises(KeyError, match="not reachable yet"):
+            inst.export_func("g")
+        seen.append(inst)
+
+    inst = make(engine, module, {("env", "f"): lambda: None}, on_created=on_created)
+    assert seen == [inst]
+    inst.export_func("g")()
