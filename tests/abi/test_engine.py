@@ -1030,3 +1030,13 @@ def test_exports_are_not_reachable_before_the_start_function_runs(engine):
     inst = make(engine, module, {("env", "f"): lambda: None}, on_created=on_created)
     assert seen == [inst]
     inst.export_func("g")()
+
+
+def test_imported_memory_that_is_also_exported_keeps_one_memory_object(engine):
+    module = engine.compile(b'''(module (import "env" "memory" (memory 1))
+        (import "env" "f" (func $f)) (export "memory" (memory 0))
+        (func $s call $f) (start $s))''')
+    created, seen = [], []
+    inst = make(engine, module, {("env", "f"): lambda: seen.append(created[0].memory)},
+                on_created=created.append)
+    assert seen == [inst.memory] and seen[0] is inst.memory
