@@ -130,7 +130,12 @@ def _host(address: str) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    config = _load(args.config)
+    stored = None
+    if args.worker_ports is not None:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)   # a reload before our handler is up must not kill us
+        from .workers import current_config
+        stored = current_config(args.config, args.ops_store)   # a restart: the applied config, even
+    config = stored or _load(args.config)                       # if the file on disk is broken now
     if config is None:
         return 2
     if args.workers < 1:
@@ -138,9 +143,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     watch_s = 1.0 if args.watch else None
     if args.worker_ports is not None:
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)   # a reload before our handler is up must not kill us
-        from .workers import current_config
-        config = current_config(args.config, args.ops_store) or config   # a restart: the applied config
         ports = dict(item.split("=", 1) for item in args.worker_ports.split(",") if item)
         slot, count = (int(x) for x in (args.worker_slot or "0/1").split("/"))
         return run_loop(serve(config, reuse_port=True, ports={k: int(v) for k, v in ports.items()},
@@ -187,7 +189,7 @@ def supervise(path: str, config: Config, workers: int, watch_s: float | None = N
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     from .workers import SupervisorOps
-    ops = SupervisorOps(path, workers, watch_s)    # reload broadcast, restart count, --watch
+    ops = SupervisorOps(path, workers, watch_s, config)    # reload broadcast, restart count, --watch
     ops.install_signals()
     procs = [_Worker(cmd + ops.worker_args(i)) for i in range(workers)]
     code = 0

@@ -66,7 +66,7 @@ def state_of(gw: "Gateway") -> ReloadState:
     st = getattr(gw, "reload_state", None)
     if st is None:
         config = gw.generation.config
-        st = gw.reload_state = ReloadState(fingerprint=fingerprint(config, _wasm_digests(config)))
+        st = gw.reload_state = ReloadState(fingerprint=fingerprint(config, wasm_digests(config)))
     return st
 
 
@@ -82,7 +82,7 @@ def fingerprint(config: Config, digests: dict[str, str]) -> str:
     return h.hexdigest()[:16]
 
 
-def _wasm_digests(config: Config) -> dict[str, str]:
+def wasm_digests(config: Config) -> dict[str, str]:
     out = {}
     for spec in config.filters:
         try:
@@ -124,7 +124,7 @@ async def _reload_locked(gw: "Gateway", st: ReloadState) -> ReloadResult:
     fixed = _restart_only_changes(old.config, config)
     if fixed:
         return refused(fixed)
-    digests = await asyncio.to_thread(_wasm_digests, config)
+    digests = await asyncio.to_thread(wasm_digests, config)
     fp = fingerprint(config, digests)
     if fp == st.fingerprint and config == old.config:
         # Nothing to do (e.g. the broadcast reaching the worker that already reloaded).

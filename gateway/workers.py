@@ -108,7 +108,8 @@ class WorkerOps:
             text = Path(config.source).read_text(encoding="utf-8")
         except OSError:
             return
-        _put(self.store, _CONFIG, {"text": text, "source": str(config.source)})
+        _put(self.store, _CONFIG, {"text": text, "source": str(config.source),
+                                   "fingerprint": state_of(self.gw).fingerprint})
 
     async def broadcast(self, result: ReloadResult) -> tuple[bool, str]:
         """Have every other worker reload; wait until all live ones serve ``result.fingerprint``."""
@@ -165,6 +166,10 @@ def _alive(pid: int) -> bool:
     return True
 
 
+# The fingerprint of the stored config this worker started on (the file may differ by now).
+_STARTED_FROM: dict[str, str] = {}
+
+
 def stored_config(store_name: str) -> Config | None:
     """The config the workers last applied (a restarted worker starts on it), or None."""
     from abi.api import open_shared_store
@@ -173,7 +178,9 @@ def stored_config(store_name: str) -> Config | None:
         return None
     source = Path(got["source"])
     try:
-        return parse_config(got["text"], str(source), source.resolve().parent)
+        config = parse_config(got["text"], str(source), source.resolve().parent)
+        _STARTED_FROM["fingerprint"] = got.get("fingerprint", "")
+        return config
     except ConfigError as e:
         log.error("stored config no longer valid (%s); using the file", "; ".join(e.errors))
         return None
@@ -189,8 +196,10 @@ async def install(gw: "Gateway", *, ops_store: str | None = None, slot: int = 0,
         ops = WorkerOps(gw, open_shared_store(ops_store), slot, count)
         gw.ops = ops
         gw.reload_broadcast = ops.broadcast
+    st = state_of(gw)
+    if ops is not None:
+        st.fingerprint = _STARTED_FROM.get("fingerprint") or st.fingerprint
         ops.start()
-    state_of(gw)
 
     async def on_trigger(why: str) -> None:
         log.info("reload requested (%s)", why)
@@ -229,7 +238,7 @@ async def _watch(watcher: Watcher, interval_s: float, trigger: Callable[[str], A
 class SupervisorOps:
     """The supervisor's share: the ops store, reload broadcast, restart count, --watch."""
 
-    def __init__(self, config_path: str, workers: int, watch_s: float | None):
+    def __init__(self, config_path: str, workers: int, watch_s: float | None, config: Config):
         from abi.api import create_shared_store
         self.name = f"wasmgate-{os.getpid()}-ops"
         self.store = create_shared_store(self.name, OPS_STORE_BYTES)
@@ -242,7 +251,9 @@ class SupervisorOps:
         _put(self.store, _SUPERVISOR, {"restarts": 0, "workers": workers})
         try:
             text = Path(config_path).read_text(encoding="utf-8")
-            _put(self.store, _CONFIG, {"text": text, "source": str(Path(config_path).resolve())})
+            from .reload import fingerprint, wasm_digests
+            _put(self.store, _CONFIG, {"text": text, "source": str(Path(config_path).resolve()),
+                                       "fingerprint": fingerprint(config, wasm_digests(config))})
         except OSError:
             pass
 
