@@ -117,6 +117,8 @@ async def _reload_locked(gw: "Gateway", st: ReloadState) -> ReloadResult:
     source = Path(old.config.source)
     base_dir = getattr(gw, "config_base_dir", None)
     refused = lambda errors: ReloadResult(False, st.generation, st.fingerprint, errors=errors)  # noqa: E731
+    if gw.draining:
+        return refused(["the gateway is stopping"])
     try:
         config = await asyncio.to_thread(load_config, source, base_dir=base_dir)
     except ConfigError as e:

@@ -37,7 +37,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("wasmgate.workers")
 
-OPS_STORE_BYTES = 4 * 1024 * 1024
+# Budget of the ops store: a snapshot is ~100 bytes per (route, status) and per cluster, so
+# 1 MiB per worker covers thousands of routes; tmpfs pages cost nothing until written.
+OPS_STORE_BASE_BYTES = 4 * 1024 * 1024
+OPS_STORE_PER_WORKER_BYTES = 1024 * 1024
 BROADCAST_WAIT_S = 15.0           # a cold compile of several filters can take seconds
 _SUPERVISOR = b"supervisor"
 _CONFIG = b"config"
@@ -241,7 +244,7 @@ class SupervisorOps:
     def __init__(self, config_path: str, workers: int, watch_s: float | None, config: Config):
         from abi.api import create_shared_store
         self.name = f"wasmgate-{os.getpid()}-ops"
-        self.store = create_shared_store(self.name, OPS_STORE_BYTES)
+        self.store = create_shared_store(self.name, OPS_STORE_BASE_BYTES + workers * OPS_STORE_PER_WORKER_BYTES)
         self.workers = workers
         self.restarts = 0
         self.reload_requested = False
