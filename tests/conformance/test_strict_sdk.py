@@ -1287,3 +1287,13 @@ async def test_one_instance_per_filter_shared_by_routes(tmp_path, upstream):
     assert trace.count(("init",)) == 1
     assert len(set(ids)) == 4
     assert {e[1] for e in trace if e[0] == "req_hdrs"} >= set(ids)
+
+
+async def test_root_id_from_yaml_is_the_plugin_root_id_property(tmp_path, upstream):
+    # C++/AssemblyScript SDK filters pick their root context by plugin_root_id: it must be the
+    # filter entry's root_id, byte for byte.
+    flt = probe_filter(tmp_path, name="rooted", root_id="my_root")
+    async with probe_gateway(tmp_path, upstream, [flt]) as (gw, s):
+        status, headers, _ = await fetch(s, gw.url("/props/r"), headers={"x-act": "props", "x-prop-hdr": "v"})
+    assert status == 200
+    assert prop(report_of(headers), "p_root_id") == (0, b"my_root")
