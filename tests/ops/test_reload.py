@@ -63,6 +63,7 @@ async def test_changed_filter_rebuilt_unchanged_kept_shared_data_survives(tmp_pa
         old_host = g.generation.filter_host
         rl, hdr = old_host.filters["rl"], old_host.filters["hdr"]
         rl_instance = rl.instance
+        pool = g.generation.upstreams.pools["backend"]
         async with aiohttp.ClientSession() as s:
             assert [await get(s, gw.url("/a")) for _ in range(3)] == [(200, "one")] * 3
             gw.config_path.write_text(config(up.port, "two", limit=limit))
@@ -73,6 +74,7 @@ async def test_changed_filter_rebuilt_unchanged_kept_shared_data_survives(tmp_pa
             assert new_host is not old_host
             assert new_host.filters["rl"] is rl and rl.instance is rl_instance    # same instance
             assert new_host.filters["hdr"] is not hdr
+            assert g.generation.upstreams.pools["backend"] is pool          # unchanged cluster: warm pool
             # The bucket (shared data) was not reset: 2 of the burst of 5 are left.
             got = [await get(s, gw.url("/b")) for _ in range(3)]
             assert got == [(200, "two"), (200, "two"), (429, None)], got
@@ -111,6 +113,10 @@ async def test_refused_reloads_keep_serving_the_old_config(tmp_path):
         missing["filters"][1]["wasm"] = str(tmp_path / "nope.wasm")
         rejected = json.loads(good)
         rejected["filters"][1]["config"] = {"respons": {}}          # headers' on_configure → false
+        vm_start_false = json.loads(good)
+        vm_start_false["filters"][1]["wasm"] = str(ROOT / "tests" / "conformance" / "wat" / "vm_start_false.wat")
+        traps = json.loads(good)
+        traps["filters"][1]["wasm"] = str(ROOT / "tests" / "conformance" / "wat" / "init_trap.wat")
         moved = json.loads(good)
         moved["listeners"][0]["port"] = 1
         broken = [
@@ -118,6 +124,8 @@ async def test_refused_reloads_keep_serving_the_old_config(tmp_path):
             (json.dumps({**doc, "routes": [{"name": "r", "cluster": "nope"}]}), 'no cluster named "nope"'),
             (json.dumps(missing), "nope.wasm"),
             (json.dumps(rejected), "proxy_on_configure: returned false"),
+            (json.dumps(vm_start_false), "proxy_on_vm_start"),
+            (json.dumps(traps), "_initialize"),
             (json.dumps(moved), "listeners changed: restart required"),
         ]
         host = gw.gateway.generation.filter_host
