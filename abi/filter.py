@@ -85,6 +85,7 @@ class Filter:
         self._vm_ctx = VmContext(self, 0)
         self._funcs: dict[str, Callable] = {}
         self._alloc: Callable | None = None
+        self._booting = None                 # the instance while its start section runs (see _start)
         self._allocating = False
         self._deferred: list[Callable[[], None]] = []
         self._pending_done: dict[int, asyncio.Event] = {}
@@ -127,15 +128,20 @@ class Filter:
 
     def _start(self) -> None:
         try:
+            # A start section (AssemblyScript) may call host functions before Instance() returns:
+            # on_created lets them reach this instance's memory and allocator meanwhile.
             inst = Instance(self.engine, self.loaded.module, self.host_functions,
                             memory_limit_bytes=self.spec.limits.memory_bytes,
-                            deadline_ms=self.spec.limits.callback_ms)
+                            deadline_ms=self.spec.limits.callback_ms,
+                            on_created=lambda i: setattr(self, "_booting", i))
         except EngineError as e:
             self.consecutive_failures += 1
             raise StartError("instantiate", str(e)) from None
         except Trap as t:
             self._record_failure("instantiate", t)
             raise StartError("instantiate", f"{t.kind}: {t.message}") from None
+        finally:
+            self._booting = None
         self.generation += 1
         self.instance = inst
         self._funcs = {}
@@ -302,7 +308,7 @@ class Filter:
     # -- guest memory (used by the host functions) -------------------------------------------
 
     def _memory(self):
-        inst = self.instance
+        inst = self.instance if self.instance is not None else self._booting
         mem = inst.memory if inst is not None else None
         if mem is None:
             raise MemoryAccessError("the module has no exported memory")
@@ -326,6 +332,15 @@ class Filter:
         if ptr + size > self._memory().size():
             raise MemoryAccessError(f"({ptr}, {size}) outside linear memory")
 
+    def _booting_allocator(self) -> Callable | None:
+        for name in ("proxy_on_memory_allocate", "malloc"):
+            if self.has(name):
+                try:
+                    return self._booting.export_func(name)
+                except KeyError:     # the start section has not reached a host call yet
+                    return None
+        return None
+
     def write_result(self, data: bytes, ret_pp: int, ret_size_p: int) -> int:
         """Copy `data` into guest-owned memory (guest allocator) and fill the out-pointers.
 
@@ -335,6 +350,8 @@ class Filter:
             self.write_u32(ret_size_p, 0)
             return Status.OK
         alloc = self._alloc
+        if alloc is None and self._booting is not None:
+            alloc = self._booting_allocator()
         if alloc is None or self._allocating:
             # No allocator, or one that calls back into the host for more data: refuse rather
             # than recurse host → guest → host until Python's stack gives out.

@@ -176,3 +176,27 @@ async def test_callback_with_wrong_signature_refused(load):
     w.extra.append('(func (export "proxy_on_request_headers") (param i32 i32) (result i32) (i32.const 0))')
     msg = await expect_load_error(load, w)
     assert "proxy_on_request_headers is (i32, i32) -> (i32), expected (i32, i32, i32) -> (i32)" in msg
+
+
+async def test_start_section_host_call_reads_guest_memory(load, trace):
+    # AssemblyScript modules run code at instantiation: host calls made from a (start) function
+    # must already see the module's memory.
+    await load('''(module
+      (import "env" "proxy_log" (func $log (param i32 i32 i32) (result i32)))
+      (memory (export "memory") 1)
+      (data (i32.const 16) "from-start")
+      (func $boot (drop (call $log (i32.const 2) (i32.const 16) (i32.const 10))))
+      (start $boot)
+      (func (export "proxy_abi_version_0_2_1")))''')
+    assert trace.lines("f")[0] == "from-start"
+
+
+async def test_emscripten_imported_memory_loads(load, trace):
+    # Some Emscripten builds import their memory from env instead of exporting one they own.
+    await load('''(module
+      (import "env" "memory" (memory 1))
+      (import "env" "proxy_log" (func $log (param i32 i32 i32) (result i32)))
+      (data (i32.const 32) "imported")
+      (func (export "_initialize") (drop (call $log (i32.const 2) (i32.const 32) (i32.const 8))))
+      (func (export "proxy_abi_version_0_2_1")))''')
+    assert trace.lines("f")[0] == "imported"
