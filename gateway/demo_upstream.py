@@ -12,10 +12,14 @@ import json
 from aiohttp import web
 
 
-async def echo(request: web.Request) -> web.Response:
+async def echo(request: web.Request) -> web.StreamResponse:
     length = 0
-    async for chunk in request.content.iter_any():
-        length += len(chunk)
+    try:
+        async for chunk in request.content.iter_any():
+            length += len(chunk)
+    except ConnectionResetError:
+        # The gateway aborts an upstream request a filter rejected mid-body: nothing to answer.
+        return web.Response(status=499)
     payload = {"method": request.method, "path": request.path_qs,
                "headers": {k: v for k, v in request.headers.items()}, "body_length": length}
     return web.Response(text=json.dumps(payload, indent=2) + "\n", content_type="application/json")
