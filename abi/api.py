@@ -163,6 +163,12 @@ async def load_filter_host(specs: list[FilterSpec], services: HostServices,
 
 # -- gateway-wide shared data (added for worker processes; backward compatible) -------------
 
+def create_local_store(max_bytes: int):
+    """A store for one process (no workers), sized by the config's shared_data.max_bytes."""
+    from .shared_store import LocalStore
+    return LocalStore(max_bytes=max_bytes)
+
+
 def create_shared_store(name: str, max_bytes: int):
     """Create the store all worker processes share (supervisor, before starting workers)."""
     from .shared_store_shm import create     # deferred: lmdb only when workers share a store

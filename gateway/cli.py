@@ -89,9 +89,10 @@ async def serve(config: Config, *, reuse_port: bool = False, ports: dict[str, in
     from abi.api import FilterLoadError
     from .server import Gateway, StartError
 
-    store = None
     if shared_store_name is not None:
         store = _shared_store_api("open_shared_store")(shared_store_name)
+    else:   # one process: its own store, still sized by the config and kept across reloads
+        store = _shared_store_api("create_local_store")(config.shared_data_max_bytes)
     try:
         gw = await Gateway.start(config, reuse_port=reuse_port, ports=ports, shared_store=store)
     except FilterLoadError as e:

@@ -104,9 +104,9 @@ class Workers:
 
 
 @asynccontextmanager
-async def two_workers(cfg: Path) -> AsyncIterator[Workers]:
+async def two_workers(cfg: Path, workers: int = 2) -> AsyncIterator[Workers]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway.cli", "run", "-c", str(cfg), "--workers", "2", cwd=str(ROOT),
+        sys.executable, "-m", "gateway.cli", "run", "-c", str(cfg), "--workers", str(workers), cwd=str(ROOT),
         stdout=asyncio.subprocess.PIPE, stderr=open(os.environ.get("WG_STDERR", os.devnull), "w"))
     w = Workers(proc)
 
@@ -117,7 +117,8 @@ async def two_workers(cfg: Path) -> AsyncIterator[Workers]:
     try:
         w.base = (await w.wait_line(r"listener main on (http://\S+)", 30)).group(1)
         w.admin = (await w.wait_line(r"admin on (http://\S+)")).group(1)
-        w.pids = [int(p) for p in (await w.wait_line(r"2 workers: (\d+) (\d+)")).groups()]
+        if workers == 2:
+            w.pids = [int(p) for p in (await w.wait_line(r"2 workers: (\d+) (\d+)")).groups()]
         yield w
     finally:
         if proc.returncode is None:
