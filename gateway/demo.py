@@ -18,7 +18,8 @@ def curl_hint(config: Config, port: int) -> str:
     host = "127.0.0.1" if lst.address in ("0.0.0.0", "::") else lst.address
     if ":" in host:
         host = f"[{host}]"
-    route = config.routes[0]
+    # A route without filters answers a bare curl; a filtered one would start with a 401.
+    route = next((r for r in config.routes if not r.filters), config.routes[0])
     m = route.match
     path = m.path or ((m.prefix.rstrip("/") + "/hello") if m.prefix else "/hello")
     parts = ["curl -i"]
