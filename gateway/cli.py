@@ -132,8 +132,8 @@ def _host(address: str) -> str:
 
 def cmd_run(args: argparse.Namespace) -> int:
     stored = None
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)   # a reload before our handler is up must not kill us
     if args.worker_ports is not None:
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)   # a reload before our handler is up must not kill us
         from .workers import current_config
         stored = current_config(args.config, args.ops_store)   # a restart: the applied config, even
     config = stored or _load(args.config)                       # if the file on disk is broken now

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from abi.api import FilterLoadError
+
 from .config import Config, ConfigError, load_config
 from .proxy import Generation
 from .routing import Router
@@ -134,9 +136,13 @@ async def _reload_locked(gw: "Gateway", st: ReloadState) -> ReloadResult:
     upstreams = Upstreams(config.clusters, shared_store=old.upstreams.shared_store)
     try:
         host = await _load_filters(gw, config, upstreams, old.filter_host)
-    except Exception as e:                   # FilterLoadError names filter, file and cause
+    except FilterLoadError as e:             # names the filter, its file and the cause
         upstreams.close()
-        return refused([str(e) if type(e).__name__ == "FilterLoadError" else f"{type(e).__name__}: {e}"])
+        return refused([str(e)])
+    except Exception as e:                   # a host bug must not take the running config down
+        log.exception("loading filters for a reload failed")
+        upstreams.close()
+        return refused([f"loading filters failed: {type(e).__name__}: {e}"])
     kept_pools = _keep_unchanged_pools(old.upstreams, upstreams)
     changes = describe_changes(old.config, config, old.filter_host, host, kept_pools)
     gw.generation = Generation(config, Router(config.routes), upstreams, host)
