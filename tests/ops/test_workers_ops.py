@@ -244,7 +244,9 @@ async def test_cas_counter_rate_limit_and_metrics_are_gateway_wide(tmp_path):
                 async def rl():
                     async with s.get(w.base + "/rl") as r:
                         return r.status
-                first = await asyncio.gather(*[rl() for _ in range(6)])
+                # The bucket is created by one request first: concurrent *creation* of a key is racy
+                # in proxy-wasm (a get that finds nothing has no cas; set with cas 0 is unconditional).
+                first = [await rl()] + list(await asyncio.gather(*[rl() for _ in range(5)]))
                 cfg.write_text(config(up.port, "b", cas_wasm=wat, burst=burst))   # hdr changes only
                 status, body = await post_reload(w.admin)
                 assert status == 200 and "filters kept: cas, rl" in body, body
@@ -288,13 +290,10 @@ async def test_killed_worker_is_restarted_on_the_applied_config(tmp_path):
             await asyncio.sleep(1.2)         # both workers have published their counts
             cfg.write_text("listeners: [\n")  # broken on disk, never reloaded
             os.kill(w.pids[0], signal.SIGKILL)
-            for _ in range(100):             # its listening socket is gone once it has exited
-                if not _running(w.pids[0]):
-                    break
-                await asyncio.sleep(0.02)
-            assert await tags(w.base + "/", 10) == [(200, "b")] * 10        # the other worker serves
+            # Once the supervisor has reaped it, its listening socket is gone: the sibling serves all.
             m = await w.wait_line(rf"worker {w.pids[0]} exited with -9; restarted as (\d+)")
             new_pid = int(m.group(1))
+            assert await tags(w.base + "/", 10) == [(200, "b")] * 10
             for _ in range(300):             # until the new worker is up (it publishes once it listens)
                 if _published_pids(w.proc.pid) >= {new_pid, w.pids[1]}:
                     break
@@ -318,9 +317,3 @@ def _published_pids(supervisor: int) -> set[int]:
     finally:
         ops.close()
 
-
-def _running(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
