@@ -117,12 +117,11 @@ async def reload_gateway(gw: "Gateway") -> ReloadResult:
 async def _reload_locked(gw: "Gateway", st: ReloadState) -> ReloadResult:
     old: Generation = gw.generation
     source = Path(old.config.source)
-    base_dir = getattr(gw, "config_base_dir", None)
     refused = lambda errors: ReloadResult(False, st.generation, st.fingerprint, errors=errors)  # noqa: E731
     if gw.draining:
         return refused(["the gateway is stopping"])
     try:
-        config = await asyncio.to_thread(load_config, source, base_dir=base_dir)
+        config = await asyncio.to_thread(load_config, source)   # relative paths: against its directory
     except ConfigError as e:
         return refused(list(e.errors))
     fixed = _restart_only_changes(old.config, config)
