@@ -186,11 +186,12 @@ class Chain:
         if self._finished:                  # finish() ran: the contexts are deleted
             raise _Stop(LocalReply(503, [], b"", "stream_finished"))
         ctx = self.ctxs[i]
-        if ctx is None or not ctx.alive:
+        f = self.filters[i]
+        if ctx is None or ctx.generation != f.generation:      # not ctx.alive
             self._fail(i)
             return None
         try:
-            action = self.filters[i].call(ctx, name, *args)
+            action = f.call(ctx, name, *args)
         except FilterFailure:
             self._fail(i)
             return None
@@ -210,7 +211,7 @@ class Chain:
         self.ctxs[i] = ctx
         return True
 
-    async def _headers(self, i: int, direction: int, eos: bool) -> int:
+    def _headers(self, i: int, direction: int, eos: bool) -> int:
         f = self.filters[i]
         name = HEADERS_CB[direction]
         if not f.has(name):
@@ -218,13 +219,23 @@ class Chain:
         ctx = self.ctxs[i]
         hmap = self.request_headers if direction == REQUEST else self.response_headers
         ctx.resumed[direction] = False
-        if f.loaded.headers_take_eos:
-            action = self._invoke(i, name, ctx.id, len(hmap), 1 if eos else 0)
-        else:
-            action = self._invoke(i, name, ctx.id, len(hmap))
-        if action is None:
+        # _invoke, inlined (six times per request)
+        if self._finished:
+            raise _Stop(LocalReply(503, [], b"", "stream_finished"))
+        if ctx.generation != f.generation:
+            self._fail(i)
             return SKIPPED
-        if action in CONTINUE_HEADERS:
+        try:
+            if f.abi_010:                   # 0.1.0: (context_id, num_headers)
+                action = f.call(ctx, name, ctx.id, len(hmap))
+            else:
+                action = f.call(ctx, name, ctx.id, len(hmap), 1 if eos else 0)
+        except FilterFailure:
+            self._fail(i)
+            return SKIPPED
+        if self.reply is not None:
+            raise _Stop(self.reply)
+        if action == 0 or action == 2:      # CONTINUE_HEADERS: Continue, ContinueAndEndStream
             return CONTINUE
         if action > MAX_HEADERS_ACTION:
             self._invalid(i, name, action)
@@ -277,20 +288,25 @@ class Chain:
         self.request_headers = HeaderMap(list(headers))
         length = _content_length(headers)
         eos = body is None or length == 0        # Envoy: end_stream with the headers
-        src: Chunks | None = None if eos else _with_eos(body, length, self._set_request_trailers)
+        # The chunk pipeline is built only once a filter needs the body.
+        src: Chunks | None = None
         touched = False
         for i, f in enumerate(self.filters):
             if not self._open(i):
                 continue
-            state = await self._headers(i, REQUEST, eos)
+            state = self._headers(i, REQUEST, eos)
             staged = False
             if state == PAUSED:
-                if src is not None and f.spec.deliver_body_while_paused and f.has(BODY_CB[REQUEST]):
+                if not eos and f.spec.deliver_body_while_paused and f.has(BODY_CB[REQUEST]):
+                    if src is None:
+                        src = _with_eos(body, length, self._set_request_trailers)
                     src = await self._body_while_paused(i, src)
                     staged = touched = True
                 else:
                     await self._wait(i, REQUEST)
-            if src is not None and not staged and not self.skipped[i] and self._sees_body(f, REQUEST):
+            if not eos and not staged and not self.skipped[i] and self._sees_body(f, REQUEST):
+                if src is None:
+                    src = _with_eos(body, length, self._set_request_trailers)
                 src = self._stage(i, REQUEST, src)
                 touched = True
         out = body if not touched else _Payload(src, lambda: self._wire_trailers(REQUEST))
@@ -417,20 +433,22 @@ class Chain:
 
     async def _response(self, status: int, headers: Headers, body: Body | None) -> Forward:
         items = [(":status", str(status))]
-        items.extend(h for h in headers if h[0] != ":status")
+        items += [h for h in headers if h[0] != ":status"]
         self.response_headers = HeaderMap(items)
         length = _content_length(headers)
         eos = body is None or length == 0
-        src: Chunks | None = None if eos else _with_eos(body, length, self._set_response_trailers)
+        src: Chunks | None = None                # built only once a filter needs the body
         touched = False
         for i in range(len(self.filters) - 1, -1, -1):
             if self.ctxs[i] is None or self.skipped[i]:
                 continue
             f = self.filters[i]
-            state = await self._headers(i, RESPONSE, eos)
+            state = self._headers(i, RESPONSE, eos)
             if state == PAUSED:
                 await self._wait(i, RESPONSE)
-            if src is not None and not self.skipped[i] and self._sees_body(f, RESPONSE):
+            if not eos and not self.skipped[i] and self._sees_body(f, RESPONSE):
+                if src is None:
+                    src = _with_eos(body, length, self._set_response_trailers)
                 src = self._stage(i, RESPONSE, src)
                 touched = True
         out = body if not touched else _Payload(src, lambda: self._wire_trailers(RESPONSE))
@@ -486,17 +504,23 @@ class Chain:
                 done()
 
     def _teardown(self) -> None:
+        filters = self.filters
+        failed = self.failed
         for i, ctx in enumerate(self.ctxs):
             if ctx is None:
                 continue
-            f = self.filters[i]
+            f = filters[i]
             try:
-                f.cancel_calls(ctx)
-                ctx.wake()
-                for name in TEARDOWN_CB:
-                    if ctx.alive and f.has(name):
-                        f.call(ctx, name, ctx.id)
-                if ctx.alive and not self.failed[i]:
+                if ctx.pending_calls:
+                    f.cancel_calls(ctx)
+                if ctx.waiter is not None:
+                    ctx.wake()
+                cid = ctx.id
+                for name in f.teardown_callbacks:          # the exported ones, spec order
+                    if ctx.generation != f.generation:     # not ctx.alive: the instance died
+                        break
+                    f.call(ctx, name, cid)
+                if not failed[i] and ctx.generation == f.generation:
                     f.note_success()
             except FilterFailure:
                 pass

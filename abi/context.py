@@ -113,36 +113,51 @@ class RootContext(Context):
         self.props = PropertySource(filter.name, RootFacts(), filter.spec.root_id)
 
 
+# Map types 0..3 → the chain attribute holding that map.
+_STREAM_MAPS = {MapType.HTTP_REQUEST_HEADERS: "request_headers",
+                MapType.HTTP_RESPONSE_HEADERS: "response_headers",
+                MapType.HTTP_REQUEST_TRAILERS: "request_trailers",
+                MapType.HTTP_RESPONSE_TRAILERS: "response_trailers"}
+_LAST_STREAM_MAP = MapType.HTTP_RESPONSE_TRAILERS
+
+
 class HttpContext(Context):
-    """One request through one filter."""
+    """One request through one filter.
+
+    Built for every request and filter, so it is kept light: the property view (``props``)
+    is made on first use.
+    """
 
     def __init__(self, filter: "Filter", context_id: int, generation: int, chain: "Chain"):
-        super().__init__(filter, context_id, generation)
+        self.filter = filter
+        self.id = context_id
+        self.generation = generation
         self.chain = chain
-        self.props = PropertySource(filter.name, chain, filter.spec.root_id)
+        self._props: PropertySource | None = None
         self.bodies: list[BodyBuffer | None] = [None, None]      # [request, response]
         self.resumed = [False, False]
         self.waiter: asyncio.Future[Any] | None = None
         self.pending_calls: set[int] = set()
 
+    @property
+    def props(self) -> PropertySource:              # type: ignore[override]
+        src = self._props
+        if src is None:
+            f = self.filter
+            src = self._props = PropertySource(f.name, self.chain, f.spec.root_id)
+        return src
+
     def get_map(self, map_type: int) -> HeaderMap | None:
-        if map_type <= MapType.HTTP_RESPONSE_TRAILERS:
-            return self._stream_map(map_type)
+        if map_type <= _LAST_STREAM_MAP:
+            return getattr(self.chain, _STREAM_MAPS[map_type])
         return super().get_map(map_type)
 
     def writable_map(self, map_type: int) -> HeaderMap | None:
         # Trailers exist only when the message has some (HTTP/1.1 chunked trailers).
-        return self._stream_map(map_type) if map_type <= MapType.HTTP_RESPONSE_TRAILERS else None
+        return getattr(self.chain, _STREAM_MAPS[map_type]) if map_type <= _LAST_STREAM_MAP else None
 
     def _stream_map(self, map_type: int) -> HeaderMap | None:
-        chain = self.chain
-        if map_type == MapType.HTTP_REQUEST_HEADERS:
-            return chain.request_headers
-        if map_type == MapType.HTTP_RESPONSE_HEADERS:
-            return chain.response_headers
-        if map_type == MapType.HTTP_REQUEST_TRAILERS:
-            return chain.request_trailers
-        return chain.response_trailers
+        return getattr(self.chain, _STREAM_MAPS[map_type])
 
     def get_buffer(self, buffer_type: int) -> BodyBuffer | None:
         if buffer_type <= BufferType.HTTP_RESPONSE_BODY:

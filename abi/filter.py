@@ -59,6 +59,10 @@ class Filter:
         self.name = spec.name
         self.loaded = loaded
         self.has: Callable[[str], bool] = loaded.exports.__contains__
+        # Per-request dispatch decided once: what the chain calls for every context.
+        self.has_context_create = "proxy_on_context_create" in loaded.exports
+        self.teardown_callbacks: tuple[str, ...] = tuple(
+            n for n in ("proxy_on_done", "proxy_on_log", "proxy_on_delete") if n in loaded.exports)
         self.abi_010 = loaded.abi_version == "0.1.0"
         self.engine = engine
         self.services = services
@@ -84,6 +88,7 @@ class Filter:
         self._effective: Context | None = None
         self._vm_ctx = VmContext(self, 0)
         self._funcs: dict[str, Callable] = {}
+        self._mem = None                 # instance.memory once instantiated (None: look it up)
         self._alloc: Callable | None = None
         self._booting = None                 # the instance while its start section runs (see _start)
         self._allocating = False
@@ -101,15 +106,15 @@ class Filter:
 
     def _host_functions(self) -> dict[tuple[str, str], Callable]:
         table = {}
-        for name, (fn, _params, results) in HOSTCALLS.items():
+        for name, (fn, params, results) in HOSTCALLS.items():
             void = not results
             table[("env", name)] = guarded(
                 self, name, fn, bad_memory=None if void else Status.INVALID_MEMORY_ACCESS,
-                internal=None if void else Status.INTERNAL_FAILURE)
-        for name, (fn, _params, results) in WASI.items():
+                internal=None if void else Status.INTERNAL_FAILURE, arity=len(params))
+        for name, (fn, params, results) in WASI.items():
             void = not results
             wrapped = guarded(self, name, fn, bad_memory=None if void else WasiErrno.FAULT,
-                              internal=None if void else WasiErrno.INVAL)
+                              internal=None if void else WasiErrno.INVAL, arity=len(params))
             for module in WASI_MODULES:
                 table[(module, name)] = wrapped
         return table
@@ -145,6 +150,9 @@ class Filter:
         self.generation += 1
         self.instance = inst
         self._funcs = {}
+        # Settled once the instance is built (an exported memory is resolved during
+        # instantiation at the latest); None when it has none: read() then says so.
+        self._mem = inst.memory
         alloc = "proxy_on_memory_allocate" if self.has("proxy_on_memory_allocate") else "malloc"
         self._alloc = inst.export_func(alloc) if self.has(alloc) else None
         self._vm_ctx = VmContext(self, self.generation)
@@ -271,6 +279,7 @@ class Filter:
 
     def _discard(self) -> None:
         inst, self.instance = self.instance, None
+        self._mem = None
         if inst is not None:
             inst.close()
         self.generation += 1            # every context of the old instance is now dead
@@ -317,16 +326,16 @@ class Filter:
     def read(self, ptr: int, size: int) -> bytes:
         if size == 0:
             return b""
-        return self._memory().read(ptr, size)
+        return (self._mem or self._memory()).read(ptr, size)
 
     def write(self, ptr: int, data: bytes) -> None:
-        self._memory().write(ptr, data)
+        (self._mem or self._memory()).write(ptr, data)
 
     def write_u32(self, ptr: int, value: int) -> None:
-        self._memory().write_u32(ptr, value)
+        (self._mem or self._memory()).write_u32(ptr, value)
 
     def write_u64(self, ptr: int, value: int) -> None:
-        self._memory().write_u64(ptr, value)
+        (self._mem or self._memory()).write_u64(ptr, value)
 
     def check_out(self, ptr: int, size: int) -> None:
         if ptr + size > self._memory().size():
@@ -363,7 +372,7 @@ class Filter:
             self._allocating = False
         if not addr:
             return Status.INVALID_MEMORY_ACCESS
-        mem = self._memory()             # re-read: the allocator may have grown memory
+        mem = self._mem or self._memory()    # (Memory re-reads its size if the allocator grew it)
         mem.write(addr, data)
         mem.write_u32(ret_pp, addr)
         mem.write_u32(ret_size_p, len(data))
@@ -396,17 +405,19 @@ class Filter:
 
     def new_http_context(self, chain: "Chain") -> HttpContext | None:
         """A context for one request, or None when no instance is available (backoff)."""
-        if not self.ensure_ready():
+        if self.instance is None and not self.ensure_ready():
             return None
-        root = self.root
-        ctx = HttpContext(self, self._new_id(), self.generation, chain)
-        self.contexts[ctx.id] = ctx
-        if self.has("proxy_on_context_create"):
-            self.call(ctx, "proxy_on_context_create", ctx.id, root.id)
+        cid = self._next_id
+        self._next_id = cid + 1
+        ctx = HttpContext(self, cid, self.generation, chain)
+        self.contexts[cid] = ctx
+        if self.has_context_create:
+            self.call(ctx, "proxy_on_context_create", cid, self.root.id)
         return ctx
 
     def release(self, ctx: HttpContext) -> None:
-        self.cancel_calls(ctx)
+        if ctx.pending_calls:
+            self.cancel_calls(ctx)
         if self.contexts.get(ctx.id) is ctx:
             del self.contexts[ctx.id]
 
@@ -585,6 +596,7 @@ class Filter:
         for task, _origin in list(self._calls.values()):
             task.cancel()
         self._calls.clear()
+        self._mem = None
         if self.instance is not None:
             self.instance.close()
             self.instance = None

@@ -7,7 +7,9 @@ INVALID_MEMORY_ACCESS as in cpp-host, never a Python exception (see guarded()).
 """
 from __future__ import annotations
 
+import functools
 import logging
+import textwrap
 from typing import TYPE_CHECKING, Callable
 
 from .api import LocalReply
@@ -21,6 +23,12 @@ if TYPE_CHECKING:
 
 I32, I64 = "i32", "i64"
 _U32 = 0xFFFFFFFF
+
+# Plain ints on the hot paths (the enums are int constants; these skip the attribute lookups).
+OK = Status.OK
+NOT_FOUND = Status.NOT_FOUND
+BAD_ARGUMENT = Status.BAD_ARGUMENT
+_MAP_MAX = MapType.MAX
 
 PY_LEVELS = {LogLevel.TRACE: 5, LogLevel.DEBUG: logging.DEBUG, LogLevel.INFO: logging.INFO,
              LogLevel.WARN: logging.WARNING, LogLevel.ERROR: logging.ERROR,
@@ -116,47 +124,58 @@ def proxy_set_header_map_pairs(f, map_type, ptr, size):
 
 
 def proxy_get_header_map_value(f, map_type, key_ptr, key_size, ret_pp, ret_size_p):
-    if map_type > MapType.MAX:
-        return Status.BAD_ARGUMENT
-    key = lower_key(f.read(key_ptr, key_size))
+    if map_type > _MAP_MAX:
+        return BAD_ARGUMENT
+    key = f.read(key_ptr, key_size).lower().decode("latin-1")     # buffers.lower_key
     m = f.ctx().get_map(map_type)
     value = m.get(key) if m is not None else None
     if value is None:
         if not f.abi_010:
-            return Status.NOT_FOUND
+            return NOT_FOUND
         value = ""                   # ABI 0.1.0 answered OK + empty for a missing key
     return f.write_result(to_bytes(value), ret_pp, ret_size_p)
 
 
-def _map_edit(f, map_type, key_ptr, key_size, val_ptr, val_size, op: str):
-    if map_type > MapType.MAX:
-        return Status.BAD_ARGUMENT
-    key = lower_key(f.read(key_ptr, key_size))
-    value = to_str(f.read(val_ptr, val_size))
-    m = f.ctx().writable_map(map_type)
-    if m is None:
-        return Status.BAD_ARGUMENT
-    if op != "remove" and not valid_header(key, value):
-        m.unsafe = True                    # OK as Envoy; the entry never reaches the wire
-    if op == "add":
-        m.add(key, value)
-    elif op == "replace":
-        m.replace(key, value)
-    else:
-        m.remove(key)
-    return Status.OK
-
+# Header edits: the key and value are read before the map is looked up (a bad pointer answers
+# INVALID_MEMORY_ACCESS even where the map does not exist), as cpp-host.
 
 def proxy_add_header_map_value(f, map_type, kp, ks, vp, vs):
-    return _map_edit(f, map_type, kp, ks, vp, vs, "add")
+    if map_type > _MAP_MAX:
+        return BAD_ARGUMENT
+    key = f.read(kp, ks).lower().decode("latin-1")
+    value = f.read(vp, vs).decode("latin-1")
+    m = f.ctx().writable_map(map_type)
+    if m is None:
+        return BAD_ARGUMENT
+    if not valid_header(key, value):
+        m.unsafe = True                    # OK as Envoy; the entry never reaches the wire
+    m.add(key, value)
+    return OK
 
 
 def proxy_replace_header_map_value(f, map_type, kp, ks, vp, vs):
-    return _map_edit(f, map_type, kp, ks, vp, vs, "replace")
+    if map_type > _MAP_MAX:
+        return BAD_ARGUMENT
+    key = f.read(kp, ks).lower().decode("latin-1")
+    value = f.read(vp, vs).decode("latin-1")
+    m = f.ctx().writable_map(map_type)
+    if m is None:
+        return BAD_ARGUMENT
+    if not valid_header(key, value):
+        m.unsafe = True                    # OK as Envoy; the entry never reaches the wire
+    m.replace(key, value)
+    return OK
 
 
 def proxy_remove_header_map_value(f, map_type, kp, ks):
-    return _map_edit(f, map_type, kp, ks, 0, 0, "remove")
+    if map_type > _MAP_MAX:
+        return BAD_ARGUMENT
+    key = f.read(kp, ks).lower().decode("latin-1")
+    m = f.ctx().writable_map(map_type)
+    if m is None:
+        return BAD_ARGUMENT
+    m.remove(key)
+    return OK
 
 
 def proxy_get_header_map_size(f, map_type, ret_p):
@@ -429,23 +448,46 @@ HOSTCALLS: dict[str, tuple[Callable, tuple[str, ...], tuple[str, ...]]] = {
     "pthread_equal": (pthread_equal, *_sig(2)),
 }
 
+_GUARDED_SRC = """
+def host({args}):
+    try:
+        return fn(f{comma_args})
+    except MemoryAccessError:
+        return bad_memory
+    except (Trap, HostTrap):
+        raise
+    except Exception as e:          # noqa: BLE001 - a host bug must not kill the guest call
+        f.host_error(name, e)
+        return internal
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def _guarded_factory(arity: int | None) -> Callable:
+    if arity is None:
+        args, comma_args = "*args", ", *args"
+    else:
+        names = ", ".join(f"a{i}" for i in range(arity))
+        args, comma_args = names, (", " + names if names else "")
+    body = textwrap.indent(_GUARDED_SRC.format(args=args, comma_args=comma_args), "    ")
+    code = ("def factory(f, name, fn, bad_memory, internal, MemoryAccessError, Trap, HostTrap):\n"
+            f"{body}\n    return host\n")
+    scope: dict = {}
+    exec(compile(code, f"<wasmgate hostcall/{arity}>", "exec"), scope)
+    return scope["factory"]
+
+
 def guarded(f: "Filter", name: str, fn: Callable, *, bad_memory: int | None,
-            internal: int | None) -> Callable:
+            internal: int | None, arity: int | None = None) -> Callable:
     """Wrap an adapter so nothing but a deliberate trap leaves it.
 
     A bad guest pointer → `bad_memory` (INVALID_MEMORY_ACCESS, as cpp-host; WASI: FAULT); a
     bug of ours → logged, counted, `internal`. Trap (a nested guest call such as the allocator
     trapped) and HostTrap (proc_exit) propagate: they end the guest call on purpose.
+    With ``arity`` (the wasm parameter count) the wrapper takes exactly that many arguments
+    (generated once per arity): no *args packing on every host call.
     """
-    def host(*args):
-        try:
-            return fn(f, *args)
-        except MemoryAccessError:
-            return bad_memory
-        except (Trap, HostTrap):
-            raise
-        except Exception as e:          # noqa: BLE001 — a host bug must not kill the guest call
-            f.host_error(name, e)
-            return internal
+    host = _guarded_factory(arity)(f, name, fn, bad_memory, internal,
+                                   MemoryAccessError, Trap, HostTrap)
     host.__name__ = name
     return host

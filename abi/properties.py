@@ -174,22 +174,47 @@ def _normalize(path: bytes) -> bytes:
     return path[:-1] if path.endswith(b"\0") else path
 
 
-def get_property(src: PropertySource, path: bytes) -> bytes | None:
-    """Encoded value of `path`, or None when not found."""
-    path = _normalize(path)
+# path → (getter, depth) or (None, 0) for a custom property; guest-chosen, so bounded.
+_PATHS: dict[bytes, tuple[Callable[[PropertySource], Any] | None, int]] = {}
+_PATHS_MAX = 1024
+
+
+def _resolve(path: bytes) -> tuple[Callable[[PropertySource], Any] | None, int]:
     segments = path.split(b"\0")
     names = tuple(s.decode("utf-8", "surrogateescape") for s in segments[:2])
+    found: tuple[Callable[[PropertySource], Any] | None, int] = (None, 0)
     for depth in (2, 1):
         getter = _ATTRIBUTES.get(names[:depth]) if len(names) >= depth else None
-        if getter is None:
-            continue
-        value = getter(src)
-        for seg in segments[depth:]:
+        if getter is not None:
+            found = (getter, depth)
+            break
+    if len(_PATHS) >= _PATHS_MAX:
+        _PATHS.clear()
+    _PATHS[path] = found
+    return found
+
+
+def get_property(src: PropertySource, path: bytes) -> bytes | None:
+    """Encoded value of `path`, or None when not found."""
+    if path.endswith(b"\0"):
+        path = path[:-1]                 # _normalize
+    entry = _PATHS.get(path)
+    getter, depth = entry if entry is not None else _resolve(path)
+    if getter is None:
+        return src.facts.custom.get(path)
+    value = getter(src)
+    if value is None:
+        return None
+    if depth and path.count(b"\0") >= depth:
+        for seg in path.split(b"\0")[depth:]:
             if value is None:
                 break
             value = _index(value, seg)
-        return None if value is None else encode(value)
-    return src.facts.custom.get(path)
+        if value is None:
+            return None
+    if type(value) is str:
+        return to_bytes(value)
+    return encode(value)
 
 
 def set_property(src: PropertySource, path: bytes, value: bytes) -> None:

@@ -1,0 +1,164 @@
+"""In-process profile of the filter chain (not a test): µs of CPU per request through abi/.
+
+    python -m bench.chain_profile                 # auth → ratelimit → headers, µs/request
+    python -m bench.chain_profile --profile       # + cProfile of one run (top 30 by tottime)
+    python -m bench.chain_profile --filters auth  # any subset / order of the bench filters
+    python -m bench.chain_profile -n 20000 -r 7   # requests per run, runs (best and median shown)
+
+Loads the real filters/dist/*.wasm with the benchmark's configs (bench/gateway_cfg.py, the
+ones `python -m bench` runs: an API key that auth accepts, a rate limit that never rejects)
+through ``abi.api.load_filter_host`` with a fake HostServices, then drives each request the way
+gateway/proxy.py does: ``host.stream(...)`` → ``request(...)`` → ``response(...)`` →
+``finish(...)``, with 4 pseudo + 8 request headers (x-api-key among them), a GET without body,
+and a 200 with 5 response headers and a content-length body (never iterated by the chain,
+since no bench filter has a body callback). No sockets, no HTTP parsing: only the ABI host.
+
+Every response is checked (the chain must forward, the filters' headers must be there), so a
+run that silently stopped running the filters cannot look fast.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import io
+import json
+import logging
+import pstats
+import statistics
+import time
+
+from abi.api import (CallFailed, FilterSpec, Forward, LogInfo, StreamInfo, load_filter_host)
+from bench.gateway_cfg import API_KEY, API_KEY_HEADER, CHAIN, DIST, FILTER_CONFIGS
+
+REQUEST_HEADERS = [
+    (":method", "GET"), (":path", "/api/v1/items?page=2&sort=asc"), (":authority", "bench.local:8080"),
+    (":scheme", "http"),
+    ("user-agent", "wrk/4.2.0 (bench; x86_64-pc-linux-gnu)"),
+    ("accept", "application/json, text/plain;q=0.9, */*;q=0.8"),
+    ("accept-encoding", "gzip, deflate, br"),
+    ("accept-language", "en-US,en;q=0.5"),
+    (API_KEY_HEADER, API_KEY),
+    ("x-forwarded-for", "203.0.113.7"),
+    ("cookie", "session=4f9a1c2e7b3d; theme=dark"),
+    ("x-trace-id", "b7ad6b7169203331"),
+]
+RESPONSE_STATUS = 200
+RESPONSE_HEADERS = [
+    ("server", "nginx/1.22.1"), ("date", "Wed, 25 Nov 2026 03:00:00 GMT"),
+    ("content-type", "application/json"), ("content-length", "2"), ("etag", '"6543-2"'),
+]
+
+
+class _Body:
+    """A response body iterator the chain hands back untouched (never iterated here)."""
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> bytes:
+        raise StopAsyncIteration
+
+
+class FakeServices:
+    def __init__(self) -> None:
+        self.log = logging.getLogger("bench.chain_profile")
+
+    def has_cluster(self, name: str) -> bool:
+        return False
+
+    async def http_call(self, cluster, method, path, authority, headers, body, timeout_s):
+        raise CallFailed("no clusters in the profile harness")
+
+
+def specs(names: list[str]) -> list[FilterSpec]:
+    return [FilterSpec(name=n, wasm_path=DIST / f"{n}.wasm",
+                       configuration=json.dumps(FILTER_CONFIGS[n]).encode())
+            for n in names]
+
+
+async def load(names: list[str]):
+    return await load_filter_host(specs(names), FakeServices())
+
+
+def _check(names: list[str], fwd_req, fwd_resp) -> None:
+    if not isinstance(fwd_req, Forward) or not isinstance(fwd_resp, Forward):
+        raise SystemExit(f"the chain did not forward: {fwd_req!r} / {fwd_resp!r}")
+    req = dict(fwd_req.headers)
+    resp = dict(fwd_resp.headers)
+    expect = []
+    if "auth" in names:
+        expect.append((API_KEY_HEADER not in req or "x-auth-identity" in req, "auth identity"))
+    if "headers" in names:
+        expect.append(("x-request-id" in req, "headers: x-request-id"))
+        expect.append(("x-served-by" in resp, "headers: x-served-by"))
+    if "ratelimit" in names:
+        expect.append(("ratelimit-limit" in resp, "ratelimit: ratelimit-limit"))
+    missing = [what for ok, what in expect if not ok]
+    if missing:
+        raise SystemExit(f"filters did not run as expected: {missing}\n  request {req}\n  response {resp}")
+
+
+async def run(host, names: list[str], n: int, *, check_every: int = 1000) -> float:
+    """n requests, one after another; returns CPU µs per request (process time)."""
+    body = _Body()
+    log = LogInfo(status=RESPONSE_STATUS, bytes_in=0, bytes_out=2, duration_ns=1000,
+                  upstream_address="127.0.0.1:9000")
+    local = ("127.0.0.1", 8080)
+    t0 = time.process_time()
+    for i in range(n):
+        info = StreamInfo(request_id=f"req-{i}", route_name="bench", cluster_name="upstream",
+                          client_addr=("127.0.0.1", 40000 + (i & 1023)), local_addr=local,
+                          connection_id=i >> 6, start_time_ns=time.time_ns())
+        stream = host.stream(names, info)
+        fwd_req = await stream.request(list(REQUEST_HEADERS), None)
+        fwd_resp = await stream.response(RESPONSE_STATUS,
+                                         [(":status", "200")] + RESPONSE_HEADERS, body)
+        await stream.finish(log)
+        if i % check_every == 0:
+            _check(names, fwd_req, fwd_resp)
+    return (time.process_time() - t0) / n * 1e6
+
+
+async def main_async(args) -> None:
+    names = args.filters.split(",") if args.filters else list(CHAIN)
+    host = await load(names)
+    empty = await load([])
+    try:
+        await run(host, names, min(2000, args.n))            # warm up (allocator, caches)
+        base = [await run(empty, [], args.n) for _ in range(args.repeats)]
+        chain = [await run(host, names, args.n) for _ in range(args.repeats)]
+        b, c = min(base), min(chain)
+        print(f"filters: {' -> '.join(names) or '(none)'}   {args.n} requests x {args.repeats} runs")
+        print(f"  chain:       best {c:7.1f} µs/request   median {statistics.median(chain):7.1f}")
+        print(f"  empty chain: best {b:7.1f} µs/request   median {statistics.median(base):7.1f}")
+        print(f"  filters add: {c - b:7.1f} µs/request")
+        if args.profile:
+            prof = cProfile.Profile()
+            prof.enable()
+            await run(host, names, args.n)
+            prof.disable()
+            out = io.StringIO()
+            st = pstats.Stats(prof, stream=out).sort_stats(args.sort)
+            st.print_stats(args.top)
+            print(out.getvalue())
+    finally:
+        await host.close()
+        await empty.close()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("-n", type=int, default=10000, help="requests per run")
+    p.add_argument("-r", "--repeats", type=int, default=5)
+    p.add_argument("--filters", default="", help="comma-separated, default auth,ratelimit,headers")
+    p.add_argument("--profile", action="store_true", help="cProfile one more run")
+    p.add_argument("--sort", default="tottime", help="pstats sort key (tottime, cumulative...)")
+    p.add_argument("--top", type=int, default=30)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    main()
