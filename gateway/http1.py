@@ -1,14 +1,20 @@
-"""HTTP/1.1 wire format shared by both sides of the proxy: strict head parsing and body framing.
+"""HTTP/1.1 wire format shared by both sides of the proxy: heads and chunked bodies parsed by
+llhttp (through httptools), plus the framing decisions the proxy takes on top.
 
-The parser is deliberately strict (RFC 9112): anything ambiguous about where a message ends is
-rejected, because the proxy re-frames every body itself and must never let a request the
-upstream would split differently through (request smuggling).
+The proxy re-frames every body itself, so anything ambiguous about where a message ends is
+rejected (request smuggling): llhttp runs in its strict mode, no leniency but BWS after a
+chunk size (RFC 9112 §7.1.1 allows it).
+
+I/O stays with asyncio streams: a head is read up to its CRLFCRLF, then handed to llhttp whole;
+a Content-Length body is counted, not parsed; a chunked body goes through llhttp piece by piece.
 """
 from __future__ import annotations
 
 import asyncio
 import re
 from typing import AsyncIterator
+
+import httptools
 
 # RFC 9110 §7.6.1 plus the legacy names every proxy strips. Names listed in Connection are
 # added per message.
@@ -17,19 +23,16 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "t
 # Headers the proxy always writes itself when serialising a message.
 FRAMING = frozenset({"content-length", "transfer-encoding", "connection"})
 
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-# A whole header section in one match: `token ":" value CRLF`, values free of control chars
-# (this also rejects obs-fold, bare CR/LF and whitespace before the colon).
-_HEADER_BLOCK = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\x00-\x08\x0a-\x1f\x7f]*\r\n)*")
-_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
-_DIGITS = re.compile(rb"[0-9]+")
 # Methods as nginx takes them: upper-case tokens (GET, PROPFIND, M-SEARCH...). Any tchar string
 # is a valid token, but "get" or "%00POST" only ever come from broken or hostile clients.
 _METHOD = re.compile(rb"[A-Z][A-Z0-9_-]{0,31}")
-# A request target is visible ASCII only (RFC 3986 via RFC 9112 §3.2); raw UTF-8 or controls are
-# refused rather than forwarded for each upstream to interpret its own way.
-_BAD_TARGET = re.compile(rb"[^\x21-\x7e]")
-_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(;[^\r\n]*)?")
+# llhttp only knows registered methods; an extension method (valid per RFC 9110 §9.1 and
+# forwarded) is handed to it as this one, which frames a request body the same way.
+_STAND_IN = b"PUT"
+# RFC 9110 §8.6: Content-Length values that are all the same number ("5, 5", or the field
+# twice) may be taken as that number; llhttp refuses them, so such a head is retried once with
+# the fields collapsed into one.
+_CL_FIELD = re.compile(rb"(?im)^content-length:([^\r\n]*)\r\n")
 
 Headers = list[tuple[str, str]]
 
@@ -52,65 +55,112 @@ class PeerClosed(Exception):
     """The other side closed or reset the connection mid-message."""
 
 
-def parse_headers(lines: list[bytes]) -> Headers:
-    headers: Headers = []
-    append = headers.append
-    for line in lines:
-        name, sep, value = line.partition(b":")
-        if not sep or not _TOKEN.fullmatch(name):
-            # Covers obs-fold (leading whitespace), "name : value" and garbage lines.
-            raise HttpError(400, f"malformed header line {line[:60]!r}")
-        value = value.strip(b" \t")
-        if _BAD_VALUE.search(value):
-            raise HttpError(400, f"invalid character in header {name.decode('latin-1')}")
-        append((name.decode("latin-1").lower(), value.decode("latin-1")))
-    return headers
+class _Head:
+    """llhttp callbacks for one head: target and lower-cased header fields (latin-1)."""
+    __slots__ = ("url", "headers", "complete")
+
+    def __init__(self):
+        self.url = b""
+        self.headers: Headers = []
+        self.complete = False
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.decode("latin-1").lower(), value.decode("latin-1").strip(" \t")))
+
+    def on_headers_complete(self) -> None:
+        self.complete = True
 
 
-def _fast_headers(head: bytes, end: int) -> Headers:
-    """Headers of a head whose first line ends at ``end``; validated by one regex match."""
-    if _HEADER_BLOCK.fullmatch(head, end + 2, len(head) - 2) is None:
-        return parse_headers(head[end + 2:-4].split(b"\r\n"))   # slow path: names the bad line
-    if end + 4 >= len(head):
-        return []
-    headers: Headers = []
-    append = headers.append
-    for line in head[end + 2:-4].decode("latin-1").split("\r\n"):
-        name, _, value = line.partition(":")
-        append((name.lower(), value.strip(" \t")))
-    return headers
+_KNOWN_METHODS: dict[bytes, bool] = {}
+
+
+def _llhttp_knows(method: bytes) -> bool:
+    known = _KNOWN_METHODS.get(method)
+    if known is None:
+        try:
+            httptools.HttpRequestParser(_Head()).feed_data(method + b" / HTTP/1.1\r\n\r\n")
+            known = True
+        except httptools.HttpParserInvalidMethodError:
+            known = False
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            known = True            # CONNECT, PRI: known, refused or handled later
+        if len(_KNOWN_METHODS) < 256:
+            _KNOWN_METHODS[method] = known
+    return known
+
+
+def _collapse_content_length(head: bytes) -> bytes:
+    values = {v.strip(b" \t") for m in _CL_FIELD.finditer(head) for v in m.group(1).split(b",")}
+    if len(values) != 1:
+        return head
+    value = values.pop()
+    if not value.isdigit():
+        return head
+    first = _CL_FIELD.search(head)
+    assert first is not None
+    return head[:first.start()] + b"content-length: " + value + b"\r\n" + _CL_FIELD.sub(b"", head[first.end():])
+
+
+def _parse_head(make, head: bytes) -> tuple[object, _Head]:
+    """Feed a whole head to a new llhttp parser; returns the parser and what it reported."""
+    sink = _Head()
+    parser = make(sink)
+    try:
+        try:
+            parser.feed_data(head)
+        except httptools.HttpParserError as e:
+            if "Content-Length" not in str(e):
+                raise
+            collapsed = _collapse_content_length(head)
+            if collapsed is head:
+                raise
+            sink = _Head()
+            parser = make(sink)
+            parser.feed_data(collapsed)
+    except httptools.HttpParserUpgrade:
+        # Upgrade or CONNECT: llhttp stops after the head. The proxy never switches protocols;
+        # it forwards the request with the hop-by-hop fields stripped or refuses its target.
+        pass
+    return parser, sink
 
 
 def parse_request_head(head: bytes) -> tuple[str, str, str, Headers]:
     """``head`` ends with CRLFCRLF. Returns method, target, version, lower-cased headers."""
-    end = head.find(b"\r\n")
-    parts = head[:end].split(b" ")
-    if len(parts) != 3 or not parts[1]:
-        raise HttpError(400, "malformed request line")
-    if not _METHOD.fullmatch(parts[0]):
-        raise HttpError(400, f"invalid method {parts[0][:40]!r}")
-    version = parts[2]
-    if version != b"HTTP/1.1" and version != b"HTTP/1.0":
-        if version.startswith(b"HTTP/"):
-            raise HttpError(505, "only HTTP/1.1 and HTTP/1.0 are supported")
-        raise HttpError(400, "malformed request line")
-    target = parts[1]
-    if _BAD_TARGET.search(target):
-        raise HttpError(400, "invalid character in request target")
-    return (parts[0].decode("latin-1"), target.decode("latin-1"), version.decode("latin-1"),
-            _fast_headers(head, end))
+    sp = head.find(b" ")
+    method = head[:sp] if sp > 0 else head[:40]
+    if not _METHOD.fullmatch(method):
+        raise HttpError(400, f"invalid method {method[:40]!r}")
+    eol = head.find(b"\r\n")
+    if head.rfind(b" HTTP/", 0, eol) != eol - 9:
+        raise HttpError(400, "malformed request line")    # llhttp would also take RTSP/ and ICE/
+    try:
+        parser, sink = _parse_head(httptools.HttpRequestParser,
+                                   head if _llhttp_knows(method) else _STAND_IN + head[sp:])
+    except httptools.HttpParserError as e:
+        if "version" in str(e):
+            raise HttpError(505, "only HTTP/1.1 and HTTP/1.0 are supported") from None
+        raise HttpError(400, f"malformed request head: {e}") from None
+    if not sink.complete:
+        raise HttpError(400, "malformed request head")
+    version = parser.get_http_version()
+    if version != "1.1" and version != "1.0":
+        raise HttpError(505, "only HTTP/1.1 and HTTP/1.0 are supported")
+    return method.decode("latin-1"), sink.url.decode("latin-1"), "HTTP/" + version, sink.headers
 
 
 def parse_response_head(head: bytes) -> tuple[int, str, Headers]:
-    end = head.find(b"\r\n")
-    status_line = head[:end]
-    parts = status_line.split(b" ", 2)
-    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or len(parts[1]) != 3 or not parts[1].isdigit():
-        raise HttpError(502, f"malformed upstream status line {status_line[:60]!r}")
     try:
-        return int(parts[1]), parts[0].decode("latin-1"), _fast_headers(head, end)
-    except HttpError as e:
-        raise HttpError(502, f"upstream sent {e.message}") from None
+        parser, sink = _parse_head(httptools.HttpResponseParser, head)
+    except httptools.HttpParserError as e:
+        raise HttpError(502, f"malformed upstream response head: {e}") from None
+    version = parser.get_http_version()
+    if not sink.complete or not head.startswith(b"HTTP/1.") or (version != "1.1" and version != "1.0"):
+        status_line = head.partition(b"\r\n")[0]
+        raise HttpError(502, f"malformed upstream status line {status_line[:60]!r}")
+    return parser.get_status_code(), "HTTP/" + version, sink.headers
 
 
 def connection_tokens(headers: Headers) -> set[str]:
@@ -132,7 +182,7 @@ def body_length(headers: Headers, *, request: bool) -> int | None:
         if name == "content-length":
             for v in value.split(","):
                 v = v.strip()
-                if not _DIGITS.fullmatch(v.encode("latin-1")) or len(v) > 18:
+                if not (v.isdigit() and v.isascii()) or len(v) > 18:
                     raise HttpError(400 if request else 502, f"invalid Content-Length {value!r}")
                 if cl is not None and cl != v:
                     raise HttpError(400 if request else 502, "conflicting Content-Length headers")
@@ -196,50 +246,119 @@ def trailer_block(trailers: Headers | None) -> bytes:
     return ("0\r\n" + "".join(lines) + "\r\n").encode("latin-1", "replace")
 
 
-async def read_chunked(reader: asyncio.StreamReader, status: int = 400,
-                       trailers: list | None = None) -> AsyncIterator[bytes]:
-    """De-chunk a body. Trailer fields go to ``trailers`` if given (else dropped).
-    Raises HttpError(status) on bad framing."""
+# llhttp decodes a chunked body after this stand-in head, so both sides share one decoder.
+_CHUNKED_HEAD = b"PUT / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n"
+
+
+class _Chunks:
+    """llhttp callbacks for a chunked body: data pieces, then trailer fields."""
+    __slots__ = ("data", "trailers", "in_body", "done", "overrun")
+
+    def __init__(self):
+        self.data: list[bytes] = []
+        self.trailers: Headers = []
+        self.in_body = False
+        self.done = False
+        self.overrun = False        # llhttp went on into bytes after the body (a pipelined request)
+
+    def on_message_begin(self) -> None:
+        if self.done:
+            self.overrun = True
+
+    def on_headers_complete(self) -> None:
+        self.in_body = True          # the stand-in head is done: later fields are trailers
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.in_body and not self.done:
+            self.trailers.append((name.decode("latin-1").lower(), value.decode("latin-1").strip(" \t")))
+
+    def on_body(self, data: bytes) -> None:
+        if not self.done:
+            self.data.append(data)
+
+    def on_message_complete(self) -> None:
+        self.done = True
+
+
+def _dechunker() -> tuple[object, _Chunks]:
+    sink = _Chunks()
+    parser = httptools.HttpRequestParser(sink)
+    # BWS after a chunk size is RFC 9112 §7.1.1 chunk-ext syntax. lenient_chunked_length only
+    # concerns a Content-Length next to Transfer-Encoding: the stand-in head has none, so here it
+    # just lets a (dropped) Content-Length trailer field through; real heads are parsed strictly.
+    parser.set_dangerous_leniencies(lenient_spaces_after_chunk_size=True, lenient_chunked_length=True)
+    parser.feed_data(_CHUNKED_HEAD)
+    return parser, sink
+
+
+def _feed_to_end(parser, sink: _Chunks, data: bytes, tail: bytes) -> int:
+    """Feed ``data`` up to the end of the body; returns how many bytes that was.
+
+    httptools cannot say where in a buffer a message ended, but a chunked body ends with
+    CRLFCRLF (last chunk, trailers, empty line): feeding up to each CRLFCRLF in turn (``tail``:
+    the previous read's last bytes) and stopping once llhttp completes the message finds it.
+    """
+    buf = tail + data
+    start = 0
+    pos = buf.find(b"\r\n\r\n")
+    while pos != -1:
+        end = pos + 4 - len(tail)
+        if end > start:
+            parser.feed_data(data[start:end])
+            start = end
+            if sink.done:
+                return start
+        pos = buf.find(b"\r\n\r\n", pos + 1)
+    parser.feed_data(data[start:])
+    return len(data)
+
+
+async def read_chunked(reader, status: int = 400, trailers: list | None = None,
+                       rest: list | None = None, chunk: int = 262144) -> AsyncIterator[bytes]:
+    """De-chunk a body read from ``reader`` (anything with ``async read(n)``) with llhttp.
+
+    Trailer fields go to ``trailers`` if given (else dropped). Bytes read past the body's end
+    (a pipelined request) are appended to ``rest``. Raises HttpError(status) on bad framing.
+    """
+    # Two parsers in step: ``fast`` takes each read whole; only when it ran past the body's end
+    # does ``exact`` (same state, one read behind) feed that read piece by piece to find the end.
+    # Piecewise costs a feed per CRLFCRLF, so it is paid once per body, and only when pipelining.
+    fast, fast_sink = _dechunker()
+    exact, exact_sink = _dechunker()
+    tail = b""
     while True:
+        data = await reader.read(chunk)
+        if not data:
+            raise PeerClosed("connection closed inside a chunked body")
+        sink = fast_sink
+        used = len(data)
         try:
-            line = await reader.readuntil(b"\r\n")
-        except asyncio.IncompleteReadError:
-            raise PeerClosed("connection closed inside a chunked body") from None
-        except asyncio.LimitOverrunError:
-            raise HttpError(status, "chunk size line too long") from None
-        m = _CHUNK_SIZE.fullmatch(line, 0, len(line) - 2)
-        if m is None:
-            raise HttpError(status, "malformed chunk size line")
-        size = int(m.group(1), 16)
-        if size == 0:
-            break
-        while size > 0:
-            data = await reader.read(min(size, 262144))
-            if not data:
-                raise PeerClosed("connection closed inside a chunk")
-            size -= len(data)
-            yield data
-        try:
-            crlf = await reader.readexactly(2)
-        except asyncio.IncompleteReadError:
-            raise PeerClosed("connection closed inside a chunked body") from None
-        if crlf != b"\r\n":
-            raise HttpError(status, "chunk data not followed by CRLF")
-    # Trailer section: header lines until an empty line.
-    while True:
-        try:
-            line = await reader.readuntil(b"\r\n")
-        except asyncio.IncompleteReadError:
-            raise PeerClosed("connection closed inside chunked trailers") from None
-        except asyncio.LimitOverrunError:
-            raise HttpError(status, "trailer line too long") from None
-        if line == b"\r\n":
-            return
-        if trailers is not None:
             try:
-                trailers.extend(parse_headers([line[:-2]]))
-            except HttpError:
-                raise HttpError(status, "malformed trailer field") from None
+                fast.feed_data(data)
+            except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+                if not fast_sink.done:
+                    raise
+                fast_sink.overrun = True
+            if fast_sink.overrun:
+                sink = exact_sink
+                used = _feed_to_end(exact, exact_sink, data, tail)
+            else:
+                exact.feed_data(data)
+                exact_sink.data.clear()
+        except httptools.HttpParserError as e:
+            raise HttpError(status, f"malformed chunked body: {e}") from None
+        tail = data[-3:]
+        pieces = sink.data
+        if pieces:
+            piece = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+            pieces.clear()
+            yield piece
+        if sink.done:
+            if rest is not None and used < len(data):
+                rest.append(data[used:])
+            if trailers is not None:
+                trailers.extend(sink.trailers)
+            return
 
 
 def serialize_headers(headers: Headers, skip: frozenset[str] | set[str] = FRAMING) -> list[str]:

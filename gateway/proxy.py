@@ -48,7 +48,7 @@ class Generation:
 class Downstream:
     """One client connection."""
     __slots__ = ("reader", "writer", "transport", "id", "peer", "peer_text", "local", "idle", "task", "linger",
-                 "last_active")
+                 "last_active", "pending")
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         self.reader = reader
@@ -64,6 +64,27 @@ class Downstream:
         self.task: asyncio.Task | None = None
         self.linger = False         # closing after an error reply with request bytes maybe unread
         self.last_active = time.monotonic()
+        self.pending = b""          # bytes read past the end of a chunked body (pipelining)
+
+    async def read(self, n: int) -> bytes:
+        pending = self.pending
+        if pending:
+            self.pending = pending[n:]
+            return pending[:n]
+        return await self.reader.read(n)
+
+    async def read_head(self, limit: int) -> bytes:
+        """The next head when bytes are pending: as ``StreamReader.readuntil`` would."""
+        buf, self.pending = self.pending, b""
+        while (end := buf.find(b"\r\n\r\n")) == -1:
+            if len(buf) > limit:
+                raise asyncio.LimitOverrunError("request head too large", len(buf))
+            more = await self.reader.read(65536)
+            if not more:
+                raise asyncio.IncompleteReadError(buf, None)
+            buf += more
+        self.pending = buf[end + 4:]
+        return buf[:end + 4]
 
 
 class RequestBody:
@@ -84,12 +105,12 @@ class RequestBody:
             # The client waits for this before sending the body: ask only when we want it.
             self.expect = False
             self.conn.writer.write(_CONTINUE)
-        reader = self.conn.reader
+        conn = self.conn
         try:
             if self.length is not None:
                 n = self.length
                 while n > 0:
-                    data = await reader.read(n if n < 262144 else 262144)
+                    data = await conn.read(n if n < 262144 else 262144)
                     if not data:
                         raise PeerClosed(f"client closed with {n} request body bytes missing")
                     n -= len(data)
@@ -97,12 +118,15 @@ class RequestBody:
                     yield data
             else:
                 trailers: list = []
-                async for data in read_chunked(reader, status=400, trailers=trailers):
+                rest: list = []
+                async for data in read_chunked(conn, status=400, trailers=trailers, rest=rest):
                     self.received += len(data)
                     if self.received > self.limit:
                         raise BodyTooLarge(self.limit)
                     yield data
                 self.iterator.trailers = trailers or None
+                if rest:
+                    conn.pending = rest[0] + conn.pending
         except ConnectionError as e:
             # Keep client-side failures distinct from upstream ones for the caller.
             raise PeerClosed(f"client connection lost: {e}") from None
@@ -147,7 +171,10 @@ class Proxy:
                 conn.idle = True
                 conn.last_active = time.monotonic()
                 try:
-                    head = await reader.readuntil(b"\r\n\r\n")
+                    if conn.pending:
+                        head = await conn.read_head(max(gw.generation.config.limits.max_header_bytes + 4, 65536))
+                    else:
+                        head = await reader.readuntil(b"\r\n\r\n")
                 except asyncio.IncompleteReadError as e:
                     if e.partial.strip():
                         self.metrics.error("client_closed_mid_head")

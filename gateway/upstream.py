@@ -1,6 +1,6 @@
 """A lean HTTP/1.1 upstream client: one keep-alive pool per cluster, round robin, ejection.
 
-Built on asyncio streams and the strict parser in http1.py rather than aiohttp's ClientSession,
+Built on asyncio streams and the llhttp-based parsing in http1.py rather than aiohttp's ClientSession,
 whose per-request machinery costs more CPU than the whole proxied request may spend.
 """
 from __future__ import annotations
@@ -112,10 +112,13 @@ class UpstreamResponse:
         try:
             if n is None:
                 trailers: list = []
-                async for data in read_chunked(reader, status=502, trailers=trailers):
+                rest: list = []
+                async for data in read_chunked(reader, status=502, trailers=trailers, rest=rest):
                     self.bytes += len(data)
                     yield data
                 self._body_iter.trailers = trailers or None   # type: ignore[union-attr]
+                if rest:
+                    self.keepalive = False      # bytes after the response: never reuse this connection
             elif n == -1:
                 while True:
                     data = await reader.read(_READ)
