@@ -160,13 +160,17 @@ def value(text: str, line_start: str) -> float:
     return float(m.group(1)) if m else 0.0
 
 
-async def until_metric(admin: str, line_start: str, want: float, timeout: float = 5.0) -> str:
-    """Other workers publish their counts every second: poll until the sum is there."""
+async def until_metric(admin: str, line_start: str, want: float, timeout: float = 5.0,
+                       also: dict[str, float] | None = None) -> str:
+    """Other workers publish their counts every second: poll until the sums are there.
+
+    ``also``: more {line_start: value} pairs to wait for."""
+    wanted = {line_start: want, **(also or {})}
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:
         text = await metrics(admin)
-        if value(text, line_start) == want or loop.time() >= deadline:
+        if all(value(text, k) == v for k, v in wanted.items()) or loop.time() >= deadline:
             return text
         await asyncio.sleep(0.2)
 
@@ -262,7 +266,9 @@ async def test_cas_counter_rate_limit_and_metrics_are_gateway_wide(tmp_path):
             finally:
                 store.close()
             assert struct.unpack("<Q", raw)[0] == n + 4          # one CAS increment per request
-            text = await until_metric(w.admin, 'wasmgate_requests_total{route="all",status="200"}', n + 4)
+            text = await until_metric(w.admin, 'wasmgate_requests_total{route="all",status="200"}', n + 4,
+                                      also={'wasmgate_requests_total{route="rl",status="429"}': 26 - burst,
+                                            'wasmgate_requests_total{route="rl",status="200"}': burst})
             assert value(text, 'wasmgate_requests_total{route="all",status="200"}') == n + 4
             assert value(text, 'wasmgate_requests_total{route="rl",status="429"}') == 26 - burst
             assert value(text, 'wasmgate_upstream_latency_seconds_count{cluster="backend"}') == n + 4 + burst
