@@ -2,15 +2,15 @@
 llhttp (through httptools), plus the framing decisions the proxy takes on top.
 
 The proxy re-frames every body itself, so anything ambiguous about where a message ends is
-rejected (request smuggling): llhttp runs in its strict mode, no leniency but BWS after a
-chunk size (RFC 9112 §7.1.1 allows it).
+rejected (request smuggling): llhttp runs in its strict mode. Its only leniencies are in the
+chunked-body decoder (see read_chunked): BWS after a chunk size, which RFC 9112 §7.1.1 allows,
+and a Content-Length field in the trailers, which is dropped rather than refused.
 
 I/O stays with asyncio streams: a head is read up to its CRLFCRLF, then handed to llhttp whole;
 a Content-Length body is counted, not parsed; a chunked body goes through llhttp piece by piece.
 """
 from __future__ import annotations
 
-import asyncio
 import re
 from typing import AsyncIterator
 
@@ -134,13 +134,13 @@ def parse_request_head(head: bytes) -> tuple[str, str, str, Headers]:
     if not _METHOD.fullmatch(method):
         raise HttpError(400, f"invalid method {method[:40]!r}")
     eol = head.find(b"\r\n")
-    if head.rfind(b" HTTP/", 0, eol) != eol - 9:
-        raise HttpError(400, "malformed request line")    # llhttp would also take RTSP/ and ICE/
+    if eol < 12 or head[eol - 9:eol - 3] != b" HTTP/":
+        raise HttpError(400, "malformed request line")    # llhttp would also take RTSP/, ICE/ and 0.9
     try:
         parser, sink = _parse_head(httptools.HttpRequestParser,
                                    head if _llhttp_knows(method) else _STAND_IN + head[sp:])
     except httptools.HttpParserError as e:
-        if "version" in str(e):
+        if str(e).startswith("Invalid") and "version" in str(e):
             raise HttpError(505, "only HTTP/1.1 and HTTP/1.0 are supported") from None
         raise HttpError(400, f"malformed request head: {e}") from None
     if not sink.complete:
@@ -201,15 +201,6 @@ def body_length(headers: Headers, *, request: bool) -> int | None:
     if cl is not None:
         return int(cl)
     return -1
-
-
-async def read_length(reader: asyncio.StreamReader, n: int, chunk: int = 262144) -> AsyncIterator[bytes]:
-    while n > 0:
-        data = await reader.read(min(n, chunk))
-        if not data:
-            raise PeerClosed(f"connection closed with {n} body bytes missing")
-        n -= len(data)
-        yield data
 
 
 class BodyStream:

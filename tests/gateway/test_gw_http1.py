@@ -83,7 +83,7 @@ def test_methods_must_be_upper_case_tokens():
 def test_versions_and_extension_methods():
     assert parse_request_head(b"PURGE-ALL /x HTTP/1.0\r\nHost: h\r\n\r\n")[:3] == ("PURGE-ALL", "/x", "HTTP/1.0")
     for line, status in ((b"GET / HTTP/1.2", 505), (b"GET / HTTP/2.0", 505), (b"GET / FTP/1.1", 400),
-                         (b"GET / RTSP/1.0", 400), (b"GET /caf\xc3\xa9 HTTP/1.1", 400)):
+                         (b"GET / RTSP/1.0", 400), (b"GET /a?0", 400), (b"GET / HTTP/1.x", 505), (b"GET /caf\xc3\xa9 HTTP/1.1", 400)):
         try:
             parse_request_head(line + b"\r\nHost: h\r\n\r\n")
             raise AssertionError(line)
