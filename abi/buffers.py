@@ -92,9 +92,12 @@ class HeaderMap:
             items[first] = (name, value)
 
     def remove(self, name: str) -> None:
-        if any(k == name for k, _ in self.items):
-            self._ser = None
-            self.items[:] = [(k, v) for k, v in self.items if k != name]
+        items = self.items
+        for kv in items:
+            if kv[0] == name:
+                self._ser = None
+                items[:] = [kv for kv in items if kv[0] != name]
+                return
 
     def set_all(self, pairs: list[tuple[str, str]]) -> None:
         self._ser = None

@@ -286,7 +286,7 @@ class Chain:
 
     async def _request(self, headers: Headers, body: Body | None) -> Forward:
         self.request_headers = HeaderMap(list(headers))
-        length = _content_length(headers)
+        length = _content_length(headers) if body is not None else None
         eos = body is None or length == 0        # Envoy: end_stream with the headers
         # The chunk pipeline is built only once a filter needs the body.
         src: Chunks | None = None
@@ -528,3 +528,4 @@ class Chain:
                 f.log.exception('filter "%s": teardown failed', f.name)
             finally:
                 f.release(ctx)
+                ctx.detach()             # no chain ↔ context cycle left for the GC

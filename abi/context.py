@@ -185,6 +185,14 @@ class HttpContext(Context):
         self.wake()
         return Status.OK
 
+    def detach(self) -> None:
+        """After on_delete (the context is released): drop the references back to the chain,
+        so a finished request is freed by reference counting instead of the cyclic GC. No
+        host call can act on a released context any more (it is no longer current,
+        effective or findable by id)."""
+        self.chain = None                # type: ignore[assignment]
+        self._props = None
+
     def wake(self) -> None:
         w = self.waiter
         if w is not None and not w.done():
