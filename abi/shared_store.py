@@ -86,7 +86,9 @@ class LocalStore:
 
     def _fresh_cas(self) -> int:
         cas = self._next_cas
-        self._next_cas = cas + 1 if cas < 0xFFFFFFFF else 1   # never 0: Rust maps 0 to None
+        # Never 0 (Rust maps it to None) and never 0xFFFFFFFF, which filters may send as
+        # "create only if absent" (a cas no stored entry can hold), as ShmStore does.
+        self._next_cas = cas + 1 if cas < 0xFFFFFFFE else 1
         return cas
 
     # -- queues (cpp-host shared_queue.cc) --------------------------------------------------

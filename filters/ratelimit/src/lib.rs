@@ -167,6 +167,12 @@ enum Take {
     Empty(Bucket),
 }
 
+/// A cas no store hands out for a stored entry (ours skip it; Envoy's counter would have to land
+/// on exactly this value for this key). §5.4: `set` with a non-zero cas creates an absent key and
+/// fails with CasMismatch when the stored cas differs — so sending it for a key we found absent is
+/// an atomic create-if-absent: two workers creating the same bucket cannot both win.
+const CREATE_IF_ABSENT: u32 = 0xFFFF_FFFF;
+
 /// One CAS-guarded attempt loop on one bucket: take a token if there is one.
 fn take_token(key: &str, limit: &Limit, now_ns: u64) -> Result<Take, Status> {
     for _ in 0..MAX_CAS_RETRIES {
@@ -180,6 +186,7 @@ fn take_token(key: &str, limit: &Limit, now_ns: u64) -> Result<Take, Status> {
             return Ok(Take::Empty(b));
         }
         let next = Bucket { tokens: b.tokens - 1.0, last_ns: b.last_ns };
+        let cas = cas.or(Some(CREATE_IF_ABSENT));
         match hostcalls::set_shared_data(key, Some(&next.encode()), cas) {
             Ok(()) => return Ok(Take::Taken(next)),
             Err(Status::CasMismatch) => continue,

@@ -1,0 +1,21 @@
+"""LocalStore's CAS values: the create-if-absent sentinel (0xFFFFFFFF) is never handed out,
+so a filter can create a key atomically within §5.4's rules (the ratelimit filter does)."""
+from abi.shared_store import LocalStore
+
+OK, CAS_MISMATCH, SENTINEL = 0, 8, 0xFFFFFFFF
+
+
+def test_sentinel_cas_creates_an_absent_key_and_never_overwrites():
+    s = LocalStore()
+    assert s.set(b"k", b"first", SENTINEL) == OK
+    assert s.set(b"k", b"second", SENTINEL) == CAS_MISMATCH
+    assert s.get(b"k")[0] == b"first"
+
+
+def test_cas_counter_wraps_past_the_sentinel_and_zero():
+    s = LocalStore()
+    s._next_cas = 0xFFFFFFFE
+    s.set(b"a", b"1", 0)
+    assert s.get(b"a")[1] == 0xFFFFFFFE
+    s.set(b"a", b"2", 0)
+    assert s.get(b"a")[1] == 1
