@@ -74,12 +74,16 @@ class _Head:
         self.complete = True
 
 
+# Methods that passed _METHOD → whether llhttp knows them.
 _KNOWN_METHODS: dict[bytes, bool] = {}
 
 
 def _llhttp_knows(method: bytes) -> bool:
+    """Whether llhttp knows ``method``; raises HttpError if it breaks our method policy."""
     known = _KNOWN_METHODS.get(method)
     if known is None:
+        if not _METHOD.fullmatch(method):
+            raise HttpError(400, f"invalid method {method[:40]!r}")
         try:
             httptools.HttpRequestParser(_Head()).feed_data(method + b" / HTTP/1.1\r\n\r\n")
             known = True
@@ -131,24 +135,23 @@ def parse_request_head(head: bytes) -> tuple[str, str, str, Headers]:
     """``head`` ends with CRLFCRLF. Returns method, target, version, lower-cased headers."""
     sp = head.find(b" ")
     method = head[:sp] if sp > 0 else head[:40]
-    if not _METHOD.fullmatch(method):
-        raise HttpError(400, f"invalid method {method[:40]!r}")
+    known = _llhttp_knows(method)
     eol = head.find(b"\r\n")
     if eol < 12 or head[eol - 9:eol - 3] != b" HTTP/":
         raise HttpError(400, "malformed request line")    # llhttp would also take RTSP/, ICE/ and 0.9
     try:
         parser, sink = _parse_head(httptools.HttpRequestParser,
-                                   head if _llhttp_knows(method) else _STAND_IN + head[sp:])
+                                   head if known else _STAND_IN + head[sp:])
     except httptools.HttpParserError as e:
         if str(e).startswith("Invalid") and "version" in str(e):
             raise HttpError(505, "only HTTP/1.1 and HTTP/1.0 are supported") from None
         raise HttpError(400, f"malformed request head: {e}") from None
     if not sink.complete:
         raise HttpError(400, "malformed request head")
-    version = parser.get_http_version()
-    if version != "1.1" and version != "1.0":
+    version = head[eol - 8:eol]                        # llhttp checked it: HTTP/<digit>.<digit>
+    if version != b"HTTP/1.1" and version != b"HTTP/1.0":
         raise HttpError(505, "only HTTP/1.1 and HTTP/1.0 are supported")
-    return method.decode("latin-1"), sink.url.decode("latin-1"), "HTTP/" + version, sink.headers
+    return method.decode("latin-1"), sink.url.decode("latin-1"), version.decode("latin-1"), sink.headers
 
 
 def parse_response_head(head: bytes) -> tuple[int, str, Headers]:
@@ -156,11 +159,11 @@ def parse_response_head(head: bytes) -> tuple[int, str, Headers]:
         parser, sink = _parse_head(httptools.HttpResponseParser, head)
     except httptools.HttpParserError as e:
         raise HttpError(502, f"malformed upstream response head: {e}") from None
-    version = parser.get_http_version()
-    if not sink.complete or not head.startswith(b"HTTP/1.") or (version != "1.1" and version != "1.0"):
+    version = head[:8]                                 # llhttp checked it: HTTP/<digit>.<digit>
+    if not sink.complete or (version != b"HTTP/1.1" and version != b"HTTP/1.0"):
         status_line = head.partition(b"\r\n")[0]
         raise HttpError(502, f"malformed upstream status line {status_line[:60]!r}")
-    return parser.get_status_code(), "HTTP/" + version, sink.headers
+    return parser.get_status_code(), version.decode("latin-1"), sink.headers
 
 
 def connection_tokens(headers: Headers) -> set[str]:
