@@ -507,7 +507,7 @@ class Chain:
         filters = self.filters
         failed = self.failed
         for i, ctx in enumerate(self.ctxs):
-            if ctx is None:
+            if ctx is None or ctx.chain is None:         # never opened, or already deleted
                 continue
             f = filters[i]
             try:
