@@ -137,7 +137,9 @@ def instrument():
     stats: dict[str, collections.Counter] = {"guest": collections.Counter(),
                                              "host": collections.Counter(),
                                              "n_guest": collections.Counter(),
-                                             "n_host": collections.Counter()}
+                                             "n_host": collections.Counter(),
+                                             "alloc": collections.Counter(),
+                                             "n_alloc": collections.Counter()}
     orig_guarded = F.guarded
 
     def guarded(f, name, fn, **kw):
@@ -171,10 +173,26 @@ def instrument():
                         stats["guest"][(fname, key)] += (pc() - t) - (host_total[0] - h0)
                         stats["n_guest"][(fname, key)] += 1
                 dict.__setitem__(d, key, timed)
+        def timed_alloc(fn):
+            if fn is None:
+                return None
+
+            def alloc(size):
+                t = pc()
+                try:
+                    return fn(size)
+                finally:
+                    stats["alloc"][(fname, "allocator (inside host functions)")] += pc() - t
+                    stats["n_alloc"][(fname, "allocator (inside host functions)")] += 1
+            return alloc
+        orig_alloc = self.__dict__.get("_alloc")
         self.__class__ = type("TimedFilter", (self.__class__,), {
             "_funcs": property(lambda s: s.__dict__["_tf"],
-                               lambda s, v: s.__dict__.__setitem__("_tf", TimedFuncs(v)))})
+                               lambda s, v: s.__dict__.__setitem__("_tf", TimedFuncs(v))),
+            "_alloc": property(lambda s: s.__dict__["_ta"],
+                               lambda s, v: s.__dict__.__setitem__("_ta", timed_alloc(v)))})
         self._funcs = orig_funcs or {}
+        self._alloc = orig_alloc
 
     F.guarded = guarded
     F.Filter.__init__ = init
@@ -183,7 +201,8 @@ def instrument():
 
 def print_breakdown(stats, n: int) -> None:
     for kind, label in (("guest", "guest callback (own time, host calls excluded)"),
-                        ("host", "host function (incl. nested allocator calls)")):
+                        ("host", "host function (incl. nested allocator calls)"),
+                        ("alloc", "of which the guest allocator (returned buffers)")):
         total = sum(stats[kind].values()) / n * 1e6
         print(f"  {label}: {total:.1f} µs/request")
         for (fname, name), t in sorted(stats[kind].items(), key=lambda kv: -kv[1]):
@@ -206,6 +225,7 @@ async def main_async(args) -> None:
             t = await run(host, names, args.n)
             print(f"breakdown (instrumented run: {t:.1f} µs/request CPU; parts below are wall clock, timers included)")
             print_breakdown(stats, args.n)
+            return                  # everything in this process is instrumented now
         b, c = min(base), min(chain)
         print(f"filters: {' -> '.join(names) or '(none)'}   {args.n} requests x {args.repeats} runs")
         print(f"  chain:       best {c:7.1f} µs/request   median {statistics.median(chain):7.1f}")
