@@ -96,6 +96,9 @@ def _req(name: str) -> Callable[[PropertySource], Any]:
     return get
 
 
+_req_x_request_id = _req("x-request-id")
+
+
 def _url(src: PropertySource):
     path = _req(":path")(src)
     return None if path is None else urlsplit(path)
@@ -132,7 +135,7 @@ _ATTRIBUTES: dict[tuple[str, ...], Callable[[PropertySource], Any]] = {
     ("request", "headers"): lambda s: _headers_map(s.facts.request_headers),
     ("request", "referer"): _req("referer"),
     ("request", "useragent"): _req("user-agent"),
-    ("request", "id"): lambda s: _req("x-request-id")(s) or (s.facts.info.request_id if s.facts.info else None),
+    ("request", "id"): lambda s: _req_x_request_id(s) or (s.facts.info.request_id if s.facts.info else None),
     ("request", "protocol"): _info(lambda i: i.protocol),
     ("request", "time"): _info(lambda i: Timestamp(i.start_time_ns)),
     ("request", "duration"): _log(lambda l: Duration(l.duration_ns)),

@@ -1,0 +1,64 @@
+"""Invariants the per-request fast path relies on (bench/chain_profile.py measures it):
+a finished request is freed by reference counting (no chain <-> context cycle for the GC),
+and a second finish() does not delete the contexts again."""
+from __future__ import annotations
+
+import asyncio
+import gc
+
+from abi.api import Forward, LogInfo
+from abi.filter import Filter
+from bench.chain_profile import CHAIN, REQUEST_HEADERS, RESPONSE_HEADERS, load
+from abi_helpers import info
+
+
+async def _one(host, i: int, *, finish_twice: bool = False) -> None:
+    stream = host.stream(CHAIN, info(request_id=f"r{i}", client_addr=("127.0.0.1", 40000 + i)))
+    fwd = await stream.request(list(REQUEST_HEADERS), None)
+    assert isinstance(fwd, Forward)
+    fwd = await stream.response(200, [(":status", "200")] + RESPONSE_HEADERS, None)
+    assert isinstance(fwd, Forward)
+    await stream.finish(LogInfo(status=200))
+    if finish_twice:
+        await stream.finish(LogInfo(status=200))
+
+
+def test_finished_requests_leave_no_cyclic_garbage():
+    async def main():
+        host = await load(CHAIN)
+        try:
+            await _one(host, 0)
+            gc.collect()
+            gc.disable()
+            try:
+                for i in range(20):
+                    await _one(host, i)
+                assert gc.collect() == 0
+            finally:
+                gc.enable()
+            for f in host.filters.values():
+                assert [c for c in f.contexts.values() if c is not f.root] == []
+        finally:
+            await host.close()
+    asyncio.run(main())
+
+
+def test_second_finish_runs_no_callbacks(monkeypatch):
+    calls: list[str] = []
+    real = Filter.call
+
+    def call(self, ctx, name, *args):
+        calls.append(name)
+        return real(self, ctx, name, *args)
+
+    async def main():
+        host = await load(CHAIN)
+        try:
+            monkeypatch.setattr(Filter, "call", call)
+            await _one(host, 1, finish_twice=True)
+        finally:
+            monkeypatch.undo()
+            await host.close()
+    asyncio.run(main())
+    teardown = [n for n in calls if n in ("proxy_on_done", "proxy_on_log", "proxy_on_delete")]
+    assert teardown == ["proxy_on_done", "proxy_on_log", "proxy_on_delete"] * len(CHAIN)
