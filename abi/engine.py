@@ -54,11 +54,10 @@ __all__ = [
 ]
 
 WASMTIME_VERSION = "50.0.1"   # pinned: the raw signatures below are checked against it
-EPOCH_MS = 1                  # one epoch = 1 ms; deadlines are counted in these ticks
+EPOCH_MS = 1                  # one epoch = 1 ms of CPU time; deadlines count these ticks
 TICKER_PERIOD_S = 0.002       # how often the ticker advances the epoch (deadline slack)
 REARM_S = 0.002               # a store re-arms its deadline at most this often (cost: a C call)
 TABLE_ELEMENTS_FLOOR = 100_000  # table cap never below this (big Go binaries have ~10k funcs)
-IDLE_GRACE_MS = 1000          # quiet time (beyond the longest deadline) before the ticker idles
 INSTANTIATE_DEADLINE_MS = 1000  # default floor of the deadline of instantiation (start section)
 WASM_PAGE = 65536
 _CACHE_MAGIC = b"WGCWASM1"    # our cache-file header: magic + sha256(payload) + payload
@@ -188,64 +187,125 @@ def _default_cache_dir() -> Path:
 
 
 class _Ticker:
-    """Background thread that keeps the engine epoch at the milliseconds elapsed on its clock.
+    """Background thread that keeps the engine epoch at the milliseconds of CPU time that the
+    threads running guest calls have consumed.
+
+    Why CPU time, and per thread: a deadline stops a guest that *computes* too long. Measured
+    on the wall clock it also fired on healthy filters whose worker was merely descheduled
+    (CPU contention: 3 spurious traps per ~1M requests under load). The process CPU clock
+    would still charge a call for CPU burnt by other threads of the worker meanwhile
+    (module compiles in ``to_thread`` during a reload, wasmtime's parallel compiler), and a
+    guest waiting for the GIL while another thread runs Python. So the epoch advances by the
+    CPU clock (CLOCK_THREAD_CPUTIME) of each thread that has a store in a guest call: by the
+    largest advance among them, so every running call is charged at least its own CPU time
+    (a deadline cannot become infinite, whichever thread runs the guest), and more only
+    while guests run on two threads at once (instantiation during a reload: rare, and early
+    rather than never).
+
+    Which threads: ``_StoreState.arm`` registers the store with its thread's clock (the hot
+    path re-arms at most every REARM_S). The ticker forgets a store that is not in a call
+    (``depth == 0``) and was armed more than REARM_S ago: a call sets ``depth`` *before* it
+    checks the re-arm rate limit, so any later call of that store finds its arm stale and
+    registers again. An Instance belongs to one thread; its first call after instantiation
+    (possibly on another thread) always re-arms.
 
     Why this shape: a Python thread wake-up costs ~20-25 us of CPU on these machines, so the
     ticker wakes every TICKER_PERIOD_S (not every ms) and sets the epoch to the clock, so sleep
     jitter does not stretch deadlines. The epoch never runs ahead of ``now_ms()``; when the
     ticker is starved (GIL, CPU) it lags, and catches up in one burst when it runs again.
     ``_StoreState.arm`` adds the current lag to the deadline, so that burst never cuts a call
-    short. When no call has armed a deadline for longer than any deadline could run, the
-    ticker sleeps until the next arm wakes it (an idle worker costs nothing); the epoch then
-    resumes where it stopped.
+    short. With no store registered the ticker sleeps until the next arm wakes it (an idle
+    worker costs nothing); the epoch then resumes where it stopped.
 
     Holds only the wasmtime engine, so our Engine can be collected (its finalizer stops us).
     """
 
     def __init__(self, wt_engine: wt.Engine):
         self.epoch = 0              # engine epoch, published after the engine has reached it
-        self.origin = time.monotonic()
-        self.arms = 0               # bumped by every arm(): tells the ticker calls happen
+        self.cpu_ns = 0             # the deadline clock: CPU ns charged to guest calls so far
         self.idle = False
-        self.max_deadline = 0       # longest deadline (ms) armed on this engine
+        self._calls: dict[Any, int] = {}    # _StoreState -> CPU clock id of the arming thread
+        self._last: dict[int, int] = {}     # CPU clock id -> its reading at the last tick
+        self._lock = threading.Lock()
+        self._local = threading.local()     # per thread: its clock id (dies with the thread)
         self._stopped = False
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(wt_engine,),
                                         name="wasmgate-epoch", daemon=True)
         self._thread.start()
 
-    def now_ms(self) -> int:
-        return int((time.monotonic() - self.origin) * 1000)
+    def register(self, st: "_StoreState") -> int:
+        """Count the CPU time of this thread while ``st`` may run a call; returns the lag (ms):
+        how far the engine epoch may still jump at once."""
+        clock = getattr(self._local, "clock", None)
+        if clock is None:
+            clock = self._local.clock = _thread_cpu_clock()
+        with self._lock:
+            if clock not in self._last:
+                reading = _read_clock(clock)
+                if reading is None:     # never uncounted: fall back to the process clock
+                    clock = self._local.clock = time.CLOCK_PROCESS_CPUTIME_ID
+                    reading = time.clock_gettime_ns(clock)
+                self._last[clock] = reading
+            self._calls[st] = clock
+            st.armed_at = time.monotonic()
+            return max(0, self._target(self._pending_ns()) - self.epoch)
 
-    def lag_ms(self) -> int:
-        """How far the engine epoch may still jump at once (0 while idle: no catch-up then)."""
-        return 0 if self.idle else max(0, self.now_ms() - self.epoch)
+    def now_ms(self) -> int:
+        with self._lock:
+            return self._target(self._pending_ns())
+
+    def _pending_ns(self) -> int:
+        """CPU time charged since the last tick (lock held)."""
+        step = 0
+        for clock, last in self._last.items():
+            reading = _read_clock(clock)
+            if reading is not None and reading - last > step:
+                step = reading - last
+        return step
+
+    def _target(self, pending_ns: int) -> int:
+        return (self.cpu_ns + pending_ns) // (EPOCH_MS * 1_000_000)
+
+    def _tick(self) -> tuple[int, bool]:
+        """Advance the clock, forget finished calls; (target epoch, nothing registered)."""
+        now = time.monotonic()
+        with self._lock:
+            calls = self._calls
+            for st in [st for st in calls if not st.depth and now - st.armed_at > REARM_S]:
+                del calls[st]
+            live = set(calls.values())
+            step = 0
+            for clock in list(self._last):
+                reading = _read_clock(clock) if clock in live else None
+                if reading is None:             # no call on that thread (or thread gone)
+                    del self._last[clock]
+                    continue
+                step = max(step, reading - self._last[clock])
+                self._last[clock] = reading
+            self.cpu_ns += step
+            quiet = not calls
+            if quiet:                       # under the lock: register() then sees idle
+                self._wake.clear()
+                self.idle = True
+            return self._target(0), quiet
 
     def _run(self, wt_engine: wt.Engine) -> None:
         ptr = _addr(wt_engine.ptr())
-        seen_arms, quiet_since = self.arms, 0
         while not self._stopped:
             time.sleep(TICKER_PERIOD_S)
-            epoch, target = self.epoch, self.now_ms()
+            target, quiet = self._tick()
+            epoch = self.epoch
             while epoch < target:
                 _increment_epoch(ptr)
                 epoch += 1
             self.epoch = epoch
-            if self.arms != seen_arms:
-                seen_arms, quiet_since = self.arms, epoch
-            elif epoch - quiet_since > self.max_deadline + IDLE_GRACE_MS:
-                self._sleep_until_armed(seen_arms)
-                seen_arms, quiet_since = self.arms, self.epoch
-
-    def _sleep_until_armed(self, seen_arms: int) -> None:
-        # Publish idle first, then re-check arms; arm() bumps arms first, then reads idle.
-        # Whatever the interleaving, either we see the arm or arm() sees us idle and wakes us.
-        self._wake.clear()
-        self.idle = True
-        if self.arms == seen_arms and not self._stopped:
-            self._wake.wait()
-        self.origin = time.monotonic() - self.epoch / 1000   # before idle clears: lag_ms()
-        self.idle = False
+            if quiet:
+                # register() adds under the lock, then reads idle: either _tick saw the store,
+                # or register() sees idle and wakes us.
+                if not self._stopped:
+                    self._wake.wait()
+                self.idle = False
 
     def wake(self) -> None:
         self._wake.set()
@@ -253,6 +313,22 @@ class _Ticker:
     def stop(self) -> None:
         self._stopped = True
         self._wake.set()
+
+
+def _thread_cpu_clock() -> int:
+    """The calling thread's CPU clock id; the process CPU clock where there is none (then
+    other threads' CPU counts too: deadlines fire early, never late)."""
+    try:
+        return time.pthread_getcpuclockid(threading.get_ident())
+    except (AttributeError, OSError):
+        return time.CLOCK_PROCESS_CPUTIME_ID
+
+
+def _read_clock(clock: int) -> int | None:
+    try:
+        return time.clock_gettime_ns(clock)
+    except OSError:                 # the thread has exited
+        return None
 
 
 class Engine:
@@ -513,11 +589,11 @@ _GUEST_CALL_SRC = """
 def {fn}({args}):
     if st.depth or st.poisoned:
         return nested({args})
-    if monotonic() - st.armed_at > REARM_S:
-        st.arm()
-    pack_into(buf, 0{comma_packed})
-    st.depth = 1
+    st.depth = 1                # before the rate limit: the ticker relies on it (see _Ticker)
     try:
+        if monotonic() - st.armed_at > REARM_S:
+            st.arm()
+        pack_into(buf, 0{comma_packed})
         err = call_raw(ctx, fptr, bufaddr, nslots, trapaddr)
     finally:
         st.depth = 0
@@ -645,15 +721,14 @@ class _StoreState:
         self.last_trap: Trap | None = None
 
     def arm(self) -> None:
-        """Give the calls of the next REARM_S a fresh deadline.
+        """Give the calls of the next REARM_S a fresh deadline (caller: ``depth`` already set,
+        see _Ticker).
 
         The deadline is counted from the engine epoch, which may lag the clock and then jump:
         adding the current lag keeps that jump from eating into this deadline.
         """
         ticker = self.ticker
-        ticker.arms += 1              # before reading idle: see _Ticker._sleep_until_armed
-        _set_epoch_deadline(self.ctx, self.deadline_ticks + ticker.lag_ms())
-        self.armed_at = time.monotonic()
+        _set_epoch_deadline(self.ctx, self.deadline_ticks + ticker.register(self))
         if ticker.idle:
             ticker.wake()
 
@@ -880,10 +955,7 @@ class Instance:
         later by about one ticker period."""
         if ms <= 0:
             raise ValueError(f"deadline must be positive, got {ms} ms")
-        ticks = -(-ms // EPOCH_MS) + round(REARM_S * 1000) + 1
-        ticker = self.engine._ticker
-        ticker.max_deadline = max(ticker.max_deadline, ticks)
-        return ticks
+        return -(-ms // EPOCH_MS) + round(REARM_S * 1000) + 1
 
     def set_deadline_ms(self, ms: int) -> None:
         """CPU deadline of each top-level guest call from the next one on (a call in progress
@@ -977,10 +1049,10 @@ class Instance:
         if boot:                    # the start function's first host call resolves exports
             self._set_boot(self._resolve_exports)
         callback_ticks, st.deadline_ticks = st.deadline_ticks, deadline_ticks
-        st.arm()
-        st.depth += 1               # the start function may call host functions
+        st.depth += 1               # the start function may call host functions; before arm()
         wt_trap = None
         try:
+            st.arm()
             self._wt_instance = self._linker.instantiate(self._store, self.module._wt)
         except wt.Trap as e:
             wt_trap = e
