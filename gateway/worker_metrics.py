@@ -133,7 +133,8 @@ def sum_samples(samples: Iterable[MetricSample]) -> list[MetricSample]:
     return list(acc.values())
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a worker process still exists (signal 0 probes without signalling)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -148,7 +149,7 @@ def render(gw: "Gateway", snaps: list[dict[str, Any]], extra: dict[str, Any] | N
     total = Metrics()
     samples: list[MetricSample] = []
     for snap in snaps:
-        live = _alive(snap["pid"])
+        live = pid_alive(snap["pid"])
         for r, s, n in snap["requests"]:
             total.requests[(r, s)] += n
         for k, n in snap["errors"].items():
@@ -178,7 +179,7 @@ def render(gw: "Gateway", snaps: list[dict[str, Any]], extra: dict[str, Any] | N
 
 
 def _reload_samples(snaps: list[dict[str, Any]], extra: dict[str, Any]) -> list[MetricSample]:
-    rl = [s["reload"] for s in snaps if _alive(s["pid"])] or [snaps[0]["reload"]]
+    rl = [s["reload"] for s in snaps if pid_alive(s["pid"])] or [snaps[0]["reload"]]
     out = [
         MetricSample("wasmgate_reloads_total", "counter", float(sum(s["reload"]["ok"] for s in snaps)),
                      {"result": "ok"}, "Config reload attempts per worker, by result."),

@@ -30,7 +30,7 @@ import msgpack
 from .config import Config, ConfigError, load_config, parse_config
 from .reload import ReloadResult, reload_gateway, state_of
 from .watch import Watcher
-from .worker_metrics import PUBLISH_INTERVAL_S, render, snapshot
+from .worker_metrics import PUBLISH_INTERVAL_S, pid_alive, render, snapshot
 
 if TYPE_CHECKING:
     from .server import Gateway
@@ -144,7 +144,7 @@ class WorkerOps:
             if i == self.slot:
                 continue
             snap = _get(self.store, _slot_key(i))
-            if snap is None or not _alive(snap["pid"]):
+            if snap is None or not pid_alive(snap["pid"]):
                 continue             # starting or restarting: it starts on the current config
             if snap["reload"]["fingerprint"] != fp:
                 out.append((i, snap))
@@ -157,16 +157,6 @@ class WorkerOps:
             self.publish()           # the last counts survive into a successor
         except Exception:
             pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
 
 
 # The fingerprint of the stored config this worker started on (the file may differ by now).
