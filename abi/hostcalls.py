@@ -138,6 +138,8 @@ def proxy_get_header_map_value(f, map_type, key_ptr, key_size, ret_pp, ret_size_
 
 # Header edits: the key and value are read before the map is looked up (a bad pointer answers
 # INVALID_MEMORY_ACCESS even where the map does not exist), as cpp-host.
+# add and replace stay two flat functions on purpose: every filter header edit runs one, and a
+# shared helper measured as one more Python call per edit (bench/chain_profile).
 
 def proxy_add_header_map_value(f, map_type, kp, ks, vp, vs):
     if map_type > _MAP_MAX:
