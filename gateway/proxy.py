@@ -392,8 +392,8 @@ class Proxy:
         status = resp.status
         headers = _strip_hop_by_hop(resp.headers)
         length = resp.length                     # int, None = chunked, -1 = until close
-        small = stream is None and length is not None and 0 < length <= _SMALL_BODY
-        body = None if small else resp.body
+        small = length is not None and 0 < length <= _SMALL_BODY
+        body = None if small and stream is None else resp.body
         if stream is not None:
             try:
                 result = await stream.response(status, [(":status", str(status))] + headers, body)
@@ -410,6 +410,8 @@ class Proxy:
                 length = None               # a filter's new body: length unknown until sent
             elif length is not None and length >= 0 and _header(headers, "content-length") != str(length):
                 length = None               # a filter dropped or changed Content-Length
+            if small and (result.body is not body or length != resp.length):
+                small = False               # the filters see or reshape the body: stream it
             body = result.body
         no_body = method == "HEAD" or status in (204, 304) or status < 200
         close = not ex.keepalive or self.gw.draining
@@ -440,7 +442,7 @@ class Proxy:
             ex.status = status
             return not close
         if small:
-            # Small body, no filters: one read and one write, no iterator machinery.
+            # Small body no filter reads: one read and one write, no iterator machinery.
             try:
                 data = await resp.read_exact()
             except UpstreamReset as e:
