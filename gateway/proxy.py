@@ -321,8 +321,8 @@ class Proxy:
         except Exception as e:
             log.exception('route "%s": could not open a filter stream', route.name)
             return self._reply_error(conn, ex, 500, f"filter chain error: {type(e).__name__}", "filter_error")
-        chain_headers = [(":method", method), (":path", target), (":authority", authority),
-                         (":scheme", "http")] + fwd_headers
+        chain_headers = [(":method", method), (":path", target), (":authority", authority), (":scheme", "http")]
+        chain_headers += fwd_headers
         original = body.iterator if body else None
         try:
             try:
@@ -390,13 +390,15 @@ class Proxy:
     async def _respond(self, conn: Downstream, ex: Exchange, method: str, version: str,
                        resp: UpstreamResponse, stream) -> bool:
         status = resp.status
-        headers = _strip_hop_by_hop(resp.headers)
         length = resp.length                     # int, None = chunked, -1 = until close
         small = length is not None and 0 < length <= _SMALL_BODY
         body = None if small and stream is None else resp.body
-        if stream is not None:
+        if stream is None:
+            headers = _strip_hop_by_hop(resp.headers)
+        else:
             try:
-                result = await stream.response(status, [(":status", str(status))] + headers, body)
+                headers = _strip_hop_by_hop(resp.headers, (":status", str(status)))
+                result = await stream.response(status, headers, body)
             except LocalReplyInterrupt as e:
                 result = e.reply
             if isinstance(result, LocalReply):
@@ -665,12 +667,18 @@ def _upstream_headers(headers: list[tuple[str, str]], conn_tokens: set[str] | No
     return out
 
 
-def _strip_hop_by_hop(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+def _strip_hop_by_hop(headers: list[tuple[str, str]], first: tuple[str, str] | None = None
+                      ) -> list[tuple[str, str]]:
+    """The headers without hop-by-hop ones; `first` (the :status pseudo-header) leads when given."""
     hop = HOP_BY_HOP
     for name, value in headers:
         if name == "connection":
             hop = hop | {t.strip().lower() for t in value.split(",")}
-    return [(n, v) for n, v in headers if n not in hop]
+    if first is None:
+        return [(n, v) for n, v in headers if n not in hop]
+    out = [first]
+    out += [(n, v) for n, v in headers if n not in hop]
+    return out
 
 
 def _split_pseudo(headers: list[tuple[str, str]], method: str, target: str, authority: str
