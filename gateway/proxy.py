@@ -321,8 +321,8 @@ class Proxy:
         except Exception as e:
             log.exception('route "%s": could not open a filter stream', route.name)
             return self._reply_error(conn, ex, 500, f"filter chain error: {type(e).__name__}", "filter_error")
-        chain_headers = [(":method", method), (":path", target), (":authority", authority), (":scheme", "http")]
-        chain_headers += fwd_headers
+        chain_headers = [(":method", method), (":path", target), (":authority", authority),
+                         (":scheme", "http")] + fwd_headers
         original = body.iterator if body else None
         try:
             try:
@@ -390,15 +390,13 @@ class Proxy:
     async def _respond(self, conn: Downstream, ex: Exchange, method: str, version: str,
                        resp: UpstreamResponse, stream) -> bool:
         status = resp.status
+        headers = _strip_hop_by_hop(resp.headers)
         length = resp.length                     # int, None = chunked, -1 = until close
-        small = length is not None and 0 < length <= _SMALL_BODY
-        body = None if small and stream is None else resp.body
-        if stream is None:
-            headers = _strip_hop_by_hop(resp.headers)
-        else:
+        small = stream is None and length is not None and 0 < length <= _SMALL_BODY
+        body = None if small else resp.body
+        if stream is not None:
             try:
-                headers = _strip_hop_by_hop(resp.headers, (":status", str(status)))
-                result = await stream.response(status, headers, body)
+                result = await stream.response(status, [(":status", str(status))] + headers, body)
             except LocalReplyInterrupt as e:
                 result = e.reply
             if isinstance(result, LocalReply):
@@ -412,8 +410,6 @@ class Proxy:
                 length = None               # a filter's new body: length unknown until sent
             elif length is not None and length >= 0 and _header(headers, "content-length") != str(length):
                 length = None               # a filter dropped or changed Content-Length
-            if small and (result.body is not body or length != resp.length):
-                small = False               # the filters see or reshape the body: stream it
             body = result.body
         no_body = method == "HEAD" or status in (204, 304) or status < 200
         close = not ex.keepalive or self.gw.draining
@@ -444,7 +440,7 @@ class Proxy:
             ex.status = status
             return not close
         if small:
-            # Small body no filter reads: one read and one write, no iterator machinery.
+            # Small body, no filters: one read and one write, no iterator machinery.
             try:
                 data = await resp.read_exact()
             except UpstreamReset as e:
@@ -667,18 +663,12 @@ def _upstream_headers(headers: list[tuple[str, str]], conn_tokens: set[str] | No
     return out
 
 
-def _strip_hop_by_hop(headers: list[tuple[str, str]], first: tuple[str, str] | None = None
-                      ) -> list[tuple[str, str]]:
-    """The headers without hop-by-hop ones; `first` (the :status pseudo-header) leads when given."""
+def _strip_hop_by_hop(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
     hop = HOP_BY_HOP
     for name, value in headers:
         if name == "connection":
             hop = hop | {t.strip().lower() for t in value.split(",")}
-    if first is None:
-        return [(n, v) for n, v in headers if n not in hop]
-    out = [first]
-    out += [(n, v) for n, v in headers if n not in hop]
-    return out
+    return [(n, v) for n, v in headers if n not in hop]
 
 
 def _split_pseudo(headers: list[tuple[str, str]], method: str, target: str, authority: str

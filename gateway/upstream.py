@@ -97,7 +97,7 @@ class UpstreamResponse:
 
     async def read_exact(self) -> bytes:
         """The whole Content-Length body in one read: the fast path for small responses."""
-        assert self.length is not None and self.length > 0 and not self.bytes and not self.complete
+        assert self.length is not None and self.length > 0 and self._body_iter is None
         try:
             data = await self.conn.reader.readexactly(self.length)
         except (asyncio.IncompleteReadError, ConnectionError) as e:
