@@ -7,7 +7,7 @@
 
 use std::rc::Rc;
 use wasmgate_sdk::config::Cfg;
-use wasmgate_sdk::crypto::{constant_time_eq, hex_decode, hmac_sha256, sha256, Sha256};
+use wasmgate_sdk::crypto::{constant_time_eq, hex_decode, hex_nibble, hmac_sha256, sha256, Sha256};
 use wasmgate_sdk::traits::*;
 use wasmgate_sdk::types::*;
 use wasmgate_sdk::{base64, error, json, Value};
@@ -188,14 +188,7 @@ impl Config {
 
 pub fn percent_decode(s: &str) -> String {
     let b = s.as_bytes();
-    let hex = |c: u8| -> Option<u8> {
-        match c {
-            b'0'..=b'9' => Some(c - b'0'),
-            b'a'..=b'f' => Some(c - b'a' + 10),
-            b'A'..=b'F' => Some(c - b'A' + 10),
-            _ => None,
-        }
-    };
+    let hex = hex_nibble;
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
