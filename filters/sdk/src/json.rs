@@ -8,17 +8,8 @@ use crate::value::Value;
 
 pub const MAX_DEPTH: usize = 128;
 
-#[derive(Debug, Clone, PartialEq)]
-pub struct Error {
-    pub offset: usize,
-    pub message: &'static str,
-}
-
-impl std::fmt::Display for Error {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} at byte {}", self.message, self.offset)
-    }
-}
+/// Where and why the input was refused.
+pub use crate::value::ParseError as Error;
 
 pub fn parse(input: &[u8]) -> Result<Value, Error> {
     let mut p = Parser { s: input, i: 0 };
