@@ -202,6 +202,27 @@ class _Checker:
     def boolean(self, node: yaml.Node, path: str) -> bool | None:
         return self.scalar(node, path, (bool,), "true or false")
 
+    def string_map(self, node: yaml.Node, path: str, what: str,
+                   key_ok: Callable[[str], Any] | None = None, bad_key: str = ""
+                   ) -> list[tuple[str, str]] | None:
+        """A mapping of names to scalar values (numbers kept as their text), in document order;
+        None once any error in it was reported. ``key_ok`` refuses a name with ``bad_key``."""
+        if not isinstance(node, yaml.MappingNode):
+            self.error(node, path, f"expected a mapping of {what}, got {_kind(node)}")
+            return None
+        pairs: list[tuple[str, str]] | None = []
+        for kn, vn in node.value:
+            k = self.string(kn, path)
+            if k is not None and key_ok is not None and not key_ok(k):
+                self.error(kn, f"{path}.{k}", bad_key)
+                k = None
+            v = None if k is None else self.scalar(vn, f"{path}.{k}", (str, int, float), "a string")
+            if v is None:
+                pairs = None
+            elif pairs is not None:
+                pairs.append((k, str(v)))
+        return pairs
+
 
 def _kind(node: yaml.Node) -> str:
     if isinstance(node, yaml.MappingNode):
@@ -410,23 +431,12 @@ def _match(ck: _Checker, node: yaml.Node, path: str) -> RouteMatch | None:
         ok = ok and items is not None
     headers: list[tuple[str, str]] = []
     if "headers" in f:
-        hnode = f["headers"]
-        if not isinstance(hnode, yaml.MappingNode):
-            ck.error(hnode, f"{path}.headers", f"expected a mapping of header name to value, got {_kind(hnode)}")
+        pairs = ck.string_map(f["headers"], f"{path}.headers", "header name to value",
+                              _TOKEN.match, "not a valid header name")
+        if pairs is None:
             ok = False
         else:
-            for kn, vn in hnode.value:
-                k = ck.string(kn, f"{path}.headers")
-                if k is None or not _TOKEN.match(k):
-                    if k is not None:
-                        ck.error(kn, f"{path}.headers.{k}", "not a valid header name")
-                    ok = False
-                    continue
-                v = ck.scalar(vn, f"{path}.headers.{k}", (str, int, float), "a string")
-                if v is None:
-                    ok = False
-                    continue
-                headers.append((k.lower(), str(v)))
+            headers = [(k.lower(), v) for k, v in pairs]
     return RouteMatch(host, prefix, exact, methods, tuple(headers)) if ok else None
 
 
@@ -507,18 +517,11 @@ def _filter(ck: _Checker, node: yaml.Node, path: str, base: Path) -> FilterSpec 
                                   callback_ms=cb or limits.callback_ms)
     env: list[tuple[str, str]] = []
     if "environment" in f:
-        en = f["environment"]
-        if not isinstance(en, yaml.MappingNode):
-            ck.error(en, f"{path}.environment", f"expected a mapping of string to string, got {_kind(en)}")
+        pairs = ck.string_map(f["environment"], f"{path}.environment", "string to string")
+        if pairs is None:
             ok = False
         else:
-            for kn, vn in en.value:
-                k = ck.string(kn, f"{path}.environment")
-                v = ck.scalar(vn, f"{path}.environment.{k}", (str, int, float), "a string")
-                if k is None or v is None:
-                    ok = False
-                else:
-                    env.append((k, str(v)))
+            env = pairs
     deliver = _get(f, "deliver_body_while_paused", path, ck.boolean, False)
     # C++ and AssemblyScript SDK filters pick their root context by the plugin_root_id property.
     root_id = _get(f, "root_id", path, lambda n, p: ck.string(n, p, nonempty=False), "")
