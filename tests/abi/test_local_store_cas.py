@@ -19,3 +19,33 @@ def test_cas_counter_wraps_past_the_sentinel_and_zero():
     assert s.get(b"a")[1] == 0xFFFFFFFE
     s.set(b"a", b"2", 0)
     assert s.get(b"a")[1] == 1
+
+
+def test_cas_increments_from_two_threads_lose_nothing():
+    """A start sequence may write shared data on a build thread while the event loop does too:
+    CAS read-modify-write loops from both must not lose an update."""
+    import sys
+    import threading
+
+    s = LocalStore()
+    s.set(b"n", b"0", 0)
+    n = 3000
+
+    def bump():
+        for _ in range(n):
+            while True:
+                value, cas = s.get(b"n")
+                if s.set(b"n", str(int(value) + 1).encode(), cas) == OK:
+                    break
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)          # switch threads as often as possible
+    try:
+        threads = [threading.Thread(target=bump) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(old)
+    assert s.get(b"n")[0] == str(2 * n).encode()
