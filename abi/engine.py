@@ -26,7 +26,9 @@ is a cached memoryview. Measured (``python -m bench.crossing``, quiet machine): 
 trap decoding) keep using the public wasmtime-py API, except type inspection, which aborts the
 process on v128/GC types and is therefore read from the binary here.
 
-Not thread-safe: an Instance belongs to one thread (one worker's event loop).
+Not thread-safe: one thread at a time uses an Instance. abi/filter.py builds and starts each
+instance on a build thread, then hands it to the worker's event loop; guest code releases the
+GIL (so the loop runs meanwhile) and the CPU deadline follows whichever thread runs the call.
 """
 from __future__ import annotations
 
@@ -199,8 +201,9 @@ class _Ticker:
     CPU clock (CLOCK_THREAD_CPUTIME) of each thread that has a store in a guest call: by the
     largest advance among them, so every running call is charged at least its own CPU time
     (a deadline cannot become infinite, whichever thread runs the guest), and more only
-    while guests run on two threads at once (instantiation during a reload: rare, and early
-    rather than never).
+    while guests run on two threads at once (an instance starting on a build thread while
+    the event loop runs guest calls: a loop call may then be charged the build's CPU too,
+    so a long callback hits its deadline early rather than never).
 
     Which threads: ``_StoreState.arm`` registers the store with its thread's clock (the hot
     path re-arms at most every REARM_S). The ticker forgets a store that is not in a call

@@ -48,3 +48,17 @@ class TrailerBody:
             self.trailers = self._final
             raise StopAsyncIteration
         return self._chunks.pop(0)
+
+
+async def rebuilt(f, within_s: float = 10.0) -> None:
+    """Wait until filter ``f`` has a live instance again: instances are rebuilt off the event
+    loop after a failure, so the request right after a trap may still find none."""
+    import asyncio
+    import time
+    deadline = time.monotonic() + within_s
+    while f.instance is None:
+        assert time.monotonic() < deadline, f"filter {f.name!r} not rebuilt within {within_s} s"
+        if f.building is not None:
+            await asyncio.wait_for(asyncio.shield(f.building), deadline - time.monotonic())
+        else:
+            await asyncio.sleep(0.001)     # the rebuild is due (backoff timer): let it start
