@@ -62,3 +62,20 @@ async def rebuilt(f, within_s: float = 10.0) -> None:
             await asyncio.wait_for(asyncio.shield(f.building), deadline - time.monotonic())
         else:
             await asyncio.sleep(0.001)     # the rebuild is due (backoff timer): let it start
+
+
+def on_threads(fn, n: int) -> None:
+    """Run ``fn`` on ``n`` threads at once, switching between them as often as the interpreter
+    can (so an unlocked read-modify-write would race), and wait for all."""
+    import sys
+    import threading
+    threads = [threading.Thread(target=fn) for _ in range(n)]
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(old)

@@ -2,6 +2,8 @@
 so a filter can create a key atomically within §5.4's rules (the ratelimit filter does)."""
 from abi.shared_store import LocalStore
 
+from abi_helpers import on_threads
+
 OK, CAS_MISMATCH, SENTINEL = 0, 8, 0xFFFFFFFF
 
 
@@ -24,9 +26,6 @@ def test_cas_counter_wraps_past_the_sentinel_and_zero():
 def test_cas_increments_from_two_threads_lose_nothing():
     """A start sequence may write shared data on a build thread while the event loop does too:
     CAS read-modify-write loops from both must not lose an update."""
-    import sys
-    import threading
-
     s = LocalStore()
     s.set(b"n", b"0", 0)
     n = 3000
@@ -38,14 +37,5 @@ def test_cas_increments_from_two_threads_lose_nothing():
                 if s.set(b"n", str(int(value) + 1).encode(), cas) == OK:
                     break
 
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)          # switch threads as often as possible
-    try:
-        threads = [threading.Thread(target=bump) for _ in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        sys.setswitchinterval(old)
+    on_threads(bump, 2)
     assert s.get(b"n")[0] == str(2 * n).encode()

@@ -161,20 +161,10 @@ def _worker_cas_unseeded(name, key, k, barrier):
 def test_threads_of_one_process_cas_counter_is_exact(store):
     """A filter's start sequence runs on a build thread while the event loop serves other
     filters: both use the same store object at once."""
-    import threading
+    from abi_helpers import on_threads
     store.set(b"t", b"0", 0)
     n = 300
-    threads = [threading.Thread(target=lambda: [_cas_increment(store, b"t") for _ in range(n)])
-               for _ in range(3)]
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        sys.setswitchinterval(old)
+    on_threads(lambda: [_cas_increment(store, b"t") for _ in range(n)], 3)
     assert store.get(b"t")[0] == str(3 * n).encode()
 
 

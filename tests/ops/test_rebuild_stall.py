@@ -14,7 +14,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.helpers import echo_upstream, run_gateway
+from tests.helpers import echo_upstream, gateway_config, run_gateway
 
 ROOT = Path(__file__).resolve().parents[2]
 SLOW_WAT = ROOT / "tests" / "conformance" / "wat" / "slow_configure.wat"
@@ -30,16 +30,8 @@ def config(up_port: int, *, policy: str = "fail_closed", configure_ms: int = CON
     ]
     if extra_route:
         routes.append({"name": "extra", "match": {"prefix": "/extra"}, "cluster": "backend"})
-    return json.dumps({
-        "listeners": [{"name": "main", "address": "127.0.0.1", "port": 0}],
-        "admin": {"address": "127.0.0.1", "port": 0},
-        "access_log": {"path": None},
-        "limits": {"drain_timeout_s": 5},
-        "clusters": [{"name": "backend", "endpoints": [f"127.0.0.1:{up_port}"]}],
-        "routes": routes,
-        "filters": [{"name": "slow", "wasm": str(SLOW_WAT), "config": str(configure_ms),
-                     "failure_policy": policy}],
-    })
+    return gateway_config(up_port, routes, [{"name": "slow", "wasm": str(SLOW_WAT),
+                                             "config": str(configure_ms), "failure_policy": policy}])
 
 
 async def get(s: aiohttp.ClientSession, url: str, **kw) -> tuple[int, bool]:
@@ -109,26 +101,28 @@ async def wait_for(cond, what: str, within_s: float = 20.0) -> None:
         await asyncio.sleep(0.01)
 
 
-async def reload(s: aiohttp.ClientSession, gw) -> tuple[int, str]:
+async def reload_mid_rebuild(s: aiohttp.ClientSession, gw, f, new_config: str) -> str:
+    """Trap filter ``f`` and, while its slow rebuild runs, reload ``new_config``."""
+    assert (await get(s, gw.url("/slow/boom"), headers={"x-act": "1"}))[0] == 503
+    await wait_for(lambda: f.building is not None, "rebuild started")
+    gw.config_path.write_text(new_config)
+    t0 = time.monotonic()
     async with s.post(gw.admin_url + "/reload") as r:
-        return r.status, await r.text()
+        status, body = r.status, await r.text()
+    assert status == 200, body
+    assert time.monotonic() - t0 < CONFIGURE_MS / 1000 * 0.8, "the reload waited for the build"
+    return body
 
 
 async def test_reload_during_a_rebuild_frees_the_old_build(tmp_path):
     async with echo_upstream() as up, run_gateway(config(up.port), tmp_path) as gw:
         old = gw.gateway.generation.filter_host.filters["slow"]
         async with aiohttp.ClientSession() as s:
-            assert (await get(s, gw.url("/slow/boom"), headers={"x-act": "1"}))[0] == 503
-            await wait_for(lambda: old.building is not None, "rebuild started")
             # A changed filter: the new one is built (fast), the old one retired mid-build.
-            gw.config_path.write_text(config(up.port, configure_ms=0))
-            t0 = time.monotonic()
-            status, body = await reload(s, gw)
-            assert status == 200 and "filters reloaded: slow" in body, body
-            assert time.monotonic() - t0 < CONFIGURE_MS / 1000 * 0.8, "the reload waited for the old build"
+            body = await reload_mid_rebuild(s, gw, old, config(up.port, configure_ms=0))
+            assert "filters reloaded: slow" in body, body
             assert await get(s, gw.url("/slow/x")) == (200, True)
-            new = gw.gateway.generation.filter_host.filters["slow"]
-            assert new is not old
+            assert gw.gateway.generation.filter_host.filters["slow"] is not old
             # The old build ends on its thread; its instance is freed, never swapped in.
             await wait_for(lambda: old.closed and old.building is None, "old filter retired")
             assert old.instance is None and old.root is None
@@ -139,11 +133,7 @@ async def test_unchanged_filter_carried_over_mid_rebuild_serves_after_it(tmp_pat
     async with echo_upstream() as up, run_gateway(config(up.port), tmp_path) as gw:
         f = gw.gateway.generation.filter_host.filters["slow"]
         async with aiohttp.ClientSession() as s:
-            assert (await get(s, gw.url("/slow/boom"), headers={"x-act": "1"}))[0] == 503
-            await wait_for(lambda: f.building is not None, "rebuild started")
-            gw.config_path.write_text(config(up.port, extra_route=True))
-            status, body = await reload(s, gw)
-            assert status == 200, body
+            await reload_mid_rebuild(s, gw, f, config(up.port, extra_route=True))
             assert gw.gateway.generation.filter_host.filters["slow"] is f
             assert (await get(s, gw.url("/slow/x")))[0] == 503     # still building: policy
             await wait_for(lambda: f.instance is not None, "carried filter rebuilt")
