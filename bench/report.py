@@ -46,6 +46,13 @@ def render(r: dict) -> str:
                f"{c.get('host_call_us')} µs")
     if cs:
         out.append(f"- cold start, {cs['filters']} filters, warm module cache: {cs['seconds']:.3f} s")
+    rs = r.get("rebuild_stall")
+    if rs:
+        a, d = rs["alone"], rs["rebuilding"]
+        out.append(f"- another route at {rs['rate']:,} req/s while a filter keeps rebuilding "
+                   f"({rs['configure_ms']} ms on_configure, {rs['rebuilds']} rebuilds): p50 "
+                   f"{a['p50_ms']:.2f} → {d['p50_ms']:.2f} ms, p99 {a['p99_ms']:.2f} → "
+                   f"{d['p99_ms']:.2f} ms ({rs['p99_vs_alone']}× alone)")
     out.append("")
     out.append("| target | value | bar | |")
     out.append("| --- | ---: | ---: | --- |")

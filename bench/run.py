@@ -18,6 +18,7 @@ import traceback
 from pathlib import Path
 
 from bench import gateway_cfg as gcfg
+from bench import rebuild_stall
 from bench.nginx import start_nginx
 from bench.procs import (Proc, free_port, http_get, install_signal_handlers, loadavg,
                          own_cpu_seconds, stop_all, system_busy_seconds, tree_cpu_seconds,
@@ -27,7 +28,7 @@ from bench.wrk import WrkResult, run_wrk
 
 SCENARIOS = ["baseline_aiohttp", "gateway_plain", "gateway_chain", "gateway_chain_2w",
              "nginx_proxy"]
-EXTRAS = ["chain_half_rate", "crossing", "cold_start"]
+EXTRAS = ["chain_half_rate", "crossing", "cold_start", "rebuild_stall"]
 ALL = SCENARIOS + EXTRAS
 
 TARGETS = [  # key, description, comparison, bar
@@ -37,6 +38,8 @@ TARGETS = [  # key, description, comparison, bar
     ("cold_start_5_filters_s", "cold start, 5 filters, warm module cache (s)", "<=", 1.0),
     ("guest_call_us", "one guest callback (µs)", "<=", 3.0),
     ("host_call_us", "one host call (µs)", "<=", 1.5),
+    ("rebuild_other_route_p99_ms", "another route's p99 while a filter rebuilds, 1 s start (ms)",
+     "<=", 50.0),
 ]
 
 
@@ -68,6 +71,7 @@ class Bench:
         self.crossing: dict = {"guest_call_us": None, "host_call_us": None}
         self.cold_start: dict | None = None
         self.half_rate: dict | None = None
+        self.rebuild_stall: dict | None = None
         self.tools: dict[str, str] = {}
         self.upstream_port = 0
         self.upstream: Proc | None = None
@@ -242,12 +246,12 @@ class Bench:
         finally:
             proc.stop()
 
-    def run_half_rate(self, url: str, headers: dict | None, peak: float, proc: Proc) -> None:
-        rate = max(1.0, peak / 2)
-        log(f"  chain_half_rate: paced open-loop load at {rate:,.0f} req/s (half of {peak:,.0f})")
+    def paced(self, name: str, url: str, rate: float, connections: int, proc: Proc,
+              headers: dict | None = None) -> dict:
+        """One open-loop run of bench/paced.py against `url` (all answers must be 200)."""
         argv = self.py("-m", "bench.paced", "--url", url, "--rate", f"{rate:.1f}",
                        "--duration", str(self.args.duration), "--warmup", "1",
-                       "--connections", str(self.args.connections), cpus=self.load_cpus)
+                       "--connections", str(connections), cpus=self.load_cpus)
         for k, v in (headers or {}).items():
             argv += ["-H", f"{k}: {v}"]
         cpu0, mark0 = tree_cpu_seconds(proc.pid), self.foreign_mark()
@@ -257,23 +261,29 @@ class Bench:
         cpu1, mark1 = tree_cpu_seconds(proc.pid), self.foreign_mark()
         foreign = self.foreign_share(mark0, mark1, cpu1 - cpu0, time.monotonic() - t0)
         if r.returncode != 0:
-            raise Failed(f"chain_half_rate: paced client failed: {r.stderr[-2000:]}")
+            raise Failed(f"{name}: paced client failed: {r.stderr[-2000:]}")
         d = json.loads(r.stdout.strip().splitlines()[-1])
-        d["peak_rps"] = round(peak, 1)
         d["proxy_cpu_us_per_req"] = (round((cpu1 - cpu0) / d["completed"] * 1e6, 1)
                                      if d["completed"] else None)
         d["method"] = ("bench/paced.py: open-loop fixed-rate asyncio client, keep-alive "
-                       f"connections={self.args.connections}, latency from issue to last byte")
+                       f"connections={connections}, latency from issue to last byte")
         for k in ("p50_ms", "p90_ms", "p99_ms", "p999_ms", "max_ms", "lag_p99_ms", "achieved_rps"):
             if d.get(k) is not None:
                 d[k] = round(d[k], 3)
         d["foreign_cpu_share"] = foreign
-        self.half_rate = d
-        self.warn_foreign("chain_half_rate", foreign)
+        self.warn_foreign(name, foreign)
         bad = sum(v for k, v in d["statuses"].items() if k != "200")
         if bad or d["errors"] or d["unanswered"]:
-            raise Failed(f"chain_half_rate: {bad} non-200, {d['errors']} errors, "
+            raise Failed(f"{name}: {bad} non-200, {d['errors']} errors, "
                          f"{d['unanswered']} unanswered: {d['statuses']}")
+        return d
+
+    def run_half_rate(self, url: str, headers: dict | None, peak: float, proc: Proc) -> None:
+        rate = max(1.0, peak / 2)
+        log(f"  chain_half_rate: paced open-loop load at {rate:,.0f} req/s (half of {peak:,.0f})")
+        d = self.paced("chain_half_rate", url, rate, self.args.connections, proc, headers)
+        d["peak_rps"] = round(peak, 1)
+        self.half_rate = d
         log(f"  chain_half_rate: achieved {d['achieved_rps']:,.0f} req/s  p50 {d['p50_ms']:.2f} ms"
             f"  p99 {d['p99_ms']:.2f} ms  (client lag p99 {d['lag_p99_ms']:.2f} ms)")
 
@@ -358,6 +368,55 @@ class Bench:
                                      "polled every 5 ms; one unmeasured run first warms the "
                                      "compiled-module cache; median of the measured runs"}
         log(f"  cold_start: {self.cold_start['seconds']:.3f} s (runs {self.cold_start['runs_s']})")
+
+    def sc_rebuild_stall(self) -> None:
+        """/other under fixed open-loop load, alone and while /slow's filter keeps rebuilding
+        (its on_configure computes for 1 s): see bench/rebuild_stall.py."""
+        self.gateway_available()
+        cfg = rebuild_stall.config(port=free_port(), admin_port=free_port(),
+                                   upstream_port=self.upstream_port)
+        proc, port, _ = self.start_gateway("rebuild_stall", cfg, None, self.proxy_cpus)
+        base = f"http://127.0.0.1:{port}"
+        rate, conns = rebuild_stall.RATE, rebuild_stall.CONNECTIONS
+        try:
+            for path in ("/slow/check", "/other/check"):
+                status, _, body = http_get(base + path)
+                if status != 200:
+                    raise Failed(f"rebuild_stall: {path} answered {status}: {body[:200]!r}")
+            log(f"  rebuild_stall: /other at {rate:,} req/s, alone")
+            alone = self.paced("rebuild_stall", base + "/other/x", rate, conns, proc)
+            log(f"  rebuild_stall: /other at {rate:,} req/s while /slow keeps rebuilding")
+            trapper = rebuild_stall.Trapper(base)
+            trapper.start()
+            try:
+                during = self.paced("rebuild_stall", base + "/other/x", rate, conns, proc)
+            finally:
+                trapper.stop()
+            if trapper.errors:
+                raise Failed(f"rebuild_stall: {trapper.errors[0]}")
+            if not trapper.rebuilds:
+                raise Failed("rebuild_stall: the slow filter never came back from a rebuild")
+        except Failed as e:
+            raise Failed(f"{e}\n--- rebuild_stall log tail ({proc.log_path}):\n{proc.log_tail()}")
+        finally:
+            proc.stop()
+        keys = ("p50_ms", "p90_ms", "p99_ms", "max_ms", "achieved_rps", "lag_p99_ms",
+                "foreign_cpu_share")
+        self.rebuild_stall = {
+            "alone": {k: alone.get(k) for k in keys},
+            "rebuilding": {k: during.get(k) for k in keys},
+            "p99_vs_alone": round(during["p99_ms"] / alone["p99_ms"], 3) if alone["p99_ms"] else None,
+            "rebuilds": trapper.rebuilds,
+            "rebuild_in_flight_share": trapper.rebuilding_share(),
+            "configure_ms": rebuild_stall.CONFIGURE_MS, "rate": rate, "connections": conns,
+            "method": "one gateway process; /other (no filter) under bench/paced.py, first alone, "
+                      "then while a trapper keeps /slow's filter rebuilding (trap, poll /slow "
+                      "every 10 ms until it answers 200, trap again); on_configure computes 1 s",
+        }
+        log(f"  rebuild_stall: /other p50 {alone['p50_ms']:.2f} → {during['p50_ms']:.2f} ms, "
+            f"p99 {alone['p99_ms']:.2f} → {during['p99_ms']:.2f} ms "
+            f"({trapper.rebuilds} rebuilds, one in flight {trapper.rebuilding_share():.0%} of "
+            f"the time)")
 
     # ---------------------------------------------------------------- driver
     def run(self) -> int:
@@ -446,6 +505,8 @@ class Bench:
             "cold_start_5_filters_s": self.cold_start["seconds"] if self.cold_start else None,
             "guest_call_us": self.crossing.get("guest_call_us"),
             "host_call_us": self.crossing.get("host_call_us"),
+            "rebuild_other_route_p99_ms":
+                self.rebuild_stall["rebuilding"]["p99_ms"] if self.rebuild_stall else None,
         }
         targets = {}
         for key, desc, op, bar in TARGETS:
@@ -472,6 +533,7 @@ class Bench:
             "failed": {k: v[-1000:] for k, v in self.failed.items()},
             "cold_start": self.cold_start,
             "chain_half_rate": self.half_rate,
+            "rebuild_stall": self.rebuild_stall,
             "ratios": self.ratios(),
             "details": self.details,
             "notes": self.notes,
@@ -512,6 +574,11 @@ class Bench:
             + (f"  ({c['note']})" if c.get("note") else ""))
         if r["cold_start"]:
             log(f"cold start (5 filters, warm cache): {r['cold_start']['seconds']:.3f} s")
+        rs = r["rebuild_stall"]
+        if rs:
+            log(f"another route while a filter rebuilds (1 s start): p99 "
+                f"{rs['alone']['p99_ms']:.2f} ms alone → {rs['rebuilding']['p99_ms']:.2f} ms "
+                f"({rs['p99_vs_alone']}×, {rs['rebuilds']} rebuilds)")
         log("\ntargets:")
         for key, t in r["ratios"]["targets"].items():
             met = {True: "met", False: "MISSED", None: "n/a"}[t["met"]]
