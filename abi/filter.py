@@ -222,16 +222,17 @@ class Filter:
             raise StartError("instantiate", f"{t.kind}: {t.message}") from None
 
     def _start_sequence_on(self, inst: Instance, generation: int) -> tuple[Instance, RootContext]:
+        """Build thread: run the start sequence of a fresh instance; closes it on failure."""
         self._booting = inst
         self._funcs = {}
-        # Settled once the instance is built (an exported memory is resolved during
-        # instantiation at the latest); None when it has none: read() then says so.
-        self._mem = inst.memory
-        alloc = "proxy_on_memory_allocate" if self.has("proxy_on_memory_allocate") else "malloc"
-        self._alloc = inst.export_func(alloc) if self.has(alloc) else None
-        self._vm_ctx = VmContext(self, generation)
-        self._set_deadline(inst, max(START_DEADLINE_MS, self.spec.limits.callback_ms))
         try:
+            # Settled once the instance is built (an exported memory is resolved during
+            # instantiation at the latest); None when it has none: read() then says so.
+            self._mem = inst.memory
+            alloc = "proxy_on_memory_allocate" if self.has("proxy_on_memory_allocate") else "malloc"
+            self._alloc = inst.export_func(alloc) if self.has(alloc) else None
+            self._vm_ctx = VmContext(self, generation)
+            self._set_deadline(inst, max(START_DEADLINE_MS, self.spec.limits.callback_ms))
             root = self._run_start_sequence(generation)
         except FilterFailure as e:       # trapped: counted and logged by call()
             inst.close()
