@@ -215,3 +215,43 @@ async def test_queue_items_enqueued_during_a_rebuild_reach_the_new_root(load, tr
         await asyncio.sleep(0.005)
     ready = [l for l in trace.lines("f") if l.startswith("proxy_on_queue_ready")]
     assert ready == [f"proxy_on_queue_ready {f.root.id} 1"]
+
+
+async def test_a_callback_is_charged_its_own_cpu_not_a_concurrent_builds(load, services):
+    """While filter "slow" computes its start sequence on a build thread, a callback of filter
+    "h" on the loop that waits 200 ms without computing (here: a slow log handler) must not be
+    charged the build's CPU: its 50 ms deadline counts its own thread's CPU only."""
+    import logging
+
+    class SlowHandler(logging.Handler):
+        def emit(self, record):
+            if "nap" in record.getMessage():
+                time.sleep(0.2)
+
+    healthy = Wat()
+    healthy.extra.append(BURN)
+    healthy.on("proxy_on_request_headers",       # then compute 5 ms: deadline checks run
+               f"(drop (call $proxy_log (i32.const 2) {healthy.s('nap')})) (call $burn (i32.const 5)) "
+               "(i32.const 0)")
+    host = await load({"slow": trap_on_x_boom(1500), "h": healthy},
+                      limits=FilterLimits(memory_bytes=16 << 20, callback_ms=50))
+    slow = host.filters["slow"]
+    s = host.stream(["slow"], info())
+    await s.request(REQ + [("x-boom", "1")], None)
+    await s.finish(LogInfo(status=200))
+    deadline = time.monotonic() + 5
+    while slow.building is None:
+        assert time.monotonic() < deadline, "the rebuild did not start"
+        await asyncio.sleep(0.001)
+    await asyncio.sleep(0.1)                     # the build is computing on its thread
+    handler = SlowHandler()
+    services.log.addHandler(handler)
+    try:
+        s = host.stream(["h"], info())
+        out = await s.request(REQ, None)
+        await s.finish(LogInfo(status=200))
+    finally:
+        services.log.removeHandler(handler)
+    assert slow.building is not None, "the build ended before the check: nothing was measured"
+    assert isinstance(out, Forward), host.filters["h"].failures
+    assert not host.filters["h"].failures
