@@ -240,7 +240,7 @@ async def metrics(gw: "Gateway", req: AdminRequest) -> AdminResponse:
     if ops is not None:
         text = ops.render_metrics()
     else:
-        text = render(gw, [snapshot(gw)])
+        text = render(gw, [snapshot(gw)], gw.metrics.counts())
     return AdminResponse(200, text.encode(), "text/plain; version=0.0.4; charset=utf-8")
 
 
