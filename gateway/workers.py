@@ -32,10 +32,10 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 import msgpack
 
 from .config import Config, ConfigError, load_config, parse_config
-from .reload import ReloadResult, reload_gateway, state_of
-from .watch import Watcher
 from .counter_page import CounterPage, read_page
 from .metrics import Counts
+from .reload import ReloadResult, reload_gateway, state_of
+from .watch import Watcher
 from .worker_metrics import PUBLISH_INTERVAL_S, pid_alive, render, snapshot
 
 if TYPE_CHECKING:
