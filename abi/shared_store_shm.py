@@ -20,8 +20,11 @@ record in the main tree.
 ===========================================  ===================================================
 key                                          value (msgpack unless noted)
 ===========================================  ===================================================
-``M``                                        ``[cas_counter, used_bytes, queue_seq, metric_seq]``
-``k``+key  (``h``+blake2b(key) if ≥ 480 B)   ``[cas, value]``  (``[cas, value, key]``)
+``M``                                        ``[cas_counter, used_bytes, queue_seq, metric_seq,
+                                             evictable_bytes, expired_count, evicted_count]``
+``k``+key  (``h``+blake2b(key) if ≥ 480 B)   ``[cas, value]``  (``[cas, value, key]``); an
+                                             expiring entry ``[cas, value, key|nil, deadline]``
+``E``+deadline (u64 BE)+data key             empty: expiring entries in deadline order
 ``Qn``+name                                  qid
 ``Qi``+qid (u32 BE)                          ``[name, head, tail, {token: [pid, pending]}]``
 ``I``+qid (u32 BE)+seq (u64 BE)              the item (raw bytes)
@@ -33,7 +36,12 @@ key                                          value (msgpack unless noted)
 Size: ``max_bytes`` is a *logical* budget, enforced exactly by this module: every shared-data
 entry costs ``len(key) + len(value) + ENTRY_OVERHEAD`` and every queued item
 ``len(item) + ENTRY_OVERHEAD`` (metric definitions ``len(name) + ENTRY_OVERHEAD``). A write that
-would exceed it returns ``STATUS_FULL`` and changes nothing. The LMDB map is sized
+would exceed it first drops expiring entries, earliest deadline first, by walking the ``E``
+records from the start of their range (abi/shared_store.py explains expiry; both backends share
+the rules); if those cannot free enough, it returns ``STATUS_FULL`` and changes nothing. The
+deadline index is exact (every expiring write replaces its own ``E`` record in the same
+transaction), so a SIGKILLed worker leaves either the whole write or none of it. Deadlines are
+``CLOCK_MONOTONIC`` nanoseconds, one clock for every process on the machine. The LMDB map is sized
 ``MAP_FACTOR * max_bytes + MAP_HEADROOM`` so B-tree slack, copy-on-write and metric updates never
 reach the physical limit; if they somehow do (``MapFullError``), the write is retried once after
 clearing dead readers and then reported as ``STATUS_FULL`` too. tmpfs pages are only allocated
@@ -59,8 +67,8 @@ although it is the only non-OK status the Rust SDK's set_shared_data accepts: ev
 (rate limiters) retries on CAS_MISMATCH, so a full store would spin the worker forever on the
 request path. A Rust filter panics on 10 — a trap, which the host contains (the instance is
 rebuilt, the request follows the filter's failure_policy); Go/C++ SDKs surface it as an error.
-That is the same status abi.shared_store.LocalStore returns for set. (LocalStore.enqueue drops
-the oldest item instead; this backend refuses the new one, so nothing is ever lost silently.)
+That is the same status abi.shared_store.LocalStore returns for set and enqueue (both refuse the
+new item, so nothing is ever lost silently).
 
 Known limits: a process *stopped* (SIGSTOP, debugger) while inside a write transaction blocks
 every other writer until it continues (killing it is fine). Concurrent *creation* of a key is
