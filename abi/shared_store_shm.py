@@ -1163,6 +1163,26 @@ def _bench(n: int = 20000) -> None:            # python -m abi.shared_store_shm
             for i in range(n):
                 fn(i)
             print(f"{label:34s} {(time.perf_counter() - t0) / n * 1e6:6.2f} µs/op")
+        # expiring entries, side by side with the one-process LocalStore (same rules)
+        from .shared_store import LocalStore
+        for kind, st_ in (("shm", create(name + "-x", 1 << 20)), ("local", LocalStore(1 << 20))):
+            for label, ttl in (("plain set, 1024 keys (64 B)", None), ("expiring set, 1024 keys", 10**12)):
+                t0 = time.perf_counter()
+                for i in range(n):
+                    st_.set(b"x%d" % (i & 1023), b"v" * 64, 0, ttl)
+                print(f"{kind:5s} {label:28s} {(time.perf_counter() - t0) / n * 1e6:6.2f} µs/op")
+            i = 0
+            while st_.usage()["evicted"] == 0:        # fill the budget with expiring entries
+                st_.set(b"fill-%d" % i, b"v" * 16, 0, 10**12)
+                i += 1
+            t0 = time.perf_counter()
+            for i in range(n):                        # budget full: each drops the oldest entry
+                st_.set(b"fresh-%d" % i, b"v" * 16, 0, 10**12 + i)
+            print(f"{kind:5s} {'fresh key, store full (evicts)':28s} {(time.perf_counter() - t0) / n * 1e6:6.2f} "
+                  f"µs/op ({st_.usage()['evicted']} evicted)")
+            if kind == "shm":
+                st_.close()
+                remove(name + "-x")
         t0 = time.perf_counter()
         k = s.dispatch_notifications()
         print(f"dispatch_notifications ({k} callbacks, none registered) "
