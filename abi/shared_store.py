@@ -67,6 +67,7 @@ class SharedStore(Protocol):
     def record_metric(self, metric_id: int, value: int) -> int: ...
     def get_metric(self, metric_id: int) -> tuple[int, int]: ...
     def metric_samples(self) -> list[MetricSample]: ...
+    def usage(self) -> dict: ...     # used / max_bytes / evictable bytes, expired / evicted counts
 
 
 class _Metric:
@@ -119,7 +120,7 @@ class LocalStore:
     def set(self, key: bytes, value: bytes, cas: int, ttl_ns: int | None = None) -> int:
         old = self._data.get(key)
         now = self.clock() if self._deadlines or ttl_ns is not None else 0
-        old_due = self._deadlines.get(key) if old is not None and now else None
+        old_due = self._deadlines.get(key) if old is not None and self._deadlines else None
         live = old is not None and (old_due is None or old_due > now)
         if live and cas != 0 and cas != old[1]:
             return Status.CAS_MISMATCH
@@ -156,11 +157,9 @@ class LocalStore:
         if due is not None:
             self._by_deadline.remove((due, key))
             self._evictable -= cost
-            if not counted:
-                pass
-            elif due <= now:
+            if counted and due <= now:
                 self.expired += 1
-            else:
+            elif counted:
                 self.evicted += 1
         return cost
 
