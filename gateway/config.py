@@ -18,6 +18,9 @@ import yaml
 
 from abi.api import FilterLimits, FilterSpec
 
+from .http1 import HttpError
+from .paths import ESCAPED_SLASH_ACTIONS, PathPolicy, RedirectTo, normalize_path, routing_path
+
 
 class ConfigError(Exception):
     """The config is invalid; ``errors`` lists every problem, one line each."""
@@ -50,6 +53,19 @@ class Limits:
     max_request_body_bytes: int = 104857600
     max_header_bytes: int = 65536
     drain_timeout_s: float = 10.0
+    # Downstream time limits (nginx client_header_timeout / client_body_timeout / send_timeout /
+    # keepalive_timeout; Envoy request_headers_timeout / stream_idle_timeout).
+    request_header_timeout_s: float = 10.0      # whole request head, from its first byte → 408
+    request_body_idle_timeout_s: float = 30.0   # between two reads of the request body → 408
+    response_send_timeout_s: float = 30.0       # a write to the client that cannot drain → close
+    keepalive_timeout_s: float = 60.0           # idle between requests → close
+    max_idle_connections: int = 1024            # idle keep-alive connections per worker
+    # A slow client must not hold an upstream connection: bodies are buffered in memory up to
+    # these sizes, and beyond them spooled to a temporary file up to spool_max_bytes.
+    request_buffer_bytes: int = 65536
+    response_buffer_bytes: int = 65536
+    spool_max_bytes: int = 1073741824
+    spool_dir: str | None = None                # None: the system's temporary directory
 
 
 @dataclass(frozen=True)
@@ -69,6 +85,7 @@ class Cluster:
     request_timeout_ms: int = 15000
     max_connections: int = 256
     eject_ms: int = 5000
+    response_idle_timeout_ms: int = 60000       # between reads of the response body
 
 
 @dataclass(frozen=True)
@@ -106,6 +123,11 @@ class Config:
     routes: tuple[Route, ...]
     filters: tuple[FilterSpec, ...]
     shared_data_max_bytes: int = 16777216
+    path_normalization: PathPolicy = PathPolicy()
+    # Headers only the gateway (or its filters) may set: removed from every incoming request.
+    internal_headers: frozenset[str] = frozenset({"x-auth-identity"})
+    # Query parameters whose values the access log replaces with "[redacted]".
+    access_log_redact: tuple[str, ...] = ("api_key", "access_token")
     # The parsed YAML as written (for GET /config, after redaction).
     raw: Any = field(default=None, compare=False, repr=False)
 
@@ -371,18 +393,59 @@ def is_loopback(address: str) -> bool:
     return ip.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
-def _limits(ck: _Checker, node: yaml.Node, path: str) -> Limits:
+def _limits(ck: _Checker, node: yaml.Node, path: str, base_dir: Path) -> Limits:
     d = Limits()
-    f = ck.mapping(node, path, {"max_request_body_bytes", "max_header_bytes", "drain_timeout_s"})
+    f = ck.mapping(node, path, set(Limits.__dataclass_fields__))
     if f is None:
         return d
-    return Limits(
-        max_request_body_bytes=_get(f, "max_request_body_bytes", path, lambda n, p: ck.integer(n, p, 0),
-                                    d.max_request_body_bytes),
-        max_header_bytes=_get(f, "max_header_bytes", path, lambda n, p: ck.integer(n, p, 256),
-                              d.max_header_bytes),
-        drain_timeout_s=_get(f, "drain_timeout_s", path, lambda n, p: ck.number(n, p, 0), d.drain_timeout_s),
-    )
+    size = lambda lo: (lambda n, p: ck.integer(n, p, lo))  # noqa: E731
+    secs = lambda n, p: ck.number(n, p, 0.001)  # noqa: E731
+    readers: dict[str, Callable[[yaml.Node, str], Any]] = {
+        "max_request_body_bytes": size(0), "max_header_bytes": size(256),
+        "drain_timeout_s": lambda n, p: ck.number(n, p, 0),
+        "request_header_timeout_s": secs, "request_body_idle_timeout_s": secs,
+        "response_send_timeout_s": secs, "keepalive_timeout_s": secs,
+        "max_idle_connections": size(0), "request_buffer_bytes": size(0),
+        "response_buffer_bytes": size(0), "spool_max_bytes": size(0),
+        "spool_dir": ck.string,
+    }
+    values = {k: _get(f, k, path, read, getattr(d, k)) for k, read in readers.items()}
+    if values["spool_dir"] is not None:
+        values["spool_dir"] = str((base_dir / values["spool_dir"]).resolve())
+        if not Path(values["spool_dir"]).is_dir():
+            ck.error(f["spool_dir"], f"{path}.spool_dir", f"directory does not exist: {values['spool_dir']}")
+    return Limits(**values)
+
+
+def _path_normalization(ck: _Checker, node: yaml.Node, path: str) -> PathPolicy:
+    d = PathPolicy()
+    f = ck.mapping(node, path, {"merge_slashes", "escaped_slashes"})
+    if f is None:
+        return d
+    action = _get(f, "escaped_slashes", path, ck.string, d.escaped_slashes)
+    if action not in ESCAPED_SLASH_ACTIONS:
+        ck.error(f["escaped_slashes"], f"{path}.escaped_slashes",
+                 f'must be one of {", ".join(ESCAPED_SLASH_ACTIONS)}, got "{action}"')
+        action = d.escaped_slashes
+    return PathPolicy(merge_slashes=_get(f, "merge_slashes", path, ck.boolean, d.merge_slashes),
+                      escaped_slashes=action)
+
+
+def _name_list(ck: _Checker, node: yaml.Node, path: str, pattern: re.Pattern, what: str) -> list[str] | None:
+    """A list of names matching ``pattern``, lower-cased; None after reporting an error."""
+    items = ck.sequence(node, path)
+    if items is None:
+        return None
+    names: list[str] = []
+    for i, item in enumerate(items):
+        v = ck.string(item, f"{path}[{i}]")
+        if v is None:
+            return None
+        if not pattern.match(v):
+            ck.error(item, f"{path}[{i}]", f'"{v}" is not {what}')
+            return None
+        names.append(v.lower())
+    return names
 
 
 def _endpoint(ck: _Checker, node: yaml.Node, path: str) -> Endpoint | None:
@@ -402,7 +465,7 @@ def _endpoint(ck: _Checker, node: yaml.Node, path: str) -> Endpoint | None:
 
 def _cluster(ck: _Checker, node: yaml.Node, path: str) -> Cluster | None:
     f = ck.mapping(node, path, {"name", "endpoints", "connect_timeout_ms", "request_timeout_ms",
-                                "max_connections", "eject_ms"}, {"name", "endpoints"})
+                                "max_connections", "eject_ms", "response_idle_timeout_ms"}, {"name", "endpoints"})
     if f is None:
         return None
     name = _get(f, "name", path, ck.string)
@@ -427,12 +490,13 @@ def _cluster(ck: _Checker, node: yaml.Node, path: str) -> Cluster | None:
         request_timeout_ms=_get(f, "request_timeout_ms", path, ms(1), d.request_timeout_ms),
         max_connections=_get(f, "max_connections", path, ms(1), d.max_connections),
         eject_ms=_get(f, "eject_ms", path, ms(0), d.eject_ms),
+        response_idle_timeout_ms=_get(f, "response_idle_timeout_ms", path, ms(1), d.response_idle_timeout_ms),
     )
     return cluster if name and ok else None
 
 
-def _route(ck: _Checker, node: yaml.Node, path: str, clusters: set[str], filters: set[str] | None
-           ) -> tuple[str | None, Route | None]:
+def _route(ck: _Checker, node: yaml.Node, path: str, clusters: set[str], filters: set[str] | None,
+           paths: PathPolicy = PathPolicy()) -> tuple[str | None, Route | None]:
     f = ck.mapping(node, path, {"name", "match", "cluster", "rewrite", "filters"}, {"name", "cluster"})
     if f is None:
         return None, None
@@ -444,7 +508,7 @@ def _route(ck: _Checker, node: yaml.Node, path: str, clusters: set[str], filters
         ok = False
     match = RouteMatch()
     if "match" in f:
-        match = _match(ck, f["match"], f"{path}.match")
+        match = _match(ck, f["match"], f"{path}.match", paths)
         ok = ok and match is not None
     rewrite = None
     if "rewrite" in f:
@@ -471,7 +535,7 @@ def _route(ck: _Checker, node: yaml.Node, path: str, clusters: set[str], filters
     return name, Route(name, match, cluster, rewrite, tuple(names))
 
 
-def _match(ck: _Checker, node: yaml.Node, path: str) -> RouteMatch | None:
+def _match(ck: _Checker, node: yaml.Node, path: str, paths: PathPolicy) -> RouteMatch | None:
     f = ck.mapping(node, path, {"host", "prefix", "path", "methods", "headers"})
     if f is None:
         return None
@@ -486,6 +550,9 @@ def _match(ck: _Checker, node: yaml.Node, path: str) -> RouteMatch | None:
     for key, v in (("prefix", prefix), ("path", exact)):
         if v is not None and not v.startswith("/"):
             ck.error(f[key], f"{path}.{key}", f'must start with "/", got "{v}"')
+            ok = False
+        elif v is not None and (problem := _not_normal(v, paths)):
+            ck.error(f[key], f"{path}.{key}", problem)
             ok = False
     if prefix is not None and exact is not None:
         ck.error(f["path"], f"{path}.path", "use either prefix or path, not both")
@@ -516,6 +583,15 @@ def _match(ck: _Checker, node: yaml.Node, path: str) -> RouteMatch | None:
         else:
             headers = [(k.lower(), v) for k, v in pairs]
     return RouteMatch(host, prefix, exact, methods, tuple(headers)) if ok else None
+
+
+def _not_normal(path: str, paths: PathPolicy) -> str | None:
+    """Why a route's path could never match a (normalised) request path, or None."""
+    try:
+        normal = routing_path(normalize_path(path, PathPolicy(paths.merge_slashes, "keep")))
+    except (HttpError, RedirectTo) as e:
+        return f'"{path}": {e}'
+    return None if normal == path else f'"{path}" is not a normalised path; requests are matched as "{normal}"'
 
 
 def _rewrite(ck: _Checker, node: yaml.Node, path: str, match: RouteMatch | None) -> Rewrite | None:
@@ -611,7 +687,8 @@ def _filter(ck: _Checker, node: yaml.Node, path: str, base: Path) -> FilterSpec 
                       root_id=root_id or "")
 
 
-_TOP = {"listeners", "admin", "limits", "access_log", "clusters", "routes", "filters", "shared_data"}
+_TOP = {"listeners", "admin", "limits", "access_log", "clusters", "routes", "filters", "shared_data",
+        "internal_headers", "path_normalization"}
 
 
 def parse_config(text: str, filename: str, base_dir: Path) -> Config:
@@ -653,15 +730,21 @@ def _build(ck: _Checker, root: yaml.Node, base_dir: Path) -> Config:
         _unique_ports(ck, listeners, items)
 
     admin = _admin(ck, top["admin"], "admin", base_dir) if "admin" in top and not _is_null(top["admin"]) else None
-    limits = _limits(ck, top["limits"], "limits") if "limits" in top else Limits()
+    limits = _limits(ck, top["limits"], "limits", base_dir) if "limits" in top else Limits()
 
     access_log: str | None = "-"
+    redact_params = Config.__dataclass_fields__["access_log_redact"].default
     if "access_log" in top:
         node = top["access_log"]
         if _is_null(node):
             access_log = None
         else:
-            f = ck.mapping(node, "access_log", {"path"}, {"path"})
+            f = ck.mapping(node, "access_log", {"path", "redact_query_params"}, {"path"})
+            if f is not None and "redact_query_params" in f:
+                names = _name_list(ck, f["redact_query_params"], "access_log.redact_query_params",
+                                   re.compile(r"^[^&=#\s]+$"), "a query parameter name")
+                if names is not None:
+                    redact_params = tuple(names)
             if f is not None and "path" in f:
                 access_log = None if _is_null(f["path"]) else ck.string(f["path"], "access_log.path")
                 if access_log not in (None, "-"):
@@ -699,6 +782,10 @@ def _build(ck: _Checker, root: yaml.Node, base_dir: Path) -> Config:
                 filters.append(spec)
         _unique_names(ck, names, "filters")
 
+    paths = PathPolicy()
+    if "path_normalization" in top:
+        paths = _path_normalization(ck, top["path_normalization"], "path_normalization")
+
     routes: list[Route] = []
     if "routes" in top:
         items = ck.sequence(top["routes"], "routes") or []
@@ -706,7 +793,7 @@ def _build(ck: _Checker, root: yaml.Node, base_dir: Path) -> Config:
             ck.error(top["routes"], "routes", "needs at least one route")
         names = []
         for i, item in enumerate(items):
-            nm, r = _route(ck, item, f"routes[{i}]", cluster_names, filter_names)
+            nm, r = _route(ck, item, f"routes[{i}]", cluster_names, filter_names, paths)
             names.append((nm, item))
             if r:
                 routes.append(r)
@@ -718,12 +805,18 @@ def _build(ck: _Checker, root: yaml.Node, base_dir: Path) -> Config:
         if f:
             shared_max = _get(f, "max_bytes", "shared_data", lambda n, p: ck.integer(n, p, 0), shared_max)
 
+    internal = Config.__dataclass_fields__["internal_headers"].default
+    if "internal_headers" in top:
+        names = _name_list(ck, top["internal_headers"], "internal_headers", _TOKEN, "a header name")
+        if names is not None:
+            internal = frozenset(names)
     if ck.errors:
         raise ConfigError(ck.errors)
     raw = ck.value(root)
     return Config(source=Path(ck.filename), listeners=tuple(listeners), admin=admin, limits=limits,
                   access_log_path=access_log, clusters=tuple(clusters), routes=tuple(routes),
-                  filters=tuple(filters), shared_data_max_bytes=shared_max, raw=raw)
+                  filters=tuple(filters), shared_data_max_bytes=shared_max, path_normalization=paths,
+                  internal_headers=internal, access_log_redact=redact_params, raw=raw)
 
 
 def _is_null(node: yaml.Node) -> bool:

@@ -4,7 +4,7 @@ A reload re-reads the config file the gateway was started with. Every step — Y
 compiling and starting the filters — happens before anything changes; if one fails, the current
 Generation keeps serving untouched and the reasons are reported (log, /metrics, /reload body).
 On success new requests take the new Generation; a request in flight holds the one it started
-with (proxy._serve reads ``gw.generation`` once), and the old one is torn down once its requests
+with (client_h1.Connection._serve reads ``gw.generation`` once), and the old one is torn down once its requests
 are done, bounded by ``limits.drain_timeout_s``.
 
 Only what changed is rebuilt: filters whose spec and wasm sha256 are unchanged are carried over
@@ -175,7 +175,7 @@ def _restart_only_changes(old: Config, new: Config) -> list[str]:
         out.append("admin listener changed: restart required")
     if old.shared_data_max_bytes != new.shared_data_max_bytes:
         out.append("shared_data.max_bytes changed: restart required")
-    if old.access_log_path != new.access_log_path:
+    if (old.access_log_path, old.access_log_redact) != (new.access_log_path, new.access_log_redact):
         out.append("access_log changed: restart required")
     return out
 

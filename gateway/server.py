@@ -10,15 +10,12 @@ from typing import Any, Awaitable, Callable
 from .accesslog import AccessLog
 from .config import Config
 from .metrics import Metrics
-from .proxy import Downstream, Generation, Proxy
+from .client_h1 import ClientProtocol, Connection
+from .proxy import Generation, Proxy
 from .routing import Router
 from .upstream import Upstreams
 
 log = logging.getLogger("wasmgate")
-
-# A client connection idle this long (keep-alive, or a request head that never completes) is
-# closed, so idle or slowloris clients cannot pin sockets forever.
-IDLE_TIMEOUT_S = 60.0
 
 # async (specs, services) -> FilterHostProtocol; the default is abi.api.load_filter_host.
 FilterHostFactory = Callable[[list, Any], Awaitable[Any]]
@@ -59,8 +56,9 @@ class Gateway:
     def __init__(self, config: Config):
         self.config = config
         self.metrics = Metrics()
-        self.access_log = AccessLog(config.access_log_path)
-        self.connections: set[Downstream] = set()
+        self.access_log = AccessLog(config.access_log_path, config.access_log_redact)
+        self.connections: set[Connection] = set()
+        self.idle_connections = 0           # keep-alive connections between requests
         self.draining = False
         self.ready = False
         self.listener_ports: dict[str, int] = {}
@@ -70,7 +68,6 @@ class Gateway:
         self._servers: list[asyncio.AbstractServer] = []
         self._admin_runner: Any = None
         self._stopped = asyncio.Event()
-        self.idle_timeout_s = IDLE_TIMEOUT_S
         self._sweeper: asyncio.Task | None = None
 
     @classmethod
@@ -113,11 +110,15 @@ class Gateway:
     async def _sweep_idle(self) -> None:
         # One periodic pass instead of a timer per request keeps the hot path timer-free.
         while True:
-            await asyncio.sleep(min(5.0, self.idle_timeout_s / 2))
-            cutoff = time.monotonic() - self.idle_timeout_s
+            timeout = self.generation.config.limits.keepalive_timeout_s
+            await asyncio.sleep(min(5.0, timeout / 2))
+            cutoff = time.monotonic() - timeout
             for conn in list(self.connections):
                 if conn.idle and conn.last_active < cutoff:
                     conn.transport.close()
+
+    async def _handle_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await Connection(self, reader, writer).run()
 
     async def _bind(self, reuse_port: bool, ports: dict[str, int]) -> None:
         limit = max(self.config.limits.max_header_bytes + 4, 65536)
@@ -128,8 +129,9 @@ class Gateway:
             except OSError as e:
                 raise StartError(f'listener "{lst.name}": cannot bind {lst.address}:{port}: '
                                  f'{e.strerror or e}') from None
-            server = await asyncio.start_server(self.proxy.handle_connection, sock=sock, limit=limit,
-                                                backlog=1024)
+            loop = asyncio.get_running_loop()
+            server = await loop.create_server(lambda: ClientProtocol(limit, self._handle_connection), sock=sock,
+                                              backlog=1024)
             self._servers.append(server)
             self.listener_ports[lst.name] = sock.getsockname()[1]
         if self.config.admin is not None:

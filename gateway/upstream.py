@@ -16,6 +16,7 @@ from abi.api import CallFailed, CallResponse, Headers
 from .config import Cluster, Endpoint
 from .http1 import (FRAMING, BodyStream, HttpError, PeerClosed, body_length, connection_tokens,
                     parse_response_head, read_chunked, trailer_block)
+from .watchdog import Watchdog
 
 log = logging.getLogger("wasmgate.upstream")
 
@@ -39,7 +40,11 @@ class UpstreamError(Exception):
 
 
 class UpstreamReset(Exception):
-    """The upstream broke off while sending the response body."""
+    """The upstream broke off (or, ``timeout``, went quiet) while sending the response body."""
+
+    def __init__(self, message: str, timeout: bool = False):
+        super().__init__(message)
+        self.timeout = timeout
 
 
 class _Stale(Exception):
@@ -47,20 +52,24 @@ class _Stale(Exception):
 
 
 class UpConn:
-    __slots__ = ("reader", "writer", "endpoint", "reused", "timed_out", "idle_since")
+    __slots__ = ("reader", "writer", "endpoint", "reused", "timed_out", "idle_since", "watchdog")
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, endpoint: Endpoint):
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, endpoint: Endpoint,
+                 idle_timeout_s: float):
         self.reader = reader
         self.writer = writer
         self.endpoint = endpoint
         self.reused = False
         self.timed_out = False
         self.idle_since = 0.0
+        # response_idle_timeout: armed before each read of a response body.
+        self.watchdog = Watchdog(asyncio.get_running_loop(), idle_timeout_s, self.on_timeout)
 
     def usable(self) -> bool:
         return not self.writer.transport.is_closing() and not self.reader.at_eof()
 
     def abort(self) -> None:
+        self.watchdog.close()
         self.writer.transport.abort()
 
     def on_timeout(self) -> None:
@@ -69,9 +78,14 @@ class UpConn:
 
 
 class UpstreamResponse:
-    """Status, headers and a body iterator; ``finish()`` returns the connection to the pool."""
+    """Status, headers and a body iterator; ``finish()`` returns the connection to the pool.
+
+    Between two reads of the body the upstream may stay silent for the cluster's
+    ``response_idle_timeout_ms`` at most (nginx ``proxy_read_timeout``): then the connection is
+    aborted and the body iterator raises UpstreamReset(timeout=True).
+    """
     __slots__ = ("pool", "conn", "status", "headers", "length", "keepalive", "complete", "_body_iter",
-                 "endpoint", "bytes")
+                 "endpoint", "bytes", "idle_s")
 
     def __init__(self, pool: "Pool", conn: UpConn, status: int, headers: Headers, length: int | None,
                  keepalive: bool):
@@ -85,6 +99,7 @@ class UpstreamResponse:
         self.endpoint = str(conn.endpoint)
         self.bytes = 0
         self._body_iter: AsyncIterator[bytes] | None = None
+        self.idle_s = pool.cluster.response_idle_timeout_ms / 1000
 
     @property
     def body(self) -> AsyncIterator[bytes] | None:
@@ -98,24 +113,40 @@ class UpstreamResponse:
     async def read_exact(self) -> bytes:
         """The whole Content-Length body in one read: the fast path for small responses."""
         assert self.length is not None and self.length > 0 and self._body_iter is None
+        conn = self.conn
+        conn.watchdog.arm(self.idle_s)
         try:
-            data = await self.conn.reader.readexactly(self.length)
+            data = await conn.reader.readexactly(self.length)
         except (asyncio.IncompleteReadError, ConnectionError) as e:
-            raise UpstreamReset(f"{self.endpoint}: connection closed inside the body ({e})") from None
+            raise self._broke(f"connection closed inside the body ({e})") from None
+        finally:
+            conn.watchdog.disarm()
         self.bytes = len(data)
         self.complete = True
         return data
 
+    def _broke(self, why: object) -> UpstreamReset:
+        conn = self.conn
+        if conn is not None and conn.timed_out:
+            return UpstreamReset(f"{self.endpoint}: no response data for {self.idle_s:g} s", timeout=True)
+        return UpstreamReset(f"{self.endpoint}: {why}")
+
     async def _body(self) -> AsyncIterator[bytes]:
-        reader = self.conn.reader
+        conn = self.conn
+        reader = conn.reader
+        watchdog = conn.watchdog
+        idle = self.idle_s
         n = self.length
+        watchdog.arm(idle)
         try:
             if n is None:
                 trailers: list = []
                 rest: list = []
                 async for data in read_chunked(reader, status=502, trailers=trailers, rest=rest):
                     self.bytes += len(data)
+                    watchdog.disarm()
                     yield data
+                    watchdog.arm(idle)
                 self._body_iter.trailers = trailers or None   # type: ignore[union-attr]
                 if rest:
                     self.keepalive = False      # bytes after the response: never reuse this connection
@@ -123,9 +154,13 @@ class UpstreamResponse:
                 while True:
                     data = await reader.read(_READ)
                     if not data:
+                        if conn.timed_out:      # aborted by the watchdog, not the end of the body
+                            raise PeerClosed("timed out")
                         break
                     self.bytes += len(data)
+                    watchdog.disarm()
                     yield data
+                    watchdog.arm(idle)
             else:
                 while n > 0:
                     data = await reader.read(n if n < _READ else _READ)
@@ -133,9 +168,13 @@ class UpstreamResponse:
                         raise PeerClosed(f"upstream closed with {n} body bytes missing")
                     n -= len(data)
                     self.bytes += len(data)
+                    watchdog.disarm()
                     yield data
+                    watchdog.arm(idle)
         except (PeerClosed, HttpError, ConnectionError) as e:
-            raise UpstreamReset(f"{self.endpoint}: {e}") from None
+            raise self._broke(e) from None
+        finally:
+            watchdog.disarm()
         self.complete = True
 
     def finish(self) -> None:
@@ -253,7 +292,7 @@ class Pool:
         if sock is not None:
             # Head, body chunks and the final chunk go out as separate writes: no Nagle delay.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return UpConn(reader, writer, ep)
+        return UpConn(reader, writer, ep, self.cluster.response_idle_timeout_ms / 1000)
 
     def release(self, conn: UpConn) -> None:
         if self._closed or not conn.usable():
@@ -269,6 +308,7 @@ class Pool:
         self._wake()
 
     def _close(self, conn: UpConn) -> None:
+        conn.watchdog.close()
         conn.writer.transport.close()
         self.open -= 1
         self._wake()
