@@ -162,6 +162,10 @@ class Metrics:
     def requests(self) -> dict[tuple[str, int], int]:
         return self.counts().requests
 
+    @property
+    def errors(self) -> dict[str, int]:
+        return self.counts().errors
+
     def render(self, extra: Iterable[MetricSample] = ()) -> str:
         return self.counts().render(self.active_connections, self.active_requests, extra)
 
