@@ -19,6 +19,7 @@ from .context import CalloutData, Context, HttpContext, RootContext, VmContext
 from .engine import Engine, EngineError, Instance, MemoryAccessError, Trap
 from .enums import Status, WasiErrno
 from .hostcalls import HOSTCALLS, PY_LEVELS, guarded
+from .limits import MAX_LOG_BYTES, MAX_PENDING_CALLS
 from .module import LoadedModule
 from .shared_store import SharedStore
 from .wasi import WASI, WASI_MODULES, ProcExit
@@ -30,8 +31,6 @@ if TYPE_CHECKING:
 BACKOFF_FIRST_S = 0.1
 BACKOFF_MAX_S = 30.0
 ROOT_DONE_WAIT_S = 1.0
-MAX_PENDING_CALLS = 1000         # callouts in flight per filter instance
-MAX_LOG_BYTES = 16 * 1024        # one guest log line is cut beyond this
 START_DEADLINE_MS = 5000          # _initialize/main/_start + vm_start + configure, if the engine allows
 _U32 = 0xFFFFFFFF
 
@@ -328,6 +327,14 @@ class Filter:
             return b""
         return (self._mem or self._memory()).read(ptr, size)
 
+    def read_prefix(self, ptr: int, size: int, cap: int) -> bytes:
+        """The first `cap` bytes of (ptr, size), the whole range bounds-checked: a size the
+        guest claims never sizes a host allocation beyond `cap`."""
+        if size <= cap:
+            return self.read(ptr, size)
+        self.check_out(ptr, size)
+        return self.read(ptr, cap)
+
     def write(self, ptr: int, data: bytes) -> None:
         (self._mem or self._memory()).write(ptr, data)
 
@@ -380,15 +387,16 @@ class Filter:
 
     # -- logging -------------------------------------------------------------------------------
 
-    def guest_log(self, level: int, message: bytes) -> None:
+    def guest_log(self, level: int, message: bytes, total: int) -> None:
+        """`message`: at most MAX_LOG_BYTES of a line `total` bytes long."""
         py = PY_LEVELS[level]
         if self.log.isEnabledFor(py):
-            self.log.log(py, 'filter "%s": %s', self.name, _clip(message))
+            self.log.log(py, 'filter "%s": %s', self.name, _clip(message, total))
 
-    def guest_stdio(self, fd: int, data: bytes) -> None:
+    def guest_stdio(self, fd: int, data: bytes, total: int) -> None:
         py = logging.INFO if fd == 1 else logging.ERROR
         if data and self.log.isEnabledFor(py):
-            text = _clip(data)
+            text = _clip(data, total)
             self.log.log(py, 'filter "%s" %s: %s', self.name, "stdout" if fd == 1 else "stderr",
                          text[:-1] if text.endswith("\n") else text)
 
@@ -607,6 +615,6 @@ class Filter:
             self.call(root, "proxy_on_delete", root.id)
 
 
-def _clip(data: bytes) -> str:
+def _clip(data: bytes, total: int) -> str:
     text = data[:MAX_LOG_BYTES].decode("utf-8", "replace")
-    return text if len(data) <= MAX_LOG_BYTES else f"{text}… ({len(data)} bytes)"
+    return text if total <= MAX_LOG_BYTES else f"{text}… ({total} bytes)"

@@ -16,6 +16,7 @@ from .api import LocalReply
 from .buffers import lower_key, valid_header
 from .enums import BufferType, LogLevel, MapType, MetricType, Status
 from .engine import HostTrap, MemoryAccessError, Trap
+from .limits import MAX_LOG_BYTES
 from .pairs import deserialize, deserialize_str, to_bytes, to_str, to_text
 
 if TYPE_CHECKING:
@@ -48,7 +49,7 @@ def proxy_level(py_level: int) -> int:
 def proxy_log(f: "Filter", level, ptr, size):
     if level > LogLevel.CRITICAL:
         return Status.BAD_ARGUMENT
-    f.guest_log(level, f.read(ptr, size))
+    f.guest_log(level, f.read_prefix(ptr, size, MAX_LOG_BYTES), size)
     return Status.OK
 
 
