@@ -24,6 +24,13 @@ Body = AsyncIterator[bytes]
 class FilterLimits:
     memory_bytes: int = 64 * 1024 * 1024
     callback_ms: int = 100
+    # Body bytes one filter may make the host hold while it pauses a body (Envoy's buffer
+    # limit): over it the request gets 413, the response 500 (the gateway-wide default is
+    # config limits.max_buffered_body_bytes).
+    max_buffered_body_bytes: int = 1024 * 1024
+    # Bytes of proxy_http_call callouts in flight per instance: request headers and bodies
+    # until the call ends, plus response bodies being read and delivered.
+    max_callout_bytes: int = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)

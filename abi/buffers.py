@@ -105,13 +105,23 @@ class HeaderMap:
 
 
 class BodyBuffer:
-    """Chunks buffered at one filter; joined only on demand."""
-    __slots__ = ("chunks", "size", "writable")
+    """Chunks buffered at one filter; joined only on demand.
 
-    def __init__(self, writable: bool = True, data: bytes | None = None):
+    ``limit``: the most bytes a filter may grow it to with set_buffer_bytes (None: no limit,
+    for buffers the host fills itself)."""
+    __slots__ = ("chunks", "size", "writable", "limit")
+
+    def __init__(self, writable: bool = True, data: bytes | None = None, limit: int | None = None):
         self.chunks: list[bytes] = [data] if data else []
         self.size = len(data) if data else 0
         self.writable = writable
+        self.limit = limit
+
+    def size_after_write(self, start: int, size: int, n: int) -> int:
+        """The size write(start, size, <n bytes>) would leave (its own size when it is refused)."""
+        if start == 0:
+            return n + max(self.size - size, 0)
+        return self.size + n if start >= self.size else self.size
 
     def append(self, chunk: bytes) -> None:
         if chunk:

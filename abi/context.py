@@ -185,6 +185,14 @@ class HttpContext(Context):
         self.wake()
         return Status.OK
 
+    def body_over_limit(self, buffer_type: int) -> int:
+        """set_buffer_bytes would grow a body past max_buffered_body_bytes: nothing is written
+        and the stream ends as when the host's own buffering overflows (413 / 500). OK for the
+        guest: the SDKs accept nothing else from set_buffer_bytes."""
+        self.chain.set_reply(self.chain.too_large(self.filter, buffer_type))
+        self.wake()
+        return Status.OK
+
     def detach(self) -> None:
         """After on_delete (the context is released): drop the references back to the chain,
         so a finished request is freed by reference counting instead of the cyclic GC. No

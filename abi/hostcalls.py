@@ -82,8 +82,12 @@ def proxy_get_buffer_bytes(f, buffer_type, start, max_size, ret_pp, ret_size_p):
 def proxy_set_buffer_bytes(f, buffer_type, start, size, data_ptr, data_size):
     if buffer_type > BufferType.MAX:
         return Status.BAD_ARGUMENT
+    ctx = f.ctx()
+    buf = ctx.get_buffer(buffer_type)
+    if buf is not None and buf.limit is not None and buf.size_after_write(start, size, data_size) > buf.limit:
+        f.check_out(data_ptr, data_size)      # never copied: a bad pointer is still reported
+        return ctx.body_over_limit(buffer_type)
     data = f.read(data_ptr, data_size)
-    buf = f.ctx().get_buffer(buffer_type)
     if buf is None:
         return Status.NOT_FOUND
     return buf.write(start, size, data)

@@ -45,6 +45,7 @@ class Limits:
     max_request_body_bytes: int = 104857600
     max_header_bytes: int = 65536
     drain_timeout_s: float = 10.0
+    max_buffered_body_bytes: int = FilterLimits.max_buffered_body_bytes   # per filter, overridable
 
 
 @dataclass(frozen=True)
@@ -295,7 +296,8 @@ def _admin(ck: _Checker, node: yaml.Node, path: str) -> Admin | None:
 
 def _limits(ck: _Checker, node: yaml.Node, path: str) -> Limits:
     d = Limits()
-    f = ck.mapping(node, path, {"max_request_body_bytes", "max_header_bytes", "drain_timeout_s"})
+    f = ck.mapping(node, path, {"max_request_body_bytes", "max_header_bytes", "drain_timeout_s",
+                                "max_buffered_body_bytes"})
     if f is None:
         return d
     return Limits(
@@ -304,7 +306,14 @@ def _limits(ck: _Checker, node: yaml.Node, path: str) -> Limits:
         max_header_bytes=_get(f, "max_header_bytes", path, lambda n, p: ck.integer(n, p, 256),
                               d.max_header_bytes),
         drain_timeout_s=_get(f, "drain_timeout_s", path, lambda n, p: ck.number(n, p, 0), d.drain_timeout_s),
+        max_buffered_body_bytes=_get(f, "max_buffered_body_bytes", path, lambda n, p: _u32(ck, n, p),
+                                     d.max_buffered_body_bytes),
     )
+
+
+def _u32(ck: _Checker, node: yaml.Node, path: str) -> int | None:
+    # Body and callout sizes reach filters as u32 (callback arguments).
+    return ck.integer(node, path, 0, 0xFFFFFFFF)
 
 
 def _endpoint(ck: _Checker, node: yaml.Node, path: str) -> Endpoint | None:
@@ -480,7 +489,7 @@ def _encode(ck: _Checker, node: yaml.Node, path: str, encoding: str) -> bytes | 
         return None
 
 
-def _filter(ck: _Checker, node: yaml.Node, path: str, base: Path) -> FilterSpec | None:
+def _filter(ck: _Checker, node: yaml.Node, path: str, base: Path, gateway_limits: Limits) -> FilterSpec | None:
     f = ck.mapping(node, path, {"name", "wasm", "config", "encoding", "vm_config", "failure_policy",
                                 "limits", "environment", "deliver_body_while_paused", "root_id"},
                      {"name", "wasm"})
@@ -505,16 +514,23 @@ def _filter(ck: _Checker, node: yaml.Node, path: str, base: Path) -> FilterSpec 
     if policy not in ("fail_closed", "fail_open"):
         ck.error(f["failure_policy"], f"{path}.failure_policy", f'must be fail_closed or fail_open, got "{policy}"')
         ok = False
-    limits = FilterLimits()
+    d = FilterLimits(max_buffered_body_bytes=gateway_limits.max_buffered_body_bytes)
+    limits = d
     if "limits" in f:
-        lf = ck.mapping(f["limits"], f"{path}.limits", {"memory_mb", "callback_ms"})
+        lf = ck.mapping(f["limits"], f"{path}.limits", {"memory_mb", "callback_ms", "max_buffered_body_bytes",
+                                                        "max_callout_bytes"})
         if lf is None:
             ok = False
         else:
-            mem = _get(lf, "memory_mb", f"{path}.limits", lambda n, p: ck.integer(n, p, 1, 4096), None)
-            cb = _get(lf, "callback_ms", f"{path}.limits", lambda n, p: ck.integer(n, p, 1), None)
-            limits = FilterLimits(memory_bytes=(mem * 1024 * 1024) if mem else limits.memory_bytes,
-                                  callback_ms=cb or limits.callback_ms)
+            at = f"{path}.limits"
+            mem = _get(lf, "memory_mb", at, lambda n, p: ck.integer(n, p, 1, 4096), None)
+            cb = _get(lf, "callback_ms", at, lambda n, p: ck.integer(n, p, 1), None)
+            buffered = _get(lf, "max_buffered_body_bytes", at, lambda n, p: _u32(ck, n, p), None)
+            callouts = _get(lf, "max_callout_bytes", at, lambda n, p: _u32(ck, n, p), None)
+            limits = FilterLimits(memory_bytes=(mem * 1024 * 1024) if mem else d.memory_bytes,
+                                  callback_ms=cb or d.callback_ms,
+                                  max_buffered_body_bytes=d.max_buffered_body_bytes if buffered is None else buffered,
+                                  max_callout_bytes=d.max_callout_bytes if callouts is None else callouts)
     env: list[tuple[str, str]] = []
     if "environment" in f:
         pairs = ck.string_map(f["environment"], f"{path}.environment", "string to string")
@@ -612,7 +628,7 @@ def _build(ck: _Checker, root: yaml.Node, base_dir: Path) -> Config:
         items = ck.sequence(top["filters"], "filters") or []
         names = []
         for i, item in enumerate(items):
-            spec = _filter(ck, item, f"filters[{i}]", base_dir)
+            spec = _filter(ck, item, f"filters[{i}]", base_dir, limits)
             nm = _name_of(ck, item)
             names.append((nm, item))
             if nm:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import tracemalloc
 
-from abi.api import FilterLimits, Forward, LocalReply, LogInfo
+import pytest
+
+from abi.api import FilterLimits, Forward, LocalReplyInterrupt, LogInfo
 from abi.limits import MAX_LOG_BYTES
 
-from abi_helpers import REQ, info
+from abi_helpers import REQ, collect, info
 from abi_wat import OUT, Wat
 
 IOVS = 0x10000          # where the guest builds its iovec list
@@ -125,3 +127,154 @@ async def test_proxy_log_reads_only_the_cap(load, trace):
     assert lines[1].endswith(f"… ({size} bytes)") and len(lines[1]) < MAX_LOG_BYTES + 64
     assert lines[2:4] == ["log 0", "bad 6"]        # one byte past the end: INVALID_MEMORY_ACCESS
     assert peak < 1 << 20, peak
+
+
+# -- body buffering: max_buffered_body_bytes ----------------------------------------------------
+
+def limits(buffered: int, **kw) -> FilterLimits:
+    return FilterLimits(memory_bytes=kw.pop("memory_bytes", 16 << 20), callback_ms=200,
+                        max_buffered_body_bytes=buffered, **kw)
+
+
+class Source:
+    """A body iterator that records how many chunks the chain pulled from it."""
+
+    def __init__(self, n: int, size: int):
+        self.n, self.size, self.pulled = n, size, 0
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self.pulled == self.n:
+            raise StopAsyncIteration
+        self.pulled += 1
+        return b"x" * self.size
+
+
+def teardown(lines: list[str]) -> list[str]:
+    return [l.split()[0] for l in lines if l.split()[0] in ("proxy_on_done", "proxy_on_log", "proxy_on_delete")]
+
+
+async def test_request_body_buffered_past_the_limit_is_413(load, trace):
+    w = Wat()
+    w.on("proxy_on_request_body", w.trace("proxy_on_request_body", 3) + " (i32.const 1)")   # Pause forever
+    host = await load(w, limits=limits(1000))
+    trace.records.clear()
+    s = host.stream(["f"], info())
+    src = Source(5, 600)
+    fwd = await s.request(REQ + [("content-length", "3000")], src)
+    with pytest.raises(LocalReplyInterrupt) as ei:
+        await collect(fwd.body)
+    reply = ei.value.reply
+    assert (reply.status, reply.details) == (413, "request_payload_too_large")
+    assert src.pulled == 2                      # nothing read past the chunk that crossed the limit
+    await s.finish(LogInfo(status=413))
+    lines = trace.lines("f")
+    assert [l.rsplit(" ", 2)[1:] for l in lines if l.startswith("proxy_on_request_body")] == [["600", "0"], ["1200", "0"]]
+    # The reply went out through the filter's response callback; teardown ran as usual.
+    assert any(l.startswith("proxy_on_response_headers") for l in lines)
+    assert teardown(lines) == ["proxy_on_done", "proxy_on_log", "proxy_on_delete"]
+    assert host.filters["f"].failures == {}
+
+
+async def test_response_body_buffered_past_the_limit_is_500(load, trace):
+    w = Wat()
+    w.on("proxy_on_response_body", "(i32.const 1)")
+    host = await load(w, limits=limits(1000))
+    trace.records.clear()
+    s = host.stream(["f"], info())
+    assert isinstance(await s.request(REQ, None), Forward)
+    src = Source(5, 600)
+    fwd = await s.response(200, [("content-length", "3000")], src)
+    with pytest.raises(LocalReplyInterrupt) as ei:
+        await collect(fwd.body)
+    reply = ei.value.reply
+    assert (reply.status, reply.details) == (500, "response_payload_too_large")
+    assert ("content-type", "text/plain") in reply.headers
+    assert src.pulled == 2
+    await s.finish(LogInfo(status=500))
+    assert teardown(trace.lines("f")) == ["proxy_on_done", "proxy_on_log", "proxy_on_delete"]
+
+
+async def test_buffering_up_to_the_limit_passes(load):
+    w = Wat()
+    w.on("proxy_on_request_body", "(if (result i32) (local.get $c) (then (i32.const 0)) (else (i32.const 1)))")
+    host = await load(w, limits=limits(3000))
+    s = host.stream(["f"], info())
+    fwd = await s.request(REQ + [("content-length", "3000")], Source(5, 600))
+    assert await collect(fwd.body) == b"x" * 3000       # exactly the limit: forwarded whole
+    await s.finish(LogInfo())
+
+
+async def test_set_buffer_bytes_cannot_grow_a_body_past_the_limit(load, trace):
+    # Each body callback appends 8 MiB of guest memory: refused without copying it, and the
+    # request ends with 413; the guest gets OK (the SDKs accept nothing else).
+    w = Wat(pages=160)
+    w.on("proxy_on_request_body",
+         f"(call $log_num {w.s('append')} (call $proxy_set_buffer_bytes (i32.const 0) (i32.const -1) (i32.const 0) (i32.const 0) (i32.const {8 << 20})))"
+         " (i32.const 0)")
+    host = await load(w, limits=limits(1 << 20, memory_bytes=32 << 20))
+    trace.records.clear()
+    s = host.stream(["f"], info())
+    fwd = await s.request(REQ + [("content-length", "100")], Source(1, 100))
+
+    async def drain():
+        with pytest.raises(LocalReplyInterrupt) as ei:
+            await collect(fwd.body)
+        return ei.value.reply
+    reply, peak = await measured(drain())
+    assert (reply.status, reply.details) == (413, "request_payload_too_large")
+    assert "append 0" in trace.lines("f")
+    assert peak < 1 << 20, peak                 # the 8 MiB were never copied out of the guest
+    await s.finish(LogInfo())
+
+
+async def test_set_buffer_bytes_within_the_limit_and_bad_pointer(load, trace):
+    w = Wat()
+    w.on("proxy_on_request_body",
+         f"(call $log_num {w.s('append')} (call $proxy_set_buffer_bytes (i32.const 0) (i32.const -1) (i32.const 0) (i32.const 0) (i32.const 500)))"
+         f"(call $log_num {w.s('bad')} (call $proxy_set_buffer_bytes (i32.const 0) (i32.const -1) (i32.const 0) (i32.const {2 << 16}) (i32.const 5000)))"
+         " (i32.const 0)")
+    host = await load(w, limits=limits(1000))
+    trace.records.clear()
+    s = host.stream(["f"], info())
+    fwd = await s.request(REQ + [("content-length", "100")], Source(1, 100))
+    assert len(await collect(fwd.body)) == 600
+    # Over the limit AND outside memory: the bad pointer is reported first, nothing happens.
+    assert [l for l in trace.lines("f") if l.split()[0] in ("append", "bad")] == ["append 0", "bad 6"]
+    await s.finish(LogInfo())
+
+
+async def test_watermark_stops_reading_until_the_filter_resumes(load, services, trace):
+    """StopIterationAndWatermark (2) buffers up to the limit, then the host stops reading the
+    body (no 413) until the filter resumes, as Envoy's flow control."""
+    from abi.api import CallResponse
+    from abi.pairs import serialize
+    src = Source(10, 600)
+    seen = []
+
+    async def answer(*_):
+        seen.append(src.pulled)
+        return CallResponse(200, [], b"")
+    services.clusters["c"] = answer
+    w = Wat()
+    hdrs = serialize([(b":method", b"GET"), (b":path", b"/"), (b":authority", b"a")])
+    w.extra.append("(global $go (mut i32) (i32.const 0)) (global $called (mut i32) (i32.const 0))")
+    w.on("proxy_on_request_body",
+         "(if (global.get $go) (then (return (i32.const 0))))"
+         "(if (i32.and (i32.ge_u (local.get $b) (i32.const 1000)) (i32.eqz (global.get $called))) (then"
+         "  (global.set $called (i32.const 1))"
+         f"  (i32.store (i32.const {OUT + 16}) (local.get $a))"
+         f"  (drop (call $proxy_http_call {w.s('c')} {w.s(hdrs)} (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 1000) (i32.const {OUT + 12})))))"
+         " (i32.const 2)")
+    w.on("proxy_on_http_call_response",
+         f"(drop (call $proxy_set_effective_context (i32.load (i32.const {OUT + 16}))))"
+         "(global.set $go (i32.const 1))"
+         "(drop (call $proxy_continue_stream (i32.const 0)))")
+    host = await load(w, limits=limits(1000))
+    s = host.stream(["f"], info())
+    fwd = await s.request(REQ + [("content-length", "6000")], src)
+    assert await asyncio.wait_for(collect(fwd.body), 10) == b"x" * 6000
+    assert seen == [2]             # while the filter held 1200 bytes the host read nothing more
+    await s.finish(LogInfo())
