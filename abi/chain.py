@@ -17,6 +17,7 @@ from .api import Body, Forward, Headers, LocalReply, LocalReplyInterrupt, LogInf
 from .buffers import BodyBuffer, HeaderMap
 from .context import REQUEST, RESPONSE, HttpContext
 from .filter import Filter, FilterFailure
+from .properties import CustomProperties
 
 PAUSE_TIMEOUT_S = 60.0           # a filter that pauses and never resumes fails the request
 FAIL_DETAILS = "wasm_fail_stream"
@@ -130,7 +131,7 @@ class Chain:
         self.request_trailers: HeaderMap | None = None
         self.response_trailers: HeaderMap | None = None
         self.log: LogInfo | None = None
-        self.custom: dict[bytes, bytes] = {}
+        self.custom = CustomProperties()
         n = len(filters)
         self.ctxs: list[HttpContext | None] = [None] * n
         self.skipped = [False] * n
@@ -179,6 +180,19 @@ class Chain:
     def _invalid(self, i: int, name: str, action: int) -> None:
         self.filters[i].record_soft_failure(name, "invalid_action", f"returned {action}")
         self._fail(i)
+
+    def host_limit(self, ctx: HttpContext, call: str, what: str) -> None:
+        """The filter of `ctx` tried to grow host state past a fixed bound (abi/limits.py) and
+        the edit was refused: the request gets the filter's failure policy, as for an invalid
+        return action. The instance is kept: a client's request may be what tipped it over."""
+        i = self.ctxs.index(ctx)
+        if self.failed[i]:
+            return                       # already failed: once is enough (and one log line)
+        self.filters[i].record_soft_failure(call, "host_limit", what)
+        try:
+            self._fail(i)
+        except _Stop as s:
+            self.set_reply(s.reply)
 
     def too_large(self, f: Filter, direction: int) -> LocalReply:
         """The reply when filter `f` would make the host hold more body than its
@@ -267,7 +281,7 @@ class Chain:
             if not ctx.alive:
                 self._fail(i)
                 return
-            if ctx.resumed[direction]:
+            if ctx.resumed[direction] or self.skipped[i]:
                 return
             remaining = deadline - time.monotonic()
             if remaining <= 0:

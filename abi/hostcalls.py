@@ -122,7 +122,8 @@ def proxy_set_header_map_pairs(f, map_type, ptr, size):
     if m is None or pairs is None:
         return Status.BAD_ARGUMENT
     items = [(lower_key(k), to_str(v)) for k, v in pairs]
-    m.set_all(items)
+    if not m.set_all(items):
+        return f.ctx().map_over_limit("proxy_set_header_map_pairs", map_type)
     if not all(valid_header(k, v) for k, v in items):
         m.unsafe = True                    # OK as Envoy; the entry never reaches the wire
     return Status.OK
@@ -154,9 +155,10 @@ def proxy_add_header_map_value(f, map_type, kp, ks, vp, vs):
     m = f.ctx().writable_map(map_type)
     if m is None:
         return BAD_ARGUMENT
+    if not m.add(key, value):
+        return f.ctx().map_over_limit("proxy_add_header_map_value", map_type)
     if not valid_header(key, value):
         m.unsafe = True                    # OK as Envoy; the entry never reaches the wire
-    m.add(key, value)
     return OK
 
 
@@ -168,9 +170,10 @@ def proxy_replace_header_map_value(f, map_type, kp, ks, vp, vs):
     m = f.ctx().writable_map(map_type)
     if m is None:
         return BAD_ARGUMENT
+    if not m.replace(key, value):
+        return f.ctx().map_over_limit("proxy_replace_header_map_value", map_type)
     if not valid_header(key, value):
         m.unsafe = True                    # OK as Envoy; the entry never reaches the wire
-    m.replace(key, value)
     return OK
 
 

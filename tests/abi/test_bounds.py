@@ -7,7 +7,7 @@ import tracemalloc
 
 import pytest
 
-from abi.api import FilterLimits, Forward, LocalReplyInterrupt, LogInfo
+from abi.api import FilterLimits, Forward, LocalReply, LocalReplyInterrupt, LogInfo
 from abi.limits import MAX_LOG_BYTES
 
 from abi_helpers import REQ, collect, info
@@ -278,3 +278,118 @@ async def test_watermark_stops_reading_until_the_filter_resumes(load, services, 
     assert await asyncio.wait_for(collect(fwd.body), 10) == b"x" * 6000
     assert seen == [2]             # while the filter held 1200 bytes the host read nothing more
     await s.finish(LogInfo())
+
+
+# -- header maps and properties: what filters may add ---------------------------------------------
+
+def add_loop(w: Wat, call: str, n: int) -> str:
+    """WAT: run `call` (a host call expression) n times, trace the sum of its statuses."""
+    return ("(local $i i32) (local $sum i32)"
+            "(loop $l"
+            f" (local.set $sum (i32.add (local.get $sum) {call}))"
+            " (local.set $i (i32.add (local.get $i) (i32.const 1)))"
+            f" (br_if $l (i32.lt_u (local.get $i) (i32.const {n}))))"
+            f"(call $log_num {w.s('statuses')} (local.get $sum))")
+
+
+def big_header_adder(n: int = 100, size: int = 60 * 1024, call: str = "proxy_add_header_map_value") -> Wat:
+    w = Wat(pages=2)
+    w.on("proxy_on_request_headers",
+         add_loop(w, f"(call ${call} (i32.const 0) {w.s('x-big')} (i32.const 0) (i32.const {size}))", n)
+         + " (i32.const 0)")
+    return w
+
+
+async def test_header_map_growth_is_bounded_and_fails_the_request(load, trace):
+    host = await load(big_header_adder(100))            # 100 x 60 KiB = 6 MB asked for
+    trace.records.clear()
+    s = host.stream(["f"], info())
+    out, peak = await measured(s.request(REQ, None))
+    assert isinstance(out, LocalReply) and (out.status, out.details) == (503, "wasm_fail_stream")
+    assert "statuses 0" in trace.lines("f")             # every add answered OK to the guest
+    grown = s.request_headers.grown
+    assert (1 << 20) - 61450 < grown <= 1 << 20         # it filled up to the bound, no further
+    assert peak < 3 << 20, peak                         # the 1 MiB it holds, not the 6 MB asked
+    await s.finish(LogInfo(status=503))
+    f = host.filters["f"]
+    assert f.failures == {("proxy_add_header_map_value", "host_limit"): 1}
+    assert sum("host_limit" in r.getMessage() for r in trace.records) == 1     # logged once
+    # No trap, no rebuild: the instance serves the next request (a client may have tipped it).
+    assert f.rebuilds == 0
+    assert teardown(trace.lines("f")) == ["proxy_on_done", "proxy_on_log", "proxy_on_delete"]
+
+
+async def test_header_map_bound_under_fail_open_skips_the_filter(load):
+    good = Wat()
+    good.on("proxy_on_request_headers",
+            f"(drop (call $proxy_add_header_map_value (i32.const 0) {good.s('x-good')} {good.s('1')})) (i32.const 0)")
+    host = await load({"big": big_header_adder(100), "good": good}, failure_policy="fail_open")
+    s = host.stream(["big", "good"], info())
+    out = await s.request(REQ, None)
+    assert isinstance(out, Forward) and ("x-good", "1") in out.headers
+    await s.finish(LogInfo())
+    assert host.filters["big"].failures == {("proxy_add_header_map_value", "host_limit"): 1}
+
+
+async def test_replacing_one_header_over_and_over_is_not_growth(load, trace):
+    # 1000 replaces of a 10 KiB value: 10 MB of calls, but the map only ever holds one.
+    host = await load(big_header_adder(1000, 10 * 1024, "proxy_replace_header_map_value"))
+    trace.records.clear()
+    s = host.stream(["f"], info())
+    out = await s.request(REQ, None)
+    assert isinstance(out, Forward) and "statuses 0" in trace.lines("f")
+    assert s.request_headers.grown == len("x-big") + 10 * 1024 + 10
+    await s.finish(LogInfo())
+    assert host.filters["f"].failures == {}
+
+
+async def test_a_big_client_request_does_not_count_against_filters(load):
+    # What the client sent (here 3 MB of headers) is not the filters' doing: only additions count.
+    host = await load(big_header_adder(2, 1000))
+    s = host.stream(["f"], info())
+    out = await s.request(REQ + [(f"x-client-{i}", "v" * 1000) for i in range(3000)], None)
+    assert isinstance(out, Forward)
+    await s.finish(LogInfo())
+
+
+def property_setter(n: int, distinct: bool, size: int = 1024, where: str = "proxy_on_request_headers") -> Wat:
+    """Set n properties of `size` bytes: each under its own path (the loop index patched into
+    it) or all under one path."""
+    w = Wat(pages=2)
+    key = 0x7000                                   # "p.NNNN": the index bytes written in the loop
+    body = ("(local $i i32) (local $sum i32)"
+            "(loop $l"
+            f" (i32.store (i32.const {key}) (local.get $i))"
+            f" (local.set $sum (i32.add (local.get $sum) (call $proxy_set_property (i32.const {key}) (i32.const {4 if distinct else 0})"
+            f"   (i32.const 0) (i32.const {size}))))"
+            " (local.set $i (i32.add (local.get $i) (i32.const 1)))"
+            f" (br_if $l (i32.lt_u (local.get $i) (i32.const {n}))))"
+            f"(call $log_num {w.s('statuses')} (local.get $sum))")
+    result = " (i32.const 0)" if where == "proxy_on_request_headers" else " (i32.const 1)"
+    w.on(where, body + result)
+    return w
+
+
+async def test_property_growth_per_request_is_bounded(load, trace):
+    host = await load(property_setter(2000, distinct=True))        # 2000 x 1 KiB
+    trace.records.clear()
+    s = host.stream(["f"], info())
+    out = await s.request(REQ, None)
+    assert isinstance(out, LocalReply) and out.status == 503
+    assert "statuses 0" in trace.lines("f")
+    assert s.custom.nbytes <= 1 << 20 and len(s.custom) < 2000
+    await s.finish(LogInfo())
+    assert host.filters["f"].failures == {("proxy_set_property", "host_limit"): 1}
+    # Overwriting one path is not growth.
+    host2 = await load(property_setter(2000, distinct=False), name="g")
+    s = host2.stream(["g"], info())
+    assert isinstance(await s.request(REQ, None), Forward)
+    await s.finish(LogInfo())
+
+
+async def test_property_growth_in_a_root_context_is_refused_and_logged_once(load, trace):
+    host = await load(property_setter(2000, distinct=True, where="proxy_on_configure"))
+    f = host.filters["f"]
+    assert "statuses 0" in trace.lines("f")                 # the filter loaded (configure returned 1)
+    assert f.failures == {("proxy_set_property", "host_limit"): 1}
+    assert f.root.props.facts.custom.nbytes <= 1 << 20
