@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Protocol
+from typing import AsyncIterator, Callable, Protocol
 
 Headers = list[tuple[str, str]]
 Body = AsyncIterator[bytes]
@@ -71,8 +71,13 @@ class HostServices(Protocol):
     def has_cluster(self, name: str) -> bool: ...
 
     async def http_call(self, cluster: str, method: str, path: str, authority: str,
-                        headers: Headers, body: bytes, timeout_s: float | None) -> CallResponse:
-        """Raise CallFailed on refuse/reset/timeout."""
+                        headers: Headers, body: bytes, timeout_s: float | None,
+                        reserve: Callable[[int], bool] | None = None) -> CallResponse:
+        """Raise CallFailed on refuse/reset/timeout.
+
+        ``reserve(n)`` is asked before each response body chunk of n bytes is kept; False
+        (the filter's callout bytes would pass max_callout_bytes) → stop reading and raise
+        CallFailed: the response is too large to deliver."""
         ...
 
 

@@ -94,6 +94,8 @@ class Filter:
         self._deferred: list[Callable[[], None]] = []
         self._pending_done: dict[int, asyncio.Event] = {}
         self._calls: dict[int, tuple[asyncio.Task, int]] = {}
+        self._call_bytes: dict[int, int] = {}   # token → callout bytes it holds (request + response)
+        self._callout_bytes = 0                  # their sum, at most spec.limits.max_callout_bytes
         self._tick_period_ms = 0
         self._tick_handle: asyncio.TimerHandle | None = None
         self._rebuild_handle: asyncio.TimerHandle | None = None
@@ -293,6 +295,7 @@ class Filter:
         for task, _origin in self._calls.values():
             task.cancel()
         self._calls.clear()
+        self._forget_callout_bytes()
         for ev in self._pending_done.values():
             ev.set()
         self._pending_done.clear()
@@ -493,9 +496,15 @@ class Filter:
         if not method or not path or authority is None \
                 or not all(valid_header(k.lower(), v) for k, v in headers):
             return Status.BAD_ARGUMENT, 0
+        cost = len(body) + sum(len(k) + len(v) for k, v in headers)
+        if self._callout_bytes + cost > self.spec.limits.max_callout_bytes:
+            self.failures[("proxy_http_call", "callout_limit")] += 1
+            return Status.INTERNAL_FAILURE, 0      # as a failed dispatch; the SDKs expect it
         token = self._next_token
         self._next_token = (token + 4) & _U32 or 4
         timeout = timeout_ms / 1000 if timeout_ms else None
+        self._call_bytes[token] = cost
+        self._callout_bytes += cost
         task = self.loop.create_task(self._run_http_call(
             token, self.generation, cluster, method, path, authority, rest, body, timeout))
         self._calls[token] = (task, ctx.id)
@@ -508,7 +517,8 @@ class Filter:
                              body: bytes, timeout: float | None) -> None:
         response: CallResponse | None = None
         try:
-            call = self.services.http_call(cluster, method, path, authority, headers, body, timeout)
+            call = self.services.http_call(cluster, method, path, authority, headers, body, timeout,
+                                           reserve=lambda n: self._reserve_callout_bytes(token, n))
             response = await (asyncio.wait_for(call, timeout) if timeout else call)
         except (CallFailed, asyncio.TimeoutError) as e:
             self.log.info('filter "%s": http call to %s failed: %s', self.name, cluster,
@@ -519,8 +529,30 @@ class Filter:
             self.log.error('filter "%s": http call to %s failed: %r', self.name, cluster, e)
         self._deliver_http_response(token, generation, response)
 
+    def _reserve_callout_bytes(self, token: int, n: int) -> bool:
+        """Let a response body chunk of call `token` be kept, if the budget has room."""
+        held = self._call_bytes.get(token)
+        if held is None or self._callout_bytes + n > self.spec.limits.max_callout_bytes:
+            return False
+        self._call_bytes[token] = held + n
+        self._callout_bytes += n
+        return True
+
+    def _release_callout_bytes(self, token: int) -> None:
+        self._callout_bytes -= self._call_bytes.pop(token, 0)
+
+    def _forget_callout_bytes(self) -> None:
+        self._call_bytes.clear()
+        self._callout_bytes = 0
+
     def _deliver_http_response(self, token: int, generation: int,
                                response: CallResponse | None) -> None:
+        try:
+            self._deliver(token, generation, response)
+        finally:
+            self._release_callout_bytes(token)   # the response is dropped once delivered
+
+    def _deliver(self, token: int, generation: int, response: CallResponse | None) -> None:
         entry = self._calls.pop(token, None)
         if entry is None or generation != self.generation or self.root is None:
             return
@@ -554,6 +586,7 @@ class Filter:
             entry = self._calls.pop(token, None)
             if entry is not None:
                 entry[0].cancel()
+            self._release_callout_bytes(token)
         ctx.pending_calls.clear()
 
     # -- queues (reference §5.5) ----------------------------------------------------------------
@@ -604,6 +637,7 @@ class Filter:
         for task, _origin in list(self._calls.values()):
             task.cancel()
         self._calls.clear()
+        self._forget_callout_bytes()
         self._mem = None
         if self.instance is not None:
             self.instance.close()

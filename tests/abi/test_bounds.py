@@ -393,3 +393,92 @@ async def test_property_growth_in_a_root_context_is_refused_and_logged_once(load
     assert "statuses 0" in trace.lines("f")                 # the filter loaded (configure returned 1)
     assert f.failures == {("proxy_set_property", "host_limit"): 1}
     assert f.root.props.facts.custom.nbytes <= 1 << 20
+
+
+# -- callouts: max_callout_bytes per instance -----------------------------------------------------
+
+def dispatcher(n: int, body_size: int) -> Wat:
+    """Each request dispatches n calls to cluster "c" with a body_size-byte body, tracing each
+    status; every response is traced as "counts <headers> <body> <trailers>" and "code <status>"."""
+    from abi.pairs import serialize
+    w = Wat(pages=2)
+    hdrs = serialize([(b":method", b"POST"), (b":path", b"/"), (b":authority", b"a")])
+    calls = "".join(
+        f"(call $log_num {w.s('dispatch')} (call $proxy_http_call {w.s('c')} {w.s(hdrs)} (i32.const 0) (i32.const {body_size})"
+        f" (i32.const 0) (i32.const 0) (i32.const 5000) (i32.const {OUT})))" for _ in range(n))
+    w.on("proxy_on_request_headers", calls + " (i32.const 0)")
+    w.on("proxy_on_http_call_response",
+         f"(call $trace {w.s('counts')} (i32.const 3) (local.get $c) (local.get $d) (local.get $e))"
+         f"(drop (call $proxy_get_status (i32.const {OUT + 20}) (i32.const {OUT}) (i32.const {OUT + 4})))"
+         f"(call $log_num {w.s('code')} (i32.load (i32.const {OUT + 20})))")
+    return w
+
+
+def callout_limits(max_callout_bytes: int) -> FilterLimits:
+    return FilterLimits(memory_bytes=16 << 20, callback_ms=200, max_callout_bytes=max_callout_bytes)
+
+
+async def test_callout_request_bytes_in_flight_are_bounded(load, services, trace):
+    from abi.api import CallResponse
+    go = asyncio.Event()
+
+    async def held(*_):
+        await go.wait()
+        return CallResponse(200, [], b"ok")
+    services.clusters["c"] = held
+    # Each call holds its 3000-byte body and ~30 bytes of headers until it ends: 3 fit in 10,000.
+    host = await load(dispatcher(4, 3000), limits=callout_limits(10_000))
+    trace.records.clear()
+    s = host.stream(["f"], info())
+    await s.request(REQ, None)
+    assert [l for l in trace.lines("f") if l.startswith("dispatch")] == ["dispatch 0"] * 3 + ["dispatch 10"]
+    f = host.filters["f"]
+    assert f.failures == {("proxy_http_call", "callout_limit"): 1}
+    await wait_until(lambda: len(services.calls) == 3)
+    assert 9000 < f._callout_bytes <= 10_000
+    go.set()                                               # answered and delivered: bytes released
+    await wait_until(lambda: f._callout_bytes == 0 and not f._calls)
+    assert trace.lines("f").count("counts 1 2 0") == 3          # :status, "ok"
+    await s.finish(LogInfo())
+    # Room again: the next request's calls go out (one still refused: 4 x 3030 > 10,000).
+    trace.records.clear()
+    s = host.stream(["f"], info())
+    await s.request(REQ, None)
+    assert [l for l in trace.lines("f") if l.startswith("dispatch")] == ["dispatch 0"] * 3 + ["dispatch 10"]
+    await wait_until(lambda: f._callout_bytes == 0)
+    await s.finish(LogInfo())
+
+
+async def test_callout_response_over_the_budget_is_a_failed_call(load, services, trace):
+    from abi.api import CallResponse
+    services.clusters["c"] = CallResponse(200, [], b"r" * 5000)
+    host = await load(dispatcher(1, 10), limits=callout_limits(4000))
+    trace.records.clear()
+    s = host.stream(["f"], info())
+    await s.request(REQ, None)
+    f = host.filters["f"]
+    await wait_until(lambda: not f._calls)
+    # Delivered as Envoy delivers an overflowing callout response: (0, 0, 0), BrokenConnection.
+    assert "counts 0 0 0" in trace.lines("f") and "code 11" in trace.lines("f")
+    assert f._callout_bytes == 0
+    await s.finish(LogInfo())
+
+
+async def test_cancelled_callouts_release_their_bytes(load, services):
+    async def hang(*_):
+        await asyncio.sleep(30)
+    services.clusters["c"] = hang
+    host = await load(dispatcher(2, 1000), limits=callout_limits(10_000))
+    f = host.filters["f"]
+    s = host.stream(["f"], info())
+    await s.request(REQ, None)
+    assert f._callout_bytes > 2000
+    await s.finish(LogInfo())                  # the request ends: its calls are cancelled
+    assert f._callout_bytes == 0 and f._call_bytes == {}
+
+
+async def wait_until(predicate, timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)

@@ -1,6 +1,7 @@
 """Host limits over the real gateway: max_buffered_body_bytes (413 on the request, 500 on the
 response, as Envoy's buffer limits) with the risk filter and with a WAT filter that buffers
-forever; teardown callbacks still run."""
+forever, teardown callbacks still running; max_callout_bytes against a real upstream's 3 MiB
+callout response."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,8 @@ import pytest
 import pytest_asyncio
 import yaml
 
-from tests.abi.abi_wat import Wat
+from abi.pairs import serialize
+from tests.abi.abi_wat import OUT, Wat
 from tests.conformance.probe import BIG_BODY, filter_entry, gateway_yaml, wait_for
 from tests.filters.conftest import DIST
 from tests.helpers import run_gateway
@@ -31,6 +33,26 @@ def buffering_wat(tmp_path, name: str, callback: str) -> str:
     return str(path)
 
 
+def callout_wat(tmp_path, name: str) -> str:
+    """Dispatch GET /big (3 MiB) to cluster "callout" and pause; on the response trace
+    "counts <headers> <body> <trailers>" and "code <status>", then resume the request."""
+    w = Wat()
+    hdrs = serialize([(b":method", b"GET"), (b":path", b"/big"), (b":authority", b"callout")])
+    w.on("proxy_on_request_headers",
+         f"(i32.store (i32.const {OUT + 16}) (local.get $a))"
+         f"(drop (call $proxy_http_call {w.s('callout')} {w.s(hdrs)} (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0)"
+         f" (i32.const 10000) (i32.const {OUT + 12}))) (i32.const 1)")
+    w.on("proxy_on_http_call_response",
+         f"(call $trace {w.s('counts')} (i32.const 3) (local.get $c) (local.get $d) (local.get $e))"
+         f"(drop (call $proxy_get_status (i32.const {OUT + 20}) (i32.const {OUT}) (i32.const {OUT + 4})))"
+         f"(call $log_num {w.s('code')} (i32.load (i32.const {OUT + 20})))"
+         f"(drop (call $proxy_set_effective_context (i32.load (i32.const {OUT + 16}))))"
+         "(drop (call $proxy_continue_stream (i32.const 0)))")
+    path = tmp_path / f"{name}.wat"
+    path.write_text(w.render())
+    return str(path)
+
+
 def config(tmp_path, up_port: int) -> str:
     filters = [
         # The gateway-wide default (below) applies: limits has no max_buffered_body_bytes.
@@ -41,6 +63,8 @@ def config(tmp_path, up_port: int) -> str:
         filter_entry("hold_response", buffering_wat(tmp_path, "hold_response", "proxy_on_response_body")),
         filter_entry("hold_response_big", buffering_wat(tmp_path, "hold_response_big", "proxy_on_response_body"),
                      limits={"max_buffered_body_bytes": 8 << 20}),
+        filter_entry("callout_small", callout_wat(tmp_path, "callout_small"), limits={"max_callout_bytes": 1 << 20}),
+        filter_entry("callout_big", callout_wat(tmp_path, "callout_big"), limits={"max_callout_bytes": 8 << 20}),
     ]
     routes = [{"name": f["name"], "match": {"prefix": f"/{f['name']}/"}, "rewrite": {"prefix": "/"},
                "cluster": "backend", "filters": [f["name"]]} for f in filters]
@@ -136,3 +160,26 @@ def torn_down(caplog, name: str):
         order = [c for c in seen if c in ("proxy_on_done", "proxy_on_log", "proxy_on_delete")]
         return order[-3:] == ["proxy_on_done", "proxy_on_log", "proxy_on_delete"]
     return check
+
+
+def traced(caplog, name: str) -> list[str]:
+    """The filter's "counts …" and "code …" trace lines."""
+    prefix = f'filter "{name}": '
+    lines = [r.getMessage()[len(prefix):] for r in caplog.records if r.getMessage().startswith(prefix)]
+    return [l for l in lines if l.startswith(("counts ", "code "))]
+
+
+async def test_callout_response_over_max_callout_bytes_is_a_failed_call(gw, caplog):
+    caplog.set_level(logging.INFO, logger="wasmgate.filters")
+    g, up, s = gw
+    async with s.get(g.url("/callout_small/x")) as r:
+        assert r.status == 200                 # the filter resumed after its failed call
+    # As Envoy delivers an async response over its buffer limit: (0, 0, 0), BrokenConnection.
+    assert traced(caplog, "callout_small") == ["counts 0 0 0", "code 11"]
+    assert any("http call to callout failed: response body over the filter's max_callout_bytes" in r.getMessage()
+               for r in caplog.records)
+    # Under a larger budget the same 3 MiB response is delivered whole.
+    async with s.get(g.url("/callout_big/x")) as r:
+        assert r.status == 200
+    counts = traced(caplog, "callout_big")
+    assert counts[0].split()[2] == str(len(BIG_BODY)) and counts[1] == "code 0"
