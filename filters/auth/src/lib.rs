@@ -8,12 +8,13 @@
 //! repeated query parameter, or both header and query) is refused with 400 before any check:
 //! servers disagree on which copy wins, so none is used (RFC 6750 §3.1 `invalid_request`).
 
+use std::borrow::Cow;
 use std::rc::Rc;
 use wasmgate_sdk::config::Cfg;
 use wasmgate_sdk::crypto::{constant_time_eq, hex_decode, hex_nibble, hmac_sha256, sha256, Sha256};
 use wasmgate_sdk::traits::*;
 use wasmgate_sdk::types::*;
-use wasmgate_sdk::{base64, error, json, Value};
+use wasmgate_sdk::{base64, error, hostcalls, json, Value};
 
 wasmgate_sdk::main! {{
     wasmgate_sdk::set_log_level(LogLevel::Info);
@@ -239,11 +240,14 @@ pub fn query_count(path: &str, name: &str) -> usize {
     q.split('&').filter(|pair| percent_decode(pair.split_once('=').map(|x| x.0).unwrap_or(pair)) == name).count()
 }
 
+/// The request headers as the host serialized them (names lower-case), borrowed, not copied.
+pub type Headers<'a> = [(&'a [u8], &'a [u8])];
+
 /// Why the request's credentials are ambiguous, if they are: a header or query parameter the
 /// configuration reads is present more than once, or one credential is in both its header and
-/// its query parameter. `headers` are the request's (names lower-case, as the host gives them).
-pub fn ambiguous_credentials(cfg: &Config, headers: &[(String, String)], path: &str) -> Option<String> {
-    let count = |name: &str| headers.iter().filter(|(k, _)| k == name).count();
+/// its query parameter.
+pub fn ambiguous_credentials(cfg: &Config, headers: &Headers, path: &str) -> Option<String> {
+    let count = |name: &str| headers.iter().filter(|(k, _)| *k == name.as_bytes()).count();
     // (header, query parameter, what it carries, does a header value carry it)
     let mut slots: Vec<(Option<&str>, Option<&str>, &str, Box<dyn Fn(&str) -> bool>)> = Vec::new();
     if let Some(a) = &cfg.api_key {
@@ -269,7 +273,9 @@ pub fn ambiguous_credentials(cfg: &Config, headers: &[(String, String)], path: &
             if n > 1 {
                 return Some(format!("more than one {} query parameter", q));
             }
-            let in_header = header.map_or(false, |h| headers.iter().any(|(k, v)| k == h && carries(v)));
+            let in_header = header.map_or(false, |h| {
+                headers.iter().any(|(k, v)| *k == h.as_bytes() && carries(&String::from_utf8_lossy(v)))
+            });
             if n == 1 && in_header {
                 return Some(format!("{} in both the {} header and the {} query parameter", what, header.unwrap(), q));
             }
@@ -279,8 +285,8 @@ pub fn ambiguous_credentials(cfg: &Config, headers: &[(String, String)], path: &
 }
 
 /// First value of header `name` (lower-case).
-fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+fn header<'a>(headers: &Headers<'a>, name: &str) -> Option<Cow<'a, str>> {
+    headers.iter().find(|(k, _)| *k == name.as_bytes()).map(|(_, v)| String::from_utf8_lossy(v))
 }
 
 /// `:path` without every `name=…` query parameter.
@@ -477,7 +483,7 @@ enum Strip {
 }
 
 impl Stream {
-    fn authenticate(&self, headers: &[(String, String)]) -> Result<(String, &'static str, Vec<Strip>), (String, bool)> {
+    fn authenticate(&self, headers: &Headers) -> Result<(String, &'static str, Vec<Strip>), (String, bool)> {
         let cfg = &self.cfg;
         let path = header(headers, ":path").unwrap_or_default();
         let mut first_error: Option<String> = None;
@@ -496,7 +502,7 @@ impl Stream {
             }
             if presented.is_none() {
                 if let Some(q) = &a.query {
-                    if let Some(v) = query_param(path, q) {
+                    if let Some(v) = query_param(&path, q) {
                         presented = Some((v, Strip::Query(q.clone())));
                     }
                 }
@@ -511,7 +517,7 @@ impl Stream {
         if let Some(j) = &cfg.jwt {
             let mut presented: Option<(String, Strip)> = None;
             if let Some(v) = header(headers, &j.header) {
-                let (scheme, rest) = split_scheme(v);
+                let (scheme, rest) = split_scheme(&v);
                 if j.header == "authorization" {
                     if scheme == "bearer" {
                         presented = Some((rest.to_string(), Strip::Header(j.header.clone())));
@@ -524,7 +530,7 @@ impl Stream {
             }
             if presented.is_none() {
                 if let Some(q) = &j.query {
-                    if let Some(v) = query_param(path, q) {
+                    if let Some(v) = query_param(&path, q) {
                         presented = Some((v, Strip::Query(q.clone())));
                     }
                 }
@@ -542,7 +548,7 @@ impl Stream {
         }
         if let Some(users) = &cfg.basic {
             if let Some(v) = header(headers, "authorization") {
-                let (scheme, rest) = split_scheme(v);
+                let (scheme, rest) = split_scheme(&v);
                 if scheme == "basic" {
                     match check_basic(users, rest) {
                         Ok(id) => return Ok((id, "basic", vec![Strip::Header("authorization".into())])),
@@ -599,9 +605,11 @@ impl HttpContext for Stream {
         if let Some(m) = &cfg.method_header {
             self.set_http_request_header(m, None);
         }
-        let headers = self.get_http_request_headers();
+        // One read of the whole map (duplicates can only be seen there), parsed in place.
+        let raw = hostcalls::get_map_serialized(MapType::HttpRequestHeaders).unwrap();
+        let headers = hostcalls::map_pairs(&raw).unwrap_or_default();
         let path = header(&headers, ":path").unwrap_or_default();
-        if let Some(message) = ambiguous_credentials(&cfg, &headers, path) {
+        if let Some(message) = ambiguous_credentials(&cfg, &headers, &path) {
             self.reject(400, &message, Some("invalid_request"));
             return Action::Pause;
         }
@@ -612,7 +620,7 @@ impl HttpContext for Stream {
                         match s {
                             Strip::Header(h) => self.set_http_request_header(&h, None),
                             Strip::Query(q) => {
-                                let new_path = strip_query_param(path, &q);
+                                let new_path = strip_query_param(&path, &q);
                                 if new_path != path {
                                     self.set_http_request_header(":path", Some(&new_path));
                                 }
@@ -733,7 +741,9 @@ mod tests {
             "jwt": {{"secret": "{}", "query": "access_token"}}, "basic": {{"users": [{{"username": "u", "password_sha256": "{}"}}]}}}}"#,
             SECRET, wasmgate_sdk::crypto::hex_encode(&sha256(b"p")));
         let c = Config::parse(src.as_bytes()).unwrap();
-        let h = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<Vec<_>>();
+        fn h<'a>(pairs: &[(&'a str, &'a str)]) -> Vec<(&'a [u8], &'a [u8])> {
+            pairs.iter().map(|(k, v)| (k.as_bytes(), v.as_bytes())).collect()
+        }
         let amb = |pairs: &[(&str, &str)], path: &str| ambiguous_credentials(&c, &h(pairs), path);
         assert_eq!(amb(&[("x-api-key", "a")], "/x?api_key=b&y=1").as_deref(),
                    Some("API key in both the x-api-key header and the api_key query parameter"));
