@@ -7,14 +7,16 @@ import tracemalloc
 
 import pytest
 
-from abi.api import FilterLimits, Forward, LocalReply, LocalReplyInterrupt, LogInfo
+from abi.api import CallResponse, FilterLimits, Forward, LocalReply, LocalReplyInterrupt, LogInfo
 from abi.limits import MAX_LOG_BYTES
+from abi.pairs import serialize
 
 from abi_helpers import REQ, collect, info
 from abi_wat import OUT, Wat
 
 IOVS = 0x10000          # where the guest builds its iovec list
 WRITTEN = OUT + 8       # fd_write's nwritten out-param
+CALL_HEADERS = serialize([(b":method", b"GET"), (b":path", b"/"), (b":authority", b"a")])
 
 
 def iovec_flood(w: Wat, n: int, ptr: int, length: int, fd: int = 1, last: tuple[int, int] | None = None) -> str:
@@ -249,8 +251,6 @@ async def test_set_buffer_bytes_within_the_limit_and_bad_pointer(load, trace):
 async def test_watermark_stops_reading_until_the_filter_resumes(load, services, trace):
     """StopIterationAndWatermark (2) buffers up to the limit, then the host stops reading the
     body (no 413) until the filter resumes, as Envoy's flow control."""
-    from abi.api import CallResponse
-    from abi.pairs import serialize
     src = Source(10, 600)
     seen = []
 
@@ -259,14 +259,13 @@ async def test_watermark_stops_reading_until_the_filter_resumes(load, services, 
         return CallResponse(200, [], b"")
     services.clusters["c"] = answer
     w = Wat()
-    hdrs = serialize([(b":method", b"GET"), (b":path", b"/"), (b":authority", b"a")])
     w.extra.append("(global $go (mut i32) (i32.const 0)) (global $called (mut i32) (i32.const 0))")
     w.on("proxy_on_request_body",
          "(if (global.get $go) (then (return (i32.const 0))))"
          "(if (i32.and (i32.ge_u (local.get $b) (i32.const 1000)) (i32.eqz (global.get $called))) (then"
          "  (global.set $called (i32.const 1))"
          f"  (i32.store (i32.const {OUT + 16}) (local.get $a))"
-         f"  (drop (call $proxy_http_call {w.s('c')} {w.s(hdrs)} (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 1000) (i32.const {OUT + 12})))))"
+         f"  (drop (call $proxy_http_call {w.s('c')} {w.s(CALL_HEADERS)} (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 1000) (i32.const {OUT + 12})))))"
          " (i32.const 2)")
     w.on("proxy_on_http_call_response",
          f"(drop (call $proxy_set_effective_context (i32.load (i32.const {OUT + 16}))))"
@@ -400,11 +399,9 @@ async def test_property_growth_in_a_root_context_is_refused_and_logged_once(load
 def dispatcher(n: int, body_size: int) -> Wat:
     """Each request dispatches n calls to cluster "c" with a body_size-byte body, tracing each
     status; every response is traced as "counts <headers> <body> <trailers>" and "code <status>"."""
-    from abi.pairs import serialize
     w = Wat(pages=2)
-    hdrs = serialize([(b":method", b"POST"), (b":path", b"/"), (b":authority", b"a")])
     calls = "".join(
-        f"(call $log_num {w.s('dispatch')} (call $proxy_http_call {w.s('c')} {w.s(hdrs)} (i32.const 0) (i32.const {body_size})"
+        f"(call $log_num {w.s('dispatch')} (call $proxy_http_call {w.s('c')} {w.s(CALL_HEADERS)} (i32.const 0) (i32.const {body_size})"
         f" (i32.const 0) (i32.const 0) (i32.const 5000) (i32.const {OUT})))" for _ in range(n))
     w.on("proxy_on_request_headers", calls + " (i32.const 0)")
     w.on("proxy_on_http_call_response",
@@ -419,7 +416,6 @@ def callout_limits(max_callout_bytes: int) -> FilterLimits:
 
 
 async def test_callout_request_bytes_in_flight_are_bounded(load, services, trace):
-    from abi.api import CallResponse
     go = asyncio.Event()
 
     async def held(*_):
@@ -450,7 +446,6 @@ async def test_callout_request_bytes_in_flight_are_bounded(load, services, trace
 
 
 async def test_callout_response_over_the_budget_is_a_failed_call(load, services, trace):
-    from abi.api import CallResponse
     services.clusters["c"] = CallResponse(200, [], b"r" * 5000)
     host = await load(dispatcher(1, 10), limits=callout_limits(4000))
     trace.records.clear()
