@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from typing import TYPE_CHECKING, Callable
 
+from . import foreign
 from .api import CallFailed, CallResponse, FilterLoadError, FilterSpec, HostServices
 from .buffers import BodyBuffer, HeaderMap, valid_header
 from .context import CalloutData, Context, HttpContext, RootContext, VmContext
@@ -588,6 +589,11 @@ class Filter:
                 entry[0].cancel()
             self._release_callout_bytes(token)
         ctx.pending_calls.clear()
+
+    # -- foreign functions (wasmgate's extensions, abi/foreign.py) -----------------------------
+
+    def call_foreign(self, name: str, args: bytes) -> tuple[int, bytes]:
+        return foreign.call(self.store, name, args)
 
     # -- queues (reference §5.5) ----------------------------------------------------------------
 

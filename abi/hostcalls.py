@@ -310,9 +310,10 @@ def proxy_grpc_close(f, token):
 
 
 def proxy_call_foreign_function(f, name_ptr, name_size, args_ptr, args_size, ret_pp, ret_size_p):
-    f.read(name_ptr, name_size)
-    f.read(args_ptr, args_size)
-    return Status.NOT_FOUND                   # we export no foreign functions
+    status, result = f.call_foreign(to_text(f.read(name_ptr, name_size)), f.read(args_ptr, args_size))
+    if status != OK:
+        return status
+    return f.write_result(result, ret_pp, ret_size_p)
 
 
 # -- shared data and queues -------------------------------------------------------------------

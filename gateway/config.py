@@ -38,6 +38,11 @@ class Listener:
 class Admin:
     address: str
     port: int
+    # The bearer token every admin request but GET /ready must carry (from admin.token, or read
+    # from admin.token_file at load); None = no token (allowed on a loopback address only).
+    token: str | None = field(default=None, repr=False)
+    token_file: str | None = None              # resolved path, for GET /config
+    allowed_hosts: tuple[str, ...] = ()        # Host names accepted besides IPs and localhost
 
 
 @dataclass(frozen=True)
@@ -284,14 +289,87 @@ def _listener(ck: _Checker, node: yaml.Node, path: str) -> Listener | None:
     return Listener(name, address, port)
 
 
-def _admin(ck: _Checker, node: yaml.Node, path: str) -> Admin | None:
+def _admin(ck: _Checker, node: yaml.Node, path: str, base: Path) -> Admin | None:
     n0 = len(ck.errors)
-    f = ck.mapping(node, path, {"address", "port"}, {"port"})
+    f = ck.mapping(node, path, {"address", "port", "token", "token_file", "allowed_hosts"}, {"port"})
     if f is None:
         return None
     address = _get(f, "address", path, lambda n, p: _address(ck, n, p), "127.0.0.1")
     port = _get(f, "port", path, lambda n, p: ck.integer(n, p, 0, 65535))
-    return None if len(ck.errors) > n0 else Admin(address, port)
+    token, token_file = _admin_token(ck, f, path, base)
+    hosts = _get(f, "allowed_hosts", path, lambda n, p: _host_names(ck, n, p), ())
+    if address is not None and token is None and len(ck.errors) == n0 and not is_loopback(address):
+        ck.error(f["address"], f"{path}.address",
+                 f"{address} is not a loopback address: set admin.token or admin.token_file, or anyone "
+                 f"who reaches it can read the config and reload the gateway")
+    if len(ck.errors) > n0:
+        return None
+    return Admin(address, port, token, token_file, hosts)
+
+
+def _admin_token(ck: _Checker, f: dict[str, yaml.Node], path: str, base: Path) -> tuple[str | None, str | None]:
+    """(token, resolved token_file) from admin.token or admin.token_file (read now)."""
+    if "token" in f and "token_file" in f:
+        ck.error(f["token_file"], f"{path}.token_file", "use either token or token_file, not both")
+        return None, None
+    if "token" in f:
+        return _bearer(ck, f["token"], f"{path}.token", ck.string(f["token"], f"{path}.token")), None
+    if "token_file" not in f:
+        return None, None
+    node, where = f["token_file"], f"{path}.token_file"
+    name = ck.string(node, where)
+    if name is None:
+        return None, None
+    file = str((base / name).resolve())
+    try:
+        text = Path(file).read_text(encoding="utf-8").strip()   # a trailing newline is not the token's
+    except OSError as e:
+        ck.error(node, where, f"cannot read {file}: {e.strerror or e}")
+        return None, file
+    except UnicodeDecodeError as e:
+        ck.error(node, where, f"{file} is not UTF-8 text: {e.reason}")
+        return None, file
+    return _bearer(ck, node, where, text, f" in {file}"), file
+
+
+def _host_names(ck: _Checker, node: yaml.Node, path: str) -> tuple[str, ...] | None:
+    names = []
+    for i, item in enumerate(ck.sequence(node, path) or []):
+        name = ck.string(item, f"{path}[{i}]")
+        if name is not None and not _HOSTNAME.match(name):
+            ck.error(item, f"{path}[{i}]", f'"{name}" is not a host name (write it without scheme or port)')
+        elif name is not None:
+            names.append(name.lower().rstrip("."))
+    return tuple(names)
+
+
+# RFC 6750 §2.1 b64token: what a client can put after "Bearer " without quoting.
+_BEARER = re.compile(r"^[A-Za-z0-9\-._~+/]+=*$")
+_HOSTNAME = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*\.?$")
+MIN_ADMIN_TOKEN = 16
+
+
+def _bearer(ck: _Checker, node: yaml.Node, path: str, token: str | None, where: str = "") -> str | None:
+    if token is None:
+        return None
+    if not _BEARER.match(token):
+        ck.error(node, path, f"the token{where} may contain only letters, digits and -._~+/ (then =), "
+                             f"as a bearer token (RFC 6750)")
+        return None
+    if len(token) < MIN_ADMIN_TOKEN:
+        ck.error(node, path, f"the token{where} is {len(token)} characters; use at least {MIN_ADMIN_TOKEN} "
+                             f"(e.g. `openssl rand -hex 32`)")
+        return None
+    return token
+
+
+def is_loopback(address: str) -> bool:
+    """Whether a listen address is reachable from this machine only."""
+    if address == "localhost":
+        return True
+    ip = ipaddress.ip_address(address)
+    mapped = getattr(ip, "ipv4_mapped", None)      # ::ffff:127.0.0.1 (3.11 does not call it loopback)
+    return ip.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 def _limits(ck: _Checker, node: yaml.Node, path: str) -> Limits:
@@ -590,7 +668,7 @@ def _build(ck: _Checker, root: yaml.Node, base_dir: Path) -> Config:
         _unique_names(ck, names, "listeners")
         _unique_ports(ck, listeners, items)
 
-    admin = _admin(ck, top["admin"], "admin") if "admin" in top and not _is_null(top["admin"]) else None
+    admin = _admin(ck, top["admin"], "admin", base_dir) if "admin" in top and not _is_null(top["admin"]) else None
     limits = _limits(ck, top["limits"], "limits") if "limits" in top else Limits()
 
     access_log: str | None = "-"

@@ -253,8 +253,8 @@ async def test_admin_methods_and_errors(upstream, tmp_path):
                 assert r.status == 200 and r.headers["Content-Length"] == "6"
             async with s.get(gw.admin_url + "/metrics?x=1") as r:
                 assert r.status == 200
-        raw = await raw_exchange(gw.gateway.admin_port, b"GET /ready HTTP/1.1\r\nHost: a\r\n\r\n"
-                                 b"GET /config HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        raw = await raw_exchange(gw.gateway.admin_port, b"GET /ready HTTP/1.1\r\nHost: localhost\r\n\r\n"
+                                 b"GET /config HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
         assert raw.count(b"HTTP/1.1 200 OK") == 2 and raw.endswith(b"}\n")
         raw = await raw_exchange(gw.gateway.admin_port, b"BAD REQUEST LINE\r\n\r\n")
         assert raw.startswith(b"HTTP/1.1 400")

@@ -4,7 +4,8 @@
 //! HttpContext), `hostcalls` (one safe wrapper per host call), `dispatcher` (routes the
 //! `proxy_on_*` exports by context id), `types`, `allocator`, `logger`. On top: configuration
 //! readers (`config`, `json`, `msgpack`, `value`), `crypto` (SHA-256, HMAC-SHA256,
-//! constant-time compare), `base64` and `property` (Envoy value decoding).
+//! constant-time compare), `base64`, `property` (Envoy value decoding) and `ext` (wasmgate's host
+//! extensions, e.g. shared data that expires).
 //!
 //! ```ignore
 //! use wasmgate_sdk::traits::*;
@@ -20,6 +21,7 @@ pub mod base64;
 pub mod config;
 pub mod crypto;
 pub mod dispatcher;
+pub mod ext;
 #[doc(hidden)]
 pub mod fuzz;
 pub mod hostcalls;
