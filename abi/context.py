@@ -207,6 +207,7 @@ class HttpContext(Context):
         """set_buffer_bytes would grow a body past max_buffered_body_bytes: nothing is written
         and the stream ends as when the host's own buffering overflows (413 / 500). OK for the
         guest: the SDKs accept nothing else from set_buffer_bytes."""
+        # Body buffer types 0 / 1 are the request / response, as the chain's directions.
         self.chain.set_reply(self.chain.too_large(self.filter, buffer_type))
         self.wake()
         return Status.OK

@@ -1,5 +1,6 @@
-"""Bounds on what a filter can make the host allocate: gathered log lines, header maps,
-properties. Peak host allocation is measured with tracemalloc around the guest call."""
+"""Bounds on what a filter can make the host allocate or hold: gathered log lines, buffered
+bodies (max_buffered_body_bytes), header maps, properties, callout bytes (max_callout_bytes).
+Peak host allocation is measured with tracemalloc around the guest call."""
 from __future__ import annotations
 
 import asyncio
