@@ -200,6 +200,20 @@ async def test_response_body_buffered_past_the_limit_is_500(load, trace):
     assert teardown(trace.lines("f")) == ["proxy_on_done", "proxy_on_log", "proxy_on_delete"]
 
 
+async def test_body_held_while_paused_in_headers_is_bounded_too(load, trace):
+    # deliver_body_while_paused: the filter pauses its headers and keeps pausing the body.
+    w = Wat()
+    w.on("proxy_on_request_headers", "(i32.const 1)")
+    w.on("proxy_on_request_body", "(i32.const 1)")
+    host = await load(w, limits=limits(1000), deliver_body_while_paused=True)
+    s = host.stream(["f"], info())
+    src = Source(5, 600)
+    out = await s.request(REQ + [("content-length", "3000")], src)
+    assert isinstance(out, LocalReply) and (out.status, out.details) == (413, "request_payload_too_large")
+    assert src.pulled == 2
+    await s.finish(LogInfo(status=413))
+
+
 async def test_buffering_up_to_the_limit_passes(load):
     w = Wat()
     w.on("proxy_on_request_body", "(if (result i32) (local.get $c) (then (i32.const 0)) (else (i32.const 1)))")
