@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Protocol
+from typing import AsyncIterator, Callable, Protocol
 
 Headers = list[tuple[str, str]]
 Body = AsyncIterator[bytes]
@@ -24,6 +24,13 @@ Body = AsyncIterator[bytes]
 class FilterLimits:
     memory_bytes: int = 64 * 1024 * 1024
     callback_ms: int = 100
+    # Body bytes one filter may make the host hold while it pauses a body (Envoy's buffer
+    # limit): over it the request gets 413, the response 500 (the gateway-wide default is
+    # config limits.max_buffered_body_bytes).
+    max_buffered_body_bytes: int = 1024 * 1024
+    # Bytes of proxy_http_call callouts in flight per instance: request headers and bodies
+    # until the call ends, plus response bodies being read and delivered.
+    max_callout_bytes: int = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -64,8 +71,13 @@ class HostServices(Protocol):
     def has_cluster(self, name: str) -> bool: ...
 
     async def http_call(self, cluster: str, method: str, path: str, authority: str,
-                        headers: Headers, body: bytes, timeout_s: float | None) -> CallResponse:
-        """Raise CallFailed on refuse/reset/timeout."""
+                        headers: Headers, body: bytes, timeout_s: float | None,
+                        reserve: Callable[[int], bool] | None = None) -> CallResponse:
+        """Raise CallFailed on refuse/reset/timeout.
+
+        ``reserve(n)`` is asked before each response body chunk of n bytes is kept; False
+        (the filter's callout bytes would pass max_callout_bytes) → stop reading and raise
+        CallFailed: the response is too large to deliver."""
         ...
 
 

@@ -66,6 +66,7 @@ class Limits:
     response_buffer_bytes: int = 65536
     spool_max_bytes: int = 1073741824
     spool_dir: str | None = None                # None: the system's temporary directory
+    max_buffered_body_bytes: int = FilterLimits.max_buffered_body_bytes   # per filter, overridable
 
 
 @dataclass(frozen=True)
@@ -407,7 +408,7 @@ def _limits(ck: _Checker, node: yaml.Node, path: str, base_dir: Path) -> Limits:
         "response_send_timeout_s": secs, "keepalive_timeout_s": secs,
         "max_idle_connections": size(0), "request_buffer_bytes": size(0),
         "response_buffer_bytes": size(0), "spool_max_bytes": size(0),
-        "spool_dir": ck.string,
+        "spool_dir": ck.string, "max_buffered_body_bytes": lambda n, p: _u32(ck, n, p),
     }
     values = {k: _get(f, k, path, read, getattr(d, k)) for k, read in readers.items()}
     if values["spool_dir"] is not None:
@@ -446,6 +447,11 @@ def _name_list(ck: _Checker, node: yaml.Node, path: str, pattern: re.Pattern, wh
             return None
         names.append(v.lower())
     return names
+
+
+def _u32(ck: _Checker, node: yaml.Node, path: str) -> int | None:
+    # Body and callout sizes reach filters as u32 (callback arguments).
+    return ck.integer(node, path, 0, 0xFFFFFFFF)
 
 
 def _endpoint(ck: _Checker, node: yaml.Node, path: str) -> Endpoint | None:
@@ -634,7 +640,7 @@ def _encode(ck: _Checker, node: yaml.Node, path: str, encoding: str) -> bytes | 
         return None
 
 
-def _filter(ck: _Checker, node: yaml.Node, path: str, base: Path) -> FilterSpec | None:
+def _filter(ck: _Checker, node: yaml.Node, path: str, base: Path, gateway_limits: Limits) -> FilterSpec | None:
     f = ck.mapping(node, path, {"name", "wasm", "config", "encoding", "vm_config", "failure_policy",
                                 "limits", "environment", "deliver_body_while_paused", "root_id"},
                      {"name", "wasm"})
@@ -659,16 +665,23 @@ def _filter(ck: _Checker, node: yaml.Node, path: str, base: Path) -> FilterSpec 
     if policy not in ("fail_closed", "fail_open"):
         ck.error(f["failure_policy"], f"{path}.failure_policy", f'must be fail_closed or fail_open, got "{policy}"')
         ok = False
-    limits = FilterLimits()
+    d = FilterLimits(max_buffered_body_bytes=gateway_limits.max_buffered_body_bytes)
+    limits = d
     if "limits" in f:
-        lf = ck.mapping(f["limits"], f"{path}.limits", {"memory_mb", "callback_ms"})
+        lf = ck.mapping(f["limits"], f"{path}.limits", {"memory_mb", "callback_ms", "max_buffered_body_bytes",
+                                                        "max_callout_bytes"})
         if lf is None:
             ok = False
         else:
-            mem = _get(lf, "memory_mb", f"{path}.limits", lambda n, p: ck.integer(n, p, 1, 4096), None)
-            cb = _get(lf, "callback_ms", f"{path}.limits", lambda n, p: ck.integer(n, p, 1), None)
-            limits = FilterLimits(memory_bytes=(mem * 1024 * 1024) if mem else limits.memory_bytes,
-                                  callback_ms=cb or limits.callback_ms)
+            at = f"{path}.limits"
+            mem = _get(lf, "memory_mb", at, lambda n, p: ck.integer(n, p, 1, 4096), None)
+            cb = _get(lf, "callback_ms", at, lambda n, p: ck.integer(n, p, 1), None)
+            buffered = _get(lf, "max_buffered_body_bytes", at, lambda n, p: _u32(ck, n, p), None)
+            callouts = _get(lf, "max_callout_bytes", at, lambda n, p: _u32(ck, n, p), None)
+            limits = FilterLimits(memory_bytes=(mem * 1024 * 1024) if mem else d.memory_bytes,
+                                  callback_ms=cb or d.callback_ms,
+                                  max_buffered_body_bytes=d.max_buffered_body_bytes if buffered is None else buffered,
+                                  max_callout_bytes=d.max_callout_bytes if callouts is None else callouts)
     env: list[tuple[str, str]] = []
     if "environment" in f:
         pairs = ck.string_map(f["environment"], f"{path}.environment", "string to string")
@@ -773,7 +786,7 @@ def _build(ck: _Checker, root: yaml.Node, base_dir: Path) -> Config:
         items = ck.sequence(top["filters"], "filters") or []
         names = []
         for i, item in enumerate(items):
-            spec = _filter(ck, item, f"filters[{i}]", base_dir)
+            spec = _filter(ck, item, f"filters[{i}]", base_dir, limits)
             nm = _name_of(ck, item)
             names.append((nm, item))
             if nm:

@@ -9,7 +9,7 @@ import asyncio
 import logging
 import socket
 import time
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from abi.api import CallFailed, CallResponse, Headers
 
@@ -469,8 +469,10 @@ class Upstreams:
         return name in self.pools
 
     async def http_call(self, cluster: str, method: str, path: str, authority: str, headers: Headers,
-                        body: bytes, timeout_s: float | None) -> CallResponse:
-        """HostServices.http_call: a whole request/response to a named cluster."""
+                        body: bytes, timeout_s: float | None,
+                        reserve: Callable[[int], bool] | None = None) -> CallResponse:
+        """HostServices.http_call: a whole request/response to a named cluster. ``reserve``
+        approves each response body chunk before it is kept (the filter's callout bytes)."""
         pool = self.pools.get(cluster)
         if pool is None:
             raise CallFailed(f'no cluster named "{cluster}"')
@@ -483,6 +485,8 @@ class Upstreams:
                 body = resp.body
                 if body is not None:
                     async for chunk in body:
+                        if reserve is not None and not reserve(len(chunk)):
+                            raise CallFailed("response body over the filter's max_callout_bytes")
                         chunks.append(chunk)
                 trailers = list(getattr(body, "trailers", None) or [])
                 return CallResponse(resp.status, list(resp.headers), b"".join(chunks), trailers)

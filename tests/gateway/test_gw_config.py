@@ -86,6 +86,34 @@ def test_good_config_builds_frozen_objects(tmp_path):
         cfg.listeners[0].port = 1  # frozen
 
 
+def test_buffer_and_callout_limits_defaults_and_overrides(tmp_path):
+    # Defaults: 1 MiB of body buffered per filter (Envoy's buffer limit), 16 MiB of callouts.
+    cfg = load_config(write(tmp_path, GOOD))
+    assert cfg.limits.max_buffered_body_bytes == 1048576
+    assert [f.limits.max_buffered_body_bytes for f in cfg.filters] == [1048576, 1048576]
+    assert [f.limits.max_callout_bytes for f in cfg.filters] == [16777216, 16777216]
+    # The gateway-wide value is every filter's default; a filter's own limits override it.
+    text = GOOD.replace("drain_timeout_s: 2.5}", "drain_timeout_s: 2.5, max_buffered_body_bytes: 4096}").replace(
+        "limits: {memory_mb: 32, callback_ms: 50}",
+        "limits: {memory_mb: 32, callback_ms: 50, max_buffered_body_bytes: 0, max_callout_bytes: 65536}")
+    auth, mp = load_config(write(tmp_path, text)).filters
+    assert (auth.limits.max_buffered_body_bytes, auth.limits.max_callout_bytes) == (0, 65536)
+    assert (mp.limits.max_buffered_body_bytes, mp.limits.max_callout_bytes) == (4096, 16777216)
+    assert auth.limits.memory_bytes == 32 << 20 and auth.limits.callback_ms == 50
+
+
+def test_buffer_and_callout_limits_validated(tmp_path):
+    text = GOOD.replace("drain_timeout_s: 2.5}", "drain_timeout_s: 2.5, max_buffered_body_bytes: -1}").replace(
+        "limits: {memory_mb: 32, callback_ms: 50}",
+        "limits: {max_buffered_body_bytes: 4294967296, max_callout_bytes: lots}")
+    errs = errors_of(tmp_path, text)
+    assert [e.split(" ", 1)[1] for e in errs] == [
+        "limits.max_buffered_body_bytes: must be 0..4294967295, got -1",
+        "filters[0].limits.max_buffered_body_bytes: must be 0..4294967295, got 4294967296",
+        "filters[0].limits.max_callout_bytes: expected an integer, got 'lots'",
+    ]
+
+
 def test_issue_example_message(tmp_path):
     text = GOOD.replace("  - name: rest\n    cluster: backend", "  - name: rest\n    cluster: usrs")
     errs = errors_of(tmp_path, text)

@@ -140,14 +140,17 @@ pub fn get_map(map_type: MapType) -> Result<Vec<(String, String)>, Status> {
 }
 
 pub fn get_map_bytes(map_type: MapType) -> Result<Vec<(String, Bytes)>, Status> {
+    deserialize_map(&get_map_serialized(map_type)?).ok_or(Status::ParseFailure)
+}
+
+/// The map as the host serialized it (§4.1; empty for an empty map): read it with
+/// `map_pairs` to look at every pair without copying one.
+pub fn get_map_serialized(map_type: MapType) -> Result<Bytes, Status> {
     let mut ptr: *mut u8 = null_mut();
     let mut size: usize = 0;
     unsafe {
         ok(proxy_get_header_map_pairs(map_type as u32, &mut ptr, &mut size))?;
-        match take(ptr, size) {
-            None => Ok(Vec::new()),
-            Some(bytes) => deserialize_map(&bytes).ok_or(Status::ParseFailure),
-        }
+        Ok(take(ptr, size).unwrap_or_default())
     }
 }
 
@@ -418,6 +421,11 @@ pub fn serialize_map_bytes(map: &[(&str, &[u8])]) -> Bytes {
 
 /// Inverse of `serialize_map_bytes`; `None` for a malformed buffer (never panics).
 pub fn deserialize_map(bytes: &[u8]) -> Option<Vec<(String, Bytes)>> {
+    Some(map_pairs(bytes)?.into_iter().map(|(k, v)| (String::from_utf8_lossy(k).into_owned(), v.to_vec())).collect())
+}
+
+/// The (name, value) pairs of a serialized map, borrowed from it; `None` when malformed.
+pub fn map_pairs(bytes: &[u8]) -> Option<Vec<(&[u8], &[u8])>> {
     if bytes.is_empty() || bytes == [0] {
         return Some(Vec::new());
     }
@@ -446,7 +454,7 @@ pub fn deserialize_map(bytes: &[u8]) -> Option<Vec<(String, Bytes)>> {
             return None;
         }
         pos += 1;
-        out.push((String::from_utf8_lossy(k).into_owned(), v.to_vec()));
+        out.push((k, v));
     }
     Some(out)
 }
