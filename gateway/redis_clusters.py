@@ -1,0 +1,216 @@
+"""`type: redis` clusters: pooled asyncio connections (redis-py) behind the Redis call ABI.
+
+A filter hands us one RESP-encoded command and gets Redis's reply back byte for byte, the way
+Higress's Envoy passes a raw reply to ``proxy_on_redis_call_response`` — an error reply
+(``-ERR ...``, ``-NOSCRIPT ...``, ``-WRONGPASS ...``) is a reply like any other. Only a call
+that got no reply (timeout, refused, dropped connection) raises ``CallFailed``.
+
+Per cluster and worker: one redis-py ``BlockingConnectionPool`` per endpoint (and per set of
+credentials a filter chose with ``proxy_redis_init``), at most ``max_connections`` each.
+Endpoints are a failover list: calls go to the first endpoint that is not ejected; an endpoint
+whose connect fails is skipped for ``eject_ms``, and with every endpoint ejected a call fails at
+once instead of waiting out its timeout. A call is never retried after its command was sent (it
+may have run).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+from redis import exceptions as rx
+from redis._parsers.resp2 import _AsyncRESP2Parser
+from redis.asyncio import BlockingConnectionPool
+from redis.maint_notifications import MaintNotificationsConfig
+
+from abi.api import CallFailed, MetricSample, RedisOptions
+
+from .config import Endpoint, RedisCluster
+
+log = logging.getLogger("wasmgate.redis")
+
+ERROR_LOG_INTERVAL_S = 1.0        # at most one log line per cluster per interval while failing
+
+
+class RawReplyParser(_AsyncRESP2Parser):
+    """redis-py's RESP2 parser that also keeps the bytes of the reply it just parsed (``raw``):
+    the connection handshake (AUTH, SELECT) still reads parsed values, the ABI gets the wire
+    bytes. Relies on the parser's buffer (``_buffer``/``_chunks``/``_pos``), hence redis<9."""
+
+    raw = b""
+
+    async def read_response(self, disable_decoding: bool = False):
+        if not self._connected:
+            raise rx.ConnectionError("Connection closed by server.")
+        if self._chunks:
+            self._buffer += b"".join(self._chunks)
+            self._chunks.clear()
+        self._pos = 0
+        response = await self._read_response(disable_decoding=disable_decoding)
+        if self._chunks:
+            self._buffer += b"".join(self._chunks)
+            self._chunks.clear()
+        self.raw = self._buffer[:self._pos]
+        self._clear()
+        return response
+
+
+@dataclass(frozen=True)
+class _Credentials:
+    username: str
+    password: str
+    database: int
+
+
+class RedisClusterClient:
+    """One `type: redis` cluster in one worker."""
+
+    def __init__(self, cfg: RedisCluster, counts: Counter | None = None):
+        self.cfg = cfg
+        self.counts: Counter[str] = counts if counts is not None else Counter()   # result -> calls
+        self._pools: dict[tuple[int, _Credentials], BlockingConnectionPool] = {}
+        self._ejected_until = [0.0] * len(cfg.endpoints)
+        self._last_log = 0.0
+        self._unlogged = 0
+
+    def credentials(self, options: RedisOptions) -> _Credentials:
+        cfg = self.cfg
+        if options.password:
+            user, password = options.username, options.password
+        else:
+            user, password = cfg.username, cfg.password
+        db = cfg.database if options.database is None else options.database
+        return _Credentials(user, password, db)
+
+    def _pool(self, index: int, cred: _Credentials) -> BlockingConnectionPool:
+        pool = self._pools.get((index, cred))
+        if pool is None:
+            ep: Endpoint = self.cfg.endpoints[index]
+            pool = self._pools[(index, cred)] = BlockingConnectionPool(
+                host=ep.host, port=ep.port, db=cred.database,
+                username=cred.username or None, password=cred.password or None,
+                max_connections=self.cfg.max_connections, timeout=None,   # the call's deadline bounds it
+                socket_connect_timeout=self.cfg.connect_timeout_ms / 1000,
+                parser_class=RawReplyParser, protocol=2,
+                # RESP2 and a plain server: no CLIENT MAINT_NOTIFICATIONS handshake.
+                maint_notifications_config=MaintNotificationsConfig(enabled=False))
+        return pool
+
+    async def call(self, query: bytes, options: RedisOptions) -> bytes:
+        timeout = (options.timeout_ms or self.cfg.timeout_ms) / 1000
+        try:
+            async with asyncio.timeout(timeout):
+                reply = await self._call(query, self.credentials(options))
+        except TimeoutError:
+            self._failed("timeout", f"no reply within {timeout * 1000:g} ms")
+            raise CallFailed("timeout") from None
+        self.counts["error_reply" if reply[:1] == b"-" else "ok"] += 1
+        return reply
+
+    async def _call(self, query: bytes, cred: _Credentials) -> bytes:
+        now = time.monotonic()
+        for index, until in enumerate(self._ejected_until):
+            if until > now:
+                continue
+            pool = self._pool(index, cred)
+            try:
+                conn = await pool.get_connection()
+            except rx.AuthenticationError as e:
+                # Redis refused our credentials: hand the filter Redis's own error reply.
+                self._failed("auth", f"authentication failed: {e}", count=False)
+                return _auth_reply(e)
+            except (rx.ConnectionError, rx.TimeoutError, OSError) as e:
+                self._ejected_until[index] = time.monotonic() + self.cfg.eject_ms / 1000
+                self._failed("refused", f"{self.cfg.endpoints[index]}: {e}", count=False)
+                continue
+            try:
+                await conn.send_packed_command(query, check_health=False)
+                try:
+                    await conn.read_response(disable_decoding=True)
+                except rx.ResponseError:
+                    pass                        # an error reply: its bytes are the answer
+                return conn._parser.raw
+            except (rx.ConnectionError, rx.TimeoutError, OSError) as e:
+                self._failed("reset", f"{self.cfg.endpoints[index]}: {e}")
+                raise CallFailed("reset") from None
+            finally:
+                await pool.release(conn)
+        self._failed("unavailable", "every endpoint refused connections (ejected)")
+        raise CallFailed("unavailable")
+
+    def _failed(self, result: str, message: str, *, count: bool = True) -> None:
+        if count:
+            self.counts[result] += 1
+        now = time.monotonic()
+        if now - self._last_log < ERROR_LOG_INTERVAL_S:
+            self._unlogged += 1
+            return
+        more = f" ({self._unlogged} more failures since the last message)" if self._unlogged else ""
+        log.error('redis cluster "%s": %s%s', self.cfg.name, message, more)
+        self._last_log, self._unlogged = now, 0
+
+    def is_ejected(self, index: int) -> bool:
+        return self._ejected_until[index] > time.monotonic()
+
+    async def aclose(self) -> None:
+        pools, self._pools = list(self._pools.values()), {}
+        for pool in pools:
+            await pool.disconnect(inuse_connections=True)
+
+
+def _auth_reply(e: rx.AuthenticationError) -> bytes:
+    """The error reply Redis gave our AUTH, rebuilt from redis-py's exception."""
+    return f"-{e.status_code or 'ERR'} {e}\r\n".encode()
+
+
+class RedisClusters:
+    """Every `type: redis` cluster of one config generation, by name."""
+
+    def __init__(self, clusters: tuple[RedisCluster, ...] = ()):
+        self.clients = {c.name: RedisClusterClient(c) for c in clusters}
+
+    def has(self, name: str) -> bool:
+        return name in self.clients
+
+    async def call(self, name: str, query: bytes, options: RedisOptions) -> bytes:
+        client = self.clients.get(name)
+        if client is None:
+            raise CallFailed(f'no redis cluster named "{name}"')
+        return await client.call(query, options)
+
+    def take_over(self, old: "RedisClusters") -> set[str]:
+        """A reload: keep the clients (warm connections) of unchanged clusters; a changed one
+        starts afresh but continues its call counters. Returns the names kept."""
+        kept = set()
+        for name, client in self.clients.items():
+            prev = old.clients.get(name)
+            if prev is None:
+                continue
+            if prev.cfg == client.cfg:
+                self.clients[name] = prev
+                kept.add(name)
+            else:
+                client.counts = prev.counts
+        return kept
+
+    def samples(self) -> list[MetricSample]:
+        out = []
+        for name, c in self.clients.items():
+            for result, n in sorted(c.counts.items()):
+                out.append(MetricSample("wasmgate_redis_calls_total", "counter", float(n),
+                                        {"cluster": name, "result": result},
+                                        "Redis calls by result (ok, error_reply, timeout, reset, "
+                                        "unavailable)."))
+            for i, ep in enumerate(c.cfg.endpoints):
+                out.append(MetricSample("wasmgate_redis_endpoint_ejected", "gauge",
+                                        1.0 if c.is_ejected(i) else 0.0,
+                                        {"cluster": name, "endpoint": str(ep)},
+                                        "1 while a Redis endpoint is skipped after a failed connect."))
+        return out
+
+    async def aclose(self, keep: set[str] = frozenset()) -> None:
+        for name, client in self.clients.items():
+            if name not in keep:
+                await client.aclose()
