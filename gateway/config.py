@@ -98,7 +98,7 @@ class RedisCluster:
     username: str = ""
     password: str = field(default="", repr=False)
     database: int = 0
-    connect_timeout_ms: int = 100
+    connect_timeout_ms: int = 1000     # one connection attempt (the call's timeout_ms bounds it too)
     timeout_ms: int = 200           # a whole call: waiting for a connection, connecting, the reply
     max_connections: int = 64       # per worker
     eject_ms: int = 1000            # an endpoint whose connect failed is skipped this long
