@@ -89,23 +89,36 @@ async def run_headers(host):
     return s
 
 
+async def headers_only(host, trace) -> list[str]:
+    """One request whose calls all fail at dispatch: its trace lines; no call is in flight."""
+    trace.records.clear()
+    s = await run_headers(host)
+    assert not host.filters["f"].redis.pending
+    await s.finish(LogInfo())
+    return [l for l in trace.lines("f")[1:] if not l.startswith("proxy_on_")]
+
+
+async def two_calls(host, trace) -> tuple[list[str], list[tuple[str, ...]]]:
+    """One request whose headers callback makes two calls: the dispatch lines, and the two
+    answers (reply, size, buf, bytes) sorted — two connections, either may answer first."""
+    trace.records.clear()
+    s = await run_headers(host)
+    await until(lambda: len(replies(trace)) == 2)
+    await s.finish(LogInfo())
+    lines = trace.lines("f")
+    return lines[1:5], sorted(tuple(lines[i:i + 4]) for i in (5, 9))
+
+
 async def test_call_delivers_the_raw_reply_to_the_root_with_its_token(load, trace, redis):
     w = redis_filter()
     w.on("proxy_on_request_headers",
          call(w, "rc", resp("SET", "abi:k", "v1"), "set") + call(w, "rc", resp("GET", "abi:k"), "get")
          + " (i32.const 0)")
-    host = await load(w)
-    trace.records.clear()
-    s = await run_headers(host)
-    await until(lambda: len(replies(trace)) == 2)
-    lines = trace.lines("f")
-    assert lines[1:5] == ["set 0", "token 3", "get 0", "token 7"]
+    dispatched, answers = await two_calls(await load(w), trace)
+    assert dispatched == ["set 0", "token 3", "get 0", "token 7"]
     # root context id 1 (not the stream's 2), the token, status 0; buffer 9 = the wire bytes.
-    # (Two connections: either answer may come first.)
-    answers = sorted(tuple(lines[i:i + 4]) for i in (5, 9))
     assert answers == [("reply 1 3 0", "size 5", "buf 0", "+OK\r\n"),
                        ("reply 1 7 0", "size 8", "buf 0", "$2\r\nv1\r\n")]
-    await s.finish(LogInfo())
 
 
 async def test_unknown_or_http_cluster_is_bad_argument(load, trace, redis, services):
@@ -119,12 +132,9 @@ async def test_unknown_or_http_cluster_is_bad_argument(load, trace, redis, servi
                                       f"(i32.const 0) (i32.const 0) (i32.const 100) (i32.const {OUT}))")
          + " (i32.const 0)")
     host = await load(w)
-    trace.records.clear()
-    s = await run_headers(host)
-    await asyncio.sleep(0.05)
-    assert trace.lines("f")[1:] == ["unknown 2", "token 0", "http 2", "token 0", "init-unknown 2",
-                                    "init-http 2", "init-baddb 2", "http-to-redis 2"]
-    await s.finish(LogInfo())
+    assert await headers_only(host, trace) == [
+        "unknown 2", "token 0", "http 2", "token 0", "init-unknown 2", "init-http 2", "init-baddb 2",
+        "http-to-redis 2"]
 
 
 async def test_bad_token_pointer_is_invalid_memory_access_and_nothing_is_sent(load, trace, redis):
@@ -136,12 +146,8 @@ async def test_bad_token_pointer_is_invalid_memory_access_and_nothing_is_sent(lo
                                  f"(i32.const {TOKEN}))")
          + " (i32.const 0)")
     host = await load(w)
-    trace.records.clear()
-    s = await run_headers(host)
-    await asyncio.sleep(0.1)
-    assert trace.lines("f")[1:] == ["call 6", "badquery 6"]
+    assert await headers_only(host, trace) == ["call 6", "badquery 6"]
     assert redis.command("EXISTS", "abi:never") == b":0\r\n"
-    await s.finish(LogInfo())
 
 
 @pytest.mark.parametrize("query, problem", [
@@ -155,18 +161,12 @@ async def test_malformed_query_gets_redis_protocol_error_reply(load, trace, redi
     w = redis_filter()
     w.on("proxy_on_request_headers", call(w, "rc", query) + call(w, "rc", resp("PING"), "after")
          + " (i32.const 0)")
-    host = await load(w)
-    trace.records.clear()
-    s = await run_headers(host)
-    await until(lambda: len(replies(trace)) == 2)
-    lines = trace.lines("f")
-    assert lines[1:5] == ["call 0", "token 3", "after 0", "token 7"]
+    dispatched, answers = await two_calls(await load(w), trace)
+    assert dispatched == ["call 0", "token 3", "after 0", "token 7"]
     err = f"-ERR Protocol error: {problem}\r\n"
     # The connection was never touched: the next call on it is answered normally.
-    answers = sorted(tuple(lines[i:i + 4]) for i in (5, 9))
     assert answers == [("reply 1 3 0", f"size {len(err)}", "buf 0", err),
                        ("reply 1 7 0", "size 7", "buf 0", "+PONG\r\n")]
-    await s.finish(LogInfo())
 
 
 async def test_redis_error_reply_is_status_ok_with_the_error_bytes(load, trace, redis):
@@ -200,7 +200,7 @@ async def test_timeout_is_a_failed_call_with_an_empty_buffer(load, trace, redis)
 
 async def test_dropped_connection_and_refused_connection_are_failed_calls(load, trace, services, tmp_path):
     r = RedisServer(tmp_path).start()
-    rc = attach(services, cluster(r, timeout_ms=5000))
+    rc = attach(services, cluster(r, timeout_ms=5000, eject_ms=0))     # (no ejection to wait out)
     try:
         w = redis_filter()
         w.on("proxy_on_request_headers", call(w, "rc", resp("BLPOP", "abi:empty", "10")) + " (i32.const 0)")
@@ -222,7 +222,6 @@ async def test_dropped_connection_and_refused_connection_are_failed_calls(load, 
         await s.finish(LogInfo())
         r.start()                                  # back on the same port: calls work again
         r.command("RPUSH", "abi:empty", "x")       # (so that BLPOP answers at once)
-        await asyncio.sleep(1.1)                   # past the endpoint's eject_ms (1 s)
         trace.records.clear()
         s = await run_headers(host)
         await until(lambda: replies(trace))
