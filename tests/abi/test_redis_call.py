@@ -137,16 +137,18 @@ async def test_unknown_or_http_cluster_is_bad_argument(load, trace, redis, servi
         "http-to-redis 2"]
 
 
-async def test_bad_token_pointer_is_invalid_memory_access_and_nothing_is_sent(load, trace, redis):
+async def test_bad_pointers_are_invalid_memory_access_and_nothing_is_sent(load, trace, redis):
     w = redis_filter()
     w.on("proxy_on_request_headers",
          status(w, "call", f"(call $proxy_redis_call {w.s('rc')} {w.s(resp('SET', 'abi:never', '1'))} "
                            "(i32.const 0x7ffffff0))")
          + status(w, "badquery", f"(call $proxy_redis_call {w.s('rc')} (i32.const 0x7ffffff0) (i32.const 16) "
                                  f"(i32.const {TOKEN}))")
+         + status(w, "badinit", "(call $proxy_redis_init (i32.const 0x7ffffff0) (i32.const 2) (i32.const 0) "
+                                "(i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0))")
          + " (i32.const 0)")
     host = await load(w)
-    assert await headers_only(host, trace) == ["call 6", "badquery 6"]
+    assert await headers_only(host, trace) == ["call 6", "badquery 6", "badinit 6"]
     assert redis.command("EXISTS", "abi:never") == b":0\r\n"
 
 
