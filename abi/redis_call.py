@@ -87,6 +87,7 @@ class RedisCalls:
         self._next_token = 3
 
     def _known(self, name: str) -> bool:
+        # (services change on a config reload: looked up each time)
         has = getattr(self.f.services, "has_redis_cluster", None)
         return has is not None and has(name)
 

@@ -35,6 +35,7 @@ from .config import Endpoint, RedisCluster
 log = logging.getLogger("wasmgate.redis")
 
 ERROR_LOG_INTERVAL_S = 1.0        # at most one log line per cluster per interval while failing
+MAX_CREDENTIAL_SETS = 8           # pools per endpoint (filters' proxy_redis_init choices); oldest go
 
 
 class RawReplyParser(_AsyncRESP2Parser):
@@ -147,22 +148,33 @@ class RedisClusterClient:
         self.cfg = cfg
         self.counts: Counter[str] = counts if counts is not None else Counter()   # result -> calls
         self._pools: dict[tuple[int, _Credentials], ConnectionPool] = {}
+        self._credentials: dict[RedisOptions, _Credentials] = {}
+        self._closing: set[asyncio.Task] = set()
         self._ejected_until = [0.0] * len(cfg.endpoints)
         self._last_log = 0.0
         self._unlogged = 0
 
     def credentials(self, options: RedisOptions) -> _Credentials:
-        cfg = self.cfg
-        if options.password:
-            user, password = options.username, options.password
-        else:
-            user, password = cfg.username, cfg.password
-        db = cfg.database if options.database is None else options.database
-        return _Credentials(user, password, db)
+        """A filter's choice (proxy_redis_init) over the cluster's own; a filter keeps one."""
+        cred = self._credentials.get(options)
+        if cred is None:
+            if len(self._credentials) >= MAX_CREDENTIAL_SETS:
+                self._credentials.clear()
+            cfg = self.cfg
+            user, password = (options.username, options.password) if options.password \
+                else (cfg.username, cfg.password)
+            db = cfg.database if options.database is None else options.database
+            cred = self._credentials[options] = _Credentials(user, password, db)
+        return cred
 
     def _pool(self, index: int, cred: _Credentials) -> ConnectionPool:
         pool = self._pools.get((index, cred))
         if pool is None:
+            if len(self._pools) >= MAX_CREDENTIAL_SETS * len(self.cfg.endpoints):
+                # A filter cycling through credentials must not pile up connections.
+                task = asyncio.get_running_loop().create_task(self._pools.pop(next(iter(self._pools))).aclose())
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
             pool = self._pools[(index, cred)] = ConnectionPool(
                 self.cfg.endpoints[index], cred, self.cfg.max_connections,
                 self.cfg.connect_timeout_ms / 1000)
