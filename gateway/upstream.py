@@ -14,6 +14,7 @@ from typing import AsyncIterator, Callable
 from abi.api import CallFailed, CallResponse, Headers, RedisOptions
 
 from .config import Cluster, Endpoint, RedisCluster
+from .redis_clusters import RedisClusters
 from .http1 import (FRAMING, BodyStream, HttpError, PeerClosed, body_length, connection_tokens,
                     parse_response_head, read_chunked, trailer_block)
 from .watchdog import Watchdog
@@ -462,7 +463,6 @@ class Upstreams:
 
     def __init__(self, clusters: tuple[Cluster, ...], logger: logging.Logger | None = None,
                  shared_store: object | None = None, redis_clusters: tuple[RedisCluster, ...] = ()):
-        from .redis_clusters import RedisClusters      # redis-py only where Redis is configured
         self.pools = {c.name: Pool(c) for c in clusters}
         self.redis = RedisClusters(redis_clusters)
         self.log = logger or logging.getLogger("wasmgate.filters")

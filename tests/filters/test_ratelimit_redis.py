@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
-from tests.filters.conftest import DIST, gateway_yaml
+from tests.filters.conftest import gateway_yaml
 from tests.helpers import echo_upstream, run_cli_gateway, run_gateway
 from tests.redis_server import RedisServer
 
