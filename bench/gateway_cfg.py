@@ -61,6 +61,12 @@ def gateway_config(*, port: int, admin_port: int, upstream_port: int,
     route: dict = {"name": "bench", "cluster": "upstream"}
     if filters:
         route["filters"] = [n for n, _ in filters]
+    routes = [route]
+    if redis_port:
+        # The same chain with backend: local on /local: gateway_chain_redis pairs the two.
+        routes.insert(0, {"name": "local", "match": {"prefix": "/local"}, "cluster": "upstream",
+                          "filters": [n for n, _ in CHAIN_FILTERS]})
+        filters = filters + [f for f in CHAIN_FILTERS if f not in filters]
     cfg = {
         "listeners": [{"name": "main", "address": "127.0.0.1", "port": port}],
         "admin": {"address": "127.0.0.1", "port": admin_port},
@@ -68,7 +74,7 @@ def gateway_config(*, port: int, admin_port: int, upstream_port: int,
         "access_log": None,     # like the peers: baseline and nginx log nothing either
         "clusters": [{"name": "upstream", "endpoints": [f"127.0.0.1:{upstream_port}"],
                       "max_connections": 256}],
-        "routes": [route],
+        "routes": routes,
     }
     if redis_port:
         cfg["clusters"].append({"name": REDIS_CLUSTER, "type": "redis",
