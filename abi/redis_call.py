@@ -49,24 +49,33 @@ def split_cluster(spec: str) -> tuple[str, dict[str, str]]:
 
 def query_error(q: bytes) -> str | None:
     """Why ``q`` is not exactly one RESP array of bulk strings (what Redis reads as one
-    command), in Redis's words; None when it is."""
+    command), in Redis's words; None when it is. Only the framing is checked — what makes a
+    command complete, so that no query leaves the connection waiting or carries a second one;
+    Redis judges the rest (it answers, e.g., a bulk length of " 3" with its own error)."""
     if q[:1] != b"*":
         got = q[:1].decode("latin-1") or "nothing"
         return f"expected '*', got '{got}' (a query is one RESP array of bulk strings)"
-    end = q.find(b"\r\n")
-    count = q[1:end]
-    if end < 0 or not count.isdigit() or not 0 < int(count) <= _MAX_ARGS:
+    find = q.find
+    end = find(b"\r\n")
+    try:
+        count = int(q[1:end]) if end > 0 else 0
+    except ValueError:
+        count = 0
+    if not 0 < count <= _MAX_ARGS:
         return "invalid multibulk length"
     pos = end + 2
-    for _ in range(int(count)):
+    for _ in range(count):
         if q[pos:pos + 1] != b"$":
             got = q[pos:pos + 1].decode("latin-1") or "end of query"
             return f"expected '$', got '{got}'"
-        end = q.find(b"\r\n", pos)
-        size = q[pos + 1:end]
-        if end < 0 or not size.isdigit() or int(size) > _MAX_BULK:
+        end = find(b"\r\n", pos)
+        try:
+            size = int(q[pos + 1:end]) if end > 0 else -1
+        except ValueError:
+            size = -1
+        if not 0 <= size <= _MAX_BULK:
             return "invalid bulk length"
-        pos = end + 2 + int(size)
+        pos = end + 2 + size
         if q[pos:pos + 2] != b"\r\n":
             return "incomplete bulk string"
         pos += 2
