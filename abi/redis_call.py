@@ -137,7 +137,9 @@ class RedisCalls:
                 reply = await self.f.services.redis_call(name, query, options)
             except CallFailed as e:
                 status = CALL_FAILED
-                self.f.log.debug("redis call of filter \"%s\" to %s failed: %s", self.f.name, name, e.reason)
+                # (the gateway logs Redis failures per cluster, at most once a second)
+                self.f.log.debug('redis call of filter "%s" to %s failed: %s', self.f.name, name,
+                                 e.reason)
             except asyncio.CancelledError:
                 raise
             except Exception as e:       # noqa: BLE001 — a gateway bug is a failed call here
