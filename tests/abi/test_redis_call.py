@@ -112,8 +112,9 @@ async def two_calls(host, trace) -> tuple[list[str], list[tuple[str, ...]]]:
 async def test_call_delivers_the_raw_reply_to_the_root_with_its_token(load, trace, redis):
     w = redis_filter()
     w.on("proxy_on_request_headers",
-         call(w, "rc", resp("SET", "abi:k", "v1"), "set") + call(w, "rc", resp("GET", "abi:k"), "get")
+         call(w, "rc", resp("SET", "abi:k2", "x"), "set") + call(w, "rc", resp("GET", "abi:k"), "get")
          + " (i32.const 0)")
+    redis.command("SET", "abi:k", "v1")       # (the two calls may run in either order)
     dispatched, answers = await two_calls(await load(w), trace)
     assert dispatched == ["set 0", "token 3", "get 0", "token 7"]
     # root context id 1 (not the stream's 2), the token, status 0; buffer 9 = the wire bytes.
