@@ -32,7 +32,7 @@ def rl(name: str, cluster: str, limits: list[dict], **extra) -> dict:
 
 FILTERS = [
     rl("rl_burst", "rl", [{"name": "g", "key": "global", "rate": 1, "period_s": SLOW, "burst": 10}]),
-    rl("rl_refill", "rl", [{"name": "g", "key": "global", "rate": 2, "period_s": 2, "burst": 2}]),
+    rl("rl_refill", "rl", [{"name": "g", "key": "global", "rate": 1, "period_s": 2, "burst": 2}]),
     rl("rl_user", "rl", [{"name": "per-user", "key": "header:x-user", "rate": 1, "period_s": SLOW, "burst": 3},
                          {"name": "all", "key": "global", "rate": 1, "period_s": SLOW, "burst": 100}]),
     rl("rl_allow", "flaky", [{"name": "g", "key": "global", "rate": 1, "period_s": SLOW, "burst": 1000}]),
@@ -105,12 +105,12 @@ async def test_two_gateways_admit_exactly_the_burst(fleet):
 
 async def test_refill_admits_the_right_number_after_a_wait(fleet):
     a, b, _, s = fleet
-    # burst 2, one token per second
+    # burst 2, a token every 2 s (a burst of requests takes far less, even on a busy machine)
     first = await asyncio.gather(*[get(s, (a, b)[i % 2], "/rl_refill/x") for i in range(6)])
     assert [r[0] for r in first].count(200) == 2
     denied = [r for r in first if r[0] == 429]
-    assert all(int(h["retry-after"]) == 1 for _, h, _, _ in denied)
-    await asyncio.sleep(2.2)           # refill: the bucket is full again (2 tokens), no more
+    assert all(int(h["retry-after"]) in (1, 2) for _, h, _, _ in denied)
+    await asyncio.sleep(4.2)           # refill: the bucket is full again (2 tokens), no more
     second = await asyncio.gather(*[get(s, (a, b)[i % 2], "/rl_refill/x") for i in range(6)])
     assert [r[0] for r in second].count(200) == 2
 
