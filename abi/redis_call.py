@@ -27,13 +27,13 @@ import asyncio
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl
 
+from . import limits
 from .api import CallFailed, RedisOptions
 from .enums import Status
 
 if TYPE_CHECKING:
     from .filter import Filter
 
-MAX_PENDING_REDIS_CALLS = 1000   # Redis calls in flight per filter instance (then INTERNAL_FAILURE)
 CALL_FAILED = 1                  # callback status of a call without a reply (timeout, refused, reset)
 _TOKEN_STEP = 4                  # tokens 3, 7, 11...: low bits 3, never equal to an HTTP callout's
 _U32 = 0xFFFFFFFF
@@ -118,7 +118,7 @@ class RedisCalls:
         name, _params = split_cluster(cluster)
         if f.closed or not self._known(name):
             return Status.BAD_ARGUMENT, 0
-        if len(self.pending) >= MAX_PENDING_REDIS_CALLS:
+        if len(self.pending) >= limits.MAX_PENDING_REDIS_CALLS:
             return Status.INTERNAL_FAILURE, 0
         token = self._next_token
         self._next_token = (token + _TOKEN_STEP) & _U32 or 3

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-import abi.redis_call
+import abi.limits
 from abi.api import LogInfo
 from gateway.config import Endpoint, RedisCluster
 from gateway.redis_clusters import RedisClusters
@@ -236,7 +236,7 @@ async def test_dropped_connection_and_refused_connection_are_failed_calls(load, 
 
 
 async def test_calls_in_flight_are_bounded_per_instance(load, trace, redis, monkeypatch):
-    monkeypatch.setattr(abi.redis_call, "MAX_PENDING_REDIS_CALLS", 2)
+    monkeypatch.setattr(abi.limits, "MAX_PENDING_REDIS_CALLS", 2)
     w = redis_filter()
     q = resp("BLPOP", "abi:empty", "0.2")
     w.on("proxy_on_request_headers", call(w, "rc", q, "c1") + call(w, "rc", q, "c2") + call(w, "rc", q, "c3")
