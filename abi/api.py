@@ -64,8 +64,21 @@ class CallFailed(Exception):
         self.reason = reason
 
 
+@dataclass(frozen=True)
+class RedisOptions:
+    """What a filter's ``proxy_redis_init`` chose for one Redis cluster; an empty / 0 / None
+    field keeps the cluster's own setting from the config."""
+    username: str = ""
+    password: str = field(default="", repr=False)
+    database: int | None = None
+    timeout_ms: int = 0
+
+
 class HostServices(Protocol):
-    """What the gateway provides to the ABI host."""
+    """What the gateway provides to the ABI host.
+
+    The two Redis methods are optional: services without them have no Redis clusters (every
+    ``proxy_redis_*`` call then answers as for an unknown cluster)."""
     log: logging.Logger
 
     def has_cluster(self, name: str) -> bool: ...
@@ -78,6 +91,14 @@ class HostServices(Protocol):
         ``reserve(n)`` is asked before each response body chunk of n bytes is kept; False
         (the filter's callout bytes would pass max_callout_bytes) → stop reading and raise
         CallFailed: the response is too large to deliver."""
+        ...
+
+    def has_redis_cluster(self, name: str) -> bool: ...
+
+    async def redis_call(self, cluster: str, query: bytes, options: RedisOptions) -> bytes:
+        """Send one RESP-encoded command; return Redis's reply as it was on the wire (an error
+        reply is a reply). Raise CallFailed on refuse/reset/timeout (the cluster's or
+        ``options.timeout_ms``)."""
         ...
 
 

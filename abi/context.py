@@ -68,6 +68,8 @@ class Context:
     def get_buffer(self, buffer_type: int) -> BodyBuffer | None:
         if buffer_type == BufferType.HTTP_CALL_RESPONSE_BODY and self.filter.callout is not None:
             return self.filter.callout.body
+        if buffer_type == BufferType.REDIS_CALL_RESPONSE and self.filter.redis.response is not None:
+            return BodyBuffer(writable=False, data=self.filter.redis.response)
         if buffer_type == BufferType.VM_CONFIGURATION:
             return BodyBuffer(writable=False, data=self.filter.spec.vm_configuration)
         if buffer_type == BufferType.PLUGIN_CONFIGURATION and self.filter.configuring:

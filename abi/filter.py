@@ -22,6 +22,7 @@ from .enums import Status, WasiErrno
 from .hostcalls import HOSTCALLS, PY_LEVELS, guarded
 from .limits import MAX_LOG_BYTES, MAX_PENDING_CALLS
 from .module import LoadedModule
+from .redis_call import RedisCalls
 from .shared_store import SharedStore
 from .wasi import WASI, WASI_MODULES, ProcExit
 
@@ -97,6 +98,7 @@ class Filter:
         self._calls: dict[int, tuple[asyncio.Task, int]] = {}
         self._call_bytes: dict[int, int] = {}   # token → callout bytes it holds (request + response)
         self._callout_bytes = 0                  # their sum, at most spec.limits.max_callout_bytes
+        self.redis = RedisCalls(self)
         self._tick_period_ms = 0
         self._tick_handle: asyncio.TimerHandle | None = None
         self._rebuild_handle: asyncio.TimerHandle | None = None
@@ -255,6 +257,15 @@ class Filter:
             if self._deferred:
                 self._run_deferred()
 
+    def notify_root(self, name: str, *args: int) -> None:
+        """Call a root callback with the root's id first (an answer to a call it made); a
+        failure is already logged and counted by call()."""
+        root = self.root
+        try:
+            self.call(root, name, root.id, *args)
+        except FilterFailure:
+            pass
+
     def _run_deferred(self) -> None:
         todo, self._deferred = self._deferred, []
         for action in todo:
@@ -297,6 +308,7 @@ class Filter:
             task.cancel()
         self._calls.clear()
         self._forget_callout_bytes()
+        self.redis.cancel_all()
         for ev in self._pending_done.values():
             ev.set()
         self._pending_done.clear()
@@ -644,6 +656,7 @@ class Filter:
             task.cancel()
         self._calls.clear()
         self._forget_callout_bytes()
+        self.redis.cancel_all()
         self._mem = None
         if self.instance is not None:
             self.instance.close()

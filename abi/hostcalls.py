@@ -282,6 +282,25 @@ def proxy_get_status(f, ret_code_p, ret_msg_pp, ret_msg_size_p):
     return f.write_result(message.encode(), ret_msg_pp, ret_msg_size_p)
 
 
+# Higress's Redis call ABI (abi/redis_call.py; higress-group/proxy-wasm-cpp-host src/exports.cc).
+
+def proxy_redis_init(f, up_ptr, up_size, user_ptr, user_size, pass_ptr, pass_size, timeout_ms):
+    cluster = to_text(f.read(up_ptr, up_size))
+    username = to_text(f.read(user_ptr, user_size))
+    password = to_text(f.read(pass_ptr, pass_size))
+    return f.redis.init(cluster, username, password, timeout_ms)
+
+
+def proxy_redis_call(f, up_ptr, up_size, query_ptr, query_size, ret_token_p):
+    cluster = to_text(f.read(up_ptr, up_size))
+    query = f.read(query_ptr, query_size)
+    f.write_u32(ret_token_p, 0)               # as Higress: prove the out-pointer first
+    status, token = f.redis.call(cluster, query)
+    if status == Status.OK:
+        f.write_u32(ret_token_p, token)
+    return status
+
+
 def proxy_grpc_call(f, up, up_s, svc, svc_s, meth, meth_s, md, md_s, msg, msg_s, timeout, ret_p):
     for p, s in ((up, up_s), (svc, svc_s), (meth, meth_s), (md, md_s), (msg, msg_s)):
         f.read(p, s)
@@ -439,6 +458,8 @@ HOSTCALLS: dict[str, tuple[Callable, tuple[str, ...], tuple[str, ...]]] = {
     "proxy_set_effective_context": (proxy_set_effective_context, *_sig(1)),
     "proxy_http_call": (proxy_http_call, *_sig(10)),
     "proxy_get_status": (proxy_get_status, *_sig(3)),
+    "proxy_redis_init": (proxy_redis_init, *_sig(7)),
+    "proxy_redis_call": (proxy_redis_call, *_sig(5)),
     "proxy_grpc_call": (proxy_grpc_call, *_sig(12)),
     "proxy_grpc_stream": (proxy_grpc_stream, *_sig(9)),
     "proxy_grpc_send": (proxy_grpc_send, *_sig(4)),

@@ -13,6 +13,7 @@ from .pairs import MAX_BYTES as PAIRS_MAX_BYTES
 MAX_LOG_BYTES = 16 * 1024        # one guest log line (proxy_log, fd_write) is cut beyond this
 IOVEC_BATCH = 4096               # iovecs read from guest memory at a time (32 KiB of the list)
 MAX_PENDING_CALLS = 1000         # callouts in flight per filter instance
+MAX_PENDING_REDIS_CALLS = 1000   # Redis calls in flight per filter instance (abi/redis_call.py)
 # What filters may add to one header map (request/response headers or trailers), net, counted
 # as serialized bytes (§4.1): as much as one set_header_map_pairs may carry (cpp-host
 # PROXY_WASM_HOST_PAIRS_MAX_BYTES). An edit past it is refused and fails the request by the

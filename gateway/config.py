@@ -90,6 +90,21 @@ class Cluster:
 
 
 @dataclass(frozen=True)
+class RedisCluster:
+    """A `type: redis` cluster: a Redis server filters reach through the Redis call ABI.
+    Endpoints are a failover list (the first one that is up serves every call)."""
+    name: str
+    endpoints: tuple[Endpoint, ...]
+    username: str = ""
+    password: str = field(default="", repr=False)
+    database: int = 0
+    connect_timeout_ms: int = 1000     # one connection attempt (the call's timeout_ms bounds it too)
+    timeout_ms: int = 200           # a whole call: waiting for a connection, connecting, the reply
+    max_connections: int = 64       # per worker
+    eject_ms: int = 1000            # an endpoint whose connect failed is skipped this long
+
+
+@dataclass(frozen=True)
 class RouteMatch:
     host: str | None = None           # lower-case, no port
     prefix: str | None = None
@@ -129,6 +144,7 @@ class Config:
     internal_headers: frozenset[str] = frozenset({"x-auth-identity"})
     # Query parameters whose values the access log replaces with "[redacted]".
     access_log_redact: tuple[str, ...] = ("api_key", "access_token")
+    redis_clusters: tuple[RedisCluster, ...] = ()
     # The parsed YAML as written (for GET /config, after redaction).
     raw: Any = field(default=None, compare=False, repr=False)
 
@@ -469,47 +485,106 @@ def _endpoint(ck: _Checker, node: yaml.Node, path: str) -> Endpoint | None:
     return Endpoint(m.group(1), port)
 
 
-def _cluster(ck: _Checker, node: yaml.Node, path: str) -> Cluster | None:
-    f = ck.mapping(node, path, {"name", "endpoints", "connect_timeout_ms", "request_timeout_ms",
-                                "max_connections", "eject_ms", "response_idle_timeout_ms"}, {"name", "endpoints"})
+def _endpoints(ck: _Checker, f: dict[str, yaml.Node], path: str) -> tuple[Endpoint, ...] | None:
+    if "endpoints" not in f:
+        return None
+    items = ck.sequence(f["endpoints"], f"{path}.endpoints")
+    if items is not None and not items:
+        ck.error(f["endpoints"], f"{path}.endpoints", "needs at least one endpoint")
+        return None
+    eps = [_endpoint(ck, item, f"{path}.endpoints[{i}]") for i, item in enumerate(items or [])]
+    return None if items is None or None in eps else tuple(eps)
+
+
+def _cluster(ck: _Checker, node: yaml.Node, path: str, base: Path) -> Cluster | RedisCluster | None:
+    if _type_of(ck, node) == "redis":
+        return _redis_cluster(ck, node, path, base)
+    f = ck.mapping(node, path, {"name", "type", "endpoints", "connect_timeout_ms", "request_timeout_ms",
+                                "max_connections", "eject_ms", "response_idle_timeout_ms"},
+                     {"name", "endpoints"})
     if f is None:
         return None
+    kind = _get(f, "type", path, ck.string, "http")
+    if kind != "http":
+        ck.error(f["type"], f"{path}.type", f'must be http or redis, got "{kind}"')
+        return None
     name = _get(f, "name", path, ck.string)
-    endpoints: list[Endpoint] = []
-    ok = True
-    if "endpoints" in f:
-        items = ck.sequence(f["endpoints"], f"{path}.endpoints")
-        if items is not None and not items:
-            ck.error(f["endpoints"], f"{path}.endpoints", "needs at least one endpoint")
-            ok = False
-        for i, item in enumerate(items or []):
-            ep = _endpoint(ck, item, f"{path}.endpoints[{i}]")
-            ok = ok and ep is not None
-            if ep is not None:
-                endpoints.append(ep)
-        ok = ok and items is not None
+    endpoints = _endpoints(ck, f, path)
     d = Cluster("", ())
     ms = lambda lo: (lambda n, p: ck.integer(n, p, lo))  # noqa: E731
     cluster = Cluster(
-        name=name or "", endpoints=tuple(endpoints),
+        name=name or "", endpoints=endpoints or (),
         connect_timeout_ms=_get(f, "connect_timeout_ms", path, ms(1), d.connect_timeout_ms),
         request_timeout_ms=_get(f, "request_timeout_ms", path, ms(1), d.request_timeout_ms),
         max_connections=_get(f, "max_connections", path, ms(1), d.max_connections),
         eject_ms=_get(f, "eject_ms", path, ms(0), d.eject_ms),
         response_idle_timeout_ms=_get(f, "response_idle_timeout_ms", path, ms(1), d.response_idle_timeout_ms),
     )
-    return cluster if name and ok else None
+    return cluster if name and endpoints else None
+
+
+def _redis_cluster(ck: _Checker, node: yaml.Node, path: str, base: Path) -> RedisCluster | None:
+    n0 = len(ck.errors)
+    f = ck.mapping(node, path, {"name", "type", "endpoints", "username", "password", "password_file",
+                                "database", "connect_timeout_ms", "timeout_ms", "max_connections",
+                                "eject_ms"}, {"name", "endpoints"})
+    if f is None:
+        return None
+    name = _get(f, "name", path, ck.string)
+    endpoints = _endpoints(ck, f, path)
+    username = _get(f, "username", path, ck.string, "")
+    password = _get(f, "password", path, lambda n, p: ck.string(n, p, nonempty=False), "")
+    if "password_file" in f:
+        if "password" in f:
+            ck.error(f["password_file"], f"{path}.password_file", "use either password or password_file, not both")
+        else:
+            password = _secret_file(ck, f["password_file"], f"{path}.password_file", base)
+    if username and not password and "password_file" not in f:
+        ck.error(f["username"], f"{path}.username", "needs a password (or password_file)")
+    d = RedisCluster("", ())
+    ms = lambda lo: (lambda n, p: ck.integer(n, p, lo))  # noqa: E731
+    cluster = RedisCluster(
+        name=name or "", endpoints=endpoints or (), username=username, password=password or "",
+        database=_get(f, "database", path, ms(0), d.database),
+        connect_timeout_ms=_get(f, "connect_timeout_ms", path, ms(1), d.connect_timeout_ms),
+        timeout_ms=_get(f, "timeout_ms", path, ms(1), d.timeout_ms),
+        max_connections=_get(f, "max_connections", path, ms(1), d.max_connections),
+        eject_ms=_get(f, "eject_ms", path, ms(0), d.eject_ms),
+    )
+    return cluster if len(ck.errors) == n0 and name and endpoints else None
+
+
+def _secret_file(ck: _Checker, node: yaml.Node, path: str, base: Path) -> str | None:
+    """A password kept in a file (relative to the config file), without its trailing newline."""
+    name = ck.string(node, path)
+    if name is None:
+        return None
+    file = (base / name).resolve()
+    try:
+        text = file.read_text(encoding="utf-8").rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as e:
+        ck.error(node, path, f"cannot read {file}: {getattr(e, 'strerror', None) or e}")
+        return None
+    if not text:
+        ck.error(node, path, f"{file} is empty")
+        return None
+    return text
 
 
 def _route(ck: _Checker, node: yaml.Node, path: str, clusters: set[str], filters: set[str] | None,
-           paths: PathPolicy = PathPolicy()) -> tuple[str | None, Route | None]:
+           paths: PathPolicy = PathPolicy(), redis: set[str] = frozenset()
+           ) -> tuple[str | None, Route | None]:
     f = ck.mapping(node, path, {"name", "match", "cluster", "rewrite", "filters"}, {"name", "cluster"})
     if f is None:
         return None, None
     ok = True
     name = _get(f, "name", path, ck.string)
     cluster = _get(f, "cluster", path, ck.string)
-    if cluster is not None and cluster not in clusters:
+    if cluster is not None and cluster in redis:
+        ck.error(f["cluster"], f"{path}.cluster",
+                 f'"{cluster}" is a redis cluster (type: redis); a route needs an HTTP cluster')
+        ok = False
+    elif cluster is not None and cluster not in clusters:
         ck.error(f["cluster"], f"{path}.cluster", f'no cluster named "{cluster}"')
         ok = False
     match = RouteMatch()
@@ -766,17 +841,21 @@ def _build(ck: _Checker, root: yaml.Node, base_dir: Path) -> Config:
                         ck.error(f["path"], "access_log.path", f"directory does not exist: {Path(access_log).parent}")
 
     clusters: list[Cluster] = []
+    redis_clusters: list[RedisCluster] = []
     cluster_names: set[str] = set()
+    redis_names: set[str] = set()
     if "clusters" in top:
         items = ck.sequence(top["clusters"], "clusters") or []
         names = []
         for i, item in enumerate(items):
-            c = _cluster(ck, item, f"clusters[{i}]")
+            c = _cluster(ck, item, f"clusters[{i}]", base_dir)
             nm = _name_of(ck, item)
             names.append((nm, item))
             if nm:
-                cluster_names.add(nm)
-            if c:
+                (redis_names if _type_of(ck, item) == "redis" else cluster_names).add(nm)
+            if isinstance(c, RedisCluster):
+                redis_clusters.append(c)
+            elif c:
                 clusters.append(c)
         _unique_names(ck, names, "clusters")
 
@@ -806,7 +885,7 @@ def _build(ck: _Checker, root: yaml.Node, base_dir: Path) -> Config:
             ck.error(top["routes"], "routes", "needs at least one route")
         names = []
         for i, item in enumerate(items):
-            nm, r = _route(ck, item, f"routes[{i}]", cluster_names, filter_names, paths)
+            nm, r = _route(ck, item, f"routes[{i}]", cluster_names, filter_names, paths, redis_names)
             names.append((nm, item))
             if r:
                 routes.append(r)
@@ -829,21 +908,28 @@ def _build(ck: _Checker, root: yaml.Node, base_dir: Path) -> Config:
     return Config(source=Path(ck.filename), listeners=tuple(listeners), admin=admin, limits=limits,
                   access_log_path=access_log, clusters=tuple(clusters), routes=tuple(routes),
                   filters=tuple(filters), shared_data_max_bytes=shared_max, path_normalization=paths,
-                  internal_headers=internal, access_log_redact=redact_params, raw=raw)
+                  internal_headers=internal, access_log_redact=redact_params,
+                  redis_clusters=tuple(redis_clusters), raw=raw)
 
 
 def _is_null(node: yaml.Node) -> bool:
     return isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null"
 
 
-def _name_of(ck: _Checker, node: yaml.Node) -> str | None:
-    """The `name:` of a list item without reporting errors (used for reference checks)."""
+def _name_of(ck: _Checker, node: yaml.Node, key: str = "name") -> str | None:
+    """The `name:` (or another string key) of a list item without reporting errors (used for
+    reference checks)."""
     if isinstance(node, yaml.MappingNode):
         for k, v in node.value:
-            if isinstance(k, yaml.ScalarNode) and k.value == "name" and isinstance(v, yaml.ScalarNode):
+            if isinstance(k, yaml.ScalarNode) and k.value == key and isinstance(v, yaml.ScalarNode):
                 val = ck.value(v)
                 return val if isinstance(val, str) and val else None
     return None
+
+
+def _type_of(ck: _Checker, node: yaml.Node) -> str:
+    """A cluster's `type:` without reporting errors (the cluster's own check reports them)."""
+    return _name_of(ck, node, "type") or "http"
 
 
 def _unique_ports(ck: _Checker, listeners: list[Listener], items: list[yaml.Node]) -> None:

@@ -132,15 +132,16 @@ async def _reload_locked(gw: "Gateway", st: ReloadState) -> ReloadResult:
     if fp == st.fingerprint and config == old.config:
         # Nothing to do (e.g. the broadcast reaching the worker that already reloaded).
         return ReloadResult(True, st.generation, fp)
-    upstreams = Upstreams(config.clusters, shared_store=old.upstreams.shared_store)
+    upstreams = Upstreams(config.clusters, shared_store=old.upstreams.shared_store,
+                          redis_clusters=config.redis_clusters)
     try:
         host = await _load_filters(gw, config, upstreams, old.filter_host)
     except FilterLoadError as e:             # names the filter, its file and the cause
-        upstreams.close()
+        await upstreams.aclose()
         return refused([str(e)])
     except Exception as e:                   # a host bug must not take the running config down
         log.exception("loading filters for a reload failed")
-        upstreams.close()
+        await upstreams.aclose()
         return refused([f"loading filters failed: {type(e).__name__}: {e}"])
     kept_pools = _keep_unchanged_pools(old.upstreams, upstreams)
     changes = describe_changes(old.config, config, old.filter_host, host, kept_pools)
@@ -181,8 +182,9 @@ def _restart_only_changes(old: Config, new: Config) -> list[str]:
 
 
 def _keep_unchanged_pools(old: Upstreams, new: Upstreams) -> set[str]:
-    """Move the pools of unchanged clusters into the new Upstreams (warm keep-alive connections)."""
-    kept = set()
+    """Move the pools of unchanged clusters into the new Upstreams (warm keep-alive connections;
+    Redis clusters too)."""
+    kept = new.redis.take_over(old.redis)
     for name, pool in old.pools.items():
         fresh = new.pools.get(name)
         if fresh is not None and fresh.cluster == pool.cluster:
@@ -206,7 +208,7 @@ def describe_changes(old: Config, new: Config, old_host: Any, new_host: Any, kep
             out.append(f"{label}: {', '.join(names)}")
     if old.routes != new.routes:
         out.append(f"routes: {len(new.routes)} (were {len(old.routes)})")
-    changed = sorted({c.name for c in new.clusters} - kept_pools)
+    changed = sorted({c.name for c in new.clusters + new.redis_clusters} - kept_pools)
     if changed:
         out.append(f"clusters new or changed: {', '.join(changed)}")
     if old.limits != new.limits:
@@ -226,6 +228,7 @@ async def retire(old: Generation, drain_timeout_s: float, kept_pools: set[str], 
     for name, pool in old.upstreams.pools.items():
         if name not in kept_pools:
             pool.close()
+    await old.upstreams.redis.aclose(kept_pools)
     host = old.filter_host
     if host is not None and host is not new_host:
         try:

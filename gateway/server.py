@@ -83,7 +83,8 @@ class Gateway:
         """
         gw = cls(config)
         gw.filter_host_factory = filter_host_factory    # a reload loads its filters the same way
-        upstreams = Upstreams(config.clusters, shared_store=shared_store)
+        upstreams = Upstreams(config.clusters, shared_store=shared_store,
+                              redis_clusters=config.redis_clusters)
         filter_host = None
         try:
             if config.filters:
@@ -93,7 +94,7 @@ class Gateway:
             await gw._bind(reuse_port, ports or {})
         except BaseException:
             await gw._close_servers()
-            upstreams.close()
+            await upstreams.aclose()
             if filter_host is not None:
                 await filter_host.close()
             gw.access_log.close()
@@ -176,7 +177,7 @@ class Gateway:
         from .reload import wait_retired
         await wait_retired(self)            # old generations of reloads finish their teardown
         gen = self.generation
-        gen.upstreams.close()
+        await gen.upstreams.aclose()
         if gen.filter_host is not None:
             try:
                 await gen.filter_host.close()   # type: ignore[attr-defined]

@@ -11,9 +11,10 @@ import socket
 import time
 from typing import AsyncIterator, Callable
 
-from abi.api import CallFailed, CallResponse, Headers
+from abi.api import CallFailed, CallResponse, Headers, RedisOptions
 
-from .config import Cluster, Endpoint
+from .config import Cluster, Endpoint, RedisCluster
+from .redis_clusters import RedisClusters
 from .http1 import (FRAMING, BodyStream, HttpError, PeerClosed, body_length, connection_tokens,
                     parse_response_head, read_chunked, trailer_block)
 from .watchdog import Watchdog
@@ -457,16 +458,25 @@ class Upstreams:
 
     ``shared_store``: the gateway-wide store for shared data/queues when workers share one
     (set by the worker supervisor); None lets the filter host use a per-process store.
+    ``redis_clusters``: the `type: redis` clusters (gateway/redis_clusters.py).
     """
 
     def __init__(self, clusters: tuple[Cluster, ...], logger: logging.Logger | None = None,
-                 shared_store: object | None = None):
+                 shared_store: object | None = None, redis_clusters: tuple[RedisCluster, ...] = ()):
         self.pools = {c.name: Pool(c) for c in clusters}
+        self.redis = RedisClusters(redis_clusters)
         self.log = logger or logging.getLogger("wasmgate.filters")
         self.shared_store = shared_store
 
     def has_cluster(self, name: str) -> bool:
         return name in self.pools
+
+    def has_redis_cluster(self, name: str) -> bool:
+        return self.redis.has(name)
+
+    async def redis_call(self, cluster: str, query: bytes, options: RedisOptions) -> bytes:
+        """HostServices.redis_call: one command to a `type: redis` cluster, the raw reply."""
+        return await self.redis.call(cluster, query, options)
 
     async def http_call(self, cluster: str, method: str, path: str, authority: str, headers: Headers,
                         body: bytes, timeout_s: float | None,
@@ -503,6 +513,12 @@ class Upstreams:
     def close(self) -> None:
         for pool in self.pools.values():
             pool.close()
+
+    async def aclose(self, keep_redis: set[str] = frozenset()) -> None:
+        """close(), and the Redis connections too (except those of ``keep_redis``, carried into
+        a reloaded generation)."""
+        self.close()
+        await self.redis.aclose(keep_redis)
 
 
 async def _once(data: bytes) -> AsyncIterator[bytes]:

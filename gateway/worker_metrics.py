@@ -31,7 +31,7 @@ log = logging.getLogger("wasmgate.metrics")
 
 PUBLISH_INTERVAL_S = 1.0
 # Gauges whose sum over workers means nothing: the gateway-wide value is the largest one.
-MAX_GAUGES = {"wasmgate_upstream_endpoint_ejected"}
+MAX_GAUGES = {"wasmgate_upstream_endpoint_ejected", "wasmgate_redis_endpoint_ejected"}
 
 SampleKey = tuple[str, str, tuple[tuple[str, str], ...]]
 
@@ -77,7 +77,7 @@ def _pool_gauges(gen: Any) -> list[MetricSample]:
                          {"cluster": name, "endpoint": str(ep)},
                          "1 while an endpoint is skipped after refusing connections.")
             for name, p in pools.items() for ep in p.cluster.endpoints]
-    return out
+    return out + gen.upstreams.redis.samples()
 
 
 def _pack(s: MetricSample) -> list[Any]:

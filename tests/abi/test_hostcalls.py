@@ -34,7 +34,7 @@ async def test_plugin_configuration_only_during_configure(load, trace):
          + status(w, "vm", f"(call $proxy_get_buffer_bytes (i32.const 6) (i32.const 0) (i32.const -1) {O})")
          + LOG_OUT
          + status(w, "body", f"(call $proxy_get_buffer_bytes (i32.const 0) (i32.const 0) (i32.const -1) {O})")
-         + status(w, "bad", f"(call $proxy_get_buffer_bytes (i32.const 9) (i32.const 0) (i32.const -1) {O})")
+         + status(w, "bad", f"(call $proxy_get_buffer_bytes (i32.const 10) (i32.const 0) (i32.const -1) {O})")
          + " (i32.const 0)")
     host = await load(w, configuration=b"abc", vm_configuration=b"vmcfg")
     trace.records.clear()

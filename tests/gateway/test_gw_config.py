@@ -251,3 +251,52 @@ def test_cli_run_refuses_bad_config(tmp_path):
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 2
     assert "listeners: needs at least one listener" in r.stderr and "not started" in r.stderr
+
+
+REDIS = """\
+listeners: [{name: main, port: 0}]
+clusters:
+  - {name: backend, endpoints: ["127.0.0.1:9000"]}
+  - name: store
+    type: redis
+    endpoints: ["127.0.0.1:6379", "10.0.0.2:6380"]
+    username: gw
+    password_file: redis.pass
+    database: 2
+    timeout_ms: 50
+routes: [{name: r, cluster: backend}]
+"""
+
+
+def test_redis_cluster_keys_defaults_and_password_file(tmp_path):
+    (tmp_path / "redis.pass").write_text("s3cret\n")
+    cfg = load_config(write(tmp_path, REDIS))
+    assert [c.name for c in cfg.clusters] == ["backend"]           # HTTP clusters only
+    (rc,) = cfg.redis_clusters
+    assert [str(e) for e in rc.endpoints] == ["127.0.0.1:6379", "10.0.0.2:6380"]
+    assert (rc.username, rc.password, rc.database, rc.timeout_ms) == ("gw", "s3cret", 2, 50)
+    assert (rc.connect_timeout_ms, rc.max_connections, rc.eject_ms) == (1000, 64, 1000)
+    assert "s3cret" not in repr(rc)
+    raw = redact(cfg.raw)
+    assert raw["clusters"][1]["password_file"] == "[redacted]"
+
+
+def test_redis_cluster_errors(tmp_path):
+    text = REDIS.replace("    password_file: redis.pass\n", "    password_file: missing.pass\n    password: x\n") \
+        .replace("    timeout_ms: 50\n", "    timeout_ms: 0\n    request_timeout_ms: 5\n") \
+        .replace("routes: [{name: r, cluster: backend}]",
+                 "  - {name: odd, type: memcached, endpoints: [\"127.0.0.1:1\"]}\n"
+                 "  - {name: lone, type: redis, endpoints: [\"127.0.0.1:1\"], username: u}\n"
+                 "routes: [{name: r, cluster: store}]")
+    errs = [e.split(" ", 1)[1] for e in errors_of(tmp_path, text)]
+    assert errs == [
+        "clusters[1].request_timeout_ms: unknown key (allowed: connect_timeout_ms, database, eject_ms, "
+        "endpoints, max_connections, name, password, password_file, timeout_ms, type, username)",
+        "clusters[1].password_file: use either password or password_file, not both",
+        "clusters[1].timeout_ms: must be >= 1, got 0",
+        'clusters[2].type: must be http or redis, got "memcached"',
+        "clusters[3].username: needs a password (or password_file)",
+        'routes[0].cluster: "store" is a redis cluster (type: redis); a route needs an HTTP cluster',
+    ]
+    errs = errors_of(tmp_path, REDIS.replace("redis.pass", "nope.pass"))
+    assert len(errs) == 1 and "clusters[1].password_file: cannot read" in errs[0] and "nope.pass" in errs[0]

@@ -13,6 +13,11 @@
 //! takes to be full again: from then on it carries no information, so the store may reclaim it,
 //! and under memory pressure it drops the buckets closest to full first. When the store still
 //! has no room for a new bucket, `on_store_full` decides (allow / deny), counted in a metric.
+//!
+//! `backend: redis` keeps the buckets in a Redis server instead, shared by every gateway of a
+//! fleet (redis_backend.rs).
+
+mod redis_backend;
 
 use std::cell::Cell;
 use std::rc::Rc;
@@ -54,13 +59,16 @@ pub struct Config {
     pub limits: Vec<Limit>,
     pub namespace: Option<String>,
     pub headers: bool,
+    /// `backend: redis` (None: `backend: local`, buckets in this gateway's shared data).
+    pub redis: Option<redis_backend::RedisConfig>,
 }
 
 impl Config {
     pub fn parse(bytes: &[u8]) -> Result<Config, String> {
         let v = wasmgate_sdk::config::parse(bytes)?;
         let c = Cfg::root(&v);
-        c.only(&["limits", "identity_header", "namespace", "headers"])?;
+        c.only(&["limits", "identity_header", "namespace", "headers", "backend", "redis_cluster",
+                 "on_redis_error", "redis_key_prefix"])?;
         let identity_header = c.str_or("identity_header", "x-auth-identity")?.to_ascii_lowercase();
         let mut limits: Vec<Limit> = Vec::new();
         for (i, l) in c.list("limits")?.into_iter().enumerate() {
@@ -113,7 +121,12 @@ impl Config {
         if limits.is_empty() {
             return Err("limits: at least one limit is required".into());
         }
-        Ok(Config { limits, namespace: c.str("namespace")?, headers: c.bool_or("headers", true)? })
+        Ok(Config {
+            limits,
+            namespace: c.str("namespace")?,
+            headers: c.bool_or("headers", true)?,
+            redis: redis_backend::parse(&c)?,
+        })
     }
 }
 
@@ -319,6 +332,12 @@ impl RootContext for Root {
                         None
                     }
                 };
+                if let Some(r) = &config.redis {
+                    if let Err(e) = redis_backend::configure(r, &namespace) {
+                        error!("ratelimit: bad configuration: {}", e);
+                        return false;
+                    }
+                }
                 self.shared = Some(Rc::new(Shared { config, namespace, store_full }));
                 true
             }
@@ -335,7 +354,7 @@ impl RootContext for Root {
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         let shared = self.shared.clone().expect("ratelimit: stream before configuration");
-        Some(Box::new(Stream { shared, report: None }))
+        Some(Box::new(Stream { shared, report: None, redis: None }))
     }
 }
 
@@ -347,6 +366,8 @@ thread_local! {
 struct Stream {
     shared: Rc<Shared>,
     report: Option<Report>,
+    /// `backend: redis`: the script run this request waits for.
+    redis: Option<redis_backend::Pending>,
 }
 
 impl Stream {
@@ -418,10 +439,9 @@ impl Stream {
     }
 }
 
-impl Context for Stream {}
-
-impl HttpContext for Stream {
-    fn on_http_request_headers(&mut self, _n: usize, _eos: bool) -> Action {
+impl Stream {
+    /// `backend: local` (and `on_redis_error: local`): buckets in this gateway's shared data.
+    fn local_request_headers(&mut self) -> Action {
         let shared = self.shared.clone();
         let now = self.get_current_time_nanos();
         let mut taken: Vec<(String, &Limit)> = Vec::new();
@@ -456,6 +476,22 @@ impl HttpContext for Stream {
         }
         self.report = best;
         Action::Continue
+    }
+}
+
+impl Context for Stream {
+    fn on_redis_call_response(&mut self, _token: u32, status: u32, size: usize) {
+        self.redis_answered(status, size);
+    }
+}
+
+impl HttpContext for Stream {
+    fn on_http_request_headers(&mut self, _n: usize, _eos: bool) -> Action {
+        if self.shared.config.redis.is_some() {
+            self.redis_request_headers()
+        } else {
+            self.local_request_headers()
+        }
     }
 
     fn on_http_response_headers(&mut self, _n: usize, _eos: bool) -> Action {

@@ -62,6 +62,8 @@ imports! {
     fn proxy_get_metric(metric_id: u32, return_value: *mut u64) -> u32;
     fn proxy_record_metric(metric_id: u32, value: u64) -> u32;
     fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
+    fn proxy_redis_init(upstream_data: *const u8, upstream_size: usize, username_data: *const u8, username_size: usize, password_data: *const u8, password_size: usize, timeout: u32) -> u32;
+    fn proxy_redis_call(upstream_data: *const u8, upstream_size: usize, query_data: *const u8, query_size: usize, return_token: *mut u32) -> u32;
 }
 
 fn st(v: u32) -> Status {
@@ -305,6 +307,25 @@ pub fn dispatch_http_call(upstream: &str, headers: &[(&str, &str)], body: Option
     let mut token = 0u32;
     unsafe {
         ok(proxy_http_call(upstream.as_ptr(), upstream.len(), h.as_ptr(), h.len(), bp, bl, t.as_ptr(), t.len(), timeout.as_millis() as u32, &mut token))?;
+    }
+    crate::dispatcher::register_callout(token);
+    Ok(token)
+}
+
+/// Higress's `proxy_redis_init`: how calls to `cluster` authenticate, which database they use
+/// (`"name?db=1"`) and their timeout (zero: the cluster's own). Nothing connects yet.
+pub fn redis_init(cluster: &str, username: &str, password: &str, timeout: Duration) -> Result<(), Status> {
+    unsafe {
+        ok(proxy_redis_init(cluster.as_ptr(), cluster.len(), username.as_ptr(), username.len(), password.as_ptr(), password.len(), timeout.as_millis() as u32))
+    }
+}
+
+/// Higress's `proxy_redis_call`: send one RESP-encoded command (`resp::command`); the reply
+/// arrives in `on_redis_call_response` of this context. Returns the token.
+pub fn redis_call(cluster: &str, query: &[u8]) -> Result<u32, Status> {
+    let mut token = 0u32;
+    unsafe {
+        ok(proxy_redis_call(cluster.as_ptr(), cluster.len(), query.as_ptr(), query.len(), &mut token))?;
     }
     crate::dispatcher::register_callout(token);
     Ok(token)
