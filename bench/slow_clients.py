@@ -31,7 +31,7 @@ from pathlib import Path
 
 from bench.gateway_cfg import write_config
 from bench.nginx import _config
-from bench.procs import Proc, free_port, stop_all, wait_ready
+from bench.procs import Proc, free_port, http_get, stop_all, wait_ready
 from bench.tools import ROOT, ensure_tools
 
 BIG = 4 << 20
@@ -77,8 +77,18 @@ def start_nginx(nginx: str, prefix: Path, name: str, body: str, port: int) -> Pr
     return proc
 
 
-def start_gateway(scratch: Path, upstream_port: int, port: int, gateway_dir: Path) -> Proc:
-    admin = free_port()
+def gateway_closes(admin: int) -> dict[str, float]:
+    """What the gateway counted: slow clients it answered 408 or cut off (GET /metrics)."""
+    _, _, body = http_get(f"http://127.0.0.1:{admin}/metrics", timeout=5)
+    out = {}
+    for line in body.decode().splitlines():
+        for kind in ("client_timeout", "client_send_timeout", "client_closed", "upstream_overloaded"):
+            if line.startswith(f'wasmgate_errors_total{{kind="{kind}"}}'):
+                out[kind] = float(line.split()[-1])
+    return out
+
+
+def start_gateway(scratch: Path, upstream_port: int, port: int, admin: int, gateway_dir: Path) -> Proc:
     cfg = {"listeners": [{"name": "main", "address": "127.0.0.1", "port": port}],
            "admin": {"address": "127.0.0.1", "port": admin},
            "limits": {"drain_timeout_s": 1, **LIMITS},
@@ -262,14 +272,17 @@ def main(argv=None) -> int:
                         _UPSTREAM.format(port=up_port, big=scratch / "big"), up_port)
             for name in args.only.split(","):
                 port = free_port()
+                admin = free_port()
                 if name == "wasmgate":
-                    proc = start_gateway(scratch, up_port, port, args.gateway_dir.resolve())
+                    proc = start_gateway(scratch, up_port, port, admin, args.gateway_dir.resolve())
                 else:
                     proc = start_nginx(tools["nginx"], scratch / "proxy", "nginx",
                                        _PROXY.format(port=port, upstream_port=up_port), port)
                 try:
                     quiet = asyncio.run(measure(port, min(5.0, args.seconds), False, args))
                     attacked = asyncio.run(measure(port, args.seconds, True, args))
+                    if name == "wasmgate":
+                        attacked["gateway_counted"] = gateway_closes(admin)
                 finally:
                     proc.stop()
                 results[name] = {"quiet": quiet, "attack": attacked}

@@ -117,13 +117,14 @@ class Connection:
         if phase == HEAD:
             self.reader.set_exception(_HeadTimeout())
         elif phase == BODY:
-            self.gw.metrics.error("client_timeout")
+            # Answered (and counted as client_timeout) where the body read fails.
             self.reader.set_exception(HttpError(408, f"no request body data for "
                                                      f"{self.limits.request_body_idle_timeout_s:g} s"))
         elif phase == SEND:
             self.gw.metrics.error("client_send_timeout")
             log.info("client %s did not read its response for %g s; closing", self.peer_text,
                      self.limits.response_send_timeout_s)
+            self.gone = True            # our doing: the failed write ends the request, not a cancel
             self.transport.abort()
 
     def peer_gone(self) -> None:
