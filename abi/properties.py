@@ -113,6 +113,12 @@ def _info(fn: Callable[[StreamInfo], Any]) -> Callable[[PropertySource], Any]:
     return lambda src: fn(src.facts.info) if src.facts.info is not None else None
 
 
+def _tls(fn: Callable[[Any], Any]) -> Callable[[PropertySource], Any]:
+    # Found only on a TLS connection (Envoy: the connection's ssl info), else NOT_FOUND.
+    return lambda src: fn(src.facts.info.tls) if src.facts.info is not None and src.facts.info.tls is not None \
+        else None
+
+
 def _log(fn: Callable[[LogInfo], Any]) -> Callable[[PropertySource], Any]:
     return lambda src: fn(src.facts.log) if src.facts.log is not None else None
 
@@ -151,7 +157,18 @@ _ATTRIBUTES: dict[tuple[str, ...], Callable[[PropertySource], Any]] = {
     ("destination", "address"): _info(lambda i: _addr(i.local_addr)),
     ("destination", "port"): _info(lambda i: i.local_addr[1]),
     ("connection", "id"): _info(lambda i: Uint(i.connection_id)),
-    ("connection", "mtls"): _info(lambda i: False),
+    # Envoy answers mtls and requested_server_name on plain connections too (false, "").
+    ("connection", "mtls"): _info(lambda i: i.tls is not None and i.tls.mtls),
+    ("connection", "requested_server_name"): _info(lambda i: i.tls.requested_server_name if i.tls else ""),
+    ("connection", "tls_version"): _tls(lambda t: t.version),
+    ("connection", "subject_local_certificate"): _tls(lambda t: t.subject_local_certificate),
+    ("connection", "subject_peer_certificate"): _tls(lambda t: t.subject_peer_certificate),
+    # SANs and the digest: found only when there is one (Envoy's extractSslInfo).
+    ("connection", "dns_san_local_certificate"): _tls(lambda t: t.dns_san_local_certificate or None),
+    ("connection", "dns_san_peer_certificate"): _tls(lambda t: t.dns_san_peer_certificate or None),
+    ("connection", "uri_san_local_certificate"): _tls(lambda t: t.uri_san_local_certificate or None),
+    ("connection", "uri_san_peer_certificate"): _tls(lambda t: t.uri_san_peer_certificate or None),
+    ("connection", "sha256_peer_certificate_digest"): _tls(lambda t: t.sha256_peer_certificate_digest or None),
     ("upstream", "address"): _log(lambda l: l.upstream_address or None),
     ("xds", "route_name"): _info(lambda i: i.route_name),
     ("xds", "cluster_name"): _info(lambda i: i.cluster_name),

@@ -11,11 +11,11 @@ import itertools
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import TYPE_CHECKING, AsyncIterator
 
-from abi.api import Forward, LocalReply, LocalReplyInterrupt, LogInfo, StreamInfo
+from abi.api import Forward, LocalReply, LocalReplyInterrupt, LogInfo, StreamInfo, TlsFacts
 
 from .config import Config, Limits, Route
 from .http1 import (FRAMING, HOP_BY_HOP, BodyStream, BodyTooLarge, HttpError, PeerClosed, body_length,
@@ -43,14 +43,15 @@ class Generation:
     upstreams: Upstreams
     filter_host: object | None      # abi.api.FilterHostProtocol
     active: int = 0                 # requests being served on it (a reload retires it at 0)
+    tls: dict = field(default_factory=dict)   # listener name -> gateway.tls.ServerTls
 
 
 class Downstream:
     """One client connection."""
     __slots__ = ("reader", "writer", "transport", "id", "peer", "peer_text", "local", "idle", "task", "linger",
-                 "last_active", "pending")
+                 "last_active", "pending", "tls", "scheme")
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, tls: TlsFacts | None = None):
         self.reader = reader
         self.writer = writer
         self.transport = writer.transport
@@ -65,6 +66,8 @@ class Downstream:
         self.linger = False         # closing after an error reply with request bytes maybe unread
         self.last_active = time.monotonic()
         self.pending = b""          # bytes read past the end of a chunked body (pipelining)
+        self.tls = tls              # None on a plain connection
+        self.scheme = "http" if tls is None else "https"
 
     async def read(self, n: int) -> bytes:
         pending = self.pending
@@ -160,8 +163,9 @@ class Proxy:
 
     # -- connection loop ------------------------------------------------------------------------
 
-    async def handle_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = Downstream(reader, writer)
+    async def handle_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                                tls: TlsFacts | None = None) -> None:
+        conn = Downstream(reader, writer, tls)
         conn.task = asyncio.current_task()
         gw = self.gw
         gw.connections.add(conn)
@@ -288,7 +292,7 @@ class Proxy:
         ex.route = route.name
 
         body = RequestBody(conn, length, limits.max_request_body_bytes, expect == "100-continue") if has_body else None
-        fwd_headers = _upstream_headers(headers, conn_tokens, conn.peer[0], authority, rid)
+        fwd_headers = _upstream_headers(headers, conn_tokens, conn.peer[0], authority, rid, conn.scheme)
         # Body framing upstream: Content-Length kept (incl. 0), chunked stays chunked, none stays none.
         up_length = None if length == -1 else length
         ex.body = body
@@ -315,14 +319,14 @@ class Proxy:
             return False
         info = StreamInfo(request_id=ex.rid, route_name=route.name, cluster_name=route.cluster,
                           client_addr=conn.peer, local_addr=conn.local, connection_id=conn.id,
-                          scheme="http", protocol=version, start_time_ns=time.time_ns())
+                          scheme=conn.scheme, protocol=version, start_time_ns=time.time_ns(), tls=conn.tls)
         try:
             stream = host.stream(list(route.filters), info)   # type: ignore[attr-defined]
         except Exception as e:
             log.exception('route "%s": could not open a filter stream', route.name)
             return self._reply_error(conn, ex, 500, f"filter chain error: {type(e).__name__}", "filter_error")
         chain_headers = [(":method", method), (":path", target), (":authority", authority),
-                         (":scheme", "http")] + fwd_headers
+                         (":scheme", conn.scheme)] + fwd_headers
         original = body.iterator if body else None
         try:
             try:
@@ -633,7 +637,7 @@ async def _lingering_close(conn: Downstream, seconds: float) -> None:
 # -- header helpers ---------------------------------------------------------------------------
 
 def _upstream_headers(headers: list[tuple[str, str]], conn_tokens: set[str] | None, client_ip: str,
-                      authority: str, rid: str) -> list[tuple[str, str]]:
+                      authority: str, rid: str, scheme: str) -> list[tuple[str, str]]:
     """Request headers for the upstream: hop-by-hop gone, X-Forwarded-* appended, request id."""
     hop = HOP_BY_HOP | conn_tokens if conn_tokens else HOP_BY_HOP
     out: list[tuple[str, str]] = []
@@ -656,7 +660,7 @@ def _upstream_headers(headers: list[tuple[str, str]], conn_tokens: set[str] | No
                 has_rid = True
         out.append((name, value))
     out.append(("x-forwarded-for", client_ip if xff is None else f"{xff}, {client_ip}"))
-    out.append(("x-forwarded-proto", "http" if xfp is None else f"{xfp}, http"))
+    out.append(("x-forwarded-proto", scheme if xfp is None else f"{xfp}, {scheme}"))
     out.append(("x-forwarded-host", authority if xfh is None else f"{xfh}, {authority}"))
     if not has_rid:
         out.append(("x-request-id", rid))
@@ -735,7 +739,7 @@ def _origin_form(method: str, target: str, authority: str | None) -> tuple[str, 
 def _short_upstream_reason(e: UpstreamError) -> str:
     return {"refused": "upstream unreachable", "timeout": "upstream timed out",
             "reset": "upstream connection reset", "bad_response": "invalid upstream response",
-            "overloaded": "upstream connection limit reached",
+            "overloaded": "upstream connection limit reached", "tls": "upstream TLS handshake failed",
             "bad_request_body": "request body length mismatch"}.get(e.kind, e.message)
 
 

@@ -12,6 +12,7 @@ from .config import Config
 from .metrics import Metrics
 from .proxy import Downstream, Generation, Proxy
 from .routing import Router
+from .tls import ListenerContext, TlsConnection, TlsError, build_listener_tls
 from .upstream import Upstreams
 
 log = logging.getLogger("wasmgate")
@@ -72,6 +73,9 @@ class Gateway:
         self._stopped = asyncio.Event()
         self.idle_timeout_s = IDLE_TIMEOUT_S
         self._sweeper: asyncio.Task | None = None
+        # What a TLS connection is handed to, by the protocol ALPN chose (None: the client
+        # offered no ALPN). An HTTP/2 front-end adds "h2" here and to tls.ALPN_PROTOCOLS.
+        self.alpn_handlers = {None: self.proxy.handle_connection, "http/1.1": self.proxy.handle_connection}
 
     @classmethod
     async def start(cls, config: Config, *, filter_host_factory: FilterHostFactory | None = None,
@@ -86,13 +90,18 @@ class Gateway:
         """
         gw = cls(config)
         gw.filter_host_factory = filter_host_factory    # a reload loads its filters the same way
-        upstreams = Upstreams(config.clusters, shared_store=shared_store)
+        try:
+            tls = build_listener_tls(config.listeners)
+            upstreams = Upstreams(config.clusters, shared_store=shared_store)
+        except TlsError as e:        # a file changed since the config was checked
+            gw.access_log.close()
+            raise StartError(f"TLS: {e.message}") from None
         filter_host = None
         try:
             if config.filters:
                 factory = filter_host_factory or _default_filter_host
                 filter_host = await factory(list(config.filters), upstreams)
-            gw.generation = Generation(config, Router(config.routes), upstreams, filter_host)
+            gw.generation = Generation(config, Router(config.routes), upstreams, filter_host, tls=tls)
             await gw._bind(reuse_port, ports or {})
         except BaseException:
             await gw._close_servers()
@@ -128,8 +137,13 @@ class Gateway:
             except OSError as e:
                 raise StartError(f'listener "{lst.name}": cannot bind {lst.address}:{port}: '
                                  f'{e.strerror or e}') from None
-            server = await asyncio.start_server(self.proxy.handle_connection, sock=sock, limit=limit,
-                                                backlog=1024)
+            if lst.tls is None:
+                server = await asyncio.start_server(self.proxy.handle_connection, sock=sock, limit=limit,
+                                                    backlog=1024)
+            else:
+                server = await asyncio.start_server(self._serve_tls, sock=sock, limit=limit, backlog=1024,
+                                                    ssl=self._listener_context(lst.name),
+                                                    ssl_handshake_timeout=lst.tls.handshake_timeout_s)
             self._servers.append(server)
             self.listener_ports[lst.name] = sock.getsockname()[1]
         if self.config.admin is not None:
@@ -142,6 +156,26 @@ class Gateway:
                 raise StartError(f"admin: cannot bind {adm.address}:{port}: {e.strerror or e}") from None
             self._admin_runner = await start_admin(self, sock)
             self.admin_port = sock.getsockname()[1]
+
+    def _listener_context(self, listener: str) -> ListenerContext:
+        """The listener's SSL context for its life: each handshake uses the certificates of the
+        generation serving at that moment (a reload swaps them for new connections)."""
+        return ListenerContext(lambda: self.generation.tls[listener],
+                               lambda reason: self._handshake_failed(listener, reason))
+
+    async def _serve_tls(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """A TLS connection after its handshake: to the front-end of the protocol ALPN chose."""
+        tls = TlsConnection(writer.get_extra_info("ssl_object"))
+        handler = self.alpn_handlers.get(tls.alpn)
+        if handler is None:          # only what ALPN_PROTOCOLS offers can be chosen
+            writer.transport.abort()
+            return
+        await handler(reader, writer, tls)
+
+    def _handshake_failed(self, listener: str, reason: str) -> None:
+        # Scanners and stray plain-HTTP clients cause these: counted, logged at debug (as Envoy, nginx).
+        self.metrics.error("tls_handshake")
+        log.debug('listener "%s": TLS handshake failed: %s', listener, reason)
 
     async def stop(self, drain_timeout_s: float | None = None) -> None:
         """Stop accepting, let in-flight requests finish (bounded), then close everything."""
