@@ -20,6 +20,8 @@ log = logging.getLogger("wasmgate")
 # A client connection idle this long (keep-alive, or a request head that never completes) is
 # closed, so idle or slowloris clients cannot pin sockets forever.
 IDLE_TIMEOUT_S = 60.0
+# On stop, how long idle TLS connections get to finish their close_notify exchange.
+TLS_CLOSE_GRACE_S = 1.0
 
 # async (specs, services) -> FilterHostProtocol; the default is abi.api.load_filter_host.
 FilterHostFactory = Callable[[list, Any], Awaitable[Any]]
@@ -194,11 +196,18 @@ class Gateway:
                 conn.transport.close()    # an idle keep-alive connection has nothing to finish
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        # A closed idle TLS connection waits for the client's close_notify, which a pooled client
+        # that is not reading never sends: past a short grace those are dropped, not drained.
+        tls_grace = loop.time() + min(timeout, TLS_CLOSE_GRACE_S)
         while self.connections and loop.time() < deadline:
+            if loop.time() >= tls_grace and all(c.idle and c.tls is not None for c in self.connections):
+                break
             await asyncio.sleep(0.01)
         if self.connections:
-            log.warning("drain timeout (%.1fs): closing %d connection(s) with requests in flight",
-                        timeout, len(self.connections))
+            busy = sum(1 for c in self.connections if not c.idle)
+            if busy:
+                log.warning("drain timeout (%.1fs): closing %d connection(s) with requests in flight",
+                            timeout, busy)
             for conn in list(self.connections):
                 conn.transport.abort()
                 if conn.task is not None:

@@ -6,9 +6,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import ssl
-import warnings
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -273,3 +274,30 @@ async def test_under_uvloop_tls_both_ways(tmp_path, pki):
             assert seen["x-peer-subject"] == r"CN=alice,OU=payments\+ops,O=Example\, Inc."
             assert seen["x-sni"] == "a.test" and seen["x-forwarded-proto"] == "https"
             assert up.requests[-1].path == "/u"
+
+
+async def test_stop_does_not_wait_out_the_drain_for_an_idle_tls_client(tmp_path, pki, upstream, caplog):
+    """A pooled client idle on a keep-alive TLS connection never answers close_notify; stop must
+    not hold the drain for it (nor call it a request in flight)."""
+    from gateway.config import load_config
+    from gateway.server import Gateway
+    (tmp_path / "config.yaml").write_text(
+        tls_yaml(upstream.port, f"{{cert: {pki.path('default.pem')}, key: {pki.path('default.key')}}}"))
+    gw = await Gateway.start(load_config(tmp_path / "config.yaml"))
+    port = gw.listener_ports["main"]
+
+    def idle_client():                           # a blocking client: one request, then no reads
+        sock = pki.client().wrap_socket(socket.create_connection(("127.0.0.1", port)),
+                                        server_hostname="127.0.0.1")
+        sock.sendall(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        assert sock.recv(12) == b"HTTP/1.1 200"
+        return sock
+
+    sock = await asyncio.to_thread(idle_client)
+    try:
+        t0 = time.monotonic()
+        await gw.stop(drain_timeout_s=30)
+        assert time.monotonic() - t0 < 15                    # the grace (1 s), not the 30 s drain
+        assert not [r for r in caplog.records if "in flight" in r.getMessage()]
+    finally:
+        sock.close()
