@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 from urllib.parse import urlsplit
 
-from .api import LogInfo, StreamInfo
+from .api import LogInfo, StreamInfo, TlsFacts
 from .buffers import HeaderMap
 from .pairs import serialize, to_bytes
 
@@ -113,7 +113,7 @@ def _info(fn: Callable[[StreamInfo], Any]) -> Callable[[PropertySource], Any]:
     return lambda src: fn(src.facts.info) if src.facts.info is not None else None
 
 
-def _tls(fn: Callable[[Any], Any]) -> Callable[[PropertySource], Any]:
+def _tls(fn: Callable[[TlsFacts], Any]) -> Callable[[PropertySource], Any]:
     # Found only on a TLS connection (Envoy: the connection's ssl info), else NOT_FOUND.
     return lambda src: fn(src.facts.info.tls) if src.facts.info is not None and src.facts.info.tls is not None \
         else None

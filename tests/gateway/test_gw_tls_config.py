@@ -203,3 +203,18 @@ def test_self_signed_certificate_for_the_demo(tmp_path):
     assert cert.not_valid_after_utc > datetime.datetime.now(datetime.timezone.utc)
     assert cert.signature_hash_algorithm.name == hashes.SHA256.name
     assert (tmp_path / "k.pem").stat().st_mode & 0o077 == 0                    # key readable by us only
+
+
+def test_watch_notices_a_replaced_certificate(tmp_path, pki):
+    from gateway.watch import Watcher
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_bytes(Path(pki.path("a.pem")).read_bytes())
+    key.write_bytes(Path(pki.path("a.key")).read_bytes())
+    path = tmp_path / "config.yaml"
+    path.write_text(config_with("cert: cert.pem\nkey: key.pem"))
+    w = Watcher(path)
+    assert w.files == [cert, key] and w.poll() is None
+    key.write_bytes(Path(pki.path("b.key")).read_bytes())          # a new key (and, below, its cert)
+    assert w.poll() is None and w.poll() == "key.pem"               # reported once it settled
+    cert.write_bytes(Path(pki.path("b.pem")).read_bytes())
+    assert w.poll() is None and w.poll() == "cert.pem"
