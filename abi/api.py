@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Protocol
+from typing import AsyncIterator, Callable, Protocol
 
 Headers = list[tuple[str, str]]
 Body = AsyncIterator[bytes]
@@ -24,6 +24,13 @@ Body = AsyncIterator[bytes]
 class FilterLimits:
     memory_bytes: int = 64 * 1024 * 1024
     callback_ms: int = 100
+    # Body bytes one filter may make the host hold while it pauses a body (Envoy's buffer
+    # limit): over it the request gets 413, the response 500 (the gateway-wide default is
+    # config limits.max_buffered_body_bytes).
+    max_buffered_body_bytes: int = 1024 * 1024
+    # Bytes of proxy_http_call callouts in flight per instance: request headers and bodies
+    # until the call ends, plus response bodies being read and delivered.
+    max_callout_bytes: int = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -57,15 +64,41 @@ class CallFailed(Exception):
         self.reason = reason
 
 
+@dataclass(frozen=True)
+class RedisOptions:
+    """What a filter's ``proxy_redis_init`` chose for one Redis cluster; an empty / 0 / None
+    field keeps the cluster's own setting from the config."""
+    username: str = ""
+    password: str = field(default="", repr=False)
+    database: int | None = None
+    timeout_ms: int = 0
+
+
 class HostServices(Protocol):
-    """What the gateway provides to the ABI host."""
+    """What the gateway provides to the ABI host.
+
+    The two Redis methods are optional: services without them have no Redis clusters (every
+    ``proxy_redis_*`` call then answers as for an unknown cluster)."""
     log: logging.Logger
 
     def has_cluster(self, name: str) -> bool: ...
 
     async def http_call(self, cluster: str, method: str, path: str, authority: str,
-                        headers: Headers, body: bytes, timeout_s: float | None) -> CallResponse:
-        """Raise CallFailed on refuse/reset/timeout."""
+                        headers: Headers, body: bytes, timeout_s: float | None,
+                        reserve: Callable[[int], bool] | None = None) -> CallResponse:
+        """Raise CallFailed on refuse/reset/timeout.
+
+        ``reserve(n)`` is asked before each response body chunk of n bytes is kept; False
+        (the filter's callout bytes would pass max_callout_bytes) → stop reading and raise
+        CallFailed: the response is too large to deliver."""
+        ...
+
+    def has_redis_cluster(self, name: str) -> bool: ...
+
+    async def redis_call(self, cluster: str, query: bytes, options: RedisOptions) -> bytes:
+        """Send one RESP-encoded command; return Redis's reply as it was on the wire (an error
+        reply is a reply). Raise CallFailed on refuse/reset/timeout (the cluster's or
+        ``options.timeout_ms``)."""
         ...
 
 

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 from .api import LogInfo, StreamInfo, TlsFacts
 from .buffers import HeaderMap
+from .limits import MAX_PROPERTY_BYTES
 from .pairs import serialize, to_bytes
 
 
@@ -35,7 +36,12 @@ class StreamFacts(Protocol):
     request_headers: HeaderMap | None
     response_headers: HeaderMap | None
     log: LogInfo | None
-    custom: dict[bytes, bytes]
+    custom: "CustomProperties"
+
+
+class CustomProperties(dict):
+    """proxy_set_property values (path → value) and their size in bytes (``nbytes``)."""
+    nbytes = 0
 
 
 @dataclass
@@ -45,7 +51,7 @@ class RootFacts:
     request_headers: HeaderMap | None = None
     response_headers: HeaderMap | None = None
     log: LogInfo | None = None
-    custom: dict[bytes, bytes] = field(default_factory=dict)
+    custom: CustomProperties = field(default_factory=CustomProperties)
 
 
 @dataclass
@@ -237,5 +243,15 @@ def get_property(src: PropertySource, path: bytes) -> bytes | None:
     return encode(value)
 
 
-def set_property(src: PropertySource, path: bytes, value: bytes) -> None:
-    src.facts.custom[_normalize(path)] = value
+def set_property(src: PropertySource, path: bytes, value: bytes) -> bool:
+    """Store a custom property; False (nothing stored) when the source's properties would
+    grow past MAX_PROPERTY_BYTES."""
+    custom = src.facts.custom
+    key = _normalize(path)
+    old = custom.get(key)
+    nbytes = custom.nbytes + len(value) - (len(old) if old is not None else -len(key))
+    if nbytes > MAX_PROPERTY_BYTES and nbytes > custom.nbytes:
+        return False
+    custom[key] = value
+    custom.nbytes = nbytes
+    return True

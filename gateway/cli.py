@@ -55,7 +55,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"{args.config}: {len(load_errors)} filter(s) failed to load", file=sys.stderr)
         return 1
     print(f"{args.config}: OK ({_plural(len(config.listeners), 'listener')}, "
-          f"{_plural(len(config.clusters), 'cluster')}, {_plural(len(config.routes), 'route')}, "
+          f"{_plural(len(config.clusters) + len(config.redis_clusters), 'cluster')}, "
+          f"{_plural(len(config.routes), 'route')}, "
           f"{_plural(len(config.filters), 'filter')})")
     return 0
 
@@ -64,7 +65,7 @@ async def _check_filters(config: Config) -> list[str]:
     """Load every filter on its own (start-up stops at the first failure; check lists all)."""
     from abi.api import FilterLoadError, load_filter_host
     from .upstream import Upstreams
-    services = Upstreams(config.clusters)
+    services = Upstreams(config.clusters, redis_clusters=config.redis_clusters)
     errors = []
     for spec in config.filters:
         try:
@@ -73,7 +74,7 @@ async def _check_filters(config: Config) -> list[str]:
             errors.append(str(e))
             continue
         await host.close()
-    services.close()
+    await services.aclose()
     return errors
 
 

@@ -4,7 +4,7 @@ A reload re-reads the config file the gateway was started with. Every step — Y
 compiling and starting the filters — happens before anything changes; if one fails, the current
 Generation keeps serving untouched and the reasons are reported (log, /metrics, /reload body).
 On success new requests take the new Generation; a request in flight holds the one it started
-with (proxy._serve reads ``gw.generation`` once), and the old one is torn down once its requests
+with (client_h1.Connection._serve reads ``gw.generation`` once), and the old one is torn down once its requests
 are done, bounded by ``limits.drain_timeout_s``.
 
 Only what changed is rebuilt: filters whose spec and wasm sha256 are unchanged are carried over
@@ -138,17 +138,18 @@ async def _reload_locked(gw: "Gateway", st: ReloadState) -> ReloadResult:
         return ReloadResult(True, st.generation, fp)
     try:
         tls = await asyncio.to_thread(build_listener_tls, config.listeners)   # new connections only
-        upstreams = Upstreams(config.clusters, shared_store=old.upstreams.shared_store)
+        upstreams = Upstreams(config.clusters, shared_store=old.upstreams.shared_store,
+                              redis_clusters=config.redis_clusters)
     except TlsError as e:            # a file changed since the config was checked
         return refused([f"TLS: {e.message}"])
     try:
         host = await _load_filters(gw, config, upstreams, old.filter_host)
     except FilterLoadError as e:             # names the filter, its file and the cause
-        upstreams.close()
+        await upstreams.aclose()
         return refused([str(e)])
     except Exception as e:                   # a host bug must not take the running config down
         log.exception("loading filters for a reload failed")
-        upstreams.close()
+        await upstreams.aclose()
         return refused([f"loading filters failed: {type(e).__name__}: {e}"])
     kept_pools = _keep_unchanged_pools(old.upstreams, upstreams)
     changes = describe_changes(old.config, config, old.filter_host, host, kept_pools)
@@ -185,14 +186,15 @@ def _restart_only_changes(old: Config, new: Config) -> list[str]:
         out.append("admin listener changed: restart required")
     if old.shared_data_max_bytes != new.shared_data_max_bytes:
         out.append("shared_data.max_bytes changed: restart required")
-    if old.access_log_path != new.access_log_path:
+    if (old.access_log_path, old.access_log_redact) != (new.access_log_path, new.access_log_redact):
         out.append("access_log changed: restart required")
     return out
 
 
 def _keep_unchanged_pools(old: Upstreams, new: Upstreams) -> set[str]:
-    """Move the pools of unchanged clusters into the new Upstreams (warm keep-alive connections)."""
-    kept = set()
+    """Move the pools of unchanged clusters into the new Upstreams (warm keep-alive connections;
+    Redis clusters too)."""
+    kept = new.redis.take_over(old.redis)
     for name, pool in old.pools.items():
         fresh = new.pools.get(name)
         if fresh is not None and fresh.cluster == pool.cluster:
@@ -216,7 +218,7 @@ def describe_changes(old: Config, new: Config, old_host: Any, new_host: Any, kep
             out.append(f"{label}: {', '.join(names)}")
     if old.routes != new.routes:
         out.append(f"routes: {len(new.routes)} (were {len(old.routes)})")
-    changed = sorted({c.name for c in new.clusters} - kept_pools)
+    changed = sorted({c.name for c in new.clusters + new.redis_clusters} - kept_pools)
     if changed:
         out.append(f"clusters new or changed: {', '.join(changed)}")
     if old.limits != new.limits:
@@ -239,6 +241,7 @@ async def retire(old: Generation, drain_timeout_s: float, kept_pools: set[str], 
     for name, pool in old.upstreams.pools.items():
         if name not in kept_pools:
             pool.close()
+    await old.upstreams.redis.aclose(kept_pools)
     host = old.filter_host
     if host is not None and host is not new_host:
         try:

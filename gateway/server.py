@@ -10,16 +10,14 @@ from typing import Any, Awaitable, Callable
 from .accesslog import AccessLog
 from .config import Config
 from .metrics import Metrics
-from .proxy import Downstream, Generation, Proxy
+from .client_h1 import ClientProtocol, Connection
+from .proxy import Generation, Proxy
 from .routing import Router
 from .tls import ListenerContext, TlsConnection, TlsError, build_listener_tls
 from .upstream import Upstreams
 
 log = logging.getLogger("wasmgate")
 
-# A client connection idle this long (keep-alive, or a request head that never completes) is
-# closed, so idle or slowloris clients cannot pin sockets forever.
-IDLE_TIMEOUT_S = 60.0
 # On stop, how long idle TLS connections get to finish their close_notify exchange.
 TLS_CLOSE_GRACE_S = 1.0
 
@@ -62,8 +60,9 @@ class Gateway:
     def __init__(self, config: Config):
         self.config = config
         self.metrics = Metrics()
-        self.access_log = AccessLog(config.access_log_path)
-        self.connections: set[Downstream] = set()
+        self.access_log = AccessLog(config.access_log_path, config.access_log_redact)
+        self.connections: set[Connection] = set()
+        self.idle_connections = 0           # keep-alive connections between requests
         self.draining = False
         self.ready = False
         self.listener_ports: dict[str, int] = {}
@@ -73,11 +72,10 @@ class Gateway:
         self._servers: list[asyncio.AbstractServer] = []
         self._admin_runner: Any = None
         self._stopped = asyncio.Event()
-        self.idle_timeout_s = IDLE_TIMEOUT_S
         self._sweeper: asyncio.Task | None = None
         # What a TLS connection is handed to, by the protocol ALPN chose (None: the client
         # offered no ALPN). An HTTP/2 front-end adds "h2" here and to tls.ALPN_PROTOCOLS.
-        self.alpn_handlers = {None: self.proxy.handle_connection, "http/1.1": self.proxy.handle_connection}
+        self.alpn_handlers = {None: self._serve_http1, "http/1.1": self._serve_http1}
 
     @classmethod
     async def start(cls, config: Config, *, filter_host_factory: FilterHostFactory | None = None,
@@ -94,7 +92,8 @@ class Gateway:
         gw.filter_host_factory = filter_host_factory    # a reload loads its filters the same way
         try:
             tls = build_listener_tls(config.listeners)
-            upstreams = Upstreams(config.clusters, shared_store=shared_store)
+            upstreams = Upstreams(config.clusters, shared_store=shared_store,
+                                  redis_clusters=config.redis_clusters)
         except TlsError as e:        # a file changed since the config was checked
             gw.access_log.close()
             raise StartError(f"TLS: {e.message}") from None
@@ -107,7 +106,7 @@ class Gateway:
             await gw._bind(reuse_port, ports or {})
         except BaseException:
             await gw._close_servers()
-            upstreams.close()
+            await upstreams.aclose()
             if filter_host is not None:
                 await filter_host.close()
             gw.access_log.close()
@@ -124,11 +123,39 @@ class Gateway:
     async def _sweep_idle(self) -> None:
         # One periodic pass instead of a timer per request keeps the hot path timer-free.
         while True:
-            await asyncio.sleep(min(5.0, self.idle_timeout_s / 2))
-            cutoff = time.monotonic() - self.idle_timeout_s
+            timeout = self.generation.config.limits.keepalive_timeout_s
+            await asyncio.sleep(min(5.0, timeout / 2))
+            cutoff = time.monotonic() - timeout
             for conn in list(self.connections):
                 if conn.idle and conn.last_active < cutoff:
                     conn.transport.close()
+
+    async def _handle_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await Connection(self, reader, writer).run()
+
+    async def _serve_http1(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                           tls: TlsConnection) -> None:
+        await Connection(self, reader, writer, tls).run()
+
+    async def _serve_tls(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """A TLS connection after its handshake: to the front-end of the protocol ALPN chose."""
+        tls = TlsConnection(writer.get_extra_info("ssl_object"))
+        handler = self.alpn_handlers.get(tls.alpn)
+        if handler is None:          # only what ALPN_PROTOCOLS offers can be chosen
+            writer.transport.abort()
+            return
+        await handler(reader, writer, tls)
+
+    def _listener_context(self, listener: str) -> ListenerContext:
+        """The listener's SSL context for its life: each handshake uses the certificates of the
+        generation serving at that moment (a reload swaps them for new connections)."""
+        return ListenerContext(lambda: self.generation.tls[listener],
+                               lambda reason: self._handshake_failed(listener, reason))
+
+    def _handshake_failed(self, listener: str, reason: str) -> None:
+        # Scanners and stray plain-HTTP clients cause these: counted, logged at debug (as Envoy, nginx).
+        self.metrics.error("tls_handshake")
+        log.debug('listener "%s": TLS handshake failed: %s', listener, reason)
 
     async def _bind(self, reuse_port: bool, ports: dict[str, int]) -> None:
         limit = max(self.config.limits.max_header_bytes + 4, 65536)
@@ -139,13 +166,14 @@ class Gateway:
             except OSError as e:
                 raise StartError(f'listener "{lst.name}": cannot bind {lst.address}:{port}: '
                                  f'{e.strerror or e}') from None
+            loop = asyncio.get_running_loop()
             if lst.tls is None:
-                server = await asyncio.start_server(self.proxy.handle_connection, sock=sock, limit=limit,
-                                                    backlog=1024)
+                server = await loop.create_server(lambda: ClientProtocol(limit, self._handle_connection),
+                                                  sock=sock, backlog=1024)
             else:
-                server = await asyncio.start_server(self._serve_tls, sock=sock, limit=limit, backlog=1024,
-                                                    ssl=self._listener_context(lst.name),
-                                                    ssl_handshake_timeout=lst.tls.handshake_timeout_s)
+                server = await loop.create_server(lambda: ClientProtocol(limit, self._serve_tls), sock=sock,
+                                                  backlog=1024, ssl=self._listener_context(lst.name),
+                                                  ssl_handshake_timeout=lst.tls.handshake_timeout_s)
             self._servers.append(server)
             self.listener_ports[lst.name] = sock.getsockname()[1]
         if self.config.admin is not None:
@@ -158,26 +186,6 @@ class Gateway:
                 raise StartError(f"admin: cannot bind {adm.address}:{port}: {e.strerror or e}") from None
             self._admin_runner = await start_admin(self, sock)
             self.admin_port = sock.getsockname()[1]
-
-    def _listener_context(self, listener: str) -> ListenerContext:
-        """The listener's SSL context for its life: each handshake uses the certificates of the
-        generation serving at that moment (a reload swaps them for new connections)."""
-        return ListenerContext(lambda: self.generation.tls[listener],
-                               lambda reason: self._handshake_failed(listener, reason))
-
-    async def _serve_tls(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """A TLS connection after its handshake: to the front-end of the protocol ALPN chose."""
-        tls = TlsConnection(writer.get_extra_info("ssl_object"))
-        handler = self.alpn_handlers.get(tls.alpn)
-        if handler is None:          # only what ALPN_PROTOCOLS offers can be chosen
-            writer.transport.abort()
-            return
-        await handler(reader, writer, tls)
-
-    def _handshake_failed(self, listener: str, reason: str) -> None:
-        # Scanners and stray plain-HTTP clients cause these: counted, logged at debug (as Envoy, nginx).
-        self.metrics.error("tls_handshake")
-        log.debug('listener "%s": TLS handshake failed: %s', listener, reason)
 
     async def stop(self, drain_timeout_s: float | None = None) -> None:
         """Stop accepting, let in-flight requests finish (bounded), then close everything."""
@@ -217,7 +225,7 @@ class Gateway:
         from .reload import wait_retired
         await wait_retired(self)            # old generations of reloads finish their teardown
         gen = self.generation
-        gen.upstreams.close()
+        await gen.upstreams.aclose()
         if gen.filter_host is not None:
             try:
                 await gen.filter_host.close()   # type: ignore[attr-defined]
