@@ -8,9 +8,9 @@ connection's SSL object from the ServerTls of the *current* config generation. W
 every context has the same settings (versions, ciphers, ALPN, client-certificate policy) and only
 the certificate differs; the SNI callback moves a connection to the context of its server name.
 
-``cryptography`` is imported only where certificates are parsed (config checks, the peer
-certificate's subject when a filter asks, the demo's self-signed certificate), never on the
-request path of a plain listener.
+``cryptography`` is imported only where certificates are parsed (config checks, building a
+listener's contexts, the peer certificate's subject when a filter first asks for it, the demo's
+self-signed certificate), never on a request's path.
 """
 from __future__ import annotations
 
