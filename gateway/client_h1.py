@@ -566,7 +566,8 @@ async def _lingering_close(conn: Connection, seconds: float) -> None:
     sending its huge header).
     """
     try:
-        conn.writer.write_eof()
+        if conn.writer.can_write_eof():     # TLS cannot half-close: there, only read and drop
+            conn.writer.write_eof()
         async with asyncio.timeout(seconds):
             dropped = 0
             while dropped < 16 * 1024 * 1024:

@@ -301,3 +301,20 @@ async def test_stop_does_not_wait_out_the_drain_for_an_idle_tls_client(tmp_path,
         assert not [r for r in caplog.records if "in flight" in r.getMessage()]
     finally:
         sock.close()
+
+
+async def test_error_replies_reach_a_tls_client_still_sending(tmp_path, pki, upstream):
+    """431 and 413 while the client is still sending: the reply arrives (read-and-drop over TLS)."""
+    tls = f"{{cert: {pki.path('default.pem')}, key: {pki.path('default.key')}}}"
+    text = tls_yaml(upstream.port, tls) + "limits: {max_header_bytes: 4096, max_request_body_bytes: 1000}\n"
+    async with run_gateway(text, tmp_path) as gw:
+        for status, data in ((431, b"GET / HTTP/1.1\r\nhost: a\r\nx-big: " + b"a" * 200_000 + b"\r\n\r\n"),
+                             (413, b"POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 5000000\r\n\r\n"
+                                   + b"x" * 2_000_000)):
+            reader, writer = await asyncio.open_connection("127.0.0.1", gw.port("main"), ssl=pki.client(),
+                                                           server_hostname="127.0.0.1")
+            writer.write(data)
+            async with asyncio.timeout(20):
+                head = await reader.readuntil(b"\r\n\r\n")
+            writer.close()
+            assert head.startswith(f"HTTP/1.1 {status} ".encode())
