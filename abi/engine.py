@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import gc
 import hashlib
 import os
 import struct
@@ -217,6 +218,14 @@ class _Ticker:
     short. With no store registered the ticker sleeps until the next arm wakes it (an idle
     worker costs nothing); the epoch then resumes where it stopped.
 
+    Python's cyclic garbage collector is not charged either: a collection triggered by an
+    allocation inside a host function runs on the guest's thread, and with a large heap a full
+    collection takes 100+ ms of CPU (seen in the test process) — longer than a callback
+    deadline, for work that is not the guest's. ``_gc_callback`` counts each thread's GC CPU
+    time and the deadline clock is the thread's CPU clock minus it; while a collection runs, that
+    thread's clock stands still at its start (the ticker can get the GIL mid-collection, when
+    finalizers run Python code).
+
     Holds only the wasmtime engine, so our Engine can be collected (its finalizer stops us).
     """
 
@@ -225,7 +234,8 @@ class _Ticker:
         self.cpu_ns = 0             # the deadline clock: CPU ns charged to guest calls so far
         self.idle = False
         self._calls: dict[Any, int] = {}    # _StoreState -> CPU clock id of the arming thread
-        self._last: dict[int, int] = {}     # CPU clock id -> its reading at the last tick
+        self._last: dict[int, int] = {}     # CPU clock id -> its charged reading at the last tick
+        self._gc: dict[int, _GcTime] = {}   # CPU clock id -> that thread's GC time
         self._lock = threading.Lock()
         self._local = threading.local()     # per thread: its clock id (dies with the thread)
         self._stopped = False
@@ -240,9 +250,10 @@ class _Ticker:
         clock = getattr(self._local, "clock", None)
         if clock is None:
             clock = self._local.clock = _thread_cpu_clock()
+            self._gc[clock] = _gc_time_of_this_thread()
         with self._lock:
             if clock not in self._last:
-                reading = _read_clock(clock)
+                reading = self._charged(clock)
                 if reading is None:     # never uncounted: fall back to the process clock
                     clock = self._local.clock = time.CLOCK_PROCESS_CPUTIME_ID
                     reading = time.clock_gettime_ns(clock)
@@ -255,11 +266,19 @@ class _Ticker:
         with self._lock:
             return self._target(self._pending_ns())
 
+    def _charged(self, clock: int) -> int | None:
+        """A thread's CPU clock minus its GC time (None: the thread has exited)."""
+        reading = _read_clock(clock)
+        gc_time = self._gc.get(clock)
+        if reading is None or gc_time is None:
+            return reading
+        return (gc_time.started or reading) - gc_time.ns
+
     def _pending_ns(self) -> int:
         """CPU time charged since the last tick (lock held)."""
         step = 0
         for clock, last in self._last.items():
-            reading = _read_clock(clock)
+            reading = self._charged(clock)
             if reading is not None and reading - last > step:
                 step = reading - last
         return step
@@ -277,7 +296,7 @@ class _Ticker:
             live = set(calls.values())
             step = 0
             for clock in list(self._last):
-                reading = _read_clock(clock) if clock in live else None
+                reading = self._charged(clock) if clock in live else None
                 if reading is None:             # no call on that thread (or thread gone)
                     del self._last[clock]
                     continue
@@ -313,6 +332,39 @@ class _Ticker:
     def stop(self) -> None:
         self._stopped = True
         self._wake.set()
+
+
+class _GcTime:
+    """CPU time one thread has spent in Python's cyclic GC."""
+    __slots__ = ("ns", "started")
+
+    def __init__(self) -> None:
+        self.ns = 0
+        self.started = 0            # the thread's CPU clock when a running collection began
+
+
+_gc_local = threading.local()
+
+
+def _gc_time_of_this_thread() -> _GcTime:
+    acc = getattr(_gc_local, "acc", None)
+    if acc is None:
+        acc = _gc_local.acc = _GcTime()
+    return acc
+
+
+def _gc_callback(phase: str, info: dict, _now=time.thread_time_ns, _local=_gc_local) -> None:
+    acc = getattr(_local, "acc", None)
+    if acc is None:
+        return                      # a thread that never ran a guest call
+    if phase == "start":
+        acc.started = _now()
+    else:
+        acc.ns += _now() - acc.started
+        acc.started = 0
+
+
+gc.callbacks.append(_gc_callback)
 
 
 def _thread_cpu_clock() -> int:
