@@ -102,6 +102,21 @@ class HostServices(Protocol):
         ...
 
 
+class TlsFacts(Protocol):
+    """A downstream TLS connection, for the connection.* properties (Envoy's names and meanings).
+    Strings are "" when there is nothing to say (no SNI, no client certificate, no SAN)."""
+    version: str                          # "TLSv1.2" | "TLSv1.3"
+    requested_server_name: str            # SNI as the client sent it
+    mtls: bool                            # the client presented a certificate (verified by client_ca)
+    subject_local_certificate: str        # RFC 2253, as Envoy prints it: "CN=a,O=b"
+    subject_peer_certificate: str
+    dns_san_local_certificate: str        # the first DNS SAN
+    dns_san_peer_certificate: str
+    uri_san_local_certificate: str        # the first URI SAN
+    uri_san_peer_certificate: str
+    sha256_peer_certificate_digest: str   # lower-case hex of the peer certificate's DER
+
+
 @dataclass
 class StreamInfo:
     """Facts about one request, from which properties (§4.4) are answered."""
@@ -114,6 +129,7 @@ class StreamInfo:
     scheme: str = "http"
     protocol: str = "HTTP/1.1"
     start_time_ns: int = 0
+    tls: TlsFacts | None = None           # None on a plain connection
 
 
 @dataclass

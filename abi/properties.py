@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 from urllib.parse import urlsplit
 
-from .api import LogInfo, StreamInfo
+from .api import LogInfo, StreamInfo, TlsFacts
 from .buffers import HeaderMap
 from .limits import MAX_PROPERTY_BYTES
 from .pairs import serialize, to_bytes
@@ -119,6 +119,12 @@ def _info(fn: Callable[[StreamInfo], Any]) -> Callable[[PropertySource], Any]:
     return lambda src: fn(src.facts.info) if src.facts.info is not None else None
 
 
+def _tls(fn: Callable[[TlsFacts], Any]) -> Callable[[PropertySource], Any]:
+    # Found only on a TLS connection (Envoy: the connection's ssl info), else NOT_FOUND.
+    return lambda src: fn(src.facts.info.tls) if src.facts.info is not None and src.facts.info.tls is not None \
+        else None
+
+
 def _log(fn: Callable[[LogInfo], Any]) -> Callable[[PropertySource], Any]:
     return lambda src: fn(src.facts.log) if src.facts.log is not None else None
 
@@ -157,7 +163,18 @@ _ATTRIBUTES: dict[tuple[str, ...], Callable[[PropertySource], Any]] = {
     ("destination", "address"): _info(lambda i: _addr(i.local_addr)),
     ("destination", "port"): _info(lambda i: i.local_addr[1]),
     ("connection", "id"): _info(lambda i: Uint(i.connection_id)),
-    ("connection", "mtls"): _info(lambda i: False),
+    # Envoy answers mtls and requested_server_name on plain connections too (false, "").
+    ("connection", "mtls"): _info(lambda i: i.tls is not None and i.tls.mtls),
+    ("connection", "requested_server_name"): _info(lambda i: i.tls.requested_server_name if i.tls else ""),
+    ("connection", "tls_version"): _tls(lambda t: t.version),
+    ("connection", "subject_local_certificate"): _tls(lambda t: t.subject_local_certificate),
+    ("connection", "subject_peer_certificate"): _tls(lambda t: t.subject_peer_certificate),
+    # SANs and the digest: found only when there is one (Envoy's extractSslInfo).
+    ("connection", "dns_san_local_certificate"): _tls(lambda t: t.dns_san_local_certificate or None),
+    ("connection", "dns_san_peer_certificate"): _tls(lambda t: t.dns_san_peer_certificate or None),
+    ("connection", "uri_san_local_certificate"): _tls(lambda t: t.uri_san_local_certificate or None),
+    ("connection", "uri_san_peer_certificate"): _tls(lambda t: t.uri_san_peer_certificate or None),
+    ("connection", "sha256_peer_certificate_digest"): _tls(lambda t: t.sha256_peer_certificate_digest or None),
     ("upstream", "address"): _log(lambda l: l.upstream_address or None),
     ("xds", "route_name"): _info(lambda i: i.route_name),
     ("xds", "cluster_name"): _info(lambda i: i.cluster_name),

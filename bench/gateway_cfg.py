@@ -53,10 +53,12 @@ def _filter_entry(name: str, stem: str) -> dict:
 
 
 def gateway_config(*, port: int, admin_port: int, upstream_port: int,
-                   filters: list[tuple[str, str]] | None = None, redis_port: int | None = None) -> dict:
+                   filters: list[tuple[str, str]] | None = None, redis_port: int | None = None,
+                   tls: tuple[str, str] | None = None) -> dict:
     """filters: [(entry name, wasm stem)] — all of them on the one route, in that order; an entry
     whose name has its own FILTER_CONFIGS (ratelimit_redis) uses that. ``redis_port``: the
-    `type: redis` cluster REDIS_CLUSTER."""
+    `type: redis` cluster REDIS_CLUSTER. tls: (cert, key) makes the listener a TLS one (defaults
+    otherwise: TLS >= 1.2, ALPN http/1.1)."""
     filters = filters or []
     route: dict = {"name": "bench", "cluster": "upstream"}
     if filters:
@@ -81,6 +83,8 @@ def gateway_config(*, port: int, admin_port: int, upstream_port: int,
                                 "endpoints": [f"127.0.0.1:{redis_port}"]})
     if filters:
         cfg["filters"] = [_filter_entry(n, s) for n, s in filters]
+    if tls:
+        cfg["listeners"][0]["tls"] = {"cert": tls[0], "key": tls[1]}
     return cfg
 
 

@@ -27,7 +27,10 @@ from bench.tools import ROOT, ensure_tools, machine_info
 from bench.wrk import WrkResult, run_wrk
 
 SCENARIOS = ["baseline_aiohttp", "gateway_plain", "gateway_chain", "gateway_chain_redis",
-             "gateway_chain_2w", "nginx_proxy"]
+             "gateway_chain_2w", "nginx_proxy", "gateway_tls", "nginx_tls", "gateway_tls_handshake",
+             "nginx_tls_handshake"]
+# wrk sends "Connection: close" in these: every request is a new connection and a full handshake.
+HANDSHAKE_SCENARIOS = {"gateway_tls_handshake": "gateway", "nginx_tls_handshake": "nginx"}
 EXTRAS = ["chain_half_rate", "chain_redis_half_rate", "crossing", "cold_start"]
 ALL = SCENARIOS + EXTRAS
 
@@ -41,6 +44,7 @@ TARGETS = [  # key, description, comparison, bar
     ("cold_start_5_filters_s", "cold start, 5 filters, warm module cache (s)", "<=", 1.0),
     ("guest_call_us", "one guest callback (µs)", "<=", 3.0),
     ("host_call_us", "one host call (µs)", "<=", 1.5),
+    ("tls_cpu_vs_plain", "gateway_tls CPU/req ÷ gateway_plain CPU/req", "<=", 1.3),
 ]
 
 
@@ -77,6 +81,7 @@ class Bench:
         self.tools: dict[str, str] = {}
         self.upstream_port = 0
         self.upstream: Proc | None = None
+        self.tls_files: tuple[str, str] | None = None     # the TLS scenarios' certificate and key
 
     # ---------------------------------------------------------------- helpers
     def env(self) -> dict[str, str]:
@@ -134,11 +139,22 @@ class Bench:
             self.notes.append(msg)
             log(f"  WARNING {msg}")
 
+    def certificate(self) -> tuple[str, str]:
+        """The TLS scenarios' certificate: self-signed ECDSA P-256 for 127.0.0.1, one for all."""
+        if self.tls_files is None:
+            from gateway.tls import write_self_signed
+            cert, key = self.tmp / "tls" / "cert.pem", self.tmp / "tls" / "key.pem"
+            write_self_signed(cert, key, names=("127.0.0.1",))
+            self.tls_files = (str(cert), str(key))
+        return self.tls_files
+
     def measure(self, name: str, proc: Proc, url: str, headers: dict | None = None,
                 cpus: str | None = None) -> WrkResult:
         """Check one request, warm up under wrk (must be all 2xx), then the measured run with
         CPU time of the proxy's process tree read before and after."""
-        status, _, body = http_get(url, headers)
+        if name in HANDSHAKE_SCENARIOS:
+            headers = {**(headers or {}), "Connection": "close"}
+        status, _, body = http_get(url, headers, cafile=self.tls_files[0] if url.startswith("https") else None)
         if status != 200:
             raise Failed(f"{name}: first request answered {status}: {body[:200]!r}")
         warm = self.wrk(url, self.args.warmup, headers)
@@ -210,7 +226,7 @@ class Bench:
 
     def gateway_scenario(self, name: str, filters, workers: int | None, cpus: str | None,
                          half_rate: bool = False, redis: Proc | None = None,
-                         redis_port: int | None = None) -> None:
+                         redis_port: int | None = None, tls: bool = False) -> None:
         self.gateway_available()
         if filters:
             miss = gcfg.missing_wasm()
@@ -218,10 +234,10 @@ class Bench:
                 raise Skip(f"filters not built: {', '.join(miss)}")
         cfg = gcfg.gateway_config(port=free_port(), admin_port=free_port(),
                                   upstream_port=self.upstream_port, filters=filters,
-                                  redis_port=redis_port)
+                                  redis_port=redis_port, tls=self.certificate() if tls else None)
         proc, port, _ = self.start_gateway(name, cfg, workers, cpus)
         try:
-            url = f"http://127.0.0.1:{port}/bench"
+            url = f"{'https' if tls else 'http'}://127.0.0.1:{port}/bench"
             headers = gcfg.AUTH_HEADERS if filters else None
             if filters:
                 status, _, body = http_get(url, None)
@@ -379,6 +395,25 @@ class Bench:
         finally:
             proc.stop()
 
+    def sc_gateway_tls(self) -> None:
+        self.gateway_scenario("gateway_tls", None, None, self.proxy_cpus, tls=True)
+
+    def sc_gateway_tls_handshake(self) -> None:
+        self.gateway_scenario("gateway_tls_handshake", None, None, self.proxy_cpus, tls=True)
+
+    def sc_nginx_tls(self, name: str = "nginx_tls") -> None:
+        from gateway.tls import DEFAULT_CIPHERS
+        port = free_port()
+        proc = start_nginx(self.tools["nginx"], self.tmp / name, name, port, upstream_port=self.upstream_port,
+                           cpus=self.proxy_cpus, tls=(*self.certificate(), DEFAULT_CIPHERS))
+        try:
+            self.measure(name, proc, f"https://127.0.0.1:{port}/bench", None, self.proxy_cpus)
+        finally:
+            proc.stop()
+
+    def sc_nginx_tls_handshake(self) -> None:
+        self.sc_nginx_tls("nginx_tls_handshake")
+
     def sc_chain_half_rate(self) -> None:
         pass  # runs inside gateway_chain, against the same process, right after its peak run
 
@@ -518,13 +553,27 @@ class Bench:
             "cold_start_5_filters_s": self.cold_start["seconds"] if self.cold_start else None,
             "guest_call_us": self.crossing.get("guest_call_us"),
             "host_call_us": self.crossing.get("host_call_us"),
+            "tls_cpu_vs_plain": _cpu_ratio(sc, "gateway_tls", "gateway_plain"),
         }
         targets = {}
         for key, desc, op, bar in TARGETS:
             v = values[key]
             met = None if v is None else (v <= bar if op == "<=" else v >= bar)
             targets[key] = {"value": v, "target": f"{op} {bar}", "met": met, "what": desc}
-        return {"vs_baseline": vs, "targets": targets}
+        vs_plain = {"gateway_tls": _cpu_ratio(sc, "gateway_tls", "gateway_plain"),
+                    "nginx_tls": _cpu_ratio(sc, "nginx_tls", "nginx_proxy")}
+        return {"vs_baseline": vs, "tls_cpu_vs_plain": vs_plain, "targets": targets}
+
+    def handshakes(self) -> dict:
+        """Full TLS handshakes per second one core can do: new connection + handshake + one
+        request + close, from the CPU µs per request of the Connection: close scenarios."""
+        out = {}
+        for name, who in HANDSHAKE_SCENARIOS.items():
+            s = self.scenarios.get(name)
+            if s and s["cpu_us_per_req"]:
+                out[who] = {"cpu_us_per_connection": s["cpu_us_per_req"],
+                            "connections_per_core_s": round(1e6 / s["cpu_us_per_req"])}
+        return out
 
     def result(self) -> dict:
         scenarios = {}
@@ -546,6 +595,7 @@ class Bench:
             "chain_half_rate": self.half_rate,
             "chain_redis_half_rate": self.half_rate_redis,
             "redis": self.redis,
+            "tls_handshake": self.handshakes(),
             "ratios": self.ratios(),
             "details": self.details,
             "notes": self.notes,
@@ -594,6 +644,12 @@ class Bench:
             + (f"  ({c['note']})" if c.get("note") else ""))
         if r["cold_start"]:
             log(f"cold start (5 filters, warm cache): {r['cold_start']['seconds']:.3f} s")
+        tls = r["ratios"]["tls_cpu_vs_plain"]
+        if any(v is not None for v in tls.values()):
+            log(f"TLS keep-alive CPU/req vs plain: gateway {tls['gateway_tls']}, nginx {tls['nginx_tls']}")
+        for who, h in r["tls_handshake"].items():
+            log(f"full TLS handshake ({who}): {h['connections_per_core_s']:,} new connections/s per core "
+                f"({h['cpu_us_per_connection']:.0f} µs each, incl. one request)")
         log("\ntargets:")
         for key, t in r["ratios"]["targets"].items():
             met = {True: "met", False: "MISSED", None: "n/a"}[t["met"]]
@@ -607,6 +663,11 @@ class Bench:
         for name in self.failed:
             if name not in SCENARIOS:
                 log(f"FAILED {name}: {self.failed[name].splitlines()[0][:200]}")
+
+
+def _cpu_ratio(sc: dict, name: str, base: str) -> float | None:
+    a, b = sc.get(name), sc.get(base)
+    return round(a["cpu_us_per_req"] / b["cpu_us_per_req"], 3) if a and b else None
 
 
 def _wait_redis(port: int, proc: Proc, timeout: float = 10.0) -> None:

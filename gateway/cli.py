@@ -122,7 +122,8 @@ async def serve(config: Config, *, reuse_port: bool = False, ports: dict[str, in
 
 def _announce(config: Config, ports: dict[str, int], admin_port: int | None) -> None:
     for lst in config.listeners:
-        print(f"wasmgate: listener {lst.name} on http://{_host(lst.address)}:{ports[lst.name]}", flush=True)
+        scheme = "https" if lst.tls is not None else "http"
+        print(f"wasmgate: listener {lst.name} on {scheme}://{_host(lst.address)}:{ports[lst.name]}", flush=True)
     if config.admin is not None and admin_port is not None:
         print(f"wasmgate: admin on http://{_host(config.admin.address)}:{admin_port}", flush=True)
 

@@ -24,7 +24,7 @@ import logging
 import time
 from typing import AsyncIterator, Callable
 
-from abi.api import LocalReplyInterrupt
+from abi.api import LocalReplyInterrupt, TlsFacts
 
 from .config import Limits
 from .http1 import (FRAMING, BodyTooLarge, HttpError, PeerClosed, body_length, parse_request_head, read_chunked,
@@ -69,10 +69,11 @@ class _HeadTimeout(Exception):
 class Connection:
     """One HTTP/1.1 client connection (the proxy's Downstream)."""
     __slots__ = ("gw", "proxy", "reader", "writer", "transport", "id", "peer", "peer_text", "local", "scheme",
-                 "task", "linger", "last_active", "pending", "phase", "watchdog", "busy", "gone", "version",
+                 "tls", "task", "linger", "last_active", "pending", "phase", "watchdog", "busy", "gone", "version",
                  "limits")
 
-    def __init__(self, gw: GatewayState, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+    def __init__(self, gw: GatewayState, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 tls: TlsFacts | None = None):
         self.gw = gw
         self.proxy: Proxy = gw.proxy
         self.reader = reader
@@ -84,7 +85,8 @@ class Connection:
         self.peer_text = f"{peer[0]}:{peer[1]}"
         local = writer.get_extra_info("sockname") or ("", 0)
         self.local = (local[0], local[1])
-        self.scheme = "http"
+        self.tls = tls              # a TLS listener's connection facts; None on a plain one
+        self.scheme = "http" if tls is None else "https"
         self.task: asyncio.Task | None = None
         self.linger = False         # closing after an error reply with request bytes maybe unread
         self.last_active = time.monotonic()
@@ -565,7 +567,8 @@ async def _lingering_close(conn: Connection, seconds: float) -> None:
     sending its huge header).
     """
     try:
-        conn.writer.write_eof()
+        if conn.writer.can_write_eof():     # TLS cannot half-close: there, only read and drop
+            conn.writer.write_eof()
         async with asyncio.timeout(seconds):
             dropped = 0
             while dropped < 16 * 1024 * 1024:

@@ -20,6 +20,8 @@ from abi.api import FilterLimits, FilterSpec
 
 from .http1 import HttpError
 from .paths import ESCAPED_SLASH_ACTIONS, PathPolicy, RedirectTo, normalize_path, routing_path
+from .tls import (DEFAULT_HANDSHAKE_TIMEOUT_S, MIN_VERSIONS, TlsError, check_ca, check_ciphers, check_pair,
+                  digest)
 
 
 class ConfigError(Exception):
@@ -31,10 +33,39 @@ class ConfigError(Exception):
 
 
 @dataclass(frozen=True)
+class Certificate:
+    cert: Path                        # PEM chain, leaf first
+    key: Path                         # PEM private key, unencrypted
+    server_names: tuple[str, ...] = ()   # lower-case; "*.example.com" matches one label
+
+
+@dataclass(frozen=True)
+class ListenerTls:
+    certificates: tuple[Certificate, ...]   # [0] is the default: no SNI, or no name matched
+    client_ca: Path | None = None
+    require_client_cert: bool = False
+    min_version: str = "TLSv1.2"            # TLSv1.2 | TLSv1.3
+    ciphers: str | None = None              # TLS 1.2 OpenSSL cipher string; None = gateway/tls.py's
+    handshake_timeout_s: float = DEFAULT_HANDSHAKE_TIMEOUT_S
+    digest: str = ""                        # of the files' contents: a reload notices new files
+
+
+@dataclass(frozen=True)
+class UpstreamTls:
+    sni: str | None = None                  # None: the endpoint's host (no SNI for an IP)
+    ca: Path | None = None                  # None: the system trust store
+    verify: bool = True                     # chain and host name (sni, else the endpoint host)
+    cert: Path | None = None                # client certificate and key, both or neither
+    key: Path | None = None
+    digest: str = ""
+
+
+@dataclass(frozen=True)
 class Listener:
     name: str
     address: str
     port: int
+    tls: ListenerTls | None = None
 
 
 @dataclass(frozen=True)
@@ -87,6 +118,7 @@ class Cluster:
     max_connections: int = 256
     eject_ms: int = 5000
     response_idle_timeout_ms: int = 60000       # between reads of the response body
+    tls: UpstreamTls | None = None
 
 
 @dataclass(frozen=True)
@@ -154,6 +186,18 @@ class Config:
     @property
     def has_filters(self) -> bool:
         return any(r.filters for r in self.routes)
+
+    def tls_files(self) -> list[Path]:
+        """Every certificate, key and CA file the listeners and clusters name."""
+        out: list[Path] = []
+        for lst in self.listeners:
+            if lst.tls is not None:
+                out += [p for c in lst.tls.certificates for p in (c.cert, c.key)]
+                out += [lst.tls.client_ca] if lst.tls.client_ca else []
+        for c in self.clusters:
+            if c.tls is not None:
+                out += [p for p in (c.tls.ca, c.tls.cert, c.tls.key) if p is not None]
+        return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -311,9 +355,9 @@ def _address(ck: _Checker, node: yaml.Node, path: str) -> str | None:
     return v
 
 
-def _listener(ck: _Checker, node: yaml.Node, path: str) -> Listener | None:
+def _listener(ck: _Checker, node: yaml.Node, path: str, base: Path) -> Listener | None:
     n0 = len(ck.errors)
-    f = ck.mapping(node, path, {"name", "address", "port"}, {"name", "port"})
+    f = ck.mapping(node, path, {"name", "address", "port", "tls"}, {"name", "port"})
     if f is None:
         return None
     name = _get(f, "name", path, ck.string)
@@ -322,9 +366,147 @@ def _listener(ck: _Checker, node: yaml.Node, path: str) -> Listener | None:
         name = None
     address = _get(f, "address", path, lambda n, p: _address(ck, n, p), "127.0.0.1")
     port = _get(f, "port", path, lambda n, p: ck.integer(n, p, 0, 65535))
+    tls = _listener_tls(ck, f["tls"], f"{path}.tls", base) if "tls" in f and not _is_null(f["tls"]) else None
     if len(ck.errors) > n0:
         return None
-    return Listener(name, address, port)
+    return Listener(name, address, port, tls)
+
+
+# A host name, lower-case (underscores allowed: internal names have them); "*." only for SNI choice.
+_HOST_NAME = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)*$")
+
+
+def _tls_file(ck: _Checker, f: dict[str, yaml.Node], key: str, path: str, base: Path) -> Path | None:
+    v = _get(f, key, path, ck.string)
+    return None if v is None else (base / v).resolve()
+
+
+def _tls_error(ck: _Checker, f: dict[str, yaml.Node], path: str, e: Exception) -> None:
+    field = getattr(e, "field", "")
+    ck.error(f.get(field), f"{path}.{field}" if field in f else path, getattr(e, "message", str(e)))
+
+
+def _pair(ck: _Checker, f: dict[str, yaml.Node], path: str, base: Path, parts: list[bytes]
+          ) -> tuple[Path, Path] | None:
+    """`cert` and `key` of a mapping, both or neither, checked together (they must match)."""
+    cert, key = _tls_file(ck, f, "cert", path, base), _tls_file(ck, f, "key", path, base)
+    for have, other in (("cert", "key"), ("key", "cert")):
+        if have in f and other not in f:
+            ck.error(f[have], f"{path}.{other}", f"required with {have}")
+    if cert is None or key is None:
+        return None
+    missing = [k for k, p in (("cert", cert), ("key", key)) if not p.exists()]
+    for k in missing:                        # both at once, not one per `wasmgate check` run
+        ck.error(f[k], f"{path}.{k}", f"file not found: {cert if k == 'cert' else key}")
+    if missing:
+        return None
+    try:
+        parts.append(check_pair(cert, key))
+    except TlsError as e:
+        _tls_error(ck, f, path, e)
+        return None
+    return cert, key
+
+
+def _ca_file(ck: _Checker, f: dict[str, yaml.Node], key: str, path: str, base: Path,
+             parts: list[bytes]) -> Path | None:
+    ca = _tls_file(ck, f, key, path, base)
+    if ca is not None:
+        try:
+            parts.append(check_ca(ca, key))
+        except TlsError as e:
+            _tls_error(ck, f, path, e)
+            return None
+    return ca
+
+
+def _listener_tls(ck: _Checker, node: yaml.Node, path: str, base: Path) -> ListenerTls | None:
+    n0 = len(ck.errors)
+    f = ck.mapping(node, path, {"cert", "key", "certificates", "client_ca", "require_client_cert",
+                                "min_version", "ciphers", "handshake_timeout_s"})
+    if f is None:
+        return None
+    parts: list[bytes] = []                  # every file's bytes, for the digest
+    certs: list[Certificate] = []
+    pair = _pair(ck, f, path, base, parts)
+    if pair is not None:
+        certs.append(Certificate(*pair))
+    items = (ck.sequence(f["certificates"], f"{path}.certificates") or []) if "certificates" in f else []
+    seen: dict[str, str] = {}
+    for i, item in enumerate(items):
+        c = _sni_certificate(ck, item, f"{path}.certificates[{i}]", base, parts, seen)
+        if c is not None:
+            certs.append(c)
+    if "cert" not in f and "key" not in f and not items:
+        ck.error(node, path, "needs cert and key, or certificates")
+    client_ca = _ca_file(ck, f, "client_ca", path, base, parts)
+    require = _get(f, "require_client_cert", path, ck.boolean, False)
+    if require and "client_ca" not in f:
+        ck.error(f["require_client_cert"], f"{path}.require_client_cert",
+                 "needs client_ca (the CAs that sign accepted client certificates)")
+    min_version = _get(f, "min_version", path, ck.string, "TLSv1.2")
+    if min_version not in MIN_VERSIONS:
+        ck.error(f["min_version"], f"{path}.min_version",
+                 f'must be {" or ".join(MIN_VERSIONS)}, got "{min_version}"')
+    ciphers = _get(f, "ciphers", path, ck.string)
+    if ciphers is not None:
+        try:
+            check_ciphers(ciphers)
+        except TlsError as e:
+            _tls_error(ck, f, path, e)
+    timeout = _get(f, "handshake_timeout_s", path, lambda n, p: ck.number(n, p, 0.001),
+                   DEFAULT_HANDSHAKE_TIMEOUT_S)
+    if len(ck.errors) > n0:
+        return None
+    return ListenerTls(tuple(certs), client_ca, require, min_version, ciphers, timeout, digest(*parts))
+
+
+def _sni_certificate(ck: _Checker, node: yaml.Node, path: str, base: Path, parts: list[bytes],
+                     seen: dict[str, str]) -> Certificate | None:
+    """One `certificates:` entry; ``seen`` maps each server name taken so far to its entry."""
+    f = ck.mapping(node, path, {"server_names", "cert", "key"}, {"server_names", "cert", "key"})
+    if f is None:
+        return None
+    names: list[str] = []
+    items = (ck.sequence(f["server_names"], f"{path}.server_names") or []) if "server_names" in f else []
+    if isinstance(f.get("server_names"), yaml.SequenceNode) and not items:
+        ck.error(f["server_names"], f"{path}.server_names", "must list at least one name")
+    for j, nn in enumerate(items):
+        n = ck.string(nn, f"{path}.server_names[{j}]")
+        if n is None:
+            continue
+        n = n.lower().rstrip(".")
+        if not _HOST_NAME.match(n[2:] if n.startswith("*.") else n):
+            ck.error(nn, f"{path}.server_names[{j}]", f'"{n}" is not a host name (or *.domain)')
+        elif n in seen:
+            ck.error(nn, f"{path}.server_names[{j}]", f'"{n}" is also listed by {seen[n]}')
+        else:
+            seen[n] = path
+            names.append(n)
+    pair = _pair(ck, f, path, base, parts)
+    return Certificate(*pair, server_names=tuple(names)) if pair is not None else None
+
+
+def _upstream_tls(ck: _Checker, node: yaml.Node, path: str, base: Path) -> tuple[bool, UpstreamTls | None]:
+    """(ok, spec); spec None with ok when the block says `enabled: false`."""
+    n0 = len(ck.errors)
+    f = ck.mapping(node, path, {"enabled", "sni", "ca", "verify", "cert", "key"})
+    if f is None:
+        return False, None
+    enabled = _get(f, "enabled", path, ck.boolean, True)
+    sni = _get(f, "sni", path, ck.string)
+    if sni is not None and not _HOST_NAME.match(sni.lower()):
+        ck.error(f["sni"], f"{path}.sni", f'"{sni}" is not a host name')
+    parts: list[bytes] = []
+    ca = _ca_file(ck, f, "ca", path, base, parts)
+    verify = _get(f, "verify", path, ck.boolean, True)
+    pair = _pair(ck, f, path, base, parts)
+    if len(ck.errors) > n0:
+        return False, None
+    if not enabled:
+        return True, None
+    cert, key = pair if pair is not None else (None, None)
+    return True, UpstreamTls(sni.lower() if sni else None, ca, verify, cert, key, digest(*parts))
 
 
 def _admin(ck: _Checker, node: yaml.Node, path: str, base: Path) -> Admin | None:
@@ -500,7 +682,7 @@ def _cluster(ck: _Checker, node: yaml.Node, path: str, base: Path) -> Cluster | 
     if _type_of(ck, node) == "redis":
         return _redis_cluster(ck, node, path, base)
     f = ck.mapping(node, path, {"name", "type", "endpoints", "connect_timeout_ms", "request_timeout_ms",
-                                "max_connections", "eject_ms", "response_idle_timeout_ms"},
+                                "max_connections", "eject_ms", "response_idle_timeout_ms", "tls"},
                      {"name", "endpoints"})
     if f is None:
         return None
@@ -510,6 +692,9 @@ def _cluster(ck: _Checker, node: yaml.Node, path: str, base: Path) -> Cluster | 
         return None
     name = _get(f, "name", path, ck.string)
     endpoints = _endpoints(ck, f, path)
+    tls, tls_ok = None, True
+    if "tls" in f and not _is_null(f["tls"]):
+        tls_ok, tls = _upstream_tls(ck, f["tls"], f"{path}.tls", base)
     d = Cluster("", ())
     ms = lambda lo: (lambda n, p: ck.integer(n, p, lo))  # noqa: E731
     cluster = Cluster(
@@ -519,8 +704,9 @@ def _cluster(ck: _Checker, node: yaml.Node, path: str, base: Path) -> Cluster | 
         max_connections=_get(f, "max_connections", path, ms(1), d.max_connections),
         eject_ms=_get(f, "eject_ms", path, ms(0), d.eject_ms),
         response_idle_timeout_ms=_get(f, "response_idle_timeout_ms", path, ms(1), d.response_idle_timeout_ms),
+        tls=tls,
     )
-    return cluster if name and endpoints else None
+    return cluster if name and endpoints and tls_ok else None
 
 
 def _redis_cluster(ck: _Checker, node: yaml.Node, path: str, base: Path) -> RedisCluster | None:
@@ -810,7 +996,7 @@ def _build(ck: _Checker, root: yaml.Node, base_dir: Path) -> Config:
             ck.error(top["listeners"], "listeners", "needs at least one listener")
         names = []
         for i, item in enumerate(items):
-            lst = _listener(ck, item, f"listeners[{i}]")
+            lst = _listener(ck, item, f"listeners[{i}]", base_dir)
             names.append((_name_of(ck, item), item))
             if lst:
                 listeners.append(lst)

@@ -19,11 +19,11 @@ import asyncio
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import AsyncIterator, Protocol
 
-from abi.api import Forward, LocalReply, LocalReplyInterrupt, LogInfo, StreamInfo
+from abi.api import Forward, LocalReply, LocalReplyInterrupt, LogInfo, StreamInfo, TlsFacts
 
 from .accesslog import AccessLog
 from .config import Config, Route
@@ -48,6 +48,7 @@ class Generation:
     upstreams: Upstreams
     filter_host: object | None      # abi.api.FilterHostProtocol
     active: int = 0                 # requests being served on it (a reload retires it at 0)
+    tls: dict = field(default_factory=dict)   # listener name -> gateway.tls.ServerTls
 
 
 class GatewayState(Protocol):
@@ -95,6 +96,7 @@ class Downstream(Protocol):
     peer: tuple[str, int]
     local: tuple[str, int]
     peer_text: str
+    tls: TlsFacts | None            # None on a plain connection
 
     def reply(self, ex: "Exchange", status: int, headers: Headers, body: bytes, close: bool) -> None:
         """Write a whole response with this body."""
@@ -174,7 +176,7 @@ class Proxy:
                                     "filter_error")
         info = StreamInfo(request_id=ex.rid, route_name=route.name, cluster_name=route.cluster,
                           client_addr=conn.peer, local_addr=conn.local, connection_id=conn.id,
-                          scheme=req.scheme, protocol=req.version, start_time_ns=time.time_ns())
+                          scheme=req.scheme, protocol=req.version, start_time_ns=time.time_ns(), tls=conn.tls)
         try:
             stream = host.stream(list(route.filters), info)   # type: ignore[attr-defined]
         except Exception as e:
@@ -457,7 +459,7 @@ def _rewrite_host(route: Route, authority: str) -> str:
 def _short_upstream_reason(e: UpstreamError) -> str:
     return {"refused": "upstream unreachable", "timeout": "upstream timed out",
             "reset": "upstream connection reset", "bad_response": "invalid upstream response",
-            "overloaded": "upstream connection limit reached",
+            "overloaded": "upstream connection limit reached", "tls": "upstream TLS handshake failed",
             "bad_request_body": "request body length mismatch"}.get(e.kind, e.message)
 
 

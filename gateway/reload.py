@@ -26,6 +26,7 @@ from abi.api import FilterLoadError
 from .config import Config, ConfigError, load_config
 from .proxy import Generation
 from .routing import Router
+from .tls import TlsError, build_listener_tls
 from .upstream import Upstreams
 
 if TYPE_CHECKING:
@@ -81,6 +82,9 @@ def fingerprint(config: Config, digests: dict[str, str]) -> str:
         h.update(repr(config).encode())
     for name in sorted(digests):
         h.update(f"\0{name}={digests[name]}".encode())
+    for item in [*config.listeners, *config.clusters]:     # certificate, key and CA file contents
+        if item.tls is not None:
+            h.update(f"\0tls {item.name}={item.tls.digest}".encode())
     return h.hexdigest()[:16]
 
 
@@ -132,8 +136,12 @@ async def _reload_locked(gw: "Gateway", st: ReloadState) -> ReloadResult:
     if fp == st.fingerprint and config == old.config:
         # Nothing to do (e.g. the broadcast reaching the worker that already reloaded).
         return ReloadResult(True, st.generation, fp)
-    upstreams = Upstreams(config.clusters, shared_store=old.upstreams.shared_store,
-                          redis_clusters=config.redis_clusters)
+    try:
+        tls = await asyncio.to_thread(build_listener_tls, config.listeners)   # new connections only
+        upstreams = Upstreams(config.clusters, shared_store=old.upstreams.shared_store,
+                              redis_clusters=config.redis_clusters)
+    except TlsError as e:            # a file changed since the config was checked
+        return refused([f"TLS: {e.message}"])
     try:
         host = await _load_filters(gw, config, upstreams, old.filter_host)
     except FilterLoadError as e:             # names the filter, its file and the cause
@@ -145,7 +153,7 @@ async def _reload_locked(gw: "Gateway", st: ReloadState) -> ReloadResult:
         return refused([f"loading filters failed: {type(e).__name__}: {e}"])
     kept_pools = _keep_unchanged_pools(old.upstreams, upstreams)
     changes = describe_changes(old.config, config, old.filter_host, host, kept_pools)
-    gw.generation = Generation(config, Router(config.routes), upstreams, host)
+    gw.generation = Generation(config, Router(config.routes), upstreams, host, tls=tls)
     gw.config = config
     st.generation += 1
     st.fingerprint = fp
@@ -169,7 +177,9 @@ async def _load_filters(gw: "Gateway", config: Config, upstreams: Upstreams, pre
 def _restart_only_changes(old: Config, new: Config) -> list[str]:
     """What a reload cannot apply: sockets are bound and the shared store is sized at start."""
     out = []
-    key = lambda c: [(l.name, l.address, l.port) for l in c.listeners]  # noqa: E731
+    # A listener's socket is plain or TLS for its life; certificates, CAs and versions reload.
+    key = lambda c: [(l.name, l.address, l.port, l.tls is not None,  # noqa: E731
+                      l.tls and l.tls.handshake_timeout_s) for l in c.listeners]
     if key(old) != key(new):
         out.append("listeners changed: restart required")
     if old.admin != new.admin:
@@ -213,6 +223,9 @@ def describe_changes(old: Config, new: Config, old_host: Any, new_host: Any, kep
         out.append(f"clusters new or changed: {', '.join(changed)}")
     if old.limits != new.limits:
         out.append("limits changed")
+    tls = sorted(l.name for l, o in zip(new.listeners, old.listeners) if l.tls is not None and l.tls != o.tls)
+    if tls:
+        out.append(f"tls reloaded for new connections: listener {', '.join(tls)}")
     return out
 
 

@@ -13,9 +13,13 @@ from .metrics import Metrics
 from .client_h1 import ClientProtocol, Connection
 from .proxy import Generation, Proxy
 from .routing import Router
+from .tls import ListenerContext, TlsConnection, TlsError, build_listener_tls
 from .upstream import Upstreams
 
 log = logging.getLogger("wasmgate")
+
+# On stop, how long idle TLS connections get to finish their close_notify exchange.
+TLS_CLOSE_GRACE_S = 1.0
 
 # async (specs, services) -> FilterHostProtocol; the default is abi.api.load_filter_host.
 FilterHostFactory = Callable[[list, Any], Awaitable[Any]]
@@ -69,6 +73,9 @@ class Gateway:
         self._admin_runner: Any = None
         self._stopped = asyncio.Event()
         self._sweeper: asyncio.Task | None = None
+        # What a TLS connection is handed to, by the protocol ALPN chose (None: the client
+        # offered no ALPN). An HTTP/2 front-end adds "h2" here and to tls.ALPN_PROTOCOLS.
+        self.alpn_handlers = {None: self._serve_http1, "http/1.1": self._serve_http1}
 
     @classmethod
     async def start(cls, config: Config, *, filter_host_factory: FilterHostFactory | None = None,
@@ -83,14 +90,19 @@ class Gateway:
         """
         gw = cls(config)
         gw.filter_host_factory = filter_host_factory    # a reload loads its filters the same way
-        upstreams = Upstreams(config.clusters, shared_store=shared_store,
-                              redis_clusters=config.redis_clusters)
+        try:
+            tls = build_listener_tls(config.listeners)
+            upstreams = Upstreams(config.clusters, shared_store=shared_store,
+                                  redis_clusters=config.redis_clusters)
+        except TlsError as e:        # a file changed since the config was checked
+            gw.access_log.close()
+            raise StartError(f"TLS: {e.message}") from None
         filter_host = None
         try:
             if config.filters:
                 factory = filter_host_factory or _default_filter_host
                 filter_host = await factory(list(config.filters), upstreams)
-            gw.generation = Generation(config, Router(config.routes), upstreams, filter_host)
+            gw.generation = Generation(config, Router(config.routes), upstreams, filter_host, tls=tls)
             await gw._bind(reuse_port, ports or {})
         except BaseException:
             await gw._close_servers()
@@ -121,6 +133,30 @@ class Gateway:
     async def _handle_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await Connection(self, reader, writer).run()
 
+    async def _serve_http1(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                           tls: TlsConnection) -> None:
+        await Connection(self, reader, writer, tls).run()
+
+    async def _serve_tls(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """A TLS connection after its handshake: to the front-end of the protocol ALPN chose."""
+        tls = TlsConnection(writer.get_extra_info("ssl_object"))
+        handler = self.alpn_handlers.get(tls.alpn)
+        if handler is None:          # only what ALPN_PROTOCOLS offers can be chosen
+            writer.transport.abort()
+            return
+        await handler(reader, writer, tls)
+
+    def _listener_context(self, listener: str) -> ListenerContext:
+        """The listener's SSL context for its life: each handshake uses the certificates of the
+        generation serving at that moment (a reload swaps them for new connections)."""
+        return ListenerContext(lambda: self.generation.tls[listener],
+                               lambda reason: self._handshake_failed(listener, reason))
+
+    def _handshake_failed(self, listener: str, reason: str) -> None:
+        # Scanners and stray plain-HTTP clients cause these: counted, logged at debug (as Envoy, nginx).
+        self.metrics.error("tls_handshake")
+        log.debug('listener "%s": TLS handshake failed: %s', listener, reason)
+
     async def _bind(self, reuse_port: bool, ports: dict[str, int]) -> None:
         limit = max(self.config.limits.max_header_bytes + 4, 65536)
         for lst in self.config.listeners:
@@ -131,8 +167,13 @@ class Gateway:
                 raise StartError(f'listener "{lst.name}": cannot bind {lst.address}:{port}: '
                                  f'{e.strerror or e}') from None
             loop = asyncio.get_running_loop()
-            server = await loop.create_server(lambda: ClientProtocol(limit, self._handle_connection), sock=sock,
-                                              backlog=1024)
+            if lst.tls is None:
+                server = await loop.create_server(lambda: ClientProtocol(limit, self._handle_connection),
+                                                  sock=sock, backlog=1024)
+            else:
+                server = await loop.create_server(lambda: ClientProtocol(limit, self._serve_tls), sock=sock,
+                                                  backlog=1024, ssl=self._listener_context(lst.name),
+                                                  ssl_handshake_timeout=lst.tls.handshake_timeout_s)
             self._servers.append(server)
             self.listener_ports[lst.name] = sock.getsockname()[1]
         if self.config.admin is not None:
@@ -163,11 +204,18 @@ class Gateway:
                 conn.transport.close()    # an idle keep-alive connection has nothing to finish
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        # A closed idle TLS connection waits for the client's close_notify, which a pooled client
+        # that is not reading never sends: past a short grace those are dropped, not drained.
+        tls_grace = loop.time() + min(timeout, TLS_CLOSE_GRACE_S)
         while self.connections and loop.time() < deadline:
+            if loop.time() >= tls_grace and all(c.idle and c.tls is not None for c in self.connections):
+                break
             await asyncio.sleep(0.01)
         if self.connections:
-            log.warning("drain timeout (%.1fs): closing %d connection(s) with requests in flight",
-                        timeout, len(self.connections))
+            busy = sum(1 for c in self.connections if not c.idle)
+            if busy:
+                log.warning("drain timeout (%.1fs): closing %d connection(s) with requests in flight",
+                            timeout, busy)
             for conn in list(self.connections):
                 conn.transport.abort()
                 if conn.task is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 import time
 from typing import AsyncIterator, Callable
 
@@ -17,6 +18,7 @@ from .config import Cluster, Endpoint, RedisCluster
 from .redis_clusters import RedisClusters
 from .http1 import (FRAMING, BodyStream, HttpError, PeerClosed, body_length, connection_tokens,
                     parse_response_head, read_chunked, trailer_block)
+from .tls import client_context, ssl_reason
 from .watchdog import Watchdog
 
 log = logging.getLogger("wasmgate.upstream")
@@ -35,7 +37,7 @@ class UpstreamError(Exception):
     def __init__(self, status: int, kind: str, message: str, endpoint: str = ""):
         super().__init__(message)
         self.status = status
-        self.kind = kind            # refused | timeout | reset | bad_response | overloaded
+        self.kind = kind            # refused | timeout | reset | bad_response | overloaded | tls
         self.message = message
         self.endpoint = endpoint
 
@@ -203,6 +205,7 @@ class Pool:
         self._connect_timeout = cluster.connect_timeout_ms / 1000
         self._request_timeout = cluster.request_timeout_ms / 1000
         self._closed = False
+        self._tls = client_context(cluster.tls) if cluster.tls is not None else None
 
     # -- connection management ---------------------------------------------------------------
 
@@ -279,12 +282,21 @@ class Pool:
         return False
 
     async def _connect(self, ep: Endpoint) -> UpConn:
+        tls = {} if self._tls is None else {
+            # SNI and the name verified: `sni`, else the endpoint's host (Python sends no SNI for an IP).
+            "ssl": self._tls, "server_hostname": self.cluster.tls.sni or ep.host,   # type: ignore[union-attr]
+            "ssl_handshake_timeout": self._connect_timeout}
         try:
+            # connect_timeout_ms bounds the TCP connect and the TLS handshake together.
             reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(ep.host, ep.port, limit=_READ), self._connect_timeout)
+                asyncio.open_connection(ep.host, ep.port, limit=_READ, **tls), self._connect_timeout)
         except asyncio.TimeoutError:
             self._eject(ep)
             raise UpstreamError(504, "timeout", f"connect to {ep} timed out", str(ep)) from None
+        except ssl.SSLError as e:
+            self._eject(ep)
+            raise UpstreamError(502, "tls", f'cluster "{self.cluster.name}": TLS handshake with {ep} failed: '
+                                f"{ssl_reason(e)}", str(ep)) from None
         except OSError as e:
             self._eject(ep)
             why = "refused" if isinstance(e, ConnectionRefusedError) else (e.strerror or str(e))
@@ -503,7 +515,8 @@ class Upstreams:
         except TimeoutError:
             raise CallFailed("timeout") from None
         except UpstreamError as e:
-            raise CallFailed("timeout" if e.kind == "timeout" else e.kind if e.kind != "refused" else "refused") from None
+            # A TLS failure's reason (e.g. which verification failed) goes to the filter's log line.
+            raise CallFailed(e.message if e.kind == "tls" else e.kind) from None
         except UpstreamReset:
             raise CallFailed("reset") from None
         finally:

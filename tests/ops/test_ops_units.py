@@ -51,7 +51,7 @@ def test_watcher_keeps_watching_through_a_broken_config(tmp_path):
     cfg.write_text("listeners: [")
     w.poll()
     assert w.poll() == "c.yaml"
-    assert w.wasm_paths == [wasm]            # the broken file names no wasm: keep the old ones
+    assert w.files == [wasm]            # the broken file names no wasm: keep the old ones
     _bump(wasm, 1_000_000)
     w.poll()
     assert w.poll() == "h.wasm"
