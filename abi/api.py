@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Protocol
+from typing import AsyncIterator, Callable, Protocol
 
 Headers = list[tuple[str, str]]
 Body = AsyncIterator[bytes]
@@ -24,6 +24,13 @@ Body = AsyncIterator[bytes]
 class FilterLimits:
     memory_bytes: int = 64 * 1024 * 1024
     callback_ms: int = 100
+    # Body bytes one filter may make the host hold while it pauses a body (Envoy's buffer
+    # limit): over it the request gets 413, the response 500 (the gateway-wide default is
+    # config limits.max_buffered_body_bytes).
+    max_buffered_body_bytes: int = 1024 * 1024
+    # Bytes of proxy_http_call callouts in flight per instance: request headers and bodies
+    # until the call ends, plus response bodies being read and delivered.
+    max_callout_bytes: int = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -57,16 +64,57 @@ class CallFailed(Exception):
         self.reason = reason
 
 
+@dataclass(frozen=True)
+class RedisOptions:
+    """What a filter's ``proxy_redis_init`` chose for one Redis cluster; an empty / 0 / None
+    field keeps the cluster's own setting from the config."""
+    username: str = ""
+    password: str = field(default="", repr=False)
+    database: int | None = None
+    timeout_ms: int = 0
+
+
 class HostServices(Protocol):
-    """What the gateway provides to the ABI host."""
+    """What the gateway provides to the ABI host.
+
+    The two Redis methods are optional: services without them have no Redis clusters (every
+    ``proxy_redis_*`` call then answers as for an unknown cluster)."""
     log: logging.Logger
 
     def has_cluster(self, name: str) -> bool: ...
 
     async def http_call(self, cluster: str, method: str, path: str, authority: str,
-                        headers: Headers, body: bytes, timeout_s: float | None) -> CallResponse:
-        """Raise CallFailed on refuse/reset/timeout."""
+                        headers: Headers, body: bytes, timeout_s: float | None,
+                        reserve: Callable[[int], bool] | None = None) -> CallResponse:
+        """Raise CallFailed on refuse/reset/timeout.
+
+        ``reserve(n)`` is asked before each response body chunk of n bytes is kept; False
+        (the filter's callout bytes would pass max_callout_bytes) → stop reading and raise
+        CallFailed: the response is too large to deliver."""
         ...
+
+    def has_redis_cluster(self, name: str) -> bool: ...
+
+    async def redis_call(self, cluster: str, query: bytes, options: RedisOptions) -> bytes:
+        """Send one RESP-encoded command; return Redis's reply as it was on the wire (an error
+        reply is a reply). Raise CallFailed on refuse/reset/timeout (the cluster's or
+        ``options.timeout_ms``)."""
+        ...
+
+
+class TlsFacts(Protocol):
+    """A downstream TLS connection, for the connection.* properties (Envoy's names and meanings).
+    Strings are "" when there is nothing to say (no SNI, no client certificate, no SAN)."""
+    version: str                          # "TLSv1.2" | "TLSv1.3"
+    requested_server_name: str            # SNI as the client sent it
+    mtls: bool                            # the client presented a certificate (verified by client_ca)
+    subject_local_certificate: str        # RFC 2253, as Envoy prints it: "CN=a,O=b"
+    subject_peer_certificate: str
+    dns_san_local_certificate: str        # the first DNS SAN
+    dns_san_peer_certificate: str
+    uri_san_local_certificate: str        # the first URI SAN
+    uri_san_peer_certificate: str
+    sha256_peer_certificate_digest: str   # lower-case hex of the peer certificate's DER
 
 
 @dataclass
@@ -81,6 +129,7 @@ class StreamInfo:
     scheme: str = "http"
     protocol: str = "HTTP/1.1"
     start_time_ns: int = 0
+    tls: TlsFacts | None = None           # None on a plain connection
 
 
 @dataclass

@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 
 from .enums import Status
+from .limits import MAX_HEADER_MAP_BYTES
 from .pairs import serialize_str, to_bytes, to_str
 
 
@@ -36,18 +37,26 @@ def lower_key(key: bytes) -> str:
     return to_str(key.lower())
 
 
+def _entry(name: str, value: str) -> int:
+    return len(name) + len(value) + 10          # as serialized (§4.1): two sizes, two NULs
+
+
 class HeaderMap:
     """Ordered (name, value) pairs with lower-case names; serialization cached.
 
     ``unsafe`` is set when a filter stored a header that must not reach the wire (CR/LF...);
     Envoy answers OK to such edits, so we do too and drop those entries in ``wire()``.
+    ``grown``: serialized bytes the filters' edits added (net); add/replace/set_all refuse an
+    edit (return False) that would take it past MAX_HEADER_MAP_BYTES. Counting what filters
+    add, not the map's size, keeps a big request from a client from tripping a filter's edit.
     """
-    __slots__ = ("items", "_ser", "unsafe")
+    __slots__ = ("items", "_ser", "unsafe", "grown")
 
     def __init__(self, items: list[tuple[str, str]]):
         self.items = items
         self._ser: bytes | None = None
         self.unsafe = False
+        self.grown = 0
 
     def wire(self) -> list[tuple[str, str]]:
         """The items safe to send (all of them unless a filter stored an invalid header)."""
@@ -70,48 +79,78 @@ class HeaderMap:
                 return v
         return None
 
-    def add(self, name: str, value: str) -> None:
+    def add(self, name: str, value: str) -> bool:
+        grown = self.grown + len(name) + len(value) + 10       # _entry, inlined (hot path)
+        if grown > MAX_HEADER_MAP_BYTES:
+            return False
+        self.grown = grown
         self._ser = None
         self.items.append((name, value))
+        return True
 
-    def replace(self, name: str, value: str) -> None:
+    def replace(self, name: str, value: str) -> bool:
         """Envoy setCopy: the first occurrence takes the value, later ones go."""
-        self._ser = None
         items = self.items
         first = -1
-        for i, (k, _v) in enumerate(items):
+        dropped = 0                      # serialized bytes of the later occurrences
+        for i, (k, v) in enumerate(items):
             if k == name:
                 if first < 0:
                     first = i
                 else:
-                    items[:] = [kv for j, kv in enumerate(items) if j <= first or kv[0] != name]
-                    break
+                    dropped += _entry(k, v)
+        delta = _entry(name, value) if first < 0 else len(value) - len(items[first][1]) - dropped
+        if delta > 0 and self.grown + delta > MAX_HEADER_MAP_BYTES:
+            return False
+        self.grown += delta
+        self._ser = None
+        if dropped:
+            items[:] = [kv for j, kv in enumerate(items) if j <= first or kv[0] != name]
         if first < 0:
             items.append((name, value))
         else:
             items[first] = (name, value)
+        return True
 
     def remove(self, name: str) -> None:
         items = self.items
         for kv in items:
             if kv[0] == name:
                 self._ser = None
+                self.grown -= sum(_entry(k, v) for k, v in items if k == name)
                 items[:] = [kv for kv in items if kv[0] != name]
                 return
 
-    def set_all(self, pairs: list[tuple[str, str]]) -> None:
+    def set_all(self, pairs: list[tuple[str, str]]) -> bool:
+        # The whole map now comes from the filter. (A serialized map the host accepts is at
+        # most pairs.MAX_BYTES, the same bound, so this refuses nothing today.)
+        size = sum(_entry(k, v) for k, v in pairs)
+        if size > MAX_HEADER_MAP_BYTES:
+            return False
+        self.grown = size
         self._ser = None
         self.items[:] = pairs
+        return True
 
 
 class BodyBuffer:
-    """Chunks buffered at one filter; joined only on demand."""
-    __slots__ = ("chunks", "size", "writable")
+    """Chunks buffered at one filter; joined only on demand.
 
-    def __init__(self, writable: bool = True, data: bytes | None = None):
+    ``limit``: the most bytes a filter may grow it to with set_buffer_bytes (None: no limit,
+    for buffers the host fills itself)."""
+    __slots__ = ("chunks", "size", "writable", "limit")
+
+    def __init__(self, writable: bool = True, data: bytes | None = None, limit: int | None = None):
         self.chunks: list[bytes] = [data] if data else []
         self.size = len(data) if data else 0
         self.writable = writable
+        self.limit = limit
+
+    def size_after_write(self, start: int, size: int, n: int) -> int:
+        """The size write(start, size, <n bytes>) would leave (its own size when it is refused)."""
+        if start == 0:
+            return n + max(self.size - size, 0)
+        return self.size + n if start >= self.size else self.size
 
     def append(self, chunk: bytes) -> None:
         if chunk:

@@ -17,9 +17,11 @@ from .api import Body, Forward, Headers, LocalReply, LocalReplyInterrupt, LogInf
 from .buffers import BodyBuffer, HeaderMap
 from .context import REQUEST, RESPONSE, HttpContext
 from .filter import Filter, FilterFailure
+from .properties import CustomProperties
 
 PAUSE_TIMEOUT_S = 60.0           # a filter that pauses and never resumes fails the request
 FAIL_DETAILS = "wasm_fail_stream"
+WATERMARK = 2                    # StopIterationAndWatermark: buffer up to the limit, then stop reading
 
 HEADERS_CB = ("proxy_on_request_headers", "proxy_on_response_headers")
 BODY_CB = ("proxy_on_request_body", "proxy_on_response_body")
@@ -129,7 +131,7 @@ class Chain:
         self.request_trailers: HeaderMap | None = None
         self.response_trailers: HeaderMap | None = None
         self.log: LogInfo | None = None
-        self.custom: dict[bytes, bytes] = {}
+        self.custom = CustomProperties()
         n = len(filters)
         self.ctxs: list[HttpContext | None] = [None] * n
         self.skipped = [False] * n
@@ -178,6 +180,30 @@ class Chain:
     def _invalid(self, i: int, name: str, action: int) -> None:
         self.filters[i].record_soft_failure(name, "invalid_action", f"returned {action}")
         self._fail(i)
+
+    def host_limit(self, ctx: HttpContext, call: str, what: str) -> None:
+        """The filter of `ctx` tried to grow host state past a fixed bound (abi/limits.py) and
+        the edit was refused: the request gets the filter's failure policy, as for an invalid
+        return action. The instance is kept: a client's request may be what tipped it over."""
+        i = self.ctxs.index(ctx)
+        if self.failed[i]:
+            return                       # already failed: once is enough (and one log line)
+        self.filters[i].record_soft_failure(call, "host_limit", what)
+        try:
+            self._fail(i)
+        except _Stop as s:
+            self.set_reply(s.reply)
+
+    def too_large(self, f: Filter, direction: int) -> LocalReply:
+        """The reply when filter `f` would make the host hold more body than its
+        max_buffered_body_bytes: 413 on the request, 500 on the response (Envoy's buffer
+        limits: request_payload_too_large / response_payload_too_large)."""
+        limit = f.spec.limits.max_buffered_body_bytes
+        side = "request" if direction == REQUEST else "response"
+        f.log.warning('filter "%s": %s body buffered past max_buffered_body_bytes (%d)', f.name, side, limit)
+        reply = LocalReply(413 if direction == REQUEST else 500, [],
+                           f"{side} body over the buffer limit\n".encode(), f"{side}_payload_too_large")
+        return self.shape_reply(reply, -1)
 
     # -- invoking callbacks ------------------------------------------------------------------
 
@@ -255,7 +281,7 @@ class Chain:
             if not ctx.alive:
                 self._fail(i)
                 return
-            if ctx.resumed[direction]:
+            if ctx.resumed[direction] or self.skipped[i]:
                 return
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -333,8 +359,10 @@ class Chain:
         proxy_continue_stream) resumes the headers too; the buffered body then moves on.
         """
         ctx = self.ctxs[i]
+        f = self.filters[i]
         name = BODY_CB[REQUEST]
-        buf = BodyBuffer()
+        limit = f.spec.limits.max_buffered_body_bytes
+        buf = BodyBuffer(limit=limit)
         ctx.bodies[REQUEST] = buf
         it = src.__aiter__()
         ended = False
@@ -355,6 +383,8 @@ class Chain:
             elif action > MAX_BODY_ACTION:
                 self._invalid(i, name, action)
                 break
+            elif buf.size > limit and not ctx.resumed[REQUEST]:
+                raise _Stop(self.too_large(f, REQUEST))
         if not self.skipped[i] and not ctx.resumed[REQUEST]:
             await self._wait(i, REQUEST)
         rest = _just((b"", TRAILERS)) if marker else it
@@ -369,10 +399,12 @@ class Chain:
 
     async def _stage(self, i: int, direction: int, src: Chunks) -> Chunks:
         ctx = self.ctxs[i]
+        f = self.filters[i]
         name = BODY_CB[direction]
-        buf = BodyBuffer()
+        limit = f.spec.limits.max_buffered_body_bytes
+        buf = BodyBuffer(limit=limit)
         ctx.bodies[direction] = buf
-        has_body = self.filters[i].has(name)
+        has_body = f.has(name)
         try:
             async for chunk, eos in src:
                 if eos == TRAILERS:
@@ -398,6 +430,11 @@ class Chain:
                     continue
                 if action == 0 or ctx.resumed[direction]:
                     yield buf.take(), eos
+                elif action == WATERMARK and buf.size >= limit:
+                    await self._wait(i, direction)       # no more reading until it resumes
+                    yield buf.take(), eos
+                elif buf.size > limit:
+                    raise _Stop(self.too_large(f, direction))
                 elif eos:
                     await self._wait(i, direction)
                     yield buf.take(), END
@@ -478,7 +515,7 @@ class Chain:
                     args = (ctx.id, n, 0 if body else 1) if f.loaded.headers_take_eos else (ctx.id, n)
                     f.call(ctx, HEADERS_CB[RESPONSE], *args)
                 if body and f.has(BODY_CB[RESPONSE]) and ctx.alive:
-                    buf = ctx.bodies[RESPONSE] = BodyBuffer(data=body)
+                    buf = ctx.bodies[RESPONSE] = BodyBuffer(data=body, limit=f.spec.limits.max_buffered_body_bytes)
                     f.call(ctx, BODY_CB[RESPONSE], ctx.id, buf.size, 1)
                     body = buf.data()
             except FilterFailure:

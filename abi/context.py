@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from .api import LocalReply
 from .buffers import BodyBuffer, HeaderMap
 from .enums import BufferType, MapType, Status, StreamType
+from .limits import MAX_HEADER_MAP_BYTES, MAX_PROPERTY_BYTES
 from .properties import PropertySource, RootFacts, get_property, set_property
 
 if TYPE_CHECKING:
@@ -67,6 +68,8 @@ class Context:
     def get_buffer(self, buffer_type: int) -> BodyBuffer | None:
         if buffer_type == BufferType.HTTP_CALL_RESPONSE_BODY and self.filter.callout is not None:
             return self.filter.callout.body
+        if buffer_type == BufferType.REDIS_CALL_RESPONSE and self.filter.redis.response is not None:
+            return BodyBuffer(writable=False, data=self.filter.redis.response)
         if buffer_type == BufferType.VM_CONFIGURATION:
             return BodyBuffer(writable=False, data=self.filter.spec.vm_configuration)
         if buffer_type == BufferType.PLUGIN_CONFIGURATION and self.filter.configuring:
@@ -79,7 +82,19 @@ class Context:
         return get_property(self.props, path)
 
     def set_property(self, path: bytes, value: bytes) -> int:
-        set_property(self.props, path, value)
+        if not set_property(self.props, path, value):
+            return self.host_limit("proxy_set_property", f"properties past {MAX_PROPERTY_BYTES} bytes")
+        return Status.OK
+
+    def map_over_limit(self, call: str, map_type: int) -> int:
+        return self.host_limit(call, f"header map {map_type} grown past {MAX_HEADER_MAP_BYTES} bytes")
+
+    def host_limit(self, call: str, what: str) -> int:
+        """An edit was refused: it would grow host state past a fixed bound (abi/limits.py).
+        The guest gets OK (its SDK accepts nothing else); counted, logged once per context."""
+        if not getattr(self, "limit_hit", False):
+            self.limit_hit = True
+            self.filter.record_soft_failure(call, "host_limit", what)
         return Status.OK
 
     # -- stream control (meaningful for HTTP contexts only) -------------------------------
@@ -182,6 +197,20 @@ class HttpContext(Context):
 
     def send_local_response(self, reply: LocalReply, grpc_status: int) -> int:
         self.chain.set_reply(self.chain.shape_reply(reply, grpc_status))
+        self.wake()
+        return Status.OK
+
+    def host_limit(self, call: str, what: str) -> int:
+        self.chain.host_limit(self, call, what)
+        self.wake()
+        return Status.OK
+
+    def body_over_limit(self, buffer_type: int) -> int:
+        """set_buffer_bytes would grow a body past max_buffered_body_bytes: nothing is written
+        and the stream ends as when the host's own buffering overflows (413 / 500). OK for the
+        guest: the SDKs accept nothing else from set_buffer_bytes."""
+        # Body buffer types 0 / 1 are the request / response, as the chain's directions.
+        self.chain.set_reply(self.chain.too_large(self.filter, buffer_type))
         self.wake()
         return Status.OK
 

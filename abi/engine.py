@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import gc
 import hashlib
 import os
 import struct
@@ -59,7 +60,6 @@ __all__ = [
 WASMTIME_VERSION = "50.0.1"   # pinned: the raw signatures below are checked against it
 EPOCH_MS = 1                  # one epoch = 1 ms of CPU time; deadlines count these ticks
 _EPOCH_NS = EPOCH_MS * 1_000_000
-_THREAD_CPU = time.CLOCK_THREAD_CPUTIME_ID
 _UPDATE_DEADLINE_CONTINUE = 0  # wasmtime_update_deadline_kind_t
 TICKER_PERIOD_S = 0.002       # how often the ticker advances the epoch (deadline slack)
 REARM_S = 0.002               # a store re-arms its deadline at most this often (cost: a C call)
@@ -226,7 +226,7 @@ class _Ticker:
     path re-arms at most every REARM_S). The ticker forgets a store that is not in a call
     (``depth == 0``) and was armed more than REARM_S ago: a call sets ``depth`` *before* it
     checks the re-arm rate limit, so any later call of that store finds its arm stale and
-    registers again. An Instance belongs to one thread; its first call after instantiation
+    registers again. One thread at a time uses an Instance; its first call after instantiation
     (possibly on another thread) always re-arms.
 
     Why this shape: a Python thread wake-up costs ~20-25 us of CPU on these machines, so the
@@ -237,6 +237,14 @@ class _Ticker:
     short. With no store registered the ticker sleeps until the next arm wakes it (an idle
     worker costs nothing); the epoch then resumes where it stopped.
 
+    Python's cyclic garbage collector is not charged either: a collection triggered by an
+    allocation inside a host function runs on the guest's thread, and with a large heap a full
+    collection takes 100+ ms of CPU (seen in the test process) — longer than a callback
+    deadline, for work that is not the guest's. ``_gc_callback`` counts each thread's GC CPU
+    time and the deadline clock is the thread's CPU clock minus it; while a collection runs, that
+    thread's clock stands still at its start (the ticker can get the GIL mid-collection, when
+    finalizers run Python code).
+
     Holds only the wasmtime engine, so our Engine can be collected (its finalizer stops us).
     """
 
@@ -245,7 +253,8 @@ class _Ticker:
         self.cpu_ns = 0             # the deadline clock: CPU ns charged to guest calls so far
         self.idle = False
         self._calls: dict[Any, int] = {}    # _StoreState -> CPU clock id of the arming thread
-        self._last: dict[int, int] = {}     # CPU clock id -> its reading at the last tick
+        self._last: dict[int, int] = {}     # CPU clock id -> its charged reading at the last tick
+        self._gc: dict[int, _GcTime] = {}   # CPU clock id -> that thread's GC time
         self._lock = threading.Lock()
         self._local = threading.local()     # per thread: its clock id (dies with the thread)
         self._stopped = False
@@ -260,9 +269,10 @@ class _Ticker:
         clock = getattr(self._local, "clock", None)
         if clock is None:
             clock = self._local.clock = _thread_cpu_clock()
+            self._gc[clock] = _gc_time_of_this_thread()
         with self._lock:
             if clock not in self._last:
-                reading = _read_clock(clock)
+                reading = self._charged(clock)
                 if reading is None:     # never uncounted: fall back to the process clock
                     clock = self._local.clock = time.CLOCK_PROCESS_CPUTIME_ID
                     reading = time.clock_gettime_ns(clock)
@@ -275,11 +285,19 @@ class _Ticker:
         with self._lock:
             return self._target(self._pending_ns())
 
+    def _charged(self, clock: int) -> int | None:
+        """A thread's CPU clock minus its GC time (None: the thread has exited)."""
+        reading = _read_clock(clock)
+        gc_time = self._gc.get(clock)
+        if reading is None or gc_time is None:
+            return reading
+        return (gc_time.started or reading) - gc_time.ns
+
     def _pending_ns(self) -> int:
         """CPU time charged since the last tick (lock held)."""
         step = 0
         for clock, last in self._last.items():
-            reading = _read_clock(clock)
+            reading = self._charged(clock)
             if reading is not None and reading - last > step:
                 step = reading - last
         return step
@@ -297,7 +315,7 @@ class _Ticker:
             live = set(calls.values())
             step = 0
             for clock in list(self._last):
-                reading = _read_clock(clock) if clock in live else None
+                reading = self._charged(clock) if clock in live else None
                 if reading is None:             # no call on that thread (or thread gone)
                     del self._last[clock]
                     continue
@@ -333,6 +351,46 @@ class _Ticker:
     def stop(self) -> None:
         self._stopped = True
         self._wake.set()
+
+
+class _GcTime:
+    """CPU time one thread has spent in Python's cyclic GC."""
+    __slots__ = ("ns", "started")
+
+    def __init__(self) -> None:
+        self.ns = 0
+        self.started = 0            # the thread's CPU clock when a running collection began
+
+
+_gc_local = threading.local()
+
+
+def _gc_time_of_this_thread() -> _GcTime:
+    acc = getattr(_gc_local, "acc", None)
+    if acc is None:
+        acc = _gc_local.acc = _GcTime()
+    return acc
+
+
+def _charged_cpu_ns() -> int:
+    """The calling thread's deadline clock: its CPU time minus its time in the cyclic GC (a
+    collection in progress stands still at its start), as the ticker reads it."""
+    acc = _gc_time_of_this_thread()
+    return (acc.started or time.thread_time_ns()) - acc.ns
+
+
+def _gc_callback(phase: str, info: dict, _now=time.thread_time_ns, _local=_gc_local) -> None:
+    acc = getattr(_local, "acc", None)
+    if acc is None:
+        return                      # a thread that never ran a guest call
+    if phase == "start":
+        acc.started = _now()
+    else:
+        acc.ns += _now() - acc.started
+        acc.started = 0
+
+
+gc.callbacks.append(_gc_callback)
 
 
 def _thread_cpu_clock() -> int:
@@ -731,7 +789,7 @@ class _StoreState:
         self.ticker = ticker
         self.deadline_ticks = deadline_ticks
         self.armed_at = -1e9            # time.monotonic() of the last arm()
-        self.arm_cpu_ns = 0             # the arming thread's CPU clock at the last arm()
+        self.arm_cpu_ns = 0             # the arming thread's deadline clock at the last arm()
         self.budget_ns = 0              # the CPU the calls of that arm may use
         self.depth = 0                  # guest calls in progress (nesting through host calls)
         self.poisoned = False
@@ -750,7 +808,7 @@ class _StoreState:
         adding the current lag keeps that jump from eating into this deadline.
         """
         ticker = self.ticker
-        self.arm_cpu_ns = time.clock_gettime_ns(_THREAD_CPU)
+        self.arm_cpu_ns = _charged_cpu_ns()
         self.budget_ns = self.deadline_ticks * _EPOCH_NS
         _set_epoch_deadline(self.ctx, self.deadline_ticks + ticker.register(self))
         if ticker.idle:
@@ -762,7 +820,7 @@ class _StoreState:
         guest thread (see _Ticker): only the CPU of this thread since the arm counts. Some
         left: go on, checking again once the epoch has advanced that much; none: trap."""
         try:
-            left = self.budget_ns - (time.clock_gettime_ns(_THREAD_CPU) - self.arm_cpu_ns)
+            left = self.budget_ns - (_charged_cpu_ns() - self.arm_cpu_ns)
             if left > 0:
                 delta_p[0] = -(-left // _EPOCH_NS)
                 kind_p[0] = _UPDATE_DEADLINE_CONTINUE

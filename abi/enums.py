@@ -42,7 +42,8 @@ class BufferType:
     VM_CONFIGURATION = 6
     PLUGIN_CONFIGURATION = 7
     CALL_DATA = 8
-    MAX = 8
+    REDIS_CALL_RESPONSE = 9       # Higress extension: the raw RESP reply of a Redis call
+    MAX = 9
 
 
 class MapType:

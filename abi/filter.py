@@ -16,13 +16,16 @@ from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Callable
 
+from . import foreign
 from .api import CallFailed, CallResponse, FilterLoadError, FilterSpec, HostServices
 from .buffers import BodyBuffer, HeaderMap, valid_header
 from .context import CalloutData, Context, HttpContext, RootContext, VmContext
 from .engine import Engine, EngineError, Instance, MemoryAccessError, Trap
 from .enums import Status, WasiErrno
 from .hostcalls import HOSTCALLS, PY_LEVELS, guarded
+from .limits import MAX_LOG_BYTES, MAX_PENDING_CALLS
 from .module import LoadedModule
+from .redis_call import RedisCalls
 from .shared_store import SharedStore
 from .wasi import WASI, WASI_MODULES, ProcExit
 
@@ -33,8 +36,6 @@ if TYPE_CHECKING:
 BACKOFF_FIRST_S = 0.1
 BACKOFF_MAX_S = 30.0
 ROOT_DONE_WAIT_S = 1.0
-MAX_PENDING_CALLS = 1000         # callouts in flight per filter instance
-MAX_LOG_BYTES = 16 * 1024        # one guest log line is cut beyond this
 START_DEADLINE_MS = 5000          # _initialize/main/_start + vm_start + configure, if the engine allows
 BUILD_THREADS = 4                # instances of different filters built at once (one per filter)
 _U32 = 0xFFFFFFFF
@@ -99,6 +100,9 @@ class Filter:
         self._deferred: list[Callable[[], None]] = []
         self._pending_done: dict[int, asyncio.Event] = {}
         self._calls: dict[int, tuple[asyncio.Task, int]] = {}
+        self._call_bytes: dict[int, int] = {}   # token → callout bytes it holds (request + response)
+        self._callout_bytes = 0                  # their sum, at most spec.limits.max_callout_bytes
+        self.redis = RedisCalls(self)
         self._tick_period_ms = 0
         self._tick_handle: asyncio.TimerHandle | None = None
         self._rebuild_handle: asyncio.TimerHandle | None = None
@@ -194,8 +198,6 @@ class Filter:
         held, self._held = self._held, []
         for action in held:
             action()
-        if self._tick_period_ms:
-            self._arm_tick()
 
     def _start_instance(self, generation: int) -> tuple[Instance, RootContext]:
         """Build thread: instantiate and run the start sequence; raises StartError."""
@@ -338,12 +340,29 @@ class Filter:
             if self._deferred:
                 self._run_deferred()
 
+    def on_loop(self, action: Callable[[], None]) -> None:
+        """Do something that needs the event loop (a timer, a task): now, or — asked by a
+        start sequence, on its build thread — at the swap, if the build succeeds."""
+        if self.instance is None:
+            self._held.append(action)
+        else:
+            action()
+
     def _starting_instance(self, name: str) -> Instance:
         """The instance whose start sequence runs on this thread (its build thread only)."""
         inst = self._booting
         if inst is None or self._build_thread != threading.get_ident():
             raise FilterFailure(self.name, name, "unavailable", "no live instance")
         return inst
+
+    def notify_root(self, name: str, *args: int) -> None:
+        """Call a root callback with the root's id first (an answer to a call it made); a
+        failure is already logged and counted by call()."""
+        root = self.root
+        try:
+            self.call(root, name, root.id, *args)
+        except FilterFailure:
+            pass
 
     def _run_deferred(self) -> None:
         todo, self._deferred = self._deferred, []
@@ -382,6 +401,7 @@ class Filter:
         for task, _origin in self._calls.values():
             task.cancel()
         self._calls.clear()
+        self.redis.cancel_all()
         for ev in self._pending_done.values():
             ev.set()
         self._pending_done.clear()
@@ -394,6 +414,7 @@ class Filter:
         self._funcs = {}
         self._alloc = None
         self._held = []
+        self._forget_callout_bytes()     # (also what a failed build's held callouts reserved)
         contexts, self.contexts = self.contexts, {}
         return contexts
 
@@ -424,6 +445,14 @@ class Filter:
         if size == 0:
             return b""
         return (self._mem or self._memory()).read(ptr, size)
+
+    def read_prefix(self, ptr: int, size: int, cap: int) -> bytes:
+        """The first `cap` bytes of (ptr, size), the whole range bounds-checked: a size the
+        guest claims never sizes a host allocation beyond `cap`."""
+        if size <= cap:
+            return self.read(ptr, size)
+        self.check_out(ptr, size)
+        return self.read(ptr, cap)
 
     def write(self, ptr: int, data: bytes) -> None:
         (self._mem or self._memory()).write(ptr, data)
@@ -477,15 +506,16 @@ class Filter:
 
     # -- logging -------------------------------------------------------------------------------
 
-    def guest_log(self, level: int, message: bytes) -> None:
+    def guest_log(self, level: int, message: bytes, total: int) -> None:
+        """`message`: at most MAX_LOG_BYTES of a line `total` bytes long."""
         py = PY_LEVELS[level]
         if self.log.isEnabledFor(py):
-            self.log.log(py, 'filter "%s": %s', self.name, _clip(message))
+            self.log.log(py, 'filter "%s": %s', self.name, _clip(message, total))
 
-    def guest_stdio(self, fd: int, data: bytes) -> None:
+    def guest_stdio(self, fd: int, data: bytes, total: int) -> None:
         py = logging.INFO if fd == 1 else logging.ERROR
         if data and self.log.isEnabledFor(py):
-            text = _clip(data)
+            text = _clip(data, total)
             self.log.log(py, 'filter "%s" %s: %s', self.name, "stdout" if fd == 1 else "stderr",
                          text[:-1] if text.endswith("\n") else text)
 
@@ -541,15 +571,13 @@ class Filter:
 
     def set_tick_period(self, period_ms: int) -> None:
         self._tick_period_ms = period_ms
-        if self.instance is None:        # a start sequence (build thread): the swap arms it
-            return
-        self._cancel_tick()
-        if period_ms:
-            self._arm_tick()
+        self.on_loop(self._restart_tick)
 
-    def _arm_tick(self) -> None:
-        self._tick_handle = self.loop.call_later(self._tick_period_ms / 1000, self._tick,
-                                                 self.generation)
+    def _restart_tick(self) -> None:
+        self._cancel_tick()
+        if self._tick_period_ms:
+            self._tick_handle = self.loop.call_later(self._tick_period_ms / 1000, self._tick,
+                                                     self.generation)
 
     def _cancel_tick(self) -> None:
         if self._tick_handle is not None:
@@ -588,9 +616,15 @@ class Filter:
         if not method or not path or authority is None \
                 or not all(valid_header(k.lower(), v) for k, v in headers):
             return Status.BAD_ARGUMENT, 0
+        cost = len(body) + sum(len(k) + len(v) for k, v in headers)
+        if self._callout_bytes + cost > self.spec.limits.max_callout_bytes:
+            self.failures[("proxy_http_call", "callout_limit")] += 1
+            return Status.INTERNAL_FAILURE, 0      # as a failed dispatch; the SDKs expect it
         token = self._next_token
         self._next_token = (token + 4) & _U32 or 4
         timeout = timeout_ms / 1000 if timeout_ms else None
+        self._call_bytes[token] = cost
+        self._callout_bytes += cost
 
         def dispatch() -> None:
             task = self.loop.create_task(self._run_http_call(
@@ -598,10 +632,7 @@ class Filter:
             self._calls[token] = (task, ctx.id)
             if isinstance(ctx, HttpContext):
                 ctx.pending_calls.add(token)
-        if self.instance is None:        # a start sequence (build thread): sent at the swap
-            self._held.append(dispatch)
-        else:
-            dispatch()
+        self.on_loop(dispatch)
         return Status.OK, token
 
     async def _run_http_call(self, token: int, generation: int, cluster: str, method: str,
@@ -609,7 +640,8 @@ class Filter:
                              body: bytes, timeout: float | None) -> None:
         response: CallResponse | None = None
         try:
-            call = self.services.http_call(cluster, method, path, authority, headers, body, timeout)
+            call = self.services.http_call(cluster, method, path, authority, headers, body, timeout,
+                                           reserve=lambda n: self._reserve_callout_bytes(token, n))
             response = await (asyncio.wait_for(call, timeout) if timeout else call)
         except (CallFailed, asyncio.TimeoutError) as e:
             self.log.info('filter "%s": http call to %s failed: %s', self.name, cluster,
@@ -620,8 +652,30 @@ class Filter:
             self.log.error('filter "%s": http call to %s failed: %r', self.name, cluster, e)
         self._deliver_http_response(token, generation, response)
 
+    def _reserve_callout_bytes(self, token: int, n: int) -> bool:
+        """Let a response body chunk of call `token` be kept, if the budget has room."""
+        held = self._call_bytes.get(token)
+        if held is None or self._callout_bytes + n > self.spec.limits.max_callout_bytes:
+            return False
+        self._call_bytes[token] = held + n
+        self._callout_bytes += n
+        return True
+
+    def _release_callout_bytes(self, token: int) -> None:
+        self._callout_bytes -= self._call_bytes.pop(token, 0)
+
+    def _forget_callout_bytes(self) -> None:
+        self._call_bytes.clear()
+        self._callout_bytes = 0
+
     def _deliver_http_response(self, token: int, generation: int,
                                response: CallResponse | None) -> None:
+        try:
+            self._deliver(token, generation, response)
+        finally:
+            self._release_callout_bytes(token)   # the response is dropped once delivered
+
+    def _deliver(self, token: int, generation: int, response: CallResponse | None) -> None:
         entry = self._calls.pop(token, None)
         if entry is None or generation != self.generation or self.root is None:
             return
@@ -655,7 +709,13 @@ class Filter:
             entry = self._calls.pop(token, None)
             if entry is not None:
                 entry[0].cancel()
+            self._release_callout_bytes(token)
         ctx.pending_calls.clear()
+
+    # -- foreign functions (wasmgate's extensions, abi/foreign.py) -----------------------------
+
+    def call_foreign(self, name: str, args: bytes) -> tuple[int, bytes]:
+        return foreign.call(self.store, name, args)
 
     # -- queues (reference §5.5) ----------------------------------------------------------------
 
@@ -712,6 +772,8 @@ class Filter:
         for task, _origin in list(self._calls.values()):
             task.cancel()
         self._calls.clear()
+        self._forget_callout_bytes()
+        self.redis.cancel_all()
         self._mem = None
         if self.instance is not None:
             self.instance.close()
@@ -740,6 +802,6 @@ def _close_built(job: "Future[tuple[Instance, RootContext]]") -> None:
         job.result()[0].close()
 
 
-def _clip(data: bytes) -> str:
+def _clip(data: bytes, total: int) -> str:
     text = data[:MAX_LOG_BYTES].decode("utf-8", "replace")
-    return text if len(data) <= MAX_LOG_BYTES else f"{text}… ({len(data)} bytes)"
+    return text if total <= MAX_LOG_BYTES else f"{text}… ({total} bytes)"

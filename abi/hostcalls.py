@@ -16,6 +16,7 @@ from .api import LocalReply
 from .buffers import lower_key, valid_header
 from .enums import BufferType, LogLevel, MapType, MetricType, Status
 from .engine import HostTrap, MemoryAccessError, Trap
+from .limits import MAX_LOG_BYTES
 from .pairs import deserialize, deserialize_str, to_bytes, to_str, to_text
 
 if TYPE_CHECKING:
@@ -48,7 +49,7 @@ def proxy_level(py_level: int) -> int:
 def proxy_log(f: "Filter", level, ptr, size):
     if level > LogLevel.CRITICAL:
         return Status.BAD_ARGUMENT
-    f.guest_log(level, f.read(ptr, size))
+    f.guest_log(level, f.read_prefix(ptr, size, MAX_LOG_BYTES), size)
     return Status.OK
 
 
@@ -81,8 +82,12 @@ def proxy_get_buffer_bytes(f, buffer_type, start, max_size, ret_pp, ret_size_p):
 def proxy_set_buffer_bytes(f, buffer_type, start, size, data_ptr, data_size):
     if buffer_type > BufferType.MAX:
         return Status.BAD_ARGUMENT
+    ctx = f.ctx()
+    buf = ctx.get_buffer(buffer_type)
+    if buf is not None and buf.limit is not None and buf.size_after_write(start, size, data_size) > buf.limit:
+        f.check_out(data_ptr, data_size)      # never copied: a bad pointer is still reported
+        return ctx.body_over_limit(buffer_type)
     data = f.read(data_ptr, data_size)
-    buf = f.ctx().get_buffer(buffer_type)
     if buf is None:
         return Status.NOT_FOUND
     return buf.write(start, size, data)
@@ -117,7 +122,8 @@ def proxy_set_header_map_pairs(f, map_type, ptr, size):
     if m is None or pairs is None:
         return Status.BAD_ARGUMENT
     items = [(lower_key(k), to_str(v)) for k, v in pairs]
-    m.set_all(items)
+    if not m.set_all(items):
+        return f.ctx().map_over_limit("proxy_set_header_map_pairs", map_type)
     if not all(valid_header(k, v) for k, v in items):
         m.unsafe = True                    # OK as Envoy; the entry never reaches the wire
     return Status.OK
@@ -149,9 +155,10 @@ def proxy_add_header_map_value(f, map_type, kp, ks, vp, vs):
     m = f.ctx().writable_map(map_type)
     if m is None:
         return BAD_ARGUMENT
+    if not m.add(key, value):
+        return f.ctx().map_over_limit("proxy_add_header_map_value", map_type)
     if not valid_header(key, value):
         m.unsafe = True                    # OK as Envoy; the entry never reaches the wire
-    m.add(key, value)
     return OK
 
 
@@ -163,9 +170,10 @@ def proxy_replace_header_map_value(f, map_type, kp, ks, vp, vs):
     m = f.ctx().writable_map(map_type)
     if m is None:
         return BAD_ARGUMENT
+    if not m.replace(key, value):
+        return f.ctx().map_over_limit("proxy_replace_header_map_value", map_type)
     if not valid_header(key, value):
         m.unsafe = True                    # OK as Envoy; the entry never reaches the wire
-    m.replace(key, value)
     return OK
 
 
@@ -274,6 +282,25 @@ def proxy_get_status(f, ret_code_p, ret_msg_pp, ret_msg_size_p):
     return f.write_result(message.encode(), ret_msg_pp, ret_msg_size_p)
 
 
+# Higress's Redis call ABI (abi/redis_call.py; higress-group/proxy-wasm-cpp-host src/exports.cc).
+
+def proxy_redis_init(f, up_ptr, up_size, user_ptr, user_size, pass_ptr, pass_size, timeout_ms):
+    cluster = to_text(f.read(up_ptr, up_size))
+    username = to_text(f.read(user_ptr, user_size))
+    password = to_text(f.read(pass_ptr, pass_size))
+    return f.redis.init(cluster, username, password, timeout_ms)
+
+
+def proxy_redis_call(f, up_ptr, up_size, query_ptr, query_size, ret_token_p):
+    cluster = to_text(f.read(up_ptr, up_size))
+    query = f.read(query_ptr, query_size)
+    f.write_u32(ret_token_p, 0)               # as Higress: prove the out-pointer first
+    status, token = f.redis.call(cluster, query)
+    if status == Status.OK:
+        f.write_u32(ret_token_p, token)
+    return status
+
+
 def proxy_grpc_call(f, up, up_s, svc, svc_s, meth, meth_s, md, md_s, msg, msg_s, timeout, ret_p):
     for p, s in ((up, up_s), (svc, svc_s), (meth, meth_s), (md, md_s), (msg, msg_s)):
         f.read(p, s)
@@ -302,9 +329,10 @@ def proxy_grpc_close(f, token):
 
 
 def proxy_call_foreign_function(f, name_ptr, name_size, args_ptr, args_size, ret_pp, ret_size_p):
-    f.read(name_ptr, name_size)
-    f.read(args_ptr, args_size)
-    return Status.NOT_FOUND                   # we export no foreign functions
+    status, result = f.call_foreign(to_text(f.read(name_ptr, name_size)), f.read(args_ptr, args_size))
+    if status != OK:
+        return status
+    return f.write_result(result, ret_pp, ret_size_p)
 
 
 # -- shared data and queues -------------------------------------------------------------------
@@ -430,6 +458,8 @@ HOSTCALLS: dict[str, tuple[Callable, tuple[str, ...], tuple[str, ...]]] = {
     "proxy_set_effective_context": (proxy_set_effective_context, *_sig(1)),
     "proxy_http_call": (proxy_http_call, *_sig(10)),
     "proxy_get_status": (proxy_get_status, *_sig(3)),
+    "proxy_redis_init": (proxy_redis_init, *_sig(7)),
+    "proxy_redis_call": (proxy_redis_call, *_sig(5)),
     "proxy_grpc_call": (proxy_grpc_call, *_sig(12)),
     "proxy_grpc_stream": (proxy_grpc_stream, *_sig(9)),
     "proxy_grpc_send": (proxy_grpc_send, *_sig(4)),

@@ -79,6 +79,7 @@ CALLBACK_SIGNATURES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "proxy_on_response_body": ((_I, _I, _I), (_I,)),
     "proxy_on_response_trailers": ((_I, _I), (_I,)),
     "proxy_on_http_call_response": ((_I, _I, _I, _I, _I), ()),
+    "proxy_on_redis_call_response": ((_I, _I, _I, _I), ()),      # Higress
     "proxy_on_done": ((_I,), (_I,)),
     "proxy_on_log": ((_I,), ()),
     "proxy_on_delete": ((_I,), ()),

@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 from urllib.parse import urlsplit
 
-from .api import LogInfo, StreamInfo
+from .api import LogInfo, StreamInfo, TlsFacts
 from .buffers import HeaderMap
+from .limits import MAX_PROPERTY_BYTES
 from .pairs import serialize, to_bytes
 
 
@@ -35,7 +36,12 @@ class StreamFacts(Protocol):
     request_headers: HeaderMap | None
     response_headers: HeaderMap | None
     log: LogInfo | None
-    custom: dict[bytes, bytes]
+    custom: "CustomProperties"
+
+
+class CustomProperties(dict):
+    """proxy_set_property values (path → value) and their size in bytes (``nbytes``)."""
+    nbytes = 0
 
 
 @dataclass
@@ -45,7 +51,7 @@ class RootFacts:
     request_headers: HeaderMap | None = None
     response_headers: HeaderMap | None = None
     log: LogInfo | None = None
-    custom: dict[bytes, bytes] = field(default_factory=dict)
+    custom: CustomProperties = field(default_factory=CustomProperties)
 
 
 @dataclass
@@ -113,6 +119,12 @@ def _info(fn: Callable[[StreamInfo], Any]) -> Callable[[PropertySource], Any]:
     return lambda src: fn(src.facts.info) if src.facts.info is not None else None
 
 
+def _tls(fn: Callable[[TlsFacts], Any]) -> Callable[[PropertySource], Any]:
+    # Found only on a TLS connection (Envoy: the connection's ssl info), else NOT_FOUND.
+    return lambda src: fn(src.facts.info.tls) if src.facts.info is not None and src.facts.info.tls is not None \
+        else None
+
+
 def _log(fn: Callable[[LogInfo], Any]) -> Callable[[PropertySource], Any]:
     return lambda src: fn(src.facts.log) if src.facts.log is not None else None
 
@@ -151,7 +163,18 @@ _ATTRIBUTES: dict[tuple[str, ...], Callable[[PropertySource], Any]] = {
     ("destination", "address"): _info(lambda i: _addr(i.local_addr)),
     ("destination", "port"): _info(lambda i: i.local_addr[1]),
     ("connection", "id"): _info(lambda i: Uint(i.connection_id)),
-    ("connection", "mtls"): _info(lambda i: False),
+    # Envoy answers mtls and requested_server_name on plain connections too (false, "").
+    ("connection", "mtls"): _info(lambda i: i.tls is not None and i.tls.mtls),
+    ("connection", "requested_server_name"): _info(lambda i: i.tls.requested_server_name if i.tls else ""),
+    ("connection", "tls_version"): _tls(lambda t: t.version),
+    ("connection", "subject_local_certificate"): _tls(lambda t: t.subject_local_certificate),
+    ("connection", "subject_peer_certificate"): _tls(lambda t: t.subject_peer_certificate),
+    # SANs and the digest: found only when there is one (Envoy's extractSslInfo).
+    ("connection", "dns_san_local_certificate"): _tls(lambda t: t.dns_san_local_certificate or None),
+    ("connection", "dns_san_peer_certificate"): _tls(lambda t: t.dns_san_peer_certificate or None),
+    ("connection", "uri_san_local_certificate"): _tls(lambda t: t.uri_san_local_certificate or None),
+    ("connection", "uri_san_peer_certificate"): _tls(lambda t: t.uri_san_peer_certificate or None),
+    ("connection", "sha256_peer_certificate_digest"): _tls(lambda t: t.sha256_peer_certificate_digest or None),
     ("upstream", "address"): _log(lambda l: l.upstream_address or None),
     ("xds", "route_name"): _info(lambda i: i.route_name),
     ("xds", "cluster_name"): _info(lambda i: i.cluster_name),
@@ -220,5 +243,15 @@ def get_property(src: PropertySource, path: bytes) -> bytes | None:
     return encode(value)
 
 
-def set_property(src: PropertySource, path: bytes, value: bytes) -> None:
-    src.facts.custom[_normalize(path)] = value
+def set_property(src: PropertySource, path: bytes, value: bytes) -> bool:
+    """Store a custom property; False (nothing stored) when the source's properties would
+    grow past MAX_PROPERTY_BYTES."""
+    custom = src.facts.custom
+    key = _normalize(path)
+    old = custom.get(key)
+    nbytes = custom.nbytes + len(value) - (len(old) if old is not None else -len(key))
+    if nbytes > MAX_PROPERTY_BYTES and nbytes > custom.nbytes:
+        return False
+    custom[key] = value
+    custom.nbytes = nbytes
+    return True

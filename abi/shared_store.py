@@ -4,13 +4,31 @@ Everything that outlives one filter instance and is shared between filters lives
 ``SharedStore`` so a cross-worker backend can replace ``LocalStore`` without touching the
 host. Methods return proxy statuses (abi.enums.Status) exactly as the host hands them to
 the guest, so a backend decides semantics in one place.
+
+Expiring entries (wasmgate's extension, abi/foreign.py): ``set(key, value, cas, ttl_ns)``
+stores an entry that reads as absent once ``ttl_ns`` has passed (CLOCK_MONOTONIC, one clock
+for every worker process). A plain ``set`` (every official-SDK write) stores an entry that never
+expires and is never evicted, as before. Both backends handle expiring entries alike:
+
+* an expired entry is absent for ``get`` and ``set`` (CAS included: ``set`` with any cas
+  creates it anew, so the create-if-absent cas still works);
+* each expiring write reclaims up to ``REAP_PER_WRITE`` expired entries (earliest first), so
+  they cannot pile up faster than they are reclaimed;
+* a write that needs room first drops expiring entries in order of their deadline — expired
+  ones, then those closest to expiring (Redis's ``volatile-ttl``, exact) — never the entry
+  being written, and only when that makes enough room (otherwise it fails and drops nothing).
+  The work is bounded by the room the write needs: each dropped entry frees at least
+  ``ENTRY_OVERHEAD`` bytes.
 """
 from __future__ import annotations
 
 import re
 import threading
+import time
 from collections import deque
 from typing import Callable, Protocol
+
+from sortedcontainers import SortedList
 
 from .api import MetricSample
 from .enums import MetricType, Status
@@ -21,11 +39,25 @@ QueueCallback = Callable[[int], None]
 HISTOGRAM_BUCKETS = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000,
                      30000, 60000, 300000, 600000, 1800000, 3600000)
 _U64 = (1 << 64) - 1
+#: Accounted bytes per shared-data entry on top of its key and value (both backends).
+ENTRY_OVERHEAD = 64
+#: Expired entries each expiring write reclaims (earliest deadline first).
+REAP_PER_WRITE = 2
+
+
+def entry_cost(key: bytes, value: bytes) -> int:
+    """What a shared-data entry counts against ``shared_data.max_bytes``."""
+    return len(key) + len(value) + ENTRY_OVERHEAD
+
+
+def deadline(now_ns: int, ttl_ns: int) -> int:
+    """The expiry of an entry written at ``now_ns`` with ``ttl_ns`` (a u64, so it cannot wrap)."""
+    return min(now_ns + ttl_ns, _U64)
 
 
 class SharedStore(Protocol):
     def get(self, key: bytes) -> tuple[bytes, int] | None: ...
-    def set(self, key: bytes, value: bytes, cas: int) -> int: ...
+    def set(self, key: bytes, value: bytes, cas: int, ttl_ns: int | None = None) -> int: ...
     def register_queue(self, name: str) -> int: ...
     def resolve_queue(self, name: str) -> int | None: ...
     def enqueue(self, qid: int, data: bytes) -> int: ...
@@ -36,6 +68,7 @@ class SharedStore(Protocol):
     def record_metric(self, metric_id: int, value: int) -> int: ...
     def get_metric(self, metric_id: int) -> tuple[int, int]: ...
     def metric_samples(self) -> list[MetricSample]: ...
+    def usage(self) -> dict: ...     # used / max_bytes / evictable bytes, expired / evicted counts
 
 
 class _Metric:
@@ -59,13 +92,19 @@ class LocalStore:
     """
 
     def __init__(self, max_bytes: int = 16 * 1024 * 1024, max_queue_items: int = 10000,
-                 max_metrics: int = 10000):
+                 max_metrics: int = 10000, clock: Callable[[], int] = time.monotonic_ns):
         self.max_bytes = max_bytes
         self.max_queue_items = max_queue_items
         self.max_metrics = max_metrics
+        self.clock = clock
         self._data: dict[bytes, tuple[bytes, int]] = {}
         self._bytes = 0
         self._next_cas = 1
+        self._deadlines: dict[bytes, int] = {}           # key → deadline, expiring entries only
+        self._by_deadline: SortedList = SortedList()     # (deadline, key) of the same entries
+        self._evictable = 0                              # accounted bytes of expiring entries
+        self.expired = 0                                 # entries reclaimed after their deadline
+        self.evicted = 0                                 # entries dropped before it, for room
         self._queue_ids: dict[str, int] = {}
         self._queues: dict[int, deque[bytes]] = {}
         self._callbacks: list[QueueCallback] = []
@@ -75,22 +114,93 @@ class LocalStore:
         self._next_metric = [MetricType.COUNTER, MetricType.GAUGE, MetricType.HISTOGRAM]
         self._lock = threading.Lock()
 
-    # -- shared data (cpp-host shared_data.cc) --------------------------------------------
+    # -- shared data (cpp-host shared_data.cc; expiry: module docstring) ------------------
 
     def get(self, key: bytes) -> tuple[bytes, int] | None:
-        return self._data.get(key)
+        found = self._data.get(key)
+        if found is not None and self._deadlines:
+            due = self._deadlines.get(key)
+            if due is not None and due <= self.clock():
+                return None
+        return found
 
-    def set(self, key: bytes, value: bytes, cas: int) -> int:
+    def set(self, key: bytes, value: bytes, cas: int, ttl_ns: int | None = None) -> int:
         with self._lock:
-            old = self._data.get(key)
-            if old is not None and cas != 0 and cas != old[1]:
-                return Status.CAS_MISMATCH
-            grown = len(value) - (len(old[0]) if old else -len(key))
-            if grown > 0 and self._bytes + grown > self.max_bytes:
-                return Status.INTERNAL_FAILURE
-            self._bytes += grown
-            self._data[key] = (value, self._fresh_cas())
+            return self._set(key, value, cas, ttl_ns)
+
+    def _set(self, key: bytes, value: bytes, cas: int, ttl_ns: int | None) -> int:
+        old = self._data.get(key)
+        now = self.clock() if self._deadlines or ttl_ns is not None else 0
+        old_due = self._deadlines.get(key) if old is not None and self._deadlines else None
+        live = old is not None and (old_due is None or old_due > now)
+        if live and cas != 0 and cas != old[1]:
+            return Status.CAS_MISMATCH
+        if ttl_ns == 0:                          # expires at once: a CAS-guarded delete
+            if old is not None:
+                self._drop(key, now, counted=not live)
             return Status.OK
+        old_cost = entry_cost(key, old[0]) if old is not None else 0
+        new_cost = entry_cost(key, value)
+        if new_cost > old_cost and not self._fits(new_cost - old_cost, now, key,
+                                                  old_cost if old_due is not None else 0):
+            return Status.INTERNAL_FAILURE
+        if old_due is not None:
+            self._by_deadline.remove((old_due, key))
+            self._evictable -= old_cost
+            del self._deadlines[key]
+        self._bytes += new_cost - old_cost
+        self._data[key] = (value, self._fresh_cas())
+        if ttl_ns is not None:
+            due = deadline(now, ttl_ns)
+            self._deadlines[key] = due
+            self._by_deadline.add((due, key))
+            self._evictable += new_cost
+            self._reap(now)
+        return Status.OK
+
+    def _drop(self, key: bytes, now: int, counted: bool = True) -> int:
+        """Remove an entry (expiring or not); returns the bytes freed.
+        ``counted``: an expiry or eviction (not a delete the filter asked for)."""
+        value, _cas = self._data.pop(key)
+        cost = entry_cost(key, value)
+        self._bytes -= cost
+        due = self._deadlines.pop(key, None)
+        if due is not None:
+            self._by_deadline.remove((due, key))
+            self._evictable -= cost
+            if counted and due <= now:
+                self.expired += 1
+            elif counted:
+                self.evicted += 1
+        return cost
+
+    def _fits(self, grow: int, now: int, keep: bytes, keep_cost: int) -> bool:
+        """Make room for ``grow`` more bytes by dropping expiring entries (earliest deadline
+        first, never ``keep``), if they can free enough; else change nothing."""
+        need = self._bytes + grow - self.max_bytes
+        if need <= 0:
+            return True
+        if need > self._evictable - keep_cost:
+            return False
+        i = 0
+        while need > 0:
+            _due, key = self._by_deadline[i]
+            if key == keep:
+                i += 1
+                continue
+            need -= self._drop(key, now)
+        return True
+
+    def _reap(self, now: int) -> None:
+        for _ in range(REAP_PER_WRITE):
+            if not self._by_deadline or self._by_deadline[0][0] > now:
+                return
+            self._drop(self._by_deadline[0][1], now)
+
+    def usage(self) -> dict:
+        """Accounted bytes and eviction counts (same keys as ShmStore.usage())."""
+        return {"used": self._bytes, "max_bytes": self.max_bytes, "evictable": self._evictable,
+                "expired": self.expired, "evicted": self.evicted}
 
     def _fresh_cas(self) -> int:
         cas = self._next_cas
@@ -202,7 +312,7 @@ class LocalStore:
         return Status.OK, m.value & _U64
 
     def metric_samples(self) -> list[MetricSample]:
-        out: list[MetricSample] = []
+        out = usage_samples(self.usage())
         for (kind, name), m in list(self._metrics_by_name.items()):   # a snapshot: see _lock
             prom = prometheus_name("wasmcustom_" + name)
             if kind == MetricType.COUNTER:
@@ -212,6 +322,22 @@ class LocalStore:
             else:
                 out.extend(_histogram_samples(prom, name, m))
         return out
+
+
+def usage_samples(usage: dict) -> list[MetricSample]:
+    """The store's own numbers for /metrics (gateway-wide: one store serves every worker)."""
+    return [
+        MetricSample("wasmgate_shared_data_bytes", "gauge", float(usage["used"]), {},
+                     "Bytes of shared_data.max_bytes in use (entries: key + value + 64)."),
+        MetricSample("wasmgate_shared_data_max_bytes", "gauge", float(usage["max_bytes"]), {},
+                     "The shared-data budget (shared_data.max_bytes)."),
+        MetricSample("wasmgate_shared_data_evictable_bytes", "gauge", float(usage["evictable"]), {},
+                     "Bytes held by expiring entries, which make room for other writes."),
+        MetricSample("wasmgate_shared_data_evictions_total", "counter", float(usage["expired"]),
+                     {"reason": "expired"}, "Expiring entries removed, by reason."),
+        MetricSample("wasmgate_shared_data_evictions_total", "counter", float(usage["evicted"]),
+                     {"reason": "room"}, "Expiring entries removed, by reason."),
+    ]
 
 
 def _histogram_samples(prom: str, name: str, m: _Metric) -> list[MetricSample]:

@@ -20,8 +20,11 @@ record in the main tree.
 ===========================================  ===================================================
 key                                          value (msgpack unless noted)
 ===========================================  ===================================================
-``M``                                        ``[cas_counter, used_bytes, queue_seq, metric_seq]``
-``k``+key  (``h``+blake2b(key) if ≥ 480 B)   ``[cas, value]``  (``[cas, value, key]``)
+``M``                                        ``[cas_counter, used_bytes, queue_seq, metric_seq,
+                                             evictable_bytes, expired_count, evicted_count]``
+``k``+key  (``h``+blake2b(key) if ≥ 480 B)   ``[cas, value]``  (``[cas, value, key]``); an
+                                             expiring entry ``[cas, value, key|nil, deadline]``
+``E``+deadline (u64 BE)+data key             empty: expiring entries in deadline order
 ``Qn``+name                                  qid
 ``Qi``+qid (u32 BE)                          ``[name, head, tail, {token: [pid, pending]}]``
 ``I``+qid (u32 BE)+seq (u64 BE)              the item (raw bytes)
@@ -33,7 +36,12 @@ key                                          value (msgpack unless noted)
 Size: ``max_bytes`` is a *logical* budget, enforced exactly by this module: every shared-data
 entry costs ``len(key) + len(value) + ENTRY_OVERHEAD`` and every queued item
 ``len(item) + ENTRY_OVERHEAD`` (metric definitions ``len(name) + ENTRY_OVERHEAD``). A write that
-would exceed it returns ``STATUS_FULL`` and changes nothing. The LMDB map is sized
+would exceed it first drops expiring entries, earliest deadline first, by walking the ``E``
+records from the start of their range (abi/shared_store.py explains expiry; both backends share
+the rules); if those cannot free enough, it returns ``STATUS_FULL`` and changes nothing. The
+deadline index is exact (every expiring write replaces its own ``E`` record in the same
+transaction), so a SIGKILLed worker leaves either the whole write or none of it. Deadlines are
+``CLOCK_MONOTONIC`` nanoseconds, one clock for every process on the machine. The LMDB map is sized
 ``MAP_FACTOR * max_bytes + MAP_HEADROOM`` so B-tree slack, copy-on-write and metric updates never
 reach the physical limit; if they somehow do (``MapFullError``), the write is retried once after
 clearing dead readers and then reported as ``STATUS_FULL`` too. tmpfs pages are only allocated
@@ -59,8 +67,8 @@ although it is the only non-OK status the Rust SDK's set_shared_data accepts: ev
 (rate limiters) retries on CAS_MISMATCH, so a full store would spin the worker forever on the
 request path. A Rust filter panics on 10 — a trap, which the host contains (the instance is
 rebuilt, the request follows the filter's failure_policy); Go/C++ SDKs surface it as an error.
-That is the same status abi.shared_store.LocalStore returns for set. (LocalStore.enqueue drops
-the oldest item instead; this backend refuses the new one, so nothing is ever lost silently.)
+That is the same status abi.shared_store.LocalStore returns for set and enqueue (both refuse the
+new item, so nothing is ever lost silently).
 
 Known limits: a process *stopped* (SIGSTOP, debugger) while inside a write transaction blocks
 every other writer until it continues (killing it is fine). Concurrent *creation* of a key is
@@ -92,6 +100,7 @@ import shutil
 import struct
 import tempfile
 import threading
+import time
 import weakref
 from bisect import bisect_left
 from dataclasses import dataclass, field
@@ -102,6 +111,7 @@ import lmdb
 import msgpack
 
 from .api import MetricSample
+from .shared_store import ENTRY_OVERHEAD, REAP_PER_WRITE, deadline, entry_cost, usage_samples
 
 log = logging.getLogger("wasmgate.shared_store")
 
@@ -124,7 +134,6 @@ MISSING_CAS = 0xFFFFFFFF
 COUNTER, GAUGE, HISTOGRAM = 0, 1, 2
 KIND_NAMES = {COUNTER: "counter", GAUGE: "gauge", HISTOGRAM: "histogram"}
 
-ENTRY_OVERHEAD = 64                 # accounted bytes per entry on top of key + value
 MAP_FACTOR = 4
 MAP_HEADROOM = 8 * 1024 * 1024
 MIN_MAX_BYTES = 4096
@@ -136,16 +145,19 @@ HISTOGRAM_BOUNDS: tuple[float, ...] = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 100
 _U32 = 0xFFFFFFFF
 _U64 = (1 << 64) - 1
 _CONFIG_FILE = "wasmgate-store.msgpack"
-_FORMAT = 1
+_FORMAT = 2                         # 2: expiring entries (deadline index, meta[4:7])
 
 _packb = msgpack.packb
 _unpackb = msgpack.unpackb
 _qkey = struct.Struct(">I").pack
+_U64S = struct.Struct(">Q")
+_u64 = _U64S.pack
 _itemkey = struct.Struct(">IQ").pack
 # key prefixes in the single LMDB tree (data keys start with b"k" or b"h")
 _META = b"M"
 _QNAME, _QREC, _ITEM = b"Qn", b"Qi", b"I"
 _MNAME, _MREC = b"Xn", b"Xi"
+_EXP = b"E"                         # E + deadline (u64 BE) + data key: expiring entries by deadline
 
 
 class StoreFull(Exception):
@@ -232,6 +244,12 @@ def _data_key(key: bytes) -> tuple[bytes, bool]:
     if len(key) < LONG_KEY:
         return b"k" + key, False
     return b"h" + hashlib.blake2b(key, digest_size=32).digest(), True
+
+
+def _record_cost(dk: bytes, rec: list) -> int:
+    """Accounted bytes of the data record ``rec`` stored under ``dk``."""
+    klen = len(rec[2]) if dk[:1] == b"h" else len(dk) - 1
+    return klen + len(rec[1]) + ENTRY_OVERHEAD
 
 
 class _Env:
@@ -340,6 +358,7 @@ class ShmStore:
         self._writer_fds: dict[bytes, int] = {}
         self._dead_tokens: set[bytes] = set()
         self._closed = False
+        self.clock: Callable[[], int] = time.monotonic_ns   # CLOCK_MONOTONIC: one clock machine-wide
         _open_stores.add(self)
 
     @classmethod
@@ -364,7 +383,7 @@ class ShmStore:
         with store._lock:
             env = store._e.ensure(create=True)
             with env.begin(write=True) as txn:
-                txn.put(_META, _packb([0, 0, 0, 0]))
+                txn.put(_META, _packb([0] * 7))
         if preallocate:
             fd = os.open(path / "data.mdb", os.O_RDWR)
             try:
@@ -519,36 +538,99 @@ class ShmStore:
         rec = _unpackb(raw)
         if hashed and rec[2] != key:
             return None
+        if len(rec) == 4 and rec[3] <= self.clock():
+            return None                            # expired: absent (reclaimed by a later write)
         return rec[1], rec[0]
 
-    def set(self, key: bytes, value: bytes, cas: int) -> int:
-        r = self._write(self._set_txn, bytes(key), bytes(value), cas & _U32)
+    def set(self, key: bytes, value: bytes, cas: int, ttl_ns: int | None = None) -> int:
+        """§5.4 set; ``ttl_ns`` makes the entry expiring (abi/shared_store.py docstring)."""
+        r = self._write(self._set_txn, bytes(key), bytes(value), cas & _U32,
+                        None if ttl_ns is None else ttl_ns & _U64)
         return STATUS_FULL if r is _FULL else r
 
-    def _set_txn(self, txn, key, value, cas):
+    def _set_txn(self, txn, key, value, cas, ttl):
         dk, hashed = _data_key(key)
-        old_cost = 0
-        raw = txn.get(dk)
-        if raw is not None:
-            rec = _unpackb(raw)
-            if hashed and rec[2] != key:           # hash collision: treat as absent, overwrite
-                rec = None
-            else:
-                if cas and cas != rec[0]:
-                    return False, CAS_MISMATCH
-            if rec is not None:
-                old_cost = len(key) + len(rec[1]) + ENTRY_OVERHEAD
         meta = self._meta(txn)
-        new_cost = len(key) + len(value) + ENTRY_OVERHEAD
-        used = meta[1] + new_cost - old_cost
-        if new_cost > old_cost and used > self.max_bytes:
+        now = self.clock() if meta[4] or ttl is not None else 0
+        raw = txn.get(dk)
+        prev = None if raw is None else _unpackb(raw)        # what occupies dk (maybe expired)
+        same = prev is not None and not (hashed and prev[2] != key)   # else a hash collision
+        prev_due = prev[3] if prev is not None and len(prev) == 4 else None
+        live = same and (prev_due is None or prev_due > now)
+        if live and cas and cas != prev[0]:
+            return False, CAS_MISMATCH
+        if ttl == 0:                               # expires at once: a CAS-guarded delete
+            if prev is None:
+                return False, OK
+            self._drop_txn(txn, meta, dk, prev, now, counted=not live)
+            txn.put(_META, self._e.pack(meta))
+            return True, OK
+        prev_cost = 0 if prev is None else _record_cost(dk, prev)
+        new_cost = entry_cost(key, value)
+        if new_cost > prev_cost and not self._fits(txn, meta, new_cost - prev_cost, now, dk,
+                                                   prev_cost if prev_due is not None else 0):
             return False, STATUS_FULL
+        if prev_due is not None:
+            txn.delete(_EXP + _u64(prev_due) + dk)
+            meta[4] -= prev_cost
         fresh = meta[0] % (MISSING_CAS - 1) + 1    # global counter 1..2^32-2: skips 0 and MISSING_CAS
         meta[0] = fresh
-        meta[1] = used
-        txn.put(dk, self._e.pack([fresh, value, key] if hashed else [fresh, value]))
+        meta[1] += new_cost - prev_cost
+        if ttl is None:
+            txn.put(dk, self._e.pack([fresh, value, key] if hashed else [fresh, value]))
+        else:
+            due = deadline(now, ttl)
+            txn.put(dk, self._e.pack([fresh, value, key if hashed else None, due]))
+            txn.put(_EXP + _u64(due) + dk, b"")
+            meta[4] += new_cost
+            self._reap(txn, meta, now)
         txn.put(_META, self._e.pack(meta))
         return True, OK
+
+    def _fits(self, txn, meta, grow: int, now: int, keep: bytes = b"", keep_cost: int = 0) -> bool:
+        """Make room for ``grow`` more bytes by dropping expiring entries (earliest deadline
+        first, never the data key ``keep``), if they can free enough; else change nothing."""
+        need = meta[1] + grow - self.max_bytes
+        if need <= 0:
+            return True
+        if need > meta[4] - keep_cost:
+            return False
+        now = now or self.clock()
+        start = _EXP
+        cur = txn.cursor()
+        while need > 0:
+            cur.set_range(start)                   # re-seek: each drop changed the tree
+            ik = cur.key()
+            dk = ik[9:]
+            if dk == keep:
+                start = ik + b"\0"
+                continue
+            need -= self._drop_txn(txn, meta, dk, _unpackb(txn.get(dk)), now)
+        return True
+
+    def _reap(self, txn, meta, now: int) -> None:
+        cur = txn.cursor()
+        for _ in range(REAP_PER_WRITE):
+            if not cur.set_range(_EXP):
+                return
+            ik = cur.key()
+            if ik[:1] != _EXP or _U64S.unpack_from(ik, 1)[0] > now:
+                return
+            self._drop_txn(txn, meta, ik[9:], _unpackb(txn.get(ik[9:])), now)
+
+    @staticmethod
+    def _drop_txn(txn, meta, dk: bytes, rec: list, now: int, counted: bool = True) -> int:
+        """Delete one data record (and its deadline record); returns the bytes freed.
+        ``counted``: an expiry or eviction (not a delete the filter asked for)."""
+        cost = _record_cost(dk, rec)
+        txn.delete(dk)
+        meta[1] -= cost
+        if len(rec) == 4:
+            txn.delete(_EXP + _u64(rec[3]) + dk)
+            meta[4] -= cost
+            if counted:
+                meta[5 if rec[3] <= now else 6] += 1
+        return cost
 
     def delete(self, key: bytes) -> int:
         """Remove a key entirely (not part of the ABI; Rust's 'remove' writes an empty value)."""
@@ -564,8 +646,7 @@ class ShmStore:
         if hashed and rec[2] != key:
             return False, NOT_FOUND
         meta = self._meta(txn)
-        meta[1] -= len(key) + len(rec[1]) + ENTRY_OVERHEAD
-        txn.delete(dk)
+        self._drop_txn(txn, meta, dk, rec, 0, counted=False)
         txn.put(_META, self._e.pack(meta))
         return True, OK
 
@@ -634,9 +715,9 @@ class ShmStore:
         if raw is None:
             return False, (NOT_FOUND, ())
         meta = self._meta(txn)
-        used = meta[1] + len(data) + ENTRY_OVERHEAD
-        if used > self.max_bytes:
+        if not self._fits(txn, meta, len(data) + ENTRY_OVERHEAD, 0):
             return False, (STATUS_FULL, ())
+        used = meta[1] + len(data) + ENTRY_OVERHEAD
         rec = _unpackb(raw)
         tail = rec[2]
         txn.put(_ITEM + _itemkey(qid, tail), data)
@@ -819,9 +900,9 @@ class ShmStore:
         if raw is not None:
             return False, _unpackb(raw)
         meta = self._meta(txn)
-        used = meta[1] + len(nkey) - 3 + ENTRY_OVERHEAD
-        if used > self.max_bytes:
+        if not self._fits(txn, meta, len(nkey) - 3 + ENTRY_OVERHEAD, 0):
             return False, None
+        used = meta[1] + len(nkey) - 3 + ENTRY_OVERHEAD
         meta[3] += 1
         mid = (meta[3] << 2) | kind
         if mid > _U32:
@@ -913,7 +994,7 @@ class ShmStore:
     def metric_samples(self) -> list[MetricSample]:
         """For /metrics, in the same shape as abi.shared_store.LocalStore.metric_samples():
         ``wasmcustom_<name>``; histograms as ``_bucket{le}`` (cumulative), ``_sum``, ``_count``."""
-        out: list[MetricSample] = []
+        out = usage_samples(self.usage())
         for m in self.metric_values():
             prom = _prometheus_name("wasmcustom_" + m.name)
             help_ = f"wasm metric {m.name}"
@@ -937,13 +1018,16 @@ class ShmStore:
                 meta = self._meta(txn)
             info = env.info()
         return {"used": meta[1], "max_bytes": self.max_bytes, "map_size": self._map_size,
-                "lmdb_last_pgno": info["last_pgno"], "cas_counter": meta[0]}
+                "lmdb_last_pgno": info["last_pgno"], "cas_counter": meta[0],
+                "evictable": meta[4], "expired": meta[5], "evicted": meta[6]}
 
     def verify(self) -> list[str]:
         """Full consistency check (tests, debugging): recompute accounted bytes from the records.
         Returns a list of problems (empty = consistent)."""
         problems: list[str] = []
-        used = 0
+        used = evictable = 0
+        deadlines: dict[bytes, int] = {}          # data key → deadline, from the data records
+        indexed: dict[bytes, int] = {}            # the same, from the deadline index
         items: dict[int, list[int]] = {}
         qnames: dict[int, bytes] = {}
         qrecs: dict[int, list] = {}
@@ -955,11 +1039,16 @@ class ShmStore:
                     p1, p2 = k[:1], k[:2]
                     if p1 in (b"k", b"h"):
                         rec = _unpackb(raw)
-                        if not (isinstance(rec, list) and len(rec) in (2, 3) and 0 < rec[0] <= _U32):
+                        if not (isinstance(rec, list) and len(rec) in (2, 3, 4) and 0 < rec[0] <= _U32):
                             problems.append(f"bad data record {k!r}")
                             continue
-                        klen = len(rec[2]) if p1 == b"h" else len(k) - 1
-                        used += klen + len(rec[1]) + ENTRY_OVERHEAD
+                        used += _record_cost(k, rec)
+                        if len(rec) == 4:
+                            deadlines[k] = rec[3]
+                            evictable += _record_cost(k, rec)
+                    elif p1 == _EXP:
+                        if indexed.setdefault(k[9:], _U64S.unpack_from(k, 1)[0]) != _U64S.unpack_from(k, 1)[0]:
+                            problems.append(f"two deadlines for {k[9:]!r}")
                     elif p1 == _ITEM:
                         qid, seq = struct.unpack(">IQ", k[1:])
                         items.setdefault(qid, []).append(seq)
@@ -983,6 +1072,10 @@ class ShmStore:
             problems.append(f"items of unknown queues {sorted(items)}")
         if used != meta[1]:
             problems.append(f"accounted bytes {meta[1]} != recomputed {used}")
+        if deadlines != indexed:
+            problems.append(f"deadline index {len(indexed)} records != {len(deadlines)} expiring entries")
+        if evictable != meta[4]:
+            problems.append(f"evictable bytes {meta[4]} != recomputed {evictable}")
         return problems
 
 
@@ -1070,6 +1163,26 @@ def _bench(n: int = 20000) -> None:            # python -m abi.shared_store_shm
             for i in range(n):
                 fn(i)
             print(f"{label:34s} {(time.perf_counter() - t0) / n * 1e6:6.2f} µs/op")
+        # expiring entries, side by side with the one-process LocalStore (same rules)
+        from .shared_store import LocalStore
+        for kind, st_ in (("shm", create(name + "-x", 1 << 20)), ("local", LocalStore(1 << 20))):
+            for label, ttl in (("plain set, 1024 keys (64 B)", None), ("expiring set, 1024 keys", 10**12)):
+                t0 = time.perf_counter()
+                for i in range(n):
+                    st_.set(b"x%d" % (i & 1023), b"v" * 64, 0, ttl)
+                print(f"{kind:5s} {label:28s} {(time.perf_counter() - t0) / n * 1e6:6.2f} µs/op")
+            i = 0
+            while st_.usage()["evicted"] == 0:        # fill the budget with expiring entries
+                st_.set(b"fill-%d" % i, b"v" * 16, 0, 10**12)
+                i += 1
+            t0 = time.perf_counter()
+            for i in range(n):                        # budget full: each drops the oldest entry
+                st_.set(b"fresh-%d" % i, b"v" * 16, 0, 10**12 + i)
+            print(f"{kind:5s} {'fresh key, store full (evicts)':28s} {(time.perf_counter() - t0) / n * 1e6:6.2f} "
+                  f"µs/op ({st_.usage()['evicted']} evicted)")
+            if kind == "shm":
+                st_.close()
+                remove(name + "-x")
         t0 = time.perf_counter()
         k = s.dispatch_notifications()
         print(f"dispatch_notifications ({k} callbacks, none registered) "

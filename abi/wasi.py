@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import os
 import struct
+import sys
 import time
+from array import array
+from operator import add
 from typing import TYPE_CHECKING, Callable
 
 from .engine import HostTrap
 from .enums import WasiErrno as E
+from .limits import IOVEC_BATCH, MAX_LOG_BYTES
 
 if TYPE_CHECKING:
     from .filter import Filter
@@ -20,6 +24,8 @@ if TYPE_CHECKING:
 WASI_MODULES = ("wasi_snapshot_preview1", "wasi_unstable")
 STDOUT, STDERR = 1, 2
 MAX_RANDOM = 64 * 1024
+_U32 = 0xFFFFFFFF
+_SWAP = sys.byteorder != "little"      # iovec words are little-endian in guest memory
 
 
 class ProcExit(HostTrap):
@@ -28,22 +34,42 @@ class ProcExit(HostTrap):
         self.code = code
 
 
-def _iovecs(f: "Filter", iovs: int, n: int) -> bytes:
-    raw = f.read(iovs, 8 * n)
-    parts = []
-    for i in range(n):
-        ptr, length = struct.unpack_from("<II", raw, 8 * i)
-        parts.append(f.read(ptr, length))
-    return b"".join(parts)
+def _gather(f: "Filter", iovs: int, n: int, cap: int) -> tuple[bytes, int]:
+    """The first `cap` bytes an iovec list points at, and the total length it claims.
+
+    The list may name the same guest bytes over and over, so the host copies at most `cap`
+    bytes of data (and one batch of the list at a time) however much the guest claims. Every
+    iovec is still bounds-checked: a bad one is FAULT, as in cpp-host."""
+    parts: list[bytes] = []
+    room = cap
+    total = 0
+    for first in range(0, n, IOVEC_BATCH):
+        count = min(IOVEC_BATCH, n - first)
+        words = array("I", f.read(iovs + 8 * first, 8 * count))
+        if _SWAP:
+            words.byteswap()
+        ptrs, lens = words[0::2], words[1::2]
+        f.check_out(0, max(map(add, ptrs, lens)))
+        total += sum(lens)
+        i = 0
+        while room and i < count:
+            take = min(lens[i], room)
+            if take:
+                parts.append(f.read(ptrs[i], take))
+                room -= take
+            i += 1
+    return b"".join(parts), total
 
 
 def fd_write(f, fd, iovs, iovs_len, ret_p):
     if fd not in (STDOUT, STDERR):
         return E.BADF
-    data = _iovecs(f, iovs, iovs_len)
+    data, total = _gather(f, iovs, iovs_len, MAX_LOG_BYTES)
+    if total > _U32:
+        return E.INVAL                  # as writev when the lengths overflow its result
     f.check_out(ret_p, 4)
-    f.guest_stdio(fd, data)
-    f.write_u32(ret_p, len(data))
+    f.guest_stdio(fd, data, total)
+    f.write_u32(ret_p, total)           # all of it "written": the rest of the line is dropped
     return E.SUCCESS
 
 

@@ -71,7 +71,7 @@ class FakeServices:
     def has_cluster(self, name: str) -> bool:
         return False
 
-    async def http_call(self, cluster, method, path, authority, headers, body, timeout_s):
+    async def http_call(self, cluster, method, path, authority, headers, body, timeout_s, reserve=None):
         raise CallFailed("no clusters in the profile harness")
 
 

@@ -28,6 +28,10 @@ FILTER_CONFIGS: dict[str, dict] = {
     "headers": {"request": {"set": {"x-request-id": "${request.id}"}},
                 "response": {"set": {"x-served-by": "wasmgate"}}},
 }
+# gateway_chain_redis: the same limit, its buckets in Redis (cluster REDIS_CLUSTER).
+REDIS_CLUSTER = "ratelimit_store"
+FILTER_CONFIGS["ratelimit_redis"] = {**FILTER_CONFIGS["ratelimit"], "backend": "redis",
+                                     "redis_cluster": REDIS_CLUSTER}
 
 
 # Response headers that prove each filter ran: ratelimit's RateLimit-* and headers' x-served-by
@@ -43,18 +47,28 @@ def _filter_entry(name: str, stem: str) -> dict:
     return {
         "name": name,
         "wasm": str(DIST / f"{stem}.wasm"),
-        "config": FILTER_CONFIGS[stem],
+        "config": FILTER_CONFIGS.get(name) or FILTER_CONFIGS[stem],
         "failure_policy": "fail_closed",
     }
 
 
 def gateway_config(*, port: int, admin_port: int, upstream_port: int,
-                   filters: list[tuple[str, str]] | None = None) -> dict:
-    """filters: [(entry name, wasm stem)] — all of them on the one route, in that order."""
+                   filters: list[tuple[str, str]] | None = None, redis_port: int | None = None,
+                   tls: tuple[str, str] | None = None) -> dict:
+    """filters: [(entry name, wasm stem)] — all of them on the one route, in that order; an entry
+    whose name has its own FILTER_CONFIGS (ratelimit_redis) uses that. ``redis_port``: the
+    `type: redis` cluster REDIS_CLUSTER. tls: (cert, key) makes the listener a TLS one (defaults
+    otherwise: TLS >= 1.2, ALPN http/1.1)."""
     filters = filters or []
     route: dict = {"name": "bench", "cluster": "upstream"}
     if filters:
         route["filters"] = [n for n, _ in filters]
+    routes = [route]
+    if redis_port:
+        # The same chain with backend: local on /local: gateway_chain_redis pairs the two.
+        routes.insert(0, {"name": "local", "match": {"prefix": "/local"}, "cluster": "upstream",
+                          "filters": [n for n, _ in CHAIN_FILTERS]})
+        filters = filters + [f for f in CHAIN_FILTERS if f not in filters]
     cfg = {
         "listeners": [{"name": "main", "address": "127.0.0.1", "port": port}],
         "admin": {"address": "127.0.0.1", "port": admin_port},
@@ -62,10 +76,15 @@ def gateway_config(*, port: int, admin_port: int, upstream_port: int,
         "access_log": None,     # like the peers: baseline and nginx log nothing either
         "clusters": [{"name": "upstream", "endpoints": [f"127.0.0.1:{upstream_port}"],
                       "max_connections": 256}],
-        "routes": [route],
+        "routes": routes,
     }
+    if redis_port:
+        cfg["clusters"].append({"name": REDIS_CLUSTER, "type": "redis",
+                                "endpoints": [f"127.0.0.1:{redis_port}"]})
     if filters:
         cfg["filters"] = [_filter_entry(n, s) for n, s in filters]
+    if tls:
+        cfg["listeners"][0]["tls"] = {"cert": tls[0], "key": tls[1]}
     return cfg
 
 
@@ -75,5 +94,6 @@ def write_config(path: Path, cfg: dict) -> Path:
 
 
 CHAIN_FILTERS = [(n, n) for n in CHAIN]
+CHAIN_REDIS_FILTERS = [(n if n != "ratelimit" else "ratelimit_redis", n) for n in CHAIN]
 # Cold start: 5 filter entries over the built modules (two reused), all on the route.
 COLD_FILTERS = CHAIN_FILTERS + [("auth_2", "auth"), ("headers_2", "headers")]

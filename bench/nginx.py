@@ -46,8 +46,8 @@ _PROXY = """\
         keepalive 128;
     }}
     server {{
-        listen 127.0.0.1:{port} reuseport backlog=4096;
-        location / {{
+        listen 127.0.0.1:{port} {ssl}reuseport backlog=4096;
+{tls}        location / {{
             proxy_pass http://bench_upstream;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
@@ -61,15 +61,29 @@ def _config(prefix: Path, body: str) -> str:
     return _COMMON.format(user=user, prefix=prefix, body=body)
 
 
+# The TLS settings wasmgate's listener uses by default (gateway/tls.py): TLS 1.2 and 1.3, the same
+# TLS 1.2 cipher list, server order; session tickets on (both sides' defaults).
+_TLS = """\
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_ciphers {ciphers};
+        ssl_prefer_server_ciphers on;
+"""
+
+
 def start_nginx(nginx_bin: str, prefix: Path, name: str, port: int, *,
-                upstream_port: int | None = None, cpus: str | None = None) -> Proc:
-    """Upstream (fixed 200 response) when upstream_port is None, else a keep-alive proxy to it."""
+                upstream_port: int | None = None, cpus: str | None = None,
+                tls: tuple[str, str, str] | None = None) -> Proc:
+    """Upstream (fixed 200 response) when upstream_port is None, else a keep-alive proxy to it;
+    tls: (cert, key, TLS 1.2 ciphers) terminates TLS on the proxy's listener."""
     prefix.mkdir(parents=True, exist_ok=True)
     if upstream_port is None:
         text = UPSTREAM_BODY.replace("\n", "\\n")
         body = _UPSTREAM.format(port=port, text=text)
     else:
-        body = _PROXY.format(port=port, upstream_port=upstream_port)
+        body = _PROXY.format(port=port, upstream_port=upstream_port, ssl="ssl " if tls else "",
+                             tls=_TLS.format(cert=tls[0], key=tls[1], ciphers=tls[2]) if tls else "")
     conf = prefix / "nginx.conf"
     conf.write_text(_config(prefix, body))
     argv = [nginx_bin, "-p", str(prefix), "-e", str(prefix / "error.log"), "-c", str(conf)]
@@ -77,7 +91,8 @@ def start_nginx(nginx_bin: str, prefix: Path, name: str, port: int, *,
         argv = ["taskset", "-c", cpus] + argv
     proc = Proc(name, argv, log_path=prefix / "stdout.log")
     try:
-        wait_ready(f"http://127.0.0.1:{port}/", proc, timeout=10)
+        wait_ready(f"{'https' if tls else 'http'}://127.0.0.1:{port}/", proc, timeout=10,
+                   cafile=tls[0] if tls else None)
     except Exception:
         err = (prefix / "error.log")
         extra = err.read_text(errors="replace")[-2000:] if err.exists() else ""

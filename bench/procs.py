@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -105,18 +106,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def http_get(url: str, headers: dict[str, str] | None = None, timeout: float = 2.0
-             ) -> tuple[int, dict[str, str], bytes]:
+def http_get(url: str, headers: dict[str, str] | None = None, timeout: float = 2.0,
+             cafile: str | None = None) -> tuple[int, dict[str, str], bytes]:
+    """GET; an https URL is verified against ``cafile`` (the bench's self-signed certificate)."""
     req = urllib.request.Request(url, headers=headers or {})
+    context = ssl.create_default_context(cafile=cafile) if cafile else None
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
+        with urllib.request.urlopen(req, timeout=timeout, context=context) as r:
             return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
     except urllib.error.HTTPError as e:
         return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
 
 
 def wait_ready(url: str, proc: Proc | None, timeout: float, interval: float = 0.005,
-               headers: dict[str, str] | None = None) -> float:
+               headers: dict[str, str] | None = None, cafile: str | None = None) -> float:
     """Poll `url` until it answers 200; return the monotonic time it did. Raises on timeout/exit."""
     deadline = time.monotonic() + timeout
     last = "no answer"
@@ -125,7 +128,7 @@ def wait_ready(url: str, proc: Proc | None, timeout: float, interval: float = 0.
             raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode} before ready "
                                f"({url}); log tail:\n{proc.log_tail()}")
         try:
-            status, _, _ = http_get(url, headers, timeout=1.0)
+            status, _, _ = http_get(url, headers, timeout=1.0, cafile=cafile)
             if status == 200:
                 return time.monotonic()
             last = f"HTTP {status}"

@@ -46,6 +46,13 @@ def render(r: dict) -> str:
                f"{c.get('host_call_us')} µs")
     if cs:
         out.append(f"- cold start, {cs['filters']} filters, warm module cache: {cs['seconds']:.3f} s")
+    tls = r.get("ratios", {}).get("tls_cpu_vs_plain", {})
+    if any(v is not None for v in tls.values()):
+        out.append(f"- TLS keep-alive CPU/req ÷ plain: `gateway_tls`/`gateway_plain` {_f(tls.get('gateway_tls'), '')},"
+                   f" `nginx_tls`/`nginx_proxy` {_f(tls.get('nginx_tls'), '')}")
+    for who, h in (r.get("tls_handshake") or {}).items():
+        out.append(f"- full TLS handshake, {who}: {h['connections_per_core_s']:,} new connections/s per core "
+                   f"({h['cpu_us_per_connection']:.0f} µs CPU each, incl. one request)")
     rs = r.get("rebuild_stall")
     if rs:
         a, d = rs["alone"], rs["rebuilding"]

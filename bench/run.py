@@ -9,6 +9,7 @@ import importlib.util
 import json
 import os
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -26,18 +27,25 @@ from bench.procs import (Proc, free_port, http_get, install_signal_handlers, loa
 from bench.tools import ROOT, ensure_tools, machine_info
 from bench.wrk import WrkResult, run_wrk
 
-SCENARIOS = ["baseline_aiohttp", "gateway_plain", "gateway_chain", "gateway_chain_2w",
-             "nginx_proxy"]
-EXTRAS = ["chain_half_rate", "crossing", "cold_start", "rebuild_stall"]
+SCENARIOS = ["baseline_aiohttp", "gateway_plain", "gateway_chain", "gateway_chain_redis",
+             "gateway_chain_2w", "nginx_proxy", "gateway_tls", "nginx_tls", "gateway_tls_handshake",
+             "nginx_tls_handshake"]
+# wrk sends "Connection: close" in these: every request is a new connection and a full handshake.
+HANDSHAKE_SCENARIOS = {"gateway_tls_handshake": "gateway", "nginx_tls_handshake": "nginx"}
+EXTRAS = ["chain_half_rate", "chain_redis_half_rate", "crossing", "cold_start", "rebuild_stall"]
 ALL = SCENARIOS + EXTRAS
 
 TARGETS = [  # key, description, comparison, bar
     ("chain_cpu_vs_baseline", "gateway_chain CPU/req ÷ baseline_aiohttp CPU/req", "<=", 1.0),
     ("chain_2w_rps_vs_chain", "gateway_chain_2w rps ÷ gateway_chain rps", ">=", 1.6),
     ("chain_p99_at_half_peak_ms", "gateway_chain p99 at half its peak rate (ms)", "<=", 5.0),
+    ("redis_cpu_added_us", "CPU/req backend: redis adds to the chain (µs, paired)", "<=", 30.0),
+    ("redis_p99_added_at_half_peak_ms", "p99 backend: redis adds at half its peak (ms, paired)",
+     "<=", 1.0),
     ("cold_start_5_filters_s", "cold start, 5 filters, warm module cache (s)", "<=", 1.0),
     ("guest_call_us", "one guest callback (µs)", "<=", 3.0),
     ("host_call_us", "one host call (µs)", "<=", 1.5),
+    ("tls_cpu_vs_plain", "gateway_tls CPU/req ÷ gateway_plain CPU/req", "<=", 1.3),
     ("rebuild_other_route_p99_ms", "another route's p99 while a filter rebuilds, 1 s start (ms)",
      "<=", 50.0),
 ]
@@ -71,10 +79,13 @@ class Bench:
         self.crossing: dict = {"guest_call_us": None, "host_call_us": None}
         self.cold_start: dict | None = None
         self.half_rate: dict | None = None
+        self.half_rate_redis: dict | None = None
         self.rebuild_stall: dict | None = None
+        self.redis: dict | None = None            # gateway_chain_redis: the Redis server's CPU
         self.tools: dict[str, str] = {}
         self.upstream_port = 0
         self.upstream: Proc | None = None
+        self.tls_files: tuple[str, str] | None = None     # the TLS scenarios' certificate and key
 
     # ---------------------------------------------------------------- helpers
     def env(self) -> dict[str, str]:
@@ -132,11 +143,22 @@ class Bench:
             self.notes.append(msg)
             log(f"  WARNING {msg}")
 
+    def certificate(self) -> tuple[str, str]:
+        """The TLS scenarios' certificate: self-signed ECDSA P-256 for 127.0.0.1, one for all."""
+        if self.tls_files is None:
+            from gateway.tls import write_self_signed
+            cert, key = self.tmp / "tls" / "cert.pem", self.tmp / "tls" / "key.pem"
+            write_self_signed(cert, key, names=("127.0.0.1",))
+            self.tls_files = (str(cert), str(key))
+        return self.tls_files
+
     def measure(self, name: str, proc: Proc, url: str, headers: dict | None = None,
                 cpus: str | None = None) -> WrkResult:
         """Check one request, warm up under wrk (must be all 2xx), then the measured run with
         CPU time of the proxy's process tree read before and after."""
-        status, _, body = http_get(url, headers)
+        if name in HANDSHAKE_SCENARIOS:
+            headers = {**(headers or {}), "Connection": "close"}
+        status, _, body = http_get(url, headers, cafile=self.tls_files[0] if url.startswith("https") else None)
         if status != 200:
             raise Failed(f"{name}: first request answered {status}: {body[:200]!r}")
         warm = self.wrk(url, self.args.warmup, headers)
@@ -207,17 +229,19 @@ class Bench:
         return proc, cfg["listeners"][0]["port"], t_ready - t0
 
     def gateway_scenario(self, name: str, filters, workers: int | None, cpus: str | None,
-                         half_rate: bool = False) -> None:
+                         half_rate: bool = False, redis: Proc | None = None,
+                         redis_port: int | None = None, tls: bool = False) -> None:
         self.gateway_available()
         if filters:
             miss = gcfg.missing_wasm()
             if miss:
                 raise Skip(f"filters not built: {', '.join(miss)}")
         cfg = gcfg.gateway_config(port=free_port(), admin_port=free_port(),
-                                  upstream_port=self.upstream_port, filters=filters)
+                                  upstream_port=self.upstream_port, filters=filters,
+                                  redis_port=redis_port, tls=self.certificate() if tls else None)
         proc, port, _ = self.start_gateway(name, cfg, workers, cpus)
         try:
-            url = f"http://127.0.0.1:{port}/bench"
+            url = f"{'https' if tls else 'http'}://127.0.0.1:{port}/bench"
             headers = gcfg.AUTH_HEADERS if filters else None
             if filters:
                 status, _, body = http_get(url, None)
@@ -232,19 +256,60 @@ class Bench:
                 if missing:
                     raise Failed(f"{name}: response lacks {missing}: not every filter of the "
                                  f"chain ran (headers seen: {sorted(rh)})")
+            redis_cpu0 = tree_cpu_seconds(redis.pid) if redis else 0.0
             res = self.measure(name, proc, url, headers, cpus)
+            if redis:
+                self.redis = {"server_cpu_us_per_req": round(
+                    (tree_cpu_seconds(redis.pid) - redis_cpu0) / max(1, self.details[name]["warmup"]["requests"]
+                                                                      + res.requests) * 1e6, 1),
+                    "note": "redis-server's own CPU over warm-up + measured run ÷ their requests "
+                            "(not in the proxy's CPU µs/req)"}
+                self.paired_with_local(proc, port, headers, res.rps)
             if half_rate:
-                log("== chain_half_rate")
+                key = "chain_half_rate"
+                log(f"== {key}")
                 try:
-                    self.run_half_rate(url, headers, res.rps, proc)
-                except Failed as e:   # its own verdict; gateway_chain's numbers stand
+                    self.half_rate = self.run_half_rate(url, headers, res.rps, proc, key)
+                except Failed as e:   # its own verdict; the scenario's numbers stand
                     msg = f"{e}\n--- {name} log tail ({proc.log_path}):\n{proc.log_tail()}"
-                    self.failed["chain_half_rate"] = msg
-                    log(f"  chain_half_rate: FAILED: {msg}")
+                    self.failed[key] = msg
+                    log(f"  {key}: FAILED: {msg}")
         except Failed as e:
             raise Failed(f"{e}\n--- {name} log tail ({proc.log_path}):\n{proc.log_tail()}")
         finally:
             proc.stop()
+
+    def paired_with_local(self, proc: Proc, port: int, headers: dict | None, peak: float) -> None:
+        """What Redis adds, measured side by side in the one gateway process (its /local route is
+        the same chain with `backend: local`): wrk runs alternating local, redis (3 pairs), and
+        one paced run of each at the same rate (half the redis chain's peak). Differences of
+        neighbouring runs cancel most of what other work on the machine does to both."""
+        pairs = []
+        urls = {"local": f"http://127.0.0.1:{port}/local", "redis": f"http://127.0.0.1:{port}/bench"}
+        for _ in range(3):
+            pair = {}
+            for side in ("local", "redis"):
+                cpu0 = tree_cpu_seconds(proc.pid)
+                r = self.wrk(urls[side], max(1.0, self.args.duration / 2), headers)
+                if not r.ok():
+                    raise Failed(f"gateway_chain_redis: paired {side} run had {r.non_2xx} non-2xx")
+                pair[side] = round((tree_cpu_seconds(proc.pid) - cpu0) / r.requests * 1e6, 1)
+            pairs.append([pair["local"], pair["redis"]])
+        added = statistics.median(b - a for a, b in pairs)
+        log("== chain_redis_half_rate (and the same chain on backend: local, same rate)")
+        runs = {side: self.run_half_rate(urls[side], headers, peak, proc,
+                                         "chain_redis_half_rate" if side == "redis" else "  local")
+                for side in ("local", "redis")}
+        self.half_rate_redis = runs["redis"]
+        p99 = {side: d["p99_ms"] for side, d in runs.items()}
+        self.redis.update({"paired_cpu_us_local_redis": pairs, "cpu_added_us": round(added, 1),
+                           "half_peak_p99_ms": p99,
+                           "p99_added_ms": round(p99["redis"] - p99["local"], 3),
+                           "method": "one gateway process, routes /local (backend: local) and /bench "
+                                     "(backend: redis); alternating wrk runs; paced runs at half the "
+                                     "redis chain's peak"})
+        log(f"  paired in one process: redis adds {added:.1f} µs CPU/req (pairs {pairs}), "
+            f"p99 at {peak / 2:,.0f} req/s local {p99['local']:.2f} ms, redis {p99['redis']:.2f} ms")
 
     def paced(self, name: str, url: str, rate: float, connections: int, proc: Proc,
               headers: dict | None = None) -> dict:
@@ -278,14 +343,15 @@ class Bench:
                          f"{d['unanswered']} unanswered: {d['statuses']}")
         return d
 
-    def run_half_rate(self, url: str, headers: dict | None, peak: float, proc: Proc) -> None:
+    def run_half_rate(self, url: str, headers: dict | None, peak: float, proc: Proc,
+                      key: str = "chain_half_rate") -> dict:
         rate = max(1.0, peak / 2)
-        log(f"  chain_half_rate: paced open-loop load at {rate:,.0f} req/s (half of {peak:,.0f})")
-        d = self.paced("chain_half_rate", url, rate, self.args.connections, proc, headers)
+        log(f"  {key}: paced open-loop load at {rate:,.0f} req/s (half of {peak:,.0f})")
+        d = self.paced(key, url, rate, self.args.connections, proc, headers)
         d["peak_rps"] = round(peak, 1)
-        self.half_rate = d
-        log(f"  chain_half_rate: achieved {d['achieved_rps']:,.0f} req/s  p50 {d['p50_ms']:.2f} ms"
+        log(f"  {key}: achieved {d['achieved_rps']:,.0f} req/s  p50 {d['p50_ms']:.2f} ms"
             f"  p99 {d['p99_ms']:.2f} ms  (client lag p99 {d['lag_p99_ms']:.2f} ms)")
+        return d
 
     # ---------------------------------------------------------------- scenarios
     def sc_baseline_aiohttp(self) -> None:
@@ -308,6 +374,24 @@ class Bench:
         self.gateway_scenario("gateway_chain", gcfg.CHAIN_FILTERS, None, self.proxy_cpus,
                               half_rate="chain_half_rate" in self.selected)
 
+    def sc_gateway_chain_redis(self) -> None:
+        """gateway_chain with `ratelimit` on `backend: redis`: one script run per request
+        against a local redis-server (pinned with the load generator, not the proxy)."""
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise Skip("redis-server not installed (./dev bench installs it)")
+        port = free_port()
+        argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--dir", str(self.tmp)]
+        redis = Proc("redis", (["taskset", "-c", self.load_cpus] if self.load_cpus else []) + argv,
+                     cwd=self.tmp, log_path=self.tmp / "redis.log")
+        try:
+            _wait_redis(port, redis)
+            self.gateway_scenario("gateway_chain_redis", gcfg.CHAIN_REDIS_FILTERS, None,
+                                  self.proxy_cpus, redis=redis, redis_port=port)
+        finally:
+            redis.stop()
+
     def sc_gateway_chain_2w(self) -> None:
         self.gateway_scenario("gateway_chain_2w", gcfg.CHAIN_FILTERS, 2, self.proxy_cpus_2w)
 
@@ -320,6 +404,25 @@ class Bench:
                          self.proxy_cpus)
         finally:
             proc.stop()
+
+    def sc_gateway_tls(self) -> None:
+        self.gateway_scenario("gateway_tls", None, None, self.proxy_cpus, tls=True)
+
+    def sc_gateway_tls_handshake(self) -> None:
+        self.gateway_scenario("gateway_tls_handshake", None, None, self.proxy_cpus, tls=True)
+
+    def sc_nginx_tls(self, name: str = "nginx_tls") -> None:
+        from gateway.tls import DEFAULT_CIPHERS
+        port = free_port()
+        proc = start_nginx(self.tools["nginx"], self.tmp / name, name, port, upstream_port=self.upstream_port,
+                           cpus=self.proxy_cpus, tls=(*self.certificate(), DEFAULT_CIPHERS))
+        try:
+            self.measure(name, proc, f"https://127.0.0.1:{port}/bench", None, self.proxy_cpus)
+        finally:
+            proc.stop()
+
+    def sc_nginx_tls_handshake(self) -> None:
+        self.sc_nginx_tls("nginx_tls_handshake")
 
     def sc_chain_half_rate(self) -> None:
         pass  # runs inside gateway_chain, against the same process, right after its peak run
@@ -436,7 +539,7 @@ class Bench:
                                                "upstream", self.upstream_port, cpus=self.load_cpus)
         try:
             for name in ALL:
-                if name not in self.selected or name == "chain_half_rate":
+                if name not in self.selected or name in ("chain_half_rate", "chain_redis_half_rate"):
                     continue
                 log(f"== {name}")
                 self.wait_quiet()
@@ -484,6 +587,8 @@ class Bench:
             raise SystemExit(f"unknown scenario(s) {bad}; choose from {', '.join(ALL)}")
         if "chain_half_rate" in names and "gateway_chain" not in names:
             names.append("gateway_chain")   # the half rate is half of its measured peak
+        if "chain_redis_half_rate" in names and "gateway_chain_redis" not in names:
+            names.append("gateway_chain_redis")
         return names
 
     def ratios(self) -> dict:
@@ -498,6 +603,8 @@ class Bench:
                 }
         chain, chain2 = sc.get("gateway_chain"), sc.get("gateway_chain_2w")
         values = {
+            "redis_cpu_added_us": (self.redis or {}).get("cpu_added_us"),
+            "redis_p99_added_at_half_peak_ms": (self.redis or {}).get("p99_added_ms"),
             "chain_cpu_vs_baseline": vs.get("gateway_chain", {}).get("cpu_us_per_req"),
             "chain_2w_rps_vs_chain": round(chain2["rps"] / chain["rps"], 3)
             if chain and chain2 else None,
@@ -505,6 +612,7 @@ class Bench:
             "cold_start_5_filters_s": self.cold_start["seconds"] if self.cold_start else None,
             "guest_call_us": self.crossing.get("guest_call_us"),
             "host_call_us": self.crossing.get("host_call_us"),
+            "tls_cpu_vs_plain": _cpu_ratio(sc, "gateway_tls", "gateway_plain"),
             "rebuild_other_route_p99_ms":
                 self.rebuild_stall["rebuilding"]["p99_ms"] if self.rebuild_stall else None,
         }
@@ -513,7 +621,20 @@ class Bench:
             v = values[key]
             met = None if v is None else (v <= bar if op == "<=" else v >= bar)
             targets[key] = {"value": v, "target": f"{op} {bar}", "met": met, "what": desc}
-        return {"vs_baseline": vs, "targets": targets}
+        vs_plain = {"gateway_tls": _cpu_ratio(sc, "gateway_tls", "gateway_plain"),
+                    "nginx_tls": _cpu_ratio(sc, "nginx_tls", "nginx_proxy")}
+        return {"vs_baseline": vs, "tls_cpu_vs_plain": vs_plain, "targets": targets}
+
+    def handshakes(self) -> dict:
+        """Full TLS handshakes per second one core can do: new connection + handshake + one
+        request + close, from the CPU µs per request of the Connection: close scenarios."""
+        out = {}
+        for name, who in HANDSHAKE_SCENARIOS.items():
+            s = self.scenarios.get(name)
+            if s and s["cpu_us_per_req"]:
+                out[who] = {"cpu_us_per_connection": s["cpu_us_per_req"],
+                            "connections_per_core_s": round(1e6 / s["cpu_us_per_req"])}
+        return out
 
     def result(self) -> dict:
         scenarios = {}
@@ -533,6 +654,9 @@ class Bench:
             "failed": {k: v[-1000:] for k, v in self.failed.items()},
             "cold_start": self.cold_start,
             "chain_half_rate": self.half_rate,
+            "chain_redis_half_rate": self.half_rate_redis,
+            "redis": self.redis,
+            "tls_handshake": self.handshakes(),
             "rebuild_stall": self.rebuild_stall,
             "ratios": self.ratios(),
             "details": self.details,
@@ -565,10 +689,18 @@ class Bench:
             log("{:<18} {:>10,.0f} {:>9.2f} {:>9.2f} {:>12.1f} {:>9}  ok".format(
                 name, s["rps"], s["p50_ms"], s["p99_ms"], s["cpu_us_per_req"],
                 f"{ratio:.2f}" if ratio is not None else "-"))
-        h = r["chain_half_rate"]
-        if h:
-            log(f"gateway_chain @ half peak ({h['target_rps']:,.0f} req/s): p50 {h['p50_ms']:.2f} ms,"
-                f" p99 {h['p99_ms']:.2f} ms")
+        for key, label in (("chain_half_rate", "gateway_chain"), ("chain_redis_half_rate", "gateway_chain_redis")):
+            h = r[key]
+            if h:
+                log(f"{label} @ half peak ({h['target_rps']:,.0f} req/s): p50 {h['p50_ms']:.2f} ms,"
+                    f" p99 {h['p99_ms']:.2f} ms")
+        rd = r["redis"]
+        if rd:
+            log(f"redis-server CPU (not in the proxy's): {rd['server_cpu_us_per_req']} µs/req")
+            if "cpu_added_us" in rd:
+                log(f"backend: redis vs local in one process: +{rd['cpu_added_us']} µs CPU/req "
+                    f"(pairs {rd['paired_cpu_us_local_redis']}), p99 at half peak "
+                    f"{rd['half_peak_p99_ms']['local']:.2f} → {rd['half_peak_p99_ms']['redis']:.2f} ms")
         c = r["crossing"]
         log(f"crossing: guest call {c.get('guest_call_us')} µs, host call {c.get('host_call_us')} µs"
             + (f"  ({c['note']})" if c.get("note") else ""))
@@ -579,6 +711,12 @@ class Bench:
             log(f"another route while a filter rebuilds (1 s start): p99 "
                 f"{rs['alone']['p99_ms']:.2f} ms alone → {rs['rebuilding']['p99_ms']:.2f} ms "
                 f"({rs['p99_vs_alone']}×, {rs['rebuilds']} rebuilds)")
+        tls = r["ratios"]["tls_cpu_vs_plain"]
+        if any(v is not None for v in tls.values()):
+            log(f"TLS keep-alive CPU/req vs plain: gateway {tls['gateway_tls']}, nginx {tls['nginx_tls']}")
+        for who, h in r["tls_handshake"].items():
+            log(f"full TLS handshake ({who}): {h['connections_per_core_s']:,} new connections/s per core "
+                f"({h['cpu_us_per_connection']:.0f} µs each, incl. one request)")
         log("\ntargets:")
         for key, t in r["ratios"]["targets"].items():
             met = {True: "met", False: "MISSED", None: "n/a"}[t["met"]]
@@ -592,6 +730,26 @@ class Bench:
         for name in self.failed:
             if name not in SCENARIOS:
                 log(f"FAILED {name}: {self.failed[name].splitlines()[0][:200]}")
+
+
+def _cpu_ratio(sc: dict, name: str, base: str) -> float | None:
+    a, b = sc.get(name), sc.get(base)
+    return round(a["cpu_us_per_req"] / b["cpu_us_per_req"], 3) if a and b else None
+
+
+def _wait_redis(port: int, proc: Proc, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                s.sendall(b"*1\r\n$4\r\nPING\r\n")
+                if s.recv(64).startswith(b"+PONG"):
+                    return
+        except OSError:
+            pass
+        if not proc.alive() or time.monotonic() > deadline:
+            raise Failed(f"redis-server did not start:\n{proc.log_tail()}")
+        time.sleep(0.02)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

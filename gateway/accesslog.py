@@ -7,6 +7,7 @@ import os
 import sys
 import time
 from typing import IO
+from urllib.parse import unquote_plus
 
 _FLUSH_S = 0.2
 # The line is formatted by hand: json.dumps costs several µs per request on the hot path.
@@ -20,8 +21,11 @@ _BATCH = 4096
 
 
 class AccessLog:
-    def __init__(self, path: str | None):
+    def __init__(self, path: str | None, redact_query_params: tuple[str, ...] = ()):
         self.enabled = path is not None
+        # Credentials a client may put in the query (the auth filter reads api_key /
+        # access_token there) must not end up in log files.
+        self._redact = frozenset(redact_query_params)
         self._own = False
         self._out: IO[str] | None = None
         self._fd: int | None = None
@@ -53,6 +57,8 @@ class AccessLog:
               error: str = "") -> None:
         if not self.enabled:
             return
+        if self._redact and "?" in path:
+            path = redact_query(path, self._redact)
         line = (f'{{"time":"{self._time(time.time())}","request_id":{_q(request_id)},"client":{_q(client)},'
                 f'"method":{_q(method)},"path":{_q(path)},"status":{int(status)},"bytes_in":{int(bytes_in)},'
                 f'"bytes_out":{int(bytes_out)},"route":{_q(route)},"upstream":{_q(upstream)},'
@@ -85,6 +91,19 @@ class AccessLog:
         if self._own and self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def redact_query(target: str, names: frozenset[str]) -> str:
+    """``target`` with the values of the named query parameters replaced by "[redacted]"."""
+    path, _, query = target.partition("?")
+    parts = query.split("&")
+    changed = False
+    for i, part in enumerate(parts):
+        name, eq, _ = part.partition("=")
+        if eq and unquote_plus(name) in names:
+            parts[i] = f"{name}=[redacted]"
+            changed = True
+    return f"{path}?{'&'.join(parts)}" if changed else target
 
 
 def _write_batches(fd: int, lines: list[str]) -> None:

@@ -2,11 +2,30 @@
 
 A few lines of asyncio over the same strict parser as the proxy: importing aiohttp's web
 stack just for this would add ~100 ms to every worker's start-up.
+
+Every request passes ``refusal`` before its handler (gateway/config.py validates the settings):
+
+* ``Host`` must be an IP address, ``localhost`` or a name in ``admin.allowed_hosts`` (else 403).
+  DNS rebinding — a page on evil.example whose name is re-pointed at 127.0.0.1 — makes the
+  browser treat the admin listener as evil.example's own origin, so no Origin or CORS rule
+  stops it from reading /config; the Host header still names evil.example, and the browser
+  fills it in, not the page.
+* With ``admin.token`` / ``admin.token_file``: ``Authorization: Bearer <token>`` on every
+  endpoint but ``GET /ready`` (a load balancer's health check often cannot send headers, and
+  /ready tells nothing but ready/starting/draining) → else 401 + ``WWW-Authenticate: Bearer``.
+* A state-changing method (anything but GET/HEAD/OPTIONS, i.e. POST /reload) from a browser
+  page of another origin is refused (403), as Go's net/http CrossOriginProtection decides it:
+  ``Sec-Fetch-Site`` when the browser sends it (a page cannot forge it), else ``Origin`` must be
+  this listener as the request addressed it (``Host``); a request with neither header is not
+  from a browser (curl, scripts) and passes.
 """
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
+import hmac
+import ipaddress
 import json
 import logging
 import socket
@@ -14,7 +33,7 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
-from .config import Config, redact
+from .config import Admin, Config, redact
 from .http1 import HttpError, body_length, parse_request_head
 
 if TYPE_CHECKING:
@@ -94,6 +113,11 @@ class AdminServer:
         return AdminRequest(method, path, query, headers, body), keepalive
 
     async def _dispatch(self, req: AdminRequest) -> AdminResponse:
+        settings = self.gw.config.admin
+        refused = refusal(settings, req) if settings is not None else None
+        if refused is not None:
+            log.warning("admin %s %s refused: %s", req.method, req.path, refused.body.decode().strip())
+            return refused
         methods = ROUTES.get(req.path)
         if methods is None:
             return AdminResponse.text(f"404 no admin endpoint {req.path}; try {', '.join(sorted(ROUTES))}\n", 404)
@@ -127,6 +151,76 @@ def _serialize(resp: AdminResponse, keepalive: bool, head_only: bool) -> bytes:
     return head if head_only else head + resp.body
 
 
+# -- who may ask ---------------------------------------------------------------------------------
+
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+OPEN_PATHS = frozenset({"/ready"})          # answered without the token (load-balancer health checks)
+
+
+def refusal(settings: Admin, req: AdminRequest) -> AdminResponse | None:
+    """Why this request may not reach an admin handler, as the response to send; None = it may."""
+    host = _header(req.headers, "host")
+    if host is not None and not host_allowed(host, settings.allowed_hosts):
+        return AdminResponse.text(f'403 Host "{host}" is not this admin listener: use its IP address, '
+                                  f"localhost, or a name listed in admin.allowed_hosts\n", 403)
+    if settings.token is not None and req.path not in OPEN_PATHS and not _bearer_ok(req, settings.token):
+        given = _header(req.headers, "authorization") is not None
+        resp = AdminResponse.text("401 wrong admin token\n" if given else
+                                  "401 send Authorization: Bearer <admin token>\n", 401)
+        challenge = 'Bearer realm="wasmgate admin"' + (', error="invalid_token"' if given else "")
+        resp.headers.append(("www-authenticate", challenge))
+        return resp
+    if req.method not in SAFE_METHODS:
+        why = _cross_origin(req.headers, host)
+        if why is not None:
+            return AdminResponse.text(f"403 {req.method} {req.path} refused: {why}\n", 403)
+    return None
+
+
+def host_allowed(host: str, names: tuple[str, ...]) -> bool:
+    """A Host header naming an IP address, localhost or one of ``names`` (any port)."""
+    name = host.strip().lower()
+    if name.startswith("["):                  # [v6]:port
+        name = name[1:].partition("]")[0]
+    elif name.count(":") == 1:
+        name = name.partition(":")[0]
+    name = name.rstrip(".")
+    if name == "localhost" or name in names:
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _bearer_ok(req: AdminRequest, token: str) -> bool:
+    scheme, _, given = (_header(req.headers, "authorization") or "").strip().partition(" ")
+    # Digests of equal length: compare_digest's time then reveals neither the token nor its length.
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        hashlib.sha256(given.strip().encode("utf-8", "replace")).digest(),
+        hashlib.sha256(token.encode()).digest())
+
+
+def _cross_origin(headers: list[tuple[str, str]], host: str | None) -> str | None:
+    """Why a state-changing request looks like another site's page (None: it does not)."""
+    site = _header(headers, "sec-fetch-site")
+    if site is not None:
+        return None if site.strip().lower() in ("same-origin", "none") else f"Sec-Fetch-Site is {site}"
+    origin = _header(headers, "origin")
+    if origin is None:
+        return None
+    scheme, sep, authority = origin.strip().partition("://")
+    if sep and scheme.lower() in ("http", "https") and host is not None \
+            and authority.lower() == host.strip().lower():
+        return None
+    return f"Origin {origin} is not this admin listener ({host or 'no Host header'})"
+
+
+def _header(headers: list[tuple[str, str]], name: str) -> str | None:
+    return next((v for n, v in headers if n == name), None)
+
+
 async def start_admin(gw: "Gateway", sock: socket.socket) -> AdminServer:
     admin = AdminServer(gw)
     admin.server = await asyncio.start_server(admin.handle, sock=sock, limit=65536)
@@ -146,7 +240,7 @@ async def metrics(gw: "Gateway", req: AdminRequest) -> AdminResponse:
     if ops is not None:
         text = ops.render_metrics()
     else:
-        text = render(gw, [snapshot(gw)])
+        text = render(gw, [snapshot(gw)], gw.metrics.counts())
     return AdminResponse(200, text.encode(), "text/plain; version=0.0.4; charset=utf-8")
 
 
@@ -179,7 +273,7 @@ def effective_config(config: Config, listener_ports: dict[str, int], admin_port:
         "source": str(config.source),
         "listeners": [{"name": l.name, "address": l.address, "port": listener_ports.get(l.name, l.port)}
                       for l in config.listeners],
-        "admin": None if config.admin is None else {"address": config.admin.address, "port": admin_port},
+        "admin": None if config.admin is None else _admin_view(config.admin, admin_port),
         "limits": dataclasses.asdict(config.limits),
         "access_log": {"path": config.access_log_path},
         "clusters": [{**dataclasses.asdict(c), "endpoints": [str(e) for e in c.endpoints]}
@@ -202,6 +296,15 @@ def effective_config(config: Config, listener_ports: dict[str, int], admin_port:
             "environment": redact(dict(spec.environment)),
             "deliver_body_while_paused": spec.deliver_body_while_paused,
         })
+    return view
+
+
+def _admin_view(adm: Admin, port: int | None) -> dict[str, Any]:
+    view: dict[str, Any] = {"address": adm.address, "port": port, "allowed_hosts": list(adm.allowed_hosts)}
+    if adm.token_file is not None:
+        view["token_file"] = adm.token_file
+    if adm.token is not None:
+        view["token"] = "[redacted]"
     return view
 
 

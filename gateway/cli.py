@@ -55,7 +55,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"{args.config}: {len(load_errors)} filter(s) failed to load", file=sys.stderr)
         return 1
     print(f"{args.config}: OK ({_plural(len(config.listeners), 'listener')}, "
-          f"{_plural(len(config.clusters), 'cluster')}, {_plural(len(config.routes), 'route')}, "
+          f"{_plural(len(config.clusters) + len(config.redis_clusters), 'cluster')}, "
+          f"{_plural(len(config.routes), 'route')}, "
           f"{_plural(len(config.filters), 'filter')})")
     return 0
 
@@ -64,7 +65,7 @@ async def _check_filters(config: Config) -> list[str]:
     """Load every filter on its own (start-up stops at the first failure; check lists all)."""
     from abi.api import FilterLoadError, load_filter_host
     from .upstream import Upstreams
-    services = Upstreams(config.clusters)
+    services = Upstreams(config.clusters, redis_clusters=config.redis_clusters)
     errors = []
     for spec in config.filters:
         try:
@@ -73,7 +74,7 @@ async def _check_filters(config: Config) -> list[str]:
             errors.append(str(e))
             continue
         await host.close()
-    services.close()
+    await services.aclose()
     return errors
 
 
@@ -121,7 +122,8 @@ async def serve(config: Config, *, reuse_port: bool = False, ports: dict[str, in
 
 def _announce(config: Config, ports: dict[str, int], admin_port: int | None) -> None:
     for lst in config.listeners:
-        print(f"wasmgate: listener {lst.name} on http://{_host(lst.address)}:{ports[lst.name]}", flush=True)
+        scheme = "https" if lst.tls is not None else "http"
+        print(f"wasmgate: listener {lst.name} on {scheme}://{_host(lst.address)}:{ports[lst.name]}", flush=True)
     if config.admin is not None and admin_port is not None:
         print(f"wasmgate: admin on http://{_host(config.admin.address)}:{admin_port}", flush=True)
 

@@ -18,6 +18,11 @@ import yaml
 
 from abi.api import FilterLimits, FilterSpec
 
+from .http1 import HttpError
+from .paths import ESCAPED_SLASH_ACTIONS, PathPolicy, RedirectTo, normalize_path, routing_path
+from .tls import (DEFAULT_HANDSHAKE_TIMEOUT_S, MIN_VERSIONS, TlsError, check_ca, check_ciphers, check_pair,
+                  digest)
+
 
 class ConfigError(Exception):
     """The config is invalid; ``errors`` lists every problem, one line each."""
@@ -28,16 +33,50 @@ class ConfigError(Exception):
 
 
 @dataclass(frozen=True)
+class Certificate:
+    cert: Path                        # PEM chain, leaf first
+    key: Path                         # PEM private key, unencrypted
+    server_names: tuple[str, ...] = ()   # lower-case; "*.example.com" matches one label
+
+
+@dataclass(frozen=True)
+class ListenerTls:
+    certificates: tuple[Certificate, ...]   # [0] is the default: no SNI, or no name matched
+    client_ca: Path | None = None
+    require_client_cert: bool = False
+    min_version: str = "TLSv1.2"            # TLSv1.2 | TLSv1.3
+    ciphers: str | None = None              # TLS 1.2 OpenSSL cipher string; None = gateway/tls.py's
+    handshake_timeout_s: float = DEFAULT_HANDSHAKE_TIMEOUT_S
+    digest: str = ""                        # of the files' contents: a reload notices new files
+
+
+@dataclass(frozen=True)
+class UpstreamTls:
+    sni: str | None = None                  # None: the endpoint's host (no SNI for an IP)
+    ca: Path | None = None                  # None: the system trust store
+    verify: bool = True                     # chain and host name (sni, else the endpoint host)
+    cert: Path | None = None                # client certificate and key, both or neither
+    key: Path | None = None
+    digest: str = ""
+
+
+@dataclass(frozen=True)
 class Listener:
     name: str
     address: str
     port: int
+    tls: ListenerTls | None = None
 
 
 @dataclass(frozen=True)
 class Admin:
     address: str
     port: int
+    # The bearer token every admin request but GET /ready must carry (from admin.token, or read
+    # from admin.token_file at load); None = no token (allowed on a loopback address only).
+    token: str | None = field(default=None, repr=False)
+    token_file: str | None = None              # resolved path, for GET /config
+    allowed_hosts: tuple[str, ...] = ()        # Host names accepted besides IPs and localhost
 
 
 @dataclass(frozen=True)
@@ -45,6 +84,20 @@ class Limits:
     max_request_body_bytes: int = 104857600
     max_header_bytes: int = 65536
     drain_timeout_s: float = 10.0
+    # Downstream time limits (nginx client_header_timeout / client_body_timeout / send_timeout /
+    # keepalive_timeout; Envoy request_headers_timeout / stream_idle_timeout).
+    request_header_timeout_s: float = 10.0      # whole request head, from its first byte → 408
+    request_body_idle_timeout_s: float = 30.0   # between two reads of the request body → 408
+    response_send_timeout_s: float = 30.0       # a write to the client that cannot drain → close
+    keepalive_timeout_s: float = 60.0           # idle between requests → close
+    max_idle_connections: int = 1024            # idle keep-alive connections per worker
+    # A slow client must not hold an upstream connection: bodies are buffered in memory up to
+    # these sizes, and beyond them spooled to a temporary file up to spool_max_bytes.
+    request_buffer_bytes: int = 65536
+    response_buffer_bytes: int = 65536
+    spool_max_bytes: int = 1073741824
+    spool_dir: str | None = None                # None: the system's temporary directory
+    max_buffered_body_bytes: int = FilterLimits.max_buffered_body_bytes   # per filter, overridable
 
 
 @dataclass(frozen=True)
@@ -64,6 +117,23 @@ class Cluster:
     request_timeout_ms: int = 15000
     max_connections: int = 256
     eject_ms: int = 5000
+    response_idle_timeout_ms: int = 60000       # between reads of the response body
+    tls: UpstreamTls | None = None
+
+
+@dataclass(frozen=True)
+class RedisCluster:
+    """A `type: redis` cluster: a Redis server filters reach through the Redis call ABI.
+    Endpoints are a failover list (the first one that is up serves every call)."""
+    name: str
+    endpoints: tuple[Endpoint, ...]
+    username: str = ""
+    password: str = field(default="", repr=False)
+    database: int = 0
+    connect_timeout_ms: int = 1000     # one connection attempt (the call's timeout_ms bounds it too)
+    timeout_ms: int = 200           # a whole call: waiting for a connection, connecting, the reply
+    max_connections: int = 64       # per worker
+    eject_ms: int = 1000            # an endpoint whose connect failed is skipped this long
 
 
 @dataclass(frozen=True)
@@ -101,6 +171,12 @@ class Config:
     routes: tuple[Route, ...]
     filters: tuple[FilterSpec, ...]
     shared_data_max_bytes: int = 16777216
+    path_normalization: PathPolicy = PathPolicy()
+    # Headers only the gateway (or its filters) may set: removed from every incoming request.
+    internal_headers: frozenset[str] = frozenset({"x-auth-identity"})
+    # Query parameters whose values the access log replaces with "[redacted]".
+    access_log_redact: tuple[str, ...] = ("api_key", "access_token")
+    redis_clusters: tuple[RedisCluster, ...] = ()
     # The parsed YAML as written (for GET /config, after redaction).
     raw: Any = field(default=None, compare=False, repr=False)
 
@@ -110,6 +186,18 @@ class Config:
     @property
     def has_filters(self) -> bool:
         return any(r.filters for r in self.routes)
+
+    def tls_files(self) -> list[Path]:
+        """Every certificate, key and CA file the listeners and clusters name."""
+        out: list[Path] = []
+        for lst in self.listeners:
+            if lst.tls is not None:
+                out += [p for c in lst.tls.certificates for p in (c.cert, c.key)]
+                out += [lst.tls.client_ca] if lst.tls.client_ca else []
+        for c in self.clusters:
+            if c.tls is not None:
+                out += [p for p in (c.tls.ca, c.tls.cert, c.tls.key) if p is not None]
+        return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -267,9 +355,9 @@ def _address(ck: _Checker, node: yaml.Node, path: str) -> str | None:
     return v
 
 
-def _listener(ck: _Checker, node: yaml.Node, path: str) -> Listener | None:
+def _listener(ck: _Checker, node: yaml.Node, path: str, base: Path) -> Listener | None:
     n0 = len(ck.errors)
-    f = ck.mapping(node, path, {"name", "address", "port"}, {"name", "port"})
+    f = ck.mapping(node, path, {"name", "address", "port", "tls"}, {"name", "port"})
     if f is None:
         return None
     name = _get(f, "name", path, ck.string)
@@ -278,33 +366,290 @@ def _listener(ck: _Checker, node: yaml.Node, path: str) -> Listener | None:
         name = None
     address = _get(f, "address", path, lambda n, p: _address(ck, n, p), "127.0.0.1")
     port = _get(f, "port", path, lambda n, p: ck.integer(n, p, 0, 65535))
+    tls = _listener_tls(ck, f["tls"], f"{path}.tls", base) if "tls" in f and not _is_null(f["tls"]) else None
     if len(ck.errors) > n0:
         return None
-    return Listener(name, address, port)
+    return Listener(name, address, port, tls)
 
 
-def _admin(ck: _Checker, node: yaml.Node, path: str) -> Admin | None:
+# A host name, lower-case (underscores allowed: internal names have them); "*." only for SNI choice.
+_HOST_NAME = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)*$")
+
+
+def _tls_file(ck: _Checker, f: dict[str, yaml.Node], key: str, path: str, base: Path) -> Path | None:
+    v = _get(f, key, path, ck.string)
+    return None if v is None else (base / v).resolve()
+
+
+def _tls_error(ck: _Checker, f: dict[str, yaml.Node], path: str, e: Exception) -> None:
+    field = getattr(e, "field", "")
+    ck.error(f.get(field), f"{path}.{field}" if field in f else path, getattr(e, "message", str(e)))
+
+
+def _pair(ck: _Checker, f: dict[str, yaml.Node], path: str, base: Path, parts: list[bytes]
+          ) -> tuple[Path, Path] | None:
+    """`cert` and `key` of a mapping, both or neither, checked together (they must match)."""
+    cert, key = _tls_file(ck, f, "cert", path, base), _tls_file(ck, f, "key", path, base)
+    for have, other in (("cert", "key"), ("key", "cert")):
+        if have in f and other not in f:
+            ck.error(f[have], f"{path}.{other}", f"required with {have}")
+    if cert is None or key is None:
+        return None
+    missing = [k for k, p in (("cert", cert), ("key", key)) if not p.exists()]
+    for k in missing:                        # both at once, not one per `wasmgate check` run
+        ck.error(f[k], f"{path}.{k}", f"file not found: {cert if k == 'cert' else key}")
+    if missing:
+        return None
+    try:
+        parts.append(check_pair(cert, key))
+    except TlsError as e:
+        _tls_error(ck, f, path, e)
+        return None
+    return cert, key
+
+
+def _ca_file(ck: _Checker, f: dict[str, yaml.Node], key: str, path: str, base: Path,
+             parts: list[bytes]) -> Path | None:
+    ca = _tls_file(ck, f, key, path, base)
+    if ca is not None:
+        try:
+            parts.append(check_ca(ca, key))
+        except TlsError as e:
+            _tls_error(ck, f, path, e)
+            return None
+    return ca
+
+
+def _listener_tls(ck: _Checker, node: yaml.Node, path: str, base: Path) -> ListenerTls | None:
     n0 = len(ck.errors)
-    f = ck.mapping(node, path, {"address", "port"}, {"port"})
+    f = ck.mapping(node, path, {"cert", "key", "certificates", "client_ca", "require_client_cert",
+                                "min_version", "ciphers", "handshake_timeout_s"})
+    if f is None:
+        return None
+    parts: list[bytes] = []                  # every file's bytes, for the digest
+    certs: list[Certificate] = []
+    pair = _pair(ck, f, path, base, parts)
+    if pair is not None:
+        certs.append(Certificate(*pair))
+    items = (ck.sequence(f["certificates"], f"{path}.certificates") or []) if "certificates" in f else []
+    seen: dict[str, str] = {}
+    for i, item in enumerate(items):
+        c = _sni_certificate(ck, item, f"{path}.certificates[{i}]", base, parts, seen)
+        if c is not None:
+            certs.append(c)
+    if "cert" not in f and "key" not in f and not items:
+        ck.error(node, path, "needs cert and key, or certificates")
+    client_ca = _ca_file(ck, f, "client_ca", path, base, parts)
+    require = _get(f, "require_client_cert", path, ck.boolean, False)
+    if require and "client_ca" not in f:
+        ck.error(f["require_client_cert"], f"{path}.require_client_cert",
+                 "needs client_ca (the CAs that sign accepted client certificates)")
+    min_version = _get(f, "min_version", path, ck.string, "TLSv1.2")
+    if min_version not in MIN_VERSIONS:
+        ck.error(f["min_version"], f"{path}.min_version",
+                 f'must be {" or ".join(MIN_VERSIONS)}, got "{min_version}"')
+    ciphers = _get(f, "ciphers", path, ck.string)
+    if ciphers is not None:
+        try:
+            check_ciphers(ciphers)
+        except TlsError as e:
+            _tls_error(ck, f, path, e)
+    timeout = _get(f, "handshake_timeout_s", path, lambda n, p: ck.number(n, p, 0.001),
+                   DEFAULT_HANDSHAKE_TIMEOUT_S)
+    if len(ck.errors) > n0:
+        return None
+    return ListenerTls(tuple(certs), client_ca, require, min_version, ciphers, timeout, digest(*parts))
+
+
+def _sni_certificate(ck: _Checker, node: yaml.Node, path: str, base: Path, parts: list[bytes],
+                     seen: dict[str, str]) -> Certificate | None:
+    """One `certificates:` entry; ``seen`` maps each server name taken so far to its entry."""
+    f = ck.mapping(node, path, {"server_names", "cert", "key"}, {"server_names", "cert", "key"})
+    if f is None:
+        return None
+    names: list[str] = []
+    items = (ck.sequence(f["server_names"], f"{path}.server_names") or []) if "server_names" in f else []
+    if isinstance(f.get("server_names"), yaml.SequenceNode) and not items:
+        ck.error(f["server_names"], f"{path}.server_names", "must list at least one name")
+    for j, nn in enumerate(items):
+        n = ck.string(nn, f"{path}.server_names[{j}]")
+        if n is None:
+            continue
+        n = n.lower().rstrip(".")
+        if not _HOST_NAME.match(n[2:] if n.startswith("*.") else n):
+            ck.error(nn, f"{path}.server_names[{j}]", f'"{n}" is not a host name (or *.domain)')
+        elif n in seen:
+            ck.error(nn, f"{path}.server_names[{j}]", f'"{n}" is also listed by {seen[n]}')
+        else:
+            seen[n] = path
+            names.append(n)
+    pair = _pair(ck, f, path, base, parts)
+    return Certificate(*pair, server_names=tuple(names)) if pair is not None else None
+
+
+def _upstream_tls(ck: _Checker, node: yaml.Node, path: str, base: Path) -> tuple[bool, UpstreamTls | None]:
+    """(ok, spec); spec None with ok when the block says `enabled: false`."""
+    n0 = len(ck.errors)
+    f = ck.mapping(node, path, {"enabled", "sni", "ca", "verify", "cert", "key"})
+    if f is None:
+        return False, None
+    enabled = _get(f, "enabled", path, ck.boolean, True)
+    sni = _get(f, "sni", path, ck.string)
+    if sni is not None and not _HOST_NAME.match(sni.lower()):
+        ck.error(f["sni"], f"{path}.sni", f'"{sni}" is not a host name')
+    parts: list[bytes] = []
+    ca = _ca_file(ck, f, "ca", path, base, parts)
+    verify = _get(f, "verify", path, ck.boolean, True)
+    pair = _pair(ck, f, path, base, parts)
+    if len(ck.errors) > n0:
+        return False, None
+    if not enabled:
+        return True, None
+    cert, key = pair if pair is not None else (None, None)
+    return True, UpstreamTls(sni.lower() if sni else None, ca, verify, cert, key, digest(*parts))
+
+
+def _admin(ck: _Checker, node: yaml.Node, path: str, base: Path) -> Admin | None:
+    n0 = len(ck.errors)
+    f = ck.mapping(node, path, {"address", "port", "token", "token_file", "allowed_hosts"}, {"port"})
     if f is None:
         return None
     address = _get(f, "address", path, lambda n, p: _address(ck, n, p), "127.0.0.1")
     port = _get(f, "port", path, lambda n, p: ck.integer(n, p, 0, 65535))
-    return None if len(ck.errors) > n0 else Admin(address, port)
+    token, token_file = _admin_token(ck, f, path, base)
+    hosts = _get(f, "allowed_hosts", path, lambda n, p: _host_names(ck, n, p), ())
+    if address is not None and token is None and len(ck.errors) == n0 and not is_loopback(address):
+        ck.error(f["address"], f"{path}.address",
+                 f"{address} is not a loopback address: set admin.token or admin.token_file, or anyone "
+                 f"who reaches it can read the config and reload the gateway")
+    if len(ck.errors) > n0:
+        return None
+    return Admin(address, port, token, token_file, hosts)
 
 
-def _limits(ck: _Checker, node: yaml.Node, path: str) -> Limits:
+def _admin_token(ck: _Checker, f: dict[str, yaml.Node], path: str, base: Path) -> tuple[str | None, str | None]:
+    """(token, resolved token_file) from admin.token or admin.token_file (read now)."""
+    if "token" in f and "token_file" in f:
+        ck.error(f["token_file"], f"{path}.token_file", "use either token or token_file, not both")
+        return None, None
+    if "token" in f:
+        return _bearer(ck, f["token"], f"{path}.token", ck.string(f["token"], f"{path}.token")), None
+    if "token_file" not in f:
+        return None, None
+    node, where = f["token_file"], f"{path}.token_file"
+    name = ck.string(node, where)
+    if name is None:
+        return None, None
+    file = str((base / name).resolve())
+    try:
+        text = Path(file).read_text(encoding="utf-8").strip()   # a trailing newline is not the token's
+    except OSError as e:
+        ck.error(node, where, f"cannot read {file}: {e.strerror or e}")
+        return None, file
+    except UnicodeDecodeError as e:
+        ck.error(node, where, f"{file} is not UTF-8 text: {e.reason}")
+        return None, file
+    return _bearer(ck, node, where, text, f" in {file}"), file
+
+
+def _host_names(ck: _Checker, node: yaml.Node, path: str) -> tuple[str, ...] | None:
+    names = []
+    for i, item in enumerate(ck.sequence(node, path) or []):
+        name = ck.string(item, f"{path}[{i}]")
+        if name is not None and not _HOSTNAME.match(name):
+            ck.error(item, f"{path}[{i}]", f'"{name}" is not a host name (write it without scheme or port)')
+        elif name is not None:
+            names.append(name.lower().rstrip("."))
+    return tuple(names)
+
+
+# RFC 6750 §2.1 b64token: what a client can put after "Bearer " without quoting.
+_BEARER = re.compile(r"^[A-Za-z0-9\-._~+/]+=*$")
+_HOSTNAME = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*\.?$")
+MIN_ADMIN_TOKEN = 16
+
+
+def _bearer(ck: _Checker, node: yaml.Node, path: str, token: str | None, where: str = "") -> str | None:
+    if token is None:
+        return None
+    if not _BEARER.match(token):
+        ck.error(node, path, f"the token{where} may contain only letters, digits and -._~+/ (then =), "
+                             f"as a bearer token (RFC 6750)")
+        return None
+    if len(token) < MIN_ADMIN_TOKEN:
+        ck.error(node, path, f"the token{where} is {len(token)} characters; use at least {MIN_ADMIN_TOKEN} "
+                             f"(e.g. `openssl rand -hex 32`)")
+        return None
+    return token
+
+
+def is_loopback(address: str) -> bool:
+    """Whether a listen address is reachable from this machine only."""
+    if address == "localhost":
+        return True
+    ip = ipaddress.ip_address(address)
+    mapped = getattr(ip, "ipv4_mapped", None)      # ::ffff:127.0.0.1 (3.11 does not call it loopback)
+    return ip.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+def _limits(ck: _Checker, node: yaml.Node, path: str, base_dir: Path) -> Limits:
     d = Limits()
-    f = ck.mapping(node, path, {"max_request_body_bytes", "max_header_bytes", "drain_timeout_s"})
+    f = ck.mapping(node, path, set(Limits.__dataclass_fields__))
     if f is None:
         return d
-    return Limits(
-        max_request_body_bytes=_get(f, "max_request_body_bytes", path, lambda n, p: ck.integer(n, p, 0),
-                                    d.max_request_body_bytes),
-        max_header_bytes=_get(f, "max_header_bytes", path, lambda n, p: ck.integer(n, p, 256),
-                              d.max_header_bytes),
-        drain_timeout_s=_get(f, "drain_timeout_s", path, lambda n, p: ck.number(n, p, 0), d.drain_timeout_s),
-    )
+    size = lambda lo: (lambda n, p: ck.integer(n, p, lo))  # noqa: E731
+    secs = lambda n, p: ck.number(n, p, 0.001)  # noqa: E731
+    readers: dict[str, Callable[[yaml.Node, str], Any]] = {
+        "max_request_body_bytes": size(0), "max_header_bytes": size(256),
+        "drain_timeout_s": lambda n, p: ck.number(n, p, 0),
+        "request_header_timeout_s": secs, "request_body_idle_timeout_s": secs,
+        "response_send_timeout_s": secs, "keepalive_timeout_s": secs,
+        "max_idle_connections": size(0), "request_buffer_bytes": size(0),
+        "response_buffer_bytes": size(0), "spool_max_bytes": size(0),
+        "spool_dir": ck.string, "max_buffered_body_bytes": lambda n, p: _u32(ck, n, p),
+    }
+    values = {k: _get(f, k, path, read, getattr(d, k)) for k, read in readers.items()}
+    if values["spool_dir"] is not None:
+        values["spool_dir"] = str((base_dir / values["spool_dir"]).resolve())
+        if not Path(values["spool_dir"]).is_dir():
+            ck.error(f["spool_dir"], f"{path}.spool_dir", f"directory does not exist: {values['spool_dir']}")
+    return Limits(**values)
+
+
+def _path_normalization(ck: _Checker, node: yaml.Node, path: str) -> PathPolicy:
+    d = PathPolicy()
+    f = ck.mapping(node, path, {"merge_slashes", "escaped_slashes"})
+    if f is None:
+        return d
+    action = _get(f, "escaped_slashes", path, ck.string, d.escaped_slashes)
+    if action not in ESCAPED_SLASH_ACTIONS:
+        ck.error(f["escaped_slashes"], f"{path}.escaped_slashes",
+                 f'must be one of {", ".join(ESCAPED_SLASH_ACTIONS)}, got "{action}"')
+        action = d.escaped_slashes
+    return PathPolicy(merge_slashes=_get(f, "merge_slashes", path, ck.boolean, d.merge_slashes),
+                      escaped_slashes=action)
+
+
+def _name_list(ck: _Checker, node: yaml.Node, path: str, pattern: re.Pattern, what: str) -> list[str] | None:
+    """A list of names matching ``pattern``, lower-cased; None after reporting an error."""
+    items = ck.sequence(node, path)
+    if items is None:
+        return None
+    names: list[str] = []
+    for i, item in enumerate(items):
+        v = ck.string(item, f"{path}[{i}]")
+        if v is None:
+            return None
+        if not pattern.match(v):
+            ck.error(item, f"{path}[{i}]", f'"{v}" is not {what}')
+            return None
+        names.append(v.lower())
+    return names
+
+
+def _u32(ck: _Checker, node: yaml.Node, path: str) -> int | None:
+    # Body and callout sizes reach filters as u32 (callback arguments).
+    return ck.integer(node, path, 0, 0xFFFFFFFF)
 
 
 def _endpoint(ck: _Checker, node: yaml.Node, path: str) -> Endpoint | None:
@@ -322,38 +667,98 @@ def _endpoint(ck: _Checker, node: yaml.Node, path: str) -> Endpoint | None:
     return Endpoint(m.group(1), port)
 
 
-def _cluster(ck: _Checker, node: yaml.Node, path: str) -> Cluster | None:
-    f = ck.mapping(node, path, {"name", "endpoints", "connect_timeout_ms", "request_timeout_ms",
-                                "max_connections", "eject_ms"}, {"name", "endpoints"})
+def _endpoints(ck: _Checker, f: dict[str, yaml.Node], path: str) -> tuple[Endpoint, ...] | None:
+    if "endpoints" not in f:
+        return None
+    items = ck.sequence(f["endpoints"], f"{path}.endpoints")
+    if items is not None and not items:
+        ck.error(f["endpoints"], f"{path}.endpoints", "needs at least one endpoint")
+        return None
+    eps = [_endpoint(ck, item, f"{path}.endpoints[{i}]") for i, item in enumerate(items or [])]
+    return None if items is None or None in eps else tuple(eps)
+
+
+def _cluster(ck: _Checker, node: yaml.Node, path: str, base: Path) -> Cluster | RedisCluster | None:
+    if _type_of(ck, node) == "redis":
+        return _redis_cluster(ck, node, path, base)
+    f = ck.mapping(node, path, {"name", "type", "endpoints", "connect_timeout_ms", "request_timeout_ms",
+                                "max_connections", "eject_ms", "response_idle_timeout_ms", "tls"},
+                     {"name", "endpoints"})
     if f is None:
         return None
+    kind = _get(f, "type", path, ck.string, "http")
+    if kind != "http":
+        ck.error(f["type"], f"{path}.type", f'must be http or redis, got "{kind}"')
+        return None
     name = _get(f, "name", path, ck.string)
-    endpoints: list[Endpoint] = []
-    ok = True
-    if "endpoints" in f:
-        items = ck.sequence(f["endpoints"], f"{path}.endpoints")
-        if items is not None and not items:
-            ck.error(f["endpoints"], f"{path}.endpoints", "needs at least one endpoint")
-            ok = False
-        for i, item in enumerate(items or []):
-            ep = _endpoint(ck, item, f"{path}.endpoints[{i}]")
-            ok = ok and ep is not None
-            if ep is not None:
-                endpoints.append(ep)
-        ok = ok and items is not None
+    endpoints = _endpoints(ck, f, path)
+    tls, tls_ok = None, True
+    if "tls" in f and not _is_null(f["tls"]):
+        tls_ok, tls = _upstream_tls(ck, f["tls"], f"{path}.tls", base)
     d = Cluster("", ())
     ms = lambda lo: (lambda n, p: ck.integer(n, p, lo))  # noqa: E731
     cluster = Cluster(
-        name=name or "", endpoints=tuple(endpoints),
+        name=name or "", endpoints=endpoints or (),
         connect_timeout_ms=_get(f, "connect_timeout_ms", path, ms(1), d.connect_timeout_ms),
         request_timeout_ms=_get(f, "request_timeout_ms", path, ms(1), d.request_timeout_ms),
         max_connections=_get(f, "max_connections", path, ms(1), d.max_connections),
         eject_ms=_get(f, "eject_ms", path, ms(0), d.eject_ms),
+        response_idle_timeout_ms=_get(f, "response_idle_timeout_ms", path, ms(1), d.response_idle_timeout_ms),
+        tls=tls,
     )
-    return cluster if name and ok else None
+    return cluster if name and endpoints and tls_ok else None
 
 
-def _route(ck: _Checker, node: yaml.Node, path: str, clusters: set[str], filters: set[str] | None
+def _redis_cluster(ck: _Checker, node: yaml.Node, path: str, base: Path) -> RedisCluster | None:
+    n0 = len(ck.errors)
+    f = ck.mapping(node, path, {"name", "type", "endpoints", "username", "password", "password_file",
+                                "database", "connect_timeout_ms", "timeout_ms", "max_connections",
+                                "eject_ms"}, {"name", "endpoints"})
+    if f is None:
+        return None
+    name = _get(f, "name", path, ck.string)
+    endpoints = _endpoints(ck, f, path)
+    username = _get(f, "username", path, ck.string, "")
+    password = _get(f, "password", path, lambda n, p: ck.string(n, p, nonempty=False), "")
+    if "password_file" in f:
+        if "password" in f:
+            ck.error(f["password_file"], f"{path}.password_file", "use either password or password_file, not both")
+        else:
+            password = _secret_file(ck, f["password_file"], f"{path}.password_file", base)
+    if username and not password and "password_file" not in f:
+        ck.error(f["username"], f"{path}.username", "needs a password (or password_file)")
+    d = RedisCluster("", ())
+    ms = lambda lo: (lambda n, p: ck.integer(n, p, lo))  # noqa: E731
+    cluster = RedisCluster(
+        name=name or "", endpoints=endpoints or (), username=username, password=password or "",
+        database=_get(f, "database", path, ms(0), d.database),
+        connect_timeout_ms=_get(f, "connect_timeout_ms", path, ms(1), d.connect_timeout_ms),
+        timeout_ms=_get(f, "timeout_ms", path, ms(1), d.timeout_ms),
+        max_connections=_get(f, "max_connections", path, ms(1), d.max_connections),
+        eject_ms=_get(f, "eject_ms", path, ms(0), d.eject_ms),
+    )
+    return cluster if len(ck.errors) == n0 and name and endpoints else None
+
+
+def _secret_file(ck: _Checker, node: yaml.Node, path: str, base: Path) -> str | None:
+    """A password kept in a file (relative to the config file), without its trailing newline."""
+    name = ck.string(node, path)
+    if name is None:
+        return None
+    file = (base / name).resolve()
+    try:
+        text = file.read_text(encoding="utf-8").rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as e:
+        ck.error(node, path, f"cannot read {file}: {getattr(e, 'strerror', None) or e}")
+        return None
+    if not text:
+        ck.error(node, path, f"{file} is empty")
+        return None
+    return text
+
+
+def _route(ck: _Checker, node: yaml.Node, path: str, clusters: set[str], filters: set[str] | None,
+           paths: PathPolicy = PathPolicy(), redis: set[str] = frozenset()
            ) -> tuple[str | None, Route | None]:
     f = ck.mapping(node, path, {"name", "match", "cluster", "rewrite", "filters"}, {"name", "cluster"})
     if f is None:
@@ -361,12 +766,16 @@ def _route(ck: _Checker, node: yaml.Node, path: str, clusters: set[str], filters
     ok = True
     name = _get(f, "name", path, ck.string)
     cluster = _get(f, "cluster", path, ck.string)
-    if cluster is not None and cluster not in clusters:
+    if cluster is not None and cluster in redis:
+        ck.error(f["cluster"], f"{path}.cluster",
+                 f'"{cluster}" is a redis cluster (type: redis); a route needs an HTTP cluster')
+        ok = False
+    elif cluster is not None and cluster not in clusters:
         ck.error(f["cluster"], f"{path}.cluster", f'no cluster named "{cluster}"')
         ok = False
     match = RouteMatch()
     if "match" in f:
-        match = _match(ck, f["match"], f"{path}.match")
+        match = _match(ck, f["match"], f"{path}.match", paths)
         ok = ok and match is not None
     rewrite = None
     if "rewrite" in f:
@@ -393,7 +802,7 @@ def _route(ck: _Checker, node: yaml.Node, path: str, clusters: set[str], filters
     return name, Route(name, match, cluster, rewrite, tuple(names))
 
 
-def _match(ck: _Checker, node: yaml.Node, path: str) -> RouteMatch | None:
+def _match(ck: _Checker, node: yaml.Node, path: str, paths: PathPolicy) -> RouteMatch | None:
     f = ck.mapping(node, path, {"host", "prefix", "path", "methods", "headers"})
     if f is None:
         return None
@@ -408,6 +817,9 @@ def _match(ck: _Checker, node: yaml.Node, path: str) -> RouteMatch | None:
     for key, v in (("prefix", prefix), ("path", exact)):
         if v is not None and not v.startswith("/"):
             ck.error(f[key], f"{path}.{key}", f'must start with "/", got "{v}"')
+            ok = False
+        elif v is not None and (problem := _not_normal(v, paths)):
+            ck.error(f[key], f"{path}.{key}", problem)
             ok = False
     if prefix is not None and exact is not None:
         ck.error(f["path"], f"{path}.path", "use either prefix or path, not both")
@@ -438,6 +850,15 @@ def _match(ck: _Checker, node: yaml.Node, path: str) -> RouteMatch | None:
         else:
             headers = [(k.lower(), v) for k, v in pairs]
     return RouteMatch(host, prefix, exact, methods, tuple(headers)) if ok else None
+
+
+def _not_normal(path: str, paths: PathPolicy) -> str | None:
+    """Why a route's path could never match a (normalised) request path, or None."""
+    try:
+        normal = routing_path(normalize_path(path, PathPolicy(paths.merge_slashes, "keep")))
+    except (HttpError, RedirectTo) as e:
+        return f'"{path}": {e}'
+    return None if normal == path else f'"{path}" is not a normalised path; requests are matched as "{normal}"'
 
 
 def _rewrite(ck: _Checker, node: yaml.Node, path: str, match: RouteMatch | None) -> Rewrite | None:
@@ -480,7 +901,7 @@ def _encode(ck: _Checker, node: yaml.Node, path: str, encoding: str) -> bytes | 
         return None
 
 
-def _filter(ck: _Checker, node: yaml.Node, path: str, base: Path) -> FilterSpec | None:
+def _filter(ck: _Checker, node: yaml.Node, path: str, base: Path, gateway_limits: Limits) -> FilterSpec | None:
     f = ck.mapping(node, path, {"name", "wasm", "config", "encoding", "vm_config", "failure_policy",
                                 "limits", "environment", "deliver_body_while_paused", "root_id"},
                      {"name", "wasm"})
@@ -505,16 +926,23 @@ def _filter(ck: _Checker, node: yaml.Node, path: str, base: Path) -> FilterSpec 
     if policy not in ("fail_closed", "fail_open"):
         ck.error(f["failure_policy"], f"{path}.failure_policy", f'must be fail_closed or fail_open, got "{policy}"')
         ok = False
-    limits = FilterLimits()
+    d = FilterLimits(max_buffered_body_bytes=gateway_limits.max_buffered_body_bytes)
+    limits = d
     if "limits" in f:
-        lf = ck.mapping(f["limits"], f"{path}.limits", {"memory_mb", "callback_ms"})
+        lf = ck.mapping(f["limits"], f"{path}.limits", {"memory_mb", "callback_ms", "max_buffered_body_bytes",
+                                                        "max_callout_bytes"})
         if lf is None:
             ok = False
         else:
-            mem = _get(lf, "memory_mb", f"{path}.limits", lambda n, p: ck.integer(n, p, 1, 4096), None)
-            cb = _get(lf, "callback_ms", f"{path}.limits", lambda n, p: ck.integer(n, p, 1), None)
-            limits = FilterLimits(memory_bytes=(mem * 1024 * 1024) if mem else limits.memory_bytes,
-                                  callback_ms=cb or limits.callback_ms)
+            at = f"{path}.limits"
+            mem = _get(lf, "memory_mb", at, lambda n, p: ck.integer(n, p, 1, 4096), None)
+            cb = _get(lf, "callback_ms", at, lambda n, p: ck.integer(n, p, 1), None)
+            buffered = _get(lf, "max_buffered_body_bytes", at, lambda n, p: _u32(ck, n, p), None)
+            callouts = _get(lf, "max_callout_bytes", at, lambda n, p: _u32(ck, n, p), None)
+            limits = FilterLimits(memory_bytes=(mem * 1024 * 1024) if mem else d.memory_bytes,
+                                  callback_ms=cb or d.callback_ms,
+                                  max_buffered_body_bytes=d.max_buffered_body_bytes if buffered is None else buffered,
+                                  max_callout_bytes=d.max_callout_bytes if callouts is None else callouts)
     env: list[tuple[str, str]] = []
     if "environment" in f:
         pairs = ck.string_map(f["environment"], f"{path}.environment", "string to string")
@@ -533,7 +961,8 @@ def _filter(ck: _Checker, node: yaml.Node, path: str, base: Path) -> FilterSpec 
                       root_id=root_id or "")
 
 
-_TOP = {"listeners", "admin", "limits", "access_log", "clusters", "routes", "filters", "shared_data"}
+_TOP = {"listeners", "admin", "limits", "access_log", "clusters", "routes", "filters", "shared_data",
+        "internal_headers", "path_normalization"}
 
 
 def parse_config(text: str, filename: str, base_dir: Path) -> Config:
@@ -567,23 +996,29 @@ def _build(ck: _Checker, root: yaml.Node, base_dir: Path) -> Config:
             ck.error(top["listeners"], "listeners", "needs at least one listener")
         names = []
         for i, item in enumerate(items):
-            lst = _listener(ck, item, f"listeners[{i}]")
+            lst = _listener(ck, item, f"listeners[{i}]", base_dir)
             names.append((_name_of(ck, item), item))
             if lst:
                 listeners.append(lst)
         _unique_names(ck, names, "listeners")
         _unique_ports(ck, listeners, items)
 
-    admin = _admin(ck, top["admin"], "admin") if "admin" in top and not _is_null(top["admin"]) else None
-    limits = _limits(ck, top["limits"], "limits") if "limits" in top else Limits()
+    admin = _admin(ck, top["admin"], "admin", base_dir) if "admin" in top and not _is_null(top["admin"]) else None
+    limits = _limits(ck, top["limits"], "limits", base_dir) if "limits" in top else Limits()
 
     access_log: str | None = "-"
+    redact_params = Config.__dataclass_fields__["access_log_redact"].default
     if "access_log" in top:
         node = top["access_log"]
         if _is_null(node):
             access_log = None
         else:
-            f = ck.mapping(node, "access_log", {"path"}, {"path"})
+            f = ck.mapping(node, "access_log", {"path", "redact_query_params"}, {"path"})
+            if f is not None and "redact_query_params" in f:
+                names = _name_list(ck, f["redact_query_params"], "access_log.redact_query_params",
+                                   re.compile(r"^[^&=#\s]+$"), "a query parameter name")
+                if names is not None:
+                    redact_params = tuple(names)
             if f is not None and "path" in f:
                 access_log = None if _is_null(f["path"]) else ck.string(f["path"], "access_log.path")
                 if access_log not in (None, "-"):
@@ -592,17 +1027,21 @@ def _build(ck: _Checker, root: yaml.Node, base_dir: Path) -> Config:
                         ck.error(f["path"], "access_log.path", f"directory does not exist: {Path(access_log).parent}")
 
     clusters: list[Cluster] = []
+    redis_clusters: list[RedisCluster] = []
     cluster_names: set[str] = set()
+    redis_names: set[str] = set()
     if "clusters" in top:
         items = ck.sequence(top["clusters"], "clusters") or []
         names = []
         for i, item in enumerate(items):
-            c = _cluster(ck, item, f"clusters[{i}]")
+            c = _cluster(ck, item, f"clusters[{i}]", base_dir)
             nm = _name_of(ck, item)
             names.append((nm, item))
             if nm:
-                cluster_names.add(nm)
-            if c:
+                (redis_names if _type_of(ck, item) == "redis" else cluster_names).add(nm)
+            if isinstance(c, RedisCluster):
+                redis_clusters.append(c)
+            elif c:
                 clusters.append(c)
         _unique_names(ck, names, "clusters")
 
@@ -612,7 +1051,7 @@ def _build(ck: _Checker, root: yaml.Node, base_dir: Path) -> Config:
         items = ck.sequence(top["filters"], "filters") or []
         names = []
         for i, item in enumerate(items):
-            spec = _filter(ck, item, f"filters[{i}]", base_dir)
+            spec = _filter(ck, item, f"filters[{i}]", base_dir, limits)
             nm = _name_of(ck, item)
             names.append((nm, item))
             if nm:
@@ -621,6 +1060,10 @@ def _build(ck: _Checker, root: yaml.Node, base_dir: Path) -> Config:
                 filters.append(spec)
         _unique_names(ck, names, "filters")
 
+    paths = PathPolicy()
+    if "path_normalization" in top:
+        paths = _path_normalization(ck, top["path_normalization"], "path_normalization")
+
     routes: list[Route] = []
     if "routes" in top:
         items = ck.sequence(top["routes"], "routes") or []
@@ -628,7 +1071,7 @@ def _build(ck: _Checker, root: yaml.Node, base_dir: Path) -> Config:
             ck.error(top["routes"], "routes", "needs at least one route")
         names = []
         for i, item in enumerate(items):
-            nm, r = _route(ck, item, f"routes[{i}]", cluster_names, filter_names)
+            nm, r = _route(ck, item, f"routes[{i}]", cluster_names, filter_names, paths, redis_names)
             names.append((nm, item))
             if r:
                 routes.append(r)
@@ -640,26 +1083,39 @@ def _build(ck: _Checker, root: yaml.Node, base_dir: Path) -> Config:
         if f:
             shared_max = _get(f, "max_bytes", "shared_data", lambda n, p: ck.integer(n, p, 0), shared_max)
 
+    internal = Config.__dataclass_fields__["internal_headers"].default
+    if "internal_headers" in top:
+        names = _name_list(ck, top["internal_headers"], "internal_headers", _TOKEN, "a header name")
+        if names is not None:
+            internal = frozenset(names)
     if ck.errors:
         raise ConfigError(ck.errors)
     raw = ck.value(root)
     return Config(source=Path(ck.filename), listeners=tuple(listeners), admin=admin, limits=limits,
                   access_log_path=access_log, clusters=tuple(clusters), routes=tuple(routes),
-                  filters=tuple(filters), shared_data_max_bytes=shared_max, raw=raw)
+                  filters=tuple(filters), shared_data_max_bytes=shared_max, path_normalization=paths,
+                  internal_headers=internal, access_log_redact=redact_params,
+                  redis_clusters=tuple(redis_clusters), raw=raw)
 
 
 def _is_null(node: yaml.Node) -> bool:
     return isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null"
 
 
-def _name_of(ck: _Checker, node: yaml.Node) -> str | None:
-    """The `name:` of a list item without reporting errors (used for reference checks)."""
+def _name_of(ck: _Checker, node: yaml.Node, key: str = "name") -> str | None:
+    """The `name:` (or another string key) of a list item without reporting errors (used for
+    reference checks)."""
     if isinstance(node, yaml.MappingNode):
         for k, v in node.value:
-            if isinstance(k, yaml.ScalarNode) and k.value == "name" and isinstance(v, yaml.ScalarNode):
+            if isinstance(k, yaml.ScalarNode) and k.value == key and isinstance(v, yaml.ScalarNode):
                 val = ck.value(v)
                 return val if isinstance(val, str) and val else None
     return None
+
+
+def _type_of(ck: _Checker, node: yaml.Node) -> str:
+    """A cluster's `type:` without reporting errors (the cluster's own check reports them)."""
+    return _name_of(ck, node, "type") or "http"
 
 
 def _unique_ports(ck: _Checker, listeners: list[Listener], items: list[yaml.Node]) -> None:

@@ -166,6 +166,15 @@ def parse_response_head(head: bytes) -> tuple[int, str, Headers]:
     return parser.get_status_code(), version.decode("latin-1"), sink.headers
 
 
+def strip_hop_by_hop(headers: Headers) -> Headers:
+    """A message's headers without hop-by-hop ones (RFC 9110 §7.6.1), incl. those Connection names."""
+    hop = HOP_BY_HOP
+    for name, value in headers:
+        if name == "connection":
+            hop = hop | {t.strip().lower() for t in value.split(",")}
+    return [(n, v) for n, v in headers if n not in hop]
+
+
 def connection_tokens(headers: Headers) -> set[str]:
     tokens: set[str] = set()
     for name, value in headers:

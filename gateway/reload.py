@@ -4,7 +4,7 @@ A reload re-reads the config file the gateway was started with. Every step — Y
 compiling and starting the filters — happens before anything changes; if one fails, the current
 Generation keeps serving untouched and the reasons are reported (log, /metrics, /reload body).
 On success new requests take the new Generation; a request in flight holds the one it started
-with (proxy._serve reads ``gw.generation`` once), and the old one is torn down once its requests
+with (client_h1.Connection._serve reads ``gw.generation`` once), and the old one is torn down once its requests
 are done, bounded by ``limits.drain_timeout_s``.
 
 Only what changed is rebuilt: filters whose spec and wasm sha256 are unchanged are carried over
@@ -26,6 +26,7 @@ from abi.api import FilterLoadError
 from .config import Config, ConfigError, load_config
 from .proxy import Generation
 from .routing import Router
+from .tls import TlsError, build_listener_tls
 from .upstream import Upstreams
 
 if TYPE_CHECKING:
@@ -81,6 +82,9 @@ def fingerprint(config: Config, digests: dict[str, str]) -> str:
         h.update(repr(config).encode())
     for name in sorted(digests):
         h.update(f"\0{name}={digests[name]}".encode())
+    for item in [*config.listeners, *config.clusters]:     # certificate, key and CA file contents
+        if item.tls is not None:
+            h.update(f"\0tls {item.name}={item.tls.digest}".encode())
     return h.hexdigest()[:16]
 
 
@@ -132,19 +136,24 @@ async def _reload_locked(gw: "Gateway", st: ReloadState) -> ReloadResult:
     if fp == st.fingerprint and config == old.config:
         # Nothing to do (e.g. the broadcast reaching the worker that already reloaded).
         return ReloadResult(True, st.generation, fp)
-    upstreams = Upstreams(config.clusters, shared_store=old.upstreams.shared_store)
+    try:
+        tls = await asyncio.to_thread(build_listener_tls, config.listeners)   # new connections only
+        upstreams = Upstreams(config.clusters, shared_store=old.upstreams.shared_store,
+                              redis_clusters=config.redis_clusters)
+    except TlsError as e:            # a file changed since the config was checked
+        return refused([f"TLS: {e.message}"])
     try:
         host = await _load_filters(gw, config, upstreams, old.filter_host)
     except FilterLoadError as e:             # names the filter, its file and the cause
-        upstreams.close()
+        await upstreams.aclose()
         return refused([str(e)])
     except Exception as e:                   # a host bug must not take the running config down
         log.exception("loading filters for a reload failed")
-        upstreams.close()
+        await upstreams.aclose()
         return refused([f"loading filters failed: {type(e).__name__}: {e}"])
     kept_pools = _keep_unchanged_pools(old.upstreams, upstreams)
     changes = describe_changes(old.config, config, old.filter_host, host, kept_pools)
-    gw.generation = Generation(config, Router(config.routes), upstreams, host)
+    gw.generation = Generation(config, Router(config.routes), upstreams, host, tls=tls)
     gw.config = config
     st.generation += 1
     st.fingerprint = fp
@@ -168,21 +177,24 @@ async def _load_filters(gw: "Gateway", config: Config, upstreams: Upstreams, pre
 def _restart_only_changes(old: Config, new: Config) -> list[str]:
     """What a reload cannot apply: sockets are bound and the shared store is sized at start."""
     out = []
-    key = lambda c: [(l.name, l.address, l.port) for l in c.listeners]  # noqa: E731
+    # A listener's socket is plain or TLS for its life; certificates, CAs and versions reload.
+    key = lambda c: [(l.name, l.address, l.port, l.tls is not None,  # noqa: E731
+                      l.tls and l.tls.handshake_timeout_s) for l in c.listeners]
     if key(old) != key(new):
         out.append("listeners changed: restart required")
     if old.admin != new.admin:
         out.append("admin listener changed: restart required")
     if old.shared_data_max_bytes != new.shared_data_max_bytes:
         out.append("shared_data.max_bytes changed: restart required")
-    if old.access_log_path != new.access_log_path:
+    if (old.access_log_path, old.access_log_redact) != (new.access_log_path, new.access_log_redact):
         out.append("access_log changed: restart required")
     return out
 
 
 def _keep_unchanged_pools(old: Upstreams, new: Upstreams) -> set[str]:
-    """Move the pools of unchanged clusters into the new Upstreams (warm keep-alive connections)."""
-    kept = set()
+    """Move the pools of unchanged clusters into the new Upstreams (warm keep-alive connections;
+    Redis clusters too)."""
+    kept = new.redis.take_over(old.redis)
     for name, pool in old.pools.items():
         fresh = new.pools.get(name)
         if fresh is not None and fresh.cluster == pool.cluster:
@@ -206,11 +218,14 @@ def describe_changes(old: Config, new: Config, old_host: Any, new_host: Any, kep
             out.append(f"{label}: {', '.join(names)}")
     if old.routes != new.routes:
         out.append(f"routes: {len(new.routes)} (were {len(old.routes)})")
-    changed = sorted({c.name for c in new.clusters} - kept_pools)
+    changed = sorted({c.name for c in new.clusters + new.redis_clusters} - kept_pools)
     if changed:
         out.append(f"clusters new or changed: {', '.join(changed)}")
     if old.limits != new.limits:
         out.append("limits changed")
+    tls = sorted(l.name for l, o in zip(new.listeners, old.listeners) if l.tls is not None and l.tls != o.tls)
+    if tls:
+        out.append(f"tls reloaded for new connections: listener {', '.join(tls)}")
     return out
 
 
@@ -226,6 +241,7 @@ async def retire(old: Generation, drain_timeout_s: float, kept_pools: set[str], 
     for name, pool in old.upstreams.pools.items():
         if name not in kept_pools:
             pool.close()
+    await old.upstreams.redis.aclose(kept_pools)
     host = old.filter_host
     if host is not None and host is not new_host:
         try:

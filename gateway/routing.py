@@ -6,24 +6,6 @@ from .config import Route
 Headers = list[tuple[str, str]]
 
 
-def remove_dot_segments(path: str) -> str:
-    """RFC 3986 §5.2.4 for an absolute path: what the upstream would resolve "/a/../b" to.
-
-    Routing on the raw path would let "/public/../admin" match a "/public" route while the
-    upstream serves /admin, skipping the admin route's filters.
-    """
-    out: list[str] = []
-    segments = path.split("/")
-    for seg in segments[1:]:
-        if seg == "..":
-            if out:
-                out.pop()
-        elif seg != ".":
-            out.append(seg)
-    trailing = segments[-1] in (".", "..")
-    return "/" + "/".join(out) + ("/" if trailing and out else "")
-
-
 def strip_port(authority: str) -> str:
     """Lower-cased host of a Host header / :authority, without the port."""
     host = authority.lower()

@@ -10,15 +10,16 @@ from typing import Any, Awaitable, Callable
 from .accesslog import AccessLog
 from .config import Config
 from .metrics import Metrics
-from .proxy import Downstream, Generation, Proxy
+from .client_h1 import ClientProtocol, Connection
+from .proxy import Generation, Proxy
 from .routing import Router
+from .tls import ListenerContext, TlsConnection, TlsError, build_listener_tls
 from .upstream import Upstreams
 
 log = logging.getLogger("wasmgate")
 
-# A client connection idle this long (keep-alive, or a request head that never completes) is
-# closed, so idle or slowloris clients cannot pin sockets forever.
-IDLE_TIMEOUT_S = 60.0
+# On stop, how long idle TLS connections get to finish their close_notify exchange.
+TLS_CLOSE_GRACE_S = 1.0
 
 # async (specs, services) -> FilterHostProtocol; the default is abi.api.load_filter_host.
 FilterHostFactory = Callable[[list, Any], Awaitable[Any]]
@@ -59,8 +60,9 @@ class Gateway:
     def __init__(self, config: Config):
         self.config = config
         self.metrics = Metrics()
-        self.access_log = AccessLog(config.access_log_path)
-        self.connections: set[Downstream] = set()
+        self.access_log = AccessLog(config.access_log_path, config.access_log_redact)
+        self.connections: set[Connection] = set()
+        self.idle_connections = 0           # keep-alive connections between requests
         self.draining = False
         self.ready = False
         self.listener_ports: dict[str, int] = {}
@@ -70,8 +72,10 @@ class Gateway:
         self._servers: list[asyncio.AbstractServer] = []
         self._admin_runner: Any = None
         self._stopped = asyncio.Event()
-        self.idle_timeout_s = IDLE_TIMEOUT_S
         self._sweeper: asyncio.Task | None = None
+        # What a TLS connection is handed to, by the protocol ALPN chose (None: the client
+        # offered no ALPN). An HTTP/2 front-end adds "h2" here and to tls.ALPN_PROTOCOLS.
+        self.alpn_handlers = {None: self._serve_http1, "http/1.1": self._serve_http1}
 
     @classmethod
     async def start(cls, config: Config, *, filter_host_factory: FilterHostFactory | None = None,
@@ -86,17 +90,23 @@ class Gateway:
         """
         gw = cls(config)
         gw.filter_host_factory = filter_host_factory    # a reload loads its filters the same way
-        upstreams = Upstreams(config.clusters, shared_store=shared_store)
+        try:
+            tls = build_listener_tls(config.listeners)
+            upstreams = Upstreams(config.clusters, shared_store=shared_store,
+                                  redis_clusters=config.redis_clusters)
+        except TlsError as e:        # a file changed since the config was checked
+            gw.access_log.close()
+            raise StartError(f"TLS: {e.message}") from None
         filter_host = None
         try:
             if config.filters:
                 factory = filter_host_factory or _default_filter_host
                 filter_host = await factory(list(config.filters), upstreams)
-            gw.generation = Generation(config, Router(config.routes), upstreams, filter_host)
+            gw.generation = Generation(config, Router(config.routes), upstreams, filter_host, tls=tls)
             await gw._bind(reuse_port, ports or {})
         except BaseException:
             await gw._close_servers()
-            upstreams.close()
+            await upstreams.aclose()
             if filter_host is not None:
                 await filter_host.close()
             gw.access_log.close()
@@ -113,11 +123,39 @@ class Gateway:
     async def _sweep_idle(self) -> None:
         # One periodic pass instead of a timer per request keeps the hot path timer-free.
         while True:
-            await asyncio.sleep(min(5.0, self.idle_timeout_s / 2))
-            cutoff = time.monotonic() - self.idle_timeout_s
+            timeout = self.generation.config.limits.keepalive_timeout_s
+            await asyncio.sleep(min(5.0, timeout / 2))
+            cutoff = time.monotonic() - timeout
             for conn in list(self.connections):
                 if conn.idle and conn.last_active < cutoff:
                     conn.transport.close()
+
+    async def _handle_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await Connection(self, reader, writer).run()
+
+    async def _serve_http1(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                           tls: TlsConnection) -> None:
+        await Connection(self, reader, writer, tls).run()
+
+    async def _serve_tls(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """A TLS connection after its handshake: to the front-end of the protocol ALPN chose."""
+        tls = TlsConnection(writer.get_extra_info("ssl_object"))
+        handler = self.alpn_handlers.get(tls.alpn)
+        if handler is None:          # only what ALPN_PROTOCOLS offers can be chosen
+            writer.transport.abort()
+            return
+        await handler(reader, writer, tls)
+
+    def _listener_context(self, listener: str) -> ListenerContext:
+        """The listener's SSL context for its life: each handshake uses the certificates of the
+        generation serving at that moment (a reload swaps them for new connections)."""
+        return ListenerContext(lambda: self.generation.tls[listener],
+                               lambda reason: self._handshake_failed(listener, reason))
+
+    def _handshake_failed(self, listener: str, reason: str) -> None:
+        # Scanners and stray plain-HTTP clients cause these: counted, logged at debug (as Envoy, nginx).
+        self.metrics.error("tls_handshake")
+        log.debug('listener "%s": TLS handshake failed: %s', listener, reason)
 
     async def _bind(self, reuse_port: bool, ports: dict[str, int]) -> None:
         limit = max(self.config.limits.max_header_bytes + 4, 65536)
@@ -128,8 +166,14 @@ class Gateway:
             except OSError as e:
                 raise StartError(f'listener "{lst.name}": cannot bind {lst.address}:{port}: '
                                  f'{e.strerror or e}') from None
-            server = await asyncio.start_server(self.proxy.handle_connection, sock=sock, limit=limit,
-                                                backlog=1024)
+            loop = asyncio.get_running_loop()
+            if lst.tls is None:
+                server = await loop.create_server(lambda: ClientProtocol(limit, self._handle_connection),
+                                                  sock=sock, backlog=1024)
+            else:
+                server = await loop.create_server(lambda: ClientProtocol(limit, self._serve_tls), sock=sock,
+                                                  backlog=1024, ssl=self._listener_context(lst.name),
+                                                  ssl_handshake_timeout=lst.tls.handshake_timeout_s)
             self._servers.append(server)
             self.listener_ports[lst.name] = sock.getsockname()[1]
         if self.config.admin is not None:
@@ -160,11 +204,18 @@ class Gateway:
                 conn.transport.close()    # an idle keep-alive connection has nothing to finish
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        # A closed idle TLS connection waits for the client's close_notify, which a pooled client
+        # that is not reading never sends: past a short grace those are dropped, not drained.
+        tls_grace = loop.time() + min(timeout, TLS_CLOSE_GRACE_S)
         while self.connections and loop.time() < deadline:
+            if loop.time() >= tls_grace and all(c.idle and c.tls is not None for c in self.connections):
+                break
             await asyncio.sleep(0.01)
         if self.connections:
-            log.warning("drain timeout (%.1fs): closing %d connection(s) with requests in flight",
-                        timeout, len(self.connections))
+            busy = sum(1 for c in self.connections if not c.idle)
+            if busy:
+                log.warning("drain timeout (%.1fs): closing %d connection(s) with requests in flight",
+                            timeout, busy)
             for conn in list(self.connections):
                 conn.transport.abort()
                 if conn.task is not None:
@@ -174,7 +225,7 @@ class Gateway:
         from .reload import wait_retired
         await wait_retired(self)            # old generations of reloads finish their teardown
         gen = self.generation
-        gen.upstreams.close()
+        await gen.upstreams.aclose()
         if gen.filter_host is not None:
             try:
                 await gen.filter_host.close()   # type: ignore[attr-defined]

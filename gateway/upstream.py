@@ -8,14 +8,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 import time
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
-from abi.api import CallFailed, CallResponse, Headers
+from abi.api import CallFailed, CallResponse, Headers, RedisOptions
 
-from .config import Cluster, Endpoint
+from .config import Cluster, Endpoint, RedisCluster
+from .redis_clusters import RedisClusters
 from .http1 import (FRAMING, BodyStream, HttpError, PeerClosed, body_length, connection_tokens,
                     parse_response_head, read_chunked, trailer_block)
+from .tls import client_context, ssl_reason
+from .watchdog import Watchdog
 
 log = logging.getLogger("wasmgate.upstream")
 
@@ -33,13 +37,17 @@ class UpstreamError(Exception):
     def __init__(self, status: int, kind: str, message: str, endpoint: str = ""):
         super().__init__(message)
         self.status = status
-        self.kind = kind            # refused | timeout | reset | bad_response | overloaded
+        self.kind = kind            # refused | timeout | reset | bad_response | overloaded | tls
         self.message = message
         self.endpoint = endpoint
 
 
 class UpstreamReset(Exception):
-    """The upstream broke off while sending the response body."""
+    """The upstream broke off (or, ``timeout``, went quiet) while sending the response body."""
+
+    def __init__(self, message: str, timeout: bool = False):
+        super().__init__(message)
+        self.timeout = timeout
 
 
 class _Stale(Exception):
@@ -47,20 +55,24 @@ class _Stale(Exception):
 
 
 class UpConn:
-    __slots__ = ("reader", "writer", "endpoint", "reused", "timed_out", "idle_since")
+    __slots__ = ("reader", "writer", "endpoint", "reused", "timed_out", "idle_since", "watchdog")
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, endpoint: Endpoint):
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, endpoint: Endpoint,
+                 idle_timeout_s: float):
         self.reader = reader
         self.writer = writer
         self.endpoint = endpoint
         self.reused = False
         self.timed_out = False
         self.idle_since = 0.0
+        # response_idle_timeout: armed before each read of a response body.
+        self.watchdog = Watchdog(asyncio.get_running_loop(), idle_timeout_s, self.on_timeout)
 
     def usable(self) -> bool:
         return not self.writer.transport.is_closing() and not self.reader.at_eof()
 
     def abort(self) -> None:
+        self.watchdog.close()
         self.writer.transport.abort()
 
     def on_timeout(self) -> None:
@@ -69,9 +81,14 @@ class UpConn:
 
 
 class UpstreamResponse:
-    """Status, headers and a body iterator; ``finish()`` returns the connection to the pool."""
+    """Status, headers and a body iterator; ``finish()`` returns the connection to the pool.
+
+    Between two reads of the body the upstream may stay silent for the cluster's
+    ``response_idle_timeout_ms`` at most (nginx ``proxy_read_timeout``): then the connection is
+    aborted and the body iterator raises UpstreamReset(timeout=True).
+    """
     __slots__ = ("pool", "conn", "status", "headers", "length", "keepalive", "complete", "_body_iter",
-                 "endpoint", "bytes")
+                 "endpoint", "bytes", "idle_s")
 
     def __init__(self, pool: "Pool", conn: UpConn, status: int, headers: Headers, length: int | None,
                  keepalive: bool):
@@ -85,6 +102,7 @@ class UpstreamResponse:
         self.endpoint = str(conn.endpoint)
         self.bytes = 0
         self._body_iter: AsyncIterator[bytes] | None = None
+        self.idle_s = pool.cluster.response_idle_timeout_ms / 1000
 
     @property
     def body(self) -> AsyncIterator[bytes] | None:
@@ -98,24 +116,40 @@ class UpstreamResponse:
     async def read_exact(self) -> bytes:
         """The whole Content-Length body in one read: the fast path for small responses."""
         assert self.length is not None and self.length > 0 and self._body_iter is None
+        conn = self.conn
+        conn.watchdog.arm(self.idle_s)
         try:
-            data = await self.conn.reader.readexactly(self.length)
+            data = await conn.reader.readexactly(self.length)
         except (asyncio.IncompleteReadError, ConnectionError) as e:
-            raise UpstreamReset(f"{self.endpoint}: connection closed inside the body ({e})") from None
+            raise self._broke(f"connection closed inside the body ({e})") from None
+        finally:
+            conn.watchdog.disarm()
         self.bytes = len(data)
         self.complete = True
         return data
 
+    def _broke(self, why: object) -> UpstreamReset:
+        conn = self.conn
+        if conn is not None and conn.timed_out:
+            return UpstreamReset(f"{self.endpoint}: no response data for {self.idle_s:g} s", timeout=True)
+        return UpstreamReset(f"{self.endpoint}: {why}")
+
     async def _body(self) -> AsyncIterator[bytes]:
-        reader = self.conn.reader
+        conn = self.conn
+        reader = conn.reader
+        watchdog = conn.watchdog
+        idle = self.idle_s
         n = self.length
+        watchdog.arm(idle)
         try:
             if n is None:
                 trailers: list = []
                 rest: list = []
                 async for data in read_chunked(reader, status=502, trailers=trailers, rest=rest):
                     self.bytes += len(data)
+                    watchdog.disarm()
                     yield data
+                    watchdog.arm(idle)
                 self._body_iter.trailers = trailers or None   # type: ignore[union-attr]
                 if rest:
                     self.keepalive = False      # bytes after the response: never reuse this connection
@@ -123,9 +157,13 @@ class UpstreamResponse:
                 while True:
                     data = await reader.read(_READ)
                     if not data:
+                        if conn.timed_out:      # aborted by the watchdog, not the end of the body
+                            raise PeerClosed("timed out")
                         break
                     self.bytes += len(data)
+                    watchdog.disarm()
                     yield data
+                    watchdog.arm(idle)
             else:
                 while n > 0:
                     data = await reader.read(n if n < _READ else _READ)
@@ -133,9 +171,13 @@ class UpstreamResponse:
                         raise PeerClosed(f"upstream closed with {n} body bytes missing")
                     n -= len(data)
                     self.bytes += len(data)
+                    watchdog.disarm()
                     yield data
+                    watchdog.arm(idle)
         except (PeerClosed, HttpError, ConnectionError) as e:
-            raise UpstreamReset(f"{self.endpoint}: {e}") from None
+            raise self._broke(e) from None
+        finally:
+            watchdog.disarm()
         self.complete = True
 
     def finish(self) -> None:
@@ -163,6 +205,7 @@ class Pool:
         self._connect_timeout = cluster.connect_timeout_ms / 1000
         self._request_timeout = cluster.request_timeout_ms / 1000
         self._closed = False
+        self._tls = client_context(cluster.tls) if cluster.tls is not None else None
 
     # -- connection management ---------------------------------------------------------------
 
@@ -239,12 +282,21 @@ class Pool:
         return False
 
     async def _connect(self, ep: Endpoint) -> UpConn:
+        tls = {} if self._tls is None else {
+            # SNI and the name verified: `sni`, else the endpoint's host (Python sends no SNI for an IP).
+            "ssl": self._tls, "server_hostname": self.cluster.tls.sni or ep.host,   # type: ignore[union-attr]
+            "ssl_handshake_timeout": self._connect_timeout}
         try:
+            # connect_timeout_ms bounds the TCP connect and the TLS handshake together.
             reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(ep.host, ep.port, limit=_READ), self._connect_timeout)
+                asyncio.open_connection(ep.host, ep.port, limit=_READ, **tls), self._connect_timeout)
         except asyncio.TimeoutError:
             self._eject(ep)
             raise UpstreamError(504, "timeout", f"connect to {ep} timed out", str(ep)) from None
+        except ssl.SSLError as e:
+            self._eject(ep)
+            raise UpstreamError(502, "tls", f'cluster "{self.cluster.name}": TLS handshake with {ep} failed: '
+                                f"{ssl_reason(e)}", str(ep)) from None
         except OSError as e:
             self._eject(ep)
             why = "refused" if isinstance(e, ConnectionRefusedError) else (e.strerror or str(e))
@@ -253,7 +305,7 @@ class Pool:
         if sock is not None:
             # Head, body chunks and the final chunk go out as separate writes: no Nagle delay.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return UpConn(reader, writer, ep)
+        return UpConn(reader, writer, ep, self.cluster.response_idle_timeout_ms / 1000)
 
     def release(self, conn: UpConn) -> None:
         if self._closed or not conn.usable():
@@ -269,6 +321,7 @@ class Pool:
         self._wake()
 
     def _close(self, conn: UpConn) -> None:
+        conn.watchdog.close()
         conn.writer.transport.close()
         self.open -= 1
         self._wake()
@@ -417,20 +470,31 @@ class Upstreams:
 
     ``shared_store``: the gateway-wide store for shared data/queues when workers share one
     (set by the worker supervisor); None lets the filter host use a per-process store.
+    ``redis_clusters``: the `type: redis` clusters (gateway/redis_clusters.py).
     """
 
     def __init__(self, clusters: tuple[Cluster, ...], logger: logging.Logger | None = None,
-                 shared_store: object | None = None):
+                 shared_store: object | None = None, redis_clusters: tuple[RedisCluster, ...] = ()):
         self.pools = {c.name: Pool(c) for c in clusters}
+        self.redis = RedisClusters(redis_clusters)
         self.log = logger or logging.getLogger("wasmgate.filters")
         self.shared_store = shared_store
 
     def has_cluster(self, name: str) -> bool:
         return name in self.pools
 
+    def has_redis_cluster(self, name: str) -> bool:
+        return self.redis.has(name)
+
+    async def redis_call(self, cluster: str, query: bytes, options: RedisOptions) -> bytes:
+        """HostServices.redis_call: one command to a `type: redis` cluster, the raw reply."""
+        return await self.redis.call(cluster, query, options)
+
     async def http_call(self, cluster: str, method: str, path: str, authority: str, headers: Headers,
-                        body: bytes, timeout_s: float | None) -> CallResponse:
-        """HostServices.http_call: a whole request/response to a named cluster."""
+                        body: bytes, timeout_s: float | None,
+                        reserve: Callable[[int], bool] | None = None) -> CallResponse:
+        """HostServices.http_call: a whole request/response to a named cluster. ``reserve``
+        approves each response body chunk before it is kept (the filter's callout bytes)."""
         pool = self.pools.get(cluster)
         if pool is None:
             raise CallFailed(f'no cluster named "{cluster}"')
@@ -443,13 +507,16 @@ class Upstreams:
                 body = resp.body
                 if body is not None:
                     async for chunk in body:
+                        if reserve is not None and not reserve(len(chunk)):
+                            raise CallFailed("response body over the filter's max_callout_bytes")
                         chunks.append(chunk)
                 trailers = list(getattr(body, "trailers", None) or [])
                 return CallResponse(resp.status, list(resp.headers), b"".join(chunks), trailers)
         except TimeoutError:
             raise CallFailed("timeout") from None
         except UpstreamError as e:
-            raise CallFailed("timeout" if e.kind == "timeout" else e.kind if e.kind != "refused" else "refused") from None
+            # A TLS failure's reason (e.g. which verification failed) goes to the filter's log line.
+            raise CallFailed(e.message if e.kind == "tls" else e.kind) from None
         except UpstreamReset:
             raise CallFailed("reset") from None
         finally:
@@ -459,6 +526,12 @@ class Upstreams:
     def close(self) -> None:
         for pool in self.pools.values():
             pool.close()
+
+    async def aclose(self, keep_redis: set[str] = frozenset()) -> None:
+        """close(), and the Redis connections too (except those of ``keep_redis``, carried into
+        a reloaded generation)."""
+        self.close()
+        await self.redis.aclose(keep_redis)
 
 
 async def _once(data: bytes) -> AsyncIterator[bytes]:

@@ -1,4 +1,5 @@
-"""`--watch`: notice a change to the config file or to a wasm file it references.
+"""`--watch`: notice a change to the config file or to a wasm, certificate, key or CA file it
+references.
 
 Cheap polling of (mtime, size) — no inotify dependency, and it works on every filesystem. A
 change is reported once the files have stayed the same for one more poll, so an editor's
@@ -17,20 +18,21 @@ Signature = dict[str, tuple[int, int] | None]
 class Watcher:
     def __init__(self, config_path: Path):
         self.config_path = Path(config_path)
-        self.wasm_paths = self._wasm_paths()
+        self.files = self._referenced_files()
         self.applied = self._signature()     # what the running config was loaded from
         self._pending: Signature | None = None
 
-    def _wasm_paths(self) -> list[Path]:
+    def _referenced_files(self) -> list[Path]:
         # A broken config references nothing new: keep watching the files we had.
         try:
-            return [Path(f.wasm_path) for f in load_config(self.config_path).filters]
+            config = load_config(self.config_path)
+            return [Path(f.wasm_path) for f in config.filters] + config.tls_files()
         except ConfigError:
-            return getattr(self, "wasm_paths", [])
+            return getattr(self, "files", [])
 
     def _signature(self) -> Signature:
         out: Signature = {}
-        for p in [self.config_path, *self.wasm_paths]:
+        for p in [self.config_path, *self.files]:
             try:
                 st = os.stat(p)
                 out[str(p)] = (st.st_mtime_ns, st.st_size)
@@ -48,7 +50,7 @@ class Watcher:
             self._pending = sig              # changed since the last poll: wait until it settles
             return None
         changed = next((p for p in sig if sig[p] != self.applied.get(p)), str(self.config_path))
-        self.wasm_paths = self._wasm_paths()
+        self.files = self._referenced_files()
         self.applied = self._signature()
         self._pending = None
         return Path(changed).name

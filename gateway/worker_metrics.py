@@ -1,13 +1,17 @@
 """One /metrics for the whole gateway, however many worker processes serve it.
 
-The request path only bumps plain counters in this process (gateway/metrics.py). Each worker
-publishes a msgpack snapshot of them every PUBLISH_INTERVAL_S under its slot's key in the ops
-store (gateway/workers.py); GET /metrics publishes its own fresh snapshot and sums every slot.
+The request path's counters (requests, errors, upstream latency, body bytes) live in each
+worker slot's counters file (gateway/counter_page.py, in the ops store's directory): the
+request path writes them there directly, GET /metrics reads every slot's file, and a worker
+restarted in a slot continues the same file — so a worker killed with SIGKILL loses none of
+them, and none counts twice.
 
-Counters stay monotonic across a worker restart: a worker started in a slot takes its dead
-predecessor's last snapshot as its starting counts (at most one interval of increments is lost
-with the process), so the dead worker's past counts neither vanish nor count twice. Gauges of a
-slot whose process is gone read 0.
+The rest — gauges (connections, pools), the filters' own per-process counters (failures,
+rebuilds) and the reload state — is a msgpack snapshot each worker publishes every
+PUBLISH_INTERVAL_S under its slot's key in the ops store (gateway/workers.py); GET /metrics
+publishes its own fresh one. A restarted worker adds its predecessor's last snapshot's counters
+to its own, so those counters stay monotonic but lose the increments of the dead worker's last
+interval. Gauges of a slot whose process is gone read 0.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 from abi.api import MetricSample
 
-from .metrics import BUCKETS, Histogram, Metrics
+from .metrics import Counts, Metrics
 
 if TYPE_CHECKING:
     from .server import Gateway
@@ -27,7 +31,7 @@ log = logging.getLogger("wasmgate.metrics")
 
 PUBLISH_INTERVAL_S = 1.0
 # Gauges whose sum over workers means nothing: the gateway-wide value is the largest one.
-MAX_GAUGES = {"wasmgate_upstream_endpoint_ejected"}
+MAX_GAUGES = {"wasmgate_upstream_endpoint_ejected", "wasmgate_redis_endpoint_ejected"}
 
 SampleKey = tuple[str, str, tuple[tuple[str, str], ...]]
 
@@ -49,10 +53,6 @@ def snapshot(gw: "Gateway", inherited: dict[str, Any] | None = None) -> dict[str
     snap = {
         "pid": os.getpid(),
         "t": time.time(),
-        "requests": [[r, s, n] for (r, s), n in m.requests.items()],
-        "errors": dict(m.errors),
-        "latency": {c: [list(h.counts), h.total, h.count] for c, h in m.upstream_latency.items()},
-        "bytes": [m.bytes_in, m.bytes_out],
         "active": [m.active_connections, m.active_requests],
         "samples": [_pack(s) for s in local],
         "reload": _reload_view(gw),
@@ -77,7 +77,7 @@ def _pool_gauges(gen: Any) -> list[MetricSample]:
                          {"cluster": name, "endpoint": str(ep)},
                          "1 while an endpoint is skipped after refusing connections.")
             for name, p in pools.items() for ep in p.cluster.endpoints]
-    return out
+    return out + gen.upstreams.redis.samples()
 
 
 def _pack(s: MetricSample) -> list[Any]:
@@ -91,23 +91,6 @@ def _unpack(v: list[Any]) -> MetricSample:
 def merge_counters(snap: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
     """``snap`` with a dead predecessor's counters added (gauges are not inherited)."""
     out = dict(snap)
-    req: dict[tuple[str, int], int] = {}
-    for r, s, n in list(base.get("requests", [])) + list(snap["requests"]):
-        req[(r, s)] = req.get((r, s), 0) + n
-    out["requests"] = [[r, s, n] for (r, s), n in req.items()]
-    errors = dict(base.get("errors", {}))
-    for k, n in snap["errors"].items():
-        errors[k] = errors.get(k, 0) + n
-    out["errors"] = errors
-    lat = {c: list(v) for c, v in base.get("latency", {}).items()}
-    for c, (counts, total, count) in snap["latency"].items():
-        if c in lat:
-            b = lat[c]
-            lat[c] = [[x + y for x, y in zip(b[0], counts)], b[1] + total, b[2] + count]
-        else:
-            lat[c] = [counts, total, count]
-    out["latency"] = lat
-    out["bytes"] = [a + b for a, b in zip(base.get("bytes", [0, 0]), snap["bytes"])]
     counters = [v for v in base.get("samples", []) if v[1] == "counter"]
     out["samples"] = [_pack(s) for s in sum_samples([_unpack(v) for v in counters + list(snap["samples"])])]
     rl = dict(snap["reload"])
@@ -144,26 +127,16 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def render(gw: "Gateway", snaps: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> str:
-    """Prometheus text for the sum of ``snaps`` (one per worker slot; the first is this worker)."""
-    total = Metrics()
+def render(gw: "Gateway", snaps: list[dict[str, Any]], counts: Counts,
+           extra: dict[str, Any] | None = None) -> str:
+    """Prometheus text: ``counts`` (summed over every slot's counters) and the sum of ``snaps``
+    (one per worker slot; the first is this worker)."""
+    active = [0, 0]
     samples: list[MetricSample] = []
     for snap in snaps:
         live = pid_alive(snap["pid"])
-        for r, s, n in snap["requests"]:
-            total.requests[(r, s)] += n
-        for k, n in snap["errors"].items():
-            total.errors[k] += n
-        for c, (counts, tot, count) in snap["latency"].items():
-            h = total.upstream_latency.setdefault(c, Histogram())
-            h.counts = [a + b for a, b in zip(h.counts, counts)] if len(counts) == len(BUCKETS) + 1 else h.counts
-            h.total += tot
-            h.count += count
-        total.bytes_in += snap["bytes"][0]
-        total.bytes_out += snap["bytes"][1]
         if live:
-            total.active_connections += snap["active"][0]
-            total.active_requests += snap["active"][1]
+            active = [a + b for a, b in zip(active, snap["active"])]
         samples += [_unpack(v) for v in snap["samples"] if live or v[1] == "counter"]
     samples = sum_samples(samples) + _reload_samples(snaps, extra or {})
     host = gw.generation.filter_host
@@ -175,7 +148,7 @@ def render(gw: "Gateway", snaps: list[dict[str, Any]], extra: dict[str, Any] | N
         except Exception as e:
             gw.metrics.error("filter_metrics")
             log.warning("filter metrics failed: %s", e)
-    return total.render(extra=samples)
+    return counts.render(active[0], active[1], extra=samples)
 
 
 def _reload_samples(snaps: list[dict[str, Any]], extra: dict[str, Any]) -> list[MetricSample]:

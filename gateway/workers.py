@@ -10,10 +10,14 @@ nothing changed. The answer waits until every live worker publishes the same con
 The ops store is a small LMDB store (abi.api shared store, separate from the filters' shared
 data so gateway keys never eat the filters' budget or show up in their key space):
 
-    ``w/<slot>``     msgpack snapshot of worker <slot>'s metrics + reload state (gateway/worker_metrics.py)
+    ``w/<slot>``     msgpack snapshot of worker <slot>'s gauges, filter counters + reload state
+                     (gateway/worker_metrics.py)
     ``supervisor``   ``{"restarts": n, "workers": N}``
     ``config``       ``{"text", "source"}``: the config last applied, so a restarted worker starts
                      on the current config even when the file on disk was since broken
+
+Beside it, in the store's directory, ``counters-<slot>``: worker <slot>'s request counters
+(gateway/counter_page.py), removed with the store.
 """
 from __future__ import annotations
 
@@ -28,6 +32,8 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 import msgpack
 
 from .config import Config, ConfigError, load_config, parse_config
+from .counter_page import CounterPage, read_page
+from .metrics import Counts
 from .reload import ReloadResult, reload_gateway, state_of
 from .watch import Watcher
 from .worker_metrics import PUBLISH_INTERVAL_S, pid_alive, render, snapshot
@@ -71,8 +77,10 @@ class WorkerOps:
         self.store = store
         self.slot = slot
         self.count = count
-        # A worker restarted in this slot continues its dead predecessor's counters.
+        # A worker restarted in this slot continues its dead predecessor's counters: the request
+        # counters in the same file, the snapshot's counters by adding them to its own.
         self.inherited = _get(store, _slot_key(slot))
+        gw.metrics.move_to(CounterPage(self._counters_path(slot)))
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -90,6 +98,17 @@ class WorkerOps:
     def publish(self) -> None:
         _put(self.store, _slot_key(self.slot), snapshot(self.gw, self.inherited))
 
+    def _counters_path(self, slot: int) -> Path:
+        return Path(self.store.path) / f"counters-{slot}"
+
+    def counts(self) -> Counts:
+        """The request counters of every slot, summed (the dead workers' included)."""
+        total = self.gw.metrics.counts()
+        for i in range(self.count):
+            if i != self.slot:
+                total.add(Counts.from_page(read_page(self._counters_path(i))))
+        return total
+
     def snapshots(self) -> list[dict[str, Any]]:
         own = snapshot(self.gw, self.inherited)
         _put(self.store, _slot_key(self.slot), own)
@@ -101,7 +120,7 @@ class WorkerOps:
         extra = {"wasmgate_worker_restarts_total": ("counter", sup.get("restarts", 0),
                                                     "Worker processes restarted by the supervisor after they died."),
                  "wasmgate_workers": ("gauge", sup.get("workers", self.count), "Worker processes configured.")}
-        return render(self.gw, self.snapshots(), extra)
+        return render(self.gw, self.snapshots(), self.counts(), extra)
 
     def applied(self) -> None:
         """After an applied reload: publish it, and record the config text for restarted workers."""

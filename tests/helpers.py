@@ -107,13 +107,14 @@ def _echo_handler(up: Upstream, keep_body_bytes: int) -> Callable[[web.Request],
 
 @asynccontextmanager
 async def echo_upstream(handler: Callable[[web.Request], Awaitable[web.StreamResponse]] | None = None,
-                        *, keep_body_bytes: int = 1 << 20) -> AsyncIterator[Upstream]:
-    """A real aiohttp server on 127.0.0.1:0 echoing what it received (or running ``handler``)."""
+                        *, keep_body_bytes: int = 1 << 20, ssl_context=None) -> AsyncIterator[Upstream]:
+    """A real aiohttp server on 127.0.0.1:0 echoing what it received (or running ``handler``);
+    HTTPS with ``ssl_context`` (an ``ssl.SSLContext`` for the server side)."""
     up = Upstream(port=0)
     server = web.Server(handler or _echo_handler(up, keep_body_bytes), handler_cancellation=True)
     runner = web.ServerRunner(server)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context)
     await site.start()
     up.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     try:
@@ -295,7 +296,7 @@ async def run_cli_gateway(config_path: Path, *extra_args: str, startup_timeout: 
                 if not line:
                     raise RuntimeError("gateway exited during start-up:\n" + "".join(output))
                 output.append(line)
-                m = re.match(r"wasmgate: (?:listener (\S+)|(admin)) on http://[^:]+:(\d+)", line)
+                m = re.match(r"wasmgate: (?:listener (\S+)|(admin)) on https?://[^:]+:(\d+)", line)
                 if m:
                     ports[m.group(1) or "admin"] = int(m.group(3))
                     if set(ports) >= expected:

@@ -13,7 +13,12 @@ from tests.helpers import echo_upstream, run_gateway
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def localized(up_port: int) -> str:
+def localized(up_port: int, tmp_path: Path) -> str:
+    """config.yaml on free ports against the test upstream; the TLS listener's .demo-tls/ files
+    written next to where run_gateway puts the config, as `./dev demo` does."""
+    from gateway.demo import write_demo_certificates
+    (tmp_path / "config.yaml").write_text((ROOT / "config.yaml").read_text())
+    assert write_demo_certificates(tmp_path / "config.yaml")
     doc = yaml.safe_load((ROOT / "config.yaml").read_text())
     for lst in doc["listeners"]:
         lst["port"] = 0
@@ -28,7 +33,7 @@ def localized(up_port: int) -> str:
 async def test_readme_quick_start_requests(tmp_path):
     alice = {"x-api-key": "demo-key-alice"}
     async with echo_upstream() as up:
-        async with run_gateway(localized(up.port), tmp_path) as gw, aiohttp.ClientSession() as s:
+        async with run_gateway(localized(up.port, tmp_path), tmp_path) as gw, aiohttp.ClientSession() as s:
             async with s.get(gw.url("/hello")) as r:                      # public route, no filters
                 assert r.status == 200 and "ratelimit-limit" not in r.headers
             async with s.get(gw.url("/api/hello")) as r:                  # 401 from auth
@@ -43,3 +48,9 @@ async def test_readme_quick_start_requests(tmp_path):
             assert r.status == 200
             assert 'wasmgate_requests_total{route="api",status="401"} 1' in text
             assert 'wasmgate_requests_total{route="payments",status="403"} 1' in text
+            # curl -k -H 'x-api-key: demo-key-alice' https://127.0.0.1:8443/api/hello
+            tls_url = f"https://127.0.0.1:{gw.port('main_tls')}/api/hello"
+            async with s.get(tls_url, headers=alice, ssl=False) as r:      # ssl=False: curl -k
+                assert r.status == 200 and (await r.json())["path"] == "/api/hello"
+            assert dict(up.requests[-1].headers).get("x-auth-identity") == "alice"
+            assert up.requests[-1].header("x-forwarded-proto") == "https"

@@ -23,6 +23,8 @@ RUST_IMPORTS = {
     "proxy_get_buffer_status": 3, "proxy_get_header_map_size": 2,
 }
 I64_IMPORTS = {"proxy_increment_metric", "proxy_record_metric"}
+# Higress's Redis call ABI, as its Go SDK imports it (proxywasm/internal/abi_hostcalls.go).
+REDIS_IMPORTS = {**RUST_IMPORTS, "proxy_redis_init": 7, "proxy_redis_call": 5}
 
 # Default SDK-like callbacks: (param count, has result, result value).
 CALLBACKS = {
@@ -41,6 +43,7 @@ CALLBACKS = {
     "proxy_on_tick": (1, False, None),
     "proxy_on_queue_ready": (2, False, None),
     "proxy_on_http_call_response": (5, False, None),
+    "proxy_on_redis_call_response": (4, False, None),       # Higress
 }
 
 SCRATCH = 0x8000      # trace line buffer

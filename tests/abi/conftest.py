@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from abi.api import FilterLimits, FilterSpec
+from abi.api import CallFailed, FilterLimits, FilterSpec
 from abi.engine import Engine
 from abi.filter_host import FilterHost
 from abi.shared_store import LocalStore
@@ -45,7 +45,7 @@ class FakeServices:
     def has_cluster(self, name: str) -> bool:
         return name in self.clusters
 
-    async def http_call(self, cluster, method, path, authority, headers, body, timeout_s):
+    async def http_call(self, cluster, method, path, authority, headers, body, timeout_s, reserve=None):
         self.calls.append((cluster, method, path, authority, headers, body, timeout_s))
         handler = self.clusters[cluster]
         result = handler(method, path, headers, body) if callable(handler) else handler
@@ -53,6 +53,8 @@ class FakeServices:
             result = await result
         if isinstance(result, Exception):
             raise result
+        if reserve is not None and result.body and not reserve(len(result.body)):
+            raise CallFailed("response body over the filter's max_callout_bytes")   # as Upstreams
         return result
 
 

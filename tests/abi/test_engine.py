@@ -835,6 +835,45 @@ def test_time_off_the_cpu_inside_a_call_is_not_charged_to_its_deadline(engine):
     assert ei.value.kind == "deadline"
 
 
+GC_THEN_WORK_WAT = b"""
+(module
+  (import "env" "host" (func $host (param i32)))
+  (func (export "run") (param i32) (local $i i32)
+    i32.const 0 call $host
+    (loop $again
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br_if $again (i32.lt_u (local.get $i) (local.get 0)))))
+  (func (export "spin") (loop br 0))
+)
+"""
+
+
+def test_python_gc_inside_a_call_is_not_charged_to_its_deadline(engine):
+    # A full collection of a large heap, triggered inside a host function, takes longer than
+    # the call's deadline; it is the gateway's work, not the guest's.
+    import gc
+    heap = [[i] for i in range(2_000_000)]
+    t0 = time.thread_time()
+    gc.collect()
+    assert time.thread_time() - t0 > 0.06, "the heap is too small to make the point"
+
+    def collect(_):
+        gc.collect()
+
+    module = engine.compile(GC_THEN_WORK_WAT)
+    inst = make(engine, module, {("env", "host"): collect}, deadline_ms=50)
+    try:
+        t0 = time.thread_time()
+        inst.export_func("run")(10_000_000)   # then ~10 ms of its own: the ticker ticks meanwhile
+        assert not inst.poisoned
+        assert time.thread_time() - t0 > 0.06   # the call took longer than its deadline
+        with pytest.raises(Trap) as ei:
+            inst.export_func("spin")()      # the guest's own CPU still counts
+        assert ei.value.kind == "deadline"
+    finally:
+        del heap
+
+
 def test_a_guest_running_on_another_thread_still_hits_its_deadline(engine, core):
     # e.g. instantiation during a reload, off the event loop's thread
     spin = engine.compile(b'(module (func $s (loop br 0)) (start $s))')

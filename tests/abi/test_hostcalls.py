@@ -34,7 +34,7 @@ async def test_plugin_configuration_only_during_configure(load, trace):
          + status(w, "vm", f"(call $proxy_get_buffer_bytes (i32.const 6) (i32.const 0) (i32.const -1) {O})")
          + LOG_OUT
          + status(w, "body", f"(call $proxy_get_buffer_bytes (i32.const 0) (i32.const 0) (i32.const -1) {O})")
-         + status(w, "bad", f"(call $proxy_get_buffer_bytes (i32.const 9) (i32.const 0) (i32.const -1) {O})")
+         + status(w, "bad", f"(call $proxy_get_buffer_bytes (i32.const 10) (i32.const 0) (i32.const -1) {O})")
          + " (i32.const 0)")
     host = await load(w, configuration=b"abc", vm_configuration=b"vmcfg")
     trace.records.clear()
@@ -266,6 +266,45 @@ async def test_time_and_foreign_and_grpc_statuses(load, trace):
     assert trace.lines("f")[1:] == ["time 0", "foreign 1", "grpc 10", "grpc_stream 10",
                                     "grpc_send 1", "grpc_cancel 1", "grpc_close 1", "done 1",
                                     "eff-bad 2", "eff-root 0"]
+
+
+async def test_foreign_set_shared_data_ttl(load, trace):
+    """wasmgate.set_shared_data_ttl (abi/foreign.py): the write's status comes back in the
+    result (the call itself is OK), malformed arguments are BAD_ARGUMENT, and the entry expires."""
+    from abi.foreign import SET_SHARED_DATA_TTL
+    from abi.shared_store import LocalStore
+
+    class Clock:
+        now = 10**9
+
+        def __call__(self):
+            return self.now
+
+    def args(cas: int, ttl: int, key: bytes, value: bytes) -> bytes:
+        return struct.pack("<IQI", cas, ttl, len(key)) + key + value
+
+    def foreign(label: str, data: bytes) -> str:
+        return status(w, label, f"(call $proxy_call_foreign_function {w.s(SET_SHARED_DATA_TTL)} {w.s(data)} {O})")
+
+    result = status(w := Wat(), "result", f"(i32.load (i32.load (i32.const {OUT})))")
+    w.on("proxy_on_request_headers",
+         foreign("set", args(0, 5000, b"k", b"v1")) + result
+         + foreign("create-again", args(0xFFFFFFFF, 5000, b"k", b"v2")) + result
+         + foreign("short", b"\0" * 15)
+         + foreign("key-past-end", struct.pack("<IQI", 0, 1, 9) + b"k")
+         + status(w, "get", f"(call $proxy_get_shared_data {w.s('k')} {O} (i32.const {OUT + 8}))") + LOG_OUT
+         + " (i32.const 0)")
+    clock = Clock()
+    store = LocalStore(clock=clock)
+    host = await load(w, store=store)
+    trace.records.clear()
+    await run_request(host)
+    assert trace.lines("f")[1:] == ["set 0", "result 0", "create-again 0", "result 8", "short 2",
+                                    "key-past-end 2", "get 0", "v1"]
+    clock.now += 4999
+    assert store.get(b"k")[0] == b"v1"
+    clock.now += 1
+    assert store.get(b"k") is None
 
 
 async def test_out_of_bounds_pointers_give_invalid_memory_access(load, trace):

@@ -54,7 +54,7 @@ def test_shared_data_cas_semantics():
 
 
 def test_shared_data_budget():
-    s = LocalStore(max_bytes=10)
+    s = LocalStore(max_bytes=10 + 2 * 64)        # two entries' overhead + 10 bytes of keys/values
     assert s.set(b"k", b"12345", 0) == Status.OK
     assert s.set(b"k2", b"123456", 0) == Status.INTERNAL_FAILURE
     assert s.set(b"k", b"1", 0) == Status.OK                 # shrinking frees budget

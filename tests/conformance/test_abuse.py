@@ -25,11 +25,13 @@ def routes():
     ]
 
 
-def filters(tmp_path, policy="fail_closed", memory_mb=16, callback_ms=100):
+def filters(tmp_path, policy="fail_closed", memory_mb=16, callback_ms=100, buffered=None):
     mod = strict_module(tmp_path)
+    limits = {"memory_mb": memory_mb, "callback_ms": callback_ms}
+    if buffered is not None:
+        limits["max_buffered_body_bytes"] = buffered
     return [
-        filter_entry("abuse", mod, config="ab", failure_policy=policy,
-                     limits={"memory_mb": memory_mb, "callback_ms": callback_ms}),
+        filter_entry("abuse", mod, config="ab", failure_policy=policy, limits=limits),
         filter_entry("healthy", mod, config="ok"),
     ]
 
@@ -211,8 +213,9 @@ async def test_invalid_actions_still_answered(tmp_path, upstream, where, value):
 
 @pytest.mark.parametrize("act", ["alloc0", "allocoob"])
 async def test_huge_buffer_with_failing_allocator_is_isolated(tmp_path, upstream, act):
-    big = b"z" * (2 * 1024 * 1024)
-    async with probe_gateway(tmp_path, upstream, filters(tmp_path, memory_mb=64), routes()) as (gw, s):
+    big = b"z" * (2 * 1024 * 1024)          # buffered whole: over the 1 MiB default buffer limit
+    async with probe_gateway(tmp_path, upstream, filters(tmp_path, memory_mb=64, buffered=4 << 20),
+                             routes()) as (gw, s):
         a_res = await abuse_round(s, gw, {"headers": {"x-act": act}, "data": big}, n_a=2, method="POST")
         for status, headers, body, _ in a_res:
             assert status in (200, 503), (status, body[:200])

@@ -712,9 +712,13 @@ async def test_guest_grown_memory_is_visible_to_host_calls(tmp_path, upstream):
     assert upstream.main_requests()[-1].all("x-grown") == ["yes"]
 
 
+# The probe buffers the whole 3 MiB body: over the 1 MiB default of max_buffered_body_bytes.
+BIG_BUFFER = {"max_buffered_body_bytes": 8 << 20}
+
+
 async def test_large_request_body_read_whole_and_replaced(tmp_path, upstream):
     from tests.conformance.probe import BIG_BODY
-    async with probe_gateway(tmp_path, upstream, [probe_filter(tmp_path)]) as (gw, s):
+    async with probe_gateway(tmp_path, upstream, [probe_filter(tmp_path, limits=BIG_BUFFER)]) as (gw, s):
         status, headers, body = await fetch(s, gw.url("/bigpost"), method="POST", data=BIG_BODY,
                                             headers={"x-act": "body"})
         assert status == 200, body[:300]
@@ -727,7 +731,7 @@ async def test_large_request_body_read_whole_and_replaced(tmp_path, upstream):
 
 async def test_large_response_body_read_whole_and_replaced(tmp_path, upstream):
     from tests.conformance.probe import BIG_BODY
-    async with probe_gateway(tmp_path, upstream, [probe_filter(tmp_path)]) as (gw, s):
+    async with probe_gateway(tmp_path, upstream, [probe_filter(tmp_path, limits=BIG_BUFFER)]) as (gw, s):
         status, headers, body = await fetch(s, gw.url("/big"), headers={"x-act": "resp-body"})
     assert status == 200
     assert len(body) == len(BIG_BODY) + 11

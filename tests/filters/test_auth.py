@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import time
 
 import aiohttp
 import pytest
 import pytest_asyncio
+from multidict import CIMultiDict
 
 from tests.filters.conftest import filter_gateway, header_values, mint_jwt
+from tests.helpers import raw_exchange, split_responses
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -316,3 +319,63 @@ async def test_all_challenges_and_first_error(gw):
         'Bearer realm="wasmgate"',
         'Basic realm="wasmgate", charset="UTF-8"',
     ]
+
+
+# ---------------------------------------------------------------- duplicate credentials
+
+async def expect_400(gw, path, headers, message):
+    """Ambiguous credentials: 400 (RFC 6750 invalid_request), nothing forwarded."""
+    status, h, body, fwd = await call(gw, path, CIMultiDict(headers))
+    assert status == 400, body
+    assert fwd is None, "a request with ambiguous credentials reached the upstream"
+    assert h["content-type"].startswith("application/json") and h["cache-control"] == "no-store"
+    assert json.loads(body) == {"error": "bad_request", "message": message}
+    return h
+
+
+@pytest.mark.parametrize("path,headers,message", [
+    # Both copies valid, or the first one valid: neither is used.
+    ("/keys/x", [("x-api-key", "k-alice-1"), ("x-api-key", BOB_KEY)], "more than one x-api-key header"),
+    ("/keys/x", [("x-api-key", "k-alice-1"), ("x-api-key", "k-alice-1")], "more than one x-api-key header"),
+    ("/keys/x", [("x-api-key", "k-alice-1"), ("x-api-key", "forged")], "more than one x-api-key header"),
+    ("/keys/x?api_key=k-alice-1", [("x-api-key", "k-alice-1")],
+     "API key in both the x-api-key header and the api_key query parameter"),
+    ("/keys/x?api_key=k-alice-1&api_key=other", [], "more than one api_key query parameter"),
+    ("/basic/x", [("authorization", "Basic Y2Fyb2w6aHVudGVyMg=="), ("authorization", "Basic eDp5")],
+     "more than one authorization header"),
+    ("/jwt_custom/x?access_token=a", [("x-token", "b")],
+     "token in both the x-token header and the access_token query parameter"),
+])
+async def test_duplicate_credentials_are_refused(gw, path, headers, message):
+    await expect_400(gw, path, headers, message)
+
+
+async def test_two_authorization_headers_across_methods_are_refused(gw):
+    token = mint_jwt({"sub": "erin", "exp": int(time.time()) + 60}, SECRET)
+    h = await expect_400(gw, "/all/x", [("authorization", "Bearer " + token),
+                                        ("authorization", basic("carol", "hunter2"))],
+                         "more than one authorization header")
+    assert h.getall("www-authenticate") == [
+        'ApiKey realm="wasmgate", header="x-api-key"',
+        'Bearer realm="wasmgate", error="invalid_request", error_description="more than one authorization header"',
+        'Basic realm="wasmgate", charset="UTF-8"',
+    ]
+
+
+async def test_credentials_the_config_does_not_read_are_not_checked(gw):
+    # jwt_custom reads x-token / access_token: two Authorization headers are not its business.
+    token = mint_jwt({"email": "e@x", "exp": int(time.time()) + 60}, SECRET)
+    status, _, _, fwd = await call(gw, "/jwt_custom/x", CIMultiDict([
+        ("x-token", token), ("authorization", "a"), ("authorization", "b")]))
+    assert status == 200 and header_values(fwd.headers, "x-user") == ["e@x"]
+
+
+async def test_duplicate_header_names_differing_in_case_are_one_header(gw):
+    # (aiohttp folds such names into one header; a raw request sends both.)
+    g, up, _ = gw
+    before = len(up.requests)
+    raw = await raw_exchange(g.port(), b"GET /keys_default/x HTTP/1.1\r\nHost: t\r\nX-Api-Key: k-alice-1\r\n"
+                                       b"x-api-key: k-alice-1\r\nConnection: close\r\n\r\n")
+    [(status, _, body)] = split_responses(raw)
+    assert status == 400 and json.loads(body)["message"] == "more than one x-api-key header"
+    assert len(up.requests) == before

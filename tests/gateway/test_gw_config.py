@@ -86,6 +86,34 @@ def test_good_config_builds_frozen_objects(tmp_path):
         cfg.listeners[0].port = 1  # frozen
 
 
+def test_buffer_and_callout_limits_defaults_and_overrides(tmp_path):
+    # Defaults: 1 MiB of body buffered per filter (Envoy's buffer limit), 16 MiB of callouts.
+    cfg = load_config(write(tmp_path, GOOD))
+    assert cfg.limits.max_buffered_body_bytes == 1048576
+    assert [f.limits.max_buffered_body_bytes for f in cfg.filters] == [1048576, 1048576]
+    assert [f.limits.max_callout_bytes for f in cfg.filters] == [16777216, 16777216]
+    # The gateway-wide value is every filter's default; a filter's own limits override it.
+    text = GOOD.replace("drain_timeout_s: 2.5}", "drain_timeout_s: 2.5, max_buffered_body_bytes: 4096}").replace(
+        "limits: {memory_mb: 32, callback_ms: 50}",
+        "limits: {memory_mb: 32, callback_ms: 50, max_buffered_body_bytes: 0, max_callout_bytes: 65536}")
+    auth, mp = load_config(write(tmp_path, text)).filters
+    assert (auth.limits.max_buffered_body_bytes, auth.limits.max_callout_bytes) == (0, 65536)
+    assert (mp.limits.max_buffered_body_bytes, mp.limits.max_callout_bytes) == (4096, 16777216)
+    assert auth.limits.memory_bytes == 32 << 20 and auth.limits.callback_ms == 50
+
+
+def test_buffer_and_callout_limits_validated(tmp_path):
+    text = GOOD.replace("drain_timeout_s: 2.5}", "drain_timeout_s: 2.5, max_buffered_body_bytes: -1}").replace(
+        "limits: {memory_mb: 32, callback_ms: 50}",
+        "limits: {max_buffered_body_bytes: 4294967296, max_callout_bytes: lots}")
+    errs = errors_of(tmp_path, text)
+    assert [e.split(" ", 1)[1] for e in errs] == [
+        "limits.max_buffered_body_bytes: must be 0..4294967295, got -1",
+        "filters[0].limits.max_buffered_body_bytes: must be 0..4294967295, got 4294967296",
+        "filters[0].limits.max_callout_bytes: expected an integer, got 'lots'",
+    ]
+
+
 def test_issue_example_message(tmp_path):
     text = GOOD.replace("  - name: rest\n    cluster: backend", "  - name: rest\n    cluster: usrs")
     errs = errors_of(tmp_path, text)
@@ -223,3 +251,52 @@ def test_cli_run_refuses_bad_config(tmp_path):
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 2
     assert "listeners: needs at least one listener" in r.stderr and "not started" in r.stderr
+
+
+REDIS = """\
+listeners: [{name: main, port: 0}]
+clusters:
+  - {name: backend, endpoints: ["127.0.0.1:9000"]}
+  - name: store
+    type: redis
+    endpoints: ["127.0.0.1:6379", "10.0.0.2:6380"]
+    username: gw
+    password_file: redis.pass
+    database: 2
+    timeout_ms: 50
+routes: [{name: r, cluster: backend}]
+"""
+
+
+def test_redis_cluster_keys_defaults_and_password_file(tmp_path):
+    (tmp_path / "redis.pass").write_text("s3cret\n")
+    cfg = load_config(write(tmp_path, REDIS))
+    assert [c.name for c in cfg.clusters] == ["backend"]           # HTTP clusters only
+    (rc,) = cfg.redis_clusters
+    assert [str(e) for e in rc.endpoints] == ["127.0.0.1:6379", "10.0.0.2:6380"]
+    assert (rc.username, rc.password, rc.database, rc.timeout_ms) == ("gw", "s3cret", 2, 50)
+    assert (rc.connect_timeout_ms, rc.max_connections, rc.eject_ms) == (1000, 64, 1000)
+    assert "s3cret" not in repr(rc)
+    raw = redact(cfg.raw)
+    assert raw["clusters"][1]["password_file"] == "[redacted]"
+
+
+def test_redis_cluster_errors(tmp_path):
+    text = REDIS.replace("    password_file: redis.pass\n", "    password_file: missing.pass\n    password: x\n") \
+        .replace("    timeout_ms: 50\n", "    timeout_ms: 0\n    request_timeout_ms: 5\n") \
+        .replace("routes: [{name: r, cluster: backend}]",
+                 "  - {name: odd, type: memcached, endpoints: [\"127.0.0.1:1\"]}\n"
+                 "  - {name: lone, type: redis, endpoints: [\"127.0.0.1:1\"], username: u}\n"
+                 "routes: [{name: r, cluster: store}]")
+    errs = [e.split(" ", 1)[1] for e in errors_of(tmp_path, text)]
+    assert errs == [
+        "clusters[1].request_timeout_ms: unknown key (allowed: connect_timeout_ms, database, eject_ms, "
+        "endpoints, max_connections, name, password, password_file, timeout_ms, type, username)",
+        "clusters[1].password_file: use either password or password_file, not both",
+        "clusters[1].timeout_ms: must be >= 1, got 0",
+        'clusters[2].type: must be http or redis, got "memcached"',
+        "clusters[3].username: needs a password (or password_file)",
+        'routes[0].cluster: "store" is a redis cluster (type: redis); a route needs an HTTP cluster',
+    ]
+    errs = errors_of(tmp_path, REDIS.replace("redis.pass", "nope.pass"))
+    assert len(errs) == 1 and "clusters[1].password_file: cannot read" in errs[0] and "nope.pass" in errs[0]

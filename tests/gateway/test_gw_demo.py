@@ -17,10 +17,12 @@ def free_port() -> int:
 
 
 async def test_demo_starts_upstream_and_gateway(tmp_path):
-    up, gw = free_port(), free_port()
+    up, gw, tls = free_port(), free_port(), free_port()
     cfg = tmp_path / "demo.yaml"
     cfg.write_text(f"""
-listeners: [{{name: main, address: 127.0.0.1, port: {gw}}}]
+listeners:
+  - {{name: main, address: 127.0.0.1, port: {gw}}}
+  - {{name: tls, address: 127.0.0.1, port: {tls}, tls: {{cert: .demo-tls/cert.pem, key: .demo-tls/key.pem}}}}
 access_log: {{path: null}}
 clusters: [{{name: backend, endpoints: ["127.0.0.1:{up}"]}}]
 routes: [{{name: api, match: {{prefix: /api}}, cluster: backend}}]
@@ -30,7 +32,7 @@ routes: [{{name: api, match: {{prefix: /api}}, cluster: backend}}]
     lines = []
     try:
         async with asyncio.timeout(20):
-            while not any("curl -i" in line for line in lines):
+            while not any("curl -ik" in line for line in lines):
                 line = (await proc.stdout.readline()).decode()
                 assert line, "demo exited:\n" + "".join(lines)
                 lines.append(line)
@@ -40,6 +42,13 @@ routes: [{{name: api, match: {{prefix: /api}}, cluster: backend}}]
                 echo = await r.json()
         assert echo["method"] == "POST" and echo["path"] == "/api/hello" and echo["body_length"] == 5
         assert echo["headers"]["X-Forwarded-For"] == "127.0.0.1"
+        # The TLS listener, on the self-signed certificate the demo wrote at start (curl -k).
+        assert (tmp_path / ".demo-tls" / "cert.pem").is_file()
+        assert any(f"curl -ik https://127.0.0.1:{tls}/api/hello" in line for line in lines), lines
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"https://127.0.0.1:{tls}/api/hello", ssl=False) as r:
+                echo = await r.json()
+        assert echo["path"] == "/api/hello" and echo["headers"]["X-Forwarded-Proto"] == "https"
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 15) == 0
     finally:

@@ -83,7 +83,7 @@ routes:
 
 
 def test_remove_dot_segments():
-    from gateway.routing import remove_dot_segments as r
+    from gateway.paths import remove_dot_segments as r
     assert r("/a/../b") == "/b" and r("/../../x") == "/x" and r("/a/./b/.") == "/a/b/"
     assert r("/a/b/..") == "/a/" and r("/a/.hidden/..b") == "/a/.hidden/..b"
 

@@ -192,14 +192,16 @@ filters: [{name: broken, wasm: broken.wasm}]
     assert "Traceback" not in r.stderr
 
 
-async def test_idle_client_connections_are_closed(upstream, tmp_path):
-    async with run_gateway(basic_yaml(upstream.port), tmp_path) as gw:
-        gw.gateway.idle_timeout_s = 0.2
-        gw.gateway._sweeper.cancel()
-        gw.gateway._sweeper = asyncio.ensure_future(gw.gateway._sweep_idle())
+async def test_idle_keepalive_connections_are_closed(upstream, tmp_path):
+    extra = "limits: {keepalive_timeout_s: 0.2}\n"
+    async with run_gateway(basic_yaml(upstream.port, extra=extra), tmp_path) as gw:
         reader, writer = await asyncio.open_connection("127.0.0.1", gw.port())
-        writer.write(b"GET / HTTP/1.1\r\nHost: slow")          # a head that never completes
-        assert await asyncio.wait_for(reader.read(), 3) == b""
+        writer.write(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and b"connection: close" not in head
+        length = int(re.search(rb"content-length: (\d+)", head).group(1))
+        await reader.readexactly(length)
+        assert await asyncio.wait_for(reader.read(), 5) == b""     # closed by the keep-alive sweep
         writer.close()
 
 
@@ -253,8 +255,8 @@ async def test_admin_methods_and_errors(upstream, tmp_path):
                 assert r.status == 200 and r.headers["Content-Length"] == "6"
             async with s.get(gw.admin_url + "/metrics?x=1") as r:
                 assert r.status == 200
-        raw = await raw_exchange(gw.gateway.admin_port, b"GET /ready HTTP/1.1\r\nHost: a\r\n\r\n"
-                                 b"GET /config HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        raw = await raw_exchange(gw.gateway.admin_port, b"GET /ready HTTP/1.1\r\nHost: localhost\r\n\r\n"
+                                 b"GET /config HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
         assert raw.count(b"HTTP/1.1 200 OK") == 2 and raw.endswith(b"}\n")
         raw = await raw_exchange(gw.gateway.admin_port, b"BAD REQUEST LINE\r\n\r\n")
         assert raw.startswith(b"HTTP/1.1 400")

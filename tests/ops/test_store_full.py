@@ -1,5 +1,6 @@
-"""shared_data.max_bytes is honoured by `wasmgate run` in one process too, and a full store is a
-clean status for the filter: the gateway keeps serving and the data already stored stays intact."""
+"""shared_data.max_bytes is honoured by `wasmgate run` in one process too: a full store drops the
+ratelimit's expiring buckets closest to full to make room, the gateway keeps serving, and the
+buckets that still carry information stay intact."""
 from __future__ import annotations
 
 import json
@@ -33,10 +34,11 @@ async def test_full_store_is_a_clean_failure_in_one_process(tmp_path):
             "filters": [{"name": "rl", "wasm": str(DIST / "ratelimit.wasm"), "config": {"limits": [
                 {"name": "u", "key": "header:x-user", "rate": 1, "period_s": 3600, "burst": 2}]}}]}))
         async with two_workers(cfg, workers=1) as w:
-            first = await _statuses(w.base, "user0", 1)
-            for i in range(1, 120):          # one bucket per user until the 2000-byte budget is spent
+            first = await _statuses(w.base, "user0", 3)            # exhausted: full again in 2 h
+            for i in range(1, 120):          # one bucket per user, far more than 2000 bytes hold
                 assert await _statuses(w.base, f"user{i}", 1) == [200]
-            # No room for a new bucket: the filter is told (and, by its design, admits unlimited)...
-            assert await _statuses(w.base, "late", 3) == [200, 200, 200]
-            # ...while a bucket stored before the store filled up still limits exactly.
-            assert first + await _statuses(w.base, "user0", 2) == [200, 200, 429]
+            # The store made room by dropping the buckets closest to full (1 h away), so a new
+            # user still gets a bucket and is limited exactly...
+            assert await _statuses(w.base, "late", 3) == [200, 200, 429]
+            # ...and the exhausted bucket stored before the store filled up still limits.
+            assert first + await _statuses(w.base, "user0", 1) == [200, 200, 429, 429]

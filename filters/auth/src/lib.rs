@@ -4,13 +4,17 @@
 //! upstream in `identity_header` (any client-supplied value of that header is removed
 //! first). Otherwise: 401, one `WWW-Authenticate` challenge per configured method, and a
 //! JSON body `{"error": "unauthorized", "message": …}`. Secrets are compared in constant time.
+//! A credential presented more than once (two `x-api-key` or two `Authorization` headers, a
+//! repeated query parameter, or both header and query) is refused with 400 before any check:
+//! servers disagree on which copy wins, so none is used (RFC 6750 §3.1 `invalid_request`).
 
+use std::borrow::Cow;
 use std::rc::Rc;
 use wasmgate_sdk::config::Cfg;
 use wasmgate_sdk::crypto::{constant_time_eq, hex_decode, hex_nibble, hmac_sha256, sha256, Sha256};
 use wasmgate_sdk::traits::*;
 use wasmgate_sdk::types::*;
-use wasmgate_sdk::{base64, error, json, Value};
+use wasmgate_sdk::{base64, error, hostcalls, json, Value};
 
 wasmgate_sdk::main! {{
     wasmgate_sdk::set_log_level(LogLevel::Info);
@@ -227,6 +231,64 @@ pub fn query_param(path: &str, name: &str) -> Option<String> {
     None
 }
 
+/// How many times query parameter `name` appears in a `:path`.
+pub fn query_count(path: &str, name: &str) -> usize {
+    let q = match path.split_once('?') {
+        Some((_, q)) => q.split('#').next().unwrap_or(""),
+        None => return 0,
+    };
+    q.split('&').filter(|pair| percent_decode(pair.split_once('=').map(|x| x.0).unwrap_or(pair)) == name).count()
+}
+
+/// The request headers as the host serialized them (names lower-case), borrowed, not copied.
+pub type Headers<'a> = [(&'a [u8], &'a [u8])];
+
+/// Why the request's credentials are ambiguous, if they are: a header or query parameter the
+/// configuration reads is present more than once, or one credential is in both its header and
+/// its query parameter.
+pub fn ambiguous_credentials(cfg: &Config, headers: &Headers, path: &str) -> Option<String> {
+    let count = |name: &str| headers.iter().filter(|(k, _)| *k == name.as_bytes()).count();
+    // (header, query parameter, what it carries, does a header value carry it)
+    let mut slots: Vec<(Option<&str>, Option<&str>, &str, Box<dyn Fn(&str) -> bool>)> = Vec::new();
+    if let Some(a) = &cfg.api_key {
+        slots.push((a.header.as_deref(), a.query.as_deref(), "API key", Box::new(|_| true)));
+    }
+    if let Some(j) = &cfg.jwt {
+        // In `Authorization` only a Bearer value is a token (Basic may share the header).
+        let bearer_only = j.header == "authorization";
+        slots.push((Some(j.header.as_str()), j.query.as_deref(), "token",
+                    Box::new(move |v| !bearer_only || split_scheme(v).0 == "bearer")));
+    }
+    if cfg.basic.is_some() {
+        slots.push((Some("authorization"), None, "credentials", Box::new(|_| true)));
+    }
+    for (header, query, what, carries) in &slots {
+        if let Some(h) = header {
+            if count(h) > 1 {
+                return Some(format!("more than one {} header", h));
+            }
+        }
+        if let Some(q) = query {
+            let n = query_count(path, q);
+            if n > 1 {
+                return Some(format!("more than one {} query parameter", q));
+            }
+            let in_header = header.map_or(false, |h| {
+                headers.iter().any(|(k, v)| *k == h.as_bytes() && carries(&String::from_utf8_lossy(v)))
+            });
+            if n == 1 && in_header {
+                return Some(format!("{} in both the {} header and the {} query parameter", what, header.unwrap(), q));
+            }
+        }
+    }
+    None
+}
+
+/// First value of header `name` (lower-case).
+fn header<'a>(headers: &Headers<'a>, name: &str) -> Option<Cow<'a, str>> {
+    headers.iter().find(|(k, _)| *k == name.as_bytes()).map(|(_, v)| String::from_utf8_lossy(v))
+}
+
 /// `:path` without every `name=…` query parameter.
 pub fn strip_query_param(path: &str, name: &str) -> String {
     let (base, q) = match path.split_once('?') {
@@ -421,9 +483,9 @@ enum Strip {
 }
 
 impl Stream {
-    fn authenticate(&self) -> Result<(String, &'static str, Vec<Strip>), (String, bool)> {
+    fn authenticate(&self, headers: &Headers) -> Result<(String, &'static str, Vec<Strip>), (String, bool)> {
         let cfg = &self.cfg;
-        let path = self.get_http_request_header(":path").unwrap_or_default();
+        let path = header(headers, ":path").unwrap_or_default();
         let mut first_error: Option<String> = None;
         let mut bearer_error = false;
         let note = |e: String, first: &mut Option<String>| {
@@ -434,7 +496,7 @@ impl Stream {
         if let Some(a) = &cfg.api_key {
             let mut presented: Option<(String, Strip)> = None;
             if let Some(h) = &a.header {
-                if let Some(v) = self.get_http_request_header(h) {
+                if let Some(v) = header(headers, h) {
                     presented = Some((v.trim().to_string(), Strip::Header(h.clone())));
                 }
             }
@@ -454,7 +516,7 @@ impl Stream {
         }
         if let Some(j) = &cfg.jwt {
             let mut presented: Option<(String, Strip)> = None;
-            if let Some(v) = self.get_http_request_header(&j.header) {
+            if let Some(v) = header(headers, &j.header) {
                 let (scheme, rest) = split_scheme(&v);
                 if j.header == "authorization" {
                     if scheme == "bearer" {
@@ -485,7 +547,7 @@ impl Stream {
             }
         }
         if let Some(users) = &cfg.basic {
-            if let Some(v) = self.get_http_request_header("authorization") {
+            if let Some(v) = header(headers, "authorization") {
                 let (scheme, rest) = split_scheme(&v);
                 if scheme == "basic" {
                     match check_basic(users, rest) {
@@ -498,7 +560,9 @@ impl Stream {
         Err((first_error.unwrap_or_else(|| "missing credentials".into()), bearer_error))
     }
 
-    fn reject(&self, message: &str, bearer_error: bool) {
+    /// 401 (`bearer_error` "invalid_token" when a token was refused) or 400 for ambiguous
+    /// credentials (`bearer_error` "invalid_request"), with the challenges either way.
+    fn reject(&self, status: u32, message: &str, bearer_error: Option<&str>) {
         let cfg = &self.cfg;
         let mut challenges: Vec<String> = Vec::new();
         if let Some(a) = &cfg.api_key {
@@ -513,20 +577,21 @@ impl Stream {
         }
         if cfg.jwt.is_some() {
             let mut c = format!("Bearer realm=\"{}\"", cfg.realm);
-            if bearer_error {
-                c.push_str(&format!(", error=\"invalid_token\", error_description=\"{}\"", message.replace(['"', '\\'], "'")));
+            if let Some(code) = bearer_error {
+                c.push_str(&format!(", error=\"{}\", error_description=\"{}\"", code, message.replace(['"', '\\'], "'")));
             }
             challenges.push(c);
         }
         if cfg.basic.is_some() {
             challenges.push(format!("Basic realm=\"{}\", charset=\"UTF-8\"", cfg.realm));
         }
-        let body = format!("{{\"error\":\"unauthorized\",\"message\":{}}}", json::quote(message));
+        let error = if status == 400 { "bad_request" } else { "unauthorized" };
+        let body = format!("{{\"error\":\"{}\",\"message\":{}}}", error, json::quote(message));
         let mut headers: Vec<(&str, &str)> = vec![("content-type", "application/json"), ("cache-control", "no-store")];
         for c in &challenges {
             headers.push(("www-authenticate", c));
         }
-        self.send_http_response(401, headers, Some(body.as_bytes()));
+        self.send_http_response(status, headers, Some(body.as_bytes()));
     }
 }
 
@@ -540,14 +605,21 @@ impl HttpContext for Stream {
         if let Some(m) = &cfg.method_header {
             self.set_http_request_header(m, None);
         }
-        match self.authenticate() {
+        // One read of the whole map (duplicates can only be seen there), parsed in place.
+        let raw = hostcalls::get_map_serialized(MapType::HttpRequestHeaders).unwrap();
+        let headers = hostcalls::map_pairs(&raw).unwrap_or_default();
+        let path = header(&headers, ":path").unwrap_or_default();
+        if let Some(message) = ambiguous_credentials(&cfg, &headers, &path) {
+            self.reject(400, &message, Some("invalid_request"));
+            return Action::Pause;
+        }
+        match self.authenticate(&headers) {
             Ok((identity, method, strip)) => {
                 if cfg.strip_credentials {
                     for s in strip {
                         match s {
                             Strip::Header(h) => self.set_http_request_header(&h, None),
                             Strip::Query(q) => {
-                                let path = self.get_http_request_header(":path").unwrap_or_default();
                                 let new_path = strip_query_param(&path, &q);
                                 if new_path != path {
                                     self.set_http_request_header(":path", Some(&new_path));
@@ -563,7 +635,7 @@ impl HttpContext for Stream {
                 Action::Continue
             }
             Err((message, bearer_error)) => {
-                self.reject(&message, bearer_error);
+                self.reject(401, &message, bearer_error.then_some("invalid_token"));
                 Action::Pause
             }
         }
@@ -661,6 +733,37 @@ mod tests {
         assert_eq!(strip_query_param("/a?x=1&api_key=k&y=2", "api_key"), "/a?x=1&y=2");
         assert_eq!(strip_query_param("/a?api_key=k", "api_key"), "/a");
         assert_eq!(percent_decode("a%20b+c%zz%4"), "a b c%zz%4");
+    }
+
+    #[test]
+    fn ambiguous_credentials_are_found() {
+        let src = format!(r#"{{"api_key": {{"query": "api_key", "header": "x-api-key", "keys": [{{"key": "k", "identity": "i"}}]}},
+            "jwt": {{"secret": "{}", "query": "access_token"}}, "basic": {{"users": [{{"username": "u", "password_sha256": "{}"}}]}}}}"#,
+            SECRET, wasmgate_sdk::crypto::hex_encode(&sha256(b"p")));
+        let c = Config::parse(src.as_bytes()).unwrap();
+        fn h<'a>(pairs: &[(&'a str, &'a str)]) -> Vec<(&'a [u8], &'a [u8])> {
+            pairs.iter().map(|(k, v)| (k.as_bytes(), v.as_bytes())).collect()
+        }
+        let amb = |pairs: &[(&str, &str)], path: &str| ambiguous_credentials(&c, &h(pairs), path);
+        assert_eq!(amb(&[("x-api-key", "a")], "/x?api_key=b&y=1").as_deref(),
+                   Some("API key in both the x-api-key header and the api_key query parameter"));
+        assert_eq!(amb(&[("x-api-key", "a"), ("x-other", "1"), ("x-api-key", "a")], "/").as_deref(),
+                   Some("more than one x-api-key header"));
+        assert_eq!(amb(&[], "/?api_key=a&api%5Fkey=b").as_deref(), Some("more than one api_key query parameter"));
+        assert_eq!(amb(&[("authorization", "Bearer a"), ("authorization", "Basic b")], "/").as_deref(),
+                   Some("more than one authorization header"));
+        assert_eq!(amb(&[("authorization", "bearer t")], "/?access_token=t").as_deref(),
+                   Some("token in both the authorization header and the access_token query parameter"));
+        // A Basic Authorization value is not a token: with a token in the query it is not ambiguous.
+        assert_eq!(amb(&[("authorization", "Basic dTpw")], "/?access_token=t"), None);
+        assert_eq!(amb(&[("x-api-key", "a"), ("authorization", "Bearer t")], "/?x=api_key"), None);
+        assert_eq!(amb(&[], "/plain"), None);
+        // Only what the configuration reads counts: two x-api-key headers mean nothing to JWT-only.
+        let jwt_only = jwt_cfg("");
+        let c2 = Config { api_key: None, basic: None, jwt: Some(jwt_only), ..c.clone() };
+        assert_eq!(ambiguous_credentials(&c2, &h(&[("x-api-key", "a"), ("x-api-key", "b")]), "/"), None);
+        assert_eq!(query_count("/a?k=1&k=2&kk=3#k=4", "k"), 2);
+        assert_eq!(query_count("/a", "k"), 0);
     }
 
     #[test]

@@ -8,17 +8,28 @@
 //! Over the limit → 429 with `Retry-After` and a JSON body. Every response (admitted or not)
 //! carries `RateLimit-Limit`, `RateLimit-Remaining`, `RateLimit-Reset` for the most
 //! constrained applicable limit.
+//!
+//! A bucket is written with an expiry (wasmgate's `set_shared_data_ttl`) equal to the time it
+//! takes to be full again: from then on it carries no information, so the store may reclaim it,
+//! and under memory pressure it drops the buckets closest to full first. When the store still
+//! has no room for a new bucket, `on_store_full` decides (allow / deny), counted in a metric.
+//!
+//! `backend: redis` keeps the buckets in a Redis server instead, shared by every gateway of a
+//! fleet (redis_backend.rs).
 
+mod redis_backend;
+
+use std::cell::Cell;
 use std::rc::Rc;
 use wasmgate_sdk::config::Cfg;
 use wasmgate_sdk::hostcalls;
 use wasmgate_sdk::traits::*;
 use wasmgate_sdk::types::*;
-use wasmgate_sdk::{error, json, warn};
+use wasmgate_sdk::{error, ext, json, warn};
 
 wasmgate_sdk::main! {{
     wasmgate_sdk::set_log_level(LogLevel::Info);
-    wasmgate_sdk::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { cfg: None }) });
+    wasmgate_sdk::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { shared: None }) });
 }}
 
 const MAX_CAS_RETRIES: usize = 64;
@@ -39,6 +50,8 @@ pub struct Limit {
     pub burst: f64,
     /// when the key is absent: false = the limit does not apply, true = one shared bucket
     pub missing_shared: bool,
+    /// no room in the store for this request's bucket: true = deny (429), false = admit
+    pub deny_when_full: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -46,17 +59,20 @@ pub struct Config {
     pub limits: Vec<Limit>,
     pub namespace: Option<String>,
     pub headers: bool,
+    /// `backend: redis` (None: `backend: local`, buckets in this gateway's shared data).
+    pub redis: Option<redis_backend::RedisConfig>,
 }
 
 impl Config {
     pub fn parse(bytes: &[u8]) -> Result<Config, String> {
         let v = wasmgate_sdk::config::parse(bytes)?;
         let c = Cfg::root(&v);
-        c.only(&["limits", "identity_header", "namespace", "headers"])?;
+        c.only(&["limits", "identity_header", "namespace", "headers", "backend", "redis_cluster",
+                 "on_redis_error", "redis_key_prefix"])?;
         let identity_header = c.str_or("identity_header", "x-auth-identity")?.to_ascii_lowercase();
         let mut limits: Vec<Limit> = Vec::new();
         for (i, l) in c.list("limits")?.into_iter().enumerate() {
-            l.only(&["name", "key", "rate", "period_s", "burst", "on_missing"])?;
+            l.only(&["name", "key", "rate", "period_s", "burst", "on_missing", "on_store_full"])?;
             let name = l.str("name")?.unwrap_or_else(|| format!("limit{}", i));
             if name.is_empty() || name.contains(['\r', '\n', '\0']) {
                 return Err(l.err("name", "must be a non-empty single-line string"));
@@ -91,12 +107,26 @@ impl Config {
                 "shared" => true,
                 _ => return Err(l.err("on_missing", "expected skip or shared")),
             };
-            limits.push(Limit { name, key, per_second: rate / period, burst, missing_shared });
+            // A header's value is whatever the client sends: admitting when the store is full
+            // would let fresh values switch the limit off. An address or the global bucket is
+            // not the client's free choice, and denying would refuse every new client.
+            let header_keyed = matches!(key, Key::Header(_));
+            let deny_when_full = match l.str_or("on_store_full", if header_keyed { "deny" } else { "allow" })?.as_str() {
+                "allow" => false,
+                "deny" => true,
+                _ => return Err(l.err("on_store_full", "expected allow or deny")),
+            };
+            limits.push(Limit { name, key, per_second: rate / period, burst, missing_shared, deny_when_full });
         }
         if limits.is_empty() {
             return Err("limits: at least one limit is required".into());
         }
-        Ok(Config { limits, namespace: c.str("namespace")?, headers: c.bool_or("headers", true)? })
+        Ok(Config {
+            limits,
+            namespace: c.str("namespace")?,
+            headers: c.bool_or("headers", true)?,
+            redis: redis_backend::parse(&c)?,
+        })
     }
 }
 
@@ -128,6 +158,16 @@ impl Bucket {
             return None;
         }
         Some(Bucket { tokens, last_ns: u64::from_le_bytes(n) })
+    }
+
+    /// Nanoseconds from `now_ns` until the bucket is full again — after that it carries no
+    /// information (an absent bucket is created full), so that is its expiry. 0: full now.
+    pub fn ttl_ns(&self, limit: &Limit, now_ns: u64) -> u64 {
+        if self.tokens >= limit.burst {
+            return 0;
+        }
+        let refill = ((limit.burst - self.tokens) / limit.per_second * 1e9).ceil() as u64; // saturates
+        refill.saturating_add(self.last_ns.saturating_sub(now_ns))
     }
 
     /// The bucket refilled up to `now_ns` (never above `burst`; clocks going back add nothing).
@@ -173,6 +213,22 @@ enum Take {
 /// an atomic create-if-absent: two workers creating the same bucket cannot both win.
 const CREATE_IF_ABSENT: u32 = 0xFFFF_FFFF;
 
+thread_local! {
+    /// false once the host answered NotFound for wasmgate's set_shared_data_ttl (another host).
+    static HOST_HAS_TTL: Cell<bool> = Cell::new(true);
+}
+
+/// Store a bucket with the expiry it has (or, on a host without the extension, for ever).
+fn write_bucket(key: &str, b: &Bucket, limit: &Limit, now_ns: u64, cas: Option<u32>) -> Result<(), Status> {
+    if HOST_HAS_TTL.with(|h| h.get()) {
+        match ext::set_shared_data_ttl(key, Some(&b.encode()), cas, b.ttl_ns(limit, now_ns)) {
+            Err(Status::NotFound) => HOST_HAS_TTL.with(|h| h.set(false)),
+            r => return r,
+        }
+    }
+    hostcalls::set_shared_data(key, Some(&b.encode()), cas)
+}
+
 /// One CAS-guarded attempt loop on one bucket: take a token if there is one.
 fn take_token(key: &str, limit: &Limit, now_ns: u64) -> Result<Take, Status> {
     for _ in 0..MAX_CAS_RETRIES {
@@ -187,7 +243,7 @@ fn take_token(key: &str, limit: &Limit, now_ns: u64) -> Result<Take, Status> {
         }
         let next = Bucket { tokens: b.tokens - 1.0, last_ns: b.last_ns };
         let cas = cas.or(Some(CREATE_IF_ABSENT));
-        match hostcalls::set_shared_data(key, Some(&next.encode()), cas) {
+        match write_bucket(key, &next, limit, now_ns, cas) {
             Ok(()) => return Ok(Take::Taken(next)),
             Err(Status::CasMismatch) => continue,
             Err(s) => return Err(s),
@@ -196,8 +252,8 @@ fn take_token(key: &str, limit: &Limit, now_ns: u64) -> Result<Take, Status> {
     Err(Status::CasMismatch)
 }
 
-/// Give a token back (the request was denied by a later limit).
-fn refund(key: &str, limit: &Limit) {
+/// Give a token back (the request was denied by a later limit). A bucket full again is deleted.
+fn refund(key: &str, limit: &Limit, now_ns: u64) {
     for _ in 0..MAX_CAS_RETRIES {
         let (value, cas) = match hostcalls::get_shared_data(key) {
             Ok(x) => x,
@@ -208,7 +264,7 @@ fn refund(key: &str, limit: &Limit) {
             None => return,
         };
         b.tokens = (b.tokens + 1.0).min(limit.burst);
-        match hostcalls::set_shared_data(key, Some(&b.encode()), cas) {
+        match write_bucket(key, &b, limit, now_ns, cas) {
             Err(Status::CasMismatch) => continue,
             _ => return,
         }
@@ -238,8 +294,21 @@ pub fn client_ip(addr: &str) -> &str {
     }
 }
 
+/// What every stream of one filter entry shares.
+struct Shared {
+    config: Config,
+    namespace: String,
+    /// counters of store-full decisions: (allowed, denied); None if the host refused them
+    store_full: Option<(u32, u32)>,
+}
+
+/// `ratelimit.<namespace>.store_full_<decision>` (Prometheus: `wasmcustom_ratelimit_<ns>_…`).
+pub fn store_full_metric(namespace: &str, decision: &str) -> String {
+    format!("ratelimit.{}.store_full_{}", namespace, decision)
+}
+
 struct Root {
-    cfg: Option<Rc<(Config, String)>>,
+    shared: Option<Rc<Shared>>,
 }
 
 impl Context for Root {}
@@ -248,14 +317,28 @@ impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
         let bytes = self.get_plugin_configuration().unwrap_or_default();
         match Config::parse(&bytes) {
-            Ok(c) => {
-                let ns = c.namespace.clone().unwrap_or_else(|| {
+            Ok(config) => {
+                let namespace = config.namespace.clone().unwrap_or_else(|| {
                     self.get_property(vec!["plugin_name"])
                         .map(|b| String::from_utf8_lossy(&b).into_owned())
                         .filter(|s| !s.is_empty())
                         .unwrap_or_else(|| "ratelimit".into())
                 });
-                self.cfg = Some(Rc::new((c, ns)));
+                let define = |d: &str| hostcalls::define_metric(MetricType::Counter, &store_full_metric(&namespace, d));
+                let store_full = match (define("allowed"), define("denied")) {
+                    (Ok(a), Ok(d)) => Some((a, d)),
+                    (a, d) => {
+                        warn!("ratelimit: store-full counters not defined ({:?}, {:?})", a.err(), d.err());
+                        None
+                    }
+                };
+                if let Some(r) = &config.redis {
+                    if let Err(e) = redis_backend::configure(r, &namespace) {
+                        error!("ratelimit: bad configuration: {}", e);
+                        return false;
+                    }
+                }
+                self.shared = Some(Rc::new(Shared { config, namespace, store_full }));
                 true
             }
             Err(e) => {
@@ -270,14 +353,21 @@ impl RootContext for Root {
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        let cfg = self.cfg.clone().expect("ratelimit: stream before configuration");
-        Some(Box::new(Stream { cfg, report: None }))
+        let shared = self.shared.clone().expect("ratelimit: stream before configuration");
+        Some(Box::new(Stream { shared, report: None, redis: None }))
     }
 }
 
+thread_local! {
+    /// Store-full decisions of this instance: the first is logged, all are counted.
+    static STORE_FULL_SEEN: Cell<u64> = Cell::new(0);
+}
+
 struct Stream {
-    cfg: Rc<(Config, String)>,
+    shared: Rc<Shared>,
     report: Option<Report>,
+    /// `backend: redis`: the script run this request waits for.
+    redis: Option<redis_backend::Pending>,
 }
 
 impl Stream {
@@ -299,24 +389,70 @@ impl Stream {
             ("ratelimit-reset", r.reset_s.to_string()),
         ]
     }
+
+    /// No room in the store for this limit's bucket: count it, and say whether to deny.
+    fn store_full(&self, limit: &Limit, key: &str) -> bool {
+        let deny = limit.deny_when_full;
+        if let Some((allowed, denied)) = self.shared.store_full {
+            let _ = hostcalls::increment_metric(if deny { denied } else { allowed }, 1);
+        }
+        let seen = STORE_FULL_SEEN.with(|n| {
+            n.set(n.get() + 1);
+            n.get()
+        });
+        if seen == 1 {
+            warn!(
+                "ratelimit: shared data full (shared_data.max_bytes), no bucket for {}: request {} \
+                 (on_store_full: {}); further ones are counted in {}",
+                key,
+                if deny { "denied" } else { "admitted" },
+                if deny { "deny" } else { "allow" },
+                store_full_metric(&self.shared.namespace, if deny { "denied" } else { "allowed" })
+            );
+        }
+        deny
+    }
+
+    /// Answer 429 (after giving back the tokens this request took from earlier limits).
+    fn reject(&mut self, limit: &Limit, taken: &[(String, &Limit)], report: Option<Report>, now: u64) -> Action {
+        for (k, l) in taken {
+            refund(k, l, now);
+        }
+        let retry_after = report.map(|r| r.retry_after_s).unwrap_or(1);
+        let body = format!(
+            "{{\"error\":\"rate_limited\",\"limit\":{},{}\"retry_after_s\":{}}}",
+            json::quote(&limit.name),
+            if report.is_none() { "\"reason\":\"store_full\"," } else { "" },
+            retry_after
+        );
+        let retry = retry_after.to_string();
+        let rl = report.map(|r| Self::headers_of(&r));
+        let mut headers: Vec<(&str, &str)> = vec![("content-type", "application/json"), ("retry-after", &retry)];
+        if let (true, Some(hs)) = (self.shared.config.headers, rl.as_ref()) {
+            for (k, v) in hs.iter() {
+                headers.push((k, v));
+            }
+        }
+        self.report = report;
+        self.send_http_response(429, headers, Some(body.as_bytes()));
+        Action::Pause
+    }
 }
 
-impl Context for Stream {}
-
-impl HttpContext for Stream {
-    fn on_http_request_headers(&mut self, _n: usize, _eos: bool) -> Action {
-        let cfg = self.cfg.clone();
-        let (config, ns) = (&cfg.0, &cfg.1);
+impl Stream {
+    /// `backend: local` (and `on_redis_error: local`): buckets in this gateway's shared data.
+    fn local_request_headers(&mut self) -> Action {
+        let shared = self.shared.clone();
         let now = self.get_current_time_nanos();
         let mut taken: Vec<(String, &Limit)> = Vec::new();
         let mut best: Option<Report> = None;
-        for limit in &config.limits {
+        for limit in &shared.config.limits {
             let kv = match self.key_value(&limit.key) {
                 Some(v) => v,
                 None if limit.missing_shared => "-".to_string(),
                 None => continue,
             };
-            let key = bucket_key(ns, &limit.name, &kv);
+            let key = bucket_key(&shared.namespace, &limit.name, &kv);
             match take_token(&key, limit, now) {
                 Ok(Take::Taken(b)) => {
                     let r = report(limit, &b);
@@ -325,30 +461,15 @@ impl HttpContext for Stream {
                     }
                     taken.push((key, limit));
                 }
-                Ok(Take::Empty(b)) => {
-                    for (k, l) in &taken {
-                        refund(k, l);
+                Ok(Take::Empty(b)) => return self.reject(limit, &taken, Some(report(limit, &b)), now),
+                Err(Status::InternalFailure) => {
+                    // no room for the bucket, even after the store dropped what it could
+                    if self.store_full(limit, &key) {
+                        return self.reject(limit, &taken, None, now);
                     }
-                    let r = report(limit, &b);
-                    let body = format!(
-                        "{{\"error\":\"rate_limited\",\"limit\":{},\"retry_after_s\":{}}}",
-                        json::quote(&limit.name),
-                        r.retry_after_s
-                    );
-                    let retry = r.retry_after_s.to_string();
-                    let hs = Self::headers_of(&r);
-                    let mut headers: Vec<(&str, &str)> = vec![("content-type", "application/json"), ("retry-after", &retry)];
-                    if config.headers {
-                        for (k, v) in hs.iter() {
-                            headers.push((k, v));
-                        }
-                    }
-                    self.report = Some(r);
-                    self.send_http_response(429, headers, Some(body.as_bytes()));
-                    return Action::Pause;
                 }
                 Err(s) => {
-                    // the store failed (not contention we can retry): admit, loudly
+                    // the store failed otherwise (e.g. contention beyond the retries): admit, loudly
                     warn!("ratelimit: shared data error {:?} on {}; request admitted", s, key);
                 }
             }
@@ -356,9 +477,25 @@ impl HttpContext for Stream {
         self.report = best;
         Action::Continue
     }
+}
+
+impl Context for Stream {
+    fn on_redis_call_response(&mut self, _token: u32, status: u32, size: usize) {
+        self.redis_answered(status, size);
+    }
+}
+
+impl HttpContext for Stream {
+    fn on_http_request_headers(&mut self, _n: usize, _eos: bool) -> Action {
+        if self.shared.config.redis.is_some() {
+            self.redis_request_headers()
+        } else {
+            self.local_request_headers()
+        }
+    }
 
     fn on_http_response_headers(&mut self, _n: usize, _eos: bool) -> Action {
-        if self.cfg.0.headers {
+        if self.shared.config.headers {
             if let Some(r) = self.report {
                 for (k, v) in Self::headers_of(&r).iter() {
                     self.set_http_response_header(k, Some(v));
@@ -388,8 +525,39 @@ mod tests {
     }
 
     #[test]
+    fn on_store_full_defaults_by_key_kind() {
+        let c = Config::parse(br#"{"limits": [{"name": "h", "key": "header:x-user", "rate": 1},
+                                            {"name": "i", "key": "identity", "rate": 1},
+                                            {"name": "c", "key": "client", "rate": 1},
+                                            {"name": "g", "key": "global", "rate": 1},
+                                            {"name": "h2", "key": "header:x-user", "rate": 1, "on_store_full": "allow"},
+                                            {"name": "c2", "rate": 1, "on_store_full": "deny"}]}"#).unwrap();
+        let deny: Vec<bool> = c.limits.iter().map(|l| l.deny_when_full).collect();
+        assert_eq!(deny, vec![true, true, false, false, false, true]);
+        let e = Config::parse(br#"{"limits": [{"rate": 1, "on_store_full": "drop"}]}"#).unwrap_err();
+        assert!(e.contains("on_store_full") && e.contains("allow or deny"), "{}", e);
+        assert_eq!(store_full_metric("rl", "denied"), "ratelimit.rl.store_full_denied");
+    }
+
+    #[test]
+    fn bucket_expires_when_full_again() {
+        let l = Limit { name: "x".into(), key: Key::Global, per_second: 2.0, burst: 4.0, missing_shared: false, deny_when_full: true };
+        let now = 10_000_000_000;
+        assert_eq!(Bucket { tokens: 3.0, last_ns: now }.ttl_ns(&l, now), 500_000_000);
+        assert_eq!(Bucket { tokens: 0.0, last_ns: now }.ttl_ns(&l, now), 2_000_000_000);
+        assert_eq!(Bucket { tokens: 4.0, last_ns: now }.ttl_ns(&l, now), 0); // full: delete
+        // a clock that went back: refill starts at last_ns, so the expiry is that much later
+        assert_eq!(Bucket { tokens: 3.0, last_ns: now + 7 }.ttl_ns(&l, now), 500_000_007);
+        // never early: the bucket refilled at its deadline is full
+        let b = Bucket { tokens: 0.3, last_ns: now };
+        assert_eq!(b.refilled(&l, now + b.ttl_ns(&l, now)).tokens, 4.0);
+        let slow = Limit { per_second: 1e-30, ..l.clone() };
+        assert_eq!(Bucket { tokens: 0.0, last_ns: now }.ttl_ns(&slow, now), u64::MAX); // saturates
+    }
+
+    #[test]
     fn bucket_math() {
-        let l = Limit { name: "x".into(), key: Key::Global, per_second: 2.0, burst: 4.0, missing_shared: false };
+        let l = Limit { name: "x".into(), key: Key::Global, per_second: 2.0, burst: 4.0, missing_shared: false, deny_when_full: false };
         let b = Bucket { tokens: 0.0, last_ns: 1_000_000_000 };
         assert_eq!(b.refilled(&l, 1_500_000_000).tokens, 1.0);
         assert_eq!(b.refilled(&l, 10_000_000_000).tokens, 4.0);

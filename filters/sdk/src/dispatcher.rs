@@ -190,6 +190,24 @@ pub extern "C" fn proxy_on_http_call_response(_root_id: u32, token: u32, num_hea
     // else: the dispatching stream is gone; drop the answer (as the Go SDK does).
 }
 
+/// Higress's Redis answer, also to the root context id: routed like an HTTP call's answer. One
+/// whose context is gone (the request ended first) is dropped, as Higress's Go SDK does.
+#[cfg(feature = "redis")]
+#[no_mangle]
+pub extern "C" fn proxy_on_redis_call_response(_root_id: u32, token: u32, status: u32, response_size: usize) {
+    let target = match DISPATCHER.with(|d| d.callouts.borrow_mut().remove(&token)) {
+        Some(t) => t,
+        None => return,
+    };
+    if is_http(target) {
+        let _ = hostcalls::set_effective_context(target);
+        with_http(target, |c| c.on_redis_call_response(token, status, response_size))
+    } else if is_root(target) {
+        let _ = hostcalls::set_effective_context(target);
+        with_root(target, |c| c.on_redis_call_response(token, status, response_size))
+    }
+}
+
 #[no_mangle]
 pub extern "C" fn proxy_on_done(context_id: u32) -> bool {
     if is_http(context_id) {
@@ -329,6 +347,31 @@ mod tests {
     fn duplicate_context_panics() {
         proxy_on_context_create(1, 0);
         proxy_on_context_create(1, 0);
+    }
+
+    #[cfg(feature = "redis")]
+    #[test]
+    fn redis_answers_route_by_token_and_drop_when_the_context_is_gone() {
+        struct R(u32);
+        impl Context for R {
+            fn on_redis_call_response(&mut self, token: u32, status: u32, size: usize) {
+                ev(format!("redis {} {} {} {}", self.0, token, status, size));
+            }
+        }
+        impl HttpContext for R {}
+        set_http_context(|id, _| -> Box<dyn HttpContext> { Box::new(R(id)) });
+        proxy_on_context_create(1, 0);
+        proxy_on_context_create(2, 1);
+        proxy_on_context_create(3, 1);
+        DISPATCHER.with(|d| d.active_id.set(2));
+        register_callout(7);
+        DISPATCHER.with(|d| d.active_id.set(3));
+        register_callout(11);
+        proxy_on_delete(3);
+        proxy_on_redis_call_response(1, 7, 0, 5);
+        proxy_on_redis_call_response(1, 11, 1, 0); // stream 3 is gone: dropped, no panic
+        proxy_on_redis_call_response(1, 99, 0, 0); // unknown token: dropped
+        assert_eq!(events(), vec!["redis 2 7 0 5"]);
     }
 
     #[test]

@@ -62,6 +62,8 @@ imports! {
     fn proxy_get_metric(metric_id: u32, return_value: *mut u64) -> u32;
     fn proxy_record_metric(metric_id: u32, value: u64) -> u32;
     fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
+    fn proxy_redis_init(upstream_data: *const u8, upstream_size: usize, username_data: *const u8, username_size: usize, password_data: *const u8, password_size: usize, timeout: u32) -> u32;
+    fn proxy_redis_call(upstream_data: *const u8, upstream_size: usize, query_data: *const u8, query_size: usize, return_token: *mut u32) -> u32;
 }
 
 fn st(v: u32) -> Status {
@@ -140,14 +142,17 @@ pub fn get_map(map_type: MapType) -> Result<Vec<(String, String)>, Status> {
 }
 
 pub fn get_map_bytes(map_type: MapType) -> Result<Vec<(String, Bytes)>, Status> {
+    deserialize_map(&get_map_serialized(map_type)?).ok_or(Status::ParseFailure)
+}
+
+/// The map as the host serialized it (§4.1; empty for an empty map): read it with
+/// `map_pairs` to look at every pair without copying one.
+pub fn get_map_serialized(map_type: MapType) -> Result<Bytes, Status> {
     let mut ptr: *mut u8 = null_mut();
     let mut size: usize = 0;
     unsafe {
         ok(proxy_get_header_map_pairs(map_type as u32, &mut ptr, &mut size))?;
-        match take(ptr, size) {
-            None => Ok(Vec::new()),
-            Some(bytes) => deserialize_map(&bytes).ok_or(Status::ParseFailure),
-        }
+        Ok(take(ptr, size).unwrap_or_default())
     }
 }
 
@@ -307,6 +312,25 @@ pub fn dispatch_http_call(upstream: &str, headers: &[(&str, &str)], body: Option
     Ok(token)
 }
 
+/// Higress's `proxy_redis_init`: how calls to `cluster` authenticate, which database they use
+/// (`"name?db=1"`) and their timeout (zero: the cluster's own). Nothing connects yet.
+pub fn redis_init(cluster: &str, username: &str, password: &str, timeout: Duration) -> Result<(), Status> {
+    unsafe {
+        ok(proxy_redis_init(cluster.as_ptr(), cluster.len(), username.as_ptr(), username.len(), password.as_ptr(), password.len(), timeout.as_millis() as u32))
+    }
+}
+
+/// Higress's `proxy_redis_call`: send one RESP-encoded command (`resp::command`); the reply
+/// arrives in `on_redis_call_response` of this context. Returns the token.
+pub fn redis_call(cluster: &str, query: &[u8]) -> Result<u32, Status> {
+    let mut token = 0u32;
+    unsafe {
+        ok(proxy_redis_call(cluster.as_ptr(), cluster.len(), query.as_ptr(), query.len(), &mut token))?;
+    }
+    crate::dispatcher::register_callout(token);
+    Ok(token)
+}
+
 pub fn dispatch_grpc_call(upstream: &str, service: &str, method: &str, initial_metadata: &[(&str, &[u8])], message: Option<&[u8]>, timeout: Duration) -> Result<u32, Status> {
     let md = serialize_map_bytes(initial_metadata);
     let (mp, ml) = ptr_of(message);
@@ -418,6 +442,11 @@ pub fn serialize_map_bytes(map: &[(&str, &[u8])]) -> Bytes {
 
 /// Inverse of `serialize_map_bytes`; `None` for a malformed buffer (never panics).
 pub fn deserialize_map(bytes: &[u8]) -> Option<Vec<(String, Bytes)>> {
+    Some(map_pairs(bytes)?.into_iter().map(|(k, v)| (String::from_utf8_lossy(k).into_owned(), v.to_vec())).collect())
+}
+
+/// The (name, value) pairs of a serialized map, borrowed from it; `None` when malformed.
+pub fn map_pairs(bytes: &[u8]) -> Option<Vec<(&[u8], &[u8])>> {
     if bytes.is_empty() || bytes == [0] {
         return Some(Vec::new());
     }
@@ -446,7 +475,7 @@ pub fn deserialize_map(bytes: &[u8]) -> Option<Vec<(String, Bytes)>> {
             return None;
         }
         pos += 1;
-        out.push((String::from_utf8_lossy(k).into_owned(), v.to_vec()));
+        out.push((k, v));
     }
     Some(out)
 }

@@ -4,7 +4,10 @@
 //! HttpContext), `hostcalls` (one safe wrapper per host call), `dispatcher` (routes the
 //! `proxy_on_*` exports by context id), `types`, `allocator`, `logger`. On top: configuration
 //! readers (`config`, `json`, `msgpack`, `value`), `crypto` (SHA-256, HMAC-SHA256,
-//! constant-time compare), `base64` and `property` (Envoy value decoding).
+//! constant-time compare), `base64`, `property` (Envoy value decoding), `ext` (wasmgate's host
+//! extensions, e.g. shared data that expires) and `resp` (the Redis protocol, for Higress's Redis
+//! call ABI: `hostcalls::redis_init` / `redis_call`, and with the `redis` feature the `Context`
+//! methods and the `proxy_on_redis_call_response` export).
 //!
 //! ```ignore
 //! use wasmgate_sdk::traits::*;
@@ -20,6 +23,7 @@ pub mod base64;
 pub mod config;
 pub mod crypto;
 pub mod dispatcher;
+pub mod ext;
 #[doc(hidden)]
 pub mod fuzz;
 pub mod hostcalls;
@@ -27,6 +31,7 @@ pub mod json;
 pub mod logger;
 pub mod msgpack;
 pub mod property;
+pub mod resp;
 pub mod traits;
 pub mod types;
 pub mod value;

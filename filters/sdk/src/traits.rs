@@ -82,6 +82,28 @@ pub trait Context {
         hostcalls::get_map(MapType::HttpCallResponseTrailers).unwrap()
     }
 
+    /// Higress's Redis call ABI (feature `redis`): see `hostcalls::redis_init`.
+    #[cfg(feature = "redis")]
+    fn redis_init(&self, cluster: &str, username: &str, password: &str, timeout: Duration) -> Result<(), Status> {
+        hostcalls::redis_init(cluster, username, password, timeout)
+    }
+
+    /// Returns the token; the reply arrives in `on_redis_call_response` of this context.
+    #[cfg(feature = "redis")]
+    fn dispatch_redis_call(&self, cluster: &str, query: &[u8]) -> Result<u32, Status> {
+        hostcalls::redis_call(cluster, query)
+    }
+
+    /// `status` 0: the reply (maybe an error reply) is in `get_redis_call_response`; any other
+    /// status: no reply (timeout, refused or dropped connection).
+    #[cfg(feature = "redis")]
+    fn on_redis_call_response(&mut self, _token_id: u32, _status: u32, _response_size: usize) {}
+
+    #[cfg(feature = "redis")]
+    fn get_redis_call_response(&self, start: usize, max_size: usize) -> Option<Bytes> {
+        hostcalls::get_buffer(BufferType::RedisCallResponse, start, max_size).unwrap()
+    }
+
     /// Return `false` to finish later with `done()`.
     fn on_done(&mut self) -> bool {
         true

@@ -106,6 +106,8 @@ pub enum BufferType {
     VmConfiguration = 6,
     PluginConfiguration = 7,
     CallData = 8,
+    /// Higress: the raw RESP reply of a Redis call, during `on_redis_call_response`.
+    RedisCallResponse = 9,
 }
 
 #[repr(u32)]

@@ -1,0 +1,604 @@
+"""HTTP/1.1 clients: read each request with llhttp (http1.py), hand it to the proxy, write the answer.
+
+One coroutine per connection serves its requests one at a time (pipelined ones in order).
+
+Time limits, as nginx's ``client_header_timeout`` / ``client_body_timeout`` / ``send_timeout``:
+one Watchdog per connection whose deadline follows what the connection waits for —
+
+- HEAD: a request head, from the first byte (from accept for the first request) → 408, close;
+- BODY: the next piece of the request body → 408, close;
+- SEND: the client to take what we wrote → close;
+- BUSY: the proxy (filters, upstream), which has its own limits;
+- IDLE: the next request after a response; the server's periodic sweep closes it after
+  ``keepalive_timeout_s`` (no timer per request).
+
+A client that goes away (FIN or reset, as nginx and Envoy read a half-close) while its request is
+being served cancels the request task: the proxy then aborts the upstream exchange or never
+starts it, and the filters still get their teardown callbacks.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from typing import AsyncIterator, Callable
+
+from abi.api import LocalReplyInterrupt, TlsFacts
+
+from .config import Limits
+from .http1 import (FRAMING, BodyTooLarge, HttpError, PeerClosed, body_length, parse_request_head, read_chunked,
+                    trailer_block)
+from .proxy import ClientRequest, Exchange, GatewayState, Proxy, final_status, reason
+from .request_head import check_authority
+from .upstream import UpstreamReset
+from .watchdog import Watchdog
+
+log = logging.getLogger("wasmgate.proxy")
+
+_CONN_IDS = itertools.count(1)
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_HIGH_WATER = 65536
+_READ = 65536
+IDLE, HEAD, BODY, BUSY, SEND = range(5)
+
+
+class ClientProtocol(asyncio.StreamReaderProtocol):
+    """asyncio's stream protocol that also tells the connection when the client goes away."""
+
+    def __init__(self, limit: int, on_connection: Callable):
+        loop = asyncio.get_running_loop()
+        super().__init__(asyncio.StreamReader(limit=limit, loop=loop), on_connection, loop=loop)
+        self.on_gone: Callable[[], None] | None = None
+
+    def eof_received(self) -> bool | None:
+        if self.on_gone is not None:
+            self.on_gone()
+        return super().eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.on_gone is not None:
+            self.on_gone()
+        super().connection_lost(exc)
+
+
+class _HeadTimeout(Exception):
+    pass
+
+
+class Connection:
+    """One HTTP/1.1 client connection (the proxy's Downstream)."""
+    __slots__ = ("gw", "proxy", "reader", "writer", "transport", "id", "peer", "peer_text", "local", "scheme",
+                 "tls", "task", "linger", "last_active", "pending", "phase", "watchdog", "busy", "gone", "version",
+                 "limits")
+
+    def __init__(self, gw: GatewayState, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 tls: TlsFacts | None = None):
+        self.gw = gw
+        self.proxy: Proxy = gw.proxy
+        self.reader = reader
+        self.writer = writer
+        self.transport = writer.transport
+        self.id = next(_CONN_IDS)
+        peer = writer.get_extra_info("peername") or ("", 0)
+        self.peer = (peer[0], peer[1])
+        self.peer_text = f"{peer[0]}:{peer[1]}"
+        local = writer.get_extra_info("sockname") or ("", 0)
+        self.local = (local[0], local[1])
+        self.tls = tls              # a TLS listener's connection facts; None on a plain one
+        self.scheme = "http" if tls is None else "https"
+        self.task: asyncio.Task | None = None
+        self.linger = False         # closing after an error reply with request bytes maybe unread
+        self.last_active = time.monotonic()
+        self.pending = b""          # bytes read past the end of the last message (pipelining)
+        self.phase = HEAD
+        self.busy = False           # a request is being served: a client going away cancels it
+        self.gone = False
+        self.version = "HTTP/1.1"
+        self.limits: Limits = gw.generation.config.limits
+        lim = self.limits
+        period = min(lim.request_header_timeout_s, lim.request_body_idle_timeout_s, lim.response_send_timeout_s)
+        self.watchdog = Watchdog(asyncio.get_running_loop(), period, self._expired)
+
+    @property
+    def idle(self) -> bool:
+        """No request in progress: between requests, or waiting for (the rest of) a head."""
+        return self.phase == IDLE or self.phase == HEAD
+
+    # -- time limits and a vanishing client ---------------------------------------------------
+
+    def _enter(self, phase: int, seconds: float | None) -> None:
+        self.phase = phase
+        if seconds is None:
+            self.watchdog.disarm()
+        else:
+            self.watchdog.arm(seconds)
+
+    def _expired(self) -> None:
+        phase = self.phase
+        if phase == HEAD:
+            self.reader.set_exception(_HeadTimeout())
+        elif phase == BODY:
+            # Answered (and counted as client_timeout) where the body read fails.
+            self.reader.set_exception(HttpError(408, f"no request body data for "
+                                                     f"{self.limits.request_body_idle_timeout_s:g} s"))
+        elif phase == SEND:
+            self.gw.metrics.error("client_send_timeout")
+            log.info("client %s did not read its response for %g s; closing", self.peer_text,
+                     self.limits.response_send_timeout_s)
+            self.gone = True            # our doing: the failed write ends the request, not a cancel
+            self.transport.abort()
+
+    def peer_gone(self) -> None:
+        if self.gone:
+            return
+        self.gone = True
+        if self.busy and self.task is not None:
+            self.task.cancel()
+
+    # -- the connection -----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        gw = self.gw
+        self.task = asyncio.current_task()
+        proto = self.transport.get_protocol()
+        if isinstance(proto, ClientProtocol):
+            proto.on_gone = self.peer_gone
+        gw.connections.add(self)
+        gw.metrics.active_connections += 1
+        self._enter(HEAD, self.limits.request_header_timeout_s)
+        try:
+            while not gw.draining:
+                head = await self._next_head()
+                if head is None:
+                    break
+                if not await self._serve(head):
+                    break
+        except asyncio.CancelledError:
+            pass
+        except Exception:
+            log.exception("unexpected error on connection %s", self.peer_text)
+        finally:
+            self.watchdog.close()
+            if self.phase == IDLE:
+                gw.idle_connections -= 1
+            self.phase = BUSY
+            if self.linger and not self.transport.is_closing():
+                await _lingering_close(self, 0.2 if gw.draining else 1.0)
+            gw.connections.discard(self)
+            gw.metrics.active_connections -= 1
+            if not self.transport.is_closing():
+                if self.transport.get_write_buffer_size():
+                    await self._flush()
+                self.transport.close()
+
+    async def _next_head(self) -> bytes | None:
+        """The next request head (ends with an empty line), or None: the client left or timed out."""
+        limits = self.limits
+        limit = max(limits.max_header_bytes + 4, 65536)
+        buf, self.pending = self.pending, b""
+        while True:
+            end = _head_end(buf)
+            if end:
+                head, self.pending = buf[:end], buf[end:]
+                if head[:1] in (b"\r", b"\n"):
+                    head = head.lstrip(b"\r\n")     # RFC 9112 §2.2: ignore empty lines before a request
+                    if not head:
+                        buf, self.pending = self.pending, b""
+                        continue
+                self._leave_idle()
+                return head
+            if len(buf) > limit:
+                self._leave_idle()
+                ex = Exchange("-", "-")
+                self.proxy.reply_error(self, ex, 431, "request head too large", "header_too_large")
+                self._log(ex)
+                return None
+            if buf and self.phase != HEAD:
+                self._leave_idle()
+                self._enter(HEAD, limits.request_header_timeout_s)
+            try:
+                data = await self.reader.read(_READ)
+            except _HeadTimeout:
+                if buf.strip():
+                    self._leave_idle()
+                    ex = Exchange("-", "-")
+                    self.proxy.reply_error(self, ex, 408, f"request head not complete within "
+                                           f"{limits.request_header_timeout_s:g} s", "client_timeout")
+                    self._log(ex)
+                return None
+            except ConnectionError:
+                return None
+            if not data:
+                if buf.strip():
+                    self.gw.metrics.error("client_closed_mid_head")
+                return None
+            buf = buf + data if buf else data
+
+    def _leave_idle(self) -> None:
+        if self.phase == IDLE:
+            self.gw.idle_connections -= 1
+            self.phase = HEAD
+
+    def _go_idle(self) -> None:
+        self.watchdog.disarm()
+        self.phase = IDLE
+        self.gw.idle_connections += 1
+        self.last_active = time.monotonic()
+
+    async def _serve(self, head: bytes) -> bool:
+        """Serve one request; return whether the connection may carry another."""
+        gw = self.gw
+        gen = gw.generation
+        limits = self.limits = gen.config.limits
+        self._enter(BUSY, None)
+        ex = Exchange("-", "-")
+        gen.active += 1
+        try:
+            if len(head) > limits.max_header_bytes:
+                return self.proxy.reply_error(self, ex, 431, f"request head over {limits.max_header_bytes} bytes",
+                                              "header_too_large")
+            method, target, version, headers = parse_request_head(head)
+            ex.method, ex.target = method, target
+            self.version = version
+            req = self._request(ex, method, target, version, headers)
+            if isinstance(req, bool):
+                return req
+            self.busy = True
+            try:
+                if self.gone:
+                    raise asyncio.CancelledError
+                ok = await self.proxy.serve(self, gen, ex, req)
+            except asyncio.CancelledError:
+                if not self.gone:
+                    raise
+                asyncio.current_task().uncancel()     # type: ignore[union-attr]
+                self.proxy.client_gone(ex, "client closed the connection")
+                return False
+            finally:
+                self.busy = False
+            body = req.body
+            keep = ok and ex.keepalive and (body is None or body.done) and not gw.draining \
+                and gw.idle_connections < limits.max_idle_connections
+        except HttpError as e:
+            return self.proxy.reply_error(self, ex, e.status, e.message,
+                                          "client_timeout" if e.status == 408 else "bad_request")
+        finally:
+            gen.active -= 1
+            self._log(ex)
+        if keep:
+            self._go_idle()
+        return keep
+
+    def _request(self, ex: Exchange, method: str, target: str, version: str,
+                 headers: list[tuple[str, str]]) -> ClientRequest | bool:
+        """The parsed head as the proxy takes it, or the keep-alive verdict of an answer given here."""
+        limits = self.limits
+        authority: str | None = None
+        rid: str | None = None
+        expect = ""
+        conn_tokens: set[str] | None = None
+        for name, value in headers:
+            if name == "host":
+                if authority is not None:
+                    raise HttpError(400, "more than one Host header")
+                authority = value
+            elif name == "x-request-id":
+                rid = value if rid is None else ""     # two of them: generate our own
+            elif name == "expect":
+                expect = value.lower()
+            elif name == "connection":
+                tokens = {t.strip().lower() for t in value.split(",")}
+                conn_tokens = tokens if conn_tokens is None else conn_tokens | tokens
+        keepalive = version == "HTTP/1.1"
+        if conn_tokens:
+            if "close" in conn_tokens:
+                keepalive = False
+            elif not keepalive and "keep-alive" in conn_tokens:
+                keepalive = True
+        ex.keepalive = keepalive
+        if target[0] != "/":
+            target, authority = _origin_form(method, target, authority)
+            ex.target = target
+        if authority is None:
+            if version == "HTTP/1.1":
+                raise HttpError(400, "missing Host header")
+            authority = f"{self.local[0]}:{self.local[1]}"
+        else:
+            check_authority(authority)
+        length = body_length(headers, request=True)
+        if length is None and version == "HTTP/1.0":
+            raise HttpError(400, "Transfer-Encoding in an HTTP/1.0 request")
+        if length is not None and length > limits.max_request_body_bytes:
+            return self.proxy.reply_error(self, ex, 413, f"request body of {length} bytes is over the "
+                                          f"{limits.max_request_body_bytes} byte limit", "body_too_large")
+        if expect and expect != "100-continue":
+            return self.proxy.reply_error(self, ex, 417, f"unsupported Expect: {expect}", "bad_request")
+        if target == "*":
+            return self.proxy.reply_error(self, ex, 404, "no route for OPTIONS *", "no_route", close=length != -1)
+        body = None
+        if length is None or length > 0:
+            body = RequestBody(self, length, limits.max_request_body_bytes, expect == "100-continue")
+        return ClientRequest(method, target, authority, headers, conn_tokens, rid, body, length, version,
+                             self.scheme)
+
+    # -- reading the body ---------------------------------------------------------------------
+
+    async def read(self, n: int) -> bytes:
+        """Up to ``n`` request body bytes; waiting for them counts against the body idle timeout."""
+        pending = self.pending
+        if pending:
+            self.pending = pending[n:]
+            return pending[:n]
+        self._enter(BODY, self.limits.request_body_idle_timeout_s)
+        try:
+            return await self.reader.read(n)
+        finally:
+            self.phase = BUSY
+            self.watchdog.disarm()
+
+    # -- writing the answer -------------------------------------------------------------------
+
+    def reply(self, ex: Exchange, status: int, headers: list[tuple[str, str]], body: bytes, close: bool) -> None:
+        status = final_status(status, ex)
+        if self.transport.is_closing():
+            ex.status = status
+            return
+        if status == 204 or status == 304:
+            body = b""              # these never carry a body (RFC 9110 §15.3.5, §15.4.5)
+        parts = [f"HTTP/1.1 {status} {reason(status)}\r\n"]
+        parts += [f"{n}: {v}\r\n" for n, v in headers if n not in FRAMING]
+        if status != 204 and status != 304:
+            parts.append(f"content-length: {len(body)}\r\n")
+        if close:
+            parts.append("connection: close\r\n")
+        parts.append("\r\n")
+        data = "".join(parts).encode("latin-1", "replace")
+        self.writer.write(data if ex.method == "HEAD" else data + body)
+        self.linger = close
+        ex.status = status
+        ex.bytes_out = 0 if ex.method == "HEAD" else len(body)
+
+    async def send_response(self, ex: Exchange, status: int, headers: list[tuple[str, str]],
+                            body: AsyncIterator[bytes] | bytes | None, length: int | None, close: bool) -> bool:
+        close = close or self.gw.draining or self.gw.idle_connections >= self.limits.max_idle_connections
+        no_body = ex.method == "HEAD" or status in (204, 304) or status < 200
+        parts = [f"HTTP/1.1 {status} {reason(status)}\r\n"]
+        parts += [f"{n}: {v}\r\n" for n, v in headers if n not in FRAMING]
+        chunked = False
+        if ex.method == "HEAD":
+            cl = _header(headers, "content-length")
+            if cl is not None:
+                parts.append(f"content-length: {cl}\r\n")
+        elif no_body:
+            pass
+        elif length is not None and length >= 0:
+            parts.append(f"content-length: {length}\r\n")
+        elif self.version == "HTTP/1.1":
+            parts.append("transfer-encoding: chunked\r\n")
+            chunked = True
+        else:
+            close = True
+        if close:
+            parts.append("connection: close\r\n")
+        parts.append("\r\n")
+        head = "".join(parts).encode("latin-1", "replace")
+        if no_body or body is None:
+            self.writer.write(head)
+            ex.status = status
+            return not close
+        if isinstance(body, bytes):
+            self.writer.write(head + body)
+            ex.status = status
+            ex.bytes_out = len(body)
+            return await self._drained() and not close
+        return await self._stream(ex, status, head, body, chunked) and not close
+
+    async def _stream(self, ex: Exchange, status: int, head: bytes, body: AsyncIterator[bytes],
+                      chunked: bool) -> bool:
+        writer = self.writer
+        transport = self.transport
+        it = body.__aiter__()
+        # Headers go out together with the first body chunk, so a rejection on that chunk can
+        # still become a clean local reply.
+        try:
+            first = await it.__anext__()
+        except StopAsyncIteration:
+            first = b""
+            it = None
+        except LocalReplyInterrupt as e:
+            self.proxy.send_local_reply(self, ex, e.reply, close=True)
+            return False
+        except UpstreamReset as e:
+            self.proxy.upstream_broke(self, ex, e)
+            return False
+        ex.status = status
+        if chunked:
+            writer.writelines((head, b"%x\r\n" % len(first), first, b"\r\n") if first else (head,))
+        else:
+            writer.write(head + first if len(first) < 16384 else head)
+            if len(first) >= 16384:
+                writer.write(first)
+        sent = len(first)
+        try:
+            if it is not None:
+                async for chunk in it:
+                    if transport.is_closing():
+                        ex.error = "client closed the connection"
+                        return False
+                    if chunked:
+                        if chunk:
+                            writer.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+                    else:
+                        writer.write(chunk)
+                    sent += len(chunk)
+                    if transport.get_write_buffer_size() > _HIGH_WATER:
+                        await self._drain()
+            if chunked:
+                writer.write(trailer_block(getattr(body, "trailers", None)))
+        except UpstreamReset as e:
+            # Headers are out: the only honest signal left is closing the client connection.
+            log.warning("upstream %s mid-response, closing client %s: %s",
+                        "timed out" if e.timeout else "reset", self.peer_text, e)
+            self.gw.metrics.error("upstream_timeout" if e.timeout else "upstream_reset")
+            ex.error = "upstream timed out mid-response" if e.timeout else "upstream reset mid-response"
+            transport.abort()
+            return False
+        except LocalReplyInterrupt:
+            ex.error = "filter rejected the response body after headers were sent"
+            self.gw.metrics.error("filter_reply_after_headers")
+            transport.abort()
+            return False
+        except ConnectionError:
+            ex.error = "client closed the connection"
+            return False
+        finally:
+            ex.bytes_out = sent
+        return await self._drained()
+
+    async def _drain(self) -> None:
+        self._enter(SEND, self.limits.response_send_timeout_s)
+        try:
+            await self.writer.drain()
+        finally:
+            self._enter(BUSY, None)
+
+    async def _drained(self) -> bool:
+        """Wait (bounded by the send timeout) until the client took what we wrote, if it has not."""
+        if self.transport.get_write_buffer_size():
+            try:
+                await self._drain()
+            except ConnectionError:
+                return False
+        return not self.transport.is_closing()
+
+    async def _flush(self) -> None:
+        try:
+            await self._drain()
+        except (ConnectionError, RuntimeError):
+            pass
+
+    # -- bookkeeping --------------------------------------------------------------------------
+
+    def _log(self, ex: Exchange) -> None:
+        gw = self.gw
+        bytes_in = ex.body.received if ex.body else 0
+        gw.metrics.request_done(ex.route or "-", ex.status, bytes_in, ex.bytes_out)
+        access_log = gw.access_log
+        if access_log.enabled:
+            access_log.write(request_id=ex.rid, client=self.peer_text, method=ex.method, path=ex.target,
+                             status=ex.status, bytes_in=bytes_in, bytes_out=ex.bytes_out, route=ex.route,
+                             upstream=ex.upstream, duration_ms=(time.perf_counter() - ex.t0) * 1000,
+                             error=ex.error)
+
+
+class RequestBody:
+    """The client's request body as an async iterator, de-chunked and held to the size limit."""
+    __slots__ = ("conn", "length", "limit", "expect", "received", "done", "trailers", "_it")
+
+    def __init__(self, conn: Connection, length: int | None, limit: int, expect_continue: bool):
+        self.conn = conn
+        self.length = length            # None = chunked
+        self.limit = limit
+        self.expect = expect_continue
+        self.received = 0
+        self.done = False
+        self.trailers: list[tuple[str, str]] | None = None
+        self._it = self._iterate()
+
+    def __aiter__(self) -> "RequestBody":
+        return self
+
+    def __anext__(self):   # the generator's own awaitable: no extra coroutine per chunk
+        return self._it.__anext__()
+
+    async def _iterate(self) -> AsyncIterator[bytes]:
+        conn = self.conn
+        if self.expect:
+            # The client waits for this before sending the body: ask only when we want it.
+            self.expect = False
+            conn.writer.write(_CONTINUE)
+        try:
+            if self.length is not None:
+                n = self.length
+                while n > 0:
+                    data = await conn.read(n if n < 262144 else 262144)
+                    if not data:
+                        raise PeerClosed(f"client closed with {n} request body bytes missing")
+                    n -= len(data)
+                    self.received += len(data)
+                    yield data
+            else:
+                trailers: list = []
+                rest: list = []
+                async for data in read_chunked(conn, status=400, trailers=trailers, rest=rest):
+                    self.received += len(data)
+                    if self.received > self.limit:
+                        raise BodyTooLarge(self.limit)
+                    yield data
+                self.trailers = trailers or None
+                if rest:
+                    conn.pending = rest[0] + conn.pending
+        except ConnectionError as e:
+            # Keep client-side failures distinct from upstream ones for the caller.
+            raise PeerClosed(f"client connection lost: {e}") from None
+        self.done = True
+
+
+def _head_end(buf: bytes) -> int:
+    """Where the first head in ``buf`` ends (after its empty line), or 0.
+
+    A head whose lines end in a bare LF ends at "\\n\\n": it is handed to llhttp, which refuses
+    it (400) instead of the connection waiting for a CRLFCRLF that never comes."""
+    crlf = buf.find(b"\n\r\n")
+    lf = buf.find(b"\n\n")
+    if crlf == -1:
+        return lf + 2 if lf != -1 else 0
+    if lf == -1 or crlf < lf:
+        return crlf + 3
+    return lf + 2
+
+
+async def _lingering_close(conn: Connection, seconds: float) -> None:
+    """Send FIN, then read and drop what the client still sends for a moment.
+
+    Closing a socket with unread input makes the kernel send RST, which can destroy the error
+    response we just wrote before the client reads it (e.g. a 431 while the client is still
+    sending its huge header).
+    """
+    try:
+        if conn.writer.can_write_eof():     # TLS cannot half-close: there, only read and drop
+            conn.writer.write_eof()
+        async with asyncio.timeout(seconds):
+            dropped = 0
+            while dropped < 16 * 1024 * 1024:
+                data = await conn.reader.read(65536)
+                if not data:
+                    break
+                dropped += len(data)
+    except (TimeoutError, ConnectionError, OSError, RuntimeError, HttpError, _HeadTimeout):
+        pass
+
+
+def _header(headers: list[tuple[str, str]], name: str) -> str | None:
+    for n, v in headers:
+        if n == name:
+            return v
+    return None
+
+
+def _origin_form(method: str, target: str, authority: str | None) -> tuple[str, str | None]:
+    """Absolute-form targets carry the authority (it replaces Host); '*' only for OPTIONS."""
+    if target == "*" and method == "OPTIONS":
+        return target, authority
+    lower = target[:8].lower()
+    if lower.startswith("http://") or lower.startswith("https://"):
+        rest = target.split("://", 1)[1]
+        slash = rest.find("/")
+        auth, path = (rest, "/") if slash == -1 else (rest[:slash], rest[slash:])
+        if not auth:
+            raise HttpError(400, "absolute request target without authority")
+        check_authority(auth)
+        return path, auth
+    raise HttpError(400, f"invalid request target {target[:60]!r}")
+

@@ -1,0 +1,58 @@
+"""What a client may not decide: the Host it names, its request id, headers only the gateway
+sets — and the request head the upstream gets instead (hop-by-hop removed, X-Forwarded-*).
+"""
+from __future__ import annotations
+
+import re
+
+from .http1 import HOP_BY_HOP, HttpError
+
+Headers = list[tuple[str, str]]
+
+# RFC 3986 host (IP-literal, IPv4 or reg-name without percent-encodings) and an optional port,
+# as nginx validates Host: no spaces, "/", "\", "@" (userinfo) or "..".
+_AUTHORITY = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=]+)(?::[0-9]{0,5})?")
+# A client's x-request-id is kept only when it cannot smuggle anything into logs or headers.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+
+
+def check_authority(value: str) -> None:
+    """Raise HttpError(400) unless ``value`` is a valid ``host[:port]``."""
+    if not _AUTHORITY.fullmatch(value) or ".." in value:
+        raise HttpError(400, f"invalid host {value[:80]!r}")
+
+
+def valid_request_id(value: str) -> bool:
+    return _REQUEST_ID.fullmatch(value) is not None
+
+
+def upstream_headers(headers: Headers, conn_tokens: set[str] | None, client_ip: str, authority: str,
+                     rid: str, scheme: str, internal: frozenset[str]) -> Headers:
+    """Request headers for the upstream (and the filters): hop-by-hop and ``internal`` headers
+    gone, X-Forwarded-* appended, exactly one x-request-id (``rid``, validated by the caller)."""
+    hop = HOP_BY_HOP | conn_tokens if conn_tokens else HOP_BY_HOP
+    out: Headers = []
+    xff = xfp = xfh = None
+    for name, value in headers:
+        if name in hop or name == "host" or name == "expect":
+            continue
+        if name[0] == "x":
+            if name == "x-forwarded-for":
+                xff = value if xff is None else f"{xff}, {value}"
+                continue
+            if name == "x-forwarded-proto":
+                xfp = value if xfp is None else f"{xfp}, {value}"
+                continue
+            if name == "x-forwarded-host":
+                xfh = value if xfh is None else f"{xfh}, {value}"
+                continue
+            if name == "x-request-id":
+                continue
+        if name in internal:
+            continue
+        out.append((name, value))
+    out.append(("x-forwarded-for", client_ip if xff is None else f"{xff}, {client_ip}"))
+    out.append(("x-forwarded-proto", scheme if xfp is None else f"{xfp}, {scheme}"))
+    out.append(("x-forwarded-host", authority if xfh is None else f"{xfh}, {authority}"))
+    out.append(("x-request-id", rid))
+    return out
