@@ -140,7 +140,8 @@ class Filter:
     # _mem, _alloc, _funcs, _vm_ctx, _current/_effective, the root in ``contexts``); the loop
     # touches none of them, because every loop path into the guest is gated on ``instance``
     # and ``root``, which only the swap publishes. Host functions that would touch loop state
-    # (set_tick_period, http_call) and queue events meanwhile are held until the swap.
+    # (set_tick_period, http_call, redis_call: ``on_loop``) and queue events meanwhile are held
+    # until the swap.
 
     async def start_at_load(self) -> None:
         """Build the first instance; FilterLoadError names the file and the callback at fault."""
