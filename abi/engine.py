@@ -26,7 +26,9 @@ is a cached memoryview. Measured (``python -m bench.crossing``, quiet machine): 
 trap decoding) keep using the public wasmtime-py API, except type inspection, which aborts the
 process on v128/GC types and is therefore read from the binary here.
 
-Not thread-safe: an Instance belongs to one thread (one worker's event loop).
+Not thread-safe: one thread at a time uses an Instance. abi/filter.py builds and starts each
+instance on a build thread, then hands it to the worker's event loop; guest code releases the
+GIL (so the loop runs meanwhile) and the CPU deadline follows whichever thread runs the call.
 """
 from __future__ import annotations
 
@@ -48,6 +50,7 @@ from typing import Any, Callable
 import wasmtime as wt
 from wasmtime import _bindings as _B
 from wasmtime._ffi import WASMTIME_EXTERN_FUNC, WASMTIME_EXTERN_MEMORY
+from wasmtime._trap import Frame, FrameList
 
 __all__ = [
     "Engine", "EngineError", "Export", "HostTrap", "Import", "Instance", "Memory",
@@ -56,6 +59,8 @@ __all__ = [
 
 WASMTIME_VERSION = "50.0.1"   # pinned: the raw signatures below are checked against it
 EPOCH_MS = 1                  # one epoch = 1 ms of CPU time; deadlines count these ticks
+_EPOCH_NS = EPOCH_MS * 1_000_000
+_UPDATE_DEADLINE_CONTINUE = 0  # wasmtime_update_deadline_kind_t
 TICKER_PERIOD_S = 0.002       # how often the ticker advances the epoch (deadline slack)
 REARM_S = 0.002               # a store re-arms its deadline at most this often (cost: a C call)
 TABLE_ELEMENTS_FLOOR = 100_000  # table cap never below this (big Go binaries have ~10k funcs)
@@ -153,7 +158,13 @@ EXPECTED_SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
                                   [POINTER(_B.wasmtime_context_t), POINTER(_B.wasmtime_memory_t)]),
     "wasmtime_trap_new": (POINTER(_B.wasm_trap_t), [POINTER(c_char), c_size_t]),
     "wasmtime_store_context": (POINTER(_B.wasmtime_context_t), [POINTER(_B.wasmtime_store_t)]),
-    # cold path (once per instance, through the public binding): see Instance._resolve_memory
+    # cold paths (once per instance, through the public binding): see Instance.__init__ and
+    # Instance._resolve_memory
+    "wasmtime_store_epoch_deadline_callback": (None, [
+        POINTER(_B.wasmtime_store_t),
+        CFUNCTYPE(c_size_t, POINTER(_B.wasmtime_context_t), c_void_p, POINTER(c_uint64),
+                  POINTER(_B.wasmtime_update_deadline_kind_t)),
+        c_void_p, CFUNCTYPE(None, c_void_p)]),
     "wasmtime_caller_export_get": (ctypes.c_bool, [
         POINTER(_B.wasmtime_caller_t), POINTER(c_char), c_size_t, POINTER(_B.wasmtime_extern_t)]),
 }
@@ -173,11 +184,17 @@ _trap_new = CFUNCTYPE(c_void_p, c_void_p, c_size_t)(_addr(_B._wasmtime_trap_new)
 # Host callback: (env, caller, args_and_results, len) -> wasm_trap_t* or 0, all plain ints.
 _HostCallback = CFUNCTYPE(c_size_t, c_void_p, c_void_p, c_void_p, c_size_t)
 _NO_FINALIZER = ctypes.cast(None, CFUNCTYPE(None, c_void_p))
+# Epoch deadline reached: (context, env, *delta, *kind) -> wasmtime_error_t* or 0.
+_DeadlineCallback = EXPECTED_SIGNATURES["wasmtime_store_epoch_deadline_callback"][1][1]
 
 
 def _new_trap(message: str) -> int:
     data = message.encode("utf-8", "replace")
     return _trap_new(data, len(data)) or 0
+
+
+def _new_error(message: str) -> int:
+    return ctypes.cast(_B.wasmtime_error_new(message.encode()), c_void_p).value or 0
 
 
 # -- engine, cache -----------------------------------------------------------------------
@@ -199,15 +216,17 @@ class _Ticker:
     guest waiting for the GIL while another thread runs Python. So the epoch advances by the
     CPU clock (CLOCK_THREAD_CPUTIME) of each thread that has a store in a guest call: by the
     largest advance among them, so every running call is charged at least its own CPU time
-    (a deadline cannot become infinite, whichever thread runs the guest), and more only
-    while guests run on two threads at once (instantiation during a reload: rare, and early
-    rather than never).
+    (a deadline cannot become infinite, whichever thread runs the guest). While guests run on
+    two threads at once (an instance starting on a build thread while the event loop runs
+    guest calls), the epoch follows the busier one, so a store's deadline can come early:
+    the engine then calls ``_StoreState.deadline_reached``, which charges the call only its
+    own thread's CPU since the arm and lets it go on for what is left.
 
     Which threads: ``_StoreState.arm`` registers the store with its thread's clock (the hot
     path re-arms at most every REARM_S). The ticker forgets a store that is not in a call
     (``depth == 0``) and was armed more than REARM_S ago: a call sets ``depth`` *before* it
     checks the re-arm rate limit, so any later call of that store finds its arm stale and
-    registers again. An Instance belongs to one thread; its first call after instantiation
+    registers again. One thread at a time uses an Instance; its first call after instantiation
     (possibly on another thread) always re-arms.
 
     Why this shape: a Python thread wake-up costs ~20-25 us of CPU on these machines, so the
@@ -351,6 +370,13 @@ def _gc_time_of_this_thread() -> _GcTime:
     if acc is None:
         acc = _gc_local.acc = _GcTime()
     return acc
+
+
+def _charged_cpu_ns() -> int:
+    """The calling thread's deadline clock: its CPU time minus its time in the cyclic GC (a
+    collection in progress stands still at its start), as the ticker reads it."""
+    acc = _gc_time_of_this_thread()
+    return (acc.started or time.thread_time_ns()) - acc.ns
 
 
 def _gc_callback(phase: str, info: dict, _now=time.thread_time_ns, _local=_gc_local) -> None:
@@ -763,6 +789,8 @@ class _StoreState:
         self.ticker = ticker
         self.deadline_ticks = deadline_ticks
         self.armed_at = -1e9            # time.monotonic() of the last arm()
+        self.arm_cpu_ns = 0             # the arming thread's deadline clock at the last arm()
+        self.budget_ns = 0              # the CPU the calls of that arm may use
         self.depth = 0                  # guest calls in progress (nesting through host calls)
         self.poisoned = False
         self.closed = False
@@ -780,9 +808,31 @@ class _StoreState:
         adding the current lag keeps that jump from eating into this deadline.
         """
         ticker = self.ticker
+        self.arm_cpu_ns = _charged_cpu_ns()
+        self.budget_ns = self.deadline_ticks * _EPOCH_NS
         _set_epoch_deadline(self.ctx, self.deadline_ticks + ticker.register(self))
         if ticker.idle:
             ticker.wake()
+
+    # Called by the engine on the thread running the call (a ctypes callback): never raises.
+    def deadline_reached(self, delta_p, kind_p) -> int:
+        """The engine epoch passed this store's deadline. The epoch follows the busiest
+        guest thread (see _Ticker): only the CPU of this thread since the arm counts. Some
+        left: go on, checking again once the epoch has advanced that much; none: trap."""
+        try:
+            left = self.budget_ns - (_charged_cpu_ns() - self.arm_cpu_ns)
+            if left > 0:
+                delta_p[0] = -(-left // _EPOCH_NS)
+                kind_p[0] = _UPDATE_DEADLINE_CONTINUE
+                return 0
+            self.poisoned = True
+            if self.pending is None:
+                self.pending = Trap("deadline", "wasm trap: interrupt")
+            return _new_error("deadline")
+        except BaseException:            # noqa: BLE001 - nothing may cross the C frame
+            delta_p[0] = 1               # check again at the next epoch
+            kind_p[0] = _UPDATE_DEADLINE_CONTINUE
+            return 0
 
     # Called from inside a ctypes callback: must never raise.
     def host_failed(self, exc: BaseException) -> int:
@@ -834,7 +884,9 @@ class _StoreState:
 
     def _classify(self, pending, wt_trap, wt_err) -> Trap:
         frames = self._backtrace(wt_trap)
-        if isinstance(pending, Trap):            # a nested call trapped: keep its kind
+        if isinstance(pending, Trap):            # a nested call trapped, or the deadline
+            if not pending.backtrace and wt_err is not None:
+                pending.backtrace = self._error_backtrace(wt_err)
             return pending
         if isinstance(pending, HostTrap):
             return Trap("exit", str(pending), frames)
@@ -849,12 +901,20 @@ class _StoreState:
         return Trap("trap", "instance poisoned during this call")
 
     def _backtrace(self, wt_trap) -> list[str]:
-        if wt_trap is None:
-            return []
+        return [] if wt_trap is None else self._frame_names(wt_trap.frames)
+
+    def _error_backtrace(self, wt_err) -> list[str]:
+        """The wasm frames of an error raised inside a call (deadline_reached's)."""
+        frames = FrameList(wt_err)
+        _B.wasmtime_error_wasm_trace(wt_err.ptr(), ctypes.byref(frames.vec))
+        return self._frame_names([Frame._from_ptr(frames.vec.data[i], frames)
+                                  for i in range(frames.vec.size)])
+
+    def _frame_names(self, frames) -> list[str]:
         prefix = self.module.name or "wasm"
         names = self.module._export_names
         out = []
-        for f in wt_trap.frames:
+        for f in frames:
             idx = f.func_index
             out.append(f"{prefix}!{f.func_name or names.get(idx) or f'func[{idx}]'}")
         return out
@@ -988,8 +1048,13 @@ class Instance:
         # otherwise a table.grow could allocate gigabytes outside the memory cap.
         self._store.set_limits(memory_size=memory_limit_bytes,
                                table_elements=max(TABLE_ELEMENTS_FLOOR, memory_limit_bytes // 8))
-        self._st = _StoreState(_addr(self._store._context()), engine._ticker,
-                               self._ticks(deadline_ms), module)
+        self._st = st = _StoreState(_addr(self._store._context()), engine._ticker,
+                                    self._ticks(deadline_ms), module)
+        on_deadline = _DeadlineCallback(lambda ctx, env, delta_p, kind_p:
+                                        st.deadline_reached(delta_p, kind_p))
+        self._callbacks.append(on_deadline)
+        _B.wasmtime_store_epoch_deadline_callback(self._store.ptr(), on_deadline, None,
+                                                  _NO_FINALIZER)
         if instantiate_deadline_ms is None:
             instantiate_deadline_ms = max(INSTANTIATE_DEADLINE_MS, deadline_ms)
         try:
@@ -1102,7 +1167,7 @@ class Instance:
             self._set_boot(self._resolve_exports)
         callback_ticks, st.deadline_ticks = st.deadline_ticks, deadline_ticks
         st.depth += 1               # the start function may call host functions; before arm()
-        wt_trap = None
+        wt_trap = wt_err = None
         try:
             st.arm()
             self._wt_instance = self._linker.instantiate(self._store, self.module._wt)
@@ -1111,6 +1176,7 @@ class Instance:
         except wt.WasmtimeError as e:
             if st.pending is None:
                 raise EngineError(f"instantiation failed: {_short_message(str(e))}") from None
+            wt_err = e
         finally:
             st.depth -= 1
             st.deadline_ticks = callback_ticks
@@ -1119,7 +1185,7 @@ class Instance:
                 self._set_boot(None)
                 self._boot_funcs = {}
         if wt_trap is not None or st.poisoned:
-            raise st.conclude(wt_trap, None)
+            raise st.conclude(wt_trap, wt_err)
         mem = self._wt_instance.exports(self._store).get("memory")
         if isinstance(mem, wt.Memory) and (
                 self.memory is None or not _same_memory(self.memory._handle, mem)):

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import threading
 import time
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Callable
 
 from . import foreign
@@ -34,6 +37,7 @@ BACKOFF_FIRST_S = 0.1
 BACKOFF_MAX_S = 30.0
 ROOT_DONE_WAIT_S = 1.0
 START_DEADLINE_MS = 5000          # _initialize/main/_start + vm_start + configure, if the engine allows
+BUILD_THREADS = 4                # instances of different filters built at once (one per filter)
 _U32 = 0xFFFFFFFF
 
 
@@ -91,7 +95,7 @@ class Filter:
         self._funcs: dict[str, Callable] = {}
         self._mem = None                 # instance.memory once instantiated (None: look it up)
         self._alloc: Callable | None = None
-        self._booting = None                 # the instance while its start section runs (see _start)
+        self._booting = None             # the instance its build thread is starting (see _build)
         self._allocating = False
         self._deferred: list[Callable[[], None]] = []
         self._pending_done: dict[int, asyncio.Event] = {}
@@ -103,6 +107,9 @@ class Filter:
         self._tick_handle: asyncio.TimerHandle | None = None
         self._rebuild_handle: asyncio.TimerHandle | None = None
         self._next_attempt = 0.0
+        self.building: asyncio.Task[StartError | None] | None = None   # the build in flight
+        self._build_thread: int | None = None    # thread id running that build's start sequence
+        self._held: list[Callable[[], None]] = []   # loop actions waiting for the swap
         self.starting = False            # inside _initialize/main/_start
         self.host_functions = self._host_functions()
 
@@ -124,22 +131,89 @@ class Filter:
         return table
 
     # -- start sequence (reference §2.3) ----------------------------------------------------
+    #
+    # Every instance is built off the event loop: a build thread instantiates the module and
+    # runs the start sequence (a Go runtime's init, or an on_configure that computes for
+    # seconds, would otherwise freeze every connection of the worker), then the event loop
+    # swaps the ready instance in, between guest calls. One build per filter at a time
+    # (``building``). While it runs, the build thread owns the per-instance fields (_booting,
+    # _mem, _alloc, _funcs, _vm_ctx, _current/_effective, the root in ``contexts``); the loop
+    # touches none of them, because every loop path into the guest is gated on ``instance``
+    # and ``root``, which only the swap publishes. Host functions that would touch loop state
+    # (set_tick_period, http_call, redis_call: ``on_loop``) and queue events meanwhile are held
+    # until the swap.
 
-    def start_at_load(self) -> None:
+    async def start_at_load(self) -> None:
+        """Build the first instance; FilterLoadError names the file and the callback at fault."""
         try:
-            self._start()
-        except StartError as e:
+            error = await asyncio.shield(self._start_build(rebuild=False))
+        except asyncio.CancelledError:
+            self.closed = True           # the build frees its instance when its thread ends
+            raise
+        if error is not None:
             self.closed = True           # never used: no rebuilds, no timers
-            self._cancel_tick()
-            if self._rebuild_handle is not None:
-                self._rebuild_handle.cancel()
-            raise FilterLoadError(self.name, f"{self.loaded.path}: {e}") from None
+            raise FilterLoadError(self.name, f"{self.loaded.path}: {error}") from None
 
-    def _start(self) -> None:
+    def _start_build(self, rebuild: bool) -> "asyncio.Task[StartError | None]":
+        task = self.building = self.loop.create_task(self._build(rebuild))
+        return task
+
+    async def _build(self, rebuild: bool) -> StartError | None:
+        """Build and start an instance on a build thread, then swap it in (on the loop).
+        Returns why it failed, or None once the new instance serves."""
+        self.generation += 1
+        self._tick_period_ms = 0          # the new instance sets its own period
+        self._held = []
+        job = _build_executor().submit(self._start_instance, self.generation)
+        try:
+            inst, root = await asyncio.wrap_future(job)
+        except asyncio.CancelledError:   # the loop is shutting down: never serve it
+            job.add_done_callback(_close_built)
+            raise
+        except Exception as e:           # noqa: BLE001 — StartError, or a bug of ours
+            self._forget_instance()
+            error = e if isinstance(e, StartError) else self._internal_error(e)
+        else:
+            error = None
+            if self.closed:              # closed (reload, shutdown) during the build
+                inst.close()
+                self._forget_instance()
+                error = StartError("start", "the filter was closed during its start")
+        finally:
+            self.building = None
+        if error is None:
+            self._swap(inst, root)
+        if rebuild:
+            self._rebuilt(error)
+        return error
+
+    def _internal_error(self, e: Exception) -> StartError:
+        self.log.error('filter "%s": building an instance failed', self.name, exc_info=e)
+        return StartError("start", f"internal error: {type(e).__name__}: {e}")
+
+    def _swap(self, inst: Instance, root: RootContext) -> None:
+        """Publish a started instance (event loop, between guest calls) and do what its start
+        sequence asked of the loop."""
+        self.instance = inst
+        self.root = root
+        held, self._held = self._held, []
+        for action in held:
+            action()
+
+    def _start_instance(self, generation: int) -> tuple[Instance, RootContext]:
+        """Build thread: instantiate and run the start sequence; raises StartError."""
+        self._build_thread = threading.get_ident()
+        try:
+            return self._start_sequence_on(self._instantiate(), generation)
+        finally:
+            self._booting = None
+            self._build_thread = None
+
+    def _instantiate(self) -> Instance:
         try:
             # A start section (AssemblyScript) may call host functions before Instance() returns:
             # on_created lets them reach this instance's memory and allocator meanwhile.
-            inst = Instance(self.engine, self.loaded.module, self.host_functions,
+            return Instance(self.engine, self.loaded.module, self.host_functions,
                             memory_limit_bytes=self.spec.limits.memory_bytes,
                             deadline_ms=self.spec.limits.callback_ms,
                             on_created=lambda i: setattr(self, "_booting", i))
@@ -149,28 +223,33 @@ class Filter:
         except Trap as t:
             self._record_failure("instantiate", t)
             raise StartError("instantiate", f"{t.kind}: {t.message}") from None
-        finally:
-            self._booting = None
-        self.generation += 1
-        self.instance = inst
+
+    def _start_sequence_on(self, inst: Instance, generation: int) -> tuple[Instance, RootContext]:
+        """Build thread: run the start sequence of a fresh instance; closes it on failure."""
+        self._booting = inst
         self._funcs = {}
-        # Settled once the instance is built (an exported memory is resolved during
-        # instantiation at the latest); None when it has none: read() then says so.
-        self._mem = inst.memory
-        alloc = "proxy_on_memory_allocate" if self.has("proxy_on_memory_allocate") else "malloc"
-        self._alloc = inst.export_func(alloc) if self.has(alloc) else None
-        self._vm_ctx = VmContext(self, self.generation)
-        self._set_deadline(inst, max(START_DEADLINE_MS, self.spec.limits.callback_ms))
         try:
-            self._run_start_sequence()
-        except FilterFailure as e:
+            # Settled once the instance is built (an exported memory is resolved during
+            # instantiation at the latest); None when it has none: read() then says so.
+            self._mem = inst.memory
+            alloc = "proxy_on_memory_allocate" if self.has("proxy_on_memory_allocate") else "malloc"
+            self._alloc = inst.export_func(alloc) if self.has(alloc) else None
+            self._vm_ctx = VmContext(self, generation)
+            self._set_deadline(inst, max(START_DEADLINE_MS, self.spec.limits.callback_ms))
+            root = self._run_start_sequence(generation)
+        except FilterFailure as e:       # trapped: counted and logged by call()
+            inst.close()
             raise StartError(e.callback, f"{e.kind}: {e.message}") from None
         except StartError as e:
             self.consecutive_failures += 1
             self.failures[(e.callback, "rejected")] += 1
-            self._discard()
+            inst.close()
+            raise
+        except BaseException:
+            inst.close()
             raise
         self._set_deadline(inst, self.spec.limits.callback_ms)
+        return inst, root
 
     @staticmethod
     def _set_deadline(inst: Instance, ms: int) -> None:
@@ -180,7 +259,7 @@ class Filter:
         if setter is not None:
             setter(ms)
 
-    def _run_start_sequence(self) -> None:
+    def _run_start_sequence(self, generation: int) -> RootContext:
         vm = self._vm_ctx
         self.starting = True
         try:
@@ -192,8 +271,7 @@ class Filter:
                 self.call(vm, "_start")
         finally:
             self.starting = False
-        root = RootContext(self, self._new_id(), self.generation)
-        self.root = root
+        root = RootContext(self, self._new_id(), generation)
         self.contexts[root.id] = root
         if self.has("proxy_on_context_create"):
             self.call(root, "proxy_on_context_create", root.id, 0)
@@ -205,26 +283,31 @@ class Filter:
             self._start_callback(root, "proxy_on_configure", len(self.spec.configuration))
         finally:
             self.configuring = False
+        return root
 
     def _start_callback(self, root: RootContext, name: str, size: int) -> None:
         if self.has(name) and self.call(root, name, root.id, size) == 0:
             raise StartError(name, "returned false (the filter rejected its configuration)")
 
     def ensure_ready(self) -> bool:
-        """True when an instance is up; builds one if the backoff allows."""
+        """True when an instance is up. Otherwise starts a build (unless one is in flight or
+        the backoff forbids it) and answers False at once: the caller follows its policy."""
         if self.instance is not None:
             return True
-        if self.closed or time.monotonic() < self._next_attempt:
+        if self.closed or self.building is not None or time.monotonic() < self._next_attempt:
             return False
-        try:
-            self._start()
-        except StartError as e:
-            self.log.error('filter "%s": rebuild failed: %s', self.name, e)
+        self._start_build(rebuild=True)
+        return False
+
+    def _rebuilt(self, error: StartError | None) -> None:
+        if self.closed:
+            return
+        if error is not None:
+            self.log.error('filter "%s": rebuild failed: %s', self.name, error)
             self._schedule_rebuild()
-            return False
+            return
         self.rebuilds += 1
         self.log.warning('filter "%s": instance rebuilt after a failure', self.name)
-        return True
 
     def note_success(self) -> None:
         self.consecutive_failures = 0
@@ -240,7 +323,7 @@ class Filter:
         """Call an export with `ctx` current; a trap raises FilterFailure (instance gone)."""
         inst = self.instance
         if inst is None:
-            raise FilterFailure(self.name, name, "unavailable", "no live instance")
+            inst = self._starting_instance(name)
         fn = self._funcs.get(name)
         if fn is None:
             fn = self._funcs[name] = inst.export_func(name)
@@ -250,12 +333,28 @@ class Filter:
             return fn(*args)
         except Trap as t:
             self._record_failure(name, t)
-            self._discard()
+            if inst is self.instance:    # a start sequence's failure is its build's to handle
+                self._discard()
             raise FilterFailure(self.name, name, t.kind, t.message) from None
         finally:
             self._current, self._effective = saved
             if self._deferred:
                 self._run_deferred()
+
+    def on_loop(self, action: Callable[[], None]) -> None:
+        """Do something that needs the event loop (a timer, a task): now, or — asked by a
+        start sequence, on its build thread — at the swap, if the build succeeds."""
+        if self.instance is None:
+            self._held.append(action)
+        else:
+            action()
+
+    def _starting_instance(self, name: str) -> Instance:
+        """The instance whose start sequence runs on this thread (its build thread only)."""
+        inst = self._booting
+        if inst is None or self._build_thread != threading.get_ident():
+            raise FilterFailure(self.name, name, "unavailable", "no live instance")
+        return inst
 
     def notify_root(self, name: str, *args: int) -> None:
         """Call a root callback with the root's id first (an answer to a call it made); a
@@ -292,28 +391,33 @@ class Filter:
 
     def _discard(self) -> None:
         inst, self.instance = self.instance, None
-        self._mem = None
         if inst is not None:
             inst.close()
         self.generation += 1            # every context of the old instance is now dead
         self.root = None
         self.callout = None
-        self._funcs = {}
-        self._alloc = None
-        contexts, self.contexts = self.contexts, {}
-        for ctx in contexts.values():
+        for ctx in self._forget_instance().values():
             if isinstance(ctx, HttpContext):
                 ctx.wake()
         for task, _origin in self._calls.values():
             task.cancel()
         self._calls.clear()
-        self._forget_callout_bytes()
         self.redis.cancel_all()
         for ev in self._pending_done.values():
             ev.set()
         self._pending_done.clear()
         self._cancel_tick()
         self._schedule_rebuild()
+
+    def _forget_instance(self) -> dict[int, Context]:
+        """Drop the per-instance guest-call state; returns the contexts it had."""
+        self._mem = None
+        self._funcs = {}
+        self._alloc = None
+        self._held = []
+        self._forget_callout_bytes()     # (also what a failed build's held callouts reserved)
+        contexts, self.contexts = self.contexts, {}
+        return contexts
 
     def _schedule_rebuild(self) -> None:
         n = self.consecutive_failures
@@ -468,9 +572,13 @@ class Filter:
 
     def set_tick_period(self, period_ms: int) -> None:
         self._tick_period_ms = period_ms
+        self.on_loop(self._restart_tick)
+
+    def _restart_tick(self) -> None:
         self._cancel_tick()
-        if period_ms:
-            self._tick_handle = self.loop.call_later(period_ms / 1000, self._tick, self.generation)
+        if self._tick_period_ms:
+            self._tick_handle = self.loop.call_later(self._tick_period_ms / 1000, self._tick,
+                                                     self.generation)
 
     def _cancel_tick(self) -> None:
         if self._tick_handle is not None:
@@ -495,7 +603,7 @@ class Filter:
                   timeout_ms: int) -> tuple[int, int]:
         if self.closed or not self.services.has_cluster(cluster):
             return Status.BAD_ARGUMENT, 0
-        if len(self._calls) >= MAX_PENDING_CALLS:
+        if len(self._calls) + len(self._held) >= MAX_PENDING_CALLS:
             return Status.INTERNAL_FAILURE, 0      # a filter dispatching in a loop
 
         pseudo: dict[str, str] = {}
@@ -518,11 +626,14 @@ class Filter:
         timeout = timeout_ms / 1000 if timeout_ms else None
         self._call_bytes[token] = cost
         self._callout_bytes += cost
-        task = self.loop.create_task(self._run_http_call(
-            token, self.generation, cluster, method, path, authority, rest, body, timeout))
-        self._calls[token] = (task, ctx.id)
-        if isinstance(ctx, HttpContext):
-            ctx.pending_calls.add(token)
+
+        def dispatch() -> None:
+            task = self.loop.create_task(self._run_http_call(
+                token, self.generation, cluster, method, path, authority, rest, body, timeout))
+            self._calls[token] = (task, ctx.id)
+            if isinstance(ctx, HttpContext):
+                ctx.pending_calls.add(token)
+        self.on_loop(dispatch)
         return Status.OK, token
 
     async def _run_http_call(self, token: int, generation: int, cluster: str, method: str,
@@ -619,6 +730,9 @@ class Filter:
         self.loop.call_soon_threadsafe(self._deliver_queue_ready, qid, self.generation)
 
     def _deliver_queue_ready(self, qid: int, generation: int) -> None:
+        if self.building is not None:    # the next instance is starting: its root gets it
+            self._held.append(lambda: self._deliver_queue_ready(qid, self.generation))
+            return
         root = self.root
         if generation != self.generation or root is None or not self.has("proxy_on_queue_ready"):
             return
@@ -633,6 +747,10 @@ class Filter:
         # Ticks and callouts keep working while the root finishes (on_done false → proxy_done).
         if self._rebuild_handle is not None:
             self._rebuild_handle.cancel()
+        build = self.building
+        if build is not None:            # no instance yet: the build frees the one it makes
+            self.closed = True
+            await asyncio.shield(build)  # bounded by the start deadline
         root = self.root
         if self.instance is not None and root is not None and not self.closed:
             try:
@@ -666,6 +784,23 @@ class Filter:
     def _delete_root(self, root: RootContext) -> None:
         if self.instance is not None and self.has("proxy_on_delete"):
             self.call(root, "proxy_on_delete", root.id)
+
+
+_executor: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def _build_executor() -> ThreadPoolExecutor:
+    """The threads that build instances (one pool per process, made on first use)."""
+    global _executor
+    if _executor is None or _executor[0] != os.getpid():
+        _executor = (os.getpid(), ThreadPoolExecutor(BUILD_THREADS, "wasmgate-build"))
+    return _executor[1]
+
+
+def _close_built(job: "Future[tuple[Instance, RootContext]]") -> None:
+    """A build whose waiter went away (loop shutdown): free its instance once it is made."""
+    if not job.cancelled() and job.exception() is None:
+        job.result()[0].close()
 
 
 def _clip(data: bytes, total: int) -> str:

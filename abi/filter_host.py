@@ -72,9 +72,9 @@ class FilterHost:
                 # Compiling can take seconds on a cache miss: keep the event loop responsive.
                 loaded = await asyncio.to_thread(load_module, engine, spec)
                 f = Filter(spec, loaded, engine, services, store, host)
-                f.start_at_load()
-                host.filters[spec.name] = f
+                host.filters[spec.name] = f      # closed with the host if the load fails
                 host.digests[spec.name] = digest
+                await f.start_at_load()          # built off the event loop
         except BaseException:
             await host.close()
             raise

@@ -118,12 +118,16 @@ class RedisCalls:
         name, _params = split_cluster(cluster)
         if f.closed or not self._known(name):
             return Status.BAD_ARGUMENT, 0
-        if len(self.pending) >= limits.MAX_PENDING_REDIS_CALLS:
+        if len(self.pending) + len(f._held) >= limits.MAX_PENDING_REDIS_CALLS:
             return Status.INTERNAL_FAILURE, 0
         token = self._next_token
         self._next_token = (token + _TOKEN_STEP) & _U32 or 3
         options = self.options.get(name) or RedisOptions()
-        self.pending[token] = f.loop.create_task(self._run(token, f.generation, name, query, options))
+
+        def start() -> None:             # (from a start sequence: at the swap, see Filter.on_loop)
+            self.pending[token] = f.loop.create_task(
+                self._run(token, f.generation, name, query, options))
+        f.on_loop(start)
         return Status.OK, token
 
     async def _run(self, token: int, generation: int, name: str, query: bytes,

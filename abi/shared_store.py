@@ -23,6 +23,7 @@ expires and is never evicted, as before. Both backends handle expiring entries a
 from __future__ import annotations
 
 import re
+import threading
 import time
 from collections import deque
 from typing import Callable, Protocol
@@ -83,7 +84,12 @@ class _Metric:
 
 
 class LocalStore:
-    """In-process store for one worker (the default backend)."""
+    """In-process store for one worker (the default backend).
+
+    Used from the event loop and from the threads that build filter instances (a start
+    sequence may set shared data, define metrics or register queues): every read-modify-write
+    holds ``_lock``; single dict reads need not. Enqueue callbacks run outside the lock.
+    """
 
     def __init__(self, max_bytes: int = 16 * 1024 * 1024, max_queue_items: int = 10000,
                  max_metrics: int = 10000, clock: Callable[[], int] = time.monotonic_ns):
@@ -106,6 +112,7 @@ class LocalStore:
         self._metric_ids: dict[int, _Metric] = {}
         self._metrics_by_name: dict[tuple[int, str], _Metric] = {}
         self._next_metric = [MetricType.COUNTER, MetricType.GAUGE, MetricType.HISTOGRAM]
+        self._lock = threading.Lock()
 
     # -- shared data (cpp-host shared_data.cc; expiry: module docstring) ------------------
 
@@ -118,6 +125,10 @@ class LocalStore:
         return found
 
     def set(self, key: bytes, value: bytes, cas: int, ttl_ns: int | None = None) -> int:
+        with self._lock:
+            return self._set(key, value, cas, ttl_ns)
+
+    def _set(self, key: bytes, value: bytes, cas: int, ttl_ns: int | None) -> int:
         old = self._data.get(key)
         now = self.clock() if self._deadlines or ttl_ns is not None else 0
         old_due = self._deadlines.get(key) if old is not None and self._deadlines else None
@@ -201,26 +212,28 @@ class LocalStore:
     # -- queues (cpp-host shared_queue.cc) --------------------------------------------------
 
     def register_queue(self, name: str) -> int:
-        qid = self._queue_ids.get(name)
-        if qid is None:
-            qid = len(self._queue_ids) + 1
-            self._queue_ids[name] = qid
-            self._queues[qid] = deque()
-        return qid
+        with self._lock:
+            qid = self._queue_ids.get(name)
+            if qid is None:
+                qid = len(self._queue_ids) + 1
+                self._queues[qid] = deque()
+                self._queue_ids[name] = qid
+            return qid
 
     def resolve_queue(self, name: str) -> int | None:
         return self._queue_ids.get(name)
 
     def enqueue(self, qid: int, data: bytes) -> int:
-        q = self._queues.get(qid)
-        if q is None:
-            return Status.NOT_FOUND
-        if len(q) >= self.max_queue_items:
-            # Full: refuse the new item (as the gateway-wide ShmStore does), never drop silently.
-            self.queue_refusals += 1
-            return Status.INTERNAL_FAILURE
-        q.append(data)
-        for cb in self._callbacks:
+        with self._lock:
+            q = self._queues.get(qid)
+            if q is None:
+                return Status.NOT_FOUND
+            if len(q) >= self.max_queue_items:
+                # Full: refuse the new item (as the gateway-wide ShmStore does), never drop silently.
+                self.queue_refusals += 1
+                return Status.INTERNAL_FAILURE
+            q.append(data)
+        for cb in list(self._callbacks):
             cb(qid)
         return Status.OK
 
@@ -228,9 +241,10 @@ class LocalStore:
         q = self._queues.get(qid)
         if q is None:
             return Status.NOT_FOUND
-        if not q:
+        try:
+            return q.popleft()           # atomic: no check-then-pop race between threads
+        except IndexError:
             return Status.EMPTY
-        return q.popleft()
 
     def on_enqueue(self, callback: QueueCallback) -> None:
         self._callbacks.append(callback)
@@ -244,29 +258,31 @@ class LocalStore:
     def define_metric(self, kind: int, name: str) -> int | None:
         """Return a new id (type in the low 2 bits, as cpp-host) bound to the named stat;
         None when the store holds max_metrics names already."""
-        metric = self._metrics_by_name.get((kind, name))
-        if metric is None:
-            if len(self._metrics_by_name) >= self.max_metrics:
-                return None                  # the host answers INTERNAL_FAILURE
-            metric = _Metric(kind, name)
-            self._metrics_by_name[(kind, name)] = metric
-        mid = self._next_metric[kind]
-        self._next_metric[kind] = mid + 4
-        self._metric_ids[mid] = metric
-        return mid
+        with self._lock:
+            metric = self._metrics_by_name.get((kind, name))
+            if metric is None:
+                if len(self._metrics_by_name) >= self.max_metrics:
+                    return None                  # the host answers INTERNAL_FAILURE
+                metric = _Metric(kind, name)
+                self._metrics_by_name[(kind, name)] = metric
+            mid = self._next_metric[kind]
+            self._next_metric[kind] = mid + 4
+            self._metric_ids[mid] = metric
+            return mid
 
     def increment_metric(self, metric_id: int, delta: int) -> int:
         m = self._metric_ids.get(metric_id)
         if m is None:
             return Status.NOT_FOUND
-        if m.kind == MetricType.COUNTER:
-            if delta <= 0:
+        with self._lock:
+            if m.kind == MetricType.COUNTER:
+                if delta <= 0:
+                    return Status.BAD_ARGUMENT
+                m.value = (m.value + delta) & _U64
+            elif m.kind == MetricType.GAUGE:
+                m.value += delta
+            else:
                 return Status.BAD_ARGUMENT
-            m.value = (m.value + delta) & _U64
-        elif m.kind == MetricType.GAUGE:
-            m.value += delta
-        else:
-            return Status.BAD_ARGUMENT
         return Status.OK
 
     def record_metric(self, metric_id: int, value: int) -> int:
@@ -274,16 +290,17 @@ class LocalStore:
         if m is None:
             return Status.NOT_FOUND
         value &= _U64                      # the ABI value is a u64
-        if m.kind == MetricType.COUNTER:
-            m.value = (m.value + value) & _U64   # Envoy: record on a counter adds
-        elif m.kind == MetricType.GAUGE:
-            m.value = value
-        else:
-            m.count += 1
-            m.sum += value
-            for i, bound in enumerate(HISTOGRAM_BUCKETS):
-                if value <= bound:
-                    m.buckets[i] += 1
+        with self._lock:
+            if m.kind == MetricType.COUNTER:
+                m.value = (m.value + value) & _U64   # Envoy: record on a counter adds
+            elif m.kind == MetricType.GAUGE:
+                m.value = value
+            else:
+                m.count += 1
+                m.sum += value
+                for i, bound in enumerate(HISTOGRAM_BUCKETS):
+                    if value <= bound:
+                        m.buckets[i] += 1
         return Status.OK
 
     def get_metric(self, metric_id: int) -> tuple[int, int]:
@@ -296,7 +313,7 @@ class LocalStore:
 
     def metric_samples(self) -> list[MetricSample]:
         out = usage_samples(self.usage())
-        for (kind, name), m in self._metrics_by_name.items():
+        for (kind, name), m in list(self._metrics_by_name.items()):   # a snapshot: see _lock
             prom = prometheus_name("wasmcustom_" + name)
             if kind == MetricType.COUNTER:
                 out.append(MetricSample(prom, "counter", float(m.value), help=f"wasm metric {name}"))

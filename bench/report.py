@@ -53,6 +53,13 @@ def render(r: dict) -> str:
     for who, h in (r.get("tls_handshake") or {}).items():
         out.append(f"- full TLS handshake, {who}: {h['connections_per_core_s']:,} new connections/s per core "
                    f"({h['cpu_us_per_connection']:.0f} µs CPU each, incl. one request)")
+    rs = r.get("rebuild_stall")
+    if rs:
+        a, d = rs["alone"], rs["rebuilding"]
+        out.append(f"- another route at {rs['rate']:,} req/s while a filter keeps rebuilding "
+                   f"({rs['configure_ms']} ms on_configure, {rs['rebuilds']} rebuilds): p50 "
+                   f"{a['p50_ms']:.2f} → {d['p50_ms']:.2f} ms, p99 {a['p99_ms']:.2f} → "
+                   f"{d['p99_ms']:.2f} ms ({rs['p99_vs_alone']}× alone)")
     out.append("")
     out.append("| target | value | bar | |")
     out.append("| --- | ---: | ---: | --- |")

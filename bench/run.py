@@ -19,6 +19,7 @@ import traceback
 from pathlib import Path
 
 from bench import gateway_cfg as gcfg
+from bench import rebuild_stall
 from bench.nginx import start_nginx
 from bench.procs import (Proc, free_port, http_get, install_signal_handlers, loadavg,
                          own_cpu_seconds, stop_all, system_busy_seconds, tree_cpu_seconds,
@@ -31,7 +32,7 @@ SCENARIOS = ["baseline_aiohttp", "gateway_plain", "gateway_chain", "gateway_chai
              "nginx_tls_handshake"]
 # wrk sends "Connection: close" in these: every request is a new connection and a full handshake.
 HANDSHAKE_SCENARIOS = {"gateway_tls_handshake": "gateway", "nginx_tls_handshake": "nginx"}
-EXTRAS = ["chain_half_rate", "chain_redis_half_rate", "crossing", "cold_start"]
+EXTRAS = ["chain_half_rate", "chain_redis_half_rate", "crossing", "cold_start", "rebuild_stall"]
 ALL = SCENARIOS + EXTRAS
 
 TARGETS = [  # key, description, comparison, bar
@@ -45,6 +46,8 @@ TARGETS = [  # key, description, comparison, bar
     ("guest_call_us", "one guest callback (µs)", "<=", 3.0),
     ("host_call_us", "one host call (µs)", "<=", 1.5),
     ("tls_cpu_vs_plain", "gateway_tls CPU/req ÷ gateway_plain CPU/req", "<=", 1.3),
+    ("rebuild_other_route_p99_ms", "another route's p99 while a filter rebuilds, 1 s start (ms)",
+     "<=", 50.0),
 ]
 
 
@@ -77,6 +80,7 @@ class Bench:
         self.cold_start: dict | None = None
         self.half_rate: dict | None = None
         self.half_rate_redis: dict | None = None
+        self.rebuild_stall: dict | None = None
         self.redis: dict | None = None            # gateway_chain_redis: the Redis server's CPU
         self.tools: dict[str, str] = {}
         self.upstream_port = 0
@@ -307,13 +311,12 @@ class Bench:
         log(f"  paired in one process: redis adds {added:.1f} µs CPU/req (pairs {pairs}), "
             f"p99 at {peak / 2:,.0f} req/s local {p99['local']:.2f} ms, redis {p99['redis']:.2f} ms")
 
-    def run_half_rate(self, url: str, headers: dict | None, peak: float, proc: Proc,
-                      key: str = "chain_half_rate") -> dict:
-        rate = max(1.0, peak / 2)
-        log(f"  {key}: paced open-loop load at {rate:,.0f} req/s (half of {peak:,.0f})")
+    def paced(self, name: str, url: str, rate: float, connections: int, proc: Proc,
+              headers: dict | None = None) -> dict:
+        """One open-loop run of bench/paced.py against `url` (all answers must be 200)."""
         argv = self.py("-m", "bench.paced", "--url", url, "--rate", f"{rate:.1f}",
                        "--duration", str(self.args.duration), "--warmup", "1",
-                       "--connections", str(self.args.connections), cpus=self.load_cpus)
+                       "--connections", str(connections), cpus=self.load_cpus)
         for k, v in (headers or {}).items():
             argv += ["-H", f"{k}: {v}"]
         cpu0, mark0 = tree_cpu_seconds(proc.pid), self.foreign_mark()
@@ -323,22 +326,29 @@ class Bench:
         cpu1, mark1 = tree_cpu_seconds(proc.pid), self.foreign_mark()
         foreign = self.foreign_share(mark0, mark1, cpu1 - cpu0, time.monotonic() - t0)
         if r.returncode != 0:
-            raise Failed(f"{key}: paced client failed: {r.stderr[-2000:]}")
+            raise Failed(f"{name}: paced client failed: {r.stderr[-2000:]}")
         d = json.loads(r.stdout.strip().splitlines()[-1])
-        d["peak_rps"] = round(peak, 1)
         d["proxy_cpu_us_per_req"] = (round((cpu1 - cpu0) / d["completed"] * 1e6, 1)
                                      if d["completed"] else None)
         d["method"] = ("bench/paced.py: open-loop fixed-rate asyncio client, keep-alive "
-                       f"connections={self.args.connections}, latency from issue to last byte")
+                       f"connections={connections}, latency from issue to last byte")
         for k in ("p50_ms", "p90_ms", "p99_ms", "p999_ms", "max_ms", "lag_p99_ms", "achieved_rps"):
             if d.get(k) is not None:
                 d[k] = round(d[k], 3)
         d["foreign_cpu_share"] = foreign
-        self.warn_foreign(key, foreign)
+        self.warn_foreign(name, foreign)
         bad = sum(v for k, v in d["statuses"].items() if k != "200")
         if bad or d["errors"] or d["unanswered"]:
-            raise Failed(f"{key}: {bad} non-200, {d['errors']} errors, "
+            raise Failed(f"{name}: {bad} non-200, {d['errors']} errors, "
                          f"{d['unanswered']} unanswered: {d['statuses']}")
+        return d
+
+    def run_half_rate(self, url: str, headers: dict | None, peak: float, proc: Proc,
+                      key: str = "chain_half_rate") -> dict:
+        rate = max(1.0, peak / 2)
+        log(f"  {key}: paced open-loop load at {rate:,.0f} req/s (half of {peak:,.0f})")
+        d = self.paced(key, url, rate, self.args.connections, proc, headers)
+        d["peak_rps"] = round(peak, 1)
         log(f"  {key}: achieved {d['achieved_rps']:,.0f} req/s  p50 {d['p50_ms']:.2f} ms"
             f"  p99 {d['p99_ms']:.2f} ms  (client lag p99 {d['lag_p99_ms']:.2f} ms)")
         return d
@@ -462,6 +472,55 @@ class Bench:
                                      "compiled-module cache; median of the measured runs"}
         log(f"  cold_start: {self.cold_start['seconds']:.3f} s (runs {self.cold_start['runs_s']})")
 
+    def sc_rebuild_stall(self) -> None:
+        """/other under fixed open-loop load, alone and while /slow's filter keeps rebuilding
+        (its on_configure computes for 1 s): see bench/rebuild_stall.py."""
+        self.gateway_available()
+        cfg = rebuild_stall.config(port=free_port(), admin_port=free_port(),
+                                   upstream_port=self.upstream_port)
+        proc, port, _ = self.start_gateway("rebuild_stall", cfg, None, self.proxy_cpus)
+        base = f"http://127.0.0.1:{port}"
+        rate, conns = rebuild_stall.RATE, rebuild_stall.CONNECTIONS
+        try:
+            for path in ("/slow/check", "/other/check"):
+                status, _, body = http_get(base + path)
+                if status != 200:
+                    raise Failed(f"rebuild_stall: {path} answered {status}: {body[:200]!r}")
+            log(f"  rebuild_stall: /other at {rate:,} req/s, alone")
+            alone = self.paced("rebuild_stall", base + "/other/x", rate, conns, proc)
+            log(f"  rebuild_stall: /other at {rate:,} req/s while /slow keeps rebuilding")
+            trapper = rebuild_stall.Trapper(base)
+            trapper.start()
+            try:
+                during = self.paced("rebuild_stall", base + "/other/x", rate, conns, proc)
+            finally:
+                trapper.stop()
+            if trapper.errors:
+                raise Failed(f"rebuild_stall: {trapper.errors[0]}")
+            if not trapper.rebuilds:
+                raise Failed("rebuild_stall: the slow filter never came back from a rebuild")
+        except Failed as e:
+            raise Failed(f"{e}\n--- rebuild_stall log tail ({proc.log_path}):\n{proc.log_tail()}")
+        finally:
+            proc.stop()
+        keys = ("p50_ms", "p90_ms", "p99_ms", "max_ms", "achieved_rps", "lag_p99_ms",
+                "foreign_cpu_share")
+        self.rebuild_stall = {
+            "alone": {k: alone.get(k) for k in keys},
+            "rebuilding": {k: during.get(k) for k in keys},
+            "p99_vs_alone": round(during["p99_ms"] / alone["p99_ms"], 3) if alone["p99_ms"] else None,
+            "rebuilds": trapper.rebuilds,
+            "rebuild_in_flight_share": trapper.rebuilding_share(),
+            "configure_ms": rebuild_stall.CONFIGURE_MS, "rate": rate, "connections": conns,
+            "method": "one gateway process; /other (no filter) under bench/paced.py, first alone, "
+                      "then while a trapper keeps /slow's filter rebuilding (trap, poll /slow "
+                      "every 10 ms until it answers 200, trap again); on_configure computes 1 s",
+        }
+        log(f"  rebuild_stall: /other p50 {alone['p50_ms']:.2f} → {during['p50_ms']:.2f} ms, "
+            f"p99 {alone['p99_ms']:.2f} → {during['p99_ms']:.2f} ms "
+            f"({trapper.rebuilds} rebuilds, one in flight {trapper.rebuilding_share():.0%} of "
+            f"the time)")
+
     # ---------------------------------------------------------------- driver
     def run(self) -> int:
         self.selected = self.select()
@@ -554,6 +613,8 @@ class Bench:
             "guest_call_us": self.crossing.get("guest_call_us"),
             "host_call_us": self.crossing.get("host_call_us"),
             "tls_cpu_vs_plain": _cpu_ratio(sc, "gateway_tls", "gateway_plain"),
+            "rebuild_other_route_p99_ms":
+                self.rebuild_stall["rebuilding"]["p99_ms"] if self.rebuild_stall else None,
         }
         targets = {}
         for key, desc, op, bar in TARGETS:
@@ -596,6 +657,7 @@ class Bench:
             "chain_redis_half_rate": self.half_rate_redis,
             "redis": self.redis,
             "tls_handshake": self.handshakes(),
+            "rebuild_stall": self.rebuild_stall,
             "ratios": self.ratios(),
             "details": self.details,
             "notes": self.notes,
@@ -644,6 +706,11 @@ class Bench:
             + (f"  ({c['note']})" if c.get("note") else ""))
         if r["cold_start"]:
             log(f"cold start (5 filters, warm cache): {r['cold_start']['seconds']:.3f} s")
+        rs = r["rebuild_stall"]
+        if rs:
+            log(f"another route while a filter rebuilds (1 s start): p99 "
+                f"{rs['alone']['p99_ms']:.2f} ms alone → {rs['rebuilding']['p99_ms']:.2f} ms "
+                f"({rs['p99_vs_alone']}×, {rs['rebuilds']} rebuilds)")
         tls = r["ratios"]["tls_cpu_vs_plain"]
         if any(v is not None for v in tls.values()):
             log(f"TLS keep-alive CPU/req vs plain: gateway {tls['gateway_tls']}, nginx {tls['nginx_tls']}")

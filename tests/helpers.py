@@ -123,6 +123,23 @@ async def echo_upstream(handler: Callable[[web.Request], Awaitable[web.StreamRes
         await runner.cleanup()
 
 
+def gateway_config(up_port: int, routes: list[dict], filters: list[dict] | None = None, *,
+                   drain_timeout_s: float = 5) -> str:
+    """Config text for ``run_gateway`` (JSON is YAML): listener "main" and admin on port 0, no
+    access log, cluster "backend" on the upstream, these routes and filters."""
+    doc = {
+        "listeners": [{"name": "main", "address": "127.0.0.1", "port": 0}],
+        "admin": {"address": "127.0.0.1", "port": 0},
+        "access_log": {"path": None},
+        "limits": {"drain_timeout_s": drain_timeout_s},
+        "clusters": [{"name": "backend", "endpoints": [f"127.0.0.1:{up_port}"]}],
+        "routes": routes,
+    }
+    if filters:
+        doc["filters"] = filters
+    return json.dumps(doc, indent=1)
+
+
 @dataclass
 class RunningGateway:
     gateway: object             # gateway.server.Gateway

@@ -48,3 +48,34 @@ class TrailerBody:
             self.trailers = self._final
             raise StopAsyncIteration
         return self._chunks.pop(0)
+
+
+async def rebuilt(f, within_s: float = 10.0) -> None:
+    """Wait until filter ``f`` has a live instance again: instances are rebuilt off the event
+    loop after a failure, so the request right after a trap may still find none."""
+    import asyncio
+    import time
+    deadline = time.monotonic() + within_s
+    while f.instance is None:
+        assert time.monotonic() < deadline, f"filter {f.name!r} not rebuilt within {within_s} s"
+        if f.building is not None:
+            await asyncio.wait_for(asyncio.shield(f.building), deadline - time.monotonic())
+        else:
+            await asyncio.sleep(0.001)     # the rebuild is due (backoff timer): let it start
+
+
+def on_threads(fn, n: int) -> None:
+    """Run ``fn`` on ``n`` threads at once, switching between them as often as the interpreter
+    can (so an unlocked read-modify-write would race), and wait for all."""
+    import sys
+    import threading
+    threads = [threading.Thread(target=fn) for _ in range(n)]
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(old)

@@ -259,6 +259,45 @@ def test_deadline_is_rearmed_for_each_top_level_call(engine, core):
         assert add(1, 1) == 2
 
 
+WAIT_THEN_COUNT_WAT = b"""
+(module
+  (import "env" "nap" (func $nap))
+  (func (export "nap_then_count") (param $n i32) (result i32)
+    call $nap
+    (loop $l (local.set $n (i32.sub (local.get $n) (i32.const 1))) (br_if $l (local.get $n)))
+    (i32.const 7)))
+"""
+
+
+def test_a_call_is_charged_its_own_threads_cpu_not_anothers(engine, core):
+    """A guest computing on another thread moves the shared epoch past this call's deadline
+    while this call waits (here: in a host function); the engine's deadline callback then
+    finds this thread used almost no CPU and lets the call finish. Computing itself past the
+    deadline still traps, with a backtrace."""
+    started = threading.Event()
+    spun: list = []
+
+    def spin_elsewhere():
+        inst = make(engine, core, deadline_ms=600)
+        started.set()
+        with pytest.raises(Trap) as ei:
+            inst.export_func("spin")()
+        spun.append(ei.value.kind)
+
+    spinner = threading.Thread(target=spin_elsewhere, daemon=True)
+    spinner.start()
+    assert started.wait(5)                                       # it spins during the nap
+    module = engine.compile(WAIT_THEN_COUNT_WAT, name="nap.wasm")
+    napper = make(engine, module, {("env", "nap"): lambda: time.sleep(0.3)}, deadline_ms=30)
+    assert napper.export_func("nap_then_count")(2_000_000) == 7   # checks the deadline on the way
+    spinner.join(10)
+    assert spun == ["deadline"]                                  # the spinner still stopped
+    napper = make(engine, module, {("env", "nap"): lambda: None}, deadline_ms=30)
+    with pytest.raises(Trap) as ei:
+        napper.export_func("nap_then_count")(0)               # 2**32 turns: far past 30 ms
+    assert ei.value.kind == "deadline" and ei.value.backtrace == ["nap.wasm!nap_then_count"]
+
+
 @pytest.mark.parametrize("export,needle", [("crash", "unreachable"),
                                            ("div0", "divide by zero"),
                                            ("recurse", "call stack exhausted")])

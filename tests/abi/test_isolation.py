@@ -9,7 +9,7 @@ import pytest
 
 from abi.api import FilterLimits, Forward, LocalReply, LogInfo
 
-from abi_helpers import REQ, info
+from abi_helpers import REQ, info, rebuilt
 from abi_wat import OUT, Wat, status
 
 O = f"(i32.const {OUT}) (i32.const {OUT + 4})"
@@ -46,7 +46,9 @@ async def test_trap_fail_closed_then_rebuilt(load, trace):
     assert isinstance(out, LocalReply) and out.status == 503 and out.details == "wasm_fail_stream"
     assert failures(host) == {("proxy_on_request_headers", "trap"): 1}
     assert "wasm backtrace" in trace.text() and "proxy_on_request_headers" in trace.text()
-    # The next request runs on a fresh instance: start sequence again, new root id.
+    # Once rebuilt (off the event loop), requests run on a fresh instance: start sequence
+    # again, new root id.
+    await rebuilt(host.filters["f"])
     out = await one(host)
     assert isinstance(out, Forward)
     assert host.filters["f"].rebuilds == 1
@@ -170,12 +172,18 @@ async def test_proc_exit_in_callback_ends_instance(load):
 async def test_repeated_failures_back_off(load):
     host = await load(trapping())
     f = host.filters["f"]
-    outs = [await one(host) for _ in range(4)]
-    assert all(isinstance(o, LocalReply) and o.status == 503 for o in outs)
-    # 1st failure: immediate rebuild; later ones wait (100 ms, 200 ms...), so some requests
-    # are refused without even reaching the guest.
-    assert sum(f.failures.values()) < 4
-    assert f.consecutive_failures >= 2
+    # 1st failure: rebuilt at once; the next failure in a row waits 100 ms (then 200 ms...).
+    assert isinstance(await one(host), LocalReply)
+    await rebuilt(f)
+    assert isinstance(await one(host), LocalReply)
+    failed_at = time.monotonic()
+    assert f.consecutive_failures == 2
+    # Meanwhile requests are refused without reaching the guest: no instance, no build yet.
+    out = await one(host)
+    assert isinstance(out, LocalReply) and out.status == 503
+    assert sum(f.failures.values()) == 2 and f.building is None
+    await rebuilt(f)
+    assert time.monotonic() - failed_at >= 0.08     # (the timer starts just before failed_at)
 
 
 async def test_trap_in_callout_response_fails_paused_request(load, services):

@@ -122,6 +122,23 @@ async def test_call_delivers_the_raw_reply_to_the_root_with_its_token(load, trac
                        ("reply 1 7 0", "size 8", "buf 0", "$2\r\nv1\r\n")]
 
 
+async def test_call_from_on_configure_is_sent_once_the_instance_serves(load, trace, redis):
+    """The start sequence runs on a build thread (abi/filter.py): the call it makes is sent
+    from the event loop at the swap, and the answer reaches the root there."""
+    import threading
+    w = redis_filter()
+    w.on("proxy_on_configure", init(w, "rc") + call(w, "rc", resp("PING"), "ping") + " (i32.const 1)")
+    await load(w)
+    await until(lambda: len(replies(trace)) == 1)
+    lines = [l for l in trace.lines("f") if not l.startswith("proxy_on_")]
+    assert lines[:3] == ["init 0", "ping 0", "token 3"]
+    assert lines[3:] == ["reply 1 3 0", "size 7", "buf 0", "+PONG\r\n"]
+    thread_of = {r.getMessage().split('": ', 1)[1]: r.threadName for r in trace.records
+                 if r.getMessage().startswith('filter "f": ')}
+    assert thread_of["ping 0"].startswith("wasmgate-build")
+    assert thread_of["reply 1 3 0"] == threading.current_thread().name
+
+
 async def test_unknown_or_http_cluster_is_bad_argument(load, trace, redis, services):
     services.clusters["backend"] = object()          # an HTTP cluster: not for Redis calls
     w = redis_filter()

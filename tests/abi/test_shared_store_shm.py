@@ -158,6 +158,16 @@ def _worker_cas_unseeded(name, key, k, barrier):
     s.close()
 
 
+def test_threads_of_one_process_cas_counter_is_exact(store):
+    """A filter's start sequence runs on a build thread while the event loop serves other
+    filters: both use the same store object at once."""
+    from abi_helpers import on_threads
+    store.set(b"t", b"0", 0)
+    n = 300
+    on_threads(lambda: [_cas_increment(store, b"t") for _ in range(n)], 3)
+    assert store.get(b"t")[0] == str(3 * n).encode()
+
+
 def test_missing_cas_makes_concurrent_creation_exact(name):
     s = S.create(name, 1 << 20)
     nproc, k = 4, 300
