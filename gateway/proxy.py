@@ -296,6 +296,8 @@ class Proxy:
             status, headers, length, body = _after_chain(result, status, length, body, ex)
         if body is None:
             return await conn.send_response(ex, status, headers, None, length, close)
+        if resp.length is not None and 0 < resp.length <= limits.response_buffer_bytes:
+            return await self._respond_small(conn, ex, resp, status, headers, body, close)
         spool = Spool(body, limits.response_buffer_bytes, limits.spool_max_bytes, limits.spool_dir,
                       on_end=resp.finish)
         spool.start()
@@ -303,6 +305,27 @@ class Proxy:
             return await conn.send_response(ex, status, headers, spool, length, close)
         finally:
             spool.close()
+
+    async def _respond_small(self, conn: Downstream, ex: Exchange, resp: UpstreamResponse, status: int,
+                             headers: Headers, body: AsyncIterator[bytes], close: bool) -> bool:
+        """A small upstream body through the filters: read whole (no read-ahead task), the
+        upstream connection back to the pool, one write with its exact length."""
+        chunks = []
+        try:
+            async for chunk in body:
+                chunks.append(chunk)
+        except LocalReplyInterrupt as e:
+            self.send_local_reply(conn, ex, e.reply, close=True)
+            return False
+        except UpstreamReset as e:
+            return self.upstream_broke(conn, ex, e)
+        resp.finish()
+        data = b"".join(chunks)
+        trailers = getattr(body, "trailers", None)
+        if trailers:                        # a filter added trailers: they need the chunked form
+            return await conn.send_response(ex, status, headers, _Trailed(data, trailers), None, close)
+        headers = [(n, v) for n, v in headers if n != "content-length"] + [("content-length", str(len(data)))]
+        return await conn.send_response(ex, status, headers, data, len(data), close)
 
     def upstream_broke(self, conn: Downstream, ex: Exchange, e: UpstreamReset) -> bool:
         """The upstream failed inside a body before anything went downstream."""
@@ -409,6 +432,17 @@ def _after_chain(result: Forward, status: int, length: int | None, body, ex: Exc
 
 async def _once(data: bytes) -> AsyncIterator[bytes]:
     yield data
+
+
+class _Trailed:
+    """One body chunk, then trailers (the body protocol of the seam)."""
+
+    def __init__(self, data: bytes, trailers: Headers):
+        self._it = _once(data)
+        self.trailers = trailers
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._it
 
 
 def _split_pseudo(headers: Headers, method: str, target: str, authority: str) -> tuple[str, str, str, Headers]:
