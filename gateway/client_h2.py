@@ -44,6 +44,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 from h2.errors import ErrorCodes
+from hyperframe.frame import GoAwayFrame
 
 from abi.api import LocalReplyInterrupt
 
@@ -131,13 +132,25 @@ class H2Connection:
         self._close_when_done()
 
     def goaway(self, code: ErrorCodes) -> None:
-        if not self.closing and not self.transport.is_closing():
-            self.closing = True
-            try:
-                self.h2.close_connection(code, last_stream_id=self.h2.highest_inbound_stream_id)
-            except h2.exceptions.ProtocolError:
-                pass            # the connection state machine is already closed
+        """NO_ERROR: no new streams, the open ones finish. Any other code: close now."""
+        if self.closing or self.transport.is_closing():
+            return
+        self.closing = True
+        if code == ErrorCodes.NO_ERROR:
+            # Written beside h2's state machine: h2 sends nothing more once it sent a GOAWAY
+            # itself, and the open streams still have answers to send.
             self.flush()
+            frame = GoAwayFrame(0)
+            frame.last_stream_id = self.h2.highest_inbound_stream_id
+            frame.error_code = code
+            self.writer.write(frame.serialize())
+            return
+        try:
+            self.h2.close_connection(code, last_stream_id=self.h2.highest_inbound_stream_id)
+        except h2.exceptions.ProtocolError:
+            pass                # the state machine is closed already
+        self.flush()
+        self.transport.close()
 
     def _close_when_done(self) -> None:
         if self.closing and not self.streams and not self.transport.is_closing():
@@ -215,8 +228,22 @@ class H2Connection:
             handler = _HANDLERS.get(type(ev))
             if handler is not None:
                 handler(self, ev)
+        if self._overlong_frame():
+            self.gw.metrics.error("h2_protocol_error")
+            log.info("HTTP/2 client %s: frame over SETTINGS_MAX_FRAME_SIZE (or not HTTP/2 at all); GOAWAY",
+                     self.peer_text)
+            self.goaway(ErrorCodes.FRAME_SIZE_ERROR)
         self.flush()
         return not self.transport.is_closing()
+
+    def _overlong_frame(self) -> bool:
+        """Whether the next frame announces more than SETTINGS_MAX_FRAME_SIZE.
+
+        h2 checks a frame's length only once all of it arrived, so a header announcing 16 MiB
+        (or HTTP/1.1 text read as one: "GET" is a length of 4.6 MB) would be buffered for that
+        long. Peeking at h2's buffer (h2 4.x) refuses it on its 9-byte header."""
+        pending = self.h2.incoming_buffer._data
+        return len(pending) >= 9 and int.from_bytes(pending[:3], "big") > self.h2.max_inbound_frame_size
 
     async def _end_streams(self) -> None:
         """The connection is gone: every stream still served ends as a vanished client's."""
@@ -247,6 +274,10 @@ class H2Connection:
             return
         self.requests += 1
         stream = H2Stream(self, sid, ev.stream_ended is not None)
+        if not stream.remote_ended:
+            # Now, not in the task: DATA frames may follow in this very batch of events.
+            lim = self.limits
+            stream.body = H2Body(stream, lim.max_request_body_bytes, lim.request_body_idle_timeout_s)
         self.streams[sid] = stream
         stream.task = asyncio.ensure_future(stream.serve(ev.headers))
 
@@ -474,12 +505,10 @@ class H2Stream:
                 self.conn.proxy.reply_error(self, ex, 413, f"request body of {length} bytes is over the "
                                             f"{limits.max_request_body_bytes} byte limit", "body_too_large")
                 return None
-        if self.remote_ended:
+        if self.body is None:
             length = -1 if length is None else length
             if length > 0:
                 raise HttpError(400, "Content-Length without a body")
-        else:
-            self.body = H2Body(self, limits.max_request_body_bytes, limits.request_body_idle_timeout_s)
         return ClientRequest(method, path, authority, headers, None, rid, self.body, length, "HTTP/2",
                              self.conn.scheme)
 
