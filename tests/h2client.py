@@ -11,6 +11,7 @@ windows, RST_STREAM, GOAWAY, trailers, and bytes no library would send (``send_r
 from __future__ import annotations
 
 import asyncio
+import socket
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
@@ -58,6 +59,8 @@ class RawH2:
     async def connect(cls, port: int, *, ack_data: bool = True, settings: dict | None = None,
                       preface: bool = True) -> AsyncIterator["RawH2"]:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        # As curl and browsers: without it Nagle holds each write behind the last one's ACK.
+        writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         c = cls(reader, writer, ack_data)
         if preface:
             if settings:
@@ -97,12 +100,13 @@ class RawH2:
             n = min(self.h2.local_flow_control_window(sid), self.h2.max_outbound_frame_size, len(data) - sent)
             if n <= 0:
                 break
-            self.h2.send_data(sid, data[sent:sent + n], end_stream=end and sent + n == len(data))
+            self.h2.send_data(sid, bytes(data[sent:sent + n]), end_stream=end and sent + n == len(data))
             sent += n
         self.flush()
         return sent
 
     async def send_all(self, sid: int, data: bytes, end: bool = True, timeout: float = 30) -> None:
+        data = memoryview(data)         # no copy of the rest per window update
         sent = 0
         while sent < len(data):
             sent += self.send_body(sid, data[sent:], end=end)
