@@ -58,6 +58,7 @@ log = logging.getLogger("wasmgate.proxy")
 
 _READ = 65536
 _HIGH_WATER = 65536
+_SMALL = 16384              # body pieces below this are written with other streams' frames
 # Refused streams a client may cause (beyond max_concurrent_streams itself) before GOAWAY.
 _REFUSED_BUDGET = 100
 # Response fields HTTP/2 forbids (RFC 9113 §8.2.2) and those we frame ourselves.
@@ -690,10 +691,14 @@ class H2Stream:
             if self.gone:
                 raise ConnectionResetError(self.gone)
             self._write(end)
-            conn.flush()
             if not self._outbox:
                 break
+            conn.flush()
             await self._wait(timeout)
+        if len(data) < _SMALL:
+            conn.flush_soon()       # small answers of several streams go out in one write
+            return
+        conn.flush()
         if conn.transport.get_write_buffer_size() > _HIGH_WATER:
             try:
                 await asyncio.wait_for(conn.writer.drain(), timeout)
