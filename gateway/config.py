@@ -104,7 +104,7 @@ class Limits:
     # HTTP/2 (gateway/client_h2.py): SETTINGS_MAX_CONCURRENT_STREAMS, and each stream's receive
     # window (how much of a request body a client may send ahead of the proxy reading it).
     http2_max_concurrent_streams: int = 100
-    http2_stream_window_bytes: int = 262144
+    http2_stream_window_bytes: int = 65535
     # A WebSocket (or other upgraded) connection with no byte either way this long is closed.
     upgrade_idle_timeout_s: float = 300.0
 
