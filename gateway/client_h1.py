@@ -32,7 +32,7 @@ from abi.api import LocalReplyInterrupt, TlsFacts
 from .config import Limits
 from .http1 import (FRAMING, BodyTooLarge, HttpError, PeerClosed, body_length, parse_request_head, read_chunked,
                     trailer_block)
-from .proxy import CONN_IDS, ClientRequest, Exchange, GatewayState, Proxy, final_status, log_exchange, reason
+from .proxy import CONN_IDS, ClientRequest, addresses, Exchange, GatewayState, Proxy, final_status, log_exchange, reason
 from .request_head import check_authority
 from .tunnel import splice
 from .upstream import UpstreamReset
@@ -84,11 +84,7 @@ class Connection:
         self.writer = writer
         self.transport = writer.transport
         self.id = next(CONN_IDS)
-        peer = writer.get_extra_info("peername") or ("", 0)
-        self.peer = (peer[0], peer[1])
-        self.peer_text = f"{peer[0]}:{peer[1]}"
-        local = writer.get_extra_info("sockname") or ("", 0)
-        self.local = (local[0], local[1])
+        self.peer, self.peer_text, self.local = addresses(writer)
         self.tls = tls              # a TLS listener's connection facts; None on a plain one
         self.scheme = "http" if tls is None else "https"
         self.task: asyncio.Task | None = None

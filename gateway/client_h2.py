@@ -50,7 +50,7 @@ from abi.api import LocalReplyInterrupt
 
 from .config import Limits
 from .http1 import HOP_BY_HOP, BodyTooLarge, HttpError, PeerClosed
-from .proxy import CONN_IDS, ClientRequest, Exchange, GatewayState, Proxy, final_status, log_exchange
+from .proxy import CONN_IDS, ClientRequest, addresses, Exchange, GatewayState, Proxy, final_status, log_exchange
 from .request_head import check_authority
 from .upstream import UpstreamReset
 
@@ -88,11 +88,7 @@ class H2Connection:
         self.writer = writer
         self.transport = writer.transport
         self.id = next(CONN_IDS)
-        peer = writer.get_extra_info("peername") or ("", 0)
-        self.peer = (peer[0], peer[1])
-        self.peer_text = f"{peer[0]}:{peer[1]}"
-        local = writer.get_extra_info("sockname") or ("", 0)
-        self.local = (local[0], local[1])
+        self.peer, self.peer_text, self.local = addresses(writer)
         self.tls = tls
         self.scheme = "https" if tls is not None else "http"
         self.limits: Limits = gw.generation.config.limits

@@ -43,6 +43,13 @@ Headers = list[tuple[str, str]]
 CONN_IDS = itertools.count(1)       # downstream connection ids, whatever the protocol
 
 
+def addresses(writer: asyncio.StreamWriter) -> tuple[tuple[str, int], str, tuple[str, int]]:
+    """A client connection's peer, the peer as "ip:port" (logs), and our local address."""
+    peer = writer.get_extra_info("peername") or ("", 0)
+    local = writer.get_extra_info("sockname") or ("", 0)
+    return (peer[0], peer[1]), f"{peer[0]}:{peer[1]}", (local[0], local[1])
+
+
 @dataclass
 class Generation:
     """Everything one config generation serves with; a reload swaps the whole object."""

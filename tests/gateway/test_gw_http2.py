@@ -21,7 +21,8 @@ from hpack import Encoder
 from hyperframe.frame import HeadersFrame, SettingsFrame
 
 from tests.h2client import RawH2
-from tests.helpers import echo_upstream, raw_exchange, raw_upstream, read_request_head, run_gateway
+from tests.helpers import (echo_upstream, raw_exchange, raw_upstream, read_chunked_rest, read_request_head,
+                           run_gateway)
 
 DIST = Path(__file__).resolve().parents[2] / "filters" / "dist"
 KEY = "key-h2-alice"
@@ -173,12 +174,8 @@ async def test_response_trailers_and_request_trailers(tmp_path):
     seen = {}
 
     async def handler(reader, writer):
-        head = await read_request_head(reader)
-        seen["head"] = head
-        rest = b""
-        while not rest.endswith(b"\r\n\r\n") or b"0\r\n" not in rest:
-            rest += await reader.read(65536)
-        seen["body"] = rest
+        seen["head"] = await read_request_head(reader)
+        seen["body"] = await read_chunked_rest(reader)
         writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: grpc-status\r\n\r\n"
                      b"5\r\nhello\r\n0\r\ngrpc-status: 0\r\nx-checksum: abc\r\n\r\n")
         await writer.drain()
