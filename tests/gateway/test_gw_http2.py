@@ -328,3 +328,27 @@ async def test_drain_sends_goaway_and_finishes_open_streams(tmp_path):
                 await c.wait(lambda: c.streams[sid].ended and c.closed)
                 assert bytes(c.streams[sid].data) == b"finished"
                 await asyncio.wait_for(stop, 20)
+
+
+def test_config_keys_for_protocols_are_checked(tmp_path):
+    from gateway.config import ConfigError, parse_config
+    text = """
+listeners: [{name: main, port: 0, http2: "yes"}]
+limits: {http2_max_concurrent_streams: 0, http2_stream_window_bytes: 100, upgrade_idle_timeout_s: 0}
+clusters: [{name: b, endpoints: ["127.0.0.1:1"]}]
+routes: [{name: r, cluster: b, upgrades: 1}]
+"""
+    with pytest.raises(ConfigError) as e:
+        parse_config(text, "config.yaml", tmp_path)
+    errors = "\n".join(e.value.errors)
+    assert "config.yaml:2 listeners[0].http2: expected true or false" in errors
+    assert "limits.http2_max_concurrent_streams: must be 1..2147483647, got 0" in errors
+    assert "limits.http2_stream_window_bytes: must be 65535..2147483647, got 100" in errors
+    assert "limits.upgrade_idle_timeout_s: must be >= 0.001" in errors
+    assert "config.yaml:5 routes[0].upgrades: expected true or false, got 1" in errors
+    ok = parse_config(text.replace('http2: "yes"', "http2: false").replace("upgrades: 1", "upgrades: false")
+                      .replace("limits: {http2_max_concurrent_streams: 0, http2_stream_window_bytes: 100, "
+                               "upgrade_idle_timeout_s: 0}", "limits: {http2_max_concurrent_streams: 8}"),
+                      "config.yaml", tmp_path)
+    assert ok.listeners[0].http2 is False and ok.routes[0].upgrades is False
+    assert ok.limits.http2_max_concurrent_streams == 8 and ok.limits.http2_stream_window_bytes == 65535
