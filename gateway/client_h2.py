@@ -809,8 +809,7 @@ class H2Body:
             self._waiter = asyncio.get_running_loop().create_future()
             try:
                 await asyncio.wait_for(self._waiter, self.idle_s)
-            except asyncio.TimeoutError:
-                self.stream.conn.gw.metrics.error("client_timeout")
+            except asyncio.TimeoutError:      # answered (and counted) where the body read fails
                 self.fail(HttpError(408, f"no request body data for {self.idle_s:g} s"))
             finally:
                 self._waiter = None

@@ -304,6 +304,7 @@ async def test_body_idle_timeout_is_per_stream(tmp_path):
                 other = c.request("GET", "/other")
                 await c.wait(lambda: c.streams[other].ended)
                 assert c.streams[other].status == 200 and c.goaway is None
+            assert gw.gateway.metrics.counts().errors["client_timeout"] == 1
 
 
 async def test_drain_sends_goaway_and_finishes_open_streams(tmp_path):
