@@ -353,3 +353,21 @@ routes: [{name: r, cluster: b, upgrades: 1}]
                       "config.yaml", tmp_path)
     assert ok.listeners[0].http2 is False and ok.routes[0].upgrades is False
     assert ok.limits.http2_max_concurrent_streams == 8 and ok.limits.http2_stream_window_bytes == 65535
+
+
+async def test_a_stream_whose_window_stays_shut_is_reset_after_the_send_timeout(tmp_path):
+    async with echo_upstream() as up:
+        async with run_gateway(config(up.port, ", response_send_timeout_s: 0.5"), tmp_path) as gw:
+            settings = {h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0}
+            async with RawH2.connect(gw.port(), settings=settings) as c:
+                shut = c.request("GET", "/shut")
+                open_ = c.request("GET", "/open")
+                c.h2.increment_flow_control_window(1 << 20)                 # the connection's
+                c.h2.increment_flow_control_window(1 << 20, stream_id=open_)
+                c.flush()
+                await c.wait(lambda: c.streams[open_].ended and c.streams[shut].reset is not None)
+                assert c.streams[open_].status == 200 and json.loads(c.streams[open_].data)["path"] == "/open"
+                assert c.streams[shut].status == 200 and not c.streams[shut].data     # head, then no window
+                assert c.streams[shut].reset == h2.errors.ErrorCodes.CANCEL
+                assert c.goaway is None
+            assert gw.gateway.metrics.counts().errors["client_send_timeout"] == 1
