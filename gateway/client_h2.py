@@ -71,9 +71,10 @@ class _SendTimeout(Exception):
 
 
 def _h2_config() -> h2.config.H2Configuration:
-    # Header names and values stay bytes: decoded here as latin-1 like HTTP/1.1 heads.
+    # Header names and values stay bytes: decoded here as latin-1 like HTTP/1.1 heads. h2's checks
+    # (RFC 9113 §8.2-8.3) stay on both ways; cookie fields are joined in H2Stream._request.
     return h2.config.H2Configuration(client_side=False, header_encoding=None, validate_inbound_headers=True,
-                                     normalize_inbound_headers=True, validate_outbound_headers=True,
+                                     normalize_inbound_headers=False, validate_outbound_headers=True,
                                      normalize_outbound_headers=False)
 
 
