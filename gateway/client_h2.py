@@ -46,7 +46,7 @@ import h2.settings
 from h2.errors import ErrorCodes
 from hyperframe.frame import GoAwayFrame
 
-from abi.api import LocalReplyInterrupt
+from abi.api import LocalReplyInterrupt, TlsFacts
 
 from .config import Limits
 from .http1 import HOP_BY_HOP, BodyTooLarge, HttpError, PeerClosed
@@ -82,7 +82,7 @@ class H2Connection:
     """One HTTP/2 client connection (h2c with prior knowledge, or TLS with ALPN "h2")."""
 
     def __init__(self, gw: GatewayState, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 tls: Any = None, preread: bytes = b""):
+                 tls: TlsFacts | None = None, preread: bytes = b""):
         self.gw = gw
         self.proxy: Proxy = gw.proxy
         self.reader = reader
@@ -215,7 +215,12 @@ class H2Connection:
         try:
             events = self.h2.receive_data(data)
         except h2.exceptions.ProtocolError as e:
-            # h2 has queued a GOAWAY with the error code; send it and close.
+            # h2 has queued a GOAWAY with the error code — except for a wrong preface (say, HTTP/1.1
+            # after ALPN chose h2), where RFC 9113 §3.4 lets it be omitted: we send one anyway.
+            try:
+                self.h2.close_connection(getattr(e, "error_code", ErrorCodes.PROTOCOL_ERROR))
+            except h2.exceptions.ProtocolError:
+                pass                    # already closed, its GOAWAY queued
             kind = "h2_flood" if isinstance(e, h2.exceptions.DenialOfServiceError) else "h2_protocol_error"
             self.gw.metrics.error(kind)
             log.info("HTTP/2 client %s: %s; GOAWAY", self.peer_text, e)
@@ -387,7 +392,7 @@ def _code_name(code: Any) -> str:
 
 class H2Stream:
     """One request stream: builds the ClientRequest, serves it, and is the proxy's Downstream."""
-    __slots__ = ("conn", "sid", "id", "peer", "local", "peer_text", "task", "body", "busy", "gone",
+    __slots__ = ("conn", "sid", "id", "peer", "local", "peer_text", "tls", "task", "body", "busy", "gone",
                  "remote_ended", "headers_sent", "ended", "_waiter", "_outbox")
 
     def __init__(self, conn: H2Connection, sid: int, remote_ended: bool):
@@ -397,6 +402,7 @@ class H2Stream:
         self.peer = conn.peer
         self.local = conn.local
         self.peer_text = conn.peer_text
+        self.tls = conn.tls             # the connection's TLS facts (filters' connection.* properties)
         self.task: asyncio.Task | None = None
         self.body: H2Body | None = None
         self.busy = False

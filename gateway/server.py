@@ -75,8 +75,8 @@ class Gateway:
         self._stopped = asyncio.Event()
         self._sweeper: asyncio.Task | None = None
         # What a TLS connection is handed to, by the protocol ALPN chose (None: the client
-        # offered no ALPN). An HTTP/2 front-end adds "h2" here and to tls.ALPN_PROTOCOLS.
-        self.alpn_handlers = {None: self._serve_http1, "http/1.1": self._serve_http1}
+        # offered no ALPN). "h2" is offered only on listeners with http2 on.
+        self.alpn_handlers = {None: self._serve_http1, "http/1.1": self._serve_http1, "h2": self.handle_h2}
 
     @classmethod
     async def start(cls, config: Config, *, filter_host_factory: FilterHostFactory | None = None,
@@ -161,9 +161,10 @@ class Gateway:
     async def _handle_h2c_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await Connection(self, reader, writer, h2c=True).run()
 
-    async def handle_h2(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, tls: Any = None) -> None:
-        """A connection that speaks HTTP/2 from its first byte: the hand-off point for a TLS
-        listener whose ALPN chose "h2" (gateway/client_h2.py)."""
+    async def handle_h2(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                        tls: TlsConnection | None = None) -> None:
+        """A connection that speaks HTTP/2 from its first byte: a TLS one whose ALPN chose "h2"
+        (gateway/client_h2.py)."""
         await H2Connection(self, reader, writer, tls=tls).run()
 
     async def _bind(self, reuse_port: bool, ports: dict[str, int]) -> None:

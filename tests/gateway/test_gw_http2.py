@@ -371,3 +371,83 @@ async def test_a_stream_whose_window_stays_shut_is_reset_after_the_send_timeout(
                 assert c.streams[shut].reset == h2.errors.ErrorCodes.CANCEL
                 assert c.goaway is None
             assert gw.gateway.metrics.counts().errors["client_send_timeout"] == 1
+
+
+def tls_config(up_port: int, pki, http2: str = "") -> str:
+    return config(up_port).replace(
+        "listeners: [{name: main, address: 127.0.0.1, port: 0}]",
+        f"listeners: [{{name: main, address: 127.0.0.1, port: 0, "
+        f"tls: {{cert: {pki.path('default.pem')}, key: {pki.path('default.key')}}}{http2}}}]")
+
+
+async def test_tls_alpn_h2_runs_the_chain_per_stream(tmp_path, pki):
+    async with echo_upstream() as up:
+        async with run_gateway(tls_config(up.port, pki), tmp_path) as gw:
+            url = f"https://127.0.0.1:{gw.port()}"
+            async with httpx.AsyncClient(http2=True, verify=pki.client(), timeout=30) as c:
+                rs = await asyncio.gather(*[c.get(f"{url}/api/s{i}", headers={"x-api-key": KEY}) for i in range(20)],
+                                          c.get(f"{url}/api/nokey"))
+            async with httpx.AsyncClient(verify=pki.client()) as c1:       # ALPN http/1.1 still
+                r1 = await c1.get(f"{url}/api/h1", headers={"x-api-key": KEY})
+    assert {r.http_version for r in rs} == {"HTTP/2"} and r1.http_version == "HTTP/1.1"
+    assert [r.status_code for r in rs] == [200] * 20 + [401]
+    seen = dict((k, v) for k, v in rs[0].json()["headers"])
+    assert seen["x-forwarded-proto"] == "https" and seen["x-auth-identity"] == "alice"
+    assert rs[0].headers["x-served-by"] == "wasmgate" and r1.status_code == 200
+
+
+async def test_curl_http2_over_tls(tmp_path, pki):
+    curl = shutil.which("curl")
+    if curl is None:
+        pytest.skip("curl not installed")
+    async with echo_upstream() as up:
+        async with run_gateway(tls_config(up.port, pki), tmp_path) as gw:
+            proc = await asyncio.create_subprocess_exec(
+                curl, "-s", "-i", "-k", "--http2", f"https://127.0.0.1:{gw.port()}/api/hello",
+                "-H", f"x-api-key: {KEY}", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            out, err = await proc.communicate()
+    assert proc.returncode == 0, err
+    head, _, body = out.decode().partition("\r\n\r\n")
+    assert head.startswith("HTTP/2 200") and "x-served-by: wasmgate" in head
+    assert json.loads(body)["path"] == "/api/hello"
+
+
+async def test_tls_listener_with_http2_off_offers_only_http1(tmp_path, pki):
+    import ssl
+    async with echo_upstream() as up:
+        async with run_gateway(tls_config(up.port, pki, ", http2: false"), tmp_path) as gw:
+            ctx = pki.client()
+            ctx.set_alpn_protocols(["h2", "http/1.1"])
+            reader, writer = await asyncio.open_connection("127.0.0.1", gw.port(), ssl=ctx)
+            try:
+                assert writer.get_extra_info("ssl_object").selected_alpn_protocol() == "http/1.1"
+            finally:
+                writer.close()
+            async with httpx.AsyncClient(http2=True, verify=pki.client()) as c:
+                r = await c.get(f"https://127.0.0.1:{gw.port()}/x")
+    assert r.http_version == "HTTP/1.1" and r.status_code == 200 and isinstance(ssl.OPENSSL_VERSION, str)
+
+
+async def test_http1_bytes_after_alpn_h2_get_goaway(tmp_path, pki):
+    """ALPN chose h2, then the client speaks HTTP/1.1: the preface is wrong, GOAWAY and close."""
+    async with echo_upstream() as up:
+        async with run_gateway(tls_config(up.port, pki), tmp_path) as gw:
+            ctx = pki.client()
+            ctx.set_alpn_protocols(["h2"])
+            reader, writer = await asyncio.open_connection("127.0.0.1", gw.port(), ssl=ctx)
+            try:
+                assert writer.get_extra_info("ssl_object").selected_alpn_protocol() == "h2"
+                writer.write(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+                data = b""
+                async with asyncio.timeout(10):
+                    while chunk := await reader.read(65536):
+                        data += chunk
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                writer.close()
+            assert gw.gateway.metrics.counts().errors["h2_protocol_error"] == 1
+    # The server's SETTINGS, then GOAWAY(PROTOCOL_ERROR): frame type 7, error code 1.
+    goaway = data.find(b"\x07\x00\x00\x00\x00\x00")
+    assert goaway > 0 and data[goaway + 10:goaway + 14] == b"\x00\x00\x00\x01"
+    assert up.requests == []
