@@ -214,3 +214,21 @@ async def _until(cond, timeout: float = 10) -> None:
     async with asyncio.timeout(timeout):
         while not cond():
             await asyncio.sleep(0.01)
+
+
+async def test_websocket_over_a_tls_listener(tmp_path, pki):
+    """wss://: the handshake on a TLS listener (ALPN http/1.1), then the splice over TLS records."""
+    wsu = WsUpstream()
+    async with echo_upstream(wsu.handle) as up:
+        text = config(up.port).replace(
+            "listeners: [{name: main, address: 127.0.0.1, port: 0}]",
+            f"listeners: [{{name: main, address: 127.0.0.1, port: 0, "
+            f"tls: {{cert: {pki.path('default.pem')}, key: {pki.path('default.key')}}}}}]")
+        async with run_gateway(text, tmp_path) as gw:
+            async with aiohttp.ClientSession() as s:
+                async with s.ws_connect(f"wss://127.0.0.1:{gw.port()}/ws/chat", headers={"x-api-key": KEY},
+                                        ssl=pki.client()) as ws:
+                    await ws.send_str("secure")
+                    assert (await ws.receive()).data == "echo:secure"
+                await asyncio.wait_for(wsu.closed.wait(), 10)
+    assert wsu.handshakes[0]["X-Forwarded-Proto"] == "https"
