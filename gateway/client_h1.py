@@ -32,7 +32,7 @@ from abi.api import LocalReplyInterrupt, TlsFacts
 from .config import Limits
 from .http1 import (FRAMING, BodyTooLarge, HttpError, PeerClosed, body_length, parse_request_head, read_chunked,
                     trailer_block)
-from .proxy import CONN_IDS, ClientRequest, addresses, Exchange, GatewayState, Proxy, final_status, log_exchange, reason
+from .proxy import ClientRequest, Exchange, GatewayState, final_status, init_connection, log_exchange, reason
 from .request_head import check_authority
 from .tunnel import splice
 from .upstream import UpstreamReset
@@ -78,15 +78,7 @@ class Connection:
 
     def __init__(self, gw: GatewayState, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                  tls: TlsFacts | None = None, h2c: bool = False):
-        self.gw = gw
-        self.proxy: Proxy = gw.proxy
-        self.reader = reader
-        self.writer = writer
-        self.transport = writer.transport
-        self.id = next(CONN_IDS)
-        self.peer, self.peer_text, self.local = addresses(writer)
-        self.tls = tls              # a TLS listener's connection facts; None on a plain one
-        self.scheme = "http" if tls is None else "https"
+        init_connection(self, gw, reader, writer, tls)
         self.task: asyncio.Task | None = None
         self.linger = False         # closing after an error reply with request bytes maybe unread
         self.last_active = time.monotonic()

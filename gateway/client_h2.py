@@ -50,7 +50,7 @@ from abi.api import LocalReplyInterrupt, TlsFacts
 
 from .config import Limits
 from .http1 import HOP_BY_HOP, BodyTooLarge, HttpError, PeerClosed
-from .proxy import CONN_IDS, ClientRequest, addresses, Exchange, GatewayState, Proxy, final_status, log_exchange
+from .proxy import ClientRequest, Exchange, GatewayState, final_status, init_connection, log_exchange
 from .request_head import check_authority
 from .upstream import UpstreamReset
 
@@ -83,15 +83,7 @@ class H2Connection:
 
     def __init__(self, gw: GatewayState, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                  tls: TlsFacts | None = None, preread: bytes = b""):
-        self.gw = gw
-        self.proxy: Proxy = gw.proxy
-        self.reader = reader
-        self.writer = writer
-        self.transport = writer.transport
-        self.id = next(CONN_IDS)
-        self.peer, self.peer_text, self.local = addresses(writer)
-        self.tls = tls
-        self.scheme = "https" if tls is not None else "http"
+        init_connection(self, gw, reader, writer, tls)
         self.limits: Limits = gw.generation.config.limits
         self.preread = preread
         self.task: asyncio.Task | None = None

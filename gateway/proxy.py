@@ -43,11 +43,21 @@ Headers = list[tuple[str, str]]
 CONN_IDS = itertools.count(1)       # downstream connection ids, whatever the protocol
 
 
-def addresses(writer: asyncio.StreamWriter) -> tuple[tuple[str, int], str, tuple[str, int]]:
-    """A client connection's peer, the peer as "ip:port" (logs), and our local address."""
+def init_connection(conn, gw: "GatewayState", reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    tls: TlsFacts | None) -> None:
+    """What every front-end's client connection holds: the gateway, its streams, an id, the peer
+    (also as "ip:port" for logs), our local address, the TLS facts and the scheme they make."""
+    conn.gw = gw
+    conn.proxy = gw.proxy
+    conn.reader = reader
+    conn.writer = writer
+    conn.transport = writer.transport
+    conn.id = next(CONN_IDS)
     peer = writer.get_extra_info("peername") or ("", 0)
     local = writer.get_extra_info("sockname") or ("", 0)
-    return (peer[0], peer[1]), f"{peer[0]}:{peer[1]}", (local[0], local[1])
+    conn.peer, conn.peer_text, conn.local = (peer[0], peer[1]), f"{peer[0]}:{peer[1]}", (local[0], local[1])
+    conn.tls = tls                  # a TLS listener's connection facts; None on a plain one
+    conn.scheme = "http" if tls is None else "https"
 
 
 @dataclass
