@@ -29,6 +29,7 @@ from typing import AsyncIterator, Callable
 
 from abi.api import LocalReplyInterrupt, TlsFacts
 
+from .client_h2 import H2Connection
 from .config import Limits
 from .http1 import (FRAMING, BodyTooLarge, HttpError, PeerClosed, body_length, parse_request_head, read_chunked,
                     trailer_block)
@@ -177,7 +178,6 @@ class Connection:
                 self.transport.close()
         if h2:
             # h2c prior knowledge: the HTTP/2 front-end takes the connection (and counts it).
-            from .client_h2 import H2Connection
             await H2Connection(gw, self.reader, self.writer, preread=self.pending).run()
 
     async def _sniff_preface(self) -> bool:
