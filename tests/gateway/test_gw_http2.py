@@ -43,10 +43,10 @@ routes:
 filters:
   - name: auth
     wasm: {DIST / "auth.wasm"}
-    config: {{identity_header: x-auth-identity, strip_credentials: true, api_key: {{header: x-api-key, keys: [{{key: {KEY}, identity: alice}}]}}}}
+    config: {{identity_header: x-auth-identity, strip_credentials: true, api_key: {{header: x-api-key, keys: [{{key: {KEY}, identity: h2-alice}}]}}}}
   - name: ratelimit
     wasm: {DIST / "ratelimit.wasm"}
-    config: {{limits: [{{name: per-key, key: identity, rate: 1000, period_s: 1, burst: 1000}}]}}
+    config: {{limits: [{{name: h2-per-key, key: identity, rate: 1000, period_s: 1, burst: 1000}}]}}
   - name: headers
     wasm: {DIST / "headers.wasm"}
     config: {{request: {{set: {{x-stream-id-seen: "${{request.id}}"}}}}, response: {{set: {{x-served-by: wasmgate}}}}}}
@@ -73,7 +73,7 @@ async def test_concurrent_streams_through_the_chain_on_one_connection(tmp_path):
         assert r.http_version == "HTTP/2" and r.status_code == 200
         assert r.headers["x-served-by"] == "wasmgate" and "ratelimit-limit" in r.headers
         seen = dict((k, v) for k, v in r.json()["headers"])
-        assert seen["x-auth-identity"] == "alice" and "x-api-key" not in seen
+        assert seen["x-auth-identity"] == "h2-alice" and "x-api-key" not in seen
         assert seen["x-forwarded-proto"] == "http" and seen["host"].startswith("127.0.0.1:")
     # A filter's local reply on some streams leaves the others alone.
     assert [r.status_code for r in rs[40:]] == [401] * 10
@@ -392,7 +392,7 @@ async def test_tls_alpn_h2_runs_the_chain_per_stream(tmp_path, pki):
     assert {r.http_version for r in rs} == {"HTTP/2"} and r1.http_version == "HTTP/1.1"
     assert [r.status_code for r in rs] == [200] * 20 + [401]
     seen = dict((k, v) for k, v in rs[0].json()["headers"])
-    assert seen["x-forwarded-proto"] == "https" and seen["x-auth-identity"] == "alice"
+    assert seen["x-forwarded-proto"] == "https" and seen["x-auth-identity"] == "h2-alice"
     assert rs[0].headers["x-served-by"] == "wasmgate" and r1.status_code == 200
 
 

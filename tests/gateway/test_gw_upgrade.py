@@ -31,10 +31,10 @@ routes:
 filters:
   - name: auth
     wasm: {DIST / "auth.wasm"}
-    config: {{identity_header: x-auth-identity, strip_credentials: true, api_key: {{header: x-api-key, keys: [{{key: {KEY}, identity: alice}}, {{key: {KEY_RL}, identity: rl-ws-test}}]}}}}
+    config: {{identity_header: x-auth-identity, strip_credentials: true, api_key: {{header: x-api-key, keys: [{{key: {KEY}, identity: ws-alice}}, {{key: {KEY_RL}, identity: rl-ws-test}}]}}}}
   - name: ratelimit
     wasm: {DIST / "ratelimit.wasm"}
-    config: {{limits: [{{name: per-key, key: identity, rate: 1, period_s: 3600, burst: 3}}]}}
+    config: {{limits: [{{name: ws-per-key, key: identity, rate: 1, period_s: 3600, burst: 3}}]}}
   - name: headers
     wasm: {DIST / "headers.wasm"}
     config: {{response: {{set: {{x-served-by: wasmgate}}}}}}
@@ -94,7 +94,7 @@ async def test_websocket_echo_through_the_chain(tmp_path):
             # The splice is over once both sides are closed.
             await _until(lambda: gw.gateway.metrics.active_upgraded == 0)
     hs = wsu.handshakes[0]
-    assert hs["x-auth-identity"] == "alice" and "x-api-key" not in {k.lower() for k in hs}
+    assert hs["x-auth-identity"] == "ws-alice" and "x-api-key" not in {k.lower() for k in hs}
     assert hs["Upgrade"].lower() == "websocket" and "upgrade" in hs["Connection"].lower()
 
 
