@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from bench.procs import Proc, wait_ready
+from bench.procs import Proc, free_port, wait_ready
 
 UPSTREAM_BODY = "hello from the bench upstream\n"   # 30 bytes, fixed
 
@@ -46,7 +46,7 @@ _PROXY = """\
         keepalive 128;
     }}
     server {{
-        listen 127.0.0.1:{port} {ssl}reuseport backlog=4096;
+        listen 127.0.0.1:{port} {ssl}reuseport backlog=4096;{h2c_listen}
 {tls}        location / {{
             proxy_pass http://bench_upstream;
             proxy_http_version 1.1;
@@ -74,15 +74,22 @@ _TLS = """\
 
 def start_nginx(nginx_bin: str, prefix: Path, name: str, port: int, *,
                 upstream_port: int | None = None, cpus: str | None = None,
-                tls: tuple[str, str, str] | None = None) -> Proc:
+                tls: tuple[str, str, str] | None = None, http2: bool = False) -> Proc:
     """Upstream (fixed 200 response) when upstream_port is None, else a keep-alive proxy to it;
-    tls: (cert, key, TLS 1.2 ciphers) terminates TLS on the proxy's listener."""
+    tls: (cert, key, TLS 1.2 ciphers) terminates TLS on the proxy's listener. ``http2``: with tls,
+    ALPN offers h2 beside http/1.1 there; without, a second port (returned as ``proc.h2c_port``)
+    takes HTTP/2 with prior knowledge (nginx 1.22's plain `listen ... http2` speaks only HTTP/2,
+    so readiness is checked on ``port``)."""
     prefix.mkdir(parents=True, exist_ok=True)
+    h2c_port = None
     if upstream_port is None:
         text = UPSTREAM_BODY.replace("\n", "\\n")
         body = _UPSTREAM.format(port=port, text=text)
     else:
-        body = _PROXY.format(port=port, upstream_port=upstream_port, ssl="ssl " if tls else "",
+        h2c_port = free_port() if http2 and not tls else None
+        h2c = f"\n        listen 127.0.0.1:{h2c_port} http2 reuseport backlog=4096;" if h2c_port else ""
+        ssl = ("ssl http2 " if http2 else "ssl ") if tls else ""
+        body = _PROXY.format(port=port, upstream_port=upstream_port, ssl=ssl, h2c_listen=h2c,
                              tls=_TLS.format(cert=tls[0], key=tls[1], ciphers=tls[2]) if tls else "")
     conf = prefix / "nginx.conf"
     conf.write_text(_config(prefix, body))
@@ -90,6 +97,7 @@ def start_nginx(nginx_bin: str, prefix: Path, name: str, port: int, *,
     if cpus:
         argv = ["taskset", "-c", cpus] + argv
     proc = Proc(name, argv, log_path=prefix / "stdout.log")
+    proc.h2c_port = h2c_port          # type: ignore[attr-defined]
     try:
         wait_ready(f"{'https' if tls else 'http'}://127.0.0.1:{port}/", proc, timeout=10,
                    cafile=tls[0] if tls else None)

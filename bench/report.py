@@ -38,6 +38,10 @@ def render(r: dict) -> str:
                    f"{_f(s['p99_ms'], '.2f')} | {_f(s['cpu_us_per_req'], '.1f')} | "
                    f"{_f(ratio, '.2f')} |")
     out.append("")
+    for name, v in r.get("ratios", {}).get("h2_cpu_vs", {}).items():
+        if v["vs_gateway_plain"] is not None:
+            out.append(f"- `{name}` CPU/req: {v['vs_gateway_plain']:.2f}× `gateway_plain`'s, "
+                       f"{_f(v['vs_same_proxy_http1'], '.2f')}× the same proxy's over HTTP/1.1")
     h, c, cs = r.get("chain_half_rate"), r.get("crossing", {}), r.get("cold_start")
     if h:
         out.append(f"- `gateway_chain` at half its peak ({h['target_rps']:,.0f} req/s, open loop): "

@@ -24,14 +24,18 @@ from bench.nginx import start_nginx
 from bench.procs import (Proc, free_port, http_get, install_signal_handlers, loadavg,
                          own_cpu_seconds, stop_all, system_busy_seconds, tree_cpu_seconds,
                          tree_pids, wait_ready)
+from bench.h2load import run_h2load
 from bench.tools import ROOT, ensure_tools, machine_info
 from bench.wrk import WrkResult, run_wrk
 
 SCENARIOS = ["baseline_aiohttp", "gateway_plain", "gateway_chain", "gateway_chain_redis",
              "gateway_chain_2w", "nginx_proxy", "gateway_tls", "nginx_tls", "gateway_tls_handshake",
-             "nginx_tls_handshake"]
+             "nginx_tls_handshake", "gateway_h2", "nginx_h2", "gateway_h2c", "nginx_h2c"]
 # wrk sends "Connection: close" in these: every request is a new connection and a full handshake.
 HANDSHAKE_SCENARIOS = {"gateway_tls_handshake": "gateway", "nginx_tls_handshake": "nginx"}
+# HTTP/2 scenarios: h2load with this many streams in flight per connection (connections =
+# --connections ÷ this, so as many requests are in flight as in the wrk scenarios).
+H2_STREAMS = 16
 EXTRAS = ["chain_half_rate", "chain_redis_half_rate", "crossing", "cold_start", "rebuild_stall"]
 ALL = SCENARIOS + EXTRAS
 
@@ -103,6 +107,11 @@ class Bench:
                        connections=self.args.connections, headers=headers,
                        cpus=self.load_cpus, workdir=self.tmp)
 
+    def h2load(self, url: str, duration: float, headers: dict | None) -> WrkResult:
+        return run_h2load(self.tools["h2load"], url, duration_s=duration,
+                          connections=max(1, self.args.connections // H2_STREAMS), streams=H2_STREAMS,
+                          headers=headers, cpus=self.load_cpus, workdir=self.tmp)
+
     def foreign_mark(self) -> tuple[float, float, float]:
         up = tree_cpu_seconds(self.upstream.pid) if self.upstream else 0.0
         return system_busy_seconds(), own_cpu_seconds(), up
@@ -153,15 +162,19 @@ class Bench:
         return self.tls_files
 
     def measure(self, name: str, proc: Proc, url: str, headers: dict | None = None,
-                cpus: str | None = None) -> WrkResult:
-        """Check one request, warm up under wrk (must be all 2xx), then the measured run with
-        CPU time of the proxy's process tree read before and after."""
+                cpus: str | None = None, loader=None, check_url: str | None = None) -> WrkResult:
+        """Check one request (HTTP/1.1, on ``check_url`` if given), warm up under the load
+        generator (wrk, or ``loader``: must be all 2xx), then the measured run with CPU time of the
+        proxy's process tree read before and after."""
+        loader = loader or self.wrk
         if name in HANDSHAKE_SCENARIOS:
             headers = {**(headers or {}), "Connection": "close"}
-        status, _, body = http_get(url, headers, cafile=self.tls_files[0] if url.startswith("https") else None)
+        check_url = check_url or url
+        status, _, body = http_get(check_url, headers,
+                                   cafile=self.tls_files[0] if check_url.startswith("https") else None)
         if status != 200:
             raise Failed(f"{name}: first request answered {status}: {body[:200]!r}")
-        warm = self.wrk(url, self.args.warmup, headers)
+        warm = loader(url, self.args.warmup, headers)
         if not warm.ok():
             raise Failed(f"{name}: warm-up had {warm.non_2xx} non-2xx responses and "
                          f"{warm.socket_errors} socket errors out of {warm.requests}")
@@ -169,7 +182,7 @@ class Bench:
             raise Failed(f"{name}: proxy exited during warm-up:\n{proc.log_tail()}")
         load = loadavg()
         cpu0, mark0 = tree_cpu_seconds(proc.pid), self.foreign_mark()
-        res = self.wrk(url, self.args.duration, headers)
+        res = loader(url, self.args.duration, headers)
         cpu1, mark1 = tree_cpu_seconds(proc.pid), self.foreign_mark()
         foreign = self.foreign_share(mark0, mark1, cpu1 - cpu0, res.duration_s)
         cpu_us = (cpu1 - cpu0) / res.requests * 1e6 if res.requests else float("nan")
@@ -184,6 +197,8 @@ class Bench:
             "proxy_processes": len(tree_pids(proc.pid)),
             "proxy_cpus": cpus or "any", "wrk_cpus": self.load_cpus or "any",
             "connections": self.args.connections,
+            "load_generator": "wrk" if loader == self.wrk else
+            f"h2load -c{max(1, self.args.connections // H2_STREAMS)} -m{H2_STREAMS} (h2c prior knowledge)",
             "warmup": {"requests": warm.requests, "rps": round(warm.rps, 1)},
             "loadavg_before": load,
             "foreign_cpu_share": foreign,
@@ -424,6 +439,40 @@ class Bench:
     def sc_nginx_tls_handshake(self) -> None:
         self.sc_nginx_tls("nginx_tls_handshake")
 
+    def sc_gateway_h2(self, name: str = "gateway_h2", tls: bool = True) -> None:
+        """gateway_plain's config over HTTP/2, several streams per connection: with TLS (ALPN h2,
+        gateway_tls's certificate), or h2c with prior knowledge."""
+        self.gateway_available()
+        cfg = gcfg.gateway_config(port=free_port(), admin_port=free_port(), upstream_port=self.upstream_port,
+                                  tls=self.certificate() if tls else None)
+        proc, port, _ = self.start_gateway(name, cfg, None, self.proxy_cpus)
+        try:
+            self.measure(name, proc, f"{'https' if tls else 'http'}://127.0.0.1:{port}/bench", None,
+                         self.proxy_cpus, loader=self.h2load)
+        except Failed as e:
+            raise Failed(f"{e}\n--- {name} log tail ({proc.log_path}):\n{proc.log_tail()}")
+        finally:
+            proc.stop()
+
+    def sc_gateway_h2c(self) -> None:
+        self.sc_gateway_h2("gateway_h2c", tls=False)
+
+    def sc_nginx_h2(self, name: str = "nginx_h2", tls: bool = True) -> None:
+        from gateway.tls import DEFAULT_CIPHERS
+        port = free_port()
+        proc = start_nginx(self.tools["nginx"], self.tmp / name, name, port, upstream_port=self.upstream_port,
+                           cpus=self.proxy_cpus, http2=True,
+                           tls=(*self.certificate(), DEFAULT_CIPHERS) if tls else None)
+        try:
+            url = f"https://127.0.0.1:{port}/bench" if tls else f"http://127.0.0.1:{proc.h2c_port}/bench"
+            self.measure(name, proc, url, None, self.proxy_cpus, loader=self.h2load,
+                         check_url=f"{'https' if tls else 'http'}://127.0.0.1:{port}/bench")
+        finally:
+            proc.stop()
+
+    def sc_nginx_h2c(self) -> None:
+        self.sc_nginx_h2("nginx_h2c", tls=False)
+
     def sc_chain_half_rate(self) -> None:
         pass  # runs inside gateway_chain, against the same process, right after its peak run
 
@@ -623,7 +672,11 @@ class Bench:
             targets[key] = {"value": v, "target": f"{op} {bar}", "met": met, "what": desc}
         vs_plain = {"gateway_tls": _cpu_ratio(sc, "gateway_tls", "gateway_plain"),
                     "nginx_tls": _cpu_ratio(sc, "nginx_tls", "nginx_proxy")}
-        return {"vs_baseline": vs, "tls_cpu_vs_plain": vs_plain, "targets": targets}
+        h2 = {name: {"vs_gateway_plain": _cpu_ratio(sc, name, "gateway_plain"),
+                     "vs_same_proxy_http1": _cpu_ratio(sc, name, peer)}
+              for name, peer in (("gateway_h2", "gateway_tls"), ("nginx_h2", "nginx_tls"),
+                                 ("gateway_h2c", "gateway_plain"), ("nginx_h2c", "nginx_proxy"))}
+        return {"vs_baseline": vs, "tls_cpu_vs_plain": vs_plain, "h2_cpu_vs": h2, "targets": targets}
 
     def handshakes(self) -> dict:
         """Full TLS handshakes per second one core can do: new connection + handshake + one
@@ -689,6 +742,10 @@ class Bench:
             log("{:<18} {:>10,.0f} {:>9.2f} {:>9.2f} {:>12.1f} {:>9}  ok".format(
                 name, s["rps"], s["p50_ms"], s["p99_ms"], s["cpu_us_per_req"],
                 f"{ratio:.2f}" if ratio is not None else "-"))
+        for name, v in r["ratios"].get("h2_cpu_vs", {}).items():
+            if v["vs_gateway_plain"] is not None:
+                log(f"{name} CPU/req: {v['vs_gateway_plain']:.2f}× gateway_plain's, "
+                    f"{v['vs_same_proxy_http1'] or float('nan'):.2f}× the same proxy's over HTTP/1.1")
         for key, label in (("chain_half_rate", "gateway_chain"), ("chain_redis_half_rate", "gateway_chain_redis")):
             h = r[key]
             if h:

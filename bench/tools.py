@@ -1,4 +1,4 @@
-"""External tools the benchmark needs (nginx, wrk, taskset) and the machine description."""
+"""External tools the benchmark needs (nginx, wrk, h2load, taskset) and the machine description."""
 from __future__ import annotations
 
 import datetime as _dt
@@ -11,7 +11,7 @@ from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-APT_PACKAGES = {"nginx": "nginx-light", "wrk": "wrk"}
+APT_PACKAGES = {"nginx": "nginx-light", "wrk": "wrk", "h2load": "nghttp2-client"}
 
 
 def find_nginx() -> str | None:
@@ -23,10 +23,13 @@ def find_wrk() -> str | None:
     return shutil.which("wrk")
 
 
+def _find(tool: str) -> str | None:
+    return find_nginx() if tool == "nginx" else shutil.which(tool)
+
+
 def ensure_tools(log=print) -> dict[str, str]:
-    """Install nginx-light and wrk from Debian if missing; return their paths."""
-    missing = [pkg for tool, pkg in APT_PACKAGES.items()
-               if (find_nginx() if tool == "nginx" else find_wrk()) is None]
+    """Install nginx-light, wrk and h2load (nghttp2-client) from Debian if missing; return their paths."""
+    missing = [pkg for tool, pkg in APT_PACKAGES.items() if _find(tool) is None]
     if missing:
         prefix = [] if os.geteuid() == 0 else (["sudo", "-n"] if shutil.which("sudo") else None)
         if prefix is None:
@@ -37,10 +40,10 @@ def ensure_tools(log=print) -> dict[str, str]:
         subprocess.run(prefix + ["apt-get", "update", "-qq"], check=True, env=env)
         subprocess.run(prefix + ["apt-get", "install", "-y", "-qq", *missing], check=True,
                        env=env, stdout=subprocess.DEVNULL)
-    nginx, wrk = find_nginx(), find_wrk()
-    if not nginx or not wrk:
-        raise RuntimeError(f"nginx={nginx} wrk={wrk} still missing after apt-get install")
-    return {"nginx": nginx, "wrk": wrk, "taskset": shutil.which("taskset") or ""}
+    paths = {tool: _find(tool) for tool in APT_PACKAGES}
+    if not all(paths.values()):
+        raise RuntimeError(f"{paths} still missing after apt-get install")
+    return {**paths, "taskset": shutil.which("taskset") or ""}
 
 
 def _cmd_version(argv: list[str]) -> str | None:
@@ -84,6 +87,7 @@ def machine_info(tools: dict[str, str]) -> dict:
         "uvloop": _pkg_version("uvloop"),
         "nginx": _cmd_version([tools["nginx"], "-v"]),
         "wrk": _cmd_version([tools["wrk"], "-v"]),
+        "h2load": _cmd_version([tools["h2load"], "--version"]),
         "git_commit": commit,
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }

@@ -15,29 +15,34 @@ one Watchdog per connection whose deadline follows what the connection waits for
 A client that goes away (FIN or reset, as nginx and Envoy read a half-close) while its request is
 being served cancels the request task: the proxy then aborts the upstream exchange or never
 starts it, and the filters still get their teardown callbacks.
+
+On a listener with ``http2`` on, a connection whose first bytes are the HTTP/2 client preface
+(h2c prior knowledge) is handed to client_h2.py instead. A WebSocket (or other) upgrade request
+whose upstream answers 101 ends the connection's HTTP life: the rest is spliced (tunnel.py).
 """
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
 from typing import AsyncIterator, Callable
 
 from abi.api import LocalReplyInterrupt, TlsFacts
 
+from .client_h2 import H2Connection
 from .config import Limits
 from .http1 import (FRAMING, BodyTooLarge, HttpError, PeerClosed, body_length, parse_request_head, read_chunked,
                     trailer_block)
-from .proxy import ClientRequest, Exchange, GatewayState, Proxy, final_status, reason
+from .proxy import ClientRequest, Exchange, GatewayState, final_status, init_connection, log_exchange, reason
 from .request_head import check_authority
+from .tunnel import splice
 from .upstream import UpstreamReset
 from .watchdog import Watchdog
 
 log = logging.getLogger("wasmgate.proxy")
 
-_CONN_IDS = itertools.count(1)
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"     # RFC 9113 §3.4: the HTTP/2 client preface
 _HIGH_WATER = 65536
 _READ = 65536
 IDLE, HEAD, BODY, BUSY, SEND = range(5)
@@ -70,23 +75,11 @@ class Connection:
     """One HTTP/1.1 client connection (the proxy's Downstream)."""
     __slots__ = ("gw", "proxy", "reader", "writer", "transport", "id", "peer", "peer_text", "local", "scheme",
                  "tls", "task", "linger", "last_active", "pending", "phase", "watchdog", "busy", "gone", "version",
-                 "limits")
+                 "limits", "h2c")
 
     def __init__(self, gw: GatewayState, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 tls: TlsFacts | None = None):
-        self.gw = gw
-        self.proxy: Proxy = gw.proxy
-        self.reader = reader
-        self.writer = writer
-        self.transport = writer.transport
-        self.id = next(_CONN_IDS)
-        peer = writer.get_extra_info("peername") or ("", 0)
-        self.peer = (peer[0], peer[1])
-        self.peer_text = f"{peer[0]}:{peer[1]}"
-        local = writer.get_extra_info("sockname") or ("", 0)
-        self.local = (local[0], local[1])
-        self.tls = tls              # a TLS listener's connection facts; None on a plain one
-        self.scheme = "http" if tls is None else "https"
+                 tls: TlsFacts | None = None, h2c: bool = False):
+        init_connection(self, gw, reader, writer, tls)
         self.task: asyncio.Task | None = None
         self.linger = False         # closing after an error reply with request bytes maybe unread
         self.last_active = time.monotonic()
@@ -96,6 +89,7 @@ class Connection:
         self.gone = False
         self.version = "HTTP/1.1"
         self.limits: Limits = gw.generation.config.limits
+        self.h2c = h2c              # the listener also takes HTTP/2 with prior knowledge
         lim = self.limits
         period = min(lim.request_header_timeout_s, lim.request_body_idle_timeout_s, lim.response_send_timeout_s)
         self.watchdog = Watchdog(asyncio.get_running_loop(), period, self._expired)
@@ -138,6 +132,15 @@ class Connection:
 
     # -- the connection -----------------------------------------------------------------------
 
+    def close_idle(self) -> None:
+        """Close the connection between requests (keep-alive timeout)."""
+        self.transport.close()
+
+    def drain(self) -> None:
+        """The gateway stops: an idle connection closes now, a busy one after its request."""
+        if self.idle:
+            self.transport.close()
+
     async def run(self) -> None:
         gw = self.gw
         self.task = asyncio.current_task()
@@ -147,8 +150,10 @@ class Connection:
         gw.connections.add(self)
         gw.metrics.active_connections += 1
         self._enter(HEAD, self.limits.request_header_timeout_s)
+        h2 = False
         try:
-            while not gw.draining:
+            h2 = self.h2c and await self._sniff_preface()
+            while not h2 and not gw.draining:
                 head = await self._next_head()
                 if head is None:
                     break
@@ -167,10 +172,27 @@ class Connection:
                 await _lingering_close(self, 0.2 if gw.draining else 1.0)
             gw.connections.discard(self)
             gw.metrics.active_connections -= 1
-            if not self.transport.is_closing():
+            if not h2 and not self.transport.is_closing():
                 if self.transport.get_write_buffer_size():
                     await self._flush()
                 self.transport.close()
+        if h2:
+            # h2c prior knowledge: the HTTP/2 front-end takes the connection (and counts it).
+            await H2Connection(gw, self.reader, self.writer, preread=self.pending).run()
+
+    async def _sniff_preface(self) -> bool:
+        """Whether the first bytes are the HTTP/2 preface; what was read stays in ``pending``."""
+        buf = b""
+        try:
+            while len(buf) < len(PREFACE) and PREFACE.startswith(buf):
+                data = await self.reader.read(_READ)
+                if not data:
+                    break
+                buf += data
+        except (_HeadTimeout, ConnectionError):
+            pass                    # _next_head meets the same condition and handles it
+        self.pending = buf
+        return buf.startswith(PREFACE)
 
     async def _next_head(self) -> bytes | None:
         """The next request head (ends with an empty line), or None: the client left or timed out."""
@@ -265,7 +287,11 @@ class Connection:
                                           "client_timeout" if e.status == 408 else "bad_request")
         finally:
             gen.active -= 1
-            self._log(ex)
+            if ex.tunnel is None:
+                self._log(ex)
+        if ex.tunnel is not None:
+            await self._switch(ex)
+            return False
         if keep:
             self._go_idle()
         return keep
@@ -277,6 +303,7 @@ class Connection:
         authority: str | None = None
         rid: str | None = None
         expect = ""
+        upgrade: str | None = None
         conn_tokens: set[str] | None = None
         for name, value in headers:
             if name == "host":
@@ -290,6 +317,8 @@ class Connection:
             elif name == "connection":
                 tokens = {t.strip().lower() for t in value.split(",")}
                 conn_tokens = tokens if conn_tokens is None else conn_tokens | tokens
+            elif name == "upgrade":
+                upgrade = value if upgrade is None else f"{upgrade}, {value}"
         keepalive = version == "HTTP/1.1"
         if conn_tokens:
             if "close" in conn_tokens:
@@ -316,11 +345,46 @@ class Connection:
             return self.proxy.reply_error(self, ex, 417, f"unsupported Expect: {expect}", "bad_request")
         if target == "*":
             return self.proxy.reply_error(self, ex, 404, "no route for OPTIONS *", "no_route", close=length != -1)
+        upgrade = _upgrade_to(upgrade, conn_tokens, version)
+        if upgrade is not None:
+            if length is None or length > 0:
+                # The new protocol's bytes would follow a body we forward first: never worth the
+                # framing risk (WebSocket handshakes have no body).
+                return self.proxy.reply_error(self, ex, 400, "an upgrade request with a body", "bad_request")
+            ex.keepalive = False    # after a refused upgrade too: the client may have moved on
         body = None
         if length is None or length > 0:
             body = RequestBody(self, length, limits.max_request_body_bytes, expect == "100-continue")
         return ClientRequest(method, target, authority, headers, conn_tokens, rid, body, length, version,
-                             self.scheme)
+                             self.scheme, upgrade)
+
+    async def _switch(self, ex: Exchange) -> None:
+        """Send the upstream's 101 and splice the two connections until either ends."""
+        tunnel = ex.tunnel
+        assert tunnel is not None
+        gw = self.gw
+        up = tunnel.upstream
+        if self.gone or self.transport.is_closing():
+            up.close(abort=True)
+            self.proxy.client_gone(ex, "client closed the connection")
+            self._log(ex)
+            return
+        head = ["HTTP/1.1 101 Switching Protocols\r\n"] + [f"{n}: {v}\r\n" for n, v in tunnel.headers]
+        self.writer.write(("".join(head) + "\r\n").encode("latin-1", "replace"))
+        pending, self.pending = self.pending, b""
+        gw.metrics.active_upgraded += 1
+        done = None
+        try:
+            done = await splice((self.reader, self.writer), pending, (up.reader, up.writer),
+                                tunnel.idle_timeout_s, self.limits.response_send_timeout_s)
+        finally:
+            gw.metrics.active_upgraded -= 1
+            up.close(abort=done is None or not done.graceful)
+        ex.bytes_in, ex.bytes_out = done.client_to_upstream, done.upstream_to_client
+        if not done.graceful:
+            gw.metrics.error("upgrade_" + done.reason)
+            ex.error = f"upgraded connection closed: {done.reason.replace('_', ' ')}"
+        self._log(ex)
 
     # -- reading the body ---------------------------------------------------------------------
 
@@ -481,15 +545,7 @@ class Connection:
     # -- bookkeeping --------------------------------------------------------------------------
 
     def _log(self, ex: Exchange) -> None:
-        gw = self.gw
-        bytes_in = ex.body.received if ex.body else 0
-        gw.metrics.request_done(ex.route or "-", ex.status, bytes_in, ex.bytes_out)
-        access_log = gw.access_log
-        if access_log.enabled:
-            access_log.write(request_id=ex.rid, client=self.peer_text, method=ex.method, path=ex.target,
-                             status=ex.status, bytes_in=bytes_in, bytes_out=ex.bytes_out, route=ex.route,
-                             upstream=ex.upstream, duration_ms=(time.perf_counter() - ex.t0) * 1000,
-                             error=ex.error)
+        log_exchange(self.gw, ex, self.peer_text)
 
 
 class RequestBody:
@@ -543,6 +599,20 @@ class RequestBody:
             # Keep client-side failures distinct from upstream ones for the caller.
             raise PeerClosed(f"client connection lost: {e}") from None
         self.done = True
+
+
+def _upgrade_to(value: str | None, conn_tokens: set[str] | None, version: str) -> str | None:
+    """The protocol an HTTP/1.1 request asks to switch to (RFC 9110 §7.8), or None.
+
+    ``h2c`` is never passed on (RFC 9113 deprecates it, and a backend that took it would serve
+    HTTP/2 requests the gateway never routed or filtered): such a request is served as HTTP/1.1,
+    its Upgrade dropped like any hop-by-hop field."""
+    if value is None or version != "HTTP/1.1" or not conn_tokens or "upgrade" not in conn_tokens:
+        return None
+    protocols = [p.strip() for p in value.split(",") if p.strip()]
+    if not protocols or any(p.lower().startswith("h2c") for p in protocols):
+        return None
+    return ", ".join(protocols)
 
 
 def _head_end(buf: bytes) -> int:

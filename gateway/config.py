@@ -66,6 +66,9 @@ class Listener:
     address: str
     port: int
     tls: ListenerTls | None = None
+    # HTTP/2 beside HTTP/1.1: h2c prior knowledge on a plain listener (Envoy's codec AUTO), the
+    # "h2" ALPN protocol on a TLS one.
+    http2: bool = True
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,12 @@ class Limits:
     spool_max_bytes: int = 1073741824
     spool_dir: str | None = None                # None: the system's temporary directory
     max_buffered_body_bytes: int = FilterLimits.max_buffered_body_bytes   # per filter, overridable
+    # HTTP/2 (gateway/client_h2.py): SETTINGS_MAX_CONCURRENT_STREAMS, and each stream's receive
+    # window (how much of a request body a client may send ahead of the proxy reading it).
+    http2_max_concurrent_streams: int = 100
+    http2_stream_window_bytes: int = 65535
+    # A WebSocket (or other upgraded) connection with no byte either way this long is closed.
+    upgrade_idle_timeout_s: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -158,6 +167,7 @@ class Route:
     cluster: str
     rewrite: Rewrite | None = None
     filters: tuple[str, ...] = ()
+    upgrades: bool = True             # WebSocket and other HTTP/1.1 upgrades; False → 403 (Envoy)
 
 
 @dataclass(frozen=True)
@@ -357,7 +367,7 @@ def _address(ck: _Checker, node: yaml.Node, path: str) -> str | None:
 
 def _listener(ck: _Checker, node: yaml.Node, path: str, base: Path) -> Listener | None:
     n0 = len(ck.errors)
-    f = ck.mapping(node, path, {"name", "address", "port", "tls"}, {"name", "port"})
+    f = ck.mapping(node, path, {"name", "address", "port", "tls", "http2"}, {"name", "port"})
     if f is None:
         return None
     name = _get(f, "name", path, ck.string)
@@ -367,9 +377,10 @@ def _listener(ck: _Checker, node: yaml.Node, path: str, base: Path) -> Listener 
     address = _get(f, "address", path, lambda n, p: _address(ck, n, p), "127.0.0.1")
     port = _get(f, "port", path, lambda n, p: ck.integer(n, p, 0, 65535))
     tls = _listener_tls(ck, f["tls"], f"{path}.tls", base) if "tls" in f and not _is_null(f["tls"]) else None
+    http2 = _get(f, "http2", path, ck.boolean, True)
     if len(ck.errors) > n0:
         return None
-    return Listener(name, address, port, tls)
+    return Listener(name, address, port, tls, http2)
 
 
 # A host name, lower-case (underscores allowed: internal names have them); "*." only for SNI choice.
@@ -607,6 +618,10 @@ def _limits(ck: _Checker, node: yaml.Node, path: str, base_dir: Path) -> Limits:
         "max_idle_connections": size(0), "request_buffer_bytes": size(0),
         "response_buffer_bytes": size(0), "spool_max_bytes": size(0),
         "spool_dir": ck.string, "max_buffered_body_bytes": lambda n, p: _u32(ck, n, p),
+        # RFC 9113 §6.5.2: 2^31-1 is the largest window; a stream limit under 1 would refuse all.
+        "http2_max_concurrent_streams": lambda n, p: ck.integer(n, p, 1, 2**31 - 1),
+        "http2_stream_window_bytes": lambda n, p: ck.integer(n, p, 65535, 2**31 - 1),
+        "upgrade_idle_timeout_s": secs,
     }
     values = {k: _get(f, k, path, read, getattr(d, k)) for k, read in readers.items()}
     if values["spool_dir"] is not None:
@@ -760,7 +775,8 @@ def _secret_file(ck: _Checker, node: yaml.Node, path: str, base: Path) -> str | 
 def _route(ck: _Checker, node: yaml.Node, path: str, clusters: set[str], filters: set[str] | None,
            paths: PathPolicy = PathPolicy(), redis: set[str] = frozenset()
            ) -> tuple[str | None, Route | None]:
-    f = ck.mapping(node, path, {"name", "match", "cluster", "rewrite", "filters"}, {"name", "cluster"})
+    f = ck.mapping(node, path, {"name", "match", "cluster", "rewrite", "filters", "upgrades"},
+                   {"name", "cluster"})
     if f is None:
         return None, None
     ok = True
@@ -797,9 +813,10 @@ def _route(ck: _Checker, node: yaml.Node, path: str, clusters: set[str], filters
                 ok = False
             else:
                 names.append(fname)
+    upgrades = _get(f, "upgrades", path, ck.boolean, True)
     if not (ok and name and cluster):
         return name, None
-    return name, Route(name, match, cluster, rewrite, tuple(names))
+    return name, Route(name, match, cluster, rewrite, tuple(names), upgrades)
 
 
 def _match(ck: _Checker, node: yaml.Node, path: str, paths: PathPolicy) -> RouteMatch | None:

@@ -36,6 +36,7 @@ class Counts:
         self.requests: defaultdict[tuple[str, int], int] = defaultdict(int)   # (route, status)
         self.errors: defaultdict[str, int] = defaultdict(int)                 # kind
         self.upstream_latency: dict[str, Histogram] = {}                      # cluster
+        self.upgraded: defaultdict[str, int] = defaultdict(int)               # route
         self.bytes_in = 0
         self.bytes_out = 0
 
@@ -57,6 +58,8 @@ class Counts:
             elif kind == "b":
                 c.bytes_in += values[0]
                 c.bytes_out += values[1]
+            elif kind == "u":
+                c.upgraded[key[1]] += values[0]
         return c
 
     def add(self, other: "Counts") -> None:
@@ -64,6 +67,8 @@ class Counts:
             self.requests[k] += n
         for k, n in other.errors.items():
             self.errors[k] += n
+        for k, n in other.upgraded.items():
+            self.upgraded[k] += n
         for cluster, h in other.upstream_latency.items():
             mine = self.upstream_latency.setdefault(cluster, Histogram())
             mine.counts = [a + b for a, b in zip(mine.counts, h.counts)]
@@ -99,6 +104,10 @@ class Counts:
         _family(out, "wasmgate_body_bytes_total", "counter", "Body bytes received from and sent to clients.")
         out.append(f'wasmgate_body_bytes_total{{direction="in"}} {self.bytes_in}')
         out.append(f'wasmgate_body_bytes_total{{direction="out"}} {self.bytes_out}')
+        _family(out, "wasmgate_upgraded_connections_total", "counter",
+                "Connections switched to another protocol (WebSocket...) after a 101, by route.")
+        for route, n in sorted(self.upgraded.items()):
+            out.append(f'wasmgate_upgraded_connections_total{{route="{_esc(route)}"}} {n}')
         render_samples(out, list(extra))
         return "\n".join(out) + "\n"
 
@@ -111,12 +120,14 @@ class Metrics:
         self._index()
         self.active_connections = 0
         self.active_requests = 0
+        self.active_upgraded = 0            # spliced (upgraded) connections open now
 
     def _index(self) -> None:
         # Slot of each key seen, one dict per kind: the hot path's lookup stays one dict.get.
         self._requests: dict[tuple[str, int], int] = {}
         self._errors: dict[str, int] = {}
         self._latency: dict[str, int] = {}
+        self._upgraded: dict[str, int] = {}
         self._bytes = self.page.slot(("b",), 2)
 
     def request_done(self, route: str, status: int, bytes_in: int, bytes_out: int) -> None:
@@ -132,6 +143,12 @@ class Metrics:
         i = self._errors.get(kind)
         if i is None:
             i = self._errors[kind] = self.page.slot(("e", kind))
+        self.page.values[i] += 1
+
+    def upgraded(self, route: str) -> None:
+        i = self._upgraded.get(route)
+        if i is None:
+            i = self._upgraded[route] = self.page.slot(("u", route))
         self.page.values[i] += 1
 
     def upstream(self, cluster: str, seconds: float) -> None:
@@ -167,7 +184,13 @@ class Metrics:
         return self.counts().errors
 
     def render(self, extra: Iterable[MetricSample] = ()) -> str:
-        return self.counts().render(self.active_connections, self.active_requests, extra)
+        return self.counts().render(self.active_connections, self.active_requests,
+                                    [upgraded_gauge(self)] + list(extra))
+
+
+def upgraded_gauge(m: Metrics) -> MetricSample:
+    return MetricSample("wasmgate_upgraded_connections_active", "gauge", float(m.active_upgraded), {},
+                        "Upgraded (spliced) connections open now.")
 
 
 def render_samples(out: list[str], samples: list[MetricSample]) -> None:

@@ -16,6 +16,7 @@ says 499 as nginx does.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import time
@@ -33,11 +34,30 @@ from .paths import RedirectTo, normalize_path, routing_path
 from .request_head import upstream_headers, valid_request_id
 from .routing import Router, rewrite_target
 from .spool import Spool
-from .upstream import UpstreamError, UpstreamReset, UpstreamResponse, Upstreams
+from .upstream import UpstreamError, UpstreamReset, UpstreamResponse, Upstreams, UpstreamTunnel
 
 log = logging.getLogger("wasmgate.proxy")
 
 Headers = list[tuple[str, str]]
+
+CONN_IDS = itertools.count(1)       # downstream connection ids, whatever the protocol
+
+
+def init_connection(conn, gw: "GatewayState", reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    tls: TlsFacts | None) -> None:
+    """What every front-end's client connection holds: the gateway, its streams, an id, the peer
+    (also as "ip:port" for logs), our local address, the TLS facts and the scheme they make."""
+    conn.gw = gw
+    conn.proxy = gw.proxy
+    conn.reader = reader
+    conn.writer = writer
+    conn.transport = writer.transport
+    conn.id = next(CONN_IDS)
+    peer = writer.get_extra_info("peername") or ("", 0)
+    local = writer.get_extra_info("sockname") or ("", 0)
+    conn.peer, conn.peer_text, conn.local = (peer[0], peer[1]), f"{peer[0]}:{peer[1]}", (local[0], local[1])
+    conn.tls = tls                  # a TLS listener's connection facts; None on a plain one
+    conn.scheme = "http" if tls is None else "https"
 
 
 @dataclass
@@ -73,11 +93,11 @@ class RequestBodyLike(Protocol):
 class ClientRequest:
     """A request as a downstream front-end hands it over (names lower-case, no pseudo-headers)."""
     __slots__ = ("method", "target", "authority", "headers", "conn_tokens", "request_id", "body", "length",
-                 "version", "scheme")
+                 "version", "scheme", "upgrade")
 
     def __init__(self, method: str, target: str, authority: str, headers: Headers, conn_tokens: set[str] | None,
                  request_id: str | None, body: RequestBodyLike | None, length: int | None, version: str,
-                 scheme: str):
+                 scheme: str, upgrade: str | None = None):
         self.method = method
         self.target = target            # origin-form, as the client sent it
         self.authority = authority      # validated host[:port]
@@ -88,6 +108,7 @@ class ClientRequest:
         self.length = length            # Content-Length, None = unknown (chunked), -1 = no body
         self.version = version          # "HTTP/1.1", "HTTP/1.0", "HTTP/2"
         self.scheme = scheme            # "http" | "https"
+        self.upgrade = upgrade          # the Upgrade header of an HTTP/1.1 upgrade request (WebSocket)
 
 
 class Downstream(Protocol):
@@ -112,7 +133,7 @@ class Downstream(Protocol):
 class Exchange:
     """Per-request facts collected for the access log, metrics and LogInfo."""
     __slots__ = ("t0", "method", "target", "route", "status", "bytes_out", "upstream", "error", "rid", "body",
-                 "keepalive")
+                 "keepalive", "upgrade", "tunnel", "bytes_in")
 
     def __init__(self, method: str, target: str):
         self.t0 = time.perf_counter()
@@ -126,6 +147,19 @@ class Exchange:
         self.rid = ""
         self.body: RequestBodyLike | None = None
         self.keepalive = False
+        self.upgrade: str | None = None     # the protocol an upgrade request asks for
+        self.tunnel: Tunnel | None = None   # set when the upstream switched protocols (101)
+        self.bytes_in = 0                   # client bytes without a request body (a tunnel's)
+
+
+class Tunnel:
+    """A 101 the front-end still has to send, and the upstream connection to splice it with."""
+    __slots__ = ("upstream", "headers", "idle_timeout_s")
+
+    def __init__(self, upstream: UpstreamTunnel, headers: Headers, idle_timeout_s: float):
+        self.upstream = upstream
+        self.headers = headers          # the 101's headers after the filters, incl. upgrade + connection
+        self.idle_timeout_s = idle_timeout_s
 
 
 class Proxy:
@@ -157,6 +191,15 @@ class Proxy:
         ex.body = req.body
         headers = upstream_headers(req.headers, req.conn_tokens, conn.peer[0], req.authority, rid, req.scheme,
                                    config.internal_headers)
+        if req.upgrade is not None:
+            if not route.upgrades:
+                # As Envoy (403, "upgrade_failed"), and the connection closes: a client may already
+                # be sending the new protocol, which must never be read as a next request.
+                return self.reply_error(conn, ex, 403, f'route "{route.name}" does not allow upgrades',
+                                        "upgrade_refused", close=True)
+            # Filters and upstream see the upgrade (end-to-end for this one hop, as in Envoy).
+            ex.upgrade = req.upgrade
+            headers += [("connection", "upgrade"), ("upgrade", req.upgrade)]
         # Body framing upstream: Content-Length kept (incl. 0), chunked stays chunked, none stays none.
         up_length = None if req.length == -1 else req.length
         self.metrics.active_requests += 1
@@ -250,7 +293,7 @@ class Proxy:
         pool = gen.upstreams.pools[route.cluster]
         t_up = time.perf_counter()
         try:
-            resp = await pool.exchange(method, target, authority, headers, body, up_len)
+            resp = await pool.exchange(method, target, authority, headers, body, up_len, ex.upgrade is not None)
         except UpstreamError as e:
             ex.upstream = e.endpoint
             log.warning('route "%s": %s', route.name, e.message)
@@ -264,10 +307,39 @@ class Proxy:
                                     close=unread)
         self.metrics.upstream(route.cluster, time.perf_counter() - t_up)
         ex.upstream = resp.endpoint
+        if isinstance(resp, UpstreamTunnel):
+            try:
+                return await self._switch(conn, gen, ex, route, resp, stream)
+            except BaseException:
+                resp.close(abort=True)
+                raise
         try:
             return await self._respond(conn, gen, ex, method, resp, stream)
         finally:
             resp.finish()
+
+    async def _switch(self, conn: Downstream, gen: Generation, ex: Exchange, route: Route, up: UpstreamTunnel,
+                      stream) -> bool:
+        """The upstream answered 101: its head through the response filters (as Envoy's
+        encodeHeaders sees it), then the front-end sends it and splices (Exchange.tunnel)."""
+        protocol = _header(up.headers, "upgrade") or ex.upgrade or ""
+        headers = strip_hop_by_hop(up.headers)
+        if stream is not None:
+            try:
+                result = await stream.response(101, [(":status", "101")] + headers, None)
+            except LocalReplyInterrupt as e:
+                result = e.reply
+            if isinstance(result, LocalReply):
+                up.close(abort=True)
+                self.send_local_reply(conn, ex, result, close=True)
+                return False
+            # The status stays 101: the upstream has switched, nothing else can be answered now.
+            headers = [(n, v) for n, v in result.headers if n[0] != ":" and n not in ("connection", "upgrade")]
+        ex.status = 101
+        ex.tunnel = Tunnel(up, headers + [("connection", "upgrade"), ("upgrade", protocol)],
+                           gen.config.limits.upgrade_idle_timeout_s)
+        self.metrics.upgraded(route.name)
+        return False
 
     # -- response ------------------------------------------------------------------------------
 
@@ -415,6 +487,18 @@ class Proxy:
             await stream.finish(info)
         except Exception:
             log.exception("filter stream finish failed")
+
+
+def log_exchange(gw: GatewayState, ex: Exchange, client: str) -> None:
+    """Count a finished exchange and write its access log line."""
+    bytes_in = ex.body.received if ex.body else ex.bytes_in
+    gw.metrics.request_done(ex.route or "-", ex.status, bytes_in, ex.bytes_out)
+    access_log = gw.access_log
+    if access_log.enabled:
+        access_log.write(request_id=ex.rid, client=client, method=ex.method, path=ex.target,
+                         status=ex.status, bytes_in=bytes_in, bytes_out=ex.bytes_out, route=ex.route,
+                         upstream=ex.upstream, duration_ms=(time.perf_counter() - ex.t0) * 1000,
+                         error=ex.error)
 
 
 def _after_chain(result: Forward, status: int, length: int | None, body, ex: Exchange):

@@ -11,6 +11,7 @@ from .accesslog import AccessLog
 from .config import Config
 from .metrics import Metrics
 from .client_h1 import ClientProtocol, Connection
+from .client_h2 import H2Connection
 from .proxy import Generation, Proxy
 from .routing import Router
 from .tls import ListenerContext, TlsConnection, TlsError, build_listener_tls
@@ -74,8 +75,8 @@ class Gateway:
         self._stopped = asyncio.Event()
         self._sweeper: asyncio.Task | None = None
         # What a TLS connection is handed to, by the protocol ALPN chose (None: the client
-        # offered no ALPN). An HTTP/2 front-end adds "h2" here and to tls.ALPN_PROTOCOLS.
-        self.alpn_handlers = {None: self._serve_http1, "http/1.1": self._serve_http1}
+        # offered no ALPN). "h2" is offered only on listeners with http2 on.
+        self.alpn_handlers = {None: self._serve_http1, "http/1.1": self._serve_http1, "h2": self.handle_h2}
 
     @classmethod
     async def start(cls, config: Config, *, filter_host_factory: FilterHostFactory | None = None,
@@ -128,7 +129,7 @@ class Gateway:
             cutoff = time.monotonic() - timeout
             for conn in list(self.connections):
                 if conn.idle and conn.last_active < cutoff:
-                    conn.transport.close()
+                    conn.close_idle()
 
     async def _handle_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await Connection(self, reader, writer).run()
@@ -157,6 +158,15 @@ class Gateway:
         self.metrics.error("tls_handshake")
         log.debug('listener "%s": TLS handshake failed: %s', listener, reason)
 
+    async def _handle_h2c_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await Connection(self, reader, writer, h2c=True).run()
+
+    async def handle_h2(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                        tls: TlsConnection | None = None) -> None:
+        """A connection that speaks HTTP/2 from its first byte: a TLS one whose ALPN chose "h2"
+        (gateway/client_h2.py)."""
+        await H2Connection(self, reader, writer, tls=tls).run()
+
     async def _bind(self, reuse_port: bool, ports: dict[str, int]) -> None:
         limit = max(self.config.limits.max_header_bytes + 4, 65536)
         for lst in self.config.listeners:
@@ -168,7 +178,9 @@ class Gateway:
                                  f'{e.strerror or e}') from None
             loop = asyncio.get_running_loop()
             if lst.tls is None:
-                server = await loop.create_server(lambda: ClientProtocol(limit, self._handle_connection),
+                # http2: a connection opening with the HTTP/2 preface goes to client_h2.py.
+                handler = self._handle_h2c_connection if lst.http2 else self._handle_connection
+                server = await loop.create_server(lambda handler=handler: ClientProtocol(limit, handler),
                                                   sock=sock, backlog=1024)
             else:
                 server = await loop.create_server(lambda: ClientProtocol(limit, self._serve_tls), sock=sock,
@@ -200,8 +212,7 @@ class Gateway:
         for server in self._servers:
             server.close()
         for conn in list(self.connections):
-            if conn.idle:
-                conn.transport.close()    # an idle keep-alive connection has nothing to finish
+            conn.drain()    # idle: closed now; HTTP/1.1 closes after its request; HTTP/2 sends GOAWAY
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         # A closed idle TLS connection waits for the client's close_notify, which a pooled client

@@ -25,9 +25,10 @@ from typing import TYPE_CHECKING, Callable
 if TYPE_CHECKING:
     from .config import ListenerTls, UpstreamTls
 
-# What ALPN offers. An HTTP/2 front-end adds "h2" here (first: the server's order wins) and an
-# entry in Gateway's ALPN handlers; until then h2 clients (curl --http2) fall back to HTTP/1.1.
-ALPN_PROTOCOLS = ("http/1.1",)
+# What ALPN offers: "h2" first (the server's order wins) on a listener with http2 on; Gateway's
+# ALPN handlers map each protocol to its front-end.
+ALPN_PROTOCOLS = ("h2", "http/1.1")
+ALPN_HTTP1 = ("http/1.1",)
 
 # TLS 1.2 suites: ECDHE key exchange and AEAD ciphers only (Mozilla's "intermediate" list without
 # the DHE suites, which need DH parameters). TLS 1.3 suites are OpenSSL's defaults, all AEAD.
@@ -276,8 +277,9 @@ class ServerTls:
     """One TLS listener's contexts for one config generation: the default certificate (a client
     without SNI, or with a name no certificate lists) and one context per other certificate."""
 
-    def __init__(self, spec: "ListenerTls"):
-        self.contexts = [self._context(spec, c.cert, c.key) for c in spec.certificates]
+    def __init__(self, spec: "ListenerTls", http2: bool = True):
+        alpn = ALPN_PROTOCOLS if http2 else ALPN_HTTP1
+        self.contexts = [self._context(spec, c.cert, c.key, alpn) for c in spec.certificates]
         self.default = self.contexts[0]
         self._exact: dict[str, ssl.SSLContext] = {}
         self._wildcard: dict[str, ssl.SSLContext] = {}     # "*.example.com" under "example.com"
@@ -290,13 +292,13 @@ class ServerTls:
             ctx.sni_callback = self._select
 
     @staticmethod
-    def _context(spec: "ListenerTls", cert: Path, key: Path) -> _ServerContext:
+    def _context(spec: "ListenerTls", cert: Path, key: Path, alpn: tuple[str, ...]) -> _ServerContext:
         from cryptography import x509
         ctx = _ServerContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = MIN_VERSIONS[spec.min_version]
         ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_CIPHER_SERVER_PREFERENCE
         ctx.set_ciphers(spec.ciphers or DEFAULT_CIPHERS)
-        ctx.set_alpn_protocols(list(ALPN_PROTOCOLS))
+        ctx.set_alpn_protocols(list(alpn))
         try:
             ctx.load_cert_chain(cert, key)
         except (ssl.SSLError, OSError) as e:
@@ -327,7 +329,7 @@ class ServerTls:
 
 def build_listener_tls(listeners) -> dict[str, ServerTls]:
     """ServerTls for every listener with ``tls:`` (raises TlsError naming the file at fault)."""
-    return {lst.name: ServerTls(lst.tls) for lst in listeners if lst.tls is not None}
+    return {lst.name: ServerTls(lst.tls, lst.http2) for lst in listeners if lst.tls is not None}
 
 
 class ListenerContext(ssl.SSLContext):

@@ -192,6 +192,30 @@ class UpstreamResponse:
             self.pool.discard(conn)
 
 
+class UpstreamTunnel:
+    """An upstream connection that answered 101 Switching Protocols: from the byte after that
+    head on it carries another protocol, spliced by gateway/tunnel.py. It still counts against
+    the cluster's ``max_connections`` until ``close()``."""
+    __slots__ = ("pool", "conn", "headers", "endpoint", "reader", "writer")
+
+    def __init__(self, pool: "Pool", conn: UpConn, headers: Headers):
+        self.pool = pool
+        self.conn: UpConn | None = conn
+        self.headers = headers
+        self.endpoint = str(conn.endpoint)
+        self.reader = conn.reader       # may already hold the first bytes the upstream sent after 101
+        self.writer = conn.writer
+
+    def close(self, abort: bool = False) -> None:
+        """Close the connection (``abort``: drop what is still unsent) and free its pool slot."""
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            if abort:
+                self.pool.discard(conn)
+            else:
+                self.pool._close(conn)
+
+
 class Pool:
     """Connections to one cluster's endpoints, at most ``max_connections`` open at once."""
 
@@ -342,16 +366,19 @@ class Pool:
     # -- one exchange -------------------------------------------------------------------------
 
     async def exchange(self, method: str, target: str, authority: str, headers: Headers,
-                       body: AsyncIterator[bytes] | None, length: int | None) -> UpstreamResponse:
+                       body: AsyncIterator[bytes] | None, length: int | None,
+                       upgrade: bool = False) -> UpstreamResponse | UpstreamTunnel:
         """Send a request and read the response head.
 
         ``body`` None means no body (``length`` 0 still writes ``content-length: 0``); otherwise
-        ``length`` is the Content-Length, or None to send it chunked.
+        ``length`` is the Content-Length, or None to send it chunked. ``upgrade``: the request
+        asks to switch protocols (``headers`` carry its ``upgrade``); a 101 answer returns an
+        UpstreamTunnel, anything else an ordinary response.
         """
         for attempt in (0, 1):
             conn = await self.acquire()
             try:
-                return await self._exchange_on(conn, method, target, authority, headers, body, length)
+                return await self._exchange_on(conn, method, target, authority, headers, body, length, upgrade)
             except _Stale:
                 self.discard(conn)
                 # Replaying is only safe when no body bytes were consumed.
@@ -365,8 +392,11 @@ class Pool:
         raise AssertionError("unreachable")
 
     async def _exchange_on(self, conn: UpConn, method: str, target: str, authority: str, headers: Headers,
-                           body: AsyncIterator[bytes] | None, length: int | None) -> UpstreamResponse:
+                           body: AsyncIterator[bytes] | None, length: int | None,
+                           upgrade: bool = False) -> UpstreamResponse | UpstreamTunnel:
         parts = [f"{method} {target} HTTP/1.1\r\nhost: {authority}\r\n"]
+        if upgrade:
+            parts.append("connection: upgrade\r\n")
         parts += [f"{n}: {v}\r\n" for n, v in headers if n[0] != ":" and n not in _SKIP_ON_WRITE]
         if body is not None:
             parts.append("transfer-encoding: chunked\r\n\r\n" if length is None else f"content-length: {length}\r\n\r\n")
@@ -414,6 +444,9 @@ class Pool:
                 break
         finally:
             timer.cancel()
+        if status == 101 and upgrade:
+            conn.watchdog.close()
+            return UpstreamTunnel(self, conn, rheaders)
         if status == 101:
             raise UpstreamError(502, "bad_response", f"{conn.endpoint} switched protocols, which is not supported",
                                 str(conn.endpoint))
@@ -424,7 +457,8 @@ class Pool:
                 n = body_length(rheaders, request=False)
             except HttpError as e:
                 raise UpstreamError(502, "bad_response", f"{conn.endpoint}: {e.message}", str(conn.endpoint)) from None
-        keepalive = version == "HTTP/1.1" and n != -1
+        # A refused upgrade: the upstream may still expect the other protocol on this connection.
+        keepalive = version == "HTTP/1.1" and n != -1 and not upgrade
         if keepalive:
             for name, value in rheaders:
                 if name == "connection" and "close" in connection_tokens([(name, value)]):

@@ -251,6 +251,18 @@ async def raw_upstream(handler) -> AsyncIterator[Upstream]:
             server.close_clients()
 
 
+async def read_chunked_rest(reader) -> bytes:
+    """For raw_upstream handlers: a chunked request body after its head, up to and including the
+    empty line after the last chunk and its trailers."""
+    rest = b""
+    while not rest.endswith(b"\r\n\r\n") or b"0\r\n" not in rest:
+        data = await reader.read(65536)
+        if not data:
+            break
+        rest += data
+    return rest
+
+
 async def read_request_head(reader) -> bytes:
     """For raw_upstream handlers: one request head (b'' at EOF)."""
     import asyncio

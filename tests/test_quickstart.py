@@ -2,10 +2,13 @@
 as the README says (ports moved to free ones, the cluster pointed at a test echo upstream)."""
 from __future__ import annotations
 
+import asyncio
 import json
+import shutil
 from pathlib import Path
 
 import aiohttp
+import pytest
 import yaml
 
 from tests.helpers import echo_upstream, run_gateway
@@ -54,3 +57,30 @@ async def test_readme_quick_start_requests(tmp_path):
                 assert r.status == 200 and (await r.json())["path"] == "/api/hello"
             assert dict(up.requests[-1].headers).get("x-auth-identity") == "alice"
             assert up.requests[-1].header("x-forwarded-proto") == "https"
+
+
+async def test_readme_quick_start_over_http2(tmp_path):
+    """The README's HTTP/2 lines, with curl as shown: h2c with prior knowledge on the plain
+    listener and `curl -k --http2` (ALPN h2) on the TLS one; the filters answer per stream."""
+    curl = shutil.which("curl")
+    if curl is None:
+        pytest.skip("curl not installed")
+
+    async def run(*args: str) -> tuple[str, str]:
+        proc = await asyncio.create_subprocess_exec(curl, "-s", "-i", *args, stdout=asyncio.subprocess.PIPE)
+        out, _ = await proc.communicate()
+        head, _, body = out.decode().partition("\r\n\r\n")
+        return head, body
+
+    async with echo_upstream() as up:
+        async with run_gateway(localized(up.port, tmp_path), tmp_path) as gw:
+            head, _ = await run("--http2-prior-knowledge", "-H", "x-api-key: demo-key-alice",
+                                gw.url("/api/hello"))
+            assert head.startswith("HTTP/2 200") and "ratelimit-limit" in head
+            head, body = await run("-k", "--http2", f"https://127.0.0.1:{gw.port('main_tls')}/api/hello",
+                                   "-H", "x-api-key: demo-key-alice")
+            assert head.startswith("HTTP/2 200") and json.loads(body)["path"] == "/api/hello"
+            head, _ = await run("-k", "--http2", f"https://127.0.0.1:{gw.port('main_tls')}/api/hello")
+            assert head.startswith("HTTP/2 401")
+    assert up.requests[-1].header("x-auth-identity") == "alice"
+    assert up.requests[-1].header("x-forwarded-proto") == "https"

@@ -6,8 +6,8 @@ import aiohttp
 import pytest
 
 from tests.gateway.conftest import basic_yaml
-from tests.helpers import (echo_upstream, raw_exchange, raw_upstream, read_request_head, run_gateway,
-                           split_responses)
+from tests.helpers import (echo_upstream, raw_exchange, raw_upstream, read_chunked_rest, read_request_head,
+                           run_gateway, split_responses)
 
 
 async def get_json(url, **kw):
@@ -540,10 +540,7 @@ async def test_chunked_trailers_pass_both_ways(tmp_path):
 
     async def handler(reader, writer):
         await read_request_head(reader)
-        rest = b""
-        while not rest.endswith(b"\r\n\r\n") or b"0\r\n" not in rest:
-            rest += await reader.read(1024)
-        got["body"] = rest
+        got["body"] = await read_chunked_rest(reader)
         writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: x-resp-trailer\r\n\r\n"
                      b"5\r\nhello\r\n0\r\nx-resp-trailer: t1\r\nContent-Length: 99\r\n\r\n")
         await writer.drain()
