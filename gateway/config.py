@@ -20,8 +20,8 @@ from abi.api import FilterLimits, FilterSpec
 
 from .http1 import HttpError
 from .paths import ESCAPED_SLASH_ACTIONS, PathPolicy, RedirectTo, normalize_path, routing_path
-from .tls import (DEFAULT_HANDSHAKE_TIMEOUT_S, MIN_VERSIONS, TlsError, check_ca, check_ciphers, check_pair,
-                  digest)
+from .tls_files import (DEFAULT_HANDSHAKE_TIMEOUT_S, MIN_VERSIONS, TlsError, check_ca, check_ciphers,
+                        check_pair, digest)
 
 
 class ConfigError(Exception):
