@@ -33,7 +33,8 @@ from .client_h2 import H2Connection
 from .config import Limits
 from .http1 import (FRAMING, BodyTooLarge, HttpError, PeerClosed, body_length, parse_request_head, read_chunked,
                     trailer_block)
-from .proxy import ClientRequest, Exchange, GatewayState, final_status, init_connection, log_exchange, reason
+from .proxy import (ClientRequest, Exchange, GatewayState, final_status, header_value, init_connection,
+                    log_exchange, reason)
 from .request_head import check_authority
 from .tunnel import splice
 from .upstream import UpstreamReset
@@ -431,7 +432,7 @@ class Connection:
         parts += [f"{n}: {v}\r\n" for n, v in headers if n not in FRAMING]
         chunked = False
         if ex.method == "HEAD":
-            cl = _header(headers, "content-length")
+            cl = header_value(headers, "content-length")
             if cl is not None:
                 parts.append(f"content-length: {cl}\r\n")
         elif no_body:
@@ -463,19 +464,10 @@ class Connection:
         writer = self.writer
         transport = self.transport
         it = body.__aiter__()
-        # Headers go out together with the first body chunk, so a rejection on that chunk can
-        # still become a clean local reply.
-        try:
-            first = await it.__anext__()
-        except StopAsyncIteration:
-            first = b""
-            it = None
-        except LocalReplyInterrupt as e:
-            self.proxy.send_local_reply(self, ex, e.reply, close=True)
+        got = await self.proxy.first_chunk(self, ex, it)
+        if got is None:
             return False
-        except UpstreamReset as e:
-            self.proxy.upstream_broke(self, ex, e)
-            return False
+        first, more = got
         ex.status = status
         if chunked:
             writer.writelines((head, b"%x\r\n" % len(first), first, b"\r\n") if first else (head,))
@@ -485,7 +477,7 @@ class Connection:
                 writer.write(first)
         sent = len(first)
         try:
-            if it is not None:
+            if more:
                 async for chunk in it:
                     if transport.is_closing():
                         ex.error = "client closed the connection"
@@ -500,17 +492,9 @@ class Connection:
                         await self._drain()
             if chunked:
                 writer.write(trailer_block(getattr(body, "trailers", None)))
-        except UpstreamReset as e:
+        except (UpstreamReset, LocalReplyInterrupt) as e:
             # Headers are out: the only honest signal left is closing the client connection.
-            log.warning("upstream %s mid-response, closing client %s: %s",
-                        "timed out" if e.timeout else "reset", self.peer_text, e)
-            self.gw.metrics.error("upstream_timeout" if e.timeout else "upstream_reset")
-            ex.error = "upstream timed out mid-response" if e.timeout else "upstream reset mid-response"
-            transport.abort()
-            return False
-        except LocalReplyInterrupt:
-            ex.error = "filter rejected the response body after headers were sent"
-            self.gw.metrics.error("filter_reply_after_headers")
+            self.proxy.failed_after_head(self, ex, e)
             transport.abort()
             return False
         except ConnectionError:
@@ -648,13 +632,6 @@ async def _lingering_close(conn: Connection, seconds: float) -> None:
                 dropped += len(data)
     except (TimeoutError, ConnectionError, OSError, RuntimeError, HttpError, _HeadTimeout):
         pass
-
-
-def _header(headers: list[tuple[str, str]], name: str) -> str | None:
-    for n, v in headers:
-        if n == name:
-            return v
-    return None
 
 
 def _origin_form(method: str, target: str, authority: str | None) -> tuple[str, str | None]:

@@ -50,7 +50,8 @@ from abi.api import LocalReplyInterrupt, TlsFacts
 
 from .config import Limits
 from .http1 import HOP_BY_HOP, BodyTooLarge, HttpError, PeerClosed
-from .proxy import ClientRequest, Exchange, GatewayState, final_status, init_connection, log_exchange
+from .proxy import (ClientRequest, Exchange, GatewayState, final_status, header_value, init_connection,
+                    log_exchange)
 from .request_head import check_authority
 from .upstream import UpstreamReset
 
@@ -547,7 +548,7 @@ class H2Stream:
                             body: AsyncIterator[bytes] | bytes | None, length: int | None, close: bool) -> bool:
         head = self._head(status, headers)
         if ex.method == "HEAD":
-            cl = _header(headers, "content-length")
+            cl = header_value(headers, "content-length")
             if cl is not None:
                 head.append(("content-length", cl))
         elif length is not None and length >= 0 and status not in (204, 304):
@@ -567,43 +568,28 @@ class H2Stream:
     async def _stream(self, ex: Exchange, status: int, head: list[tuple[str, str]],
                       body: AsyncIterator[bytes]) -> bool:
         it = body.__aiter__()
-        # Headers go out with the first body chunk, so a rejection on it can still be a clean reply.
-        try:
-            first = await it.__anext__()
-        except StopAsyncIteration:
-            first, it = b"", None
-        except LocalReplyInterrupt as e:
-            self.conn.proxy.send_local_reply(self, ex, e.reply, close=True)
+        got = await self.conn.proxy.first_chunk(self, ex, it)
+        if got is None:
             return False
-        except UpstreamReset as e:
-            self.conn.proxy.upstream_broke(self, ex, e)
-            return False
+        first, more = got
         ex.status = status
-        trailers = getattr(body, "trailers", None) if it is None else None
-        if not self._send_headers(head, end=it is None and not first and not trailers):
+        trailers = None if more else getattr(body, "trailers", None)
+        if not self._send_headers(head, end=not more and not first and not trailers):
             return False
         sent = 0
         try:
             if first:
                 await self._send(first, end=False)
                 sent += len(first)
-            if it is not None:
+            if more:
                 async for chunk in it:
                     if chunk:
                         await self._send(chunk, end=False)
                         sent += len(chunk)
                 trailers = getattr(body, "trailers", None)
             self._end(trailers)
-        except UpstreamReset as e:
-            log.warning("upstream %s mid-response, resetting stream %d of %s: %s",
-                        "timed out" if e.timeout else "reset", self.sid, self.peer_text, e)
-            self.conn.gw.metrics.error("upstream_timeout" if e.timeout else "upstream_reset")
-            ex.error = "upstream timed out mid-response" if e.timeout else "upstream reset mid-response"
-            self.reset(ErrorCodes.INTERNAL_ERROR)
-            return False
-        except LocalReplyInterrupt:
-            ex.error = "filter rejected the response body after headers were sent"
-            self.conn.gw.metrics.error("filter_reply_after_headers")
+        except (UpstreamReset, LocalReplyInterrupt) as e:
+            self.conn.proxy.failed_after_head(self, ex, e)
             self.reset(ErrorCodes.INTERNAL_ERROR)
             return False
         except _SendTimeout:
@@ -815,10 +801,3 @@ class H2Body:
         data, flow_controlled = self._chunks.popleft()
         self.stream.conn._ack(self.stream.sid, flow_controlled)
         return data
-
-
-def _header(headers: list[tuple[str, str]], name: str) -> str | None:
-    for n, v in headers:
-        if n == name:
-            return v
-    return None

@@ -246,7 +246,7 @@ class Proxy:
             elif result.body is original:
                 # Untouched body: keep its framing unless a filter dropped or changed the length.
                 up_body = original
-                cl = _header(rest, "content-length")
+                cl = header_value(rest, "content-length")
                 up_len = length if (length is not None and length >= 0 and cl == str(length)) else None
             else:
                 up_body, up_len = result.body, None
@@ -322,7 +322,7 @@ class Proxy:
                       stream) -> bool:
         """The upstream answered 101: its head through the response filters (as Envoy's
         encodeHeaders sees it), then the front-end sends it and splices (Exchange.tunnel)."""
-        protocol = _header(up.headers, "upgrade") or ex.upgrade or ""
+        protocol = header_value(up.headers, "upgrade") or ex.upgrade or ""
         headers = strip_hop_by_hop(up.headers)
         if stream is not None:
             try:
@@ -398,6 +398,33 @@ class Proxy:
             return await conn.send_response(ex, status, headers, _Trailed(data, trailers), None, close)
         headers = [(n, v) for n, v in headers if n != "content-length"] + [("content-length", str(len(data)))]
         return await conn.send_response(ex, status, headers, data, len(data), close)
+
+    async def first_chunk(self, conn: Downstream, ex: Exchange, it: AsyncIterator[bytes]
+                          ) -> tuple[bytes, bool] | None:
+        """The body's first chunk and whether more may follow; None once a failure before it was
+        answered. Front-ends send the response head together with it, so a filter rejecting the
+        first chunk, or the upstream failing before it, can still become a clean answer."""
+        try:
+            return await it.__anext__(), True
+        except StopAsyncIteration:
+            return b"", False
+        except LocalReplyInterrupt as e:
+            self.send_local_reply(conn, ex, e.reply, close=True)
+        except UpstreamReset as e:
+            self.upstream_broke(conn, ex, e)
+        return None
+
+    def failed_after_head(self, conn: Downstream, ex: Exchange, e: UpstreamReset | LocalReplyInterrupt) -> None:
+        """The body failed once the head was out: the front-end can only abort the response
+        (HTTP/1.1: close the connection; HTTP/2: reset the stream). Counted and logged here."""
+        if isinstance(e, UpstreamReset):
+            log.warning("upstream %s mid-response, aborting the response to %s: %s",
+                        "timed out" if e.timeout else "reset", conn.peer_text, e)
+            self.metrics.error("upstream_timeout" if e.timeout else "upstream_reset")
+            ex.error = "upstream timed out mid-response" if e.timeout else "upstream reset mid-response"
+        else:
+            self.metrics.error("filter_reply_after_headers")
+            ex.error = "filter rejected the response body after headers were sent"
 
     def upstream_broke(self, conn: Downstream, ex: Exchange, e: UpstreamReset) -> bool:
         """The upstream failed inside a body before anything went downstream."""
@@ -509,7 +536,7 @@ def _after_chain(result: Forward, status: int, length: int | None, body, ex: Exc
         length = 0
     elif result.body is not body:
         length = None               # a filter's new body: length unknown until sent
-    elif length is not None and length >= 0 and _header(headers, "content-length") != str(length):
+    elif length is not None and length >= 0 and header_value(headers, "content-length") != str(length):
         length = None               # a filter dropped or changed Content-Length
     return status, headers, length, result.body
 
@@ -563,7 +590,7 @@ def final_status(status: int, ex: Exchange) -> int:
     return 500
 
 
-def _header(headers: Headers, name: str) -> str | None:
+def header_value(headers: Headers, name: str) -> str | None:
     for n, v in headers:
         if n == name:
             return v
