@@ -141,6 +141,9 @@ class Chain:
         self._closed = False             # response headers went downstream
         self._finished = False           # finish() ran
         self._phase = REQUEST
+        # Envoy's clearRouteCache (foreign function clear_route_cache): the gateway re-matches
+        # the route after the request headers (api.HttpStream.route_cache_cleared).
+        self.route_cache_cleared = False
 
     # -- local replies -----------------------------------------------------------------------
 

@@ -139,7 +139,7 @@ async def _reload_locked(gw: "Gateway", st: ReloadState) -> ReloadResult:
     try:
         tls = await asyncio.to_thread(build_listener_tls, config.listeners)   # new connections only
         upstreams = Upstreams(config.clusters, shared_store=old.upstreams.shared_store,
-                              redis_clusters=config.redis_clusters)
+                              redis_clusters=config.redis_clusters, node=config.node)
     except TlsError as e:            # a file changed since the config was checked
         return refused([f"TLS: {e.message}"])
     try:
@@ -153,7 +153,7 @@ async def _reload_locked(gw: "Gateway", st: ReloadState) -> ReloadResult:
         return refused([f"loading filters failed: {type(e).__name__}: {e}"])
     kept_pools = _keep_unchanged_pools(old.upstreams, upstreams)
     changes = describe_changes(old.config, config, old.filter_host, host, kept_pools)
-    gw.generation = Generation(config, Router(config.routes), upstreams, host, tls=tls)
+    gw.generation = Generation(config, Router(config.routes, config.clusters), upstreams, host, tls=tls)
     gw.config = config
     st.generation += 1
     st.fingerprint = fp

@@ -20,6 +20,8 @@ def hget(headers, name):
 
 
 class FakeStream:
+    route_cache_cleared = False      # api.HttpStream: no clear_route_cache here
+
     def __init__(self, host, names, info: StreamInfo):
         self.host, self.names, self.info = host, names, info
         self.resp_mode = None
