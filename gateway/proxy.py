@@ -282,15 +282,15 @@ class Proxy:
         if path_changed:
             _check_filter_path(target, path, gen.config.path_normalization)
         route = gen.router.match(method, authority, routing_path(path), headers)
+        # From here on the filters see the new route (route_name, route_metadata...), or none.
+        ex.route = info.route_name = route.name if route is not None else ""
+        info.cluster_name = route.cluster if route is not None else ""
+        info.route_metadata = route.metadata if route is not None else None
+        info.cluster_metadata = gen.router.cluster_metadata.get(info.cluster_name)
         if route is None:
             raise _NoRoute(404, f"no route for {method} {authority}{path} (after the filters)", "no_route")
         if ex.upgrade is not None and not route.upgrades:
             raise _NoRoute(403, f'route "{route.name}" does not allow upgrades', "upgrade_refused")
-        ex.route = route.name
-        info.route_name = route.name
-        info.cluster_name = route.cluster
-        info.route_metadata = route.metadata
-        info.cluster_metadata = gen.router.cluster_metadata.get(route.cluster)
         return route
 
     # -- upstream ------------------------------------------------------------------------------
