@@ -17,7 +17,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -197,7 +197,8 @@ def _keep_unchanged_pools(old: Upstreams, new: Upstreams) -> set[str]:
     kept = new.redis.take_over(old.redis)
     for name, pool in old.pools.items():
         fresh = new.pools.get(name)
-        if fresh is not None and fresh.cluster == pool.cluster:
+        # metadata is for filters only (read from the new config): it never costs warm connections.
+        if fresh is not None and replace(fresh.cluster, metadata={}) == replace(pool.cluster, metadata={}):
             fresh.close()
             new.pools[name] = pool
             kept.add(name)

@@ -134,3 +134,25 @@ async def test_rewritten_path_must_be_normal(tmp_path):
         assert (status, headers["x-resp-route"]) == (200, "admin")
         assert [r.path for r in env.canary.requests] == ["/admin/users?all=1"]
     await _run(tmp_path, body)
+
+
+async def test_reload_serves_new_metadata_and_node_keeps_filter_and_pool(tmp_path):
+    wasm = watlib.build("route_policy.wat", tmp_path)
+    async with recording_upstream() as stable, recording_upstream() as canary:
+        text = _config(wasm, stable.port, canary.port)
+        async with run_gateway(text, tmp_path) as gw:
+            g = gw.gateway
+            policy = g.generation.filter_host.filters["policy"]
+            pool = g.generation.upstreams.pools["stable"]
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as s:
+                async with s.get(gw.url("/v1/a")) as r:
+                    assert r.status == 200
+                gw.config_path.write_text(text.replace("zone: a", "zone: c").replace("gw-test", "gw-next"))
+                async with s.post(gw.admin_url + "/reload") as r:
+                    assert r.status == 200, await r.text()
+                async with s.get(gw.url("/v1/b")) as r:
+                    assert r.status == 200
+            seen = stable.requests[-1]
+            assert (seen.first("x-md-zone"), seen.first("x-node-id")) == ("c", "gw-next")
+            assert g.generation.filter_host.filters["policy"] is policy      # same instance, new facts
+            assert g.generation.upstreams.pools["stable"] is pool            # metadata costs no connections
