@@ -326,7 +326,6 @@ class _Checker:
                 pairs.append((k, str(v)))
         return pairs
 
-
     def metadata(self, node: yaml.Node, path: str) -> dict[str, dict[str, Any]] | None:
         """Envoy's filter_metadata: {namespace: {key: value}}; None once an error was reported."""
         if not isinstance(node, yaml.MappingNode):

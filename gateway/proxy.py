@@ -30,7 +30,7 @@ from .accesslog import AccessLog
 from .config import Config, Route
 from .http1 import BodyTooLarge, HttpError, PeerClosed, strip_hop_by_hop
 from .metrics import Metrics
-from .paths import RedirectTo, normalize_path, routing_path
+from .paths import PathPolicy, RedirectTo, normalize_path, routing_path
 from .request_head import upstream_headers, valid_request_id
 from .routing import Router, rewrite_target
 from .spool import Spool
@@ -612,7 +612,7 @@ class _NoRoute(HttpError):
         self.kind = kind
 
 
-def _check_filter_path(target: str, path: str, policy) -> None:
+def _check_filter_path(target: str, path: str, policy: PathPolicy) -> None:
     """A :path a filter set must already be in the normal form client paths are brought to
     (paths.py): routing it on one reading while the upstream resolves another (``/public/../admin``)
     would let a rewrite reach a route it does not name. Not normal → 400, never normalised."""
