@@ -206,8 +206,8 @@ class MetricSample:
 
 
 class HttpStream(Protocol):
-    # Set by the foreign function clear_route_cache during the request phase (Envoy's
-    # clearRouteCache): the gateway re-matches the route once the request headers passed the
+    # Set by proxy_clear_route_cache (ABI 0.1.0) or the foreign function clear_route_cache
+    # during the request phase (Envoy's clearRouteCache): the gateway re-matches the route once the request headers passed the
     # chain, even when no header that routes match on changed.
     route_cache_cleared: bool
 

@@ -141,8 +141,8 @@ class Chain:
         self._closed = False             # response headers went downstream
         self._finished = False           # finish() ran
         self._phase = REQUEST
-        # Envoy's clearRouteCache (foreign function clear_route_cache): the gateway re-matches
-        # the route after the request headers (api.HttpStream.route_cache_cleared).
+        # Envoy's clearRouteCache (proxy_clear_route_cache, foreign function clear_route_cache):
+        # the gateway re-matches the route after the request headers (api.HttpStream).
         self.route_cache_cleared = False
 
     # -- local replies -----------------------------------------------------------------------

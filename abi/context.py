@@ -105,6 +105,10 @@ class Context:
     def close_stream(self, stream_type: int) -> int:
         return Status.BAD_ARGUMENT if stream_type > StreamType.UPSTREAM else Status.OK
 
+    def clear_route_cache(self) -> int:
+        # No stream, no route (root context): nothing to clear.
+        return Status.OK
+
     def send_local_response(self, reply: LocalReply, grpc_status: int) -> int:
         # No stream to answer (root context): Envoy has no decoder callbacks and ignores it.
         self.filter.log.debug("filter %s: send_local_response outside a request ignored",
@@ -194,6 +198,11 @@ class HttpContext(Context):
             self.wake()
             return Status.OK
         return super().close_stream(stream_type)
+
+    def clear_route_cache(self) -> int:
+        # Envoy's clearRouteCache: the gateway matches the route again after the request headers.
+        self.chain.route_cache_cleared = True
+        return Status.OK
 
     def send_local_response(self, reply: LocalReply, grpc_status: int) -> int:
         self.chain.set_reply(self.chain.shape_reply(reply, grpc_status))

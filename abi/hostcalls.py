@@ -228,8 +228,8 @@ def proxy_continue_response(f):                     # ABI 0.1.0
     return f.ctx().continue_stream(1)
 
 
-def proxy_clear_route_cache(f):                     # ABI 0.1.0: routing is decided up front
-    return Status.OK
+def proxy_clear_route_cache(f):                     # ABI 0.1.0
+    return f.ctx().clear_route_cache()
 
 
 def proxy_get_configuration(f, ret_pp, ret_size_p):  # ABI 0.1.0

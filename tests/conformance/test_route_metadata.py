@@ -156,3 +156,18 @@ async def test_reload_serves_new_metadata_and_node_keeps_filter_and_pool(tmp_pat
             assert (seen.first("x-md-zone"), seen.first("x-node-id")) == ("c", "gw-next")
             assert g.generation.filter_host.filters["policy"] is policy      # same instance, new facts
             assert g.generation.upstreams.pools["stable"] is pool            # metadata costs no connections
+
+
+async def test_clear_route_cache_rematches(tmp_path):
+    async def body(env):
+        router = env.gw.gateway.generation.router
+        matched = []
+        real_match = router.match
+        router.match = lambda *a: matched.append(a[2]) or real_match(*a)
+        status, headers, _ = await env.get("/v1/a")
+        assert (status, matched) == (200, ["/v1/a"])             # untouched: matched once
+        matched.clear()
+        status, headers, _ = await env.get("/v1/b", **{"x-clear-route-cache": "1"})
+        assert (status, matched) == (200, ["/v1/b", "/v1/b"])    # matched again: same route
+        assert headers["x-resp-route"] == "v1"
+    await _run(tmp_path, body)

@@ -8,6 +8,7 @@
 ;;  - the request gets x-md-tag (route_metadata.filter_metadata.policy.tag), x-md-zone
 ;;    (cluster_metadata.filter_metadata.lb.zone), x-node-id (node.id), x-node-region
 ;;    (node.metadata.region), each only when the property is found;
+;;  - a request with x-clear-route-cache calls proxy_clear_route_cache (ABI 0.1.0's host function);
 ;;  - the response gets x-resp-route (route_name) and x-resp-tag (the route's policy.tag) as
 ;;    the filter sees them after the request headers.
 (module
@@ -15,6 +16,7 @@
   (import "env" "proxy_get_header_map_value" (func $get_header (param i32 i32 i32 i32 i32) (result i32)))
   (import "env" "proxy_replace_header_map_value" (func $replace_header (param i32 i32 i32 i32 i32) (result i32)))
   (import "env" "proxy_add_header_map_value" (func $add_header (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_clear_route_cache" (func $clear_route_cache (result i32)))
   (import "env" "proxy_send_local_response"
     (func $send_local_response (param i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
   (memory (export "memory") 2)
@@ -59,6 +61,8 @@
     (call $prop_to_header (i32.const 0) $S"node\00metadata\00region" $S"x-node-region")
     (call $copy_header $S"x-set-authority" $S":authority")
     (call $copy_header $S"x-set-path" $S":path")
+    (if (i32.eqz (call $get_header (i32.const 0) $S"x-clear-route-cache" (i32.const 512) (i32.const 516)))
+      (then (drop (call $clear_route_cache))))
     (i32.const 0))
 
   (func (export "proxy_on_response_headers") (param $id i32) (param $n i32) (param $eos i32) (result i32)
