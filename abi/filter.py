@@ -69,6 +69,8 @@ class Filter:
         self.teardown_callbacks: tuple[str, ...] = tuple(
             n for n in ("proxy_on_done", "proxy_on_log", "proxy_on_delete") if n in loaded.exports)
         self.abi_010 = loaded.abi_version == "0.1.0"
+        # (request, response): the header callback takes end_of_stream (arity 3, not 2)
+        self.headers_eos: tuple[bool, bool] = loaded.headers_take_eos
         self.engine = engine
         self.services = services
         self.log: logging.Logger = services.log
