@@ -121,6 +121,10 @@ def _content_length(headers: Headers) -> int | None:
 class Chain:
     """Implements api.HttpStream; also the StreamFacts that properties read."""
 
+    # A filter asked for the route to be re-matched (foreign function `clear_route_cache`,
+    # Envoy's clearRouteCache()); set on the instance only then, so a request pays nothing.
+    route_cache_cleared = False
+
     def __init__(self, filters: list[Filter], info: StreamInfo,
                  on_finished: Callable[[], None] | None = None):
         self.filters = filters

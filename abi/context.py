@@ -105,6 +105,9 @@ class Context:
     def close_stream(self, stream_type: int) -> int:
         return Status.BAD_ARGUMENT if stream_type > StreamType.UPSTREAM else Status.OK
 
+    def clear_route_cache(self) -> None:
+        """Envoy's clearRouteCache(): no route to re-match outside a request."""
+
     def send_local_response(self, reply: LocalReply, grpc_status: int) -> int:
         # No stream to answer (root context): Envoy has no decoder callbacks and ignores it.
         self.filter.log.debug("filter %s: send_local_response outside a request ignored",
@@ -194,6 +197,9 @@ class HttpContext(Context):
             self.wake()
             return Status.OK
         return super().close_stream(stream_type)
+
+    def clear_route_cache(self) -> None:
+        self.chain.route_cache_cleared = True
 
     def send_local_response(self, reply: LocalReply, grpc_status: int) -> int:
         self.chain.set_reply(self.chain.shape_reply(reply, grpc_status))

@@ -715,10 +715,10 @@ class Filter:
             self._release_callout_bytes(token)
         ctx.pending_calls.clear()
 
-    # -- foreign functions (wasmgate's extensions, abi/foreign.py) -----------------------------
+    # -- foreign functions (Envoy's and wasmgate's, abi/foreign.py) -----------------------------
 
     def call_foreign(self, name: str, args: bytes) -> tuple[int, bytes]:
-        return foreign.call(self.store, name, args)
+        return foreign.call(self, name, args)
 
     # -- queues (reference §5.5) ----------------------------------------------------------------
 
