@@ -90,6 +90,7 @@ class Filter:
         self.rebuilds = 0
         self.host_errors = 0
         self._next_id = 1
+        self._warned_pseudo: set[str] = set()
         self._next_token = 4                 # http callouts: type 0 in the low 2 bits (cpp-host)
         self._current: Context | None = None
         self._effective: Context | None = None
@@ -612,7 +613,13 @@ class Filter:
         rest = []
         for k, v in headers:
             if k.startswith(":"):
-                pseudo[k.lower()] = v
+                # A pseudo-header given twice (set, then the request's own copied in): the
+                # first is the filter's choice. Envoy's addCopy would join them with ",".
+                k = k.lower()
+                if k in pseudo:
+                    self._warn_repeated_pseudo(cluster, k, pseudo[k])
+                else:
+                    pseudo[k] = v
             else:
                 rest.append((k.lower(), v))
         method, path, authority = pseudo.get(":method"), pseudo.get(":path"), pseudo.get(":authority")
@@ -637,6 +644,12 @@ class Filter:
                 ctx.pending_calls.add(token)
         self.on_loop(dispatch)
         return Status.OK, token
+
+    def _warn_repeated_pseudo(self, cluster: str, name: str, kept: str) -> None:
+        if name not in self._warned_pseudo:         # once per filter and name: calls repeat
+            self._warned_pseudo.add(name)
+            self.log.warning('filter "%s": http_call to %s gives %s more than once; the first '
+                             '(%r) is used', self.name, cluster, name, kept)
 
     async def _run_http_call(self, token: int, generation: int, cluster: str, method: str,
                              path: str, authority: str, headers: list[tuple[str, str]],
