@@ -120,7 +120,7 @@ class VmContext(Context):
 
     def __init__(self, filter: "Filter", generation: int):
         super().__init__(filter, 0, generation)
-        self.props = PropertySource(filter.name, RootFacts(), filter.spec.root_id)
+        self.props = PropertySource(filter.name, RootFacts(), filter.spec.root_id, filter.spec.vm_id)
 
 
 class RootContext(Context):
@@ -128,7 +128,7 @@ class RootContext(Context):
 
     def __init__(self, filter: "Filter", context_id: int, generation: int):
         super().__init__(filter, context_id, generation)
-        self.props = PropertySource(filter.name, RootFacts(), filter.spec.root_id)
+        self.props = PropertySource(filter.name, RootFacts(), filter.spec.root_id, filter.spec.vm_id)
 
 
 # Map types 0..3 → the chain attribute holding that map.
@@ -162,7 +162,7 @@ class HttpContext(Context):
         src = self._props
         if src is None:
             f = self.filter
-            src = self._props = PropertySource(f.name, self.chain, f.spec.root_id)
+            src = self._props = PropertySource(f.name, self.chain, f.spec.root_id, f.spec.vm_id)
         return src
 
     def get_map(self, map_type: int) -> HeaderMap | None:

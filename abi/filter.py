@@ -26,7 +26,7 @@ from .hostcalls import HOSTCALLS, PY_LEVELS, guarded
 from .limits import MAX_LOG_BYTES, MAX_PENDING_CALLS
 from .module import LoadedModule
 from .redis_call import RedisCalls
-from .shared_store import SharedStore
+from .shared_store import SharedStore, VmStore
 from .wasi import WASI, WASI_MODULES, ProcExit
 
 if TYPE_CHECKING:
@@ -74,7 +74,7 @@ class Filter:
         self.engine = engine
         self.services = services
         self.log: logging.Logger = services.log
-        self.store = store
+        self.store = VmStore(store, spec.vm_id)          # shared data and queues of its VM
         self.host = host
         self.loop = asyncio.get_running_loop()
         self.instance: Instance | None = None

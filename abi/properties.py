@@ -64,6 +64,7 @@ class PropertySource:
     plugin_name: str
     facts: StreamFacts
     root_id: str = ""
+    vm_id: str = ""
 
 
 def encode(value: Any) -> bytes:
@@ -182,7 +183,7 @@ _ATTRIBUTES: dict[tuple[str, ...], Callable[[PropertySource], Any]] = {
     ("cluster_name",): _info(lambda i: i.cluster_name),
     ("plugin_name",): lambda s: s.plugin_name,
     ("plugin_root_id",): lambda s: s.root_id,
-    ("plugin_vm_id",): lambda s: "",
+    ("plugin_vm_id",): lambda s: s.vm_id,
 }
 
 
