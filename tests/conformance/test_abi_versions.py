@@ -12,7 +12,7 @@ import pytest
 from abi.api import FilterLimits, FilterLoadError, FilterSpec, load_filter_host
 from tests.conformance import watlib
 from tests.conformance.probe import (filter_entry, gateway_yaml, parse_report, probe_gateway,
-                                     strict_module)
+                                     strict_module, wasmgate_check)
 from tests.helpers import run_gateway
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
@@ -158,12 +158,8 @@ async def test_wasmgate_check_reports_unloadable_filters(tmp_path, upstream):
     cfg = tmp_path / "config.yaml"
     cfg.write_text(gateway_yaml(upstream.port, [filter_entry("nomark", marker), filter_entry("unknown", unknown)],
                                 [{"name": "all", "cluster": "backend", "filters": ["nomark", "unknown"]}]))
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway.cli", "check", str(cfg), cwd=str(ROOT),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(), timeout=30)
-    text = (out + err).decode()
-    assert proc.returncode != 0, text
+    returncode, text = await wasmgate_check(cfg)
+    assert returncode != 0, text
     assert "nomarker.wat" in text and "foo_bar" in text, text
 
 

@@ -5,16 +5,15 @@ in one VM reaches a receiver's queue in another by `resolve_shared_queue(vm_id, 
 Go SDK's examples/shared_queue does."""
 from __future__ import annotations
 
-import asyncio
 import logging
-import sys
 
 import aiohttp
 
 from tests.abi.abi_wat import LOG_OUT, OUT, Wat, status
 from tests.conformance import watlib
-from tests.conformance.probe import filter_entry, gateway_yaml, one, parse_report, probe_gateway, wait_for
-from tests.conformance.test_workers import ROOT, _start, _stop
+from tests.conformance.probe import (filter_entry, gateway_yaml, one, parse_report, probe_gateway,
+                                     wait_for, wasmgate_check)
+from tests.conformance.test_workers import _start, _stop
 
 FILTERS = {"a1": "a", "a2": "a", "b1": "b", "d": None}      # filter → vm_id (None: default VM)
 
@@ -160,11 +159,7 @@ async def test_wasmgate_check_names_a_bad_vm_id(tmp_path, upstream):
     cfg = tmp_path / "config.yaml"
     cfg.write_text(gateway_yaml(upstream.port, [filter_entry("f", wasm, vm_id="")],
                                 [{"name": "all", "cluster": "backend", "filters": ["f"]}]))
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway.cli", "check", str(cfg), cwd=str(ROOT),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(), timeout=30)
-    text = (out + err).decode()
-    assert proc.returncode != 0, text
+    returncode, text = await wasmgate_check(cfg)
+    assert returncode != 0, text
     line = cfg.read_text().splitlines().index("  vm_id: ''") + 1
     assert f"{cfg}:{line} filters[0].vm_id: must not be empty" in text, text
