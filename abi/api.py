@@ -46,6 +46,9 @@ class FilterSpec:
     deliver_body_while_paused: bool = False       # False: Envoy (Pause in headers stops the body)
     root_id: str = ""                             # Envoy plugin root_id (property plugin_root_id);
                                                   # C++/AssemblyScript SDKs pick their root context by it
+    vm_id: str = ""                               # Envoy vm_id (property plugin_vm_id): filters with
+                                                  # the same one share shared data and queues; "" is
+                                                  # the gateway-wide default VM
 
 
 @dataclass

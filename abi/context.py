@@ -106,7 +106,7 @@ class Context:
         return Status.BAD_ARGUMENT if stream_type > StreamType.UPSTREAM else Status.OK
 
     def clear_route_cache(self) -> int:
-        # No stream, no route (root context): nothing to clear.
+        # No stream, no route (root context): nothing to clear, as on Envoy.
         return Status.OK
 
     def send_local_response(self, reply: LocalReply, grpc_status: int) -> int:
@@ -121,7 +121,7 @@ class VmContext(Context):
 
     def __init__(self, filter: "Filter", generation: int):
         super().__init__(filter, 0, generation)
-        self.props = PropertySource(filter.name, RootFacts(), filter.spec.root_id, filter)
+        self.props = PropertySource(filter.name, RootFacts(), filter.spec.root_id, filter.spec.vm_id, filter)
 
 
 class RootContext(Context):
@@ -129,7 +129,7 @@ class RootContext(Context):
 
     def __init__(self, filter: "Filter", context_id: int, generation: int):
         super().__init__(filter, context_id, generation)
-        self.props = PropertySource(filter.name, RootFacts(), filter.spec.root_id, filter)
+        self.props = PropertySource(filter.name, RootFacts(), filter.spec.root_id, filter.spec.vm_id, filter)
 
 
 # Map types 0..3 → the chain attribute holding that map.
@@ -163,7 +163,7 @@ class HttpContext(Context):
         src = self._props
         if src is None:
             f = self.filter
-            src = self._props = PropertySource(f.name, self.chain, f.spec.root_id, f)
+            src = self._props = PropertySource(f.name, self.chain, f.spec.root_id, f.spec.vm_id, f)
         return src
 
     def get_map(self, map_type: int) -> HeaderMap | None:

@@ -362,8 +362,8 @@ def proxy_register_shared_queue(f, name_ptr, name_size, ret_p):
 
 
 def proxy_resolve_shared_queue(f, vm_ptr, vm_size, name_ptr, name_size, ret_p):
-    f.read(vm_ptr, vm_size)                   # one vm_id ("") gateway-wide: any vm_id resolves
-    qid = f.store.resolve_queue(to_text(f.read(name_ptr, name_size)))
+    vm_id = to_text(f.read(vm_ptr, vm_size))   # "": the caller's own VM
+    qid = f.store.resolve_queue(vm_id, to_text(f.read(name_ptr, name_size)))
     if qid is None:
         return Status.NOT_FOUND
     f.write_u32(ret_p, qid)

@@ -66,6 +66,7 @@ class PropertySource:
     plugin_name: str
     facts: StreamFacts
     root_id: str = ""
+    vm_id: str = ""
     owner: Any = None           # the Filter: its services carry the gateway's node (node.*)
 
 
@@ -199,7 +200,7 @@ _ATTRIBUTES: dict[tuple[str, ...], Callable[[PropertySource], Any]] = {
     ("xds", "node"): _node,
     ("plugin_name",): lambda s: s.plugin_name,
     ("plugin_root_id",): lambda s: s.root_id,
-    ("plugin_vm_id",): lambda s: "",
+    ("plugin_vm_id",): lambda s: s.vm_id,
 }
 
 

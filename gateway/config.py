@@ -993,7 +993,8 @@ def _node(ck: _Checker, node: yaml.Node, path: str) -> NodeInfo:
 
 def _filter(ck: _Checker, node: yaml.Node, path: str, base: Path, gateway_limits: Limits) -> FilterSpec | None:
     f = ck.mapping(node, path, {"name", "wasm", "config", "encoding", "vm_config", "failure_policy",
-                                "limits", "environment", "deliver_body_while_paused", "root_id"},
+                                "limits", "environment", "deliver_body_while_paused", "root_id",
+                                "vm_id"},
                      {"name", "wasm"})
     if f is None:
         return None
@@ -1043,12 +1044,17 @@ def _filter(ck: _Checker, node: yaml.Node, path: str, base: Path, gateway_limits
     deliver = _get(f, "deliver_body_while_paused", path, ck.boolean, False)
     # C++ and AssemblyScript SDK filters pick their root context by the plugin_root_id property.
     root_id = _get(f, "root_id", path, lambda n, p: ck.string(n, p, nonempty=False), "")
+    # Filters with the same vm_id share shared data and queues (plugin_vm_id); none: the default VM.
+    vm_id = _get(f, "vm_id", path, ck.string, "")
+    if "\0" in vm_id:
+        ck.error(f["vm_id"], f"{path}.vm_id", "must not contain NUL")
+        ok = False
     if not ok or name is None or wasm_path is None or configuration is None or vm_configuration is None:
         return None
     return FilterSpec(name=name, wasm_path=wasm_path, configuration=configuration,
                       vm_configuration=vm_configuration, failure_policy=policy, limits=limits,
                       environment=tuple(env), deliver_body_while_paused=deliver,
-                      root_id=root_id or "")
+                      root_id=root_id or "", vm_id=vm_id)
 
 
 _TOP = {"listeners", "admin", "limits", "access_log", "clusters", "routes", "filters", "shared_data",

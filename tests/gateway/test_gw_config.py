@@ -354,3 +354,22 @@ def test_metadata_errors_name_line_and_path(tmp_path):
         f"{f}:{at('region: null')} node.metadata.region: expected a string, number, boolean, list or "
         "mapping (null cannot be served to filters)",
     ]
+
+
+def test_filter_vm_id_default_and_errors(tmp_path):
+    auth, mp = load_config(write(tmp_path, GOOD)).filters
+    assert (auth.vm_id, mp.vm_id) == ("", "")           # default: the gateway-wide VM
+    text = GOOD.replace("    encoding: msgpack\n", "    encoding: msgpack\n    vm_id: shared\n")
+    assert [f.vm_id for f in load_config(write(tmp_path, text)).filters] == ["", "shared"]
+    bad = GOOD.replace("    deliver_body_while_paused: true\n",
+                       '    deliver_body_while_paused: true\n    vm_id: ""\n').replace(
+        "    encoding: msgpack\n", '    encoding: msgpack\n    vm_id: "a\\0b"\n')
+    errs = errors_of(tmp_path, bad)
+    lines = bad.splitlines()
+    empty_line = lines.index('    vm_id: ""') + 1
+    nul_line = lines.index('    vm_id: "a\\0b"') + 1
+    cfg = tmp_path / "config.yaml"
+    assert errs == [f"{cfg}:{empty_line} filters[0].vm_id: must not be empty",
+                    f"{cfg}:{nul_line} filters[1].vm_id: must not contain NUL"]
+    errs = errors_of(tmp_path, GOOD.replace("    encoding: msgpack\n", "    encoding: msgpack\n    vm_id: [a]\n"))
+    assert [e.split(" ", 1)[1] for e in errs] == ["filters[1].vm_id: expected a string, got a list"]
