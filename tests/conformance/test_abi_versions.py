@@ -178,8 +178,13 @@ async def test_go124_like_module_with_full_wasi_surface(tmp_path, upstream):
     assert rep["pathopen"] != "0"        # no filesystem
 
 
-async def test_filter_hanging_in_on_configure_fails_to_load_within_deadline(tmp_path):
+async def test_filter_hanging_in_on_configure_fails_to_load_within_deadline(tmp_path, monkeypatch):
     import time
+
+    from abi import filter as filter_mod
+    # The start sequence's deadline is 5 s of CPU: on a loaded 2-core machine that is 20 s of
+    # wall clock. A shorter one keeps the wall-clock bound below wide.
+    monkeypatch.setattr(filter_mod, "START_DEADLINE_MS", 400)
     path = strict_module(tmp_path)
     spec = FilterSpec(name="hanging", wasm_path=path, configuration=b"hang",
                       limits=FilterLimits(callback_ms=100))
