@@ -182,15 +182,17 @@ class Proxy:
         rid = req.request_id if req.request_id is not None and valid_request_id(req.request_id) \
             else os.urandom(16).hex()
         ex.rid = rid
-        route = gen.router.match(req.method, req.authority, routing_path(path), req.headers)
+        # Routes match on the headers as the filters and the upstream get them: a route on an
+        # internal header (x-auth-identity) must not be chosen by a value the client sent.
+        headers = upstream_headers(req.headers, req.conn_tokens, conn.peer[0], req.authority, rid, req.scheme,
+                                   config.internal_headers)
+        route = gen.router.match(req.method, req.authority, routing_path(path), headers)
         has_body = req.body is not None
         if route is None:
             return self.reply_error(conn, ex, 404, f"no route for {req.method} {req.authority}{path}", "no_route",
                                     close=not ex.keepalive or has_body)
         ex.route = route.name
         ex.body = req.body
-        headers = upstream_headers(req.headers, req.conn_tokens, conn.peer[0], req.authority, rid, req.scheme,
-                                   config.internal_headers)
         if req.upgrade is not None:
             if not route.upgrades:
                 # As Envoy (403, "upgrade_failed"), and the connection closes: a client may already

@@ -105,3 +105,16 @@ async def test_query_credentials_are_redacted_in_the_access_log(upstream, tmp_pa
     text = log.read_text()
     assert "s3cret" not in text and "t0ken" not in text
     assert json.loads(text.splitlines()[-1])["path"] == "/a?api_key=[redacted]&x=1&access_token=[redacted]"
+
+
+async def test_a_client_cannot_choose_a_route_by_an_internal_header(upstream, tmp_path):
+    # Routes match on the headers as the filters and the upstream get them: a route on the
+    # identity header must not be chosen by a value the client sent.
+    routes = ("  - {name: admins, cluster: backend, match: {prefix: /, headers: {x-auth-identity: admin}},"
+              " rewrite: {prefix: /admins/}}\n"
+              "  - {name: all, cluster: backend}\n")
+    async with run_gateway(basic_yaml(upstream.port, routes=routes), tmp_path) as gw:
+        status, _, _ = await _one(gw.port(), b"GET /a HTTP/1.1\r\nHost: h\r\nx-auth-identity: admin\r\n"
+                                             b"Connection: close\r\n\r\n")
+        assert status == 200
+        assert upstream.requests[-1].path == "/a"
