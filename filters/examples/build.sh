@@ -15,6 +15,9 @@ mkdir -p "$HERE/dist"
 
 fail() { echo "filters/examples/build.sh: $*" >&2; exit 1; }
 
+# publish LANG FILE: into dist/ by rename, so a gateway or test reading it never sees half a file.
+publish() { cp "$2" "$HERE/dist/$1.wasm.tmp" && mv "$HERE/dist/$1.wasm.tmp" "$HERE/dist/$1.wasm"; }
+
 # newer OUT INPUT...: true when OUT exists and is newer than every INPUT.
 newer() {
     local out=$1; shift
@@ -26,7 +29,7 @@ build_rust() {
     [ -x /usr/bin/cargo ] || fail "rust: /usr/bin/cargo not found (apt install rustc cargo libstd-rust-dev-wasm32 lld)"
     (cd "$FILTERS" && RUSTC=/usr/bin/rustc RUSTFLAGS="--remap-path-prefix=$FILTERS=filters" \
         /usr/bin/cargo build --offline --locked --release --target wasm32-wasi -p example-rust -q)
-    cp "$FILTERS/target/wasm32-wasi/release/example_rust.wasm" "$HERE/dist/rust.wasm"
+    publish rust "$FILTERS/target/wasm32-wasi/release/example_rust.wasm"
 }
 
 build_assemblyscript() {
@@ -40,7 +43,7 @@ build_assemblyscript() {
     if ! newer "$dir/build/filter.wasm" "$dir/assembly" "$dir/package.json" "$dir/node_modules/.ci-stamp"; then
         (cd "$dir" && npm run --silent build) || fail "assemblyscript: asc failed"
     fi
-    cp "$dir/build/filter.wasm" "$HERE/dist/assemblyscript.wasm"
+    publish assemblyscript "$dir/build/filter.wasm"
 }
 
 build_c() {
@@ -50,7 +53,7 @@ build_c() {
     # -mexec-model=reactor: wasi-libc's reactor start file, so the module exports _initialize.
     "$cc" --target=wasm32-wasi -mexec-model=reactor -O2 -Wall -Wextra -Werror -Wno-unused-parameter \
         -Wl,--strip-debug -o "$dir/build/filter.wasm" "$dir/filter.c"
-    cp "$dir/build/filter.wasm" "$HERE/dist/c.wasm"
+    publish c "$dir/build/filter.wasm"
 }
 
 for lang in "${LANGS[@]}"; do

@@ -11,7 +11,8 @@ import {
 } from "@solo-io/proxy-runtime";
 
 class Rules {
-  add: Array<HeaderPair> = [];
+  addName: Array<string> = [];
+  addValue: Array<string> = [];
   require: Array<string> = [];
 }
 
@@ -23,8 +24,8 @@ function parseLine(rules: Rules, line: string): string {
   if (directive == "add-header") {
     const sp2 = rest.indexOf(" ");
     if (sp2 <= 0) return "add-header needs NAME VALUE";
-    const name = rest.substring(0, sp2);
-    rules.add.push(new HeaderPair(String.UTF8.encode(name), String.UTF8.encode(rest.substring(sp2 + 1).trim())));
+    rules.addName.push(rest.substring(0, sp2));
+    rules.addValue.push(rest.substring(sp2 + 1).trim());
     return "";
   }
   if (directive == "require-header") {
@@ -80,9 +81,8 @@ class ExampleStream extends Context {
         return FilterHeadersStatusValues.StopIteration;
       }
     }
-    for (let i = 0; i < this.rules.add.length; i++) {
-      const h = this.rules.add[i];
-      stream_context.headers.request.replace(String.UTF8.decode(h.key), String.UTF8.decode(h.value));
+    for (let i = 0; i < this.rules.addName.length; i++) {
+      stream_context.headers.request.replace(this.rules.addName[i], this.rules.addValue[i]);
     }
     return FilterHeadersStatusValues.Continue;
   }
