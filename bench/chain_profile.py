@@ -7,6 +7,10 @@
     python -m bench.chain_profile --dist DIR      # the same filters built elsewhere (e.g. opt-level 3)
     python -m bench.chain_profile --breakdown     # time inside each guest callback (host calls
                                                   # excluded) and each host function, per request
+    python -m bench.chain_profile --wasm F.wasm --config 'add-header x-a b' [--root-id ID]
+                          [--expect-header x-a]   # any one module instead (e.g. a filters/examples
+                                                  # build); the request must reach the upstream,
+                                                  # with each --expect-header on it
 
 Loads the real filters/dist/*.wasm with the benchmark's configs (bench/gateway_cfg.py, the
 ones `python -m bench` runs: an API key that auth accepts, a rate limit that never rejects)
@@ -75,22 +79,28 @@ class FakeServices:
         raise CallFailed("no clusters in the profile harness")
 
 
+def wasm_spec(path: Path, config: str, root_id: str) -> FilterSpec:
+    """--wasm: one module of the user's, named by its file stem, its config sent as is."""
+    return FilterSpec(name=Path(path).stem, wasm_path=Path(path), configuration=config.encode(),
+                      root_id=root_id)
+
+
 def specs(names: list[str], dist: Path = DIST) -> list[FilterSpec]:
     return [FilterSpec(name=n, wasm_path=Path(dist) / f"{n}.wasm",
                        configuration=json.dumps(FILTER_CONFIGS[n]).encode())
             for n in names]
 
 
-async def load(names: list[str], dist: Path = DIST):
-    return await load_filter_host(specs(names, dist), FakeServices())
+async def load(names: list[str], dist: Path = DIST, extra: list[FilterSpec] = ()):
+    return await load_filter_host(specs(names, dist) + list(extra), FakeServices())
 
 
-def _check(names: list[str], fwd_req, fwd_resp) -> None:
+def _check(names: list[str], fwd_req, fwd_resp, expect_request: list[str] = ()) -> None:
     if not isinstance(fwd_req, Forward) or not isinstance(fwd_resp, Forward):
         raise SystemExit(f"the chain did not forward: {fwd_req!r} / {fwd_resp!r}")
     req = dict(fwd_req.headers)
     resp = dict(fwd_resp.headers)
-    expect = []
+    expect = [(h in req, f"request header {h}") for h in expect_request]
     if "auth" in names:
         expect.append((API_KEY_HEADER not in req or "x-auth-identity" in req, "auth identity"))
     if "headers" in names:
@@ -103,7 +113,8 @@ def _check(names: list[str], fwd_req, fwd_resp) -> None:
         raise SystemExit(f"filters did not run as expected: {missing}\n  request {req}\n  response {resp}")
 
 
-async def run(host, names: list[str], n: int, *, check_every: int = 1000) -> float:
+async def run(host, names: list[str], n: int, *, check_every: int = 1000,
+              expect_request: list[str] = ()) -> float:
     """n requests, one after another; returns CPU µs per request (process time)."""
     body = _Body()
     log = LogInfo(status=RESPONSE_STATUS, bytes_in=0, bytes_out=2, duration_ns=1000,
@@ -120,7 +131,7 @@ async def run(host, names: list[str], n: int, *, check_every: int = 1000) -> flo
                                          [(":status", "200")] + RESPONSE_HEADERS, body)
         await stream.finish(log)
         if i % check_every == 0:
-            _check(names, fwd_req, fwd_resp)
+            _check(names, fwd_req, fwd_resp, expect_request)
     return (time.process_time() - t0) / n * 1e6
 
 
@@ -211,18 +222,21 @@ def print_breakdown(stats, n: int) -> None:
 
 
 async def main_async(args) -> None:
-    names = args.filters.split(",") if args.filters else list(CHAIN)
+    extra = [wasm_spec(Path(args.wasm), args.config, args.root_id)] if args.wasm else []
+    names = args.filters.split(",") if args.filters else ([] if extra else list(CHAIN))
     stats = instrument() if args.breakdown else None
-    host = await load(names, Path(args.dist))
+    host = await load(names, Path(args.dist), extra)
+    names += [s.name for s in extra]
+    expect = args.expect_header
     empty = await load([])
     try:
-        await run(host, names, min(2000, args.n))            # warm up (allocator, caches)
+        await run(host, names, min(2000, args.n), expect_request=expect)   # warm up (allocator, caches)
         base = [await run(empty, [], args.n) for _ in range(args.repeats)]
-        chain = [await run(host, names, args.n) for _ in range(args.repeats)]
+        chain = [await run(host, names, args.n, expect_request=expect) for _ in range(args.repeats)]
         if stats is not None:
             for c in stats.values():
                 c.clear()
-            t = await run(host, names, args.n)
+            t = await run(host, names, args.n, expect_request=expect)
             print(f"breakdown (instrumented run: {t:.1f} µs/request CPU; parts below are wall clock, timers included)")
             print_breakdown(stats, args.n)
             return                  # everything in this process is instrumented now
@@ -234,7 +248,7 @@ async def main_async(args) -> None:
         if args.profile:
             prof = cProfile.Profile()
             prof.enable()
-            await run(host, names, args.n)
+            await run(host, names, args.n, expect_request=expect)
             prof.disable()
             out = io.StringIO()
             st = pstats.Stats(prof, stream=out).sort_stats(args.sort)
@@ -251,6 +265,11 @@ def main() -> None:
     p.add_argument("-r", "--repeats", type=int, default=5)
     p.add_argument("--filters", default="", help="comma-separated, default auth,ratelimit,headers")
     p.add_argument("--dist", default=str(DIST), help="directory of the .wasm files (default filters/dist)")
+    p.add_argument("--wasm", help="profile this module (after any --filters), e.g. a filters/examples build")
+    p.add_argument("--config", default="", help="--wasm's plugin configuration, sent as is")
+    p.add_argument("--root-id", default="", help="--wasm's root_id (AssemblyScript/C++ SDKs)")
+    p.add_argument("--expect-header", action="append", default=[],
+                   help="a request header the upstream must receive (proves the module ran)")
     p.add_argument("--breakdown", action="store_true",
                    help="per guest callback / host function times (instrumented)")
     p.add_argument("--profile", action="store_true", help="cProfile one more run")

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from abi.api import FilterLoadError
 from tests.helpers import echo_upstream, run_gateway
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -80,3 +81,14 @@ def mint_jwt(claims: dict, secret: bytes, header: dict | None = None, *, sign: b
 
 def header_values(received_headers: list, name: str) -> list[str]:
     return [v for k, v in received_headers if k.lower() == name.lower()]
+
+
+async def assert_start_refused(tmp_path: Path, yaml_text: str, caplog, reason: str, filter_name: str = "f") -> None:
+    """The gateway refuses to start because filter ``filter_name`` refused its configuration, and
+    the filter's own ``reason`` reaches the operator (in the error or in the log)."""
+    with caplog.at_level("DEBUG"):
+        with pytest.raises(FilterLoadError) as ei:
+            async with run_gateway(yaml_text, tmp_path):
+                pass
+    assert ei.value.filter_name == filter_name
+    assert reason in str(ei.value) or reason in caplog.text, (str(ei.value), caplog.text[-2000:])

@@ -19,7 +19,9 @@ RUSTC = "/usr/bin/rustc"
 @pytest.mark.skipif(not (os.access(CARGO, os.X_OK) and os.access(RUSTC, os.X_OK)),
                     reason="Debian's cargo/rustc not installed (./dev test installs them)")
 def test_cargo_test_workspace():
-    env = {**os.environ, "RUSTC": RUSTC}
+    # rustdoc too: the doctests link the SDK's crates, built by Debian's rustc (rustup's rustdoc,
+    # often first on PATH, rejects their metadata).
+    env = {**os.environ, "RUSTC": RUSTC, "RUSTDOC": "/usr/bin/rustdoc"}
     r = subprocess.run([CARGO, "test", "--offline", "--locked", "--workspace", "-q"],
                        cwd=ROOT / "filters", env=env, capture_output=True, text=True, timeout=300)
     out = r.stdout + r.stderr

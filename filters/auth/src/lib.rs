@@ -11,7 +11,8 @@
 use std::borrow::Cow;
 use std::rc::Rc;
 use wasmgate_sdk::config::Cfg;
-use wasmgate_sdk::crypto::{constant_time_eq, hex_decode, hex_nibble, hmac_sha256, sha256, Sha256};
+use wasmgate_sdk::crypto::{constant_time_eq, hex_decode, hex_nibble, hmac_sha256_verify, sha256, Sha256};
+use wasmgate_sdk::sha2::Digest;
 use wasmgate_sdk::traits::*;
 use wasmgate_sdk::types::*;
 use wasmgate_sdk::{base64, error, hostcalls, json, Value};
@@ -332,7 +333,7 @@ pub fn check_basic(users: &[BasicUser], b64: &str) -> Result<String, String> {
         let mut h = Sha256::new();
         h.update(&u.salt);
         h.update(pass.as_bytes());
-        let pw = h.finish();
+        let pw = h.finalize();
         let name_ok = constant_time_eq(&u.username_hash, &user_hash);
         let pw_ok = constant_time_eq(&u.password_sha256, &pw);
         if name_ok & pw_ok && found.is_none() {
@@ -383,7 +384,7 @@ pub fn check_jwt(cfg: &Jwt, token: &str, now_s: f64) -> Result<String, String> {
     }
     let mut valid = false;
     for (_, secret) in candidates {
-        valid |= constant_time_eq(&sig, &hmac_sha256(secret, signing_input));
+        valid |= hmac_sha256_verify(secret, signing_input, &sig);
     }
     if !valid {
         return Err("invalid signature".into());
@@ -655,7 +656,7 @@ mod tests {
 
     fn mint(header: &str, claims: &str, secret: &[u8]) -> String {
         let input = format!("{}.{}", base64::encode_url(header.as_bytes()), base64::encode_url(claims.as_bytes()));
-        let sig = hmac_sha256(secret, input.as_bytes());
+        let sig = wasmgate_sdk::crypto::hmac_sha256(secret, input.as_bytes());
         format!("{}.{}", input, base64::encode_url(&sig))
     }
 

@@ -1,77 +1,32 @@
-//! base64url (RFC 4648 §5, no padding — as JWTs use) and standard base64 (for HTTP Basic).
+//! base64url (RFC 4648 §5, no padding — as JWTs use) and standard base64 (for HTTP Basic), on
+//! the `base64` crate (re-exported from the crate root). These wrappers pin the strictness the
+//! auth filter relies on: canonical input only (non-zero leftover bits are rejected), no
+//! whitespace, and no `=` at all in base64url.
 
-const STD: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-const URL: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-
-fn encode(data: &[u8], table: &[u8; 64], pad: bool) -> String {
-    let mut out = String::with_capacity((data.len() + 2) / 3 * 4);
-    for chunk in data.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
-        let n = ((b[0] as u32) << 16) | ((b[1] as u32) << 8) | b[2] as u32;
-        let chars = chunk.len() + 1;
-        for i in 0..4 {
-            if i < chars {
-                out.push(table[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else if pad {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
-fn decode(input: &[u8], table: &[u8; 64], padding_allowed: bool) -> Option<Vec<u8>> {
-    let mut body = input;
-    if padding_allowed {
-        if input.len() % 4 == 0 {
-            let mut n = 0;
-            while n < 2 && body.last() == Some(&b'=') {
-                body = &body[..body.len() - 1];
-                n += 1;
-            }
-        }
-    }
-    if body.len() % 4 == 1 {
-        return None;
-    }
-    let mut out = Vec::with_capacity(body.len() * 3 / 4);
-    let mut acc = 0u32;
-    let mut bits = 0u32;
-    for &c in body {
-        let v = table.iter().position(|&t| t == c)? as u32;
-        acc = (acc << 6) | v;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
-    }
-    // Canonical form only: the leftover bits must be zero.
-    if acc != 0 {
-        return None;
-    }
-    Some(out)
-}
+use ::base64::{decode_config, encode_config, STANDARD, URL_SAFE_NO_PAD};
 
 /// base64url without padding.
 pub fn encode_url(data: &[u8]) -> String {
-    encode(data, URL, false)
+    encode_config(data, URL_SAFE_NO_PAD)
 }
 
 /// base64url, strictly unpadded and canonical (`None` on any other character).
 pub fn decode_url(input: &str) -> Option<Vec<u8>> {
-    decode(input.as_bytes(), URL, false)
+    // The crate's decoder takes padding whatever the config says; a JWT part never has any.
+    if input.contains('=') {
+        return None;
+    }
+    decode_config(input, URL_SAFE_NO_PAD).ok()
 }
 
 /// Standard base64 with padding.
 pub fn encode_std(data: &[u8]) -> String {
-    encode(data, STD, true)
+    encode_config(data, STANDARD)
 }
 
 /// Standard base64; padding optional.
 pub fn decode_std(input: &str) -> Option<Vec<u8>> {
-    decode(input.as_bytes(), STD, true)
+    decode_config(input, STANDARD).ok()
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 //! HttpContext), `hostcalls` (one safe wrapper per host call), `dispatcher` (routes the
 //! `proxy_on_*` exports by context id), `types`, `allocator`, `logger`. On top: configuration
 //! readers (`config`, `json`, `msgpack`, `value`), `crypto` (SHA-256, HMAC-SHA256,
-//! constant-time compare), `base64`, `property` (Envoy value decoding), `ext` (wasmgate's host
+//! constant-time compare, on RustCrypto's crates), `base64` (on the `base64` crate), `property` (Envoy value decoding), `ext` (wasmgate's host
 //! extensions, e.g. shared data that expires) and `resp` (the Redis protocol, for Higress's Redis
 //! call ABI: `hostcalls::redis_init` / `redis_call`, and with the `redis` feature the `Context`
 //! methods and the `proxy_on_redis_call_response` export).
@@ -35,6 +35,14 @@ pub mod resp;
 pub mod traits;
 pub mod types;
 pub mod value;
+
+// The packaged crates the SDK is built on, for filters that need more than the helpers in
+// `crypto` / `base64` (no dependency of their own, so no Cargo.lock change).
+pub use ::base64 as base64_crate;
+pub use hmac;
+pub use sha1;
+pub use sha2;
+pub use subtle;
 
 pub use dispatcher::{set_http_context, set_root_context};
 pub use logger::set_log_level;
