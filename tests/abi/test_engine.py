@@ -1,4 +1,4 @@
-"""abi/engine.py: correctness of every crossing, isolation limits, the compile cache."""
+"""abi/engine/: correctness of every crossing, isolation limits, the compile cache."""
 from __future__ import annotations
 
 import gc
@@ -464,16 +464,17 @@ def test_default_cache_dir_from_environment(tmp_path, monkeypatch):
 # -- raw binding, lifetime and re-entrancy hazards ---------------------------------------
 
 def test_raw_bindings_are_the_ones_engine_was_written_against():
-    """Fails loudly when wasmtime-py changes a C signature or struct engine.py drives raw."""
+    """Fails loudly when wasmtime-py changes a C signature or struct abi/engine/crossing.py drives raw."""
     import ctypes
     from importlib.metadata import version
     from ctypes import POINTER, c_char, c_size_t, c_uint64, c_void_p
 
     import wasmtime._bindings as B
     from abi import engine
+    from abi.engine import crossing
 
     assert version("wasmtime") == engine.WASMTIME_VERSION == "50.0.1"
-    engine._verify_bindings()        # what the module itself checks at import
+    crossing._verify_bindings()        # what the module itself checks at import
     call = B._wasmtime_func_call_unchecked
     assert call.restype is POINTER(B.wasmtime_error_t)
     assert call.argtypes == [POINTER(B.wasmtime_context_t), POINTER(B.wasmtime_func_t),
