@@ -7,7 +7,9 @@ value and walks a context manager on each call (~30-44 us here); a Python host f
 ``wasmtime_func_call_unchecked`` and ``wasmtime_linker_define_func_unchecked`` through ctypes
 prototypes that take plain integer addresses, with code generated once per signature; memory
 is a cached memoryview (instance.py). Measured (``python -m bench.crossing``, quiet machine):
-guest call ~0.75 us, host call ~0.5 us, 32-byte read ~0.13 us.
+guest call ~0.75 us, host call ~0.5 us, 32-byte read ~0.13 us. ctypes itself is most of what
+is left (a raw prototype call ~0.85 us of a ~0.95 us guest call on a loaded machine), so the
+two hottest entries also exist in C (``_crossing.c``, optional; see "the C fast path" below).
 
 i32 values cross as UNSIGNED Python ints in both directions (masked here, in one place);
 i64 values cross signed.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import struct
 import textwrap
 import time
@@ -106,6 +109,37 @@ _HostCallback = CFUNCTYPE(c_size_t, c_void_p, c_void_p, c_void_p, c_size_t)
 _NO_FINALIZER = ctypes.cast(None, CFUNCTYPE(None, c_void_p))
 # Epoch deadline reached: (context, env, *delta, *kind) -> wasmtime_error_t* or 0.
 _DeadlineCallback = EXPECTED_SIGNATURES["wasmtime_store_epoch_deadline_callback"][1][1]
+
+
+# -- the C fast path (optional) ----------------------------------------------------------
+# _crossing.c does the two hot crossings without ctypes: a guest call (~0.5 us less) and the
+# entry of a host callback. Built at install when a C compiler is there (setup.py); without
+# it, or with WASMGATE_PURE_PYTHON=1, the ctypes prototypes above do the same. An Instance
+# picks one when it is created (``USE_NATIVE``; the tests run both).
+
+def _load_native():
+    if os.environ.get("WASMGATE_PURE_PYTHON"):
+        return None
+    try:
+        from . import _crossing
+    except ImportError:
+        return None
+    _crossing.set_call_target(_addr(_B._wasmtime_func_call_unchecked))
+    return _crossing
+
+
+_native = _load_native()
+USE_NATIVE = _native is not None
+
+
+def host_entry(callback: Callable[..., int], native: bool) -> tuple[Any, Any, int | None]:
+    """What wasmtime_linker_define_func_unchecked gets for a generated host callback:
+    (object to keep alive as long as the store, callback pointer, env pointer)."""
+    if native:
+        return callback, ctypes.cast(_native.HOST_TRAMPOLINE, _B.wasmtime_func_unchecked_callback_t), \
+            id(callback)
+    closure = _HostCallback(callback)
+    return closure, ctypes.cast(closure, _B.wasmtime_func_unchecked_callback_t), None
 
 
 def _new_trap(message: str) -> int:
@@ -207,7 +241,8 @@ def _buffer_address(buf: bytearray) -> int:
 
 
 def _guest_caller(owner: "Instance", st: "_StoreState", name: str, fptr: int,
-                  params: tuple[str, ...], results: tuple[str, ...]) -> Callable[..., Any]:
+                  params: tuple[str, ...], results: tuple[str, ...],
+                  native: bool = False) -> Callable[..., Any]:
     names = [f"a{i}" for i in range(len(params))]
     nslots = max(len(params), len(results), 1)
     buf = bytearray(nslots * _SLOT)
@@ -226,7 +261,7 @@ def _guest_caller(owner: "Instance", st: "_StoreState", name: str, fptr: int,
         "buf": buf, "bufaddr": _buffer_address(buf),
         "nbuf": nbuf, "nbufaddr": _buffer_address(nbuf), "nslots": nslots,
         "trap_slot": st.trap_slot, "trapaddr": ctypes.addressof(st.trap_slot),
-        "call_raw": _call_unchecked, "pack_into": _struct(params, _PACK).pack_into,
+        "call_raw": _native.call if native else _call_unchecked, "pack_into": _struct(params, _PACK).pack_into,
         "unpack_from": _struct(results, _UNPACK).unpack_from,
     }
     call = _bind(src, env, "call")

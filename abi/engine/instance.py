@@ -17,8 +17,9 @@ from wasmtime._ffi import WASMTIME_EXTERN_FUNC, WASMTIME_EXTERN_MEMORY
 
 from .binary import Import, _describe
 from .compile import Engine, Module
-from .crossing import (_NO_FINALIZER, REARM_S, _DeadlineCallback, _HostCallback, _addr,
-                       _guest_caller, _host_callback, _memory_data, _memory_data_size)
+from . import crossing
+from .crossing import (_NO_FINALIZER, REARM_S, _DeadlineCallback, _addr, _guest_caller,
+                       _host_callback, _memory_data, _memory_data_size, host_entry)
 from .errors import EngineError, MemoryAccessError
 from .store import _short_message, _StoreState
 from .ticker import EPOCH_MS
@@ -145,6 +146,7 @@ class Instance:
         self._linker: wt.Linker | None = None
         self._wt_instance = None
         self._boot_funcs: dict[str, wt.Func] = {}  # exports reached during instantiation
+        self._native = crossing.USE_NATIVE    # crossings through _crossing.c, not ctypes
         self._store = wt.Store(engine._wt)
         # Tables get the same byte budget as memory (wasmtime counts 8 bytes per element):
         # otherwise a table.grow could allocate gigabytes outside the memory cap.
@@ -251,13 +253,13 @@ class Instance:
         if boot:
             freevars = callback.__code__.co_freevars
             self._boot_cells.append(callback.__closure__[freevars.index("boot")])
-        closure = _HostCallback(callback)
-        self._callbacks.append(closure)
+        keep, entry, env = host_entry(callback, self._native)
+        self._callbacks.append(keep)
         ty = wt.FuncType([_VALTYPE[p] for p in imp.params], [_VALTYPE[r] for r in imp.results])
         mod, name = imp.module.encode(), imp.name.encode()
         err = _B.wasmtime_linker_define_func_unchecked(
             self._linker.ptr(), mod, len(mod), name, len(name), ty.ptr(),
-            ctypes.cast(closure, _B.wasmtime_func_unchecked_callback_t), None, _NO_FINALIZER)
+            entry, env, _NO_FINALIZER)
         if err:
             raise EngineError(f"cannot define {imp.module}.{imp.name}: "
                               f"{wt.WasmtimeError._from_ptr(err)}")
@@ -347,7 +349,7 @@ class Instance:
             raise KeyError(f"export {name!r} is not reachable yet (instantiation in progress "
                            "and no host call of the start function has run)")
         caller = _guest_caller(self, self._st, name, ctypes.addressof(func._func),
-                               exp.params, exp.results)
+                               exp.params, exp.results, self._native)
         caller._func = func         # keeps the wasmtime_func_t we pass by address alive
         return caller
 
