@@ -276,8 +276,10 @@ _BOOT_SRC = """
 
 
 def _host_callback(st: "_StoreState", fn: Callable, params: tuple[str, ...],
-                   results: tuple[str, ...], boot: bool = False) -> Callable:
-    """The Python side of a host function.
+                   results: tuple[str, ...], boot: bool = False,
+                   native: bool = False) -> Callable:
+    """The Python side of a host function. ``native``: called by _crossing.c's trampoline,
+    which hands the argument slots as a memoryview rather than an address.
 
     With ``boot`` (modules with a start function only, so other modules pay nothing), its
     closure cell ``boot`` is None except while the module instantiates: then it holds a hook
@@ -285,7 +287,7 @@ def _host_callback(st: "_StoreState", fn: Callable, params: tuple[str, ...],
     """
     names = [f"a{i}" for i in range(len(params))]
     nslots = max(len(params), len(results))
-    view = f"v = slots.from_address(raw)" if nslots else "pass"
+    view = ("v = raw" if native else "v = slots.from_address(raw)") if nslots else "pass"
     unpack = f"{', '.join(names)}, = unpack_from(v)" if params else "pass"
     if not results:
         pack = "pass"    # a stray return value is ignored, as a void C function would

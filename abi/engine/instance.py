@@ -249,7 +249,7 @@ class Instance:
         _require_supported(f"{imp.module}.{imp.name}", imp.params + imp.results)
         # Only a start function runs host functions before the exports are reachable.
         boot = self.module.has_start
-        callback = _host_callback(self._st, fn, imp.params, imp.results, boot)
+        callback = _host_callback(self._st, fn, imp.params, imp.results, boot, self._native)
         if boot:
             freevars = callback.__code__.co_freevars
             self._boot_cells.append(callback.__closure__[freevars.index("boot")])
