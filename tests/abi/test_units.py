@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import struct
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from abi.api import LogInfo
 from abi.buffers import BodyBuffer, HeaderMap
 from abi.enums import MetricType, Status
@@ -132,3 +135,14 @@ def test_header_text_is_latin1_like_the_wire():
     ser = serialize_str([("x-latin", "caf\xe9")])
     assert b"caf\xe9\0" in ser
     assert deserialize_str(ser) == [("x-latin", "caf\xe9")]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.text(max_size=12), st.text(max_size=12)), max_size=20))
+def test_serialize_str_is_serialize_of_each_header_encoded(pairs):
+    """serialize_str's one-pass encoding gives the bytes the per-header path gives, for wire
+    text (latin-1) and for a str that did not come off the wire (the utf-8 fallback)."""
+    from abi.pairs import deserialize, serialize, serialize_str, to_bytes
+    expected = serialize([(to_bytes(k), to_bytes(v)) for k, v in pairs])
+    assert serialize_str(pairs) == expected
+    assert deserialize(expected) == [(to_bytes(k), to_bytes(v)) for k, v in pairs]
