@@ -136,8 +136,8 @@ def host_entry(callback: Callable[..., int], native: bool) -> tuple[Any, Any, in
     """What wasmtime_linker_define_func_unchecked gets for a generated host callback:
     (object to keep alive as long as the store, callback pointer, env pointer)."""
     if native:
-        return callback, ctypes.cast(_native.HOST_TRAMPOLINE, _B.wasmtime_func_unchecked_callback_t), \
-            id(callback)
+        entry = ctypes.cast(_native.HOST_TRAMPOLINE, _B.wasmtime_func_unchecked_callback_t)
+        return callback, entry, id(callback)
     closure = _HostCallback(callback)
     return closure, ctypes.cast(closure, _B.wasmtime_func_unchecked_callback_t), None
 
@@ -261,7 +261,8 @@ def _guest_caller(owner: "Instance", st: "_StoreState", name: str, fptr: int,
         "buf": buf, "bufaddr": _buffer_address(buf),
         "nbuf": nbuf, "nbufaddr": _buffer_address(nbuf), "nslots": nslots,
         "trap_slot": st.trap_slot, "trapaddr": ctypes.addressof(st.trap_slot),
-        "call_raw": _native.call if native else _call_unchecked, "pack_into": _struct(params, _PACK).pack_into,
+        "call_raw": _native.call if native else _call_unchecked,
+        "pack_into": _struct(params, _PACK).pack_into,
         "unpack_from": _struct(results, _UNPACK).unpack_from,
     }
     call = _bind(src, env, "call")
