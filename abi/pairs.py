@@ -49,7 +49,17 @@ def serialize(pairs: list[tuple[bytes, bytes]]) -> bytes:
 
 
 def serialize_str(pairs: list[tuple[str, str]]) -> bytes:
-    return serialize([(to_bytes(k), to_bytes(v)) for k, v in pairs])
+    """serialize() of the latin-1 bytes of each str: one join and one encode for the whole
+    map (a str's length is its latin-1 byte count), not two encodes per header."""
+    n = len(pairs)
+    if n == 0:
+        return b""
+    flat = [s for kv in pairs for s in kv]
+    try:
+        data = "\0".join(flat).encode("latin-1")
+    except UnicodeEncodeError:           # a str that did not come off the wire: see to_bytes
+        return serialize([(to_bytes(k), to_bytes(v)) for k, v in pairs])
+    return struct.pack(f"<{2 * n + 1}I", n, *map(len, flat)) + data + b"\0"
 
 
 def deserialize(data: bytes) -> list[tuple[bytes, bytes]] | None:

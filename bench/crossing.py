@@ -1,10 +1,10 @@
-"""Microbenchmark of the Python <-> wasm crossing through abi/engine.py (not a test).
+"""Microbenchmark of the Python <-> wasm crossing through abi/engine/ (not a test).
 
     python -m bench.crossing
 
 measure() -> {"guest_call_us", "host_call_us", "host_call_with_alloc_us",
 "public_api_guest_call_us", "public_api_host_call_us"}: the first three go through
-abi/engine.py (raw C API), the last two do the same crossings through wasmtime-py's public
+abi/engine/ (raw C API), the last two do the same crossings through wasmtime-py's public
 API, as the baseline.
 
 * guest call: Python calls an exported no-op callback (i32, i32, i32) -> i32, like
@@ -109,7 +109,7 @@ def measure() -> dict[str, float]:
 
 def main() -> None:
     r = measure()
-    print(f"{'crossing':<14}{'abi/engine.py':>16}{'public API':>14}{'speed-up':>10}{'target':>9}")
+    print(f"{'crossing':<14}{'abi/engine/':>16}{'public API':>14}{'speed-up':>10}{'target':>9}")
     for key, label, target in (("guest_call_us", "guest call", 3.0),
                                ("host_call_us", "host call", 1.5)):
         raw, pub = r[key], r["public_api_" + key]

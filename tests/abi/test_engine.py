@@ -1,6 +1,7 @@
-"""abi/engine.py: correctness of every crossing, isolation limits, the compile cache."""
+"""abi/engine/: correctness of every crossing, isolation limits, the compile cache."""
 from __future__ import annotations
 
+import ctypes
 import gc
 import sys
 import threading
@@ -43,6 +44,17 @@ def host_defaults(**overrides):
              ("env", "hvoid"): lambda a: None}
     funcs.update({("env", k): v for k, v in overrides.items()})
     return funcs
+
+
+@pytest.fixture(autouse=True, params=["native", "ctypes"])
+def crossing_impl(request, monkeypatch):
+    """Every test here runs on both crossings: abi/engine/_crossing.c (built at install when
+    a C compiler is there) and the ctypes fallback. An Instance picks one when it is made."""
+    from abi.engine import crossing
+    if request.param == "native" and crossing._native is None:
+        pytest.skip("abi/engine/_crossing.c is not built (no C compiler at install?)")
+    monkeypatch.setattr(crossing, "USE_NATIVE", request.param == "native")
+    return request.param
 
 
 @pytest.fixture(scope="module")
@@ -464,16 +476,17 @@ def test_default_cache_dir_from_environment(tmp_path, monkeypatch):
 # -- raw binding, lifetime and re-entrancy hazards ---------------------------------------
 
 def test_raw_bindings_are_the_ones_engine_was_written_against():
-    """Fails loudly when wasmtime-py changes a C signature or struct engine.py drives raw."""
+    """Fails loudly when wasmtime-py changes a C signature or struct abi/engine/crossing.py drives raw."""
     import ctypes
     from importlib.metadata import version
     from ctypes import POINTER, c_char, c_size_t, c_uint64, c_void_p
 
     import wasmtime._bindings as B
     from abi import engine
+    from abi.engine import crossing
 
     assert version("wasmtime") == engine.WASMTIME_VERSION == "50.0.1"
-    engine._verify_bindings()        # what the module itself checks at import
+    crossing._verify_bindings()        # what the module itself checks at import
     call = B._wasmtime_func_call_unchecked
     assert call.restype is POINTER(B.wasmtime_error_t)
     assert call.argtypes == [POINTER(B.wasmtime_context_t), POINTER(B.wasmtime_func_t),
@@ -1159,3 +1172,22 @@ def test_imported_memory_that_is_also_exported_keeps_one_memory_object(engine):
     inst = make(engine, module, {("env", "f"): lambda: seen.append(created[0].memory)},
                 on_created=created.append)
     assert seen == [inst.memory] and seen[0] is inst.memory
+
+
+def test_an_instance_crosses_through_the_implementation_chosen_at_its_creation(engine, core,
+                                                                            crossing_impl):
+    """The parametrisation above is real: guest calls go through _crossing.c's call or the
+    ctypes prototype, host callbacks through the C trampoline or a ctypes closure."""
+    from abi.engine import crossing
+    inst = make(engine, core)
+    try:
+        call = inst.export_func("call_h32")
+        raw = call.__closure__[call.__code__.co_freevars.index("call_raw")].cell_contents
+        native = crossing_impl == "native"
+        assert raw is (crossing._native.call if native else crossing._call_unchecked)
+        host_entries = inst._callbacks[1:]          # [0]: the epoch deadline callback (ctypes)
+        assert len(host_entries) == 3
+        assert all(isinstance(k, ctypes._CFuncPtr) != native for k in host_entries)
+        assert call(3, 4) == 3          # h32 returns its first argument, through either path
+    finally:
+        inst.close()

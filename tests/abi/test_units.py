@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import struct
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from abi.api import LogInfo
 from abi.buffers import BodyBuffer, HeaderMap
 from abi.enums import MetricType, Status
@@ -153,3 +156,14 @@ def test_vm_namespaces_are_injective_and_leave_default_keys_alone():
     assert default.resolve_queue("a", "q") == qa and a.resolve_queue("", "q") == qa
     assert a.resolve_queue("", "\uffff\x00q") is None and default.resolve_queue("", "q") == qd
     assert ab.resolve_queue("", "q") is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.text(max_size=12), st.text(max_size=12)), max_size=20))
+def test_serialize_str_is_serialize_of_each_header_encoded(pairs):
+    """serialize_str's one-pass encoding gives the bytes the per-header path gives, for wire
+    text (latin-1) and for a str that did not come off the wire (the utf-8 fallback)."""
+    from abi.pairs import deserialize, serialize, serialize_str, to_bytes
+    expected = serialize([(to_bytes(k), to_bytes(v)) for k, v in pairs])
+    assert serialize_str(pairs) == expected
+    assert deserialize(expected) == [(to_bytes(k), to_bytes(v)) for k, v in pairs]

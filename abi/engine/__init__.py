@@ -1,0 +1,53 @@
+"""Every Python <-> wasm crossing of wasmgate lives in this package; nothing else imports
+``wasmtime``. Importers use the names below (``from .engine import Instance``).
+
+* ``Engine`` (compile.py) compiles modules (with an on-disk cache) and owns the epoch ticker
+  (ticker.py) that enforces CPU deadlines. One per process (workers are separate processes).
+* ``Instance`` (instance.py) is one Store + one instance: host functions are linked from a dict
+  keyed by ``(module, name)`` (a pair imported twice with one type is defined once), exports
+  are called through cached fast callers. ``close()`` frees it deterministically (otherwise the
+  GC does, since callers and memory keep it alive). Each top-level call gets a CPU deadline
+  (``set_deadline_ms`` changes it); instantiation gets its own. Host functions called by a
+  start function can already use ``memory`` and exports (see ``on_created``); a memory import
+  is satisfied with a fresh memory capped by the memory limit.
+* ``Memory`` (instance.py) is bounds-checked access to the instance's exported linear memory.
+* A guest call that ends abnormally raises ``Trap`` (kind: trap | deadline | exit | host) and
+  poisons the instance (store.py decides which).
+
+The files, innermost first:
+
+=============  ====================================================================
+errors.py      the exceptions
+crossing.py    raw ctypes bindings over wasmtime's C API + per-signature code generation
+               of guest calls and host callbacks: the hot path
+_crossing.c    optional C of the two hottest entries (guest call, host-callback entry),
+               built at install by setup.py; crossing.py falls back to ctypes without it
+ticker.py      CPU-time deadlines per thread (the epoch ticker, GC time not charged)
+store.py       per-Store state every crossing reads: deadline arming, trap classification
+binary.py      the wasm binary reader (import/export signatures; Import, Export)
+compile.py     Engine (compile + disk cache) and Module
+instance.py    Memory and Instance (link, instantiate, callers, close)
+public_api.py  the same crossings through wasmtime-py's public API (bench baseline)
+=============  ====================================================================
+
+Cold paths (compile, link, instantiate, trap decoding) keep using the public wasmtime-py API,
+except type inspection, which aborts the process on v128/GC types and is therefore read from
+the binary (binary.py).
+
+Not thread-safe: one thread at a time uses an Instance. abi/filter.py builds and starts each
+instance on a build thread, then hands it to the worker's event loop; guest code releases the
+GIL (so the loop runs meanwhile) and the CPU deadline follows whichever thread runs the call.
+"""
+from __future__ import annotations
+
+from .binary import Export, Import
+from .compile import Engine, Module
+from .crossing import WASMTIME_VERSION
+from .errors import EngineError, HostTrap, MemoryAccessError, Trap
+from .instance import Instance, Memory
+from .public_api import public_api_crossing
+
+__all__ = [
+    "Engine", "EngineError", "Export", "HostTrap", "Import", "Instance", "Memory",
+    "MemoryAccessError", "Module", "Trap", "WASMTIME_VERSION", "public_api_crossing",
+]

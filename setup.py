@@ -1,0 +1,8 @@
+"""Only the optional C extension lives here; everything else is in pyproject.toml.
+
+abi/engine/_crossing.c speeds up the guest-call and host-callback crossings. optional=True:
+without a C compiler the install still succeeds and abi/engine/crossing.py uses ctypes.
+"""
+from setuptools import Extension, setup
+
+setup(ext_modules=[Extension("abi.engine._crossing", ["abi/engine/_crossing.c"], optional=True)])
