@@ -172,6 +172,10 @@ class GrpcStreamCall:
             return
         self._writer.cancel()
         code = await call.code()
+        details = await call.details() or ""
         self._counts[code.name] += 1
-        yield ("trailing", _md_in(await call.trailing_metadata()))
-        yield ("close", _code(code), await call.details() or "")
+        # gRPC keeps grpc-status / grpc-message out of the trailing metadata; Envoy's trailer
+        # map has them: put them back.
+        status = [("grpc-status", str(_code(code)))] + ([("grpc-message", details)] if details else [])
+        yield ("trailing", _md_in(await call.trailing_metadata()) + status)
+        yield ("close", _code(code), details)
