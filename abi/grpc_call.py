@@ -212,10 +212,10 @@ class GrpcCalls:
         return Status.OK, token
 
     def send(self, token: int, message: bytes, end_stream: bool) -> int:
-        if token & 3 == CALL and token in self.pending:
+        if token & 1:                    # Envoy: an odd token is a call's, never a stream's
             return Status.BAD_ARGUMENT
         entry = self.pending.get(token)
-        if entry is None or token & 3 != STREAM:
+        if entry is None:
             return Status.NOT_FOUND
         if entry.local_closed:
             return Status.OK                    # (Envoy writes to a half-closed stream: dropped)

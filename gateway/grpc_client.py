@@ -9,11 +9,16 @@ imports this module).
 from __future__ import annotations
 
 import asyncio
+import os
 from collections import Counter
 from typing import AsyncIterator
 
-import grpc
-from grpc import aio
+# gRPC's C core logs connection events (a server's GOAWAY...) to stderr at INFO, outside the
+# gateway's log; its errors stay visible. Read once, when grpc is first imported.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+import grpc  # noqa: E402
+from grpc import aio  # noqa: E402
 
 from abi.api import GrpcReply, Headers
 

@@ -80,6 +80,13 @@ def unary(w: Wat, method: str, *, cluster: str | bytes = "gc", md: bytes = NO_MD
             + f"(call $log_num {w.s('token')} (i32.load (i32.const {TOKEN})))")
 
 
+async def until(condition, timeout: float = 10) -> None:
+    async def poll():
+        while not condition():
+            await asyncio.sleep(0.01)
+    await asyncio.wait_for(poll(), timeout)
+
+
 def lines(trace) -> list[str]:
     """The filter's trace; metadata callbacks' counts (how many headers the server's gRPC
     library sends) become "n" after checking they cover what the test reads."""
@@ -155,7 +162,8 @@ async def test_dispatch_statuses(load, trace, grpc_up):
     probes = (
         unary(w, "Echo", cluster="nope")                              # unknown cluster
         + unary(w, "Echo", md=b"\x05")                                # malformed metadata
-        + status(w, "send-unknown", f"(call $proxy_grpc_send (i32.const 9) {w.s('x')} (i32.const 0))")
+        + status(w, "send-unknown", f"(call $proxy_grpc_send (i32.const 10) {w.s('x')} (i32.const 0))")
+        + status(w, "send-odd", f"(call $proxy_grpc_send (i32.const 9) {w.s('x')} (i32.const 0))")
         + status(w, "close-unknown", "(call $proxy_grpc_close (i32.const 9))")
         + status(w, "cancel-unknown", "(call $proxy_grpc_cancel (i32.const 9))")
         + unary(w, "Slow")
@@ -165,8 +173,9 @@ async def test_dispatch_statuses(load, trace, grpc_up):
     w.on("proxy_on_request_headers", probes + " (i32.const 0)")
     out = await run(load, w, trace)
     assert isinstance(out, Forward)
-    # Envoy: unknown cluster PARSE_FAILURE; send on a call BAD_ARGUMENT; unknown tokens NOT_FOUND.
-    assert lines(trace) == ["call 4", "token 0", "call 4", "token 0", "send-unknown 1",
+    # Envoy: unknown cluster PARSE_FAILURE; send on a call's (odd) token BAD_ARGUMENT, known or
+    # not; unknown tokens NOT_FOUND.
+    assert lines(trace) == ["call 4", "token 0", "call 4", "token 0", "send-unknown 1", "send-odd 2",
                             "close-unknown 1", "cancel-unknown 1", "call 0", "token 5",
                             "send-call 2", "cancel-call 0", "cancel-again 1"]
 
@@ -225,9 +234,19 @@ async def test_request_end_drops_its_pending_stream(load, trace, grpc_up):
     host = await load(w)
     s = host.stream(["f"], info())
     task = asyncio.ensure_future(s.request(REQ, None))
-    while not grpc_up.seen:
-        await asyncio.sleep(0.01)
+    await until(lambda: grpc_up.seen)
     task.cancel()
     await s.finish(LogInfo())
     await asyncio.wait_for(grpc_up.cancelled.wait(), 10)
     assert host.filters["f"].grpc.pending == {}
+
+
+async def test_call_from_the_start_sequence_is_sent_at_the_swap(load, trace, grpc_up):
+    # on_vm_start runs on a build thread: the call waits for the instance to be swapped in,
+    # then its answer reaches the root like any other (an SDK's on_vm_start → dispatch).
+    w = Wat()
+    grpc_filter(w, "")
+    w.on("proxy_on_vm_start", unary(w, "Echo", msg="boot") + " (i32.const 1)")
+    await load(w)
+    await until(lambda: any(ln.startswith("receive") for ln in trace.lines("f")))
+    assert lines(trace)[:5] == ["call 0", "token 5", "receive 1 5 9", "buf 0", "echo:boot"]
