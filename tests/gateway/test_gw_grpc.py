@@ -62,6 +62,7 @@ def config(tmp_path: Path, up_port: int, authz: dict) -> str:
     (tmp_path / "reply.wat").write_text(grpc_reply_filter())
     return json.dumps({
         "listeners": [{"name": "main", "address": "127.0.0.1", "port": 0}],
+        "admin": {"address": "127.0.0.1", "port": 0},
         "access_log": {"path": None},
         "clusters": [{"name": "backend", "endpoints": [f"127.0.0.1:{up_port}"]},
                      {"name": "authz", "protocol": "grpc", **authz}],
@@ -87,6 +88,10 @@ async def test_filter_pauses_on_grpc_call_and_resumes_or_rejects(tmp_path):
         text = config(tmp_path, up.port, {"endpoints": [f"127.0.0.1:{port}"]})
         async with run_gateway(text, tmp_path) as gw:
             await check_authz(gw, up, grpc)
+            async with aiohttp.ClientSession() as s, s.get(gw.admin_url + "/metrics") as r:
+                metrics = await r.text()
+    assert 'wasmgate_grpc_callouts_total{cluster="authz",code="OK"} 1' in metrics
+    assert 'wasmgate_grpc_callouts_total{cluster="authz",code="PERMISSION_DENIED"} 1' in metrics
 
 
 async def test_grpc_cluster_over_tls(tmp_path):
