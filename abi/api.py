@@ -86,12 +86,40 @@ class NodeInfo:
     metadata: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
 
+@dataclass
+class GrpcReply:
+    """How a unary gRPC call ended: its gRPC status code (0 OK, 4 DEADLINE_EXCEEDED,
+    14 UNAVAILABLE, ...), the status message, and the response message (OK only)."""
+    code: int
+    message: str = ""
+    response: bytes = b""
+
+
+class GrpcStream(Protocol):
+    """One open gRPC stream (HostServices.grpc_stream). ``events()`` yields, in order:
+    ("initial", Headers) unless the call failed before the server answered, ("message", bytes)
+    per message, ("trailing", Headers), then ("close", code, message) — always last."""
+
+    def send(self, message: bytes, end_stream: bool) -> None: ...
+
+    def close(self) -> None:
+        """Half-close: no more messages from us; the server's keep coming."""
+        ...
+
+    def cancel(self) -> None:
+        """Reset the stream; ``events()`` ends without a close event."""
+        ...
+
+    def events(self) -> AsyncIterator[tuple]: ...
+
+
 class HostServices(Protocol):
     """What the gateway provides to the ABI host.
 
-    The two Redis methods are optional: services without them have no Redis clusters (every
-    ``proxy_redis_*`` call then answers as for an unknown cluster). ``node`` is optional too
-    (absent: ``node.id`` and ``node.cluster`` are "", ``node.metadata`` empty)."""
+    The Redis and gRPC methods are optional: services without them have no Redis / gRPC
+    clusters (every ``proxy_redis_*`` / ``proxy_grpc_*`` call then answers as for an unknown
+    cluster). ``node`` is optional too (absent: ``node.id`` and ``node.cluster`` are "",
+    ``node.metadata`` empty)."""
     log: logging.Logger
     node: NodeInfo
 
@@ -114,6 +142,18 @@ class HostServices(Protocol):
         reply is a reply). Raise CallFailed on refuse/reset/timeout (the cluster's or
         ``options.timeout_ms``)."""
         ...
+
+    # gRPC callouts (optional, like the Redis methods: without them no cluster is a gRPC one).
+
+    def has_grpc_cluster(self, name: str) -> bool: ...
+
+    async def grpc_call(self, cluster: str, path: str, metadata: Headers, message: bytes,
+                        timeout_s: float | None) -> GrpcReply:
+        """One unary call to ``path`` ("/package.Service/Method"); every failure (refused,
+        timeout, error status) is a GrpcReply with its code, never an exception."""
+        ...
+
+    def grpc_stream(self, cluster: str, path: str, metadata: Headers) -> GrpcStream: ...
 
 
 class TlsFacts(Protocol):

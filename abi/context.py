@@ -58,6 +58,9 @@ class Context:
                 return callout.headers
             if map_type == MapType.HTTP_CALL_RESPONSE_TRAILERS:
                 return callout.trailers
+        grpc_md = self.filter.grpc.metadata
+        if grpc_md is not None and grpc_md[0] == map_type:
+            return grpc_md[1]
         return None
 
     def writable_map(self, map_type: int) -> HeaderMap | None:
@@ -68,6 +71,8 @@ class Context:
     def get_buffer(self, buffer_type: int) -> BodyBuffer | None:
         if buffer_type == BufferType.HTTP_CALL_RESPONSE_BODY and self.filter.callout is not None:
             return self.filter.callout.body
+        if buffer_type == BufferType.GRPC_RECEIVE_BUFFER and self.filter.grpc.received is not None:
+            return self.filter.grpc.buffer()
         if buffer_type == BufferType.REDIS_CALL_RESPONSE and self.filter.redis.response is not None:
             return BodyBuffer(writable=False, data=self.filter.redis.response)
         if buffer_type == BufferType.VM_CONFIGURATION:

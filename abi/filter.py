@@ -24,6 +24,7 @@ from .engine import Engine, EngineError, Instance, MemoryAccessError, Trap
 from .enums import Status, WasiErrno
 from .hostcalls import HOSTCALLS, PY_LEVELS, guarded
 from .limits import MAX_LOG_BYTES, MAX_PENDING_CALLS
+from .grpc_call import GrpcCalls
 from .module import LoadedModule
 from .redis_call import RedisCalls
 from .shared_store import SharedStore, VmStore
@@ -106,6 +107,7 @@ class Filter:
         self._call_bytes: dict[int, int] = {}   # token → callout bytes it holds (request + response)
         self._callout_bytes = 0                  # their sum, at most spec.limits.max_callout_bytes
         self.redis = RedisCalls(self)
+        self.grpc = GrpcCalls(self)
         self._tick_period_ms = 0
         self._tick_handle: asyncio.TimerHandle | None = None
         self._rebuild_handle: asyncio.TimerHandle | None = None
@@ -419,6 +421,7 @@ class Filter:
         self._alloc = None
         self._held = []
         self._forget_callout_bytes()     # (also what a failed build's held callouts reserved)
+        self.grpc.cancel_all()           # (also a failed build's gRPC callouts, never started)
         contexts, self.contexts = self.contexts, {}
         return contexts
 
@@ -720,8 +723,21 @@ class Filter:
         finally:
             self.callout = None
 
+    def track_callout(self, ctx: Context, token: int) -> None:
+        """A request's callout: dropped with the request if still pending (cancel_calls)."""
+        if isinstance(ctx, HttpContext):
+            ctx.pending_calls.add(token)
+
+    def untrack_callout(self, origin_id: int, token: int) -> None:
+        origin = self.contexts.get(origin_id)
+        if isinstance(origin, HttpContext):
+            origin.pending_calls.discard(token)
+
     def cancel_calls(self, ctx: HttpContext) -> None:
         for token in ctx.pending_calls:
+            if token & 3:                # gRPC call / stream (abi/grpc_call.py)
+                self.grpc.drop(token)
+                continue
             entry = self._calls.pop(token, None)
             if entry is not None:
                 entry[0].cancel()
@@ -790,6 +806,7 @@ class Filter:
         self._calls.clear()
         self._forget_callout_bytes()
         self.redis.cancel_all()
+        self.grpc.cancel_all()
         self._mem = None
         if self.instance is not None:
             self.instance.close()

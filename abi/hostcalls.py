@@ -301,31 +301,48 @@ def proxy_redis_call(f, up_ptr, up_size, query_ptr, query_size, ret_token_p):
     return status
 
 
-def proxy_grpc_call(f, up, up_s, svc, svc_s, meth, meth_s, md, md_s, msg, msg_s, timeout, ret_p):
-    for p, s in ((up, up_s), (svc, svc_s), (meth, meth_s), (md, md_s), (msg, msg_s)):
-        f.read(p, s)
-    f.write_u32(ret_p, 0)
-    return Status.INTERNAL_FAILURE            # no gRPC client: an ordinary failed call
+# gRPC callouts (abi/grpc_call.py; cpp-host src/exports.cc grpc_call ... grpc_close).
+
+def proxy_grpc_call(f, svc_p, svc_s, name_p, name_s, meth_p, meth_s, md_p, md_s, msg_p, msg_s,
+                    timeout_ms, ret_token_p):
+    grpc_service = f.read(svc_p, svc_s)
+    service = to_text(f.read(name_p, name_s))
+    method = to_text(f.read(meth_p, meth_s))
+    metadata = deserialize_str(f.read(md_p, md_s))
+    message = f.read(msg_p, msg_s)
+    f.write_u32(ret_token_p, 0)               # as cpp-host: prove the out-pointer first
+    if metadata is None:
+        return Status.PARSE_FAILURE           # (the SDKs accept OK, PARSE_ and INTERNAL_FAILURE)
+    status, token = f.grpc.call(f.ctx(), grpc_service, service, method, metadata, message, timeout_ms)
+    if status == OK:
+        f.write_u32(ret_token_p, token)
+    return status
 
 
-def proxy_grpc_stream(f, up, up_s, svc, svc_s, meth, meth_s, md, md_s, ret_p):
-    for p, s in ((up, up_s), (svc, svc_s), (meth, meth_s), (md, md_s)):
-        f.read(p, s)
-    f.write_u32(ret_p, 0)
-    return Status.INTERNAL_FAILURE
+def proxy_grpc_stream(f, svc_p, svc_s, name_p, name_s, meth_p, meth_s, md_p, md_s, ret_token_p):
+    grpc_service = f.read(svc_p, svc_s)
+    service = to_text(f.read(name_p, name_s))
+    method = to_text(f.read(meth_p, meth_s))
+    metadata = deserialize_str(f.read(md_p, md_s))
+    f.write_u32(ret_token_p, 0)
+    if metadata is None:
+        return Status.PARSE_FAILURE
+    status, token = f.grpc.stream(f.ctx(), grpc_service, service, method, metadata)
+    if status == OK:
+        f.write_u32(ret_token_p, token)
+    return status
 
 
-def proxy_grpc_send(f, token, msg, msg_s, end_stream):
-    f.read(msg, msg_s)
-    return Status.NOT_FOUND
+def proxy_grpc_send(f, token, msg_p, msg_s, end_stream):
+    return f.grpc.send(token, f.read(msg_p, msg_s), bool(end_stream))
 
 
 def proxy_grpc_cancel(f, token):
-    return Status.NOT_FOUND
+    return f.grpc.cancel(token)
 
 
 def proxy_grpc_close(f, token):
-    return Status.NOT_FOUND
+    return f.grpc.close(token)
 
 
 def proxy_call_foreign_function(f, name_ptr, name_size, args_ptr, args_size, ret_pp, ret_size_p):

@@ -130,6 +130,9 @@ class Cluster:
     tls: UpstreamTls | None = None
     # Envoy's filter_metadata: {namespace: {key: value}} (cluster_metadata.* properties).
     metadata: dict[str, dict[str, Any]] = field(default_factory=dict, hash=False)
+    # "http1": routes and http_call (HTTP/1.1); "grpc": filters' gRPC callouts only (HTTP/2,
+    # h2c or TLS; gateway/grpc_clusters.py).
+    protocol: str = "http1"
 
 
 @dataclass(frozen=True)
@@ -756,7 +759,7 @@ def _cluster(ck: _Checker, node: yaml.Node, path: str, base: Path) -> Cluster | 
         return _redis_cluster(ck, node, path, base)
     f = ck.mapping(node, path, {"name", "type", "endpoints", "connect_timeout_ms", "request_timeout_ms",
                                 "max_connections", "eject_ms", "response_idle_timeout_ms", "tls",
-                                "metadata"},
+                                "metadata", "protocol"},
                      {"name", "endpoints"})
     if f is None:
         return None
@@ -781,8 +784,38 @@ def _cluster(ck: _Checker, node: yaml.Node, path: str, base: Path) -> Cluster | 
         response_idle_timeout_ms=_get(f, "response_idle_timeout_ms", path, ms(1), d.response_idle_timeout_ms),
         tls=tls,
         metadata=_get(f, "metadata", path, ck.metadata, {}),
+        protocol=_protocol(ck, f, path, endpoints, tls),
     )
-    return cluster if name and endpoints and tls_ok and len(ck.errors) == n_errors else None
+    return cluster if name and endpoints and tls_ok and len(ck.errors) == n_errors and cluster.protocol else None
+
+
+def _protocol(ck: _Checker, f: dict[str, yaml.Node], path: str,
+              endpoints: tuple[Endpoint, ...] | None, tls: UpstreamTls | None) -> str:
+    """A cluster's `protocol:` ("" after reporting an error)."""
+    proto = _get(f, "protocol", path, ck.string, "http1")
+    if proto not in ("http1", "grpc"):
+        ck.error(f["protocol"], f"{path}.protocol", f'must be http1 or grpc, got "{proto}"')
+        return ""
+    if proto == "grpc":
+        if tls is not None and not tls.verify:
+            # gRPC's TLS (its own BoringSSL) always verifies the server: say so rather than
+            # silently verifying what the operator asked us not to.
+            ck.error(f["tls"], f"{path}.tls.verify", "verify: false is not supported with protocol: grpc")
+            return ""
+        if endpoints and len(endpoints) > 1 and not all(_is_ip(e.host) for e in endpoints):
+            ck.error(f["endpoints"], f"{path}.endpoints",
+                     "a grpc cluster with more than one endpoint needs IP addresses (gRPC balances "
+                     "over an address list; one host name is resolved by gRPC itself)")
+            return ""
+    return proto
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _redis_cluster(ck: _Checker, node: yaml.Node, path: str, base: Path) -> RedisCluster | None:
@@ -834,8 +867,8 @@ def _secret_file(ck: _Checker, node: yaml.Node, path: str, base: Path) -> str | 
 
 
 def _route(ck: _Checker, node: yaml.Node, path: str, clusters: set[str], filters: set[str] | None,
-           paths: PathPolicy = PathPolicy(), redis: set[str] = frozenset()
-           ) -> tuple[str | None, Route | None]:
+           paths: PathPolicy = PathPolicy(), redis: set[str] = frozenset(),
+           grpc: set[str] = frozenset()) -> tuple[str | None, Route | None]:
     f = ck.mapping(node, path, {"name", "match", "cluster", "rewrite", "filters", "upgrades", "metadata"},
                    {"name", "cluster"})
     if f is None:
@@ -846,6 +879,11 @@ def _route(ck: _Checker, node: yaml.Node, path: str, clusters: set[str], filters
     if cluster is not None and cluster in redis:
         ck.error(f["cluster"], f"{path}.cluster",
                  f'"{cluster}" is a redis cluster (type: redis); a route needs an HTTP cluster')
+        ok = False
+    elif cluster is not None and cluster in grpc:
+        ck.error(f["cluster"], f"{path}.cluster",
+                 f'"{cluster}" is a grpc cluster (protocol: grpc), for filters\' gRPC callouts; '
+                 f'a route needs an http1 cluster')
         ok = False
     elif cluster is not None and cluster not in clusters:
         ck.error(f["cluster"], f"{path}.cluster", f'no cluster named "{cluster}"')
@@ -1167,7 +1205,8 @@ def _build(ck: _Checker, root: yaml.Node, base_dir: Path) -> Config:
             ck.error(top["routes"], "routes", "needs at least one route")
         names = []
         for i, item in enumerate(items):
-            nm, r = _route(ck, item, f"routes[{i}]", cluster_names, filter_names, paths, redis_names)
+            nm, r = _route(ck, item, f"routes[{i}]", cluster_names, filter_names, paths, redis_names,
+                           {c.name for c in clusters if c.protocol == "grpc"})
             names.append((nm, item))
             if r:
                 routes.append(r)

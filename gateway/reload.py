@@ -243,6 +243,7 @@ async def retire(old: Generation, drain_timeout_s: float, kept_pools: set[str], 
         if name not in kept_pools:
             pool.close()
     await old.upstreams.redis.aclose(kept_pools)
+    await old.upstreams.grpc.aclose()        # (its filters' streams and calls end with it)
     host = old.filter_host
     if host is not None and host is not new_host:
         try:

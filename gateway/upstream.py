@@ -12,9 +12,10 @@ import ssl
 import time
 from typing import AsyncIterator, Callable
 
-from abi.api import CallFailed, CallResponse, Headers, NodeInfo, RedisOptions
+from abi.api import CallFailed, CallResponse, GrpcReply, GrpcStream, Headers, NodeInfo, RedisOptions
 
 from .config import Cluster, Endpoint, RedisCluster
+from .grpc_clusters import GrpcClusters
 from .redis_clusters import RedisClusters
 from .http1 import (FRAMING, BodyStream, HttpError, PeerClosed, body_length, connection_tokens,
                     parse_response_head, read_chunked, trailer_block)
@@ -511,9 +512,10 @@ class Upstreams:
     def __init__(self, clusters: tuple[Cluster, ...], logger: logging.Logger | None = None,
                  shared_store: object | None = None, redis_clusters: tuple[RedisCluster, ...] = (),
                  node: NodeInfo | None = None):
-        self.pools = {c.name: Pool(c) for c in clusters}
+        self.pools = {c.name: Pool(c) for c in clusters if c.protocol != "grpc"}
         self.node = node or NodeInfo()          # the config's `node:` (filters' node.* properties)
         self.redis = RedisClusters(redis_clusters)
+        self.grpc = GrpcClusters(tuple(c for c in clusters if c.protocol == "grpc"))
         self.log = logger or logging.getLogger("wasmgate.filters")
         self.shared_store = shared_store
 
@@ -526,6 +528,17 @@ class Upstreams:
     async def redis_call(self, cluster: str, query: bytes, options: RedisOptions) -> bytes:
         """HostServices.redis_call: one command to a `type: redis` cluster, the raw reply."""
         return await self.redis.call(cluster, query, options)
+
+    def has_grpc_cluster(self, name: str) -> bool:
+        return self.grpc.has(name)
+
+    async def grpc_call(self, cluster: str, path: str, metadata: Headers, message: bytes,
+                        timeout_s: float | None) -> GrpcReply:
+        """HostServices.grpc_call: one unary call to a `protocol: grpc` cluster."""
+        return await self.grpc.call(cluster, path, metadata, message, timeout_s)
+
+    def grpc_stream(self, cluster: str, path: str, metadata: Headers) -> GrpcStream:
+        return self.grpc.stream(cluster, path, metadata)
 
     async def http_call(self, cluster: str, method: str, path: str, authority: str, headers: Headers,
                         body: bytes, timeout_s: float | None,
@@ -569,6 +582,7 @@ class Upstreams:
         a reloaded generation)."""
         self.close()
         await self.redis.aclose(keep_redis)
+        await self.grpc.aclose()
 
 
 async def _once(data: bytes) -> AsyncIterator[bytes]:

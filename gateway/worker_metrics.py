@@ -77,7 +77,7 @@ def _pool_gauges(gen: Any) -> list[MetricSample]:
                          {"cluster": name, "endpoint": str(ep)},
                          "1 while an endpoint is skipped after refusing connections.")
             for name, p in pools.items() for ep in p.cluster.endpoints]
-    return out + gen.upstreams.redis.samples()
+    return out + gen.upstreams.redis.samples() + gen.upstreams.grpc.samples()
 
 
 def _pack(s: MetricSample) -> list[Any]:

@@ -44,6 +44,10 @@ CALLBACKS = {
     "proxy_on_queue_ready": (2, False, None),
     "proxy_on_http_call_response": (5, False, None),
     "proxy_on_redis_call_response": (4, False, None),       # Higress
+    "proxy_on_grpc_receive_initial_metadata": (3, False, None),
+    "proxy_on_grpc_receive": (3, False, None),
+    "proxy_on_grpc_receive_trailing_metadata": (3, False, None),
+    "proxy_on_grpc_close": (3, False, None),
 }
 
 SCRATCH = 0x8000      # trace line buffer
