@@ -114,6 +114,7 @@ class HttpCall:
     headers: HeaderList
     body: bytes
     timeout_s: float | None
+    outcome: str = ""            # "200, 5 bytes" | "failed: <reason>", once answered
 
 
 @dataclass
@@ -134,9 +135,11 @@ class Log:
 
 @dataclass
 class Timing:
+    """One guest callback: how long it ran and the host calls it made meanwhile."""
     filter: str
     callback: str
     us: float
+    host_calls: list[HostCall] = field(default_factory=list)
 
 
 def _headers(h: HeadersIn) -> list[tuple[str, str]]:
@@ -217,6 +220,7 @@ class _Services:
         self.shared_store = create_local_store(16 * 1024 * 1024)
         self.observer = self
         self.offset_ns = 0
+        self.pending: list[HostCall] = []     # host calls of the guest call running now
 
     # HostObserver
     def now_ns(self) -> int:
@@ -227,10 +231,13 @@ class _Services:
             status = "-" if result is None else _STATUS.get(result, str(result))
         else:                                        # WASI: an errno
             status = "-" if result is None else ("OK" if result == 0 else f"errno {result}")
-        self.h.host_calls.append(HostCall(filter_name, name, status))
+        call = HostCall(filter_name, name, status)
+        self.h.host_calls.append(call)
+        self.pending.append(call)
 
     def guest_call(self, filter_name: str, name: str, ns: int) -> None:
-        self.h.timings.append(Timing(filter_name, name, ns / 1000))
+        made, self.pending = self.pending, []
+        self.h.timings.append(Timing(filter_name, name, ns / 1000, made))
 
     # HostServices
     def has_cluster(self, name: str) -> bool:
@@ -245,10 +252,16 @@ class _Services:
             self.h.errors.append(f"the filter called cluster {cluster!r} ({method} {path}) but no "
                                  "on_http_call handler answers http calls")
             raise CallFailed("no on_http_call handler")
-        answer = handler(call)
-        if inspect.isawaitable(answer):
-            answer = await answer
-        return _call_response(answer)
+        try:
+            answer = handler(call)
+            if inspect.isawaitable(answer):
+                answer = await answer
+            response = _call_response(answer)
+        except CallFailed as e:
+            call.outcome = f"failed: {e.reason}"
+            raise
+        call.outcome = f"{response.status}, {len(response.body)} bytes"
+        return response
 
 
 def _call_response(answer: CallAnswer) -> CallResponse:
