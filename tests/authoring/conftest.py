@@ -41,3 +41,9 @@ def tick_wasm(tmp_path) -> Path:
 def pause_wasm(tmp_path) -> Path:
     """Pauses every request in on_request_headers and never resumes it."""
     return wat_file(tmp_path, "pause", Wat().on("proxy_on_request_headers", "(i32.const 1)"))
+
+
+@pytest.fixture(scope="session")
+def cargo_target_dir(tmp_path_factory) -> Path:
+    """One CARGO_TARGET_DIR for every generated Rust project of the session: the SDK is compiled once."""
+    return tmp_path_factory.mktemp("cargo-target")

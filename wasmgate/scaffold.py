@@ -1,0 +1,78 @@
+"""`wasmgate new filter NAME [--lang rust] [--dir DIR]`: a ready filter project from the
+templates in wasmgate/templates/<lang>/ — source with a root and an HTTP context, a build
+script, a gateway config snippet, and a test that passes with the pytest plugin."""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from pathlib import Path
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+LANGS = ("rust",)                                    # each has templates/<lang>/
+_NAME = re.compile(r"[a-z][a-z0-9_-]{0,62}")
+# Template files whose real name starts with a dot (kept visible in the package).
+_RENAMES = {"dot-cargo": ".cargo", "dot-gitignore": ".gitignore"}
+
+
+class ScaffoldError(Exception):
+    pass
+
+
+def sdk_path() -> Path:
+    """The Rust SDK (filters/sdk) of this wasmgate installation: $WASMGATE_SDK, else the
+    checkout the package is installed from (pip install -e, as ./dev does)."""
+    env = os.environ.get("WASMGATE_SDK")
+    candidates = [Path(env)] if env else []
+    candidates.append(Path(__file__).resolve().parents[1] / "filters" / "sdk")
+    for c in candidates:
+        if (c / "Cargo.toml").is_file():
+            return c.resolve()
+    raise ScaffoldError("cannot find wasmgate's Rust SDK (looked at "
+                        f"{', '.join(str(c) for c in candidates)}); set WASMGATE_SDK to its directory")
+
+
+def create(name: str, lang: str = "rust", directory: Path | None = None) -> Path:
+    """Write the project; returns its directory. ScaffoldError says what is wrong."""
+    if not _NAME.fullmatch(name):
+        raise ScaffoldError(f"filter name {name!r}: use lower-case letters, digits, - and _, "
+                            "starting with a letter")
+    if lang not in LANGS:
+        raise ScaffoldError(f"--lang {lang}: one of {', '.join(LANGS)}")
+    target = (directory or Path(name)).resolve()
+    if target.exists() and any(target.iterdir()):
+        raise ScaffoldError(f"{target} exists and is not empty")
+    values = {"name": name, "lib": name.replace("-", "_"), "dir": str(target)}
+    if lang == "rust":
+        values["sdk"] = str(sdk_path())
+    source = TEMPLATES / lang
+    for src in sorted(p for p in source.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        rel = Path(*[_RENAMES.get(part, part) for part in src.relative_to(source).parts])
+        dest = target / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        text = src.read_text()
+        for key, value in values.items():
+            text = text.replace("{{" + key + "}}", value)
+        dest.write_text(text)
+        if src.suffix == ".sh":
+            dest.chmod(0o755)
+    return target
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="wasmgate new filter",
+                                description="Create a filter project that builds, and passes its tests.")
+    p.add_argument("name", help="the filter's name (crate and .wasm name)")
+    p.add_argument("--lang", default="rust", choices=LANGS, help="default: rust")
+    p.add_argument("--dir", type=Path, help="where to create it (default: ./NAME)")
+    args = p.parse_args(argv)
+    try:
+        target = create(args.name, args.lang, args.dir)
+    except ScaffoldError as e:
+        print(f"wasmgate new filter: {e}", file=sys.stderr)
+        return 1
+    print(f"created {target}\n  cd {target}\n  ./build.sh          # dist/*.wasm\n"
+          "  python -m pytest    # builds when stale, then tests the real wasm\n"
+          "  then add gateway-snippet.yaml's entries to your config.yaml")
+    return 0
