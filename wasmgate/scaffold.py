@@ -6,11 +6,12 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
-LANGS = ("rust",)                                    # each has templates/<lang>/
+LANGS = ("rust", "assemblyscript", "c")               # each has templates/<lang>/
 _NAME = re.compile(r"[a-z][a-z0-9_-]{0,62}")
 # Template files whose real name starts with a dot (kept visible in the package).
 _RENAMES = {"dot-cargo": ".cargo", "dot-gitignore": ".gitignore"}
@@ -20,17 +21,55 @@ class ScaffoldError(Exception):
     pass
 
 
-def sdk_path() -> Path:
-    """The Rust SDK (filters/sdk) of this wasmgate installation: $WASMGATE_SDK, else the
-    checkout the package is installed from (pip install -e, as ./dev does)."""
-    env = os.environ.get("WASMGATE_SDK")
-    candidates = [Path(env)] if env else []
-    candidates.append(Path(__file__).resolve().parents[1] / "filters" / "sdk")
+CLANG = "/usr/bin/clang-14"
+
+
+def _from_install(env: str, relatives: list[str], what: str) -> Path:
+    """A file or directory of this wasmgate installation: $env, else the checkout the package is
+    installed from (pip install -e, as ./dev does)."""
+    checkout = Path(__file__).resolve().parents[1]
+    candidates = [Path(os.environ[env])] if os.environ.get(env) else []
+    candidates += [checkout / r for r in relatives]
     for c in candidates:
-        if (c / "Cargo.toml").is_file():
+        if c.exists():
             return c.resolve()
-    raise ScaffoldError("cannot find wasmgate's Rust SDK (looked at "
-                        f"{', '.join(str(c) for c in candidates)}); set WASMGATE_SDK to its directory")
+    raise ScaffoldError(f"cannot find {what} (looked at {', '.join(str(c) for c in candidates)}); "
+                        f"set {env}")
+
+
+def c_header() -> Path:
+    """proxy_wasm.h, the C header of the ABI."""
+    return _from_install("WASMGATE_C_HEADER", ["filters/examples/c/proxy_wasm.h", "filters/c/proxy_wasm.h"],
+                         "wasmgate's C header of the ABI (proxy_wasm.h)")
+
+
+def sdk_path() -> Path:
+    """The Rust SDK crate (filters/sdk)."""
+    sdk = _from_install("WASMGATE_SDK", ["filters/sdk"], "wasmgate's Rust SDK (filters/sdk)")
+    if not (sdk / "Cargo.toml").is_file():
+        raise ScaffoldError(f"{sdk} has no Cargo.toml: not the Rust SDK; fix WASMGATE_SDK")
+    return sdk
+
+
+def unavailable(lang: str) -> str | None:
+    """Why projects in `lang` cannot be built here, or None."""
+    if lang == "rust":
+        try:
+            sdk_path()
+        except ScaffoldError as e:
+            return str(e)
+        return None if os.access("/usr/bin/cargo", os.X_OK) else "no /usr/bin/cargo (apt install rustc cargo libstd-rust-dev-wasm32 lld)"
+    if lang == "assemblyscript":
+        return None if shutil.which("npm") else "no npm on PATH (install Node.js and npm)"
+    if lang == "c":
+        if not os.access(CLANG, os.X_OK):
+            return f"no {CLANG} (apt install clang-14 lld-14 wasi-libc libclang-rt-14-dev-wasm32)"
+        try:
+            c_header()
+        except ScaffoldError as e:
+            return str(e)
+        return None
+    return f"unknown language {lang!r}"
 
 
 def create(name: str, lang: str = "rust", directory: Path | None = None) -> Path:
@@ -40,12 +79,17 @@ def create(name: str, lang: str = "rust", directory: Path | None = None) -> Path
                             "starting with a letter")
     if lang not in LANGS:
         raise ScaffoldError(f"--lang {lang}: one of {', '.join(LANGS)}")
+    why = unavailable(lang)
+    if why:
+        raise ScaffoldError(f"--lang {lang} cannot be built here: {why}")
     target = (directory or Path(name)).resolve()
     if target.exists() and any(target.iterdir()):
         raise ScaffoldError(f"{target} exists and is not empty")
     values = {"name": name, "lib": name.replace("-", "_"), "dir": str(target)}
     if lang == "rust":
         values["sdk"] = str(sdk_path())
+    if lang == "c":
+        values["include"] = str(c_header().parent)
     source = TEMPLATES / lang
     for src in sorted(p for p in source.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
         rel = Path(*[_RENAMES.get(part, part) for part in src.relative_to(source).parts])

@@ -22,7 +22,7 @@ from abi.api import CallFailed, CallResponse
 from .harness import (Exchange, FilterHarness, HarnessError, HttpCall, Reply, Response, Timing,
                       UpstreamRequest, load_chain)
 
-USAGE = ("wasmgate try FILTER.wasm [--chain a.wasm,b.wasm] [--config JSON|@file]... "
+USAGE = ("wasmgate try FILTER.wasm [--chain a.wasm,b.wasm] [--config JSON|@file]... [--root-id ID] "
          "[--request 'METHOD /path'] [-H 'name: value']... [--data TEXT|@file]... "
          "[--call-response CLUSTER=STATUS[:BODY]]... [--json] "
          "[--response STATUS [-H 'name: value']... [--data TEXT|@file]...]")
@@ -38,6 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chain", help="comma-separated .wasm files, run in this order")
     p.add_argument("--config", action="append", default=[],
                    help="a filter's configuration: JSON text or @file (once per filter of a chain, in order)")
+    p.add_argument("--root-id", default="",
+                   help="the filters' root_id (C++ and AssemblyScript SDKs pick their root context by it)")
     p.add_argument("--request", default="GET /", help="'METHOD /path' (default: 'GET /')")
     p.add_argument("-H", "--header", action="append", default=[], dest="headers",
                    help="a request header 'name: value' (repeatable)")
@@ -142,7 +144,8 @@ def run(args: argparse.Namespace, response: dict | None) -> int:
         return answers[call.cluster]
 
     try:
-        h = load_chain(list(zip(paths, configs)), on_http_call=on_http_call, log_level=args.log_level)
+        h = load_chain([(p, c, {"root_id": args.root_id}) for p, c in zip(paths, configs)],
+                       on_http_call=on_http_call, log_level=args.log_level)
     except FilterLoadError as e:
         print(f"wasmgate try: {e}", file=sys.stderr)
         return 1

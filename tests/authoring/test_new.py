@@ -1,9 +1,12 @@
 """`wasmgate new filter`: the files of a Rust project (SDK by absolute path, Debian source
-replacement, header-only by default), the refusals, and build_if_stale. The generated project
-is built and its tests run by test_quick_path.py (the README's five-minute path)."""
+replacement, header-only by default), the refusals, build_if_stale, and AssemblyScript and C
+projects that build and pass their tests. The Rust project is built and its tests run by
+test_quick_path.py (the README's five-minute path)."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 import tomllib
 from pathlib import Path
@@ -11,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from gateway.cli import main
-from wasmgate.scaffold import sdk_path
+from wasmgate.scaffold import sdk_path, unavailable
 from wasmgate.testing import build_if_stale
 from tests.authoring.conftest import ROOT
 
@@ -69,3 +72,19 @@ def test_build_if_stale(tmp_path):
     with pytest.raises(pytest.UsageError, match="building out.wasm failed"):
         os.utime(src / "a.rs", (future + 10, future + 10))
         build_if_stale(out, sources=[src], command=["sh", "-c", "echo broken >&2; exit 3"])
+
+
+@pytest.mark.parametrize("lang", ["assemblyscript", "c"])
+def test_new_project_builds_and_its_tests_pass(tmp_path, lang):
+    """AssemblyScript (Solo.io's SDK from npm, pinned) and C (clang-14 + wasi-libc + proxy_wasm.h):
+    `new` → `python -m pytest` builds the filter (stale: no dist/ yet) and passes. Rust: the
+    five-minute path (test_quick_path.py)."""
+    why = unavailable(lang)
+    if why:
+        pytest.skip(why)
+    p = tmp_path / f"demo-{lang}"
+    assert main(["new", "filter", f"demo-{lang}", "--lang", lang, "--dir", str(p)]) == 0
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"], cwd=p,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "3 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    assert (p / "dist" / f"demo_{lang}.wasm").stat().st_size > 1000
