@@ -12,6 +12,16 @@ from pathlib import Path
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 LANGS = ("rust", "assemblyscript", "c")               # each has templates/<lang>/
+# What differs per language in templates/common/ (the generated test and conftest.py).
+LANG_VALUES = {
+    "rust": {"config_hi": '{"greeting": "hi"}', "config_bad": '{"greting": "typo"}', "bad_match": "greting",
+             "options": "", "sources": 'HERE / "src", HERE / "Cargo.toml"'},
+    "assemblyscript": {"config_hi": '"hi"', "config_bad": '"two\\nlines"', "bad_match": "one line",
+                       "options": ', root_id="{{lib}}"',   # the SDK picks its root context by it
+                       "sources": 'HERE / "assembly", HERE / "package.json", HERE / "package-lock.json"'},
+    "c": {"config_hi": '"hi"', "config_bad": '"two\\nlines"', "bad_match": "one line", "options": "",
+          "sources": 'HERE / "filter.c"'},
+}
 _NAME = re.compile(r"[a-z][a-z0-9_-]{0,62}")
 # Template files whose real name starts with a dot (kept visible in the package).
 _RENAMES = {"dot-cargo": ".cargo", "dot-gitignore": ".gitignore"}
@@ -85,23 +95,28 @@ def create(name: str, lang: str = "rust", directory: Path | None = None) -> Path
     target = (directory or Path(name)).resolve()
     if target.exists() and any(target.iterdir()):
         raise ScaffoldError(f"{target} exists and is not empty")
-    values = {"name": name, "lib": name.replace("-", "_"), "dir": str(target)}
+    values = {**LANG_VALUES[lang], "name": name, "lib": name.replace("-", "_"), "dir": str(target)}
     if lang == "rust":
         values["sdk"] = str(sdk_path())
     if lang == "c":
         values["include"] = str(c_header().parent)
-    source = TEMPLATES / lang
-    for src in sorted(p for p in source.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
-        rel = Path(*[_RENAMES.get(part, part) for part in src.relative_to(source).parts])
-        dest = target / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        text = src.read_text()
+    for source in (TEMPLATES / "common", TEMPLATES / lang):
+        for src in sorted(p for p in source.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+            rel = Path(*[_RENAMES.get(part, part) for part in src.relative_to(source).parts])
+            dest = target / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_text(_fill(src.read_text(), values))
+            if src.suffix == ".sh":
+                dest.chmod(0o755)
+    return target
+
+
+def _fill(text: str, values: dict[str, str]) -> str:
+    """Replace {{key}} placeholders (twice: a language's values may hold {{lib}})."""
+    for _ in range(2):
         for key, value in values.items():
             text = text.replace("{{" + key + "}}", value)
-        dest.write_text(text)
-        if src.suffix == ".sh":
-            dest.chmod(0o755)
-    return target
+    return text
 
 
 def main(argv: list[str]) -> int:

@@ -11,27 +11,13 @@ import pytest_asyncio
 from aiohttp import web
 
 from tests.filters.conftest import filter_gateway, header_values
+from tests.filters.test_headers_unit import REQUEST, RESPONSE
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-FILTERS = [
-    {"name": "req", "wasm": "headers", "config": {"request": {
-        "remove": ["x-drop", "X-Drop-Too"],
-        "rename": {"x-old": "x-new"},
-        "set": {"x-set": "fixed", "x-path": "${request.path}", "x-method": "${request.method}",
-                "x-rid": "${request.id}", "x-client": "${source.address}", "x-port": "${source.port}",
-                "x-copy": "foo=${request.header.x-foo};", "x-missing": "${request.header.x-absent}",
-                "x-dollar": "$$5 and $x"},
-        "add": [{"name": "x-add", "value": "one"}, {"name": "x-add", "value": "two"}],
-    }}},
-    {"name": "resp", "wasm": "headers", "config": {"response": {
-        "remove": ["x-secret"],
-        "rename": [{"name": "x-up-multi", "to": "x-renamed"}],
-        "set": {"server": "wasmgate", "x-code": "${response.code}", "x-echo": "${request.header.x-foo}",
-                "x-up": "up said ${response.header.x-up}", "x-rid": "${request.id}"},
-        "add": {"x-added": "1"},
-    }}},
-]
+# The same configurations the unit tests load: here through the gateway.
+FILTERS = [{"name": "req", "wasm": "headers", "config": REQUEST},
+           {"name": "resp", "wasm": "headers", "config": RESPONSE}]
 ROUTES = [{"name": f["name"], "match": {"prefix": f"/{f['name']}/"}, "cluster": "backend", "filters": [f["name"]]}
           for f in FILTERS]
 

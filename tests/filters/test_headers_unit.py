@@ -22,7 +22,7 @@ RESPONSE = {"response": {
     "remove": ["x-secret"],
     "rename": [{"name": "x-up-multi", "to": "x-renamed"}],
     "set": {"server": "wasmgate", "x-code": "${response.code}", "x-echo": "${request.header.x-foo}",
-            "x-up": "up said ${response.header.x-up}"},
+            "x-up": "up said ${response.header.x-up}", "x-rid": "${request.id}"},
     "add": {"x-added": "1"},
 }}
 
@@ -62,6 +62,7 @@ def test_response_operations_and_templates(wasm_filter):
     assert h.get_all("x-renamed") == ["a", "b"]
     assert (h["server"], h["x-code"], h["x-up"], h["x-added"]) == ("wasmgate", "200", "up said hello", "1")
     assert h["x-echo"] == "from-request"                         # request header captured for the response
+    assert h["x-rid"] == "req-1"                                 # the harness's request ids: req-1, req-2, …
     assert "x-code" not in r.upstream_request.headers
 
 

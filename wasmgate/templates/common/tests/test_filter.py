@@ -5,11 +5,9 @@ from abi.api import FilterLoadError
 
 from conftest import WASM
 
-ROOT_ID = "{{lib}}"      # the name the filter registers its root context under
-
 
 def test_greets_the_upstream(wasm_filter):
-    f = wasm_filter(WASM, config="hi", root_id=ROOT_ID)
+    f = wasm_filter(WASM, config={{config_hi}}{{options}})
     r = f.request("GET", "/hello")
     assert r.upstream_request.headers["x-greeting"] == "hi"
     assert 'filter "{{lib}}": {{name}}: greeted /hello' in [log.message for log in f.logs]
@@ -18,10 +16,10 @@ def test_greets_the_upstream(wasm_filter):
 
 
 def test_blocks(wasm_filter):
-    r = wasm_filter(WASM, root_id=ROOT_ID).request("GET", "/", headers={"x-block": "1"})
+    r = wasm_filter(WASM{{options}}).request("GET", "/", headers={"x-block": "1"})
     assert r.local_reply.status == 403 and r.local_reply.body == b"blocked\n"
 
 
 def test_refuses_a_bad_config(wasm_filter):
-    with pytest.raises(FilterLoadError, match="one line"):
-        wasm_filter(WASM, config="two\nlines", root_id=ROOT_ID)
+    with pytest.raises(FilterLoadError, match="{{bad_match}}"):
+        wasm_filter(WASM, config={{config_bad}}{{options}})

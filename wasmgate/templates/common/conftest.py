@@ -7,4 +7,4 @@ WASM = HERE / "dist" / "{{lib}}.wasm"
 
 
 def pytest_sessionstart(session):
-    build_if_stale(WASM, sources=[HERE / "src", HERE / "Cargo.toml"], command=["bash", str(HERE / "build.sh")])
+    build_if_stale(WASM, sources=[{{sources}}], command=["bash", str(HERE / "build.sh")])
