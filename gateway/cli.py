@@ -330,9 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["try"]:             # its own parser: -H/--data mean the response after --response
         from wasmgate.try_filter import main as try_main
         return try_main(argv[1:])
-    if argv[:2] == ["new", "filter"]:
+    if argv[:1] == ["new"]:
         from wasmgate.scaffold import main as new_main
-        return new_main(argv[2:])
+        return new_main(argv[1:])
     parser = argparse.ArgumentParser(prog="wasmgate", description="An edge HTTP gateway running Proxy-Wasm filters.")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the gateway")

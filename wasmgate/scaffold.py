@@ -120,10 +120,13 @@ def _fill(text: str, values: dict[str, str]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="wasmgate new filter",
+    p = argparse.ArgumentParser(prog="wasmgate new",
                                 description="Create a filter project that builds, and passes its tests.")
+    p.add_argument("kind", choices=["filter"], help="what to create (a filter project)")
     p.add_argument("name", help="the filter's name (crate and .wasm name)")
-    p.add_argument("--lang", default="rust", choices=LANGS, help="default: rust")
+    buildable = [lang for lang in LANGS if unavailable(lang) is None]
+    p.add_argument("--lang", default="rust", choices=LANGS,
+                   help=f"default: rust; buildable here: {', '.join(buildable) or 'none'}")
     p.add_argument("--dir", type=Path, help="where to create it (default: ./NAME)")
     args = p.parse_args(argv)
     try:
