@@ -43,6 +43,8 @@ _LEVELS = {"trace": 5, "debug": logging.DEBUG, "info": logging.INFO, "warn": log
            "warning": logging.WARNING, "error": logging.ERROR, "critical": logging.CRITICAL}
 _PROM_BAD = re.compile(r"[^a-zA-Z0-9_:]")
 _ids = count(1)
+# Compiling a module can take seconds on a busy machine (the engine caches it on disk after).
+LOAD_TIMEOUT_S = 120.0
 
 
 class HarnessError(Exception):
@@ -368,7 +370,7 @@ class FilterHarness:
         self._services = _Services(self, clusters, log_level)
         self._host = None
         try:
-            self._host = self._run(load_filter_host(specs, self._services), None)
+            self._host = self._run(load_filter_host(specs, self._services), LOAD_TIMEOUT_S)
         except FilterLoadError as e:
             self._loop.close()
             # The reason is usually what the filter logged (a bad configuration): keep it.
