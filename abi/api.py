@@ -156,6 +156,23 @@ class HostServices(Protocol):
     def grpc_stream(self, cluster: str, path: str, metadata: Headers) -> GrpcStream: ...
 
 
+class HostObserver(Protocol):
+    """Opt-in instrumentation for `wasmgate try` and the pytest plugin (wasmgate/harness.py):
+    a HostServices with an ``observer`` attribute gets every host call and guest callback of
+    its filters reported. The wrapping happens when a filter links its instance, so a gateway
+    (no observer) pays nothing per call.
+
+    ``manual_ticks``: the tick timer never fires by itself; ``FilterHost.tick(name)`` delivers
+    one. ``now_ns``: the clock the filters read (proxy_get_current_time_nanoseconds)."""
+    manual_ticks: bool
+
+    def now_ns(self) -> int: ...
+
+    def host_call(self, filter_name: str, name: str, result: int | None, ns: int) -> None: ...
+
+    def guest_call(self, filter_name: str, name: str, ns: int) -> None: ...
+
+
 class TlsFacts(Protocol):
     """A downstream TLS connection, for the connection.* properties (Envoy's names and meanings).
     Strings are "" when there is nothing to say (no SNI, no client certificate, no SAN)."""
@@ -262,6 +279,7 @@ class HttpStream(Protocol):
 class FilterHostProtocol(Protocol):
     def stream(self, filter_names: list[str], info: StreamInfo) -> HttpStream: ...
     def metrics(self) -> list[MetricSample]: ...
+    def tick(self, filter_name: str) -> bool: ...   # one proxy_on_tick now (HostObserver.manual_ticks)
     async def close(self) -> None: ...
 
 

@@ -116,6 +116,9 @@ class Filter:
         self._build_thread: int | None = None    # thread id running that build's start sequence
         self._held: list[Callable[[], None]] = []   # loop actions waiting for the swap
         self.starting = False            # inside _initialize/main/_start
+        self.observer = getattr(services, "observer", None)   # api.HostObserver: try / tests only
+        if self.observer is not None:
+            self.now_ns = self.observer.now_ns
         self.host_functions = self._host_functions()
 
     # -- linking ---------------------------------------------------------------------------
@@ -133,7 +136,14 @@ class Filter:
                               internal=None if void else WasiErrno.INVAL, arity=len(params))
             for module in WASI_MODULES:
                 table[(module, name)] = wrapped
+        if self.observer is not None:
+            table = {key: _observed_host(self.observer, self.name, key[1], fn)
+                     for key, fn in table.items()}
         return table
+
+    def _export(self, inst: Instance, name: str) -> Callable:
+        fn = inst.export_func(name)
+        return fn if self.observer is None else _observed_guest(self.observer, self.name, name, fn)
 
     # -- start sequence (reference §2.3) ----------------------------------------------------
     #
@@ -331,7 +341,7 @@ class Filter:
             inst = self._starting_instance(name)
         fn = self._funcs.get(name)
         if fn is None:
-            fn = self._funcs[name] = inst.export_func(name)
+            fn = self._funcs[name] = self._export(inst, name)
         saved = self._current, self._effective
         self._current, self._effective = ctx, None
         try:
@@ -582,7 +592,7 @@ class Filter:
 
     def _restart_tick(self) -> None:
         self._cancel_tick()
-        if self._tick_period_ms:
+        if self._tick_period_ms and not (self.observer and self.observer.manual_ticks):
             self._tick_handle = self.loop.call_later(self._tick_period_ms / 1000, self._tick,
                                                      self.generation)
 
@@ -602,6 +612,17 @@ class Filter:
                 self.call(self.root, "proxy_on_tick", self.root.id)
             except FilterFailure:
                 pass
+
+    def tick_now(self) -> bool:
+        """Deliver one proxy_on_tick (HostObserver.manual_ticks); False when there is none to
+        deliver (no instance, no export, or no tick period set)."""
+        if self.root is None or not self._tick_period_ms or not self.has("proxy_on_tick"):
+            return False
+        try:
+            self.call(self.root, "proxy_on_tick", self.root.id)
+        except FilterFailure:
+            pass
+        return True
 
     # -- HTTP callouts (reference §5.2) --------------------------------------------------------
 
@@ -833,6 +854,26 @@ def _close_built(job: "Future[tuple[Instance, RootContext]]") -> None:
     """A build whose waiter went away (loop shutdown): free its instance once it is made."""
     if not job.cancelled() and job.exception() is None:
         job.result()[0].close()
+
+
+def _observed_host(observer, filter_name: str, name: str, fn: Callable) -> Callable:
+    def host(*args):
+        t0 = time.perf_counter_ns()
+        result = fn(*args)
+        observer.host_call(filter_name, name, result, time.perf_counter_ns() - t0)
+        return result
+    host.__name__ = name
+    return host
+
+
+def _observed_guest(observer, filter_name: str, name: str, fn: Callable) -> Callable:
+    def guest(*args):
+        t0 = time.perf_counter_ns()
+        try:
+            return fn(*args)
+        finally:
+            observer.guest_call(filter_name, name, time.perf_counter_ns() - t0)
+    return guest
 
 
 def _clip(data: bytes, total: int) -> str:

@@ -119,6 +119,10 @@ class FilterHost:
         if f is not None and not self._closed and f.host is self:   # a carried filter: its new host
             f.queue_ready(qid)
 
+    def tick(self, filter_name: str) -> bool:
+        """One proxy_on_tick for that filter now (for hosts whose observer has manual_ticks)."""
+        return self.filters[filter_name].tick_now()
+
     def metrics(self) -> list[MetricSample]:
         return self.local_metrics() + self.shared_metrics()
 

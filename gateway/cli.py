@@ -326,6 +326,13 @@ def _die_with_parent() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["try"]:             # its own parser: -H/--data mean the response after --response
+        from wasmgate.try_filter import main as try_main
+        return try_main(argv[1:])
+    if argv[:1] == ["new"]:
+        from wasmgate.scaffold import main as new_main
+        return new_main(argv[1:])
     parser = argparse.ArgumentParser(prog="wasmgate", description="An edge HTTP gateway running Proxy-Wasm filters.")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the gateway")
@@ -341,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     check = sub.add_parser("check", help="validate a config file and list every error")
     check.add_argument("config")
     check.add_argument("--no-load", action="store_true", help="validate only; do not load the wasm filters")
+    sub.add_parser("try", help="run a request through filters in-process (wasmgate try --help)", add_help=False)
+    sub.add_parser("new", help="create a filter project: wasmgate new filter NAME (--help)", add_help=False)
     args = parser.parse_args(argv)
     setup_logging()
     if args.command == "check":
