@@ -88,17 +88,18 @@ def in_cidrs(address: str, networks: tuple[Any, ...]) -> bool:
 class RequestTrace:
     """One request's tracing state, from ``Tracer.begin`` until ``done``."""
     __slots__ = ("stream", "header", "log", "span", "trace_id", "span_id", "parent_id", "flags",
-                 "start_ns", "start_perf")
+                 "state", "start_ns", "start_perf")
 
     def __init__(self, header: bool, log_filters: bool):
         self.stream: Any = None      # the filter stream (abi.api.HttpStream) once it is opened
         self.header = header         # answer with x-wasmgate-trace
         self.log = log_filters       # the access log's filters field
-        self.span: Any = None        # the request's OpenTelemetry span (export on)
+        self.span: str | None = None     # the request span's name when it is exported (sampled)
         self.trace_id = ""
         self.span_id = ""
         self.parent_id = ""
         self.flags = 0
+        self.state: str | None = None    # the client's tracestate (valid beside its traceparent)
         self.start_ns = 0
         self.start_perf = 0
 

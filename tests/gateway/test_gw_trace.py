@@ -218,6 +218,9 @@ async def test_otlp_export(tmp_path):
                     assert r.status == 200
                 async with s.get(gw.url("/trap"), headers={"x-api-key": KEY}) as r:
                     assert r.status == 503
+                unsampled = f"00-{TRACE_ID[::-1]}-{PARENT_ID}-00"     # the client's sampler said no
+                async with s.get(gw.url("/ok"), headers={"x-api-key": KEY, "traceparent": unsampled}) as r:
+                    assert r.status == 200
         # Gateway.stop flushed the batch processor: everything has been received now.
         spans, services = [], set()
         for msg in got:
@@ -228,6 +231,9 @@ async def test_otlp_export(tmp_path):
     assert services == {"edge-test"}
     servers = {s.name: s for s in spans if s.kind == s.SPAN_KIND_SERVER}
     assert set(servers) == {"GET main", "GET trap"}
+    assert not [s for s in spans if s.trace_id.hex() == TRACE_ID[::-1]]             # not sampled: none
+    m = TRACEPARENT.fullmatch(up.requests[-1].header("traceparent"))
+    assert m and m.group(1) == TRACE_ID[::-1] and m.group(2) != PARENT_ID and m.group(3) == "00"
     ok = servers["GET main"]
     assert ok.trace_id.hex() == TRACE_ID and ok.parent_span_id.hex() == PARENT_ID
     attrs = _attrs(ok)
