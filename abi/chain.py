@@ -311,8 +311,9 @@ class Chain:
             return SKIPPED
         return CONTINUE if ctx.resumed[direction] else PAUSED
 
-    async def _wait(self, i: int, direction: int) -> None:
-        """Wait until filter i resumes `direction` (proxy_continue_stream), replies or dies."""
+    async def _wait(self, i: int, direction: int, part: int = 0) -> None:
+        """Wait until filter i resumes `direction` (proxy_continue_stream), replies or dies.
+        ``part``: what it paused in (0 headers, 1 body, 2 trailers), for the trace."""
         ctx = self.ctxs[i]
         deadline = time.monotonic() + PAUSE_TIMEOUT_S
         loop = asyncio.get_running_loop()
@@ -320,7 +321,7 @@ class Chain:
             if self._finished:
                 raise _Stop(LocalReply(503, [], b"", "stream_finished"))
             if self.reply is not None:
-                self._replied(i, direction * 3)     # only filter i can answer while it pauses
+                self._replied(i, direction * 3 + part)    # only filter i can answer while it pauses
             if not ctx.alive:
                 self._fail(i)
                 return
@@ -429,7 +430,7 @@ class Chain:
             elif buf.size > limit and not ctx.resumed[REQUEST]:
                 raise _Stop(self.too_large(f, REQUEST))
         if not self.skipped[i] and not ctx.resumed[REQUEST]:
-            await self._wait(i, REQUEST)
+            await self._wait(i, REQUEST, 1)
         rest = _just((b"", TRAILERS)) if marker else it
         return self._then(buf.take(), ended, rest, None if self.skipped[i] else i)
 
@@ -474,12 +475,12 @@ class Chain:
                 if action == 0 or ctx.resumed[direction]:
                     yield buf.take(), eos
                 elif action == WATERMARK and buf.size >= limit:
-                    await self._wait(i, direction)       # no more reading until it resumes
+                    await self._wait(i, direction, 1)       # no more reading until it resumes
                     yield buf.take(), eos
                 elif buf.size > limit:
                     raise _Stop(self.too_large(f, direction))
                 elif eos:
-                    await self._wait(i, direction)
+                    await self._wait(i, direction, 1)
                     yield buf.take(), END
         except _Stop as s:
             if direction == REQUEST:
@@ -500,7 +501,7 @@ class Chain:
         if action > MAX_TRAILERS_ACTION:
             self._invalid(i, name, action)
         elif not ctx.resumed[direction]:
-            await self._wait(i, direction)
+            await self._wait(i, direction, 2)
 
     # -- response ------------------------------------------------------------------------------
 

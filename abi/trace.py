@@ -29,6 +29,7 @@ ACT, CALLS, START, END, NS = range(5)
 _W = 5
 FAILED = -1                       # an action slot below it holds -status of a local reply
 _HEADER_PHASES = (0, 3)
+_EDITS = ("", "m=h", "m=b", "m=hb")
 _now = time.perf_counter_ns
 
 
@@ -64,9 +65,9 @@ class FilterTrace:
         """What filter i's context says once it ran: edits and how it failed (ctx may be None)."""
         if ctx is not None:
             self.opened[i] = True
-            bodies = ctx.bodies
+            rq, rs = ctx.bodies
             self.edited[i] = (1 if ctx.edited else 0) | \
-                (2 if any(b is not None and b.edited for b in bodies) else 0)
+                (2 if (rq is not None and rq.edited) or (rs is not None and rs.edited) else 0)
             if ctx.failure:
                 self.failures[i] = ctx.failure
         if failed and not self.failures[i]:
@@ -78,24 +79,24 @@ class FilterTrace:
         s = self.slots
         out = []
         for i, f in enumerate(self.filters):
+            base = i * N_PHASES * _W
             parts = []
             ns = 0
-            for p in range(N_PHASES):
-                k = (i * N_PHASES + p) * _W
-                calls = s[k + 1]
-                act = s[k]
+            # Phases that ran have calls; a reply while paused can mark one that never returned.
+            for p, calls in enumerate(s[base + 1:base + N_PHASES * _W:_W]):
+                act = s[base + p * _W]
                 if not calls and act >= 0:
                     continue
                 code = _action(act, p)
                 parts.append(f"{PHASES[p]}={code}*{calls}" if calls > 1 else f"{PHASES[p]}={code}")
-                ns += s[k + 4]
+                ns += s[base + p * _W + 4]
             failure = self.failures[i]
             if not parts and not failure and not self.opened[i]:
                 out.append(f"{f.name}:-")
                 continue
             ed = self.edited[i]
             if ed:
-                parts.append("m=" + ("h" if ed & 1 else "") + ("b" if ed & 2 else ""))
+                parts.append(_EDITS[ed])
             parts.append(f"us={(ns + 500) // 1000}")
             if failure:
                 parts.append(f"fail={failure}")

@@ -57,7 +57,8 @@ TARGETS = [  # key, description, comparison, bar
     ("otlp_cpu_vs_chain", "chain_otlp CPU/req ÷ gateway_chain (paired)", "<=", 1.15),
 ]
 # The tracing scenarios: four gateway processes (the same chain) measured in interleaved rounds.
-TRACE_VARIANTS = ("gateway_chain", "gateway_chain_logged", "gateway_chain_traced", "gateway_chain_otlp")
+TRACE_VARIANTS = ("gateway_chain", "gateway_chain_untraced", "gateway_chain_logged", "gateway_chain_traced",
+                  "gateway_chain_otlp")
 TRACE_ROUNDS = 3
 
 
@@ -403,9 +404,10 @@ class Bench:
         self.tracing_rounds()
 
     def tracing_rounds(self) -> None:
-        """The per-request trace's cost, side by side: gateway_chain as is, with an access log
-        (no `filters` field), with the access log's filter trace, and with OTLP export to a local
-        sink — four processes on the same core, wrk against each in turn, TRACE_ROUNDS rounds
+        """The per-request trace's cost, side by side: gateway_chain as is (W3C propagation on, the
+        default), with all tracing off (`propagate: false`), with an access log (no `filters`
+        field), with the access log's filter trace, and with OTLP export to a local sink — five
+        processes on the same core, wrk against each in turn, TRACE_ROUNDS rounds
         (order rotated); per variant the median CPU µs/req. Neighbouring runs share whatever
         else the machine does, so the ratios are steadier than separate scenarios'."""
         if self.tracing is not None:
@@ -428,6 +430,8 @@ class Bench:
                                          "filters": v == "gateway_chain_traced"}
                 if v == "gateway_chain_otlp":
                     cfg["tracing"] = {"otlp_endpoint": f"http://127.0.0.1:{sink_port}"}
+                if v == "gateway_chain_untraced":      # tracing all off: what the default's propagation costs
+                    cfg["tracing"] = {"propagate": False}
                 proc, port, _ = self.start_gateway(v, cfg, None, self.proxy_cpus)
                 procs[v] = (proc, f"http://127.0.0.1:{port}/bench")
             headers = gcfg.AUTH_HEADERS
@@ -476,14 +480,15 @@ class Bench:
             "traced_vs_logged": ratio("gateway_chain_traced", "gateway_chain_logged"),
             "traced_vs_chain": ratio("gateway_chain_traced", "gateway_chain"),
             "logged_vs_chain": ratio("gateway_chain_logged", "gateway_chain"),
+            "chain_vs_untraced": ratio("gateway_chain", "gateway_chain_untraced"),
             "otlp_vs_chain": ratio("gateway_chain_otlp", "gateway_chain"),
             "otlp_sink": exported,
-            "method": f"four gateway processes (same chain, same core), wrk {self.args.duration:g} s "
+            "method": f"five gateway processes (same chain, same core), wrk {self.args.duration:g} s "
                       f"against each in turn, {TRACE_ROUNDS} rounds, order rotated; median CPU µs/req "
-                      f"per variant. logged = access log to a file without the filters field; "
+                      f"per variant. untraced = tracing.propagate false, no access log; logged = access log to a file without the filters field; "
                       f"traced = with it; otlp = no access log, tracing.otlp_endpoint to bench/otlp_sink.py",
         }
-        log(f"  paired medians: chain {med['gateway_chain']:.1f}, +access log {med['gateway_chain_logged']:.1f}, "
+        log(f"  paired medians: chain {med['gateway_chain']:.1f} (untraced {med['gateway_chain_untraced']:.1f}), +access log {med['gateway_chain_logged']:.1f}, "
             f"+filter trace {med['gateway_chain_traced']:.1f}, otlp {med['gateway_chain_otlp']:.1f} µs/req; "
             f"traced ÷ logged {self.tracing['traced_vs_logged']}, otlp ÷ chain {self.tracing['otlp_vs_chain']}; "
             f"sink got {exported['spans']:,} spans in {exported['requests']} exports")

@@ -280,3 +280,28 @@ tracing:
         'config.yaml:10 tracing.otlp_endpoint: "grpc://collector:4317" is not an http:// or https:// URL '
         '(the OTLP/HTTP collector, e.g. http://127.0.0.1:4318)',
     ]
+
+
+def test_no_opentelemetry_import_unless_configured(tmp_path):
+    """Tracing off (no otlp_endpoint): the gateway never imports OpenTelemetry."""
+    import subprocess
+    import sys
+    code = f"""
+import sys
+from pathlib import Path
+from gateway.config import parse_config
+from gateway.server import Gateway
+config = parse_config('''
+listeners: [{{name: a, port: 0}}]
+clusters: [{{name: c, endpoints: ["127.0.0.1:1"]}}]
+routes: [{{name: r, cluster: c}}]
+access_log: {{path: null}}
+''', "config.yaml", Path({str(tmp_path)!r}))
+gw = Gateway(config)
+assert gw.tracer.active and gw.tracer.exporter is None
+print(sorted(m for m in sys.modules if m.startswith("opentelemetry")))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       cwd=Path(__file__).resolve().parents[2])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
