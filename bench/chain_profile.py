@@ -256,14 +256,19 @@ async def main_async(args) -> None:
 
 
 async def trace_cost(host, names: list[str], args) -> None:
-    """Trace off / on in alternating runs of one process: what recording and formatting the
+    """Trace off / on in paired runs of one process: what recording and formatting the
     per-request filter trace adds to the chain, per request."""
     off, on = [], []
-    for _ in range(args.repeats):
-        off.append(await run(host, names, args.n))
-        on.append(await run(host, names, args.n, trace=True))
+    for r in range(args.repeats):
+        # Which of the pair runs first alternates, so a drift (allocator, caches) favours neither.
+        if r % 2:
+            on.append(await run(host, names, args.n, trace=True))
+            off.append(await run(host, names, args.n))
+        else:
+            off.append(await run(host, names, args.n))
+            on.append(await run(host, names, args.n, trace=True))
     added = statistics.median(b - a for a, b in zip(off, on))
-    print(f"filters: {' -> '.join(names)}   {args.n} requests x {args.repeats} run pairs (off, on)")
+    print(f"filters: {' -> '.join(names)}   {args.n} requests x {args.repeats} run pairs (off/on)")
     print(f"  trace off: best {min(off):7.1f} µs/request   median {statistics.median(off):7.1f}")
     print(f"  trace on:  best {min(on):7.1f} µs/request   median {statistics.median(on):7.1f}")
     print(f"  the trace adds {added:.1f} µs/request (median of pair differences), "

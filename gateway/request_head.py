@@ -4,9 +4,12 @@ sets — and the request head the upstream gets instead (hop-by-hop removed, X-F
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING
 
 from .http1 import HOP_BY_HOP, HttpError
+
+if TYPE_CHECKING:
+    from .tracing import TraceHeaders
 
 Headers = list[tuple[str, str]]
 
@@ -28,7 +31,7 @@ def valid_request_id(value: str) -> bool:
 
 
 def upstream_headers(headers: Headers, conn_tokens: set[str] | None, client_ip: str, authority: str,
-                     rid: str, scheme: str, internal: frozenset[str], trace: Any = None) -> Headers:
+                     rid: str, scheme: str, internal: frozenset[str], trace: "TraceHeaders | None" = None) -> Headers:
     """Request headers for the upstream (and the filters): hop-by-hop and ``internal`` headers
     gone, X-Forwarded-* appended, exactly one x-request-id (``rid``, validated by the caller).
     x-wasmgate-trace never goes on; with ``trace`` (tracing.TraceHeaders) it and the W3C
