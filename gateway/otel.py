@@ -7,8 +7,8 @@ The request's ids are chosen when it is routed (its span id is the parent-id the
 traceparent carries); its spans are built when the access log line is written, from the times
 the chain recorded (abi/trace.py), as the SDK's finished-span objects (``ReadableSpan``) handed
 straight to the batch processor. Going through ``Tracer.start_span`` instead (sampler, context,
-locks, a live ``Span`` per phase) measured 13× the CPU for the same seven spans
-(bench/README.md, "Tracing"), and the spans are complete once the request is over anyway.
+locks, a live ``Span`` per phase) costs ten times the CPU for the same seven spans
+(``python -m bench.otel_cost``), and the spans are complete once the request is over anyway.
 Sampling is the SDK default's: parent-based (a client's unsampled traceparent → no spans),
 else always on.
 """
