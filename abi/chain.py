@@ -146,6 +146,9 @@ class Chain:
         self._phase = REQUEST
         # The per-request filter trace (abi/trace.py): only when the gateway asks for it.
         self.trace: FilterTrace | None = FilterTrace(filters) if info.trace else None
+        # Envoy's clearRouteCache (proxy_clear_route_cache, foreign function clear_route_cache):
+        # the gateway re-matches the route after the request headers (api.HttpStream).
+        self.route_cache_cleared = False
 
     # -- local replies -----------------------------------------------------------------------
 
@@ -291,10 +294,10 @@ class Chain:
         tr = self.trace
         t = time.perf_counter_ns() if tr is not None else 0
         try:
-            if f.abi_010:                   # 0.1.0: (context_id, num_headers)
-                action = f.call(ctx, name, ctx.id, len(hmap))
-            else:
+            if f.headers_eos[direction]:
                 action = f.call(ctx, name, ctx.id, len(hmap), 1 if eos else 0)
+            else:                           # 0.1.0 as specified: (context_id, num_headers)
+                action = f.call(ctx, name, ctx.id, len(hmap))
         except FilterFailure:
             if tr is not None:
                 tr.note(i, direction * 3, FAILED, t)
@@ -559,7 +562,7 @@ class Chain:
             try:
                 if f.has(HEADERS_CB[RESPONSE]):
                     n = len(self.response_headers)
-                    args = (ctx.id, n, 0 if body else 1) if f.loaded.headers_take_eos else (ctx.id, n)
+                    args = (ctx.id, n, 0 if body else 1) if f.headers_eos[RESPONSE] else (ctx.id, n)
                     action = f.call(ctx, HEADERS_CB[RESPONSE], *args)
                     if tr is not None:
                         tr.note(i, phase, action, t)
