@@ -201,6 +201,8 @@ class StreamInfo:
     protocol: str = "HTTP/1.1"
     start_time_ns: int = 0
     tls: TlsFacts | None = None           # None on a plain connection
+    trace: bool = False                   # record the per-request filter trace (abi/trace.py);
+                                          # the stream's trace_summary() formats it
     # The route's and its cluster's `metadata:` ({namespace: {key: value}}, Envoy's
     # filter_metadata), for the route_metadata / cluster_metadata properties. The gateway
     # updates these four route fields in place when it re-matches the route after the
@@ -274,6 +276,10 @@ class HttpStream(Protocol):
     async def request(self, headers: Headers, body: Body | None) -> Forward | LocalReply: ...
     async def response(self, status: int, headers: Headers, body: Body | None) -> Forward | LocalReply: ...
     async def finish(self, log: LogInfo) -> None: ...
+    # StreamInfo.trace: the per-filter summary (abi/trace.py's format), "" when not traced;
+    # and (filter, phase, action, calls, first start, last end in perf_counter_ns) per phase.
+    def trace_summary(self) -> str: ...
+    def trace_phases(self) -> list[tuple[str, str, str, int, int, int]]: ...
 
 
 class FilterHostProtocol(Protocol):

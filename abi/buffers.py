@@ -138,13 +138,14 @@ class BodyBuffer:
 
     ``limit``: the most bytes a filter may grow it to with set_buffer_bytes (None: no limit,
     for buffers the host fills itself)."""
-    __slots__ = ("chunks", "size", "writable", "limit")
+    __slots__ = ("chunks", "size", "writable", "limit", "edited")
 
     def __init__(self, writable: bool = True, data: bytes | None = None, limit: int | None = None):
         self.chunks: list[bytes] = [data] if data else []
         self.size = len(data) if data else 0
         self.writable = writable
         self.limit = limit
+        self.edited = False         # a filter rewrote it (the per-request trace's m=b)
 
     def size_after_write(self, start: int, size: int, n: int) -> int:
         """The size write(start, size, <n bytes>) would leave (its own size when it is refused)."""
@@ -183,6 +184,7 @@ class BodyBuffer:
         appends; anything else is BAD_ARGUMENT."""
         if not self.writable:
             return Status.BAD_ARGUMENT
+        self.edited = True
         if start == 0:
             rest = self.data()[size:]
             new = data + rest

@@ -18,6 +18,7 @@ from .buffers import BodyBuffer, HeaderMap
 from .context import REQUEST, RESPONSE, HttpContext
 from .filter import Filter, FilterFailure
 from .properties import CustomProperties
+from .trace import FAILED, FilterTrace
 
 PAUSE_TIMEOUT_S = 60.0           # a filter that pauses and never resumes fails the request
 FAIL_DETAILS = "wasm_fail_stream"
@@ -27,6 +28,8 @@ HEADERS_CB = ("proxy_on_request_headers", "proxy_on_response_headers")
 BODY_CB = ("proxy_on_request_body", "proxy_on_response_body")
 TRAILERS_CB = ("proxy_on_request_trailers", "proxy_on_response_trailers")
 TEARDOWN_CB = ("proxy_on_done", "proxy_on_log", "proxy_on_delete")
+# The trace's phase (abi/trace.py PHASES) of a body or trailers callback.
+_PHASE_OF = {BODY_CB[0]: 1, TRAILERS_CB[0]: 2, BODY_CB[1]: 4, TRAILERS_CB[1]: 5}
 
 # Highest valid return value per callback kind (cpp-sdk FilterHeadersStatus/FilterDataStatus).
 MAX_HEADERS_ACTION = 4
@@ -141,6 +144,8 @@ class Chain:
         self._closed = False             # response headers went downstream
         self._finished = False           # finish() ran
         self._phase = REQUEST
+        # The per-request filter trace (abi/trace.py): only when the gateway asks for it.
+        self.trace: FilterTrace | None = FilterTrace(filters) if info.trace else None
         # Envoy's clearRouteCache (proxy_clear_route_cache, foreign function clear_route_cache):
         # the gateway re-matches the route after the request headers (api.HttpStream).
         self.route_cache_cleared = False
@@ -181,8 +186,15 @@ class Chain:
         raise _Stop(LocalReply(503, [], b"", FAIL_DETAILS))
 
     def _invalid(self, i: int, name: str, action: int) -> None:
-        self.filters[i].record_soft_failure(name, "invalid_action", f"returned {action}")
+        self._soft_failure(i, name, "invalid_action", f"returned {action}")
         self._fail(i)
+
+    def _soft_failure(self, i: int, callback: str, kind: str, message: str) -> None:
+        """Filter i broke a rule without trapping: counted, logged, and named in the trace."""
+        self.filters[i].record_soft_failure(callback, kind, message)
+        ctx = self.ctxs[i]
+        if ctx is not None:
+            ctx.failure = kind
 
     def host_limit(self, ctx: HttpContext, call: str, what: str) -> None:
         """The filter of `ctx` tried to grow host state past a fixed bound (abi/limits.py) and
@@ -191,7 +203,7 @@ class Chain:
         i = self.ctxs.index(ctx)
         if self.failed[i]:
             return                       # already failed: once is enough (and one log line)
-        self.filters[i].record_soft_failure(call, "host_limit", what)
+        self._soft_failure(i, call, "host_limit", what)
         try:
             self._fail(i)
         except _Stop as s:
@@ -219,14 +231,39 @@ class Chain:
         if ctx is None or ctx.generation != f.generation:      # not ctx.alive
             self._fail(i)
             return None
+        tr = self.trace
+        t = time.perf_counter_ns() if tr is not None else 0
         try:
             action = f.call(ctx, name, *args)
         except FilterFailure:
+            if tr is not None:
+                tr.note(i, _PHASE_OF[name], FAILED, t)
             self._fail(i)
             return None
+        if tr is not None:
+            tr.note(i, _PHASE_OF[name], action, t)
         if self.reply is not None:
-            raise _Stop(self.reply)
+            self._replied(i, _PHASE_OF[name])
         return action
+
+    def _replied(self, i: int, phase: int) -> None:
+        """Filter i answered (a reply is set): trace it and stop the chain with it."""
+        if self.trace is not None:
+            self.trace.replied(i, phase, self.reply.status)
+        raise _Stop(self.reply)
+
+    def trace_summary(self) -> str:
+        """The filter trace as one line (abi/trace.py), "" when not traced."""
+        tr = self.trace
+        if tr is None:
+            return ""
+        if not self._finished:           # the contexts are live: read their edits now
+            for i, ctx in enumerate(self.ctxs):
+                tr.capture(i, ctx, self.failed[i])
+        return tr.summary()
+
+    def trace_phases(self) -> list[tuple[str, str, str, int, int, int]]:
+        return self.trace.phases() if self.trace is not None else []
 
     def _open(self, i: int) -> bool:
         f = self.filters[i]
@@ -254,16 +291,22 @@ class Chain:
         if ctx.generation != f.generation:
             self._fail(i)
             return SKIPPED
+        tr = self.trace
+        t = time.perf_counter_ns() if tr is not None else 0
         try:
             if f.headers_eos[direction]:
                 action = f.call(ctx, name, ctx.id, len(hmap), 1 if eos else 0)
             else:                           # 0.1.0 as specified: (context_id, num_headers)
                 action = f.call(ctx, name, ctx.id, len(hmap))
         except FilterFailure:
+            if tr is not None:
+                tr.note(i, direction * 3, FAILED, t)
             self._fail(i)
             return SKIPPED
+        if tr is not None:
+            tr.note(i, direction * 3, action, t)
         if self.reply is not None:
-            raise _Stop(self.reply)
+            self._replied(i, direction * 3)
         if action == 0 or action == 2:      # CONTINUE_HEADERS: Continue, ContinueAndEndStream
             return CONTINUE
         if action > MAX_HEADERS_ACTION:
@@ -271,8 +314,9 @@ class Chain:
             return SKIPPED
         return CONTINUE if ctx.resumed[direction] else PAUSED
 
-    async def _wait(self, i: int, direction: int) -> None:
-        """Wait until filter i resumes `direction` (proxy_continue_stream), replies or dies."""
+    async def _wait(self, i: int, direction: int, part: int = 0) -> None:
+        """Wait until filter i resumes `direction` (proxy_continue_stream), replies or dies.
+        ``part``: what it paused in (0 headers, 1 body, 2 trailers), for the trace."""
         ctx = self.ctxs[i]
         deadline = time.monotonic() + PAUSE_TIMEOUT_S
         loop = asyncio.get_running_loop()
@@ -280,7 +324,7 @@ class Chain:
             if self._finished:
                 raise _Stop(LocalReply(503, [], b"", "stream_finished"))
             if self.reply is not None:
-                raise _Stop(self.reply)
+                self._replied(i, direction * 3 + part)    # only filter i can answer while it pauses
             if not ctx.alive:
                 self._fail(i)
                 return
@@ -288,8 +332,8 @@ class Chain:
                 return
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                self.filters[i].record_soft_failure(HEADERS_CB[direction], "pause_timeout",
-                                                    f"paused for more than {PAUSE_TIMEOUT_S:g}s")
+                self._soft_failure(i, HEADERS_CB[direction], "pause_timeout",
+                                   f"paused for more than {PAUSE_TIMEOUT_S:g}s")
                 self._fail(i)
                 return
             ctx.waiter = loop.create_future()
@@ -389,7 +433,7 @@ class Chain:
             elif buf.size > limit and not ctx.resumed[REQUEST]:
                 raise _Stop(self.too_large(f, REQUEST))
         if not self.skipped[i] and not ctx.resumed[REQUEST]:
-            await self._wait(i, REQUEST)
+            await self._wait(i, REQUEST, 1)
         rest = _just((b"", TRAILERS)) if marker else it
         return self._then(buf.take(), ended, rest, None if self.skipped[i] else i)
 
@@ -434,12 +478,12 @@ class Chain:
                 if action == 0 or ctx.resumed[direction]:
                     yield buf.take(), eos
                 elif action == WATERMARK and buf.size >= limit:
-                    await self._wait(i, direction)       # no more reading until it resumes
+                    await self._wait(i, direction, 1)       # no more reading until it resumes
                     yield buf.take(), eos
                 elif buf.size > limit:
                     raise _Stop(self.too_large(f, direction))
                 elif eos:
-                    await self._wait(i, direction)
+                    await self._wait(i, direction, 1)
                     yield buf.take(), END
         except _Stop as s:
             if direction == REQUEST:
@@ -460,7 +504,7 @@ class Chain:
         if action > MAX_TRAILERS_ACTION:
             self._invalid(i, name, action)
         elif not ctx.resumed[direction]:
-            await self._wait(i, direction)
+            await self._wait(i, direction, 2)
 
     # -- response ------------------------------------------------------------------------------
 
@@ -512,16 +556,27 @@ class Chain:
             if ctx is None or self.skipped[i] or not ctx.alive:
                 continue
             f = self.filters[i]
+            tr = self.trace
+            phase = 3
+            t = time.perf_counter_ns() if tr is not None else 0
             try:
                 if f.has(HEADERS_CB[RESPONSE]):
                     n = len(self.response_headers)
                     args = (ctx.id, n, 0 if body else 1) if f.headers_eos[RESPONSE] else (ctx.id, n)
-                    f.call(ctx, HEADERS_CB[RESPONSE], *args)
+                    action = f.call(ctx, HEADERS_CB[RESPONSE], *args)
+                    if tr is not None:
+                        tr.note(i, phase, action, t)
                 if body and f.has(BODY_CB[RESPONSE]) and ctx.alive:
                     buf = ctx.bodies[RESPONSE] = BodyBuffer(data=body, limit=f.spec.limits.max_buffered_body_bytes)
-                    f.call(ctx, BODY_CB[RESPONSE], ctx.id, buf.size, 1)
+                    phase = 4
+                    t = time.perf_counter_ns() if tr is not None else 0
+                    action = f.call(ctx, BODY_CB[RESPONSE], ctx.id, buf.size, 1)
+                    if tr is not None:
+                        tr.note(i, phase, action, t)
                     body = buf.data()
             except FilterFailure:
+                if tr is not None:
+                    tr.note(i, phase, FAILED, t)
                 self.failed[i] = True
         items = self._wire(self.response_headers)
         status = items[0][1] if items and items[0][0] == ":status" else ""
@@ -546,7 +601,10 @@ class Chain:
     def _teardown(self) -> None:
         filters = self.filters
         failed = self.failed
+        tr = self.trace
         for i, ctx in enumerate(self.ctxs):
+            if tr is not None:
+                tr.capture(i, ctx, failed[i])
             if ctx is None or ctx.chain is None:         # never opened, or already deleted
                 continue
             f = filters[i]

@@ -34,6 +34,7 @@ class CalloutData:
 class Context:
     """Behaviour common to every context of one filter instance."""
     is_root = False
+    failure: str | None = None      # how a callback on it failed (trap kind), for the trace
 
     def __init__(self, filter: "Filter", context_id: int, generation: int):
         self.filter = filter
@@ -176,8 +177,11 @@ class HttpContext(Context):
             return getattr(self.chain, _STREAM_MAPS[map_type])
         return super().get_map(map_type)
 
+    edited = False                  # a header edit was asked for (the trace's m=h)
+
     def writable_map(self, map_type: int) -> HeaderMap | None:
         # Trailers exist only when the message has some (HTTP/1.1 chunked trailers).
+        self.edited = True
         return getattr(self.chain, _STREAM_MAPS[map_type]) if map_type <= _LAST_STREAM_MAP else None
 
     def _stream_map(self, map_type: int) -> HeaderMap | None:

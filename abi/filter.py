@@ -347,6 +347,7 @@ class Filter:
         try:
             return fn(*args)
         except Trap as t:
+            ctx.failure = t.kind             # the request's filter trace names it
             self._record_failure(name, t)
             if inst is self.instance:    # a start sequence's failure is its build's to handle
                 self._discard()

@@ -11,6 +11,9 @@
                           [--expect-header x-a]   # any one module instead (e.g. a filters/examples
                                                   # build); the request must reach the upstream,
                                                   # with each --expect-header on it
+    python -m bench.chain_profile --trace         # the per-request filter trace on vs off, runs
+                                                  # interleaved (recording + the summary the
+                                                  # access log formats)
 
 Loads the real filters/dist/*.wasm with the benchmark's configs (bench/gateway_cfg.py, the
 ones `python -m bench` runs: an API key that auth accepts, a rate limit that never rejects)
@@ -114,8 +117,9 @@ def _check(names: list[str], fwd_req, fwd_resp, expect_request: list[str] = ()) 
 
 
 async def run(host, names: list[str], n: int, *, check_every: int = 1000,
-              expect_request: list[str] = ()) -> float:
-    """n requests, one after another; returns CPU µs per request (process time)."""
+              expect_request: list[str] = (), trace: bool = False) -> float:
+    """n requests, one after another; returns CPU µs per request (process time). ``trace``: the
+    stream records the filter trace and its summary is formatted, as for the access log."""
     body = _Body()
     log = LogInfo(status=RESPONSE_STATUS, bytes_in=0, bytes_out=2, duration_ns=1000,
                   upstream_address="127.0.0.1:9000")
@@ -124,14 +128,17 @@ async def run(host, names: list[str], n: int, *, check_every: int = 1000,
     for i in range(n):
         info = StreamInfo(request_id=f"req-{i}", route_name="bench", cluster_name="upstream",
                           client_addr=("127.0.0.1", 40000 + (i & 1023)), local_addr=local,
-                          connection_id=i >> 6, start_time_ns=time.time_ns())
+                          connection_id=i >> 6, start_time_ns=time.time_ns(), trace=trace)
         stream = host.stream(names, info)
         fwd_req = await stream.request(list(REQUEST_HEADERS), None)
         fwd_resp = await stream.response(RESPONSE_STATUS,
                                          [(":status", "200")] + RESPONSE_HEADERS, body)
         await stream.finish(log)
+        summary = stream.trace_summary() if trace else ""
         if i % check_every == 0:
             _check(names, fwd_req, fwd_resp, expect_request)
+            if trace and summary.count("rqh=C,rsh=C") != len(names):
+                raise SystemExit(f"the trace did not record every filter: {summary!r}")
     return (time.process_time() - t0) / n * 1e6
 
 
@@ -231,6 +238,9 @@ async def main_async(args) -> None:
     empty = await load([])
     try:
         await run(host, names, min(2000, args.n), expect_request=expect)   # warm up (allocator, caches)
+        if args.trace:
+            await trace_cost(host, names, args)
+            return
         base = [await run(empty, [], args.n) for _ in range(args.repeats)]
         chain = [await run(host, names, args.n, expect_request=expect) for _ in range(args.repeats)]
         if stats is not None:
@@ -259,6 +269,26 @@ async def main_async(args) -> None:
         await empty.close()
 
 
+async def trace_cost(host, names: list[str], args) -> None:
+    """Trace off / on in paired runs of one process: what recording and formatting the
+    per-request filter trace adds to the chain, per request."""
+    off, on = [], []
+    for r in range(args.repeats):
+        # Which of the pair runs first alternates, so a drift (allocator, caches) favours neither.
+        if r % 2:
+            on.append(await run(host, names, args.n, trace=True))
+            off.append(await run(host, names, args.n))
+        else:
+            off.append(await run(host, names, args.n))
+            on.append(await run(host, names, args.n, trace=True))
+    added = statistics.median(b - a for a, b in zip(off, on))
+    print(f"filters: {' -> '.join(names)}   {args.n} requests x {args.repeats} run pairs (off/on)")
+    print(f"  trace off: best {min(off):7.1f} µs/request   median {statistics.median(off):7.1f}")
+    print(f"  trace on:  best {min(on):7.1f} µs/request   median {statistics.median(on):7.1f}")
+    print(f"  the trace adds {added:.1f} µs/request (median of pair differences), "
+          f"{added / statistics.median(off):.1%} of the chain's")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("-n", type=int, default=10000, help="requests per run")
@@ -273,6 +303,7 @@ def main() -> None:
     p.add_argument("--breakdown", action="store_true",
                    help="per guest callback / host function times (instrumented)")
     p.add_argument("--profile", action="store_true", help="cProfile one more run")
+    p.add_argument("--trace", action="store_true", help="the per-request filter trace: off vs on")
     p.add_argument("--sort", default="tottime", help="pstats sort key (tottime, cumulative...)")
     p.add_argument("--top", type=int, default=30)
     args = p.parse_args()

@@ -28,7 +28,8 @@ from bench.h2load import run_h2load
 from bench.tools import ROOT, ensure_tools, machine_info
 from bench.wrk import WrkResult, run_wrk
 
-SCENARIOS = ["baseline_aiohttp", "gateway_plain", "gateway_chain", "gateway_chain_redis",
+SCENARIOS = ["baseline_aiohttp", "gateway_plain", "gateway_chain", "gateway_chain_traced", "gateway_chain_otlp",
+             "gateway_chain_redis",
              "gateway_chain_2w", "nginx_proxy", "gateway_tls", "nginx_tls", "gateway_tls_handshake",
              "nginx_tls_handshake", "gateway_h2", "nginx_h2", "gateway_h2c", "nginx_h2c"]
 # wrk sends "Connection: close" in these: every request is a new connection and a full handshake.
@@ -52,7 +53,13 @@ TARGETS = [  # key, description, comparison, bar
     ("tls_cpu_vs_plain", "gateway_tls CPU/req ÷ gateway_plain CPU/req", "<=", 1.3),
     ("rebuild_other_route_p99_ms", "another route's p99 while a filter rebuilds, 1 s start (ms)",
      "<=", 50.0),
+    ("trace_cpu_vs_logged", "chain_traced CPU/req ÷ chain + access log w/o trace (paired)", "<=", 1.05),
+    ("otlp_cpu_vs_chain", "chain_otlp CPU/req ÷ gateway_chain (paired)", "<=", 1.15),
 ]
+# The tracing scenarios: four gateway processes (the same chain) measured in interleaved rounds.
+TRACE_VARIANTS = ("gateway_chain", "gateway_chain_untraced", "gateway_chain_logged", "gateway_chain_traced",
+                  "gateway_chain_otlp")
+TRACE_ROUNDS = 3
 
 
 class Skip(Exception):
@@ -86,6 +93,7 @@ class Bench:
         self.half_rate_redis: dict | None = None
         self.rebuild_stall: dict | None = None
         self.redis: dict | None = None            # gateway_chain_redis: the Redis server's CPU
+        self.tracing: dict | None = None          # gateway_chain_traced / _otlp: paired rounds
         self.tools: dict[str, str] = {}
         self.upstream_port = 0
         self.upstream: Proc | None = None
@@ -389,6 +397,102 @@ class Bench:
         self.gateway_scenario("gateway_chain", gcfg.CHAIN_FILTERS, None, self.proxy_cpus,
                               half_rate="chain_half_rate" in self.selected)
 
+    def sc_gateway_chain_traced(self) -> None:
+        self.tracing_rounds()
+
+    def sc_gateway_chain_otlp(self) -> None:
+        self.tracing_rounds()
+
+    def tracing_rounds(self) -> None:
+        """The per-request trace's cost, side by side: gateway_chain as is (W3C propagation on, the
+        default), with all tracing off (`propagate: false`), with an access log (no `filters`
+        field), with the access log's filter trace, and with OTLP export to a local sink — five
+        processes on the same core, wrk against each in turn, TRACE_ROUNDS rounds
+        (order rotated); per variant the median CPU µs/req. Neighbouring runs share whatever
+        else the machine does, so the ratios are steadier than separate scenarios'."""
+        if self.tracing is not None:
+            return
+        self.gateway_available()
+        miss = gcfg.missing_wasm()
+        if miss:
+            raise Skip(f"filters not built: {', '.join(miss)}")
+        sink_port = free_port()
+        sink = Proc("otlp_sink", self.py("-m", "bench.otlp_sink", "--port", str(sink_port), cpus=self.load_cpus),
+                    cwd=ROOT, env=self.env(), log_path=self.tmp / "otlp_sink.log")
+        procs: dict[str, tuple[Proc, str]] = {}
+        try:
+            wait_ready(f"http://127.0.0.1:{sink_port}/stats", sink, 30)
+            for v in TRACE_VARIANTS:
+                cfg = gcfg.gateway_config(port=free_port(), admin_port=free_port(),
+                                          upstream_port=self.upstream_port, filters=gcfg.CHAIN_FILTERS)
+                if v in ("gateway_chain_logged", "gateway_chain_traced"):
+                    cfg["access_log"] = {"path": str(self.tmp / f"{v}.access.log"),
+                                         "filters": v == "gateway_chain_traced"}
+                if v == "gateway_chain_otlp":
+                    cfg["tracing"] = {"otlp_endpoint": f"http://127.0.0.1:{sink_port}"}
+                if v == "gateway_chain_untraced":      # tracing all off: what the default's propagation costs
+                    cfg["tracing"] = {"propagate": False}
+                proc, port, _ = self.start_gateway(v, cfg, None, self.proxy_cpus)
+                procs[v] = (proc, f"http://127.0.0.1:{port}/bench")
+            headers = gcfg.AUTH_HEADERS
+            for v, (proc, url) in procs.items():
+                status, _, body = http_get(url, headers)
+                if status != 200:
+                    raise Failed(f"{v}: a request with the API key answered {status}: {body[:200]!r}")
+                warm = self.wrk(url, self.args.warmup, headers)
+                if not warm.ok():
+                    raise Failed(f"{v}: warm-up had {warm.non_2xx} non-2xx responses")
+            cpu: dict[str, list[float]] = {v: [] for v in TRACE_VARIANTS}
+            last: dict[str, dict] = {}
+            order = list(TRACE_VARIANTS)
+            for _ in range(TRACE_ROUNDS):
+                for v in order:
+                    proc, url = procs[v]
+                    cpu0, mark0 = tree_cpu_seconds(proc.pid), self.foreign_mark()
+                    res = self.wrk(url, self.args.duration, headers)
+                    cpu1, mark1 = tree_cpu_seconds(proc.pid), self.foreign_mark()
+                    if not res.ok():
+                        raise Failed(f"{v}: measured run had {res.non_2xx} non-2xx responses and "
+                                     f"{res.socket_errors} socket errors")
+                    self.warn_foreign(v, self.foreign_share(mark0, mark1, cpu1 - cpu0, res.duration_s))
+                    cpu[v].append(round((cpu1 - cpu0) / res.requests * 1e6, 1))
+                    last[v] = {"rps": round(res.rps, 1), "p50_ms": round(res.p50_ms, 3),
+                               "p99_ms": round(res.p99_ms, 3), "requests": res.requests}
+                    log(f"  {v}: {res.rps:,.0f} req/s  CPU {cpu[v][-1]:.1f} µs/req")
+                order = order[1:] + order[:1]
+            med = {v: statistics.median(c) for v, c in cpu.items()}
+            procs["gateway_chain_otlp"][0].stop()     # flushes the spans still queued
+            _, _, body = http_get(f"http://127.0.0.1:{sink_port}/stats", None)
+            exported = json.loads(body)
+        except Failed as e:
+            tails = "\n".join(f"--- {v}:\n{p.log_tail()}" for v, (p, _) in procs.items())
+            raise Failed(f"{e}\n{tails}")
+        finally:
+            for proc, _ in procs.values():
+                proc.stop()
+            sink.stop()
+        for v in ("gateway_chain_traced", "gateway_chain_otlp"):
+            self.scenarios[v] = {**{k: last[v][k] for k in ("rps", "p50_ms", "p99_ms")},
+                                 "cpu_us_per_req": round(med[v], 1)}
+        ratio = lambda a, b: round(med[a] / med[b], 3)   # noqa: E731
+        self.tracing = {
+            "cpu_us_per_req_rounds": cpu, "cpu_us_per_req_median": med, "last_round": last,
+            "traced_vs_logged": ratio("gateway_chain_traced", "gateway_chain_logged"),
+            "traced_vs_chain": ratio("gateway_chain_traced", "gateway_chain"),
+            "logged_vs_chain": ratio("gateway_chain_logged", "gateway_chain"),
+            "chain_vs_untraced": ratio("gateway_chain", "gateway_chain_untraced"),
+            "otlp_vs_chain": ratio("gateway_chain_otlp", "gateway_chain"),
+            "otlp_sink": exported,
+            "method": f"five gateway processes (same chain, same core), wrk {self.args.duration:g} s "
+                      f"against each in turn, {TRACE_ROUNDS} rounds, order rotated; median CPU µs/req "
+                      f"per variant. untraced = tracing.propagate false, no access log; logged = access log to a file without the filters field; "
+                      f"traced = with it; otlp = no access log, tracing.otlp_endpoint to bench/otlp_sink.py",
+        }
+        log(f"  paired medians: chain {med['gateway_chain']:.1f} (untraced {med['gateway_chain_untraced']:.1f}), +access log {med['gateway_chain_logged']:.1f}, "
+            f"+filter trace {med['gateway_chain_traced']:.1f}, otlp {med['gateway_chain_otlp']:.1f} µs/req; "
+            f"traced ÷ logged {self.tracing['traced_vs_logged']}, otlp ÷ chain {self.tracing['otlp_vs_chain']}; "
+            f"sink got {exported['spans']:,} spans in {exported['requests']} exports")
+
     def sc_gateway_chain_redis(self) -> None:
         """gateway_chain with `ratelimit` on `backend: redis`: one script run per request
         against a local redis-server (pinned with the load generator, not the proxy)."""
@@ -664,6 +768,8 @@ class Bench:
             "tls_cpu_vs_plain": _cpu_ratio(sc, "gateway_tls", "gateway_plain"),
             "rebuild_other_route_p99_ms":
                 self.rebuild_stall["rebuilding"]["p99_ms"] if self.rebuild_stall else None,
+            "trace_cpu_vs_logged": (self.tracing or {}).get("traced_vs_logged"),
+            "otlp_cpu_vs_chain": (self.tracing or {}).get("otlp_vs_chain"),
         }
         targets = {}
         for key, desc, op, bar in TARGETS:
@@ -709,6 +815,7 @@ class Bench:
             "chain_half_rate": self.half_rate,
             "chain_redis_half_rate": self.half_rate_redis,
             "redis": self.redis,
+            "tracing": self.tracing,
             "tls_handshake": self.handshakes(),
             "rebuild_stall": self.rebuild_stall,
             "ratios": self.ratios(),

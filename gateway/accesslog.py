@@ -54,7 +54,7 @@ class AccessLog:
 
     def write(self, *, request_id: str, client: str, method: str, path: str, status: int,
               bytes_in: int, bytes_out: int, route: str, upstream: str, duration_ms: float,
-              error: str = "") -> None:
+              error: str = "", filters: str = "") -> None:
         if not self.enabled:
             return
         if self._redact and "?" in path:
@@ -63,6 +63,8 @@ class AccessLog:
                 f'"method":{_q(method)},"path":{_q(path)},"status":{int(status)},"bytes_in":{int(bytes_in)},'
                 f'"bytes_out":{int(bytes_out)},"route":{_q(route)},"upstream":{_q(upstream)},'
                 f'"duration_ms":{duration_ms:.3f},"worker":{self._pid}')
+        if filters:
+            line = f'{line},"filters":{_q(filters)}'
         self._pending.append(f'{line},"error":{_q(error)}}}' if error else line + "}")
         if self._timer is None:
             try:

@@ -34,7 +34,7 @@ from .config import Limits
 from .http1 import (FRAMING, BodyTooLarge, HttpError, PeerClosed, body_length, parse_request_head, read_chunked,
                     trailer_block)
 from .proxy import (ClientRequest, Exchange, GatewayState, final_status, header_value, init_connection,
-                    log_exchange, reason)
+                    log_exchange, reason, traced)
 from .request_head import check_authority
 from .tunnel import splice
 from .upstream import UpstreamReset
@@ -406,6 +406,7 @@ class Connection:
 
     def reply(self, ex: Exchange, status: int, headers: list[tuple[str, str]], body: bytes, close: bool) -> None:
         status = final_status(status, ex)
+        headers = traced(ex, headers)
         if self.transport.is_closing():
             ex.status = status
             return
@@ -426,6 +427,7 @@ class Connection:
 
     async def send_response(self, ex: Exchange, status: int, headers: list[tuple[str, str]],
                             body: AsyncIterator[bytes] | bytes | None, length: int | None, close: bool) -> bool:
+        headers = traced(ex, headers)
         close = close or self.gw.draining or self.gw.idle_connections >= self.limits.max_idle_connections
         no_body = ex.method == "HEAD" or status in (204, 304) or status < 200
         parts = [f"HTTP/1.1 {status} {reason(status)}\r\n"]

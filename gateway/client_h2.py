@@ -51,7 +51,7 @@ from abi.api import LocalReplyInterrupt, TlsFacts
 from .config import Limits
 from .http1 import HOP_BY_HOP, BodyTooLarge, HttpError, PeerClosed
 from .proxy import (ClientRequest, Exchange, GatewayState, final_status, header_value, init_connection,
-                    log_exchange)
+                    log_exchange, traced)
 from .request_head import check_authority
 from .upstream import UpstreamReset
 
@@ -526,6 +526,7 @@ class H2Stream:
 
     def reply(self, ex: Exchange, status: int, headers: list[tuple[str, str]], body: bytes, close: bool) -> None:
         status = final_status(status, ex)
+        headers = traced(ex, headers)
         ex.status = status
         if self.ended or self.headers_sent:
             return
@@ -546,6 +547,7 @@ class H2Stream:
 
     async def send_response(self, ex: Exchange, status: int, headers: list[tuple[str, str]],
                             body: AsyncIterator[bytes] | bytes | None, length: int | None, close: bool) -> bool:
+        headers = traced(ex, headers)
         head = self._head(status, headers)
         if ex.method == "HEAD":
             cl = header_value(headers, "content-length")

@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -80,6 +81,16 @@ class Admin:
     token: str | None = field(default=None, repr=False)
     token_file: str | None = None              # resolved path, for GET /config
     allowed_hosts: tuple[str, ...] = ()        # Host names accepted besides IPs and localhost
+    # Clients (CIDRs) whose `x-wasmgate-trace: 1` gets the filter trace back; () = nobody.
+    trace_allowed_cidrs: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Tracing:
+    """`tracing:` — W3C trace context upstream and optional OTLP/HTTP span export."""
+    propagate: bool = True                     # traceparent/tracestate to the upstream
+    otlp_endpoint: str | None = None           # http(s)://collector:4318; None = no export
+    service_name: str = "wasmgate"
 
 
 @dataclass(frozen=True)
@@ -194,6 +205,8 @@ class Config:
     # Query parameters whose values the access log replaces with "[redacted]".
     access_log_redact: tuple[str, ...] = ("api_key", "access_token")
     redis_clusters: tuple[RedisCluster, ...] = ()
+    access_log_filters: bool = True            # the access log's per-request `filters` field
+    tracing: Tracing = Tracing()
     node: NodeInfo = NodeInfo()                 # the node.* properties
     # The parsed YAML as written (for GET /config, after redaction).
     raw: Any = field(default=None, compare=False, repr=False)
@@ -583,20 +596,55 @@ def _upstream_tls(ck: _Checker, node: yaml.Node, path: str, base: Path) -> tuple
 
 def _admin(ck: _Checker, node: yaml.Node, path: str, base: Path) -> Admin | None:
     n0 = len(ck.errors)
-    f = ck.mapping(node, path, {"address", "port", "token", "token_file", "allowed_hosts"}, {"port"})
+    f = ck.mapping(node, path, {"address", "port", "token", "token_file", "allowed_hosts", "trace_allowed_cidrs"},
+                   {"port"})
     if f is None:
         return None
     address = _get(f, "address", path, lambda n, p: _address(ck, n, p), "127.0.0.1")
     port = _get(f, "port", path, lambda n, p: ck.integer(n, p, 0, 65535))
     token, token_file = _admin_token(ck, f, path, base)
     hosts = _get(f, "allowed_hosts", path, lambda n, p: _host_names(ck, n, p), ())
+    cidrs = _get(f, "trace_allowed_cidrs", path, lambda n, p: _cidrs(ck, n, p), ())
     if address is not None and token is None and len(ck.errors) == n0 and not is_loopback(address):
         ck.error(f["address"], f"{path}.address",
                  f"{address} is not a loopback address: set admin.token or admin.token_file, or anyone "
                  f"who reaches it can read the config and reload the gateway")
     if len(ck.errors) > n0:
         return None
-    return Admin(address, port, token, token_file, hosts)
+    return Admin(address, port, token, token_file, hosts, cidrs)
+
+
+def _cidrs(ck: _Checker, node: yaml.Node, path: str) -> tuple[str, ...]:
+    out = []
+    for i, item in enumerate(ck.sequence(node, path) or []):
+        text = ck.string(item, f"{path}[{i}]")
+        if text is None:
+            continue
+        try:
+            out.append(str(ipaddress.ip_network(text.strip(), strict=False)))
+        except ValueError:
+            ck.error(item, f"{path}[{i}]", f'"{text}" is not an IP network (write 10.0.0.0/8, 127.0.0.1 or ::1/128)')
+    return tuple(out)
+
+
+def _tracing(ck: _Checker, node: yaml.Node, path: str) -> Tracing | None:
+    f = ck.mapping(node, path, {"propagate", "otlp_endpoint", "service_name"})
+    if f is None:
+        return None
+    propagate = _get(f, "propagate", path, ck.boolean, True)
+    endpoint = None
+    if "otlp_endpoint" in f and not _is_null(f["otlp_endpoint"]):
+        endpoint = ck.string(f["otlp_endpoint"], f"{path}.otlp_endpoint")
+        parts = urlsplit(endpoint) if endpoint is not None else None
+        if parts is not None and (parts.scheme not in ("http", "https") or not parts.hostname):
+            ck.error(f["otlp_endpoint"], f"{path}.otlp_endpoint",
+                     f'"{endpoint}" is not an http:// or https:// URL (the OTLP/HTTP collector, e.g. '
+                     f'http://127.0.0.1:4318)')
+            endpoint = None
+    service = _get(f, "service_name", path, lambda n, p: ck.string(n, p), "wasmgate")
+    if service is not None and not service.strip():
+        ck.error(f["service_name"], f"{path}.service_name", "must not be empty")
+    return Tracing(propagate=bool(propagate), otlp_endpoint=endpoint, service_name=service or "wasmgate")
 
 
 def _admin_token(ck: _Checker, f: dict[str, yaml.Node], path: str, base: Path) -> tuple[str | None, str | None]:
@@ -1096,7 +1144,7 @@ def _filter(ck: _Checker, node: yaml.Node, path: str, base: Path, gateway_limits
 
 
 _TOP = {"listeners", "admin", "limits", "access_log", "clusters", "routes", "filters", "shared_data",
-        "internal_headers", "path_normalization", "node"}
+        "internal_headers", "path_normalization", "node", "tracing"}
 
 
 def parse_config(text: str, filename: str, base_dir: Path) -> Config:
@@ -1141,13 +1189,16 @@ def _build(ck: _Checker, root: yaml.Node, base_dir: Path) -> Config:
     limits = _limits(ck, top["limits"], "limits", base_dir) if "limits" in top else Limits()
 
     access_log: str | None = "-"
+    access_log_filters = True
     redact_params = Config.__dataclass_fields__["access_log_redact"].default
     if "access_log" in top:
         node = top["access_log"]
         if _is_null(node):
             access_log = None
         else:
-            f = ck.mapping(node, "access_log", {"path", "redact_query_params"}, {"path"})
+            f = ck.mapping(node, "access_log", {"path", "redact_query_params", "filters"}, {"path"})
+            if f is not None:
+                access_log_filters = _get(f, "filters", "access_log", ck.boolean, True)
             if f is not None and "redact_query_params" in f:
                 names = _name_list(ck, f["redact_query_params"], "access_log.redact_query_params",
                                    re.compile(r"^[^&=#\s]+$"), "a query parameter name")
@@ -1218,6 +1269,9 @@ def _build(ck: _Checker, root: yaml.Node, base_dir: Path) -> Config:
         if f:
             shared_max = _get(f, "max_bytes", "shared_data", lambda n, p: ck.integer(n, p, 0), shared_max)
 
+    tracing = _tracing(ck, top["tracing"], "tracing") if "tracing" in top and not _is_null(top["tracing"]) \
+        else Tracing()
+
     internal = Config.__dataclass_fields__["internal_headers"].default
     if "internal_headers" in top:
         names = _name_list(ck, top["internal_headers"], "internal_headers", _TOKEN, "a header name")
@@ -1231,7 +1285,8 @@ def _build(ck: _Checker, root: yaml.Node, base_dir: Path) -> Config:
                   access_log_path=access_log, clusters=tuple(clusters), routes=tuple(routes),
                   filters=tuple(filters), shared_data_max_bytes=shared_max, path_normalization=paths,
                   internal_headers=internal, access_log_redact=redact_params,
-                  redis_clusters=tuple(redis_clusters), node=node, raw=raw)
+                  redis_clusters=tuple(redis_clusters), access_log_filters=access_log_filters,
+                  tracing=tracing or Tracing(), node=node, raw=raw)
 
 
 def _is_null(node: yaml.Node) -> bool:

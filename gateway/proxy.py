@@ -34,6 +34,7 @@ from .paths import PathPolicy, RedirectTo, normalize_path, routing_path
 from .request_head import upstream_headers, valid_request_id
 from .routing import Router, rewrite_target
 from .spool import Spool
+from .tracing import DEBUG_HEADER, RequestTrace, Tracer, TraceHeaders
 from .upstream import UpstreamError, UpstreamReset, UpstreamResponse, Upstreams, UpstreamTunnel
 
 log = logging.getLogger("wasmgate.proxy")
@@ -80,6 +81,7 @@ class GatewayState(Protocol):
     connections: set
     idle_connections: int
     proxy: "Proxy"
+    tracer: Tracer
 
 
 class RequestBodyLike(Protocol):
@@ -133,7 +135,7 @@ class Downstream(Protocol):
 class Exchange:
     """Per-request facts collected for the access log, metrics and LogInfo."""
     __slots__ = ("t0", "method", "target", "route", "status", "bytes_out", "upstream", "error", "rid", "body",
-                 "keepalive", "upgrade", "tunnel", "bytes_in")
+                 "keepalive", "upgrade", "tunnel", "bytes_in", "trace")
 
     def __init__(self, method: str, target: str):
         self.t0 = time.perf_counter()
@@ -150,6 +152,7 @@ class Exchange:
         self.upgrade: str | None = None     # the protocol an upgrade request asks for
         self.tunnel: Tunnel | None = None   # set when the upstream switched protocols (101)
         self.bytes_in = 0                   # client bytes without a request body (a tunnel's)
+        self.trace: RequestTrace | None = None  # tracing.py: this request's trace, once routed
 
 
 class Tunnel:
@@ -184,8 +187,10 @@ class Proxy:
         ex.rid = rid
         # Routes match on the headers as the filters and the upstream get them: a route on an
         # internal header (x-auth-identity) must not be chosen by a value the client sent.
+        tracer = self.gw.tracer
+        got = TraceHeaders() if tracer.active else None
         headers = upstream_headers(req.headers, req.conn_tokens, conn.peer[0], req.authority, rid, req.scheme,
-                                   config.internal_headers)
+                                   config.internal_headers, got)
         route = gen.router.match(req.method, req.authority, routing_path(path), headers)
         has_body = req.body is not None
         if route is None:
@@ -193,6 +198,8 @@ class Proxy:
                                     close=not ex.keepalive or has_body)
         ex.route = route.name
         ex.body = req.body
+        if got is not None:
+            ex.trace = tracer.begin(got, conn.peer[0], headers, f"{req.method} {route.name}")
         if req.upgrade is not None:
             if not route.upgrades:
                 # As Envoy (403, "upgrade_failed"), and the connection closes: a client may already
@@ -219,16 +226,20 @@ class Proxy:
         if host is None:
             return self.reply_error(conn, ex, 500, f'route "{route.name}" has filters but none are loaded',
                                     "filter_error")
+        rt = ex.trace
         info = StreamInfo(request_id=ex.rid, route_name=route.name, cluster_name=route.cluster,
                           client_addr=conn.peer, local_addr=conn.local, connection_id=conn.id,
                           scheme=req.scheme, protocol=req.version, start_time_ns=time.time_ns(), tls=conn.tls,
                           route_metadata=route.metadata,
-                          cluster_metadata=gen.router.cluster_metadata.get(route.cluster))
+                          cluster_metadata=gen.router.cluster_metadata.get(route.cluster),
+                          trace=rt is not None and rt.records)
         try:
             stream = host.stream(list(route.filters), info)   # type: ignore[attr-defined]
         except Exception as e:
             log.exception('route "%s": could not open a filter stream', route.name)
             return self.reply_error(conn, ex, 500, f"filter chain error: {type(e).__name__}", "filter_error")
+        if info.trace:
+            rt.stream = stream
         chain_headers = [(":method", req.method), (":path", target), (":authority", req.authority),
                          (":scheme", req.scheme)] + headers
         original = req.body
@@ -556,11 +567,23 @@ def log_exchange(gw: GatewayState, ex: Exchange, client: str) -> None:
     bytes_in = ex.body.received if ex.body else ex.bytes_in
     gw.metrics.request_done(ex.route or "-", ex.status, bytes_in, ex.bytes_out)
     access_log = gw.access_log
+    rt = ex.trace
     if access_log.enabled:
         access_log.write(request_id=ex.rid, client=client, method=ex.method, path=ex.target,
                          status=ex.status, bytes_in=bytes_in, bytes_out=ex.bytes_out, route=ex.route,
                          upstream=ex.upstream, duration_ms=(time.perf_counter() - ex.t0) * 1000,
-                         error=ex.error)
+                         error=ex.error, filters=rt.summary() if rt is not None and rt.log else "")
+    if rt is not None:
+        gw.tracer.done(rt, ex, client)
+
+
+def traced(ex: Exchange, headers: Headers) -> Headers:
+    """``headers`` with x-wasmgate-trace (the filter trace so far) when the client asked for it
+    and may see it (admin.trace_allowed_cidrs); the front-ends call it on every response head."""
+    rt = ex.trace
+    if rt is None or not rt.header:
+        return headers
+    return headers + [(DEBUG_HEADER, rt.summary() or "-")]
 
 
 def _after_chain(result: Forward, status: int, length: int | None, body, ex: Exchange):

@@ -186,8 +186,11 @@ def _restart_only_changes(old: Config, new: Config) -> list[str]:
         out.append("admin listener changed: restart required")
     if old.shared_data_max_bytes != new.shared_data_max_bytes:
         out.append("shared_data.max_bytes changed: restart required")
-    if (old.access_log_path, old.access_log_redact) != (new.access_log_path, new.access_log_redact):
+    if (old.access_log_path, old.access_log_redact, old.access_log_filters) != \
+            (new.access_log_path, new.access_log_redact, new.access_log_filters):
         out.append("access_log changed: restart required")
+    if old.tracing != new.tracing:
+        out.append("tracing changed: restart required")
     return out
 
 

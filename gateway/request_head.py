@@ -4,8 +4,12 @@ sets — and the request head the upstream gets instead (hop-by-hop removed, X-F
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 from .http1 import HOP_BY_HOP, HttpError
+
+if TYPE_CHECKING:
+    from .tracing import TraceHeaders
 
 Headers = list[tuple[str, str]]
 
@@ -27,9 +31,11 @@ def valid_request_id(value: str) -> bool:
 
 
 def upstream_headers(headers: Headers, conn_tokens: set[str] | None, client_ip: str, authority: str,
-                     rid: str, scheme: str, internal: frozenset[str]) -> Headers:
+                     rid: str, scheme: str, internal: frozenset[str], trace: "TraceHeaders | None" = None) -> Headers:
     """Request headers for the upstream (and the filters): hop-by-hop and ``internal`` headers
-    gone, X-Forwarded-* appended, exactly one x-request-id (``rid``, validated by the caller)."""
+    gone, X-Forwarded-* appended, exactly one x-request-id (``rid``, validated by the caller).
+    x-wasmgate-trace never goes on; with ``trace`` (tracing.TraceHeaders) it and the W3C
+    traceparent/tracestate are moved there (gateway/tracing.py decides what goes upstream)."""
     hop = HOP_BY_HOP | conn_tokens if conn_tokens else HOP_BY_HOP
     out: Headers = []
     xff = xfp = xfh = None
@@ -47,6 +53,17 @@ def upstream_headers(headers: Headers, conn_tokens: set[str] | None, client_ip: 
                 xfh = value if xfh is None else f"{xfh}, {value}"
                 continue
             if name == "x-request-id":
+                continue
+            if name == "x-wasmgate-trace":
+                if trace is not None:
+                    trace.debug = value.strip(" \t") == "1"
+                continue
+        elif trace is not None and name[0] == "t":
+            if name == "traceparent":
+                trace.traceparent.append(value)
+                continue
+            if name == "tracestate":
+                trace.tracestate.append(value)
                 continue
         if name in internal:
             continue

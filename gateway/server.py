@@ -14,6 +14,7 @@ from .client_h1 import ClientProtocol, Connection
 from .client_h2 import H2Connection
 from .proxy import Generation, Proxy
 from .routing import Router
+from .tracing import Tracer
 from .tls import ListenerContext, TlsConnection, TlsError, build_listener_tls
 from .upstream import Upstreams
 
@@ -62,6 +63,7 @@ class Gateway:
         self.config = config
         self.metrics = Metrics()
         self.access_log = AccessLog(config.access_log_path, config.access_log_redact)
+        self.tracer = Tracer(config)
         self.connections: set[Connection] = set()
         self.idle_connections = 0           # keep-alive connections between requests
         self.draining = False
@@ -97,6 +99,7 @@ class Gateway:
                                   redis_clusters=config.redis_clusters, node=config.node)
         except TlsError as e:        # a file changed since the config was checked
             gw.access_log.close()
+            gw.tracer.close()
             raise StartError(f"TLS: {e.message}") from None
         filter_host = None
         try:
@@ -111,6 +114,7 @@ class Gateway:
             if filter_host is not None:
                 await filter_host.close()
             gw.access_log.close()
+            gw.tracer.close()
             raise
         gw.ready = True
         gw._sweeper = asyncio.ensure_future(gw._sweep_idle())
@@ -243,6 +247,7 @@ class Gateway:
             except Exception:
                 log.exception("closing filters failed")
         self.access_log.close()
+        await asyncio.to_thread(self.tracer.close)     # flushes queued spans (bounded)
         self._stopped.set()
 
     async def _close_servers(self) -> None:
