@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from abi.api import FilterLoadError
 
 from .config import Config, ConfigError, load_config
+from .fetch import FetchError, fetch_filters
 from .proxy import Generation
 from .routing import Router
 from .tls import TlsError, build_listener_tls
@@ -131,6 +132,10 @@ async def _reload_locked(gw: "Gateway", st: ReloadState) -> ReloadResult:
     fixed = _restart_only_changes(old.config, config)
     if fixed:
         return refused(fixed)
+    try:
+        await fetch_filters(config)          # remote modules into the cache, pins verified
+    except FetchError as e:
+        return refused([str(e)])
     digests = await asyncio.to_thread(wasm_digests, config)
     fp = fingerprint(config, digests)
     if fp == st.fingerprint and config == old.config:

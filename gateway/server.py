@@ -36,6 +36,15 @@ async def _default_filter_host(specs: list, services: Any) -> Any:
     return await load_filter_host(specs, services)
 
 
+async def _fetch_filters(config: Config) -> None:
+    """Remote modules into the cache, pinned files verified (gateway/fetch.py)."""
+    from .fetch import FetchError, fetch_filters
+    try:
+        await fetch_filters(config)
+    except FetchError as e:
+        raise StartError(str(e)) from None
+
+
 def bind_socket(address: str, port: int, *, reuse_port: bool = False) -> socket.socket:
     """A bound (not yet listening) TCP socket; SO_REUSEPORT lets worker processes share a port."""
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
@@ -100,6 +109,7 @@ class Gateway:
             raise StartError(f"TLS: {e.message}") from None
         filter_host = None
         try:
+            await _fetch_filters(config)
             if config.filters:
                 factory = filter_host_factory or _default_filter_host
                 filter_host = await factory(list(config.filters), upstreams)
