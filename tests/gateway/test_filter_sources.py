@@ -281,3 +281,73 @@ async def test_pinned_local_file_is_verified(tmp_path, upstream):
             pass
     async with run_gateway(filter_yaml(upstream.port, str(HEADERS), sha(HEADERS)), tmp_path) as gw:
         await served_through_filter(gw, upstream)
+
+
+def _token_issuer(directory: Path):
+    """A self-signed ES256 signing certificate and a function minting the JWTs docker-registry's
+    `auth: token` verifies (x5c header chaining to its rootcertbundle)."""
+    import base64
+    import datetime
+    import time as _time
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+    from cryptography.x509.oid import NameOID
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test token issuer")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    (directory / "token-root.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    b64 = lambda b: base64.urlsafe_b64encode(b).rstrip(b"=").decode()   # noqa: E731
+
+    def mint(subject: str, scope: str) -> str:
+        _, repo, actions = scope.split(":")
+        header = {"typ": "JWT", "alg": "ES256",
+                  "x5c": [base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode()]}
+        t = int(_time.time())
+        claims = {"iss": "test-issuer", "sub": subject, "aud": "test-registry", "iat": t, "nbf": t - 60,
+                  "exp": t + 600, "jti": os.urandom(8).hex(),
+                  "access": [{"type": "repository", "name": repo, "actions": actions.split(",")}]}
+        signing_input = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(claims).encode())}"
+        r, s = decode_dss_signature(key.sign(signing_input.encode(), ec.ECDSA(hashes.SHA256())))
+        return f"{signing_input}.{b64(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
+    return mint
+
+
+async def test_bearer_token_registry(tmp_path, upstream):
+    """A registry with `auth: token`: its challenge sends clients to a token endpoint (here an
+    aiohttp server minting the JWTs the registry verifies); push and pull both follow it."""
+    mint = _token_issuer(tmp_path)
+    asked: list[tuple[str, str]] = []
+
+    async def token(request: web.Request) -> web.StreamResponse:
+        if request.headers.get("Authorization") != basic_auth("ci", "s3cret"):
+            return web.Response(status=401)
+        asked.append((request.query["service"], request.query["scope"]))
+        return web.json_response({"token": mint("ci", request.query["scope"])})
+
+    async with echo_upstream(token) as token_server:
+        reg = RegistryServer(tmp_path)
+        reg.config.write_text(reg.config.read_text() + (
+            "auth:\n  token:\n"
+            f"    realm: http://127.0.0.1:{token_server.port}/token\n"
+            "    service: test-registry\n    issuer: test-issuer\n"
+            f"    rootcertbundle: {tmp_path / 'token-root.pem'}\n"))
+        with reg:
+            ref = f"oci://{reg.address}/filters/tagger:v1"
+            out = await asyncio.to_thread(push, HEADERS, ref, env={
+                "WASMGATE_REGISTRY_USERNAME": "ci", "WASMGATE_REGISTRY_PASSWORD": "s3cret"})
+            assert out.returncode == 0, out.stderr
+            assert ("test-registry", "repository:filters/tagger:pull,push") in asked
+            (tmp_path / "reg.pass").write_text("s3cret")
+            creds = f"  credentials: [{{host: \"{reg.address}\", username: ci, password_file: reg.pass}}]\n"
+            text = filter_yaml(upstream.port, ref, sha(HEADERS),
+                               fetch=fetch_yaml(reg.address, tmp_path / "cache", creds=creds))
+            async with run_gateway(text, tmp_path) as gw:
+                await served_through_filter(gw, upstream)
+            assert asked[-1] == ("test-registry", "repository:filters/tagger:pull")
