@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import AsyncIterator, Callable, Protocol
 
+from .capabilities import ALL as CAPABILITIES    # noqa: F401  (config.py validates names with it)
+
 Headers = list[tuple[str, str]]
 Body = AsyncIterator[bytes]
 
@@ -46,6 +48,10 @@ class FilterSpec:
     deliver_body_while_paused: bool = False       # False: Envoy (Pause in headers stops the body)
     root_id: str = ""                             # Envoy plugin root_id (property plugin_root_id);
                                                   # C++/AssemblyScript SDKs pick their root context by it
+    # Host-function groups granted (names: CAPABILITIES, abi/capabilities.py); None: all of them.
+    capabilities: frozenset[str] | None = None
+    strict_capabilities: bool = False             # refuse at load a module importing a denied function
+    readable_properties: tuple[str, ...] | None = None   # property path prefixes it may read; None: all
 
 
 @dataclass

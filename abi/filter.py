@@ -22,7 +22,8 @@ from .buffers import BodyBuffer, HeaderMap, valid_header
 from .context import CalloutData, Context, HttpContext, RootContext, VmContext
 from .engine import Engine, EngineError, Instance, MemoryAccessError, Trap
 from .enums import Status, WasiErrno
-from .hostcalls import HOSTCALLS, PY_LEVELS, guarded
+from . import capabilities
+from .hostcalls import HOSTCALLS, PY_LEVELS, guarded, restricted_get_property
 from .limits import MAX_LOG_BYTES, MAX_PENDING_CALLS
 from .module import LoadedModule
 from .redis_call import RedisCalls
@@ -87,6 +88,8 @@ class Filter:
         self.failures: Counter[tuple[str, str]] = Counter()
         self.rebuilds = 0
         self.host_errors = 0
+        self.denied_calls: Counter[str] = Counter()     # capability group → calls refused
+        self._denied_logged: set[str] = set()
         self._next_id = 1
         self._next_token = 4                 # http callouts: type 0 in the low 2 bits (cpp-host)
         self._current: Context | None = None
@@ -128,7 +131,25 @@ class Filter:
                               internal=None if void else WasiErrno.INVAL, arity=len(params))
             for module in WASI_MODULES:
                 table[(module, name)] = wrapped
+        # Capabilities (abi/capabilities.py): bound here, once; a granted call costs nothing more.
+        for name, group in capabilities.denied(self.spec.capabilities).items():
+            for key in [("env", name), *((m, name) for m in WASI_MODULES)]:
+                if key in table:
+                    table[key] = capabilities.denial_stub(self, name, group, wasi=key[0] != "env")
+        if self.spec.readable_properties is not None:
+            fn = restricted_get_property(capabilities.readable(self.spec.readable_properties))
+            table[("env", "proxy_get_property")] = guarded(
+                self, "proxy_get_property", fn, bad_memory=Status.INVALID_MEMORY_ACCESS,
+                internal=Status.INTERNAL_FAILURE, arity=4)
         return table
+
+    def capability_denied(self, what: str, group: str) -> None:
+        """A call the filter's capabilities refuse: counted; logged once per function (bounded)."""
+        self.denied_calls[group] += 1
+        if what not in self._denied_logged and len(self._denied_logged) < 64:
+            self._denied_logged.add(what)
+            self.log.warning('filter "%s": %s denied: capability "%s" not granted (logged once; '
+                             "counted in wasmgate_filter_denied_calls_total)", self.name, what, group)
 
     # -- start sequence (reference §2.3) ----------------------------------------------------
     #

@@ -139,6 +139,10 @@ class FilterHost:
             out.append(MetricSample("wasmgate_filter_host_errors_total", "counter",
                                     float(f.host_errors), dict(labels),
                                     "internal errors inside host functions"))
+            for group, n in sorted(f.denied_calls.items()):
+                out.append(MetricSample("wasmgate_filter_denied_calls_total", "counter", float(n),
+                                        {"filter": f.name, "capability": group},
+                                        "host calls refused by the filter's capabilities"))
             for (callback, kind), n in sorted(f.failures.items()):
                 out.append(MetricSample("wasmgate_filter_failures_total", "counter", float(n),
                                         {"filter": f.name, "callback": callback, "kind": kind},

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import yaml
 
-from abi.api import FilterLimits, FilterSpec
+from abi.api import CAPABILITIES, FilterLimits, FilterSpec
 
 from .fetch import (PULL_POLICIES, FetchSettings, FilterSource, RegistryCredential, default_cache_dir,
                     source_kind)
@@ -925,10 +925,10 @@ def _encode(ck: _Checker, node: yaml.Node, path: str, encoding: str) -> bytes | 
 
 
 def _filter(ck: _Checker, node: yaml.Node, path: str, base: Path, gateway_limits: Limits,
-            fetch: FetchSettings) -> tuple[FilterSpec, FilterSource] | None:
+            fetch: FetchSettings, default_caps: frozenset[str] | None) -> tuple[FilterSpec, FilterSource] | None:
     f = ck.mapping(node, path, {"name", "wasm", "sha256", "pull_policy", "config", "encoding", "vm_config",
                                 "failure_policy", "limits", "environment", "deliver_body_while_paused",
-                                "root_id"},
+                                "root_id", "capabilities", "strict_capabilities", "readable_properties"},
                      {"name", "wasm"})
     if f is None:
         return None
@@ -979,12 +979,32 @@ def _filter(ck: _Checker, node: yaml.Node, path: str, base: Path, gateway_limits
     deliver = _get(f, "deliver_body_while_paused", path, ck.boolean, False)
     # C++ and AssemblyScript SDK filters pick their root context by the plugin_root_id property.
     root_id = _get(f, "root_id", path, lambda n, p: ck.string(n, p, nonempty=False), "")
+    caps = _capabilities(ck, f["capabilities"], f"{path}.capabilities") if "capabilities" in f else default_caps
+    strict = _get(f, "strict_capabilities", path, ck.boolean, False)
+    readable = None
+    if "readable_properties" in f:
+        readable = _name_list(ck, f["readable_properties"], f"{path}.readable_properties",
+                              re.compile(r"^[A-Za-z0-9_]+(\.[^.\s]+)*$"), "a property path (request.headers, connection)")
+        ok = ok and readable is not None
     if not ok or name is None or wasm_path is None or configuration is None or vm_configuration is None:
         return None
     return FilterSpec(name=name, wasm_path=wasm_path, configuration=configuration,
                       vm_configuration=vm_configuration, failure_policy=policy, limits=limits,
                       environment=tuple(env), deliver_body_while_paused=deliver,
-                      root_id=root_id or ""), source
+                      root_id=root_id or "", capabilities=caps, strict_capabilities=strict,
+                      readable_properties=None if readable is None else tuple(readable)), source
+
+
+def _capabilities(ck: _Checker, node: yaml.Node, path: str) -> frozenset[str] | None:
+    """A list of host-function groups (abi/capabilities.py); None once an error was reported."""
+    out = set()
+    for i, item in enumerate(ck.sequence(node, path) or []):
+        group = ck.string(item, f"{path}[{i}]")
+        if group is not None and group not in CAPABILITIES:
+            ck.error(item, f"{path}[{i}]", f'unknown capability "{group}" (known: {", ".join(sorted(CAPABILITIES))})')
+        elif group is not None:
+            out.add(group)
+    return frozenset(out)
 
 
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
@@ -1130,7 +1150,7 @@ def _secret(ck: _Checker, f: dict[str, yaml.Node], path: str, base: Path, what: 
 
 
 _TOP = {"listeners", "admin", "limits", "access_log", "clusters", "routes", "filters", "shared_data",
-        "internal_headers", "path_normalization", "filter_fetch"}
+        "internal_headers", "path_normalization", "filter_fetch", "default_capabilities"}
 
 
 def parse_config(text: str, filename: str, base_dir: Path) -> Config:
@@ -1213,6 +1233,8 @@ def _build(ck: _Checker, root: yaml.Node, base_dir: Path) -> Config:
                 clusters.append(c)
         _unique_names(ck, names, "clusters")
 
+    default_caps = (_capabilities(ck, top["default_capabilities"], "default_capabilities")
+                    if "default_capabilities" in top else None)
     fetch = _filter_fetch(ck, top["filter_fetch"], "filter_fetch", base_dir) if "filter_fetch" in top else FetchSettings()
     filters: list[FilterSpec] = []
     sources: list[FilterSource] = []
@@ -1221,7 +1243,7 @@ def _build(ck: _Checker, root: yaml.Node, base_dir: Path) -> Config:
         items = ck.sequence(top["filters"], "filters") or []
         names = []
         for i, item in enumerate(items):
-            got = _filter(ck, item, f"filters[{i}]", base_dir, limits, fetch)
+            got = _filter(ck, item, f"filters[{i}]", base_dir, limits, fetch, default_caps)
             nm = _name_of(ck, item)
             names.append((nm, item))
             if nm:
