@@ -12,6 +12,7 @@ import logging
 import os
 import threading
 import time
+from time import perf_counter_ns
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Callable
@@ -89,6 +90,8 @@ class Filter:
         self.rebuilds = 0
         self.host_errors = 0
         self.denied_calls: Counter[str] = Counter()     # capability group → calls refused
+        self.calls = 0                   # guest calls, and the wall time spent in them (GET /filters)
+        self.guest_ns = 0
         self._denied_logged: set[str] = set()
         self._next_id = 1
         self._next_token = 4                 # http callouts: type 0 in the low 2 bits (cpp-host)
@@ -323,12 +326,17 @@ class Filter:
     def _rebuilt(self, error: StartError | None) -> None:
         if self.closed:
             return
+        on_event = self.host.on_event
         if error is not None:
             self.log.error('filter "%s": rebuild failed: %s', self.name, error)
+            if on_event is not None:
+                on_event(self.spec, "rebuild", str(error))
             self._schedule_rebuild()
             return
         self.rebuilds += 1
         self.log.warning('filter "%s": instance rebuilt after a failure', self.name)
+        if on_event is not None:
+            on_event(self.spec, "rebuild", "")
 
     def note_success(self) -> None:
         self.consecutive_failures = 0
@@ -350,6 +358,8 @@ class Filter:
             fn = self._funcs[name] = inst.export_func(name)
         saved = self._current, self._effective
         self._current, self._effective = ctx, None
+        self.calls += 1
+        t0 = perf_counter_ns()
         try:
             return fn(*args)
         except Trap as t:
@@ -358,6 +368,7 @@ class Filter:
                 self._discard()
             raise FilterFailure(self.name, name, t.kind, t.message) from None
         finally:
+            self.guest_ns += perf_counter_ns() - t0
             self._current, self._effective = saved
             if self._deferred:
                 self._run_deferred()

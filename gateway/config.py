@@ -193,6 +193,7 @@ class Config:
     # Where each filter's module comes from (gateway/fetch.py), and how remote ones are fetched.
     filter_sources: tuple[FilterSource, ...] = ()
     filter_fetch: FetchSettings = field(default_factory=FetchSettings)
+    audit_log_path: str | None = None          # JSON lines of filter lifecycle events (gateway/audit.py)
     # The parsed YAML as written (for GET /config, after redaction).
     raw: Any = field(default=None, compare=False, repr=False)
 
@@ -1020,7 +1021,9 @@ def _filter_source(ck: _Checker, f: dict[str, yaml.Node], path: str, base: Path,
     ok = True
     pin = None
     if "sha256" in f:
-        pin = ck.string(f["sha256"], f"{path}.sha256")
+        # The scalar's text: an all-digit digest would otherwise load as a YAML integer.
+        node = f["sha256"]
+        pin = node.value if isinstance(node, yaml.ScalarNode) and node.value else ck.string(node, f"{path}.sha256")
         if pin is not None:
             pin = pin.lower().removeprefix("sha256:")
             if not _SHA256_HEX.match(pin):
@@ -1070,6 +1073,21 @@ def _remote_location_ok(ck: _Checker, node: yaml.Node, path: str, kind: str, was
         ck.error(node, path, "the URL has no host")
         return False
     return True
+
+
+def _audit_log(ck: _Checker, node: yaml.Node, base: Path) -> str | None:
+    if _is_null(node):
+        return None
+    f = ck.mapping(node, "audit_log", {"path"}, {"path"})
+    if f is None or _is_null(f["path"]):
+        return None
+    name = ck.string(f["path"], "audit_log.path")
+    if name is None:
+        return None
+    path = (base / name).resolve()
+    if not path.parent.is_dir():
+        ck.error(f["path"], "audit_log.path", f"directory does not exist: {path.parent}")
+    return str(path)
 
 
 def _filter_fetch(ck: _Checker, node: yaml.Node, path: str, base: Path) -> FetchSettings:
@@ -1150,7 +1168,7 @@ def _secret(ck: _Checker, f: dict[str, yaml.Node], path: str, base: Path, what: 
 
 
 _TOP = {"listeners", "admin", "limits", "access_log", "clusters", "routes", "filters", "shared_data",
-        "internal_headers", "path_normalization", "filter_fetch", "default_capabilities"}
+        "internal_headers", "path_normalization", "filter_fetch", "default_capabilities", "audit_log"}
 
 
 def parse_config(text: str, filename: str, base_dir: Path) -> Config:
@@ -1233,6 +1251,7 @@ def _build(ck: _Checker, root: yaml.Node, base_dir: Path) -> Config:
                 clusters.append(c)
         _unique_names(ck, names, "clusters")
 
+    audit_log = _audit_log(ck, top["audit_log"], base_dir) if "audit_log" in top else None
     default_caps = (_capabilities(ck, top["default_capabilities"], "default_capabilities")
                     if "default_capabilities" in top else None)
     fetch = _filter_fetch(ck, top["filter_fetch"], "filter_fetch", base_dir) if "filter_fetch" in top else FetchSettings()
@@ -1289,7 +1308,7 @@ def _build(ck: _Checker, root: yaml.Node, base_dir: Path) -> Config:
                   filters=tuple(filters), shared_data_max_bytes=shared_max, path_normalization=paths,
                   internal_headers=internal, access_log_redact=redact_params,
                   redis_clusters=tuple(redis_clusters), filter_sources=tuple(sources),
-                  filter_fetch=fetch, raw=raw)
+                  filter_fetch=fetch, audit_log_path=audit_log, raw=raw)
 
 
 def _is_null(node: yaml.Node) -> bool:

@@ -342,12 +342,12 @@ async def test_bearer_token_registry(tmp_path, upstream):
             ref = f"oci://{reg.address}/filters/tagger:v1"
             out = await asyncio.to_thread(push, HEADERS, ref, env={
                 "WASMGATE_REGISTRY_USERNAME": "ci", "WASMGATE_REGISTRY_PASSWORD": "s3cret"})
-            assert out.returncode == 0, out.stderr
-            assert ("test-registry", "repository:filters/tagger:pull,push") in asked
+            assert out.returncode == 0, (out.stderr, asked)
+            assert ("test-registry", "repository:filters/tagger:pull,push") in asked, asked
             (tmp_path / "reg.pass").write_text("s3cret")
             creds = f"  credentials: [{{host: \"{reg.address}\", username: ci, password_file: reg.pass}}]\n"
             text = filter_yaml(upstream.port, ref, sha(HEADERS),
                                fetch=fetch_yaml(reg.address, tmp_path / "cache", creds=creds))
             async with run_gateway(text, tmp_path) as gw:
                 await served_through_filter(gw, upstream)
-            assert asked[-1] == ("test-registry", "repository:filters/tagger:pull")
+            assert asked[-1] == ("test-registry", "repository:filters/tagger:pull"), asked
