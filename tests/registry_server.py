@@ -18,7 +18,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from tests.redis_server import free_port
+from tests.redis_server import LocalServer, free_port
 
 START_TIMEOUT_S = 15.0
 
@@ -31,7 +31,7 @@ def _need(binary: str, package: str) -> str:
     return path
 
 
-class RegistryServer:
+class RegistryServer(LocalServer):
     def __init__(self, workdir: Path, *, users: dict[str, str] | None = None):
         self.binary = _need("docker-registry", "docker-registry")
         self.dir = Path(workdir) / f"registry-{id(self)}"
@@ -76,19 +76,3 @@ class RegistryServer:
                 self.stop()
                 raise RuntimeError(f"docker-registry on port {self.port} did not start: {text[-2000:]}")
             time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-            self.proc = None
-
-    def __enter__(self) -> "RegistryServer":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()

@@ -87,9 +87,10 @@ async def test_push_then_pull_oci_artifact_and_serve(tmp_path, upstream):
         assert (cache / "sha256" / f"{sha(HEADERS)}.wasm").read_bytes() == HEADERS.read_bytes()
 
 
-def _oci_layout_with_plugin_wasm(layout: Path, wasm: bytes, tag: str) -> None:
-    """An OCI image layout (what `docker save`/buildah produce) of a compat image: one gzipped
-    tar layer holding plugin.wasm. Written here by hand so that skopeo, not our code, publishes it."""
+def _oci_layout(layout: Path, wasm: bytes, tag: str, kind: str) -> None:
+    """An OCI image layout (what buildah, `docker save` or oras produce), written here by hand so
+    that skopeo, not our code, publishes it: ``compat`` is an image with one gzipped tar layer
+    holding plugin.wasm, ``artifact`` the wasm artifact (the module as a layer of the wasm media type)."""
     blobs = layout / "blobs" / "sha256"
     blobs.mkdir(parents=True)
 
@@ -103,39 +104,49 @@ def _oci_layout_with_plugin_wasm(layout: Path, wasm: bytes, tag: str) -> None:
         info = tarfile.TarInfo("plugin.wasm")
         info.size = len(wasm)
         tar.addfile(info, io.BytesIO(wasm))
-    layer = gzip.compress(raw.getvalue())
-    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {},
-                         "rootfs": {"type": "layers",
-                                    "diff_ids": ["sha256:" + hashlib.sha256(raw.getvalue()).hexdigest()]}}).encode()
+    if kind == "compat":
+        layer, layer_media = gzip.compress(raw.getvalue()), "application/vnd.oci.image.layer.v1.tar+gzip"
+        config_media = "application/vnd.oci.image.config.v1+json"
+        config = json.dumps({"architecture": "amd64", "os": "linux", "config": {},
+                             "rootfs": {"type": "layers",
+                                        "diff_ids": ["sha256:" + hashlib.sha256(raw.getvalue()).hexdigest()]}}).encode()
+    else:
+        layer, layer_media = wasm, "application/vnd.module.wasm.content.layer.v1+wasm"
+        config, config_media = b"{}", "application/vnd.module.wasm.config.v1+json"
     manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                           "config": {"mediaType": "application/vnd.oci.image.config.v1+json", **blob(config)},
-                           "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", **blob(layer)}]}).encode()
+                           "config": {"mediaType": config_media, **blob(config)},
+                           "layers": [{"mediaType": layer_media, **blob(layer)}]}).encode()
     (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
     (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [{
         "mediaType": "application/vnd.oci.image.manifest.v1+json", **blob(manifest),
         "annotations": {"org.opencontainers.image.ref.name": tag}}]}))
 
 
-async def test_skopeo_docker_image_with_plugin_wasm_is_pulled(tmp_path, upstream):
-    """The compat layout as docker/skopeo publish it: a Docker v2 schema 2 manifest whose tar
-    layer contains plugin.wasm; skopeo (an independent client) pushes it, behind basic auth."""
+@pytest.mark.parametrize("kind", ["compat", "artifact"])
+async def test_skopeo_published_module_is_pulled(tmp_path, upstream, kind):
+    """Both layouts published by skopeo (an independent client), behind basic auth: the compat
+    image as docker pushes it (a Docker v2 schema 2 manifest whose tar layer holds plugin.wasm)
+    and the wasm OCI artifact."""
     layout = tmp_path / "layout"
-    _oci_layout_with_plugin_wasm(layout, HEADERS.read_bytes(), "v2")
+    _oci_layout(layout, HEADERS.read_bytes(), "v2", kind)
     with RegistryServer(tmp_path, users={"ci": "s3cret"}) as reg:
         done = await asyncio.to_thread(subprocess.run, [
-            "skopeo", "--insecure-policy", "copy", "--format", "v2s2", "--dest-tls-verify=false",
-            "--dest-creds", "ci:s3cret", f"oci:{layout}:v2", f"docker://{reg.address}/filters/compat:v2"],
+            "skopeo", "--insecure-policy", "copy", *(["--format", "v2s2"] if kind == "compat" else []),
+            "--dest-tls-verify=false", "--dest-creds", "ci:s3cret", f"oci:{layout}:v2",
+            f"docker://{reg.address}/filters/compat:v2"],
             capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr
         (tmp_path / "reg.pass").write_text("s3cret\n")
         creds = (f"  credentials:\n    - {{host: \"{reg.address}\", username: ci, password_file: reg.pass}}\n")
         text = filter_yaml(upstream.port, f"oci://{reg.address}/filters/compat:v2", sha(HEADERS),
                            fetch=fetch_yaml(reg.address, tmp_path / "cache", creds=creds))
-        async with aiohttp.ClientSession() as s:      # it is a Docker schema 2 image
-            async with s.get(f"http://{reg.address}/v2/filters/compat/manifests/v2", 
-                             headers={"Accept": "application/vnd.docker.distribution.manifest.v2+json",
+        async with aiohttp.ClientSession() as s:      # compat: it is a Docker schema 2 image
+            async with s.get(f"http://{reg.address}/v2/filters/compat/manifests/v2",
+                             headers={"Accept": "application/vnd.docker.distribution.manifest.v2+json, "
+                                                "application/vnd.oci.image.manifest.v1+json",
                                       "Authorization": basic_auth("ci", "s3cret")}) as r:
-                assert r.headers["Content-Type"] == "application/vnd.docker.distribution.manifest.v2+json"
+                assert r.headers["Content-Type"] == ("application/vnd.docker.distribution.manifest.v2+json"
+                                                     if kind == "compat" else "application/vnd.oci.image.manifest.v1+json")
         async with run_gateway(text, tmp_path) as gw:
             await served_through_filter(gw, upstream)
         # Without credentials the registry's Basic challenge cannot be answered: a clear refusal.
