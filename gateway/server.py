@@ -137,6 +137,8 @@ class Gateway:
             await upstreams.aclose()
             if filter_host is not None:
                 await filter_host.close()
+                gw.audit.filters("unload", config, getattr(filter_host, "digests", {}),
+                                 trigger="start_failed", generation=1)
             gw.access_log.close()
             gw.audit.close()
             raise
