@@ -24,7 +24,7 @@ from aiohttp import web
 from gateway.config import ConfigError, load_config
 from gateway.oci import basic_auth
 from gateway.reload import reload_gateway
-from gateway.server import Gateway, StartError
+from gateway.server import StartError
 from tests.gateway.conftest import basic_yaml
 from tests.helpers import echo_upstream, run_gateway
 from tests.registry_server import RegistryServer
