@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Callable, Protocol
+from typing import Any, AsyncIterator, Callable, Mapping, Protocol
 
 from .capabilities import ALL as CAPABILITIES    # noqa: F401  (config.py validates names with it)
 
@@ -48,6 +48,9 @@ class FilterSpec:
     deliver_body_while_paused: bool = False       # False: Envoy (Pause in headers stops the body)
     root_id: str = ""                             # Envoy plugin root_id (property plugin_root_id);
                                                   # C++/AssemblyScript SDKs pick their root context by it
+    vm_id: str = ""                               # Envoy vm_id (property plugin_vm_id): filters with
+                                                  # the same one share shared data and queues; "" is
+                                                  # the gateway-wide default VM
     # Host-function groups granted (names: CAPABILITIES, abi/capabilities.py); None: all of them.
     capabilities: frozenset[str] | None = None
     strict_capabilities: bool = False             # refuse at load a module importing a denied function
@@ -80,12 +83,23 @@ class RedisOptions:
     timeout_ms: int = 0
 
 
+@dataclass(frozen=True)
+class NodeInfo:
+    """The config's top-level ``node:`` (Envoy's bootstrap node): the ``node.*`` properties.
+    ``metadata`` is a JSON-like tree (str, float, bool, list, dict; no null)."""
+    id: str = ""
+    cluster: str = ""
+    metadata: Mapping[str, Any] = field(default_factory=dict, hash=False)
+
+
 class HostServices(Protocol):
     """What the gateway provides to the ABI host.
 
     The two Redis methods are optional: services without them have no Redis clusters (every
-    ``proxy_redis_*`` call then answers as for an unknown cluster)."""
+    ``proxy_redis_*`` call then answers as for an unknown cluster). ``node`` is optional too
+    (absent: ``node.id`` and ``node.cluster`` are "", ``node.metadata`` empty)."""
     log: logging.Logger
+    node: NodeInfo
 
     def has_cluster(self, name: str) -> bool: ...
 
@@ -136,6 +150,12 @@ class StreamInfo:
     protocol: str = "HTTP/1.1"
     start_time_ns: int = 0
     tls: TlsFacts | None = None           # None on a plain connection
+    # The route's and its cluster's `metadata:` ({namespace: {key: value}}, Envoy's
+    # filter_metadata), for the route_metadata / cluster_metadata properties. The gateway
+    # updates these four route fields in place when it re-matches the route after the
+    # request headers (HttpStream.route_cache_cleared, or a filter changed what routes match on).
+    route_metadata: Mapping[str, Mapping[str, Any]] | None = None
+    cluster_metadata: Mapping[str, Mapping[str, Any]] | None = None
 
 
 @dataclass
@@ -195,6 +215,11 @@ class MetricSample:
 
 
 class HttpStream(Protocol):
+    # Set by proxy_clear_route_cache (ABI 0.1.0) or the foreign function clear_route_cache
+    # during the request phase (Envoy's clearRouteCache): the gateway re-matches the route once the request headers passed the
+    # chain, even when no header that routes match on changed.
+    route_cache_cleared: bool
+
     async def request(self, headers: Headers, body: Body | None) -> Forward | LocalReply: ...
     async def response(self, status: int, headers: Headers, body: Body | None) -> Forward | LocalReply: ...
     async def finish(self, log: LogInfo) -> None: ...

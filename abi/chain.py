@@ -141,6 +141,9 @@ class Chain:
         self._closed = False             # response headers went downstream
         self._finished = False           # finish() ran
         self._phase = REQUEST
+        # Envoy's clearRouteCache (proxy_clear_route_cache, foreign function clear_route_cache):
+        # the gateway re-matches the route after the request headers (api.HttpStream).
+        self.route_cache_cleared = False
 
     # -- local replies -----------------------------------------------------------------------
 
@@ -252,10 +255,10 @@ class Chain:
             self._fail(i)
             return SKIPPED
         try:
-            if f.abi_010:                   # 0.1.0: (context_id, num_headers)
-                action = f.call(ctx, name, ctx.id, len(hmap))
-            else:
+            if f.headers_eos[direction]:
                 action = f.call(ctx, name, ctx.id, len(hmap), 1 if eos else 0)
+            else:                           # 0.1.0 as specified: (context_id, num_headers)
+                action = f.call(ctx, name, ctx.id, len(hmap))
         except FilterFailure:
             self._fail(i)
             return SKIPPED
@@ -512,7 +515,7 @@ class Chain:
             try:
                 if f.has(HEADERS_CB[RESPONSE]):
                     n = len(self.response_headers)
-                    args = (ctx.id, n, 0 if body else 1) if f.loaded.headers_take_eos else (ctx.id, n)
+                    args = (ctx.id, n, 0 if body else 1) if f.headers_eos[RESPONSE] else (ctx.id, n)
                     f.call(ctx, HEADERS_CB[RESPONSE], *args)
                 if body and f.has(BODY_CB[RESPONSE]) and ctx.alive:
                     buf = ctx.bodies[RESPONSE] = BodyBuffer(data=body, limit=f.spec.limits.max_buffered_body_bytes)

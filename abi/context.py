@@ -105,6 +105,10 @@ class Context:
     def close_stream(self, stream_type: int) -> int:
         return Status.BAD_ARGUMENT if stream_type > StreamType.UPSTREAM else Status.OK
 
+    def clear_route_cache(self) -> int:
+        # No stream, no route (root context): nothing to clear, as on Envoy.
+        return Status.OK
+
     def send_local_response(self, reply: LocalReply, grpc_status: int) -> int:
         # No stream to answer (root context): Envoy has no decoder callbacks and ignores it.
         self.filter.log.debug("filter %s: send_local_response outside a request ignored",
@@ -117,7 +121,7 @@ class VmContext(Context):
 
     def __init__(self, filter: "Filter", generation: int):
         super().__init__(filter, 0, generation)
-        self.props = PropertySource(filter.name, RootFacts(), filter.spec.root_id)
+        self.props = PropertySource(filter.name, RootFacts(), filter.spec.root_id, filter.spec.vm_id, filter)
 
 
 class RootContext(Context):
@@ -125,7 +129,7 @@ class RootContext(Context):
 
     def __init__(self, filter: "Filter", context_id: int, generation: int):
         super().__init__(filter, context_id, generation)
-        self.props = PropertySource(filter.name, RootFacts(), filter.spec.root_id)
+        self.props = PropertySource(filter.name, RootFacts(), filter.spec.root_id, filter.spec.vm_id, filter)
 
 
 # Map types 0..3 → the chain attribute holding that map.
@@ -159,7 +163,7 @@ class HttpContext(Context):
         src = self._props
         if src is None:
             f = self.filter
-            src = self._props = PropertySource(f.name, self.chain, f.spec.root_id)
+            src = self._props = PropertySource(f.name, self.chain, f.spec.root_id, f.spec.vm_id, f)
         return src
 
     def get_map(self, map_type: int) -> HeaderMap | None:
@@ -194,6 +198,11 @@ class HttpContext(Context):
             self.wake()
             return Status.OK
         return super().close_stream(stream_type)
+
+    def clear_route_cache(self) -> int:
+        # Envoy's clearRouteCache: the gateway matches the route again after the request headers.
+        self.chain.route_cache_cleared = True
+        return Status.OK
 
     def send_local_response(self, reply: LocalReply, grpc_status: int) -> int:
         self.chain.set_reply(self.chain.shape_reply(reply, grpc_status))

@@ -28,7 +28,7 @@ from .hostcalls import HOSTCALLS, PY_LEVELS, guarded, restricted_get_property
 from .limits import MAX_LOG_BYTES, MAX_PENDING_CALLS
 from .module import LoadedModule
 from .redis_call import RedisCalls
-from .shared_store import SharedStore
+from .shared_store import SharedStore, VmStore
 from .wasi import WASI, WASI_MODULES, ProcExit
 
 if TYPE_CHECKING:
@@ -71,10 +71,12 @@ class Filter:
         self.teardown_callbacks: tuple[str, ...] = tuple(
             n for n in ("proxy_on_done", "proxy_on_log", "proxy_on_delete") if n in loaded.exports)
         self.abi_010 = loaded.abi_version == "0.1.0"
+        # (request, response): the header callback takes end_of_stream (arity 3, not 2)
+        self.headers_eos: tuple[bool, bool] = loaded.headers_take_eos
         self.engine = engine
         self.services = services
         self.log: logging.Logger = services.log
-        self.store = store
+        self.store = VmStore(store, spec.vm_id)          # shared data and queues of its VM
         self.host = host
         self.loop = asyncio.get_running_loop()
         self.instance: Instance | None = None
@@ -94,6 +96,7 @@ class Filter:
         self.guest_ns = 0
         self._denied_logged: set[str] = set()
         self._next_id = 1
+        self._warned_pseudo: set[str] = set()
         self._next_token = 4                 # http callouts: type 0 in the low 2 bits (cpp-host)
         self._current: Context | None = None
         self._effective: Context | None = None
@@ -642,7 +645,13 @@ class Filter:
         rest = []
         for k, v in headers:
             if k.startswith(":"):
-                pseudo[k.lower()] = v
+                # A pseudo-header given twice (set, then the request's own copied in): the
+                # first is the filter's choice. Envoy's addCopy would join them with ",".
+                k = k.lower()
+                if k in pseudo:
+                    self._warn_repeated_pseudo(cluster, k, pseudo[k])
+                else:
+                    pseudo[k] = v
             else:
                 rest.append((k.lower(), v))
         method, path, authority = pseudo.get(":method"), pseudo.get(":path"), pseudo.get(":authority")
@@ -667,6 +676,12 @@ class Filter:
                 ctx.pending_calls.add(token)
         self.on_loop(dispatch)
         return Status.OK, token
+
+    def _warn_repeated_pseudo(self, cluster: str, name: str, kept: str) -> None:
+        if name not in self._warned_pseudo:         # once per filter and name: calls repeat
+            self._warned_pseudo.add(name)
+            self.log.warning('filter "%s": http_call to %s gives %s more than once; the first '
+                             '(%r) is used', self.name, cluster, name, kept)
 
     async def _run_http_call(self, token: int, generation: int, cluster: str, method: str,
                              path: str, authority: str, headers: list[tuple[str, str]],
@@ -745,10 +760,10 @@ class Filter:
             self._release_callout_bytes(token)
         ctx.pending_calls.clear()
 
-    # -- foreign functions (wasmgate's extensions, abi/foreign.py) -----------------------------
+    # -- foreign functions (Envoy's and wasmgate's, abi/foreign.py) -----------------------------
 
     def call_foreign(self, name: str, args: bytes) -> tuple[int, bytes]:
-        return foreign.call(self.store, name, args)
+        return foreign.call(self, name, args)
 
     # -- queues (reference §5.5) ----------------------------------------------------------------
 

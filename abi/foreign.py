@@ -1,6 +1,18 @@
-"""Foreign functions (``proxy_call_foreign_function``, reference §1.2 #39): wasmgate's host
-extensions. Envoy defines its own (``compress``, ``declare_property``, …); an unknown name
-answers NOT_FOUND on every host, so a filter can probe for an extension and fall back.
+"""Foreign functions (``proxy_call_foreign_function``, reference §1.2 #39): the ones Envoy
+registers that filters call (``compress``, ``uncompress``, ``clear_route_cache``, as Envoy's
+``source/extensions/common/wasm/foreign.cc``) and wasmgate's own host extension. An unknown
+name answers NOT_FOUND on every host, so a filter can probe for an extension and fall back.
+
+``compress`` — zlib's ``compress()`` of the arguments (zlib format, Z_DEFAULT_COMPRESSION,
+15-bit window, default memLevel and strategy: what Python's ``zlib.compress(data)`` does with
+the same zlib). ``uncompress`` — zlib's ``uncompress()``: one zlib stream, bytes after its end
+ignored; a truncated or corrupt stream (and empty arguments) answers SERIALIZATION_FAILURE as
+on Envoy. Output the filter's memory could not hold (over its ``memory_bytes``) answers
+INTERNAL_FAILURE (Envoy doubles its buffer until the allocation fails).
+
+``clear_route_cache`` — the request is to be re-matched against the routes after the current
+phase (Envoy: ``clearRouteCache()``): sets ``route_cache_cleared`` on the request's chain
+(abi/chain.py), which the gateway's re-routing reads. OK; outside a request a no-op.
 
 ``wasmgate.set_shared_data_ttl`` — ``proxy_set_shared_data`` with an expiry, so entries a
 filter knows to be worthless after some time (a rate-limit bucket once it is full again) do not
@@ -17,17 +29,20 @@ the key (if the cas matches). Semantics of expiring entries: abi/shared_store.py
 from __future__ import annotations
 
 import struct
-from typing import Callable
+import zlib
+from typing import TYPE_CHECKING, Callable
 
 from .enums import Status
-from .shared_store import SharedStore
+
+if TYPE_CHECKING:
+    from .filter import Filter
 
 SET_SHARED_DATA_TTL = "wasmgate.set_shared_data_ttl"
 _SET_HEAD = struct.Struct("<IQI")
 _STATUS = struct.Struct("<I")
 
 
-def set_shared_data_ttl(store: SharedStore, args: bytes) -> tuple[int, bytes]:
+def set_shared_data_ttl(f: "Filter", args: bytes) -> tuple[int, bytes]:
     if len(args) < _SET_HEAD.size:
         return Status.BAD_ARGUMENT, b""
     cas, ttl_ns, key_size = _SET_HEAD.unpack_from(args)
@@ -35,17 +50,43 @@ def set_shared_data_ttl(store: SharedStore, args: bytes) -> tuple[int, bytes]:
     if start + key_size > len(args):
         return Status.BAD_ARGUMENT, b""
     key, value = args[start:start + key_size], args[start + key_size:]
-    return Status.OK, _STATUS.pack(store.set(key, value, cas, ttl_ns))
+    return Status.OK, _STATUS.pack(f.store.set(key, value, cas, ttl_ns))
 
 
-FUNCTIONS: dict[str, Callable[[SharedStore, bytes], tuple[int, bytes]]] = {
+def compress(f: "Filter", args: bytes) -> tuple[int, bytes]:
+    return Status.OK, zlib.compress(args)       # zlib's compress(): Z_DEFAULT_COMPRESSION
+
+
+def uncompress(f: "Filter", args: bytes) -> tuple[int, bytes]:
+    limit = f.spec.limits.memory_bytes
+    d = zlib.decompressobj()
+    try:
+        out = d.decompress(args, limit + 1)
+    except zlib.error:
+        return Status.SERIALIZATION_FAILURE, b""
+    if len(out) > limit:
+        return Status.INTERNAL_FAILURE, b""
+    if not d.eof:                               # zlib's uncompress(): Z_DATA_ERROR
+        return Status.SERIALIZATION_FAILURE, b""
+    return Status.OK, out
+
+
+def clear_route_cache(f: "Filter", args: bytes) -> tuple[int, bytes]:
+    f.ctx().clear_route_cache()
+    return Status.OK, b""
+
+
+FUNCTIONS: dict[str, Callable[["Filter", bytes], tuple[int, bytes]]] = {
+    "compress": compress,
+    "uncompress": uncompress,
+    "clear_route_cache": clear_route_cache,
     SET_SHARED_DATA_TTL: set_shared_data_ttl,
 }
 
 
-def call(store: SharedStore, name: str, args: bytes) -> tuple[int, bytes]:
+def call(f: "Filter", name: str, args: bytes) -> tuple[int, bytes]:
     """(status of the call, result bytes) — NOT_FOUND for a name we do not define."""
     fn = FUNCTIONS.get(name)
     if fn is None:
         return Status.NOT_FOUND, b""
-    return fn(store, args)
+    return fn(f, args)

@@ -245,8 +245,8 @@ def proxy_continue_response(f):                     # ABI 0.1.0
     return f.ctx().continue_stream(1)
 
 
-def proxy_clear_route_cache(f):                     # ABI 0.1.0: routing is decided up front
-    return Status.OK
+def proxy_clear_route_cache(f):                     # ABI 0.1.0
+    return f.ctx().clear_route_cache()
 
 
 def proxy_get_configuration(f, ret_pp, ret_size_p):  # ABI 0.1.0
@@ -379,8 +379,8 @@ def proxy_register_shared_queue(f, name_ptr, name_size, ret_p):
 
 
 def proxy_resolve_shared_queue(f, vm_ptr, vm_size, name_ptr, name_size, ret_p):
-    f.read(vm_ptr, vm_size)                   # one vm_id ("") gateway-wide: any vm_id resolves
-    qid = f.store.resolve_queue(to_text(f.read(name_ptr, name_size)))
+    vm_id = to_text(f.read(vm_ptr, vm_size))   # "": the caller's own VM
+    qid = f.store.resolve_queue(vm_id, to_text(f.read(name_ptr, name_size)))
     if qid is None:
         return Status.NOT_FOUND
     f.write_u32(ret_p, qid)

@@ -24,9 +24,11 @@ class LoadedModule:
     exports: frozenset[str]          # exported function names
 
     @property
-    def headers_take_eos(self) -> bool:
-        # ABI 0.1.0: proxy_on_request_headers/response_headers take (ctx, num_headers).
-        return self.abi_version != "0.1.0"
+    def headers_take_eos(self) -> tuple[bool, bool]:
+        """(request, response): whether the module's header callback declares
+        `end_of_stream` — by the export's own arity, since 0.1.0 builds declare either."""
+        return tuple(self.arity(n) == 3 if n in self.exports else True     # type: ignore[return-value]
+                     for n in ("proxy_on_request_headers", "proxy_on_response_headers"))
 
     def arity(self, name: str) -> int:
         return len(self.module.exports[name].params)
@@ -85,7 +87,15 @@ CALLBACK_SIGNATURES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "proxy_on_log": ((_I,), ()),
     "proxy_on_delete": ((_I,), ()),
 }
-_V010_HEADERS = ((_I, _I), (_I,))
+# Signatures some host accepted besides the one above, by ABI version. 0.1.0 header
+# callbacks: (ctx, num_headers) as the spec and cpp-host have them, or (ctx, num_headers,
+# end_of_stream) as TinyGo `-tags abi_010` and 2020-21 C++ SDK builds declare them and MOSN's
+# proxy-wasm-go-host calls them. No other callback changed arity between versions (spec
+# CHANGELOG), and 0.2.x hosts all call the 3-argument headers.
+_V010_ALSO = {
+    "proxy_on_request_headers": ((_I, _I), (_I,)),
+    "proxy_on_response_headers": ((_I, _I), (_I,)),
+}
 
 
 def _check_exports(spec: FilterSpec, path: Path, module: Module, version: str) -> None:
@@ -94,10 +104,12 @@ def _check_exports(spec: FilterSpec, path: Path, module: Module, version: str) -
         exp = module.exports.get(name)
         if exp is None or exp.kind != "func":
             continue
-        if version == "0.1.0" and name in ("proxy_on_request_headers", "proxy_on_response_headers"):
-            want = _V010_HEADERS
-        if (tuple(exp.params), tuple(exp.results)) != want:
-            bad.append(f"{name} is {_fmt(exp.params, exp.results)}, expected {_fmt(*want)}")
+        accepted = [want]
+        if version == "0.1.0" and name in _V010_ALSO:
+            accepted.insert(0, _V010_ALSO[name])
+        if (tuple(exp.params), tuple(exp.results)) not in accepted:
+            bad.append(f"{name} is {_fmt(exp.params, exp.results)}, expected "
+                       + " or ".join(_fmt(*a) for a in accepted))
     if bad:
         raise FilterLoadError(spec.name, f"{path}: exports with the wrong signature (ABI "
                               f"{version}): " + "; ".join(bad))

@@ -3,7 +3,8 @@
 A path is NUL-joined segments. The first one or two segments name an attribute; further
 segments index into a map (header name) or a list (decimal index). Values are encoded as
 Envoy's ``serializeValue``: strings raw, int/uint/double/timestamp/duration as 8 bytes LE,
-bool as 1 byte, maps/lists in the header-map pair layout.
+bool as 1 byte, maps/lists in the header-map pair layout, messages (route/cluster metadata,
+node) as protobuf bytes (metadata.py).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from urllib.parse import urlsplit
 from .api import LogInfo, StreamInfo, TlsFacts
 from .buffers import HeaderMap
 from .limits import MAX_PROPERTY_BYTES
+from .metadata import Metadata, Node, Walkable
 from .pairs import serialize, to_bytes
 
 
@@ -64,6 +66,8 @@ class PropertySource:
     plugin_name: str
     facts: StreamFacts
     root_id: str = ""
+    vm_id: str = ""
+    owner: Any = None           # the Filter: its services carry the gateway's node (node.*)
 
 
 def encode(value: Any) -> bytes:
@@ -129,6 +133,12 @@ def _log(fn: Callable[[LogInfo], Any]) -> Callable[[PropertySource], Any]:
     return lambda src: fn(src.facts.log) if src.facts.log is not None else None
 
 
+def _node(src: PropertySource) -> Node:
+    # Envoy always has a node (LocalInfo); without `node:` in the config its fields are empty.
+    info = getattr(getattr(src.owner, "services", None), "node", None)
+    return Node() if info is None else Node(info.id, info.cluster, info.metadata)
+
+
 def _response_code(src: PropertySource) -> Any:
     if src.facts.log is not None and src.facts.log.status:
         return src.facts.log.status
@@ -180,13 +190,23 @@ _ATTRIBUTES: dict[tuple[str, ...], Callable[[PropertySource], Any]] = {
     ("xds", "cluster_name"): _info(lambda i: i.cluster_name),
     ("route_name",): _info(lambda i: i.route_name),
     ("cluster_name",): _info(lambda i: i.cluster_name),
+    # Envoy answers the route's metadata from the start of the request; the cluster's (which it
+    # takes from the chosen upstream host) we answer from the route's cluster as well.
+    ("route_metadata",): _info(lambda i: Metadata(i.route_metadata)),
+    ("cluster_metadata",): _info(lambda i: Metadata(i.cluster_metadata)),
+    ("xds", "route_metadata"): _info(lambda i: Metadata(i.route_metadata)),
+    ("xds", "cluster_metadata"): _info(lambda i: Metadata(i.cluster_metadata)),
+    ("node",): _node,
+    ("xds", "node"): _node,
     ("plugin_name",): lambda s: s.plugin_name,
     ("plugin_root_id",): lambda s: s.root_id,
-    ("plugin_vm_id",): lambda s: "",
+    ("plugin_vm_id",): lambda s: s.vm_id,
 }
 
 
 def _index(value: Any, segment: bytes) -> Any:
+    if isinstance(value, Walkable):
+        return value.index(segment)
     if isinstance(value, dict):
         return value.get(segment.decode("latin-1").lower())
     if isinstance(value, (list, tuple)) and segment.isdigit():
@@ -240,6 +260,8 @@ def get_property(src: PropertySource, path: bytes) -> bytes | None:
             return None
     if type(value) is str:
         return to_bytes(value)
+    if isinstance(value, Walkable):
+        return value.encode()
     return encode(value)
 
 

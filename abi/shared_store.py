@@ -71,6 +71,60 @@ class SharedStore(Protocol):
     def usage(self) -> dict: ...     # used / max_bytes / evictable bytes, expired / evicted counts
 
 
+# -- per-VM namespaces (Envoy: shared data and queues are keyed by vm_id) -------------------
+#
+# Both backends hold one flat key space; a VM's keys and queue names are mapped into it
+# injectively. The default VM ("") keeps its keys as they are — what every SDK writes (UTF-8
+# strings, which never start with byte 0xFF) and every store already holds — except a key
+# starting with the mark, which gets MARK + NUL in front. A named VM's keys are
+# MARK + vm_id + NUL + key; vm_id is non-empty and NUL-free (the config checks it), so no two
+# (vm_id, key) pairs meet. Queue names (text) follow the same scheme with U+FFFF as the mark.
+_KEY_MARK = b"\xff"
+_NAME_MARK = "\uffff"
+
+
+def vm_key(vm_id: str, key: bytes) -> bytes:
+    if vm_id:
+        return _KEY_MARK + vm_id.encode() + b"\0" + key
+    return _KEY_MARK + b"\0" + key if key[:1] == _KEY_MARK else key
+
+
+def vm_queue_name(vm_id: str, name: str) -> str:
+    if vm_id:
+        return _NAME_MARK + vm_id + "\0" + name
+    return _NAME_MARK + "\0" + name if name[:1] == _NAME_MARK else name
+
+
+class VmStore:
+    """One VM's view of a SharedStore: shared data and queue names in the VM's namespace;
+    queue ids, items and metrics are the store's own (ids are unique store-wide, and Envoy's
+    metrics are not per VM). What a filter's host calls act on (``Filter.store``)."""
+
+    def __init__(self, store: SharedStore, vm_id: str):
+        self.base = store
+        self.vm_id = vm_id
+        # Not namespaced: bound once, so these calls cost what they cost on the store itself.
+        self.enqueue = store.enqueue
+        self.dequeue = store.dequeue
+        self.define_metric = store.define_metric
+        self.increment_metric = store.increment_metric
+        self.record_metric = store.record_metric
+        self.get_metric = store.get_metric
+
+    def get(self, key: bytes) -> tuple[bytes, int] | None:
+        return self.base.get(vm_key(self.vm_id, key))
+
+    def set(self, key: bytes, value: bytes, cas: int, ttl_ns: int | None = None) -> int:
+        return self.base.set(vm_key(self.vm_id, key), value, cas, ttl_ns)
+
+    def register_queue(self, name: str) -> int:
+        return self.base.register_queue(vm_queue_name(self.vm_id, name))
+
+    def resolve_queue(self, vm_id: str, name: str) -> int | None:
+        """The queue `name` of VM `vm_id` ("": this VM), as cpp-host's resolveSharedQueue."""
+        return self.base.resolve_queue(vm_queue_name(vm_id or self.vm_id, name))
+
+
 class _Metric:
     __slots__ = ("kind", "name", "value", "count", "sum", "buckets")
 

@@ -65,7 +65,7 @@ async def _check_filters(config: Config) -> list[str]:
     """Load every filter on its own (start-up stops at the first failure; check lists all)."""
     from abi.api import FilterLoadError, load_filter_host
     from .upstream import Upstreams
-    services = Upstreams(config.clusters, redis_clusters=config.redis_clusters)
+    services = Upstreams(config.clusters, redis_clusters=config.redis_clusters, node=config.node)
     from .fetch import fetch_filters
     fetch_errors = await fetch_filters(config, all_errors=True)
     errors = [str(e) for e in fetch_errors]

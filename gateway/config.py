@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import yaml
 
-from abi.api import CAPABILITIES, FilterLimits, FilterSpec
+from abi.api import CAPABILITIES, FilterLimits, FilterSpec, NodeInfo
 
 from .fetch import (PULL_POLICIES, FetchSettings, FilterSource, RegistryCredential, default_cache_dir,
                     source_kind)
@@ -131,6 +131,8 @@ class Cluster:
     eject_ms: int = 5000
     response_idle_timeout_ms: int = 60000       # between reads of the response body
     tls: UpstreamTls | None = None
+    # Envoy's filter_metadata: {namespace: {key: value}} (cluster_metadata.* properties).
+    metadata: dict[str, dict[str, Any]] = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True)
@@ -171,6 +173,8 @@ class Route:
     rewrite: Rewrite | None = None
     filters: tuple[str, ...] = ()
     upgrades: bool = True             # WebSocket and other HTTP/1.1 upgrades; False → 403 (Envoy)
+    # Envoy's filter_metadata: {namespace: {key: value}} (route_metadata.* properties).
+    metadata: dict[str, dict[str, Any]] = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True)
@@ -190,6 +194,7 @@ class Config:
     # Query parameters whose values the access log replaces with "[redacted]".
     access_log_redact: tuple[str, ...] = ("api_key", "access_token")
     redis_clusters: tuple[RedisCluster, ...] = ()
+    node: NodeInfo = NodeInfo()                 # the node.* properties
     # Where each filter's module comes from (gateway/fetch.py), and how remote ones are fetched.
     filter_sources: tuple[FilterSource, ...] = ()
     filter_fetch: FetchSettings = field(default_factory=FetchSettings)
@@ -327,6 +332,59 @@ class _Checker:
             elif pairs is not None:
                 pairs.append((k, str(v)))
         return pairs
+
+    def metadata(self, node: yaml.Node, path: str) -> dict[str, dict[str, Any]] | None:
+        """Envoy's filter_metadata: {namespace: {key: value}}; None once an error was reported."""
+        if not isinstance(node, yaml.MappingNode):
+            self.error(node, path, f"expected a mapping of namespaces, got {_kind(node)}")
+            return None
+        namespaces_ok = True
+        for kn, vn in node.value:
+            if not isinstance(vn, yaml.MappingNode):
+                ns = kn.value if isinstance(kn, yaml.ScalarNode) else "?"
+                self.error(vn, f"{path}.{ns}", f"expected a mapping of keys to values, got {_kind(vn)}")
+                namespaces_ok = False
+        out = self.struct(node, path)
+        return out if namespaces_ok else None
+
+    def struct(self, node: yaml.Node, path: str) -> dict[str, Any] | None:
+        """A google.protobuf.Struct: string keys; values strings, numbers (kept as doubles, as
+        Envoy's Struct does), booleans, lists and mappings; None once an error was reported."""
+        if not isinstance(node, yaml.MappingNode):
+            self.error(node, path, f"expected a mapping, got {_kind(node)}")
+            return None
+        out: dict[str, Any] | None = {}
+        for kn, vn in node.value:
+            k = self.value(kn) if isinstance(kn, yaml.ScalarNode) else None
+            if not isinstance(k, str):
+                self.error(kn, path, f"keys must be strings, got {_kind(kn)}")
+                out = None
+                continue
+            child = f"{path}.{k}"
+            if out is not None and k in out:
+                self.error(kn, child, "duplicate key")
+                out = None
+            v = self._struct_value(vn, child)
+            if v is None:
+                out = None
+            elif out is not None:
+                out[k] = v
+        return out
+
+    def _struct_value(self, node: yaml.Node, path: str) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            return self.struct(node, path)
+        if isinstance(node, yaml.SequenceNode):
+            items = [self._struct_value(n, f"{path}[{i}]") for i, n in enumerate(node.value)]
+            return None if any(v is None for v in items) else items
+        v = self.value(node)
+        if isinstance(v, bool) or isinstance(v, str):
+            return v
+        if isinstance(v, (int, float)):
+            return float(v)
+        self.error(node, path, "expected a string, number, boolean, list or mapping"
+                   + (" (null cannot be served to filters)" if v is None else f", got {node.value!r}"))
+        return None
 
 
 def _kind(node: yaml.Node) -> str:
@@ -704,7 +762,8 @@ def _cluster(ck: _Checker, node: yaml.Node, path: str, base: Path) -> Cluster | 
     if _type_of(ck, node) == "redis":
         return _redis_cluster(ck, node, path, base)
     f = ck.mapping(node, path, {"name", "type", "endpoints", "connect_timeout_ms", "request_timeout_ms",
-                                "max_connections", "eject_ms", "response_idle_timeout_ms", "tls"},
+                                "max_connections", "eject_ms", "response_idle_timeout_ms", "tls",
+                                "metadata"},
                      {"name", "endpoints"})
     if f is None:
         return None
@@ -718,6 +777,7 @@ def _cluster(ck: _Checker, node: yaml.Node, path: str, base: Path) -> Cluster | 
     if "tls" in f and not _is_null(f["tls"]):
         tls_ok, tls = _upstream_tls(ck, f["tls"], f"{path}.tls", base)
     d = Cluster("", ())
+    n_errors = len(ck.errors)
     ms = lambda lo: (lambda n, p: ck.integer(n, p, lo))  # noqa: E731
     cluster = Cluster(
         name=name or "", endpoints=endpoints or (),
@@ -727,8 +787,9 @@ def _cluster(ck: _Checker, node: yaml.Node, path: str, base: Path) -> Cluster | 
         eject_ms=_get(f, "eject_ms", path, ms(0), d.eject_ms),
         response_idle_timeout_ms=_get(f, "response_idle_timeout_ms", path, ms(1), d.response_idle_timeout_ms),
         tls=tls,
+        metadata=_get(f, "metadata", path, ck.metadata, {}),
     )
-    return cluster if name and endpoints and tls_ok else None
+    return cluster if name and endpoints and tls_ok and len(ck.errors) == n_errors else None
 
 
 def _redis_cluster(ck: _Checker, node: yaml.Node, path: str, base: Path) -> RedisCluster | None:
@@ -782,7 +843,7 @@ def _secret_file(ck: _Checker, node: yaml.Node, path: str, base: Path) -> str | 
 def _route(ck: _Checker, node: yaml.Node, path: str, clusters: set[str], filters: set[str] | None,
            paths: PathPolicy = PathPolicy(), redis: set[str] = frozenset()
            ) -> tuple[str | None, Route | None]:
-    f = ck.mapping(node, path, {"name", "match", "cluster", "rewrite", "filters", "upgrades"},
+    f = ck.mapping(node, path, {"name", "match", "cluster", "rewrite", "filters", "upgrades", "metadata"},
                    {"name", "cluster"})
     if f is None:
         return None, None
@@ -821,9 +882,11 @@ def _route(ck: _Checker, node: yaml.Node, path: str, clusters: set[str], filters
             else:
                 names.append(fname)
     upgrades = _get(f, "upgrades", path, ck.boolean, True)
-    if not (ok and name and cluster):
+    n_errors = len(ck.errors)
+    metadata = _get(f, "metadata", path, ck.metadata, {})
+    if not (ok and name and cluster) or len(ck.errors) > n_errors:
         return name, None
-    return name, Route(name, match, cluster, rewrite, tuple(names), upgrades)
+    return name, Route(name, match, cluster, rewrite, tuple(names), upgrades, metadata)
 
 
 def _match(ck: _Checker, node: yaml.Node, path: str, paths: PathPolicy) -> RouteMatch | None:
@@ -925,11 +988,22 @@ def _encode(ck: _Checker, node: yaml.Node, path: str, encoding: str) -> bytes | 
         return None
 
 
+def _node(ck: _Checker, node: yaml.Node, path: str) -> NodeInfo:
+    """The top-level `node:` (Envoy's bootstrap node): the node.* properties filters read."""
+    f = ck.mapping(node, path, {"id", "cluster", "metadata"})
+    if f is None:
+        return NodeInfo()
+    return NodeInfo(id=_get(f, "id", path, lambda n, p: ck.string(n, p, nonempty=False), ""),
+                    cluster=_get(f, "cluster", path, lambda n, p: ck.string(n, p, nonempty=False), ""),
+                    metadata=_get(f, "metadata", path, ck.struct, {}))
+
+
 def _filter(ck: _Checker, node: yaml.Node, path: str, base: Path, gateway_limits: Limits,
             fetch: FetchSettings, default_caps: frozenset[str] | None) -> tuple[FilterSpec, FilterSource] | None:
     f = ck.mapping(node, path, {"name", "wasm", "sha256", "pull_policy", "config", "encoding", "vm_config",
                                 "failure_policy", "limits", "environment", "deliver_body_while_paused",
-                                "root_id", "capabilities", "strict_capabilities", "readable_properties"},
+                                "root_id", "capabilities", "strict_capabilities", "readable_properties",
+                                "vm_id"},
                      {"name", "wasm"})
     if f is None:
         return None
@@ -980,6 +1054,11 @@ def _filter(ck: _Checker, node: yaml.Node, path: str, base: Path, gateway_limits
     deliver = _get(f, "deliver_body_while_paused", path, ck.boolean, False)
     # C++ and AssemblyScript SDK filters pick their root context by the plugin_root_id property.
     root_id = _get(f, "root_id", path, lambda n, p: ck.string(n, p, nonempty=False), "")
+    # Filters with the same vm_id share shared data and queues (plugin_vm_id); none: the default VM.
+    vm_id = _get(f, "vm_id", path, ck.string, "")
+    if "\0" in vm_id:
+        ck.error(f["vm_id"], f"{path}.vm_id", "must not contain NUL")
+        ok = False
     caps = _capabilities(ck, f["capabilities"], f"{path}.capabilities") if "capabilities" in f else default_caps
     strict = _get(f, "strict_capabilities", path, ck.boolean, False)
     readable = None
@@ -992,7 +1071,7 @@ def _filter(ck: _Checker, node: yaml.Node, path: str, base: Path, gateway_limits
     return FilterSpec(name=name, wasm_path=wasm_path, configuration=configuration,
                       vm_configuration=vm_configuration, failure_policy=policy, limits=limits,
                       environment=tuple(env), deliver_body_while_paused=deliver,
-                      root_id=root_id or "", capabilities=caps, strict_capabilities=strict,
+                      root_id=root_id or "", vm_id=vm_id, capabilities=caps, strict_capabilities=strict,
                       readable_properties=None if readable is None else tuple(readable)), source
 
 
@@ -1168,7 +1247,8 @@ def _secret(ck: _Checker, f: dict[str, yaml.Node], path: str, base: Path, what: 
 
 
 _TOP = {"listeners", "admin", "limits", "access_log", "clusters", "routes", "filters", "shared_data",
-        "internal_headers", "path_normalization", "filter_fetch", "default_capabilities", "audit_log"}
+        "internal_headers", "path_normalization", "filter_fetch", "default_capabilities", "audit_log",
+        "node"}
 
 
 def parse_config(text: str, filename: str, base_dir: Path) -> Config:
@@ -1300,6 +1380,7 @@ def _build(ck: _Checker, root: yaml.Node, base_dir: Path) -> Config:
         names = _name_list(ck, top["internal_headers"], "internal_headers", _TOKEN, "a header name")
         if names is not None:
             internal = frozenset(names)
+    node = _node(ck, top["node"], "node") if "node" in top and not _is_null(top["node"]) else NodeInfo()
     if ck.errors:
         raise ConfigError(ck.errors)
     raw = ck.value(root)
@@ -1307,7 +1388,7 @@ def _build(ck: _Checker, root: yaml.Node, base_dir: Path) -> Config:
                   access_log_path=access_log, clusters=tuple(clusters), routes=tuple(routes),
                   filters=tuple(filters), shared_data_max_bytes=shared_max, path_normalization=paths,
                   internal_headers=internal, access_log_redact=redact_params,
-                  redis_clusters=tuple(redis_clusters), filter_sources=tuple(sources),
+                  redis_clusters=tuple(redis_clusters), node=node, filter_sources=tuple(sources),
                   filter_fetch=fetch, audit_log_path=audit_log, raw=raw)
 
 

@@ -30,7 +30,7 @@ from .accesslog import AccessLog
 from .config import Config, Route
 from .http1 import BodyTooLarge, HttpError, PeerClosed, strip_hop_by_hop
 from .metrics import Metrics
-from .paths import RedirectTo, normalize_path, routing_path
+from .paths import PathPolicy, RedirectTo, normalize_path, routing_path
 from .request_head import upstream_headers, valid_request_id
 from .routing import Router, rewrite_target
 from .spool import Spool
@@ -219,7 +219,9 @@ class Proxy:
                                     "filter_error")
         info = StreamInfo(request_id=ex.rid, route_name=route.name, cluster_name=route.cluster,
                           client_addr=conn.peer, local_addr=conn.local, connection_id=conn.id,
-                          scheme=req.scheme, protocol=req.version, start_time_ns=time.time_ns(), tls=conn.tls)
+                          scheme=req.scheme, protocol=req.version, start_time_ns=time.time_ns(), tls=conn.tls,
+                          route_metadata=route.metadata,
+                          cluster_metadata=gen.router.cluster_metadata.get(route.cluster))
         try:
             stream = host.stream(list(route.filters), info)   # type: ignore[attr-defined]
         except Exception as e:
@@ -239,7 +241,19 @@ class Proxy:
                 unread = original is not None and not original.done
                 self.send_local_reply(conn, ex, result, close=unread)
                 return not unread
+            routed_target = target
             method, target, authority, rest = _split_pseudo(result.headers, req.method, target, req.authority)
+            if (target != routed_target or method != req.method or authority != req.authority
+                    or stream.route_cache_cleared or gen.router.headers_changed(headers, rest)):
+                # Envoy clears the route cache when a filter edits the request headers: the
+                # request goes where its headers now say (the chain stays the one it ran).
+                try:
+                    route = self._rematch(gen, ex, info, method, target, authority, rest,
+                                          target != routed_target)
+                except _NoRoute as e:
+                    unread = original is not None and not original.done
+                    return await self._error_through_chain(conn, ex, stream, e.status, e.message, e.kind,
+                                                           close=unread)
             length = req.length
             if result.body is None:
                 up_body, up_len = None, (0 if original is not None or length == 0 else None)
@@ -259,6 +273,25 @@ class Proxy:
             return False
         finally:
             await self._finish_stream(stream, ex)
+
+    def _rematch(self, gen: Generation, ex: Exchange, info: StreamInfo, method: str, target: str,
+                 authority: str, headers: Headers, path_changed: bool) -> Route:
+        """The route for the request as the filters left it; raises _NoRoute (an HttpError
+        carrying the metrics kind) when there is none or the path a filter set is unusable."""
+        path = target.partition("?")[0]
+        if path_changed:
+            _check_filter_path(target, path, gen.config.path_normalization)
+        route = gen.router.match(method, authority, routing_path(path), headers)
+        # From here on the filters see the new route (route_name, route_metadata...), or none.
+        ex.route = info.route_name = route.name if route is not None else ""
+        info.cluster_name = route.cluster if route is not None else ""
+        info.route_metadata = route.metadata if route is not None else None
+        info.cluster_metadata = gen.router.cluster_metadata.get(info.cluster_name)
+        if route is None:
+            raise _NoRoute(404, f"no route for {method} {authority}{path} (after the filters)", "no_route")
+        if ex.upgrade is not None and not route.upgrades:
+            raise _NoRoute(403, f'route "{route.name}" does not allow upgrades', "upgrade_refused")
+        return route
 
     # -- upstream ------------------------------------------------------------------------------
 
@@ -569,6 +602,27 @@ def _split_pseudo(headers: Headers, method: str, target: str, authority: str) ->
         else:
             rest.append((n, v))
     return method, target, authority, rest
+
+
+class _NoRoute(HttpError):
+    """No usable route for the request after the filters edited it."""
+
+    def __init__(self, status: int, message: str, kind: str):
+        super().__init__(status, message)
+        self.kind = kind
+
+
+def _check_filter_path(target: str, path: str, policy: PathPolicy) -> None:
+    """A :path a filter set must already be in the normal form client paths are brought to
+    (paths.py): routing it on one reading while the upstream resolves another (``/public/../admin``)
+    would let a rewrite reach a route it does not name. Not normal → 400, never normalised."""
+    try:
+        if "#" not in target and normalize_path(path, policy) == path:
+            return
+    except (HttpError, RedirectTo):
+        pass
+    raise _NoRoute(400, f"a filter set the request path {path[:200]!r}, which is not in normal form",
+                   "filter_bad_path")
 
 
 def _status_of(headers: Headers, default: int) -> int:

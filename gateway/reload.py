@@ -17,7 +17,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -146,7 +146,7 @@ async def _reload_locked(gw: "Gateway", st: ReloadState, why: dict[str, str]) ->
     try:
         tls = await asyncio.to_thread(build_listener_tls, config.listeners)   # new connections only
         upstreams = Upstreams(config.clusters, shared_store=old.upstreams.shared_store,
-                              redis_clusters=config.redis_clusters)
+                              redis_clusters=config.redis_clusters, node=config.node)
     except TlsError as e:            # a file changed since the config was checked
         return refused([f"TLS: {e.message}"])
     try:
@@ -161,7 +161,7 @@ async def _reload_locked(gw: "Gateway", st: ReloadState, why: dict[str, str]) ->
         return refused([f"loading filters failed: {type(e).__name__}: {e}"])
     kept_pools = _keep_unchanged_pools(old.upstreams, upstreams)
     changes = describe_changes(old.config, config, old.filter_host, host, kept_pools)
-    gw.generation = Generation(config, Router(config.routes), upstreams, host, tls=tls)
+    gw.generation = Generation(config, Router(config.routes, config.clusters), upstreams, host, tls=tls)
     gw.config = config
     st.generation += 1
     audit_reload(gw, old, gw.generation, st.generation, why)
@@ -238,7 +238,8 @@ def _keep_unchanged_pools(old: Upstreams, new: Upstreams) -> set[str]:
     kept = new.redis.take_over(old.redis)
     for name, pool in old.pools.items():
         fresh = new.pools.get(name)
-        if fresh is not None and fresh.cluster == pool.cluster:
+        # metadata is for filters only (read from the new config): it never costs warm connections.
+        if fresh is not None and replace(fresh.cluster, metadata={}) == replace(pool.cluster, metadata={}):
             fresh.close()
             new.pools[name] = pool
             kept.add(name)

@@ -1,7 +1,9 @@
 """First-match routing on host (port ignored), exact path or prefix, methods and headers."""
 from __future__ import annotations
 
-from .config import Route
+from typing import Any
+
+from .config import Cluster, Route
 
 Headers = list[tuple[str, str]]
 
@@ -17,8 +19,19 @@ def strip_port(authority: str) -> str:
 
 
 class Router:
-    def __init__(self, routes: tuple[Route, ...]):
+    def __init__(self, routes: tuple[Route, ...], clusters: tuple[Cluster, ...] = ()):
         self.routes = routes
+        # Header names some route matches on: only a change to one of these (or to the
+        # method, :authority or :path) can make a re-match after the filters pick another route.
+        self.header_names = frozenset(name for r in routes for name, _ in r.match.headers)
+        self.cluster_metadata: dict[str, dict[str, Any]] = {c.name: c.metadata for c in clusters}
+
+    def headers_changed(self, before: Headers, after: Headers) -> bool:
+        """Whether a header some route matches on differs between the two header lists."""
+        names = self.header_names
+        if not names:
+            return False
+        return [kv for kv in before if kv[0] in names] != [kv for kv in after if kv[0] in names]
 
     def match(self, method: str, authority: str, path: str, headers: Headers) -> Route | None:
         """``path`` without the query string; ``headers`` lower-case names."""

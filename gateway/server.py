@@ -119,7 +119,7 @@ class Gateway:
         try:
             tls = build_listener_tls(config.listeners)
             upstreams = Upstreams(config.clusters, shared_store=shared_store,
-                                  redis_clusters=config.redis_clusters)
+                                  redis_clusters=config.redis_clusters, node=config.node)
         except TlsError as e:        # a file changed since the config was checked
             gw.access_log.close()
             gw.audit.close()
@@ -130,7 +130,7 @@ class Gateway:
             if config.filters:
                 factory = filter_host_factory or _default_filter_host
                 filter_host = await _load_audited(gw, config, factory, upstreams)
-            gw.generation = Generation(config, Router(config.routes), upstreams, filter_host, tls=tls)
+            gw.generation = Generation(config, Router(config.routes, config.clusters), upstreams, filter_host, tls=tls)
             await gw._bind(reuse_port, ports or {})
         except BaseException:
             await gw._close_servers()

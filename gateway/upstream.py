@@ -12,7 +12,7 @@ import ssl
 import time
 from typing import AsyncIterator, Callable
 
-from abi.api import CallFailed, CallResponse, Headers, RedisOptions
+from abi.api import CallFailed, CallResponse, Headers, NodeInfo, RedisOptions
 
 from .config import Cluster, Endpoint, RedisCluster
 from .redis_clusters import RedisClusters
@@ -505,11 +505,14 @@ class Upstreams:
     ``shared_store``: the gateway-wide store for shared data/queues when workers share one
     (set by the worker supervisor); None lets the filter host use a per-process store.
     ``redis_clusters``: the `type: redis` clusters (gateway/redis_clusters.py).
+    ``node``: the config's `node:`, which filters read as the node.* properties.
     """
 
     def __init__(self, clusters: tuple[Cluster, ...], logger: logging.Logger | None = None,
-                 shared_store: object | None = None, redis_clusters: tuple[RedisCluster, ...] = ()):
+                 shared_store: object | None = None, redis_clusters: tuple[RedisCluster, ...] = (),
+                 node: NodeInfo | None = None):
         self.pools = {c.name: Pool(c) for c in clusters}
+        self.node = node or NodeInfo()          # the config's `node:` (filters' node.* properties)
         self.redis = RedisClusters(redis_clusters)
         self.log = logger or logging.getLogger("wasmgate.filters")
         self.shared_store = shared_store

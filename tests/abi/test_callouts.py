@@ -228,7 +228,9 @@ async def test_shared_queue_notifies_registering_root(load, trace):
                 + status(consumer, "deq-empty", f"(call $proxy_dequeue_shared_queue (local.get $b) {O})")
                 + status(consumer, "deq-unknown", f"(call $proxy_dequeue_shared_queue (i32.const 999) {O})"))
     producer.on("proxy_on_request_headers",
-                status(producer, "resolve", f"(call $proxy_resolve_shared_queue {producer.s('vm')} {producer.s('jobs')} (i32.const {OUT + 8}))")
+                status(producer, "resolve", f"(call $proxy_resolve_shared_queue (i32.const 0) (i32.const 0) {producer.s('jobs')} (i32.const {OUT + 8}))")
+                # both filters are in the default VM: VM "vm" has no queue "jobs"
+                + status(producer, "resolve-vm", f"(call $proxy_resolve_shared_queue {producer.s('vm')} {producer.s('jobs')} (i32.const {OUT + 12}))")
                 + status(producer, "resolve-miss", f"(call $proxy_resolve_shared_queue (i32.const 0) (i32.const 0) {producer.s('none')} (i32.const {OUT + 12}))")
                 + status(producer, "enq", f"(call $proxy_enqueue_shared_queue (i32.load (i32.const {OUT + 8})) {producer.s('job-1')})")
                 + status(producer, "enq-unknown", f"(call $proxy_enqueue_shared_queue (i32.const 999) {producer.s('x')})")
@@ -236,7 +238,7 @@ async def test_shared_queue_notifies_registering_root(load, trace):
     host = await load({"consumer": consumer, "producer": producer})
     trace.records.clear()
     await host.stream(["producer"], info()).request(REQ, None)
-    assert trace.lines("producer")[1:] == ["resolve 0", "resolve-miss 1", "enq 0", "enq-unknown 1"]
+    assert trace.lines("producer")[1:] == ["resolve 0", "resolve-vm 1", "resolve-miss 1", "enq 0", "enq-unknown 1"]
     assert trace.lines("consumer") == []            # delivered later, never inside a guest call
     await asyncio.sleep(0.01)
     assert trace.lines("consumer") == ["ready 1 1", "deq 0", "job-1", "deq-empty 7", "deq-unknown 1"]

@@ -249,7 +249,7 @@ async def test_time_and_foreign_and_grpc_statuses(load, trace):
     w = Wat()
     w.on("proxy_on_request_headers",
          status(w, "time", f"(call $proxy_get_current_time_nanoseconds (i32.const {OUT}))")
-         + status(w, "foreign", f"(call $proxy_call_foreign_function {w.s('compress')} {w.s('x')} {O})")
+         + status(w, "foreign", f"(call $proxy_call_foreign_function {w.s('no_such_function')} {w.s('x')} {O})")
          + status(w, "grpc", f"(call $proxy_grpc_call {w.s('c')} {w.s('s')} {w.s('m')} (i32.const 0) (i32.const 0) {w.s('x')} (i32.const 100) (i32.const {OUT + 8}))")
          + status(w, "grpc_stream", f"(call $proxy_grpc_stream {w.s('c')} {w.s('s')} {w.s('m')} (i32.const 0) (i32.const 0) (i32.const {OUT + 8}))")
          + status(w, "grpc_send", f"(call $proxy_grpc_send (i32.const 1) {w.s('x')} (i32.const 0))")
@@ -305,6 +305,38 @@ async def test_foreign_set_shared_data_ttl(load, trace):
     assert store.get(b"k")[0] == b"v1"
     clock.now += 1
     assert store.get(b"k") is None
+
+
+async def test_foreign_clear_route_cache_marks_the_request_and_uncompress_bounds(load, trace):
+    """Envoy's `clear_route_cache` foreign function marks the request for re-routing
+    (Chain.route_cache_cleared, read by the gateway) and is a no-op outside a request;
+    `uncompress` ignores bytes after the stream (zlib's uncompress()) and refuses output the
+    filter's memory could not hold."""
+    import zlib
+    bomb = zlib.compress(b"\0" * (20 << 20))          # 20 MiB of zeros in ~20 KiB
+    w = Wat()
+    w.on("proxy_on_configure",
+         status(w, "root-crc", f"(call $proxy_call_foreign_function {w.s('clear_route_cache')} (i32.const 0) (i32.const 0) {O})")
+         + " (i32.const 1)")
+    w.on("proxy_on_request_headers",
+         status(w, "crc", f"(call $proxy_call_foreign_function {w.s('clear_route_cache')} (i32.const 0) (i32.const 0) {O})")
+         + status(w, "trailing", f"(call $proxy_call_foreign_function {w.s('uncompress')} {w.s(zlib.compress(b'abc') + b'junk')} {O})")
+         + LOG_OUT + " (i32.const 0)")
+    w.on("proxy_on_response_headers",
+         status(w, "bomb", f"(call $proxy_call_foreign_function {w.s('uncompress')} (i32.const {0x20000}) (i32.const {len(bomb)}) {O})")
+         + " (i32.const 0)")
+    w.pages = 4
+    bomb_wat = "".join("\\%02x" % b for b in bomb)
+    w.extra.append(f'(data (i32.const {0x20000}) "{bomb_wat}")')   # above the strings, below the heap's reach
+    host = await load(w)                               # memory_bytes 16 MiB (the fixture's)
+    assert trace.lines("f")[-1] == "root-crc 0"
+    trace.records.clear()
+    s, fwd = await run_request(host)
+    assert s.route_cache_cleared is True
+    await s.response(200, [], None)
+    assert trace.lines("f")[1:] == ["crc 0", "trailing 0", "abc", "bomb 10"]
+    untouched = host.stream(["f"], info())
+    assert untouched.route_cache_cleared is False
 
 
 async def test_out_of_bounds_pointers_give_invalid_memory_access(load, trace):

@@ -132,3 +132,24 @@ def test_header_text_is_latin1_like_the_wire():
     ser = serialize_str([("x-latin", "caf\xe9")])
     assert b"caf\xe9\0" in ser
     assert deserialize_str(ser) == [("x-latin", "caf\xe9")]
+
+
+def test_vm_namespaces_are_injective_and_leave_default_keys_alone():
+    from abi.shared_store import LocalStore, VmStore
+    store = LocalStore()
+    default, a, ab = VmStore(store, ""), VmStore(store, "a"), VmStore(store, "a\xffb")
+    # A default-VM key crafted to look like VM "a"'s encoding of "k" stays apart from it.
+    assert default.set(b"\xffa\x00k", b"default", 0) == 0
+    assert a.set(b"k", b"vm-a", 0) == 0
+    assert ab.set(b"k", b"vm-a\xffb", 0) == 0
+    assert default.set(b"plain", b"d", 0) == 0
+    assert (default.get(b"\xffa\x00k")[0], a.get(b"k")[0], ab.get(b"k")[0]) == (b"default", b"vm-a", b"vm-a\xffb")
+    assert default.get(b"k") is None and a.get(b"plain") is None
+    assert store.get(b"plain")[0] == b"d"              # what SDKs write is stored as it was
+    # Queues: register in one VM, resolve from another by its vm_id ("" = one's own VM).
+    qa = a.register_queue("q")
+    qd = default.register_queue("q")
+    assert qa != qd
+    assert default.resolve_queue("a", "q") == qa and a.resolve_queue("", "q") == qa
+    assert a.resolve_queue("", "\uffff\x00q") is None and default.resolve_queue("", "q") == qd
+    assert ab.resolve_queue("", "q") is None

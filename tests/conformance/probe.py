@@ -136,6 +136,17 @@ async def probe_gateway(tmp_path: Path, up: Recorder, filters: list[dict], route
             yield gw, session
 
 
+async def wasmgate_check(cfg: Path) -> tuple[int, str]:
+    """Run `wasmgate check <cfg>` as a user would: (exit code, stdout + stderr)."""
+    import sys
+    root = Path(__file__).resolve().parents[2]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway.cli", "check", str(cfg), cwd=str(root),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=30)
+    return proc.returncode, (out + err).decode()
+
+
 def strict_module(tmp_path: Path, binary: bool = False) -> Path:
     return watlib.build("strict_sdk.wat", tmp_path, binary=binary)
 

@@ -12,7 +12,7 @@ import pytest
 from abi.api import FilterLimits, FilterLoadError, FilterSpec, load_filter_host
 from tests.conformance import watlib
 from tests.conformance.probe import (filter_entry, gateway_yaml, parse_report, probe_gateway,
-                                     strict_module)
+                                     strict_module, wasmgate_check)
 from tests.helpers import run_gateway
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
@@ -158,12 +158,8 @@ async def test_wasmgate_check_reports_unloadable_filters(tmp_path, upstream):
     cfg = tmp_path / "config.yaml"
     cfg.write_text(gateway_yaml(upstream.port, [filter_entry("nomark", marker), filter_entry("unknown", unknown)],
                                 [{"name": "all", "cluster": "backend", "filters": ["nomark", "unknown"]}]))
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway.cli", "check", str(cfg), cwd=str(ROOT),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(), timeout=30)
-    text = (out + err).decode()
-    assert proc.returncode != 0, text
+    returncode, text = await wasmgate_check(cfg)
+    assert returncode != 0, text
     assert "nomarker.wat" in text and "foo_bar" in text, text
 
 
@@ -263,3 +259,38 @@ async def test_known_import_with_wrong_signature_is_refused_naming_it(tmp_path):
     err = await _load_error(path)
     assert "proxy_grpc_call" in str(err), str(err)
     assert str(path) in str(err) or path.name in str(err)
+
+
+async def test_abi_0_1_0_module_with_three_arg_header_callbacks_gets_end_of_stream(tmp_path, upstream):
+    # TinyGo `-tags abi_010` / 2020-21 C++ SDK shape: 0.1.0 marker, (ctx, n, end_of_stream).
+    f = filter_entry("tinygo010", watlib.build("abi010_eos.wat", tmp_path))
+    async with probe_gateway(tmp_path, upstream, [f]) as (gw, s):
+        status, headers, _ = await fetch(s, gw.url("/no-body"))
+        assert status == 200
+        assert upstream.main_requests()[-1].first("x-eos") == "1"     # GET: the headers end it
+        assert headers.get("x-resp-eos") == "0"                       # the echo has a body
+        async with s.post(gw.url("/with-body"), data=b"payload") as r:
+            assert r.status == 200
+        assert upstream.main_requests()[-1].first("x-eos") == "0"     # a body follows
+        async with s.get(gw.url("/nobody")) as r:                     # upstream answers 204
+            assert r.status == 204
+            assert r.headers.get("x-resp-eos") == "1"
+
+
+@pytest.mark.parametrize("version, params, accepted", [
+    # 0.1.0 header callbacks: 2 (spec, cpp-host) or 3 (TinyGo abi_010, MOSN); 4 never existed
+    ("0_1_0", "i32 i32 i32 i32", "(i32, i32) -> (i32) or (i32, i32, i32) -> (i32)"),
+    # every 0.2.x host calls the 3-argument form
+    ("0_2_0", "i32 i32", "(i32, i32, i32) -> (i32)"),
+])
+async def test_header_callback_arity_no_host_used_is_refused(tmp_path, version, params, accepted):
+    path = tmp_path / "arity.wat"
+    path.write_text(f'''(module (memory (export "memory") 1)
+      (func (export "proxy_abi_version_{version}"))
+      (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 1024))
+      (func (export "proxy_on_response_headers") (param {params}) (result i32) (i32.const 0)))''')
+    err = await _load_error(path)
+    assert err.filter_name == "bad"
+    assert (f"proxy_on_response_headers is ({', '.join(params.split())}) -> (i32), "
+            f"expected {accepted}") in str(err), str(err)
+    assert "arity.wat" in str(err)

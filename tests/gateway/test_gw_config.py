@@ -300,3 +300,76 @@ def test_redis_cluster_errors(tmp_path):
     ]
     errs = errors_of(tmp_path, REDIS.replace("redis.pass", "nope.pass"))
     assert len(errs) == 1 and "clusters[1].password_file: cannot read" in errs[0] and "nope.pass" in errs[0]
+
+
+METADATA = """\
+listeners: [{name: main, address: 127.0.0.1, port: 0}]
+node:
+  id: gw-1
+  cluster: edge
+  metadata: {region: eu, weight: 3, labels: {app: gw}}
+clusters:
+  - name: backend
+    endpoints: ["127.0.0.1:9000"]
+    metadata: {envoy.lb: {canary: true, zones: [a, b]}}
+routes:
+  - name: api
+    cluster: backend
+    metadata:
+      policy: {require-header: x-tenant}
+"""
+
+
+def test_metadata_and_node(tmp_path):
+    cfg = load_config(write(tmp_path, METADATA))
+    assert cfg.node.id == "gw-1" and cfg.node.cluster == "edge"
+    # Numbers are kept as doubles: what Envoy's google.protobuf.Struct holds (and serves).
+    assert cfg.node.metadata == {"region": "eu", "weight": 3.0, "labels": {"app": "gw"}}
+    assert isinstance(cfg.node.metadata["weight"], float)
+    assert cfg.clusters[0].metadata == {"envoy.lb": {"canary": True, "zones": ["a", "b"]}}
+    assert cfg.routes[0].metadata == {"policy": {"require-header": "x-tenant"}}
+    # Defaults: no node (empty fields), no metadata.
+    plain = load_config(write(tmp_path, GOOD))
+    assert (plain.node.id, plain.node.cluster, dict(plain.node.metadata)) == ("", "", {})
+    assert plain.routes[0].metadata == {} and plain.clusters[0].metadata == {}
+
+
+def test_metadata_errors_name_line_and_path(tmp_path):
+    text = METADATA.replace("region: eu", "region: null").replace(
+        "policy: {require-header: x-tenant}", "policy: x-tenant\n      other: {1: a}").replace(
+        "cluster: edge", "cluster: edge\n  zone: x").replace(
+        "metadata: {envoy.lb: {canary: true, zones: [a, b]}}", "metadata: [a]")
+    errs = errors_of(tmp_path, text)
+    lines = text.splitlines()
+    f = tmp_path / "config.yaml"
+
+    def at(fragment: str) -> int:
+        return next(i for i, line in enumerate(lines) if fragment in line) + 1
+    assert errs == [
+        f"{f}:{at('metadata: [a]')} clusters[0].metadata: expected a mapping of namespaces, got a list",
+        f"{f}:{at('policy: x-tenant')} routes[0].metadata.policy: expected a mapping of keys to values, "
+        "got scalar 'x-tenant'",
+        f"{f}:{at('other: {1: a}')} routes[0].metadata.other: keys must be strings, got scalar '1'",
+        f"{f}:{at('zone: x')} node.zone: unknown key (allowed: cluster, id, metadata)",
+        f"{f}:{at('region: null')} node.metadata.region: expected a string, number, boolean, list or "
+        "mapping (null cannot be served to filters)",
+    ]
+
+
+def test_filter_vm_id_default_and_errors(tmp_path):
+    auth, mp = load_config(write(tmp_path, GOOD)).filters
+    assert (auth.vm_id, mp.vm_id) == ("", "")           # default: the gateway-wide VM
+    text = GOOD.replace("    encoding: msgpack\n", "    encoding: msgpack\n    vm_id: shared\n")
+    assert [f.vm_id for f in load_config(write(tmp_path, text)).filters] == ["", "shared"]
+    bad = GOOD.replace("    deliver_body_while_paused: true\n",
+                       '    deliver_body_while_paused: true\n    vm_id: ""\n').replace(
+        "    encoding: msgpack\n", '    encoding: msgpack\n    vm_id: "a\\0b"\n')
+    errs = errors_of(tmp_path, bad)
+    lines = bad.splitlines()
+    empty_line = lines.index('    vm_id: ""') + 1
+    nul_line = lines.index('    vm_id: "a\\0b"') + 1
+    cfg = tmp_path / "config.yaml"
+    assert errs == [f"{cfg}:{empty_line} filters[0].vm_id: must not be empty",
+                    f"{cfg}:{nul_line} filters[1].vm_id: must not contain NUL"]
+    errs = errors_of(tmp_path, GOOD.replace("    encoding: msgpack\n", "    encoding: msgpack\n    vm_id: [a]\n"))
+    assert [e.split(" ", 1)[1] for e in errs] == ["filters[1].vm_id: expected a string, got a list"]

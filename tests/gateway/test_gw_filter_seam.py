@@ -20,6 +20,8 @@ def hget(headers, name):
 
 
 class FakeStream:
+    route_cache_cleared = False      # api.HttpStream: no clear_route_cache here
+
     def __init__(self, host, names, info: StreamInfo):
         self.host, self.names, self.info = host, names, info
         self.resp_mode = None
@@ -34,6 +36,9 @@ class FakeStream:
             return LocalReply(int(mode[7:]), [], b"odd status body", "odd")
         if mode == "add-header":
             return Forward(headers + [("x-added", "1")], body)
+        if mode == "clear-route-cache":
+            self.route_cache_cleared = True
+            return Forward(headers, body)
         if mode == "path":
             return Forward([(n, "/rewritten?by=filter" if n == ":path" else v) for n, v in headers], body)
         if mode == "reject-body":
@@ -383,3 +388,48 @@ routes: [{{name: r, cluster: svc}}]
             assert ("x-up", "1") in resp.headers and resp.trailers == [("x-checksum", "abc")]
         assert ups.pools["svc"].open == 1
         ups.close()
+
+
+async def test_reroute_on_a_header_a_route_matches_and_on_route_cache_cleared(tmp_path):
+    """A header some route matches on, added by the chain, sends the request to that route's
+    cluster; route_cache_cleared alone re-matches (to the same route: nothing it matches on
+    changed)."""
+    hosts = []
+
+    async def factory(specs, services):
+        hosts.append(FakeHost(specs, services))
+        return hosts[-1]
+
+    async with echo_upstream() as up, echo_upstream() as other:
+        (tmp_path / "f.wasm").write_bytes(b"\0asm\1\0\0\0")
+        text = f"""
+listeners: [{{name: main, address: 127.0.0.1, port: 0}}]
+access_log: {{path: null}}
+clusters:
+  - {{name: backend, endpoints: ["127.0.0.1:{up.port}"]}}
+  - {{name: other, endpoints: ["127.0.0.1:{other.port}"], metadata: {{lb: {{zone: b}}}}}}
+routes:
+  - {{name: tagged, cluster: other, match: {{headers: {{x-added: "1"}}}}, metadata: {{p: {{k: v}}}}}}
+  - {{name: filtered, cluster: backend, filters: [auth]}}
+filters: [{{name: auth, wasm: f.wasm}}]
+"""
+        async with run_gateway(text, tmp_path, filter_host_factory=factory) as gw:
+            router = gw.gateway.generation.router
+            matched = []
+            real_match = router.match
+            router.match = lambda *a: matched.append(a[2]) or real_match(*a)
+            status, _, _ = await request("GET", gw.url("/x"), headers={"x-fake": "add-header"})
+            assert status == 200
+            assert (len(up.requests), len(other.requests)) == (0, 1)
+            info = hosts[0].streams[0].info
+            assert (info.route_name, info.cluster_name) == ("tagged", "other")
+            assert (info.route_metadata, info.cluster_metadata) == ({"p": {"k": "v"}}, {"lb": {"zone": "b"}})
+            assert matched == ["/x", "/x"]                    # once before the chain, once after
+            matched.clear()
+            status, _, _ = await request("GET", gw.url("/y"))
+            assert status == 200 and matched == ["/y"]         # untouched: no second match
+            matched.clear()
+            status, _, _ = await request("GET", gw.url("/z"), headers={"x-fake": "clear-route-cache"})
+            assert status == 200 and matched == ["/z", "/z"]
+            assert hosts[0].streams[-1].info.route_name == "filtered"
+            assert len(up.requests) == 2
