@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Mapping, Protocol
 
+from .capabilities import ALL as CAPABILITIES    # noqa: F401  (config.py validates names with it)
+
 Headers = list[tuple[str, str]]
 Body = AsyncIterator[bytes]
 
@@ -49,6 +51,10 @@ class FilterSpec:
     vm_id: str = ""                               # Envoy vm_id (property plugin_vm_id): filters with
                                                   # the same one share shared data and queues; "" is
                                                   # the gateway-wide default VM
+    # Host-function groups granted (names: CAPABILITIES, abi/capabilities.py); None: all of them.
+    capabilities: frozenset[str] | None = None
+    strict_capabilities: bool = False             # refuse at load a module importing a denied function
+    readable_properties: tuple[str, ...] | None = None   # property path prefixes it may read; None: all
 
 
 @dataclass

@@ -12,6 +12,7 @@ import logging
 import os
 import threading
 import time
+from time import perf_counter_ns
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Callable
@@ -22,7 +23,8 @@ from .buffers import BodyBuffer, HeaderMap, valid_header
 from .context import CalloutData, Context, HttpContext, RootContext, VmContext
 from .engine import Engine, EngineError, Instance, MemoryAccessError, Trap
 from .enums import Status, WasiErrno
-from .hostcalls import HOSTCALLS, PY_LEVELS, guarded
+from . import capabilities
+from .hostcalls import HOSTCALLS, PY_LEVELS, guarded, restricted_get_property
 from .limits import MAX_LOG_BYTES, MAX_PENDING_CALLS
 from .grpc_call import GrpcCalls
 from .module import LoadedModule
@@ -90,6 +92,10 @@ class Filter:
         self.failures: Counter[tuple[str, str]] = Counter()
         self.rebuilds = 0
         self.host_errors = 0
+        self.denied_calls: Counter[str] = Counter()     # capability group → calls refused
+        self.calls = 0                   # guest calls, and the wall time spent in them (GET /filters)
+        self.guest_ns = 0
+        self._denied_logged: set[str] = set()
         self._next_id = 1
         self._warned_pseudo: set[str] = set()
         self._next_token = 4                 # http callouts: type 0 in the low 2 bits (cpp-host)
@@ -136,10 +142,28 @@ class Filter:
                               internal=None if void else WasiErrno.INVAL, arity=len(params))
             for module in WASI_MODULES:
                 table[(module, name)] = wrapped
+        # Capabilities (abi/capabilities.py): bound here, once; a granted call costs nothing more.
+        for name, group in capabilities.denied(self.spec.capabilities).items():
+            for key in [("env", name), *((m, name) for m in WASI_MODULES)]:
+                if key in table:
+                    table[key] = capabilities.denial_stub(self, name, group, wasi=key[0] != "env")
+        if self.spec.readable_properties is not None:
+            fn = restricted_get_property(capabilities.readable(self.spec.readable_properties))
+            table[("env", "proxy_get_property")] = guarded(
+                self, "proxy_get_property", fn, bad_memory=Status.INVALID_MEMORY_ACCESS,
+                internal=Status.INTERNAL_FAILURE, arity=4)
         if self.observer is not None:
             table = {key: _observed_host(self.observer, self.name, key[1], fn)
                      for key, fn in table.items()}
         return table
+
+    def capability_denied(self, what: str, group: str) -> None:
+        """A call the filter's capabilities refuse: counted; logged once per function (bounded)."""
+        self.denied_calls[group] += 1
+        if what not in self._denied_logged and len(self._denied_logged) < 64:
+            self._denied_logged.add(what)
+            self.log.warning('filter "%s": %s denied: capability "%s" not granted (logged once; '
+                             "counted in wasmgate_filter_denied_calls_total)", self.name, what, group)
 
     def _export(self, inst: Instance, name: str) -> Callable:
         fn = inst.export_func(name)
@@ -317,12 +341,17 @@ class Filter:
     def _rebuilt(self, error: StartError | None) -> None:
         if self.closed:
             return
+        on_event = self.host.on_event
         if error is not None:
             self.log.error('filter "%s": rebuild failed: %s', self.name, error)
+            if on_event is not None:
+                on_event(self.spec, "rebuild", str(error))
             self._schedule_rebuild()
             return
         self.rebuilds += 1
         self.log.warning('filter "%s": instance rebuilt after a failure', self.name)
+        if on_event is not None:
+            on_event(self.spec, "rebuild", "")
 
     def note_success(self) -> None:
         self.consecutive_failures = 0
@@ -344,6 +373,8 @@ class Filter:
             fn = self._funcs[name] = self._export(inst, name)
         saved = self._current, self._effective
         self._current, self._effective = ctx, None
+        self.calls += 1
+        t0 = perf_counter_ns()
         try:
             return fn(*args)
         except Trap as t:
@@ -353,6 +384,7 @@ class Filter:
                 self._discard()
             raise FilterFailure(self.name, name, t.kind, t.message) from None
         finally:
+            self.guest_ns += perf_counter_ns() - t0
             self._current, self._effective = saved
             if self._deferred:
                 self._run_deferred()

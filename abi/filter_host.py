@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from pathlib import Path
+from typing import Any, Callable
 
 from .api import FilterSpec, HostServices, MetricSample, StreamInfo
 from .chain import Chain
@@ -45,6 +46,9 @@ class FilterHost:
         self.digests: dict[str, str] = {}     # filter name → sha256 of its wasm file
         self.borrowed: set[str] = set()       # carried-over filters another host still owns
         self.carried: set[str] = set()        # filters handed to the next host: not ours to close
+        # (spec, "rebuild", error or "") after an instance was rebuilt, or failed to be; set by
+        # the gateway (audit log). A carried-over filter reports to its newest host.
+        self.on_event: Callable[[FilterSpec, str, str], None] | None = None
 
     @classmethod
     async def load(cls, specs: list[FilterSpec], services: HostServices, *,
@@ -123,6 +127,13 @@ class FilterHost:
         """One proxy_on_tick for that filter now (for hosts whose observer has manual_ticks)."""
         return self.filters[filter_name].tick_now()
 
+    def stats(self) -> dict[str, dict[str, Any]]:
+        """Per filter: live instance, guest calls, their wall time, failures, rebuilds, denials."""
+        return {f.name: {"up": f.instance is not None, "calls": f.calls,
+                         "guest_us": f.guest_ns // 1000, "failures": sum(f.failures.values()),
+                         "rebuilds": f.rebuilds, "denied_calls": dict(f.denied_calls)}
+                for f in self.filters.values()}
+
     def metrics(self) -> list[MetricSample]:
         return self.local_metrics() + self.shared_metrics()
 
@@ -143,6 +154,10 @@ class FilterHost:
             out.append(MetricSample("wasmgate_filter_host_errors_total", "counter",
                                     float(f.host_errors), dict(labels),
                                     "internal errors inside host functions"))
+            for group, n in sorted(f.denied_calls.items()):
+                out.append(MetricSample("wasmgate_filter_denied_calls_total", "counter", float(n),
+                                        {"filter": f.name, "capability": group},
+                                        "host calls refused by the filter's capabilities"))
             for (callback, kind), n in sorted(f.failures.items()):
                 out.append(MetricSample("wasmgate_filter_failures_total", "counter", float(n),
                                         {"filter": f.name, "callback": callback, "kind": kind},

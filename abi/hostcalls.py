@@ -205,6 +205,23 @@ def proxy_get_property(f, path_ptr, path_size, ret_pp, ret_size_p):
     return f.write_result(value, ret_pp, ret_size_p)
 
 
+def restricted_get_property(readable: Callable[[bytes], bool]) -> Callable:
+    """proxy_get_property for a filter with `readable_properties`: a path outside them is
+    NOT_FOUND, exactly as an absent property (Envoy's answer for one it does not know), so a
+    filter cannot tell a hidden property from a missing one."""
+    def proxy_get_property_restricted(f, path_ptr, path_size, ret_pp, ret_size_p):
+        path = f.read(path_ptr, path_size)
+        if not readable(path):
+            f.capability_denied("property " + path.rstrip(b"\0").replace(b"\0", b".").decode("utf-8", "replace"),
+                                "readable_properties")
+            return Status.NOT_FOUND
+        value = f.ctx().get_property(path)
+        if value is None:
+            return Status.NOT_FOUND
+        return f.write_result(value, ret_pp, ret_size_p)
+    return proxy_get_property_restricted
+
+
 def proxy_set_property(f, path_ptr, path_size, val_ptr, val_size):
     path = f.read(path_ptr, path_size)
     return f.ctx().set_property(path, f.read(val_ptr, val_size))

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import capabilities
 from .api import FilterLoadError, FilterSpec
 from .engine import Engine, EngineError, Module
 from .enums import ABI_MARKERS
@@ -130,6 +131,14 @@ def _check_imports(spec: FilterSpec, path: Path, module: Module) -> None:
     if mismatched:
         raise FilterLoadError(spec.name, f"{path}: imports with the wrong signature: "
                               + "; ".join(mismatched))
+    if spec.strict_capabilities:
+        denied = capabilities.denied(spec.capabilities)
+        refused = sorted({f"{imp.module}.{imp.name} (capability {denied[imp.name]})" for imp in module.imports
+                          if imp.kind == "func" and imp.name in denied
+                          and (imp.module == "env") == imp.name.startswith("proxy_")})
+        if refused:
+            raise FilterLoadError(spec.name, f"{path}: imports functions its capabilities do not grant "
+                                  f"(strict_capabilities): {', '.join(refused)}")
 
 
 def _fmt(params, results) -> str:

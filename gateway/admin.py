@@ -28,6 +28,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import os
 import socket
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -51,6 +52,7 @@ class AdminRequest:
     query: str
     headers: list[tuple[str, str]]
     body: bytes
+    client: str = ""             # "address:port" of the admin client (for the audit log)
 
 
 @dataclass
@@ -86,6 +88,7 @@ class AdminServer:
                     return
                 try:
                     req, keepalive = await self._read_request(reader, head)
+                    req.client = _peer(writer)
                     resp = await self._dispatch(req)
                 except HttpError as e:
                     resp, keepalive = AdminResponse.text(f"{e.status} {e.message}\n", e.status), False
@@ -138,6 +141,13 @@ class AdminServer:
         for writer in list(self.writers):
             writer.transport.abort()
         await asyncio.sleep(0)
+
+
+def _peer(writer: asyncio.StreamWriter) -> str:
+    peer = writer.get_extra_info("peername")
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"[{peer[0]}]:{peer[1]}" if ":" in str(peer[0]) else f"{peer[0]}:{peer[1]}"
+    return ""
 
 
 def _serialize(resp: AdminResponse, keepalive: bool, head_only: bool) -> bytes:
@@ -249,6 +259,22 @@ async def config_view(gw: "Gateway", req: AdminRequest) -> AdminResponse:
     return AdminResponse(200, (json.dumps(view, indent=2) + "\n").encode(), "application/json")
 
 
+async def filters_view(gw: "Gateway", req: AdminRequest) -> AdminResponse:
+    """The running filters: the audit log's fields (source, sha256, rights, config digest) plus
+    this worker's counters."""
+    from .audit import filter_record
+    from .reload import state_of
+    gen = gw.generation
+    host = gen.filter_host
+    digests = getattr(host, "digests", {})
+    stats = host.stats() if hasattr(host, "stats") else {}
+    running = getattr(host, "filters", {}) or {}
+    view = {"generation": state_of(gw).generation, "pid": os.getpid(), "filters": [
+        {**filter_record(gen.config, spec, digests.get(spec.name)), **stats.get(spec.name, {})}
+        for spec in gen.config.filters if spec.name in running]}
+    return AdminResponse(200, (json.dumps(view, indent=2) + "\n").encode(), "application/json")
+
+
 async def reload(gw: "Gateway", req: AdminRequest) -> AdminResponse:
     # Issue 6 plugs in here: Gateway.reload(request) builds a new Generation and swaps
     # gw.generation; the proxy reads the generation once per request.
@@ -264,6 +290,7 @@ ROUTES: dict[str, dict[str, Handler]] = {
     "/metrics": {"GET": metrics},
     "/config": {"GET": config_view},
     "/reload": {"POST": reload},
+    "/filters": {"GET": filters_view},
 }
 
 

@@ -66,8 +66,13 @@ async def _check_filters(config: Config) -> list[str]:
     from abi.api import FilterLoadError, load_filter_host
     from .upstream import Upstreams
     services = Upstreams(config.clusters, redis_clusters=config.redis_clusters, node=config.node)
-    errors = []
+    from .fetch import fetch_filters
+    fetch_errors = await fetch_filters(config, all_errors=True)
+    errors = [str(e) for e in fetch_errors]
+    unfetched = {e.filter_name for e in fetch_errors}
     for spec in config.filters:
+        if spec.name in unfetched:
+            continue
         try:
             host = await load_filter_host([spec], services)
         except FilterLoadError as e:
@@ -76,6 +81,58 @@ async def _check_filters(config: Config) -> list[str]:
         await host.close()
     await services.aclose()
     return errors
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    """Publish a module; print what a config pins (the module's sha256) and the manifest digest."""
+    import hashlib
+    from .oci import Reference
+    try:
+        ref = Reference.parse(args.reference)
+        wasm = open(args.wasm, "rb").read()
+    except ValueError as e:
+        print(f"wasmgate push: {args.reference}: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"wasmgate push: cannot read {args.wasm}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    if ref.tag is None:
+        print(f"wasmgate push: {args.reference}: push needs a tag (oci://…/repo:tag)", file=sys.stderr)
+        return 2
+    if not wasm.startswith(b"\0asm"):
+        print(f"wasmgate push: {args.wasm} is not a WebAssembly module", file=sys.stderr)
+        return 2
+    password = sys.stdin.readline().rstrip("\r\n") if args.password_stdin else os.environ.get(
+        "WASMGATE_REGISTRY_PASSWORD", "")
+    username = args.username or os.environ.get("WASMGATE_REGISTRY_USERNAME", "")
+    token = os.environ.get("WASMGATE_REGISTRY_TOKEN", "")
+    try:
+        digest = run_loop(_push(ref, wasm, args, username, password, token))
+    except Exception as e:                   # RegistryError, or the CA file
+        print(f"wasmgate push: {e}", file=sys.stderr)
+        return 1
+    print(f"pushed {ref.registry}/{ref.repository}:{ref.tag}@{digest} "
+          f"({'compat image' if args.docker_compat else 'wasm artifact'})")
+    print(f"sha256: {hashlib.sha256(wasm).hexdigest()}")
+    return 0
+
+
+async def _push(ref: Any, wasm: bytes, args: argparse.Namespace, username: str, password: str,
+                token: str) -> str:
+    import ssl
+    import aiohttp
+    from .oci import Credentials, Registry, RegistryError
+    ctx = ssl.create_default_context(cafile=args.ca)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx),
+                                     timeout=aiohttp.ClientTimeout(total=300)) as session:
+        registry = Registry(session, ref.registry, plain_http=args.plain_http,
+                            credentials=Credentials(username, password, token))
+        try:
+            return await registry.push_wasm(ref, wasm, compat=args.docker_compat)
+        except RegistryError:
+            raise
+        except (aiohttp.ClientError, OSError) as e:
+            raise RegistryError(f"{ref.registry}: {type(e).__name__}: {e}") from None
 
 
 def _plural(n: int, word: str) -> str:
@@ -345,6 +402,18 @@ def main(argv: list[str] | None = None) -> int:
                      help="reload when the config file or a wasm file it references changes (polls every 1 s)")
     run.add_argument("--ops-store", default=None, help=argparse.SUPPRESS)
     run.add_argument("--worker-slot", default=None, help=argparse.SUPPRESS)
+    push = sub.add_parser("push", help="publish a .wasm filter to an OCI registry",
+                          description="Credentials: WASMGATE_REGISTRY_USERNAME + WASMGATE_REGISTRY_PASSWORD "
+                                      "(or --password-stdin), or WASMGATE_REGISTRY_TOKEN (a bearer token).")
+    push.add_argument("wasm", help="the .wasm file")
+    push.add_argument("reference", help="oci://registry[:port]/repository:tag")
+    push.add_argument("--docker-compat", action="store_true",
+                      help="publish as an ordinary image with plugin.wasm in a tar layer (compat layout) "
+                           "instead of the wasm OCI artifact")
+    push.add_argument("--plain-http", action="store_true", help="speak plain HTTP to the registry")
+    push.add_argument("--ca", default=None, help="PEM bundle to trust for the registry's certificate")
+    push.add_argument("--username", default=None, help="overrides WASMGATE_REGISTRY_USERNAME")
+    push.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
     check = sub.add_parser("check", help="validate a config file and list every error")
     check.add_argument("config")
     check.add_argument("--no-load", action="store_true", help="validate only; do not load the wasm filters")
@@ -354,6 +423,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     if args.command == "check":
         return cmd_check(args)
+    if args.command == "push":
+        return cmd_push(args)
     return cmd_run(args)
 
 

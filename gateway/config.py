@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +18,10 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from abi.api import FilterLimits, FilterSpec, NodeInfo
+from abi.api import CAPABILITIES, FilterLimits, FilterSpec, NodeInfo
 
+from .fetch import (PULL_POLICIES, FetchSettings, FilterSource, RegistryCredential, default_cache_dir,
+                    source_kind)
 from .http1 import HttpError
 from .paths import ESCAPED_SLASH_ACTIONS, PathPolicy, RedirectTo, normalize_path, routing_path
 from .tls_files import (DEFAULT_HANDSHAKE_TIMEOUT_S, MIN_VERSIONS, TlsError, check_ca, check_ciphers,
@@ -208,6 +211,10 @@ class Config:
     access_log_filters: bool = True            # the access log's per-request `filters` field
     tracing: Tracing = Tracing()
     node: NodeInfo = NodeInfo()                 # the node.* properties
+    # Where each filter's module comes from (gateway/fetch.py), and how remote ones are fetched.
+    filter_sources: tuple[FilterSource, ...] = ()
+    filter_fetch: FetchSettings = field(default_factory=FetchSettings)
+    audit_log_path: str | None = None          # JSON lines of filter lifecycle events (gateway/audit.py)
     # The parsed YAML as written (for GET /config, after redaction).
     raw: Any = field(default=None, compare=False, repr=False)
 
@@ -1077,22 +1084,25 @@ def _node(ck: _Checker, node: yaml.Node, path: str) -> NodeInfo:
                     metadata=_get(f, "metadata", path, ck.struct, {}))
 
 
-def _filter(ck: _Checker, node: yaml.Node, path: str, base: Path, gateway_limits: Limits) -> FilterSpec | None:
-    f = ck.mapping(node, path, {"name", "wasm", "config", "encoding", "vm_config", "failure_policy",
-                                "limits", "environment", "deliver_body_while_paused", "root_id",
+def _filter(ck: _Checker, node: yaml.Node, path: str, base: Path, gateway_limits: Limits,
+            fetch: FetchSettings, default_caps: frozenset[str] | None) -> tuple[FilterSpec, FilterSource] | None:
+    f = ck.mapping(node, path, {"name", "wasm", "sha256", "pull_policy", "config", "encoding", "vm_config",
+                                "failure_policy", "limits", "environment", "deliver_body_while_paused",
+                                "root_id", "capabilities", "strict_capabilities", "readable_properties",
                                 "vm_id"},
                      {"name", "wasm"})
     if f is None:
         return None
     ok = True
     name = _get(f, "name", path, ck.string)
-    wasm = _get(f, "wasm", path, ck.string)
+    source = _filter_source(ck, f, path, base, name or "")
     wasm_path = None
-    if wasm is not None:
-        wasm_path = (base / wasm).resolve()
-        if not wasm_path.is_file():
-            ck.error(f["wasm"], f"{path}.wasm", f"file not found: {wasm_path}")
-            ok = False
+    if source is None:
+        ok = False
+    elif source.remote:
+        wasm_path = fetch.blob_path(source.sha256)      # fetch_filters puts the verified module there
+    else:
+        wasm_path = Path(source.location)
     encoding = _get(f, "encoding", path, ck.string, "json")
     if encoding not in ("json", "msgpack"):
         ck.error(f["encoding"], f"{path}.encoding", f'must be json or msgpack, got "{encoding}"')
@@ -1135,16 +1145,196 @@ def _filter(ck: _Checker, node: yaml.Node, path: str, base: Path, gateway_limits
     if "\0" in vm_id:
         ck.error(f["vm_id"], f"{path}.vm_id", "must not contain NUL")
         ok = False
+    caps = _capabilities(ck, f["capabilities"], f"{path}.capabilities") if "capabilities" in f else default_caps
+    strict = _get(f, "strict_capabilities", path, ck.boolean, False)
+    readable = None
+    if "readable_properties" in f:
+        readable = _name_list(ck, f["readable_properties"], f"{path}.readable_properties",
+                              re.compile(r"^[A-Za-z0-9_]+(\.[^.\s]+)*$"), "a property path (request.headers, connection)")
+        ok = ok and readable is not None
     if not ok or name is None or wasm_path is None or configuration is None or vm_configuration is None:
         return None
     return FilterSpec(name=name, wasm_path=wasm_path, configuration=configuration,
                       vm_configuration=vm_configuration, failure_policy=policy, limits=limits,
                       environment=tuple(env), deliver_body_while_paused=deliver,
-                      root_id=root_id or "", vm_id=vm_id)
+                      root_id=root_id or "", vm_id=vm_id, capabilities=caps, strict_capabilities=strict,
+                      readable_properties=None if readable is None else tuple(readable)), source
+
+
+def _capabilities(ck: _Checker, node: yaml.Node, path: str) -> frozenset[str] | None:
+    """A list of host-function groups (abi/capabilities.py); None once an error was reported."""
+    out = set()
+    for i, item in enumerate(ck.sequence(node, path) or []):
+        group = ck.string(item, f"{path}[{i}]")
+        if group is not None and group not in CAPABILITIES:
+            ck.error(item, f"{path}[{i}]", f'unknown capability "{group}" (known: {", ".join(sorted(CAPABILITIES))})')
+        elif group is not None:
+            out.add(group)
+    return frozenset(out)
+
+
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _filter_source(ck: _Checker, f: dict[str, yaml.Node], path: str, base: Path,
+                   name: str) -> FilterSource | None:
+    """`wasm:` (a path, https://, http:// or oci://), its `sha256:` pin and `pull_policy:`."""
+    wasm = _get(f, "wasm", path, ck.string)
+    if wasm is None:
+        return None
+    kind = source_kind(wasm)
+    ok = True
+    pin = None
+    if "sha256" in f:
+        # The scalar's text: an all-digit digest would otherwise load as a YAML integer.
+        node = f["sha256"]
+        pin = node.value if isinstance(node, yaml.ScalarNode) and node.value else ck.string(node, f"{path}.sha256")
+        if pin is not None:
+            pin = pin.lower().removeprefix("sha256:")
+            if not _SHA256_HEX.match(pin):
+                ck.error(f["sha256"], f"{path}.sha256", "expected 64 hex digits (the sha256 of the .wasm file)")
+                ok = False
+        else:
+            ok = False
+    policy = _get(f, "pull_policy", path, ck.string, "if_not_present")
+    if policy not in PULL_POLICIES:
+        ck.error(f["pull_policy"], f"{path}.pull_policy", f'must be {" or ".join(PULL_POLICIES)}, got "{policy}"')
+        ok = False
+    if kind == "file":
+        location = str((base / wasm).resolve())
+        if not Path(location).is_file():
+            ck.error(f["wasm"], f"{path}.wasm", f"file not found: {location}")
+            ok = False
+    else:
+        location = wasm
+        if "sha256" not in f:
+            ck.error(f["wasm"], f"{path}.wasm", f"a remote module ({kind}://) needs a sha256: pin beside it "
+                     "(the hex sha256 of the .wasm; `sha256sum plugin.wasm`)")
+            ok = False
+        if not _remote_location_ok(ck, f["wasm"], f"{path}.wasm", kind, wasm):
+            ok = False
+    if not ok:
+        return None
+    return FilterSource(name, location, kind, pin, policy)
+
+
+def _remote_location_ok(ck: _Checker, node: yaml.Node, path: str, kind: str, wasm: str) -> bool:
+    if kind == "oci":
+        from .oci import Reference
+        try:
+            Reference.parse(wasm)
+        except ValueError as e:
+            ck.error(node, path, str(e))
+            return False
+        return True
+    from urllib.parse import urlsplit
+    try:
+        parts = urlsplit(wasm)
+        parts.port                           # noqa: B018  (raises on a bad port)
+    except ValueError as e:
+        ck.error(node, path, f"not a URL: {e}")
+        return False
+    if not parts.hostname:
+        ck.error(node, path, "the URL has no host")
+        return False
+    return True
+
+
+def _audit_log(ck: _Checker, node: yaml.Node, base: Path) -> str | None:
+    if _is_null(node):
+        return None
+    f = ck.mapping(node, "audit_log", {"path"}, {"path"})
+    if f is None or _is_null(f["path"]):
+        return None
+    name = ck.string(f["path"], "audit_log.path")
+    if name is None:
+        return None
+    path = (base / name).resolve()
+    if not path.parent.is_dir():
+        ck.error(f["path"], "audit_log.path", f"directory does not exist: {path.parent}")
+    return str(path)
+
+
+def _filter_fetch(ck: _Checker, node: yaml.Node, path: str, base: Path) -> FetchSettings:
+    d = FetchSettings()
+    f = ck.mapping(node, path, {"cache_dir", "timeout_s", "max_bytes", "ca", "plain_http_registries",
+                                "credentials"})
+    if f is None:
+        return d
+    cache = _get(f, "cache_dir", path, ck.string)
+    timeout = _get(f, "timeout_s", path, lambda n, p: ck.number(n, p, 0.001), d.timeout_s)
+    max_bytes = _get(f, "max_bytes", path, lambda n, p: ck.integer(n, p, 1), d.max_bytes)
+    ca = None
+    if "ca" in f and (name := ck.string(f["ca"], f"{path}.ca")) is not None:
+        ca = (base / name).resolve()
+        try:
+            check_ca(ca)
+        except TlsError as e:
+            ck.error(f["ca"], f"{path}.ca", e.message)
+    plain = ()
+    if "plain_http_registries" in f:
+        items = ck.sequence(f["plain_http_registries"], f"{path}.plain_http_registries") or []
+        plain = tuple(v.lower() for i, n in enumerate(items)
+                      if (v := ck.string(n, f"{path}.plain_http_registries[{i}]")) is not None)
+    creds = []
+    if "credentials" in f:
+        for i, item in enumerate(ck.sequence(f["credentials"], f"{path}.credentials") or []):
+            c = _credential(ck, item, f"{path}.credentials[{i}]", base)
+            if c is not None:
+                creds.append(c)
+    return FetchSettings(cache_dir=(base / cache).resolve() if cache else default_cache_dir(),
+                         timeout_s=timeout, max_bytes=max_bytes, ca=ca, plain_http_registries=plain,
+                         credentials=tuple(creds))
+
+
+def _credential(ck: _Checker, node: yaml.Node, path: str, base: Path) -> RegistryCredential | None:
+    """host + username + a password, or a token, each from `*_env` (a variable's name) or
+    `*_file` (a file's path): never the secret itself in the config."""
+    f = ck.mapping(node, path, {"host", "username", "password_env", "password_file", "token_env",
+                                "token_file"}, {"host"})
+    if f is None:
+        return None
+    host = _get(f, "host", path, ck.string)
+    username = _get(f, "username", path, ck.string, "")
+    password = _secret(ck, f, path, base, "password")
+    token = _secret(ck, f, path, base, "token")
+    if password is not None and not username:
+        ck.error(node, path, "a password needs a username")
+    if token is None and password is None:
+        ck.error(node, path, "needs password_env / password_file (with username) or token_env / token_file")
+    if host is None or (token is None and (password is None or not username)):
+        return None
+    return RegistryCredential(host.lower(), username, password or "", token or "")
+
+
+def _secret(ck: _Checker, f: dict[str, yaml.Node], path: str, base: Path, what: str) -> str | None:
+    env_key, file_key = f"{what}_env", f"{what}_file"
+    if env_key in f and file_key in f:
+        ck.error(f[file_key], f"{path}.{file_key}", f"use either {env_key} or {file_key}, not both")
+        return None
+    if env_key in f:
+        var = ck.string(f[env_key], f"{path}.{env_key}")
+        if var is None:
+            return None
+        value = os.environ.get(var)
+        if not value:
+            ck.error(f[env_key], f"{path}.{env_key}", f"environment variable {var} is not set")
+        return value or None
+    if file_key in f:
+        name = ck.string(f[file_key], f"{path}.{file_key}")
+        if name is None:
+            return None
+        file = (base / name).resolve()
+        try:
+            return file.read_text(encoding="utf-8").strip() or None
+        except (OSError, UnicodeDecodeError) as e:
+            ck.error(f[file_key], f"{path}.{file_key}", f"cannot read {file}: {getattr(e, 'strerror', None) or e}")
+    return None
 
 
 _TOP = {"listeners", "admin", "limits", "access_log", "clusters", "routes", "filters", "shared_data",
-        "internal_headers", "path_normalization", "node", "tracing"}
+        "internal_headers", "path_normalization", "filter_fetch", "default_capabilities", "audit_log",
+        "node", "tracing"}
 
 
 def parse_config(text: str, filename: str, base_dir: Path) -> Config:
@@ -1230,19 +1420,25 @@ def _build(ck: _Checker, root: yaml.Node, base_dir: Path) -> Config:
                 clusters.append(c)
         _unique_names(ck, names, "clusters")
 
+    audit_log = _audit_log(ck, top["audit_log"], base_dir) if "audit_log" in top else None
+    default_caps = (_capabilities(ck, top["default_capabilities"], "default_capabilities")
+                    if "default_capabilities" in top else None)
+    fetch = _filter_fetch(ck, top["filter_fetch"], "filter_fetch", base_dir) if "filter_fetch" in top else FetchSettings()
     filters: list[FilterSpec] = []
+    sources: list[FilterSource] = []
     filter_names: set[str] = set()
     if "filters" in top and not _is_null(top["filters"]):
         items = ck.sequence(top["filters"], "filters") or []
         names = []
         for i, item in enumerate(items):
-            spec = _filter(ck, item, f"filters[{i}]", base_dir, limits)
+            got = _filter(ck, item, f"filters[{i}]", base_dir, limits, fetch, default_caps)
             nm = _name_of(ck, item)
             names.append((nm, item))
             if nm:
                 filter_names.add(nm)
-            if spec:
-                filters.append(spec)
+            if got:
+                filters.append(got[0])
+                sources.append(got[1])
         _unique_names(ck, names, "filters")
 
     paths = PathPolicy()
@@ -1286,7 +1482,8 @@ def _build(ck: _Checker, root: yaml.Node, base_dir: Path) -> Config:
                   filters=tuple(filters), shared_data_max_bytes=shared_max, path_normalization=paths,
                   internal_headers=internal, access_log_redact=redact_params,
                   redis_clusters=tuple(redis_clusters), access_log_filters=access_log_filters,
-                  tracing=tracing or Tracing(), node=node, raw=raw)
+                  tracing=tracing or Tracing(), node=node, filter_sources=tuple(sources),
+                  filter_fetch=fetch, audit_log_path=audit_log, raw=raw)
 
 
 def _is_null(node: yaml.Node) -> bool:

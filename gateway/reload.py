@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from abi.api import FilterLoadError
 
 from .config import Config, ConfigError, load_config
+from .fetch import FetchError, fetch_filters
 from .proxy import Generation
 from .routing import Router
 from .tls import TlsError, build_listener_tls
@@ -98,11 +99,12 @@ def wasm_digests(config: Config) -> dict[str, str]:
     return out
 
 
-async def reload_gateway(gw: "Gateway") -> ReloadResult:
-    """Reload from the gateway's config file; never raises for a bad config (see ReloadResult)."""
+async def reload_gateway(gw: "Gateway", trigger: str = "signal", admin_client: str = "") -> ReloadResult:
+    """Reload from the gateway's config file; never raises for a bad config (see ReloadResult).
+    ``trigger`` (signal | watch | admin) and ``admin_client`` go to the audit log."""
     st = state_of(gw)
     async with st.lock:                      # one reload at a time; a second one queues
-        result = await _reload_locked(gw, st)
+        result = await _reload_locked(gw, st, {"trigger": trigger, "admin_client": admin_client})
     if result.ok:
         st.ok += 1
         st.last_attempt_ok = True
@@ -118,7 +120,7 @@ async def reload_gateway(gw: "Gateway") -> ReloadResult:
     return result
 
 
-async def _reload_locked(gw: "Gateway", st: ReloadState) -> ReloadResult:
+async def _reload_locked(gw: "Gateway", st: ReloadState, why: dict[str, str]) -> ReloadResult:
     old: Generation = gw.generation
     source = Path(old.config.source)
     refused = lambda errors: ReloadResult(False, st.generation, st.fingerprint, errors=errors)  # noqa: E731
@@ -131,6 +133,11 @@ async def _reload_locked(gw: "Gateway", st: ReloadState) -> ReloadResult:
     fixed = _restart_only_changes(old.config, config)
     if fixed:
         return refused(fixed)
+    try:
+        await fetch_filters(config)          # remote modules into the cache, pins verified
+    except FetchError as e:
+        gw.audit.refused(config, e.filter_name, e.message, generation=st.generation, **why)
+        return refused([str(e)])
     digests = await asyncio.to_thread(wasm_digests, config)
     fp = fingerprint(config, digests)
     if fp == st.fingerprint and config == old.config:
@@ -146,6 +153,7 @@ async def _reload_locked(gw: "Gateway", st: ReloadState) -> ReloadResult:
         host = await _load_filters(gw, config, upstreams, old.filter_host)
     except FilterLoadError as e:             # names the filter, its file and the cause
         await upstreams.aclose()
+        gw.audit.refused(config, e.filter_name, e.message, generation=st.generation, **why)
         return refused([str(e)])
     except Exception as e:                   # a host bug must not take the running config down
         log.exception("loading filters for a reload failed")
@@ -156,6 +164,7 @@ async def _reload_locked(gw: "Gateway", st: ReloadState) -> ReloadResult:
     gw.generation = Generation(config, Router(config.routes, config.clusters), upstreams, host, tls=tls)
     gw.config = config
     st.generation += 1
+    audit_reload(gw, old, gw.generation, st.generation, why)
     st.fingerprint = fp
     st.last_reload_ts = time.time()
     task = asyncio.ensure_future(retire(old, config.limits.drain_timeout_s, kept_pools, host))
@@ -172,6 +181,36 @@ async def _load_filters(gw: "Gateway", config: Config, upstreams: Upstreams, pre
         return await factory(list(config.filters), upstreams)
     from abi.api import load_filter_host
     return await load_filter_host(list(config.filters), upstreams, previous=previous)
+
+
+def audit_reload(gw: "Gateway", old: Generation, new: Generation, generation: int, why: dict[str, str]) -> None:
+    """Audit lines for what a reload did to each filter: added → load, replaced → reload,
+    removed → unload (kept ones did not change and get no line)."""
+    old_f = getattr(old.filter_host, "filters", {}) or {}
+    new_f = getattr(new.filter_host, "filters", {}) or {}
+    old_digests = getattr(old.filter_host, "digests", {})
+    new_digests = getattr(new.filter_host, "digests", {})
+    watch_filter_events(gw, new.filter_host)
+    for spec in new.config.filters:
+        if spec.name not in old_f:
+            gw.audit.event("load", new.config, spec, sha256=new_digests.get(spec.name), generation=generation, **why)
+        elif new_f.get(spec.name) is not old_f[spec.name]:
+            gw.audit.event("reload", new.config, spec, sha256=new_digests.get(spec.name), generation=generation, **why)
+    for spec in old.config.filters:
+        if spec.name in old_f and spec.name not in new_f:
+            gw.audit.event("unload", old.config, spec, sha256=old_digests.get(spec.name), generation=generation, **why)
+
+
+def watch_filter_events(gw: "Gateway", host: Any) -> None:
+    """Rebuilds after a failure, reported by the filter host, go to the audit log."""
+    if host is None or not hasattr(host, "on_event"):
+        return                               # a test's fake host
+
+    def on_event(spec: Any, event: str, error: str) -> None:
+        gw.audit.event(event, gw.generation.config, spec, sha256=host.digests.get(spec.name),
+                       outcome="failed" if error else "ok", error=error, trigger="failure",
+                       generation=state_of(gw).generation)
+    host.on_event = on_event
 
 
 def _restart_only_changes(old: Config, new: Config) -> list[str]:
@@ -191,6 +230,8 @@ def _restart_only_changes(old: Config, new: Config) -> list[str]:
         out.append("access_log changed: restart required")
     if old.tracing != new.tracing:
         out.append("tracing changed: restart required")
+    if old.audit_log_path != new.audit_log_path:
+        out.append("audit_log changed: restart required")
     return out
 
 
@@ -270,7 +311,8 @@ async def admin_reload(gw: "Gateway", req: Any = None) -> Any:
     other worker and reports whether they all reached the same config.
     """
     from .admin import AdminResponse
-    result = await reload_gateway(gw)
+    client = getattr(req, "client", "") if req is not None else ""
+    result = await reload_gateway(gw, "admin", client)
     body = result.text()
     status = 200 if result.ok else 422
     broadcast = getattr(gw, "reload_broadcast", None)

@@ -8,6 +8,7 @@ import time
 from typing import Any, Awaitable, Callable
 
 from .accesslog import AccessLog
+from .audit import AuditLog
 from .config import Config
 from .metrics import Metrics
 from .client_h1 import ClientProtocol, Connection
@@ -37,6 +38,29 @@ async def _default_filter_host(specs: list, services: Any) -> Any:
     return await load_filter_host(specs, services)
 
 
+async def _fetch_filters(gw: "Gateway", config: Config) -> None:
+    """Remote modules into the cache, pinned files verified (gateway/fetch.py)."""
+    from .fetch import FetchError, fetch_filters
+    try:
+        await fetch_filters(config)
+    except FetchError as e:
+        gw.audit.refused(config, e.filter_name, e.message, trigger="start", generation=1)
+        raise StartError(str(e)) from None
+
+
+async def _load_audited(gw: "Gateway", config: Config, factory: FilterHostFactory, upstreams: Upstreams) -> Any:
+    from abi.api import FilterLoadError
+    from .reload import watch_filter_events
+    try:
+        host = await factory(list(config.filters), upstreams)
+    except FilterLoadError as e:
+        gw.audit.refused(config, e.filter_name, e.message, trigger="start", generation=1)
+        raise
+    gw.audit.filters("load", config, getattr(host, "digests", {}), trigger="start", generation=1)
+    watch_filter_events(gw, host)
+    return host
+
+
 def bind_socket(address: str, port: int, *, reuse_port: bool = False) -> socket.socket:
     """A bound (not yet listening) TCP socket; SO_REUSEPORT lets worker processes share a port."""
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
@@ -64,6 +88,7 @@ class Gateway:
         self.metrics = Metrics()
         self.access_log = AccessLog(config.access_log_path, config.access_log_redact)
         self.tracer = Tracer(config)
+        self.audit = AuditLog(config.audit_log_path)
         self.connections: set[Connection] = set()
         self.idle_connections = 0           # keep-alive connections between requests
         self.draining = False
@@ -100,12 +125,14 @@ class Gateway:
         except TlsError as e:        # a file changed since the config was checked
             gw.access_log.close()
             gw.tracer.close()
+            gw.audit.close()
             raise StartError(f"TLS: {e.message}") from None
         filter_host = None
         try:
+            await _fetch_filters(gw, config)
             if config.filters:
                 factory = filter_host_factory or _default_filter_host
-                filter_host = await factory(list(config.filters), upstreams)
+                filter_host = await _load_audited(gw, config, factory, upstreams)
             gw.generation = Generation(config, Router(config.routes, config.clusters), upstreams, filter_host, tls=tls)
             await gw._bind(reuse_port, ports or {})
         except BaseException:
@@ -113,8 +140,11 @@ class Gateway:
             await upstreams.aclose()
             if filter_host is not None:
                 await filter_host.close()
+                gw.audit.filters("unload", config, getattr(filter_host, "digests", {}),
+                                 trigger="start_failed", generation=1)
             gw.access_log.close()
             gw.tracer.close()
+            gw.audit.close()
             raise
         gw.ready = True
         gw._sweeper = asyncio.ensure_future(gw._sweep_idle())
@@ -242,12 +272,17 @@ class Gateway:
         gen = self.generation
         await gen.upstreams.aclose()
         if gen.filter_host is not None:
+            from .reload import state_of
+            self.audit.filters("unload", gen.config, getattr(gen.filter_host, "digests", {}),
+                               names=list(getattr(gen.filter_host, "filters", {})), trigger="stop",
+                               generation=state_of(self).generation)
             try:
                 await gen.filter_host.close()   # type: ignore[attr-defined]
             except Exception:
                 log.exception("closing filters failed")
         self.access_log.close()
         await asyncio.to_thread(self.tracer.close)     # flushes queued spans (bounded)
+        self.audit.close()
         self._stopped.set()
 
     async def _close_servers(self) -> None:

@@ -26,7 +26,8 @@ class Watcher:
         # A broken config references nothing new: keep watching the files we had.
         try:
             config = load_config(self.config_path)
-            return [Path(f.wasm_path) for f in config.filters] + config.tls_files()
+            local = {s.filter for s in config.filter_sources if not s.remote}   # remote: pinned
+            return [Path(f.wasm_path) for f in config.filters if f.name in local] + config.tls_files()
         except ConfigError:
             return getattr(self, "files", [])
 

@@ -215,7 +215,7 @@ async def install(gw: "Gateway", *, ops_store: str | None = None, slot: int = 0,
 
     async def on_trigger(why: str) -> None:
         log.info("reload requested (%s)", why)
-        result = await reload_gateway(gw)
+        result = await reload_gateway(gw, "watch" if why.startswith("--watch") else "signal")
         if ops is not None:
             ops.publish()
             if result.ok and result.changes:

@@ -34,7 +34,31 @@ def resp(*args: str | bytes) -> bytes:
     return b"".join(out)
 
 
-class RedisServer:
+class LocalServer:
+    """A server process a test starts and stops (``with Server(...) as s:``)."""
+    proc: subprocess.Popen | None = None
+
+    def start(self) -> "LocalServer":
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+            self.proc = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class RedisServer(LocalServer):
     def __init__(self, workdir: Path, *, password: str | None = None):
         binary = shutil.which("redis-server")
         if binary is None:
@@ -89,19 +113,3 @@ class RedisServer:
             self.proc.kill()
             self.proc.wait(10)
             self.proc = None
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-            self.proc = None
-
-    def __enter__(self) -> "RedisServer":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
