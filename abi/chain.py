@@ -13,7 +13,7 @@ import re
 import time
 from typing import AsyncIterator, Callable
 
-from .api import Body, Forward, Headers, LocalReply, LocalReplyInterrupt, LogInfo, StreamInfo
+from .seam import Body, Forward, Headers, LocalReply, LocalReplyInterrupt, LogInfo, StreamInfo
 from .buffers import BodyBuffer, HeaderMap
 from .context import REQUEST, RESPONSE, HttpContext
 from .filter import Filter, FilterFailure

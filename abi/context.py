@@ -9,7 +9,7 @@ import asyncio
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .api import LocalReply
+from .seam import LocalReply
 from .buffers import BodyBuffer, HeaderMap
 from .enums import BufferType, MapType, Status, StreamType
 from .limits import MAX_HEADER_MAP_BYTES, MAX_PROPERTY_BYTES

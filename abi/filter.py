@@ -18,7 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Callable
 
 from . import foreign
-from .api import CallFailed, CallResponse, FilterLoadError, FilterSpec, HostServices
+from .seam import CallFailed, CallResponse, FilterLoadError, FilterSpec, HostServices
 from .buffers import BodyBuffer, HeaderMap, valid_header
 from .context import CalloutData, Context, HttpContext, RootContext, VmContext
 from .engine import Engine, EngineError, Instance, MemoryAccessError, Trap

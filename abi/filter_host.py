@@ -6,7 +6,7 @@ import hashlib
 from pathlib import Path
 from typing import Any, Callable
 
-from .api import FilterSpec, HostServices, MetricSample, StreamInfo
+from .seam import FilterSpec, HostServices, MetricSample, StreamInfo
 from .chain import Chain
 from .engine import Engine
 from .filter import Filter

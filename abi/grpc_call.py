@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from . import limits
-from .api import GrpcReply, GrpcStream, Headers
+from .seam import GrpcReply, GrpcStream, Headers
 from .buffers import BodyBuffer, HeaderMap
 from .enums import MapType, Status
 

@@ -12,7 +12,7 @@ import logging
 import textwrap
 from typing import TYPE_CHECKING, Callable
 
-from .api import LocalReply
+from .seam import LocalReply
 from .buffers import lower_key, valid_header
 from .enums import BufferType, LogLevel, MapType, MetricType, Status
 from .engine import HostTrap, MemoryAccessError, Trap

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import capabilities
-from .api import FilterLoadError, FilterSpec
+from .seam import FilterLoadError, FilterSpec
 from .engine import Engine, EngineError, Module
 from .enums import ABI_MARKERS
 from .hostcalls import HOSTCALLS

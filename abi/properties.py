@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 from urllib.parse import urlsplit
 
-from .api import LogInfo, StreamInfo, TlsFacts
+from .seam import LogInfo, StreamInfo, TlsFacts
 from .buffers import HeaderMap
 from .limits import MAX_PROPERTY_BYTES
 from .metadata import Metadata, Node, Walkable

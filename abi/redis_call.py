@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl
 
 from . import limits
-from .api import CallFailed, RedisOptions
+from .seam import CallFailed, RedisOptions
 from .enums import Status
 
 if TYPE_CHECKING:

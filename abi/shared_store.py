@@ -30,7 +30,7 @@ from typing import Callable, Protocol
 
 from sortedcontainers import SortedList
 
-from .api import MetricSample
+from .seam import MetricSample
 from .enums import MetricType, Status
 
 QueueCallback = Callable[[int], None]

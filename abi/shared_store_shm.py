@@ -110,7 +110,7 @@ from typing import Callable
 import lmdb
 import msgpack
 
-from .api import MetricSample
+from .seam import MetricSample
 from .shared_store import ENTRY_OVERHEAD, REAP_PER_WRITE, deadline, entry_cost, usage_samples
 
 log = logging.getLogger("wasmgate.shared_store")
