@@ -32,13 +32,14 @@ import os
 import socket
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
+from .audit import filter_record
 from .config import Admin, Config, redact
+from .control import ControlledGateway
 from .http1 import HttpError, body_length, parse_request_head
-
-if TYPE_CHECKING:
-    from .server import Gateway
+from .reload import reload_gateway, state_of
+from .worker_metrics import render, snapshot
 
 log = logging.getLogger("wasmgate.admin")
 
@@ -67,13 +68,13 @@ class AdminResponse:
         return cls(status, text.encode())
 
 
-Handler = Callable[["Gateway", AdminRequest], Awaitable[AdminResponse]]
+Handler = Callable[[ControlledGateway, AdminRequest], Awaitable[AdminResponse]]
 
 
 class AdminServer:
     """Serves ROUTES on one socket; ``close()`` stops it and its connections."""
 
-    def __init__(self, gw: "Gateway"):
+    def __init__(self, gw: ControlledGateway):
         self.gw = gw
         self.server: asyncio.AbstractServer | None = None
         self.writers: set[asyncio.StreamWriter] = set()
@@ -231,21 +232,20 @@ def _header(headers: list[tuple[str, str]], name: str) -> str | None:
     return next((v for n, v in headers if n == name), None)
 
 
-async def start_admin(gw: "Gateway", sock: socket.socket) -> AdminServer:
+async def start_admin(gw: ControlledGateway, sock: socket.socket) -> AdminServer:
     admin = AdminServer(gw)
     admin.server = await asyncio.start_server(admin.handle, sock=sock, limit=65536)
     return admin
 
 
-async def ready(gw: "Gateway", req: AdminRequest) -> AdminResponse:
+async def ready(gw: ControlledGateway, req: AdminRequest) -> AdminResponse:
     if gw.ready and not gw.draining:
         return AdminResponse.text("ready\n")
     return AdminResponse.text("draining\n" if gw.draining else "starting\n", 503)
 
 
-async def metrics(gw: "Gateway", req: AdminRequest) -> AdminResponse:
+async def metrics(gw: ControlledGateway, req: AdminRequest) -> AdminResponse:
     # Summed over every worker process when there are several (gateway/worker_metrics.py).
-    from .worker_metrics import render, snapshot
     ops = getattr(gw, "ops", None)
     if ops is not None:
         text = ops.render_metrics()
@@ -254,16 +254,14 @@ async def metrics(gw: "Gateway", req: AdminRequest) -> AdminResponse:
     return AdminResponse(200, text.encode(), "text/plain; version=0.0.4; charset=utf-8")
 
 
-async def config_view(gw: "Gateway", req: AdminRequest) -> AdminResponse:
+async def config_view(gw: ControlledGateway, req: AdminRequest) -> AdminResponse:
     view = effective_config(gw.generation.config, gw.listener_ports, gw.admin_port)
     return AdminResponse(200, (json.dumps(view, indent=2) + "\n").encode(), "application/json")
 
 
-async def filters_view(gw: "Gateway", req: AdminRequest) -> AdminResponse:
+async def filters_view(gw: ControlledGateway, req: AdminRequest) -> AdminResponse:
     """The running filters: the audit log's fields (source, sha256, rights, config digest) plus
     this worker's counters."""
-    from .audit import filter_record
-    from .reload import state_of
     gen = gw.generation
     host = gen.filter_host
     digests = getattr(host, "digests", {})
@@ -275,7 +273,7 @@ async def filters_view(gw: "Gateway", req: AdminRequest) -> AdminResponse:
     return AdminResponse(200, (json.dumps(view, indent=2) + "\n").encode(), "application/json")
 
 
-async def reload(gw: "Gateway", req: AdminRequest) -> AdminResponse:
+async def reload(gw: ControlledGateway, req: AdminRequest) -> AdminResponse:
     # Issue 6 plugs in here: Gateway.reload(request) builds a new Generation and swaps
     # gw.generation; the proxy reads the generation once per request.
     handler = getattr(gw, "reload", None)
@@ -355,3 +353,23 @@ def _route_view(r) -> dict[str, Any]:
     if r.rewrite is not None:
         out["rewrite"] = {k: v for k, v in (("prefix", r.rewrite.prefix), ("host", r.rewrite.host)) if v is not None}
     return out
+
+
+async def admin_reload(gw: ControlledGateway, req: Any = None) -> AdminResponse:
+    """POST /reload: 200 with what changed, or 422 with the reasons it was refused.
+
+    With workers, the worker that got the request reloads first (so it can answer with the
+    errors), then ``gw.reload_broadcast`` (gateway/workers.py) has the supervisor reload every
+    other worker and reports whether they all reached the same config.
+    """
+    client = getattr(req, "client", "") if req is not None else ""
+    result = await reload_gateway(gw, "admin", client)
+    body = result.text()
+    status = 200 if result.ok else 422
+    broadcast = getattr(gw, "reload_broadcast", None)
+    if result.ok and broadcast is not None:
+        all_ok, text = await broadcast(result)
+        body += text
+        if not all_ok:
+            status = 502                     # this worker reloaded; some other did not confirm
+    return AdminResponse.text(body, status)

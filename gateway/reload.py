@@ -19,19 +19,17 @@ import logging
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from abi.api import FilterLoadError
 
 from .config import Config, ConfigError, load_config
+from .control import ControlledGateway
 from .fetch import FetchError, fetch_filters
 from .proxy import Generation
 from .routing import Router
 from .tls import TlsError, build_listener_tls
 from .upstream import Upstreams
-
-if TYPE_CHECKING:
-    from .server import Gateway
 
 log = logging.getLogger("wasmgate.reload")
 
@@ -66,7 +64,7 @@ class ReloadState:
     retiring: set[asyncio.Task] = field(default_factory=set)
 
 
-def state_of(gw: "Gateway") -> ReloadState:
+def state_of(gw: ControlledGateway) -> ReloadState:
     st = getattr(gw, "reload_state", None)
     if st is None:
         config = gw.generation.config
@@ -99,7 +97,7 @@ def wasm_digests(config: Config) -> dict[str, str]:
     return out
 
 
-async def reload_gateway(gw: "Gateway", trigger: str = "signal", admin_client: str = "") -> ReloadResult:
+async def reload_gateway(gw: ControlledGateway, trigger: str = "signal", admin_client: str = "") -> ReloadResult:
     """Reload from the gateway's config file; never raises for a bad config (see ReloadResult).
     ``trigger`` (signal | watch | admin) and ``admin_client`` go to the audit log."""
     st = state_of(gw)
@@ -120,7 +118,7 @@ async def reload_gateway(gw: "Gateway", trigger: str = "signal", admin_client: s
     return result
 
 
-async def _reload_locked(gw: "Gateway", st: ReloadState, why: dict[str, str]) -> ReloadResult:
+async def _reload_locked(gw: ControlledGateway, st: ReloadState, why: dict[str, str]) -> ReloadResult:
     old: Generation = gw.generation
     source = Path(old.config.source)
     refused = lambda errors: ReloadResult(False, st.generation, st.fingerprint, errors=errors)  # noqa: E731
@@ -173,7 +171,7 @@ async def _reload_locked(gw: "Gateway", st: ReloadState, why: dict[str, str]) ->
     return ReloadResult(True, st.generation, fp, changes=changes)
 
 
-async def _load_filters(gw: "Gateway", config: Config, upstreams: Upstreams, previous: Any) -> Any:
+async def _load_filters(gw: ControlledGateway, config: Config, upstreams: Upstreams, previous: Any) -> Any:
     if not config.filters:
         return None
     factory = getattr(gw, "filter_host_factory", None)
@@ -183,7 +181,7 @@ async def _load_filters(gw: "Gateway", config: Config, upstreams: Upstreams, pre
     return await load_filter_host(list(config.filters), upstreams, previous=previous)
 
 
-def audit_reload(gw: "Gateway", old: Generation, new: Generation, generation: int, why: dict[str, str]) -> None:
+def audit_reload(gw: ControlledGateway, old: Generation, new: Generation, generation: int, why: dict[str, str]) -> None:
     """Audit lines for what a reload did to each filter: added → load, replaced → reload,
     removed → unload (kept ones did not change and get no line)."""
     old_f = getattr(old.filter_host, "filters", {}) or {}
@@ -201,7 +199,7 @@ def audit_reload(gw: "Gateway", old: Generation, new: Generation, generation: in
             gw.audit.event("unload", old.config, spec, sha256=old_digests.get(spec.name), generation=generation, **why)
 
 
-def watch_filter_events(gw: "Gateway", host: Any) -> None:
+def watch_filter_events(gw: ControlledGateway, host: Any) -> None:
     """Rebuilds after a failure, reported by the filter host, go to the audit log."""
     if host is None or not hasattr(host, "on_event"):
         return                               # a test's fake host
@@ -296,29 +294,8 @@ async def retire(old: Generation, drain_timeout_s: float, kept_pools: set[str], 
             log.exception("closing the old generation's filters failed")
 
 
-async def wait_retired(gw: "Gateway") -> None:
+async def wait_retired(gw: ControlledGateway) -> None:
     """Let old generations finish tearing down (the gateway is stopping)."""
     st = getattr(gw, "reload_state", None)
     if st is not None and st.retiring:
         await asyncio.gather(*list(st.retiring), return_exceptions=True)
-
-
-async def admin_reload(gw: "Gateway", req: Any = None) -> Any:
-    """POST /reload: 200 with what changed, or 422 with the reasons it was refused.
-
-    With workers, the worker that got the request reloads first (so it can answer with the
-    errors), then ``gw.reload_broadcast`` (gateway/workers.py) has the supervisor reload every
-    other worker and reports whether they all reached the same config.
-    """
-    from .admin import AdminResponse
-    client = getattr(req, "client", "") if req is not None else ""
-    result = await reload_gateway(gw, "admin", client)
-    body = result.text()
-    status = 200 if result.ok else 422
-    broadcast = getattr(gw, "reload_broadcast", None)
-    if result.ok and broadcast is not None:
-        all_ok, text = await broadcast(result)
-        body += text
-        if not all_ok:
-            status = 502                     # this worker reloaded; some other did not confirm
-    return AdminResponse.text(body, status)

@@ -8,12 +8,14 @@ import time
 from typing import Any, Awaitable, Callable
 
 from .accesslog import AccessLog
+from .admin import admin_reload, start_admin
 from .audit import AuditLog
 from .config import Config
 from .metrics import Metrics
 from .client_h1 import ClientProtocol, Connection
 from .client_h2 import H2Connection
 from .proxy import Generation, Proxy
+from .reload import state_of, wait_retired, watch_filter_events
 from .routing import Router
 from .tracing import Tracer
 from .tls import ListenerContext, TlsConnection, TlsError, build_listener_tls
@@ -50,7 +52,6 @@ async def _fetch_filters(gw: "Gateway", config: Config) -> None:
 
 async def _load_audited(gw: "Gateway", config: Config, factory: FilterHostFactory, upstreams: Upstreams) -> Any:
     from abi.api import FilterLoadError
-    from .reload import watch_filter_events
     try:
         host = await factory(list(config.filters), upstreams)
     except FilterLoadError as e:
@@ -151,8 +152,7 @@ class Gateway:
         return gw
 
     async def reload(self, req: Any = None) -> Any:
-        """POST /reload: re-read the config file and swap generations (gateway/reload.py)."""
-        from .reload import admin_reload
+        """POST /reload: re-read the config file and swap generations (admin.admin_reload over gateway/reload.py)."""
         return await admin_reload(self, req)
 
     async def _sweep_idle(self) -> None:
@@ -223,7 +223,6 @@ class Gateway:
             self._servers.append(server)
             self.listener_ports[lst.name] = sock.getsockname()[1]
         if self.config.admin is not None:
-            from .admin import start_admin
             adm = self.config.admin
             port = ports.get("admin", adm.port)
             try:
@@ -267,12 +266,10 @@ class Gateway:
                     conn.task.cancel()
             await asyncio.sleep(0)
         await self._close_servers()
-        from .reload import wait_retired
         await wait_retired(self)            # old generations of reloads finish their teardown
         gen = self.generation
         await gen.upstreams.aclose()
         if gen.filter_host is not None:
-            from .reload import state_of
             self.audit.filters("unload", gen.config, getattr(gen.filter_host, "digests", {}),
                                names=list(getattr(gen.filter_host, "filters", {})), trigger="stop",
                                generation=state_of(self).generation)

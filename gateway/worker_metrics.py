@@ -18,14 +18,13 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Iterable
 
 from abi.api import MetricSample
 
+from .control import ControlledGateway
 from .metrics import Counts, Metrics, upgraded_gauge
-
-if TYPE_CHECKING:
-    from .server import Gateway
+from .reload import state_of
 
 log = logging.getLogger("wasmgate.metrics")
 
@@ -36,7 +35,7 @@ MAX_GAUGES = {"wasmgate_upstream_endpoint_ejected", "wasmgate_redis_endpoint_eje
 SampleKey = tuple[str, str, tuple[tuple[str, str], ...]]
 
 
-def snapshot(gw: "Gateway", inherited: dict[str, Any] | None = None) -> dict[str, Any]:
+def snapshot(gw: ControlledGateway, inherited: dict[str, Any] | None = None) -> dict[str, Any]:
     """This worker's numbers as plain data (msgpack-able); ``inherited`` = predecessor's counts."""
     m: Metrics = gw.metrics
     gen = gw.generation
@@ -62,8 +61,7 @@ def snapshot(gw: "Gateway", inherited: dict[str, Any] | None = None) -> dict[str
     return snap
 
 
-def _reload_view(gw: "Gateway") -> dict[str, Any]:
-    from .reload import state_of
+def _reload_view(gw: ControlledGateway) -> dict[str, Any]:
     st = state_of(gw)
     return {"generation": st.generation, "fingerprint": st.fingerprint, "ok": st.ok, "failed": st.failed,
             "last_ts": st.last_reload_ts, "last_ok": st.last_attempt_ok, "errors": st.last_errors}
@@ -127,7 +125,7 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def render(gw: "Gateway", snaps: list[dict[str, Any]], counts: Counts,
+def render(gw: ControlledGateway, snaps: list[dict[str, Any]], counts: Counts,
            extra: dict[str, Any] | None = None) -> str:
     """Prometheus text: ``counts`` (summed over every slot's counters) and the sum of ``snaps``
     (one per worker slot; the first is this worker)."""
