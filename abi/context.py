@@ -2,22 +2,25 @@
 
 Host functions (hostcalls.py) unmarshal guest memory and call exactly one method here; the
 behaviour of the host lives in these classes, the chain (chain.py) and the filter (filter.py).
+
+The contexts call back on their filter and chain, which sit above this module (they build the
+contexts): ``FilterView`` and ``ChainView`` below say what of them the contexts — and the host
+functions, WASI, foreign functions and callouts, which take the filter — rely on, so none of
+them imports filter.py or chain.py.
 """
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable, Protocol
 
-from .seam import LocalReply
+from .seam import FilterSpec, HostServices, LocalReply
 from .buffers import BodyBuffer, HeaderMap
 from .enums import BufferType, MapType, Status, StreamType
 from .limits import MAX_HEADER_MAP_BYTES, MAX_PROPERTY_BYTES
 from .properties import PropertySource, RootFacts, get_property, set_property
-
-if TYPE_CHECKING:
-    from .chain import Chain
-    from .filter import Filter
+from .shared_store import VmStore
 
 REQUEST = StreamType.HTTP_REQUEST
 RESPONSE = StreamType.HTTP_RESPONSE
@@ -36,7 +39,7 @@ class Context:
     is_root = False
     failure: str | None = None      # how a callback on it failed (trap kind), for the trace
 
-    def __init__(self, filter: "Filter", context_id: int, generation: int):
+    def __init__(self, filter: FilterView, context_id: int, generation: int):
         self.filter = filter
         self.id = context_id
         self.generation = generation
@@ -125,7 +128,7 @@ class Context:
 class VmContext(Context):
     """Context id 0: what host calls made during _initialize/_start act on."""
 
-    def __init__(self, filter: "Filter", generation: int):
+    def __init__(self, filter: FilterView, generation: int):
         super().__init__(filter, 0, generation)
         self.props = PropertySource(filter.name, RootFacts(), filter.spec.root_id, filter.spec.vm_id, filter)
 
@@ -133,7 +136,7 @@ class VmContext(Context):
 class RootContext(Context):
     is_root = True
 
-    def __init__(self, filter: "Filter", context_id: int, generation: int):
+    def __init__(self, filter: FilterView, context_id: int, generation: int):
         super().__init__(filter, context_id, generation)
         self.props = PropertySource(filter.name, RootFacts(), filter.spec.root_id, filter.spec.vm_id, filter)
 
@@ -153,7 +156,7 @@ class HttpContext(Context):
     is made on first use.
     """
 
-    def __init__(self, filter: "Filter", context_id: int, generation: int, chain: "Chain"):
+    def __init__(self, filter: FilterView, context_id: int, generation: int, chain: ChainView):
         self.filter = filter
         self.id = context_id
         self.generation = generation
@@ -244,3 +247,67 @@ class HttpContext(Context):
         w = self.waiter
         if w is not None and not w.done():
             w.set_result(None)
+
+
+# -- what the contexts and host functions call back on -------------------------------------
+
+class ChainView(Protocol):
+    """The request's chain (chain.Chain) as its HTTP contexts call back on it."""
+    route_cache_cleared: bool
+
+    def set_reply(self, reply: LocalReply) -> None: ...
+    def shape_reply(self, reply: LocalReply, grpc_status: int) -> LocalReply: ...
+    def host_limit(self, ctx: HttpContext, call: str, what: str) -> None: ...
+    def too_large(self, f: FilterView, direction: int) -> LocalReply: ...
+
+
+class FilterView(Protocol):
+    """One filter instance (filter.Filter) as its contexts, the host functions (hostcalls.py,
+    wasi.py, foreign.py) and its callouts (grpc_call.py, redis_call.py) use it."""
+    spec: FilterSpec
+    name: str
+    services: HostServices
+    log: logging.Logger
+    store: VmStore
+    loop: asyncio.AbstractEventLoop
+    generation: int
+    root: RootContext | None
+    callout: CalloutData | None
+    call_status: tuple[int, str]
+    abi_010: bool
+    configuring: bool
+    starting: bool
+    closed: bool
+    has: Callable[[str], bool]                  # does the module export this callback?
+    now_ns: Callable[[], int]
+    grpc: Any                                   # grpc_call.GrpcCalls (which imports this module)
+    redis: Any                                  # redis_call.RedisCalls (likewise)
+    _held: list[Callable[[], None]]             # loop actions waiting for a build's swap
+
+    @property
+    def ctx(self) -> Context: ...               # the context a host call acts on
+    # guest memory
+    def read(self, ptr: int, size: int) -> bytes: ...
+    def read_prefix(self, ptr: int, size: int, cap: int) -> bytes: ...
+    def write(self, ptr: int, data: bytes) -> None: ...
+    def write_u32(self, ptr: int, value: int) -> None: ...
+    def write_u64(self, ptr: int, value: int) -> None: ...
+    def check_out(self, ptr: int, size: int) -> None: ...
+    def write_result(self, data: bytes, ret_pp: int, ret_size_p: int) -> int: ...
+    # logging and failures
+    def guest_log(self, level: int, message: bytes, total: int) -> None: ...
+    def guest_stdio(self, fd: int, data: bytes, total: int) -> None: ...
+    def host_error(self, name: str, e: Exception) -> None: ...
+    def record_soft_failure(self, callback: str, kind: str, message: str) -> None: ...
+    # the instance's own state and its calls out
+    def set_effective_context(self, context_id: int) -> int: ...
+    def proxy_done(self, ctx: Context) -> int: ...
+    def set_tick_period(self, period_ms: int) -> None: ...
+    def http_call(self, ctx: Context, cluster: str, headers: list[tuple[str, str]], body: bytes,
+                  timeout_ms: int) -> tuple[int, int]: ...
+    def track_callout(self, ctx: Context, token: int) -> None: ...
+    def untrack_callout(self, origin_id: int, token: int) -> None: ...
+    def call_foreign(self, name: str, args: bytes) -> tuple[int, bytes]: ...
+    def register_queue(self, name: str) -> int: ...
+    def on_loop(self, action: Callable[[], None]) -> None: ...
+    def notify_root(self, name: str, *args: int) -> None: ...

@@ -15,12 +15,12 @@ import time
 from time import perf_counter_ns
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, Protocol
 
 from . import foreign
 from .seam import CallFailed, CallResponse, FilterLoadError, FilterSpec, HostServices
 from .buffers import BodyBuffer, HeaderMap, valid_header
-from .context import CalloutData, Context, HttpContext, RootContext, VmContext
+from .context import CalloutData, ChainView, Context, HttpContext, RootContext, VmContext
 from .engine import Engine, EngineError, Instance, MemoryAccessError, Trap
 from .enums import Status, WasiErrno
 from . import capabilities
@@ -31,10 +31,6 @@ from .module import LoadedModule
 from .redis_call import RedisCalls
 from .shared_store import SharedStore, VmStore
 from .wasi import WASI, WASI_MODULES, ProcExit
-
-if TYPE_CHECKING:
-    from .chain import Chain
-    from .filter_host import FilterHost
 
 BACKOFF_FIRST_S = 0.1
 BACKOFF_MAX_S = 30.0
@@ -54,6 +50,11 @@ class FilterFailure(Exception):
         self.message = message
 
 
+class QueueOwners(Protocol):
+    """The FilterHost (filter_host.py, which imports this module) as a Filter calls back on it."""
+    def set_queue_owner(self, qid: int, f: Filter) -> None: ...
+
+
 class StartError(Exception):
     def __init__(self, callback: str, message: str):
         super().__init__(f"{callback}: {message}")
@@ -62,7 +63,7 @@ class StartError(Exception):
 
 class Filter:
     def __init__(self, spec: FilterSpec, loaded: LoadedModule, engine: Engine,
-                 services: HostServices, store: SharedStore, host: "FilterHost"):
+                 services: HostServices, store: SharedStore, host: QueueOwners):
         self.spec = spec
         self.name = spec.name
         self.loaded = loaded
@@ -580,7 +581,7 @@ class Filter:
 
     # -- contexts ------------------------------------------------------------------------------
 
-    def new_http_context(self, chain: "Chain") -> HttpContext | None:
+    def new_http_context(self, chain: ChainView) -> HttpContext | None:
         """A context for one request, or None when no instance is available (backoff)."""
         if self.instance is None and not self.ensure_ready():
             return None

@@ -30,19 +30,17 @@ from __future__ import annotations
 
 import struct
 import zlib
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from .enums import Status
-
-if TYPE_CHECKING:
-    from .filter import Filter
+from .context import FilterView
 
 SET_SHARED_DATA_TTL = "wasmgate.set_shared_data_ttl"
 _SET_HEAD = struct.Struct("<IQI")
 _STATUS = struct.Struct("<I")
 
 
-def set_shared_data_ttl(f: "Filter", args: bytes) -> tuple[int, bytes]:
+def set_shared_data_ttl(f: FilterView, args: bytes) -> tuple[int, bytes]:
     if len(args) < _SET_HEAD.size:
         return Status.BAD_ARGUMENT, b""
     cas, ttl_ns, key_size = _SET_HEAD.unpack_from(args)
@@ -53,11 +51,11 @@ def set_shared_data_ttl(f: "Filter", args: bytes) -> tuple[int, bytes]:
     return Status.OK, _STATUS.pack(f.store.set(key, value, cas, ttl_ns))
 
 
-def compress(f: "Filter", args: bytes) -> tuple[int, bytes]:
+def compress(f: FilterView, args: bytes) -> tuple[int, bytes]:
     return Status.OK, zlib.compress(args)       # zlib's compress(): Z_DEFAULT_COMPRESSION
 
 
-def uncompress(f: "Filter", args: bytes) -> tuple[int, bytes]:
+def uncompress(f: FilterView, args: bytes) -> tuple[int, bytes]:
     limit = f.spec.limits.memory_bytes
     d = zlib.decompressobj()
     try:
@@ -71,12 +69,12 @@ def uncompress(f: "Filter", args: bytes) -> tuple[int, bytes]:
     return Status.OK, out
 
 
-def clear_route_cache(f: "Filter", args: bytes) -> tuple[int, bytes]:
+def clear_route_cache(f: FilterView, args: bytes) -> tuple[int, bytes]:
     f.ctx().clear_route_cache()
     return Status.OK, b""
 
 
-FUNCTIONS: dict[str, Callable[["Filter", bytes], tuple[int, bytes]]] = {
+FUNCTIONS: dict[str, Callable[[FilterView, bytes], tuple[int, bytes]]] = {
     "compress": compress,
     "uncompress": uncompress,
     "clear_route_cache": clear_route_cache,
@@ -84,7 +82,7 @@ FUNCTIONS: dict[str, Callable[["Filter", bytes], tuple[int, bytes]]] = {
 }
 
 
-def call(f: "Filter", name: str, args: bytes) -> tuple[int, bytes]:
+def call(f: FilterView, name: str, args: bytes) -> tuple[int, bytes]:
     """(status of the call, result bytes) — NOT_FOUND for a name we do not define."""
     fn = FUNCTIONS.get(name)
     if fn is None:

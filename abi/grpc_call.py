@@ -26,16 +26,12 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from . import limits
 from .seam import GrpcReply, GrpcStream, Headers
 from .buffers import BodyBuffer, HeaderMap
 from .enums import MapType, Status
-
-if TYPE_CHECKING:
-    from .context import Context
-    from .filter import Filter
+from .context import Context, FilterView
 
 CALL, STREAM = 1, 2              # token & 3
 INTERNAL, UNAVAILABLE = 13, 14   # gRPC status codes the host itself reports
@@ -134,7 +130,7 @@ def _lower(metadata: Headers) -> Headers:
 class GrpcCalls:
     """One filter instance's gRPC calls and streams, and what their callbacks may read."""
 
-    def __init__(self, f: "Filter"):
+    def __init__(self, f: FilterView):
         self.f = f
         self.pending: dict[int, _Callout] = {}
         self.received: bytes | None = None                   # buffer 5 during on_grpc_receive
@@ -154,7 +150,7 @@ class GrpcCalls:
             if token not in self.pending:
                 return token
 
-    def _open(self, ctx: "Context", grpc_service: bytes, kind: int) -> tuple[int, int, tuple | None]:
+    def _open(self, ctx: Context, grpc_service: bytes, kind: int) -> tuple[int, int, tuple | None]:
         """Common checks of grpc_call / grpc_stream: (status, token, target)."""
         f = self.f
         if f.closed:
@@ -169,7 +165,7 @@ class GrpcCalls:
         f.track_callout(ctx, token)
         return Status.OK, token, target
 
-    def call(self, ctx: "Context", grpc_service: bytes, service: str, method: str,
+    def call(self, ctx: Context, grpc_service: bytes, service: str, method: str,
              metadata: Headers, message: bytes, timeout_ms: int) -> tuple[int, int]:
         """proxy_grpc_call: (status, token); the answer comes later, to the root context."""
         status, token, target = self._open(ctx, grpc_service, CALL)
@@ -187,7 +183,7 @@ class GrpcCalls:
         self.f.on_loop(start)
         return Status.OK, token
 
-    def stream(self, ctx: "Context", grpc_service: bytes, service: str, method: str,
+    def stream(self, ctx: Context, grpc_service: bytes, service: str, method: str,
                metadata: Headers) -> tuple[int, int]:
         """proxy_grpc_stream: (status, token); messages go with grpc_send."""
         status, token, target = self._open(ctx, grpc_service, STREAM)

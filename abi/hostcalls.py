@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import textwrap
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from .seam import LocalReply
 from .buffers import lower_key, valid_header
@@ -18,9 +18,7 @@ from .enums import BufferType, LogLevel, MapType, MetricType, Status
 from .engine import HostTrap, MemoryAccessError, Trap
 from .limits import MAX_LOG_BYTES
 from .pairs import deserialize, deserialize_str, to_bytes, to_str, to_text
-
-if TYPE_CHECKING:
-    from .filter import Filter
+from .context import FilterView
 
 I32, I64 = "i32", "i64"
 _U32 = 0xFFFFFFFF
@@ -46,7 +44,7 @@ def proxy_level(py_level: int) -> int:
 
 # -- logging, time, ticks -----------------------------------------------------------------
 
-def proxy_log(f: "Filter", level, ptr, size):
+def proxy_log(f: FilterView, level, ptr, size):
     if level > LogLevel.CRITICAL:
         return Status.BAD_ARGUMENT
     f.guest_log(level, f.read_prefix(ptr, size, MAX_LOG_BYTES), size)
@@ -543,7 +541,7 @@ def _guarded_factory(arity: int | None) -> Callable:
     return scope["factory"]
 
 
-def guarded(f: "Filter", name: str, fn: Callable, *, bad_memory: int | None,
+def guarded(f: FilterView, name: str, fn: Callable, *, bad_memory: int | None,
             internal: int | None, arity: int | None = None) -> Callable:
     """Wrap an adapter so nothing but a deliberate trap leaves it.
 

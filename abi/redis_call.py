@@ -24,15 +24,12 @@ filter with the protocol error Redis would send, without touching the shared con
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl
 
 from . import limits
 from .seam import CallFailed, RedisOptions
 from .enums import Status
-
-if TYPE_CHECKING:
-    from .filter import Filter
+from .context import FilterView
 
 CALL_FAILED = 1                  # callback status of a call without a reply (timeout, refused, reset)
 _TOKEN_STEP = 4                  # tokens 3, 7, 11...: low bits 3, never equal to an HTTP callout's
@@ -88,7 +85,7 @@ class RedisCalls:
     """One filter instance's Redis calls: the options its root chose, the calls in flight, and
     the reply readable as buffer 9 while ``proxy_on_redis_call_response`` runs."""
 
-    def __init__(self, f: "Filter"):
+    def __init__(self, f: FilterView):
         self.f = f
         self.options: dict[str, RedisOptions] = {}      # cluster name -> proxy_redis_init's choice
         self.pending: dict[int, asyncio.Task] = {}

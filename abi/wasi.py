@@ -12,14 +12,12 @@ import sys
 import time
 from array import array
 from operator import add
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from .engine import HostTrap
 from .enums import WasiErrno as E
 from .limits import IOVEC_BATCH, MAX_LOG_BYTES
-
-if TYPE_CHECKING:
-    from .filter import Filter
+from .context import FilterView
 
 WASI_MODULES = ("wasi_snapshot_preview1", "wasi_unstable")
 STDOUT, STDERR = 1, 2
@@ -34,7 +32,7 @@ class ProcExit(HostTrap):
         self.code = code
 
 
-def _gather(f: "Filter", iovs: int, n: int, cap: int) -> tuple[bytes, int]:
+def _gather(f: FilterView, iovs: int, n: int, cap: int) -> tuple[bytes, int]:
     """The first `cap` bytes an iovec list points at, and the total length it claims.
 
     The list may name the same guest bytes over and over, so the host copies at most `cap`
