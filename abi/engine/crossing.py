@@ -23,13 +23,9 @@ import struct
 import textwrap
 import time
 from ctypes import CFUNCTYPE, POINTER, c_char, c_size_t, c_uint64, c_void_p
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Protocol
 
 from wasmtime import _bindings as _B
-
-if TYPE_CHECKING:
-    from .instance import Instance
-    from .store import _StoreState
 
 WASMTIME_VERSION = "50.0.1"   # pinned: the raw signatures below are checked against it
 _SLOT = 16                    # sizeof(wasmtime_val_raw_t)
@@ -234,13 +230,29 @@ def callback(env, caller, raw, nraw):
 """
 
 
+class CallState(Protocol):
+    """A store's call state (store._StoreState, above this module) as the generated crossings
+    above and the ticker read and set it."""
+    ctx: int                        # wasmtime_context_t*
+    trap_slot: c_void_p             # wasm_trap_t* out-param of every call
+    armed_at: float                 # time.monotonic() of the last arm()
+    depth: int                      # guest calls in progress
+    poisoned: bool
+
+    def arm(self) -> None: ...
+    def failure(self, err: int | None) -> BaseException: ...
+    def refusal(self) -> BaseException: ...
+    def host_failed(self, exc: BaseException) -> int: ...
+    def unwind(self) -> int: ...
+
+
 def _buffer_address(buf: bytearray) -> int:
     # The bytearray is never resized, so its storage address is stable while it is alive
     # (the generated caller keeps it alive).
     return ctypes.addressof((c_char * len(buf)).from_buffer(buf))
 
 
-def _guest_caller(owner: "Instance", st: "_StoreState", name: str, fptr: int,
+def _guest_caller(owner: object, st: CallState, name: str, fptr: int,
                   params: tuple[str, ...], results: tuple[str, ...],
                   native: bool = False) -> Callable[..., Any]:
     names = [f"a{i}" for i in range(len(params))]
@@ -267,7 +279,7 @@ def _guest_caller(owner: "Instance", st: "_StoreState", name: str, fptr: int,
     }
     call = _bind(src, env, "call")
     call.__name__ = call.__qualname__ = name
-    call._owner = owner     # a caller keeps its instance (and so its store) alive
+    call._owner = owner     # a caller keeps its instance (owner; and so its store) alive
     return call
 
 
@@ -276,7 +288,7 @@ _BOOT_SRC = """
             boot(caller)"""
 
 
-def _host_callback(st: "_StoreState", fn: Callable, params: tuple[str, ...],
+def _host_callback(st: CallState, fn: Callable, params: tuple[str, ...],
                    results: tuple[str, ...], boot: bool = False,
                    native: bool = False) -> Callable:
     """The Python side of a host function. ``native``: called by _crossing.c's trampoline,

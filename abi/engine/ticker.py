@@ -5,14 +5,11 @@ from __future__ import annotations
 import gc
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import wasmtime as wt
 
-from .crossing import REARM_S, _addr, _increment_epoch
-
-if TYPE_CHECKING:
-    from .store import _StoreState
+from .crossing import REARM_S, CallState, _addr, _increment_epoch
 
 EPOCH_MS = 1                  # one epoch = 1 ms of CPU time; deadlines count these ticks
 _EPOCH_NS = EPOCH_MS * 1_000_000
@@ -78,7 +75,7 @@ class _Ticker:
                                         name="wasmgate-epoch", daemon=True)
         self._thread.start()
 
-    def register(self, st: "_StoreState") -> int:
+    def register(self, st: CallState) -> int:
         """Count the CPU time of this thread while ``st`` may run a call; returns the lag (ms):
         how far the engine epoch may still jump at once."""
         clock = getattr(self._local, "clock", None)
