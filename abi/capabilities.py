@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 from .enums import Status
 
 if TYPE_CHECKING:
-    from .filter import Filter
+    from .context import FilterView      # a type only: this module stays light for abi/api.py
 
 WASI_NOTCAPABLE = 76
 
@@ -51,7 +51,7 @@ def denied(granted: frozenset[str] | None) -> dict[str, str]:
     return {name: group for name, group in GROUP_OF.items() if group not in granted}
 
 
-def denial_stub(f: "Filter", name: str, group: str, wasi: bool) -> Callable[..., int]:
+def denial_stub(f: FilterView, name: str, group: str, wasi: bool) -> Callable[..., int]:
     status = WASI_NOTCAPABLE if wasi else Status.INTERNAL_FAILURE
 
     def stub(*_args: int) -> int:

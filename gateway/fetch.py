@@ -19,11 +19,8 @@ import ssl
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 from urllib.parse import urlsplit
-
-if TYPE_CHECKING:
-    from .config import Config
 
 log = logging.getLogger("wasmgate.fetch")
 
@@ -94,7 +91,13 @@ class _Unreachable(Exception):
     """The source could not be asked or did not answer with a module (fallback allowed)."""
 
 
-async def fetch_filters(config: "Config", *, all_errors: bool = False) -> list[FetchError]:
+class FetchConfig(Protocol):
+    """What fetching reads of a Config (config.py, which imports this module's types)."""
+    filter_sources: tuple[FilterSource, ...]
+    filter_fetch: FetchSettings
+
+
+async def fetch_filters(config: FetchConfig, *, all_errors: bool = False) -> list[FetchError]:
     """Make every filter's module present and verified at its FilterSpec.wasm_path.
 
     Raises the first FetchError, or with ``all_errors`` returns them all (``wasmgate check``).
