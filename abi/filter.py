@@ -50,8 +50,10 @@ class FilterFailure(Exception):
         self.message = message
 
 
-class QueueOwners(Protocol):
+class FilterHostView(Protocol):
     """The FilterHost (filter_host.py, which imports this module) as a Filter calls back on it."""
+    on_event: Callable[[FilterSpec, str, str], None] | None    # rebuilds, for the audit log
+
     def set_queue_owner(self, qid: int, f: Filter) -> None: ...
 
 
@@ -63,7 +65,7 @@ class StartError(Exception):
 
 class Filter:
     def __init__(self, spec: FilterSpec, loaded: LoadedModule, engine: Engine,
-                 services: HostServices, store: SharedStore, host: QueueOwners):
+                 services: HostServices, store: SharedStore, host: FilterHostView):
         self.spec = spec
         self.name = spec.name
         self.loaded = loaded
