@@ -28,6 +28,7 @@ import ssl
 import threading
 import time
 from collections import deque
+from functools import lru_cache
 from random import getrandbits
 from typing import Any
 from urllib.parse import urlsplit
@@ -36,8 +37,8 @@ from opentelemetry.sdk.resources import Resource
 
 from abi.api import MetricSample
 
-from .otlp_wire import (FLAGS_LOCAL_PARENT, FLAGS_REMOTE_PARENT, KIND_SERVER, Encoder, attributes,
-                        name_and_kind, span, status_error)
+from .otlp_wire import (FLAGS_LOCAL_PARENT, FLAGS_REMOTE_PARENT, KIND_SERVER, Encoder, attribute_key,
+                        name_and_kind, span, status_error, string_attribute)
 
 log = logging.getLogger("wasmgate.otel")
 
@@ -53,6 +54,13 @@ _RETRY_STATUS = frozenset((429, 502, 503, 504))
 _FIRST_BACKOFF_S = 0.5
 _HEADERS = {"Content-Type": "application/x-protobuf", "User-Agent": "wasmgate-otlp"}
 _OUTCOMES = ("exported", "dropped", "failed")
+_URL_PATH, _REQUEST_ID, _FILTERS = (attribute_key(k) for k in ("url.path", "wasmgate.request_id", "wasmgate.filters"))
+
+
+@lru_cache(maxsize=1024)
+def _name_kind(name: str) -> bytes:
+    """A request span's name (``<METHOD> <route>``: few) and kind, encoded."""
+    return name_and_kind(name, KIND_SERVER)
 
 
 def traces_url(endpoint: str) -> str:
@@ -106,19 +114,21 @@ class SpanExporter:
     def finish(self, rt: Any, ex: Any, client: str) -> None:
         """The request is over: queue its span and its filter phases' (encoded by the thread)."""
         end = time.time_ns()
-        attrs = [("http.request.method", ex.method), ("url.path", ex.target.partition("?")[0]),
-                 ("http.route", ex.route), ("http.response.status_code", ex.status),
-                 ("client.address", client.rpartition(":")[0]), ("wasmgate.request_id", ex.rid)]
+        # Those most requests share (encoded once: Encoder.attributes), then those of this one.
+        shared = (("http.request.method", ex.method), ("http.route", ex.route),
+                  ("http.response.status_code", ex.status), ("client.address", client.rpartition(":")[0]))
         if ex.upstream:
-            attrs.append(("server.address", ex.upstream))
+            shared += (("server.address", ex.upstream),)
         stream = rt.stream
         phases: list = []
+        summary = None
         if stream is not None:
             phases = stream.trace_phases()
-            attrs.append(("wasmgate.filters", stream.trace_summary()))
+            summary = stream.trace_summary()
         # A 4xx is the client's error, not the server span's (OTel HTTP semantic conventions).
         error = (ex.error or "") if ex.status >= 500 else None
-        self._put((rt.trace_id, rt.span_id, rt.parent_id, rt.state, rt.span, rt.start_ns, end, attrs, error,
+        self._put((rt.trace_id, rt.span_id, rt.parent_id, rt.state, rt.span, rt.start_ns, end,
+                   (shared, ex.target.partition("?")[0], ex.rid, summary), error,
                    phases, rt.start_ns - rt.start_perf), 1 + len(phases))
 
     def _put(self, record: tuple, spans: int) -> None:
@@ -148,13 +158,13 @@ class SpanExporter:
 
     def _run(self) -> None:
         while True:
-            self._wake.wait(self.delay)
+            full = self._wake.wait(self.delay)
             self._wake.clear()
             stopping = self._stop.is_set()
-            while True:
+            # Woken by a full batch: full batches only (a part-filled one waits for more spans,
+            # or for the timer); on the timer and at shutdown, everything.
+            while self._queued >= self.batch or (self._queue and (stopping or not full)):
                 records, spans = self._take()
-                if not records:
-                    break
                 self._export(records, spans, retry=not stopping)
             if stopping:
                 return
@@ -183,16 +193,23 @@ class SpanExporter:
     def _encode(self, rec: tuple) -> list[bytes]:
         trace_hex, span_hex, parent_hex, state, name, start, end, attrs, error, phases, base = rec
         tid, me = bytes.fromhex(trace_hex), bytes.fromhex(span_hex)
-        child_parts = self.encoder.child_parts
+        enc = self.encoder
+        children = enc.children
         out = []
         for filt, phase, action, calls, s, e in phases:
-            nk, at, st = child_parts((filt, phase, action, calls), f"{filt} {CALLBACKS[phase]}",
-                                     [("wasmgate.filter", filt), ("wasmgate.phase", phase),
-                                      ("wasmgate.action", action), ("wasmgate.calls", calls)], action == "F")
+            key = (filt, phase, action, calls)
+            nk, at, st = children.get(key) or enc.child_parts(
+                key, f"{filt} {CALLBACKS[phase]}", [("wasmgate.filter", filt), ("wasmgate.phase", phase),
+                                                    ("wasmgate.action", action), ("wasmgate.calls", calls)],
+                action == "F")
             out.append(span(tid, _span_id().to_bytes(8, "big"), None, me, nk, base + s, base + e, at, st,
                             FLAGS_LOCAL_PARENT))
+        shared, path, rid, summary = attrs
+        at = enc.attributes(shared) + string_attribute(_URL_PATH, path) + string_attribute(_REQUEST_ID, rid)
+        if summary is not None:
+            at += string_attribute(_FILTERS, summary)
         out.append(span(tid, me, state, bytes.fromhex(parent_hex) if parent_hex else b"",
-                        name_and_kind(name, KIND_SERVER), start, end, attributes(attrs),
+                        _name_kind(name), start, end, at,
                         status_error(error or None) if error is not None else b"",
                         FLAGS_REMOTE_PARENT if parent_hex else FLAGS_LOCAL_PARENT))
         return out

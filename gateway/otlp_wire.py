@@ -29,12 +29,17 @@ _TIMES = struct.Struct("<BQBQ")           # Span.start_time_unix_nano (7), end (
 _FLAGS = struct.Struct("<2sI")           # Span.flags (16): fixed32
 _FLAGS_TAG = b"\x85\x01"
 _DOUBLE = struct.Struct("<d")
-_CHILD_CACHE_MAX = 4096                  # distinct (filter, phase, action, calls) kept encoded
+_CACHE_MAX = 4096                        # entries of each of Encoder's caches
+
+
+_ONE_BYTE = [bytes((i,)) for i in range(0x80)]
 
 
 def varint(n: int) -> bytes:
     if n < 0x80:
-        return bytes((n,))
+        return _ONE_BYTE[n]
+    if n < 0x4000:
+        return bytes(((n & 0x7F) | 0x80, n >> 7))
     out = bytearray()
     while n > 0x7F:
         out.append((n & 0x7F) | 0x80)
@@ -89,26 +94,50 @@ def name_and_kind(name: str, kind: int) -> bytes:
     return _field(b"\x2a", name.encode()) + b"\x30" + varint(kind)
 
 
+def attribute_key(key: str) -> bytes:
+    """The key field of a ``KeyValue``, for ``string_attribute``."""
+    return _field(b"\x0a", key.encode())
+
+
+def string_attribute(key_field: bytes, value: str) -> bytes:
+    """One Span.attributes entry with a string value; ``key_field`` from ``attribute_key``."""
+    b = value.encode()
+    any_value = b"\x0a" + varint(len(b)) + b
+    kv = key_field + b"\x12" + varint(len(any_value)) + any_value
+    return b"\x4a" + varint(len(kv)) + kv
+
+
 class Encoder:
-    """Makes ``ExportTraceServiceRequest`` bodies for one resource and instrumentation scope."""
+    """Makes ``ExportTraceServiceRequest`` bodies for one resource and instrumentation scope,
+    and keeps what recurs from request to request encoded (bounded)."""
 
     def __init__(self, resource: Iterable[tuple[str, Value]], scope_name: str, scope_version: str = ""):
         self.resource = _field(b"\x0a", b"".join(_field(b"\x0a", key_value(k, v)) for k, v in resource))
         scope = _field(b"\x0a", scope_name.encode()) + (_field(b"\x12", scope_version.encode())
                                                         if scope_version else b"")
         self.scope = _field(b"\x0a", scope)
-        self._children: dict[tuple, tuple[bytes, bytes, bytes]] = {}
+        self.children: dict[tuple, tuple[bytes, bytes, bytes]] = {}
+        self._attrs: dict[tuple, bytes] = {}
 
     def child_parts(self, key: tuple, name: str, attrs: list[tuple[str, Value]], error: bool
                     ) -> tuple[bytes, bytes, bytes]:
-        """(name+kind, attributes, status) of an INTERNAL span, encoded once per ``key``."""
-        parts = self._children.get(key)
-        if parts is None:
-            parts = (name_and_kind(name, KIND_INTERNAL), attributes(attrs), status_error(None) if error else b"")
-            if len(self._children) >= _CHILD_CACHE_MAX:
-                self._children.clear()
-            self._children[key] = parts
+        """(name+kind, attributes, status) of an INTERNAL span, encoded and kept under ``key``
+        (look in ``children`` first: this is the miss)."""
+        parts = (name_and_kind(name, KIND_INTERNAL), attributes(attrs), status_error(None) if error else b"")
+        if len(self.children) >= _CACHE_MAX:
+            self.children.clear()
+        self.children[key] = parts
         return parts
+
+    def attributes(self, attrs: tuple[tuple[str, Value], ...]) -> bytes:
+        """``attributes(attrs)``, kept: for the attributes most requests share (method, route...)."""
+        b = self._attrs.get(attrs)
+        if b is None:
+            b = attributes(attrs)
+            if len(self._attrs) >= _CACHE_MAX:
+                self._attrs.clear()
+            self._attrs[attrs] = b
+        return b
 
     def request(self, spans: list[bytes]) -> bytes:
         """The body of one export: every span under this encoder's resource and scope."""

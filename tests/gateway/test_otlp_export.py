@@ -1,10 +1,17 @@
-"""gateway/otlp_wire.py + gateway/otel.py's encoding: the bytes we write parse to exactly the
-ExportTraceServiceRequest the OpenTelemetry SDK's own encoder (``encode_spans``) makes of the same
-spans as ReadableSpans — ids, parents, tracestate, times, kinds, attributes of every type,
-statuses, flags, resource and scope."""
+"""gateway/otel.py's OTLP export. Encoding (gateway/otlp_wire.py): the bytes we write parse to
+exactly the ExportTraceServiceRequest the OpenTelemetry SDK's own encoder (``encode_spans``) makes
+of the same spans as ReadableSpans — ids, parents, tracestate, times, kinds, attributes of every
+type, statuses, flags, resource and scope. Export: bounded queue with counted drops, retries of a
+collector answering 503, a gateway whose collector is down (real sockets on 127.0.0.1)."""
 from __future__ import annotations
 
+import asyncio
+import socket
+import time
 from types import SimpleNamespace
+
+import aiohttp
+from aiohttp import web
 
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -15,6 +22,8 @@ from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, Trace
 
 from gateway.otel import CALLBACKS, SpanExporter
 from gateway.otlp_wire import Encoder, attributes, key_value
+from tests.gateway.test_gw_trace import KEY, config
+from tests.helpers import echo_upstream, run_gateway
 
 SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 T0 = 1_764_000_000_000_000_000
@@ -35,9 +44,11 @@ REQUESTS = [
 def _records() -> list[tuple]:
     out = []
     for tid, sid, parent, state, name, status, error, phases in REQUESTS:
-        attrs = [("http.request.method", name.split()[0]), ("url.path", "/ü/x"), ("http.route", name.split()[1]),
-                 ("http.response.status_code", status), ("client.address", "127.0.0.1"),
-                 ("wasmgate.request_id", "r" * 32)]
+        shared = (("http.request.method", name.split()[0]), ("http.route", name.split()[1]),
+                  ("http.response.status_code", status), ("client.address", "127.0.0.1"))
+        if status != 401:
+            shared += (("server.address", "127.0.0.1:8081"),)
+        attrs = (shared, "/ü/x", "r" * 32, f"{name}:rqh=C,us=1" if phases else None)
         out.append((tid, sid, parent, state, name, T0, T0 + 50_000, attrs, error, phases, T0))
     return out
 
@@ -58,8 +69,12 @@ def _sdk_spans(resource: Resource, children: list[list[int]]) -> list[ReadableSp
                             "wasmgate.calls": calls},
                 start_time=base + s, end_time=base + e, status=Status(StatusCode.ERROR) if action == "F" else None))
         parent = SpanContext(tid, int(parent_hex, 16), True, SAMPLED) if parent_hex else None
+        shared, path, rid, summary = attrs
+        attributes = {**dict(shared), "url.path": path, "wasmgate.request_id": rid}
+        if summary is not None:
+            attributes["wasmgate.filters"] = summary
         out.append(ReadableSpan(name, me, parent=parent, resource=resource, instrumentation_scope=scope,
-                                kind=SpanKind.SERVER, attributes=dict(attrs), start_time=start, end_time=end,
+                                kind=SpanKind.SERVER, attributes=attributes, start_time=start, end_time=end,
                                 status=Status(StatusCode.ERROR, error or None) if error is not None else None))
     return out
 
@@ -89,23 +104,84 @@ def test_attribute_values_of_every_type():
     assert key_value("k", "v") == _encode_attributes({"k": "v"})[0].SerializeToString()
 
 
-def test_child_encoding_cache_is_bounded():
+def test_encoding_caches_are_bounded():
     enc = Encoder([("service.name", "x")], "wasmgate")
     for n in range(5000):
         enc.child_parts(("f", "rsb", "C", n), "f on_response_body", [("wasmgate.calls", n)], False)
-    assert len(enc._children) <= 4096
+        enc.attributes((("wasmgate.calls", n),))
+    assert len(enc.children) <= 4096 and len(enc._attrs) <= 4096
+
+
+def _closed_port() -> int:
+    """A loopback port nothing listens on (bound, then closed)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+RT = SimpleNamespace(trace_id="4bf92f3577b34da6a3ce929d0e0e4736", span_id="00f067aa0ba902b7", parent_id="",
+                     state=None, span="GET main", start_ns=T0, start_perf=0, stream=None)
+EX = SimpleNamespace(method="GET", target="/x?y", route="main", status=200, rid="r", upstream="", error="")
 
 
 def test_export_thread_drops_and_counts_when_the_queue_is_full():
     """A collector that never answers: queued spans stay within the bound, the rest are counted."""
-    exporter = SpanExporter("http://127.0.0.1:1", "edge-test", max_queue=20, batch=10**6, delay=3600)
-    rt = SimpleNamespace(trace_id="4bf92f3577b34da6a3ce929d0e0e4736", span_id="00f067aa0ba902b7", parent_id="",
-                         state=None, span="GET main", start_ns=T0, start_perf=0, stream=None)
-    ex = SimpleNamespace(method="GET", target="/x?y", route="main", status=200, rid="r", upstream="", error="")
+    exporter = SpanExporter(f"http://127.0.0.1:{_closed_port()}", "edge-test", max_queue=20, batch=10**6, delay=3600)
     for _ in range(25):
-        exporter.finish(rt, ex, "127.0.0.1:5000")
+        exporter.finish(RT, EX, "127.0.0.1:5000")
     assert exporter._queued == 20 and exporter.counts["dropped"] == 5
-    exporter.shutdown()             # one attempt at port 1: refused, the 20 spans counted failed
+    exporter.shutdown()             # one attempt: refused, the 20 spans counted failed
     assert exporter.counts == {"exported": 0, "dropped": 5, "failed": 20}
     samples = {s.labels.get("outcome"): s.value for s in exporter.samples()}
     assert samples == {"exported": 0.0, "dropped": 5.0, "failed": 20.0, None: 0.0}
+
+
+async def test_collector_answering_503_is_retried():
+    """The first POST gets 503 (retryable): the export thread backs off and sends it again."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+    posts: list[int] = []
+
+    async def traces(request: web.Request) -> web.Response:
+        msg = ExportTraceServiceRequest()
+        msg.ParseFromString(await request.read())
+        posts.append(sum(len(ss.spans) for rs in msg.resource_spans for ss in rs.scope_spans))
+        return web.Response(status=503 if len(posts) == 1 else 200)
+
+    app = web.Application()
+    app.router.add_post("/v1/traces", traces)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    exporter = SpanExporter(f"http://127.0.0.1:{port}", "edge-test", batch=3, delay=3600)
+    try:
+        for _ in range(3):
+            exporter.finish(RT, EX, "127.0.0.1:5000")
+        deadline = time.monotonic() + 30
+        while exporter.counts["exported"] < 3 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+    finally:
+        await asyncio.to_thread(exporter.shutdown)
+        await runner.cleanup()
+    assert posts == [3, 3]
+    assert exporter.counts == {"exported": 3, "dropped": 0, "failed": 0}
+
+
+async def test_gateway_serves_while_the_collector_is_down(tmp_path):
+    """Nothing listens at otlp_endpoint: requests are served as usual, the spans wait in the
+    bounded queue (on /metrics), and at shutdown the one try fails and they are counted."""
+    async with echo_upstream() as up:
+        text = config(tmp_path, up.port, tracing={"otlp_endpoint": f"http://127.0.0.1:{_closed_port()}"})
+        async with run_gateway(text, tmp_path) as gw:
+            async with aiohttp.ClientSession() as s:
+                for _ in range(3):
+                    async with s.get(gw.url("/ok"), headers={"x-api-key": KEY}) as r:
+                        assert r.status == 200
+                async with s.get(f"{gw.admin_url}/metrics") as r:
+                    metrics = await r.text()
+            exporter = gw.gateway.tracer.exporter
+    # 3 requests × (the request span + auth and headers, request and response headers each).
+    assert "wasmgate_otlp_queued_spans 15" in metrics
+    assert 'wasmgate_otlp_spans_total{outcome="exported"} 0' in metrics
+    assert exporter.counts == {"exported": 0, "dropped": 0, "failed": 15}
