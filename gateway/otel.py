@@ -37,8 +37,8 @@ from opentelemetry.sdk.resources import Resource
 
 from abi.api import MetricSample
 
-from .otlp_wire import (FLAGS_LOCAL_PARENT, FLAGS_REMOTE_PARENT, KIND_SERVER, Encoder, attribute_key,
-                        name_and_kind, span, status_error, string_attribute)
+from .otlp_wire import (FLAGS_LOCAL_PARENT, FLAGS_REMOTE_PARENT, KIND_SERVER, Encoder, attribute_key, child_head,
+                        child_span, name_and_kind, parent_field, span, status_error, string_attribute)
 
 log = logging.getLogger("wasmgate.otel")
 
@@ -165,7 +165,8 @@ class SpanExporter:
             # or for the timer); on the timer and at shutdown, everything.
             while self._queued >= self.batch or (self._queue and (stopping or not full)):
                 records, spans = self._take()
-                self._export(records, spans, retry=not stopping)
+                if not self._export(records, spans, retry=not stopping) and stopping:
+                    self._give_up()          # shutdown waits for one failed try, not one per batch
             if stopping:
                 return
 
@@ -182,28 +183,35 @@ class SpanExporter:
             self._queued -= n
         return out, n
 
-    def _export(self, records: list, spans: int, retry: bool) -> None:
+    def _export(self, records: list, spans: int, retry: bool) -> bool:
         body = self.encoder.request([s for rec in records for s in self._encode(rec)])
         if self._post.send(body, retry=retry, stop=self._stop):
             self.counts["exported"] += spans
             self._dropping = False
-        else:
-            self.counts["failed"] += spans
+            return True
+        self.counts["failed"] += spans
+        return False
+
+    def _give_up(self) -> None:
+        with self._lock:
+            self.counts["failed"] += self._queued
+            self._queue.clear()
+            self._queued = 0
 
     def _encode(self, rec: tuple) -> list[bytes]:
         trace_hex, span_hex, parent_hex, state, name, start, end, attrs, error, phases, base = rec
         tid, me = bytes.fromhex(trace_hex), bytes.fromhex(span_hex)
         enc = self.encoder
         children = enc.children
+        head, parent = child_head(tid), parent_field(me)
         out = []
         for filt, phase, action, calls, s, e in phases:
             key = (filt, phase, action, calls)
-            nk, at, st = children.get(key) or enc.child_parts(
+            parts = children.get(key) or enc.child_parts(
                 key, f"{filt} {CALLBACKS[phase]}", [("wasmgate.filter", filt), ("wasmgate.phase", phase),
                                                     ("wasmgate.action", action), ("wasmgate.calls", calls)],
                 action == "F")
-            out.append(span(tid, _span_id().to_bytes(8, "big"), None, me, nk, base + s, base + e, at, st,
-                            FLAGS_LOCAL_PARENT))
+            out.append(child_span(head, _span_id().to_bytes(8, "big"), parent, parts, base + s, base + e))
         shared, path, rid, summary = attrs
         at = enc.attributes(shared) + string_attribute(_URL_PATH, path) + string_attribute(_REQUEST_ID, rid)
         if summary is not None:
@@ -225,8 +233,8 @@ class SpanExporter:
         return out
 
     def shutdown(self) -> None:
-        """Send what is queued (one attempt per batch, each bounded by the export timeout) and
-        stop the export thread."""
+        """Send what is queued (one try per batch, each bounded by the export timeout; after a
+        failed one the rest is counted failed) and stop the export thread."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None and self._pid == os.getpid():

@@ -90,6 +90,22 @@ def span(trace_id: bytes, span_id: bytes, state: str | None, parent_id: bytes, n
         name_kind, _TIMES.pack(0x39, start, 0x41, end), attrs, status, _FLAGS.pack(_FLAGS_TAG, flags)))
 
 
+def child_span(head: bytes, span_id: bytes, parent: bytes, parts: tuple[bytes, bytes], start: int, end: int
+               ) -> bytes:
+    """``span`` for an INTERNAL child, from the pieces its request's spans share: ``head`` =
+    ``child_head(trace_id)``, ``parent`` = ``parent_field(the request span's id)``, ``parts`` =
+    ``Encoder.child_parts``."""
+    return b"".join((head, span_id, parent, parts[0], _TIMES.pack(0x39, start, 0x41, end), parts[1]))
+
+
+def child_head(trace_id: bytes) -> bytes:
+    return b"\x0a\x10" + trace_id + b"\x12\x08"
+
+
+def parent_field(parent_id: bytes) -> bytes:
+    return b"\x22\x08" + parent_id
+
+
 def name_and_kind(name: str, kind: int) -> bytes:
     return _field(b"\x2a", name.encode()) + b"\x30" + varint(kind)
 
@@ -116,14 +132,16 @@ class Encoder:
         scope = _field(b"\x0a", scope_name.encode()) + (_field(b"\x12", scope_version.encode())
                                                         if scope_version else b"")
         self.scope = _field(b"\x0a", scope)
-        self.children: dict[tuple, tuple[bytes, bytes, bytes]] = {}
+        self.children: dict[tuple, tuple[bytes, bytes]] = {}
         self._attrs: dict[tuple, bytes] = {}
 
     def child_parts(self, key: tuple, name: str, attrs: list[tuple[str, Value]], error: bool
-                    ) -> tuple[bytes, bytes, bytes]:
-        """(name+kind, attributes, status) of an INTERNAL span, encoded and kept under ``key``
-        (look in ``children`` first: this is the miss)."""
-        parts = (name_and_kind(name, KIND_INTERNAL), attributes(attrs), status_error(None) if error else b"")
+                    ) -> tuple[bytes, bytes]:
+        """What ``child_span`` writes before and after the times of an INTERNAL span with a local
+        parent: (name+kind, attributes+status+flags), encoded and kept under ``key`` (look in
+        ``children`` first: this is the miss)."""
+        parts = (name_and_kind(name, KIND_INTERNAL), attributes(attrs) + (status_error(None) if error else b"")
+                 + _FLAGS.pack(_FLAGS_TAG, FLAGS_LOCAL_PARENT))
         if len(self.children) >= _CACHE_MAX:
             self.children.clear()
         self.children[key] = parts

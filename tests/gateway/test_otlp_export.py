@@ -6,6 +6,7 @@ collector answering 503, a gateway whose collector is down (real sockets on 127.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import time
 from types import SimpleNamespace
@@ -126,11 +127,14 @@ EX = SimpleNamespace(method="GET", target="/x?y", route="main", status=200, rid=
 
 def test_export_thread_drops_and_counts_when_the_queue_is_full():
     """A collector that never answers: queued spans stay within the bound, the rest are counted."""
-    exporter = SpanExporter(f"http://127.0.0.1:{_closed_port()}", "edge-test", max_queue=20, batch=10**6, delay=3600)
+    exporter = SpanExporter(f"http://127.0.0.1:{_closed_port()}", "edge-test", max_queue=20, batch=8, delay=3600)
+    exporter._pid = os.getpid()     # as if its thread ran: none does, the queue only fills
     for _ in range(25):
         exporter.finish(RT, EX, "127.0.0.1:5000")
     assert exporter._queued == 20 and exporter.counts["dropped"] == 5
-    exporter.shutdown()             # one attempt: refused, the 20 spans counted failed
+    exporter._stop.set()            # shutdown's signal; the export loop run here, not in a thread
+    exporter._run()                 # one try of the first batch (8 spans): refused; the other 12 given up
+    assert exporter._queued == 0
     assert exporter.counts == {"exported": 0, "dropped": 5, "failed": 20}
     samples = {s.labels.get("outcome"): s.value for s in exporter.samples()}
     assert samples == {"exported": 0.0, "dropped": 5.0, "failed": 20.0, None: 0.0}
