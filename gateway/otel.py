@@ -21,6 +21,7 @@ Sampling: parent-based (a client's unsampled traceparent → no spans), else alw
 """
 from __future__ import annotations
 
+import gzip
 import http.client
 import logging
 import os
@@ -34,6 +35,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from opentelemetry.sdk.resources import Resource
+from opentelemetry.util.re import parse_env_headers
 
 from abi.api import MetricSample
 
@@ -242,8 +244,17 @@ class SpanExporter:
         self._post.close()
 
 
+def _env(name: str) -> str:
+    """An OTLP exporter setting as the SDK's exporter reads it: OTEL_EXPORTER_OTLP_TRACES_<name>,
+    else OTEL_EXPORTER_OTLP_<name>."""
+    return os.environ.get(f"OTEL_EXPORTER_OTLP_TRACES_{name}") or os.environ.get(f"OTEL_EXPORTER_OTLP_{name}", "")
+
+
 class _Poster:
-    """POSTs export bodies to the collector over one kept-alive connection (the export thread's)."""
+    """POSTs export bodies to the collector over one kept-alive connection (the export thread's).
+    Honours the SDK exporter's environment: ``…_HEADERS`` (``k=v,k2=v2``, URL-encoded),
+    ``…_COMPRESSION`` (``gzip``), ``…_CERTIFICATE`` (the CA file for https), ``…_CLIENT_CERTIFICATE``
+    and ``…_CLIENT_KEY`` (mTLS)."""
 
     def __init__(self, url: str, timeout: float):
         u = urlsplit(url)
@@ -252,13 +263,19 @@ class _Poster:
         self.host, self.port = u.hostname or "", u.port
         self.path = (u.path or "/") + (f"?{u.query}" if u.query else "")
         self.timeout = timeout
+        self.headers = {**_HEADERS, **parse_env_headers(_env("HEADERS"), liberal=True)}
+        self.gzip = _env("COMPRESSION").strip().lower() == "gzip"
+        if self.gzip:
+            self.headers["Content-Encoding"] = "gzip"
         self._conn: http.client.HTTPConnection | None = None
         self._failing = False
 
     def _connect(self) -> http.client.HTTPConnection:
         if self.https:
-            return http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout,
-                                               context=ssl.create_default_context())
+            context = ssl.create_default_context(cafile=_env("CERTIFICATE") or None)
+            if _env("CLIENT_CERTIFICATE"):
+                context.load_cert_chain(_env("CLIENT_CERTIFICATE"), _env("CLIENT_KEY") or None)
+            return http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout, context=context)
         return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
 
     def send(self, body: bytes, retry: bool, stop: threading.Event) -> bool:
@@ -266,12 +283,14 @@ class _Poster:
         the export timeout, what the OTLP spec calls retryable."""
         deadline = time.monotonic() + self.timeout
         backoff = _FIRST_BACKOFF_S
+        if self.gzip:
+            body = gzip.compress(body, compresslevel=6)
         while True:
             reused = self._conn is not None
             try:
                 if self._conn is None:
                     self._conn = self._connect()
-                self._conn.request("POST", self.path, body, _HEADERS)
+                self._conn.request("POST", self.path, body, self.headers)
                 resp = self._conn.getresponse()
                 resp.read()
                 if resp.will_close:

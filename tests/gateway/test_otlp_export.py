@@ -12,7 +12,6 @@ import time
 from types import SimpleNamespace
 
 import aiohttp
-from aiohttp import web
 
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -23,7 +22,7 @@ from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, Trace
 
 from gateway.otel import CALLBACKS, SpanExporter
 from gateway.otlp_wire import Encoder, attributes, key_value
-from tests.gateway.test_gw_trace import KEY, config
+from tests.gateway.test_gw_trace import KEY, config, otlp_receiver
 from tests.helpers import echo_upstream, run_gateway
 
 SAMPLED = TraceFlags(TraceFlags.SAMPLED)
@@ -142,34 +141,32 @@ def test_export_thread_drops_and_counts_when_the_queue_is_full():
 
 async def test_collector_answering_503_is_retried():
     """The first POST gets 503 (retryable): the export thread backs off and sends it again."""
-    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-    posts: list[int] = []
-
-    async def traces(request: web.Request) -> web.Response:
-        msg = ExportTraceServiceRequest()
-        msg.ParseFromString(await request.read())
-        posts.append(sum(len(ss.spans) for rs in msg.resource_spans for ss in rs.scope_spans))
-        return web.Response(status=503 if len(posts) == 1 else 200)
-
-    app = web.Application()
-    app.router.add_post("/v1/traces", traces)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    exporter = SpanExporter(f"http://127.0.0.1:{port}", "edge-test", batch=3, delay=3600)
-    try:
-        for _ in range(3):
-            exporter.finish(RT, EX, "127.0.0.1:5000")
-        deadline = time.monotonic() + 30
-        while exporter.counts["exported"] < 3 and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-    finally:
-        await asyncio.to_thread(exporter.shutdown)
-        await runner.cleanup()
-    assert posts == [3, 3]
+    async with otlp_receiver(statuses=(503,)) as (endpoint, got):
+        exporter = SpanExporter(endpoint, "edge-test", batch=3, delay=3600)
+        try:
+            for _ in range(3):
+                exporter.finish(RT, EX, "127.0.0.1:5000")
+            deadline = time.monotonic() + 30
+            while exporter.counts["exported"] < 3 and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+        finally:
+            await asyncio.to_thread(exporter.shutdown)
+    assert [sum(len(ss.spans) for rs in msg.resource_spans for ss in rs.scope_spans) for msg in got] == [3, 3]
     assert exporter.counts == {"exported": 3, "dropped": 0, "failed": 0}
+
+
+async def test_exporter_environment(monkeypatch):
+    """The SDK exporter's OTEL_EXPORTER_OTLP_* headers and gzip compression settings hold."""
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", "x-tenant=edge,authorization=Bearer%20abc")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "gzip")
+    seen: list = []
+    async with otlp_receiver(headers=seen) as (endpoint, got):
+        exporter = SpanExporter(endpoint, "edge-test")
+        exporter.finish(RT, EX, "127.0.0.1:5000")
+        await asyncio.to_thread(exporter.shutdown)
+    assert exporter.counts["exported"] == 1 and len(got) == 1 and got[0].resource_spans[0].scope_spans[0].spans
+    assert seen[0]["x-tenant"] == "edge" and seen[0]["authorization"] == "Bearer abc"
+    assert seen[0]["content-encoding"] == "gzip"
 
 
 async def test_gateway_serves_while_the_collector_is_down(tmp_path):
