@@ -13,7 +13,9 @@ No network, no export thread: the encoders' cost is what the export thread adds 
 from __future__ import annotations
 
 import argparse
+import os
 import time
+from random import getrandbits
 
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.resources import Resource
@@ -58,7 +60,6 @@ def via_tracer(n: int) -> float:
 
 
 def as_readable(n: int) -> tuple[float, list]:
-    from random import getrandbits
     resource, scope, flags = Resource.create({"service.name": "bench"}), InstrumentationScope("wasmgate"), TraceFlags(1)
     out: list = []
     t0 = time.process_time()
@@ -84,14 +85,13 @@ def wasmgate(n: int) -> tuple[float, float]:
 
     from gateway.otel import SpanExporter
     exporter = SpanExporter("http://127.0.0.1:1", "bench", max_queue=10**9, batch=10**9, delay=3600)
-    exporter._pid = __import__("os").getpid()          # no export thread: the records stay queued
+    exporter._pid = os.getpid()          # as if its export thread ran: none does, the records stay queued
     t = time.perf_counter_ns()
     phases = [(f, p, "C", 1, t + i * 1000, t + i * 1000 + 500) for i, (f, p) in
               enumerate((f, p) for f in ("auth", "ratelimit", "headers") for p in ("rqh", "rsh"))]
     stream = SimpleNamespace(trace_phases=lambda: list(phases), trace_summary=lambda: REQUEST_ATTRS["wasmgate.filters"])
-    ex = SimpleNamespace(method="GET", target="/bench", route="bench", status=200, rid=REQUEST_ATTRS["wasmgate.request_id"],
-                         upstream="127.0.0.1:8081", error="")
-    from random import getrandbits
+    ex = SimpleNamespace(method="GET", target="/bench", route="bench", status=200,
+                         rid=REQUEST_ATTRS["wasmgate.request_id"], upstream="127.0.0.1:8081", error="")
     rts = [SimpleNamespace(trace_id=f"{getrandbits(128):032x}", span_id=f"{getrandbits(64):016x}", parent_id="",
                            state=None, span="GET bench", start_ns=time.time_ns(), start_perf=t, stream=stream)
            for _ in range(n)]

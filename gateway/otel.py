@@ -10,7 +10,7 @@ and returns. The export thread wakes when ``BATCH_SPANS`` spans are queued or ev
 POSTs them. That is the SDK's ``BatchSpanProcessor`` + ``OTLPSpanExporter`` behaviour (same
 defaults: 2048 queued spans, batches of 512, 5 s delay, 5 s timeout, retries with backoff on
 429/502/503/504 and connection errors) without the SDK's per-span objects and protobuf messages,
-which cost ~350 µs of CPU per request of seven spans (``python -m bench.otel_cost``).
+which cost 200–350 µs of CPU per request of seven spans, ten times this (``python -m bench.otel_cost``).
 
 Memory stays bounded when the collector is slow or down: past ``MAX_QUEUE_SPANS`` queued spans a
 request's spans are dropped and counted, and a batch whose export failed (after its retries) is
