@@ -146,7 +146,7 @@ class SpanExporter:
                 return
             self._queue.append(record)
             self._queued += spans
-            if self._queued >= self.batch:
+            if self._queued >= self.batch and not self._wake.is_set():   # set() takes a lock
                 self._wake.set()
 
     # -- the export thread ---------------------------------------------------------------------
