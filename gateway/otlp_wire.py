@@ -6,7 +6,7 @@ than the 15 % of a request's CPU the issue allows OTLP export (``python -m bench
 Our spans have one fixed shape (a few fixed fields, string/int attributes), so they are written
 as the wire format's bytes: fixed fields by ``struct``, and a child span's name, kind and
 attributes — the same for every request of a (filter, phase, action, calls) — encoded once and
-reused. tests/gateway/test_otlp_wire.py checks the bytes parse to exactly what the SDK's encoder
+reused. tests/gateway/test_otlp_export.py checks the bytes parse to exactly what the SDK's encoder
 makes of the same spans.
 
 Field numbers: opentelemetry/proto/trace/v1/trace.proto, common/v1/common.proto,
