@@ -1,7 +1,7 @@
 """The OTLP protobuf encoding of our spans (``ExportTraceServiceRequest``), written directly.
 
 The OpenTelemetry SDK's encoder (``encode_spans``) builds a protobuf message object per span,
-attribute and value from ``ReadableSpan`` objects: ~45 µs per span here, which alone is more
+attribute and value from ``ReadableSpan`` objects: 25–45 µs per span here, which alone is more
 than the 15 % of a request's CPU the issue allows OTLP export (``python -m bench.otel_cost``).
 Our spans have one fixed shape (a few fixed fields, string/int attributes), so they are written
 as the wire format's bytes: fixed fields by ``struct``, and a child span's name, kind and
