@@ -8,6 +8,7 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 import shutil
 import socket
 import statistics
@@ -432,6 +433,8 @@ class Bench:
                     cfg["tracing"] = {"otlp_endpoint": f"http://127.0.0.1:{sink_port}"}
                 if v == "gateway_chain_untraced":      # tracing all off: what the default's propagation costs
                     cfg["tracing"] = {"propagate": False}
+                if v == "gateway_chain_otlp":
+                    otlp_admin = cfg["admin"]["port"]
                 proc, port, _ = self.start_gateway(v, cfg, None, self.proxy_cpus)
                 procs[v] = (proc, f"http://127.0.0.1:{port}/bench")
             headers = gcfg.AUTH_HEADERS
@@ -461,6 +464,9 @@ class Bench:
                     log(f"  {v}: {res.rps:,.0f} req/s  CPU {cpu[v][-1]:.1f} µs/req")
                 order = order[1:] + order[:1]
             med = {v: statistics.median(c) for v, c in cpu.items()}
+            _, _, metrics = http_get(f"http://127.0.0.1:{otlp_admin}/metrics", None)
+            gateway_spans = {m.group(1): int(float(m.group(2))) for m in re.finditer(
+                r'^wasmgate_otlp_spans_total\{outcome="(\w+)"\} (\S+)$', metrics.decode(), re.M)}
             procs["gateway_chain_otlp"][0].stop()     # flushes the spans still queued
             _, _, body = http_get(f"http://127.0.0.1:{sink_port}/stats", None)
             exported = json.loads(body)
@@ -483,6 +489,8 @@ class Bench:
             "chain_vs_untraced": ratio("gateway_chain", "gateway_chain_untraced"),
             "otlp_vs_chain": ratio("gateway_chain_otlp", "gateway_chain"),
             "otlp_sink": exported,
+            # The otlp gateway's own count before its final flush: dropped/failed must be 0.
+            "otlp_gateway_spans": gateway_spans,
             "method": f"five gateway processes (same chain, same core), wrk {self.args.duration:g} s "
                       f"against each in turn, {TRACE_ROUNDS} rounds, order rotated; median CPU µs/req "
                       f"per variant. untraced = tracing.propagate false, no access log; logged = access log to a file without the filters field; "
@@ -491,7 +499,7 @@ class Bench:
         log(f"  paired medians: chain {med['gateway_chain']:.1f} (untraced {med['gateway_chain_untraced']:.1f}), +access log {med['gateway_chain_logged']:.1f}, "
             f"+filter trace {med['gateway_chain_traced']:.1f}, otlp {med['gateway_chain_otlp']:.1f} µs/req; "
             f"traced ÷ logged {self.tracing['traced_vs_logged']}, otlp ÷ chain {self.tracing['otlp_vs_chain']}; "
-            f"sink got {exported['spans']:,} spans in {exported['requests']} exports")
+            f"sink got {exported['spans']:,} spans in {exported['requests']} exports; gateway counted {gateway_spans}")
 
     def sc_gateway_chain_redis(self) -> None:
         """gateway_chain with `ratelimit` on `backend: redis`: one script run per request

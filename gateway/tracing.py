@@ -167,6 +167,10 @@ class Tracer:
         if rt.span is not None:
             self.exporter.finish(rt, ex, client)
 
+    def samples(self) -> list[Any]:
+        """The span exporter's counters for /metrics (none when export is off)."""
+        return self.exporter.samples() if self.exporter is not None else []
+
     def close(self) -> None:
         if self.exporter is not None:
             self.exporter.shutdown()

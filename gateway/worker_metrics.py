@@ -39,7 +39,7 @@ def snapshot(gw: ControlledGateway, inherited: dict[str, Any] | None = None) -> 
     """This worker's numbers as plain data (msgpack-able); ``inherited`` = predecessor's counts."""
     m: Metrics = gw.metrics
     gen = gw.generation
-    local: list[MetricSample] = _pool_gauges(gen) + [upgraded_gauge(m)]
+    local: list[MetricSample] = _pool_gauges(gen) + [upgraded_gauge(m)] + gw.tracer.samples()
     host = gen.filter_host
     if host is not None:
         # A host without the local/shared split: all its numbers count as this process's.

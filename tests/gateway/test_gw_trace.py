@@ -173,8 +173,10 @@ async def test_propagation_off_passes_headers_through(tmp_path):
 
 
 @asynccontextmanager
-async def otlp_receiver():
-    """An OTLP/HTTP collector on 127.0.0.1:0 keeping every ExportTraceServiceRequest it gets."""
+async def otlp_receiver(statuses: tuple[int, ...] = (), headers: list | None = None):
+    """An OTLP/HTTP collector on 127.0.0.1:0 keeping every ExportTraceServiceRequest it gets
+    (and into ``headers`` each POST's headers); it answers the first POSTs with ``statuses`` (an
+    error: spans not taken), then 200."""
     from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (ExportTraceServiceRequest,
                                                                           ExportTraceServiceResponse)
     got: list = []
@@ -184,6 +186,10 @@ async def otlp_receiver():
         msg = ExportTraceServiceRequest()
         msg.ParseFromString(await request.read())
         got.append(msg)
+        if headers is not None:
+            headers.append(request.headers)
+        if len(got) <= len(statuses):
+            return web.Response(status=statuses[len(got) - 1])
         return web.Response(body=ExportTraceServiceResponse().SerializeToString(),
                             content_type="application/x-protobuf")
 
