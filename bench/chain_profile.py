@@ -37,14 +37,17 @@ import cProfile
 import io
 import json
 import logging
+import os
 import pstats
 import statistics
 import time
 from pathlib import Path
 
-from abi.api import (CallFailed, FilterSpec, Forward, LogInfo, StreamInfo, load_filter_host)
+from abi.api import (CallFailed, FilterSpec, Forward, LogInfo, StreamInfo, create_shared_store,
+                     load_filter_host, remove_shared_store)
 from bench.gateway_cfg import API_KEY, API_KEY_HEADER, CHAIN, DIST, FILTER_CONFIGS
 
+SHARED_DATA_MAX_BYTES = 16 << 20      # --store shm: the config's default shared_data.max_bytes
 REQUEST_HEADERS = [
     (":method", "GET"), (":path", "/api/v1/items?page=2&sort=asc"), (":authority", "bench.local:8080"),
     (":scheme", "http"),
@@ -238,6 +241,7 @@ async def main_async(args) -> None:
     names = args.filters.split(",") if args.filters else ([] if extra else list(CHAIN))
     stats = instrument() if args.breakdown else None
     host = await load(names, Path(args.dist), extra)
+    loaded = list(names)                    # the bench filters; then the --wasm module's name
     names += [s.name for s in extra]
     expect = args.expect_header
     empty = await load([])
@@ -247,7 +251,7 @@ async def main_async(args) -> None:
             await trace_cost(host, names, args)
             return
         if args.store == "shm":
-            await store_cost(names, args)
+            await store_cost(loaded, extra, names, args)
             return
         base = [await run(empty, [], args.n) for _ in range(args.repeats)]
         chain = [await run(host, names, args.n, expect_request=expect) for _ in range(args.repeats)]
@@ -297,24 +301,23 @@ async def trace_cost(host, names: list[str], args) -> None:
           f"{added / statistics.median(off):.1%} of the chain's")
 
 
-async def store_cost(names: list[str], args) -> None:
+async def store_cost(loaded: list[str], extra: list[FilterSpec], names: list[str], args) -> None:
     """The same chain on a LocalStore and on an ShmStore (LMDB on /dev/shm, as 2+ workers
     share), paired runs in one process: what the gateway-wide store adds per request."""
-    import os
-
-    from abi.api import create_shared_store, remove_shared_store
     name = f"chain-profile-{os.getpid()}"
-    shm = create_shared_store(name, 16 << 20)
-    local_host = await load(names, Path(args.dist))
-    shm_host = await load(names, Path(args.dist), shared_store=shm)
+    shm = create_shared_store(name, SHARED_DATA_MAX_BYTES)
+    local_host = await load(loaded, Path(args.dist), extra)
+    shm_host = await load(loaded, Path(args.dist), extra, shared_store=shm)
     try:
-        await run(shm_host, names, min(2000, args.n))
+        expect = args.expect_header
+        for h in (local_host, shm_host):                   # warm up (allocator, caches)
+            await run(h, names, min(2000, args.n), expect_request=expect)
         local, on_shm = [], []
         for r in range(args.repeats):
             # Which of the pair runs first alternates, so a drift favours neither.
             pair = [(local, local_host), (on_shm, shm_host)]
             for out, h in (pair[::-1] if r % 2 else pair):
-                out.append(await run(h, names, args.n))
+                out.append(await run(h, names, args.n, expect_request=expect))
         if args.profile:
             prof = cProfile.Profile()
             prof.enable()
