@@ -269,8 +269,9 @@ class _Env:
         if env is None:
             # create=False: a worker outliving a removed store must not silently recreate it
             env = lmdb.open(str(self.path), map_size=self.map_size, subdir=True, max_dbs=0,
-                            max_readers=1024, max_spare_txns=1, sync=False, metasync=False, writemap=True,
-                            readahead=False, meminit=False, lock=True, create=create)
+                            max_readers=1024, max_spare_txns=1, sync=False, metasync=False,
+                            writemap=True, readahead=False, meminit=False, lock=True,
+                            create=create)
             # One (main) B-tree with key prefixes: a write touching two named databases
             # costs ~1 µs more (each sub-database root is a record in the main tree).
             # max_spare_txns=1: py-lmdb >= 2 defaults to 0, so every get() took a reader slot
@@ -526,12 +527,9 @@ class ShmStore:
 
     # ---------------------------------------------------------------- shared data (§5.4)
     def get(self, key: bytes) -> tuple[bytes, int] | None:
-        # The request path (a rate limiter's get + set per request): no helper calls, no
-        # context manager; a read transaction is one reused reader slot (max_spare_txns).
-        if len(key) < LONG_KEY:
-            dk, hashed = b"k" + key, False
-        else:
-            dk, hashed = _data_key(key)
+        # The request path (a rate limiter's get + set per request): no context manager, the
+        # environment checked inline; a read transaction reuses one reader slot (max_spare_txns).
+        dk, hashed = _data_key(key)
         e = self._e
         with e.lock:
             env = e.env
@@ -558,12 +556,7 @@ class ShmStore:
         return STATUS_FULL if r is _FULL else r
 
     def _set_txn(self, txn, key, value, cas, ttl):
-        # On the request path (a rate limiter writes its bucket on every request): the record
-        # helpers (_data_key, _record_cost, entry_cost, deadline) are inlined here.
-        if len(key) < LONG_KEY:
-            dk, hashed = b"k" + key, False
-        else:
-            dk, hashed = _data_key(key)
+        dk, hashed = _data_key(key)
         meta = _unpackb(txn.get(_META))
         now = self.clock() if meta[4] or ttl is not None else 0
         raw = txn.get(dk)
@@ -583,9 +576,8 @@ class ShmStore:
             self._drop_txn(txn, meta, dk, prev, now, counted=not live)
             txn.put(_META, pack(meta))
             return True, OK
-        prev_cost = 0 if prev is None else \
-            (len(prev[2]) if hashed else len(key)) + len(prev[1]) + ENTRY_OVERHEAD
-        new_cost = len(key) + len(value) + ENTRY_OVERHEAD
+        prev_cost = 0 if prev is None else _record_cost(dk, prev)
+        new_cost = entry_cost(key, value)
         if new_cost > prev_cost and not self._fits(txn, meta, new_cost - prev_cost, now, dk,
                                                    prev_cost if prev_due is not None else 0):
             return False, STATUS_FULL
@@ -598,9 +590,7 @@ class ShmStore:
         if ttl is None:
             txn.put(dk, pack([fresh, value, key] if hashed else [fresh, value]))
         else:
-            due = now + ttl
-            if due > _U64:                         # = shared_store.deadline(): a u64 cannot wrap
-                due = _U64
+            due = deadline(now, ttl)
             txn.put(dk, pack([fresh, value, key if hashed else None, due]))
             txn.put(_EXP + _u64(due) + dk, b"")
             meta[4] += new_cost
