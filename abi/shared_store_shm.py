@@ -269,10 +269,16 @@ class _Env:
         if env is None:
             # create=False: a worker outliving a removed store must not silently recreate it
             env = lmdb.open(str(self.path), map_size=self.map_size, subdir=True, max_dbs=0,
-                            max_readers=1024, sync=False, metasync=False, writemap=True,
-                            readahead=False, meminit=False, lock=True, create=create)
+                            max_readers=1024, max_spare_txns=1, sync=False, metasync=False,
+                            writemap=True, readahead=False, meminit=False, lock=True,
+                            create=create)
             # One (main) B-tree with key prefixes: a write touching two named databases
             # costs ~1 µs more (each sub-database root is a record in the main tree).
+            # max_spare_txns=1: py-lmdb >= 2 defaults to 0, so every get() took a reader slot
+            # under the lock file's mutex (a scan of the reader table) and gave it back; a
+            # spare read transaction keeps its slot and is renewed on the next begin() — a
+            # fresh snapshot each time, and reset (pins no pages) while unused. The fork
+            # hooks close the environment, spare included, so a child never inherits it.
             self.env = env
         return env
 
@@ -499,28 +505,21 @@ class ShmStore:
 
     def _write(self, fn, *args):
         """Run fn(txn, *args) in one write transaction. fn returns (commit, result)."""
-        for attempt in (0, 1):
-            with self._lock:
+        e = self._e
+        with e.lock:
+            env = e.env
+            if env is None or self._closed:      # (checked inline: this is the request path)
                 env = self._ensure_env()
-                txn = env.begin(write=True)
+            try:
+                return _in_write_txn(env, fn, args)
+            except lmdb.MapFullError:
+                env.reader_check()               # dead readers' snapshots pin pages: once more
                 try:
-                    commit, result = fn(txn, *args)
-                    if commit:
-                        txn.commit()
-                    else:
-                        txn.abort()
-                    return result
+                    return _in_write_txn(env, fn, args)
                 except lmdb.MapFullError:
-                    txn.abort()
-                    if attempt == 0:
-                        env.reader_check()
-                        continue
-                    log.warning("shared store %s: LMDB map full (%d bytes)", self.path, self._map_size)
-                    return _FULL
-                except BaseException:
-                    txn.abort()
-                    raise
-        return _FULL                                            # pragma: no cover
+                    pass
+        log.warning("shared store %s: LMDB map full (%d bytes)", self.path, self._map_size)
+        return _FULL
 
     @staticmethod
     def _meta(txn) -> list:
@@ -528,11 +527,19 @@ class ShmStore:
 
     # ---------------------------------------------------------------- shared data (§5.4)
     def get(self, key: bytes) -> tuple[bytes, int] | None:
+        # The request path (a rate limiter's get + set per request): no context manager, the
+        # environment checked inline; a read transaction reuses one reader slot (max_spare_txns).
         dk, hashed = _data_key(key)
-        with self._lock:
-            env = self._ensure_env()
-            with env.begin() as txn:
+        e = self._e
+        with e.lock:
+            env = e.env
+            if env is None or self._closed:
+                env = self._ensure_env()
+            txn = env.begin()
+            try:
                 raw = txn.get(dk)
+            finally:
+                txn.abort()
         if raw is None:
             return None
         rec = _unpackb(raw)
@@ -550,20 +557,24 @@ class ShmStore:
 
     def _set_txn(self, txn, key, value, cas, ttl):
         dk, hashed = _data_key(key)
-        meta = self._meta(txn)
+        meta = _unpackb(txn.get(_META))
         now = self.clock() if meta[4] or ttl is not None else 0
         raw = txn.get(dk)
-        prev = None if raw is None else _unpackb(raw)        # what occupies dk (maybe expired)
-        same = prev is not None and not (hashed and prev[2] != key)   # else a hash collision
-        prev_due = prev[3] if prev is not None and len(prev) == 4 else None
-        live = same and (prev_due is None or prev_due > now)
-        if live and cas and cas != prev[0]:
-            return False, CAS_MISMATCH
+        if raw is None:
+            prev = prev_due = None
+            live = False
+        else:                                      # what occupies dk (maybe expired)
+            prev = _unpackb(raw)
+            prev_due = prev[3] if len(prev) == 4 else None
+            live = (not hashed or prev[2] == key) and (prev_due is None or prev_due > now)
+            if live and cas and cas != prev[0]:    # (hashed and another key: a hash collision)
+                return False, CAS_MISMATCH
+        pack = self._e.pack
         if ttl == 0:                               # expires at once: a CAS-guarded delete
             if prev is None:
                 return False, OK
             self._drop_txn(txn, meta, dk, prev, now, counted=not live)
-            txn.put(_META, self._e.pack(meta))
+            txn.put(_META, pack(meta))
             return True, OK
         prev_cost = 0 if prev is None else _record_cost(dk, prev)
         new_cost = entry_cost(key, value)
@@ -577,14 +588,14 @@ class ShmStore:
         meta[0] = fresh
         meta[1] += new_cost - prev_cost
         if ttl is None:
-            txn.put(dk, self._e.pack([fresh, value, key] if hashed else [fresh, value]))
+            txn.put(dk, pack([fresh, value, key] if hashed else [fresh, value]))
         else:
             due = deadline(now, ttl)
-            txn.put(dk, self._e.pack([fresh, value, key if hashed else None, due]))
+            txn.put(dk, pack([fresh, value, key if hashed else None, due]))
             txn.put(_EXP + _u64(due) + dk, b"")
             meta[4] += new_cost
             self._reap(txn, meta, now)
-        txn.put(_META, self._e.pack(meta))
+        txn.put(_META, pack(meta))
         return True, OK
 
     def _fits(self, txn, meta, grow: int, now: int, keep: bytes = b"", keep_cost: int = 0) -> bool:
@@ -1080,6 +1091,22 @@ class ShmStore:
 
 
 _FULL = object()      # sentinel: the LMDB map itself was full
+
+
+def _in_write_txn(env, fn, args):
+    """fn(txn, *args) in a write transaction: committed if fn says so, else (or if anything
+    raises, MapFullError included) aborted."""
+    txn = env.begin(write=True)
+    try:
+        commit, result = fn(txn, *args)
+        if commit:
+            txn.commit()
+        else:
+            txn.abort()
+        return result
+    except BaseException:
+        txn.abort()
+        raise
 
 
 _PROM_BAD = re.compile(r"[^a-zA-Z0-9_:]")

@@ -14,6 +14,9 @@
     python -m bench.chain_profile --trace         # the per-request filter trace on vs off, runs
                                                   # interleaved (recording + the summary the
                                                   # access log formats)
+    python -m bench.chain_profile --store shm     # the chain on the gateway-wide ShmStore (what
+                                                  # each of 2+ workers uses) vs the one-process
+                                                  # LocalStore, runs interleaved
 
 Loads the real filters/dist/*.wasm with the benchmark's configs (bench/gateway_cfg.py, the
 ones `python -m bench` runs: an API key that auth accepts, a rate limit that never rejects)
@@ -34,14 +37,17 @@ import cProfile
 import io
 import json
 import logging
+import os
 import pstats
 import statistics
 import time
 from pathlib import Path
 
-from abi.api import (CallFailed, FilterSpec, Forward, LogInfo, StreamInfo, load_filter_host)
+from abi.api import (CallFailed, FilterSpec, Forward, LogInfo, StreamInfo, create_shared_store,
+                     load_filter_host, remove_shared_store)
 from bench.gateway_cfg import API_KEY, API_KEY_HEADER, CHAIN, DIST, FILTER_CONFIGS
 
+SHARED_DATA_MAX_BYTES = 16 << 20      # --store shm: the config's default shared_data.max_bytes
 REQUEST_HEADERS = [
     (":method", "GET"), (":path", "/api/v1/items?page=2&sort=asc"), (":authority", "bench.local:8080"),
     (":scheme", "http"),
@@ -72,8 +78,10 @@ class _Body:
 
 
 class FakeServices:
-    def __init__(self) -> None:
+    def __init__(self, shared_store=None) -> None:
         self.log = logging.getLogger("bench.chain_profile")
+        if shared_store is not None:         # else the filter host makes a LocalStore
+            self.shared_store = shared_store
 
     def has_cluster(self, name: str) -> bool:
         return False
@@ -94,8 +102,8 @@ def specs(names: list[str], dist: Path = DIST) -> list[FilterSpec]:
             for n in names]
 
 
-async def load(names: list[str], dist: Path = DIST, extra: list[FilterSpec] = ()):
-    return await load_filter_host(specs(names, dist) + list(extra), FakeServices())
+async def load(names: list[str], dist: Path = DIST, extra: list[FilterSpec] = (), shared_store=None):
+    return await load_filter_host(specs(names, dist) + list(extra), FakeServices(shared_store))
 
 
 def _check(names: list[str], fwd_req, fwd_resp, expect_request: list[str] = ()) -> None:
@@ -233,6 +241,7 @@ async def main_async(args) -> None:
     names = args.filters.split(",") if args.filters else ([] if extra else list(CHAIN))
     stats = instrument() if args.breakdown else None
     host = await load(names, Path(args.dist), extra)
+    loaded = list(names)                    # the bench filters; then the --wasm module's name
     names += [s.name for s in extra]
     expect = args.expect_header
     empty = await load([])
@@ -240,6 +249,9 @@ async def main_async(args) -> None:
         await run(host, names, min(2000, args.n), expect_request=expect)   # warm up (allocator, caches)
         if args.trace:
             await trace_cost(host, names, args)
+            return
+        if args.store == "shm":
+            await store_cost(loaded, extra, names, args)
             return
         base = [await run(empty, [], args.n) for _ in range(args.repeats)]
         chain = [await run(host, names, args.n, expect_request=expect) for _ in range(args.repeats)]
@@ -289,6 +301,44 @@ async def trace_cost(host, names: list[str], args) -> None:
           f"{added / statistics.median(off):.1%} of the chain's")
 
 
+async def store_cost(loaded: list[str], extra: list[FilterSpec], names: list[str], args) -> None:
+    """The same chain on a LocalStore and on an ShmStore (LMDB on /dev/shm, as 2+ workers
+    share), paired runs in one process: what the gateway-wide store adds per request."""
+    name = f"chain-profile-{os.getpid()}"
+    shm = create_shared_store(name, SHARED_DATA_MAX_BYTES)
+    local_host = await load(loaded, Path(args.dist), extra)
+    shm_host = await load(loaded, Path(args.dist), extra, shared_store=shm)
+    try:
+        expect = args.expect_header
+        for h in (local_host, shm_host):                   # warm up (allocator, caches)
+            await run(h, names, min(2000, args.n), expect_request=expect)
+        local, on_shm = [], []
+        for r in range(args.repeats):
+            # Which of the pair runs first alternates, so a drift favours neither.
+            pair = [(local, local_host), (on_shm, shm_host)]
+            for out, h in (pair[::-1] if r % 2 else pair):
+                out.append(await run(h, names, args.n, expect_request=expect))
+        if args.profile:
+            prof = cProfile.Profile()
+            prof.enable()
+            await run(shm_host, names, args.n)
+            prof.disable()
+            out = io.StringIO()
+            pstats.Stats(prof, stream=out).sort_stats(args.sort).print_stats(args.top)
+            print(out.getvalue())
+    finally:
+        await shm_host.close()
+        await local_host.close()
+        shm.close()
+        remove_shared_store(name)
+    added = statistics.median(b - a for a, b in zip(local, on_shm))
+    print(f"filters: {' -> '.join(names)}   {args.n} requests x {args.repeats} run pairs (local/shm)")
+    print(f"  LocalStore: best {min(local):7.1f} µs/request   median {statistics.median(local):7.1f}")
+    print(f"  ShmStore:   best {min(on_shm):7.1f} µs/request   median {statistics.median(on_shm):7.1f}")
+    print(f"  the shm store adds {added:.1f} µs/request (median of pair differences), "
+          f"ratio {statistics.median(on_shm) / statistics.median(local):.3f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("-n", type=int, default=10000, help="requests per run")
@@ -304,6 +354,8 @@ def main() -> None:
                    help="per guest callback / host function times (instrumented)")
     p.add_argument("--profile", action="store_true", help="cProfile one more run")
     p.add_argument("--trace", action="store_true", help="the per-request filter trace: off vs on")
+    p.add_argument("--store", choices=("local", "shm"), default="local",
+                   help="shm: the chain on the gateway-wide ShmStore vs the LocalStore, interleaved")
     p.add_argument("--sort", default="tottime", help="pstats sort key (tottime, cumulative...)")
     p.add_argument("--top", type=int, default=30)
     args = p.parse_args()

@@ -188,6 +188,39 @@ def test_missing_cas_makes_concurrent_creation_exact(name):
     s.close()
 
 
+def _ping_pong(name, key, rounds, mine, conn):
+    """Lockstep with the other process: wait for its turn, read what it wrote, write on."""
+    s = S.open(name)
+    for n in range(mine, 2 * rounds, 2):
+        assert conn.recv() == n                  # the other process has written n - 1
+        v, cas = s.get(key)
+        assert int(v) == n - 1, (n, v)           # not an older snapshot
+        assert s.set(key, str(n).encode(), cas) == S.OK     # its cas is the current one
+        conn.send(n + 1)
+    s.close()
+
+
+def test_a_write_is_seen_by_the_other_process_next_get(name):
+    """The rate-limiter's cross-worker contract, one request at a time: the bucket one worker
+    wrote is what the other worker's very next get() returns, with a cas its set() accepts.
+    Read transactions are reused (max_spare_txns): each get must still see the latest commit."""
+    s = S.create(name, 1 << 20)
+    s.set(b"bucket", b"0", 0)
+    a, b = FORK.Pipe()
+    rounds = 300
+    procs = [FORK.Process(target=_ping_pong, args=(name, b"bucket", rounds, 1, a)),
+             FORK.Process(target=_ping_pong, args=(name, b"bucket", rounds, 2, b))]
+    for p in procs:
+        p.start()
+    b.send(1)                                    # process 1 starts (it reads from a)
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert s.get(b"bucket")[0] == str(2 * rounds - 1).encode()
+    assert s.verify() == []
+    s.close()
+
+
 # ------------------------------------------------------------------ queues (§5.5)
 
 def test_queue_fifo_and_statuses(store):
