@@ -613,11 +613,7 @@ class Chain:
                     f.cancel_calls(ctx)
                 if ctx.waiter is not None:
                     ctx.wake()
-                cid = ctx.id
-                for name in f.teardown_callbacks:          # the exported ones, spec order
-                    if ctx.generation != f.generation:     # not ctx.alive: the instance died
-                        break
-                    f.call(ctx, name, cid)
+                f.teardown(ctx)
                 if not failed[i] and ctx.generation == f.generation:
                     f.note_success()
             except FilterFailure:
