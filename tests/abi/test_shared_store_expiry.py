@@ -132,6 +132,26 @@ def test_room_comes_from_the_earliest_deadline(make):
     assert s.usage()["used"] == 3 * per
 
 
+def test_rewritten_entries_are_evicted_by_their_latest_deadline():
+    """LocalStore keeps deadlines in a heap with lazy deletion: an entry rewritten (a rate-limit
+    bucket on every request) leaves stale items behind, which must neither decide the eviction
+    order nor pile up."""
+    clock = Clock()
+    s = LocalStore(max_bytes=3 * _entry(b"a", b"v"), clock=clock)
+    assert s.set(b"a", b"v", 0, 100) == OK
+    assert s.set(b"b", b"v", 0, 200) == OK
+    for i in range(1000):                 # a's deadline keeps moving past b's
+        assert s.set(b"a", b"v", s.get(b"a")[1], 300 + i) == OK
+    assert len(s._by_deadline) <= 2 * 2 + 64
+    assert s.set(b"c", b"v", 0, 5000) == OK             # fits
+    assert s.set(b"d", b"v", 0, 5000) == OK             # room from the earliest: b (200)
+    assert s.get(b"b") is None and s.get(b"a") is not None
+    assert s.usage()["evicted"] == 1
+    clock.now += 1299                                   # a's last deadline (300 + 999)
+    assert s.set(b"e", b"v", 0, 5000) == OK             # reaps a, then fits
+    assert s.get(b"a") is None and s.usage()["expired"] == 1
+
+
 def test_not_enough_evictable_room_changes_nothing(make):
     per = _entry(b"e0", b"v" * 10)
     s, _ = make(3 * per)
