@@ -72,6 +72,8 @@ class Filter:
         self.has: Callable[[str], bool] = loaded.exports.__contains__
         # Per-request dispatch decided once: what the chain calls for every context.
         self.has_context_create = "proxy_on_context_create" in loaded.exports
+        self.on_headers: tuple[bool, bool] = tuple(   # (request, response) headers callbacks
+            n in loaded.exports for n in ("proxy_on_request_headers", "proxy_on_response_headers"))
         self.teardown_callbacks: tuple[str, ...] = tuple(
             n for n in ("proxy_on_done", "proxy_on_log", "proxy_on_delete") if n in loaded.exports)
         self.abi_010 = loaded.abi_version == "0.1.0"
@@ -356,9 +358,6 @@ class Filter:
         if on_event is not None:
             on_event(self.spec, "rebuild", "")
 
-    def note_success(self) -> None:
-        self.consecutive_failures = 0
-
     def _new_id(self) -> int:
         cid = self._next_id
         self._next_id += 1
@@ -390,6 +389,19 @@ class Filter:
             self._effective = prev_effective
             if self._deferred:
                 self._run_deferred()
+
+    def finish_context(self, ctx: HttpContext, failed: bool) -> None:
+        """A finished request's context: its callouts dropped, the teardown callbacks run,
+        success noted (unless the request saw `failed`), and the context released."""
+        try:
+            if ctx.pending_calls:
+                self.cancel_calls(ctx)
+            self.teardown(ctx)
+            if not failed and ctx.generation == self.generation:
+                self.consecutive_failures = 0
+        finally:
+            if self.contexts.get(ctx.id) is ctx:    # release, after a cancel_calls above
+                del self.contexts[ctx.id]
 
     def teardown(self, ctx: Context) -> None:
         """on_done → on_log → on_delete (the exported ones, spec order) for a finished
@@ -643,12 +655,6 @@ class Filter:
         if self.has_context_create:
             self.call(ctx, "proxy_on_context_create", cid, self.root.id)
         return ctx
-
-    def release(self, ctx: HttpContext) -> None:
-        if ctx.pending_calls:
-            self.cancel_calls(ctx)
-        if self.contexts.get(ctx.id) is ctx:
-            del self.contexts[ctx.id]
 
     def set_effective_context(self, context_id: int) -> int:
         ctx = self.contexts.get(context_id)
