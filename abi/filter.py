@@ -399,8 +399,10 @@ class Filter:
             self.teardown(ctx)
             if not failed and ctx.generation == self.generation:
                 self.consecutive_failures = 0
-        finally:
-            if self.contexts.get(ctx.id) is ctx:    # release, after a cancel_calls above
+        finally:                         # release: what a teardown callback dispatched goes too
+            if ctx.pending_calls:
+                self.cancel_calls(ctx)
+            if self.contexts.get(ctx.id) is ctx:
                 del self.contexts[ctx.id]
 
     def teardown(self, ctx: Context) -> None:
