@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -31,7 +30,7 @@ from .config import Config, Route
 from .http1 import BodyTooLarge, HttpError, PeerClosed, strip_hop_by_hop
 from .metrics import Metrics
 from .paths import PathPolicy, RedirectTo, normalize_path, routing_path
-from .request_head import upstream_headers, valid_request_id
+from .request_head import new_request_id, upstream_headers, valid_request_id
 from .routing import Router, rewrite_target
 from .spool import Spool
 from .tracing import DEBUG_HEADER, RequestTrace, Tracer, TraceHeaders
@@ -183,7 +182,7 @@ class Proxy:
         target = path + sep + query if sep else path
         ex.target = target
         rid = req.request_id if req.request_id is not None and valid_request_id(req.request_id) \
-            else os.urandom(16).hex()
+            else new_request_id()
         ex.rid = rid
         # Routes match on the headers as the filters and the upstream get them: a route on an
         # internal header (x-auth-identity) must not be chosen by a value the client sent.
