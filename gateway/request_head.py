@@ -3,11 +3,11 @@ sets — and the request head the upstream gets instead (hop-by-hop removed, X-F
 """
 from __future__ import annotations
 
-import os
 import re
 from typing import TYPE_CHECKING
 
 from .http1 import HOP_BY_HOP, HttpError
+from .random_ids import random_hex
 
 if TYPE_CHECKING:
     from .tracing import TraceHeaders
@@ -31,18 +31,9 @@ def valid_request_id(value: str) -> bool:
     return _REQUEST_ID.fullmatch(value) is not None
 
 
-# Request ids: 128 random bits from the OS CSPRNG as 32 hex digits, as unpredictable as one
-# os.urandom(16) each, but drawn 256 at a time (one getrandom call instead of one per request).
-_ID_BATCH = 256
-_ids: list[str] = []
-os.register_at_fork(after_in_child=_ids.clear)    # a forked child never repeats its parent's ids
-
-
 def new_request_id() -> str:
-    if not _ids:
-        digits = os.urandom(16 * _ID_BATCH).hex()
-        _ids.extend([digits[i:i + 32] for i in range(0, len(digits), 32)])
-    return _ids.pop()
+    """A request id for a request without a usable one: 128 random bits as 32 hex digits."""
+    return random_hex(16)
 
 
 def upstream_headers(headers: Headers, conn_tokens: set[str] | None, client_ip: str, authority: str,
