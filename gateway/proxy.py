@@ -393,7 +393,8 @@ class Proxy:
         limits = gen.config.limits
         close = not ex.keepalive
         status, headers, length = resp.status, strip_hop_by_hop(resp.headers), resp.length
-        if stream is None and length is not None and 0 < length <= limits.response_buffer_bytes:
+        small = length is not None and 0 < length <= limits.response_buffer_bytes
+        if stream is None and small:
             # Small body, no filters: one read, the upstream connection back to the pool, one write.
             try:
                 data = await resp.read_exact()
@@ -413,7 +414,7 @@ class Proxy:
             status, headers, length, body = _after_chain(result, status, length, body, ex)
         if body is None:
             return await conn.send_response(ex, status, headers, None, length, close)
-        if resp.length is not None and 0 < resp.length <= limits.response_buffer_bytes:
+        if small:
             return await self._respond_small(conn, ex, resp, status, headers, body, close)
         spool = Spool(body, limits.response_buffer_bytes, limits.spool_max_bytes, limits.spool_dir,
                       on_end=resp.finish)
@@ -426,22 +427,24 @@ class Proxy:
     async def _respond_small(self, conn: Downstream, ex: Exchange, resp: UpstreamResponse, status: int,
                              headers: Headers, body: AsyncIterator[bytes], close: bool) -> bool:
         """A small upstream body through the filters: read whole (no read-ahead task), the
-        upstream connection back to the pool, one write with its exact length."""
-        chunks = []
+        upstream connection back to the pool, one write with its exact length (the front-ends
+        write Content-Length from it, whatever the headers say)."""
         try:
-            async for chunk in body:
-                chunks.append(chunk)
+            if body is resp.body:
+                # No filter reads the body: one read, as without filters.
+                data = await resp.read_exact()
+            else:
+                chunks = [chunk async for chunk in body]
+                data = b"".join(chunks)
         except LocalReplyInterrupt as e:
             self.send_local_reply(conn, ex, e.reply, close=True)
             return False
         except UpstreamReset as e:
             return self.upstream_broke(conn, ex, e)
         resp.finish()
-        data = b"".join(chunks)
         trailers = getattr(body, "trailers", None)
         if trailers:                        # a filter added trailers: they need the chunked form
             return await conn.send_response(ex, status, headers, _Trailed(data, trailers), None, close)
-        headers = [(n, v) for n, v in headers if n != "content-length"] + [("content-length", str(len(data)))]
         return await conn.send_response(ex, status, headers, data, len(data), close)
 
     async def first_chunk(self, conn: Downstream, ex: Exchange, it: AsyncIterator[bytes]

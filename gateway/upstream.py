@@ -115,8 +115,9 @@ class UpstreamResponse:
         return self._body_iter
 
     async def read_exact(self) -> bytes:
-        """The whole Content-Length body in one read: the fast path for small responses."""
-        assert self.length is not None and self.length > 0 and self._body_iter is None
+        """The whole Content-Length body in one read: the fast path for small responses.
+        ``body`` may have been handed out (to the filters), but nothing may have iterated it."""
+        assert self.length is not None and self.length > 0 and self.bytes == 0 and not self.complete
         conn = self.conn
         conn.watchdog.arm(self.idle_s)
         try:
