@@ -284,7 +284,12 @@ class Proxy:
                 self.reply_error(conn, ex, 500, f"filter chain error: {type(e).__name__}", "filter_error")
             return False
         finally:
-            await self._finish_stream(stream, ex)
+            try:
+                await stream.finish(LogInfo(status=ex.status, bytes_in=original.received if original else 0,
+                                            bytes_out=ex.bytes_out, upstream_address=ex.upstream,
+                                            duration_ns=int((time.perf_counter() - ex.t0) * 1e9)))
+            except Exception:
+                log.exception("filter stream finish failed")
 
     def _rematch(self, gen: Generation, ex: Exchange, info: StreamInfo, method: str, target: str,
                  authority: str, headers: Headers, path_changed: bool) -> Route:
@@ -552,16 +557,6 @@ class Proxy:
             ex.error = reply.details
         conn.reply(ex, reply.status, [(n, v) for n, v in reply.headers if n[0] != ":"], reply.body,
                    close=close or self.gw.draining or not ex.keepalive)
-
-    # -- bookkeeping ---------------------------------------------------------------------------
-
-    async def _finish_stream(self, stream, ex: Exchange) -> None:
-        info = LogInfo(status=ex.status, bytes_in=ex.body.received if ex.body else 0, bytes_out=ex.bytes_out,
-                       duration_ns=int((time.perf_counter() - ex.t0) * 1e9), upstream_address=ex.upstream)
-        try:
-            await stream.finish(info)
-        except Exception:
-            log.exception("filter stream finish failed")
 
 
 def log_exchange(gw: GatewayState, ex: Exchange, client: str) -> None:

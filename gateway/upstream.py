@@ -414,8 +414,9 @@ class Pool:
             except (ConnectionError, _UploadStalled):
                 # The upstream may have answered early (e.g. 413) and closed; read what it said.
                 pass
-        loop = asyncio.get_running_loop()
-        timer = loop.call_later(self._request_timeout, conn.on_timeout)
+        # request_timeout_ms on the connection's watchdog: moving a deadline, not a timer per request.
+        watchdog = conn.watchdog
+        watchdog.arm(self._request_timeout)
         reader = conn.reader
         try:
             while True:
@@ -445,7 +446,7 @@ class Pool:
                     continue            # interim responses (100 Continue, 103) are not forwarded
                 break
         finally:
-            timer.cancel()
+            watchdog.disarm()
         if status == 101 and upgrade:
             conn.watchdog.close()
             return UpstreamTunnel(self, conn, rheaders)
