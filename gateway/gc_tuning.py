@@ -1,13 +1,13 @@
-"""The cyclic garbage collector, tuned for a long-running server (as Instagram's Django, gunicorn
-preload setups and CPython's own docs advise): what start-up (and each reload) leaves behind — config,
-routes, compiled filters, modules — lives until the next reload, so it is moved out of the
-collector's sight with ``gc.freeze()``. Then a collection only walks what requests allocated,
+"""The cyclic garbage collector, tuned for a long-running server (as large Python servers do, e.g.
+Instagram's): what start-up (and each reload) leaves behind — config, routes, compiled filters,
+modules — lives until the next reload, so it is moved out of the collector's sight with
+``gc.freeze()``. Then a collection only walks what requests allocated,
 instead of the whole long-lived heap every time the oldest generation comes due.
 
 Request garbage is nearly all freed by reference counting; the collector only finds the few cycles
 (exceptions with their tracebacks, cancelled tasks). The young generation's threshold is raised so
-those are collected every few hundred requests instead of every few dozen; each collection then
-walks a few thousand young objects (well under a millisecond).
+those are collected every few hundred requests instead of every few dozen; each young collection
+then walks at most ~10,000 objects (0.15 ms measured; bench/README.md, Issue 15's glue).
 """
 from __future__ import annotations
 
