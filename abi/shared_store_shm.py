@@ -274,9 +274,9 @@ def _data_key(key: bytes) -> tuple[bytes, bool]:
     return b"h" + hashlib.blake2b(key, digest_size=32).digest(), True
 
 
-def _record_body(key: bytes, value: bytes, hashed: bool) -> bytes:
-    """What follows the header of a data record: the value, after the full key if hashed."""
-    return _KLEN.pack(len(key)) + key + value if hashed else value
+def _hashed_body(key: bytes, value: bytes) -> bytes:
+    """What follows the header of a hashed key's data record: the full key, then the value."""
+    return _KLEN.pack(len(key)) + key + value
 
 
 def _record_cost(dk: bytes, raw: bytes) -> int:
@@ -291,10 +291,8 @@ def _record_key(raw: bytes) -> bytes:
     return raw[_HREC_LEN:_HREC_LEN + _KLEN.unpack_from(raw, _REC_LEN)[0]]
 
 
-def _record_value(dk: bytes, raw: bytes) -> bytes:
-    if dk[:1] == b"h":
-        return raw[_HREC_LEN + _KLEN.unpack_from(raw, _REC_LEN)[0]:]
-    return raw[_REC_LEN:]
+def _hashed_value(raw: bytes) -> bytes:
+    return raw[_HREC_LEN + _KLEN.unpack_from(raw, _REC_LEN)[0]:]
 
 
 class _Env:
@@ -593,7 +591,7 @@ class ShmStore:
         if hashed:
             if _record_key(raw) != key:
                 return None
-            return _record_value(dk, raw), cas
+            return _hashed_value(raw), cas
         return raw[_REC_LEN:], cas
 
     def set(self, key: bytes, value: bytes, cas: int, ttl_ns: int | None = None) -> int:
@@ -642,7 +640,7 @@ class ShmStore:
         fresh = meta[0] % (MISSING_CAS - 1) + 1    # global counter 1..2^32-2: skips 0 and MISSING_CAS
         meta[0] = fresh
         meta[1] += new_cost - prev_cost
-        txn.put(dk, _REC.pack(fresh, due) + (_record_body(key, value, True) if hashed else value))
+        txn.put(dk, _REC.pack(fresh, due) + (_hashed_body(key, value) if hashed else value))
         if due:
             txn.put(_EXP + _u64(due) + dk, b"")
             meta[4] += new_cost
