@@ -739,8 +739,12 @@ def test_inherited_store_object_is_usable_after_fork(name):
 
     def child():
         try:
-            v, cas = s.get(b"a")
-            assert s.set(b"a", b"child", cas) == S.OK
+            for _ in range(100):                     # a CAS loop: the other child may write between
+                v, cas = s.get(b"a")
+                if s.set(b"a", b"child", cas) == S.OK:
+                    break
+            else:
+                raise AssertionError("100 CAS mismatches in a row")
             cq = s.register_queue("child-q")
             assert cq != qid and s.enqueue(qid, b"from-child") == S.OK
             result.put("ok")
