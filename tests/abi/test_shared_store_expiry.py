@@ -297,3 +297,38 @@ def test_same_results_as_local_store_under_pressure(ops):
 
 def test_entry_overhead_is_shared():
     assert S.ENTRY_OVERHEAD == ENTRY_OVERHEAD == 64
+
+
+def test_shm_reap_hint_follows_the_earliest_deadline():
+    """ShmStore keeps a lower bound of the earliest deadline (meta[7]) so an expiring write opens
+    the deadline index only once something may be due; the bound must never pass a deadline."""
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    s = S.create(name, 1 << 20)
+    s.clock = clock = Clock()
+    t0 = clock.now
+
+    def hint() -> int:
+        with s._ensure_env().begin() as txn:
+            return s._meta(txn)[7]
+
+    try:
+        assert hint() == S._U64                          # empty index
+        s.set(b"a", b"v", 0, 500)
+        s.set(b"b", b"v", 0, 100)
+        assert hint() == t0 + 100                        # lowered by the earlier deadline
+        s.set(b"b", b"v", 0, 1000)                       # b moves later: the bound may stay low
+        assert hint() <= t0 + 500
+        clock.now += 200                                 # passes the stale bound, not a deadline
+        s.set(b"c", b"v", 0, 1000)
+        assert hint() == t0 + 500 and s.usage()["expired"] == 0   # made exact by the look
+        clock.now += 400                                 # a is due now
+        s.set(b"d", b"v", 0, 1000)
+        assert s.get(b"a") is None and s.usage()["expired"] == 1
+        assert hint() == t0 + 1000                       # b's deadline, the earliest left
+        for k in (b"b", b"c", b"d"):
+            s.set(k, b"", 0, 0)                          # expire now: deletes
+        assert hint() == S._U64 and s.usage()["evictable"] == 0
+        assert s.verify() == []
+    finally:
+        s.close()
+        S.remove(name)
