@@ -90,7 +90,7 @@ EXPECTED_SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
 
 _verify_bindings()
 
-# Releases the GIL while wasm runs (so the epoch ticker thread can interrupt a spinning guest).
+# Releases the GIL while wasm runs (so the Python epoch ticker can interrupt a spinning guest).
 _call_unchecked = CFUNCTYPE(c_void_p, c_void_p, c_void_p, c_void_p, c_size_t, c_void_p)(
     _addr(_B._wasmtime_func_call_unchecked))
 _set_epoch_deadline = CFUNCTYPE(None, c_void_p, c_uint64)(
@@ -109,7 +109,7 @@ _DeadlineCallback = EXPECTED_SIGNATURES["wasmtime_store_epoch_deadline_callback"
 
 # -- the C fast path (optional) ----------------------------------------------------------
 # _crossing.c does the two hot crossings without ctypes: a guest call (~0.5 us less) and the
-# entry of a host callback. Built at install when a C compiler is there (setup.py); without
+# entry of a host callback; and it runs the epoch ticker without the GIL (ticker.py). Built at install when a C compiler is there (setup.py); without
 # it, or with WASMGATE_PURE_PYTHON=1, the ctypes prototypes above do the same. An Instance
 # picks one when it is created (``USE_NATIVE``; the tests run both).
 
