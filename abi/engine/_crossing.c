@@ -15,7 +15,11 @@
  *       a writable memoryview over the len * 16 bytes of arguments and results (where the
  *       ctypes path passes their address, and the callback pays ~0.5 us to wrap it), and
  *       returns its int result (a wasm_trap_t* or 0), as ctypes' CFUNCTYPE closure would.
+ *   HostFn, TYPED_TRAMPOLINE: the same for integer signatures, with the generated callback's
+ *       work done in C too (see "typed host functions" below).
  *   set_call_target(address): the address of wasmtime_func_call_unchecked.
+ *   ticker_*, charged_ns, gc_callback: the epoch ticker (see "the epoch ticker without the
+ *       GIL" below; ticker.py's _NativeTicker drives it).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -24,6 +28,7 @@
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #include <time.h>
 
 typedef void *(*call_unchecked_t)(void *ctx, void *func, void *args, size_t nargs, void **trap);
@@ -459,6 +464,157 @@ static void *host_trampoline(void *env, void *caller, void *vals, size_t n) {
     return trap;
 }
 
+
+/* -- typed host functions: the whole callback in C ---------------------------------------
+ * HostFn(st, fn, params, result) is what a generated callback does (crossing.py's
+ * _HOST_CALLBACK_SRC) for the common signatures: i32/i64 parameters (params: "I" per i32,
+ * "q" per i64) and at most one i32/i64 result ("I", "Q" or ""). TYPED_TRAMPOLINE, with a
+ * HostFn as env, reads the arguments from the slots (i32 unsigned, i64 signed), calls fn,
+ * writes the result masked to its width, then asks st: a failure goes to st.host_failed(exc),
+ * a store poisoned meanwhile to st.unwind(). No Python frame, memoryview or struct per call. */
+#define MAX_TYPED_PARAMS 16
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *st;
+    PyObject *fn;
+    int nparams;
+    char params[MAX_TYPED_PARAMS];
+    char result;                    /* 0, 'I' or 'Q' */
+} HostFn;
+
+static PyObject *str_poisoned, *str_unwind, *str_host_failed;
+
+static int hostfn_init(HostFn *self, PyObject *args, PyObject *kw) {
+    PyObject *st, *fn;
+    const char *params, *result;
+    if (!PyArg_ParseTuple(args, "OOss", &st, &fn, &params, &result))
+        return -1;
+    size_t np = strlen(params);
+    if (np > MAX_TYPED_PARAMS || strspn(params, "Iq") != np || strlen(result) > 1 ||
+            strspn(result, "IQ") != strlen(result)) {
+        PyErr_SetString(PyExc_ValueError, "HostFn: params of I/q (at most 16), result I, Q or ''");
+        return -1;
+    }
+    Py_INCREF(st);
+    Py_INCREF(fn);
+    Py_XSETREF(self->st, st);
+    Py_XSETREF(self->fn, fn);
+    self->nparams = (int)np;
+    memcpy(self->params, params, np);
+    self->result = result[0];
+    return 0;
+}
+
+static int hostfn_traverse(HostFn *self, visitproc visit, void *arg) {
+    Py_VISIT(self->st);
+    Py_VISIT(self->fn);
+    return 0;
+}
+
+static int hostfn_clear(HostFn *self) {
+    Py_CLEAR(self->st);
+    Py_CLEAR(self->fn);
+    return 0;
+}
+
+static void hostfn_dealloc(HostFn *self) {
+    PyObject_GC_UnTrack(self);
+    hostfn_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyTypeObject HostFnType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "abi.engine._crossing.HostFn",
+    .tp_basicsize = sizeof(HostFn),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "HostFn(st, fn, params, result): a host function TYPED_TRAMPOLINE calls",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)hostfn_init,
+    .tp_traverse = (traverseproc)hostfn_traverse,
+    .tp_clear = (inquiry)hostfn_clear,
+    .tp_dealloc = (destructor)hostfn_dealloc,
+};
+
+/* The trap to return for what st answers (an int address or 0); never raises. */
+static void *trap_from(PyObject *r, HostFn *h) {
+    void *trap = NULL;
+    if (r != NULL) {
+        if (r != Py_None) {
+            trap = PyLong_AsVoidPtr(r);
+            if (trap == NULL && PyErr_Occurred())
+                PyErr_WriteUnraisable(h->st);
+        }
+        Py_DECREF(r);
+    } else {
+        PyErr_WriteUnraisable(h->st);   /* st.host_failed/unwind never raise: a bug of ours */
+    }
+    return trap;
+}
+
+static void *typed_trampoline(void *env, void *caller, void *vals, size_t n) {
+    HostFn *h = (HostFn *)env;
+    PyGILState_STATE gil = PyGILState_Ensure();
+    unsigned char *slot = (unsigned char *)vals;
+    void *trap = NULL;
+    PyObject *argv[MAX_TYPED_PARAMS];
+    int i, made = 0;
+    PyObject *r = NULL;
+    for (; made < h->nparams; made++) {
+        unsigned char *p = slot + 16 * made;
+        argv[made] = h->params[made] == 'I' ? PyLong_FromUnsignedLong(*(uint32_t *)p)
+                                            : PyLong_FromLongLong(*(int64_t *)p);
+        if (argv[made] == NULL)
+            break;
+    }
+    if (made == h->nparams)
+        r = PyObject_Vectorcall(h->fn, argv, (size_t)h->nparams, NULL);
+    for (i = 0; i < made; i++)
+        Py_DECREF(argv[i]);
+    if (r != NULL && h->result) {
+        if (!PyLong_Check(r)) {
+            PyErr_Format(PyExc_TypeError, "host function returned %.100s, not an int",
+                         Py_TYPE(r)->tp_name);
+            Py_CLEAR(r);
+        } else {
+            unsigned long long v = PyLong_AsUnsignedLongLongMask(r);
+            Py_CLEAR(r);
+            if (!(v == (unsigned long long)-1 && PyErr_Occurred())) {
+                memset(slot, 0, 16);
+                if (h->result == 'I')
+                    *(uint32_t *)slot = (uint32_t)v;
+                else
+                    *(uint64_t *)slot = (uint64_t)v;
+                r = Py_NewRef(Py_None);
+            }
+        }
+    }
+    if (r == NULL) {                    /* as ``except BaseException as e: st.host_failed(e)`` */
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        PyErr_NormalizeException(&type, &value, &tb);
+        if (tb != NULL && value != NULL)
+            PyException_SetTraceback(value, tb);
+        trap = trap_from(PyObject_CallMethodOneArg(h->st, str_host_failed,
+                                                   value ? value : Py_None), h);
+        Py_XDECREF(type);
+        Py_XDECREF(value);
+        Py_XDECREF(tb);
+    } else {
+        Py_DECREF(r);
+        PyObject *poisoned = PyObject_GetAttr(h->st, str_poisoned);
+        int yes = poisoned == NULL ? -1 : PyObject_IsTrue(poisoned);
+        Py_XDECREF(poisoned);
+        if (yes < 0)
+            PyErr_WriteUnraisable(h->st);
+        else if (yes)
+            trap = trap_from(PyObject_CallMethodNoArgs(h->st, str_unwind), h);
+    }
+    PyGILState_Release(gil);
+    return trap;
+}
+
 static PyMethodDef methods[] = {
     {"call", (PyCFunction)(void (*)(void))call, METH_FASTCALL,
      "wasmtime_func_call_unchecked(ctx, func, args, nargs, trap_out), GIL released"},
@@ -500,6 +656,21 @@ PyMODINIT_FUNC PyInit__crossing(void) {
     PyObject *addr = PyLong_FromVoidPtr((void *)host_trampoline);
     if (addr == NULL || PyModule_AddObject(m, "HOST_TRAMPOLINE", addr) < 0) {
         Py_XDECREF(addr);
+        Py_DECREF(m);
+        return NULL;
+    }
+    addr = PyLong_FromVoidPtr((void *)typed_trampoline);
+    if (addr == NULL || PyModule_AddObject(m, "TYPED_TRAMPOLINE", addr) < 0) {
+        Py_XDECREF(addr);
+        Py_DECREF(m);
+        return NULL;
+    }
+    str_poisoned = PyUnicode_InternFromString("poisoned");
+    str_unwind = PyUnicode_InternFromString("unwind");
+    str_host_failed = PyUnicode_InternFromString("host_failed");
+    if (str_poisoned == NULL || str_unwind == NULL || str_host_failed == NULL ||
+            PyType_Ready(&HostFnType) < 0 ||
+            PyModule_AddObjectRef(m, "HostFn", (PyObject *)&HostFnType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -1224,3 +1224,16 @@ def test_a_call_the_ticker_forgot_since_its_arm_is_counted_again(tmp_path, cross
         assert isinstance(box.get("exc"), Trap) and box["exc"].kind == "deadline", box
     finally:
         eng.close()
+
+
+def test_integer_host_functions_take_the_typed_c_entry(engine, core, crossing_impl):
+    # On the C crossings a host function with integer parameters and at most one integer result
+    # (every Proxy-Wasm import) is called by _crossing.c's typed entry; the tests above run its
+    # argument, result, failure and unwind rules on both paths.
+    from abi.engine import crossing
+    inst = make(engine, core)
+    typed = [cb for cb in inst._callbacks
+             if crossing._native is not None and isinstance(cb, crossing._native.HostFn)]
+    assert len(typed) == (3 if crossing_impl == "native" else 0)     # h32, h64, hvoid
+    assert inst.export_func("call_h64")(-5) == -5
+    assert inst.export_func("call_h32")(0xFFFFFFFF, 1) == 0xFFFFFFFF
