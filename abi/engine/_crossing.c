@@ -8,8 +8,9 @@
  *
  *   call(ctx, func, args, nargs, trap_out) -> int
  *       wasmtime_func_call_unchecked with the GIL released (other Python threads, e.g. a
- *       build's, run meanwhile), the thread marked as running a guest for the ticker; returns the wasmtime_error_t* as an int (0: none). Same
- *       arguments and result as crossing.py's ctypes prototype ``_call_unchecked``.
+ *       build's, run meanwhile), the thread marked as running a guest for the ticker;
+ *       returns the wasmtime_error_t* as an int (0: none). Same arguments and result as
+ *       crossing.py's ctypes prototype ``_call_unchecked``.
  *   HOST_TRAMPOLINE: address of a wasmtime_func_unchecked_callback_t whose env is a Python
  *       callable; it calls ``env(None, caller, slots, len)`` with the GIL, where ``slots`` is
  *       a writable memoryview over the len * 16 bytes of arguments and results (where the

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import wasmtime as wt
 
-from .binary import Export, Import, _parse_signatures, _to_binary
 from . import crossing
+from .binary import Export, Import, _parse_signatures, _to_binary
 from .crossing import WASMTIME_VERSION
 from .errors import EngineError
 from .ticker import _NativeTicker, _Ticker, new_ticker

@@ -111,9 +111,10 @@ _DeadlineCallback = EXPECTED_SIGNATURES["wasmtime_store_epoch_deadline_callback"
 
 # -- the C fast path (optional) ----------------------------------------------------------
 # _crossing.c does the two hot crossings without ctypes: a guest call (~0.5 us less) and the
-# entry of a host callback; and it runs the epoch ticker without the GIL (ticker.py). Built at install when a C compiler is there (setup.py); without
-# it, or with WASMGATE_PURE_PYTHON=1, the ctypes prototypes above do the same. An Instance
-# picks one when it is created (``USE_NATIVE``; the tests run both).
+# entry of a host callback; and it runs the epoch ticker without the GIL (ticker.py). Built at
+# install when a C compiler is there (setup.py); without it, or with WASMGATE_PURE_PYTHON=1,
+# the ctypes prototypes above (and a Python ticker) do the same. An Instance picks one when it
+# is created (``USE_NATIVE``; the tests run both).
 
 def _load_native():
     if os.environ.get("WASMGATE_PURE_PYTHON"):

@@ -24,7 +24,8 @@ class _StoreState:
     """Mutable per-Store facts read on every crossing; deliberately holds no reference to the
     Instance, so callbacks do not keep it alive."""
 
-    def __init__(self, ctx: int, ticker: _Ticker | _NativeTicker, deadline_ticks: int, module: Module):
+    def __init__(self, ctx: int, ticker: _Ticker | _NativeTicker, deadline_ticks: int,
+                 module: Module):
         self.ctx = ctx
         self.ticker = ticker
         self.deadline_ticks = deadline_ticks
