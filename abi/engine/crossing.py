@@ -24,6 +24,7 @@ import os
 import struct
 import textwrap
 import time
+import warnings
 from ctypes import CFUNCTYPE, POINTER, c_char, c_size_t, c_uint64, c_void_p
 from typing import Any, Callable, Protocol
 
@@ -123,8 +124,18 @@ def _load_native():
         from . import _crossing
     except ImportError:
         return None
+    missing = [n for n in _NATIVE_NAMES if not hasattr(_crossing, n)]
+    if missing:     # built from an older _crossing.c: rebuild (pip install -e . / build_ext)
+        warnings.warn(f"{_crossing.__file__} is stale (no {', '.join(missing)}): using ctypes; "
+                      f"rebuild it with `python setup.py build_ext --inplace`")
+        return None
     _crossing.set_call_target(_addr(_B._wasmtime_func_call_unchecked))
     return _crossing
+
+
+_NATIVE_NAMES = ("call", "set_call_target", "HOST_TRAMPOLINE", "HostFn", "TYPED_TRAMPOLINE",
+                 "ticker_configure", "ticker_add", "ticker_remove", "ticker_register",
+                 "ticker_state", "ticker_enter", "ticker_leave", "charged_ns", "gc_callback")
 
 
 _native = _load_native()
