@@ -20,8 +20,9 @@ The files, innermost first:
 errors.py      the exceptions
 crossing.py    raw ctypes bindings over wasmtime's C API + per-signature code generation
                of guest calls and host callbacks: the hot path
-_crossing.c    optional C of the two hottest entries (guest call, host-callback entry),
-               built at install by setup.py; crossing.py falls back to ctypes without it
+_crossing.c    optional C of the two hottest entries (guest call, host-callback entry) and
+               the epoch ticker thread (no GIL), built at install by setup.py; crossing.py
+               and ticker.py fall back to ctypes and a Python thread without it
 ticker.py      CPU-time deadlines per thread (the epoch ticker, GC time not charged)
 store.py       per-Store state every crossing reads: deadline arming, trap classification
 binary.py      the wasm binary reader (import/export signatures; Import, Export)

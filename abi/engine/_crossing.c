@@ -1,4 +1,5 @@
-/* The two hot crossings of abi/engine/crossing.py in C, without ctypes in between.
+/* The two hot crossings of abi/engine/crossing.py in C, without ctypes in between, and the
+ * epoch ticker of abi/engine/ticker.py as a C thread that never takes the GIL (below).
  *
  * Optional: built at install (setup.py, optional=True); when it is missing, crossing.py does
  * the same through ctypes prototypes (the tests run both). It links against nothing: the
@@ -6,19 +7,30 @@
  * wasmtime-py's library), so this file never needs wasmtime's headers or library.
  *
  *   call(ctx, func, args, nargs, trap_out) -> int
- *       wasmtime_func_call_unchecked with the GIL released (the epoch ticker thread must run
- *       while a guest spins); returns the wasmtime_error_t* as an int (0: none). Same
- *       arguments and result as crossing.py's ctypes prototype ``_call_unchecked``.
+ *       wasmtime_func_call_unchecked with the GIL released (other Python threads, e.g. a
+ *       build's, run meanwhile), the thread marked as running a guest for the ticker;
+ *       returns the wasmtime_error_t* as an int (0: none). Same arguments and result as
+ *       crossing.py's ctypes prototype ``_call_unchecked``.
  *   HOST_TRAMPOLINE: address of a wasmtime_func_unchecked_callback_t whose env is a Python
  *       callable; it calls ``env(None, caller, slots, len)`` with the GIL, where ``slots`` is
  *       a writable memoryview over the len * 16 bytes of arguments and results (where the
  *       ctypes path passes their address, and the callback pays ~0.5 us to wrap it), and
  *       returns its int result (a wasm_trap_t* or 0), as ctypes' CFUNCTYPE closure would.
+ *   HostFn, TYPED_TRAMPOLINE: the same for integer signatures, with the generated callback's
+ *       work done in C too (see "typed host functions" below).
  *   set_call_target(address): the address of wasmtime_func_call_unchecked.
+ *   ticker_*, charged_ns, gc_callback: the epoch ticker (see "the epoch ticker without the
+ *       GIL" below; ticker.py's _NativeTicker drives it).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <errno.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
 
 typedef void *(*call_unchecked_t)(void *ctx, void *func, void *args, size_t nargs, void **trap);
 
@@ -29,6 +41,359 @@ static PyObject *set_call_target(PyObject *self, PyObject *arg) {
     if (p == NULL && PyErr_Occurred())
         return NULL;
     call_target = (call_unchecked_t)p;
+    Py_RETURN_NONE;
+}
+
+
+/* -- the epoch ticker without the GIL ---------------------------------------------------
+ * The same rules as ticker.py's _Ticker (read its docstring first), in a C thread that never
+ * takes the GIL: every TICKER_PERIOD it reads the CPU clock (minus Python GC time) of each
+ * thread that runs guest calls, adds the largest advance to the deadline clock and brings
+ * every registered engine's epoch up to it. What differs, and why:
+ *
+ * - It follows threads, not stores. A thread is counted while a guest call runs on it
+ *   (``calls``, kept by call() below and by enter()/leave() around an instantiation) or while
+ *   it armed a deadline less than REARM ago. The generated Python caller checks the re-arm
+ *   rate limit before call() raises ``calls``, so the ticker may forget the thread in between;
+ *   call() then finds ``live`` cleared and registers the thread again itself (the ticker clears
+ *   ``live`` before it reads ``calls``, call() raises ``calls`` before it reads ``live``:
+ *   sequentially consistent, so one of the two sees the other).
+ * - One ticker thread per process serves every engine (each keeps its own epoch, from the
+ *   deadline clock at its registration). A guest of one engine advances the others too: that
+ *   only makes their deadlines come early, and deadline_reached() (store.py) charges each
+ *   call its own thread's CPU and lets it go on.
+ * - GC time: gc_callback() is in gc.callbacks (ticker.py adds it) and keeps each thread's GC
+ *   time in its slot, where the ticker thread reads it.
+ * - A slot lives as long as its thread (a pthread key's destructor frees it).
+ */
+#define EPOCH_NS 1000000LL          /* ticker.py EPOCH_MS */
+
+typedef void (*increment_epoch_t)(void *engine);
+
+typedef struct slot {               /* one per thread that ever armed a deadline */
+    struct slot *next;
+    clockid_t clock;                /* this thread's CPU clock (the process's if none) */
+    _Atomic int64_t gc_ns;          /* CPU time spent in Python's cyclic GC */
+    _Atomic int64_t gc_started;     /* the CPU clock when a running collection began; 0 */
+    _Atomic int calls;              /* guest calls running on this thread */
+    _Atomic int live;               /* counted by the ticker (changed under mu) */
+    int64_t last;                   /* charged reading at the last tick (under mu) */
+    int64_t armed_ns;               /* CLOCK_MONOTONIC of the last arm (under mu) */
+} slot;
+
+typedef struct engine_ref {
+    struct engine_ref *next;
+    void *engine;                   /* wasm_engine_t* */
+    int64_t base;                   /* deadline clock (epochs) at registration */
+    int64_t epoch;                  /* epochs this ticker added to it */
+} engine_ref;
+
+static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t wake_cv = PTHREAD_COND_INITIALIZER;
+static slot *slots;
+static engine_ref *engines;
+static int64_t cpu_ns;              /* the deadline clock: CPU ns charged to guest calls */
+static int idle = 1;
+static int thread_started;
+static int64_t period_ns = 2000000, rearm_ns = 2000000;
+static increment_epoch_t increment_epoch;
+static pthread_key_t slot_key;
+static __thread slot *my_slot;
+
+static int64_t read_ns(clockid_t clock) {   /* -1: the clock is gone (its thread exited) */
+    struct timespec ts;
+    if (clock_gettime(clock, &ts) != 0)
+        return -1;
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/* A thread's CPU time minus its GC time; a running collection stands still at its start.
+ * gc_callback() stores gc_ns before it clears gc_started, and this loads them the other way
+ * round: a reading may come out low for one tick (the next makes up for it), never high. */
+static int64_t charged(slot *s) {
+    int64_t now = read_ns(s->clock);
+    if (now < 0)
+        return -1;
+    int64_t started = atomic_load(&s->gc_started);
+    return (started ? started : now) - atomic_load(&s->gc_ns);
+}
+
+static int64_t pending_locked(void) {       /* CPU charged since the last tick */
+    int64_t step = 0;
+    for (slot *s = slots; s; s = s->next) {
+        if (!atomic_load(&s->live))
+            continue;
+        int64_t r = charged(s);
+        if (r >= 0 && r - s->last > step)
+            step = r - s->last;
+    }
+    return step;
+}
+
+static int any_live_locked(void) {
+    if (engines == NULL)
+        return 0;
+    for (slot *s = slots; s; s = s->next)
+        if (atomic_load(&s->live))
+            return 1;
+    return 0;
+}
+
+static void tick_locked(void) {
+    int64_t now = read_ns(CLOCK_MONOTONIC), step = 0;
+    for (slot *s = slots; s; s = s->next) {
+        if (!atomic_load(&s->live))
+            continue;
+        atomic_store(&s->live, 0);          /* before reading calls: see call() */
+        if (atomic_load(&s->calls) == 0 && now - s->armed_ns > rearm_ns)
+            continue;                       /* no call on that thread: forget it */
+        int64_t r = charged(s);
+        if (r < 0)
+            continue;                       /* the thread has exited */
+        atomic_store(&s->live, 1);
+        if (r - s->last > step)
+            step = r - s->last;
+        s->last = r;
+    }
+    cpu_ns += step;
+    int64_t target = cpu_ns / EPOCH_NS;
+    for (engine_ref *e = engines; e; e = e->next)
+        while (e->epoch < target - e->base) {
+            increment_epoch(e->engine);     /* an atomic add in wasmtime */
+            e->epoch++;
+        }
+}
+
+static void *ticker_main(void *arg) {
+    (void)arg;
+    pthread_mutex_lock(&mu);
+    for (;;) {
+        while (!any_live_locked()) {        /* nothing to count: nap until an arm */
+            idle = 1;
+            pthread_cond_wait(&wake_cv, &mu);
+        }
+        idle = 0;
+        pthread_mutex_unlock(&mu);
+        struct timespec ts = {0, (long)period_ns};
+        while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
+            ;
+        pthread_mutex_lock(&mu);
+        tick_locked();
+    }
+    return NULL;
+}
+
+/* Count this thread again from now (mu held). */
+static void revive_locked(slot *s) {
+    if (!atomic_load(&s->live)) {
+        int64_t r = charged(s);
+        s->last = r < 0 ? 0 : r;
+        atomic_store(&s->live, 1);
+    }
+    s->armed_ns = read_ns(CLOCK_MONOTONIC);
+    if (idle)
+        pthread_cond_signal(&wake_cv);
+}
+
+static void slot_gone(void *p) {            /* pthread key destructor: the thread exits */
+    pthread_mutex_lock(&mu);
+    for (slot **pp = &slots; *pp; pp = &(*pp)->next)
+        if (*pp == p) {
+            *pp = ((slot *)p)->next;
+            break;
+        }
+    pthread_mutex_unlock(&mu);
+    free(p);
+}
+
+static slot *this_slot(void) {              /* NULL: out of memory (exception set) */
+    slot *s = my_slot;
+    if (s != NULL)
+        return s;
+    s = calloc(1, sizeof(slot));
+    if (s == NULL) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    if (pthread_getcpuclockid(pthread_self(), &s->clock) != 0)
+        s->clock = CLOCK_PROCESS_CPUTIME_ID;    /* others' CPU counts too: early, never late */
+    pthread_setspecific(slot_key, s);
+    pthread_mutex_lock(&mu);
+    s->next = slots;
+    slots = s;
+    pthread_mutex_unlock(&mu);
+    my_slot = s;
+    return s;
+}
+
+static void after_fork_child(void) {        /* only the forking thread survives */
+    pthread_mutex_init(&mu, NULL);
+    pthread_cond_init(&wake_cv, NULL);
+    thread_started = 0;
+    idle = 1;
+}
+
+static int start_locked(void) {
+    if (thread_started)
+        return 0;
+    pthread_t t;
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    int rc = pthread_create(&t, &attr, ticker_main, NULL);
+    pthread_attr_destroy(&attr);
+    if (rc != 0) {
+        errno = rc;
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    thread_started = 1;
+    return 0;
+}
+
+static PyObject *ticker_configure(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError,
+                        "ticker_configure(increment_epoch_address, period_ns, rearm_ns)");
+        return NULL;
+    }
+    void *p = PyLong_AsVoidPtr(args[0]);
+    long long period = PyLong_AsLongLong(args[1]), rearm = PyLong_AsLongLong(args[2]);
+    if (PyErr_Occurred())
+        return NULL;
+    pthread_mutex_lock(&mu);
+    increment_epoch = (increment_epoch_t)p;
+    period_ns = period;
+    rearm_ns = rearm;
+    pthread_mutex_unlock(&mu);
+    Py_RETURN_NONE;
+}
+
+static PyObject *ticker_add(PyObject *self, PyObject *arg) {
+    void *engine = PyLong_AsVoidPtr(arg);
+    if (engine == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "null engine");
+        return NULL;
+    }
+    if (increment_epoch == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "ticker_configure() was not called");
+        return NULL;
+    }
+    engine_ref *e = calloc(1, sizeof(engine_ref));
+    if (e == NULL)
+        return PyErr_NoMemory();
+    e->engine = engine;
+    pthread_mutex_lock(&mu);
+    if (start_locked() < 0) {
+        pthread_mutex_unlock(&mu);
+        free(e);
+        return NULL;
+    }
+    e->base = cpu_ns / EPOCH_NS;
+    e->next = engines;
+    engines = e;
+    pthread_mutex_unlock(&mu);
+    Py_RETURN_NONE;
+}
+
+static PyObject *ticker_remove(PyObject *self, PyObject *arg) {
+    void *engine = PyLong_AsVoidPtr(arg);
+    if (engine == NULL && PyErr_Occurred())
+        return NULL;
+    engine_ref *gone = NULL;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&mu);                /* after this, the ticker never touches it */
+    for (engine_ref **pp = &engines; *pp; pp = &(*pp)->next)
+        if ((*pp)->engine == engine) {
+            gone = *pp;
+            *pp = gone->next;
+            break;
+        }
+    pthread_mutex_unlock(&mu);
+    Py_END_ALLOW_THREADS
+    free(gone);
+    Py_RETURN_NONE;
+}
+
+static engine_ref *find_locked(void *engine) {
+    for (engine_ref *e = engines; e; e = e->next)
+        if (e->engine == engine)
+            return e;
+    return NULL;
+}
+
+/* register() -> lag: count this thread's CPU from now on (a deadline is being armed);
+ * returns how far the epoch may still jump at once (ms), as _Ticker.register does. */
+static PyObject *ticker_register(PyObject *self, PyObject *noarg) {
+    slot *s = this_slot();
+    if (s == NULL)
+        return NULL;
+    pthread_mutex_lock(&mu);
+    revive_locked(s);
+    int64_t lag = (cpu_ns + pending_locked()) / EPOCH_NS - cpu_ns / EPOCH_NS;
+    pthread_mutex_unlock(&mu);
+    return PyLong_FromLongLong(lag);
+}
+
+/* state(engine) -> (epoch, now_ms, idle): the engine's epoch, the deadline clock in that
+ * engine's epochs (the epoch never runs ahead of it), whether the ticker naps. */
+static PyObject *ticker_state(PyObject *self, PyObject *arg) {
+    void *engine = PyLong_AsVoidPtr(arg);
+    if (engine == NULL && PyErr_Occurred())
+        return NULL;
+    pthread_mutex_lock(&mu);
+    engine_ref *e = find_locked(engine);
+    long long epoch = e ? e->epoch : 0, base = e ? e->base : 0;
+    long long now = (cpu_ns + pending_locked()) / EPOCH_NS - base;
+    int napping = idle;
+    pthread_mutex_unlock(&mu);
+    return Py_BuildValue("(LLO)", epoch, now, napping ? Py_True : Py_False);
+}
+
+/* enter()/leave(): a guest runs on this thread outside call() (instantiation through
+ * wasmtime-py runs the start function): keep the thread counted meanwhile. */
+static PyObject *ticker_enter(PyObject *self, PyObject *noarg) {
+    slot *s = this_slot();
+    if (s == NULL)
+        return NULL;
+    atomic_fetch_add(&s->calls, 1);
+    Py_RETURN_NONE;
+}
+
+static PyObject *ticker_leave(PyObject *self, PyObject *noarg) {
+    slot *s = my_slot;
+    if (s != NULL)
+        atomic_fetch_sub(&s->calls, 1);
+    Py_RETURN_NONE;
+}
+
+/* charged_ns(): this thread's deadline clock, as the ticker reads it. */
+static PyObject *charged_ns(PyObject *self, PyObject *noarg) {
+    slot *s = my_slot;
+    int64_t r = s ? charged(s) : read_ns(CLOCK_THREAD_CPUTIME_ID);
+    if (r < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    return PyLong_FromLongLong(r);
+}
+
+/* gc.callbacks entry: count this thread's time in the cyclic GC (threads with a slot). */
+static PyObject *gc_callback(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    slot *s = my_slot;
+    if (s == NULL || nargs < 1 || !PyUnicode_Check(args[0]))
+        Py_RETURN_NONE;
+    int64_t now = read_ns(s->clock);
+    if (now < 0)
+        Py_RETURN_NONE;
+    if (PyUnicode_READ_CHAR(args[0], 2) == 'a') {       /* "start" */
+        atomic_store(&s->gc_started, now);
+    } else {                                            /* "stop" */
+        int64_t started = atomic_load(&s->gc_started);
+        if (started) {
+            atomic_fetch_add(&s->gc_ns, now - started);
+            atomic_store(&s->gc_started, 0);
+        }
+    }
     Py_RETURN_NONE;
 }
 
@@ -48,10 +413,21 @@ static PyObject *call(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     void **trap = (void **)PyLong_AsVoidPtr(args[4]);
     if (PyErr_Occurred())
         return NULL;
+    slot *s = my_slot;              /* NULL: this thread never armed (the Python ticker) */
+    if (s != NULL) {
+        atomic_fetch_add(&s->calls, 1);
+        if (!atomic_load(&s->live)) {       /* forgotten since the arm: count it again */
+            pthread_mutex_lock(&mu);
+            revive_locked(s);
+            pthread_mutex_unlock(&mu);
+        }
+    }
     void *err;
     Py_BEGIN_ALLOW_THREADS
     err = call_target(ctx, func, vals, n, trap);
     Py_END_ALLOW_THREADS
+    if (s != NULL)
+        atomic_fetch_sub(&s->calls, 1);
     return PyLong_FromVoidPtr(err);
 }
 
@@ -89,11 +465,174 @@ static void *host_trampoline(void *env, void *caller, void *vals, size_t n) {
     return trap;
 }
 
+
+/* -- typed host functions: the whole callback in C ---------------------------------------
+ * HostFn(st, fn, params, result) is what a generated callback does (crossing.py's
+ * _HOST_CALLBACK_SRC) for the common signatures: i32/i64 parameters (params: "I" per i32,
+ * "q" per i64) and at most one i32/i64 result ("I", "Q" or ""). TYPED_TRAMPOLINE, with a
+ * HostFn as env, reads the arguments from the slots (i32 unsigned, i64 signed), calls fn,
+ * writes the result masked to its width, then asks st: a failure goes to st.host_failed(exc),
+ * a store poisoned meanwhile to st.unwind(). No Python frame, memoryview or struct per call. */
+#define MAX_TYPED_PARAMS 16
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *st;
+    PyObject *fn;
+    int nparams;
+    char params[MAX_TYPED_PARAMS];
+    char result;                    /* 0, 'I' or 'Q' */
+} HostFn;
+
+static PyObject *str_poisoned, *str_unwind, *str_host_failed;
+
+static int hostfn_init(HostFn *self, PyObject *args, PyObject *kw) {
+    PyObject *st, *fn;
+    const char *params, *result;
+    if (!PyArg_ParseTuple(args, "OOss", &st, &fn, &params, &result))
+        return -1;
+    size_t np = strlen(params);
+    if (np > MAX_TYPED_PARAMS || strspn(params, "Iq") != np || strlen(result) > 1 ||
+            strspn(result, "IQ") != strlen(result)) {
+        PyErr_SetString(PyExc_ValueError, "HostFn: params of I/q (at most 16), result I, Q or ''");
+        return -1;
+    }
+    Py_INCREF(st);
+    Py_INCREF(fn);
+    Py_XSETREF(self->st, st);
+    Py_XSETREF(self->fn, fn);
+    self->nparams = (int)np;
+    memcpy(self->params, params, np);
+    self->result = result[0];
+    return 0;
+}
+
+static int hostfn_traverse(HostFn *self, visitproc visit, void *arg) {
+    Py_VISIT(self->st);
+    Py_VISIT(self->fn);
+    return 0;
+}
+
+static int hostfn_clear(HostFn *self) {
+    Py_CLEAR(self->st);
+    Py_CLEAR(self->fn);
+    return 0;
+}
+
+static void hostfn_dealloc(HostFn *self) {
+    PyObject_GC_UnTrack(self);
+    hostfn_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyTypeObject HostFnType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "abi.engine._crossing.HostFn",
+    .tp_basicsize = sizeof(HostFn),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "HostFn(st, fn, params, result): a host function TYPED_TRAMPOLINE calls",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)hostfn_init,
+    .tp_traverse = (traverseproc)hostfn_traverse,
+    .tp_clear = (inquiry)hostfn_clear,
+    .tp_dealloc = (destructor)hostfn_dealloc,
+};
+
+/* The trap to return for what st answers (an int address or 0); never raises. */
+static void *trap_from(PyObject *r, HostFn *h) {
+    void *trap = NULL;
+    if (r != NULL) {
+        if (r != Py_None) {
+            trap = PyLong_AsVoidPtr(r);
+            if (trap == NULL && PyErr_Occurred())
+                PyErr_WriteUnraisable(h->st);
+        }
+        Py_DECREF(r);
+    } else {
+        PyErr_WriteUnraisable(h->st);   /* st.host_failed/unwind never raise: a bug of ours */
+    }
+    return trap;
+}
+
+static void *typed_trampoline(void *env, void *caller, void *vals, size_t n) {
+    HostFn *h = (HostFn *)env;
+    PyGILState_STATE gil = PyGILState_Ensure();
+    unsigned char *slot = (unsigned char *)vals;
+    void *trap = NULL;
+    PyObject *argv[MAX_TYPED_PARAMS];
+    int i, made = 0;
+    PyObject *r = NULL;
+    for (; made < h->nparams; made++) {
+        unsigned char *p = slot + 16 * made;
+        argv[made] = h->params[made] == 'I' ? PyLong_FromUnsignedLong(*(uint32_t *)p)
+                                            : PyLong_FromLongLong(*(int64_t *)p);
+        if (argv[made] == NULL)
+            break;
+    }
+    if (made == h->nparams)
+        r = PyObject_Vectorcall(h->fn, argv, (size_t)h->nparams, NULL);
+    for (i = 0; i < made; i++)
+        Py_DECREF(argv[i]);
+    if (r != NULL && h->result) {
+        if (!PyLong_Check(r)) {
+            PyErr_Format(PyExc_TypeError, "host function returned %.100s, not an int",
+                         Py_TYPE(r)->tp_name);
+            Py_CLEAR(r);
+        } else {
+            unsigned long long v = PyLong_AsUnsignedLongLongMask(r);
+            Py_CLEAR(r);
+            if (!(v == (unsigned long long)-1 && PyErr_Occurred())) {
+                memset(slot, 0, 16);
+                if (h->result == 'I')
+                    *(uint32_t *)slot = (uint32_t)v;
+                else
+                    *(uint64_t *)slot = (uint64_t)v;
+                r = Py_NewRef(Py_None);
+            }
+        }
+    }
+    if (r == NULL) {                    /* as ``except BaseException as e: st.host_failed(e)`` */
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        PyErr_NormalizeException(&type, &value, &tb);
+        if (tb != NULL && value != NULL)
+            PyException_SetTraceback(value, tb);
+        trap = trap_from(PyObject_CallMethodOneArg(h->st, str_host_failed,
+                                                   value ? value : Py_None), h);
+        Py_XDECREF(type);
+        Py_XDECREF(value);
+        Py_XDECREF(tb);
+    } else {
+        Py_DECREF(r);
+        PyObject *poisoned = PyObject_GetAttr(h->st, str_poisoned);
+        int yes = poisoned == NULL ? -1 : PyObject_IsTrue(poisoned);
+        Py_XDECREF(poisoned);
+        if (yes < 0)
+            PyErr_WriteUnraisable(h->st);
+        else if (yes)
+            trap = trap_from(PyObject_CallMethodNoArgs(h->st, str_unwind), h);
+    }
+    PyGILState_Release(gil);
+    return trap;
+}
+
 static PyMethodDef methods[] = {
     {"call", (PyCFunction)(void (*)(void))call, METH_FASTCALL,
      "wasmtime_func_call_unchecked(ctx, func, args, nargs, trap_out), GIL released"},
     {"set_call_target", set_call_target, METH_O,
      "the address of wasmtime_func_call_unchecked"},
+    {"ticker_configure", (PyCFunction)(void (*)(void))ticker_configure, METH_FASTCALL,
+     "the address of wasmtime_engine_increment_epoch, the tick period and re-arm rate (ns)"},
+    {"ticker_add", ticker_add, METH_O, "tick this wasm_engine_t* (starts the ticker thread)"},
+    {"ticker_remove", ticker_remove, METH_O, "stop ticking this wasm_engine_t*"},
+    {"ticker_register", ticker_register, METH_NOARGS,
+     "count this thread's CPU (a deadline is armed); returns the epoch's lag (ms)"},
+    {"ticker_state", ticker_state, METH_O, "(epoch, now_ms, idle) of a wasm_engine_t*"},
+    {"ticker_enter", ticker_enter, METH_NOARGS, "a guest runs on this thread outside call()"},
+    {"ticker_leave", ticker_leave, METH_NOARGS, "the end of ticker_enter()'s guest run"},
+    {"charged_ns", charged_ns, METH_NOARGS, "this thread's CPU ns minus its GC time"},
+    {"gc_callback", (PyCFunction)(void (*)(void))gc_callback, METH_FASTCALL,
+     "for gc.callbacks: counts each thread's GC time"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -103,12 +642,36 @@ static struct PyModuleDef module = {
 };
 
 PyMODINIT_FUNC PyInit__crossing(void) {
+    static int once;
+    if (!once) {
+        if (pthread_key_create(&slot_key, slot_gone) != 0) {
+            PyErr_SetString(PyExc_RuntimeError, "pthread_key_create failed");
+            return NULL;
+        }
+        pthread_atfork(NULL, NULL, after_fork_child);
+        once = 1;
+    }
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
     PyObject *addr = PyLong_FromVoidPtr((void *)host_trampoline);
     if (addr == NULL || PyModule_AddObject(m, "HOST_TRAMPOLINE", addr) < 0) {
         Py_XDECREF(addr);
+        Py_DECREF(m);
+        return NULL;
+    }
+    addr = PyLong_FromVoidPtr((void *)typed_trampoline);
+    if (addr == NULL || PyModule_AddObject(m, "TYPED_TRAMPOLINE", addr) < 0) {
+        Py_XDECREF(addr);
+        Py_DECREF(m);
+        return NULL;
+    }
+    str_poisoned = PyUnicode_InternFromString("poisoned");
+    str_unwind = PyUnicode_InternFromString("unwind");
+    str_host_failed = PyUnicode_InternFromString("host_failed");
+    if (str_poisoned == NULL || str_unwind == NULL || str_host_failed == NULL ||
+            PyType_Ready(&HostFnType) < 0 ||
+            PyModule_AddObjectRef(m, "HostFn", (PyObject *)&HostFnType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

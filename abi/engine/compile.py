@@ -10,12 +10,19 @@ from pathlib import Path
 
 import wasmtime as wt
 
+from . import crossing
 from .binary import Export, Import, _parse_signatures, _to_binary
 from .crossing import WASMTIME_VERSION
 from .errors import EngineError
-from .ticker import _Ticker
+from .ticker import _NativeTicker, _Ticker, new_ticker
 
 _CACHE_MAGIC = b"WGCWASM1"    # our cache-file header: magic + sha256(payload) + payload
+
+
+def _stop_tickers(tickers: dict, lock: threading.Lock) -> None:
+    with lock:
+        for ticker in tickers.values():
+            ticker.stop()
 
 
 def _default_cache_dir() -> Path:
@@ -35,8 +42,25 @@ class Engine:
         self._wt = wt.Engine(cfg)
         self.version = WASMTIME_VERSION
         self.cache_dir = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
-        self._ticker = _Ticker(self._wt)
-        self._finalizer = weakref.finalize(self, self._ticker.stop)
+        # The ticker follows the crossings (_crossing.c's call() marks what its ticker counts);
+        # made at the first instance of each kind, so an idle engine has no thread.
+        self._tickers: dict[bool, _Ticker | _NativeTicker] = {}
+        self._tickers_lock = threading.Lock()
+        self._finalizer = weakref.finalize(self, _stop_tickers, self._tickers,
+                                           self._tickers_lock)
+
+    def ticker(self, native: bool) -> _Ticker | _NativeTicker:
+        """The epoch ticker for instances on the C crossings (``native``) or on ctypes."""
+        with self._tickers_lock:
+            ticker = self._tickers.get(native)
+            if ticker is None:
+                ticker = self._tickers[native] = new_ticker(self._wt, native)
+            return ticker
+
+    @property
+    def _ticker(self) -> _Ticker | _NativeTicker:
+        """The ticker an instance made now would use."""
+        return self.ticker(crossing.USE_NATIVE)
 
     def close(self) -> None:
         """Stop the epoch ticker (instances of this engine then never hit their deadline)."""

@@ -152,7 +152,7 @@ class Instance:
         # otherwise a table.grow could allocate gigabytes outside the memory cap.
         self._store.set_limits(memory_size=memory_limit_bytes,
                                table_elements=max(TABLE_ELEMENTS_FLOOR, memory_limit_bytes // 8))
-        self._st = st = _StoreState(_addr(self._store._context()), engine._ticker,
+        self._st = st = _StoreState(_addr(self._store._context()), engine.ticker(self._native),
                                     self._ticks(deadline_ms), module)
         on_deadline = _DeadlineCallback(lambda ctx, env, delta_p, kind_p:
                                         st.deadline_reached(delta_p, kind_p))
@@ -271,6 +271,7 @@ class Instance:
             self._set_boot(self._resolve_exports)
         callback_ticks, st.deadline_ticks = st.deadline_ticks, deadline_ticks
         st.depth += 1               # the start function may call host functions; before arm()
+        st.ticker.enter()           # wasmtime-py runs the start function, not our caller
         wt_trap = wt_err = None
         try:
             st.arm()
@@ -282,6 +283,7 @@ class Instance:
                 raise EngineError(f"instantiation failed: {_short_message(str(e))}") from None
             wt_err = e
         finally:
+            st.ticker.leave()
             st.depth -= 1
             st.deadline_ticks = callback_ticks
             st.armed_at = -1e9      # the first call arms its own deadline

@@ -12,7 +12,7 @@ from wasmtime._trap import Frame, FrameList
 
 from .crossing import _new_error, _new_trap, _set_epoch_deadline
 from .errors import HostTrap, Trap
-from .ticker import _EPOCH_NS, _charged_cpu_ns, _Ticker
+from .ticker import _EPOCH_NS, _NativeTicker, _Ticker
 
 if TYPE_CHECKING:
     from .compile import Module
@@ -24,7 +24,8 @@ class _StoreState:
     """Mutable per-Store facts read on every crossing; deliberately holds no reference to the
     Instance, so callbacks do not keep it alive."""
 
-    def __init__(self, ctx: int, ticker: _Ticker, deadline_ticks: int, module: Module):
+    def __init__(self, ctx: int, ticker: _Ticker | _NativeTicker, deadline_ticks: int,
+                 module: Module):
         self.ctx = ctx
         self.ticker = ticker
         self.deadline_ticks = deadline_ticks
@@ -47,12 +48,9 @@ class _StoreState:
         The deadline is counted from the engine epoch, which may lag the clock and then jump:
         adding the current lag keeps that jump from eating into this deadline.
         """
-        ticker = self.ticker
-        self.arm_cpu_ns = _charged_cpu_ns()
+        self.arm_cpu_ns = self.ticker.charged_ns()
         self.budget_ns = self.deadline_ticks * _EPOCH_NS
-        _set_epoch_deadline(self.ctx, self.deadline_ticks + ticker.register(self))
-        if ticker.idle:
-            ticker.wake()
+        _set_epoch_deadline(self.ctx, self.deadline_ticks + self.ticker.register(self))
 
     # Called by the engine on the thread running the call (a ctypes callback): never raises.
     def deadline_reached(self, delta_p, kind_p) -> int:
@@ -60,7 +58,7 @@ class _StoreState:
         guest thread (see _Ticker): only the CPU of this thread since the arm counts. Some
         left: go on, checking again once the epoch has advanced that much; none: trap."""
         try:
-            left = self.budget_ns - (_charged_cpu_ns() - self.arm_cpu_ns)
+            left = self.budget_ns - (self.ticker.charged_ns() - self.arm_cpu_ns)
             if left > 0:
                 delta_p[0] = -(-left // _EPOCH_NS)
                 kind_p[0] = _UPDATE_DEADLINE_CONTINUE

@@ -1,5 +1,9 @@
 """CPU-time deadlines per thread: the epoch ticker (see ``_Ticker``) and the deadline clock of
-the calling thread (its CPU time minus its time in Python's cyclic GC)."""
+the calling thread (its CPU time minus its time in Python's cyclic GC).
+
+Two tickers with the same rules: ``_NativeTicker`` (a C thread of _crossing.c, no GIL), used
+with the C crossings, and ``_Ticker`` (a Python thread), with the ctypes ones. An Engine makes
+the one its instances need (``Engine.ticker``)."""
 from __future__ import annotations
 
 import gc
@@ -9,6 +13,7 @@ from typing import Any
 
 import wasmtime as wt
 
+from . import crossing
 from .crossing import REARM_S, CallState, _addr, _increment_epoch
 
 EPOCH_MS = 1                  # one epoch = 1 ms of CPU time; deadlines count these ticks
@@ -58,7 +63,10 @@ class _Ticker:
     finalizers run Python code).
 
     Holds only the wasmtime engine, so our Engine can be collected (its finalizer stops us).
+    The ticker of the ctypes crossings; with _crossing.c, ``_NativeTicker`` does the same
+    without the GIL.
     """
+    native = False
 
     def __init__(self, wt_engine: wt.Engine):
         self.epoch = 0              # engine epoch, published after the engine has reached it
@@ -91,7 +99,20 @@ class _Ticker:
                 self._last[clock] = reading
             self._calls[st] = clock
             st.armed_at = time.monotonic()
-            return max(0, self._target(self._pending_ns()) - self.epoch)
+            lag = max(0, self._target(self._pending_ns()) - self.epoch)
+        # After adding under the lock: either _tick saw the store, or we see idle (see _run).
+        if self.idle:
+            self._wake.set()
+        return lag
+
+    def charged_ns(self) -> int:
+        return _charged_cpu_ns()
+
+    def enter(self) -> None:
+        """A guest runs on this thread outside the generated callers (instantiation): the
+        caller keeps its store's ``depth`` raised, which is what this ticker reads."""
+
+    leave = enter
 
     def now_ms(self) -> int:
         with self._lock:
@@ -157,12 +178,58 @@ class _Ticker:
                     self._wake.wait()
                 self.idle = False
 
-    def wake(self) -> None:
-        self._wake.set()
-
     def stop(self) -> None:
         self._stopped = True
         self._wake.set()
+
+
+class _NativeTicker:
+    """_Ticker's rules in _crossing.c's ticker thread, which never takes the GIL (a Python
+    thread waking every TICKER_PERIOD_S took the GIL from the event loop and cost futex
+    round trips). One C thread per process ticks every engine; it counts a thread while a guest
+    call runs on it (call() marks it) or while it armed a deadline less than REARM_S ago, and
+    reads the GC time that ``_native.gc_callback`` counts. See "the epoch ticker without the
+    GIL" in _crossing.c for what differs from _Ticker and why.
+
+    Keeps the wasmtime engine alive until stop(): the C thread increments its epoch."""
+    native = True
+
+    def __init__(self, wt_engine: wt.Engine):
+        native = crossing._native
+        self._wt: wt.Engine | None = wt_engine
+        self._ptr = _addr(wt_engine.ptr())
+        self._native = native
+        native.ticker_add(self._ptr)
+        self.charged_ns = native.charged_ns
+        self.enter = native.ticker_enter
+        self.leave = native.ticker_leave
+        self._register = native.ticker_register
+
+    def register(self, st: CallState) -> int:
+        st.armed_at = time.monotonic()
+        return self._register()
+
+    @property
+    def epoch(self) -> int:
+        return self._native.ticker_state(self._ptr)[0]
+
+    def now_ms(self) -> int:
+        return self._native.ticker_state(self._ptr)[1]
+
+    @property
+    def idle(self) -> bool:
+        return self._native.ticker_state(self._ptr)[2]
+
+    def stop(self) -> None:
+        if self._wt is not None:
+            self._native.ticker_remove(self._ptr)
+            self._wt = None
+
+
+def new_ticker(wt_engine: wt.Engine, native: bool) -> _Ticker | _NativeTicker:
+    """The ticker for the crossings an instance uses (crossing.USE_NATIVE when it is made):
+    _crossing.c's call() marks the calls _NativeTicker counts."""
+    return _NativeTicker(wt_engine) if native else _Ticker(wt_engine)
 
 
 class _GcTime:
@@ -203,6 +270,10 @@ def _gc_callback(phase: str, info: dict, _now=time.thread_time_ns, _local=_gc_lo
 
 
 gc.callbacks.append(_gc_callback)
+if crossing._native is not None:
+    crossing._native.ticker_configure(_addr(crossing._B._wasmtime_engine_increment_epoch),
+                                      round(TICKER_PERIOD_S * 1e9), round(REARM_S * 1e9))
+    gc.callbacks.append(crossing._native.gc_callback)
 
 
 def _thread_cpu_clock() -> int:
