@@ -5,6 +5,8 @@
     python -m bench.chain_profile --filters auth  # any subset / order of the bench filters
     python -m bench.chain_profile -n 20000 -r 7   # requests per run, runs (best and median shown)
     python -m bench.chain_profile --dist DIR      # the same filters built elsewhere (e.g. opt-level 3)
+    python -m bench.chain_profile --dist B --against A   # the filters of two builds, runs
+                                                  # interleaved (A = e.g. main's filters/dist)
     python -m bench.chain_profile --breakdown     # time inside each guest callback (host calls
                                                   # excluded) and each host function, per request
     python -m bench.chain_profile --wasm F.wasm --config 'add-header x-a b' [--root-id ID]
@@ -253,6 +255,9 @@ async def main_async(args) -> None:
         if args.store == "shm":
             await store_cost(loaded, extra, names, args)
             return
+        if args.against:
+            await dist_cost(host, loaded, extra, names, args)
+            return
         base = [await run(empty, [], args.n) for _ in range(args.repeats)]
         chain = [await run(host, names, args.n, expect_request=expect) for _ in range(args.repeats)]
         if stats is not None:
@@ -339,12 +344,37 @@ async def store_cost(loaded: list[str], extra: list[FilterSpec], names: list[str
           f"ratio {statistics.median(on_shm) / statistics.median(local):.3f}")
 
 
+async def dist_cost(host, loaded: list[str], extra: list[FilterSpec], names: list[str], args) -> None:
+    """The filters of --against (A) and of --dist (B), paired runs in one process: what a
+    rebuild of the guest code (compiler options, SDK or filter changes) buys per request."""
+    base_host = await load(loaded, Path(args.against), extra)
+    try:
+        expect = args.expect_header
+        await run(base_host, names, min(2000, args.n), expect_request=expect)   # warm up
+        a, b = [], []
+        for r in range(args.repeats):
+            # Which of the pair runs first alternates, so a drift favours neither.
+            pair = [(a, base_host), (b, host)]
+            for out, h in (pair[::-1] if r % 2 else pair):
+                out.append(await run(h, names, args.n, expect_request=expect))
+    finally:
+        await base_host.close()
+    diffs = [y - x for x, y in zip(a, b)]
+    print(f"filters: {' -> '.join(names)}   {args.n} requests x {args.repeats} run pairs (A/B)")
+    print(f"  A {args.against}: best {min(a):7.1f} µs/request   median {statistics.median(a):7.1f}")
+    print(f"  B {args.dist}: best {min(b):7.1f} µs/request   median {statistics.median(b):7.1f}")
+    print(f"  B - A: {statistics.median(diffs):+.1f} µs/request (median of pair differences; "
+          f"pairs {' '.join(f'{d:+.1f}' for d in diffs)}), ratio {statistics.median(b) / statistics.median(a):.3f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("-n", type=int, default=10000, help="requests per run")
     p.add_argument("-r", "--repeats", type=int, default=5)
     p.add_argument("--filters", default="", help="comma-separated, default auth,ratelimit,headers")
     p.add_argument("--dist", default=str(DIST), help="directory of the .wasm files (default filters/dist)")
+    p.add_argument("--against", metavar="DIR",
+                   help="A/B: these .wasm files (A) vs --dist's (B), runs interleaved")
     p.add_argument("--wasm", help="profile this module (after any --filters), e.g. a filters/examples build")
     p.add_argument("--config", default="", help="--wasm's plugin configuration, sent as is")
     p.add_argument("--root-id", default="", help="--wasm's root_id (AssemblyScript/C++ SDKs)")
