@@ -265,24 +265,9 @@ class Chain:
     def trace_phases(self) -> list[tuple[str, str, str, int, int, int]]:
         return self.trace.phases() if self.trace is not None else []
 
-    def _open(self, i: int) -> bool:
-        f = self.filters[i]
-        try:
-            ctx = f.new_http_context(self)
-        except FilterFailure:
-            ctx = None
-        if ctx is None:
-            self._fail(i)
-            return False
-        self.ctxs[i] = ctx
-        return True
-
-    def _headers(self, i: int, direction: int, eos: bool) -> int:
-        f = self.filters[i]
+    def _headers(self, i: int, f: Filter, ctx: HttpContext, direction: int, eos: bool) -> int:
+        """Filter i's (`f`, context `ctx`, which exports the callback) headers callback."""
         name = HEADERS_CB[direction]
-        if not f.has(name):
-            return CONTINUE
-        ctx = self.ctxs[i]
         hmap = self.request_headers if direction == REQUEST else self.response_headers
         ctx.resumed[direction] = False
         # _invoke, inlined (six times per request)
@@ -364,10 +349,17 @@ class Chain:
         # The chunk pipeline is built only once a filter needs the body.
         src: Chunks | None = None
         touched = False
+        ctxs = self.ctxs
         for i, f in enumerate(self.filters):
-            if not self._open(i):
+            try:                                 # _open, inlined
+                ctx = f.new_http_context(self)
+            except FilterFailure:
+                ctx = None
+            if ctx is None:
+                self._fail(i)
                 continue
-            state = self._headers(i, REQUEST, eos)
+            ctxs[i] = ctx
+            state = self._headers(i, f, ctx, REQUEST, eos) if f.on_headers[REQUEST] else CONTINUE
             staged = False
             if state == PAUSED:
                 if not eos and f.spec.deliver_body_while_paused and f.has(BODY_CB[REQUEST]):
@@ -523,11 +515,15 @@ class Chain:
         eos = body is None or length == 0
         src: Chunks | None = None                # built only once a filter needs the body
         touched = False
-        for i in range(len(self.filters) - 1, -1, -1):
-            if self.ctxs[i] is None or self.skipped[i]:
+        ctxs = self.ctxs
+        skipped = self.skipped
+        filters = self.filters
+        for i in range(len(filters) - 1, -1, -1):
+            ctx = ctxs[i]
+            if ctx is None or skipped[i]:
                 continue
-            f = self.filters[i]
-            state = self._headers(i, RESPONSE, eos)
+            f = filters[i]
+            state = self._headers(i, f, ctx, RESPONSE, eos) if f.on_headers[RESPONSE] else CONTINUE
             if state == PAUSED:
                 await self._wait(i, RESPONSE)
             if not eos and not self.skipped[i] and self._sees_body(f, RESPONSE):
@@ -609,21 +605,12 @@ class Chain:
                 continue
             f = filters[i]
             try:
-                if ctx.pending_calls:
-                    f.cancel_calls(ctx)
                 if ctx.waiter is not None:
                     ctx.wake()
-                cid = ctx.id
-                for name in f.teardown_callbacks:          # the exported ones, spec order
-                    if ctx.generation != f.generation:     # not ctx.alive: the instance died
-                        break
-                    f.call(ctx, name, cid)
-                if not failed[i] and ctx.generation == f.generation:
-                    f.note_success()
+                f.finish_context(ctx, failed[i])
             except FilterFailure:
                 pass
             except Exception:            # noqa: BLE001 — teardown must never fail the gateway
                 f.log.exception('filter "%s": teardown failed', f.name)
             finally:
-                f.release(ctx)
                 ctx.detach()             # no chain ↔ context cycle left for the GC

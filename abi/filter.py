@@ -72,6 +72,8 @@ class Filter:
         self.has: Callable[[str], bool] = loaded.exports.__contains__
         # Per-request dispatch decided once: what the chain calls for every context.
         self.has_context_create = "proxy_on_context_create" in loaded.exports
+        self.on_headers: tuple[bool, bool] = tuple(   # (request, response) headers callbacks
+            n in loaded.exports for n in ("proxy_on_request_headers", "proxy_on_response_headers"))
         self.teardown_callbacks: tuple[str, ...] = tuple(
             n for n in ("proxy_on_done", "proxy_on_log", "proxy_on_delete") if n in loaded.exports)
         self.abi_010 = loaded.abi_version == "0.1.0"
@@ -356,9 +358,6 @@ class Filter:
         if on_event is not None:
             on_event(self.spec, "rebuild", "")
 
-    def note_success(self) -> None:
-        self.consecutive_failures = 0
-
     def _new_id(self) -> int:
         cid = self._next_id
         self._next_id += 1
@@ -369,28 +368,92 @@ class Filter:
     def call(self, ctx: Context, name: str, *args: int) -> int | None:
         """Call an export with `ctx` current; a trap raises FilterFailure (instance gone)."""
         inst = self.instance
+        fn = self._funcs.get(name)
+        if fn is None or inst is None:
+            inst, fn = self._resolve(inst, name)
+        # Saved and restored for a guest call made from inside a host function (the allocator
+        # is not one: it runs without a context switch, see write_result).
+        prev_current = self._current
+        prev_effective = self._effective
+        self._current = ctx
+        self._effective = None
+        t0 = perf_counter_ns()
+        try:
+            return fn(*args)
+        except Trap as t:
+            raise self._trapped(inst, ctx, name, t) from None
+        finally:
+            self.calls += 1
+            self.guest_ns += perf_counter_ns() - t0
+            self._current = prev_current
+            self._effective = prev_effective
+            if self._deferred:
+                self._run_deferred()
+
+    def finish_context(self, ctx: HttpContext, failed: bool) -> None:
+        """A finished request's context: its callouts dropped, the teardown callbacks run,
+        success noted (unless the request saw `failed`), and the context released."""
+        try:
+            if ctx.pending_calls:
+                self.cancel_calls(ctx)
+            self.teardown(ctx)
+            if not failed and ctx.generation == self.generation:
+                self.consecutive_failures = 0
+        finally:                         # release: what a teardown callback dispatched goes too
+            if ctx.pending_calls:
+                self.cancel_calls(ctx)
+            if self.contexts.get(ctx.id) is ctx:
+                del self.contexts[ctx.id]
+
+    def teardown(self, ctx: Context) -> None:
+        """on_done → on_log → on_delete (the exported ones, spec order) for a finished
+        request's context: what ``call`` does for each, in one frame (every request runs it
+        for every filter). Stops when the instance dies; a trap raises FilterFailure."""
+        inst = self.instance
+        if inst is None or ctx.generation != self.generation:
+            return
+        funcs = self._funcs
+        cid = ctx.id
+        prev_current = self._current
+        prev_effective = self._effective
+        self._current = ctx
+        name = ""
+        t0 = perf_counter_ns()
+        try:
+            for name in self.teardown_callbacks:
+                if ctx.generation != self.generation:     # the instance died (not ctx.alive)
+                    return
+                fn = funcs.get(name)
+                if fn is None:
+                    fn = funcs[name] = self._export(inst, name)
+                self._effective = None
+                self.calls += 1
+                fn(cid)
+                if self._deferred:
+                    self._run_deferred()
+        except Trap as t:
+            raise self._trapped(inst, ctx, name, t) from None
+        finally:
+            self.guest_ns += perf_counter_ns() - t0
+            self._current = prev_current
+            self._effective = prev_effective
+
+    def _resolve(self, inst: Instance | None, name: str) -> tuple[Instance, Callable]:
+        """The instance to call and its export `name` (cached in _funcs), when the fast
+        lookup in call() missed: first call of an export, or a start sequence running."""
         if inst is None:
             inst = self._starting_instance(name)
         fn = self._funcs.get(name)
         if fn is None:
             fn = self._funcs[name] = self._export(inst, name)
-        saved = self._current, self._effective
-        self._current, self._effective = ctx, None
-        self.calls += 1
-        t0 = perf_counter_ns()
-        try:
-            return fn(*args)
-        except Trap as t:
-            ctx.failure = t.kind             # the request's filter trace names it
-            self._record_failure(name, t)
-            if inst is self.instance:    # a start sequence's failure is its build's to handle
-                self._discard()
-            raise FilterFailure(self.name, name, t.kind, t.message) from None
-        finally:
-            self.guest_ns += perf_counter_ns() - t0
-            self._current, self._effective = saved
-            if self._deferred:
-                self._run_deferred()
+        return inst, fn
+
+    def _trapped(self, inst: Instance, ctx: Context, name: str, t: Trap) -> FilterFailure:
+        ctx.failure = t.kind             # the request's filter trace names it
+        self._record_failure(name, t)
+        if inst is self.instance:        # a start sequence's failure is its build's to handle
+            self._discard()
+        return FilterFailure(self.name, name, t.kind, t.message)
 
     def on_loop(self, action: Callable[[], None]) -> None:
         """Do something that needs the event loop (a timer, a task): now, or — asked by a
@@ -594,12 +657,6 @@ class Filter:
         if self.has_context_create:
             self.call(ctx, "proxy_on_context_create", cid, self.root.id)
         return ctx
-
-    def release(self, ctx: HttpContext) -> None:
-        if ctx.pending_calls:
-            self.cancel_calls(ctx)
-        if self.contexts.get(ctx.id) is ctx:
-            del self.contexts[ctx.id]
 
     def set_effective_context(self, context_id: int) -> int:
         ctx = self.contexts.get(context_id)

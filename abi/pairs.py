@@ -7,6 +7,7 @@ An empty map serializes to b"" so the host hands (0, 0) to the guest, never the
 from __future__ import annotations
 
 import struct
+from itertools import chain
 
 MAX_BYTES = 1 << 20        # cpp-host PROXY_WASM_HOST_PAIRS_MAX_BYTES
 MAX_COUNT = 1024           # cpp-host PROXY_WASM_HOST_PAIRS_MAX_COUNT
@@ -54,12 +55,22 @@ def serialize_str(pairs: list[tuple[str, str]]) -> bytes:
     n = len(pairs)
     if n == 0:
         return b""
-    flat = [s for kv in pairs for s in kv]
+    flat = list(chain.from_iterable(pairs))
     try:
         data = "\0".join(flat).encode("latin-1")
     except UnicodeEncodeError:           # a str that did not come off the wire: see to_bytes
         return serialize([(to_bytes(k), to_bytes(v)) for k, v in pairs])
-    return struct.pack(f"<{2 * n + 1}I", n, *map(len, flat)) + data + b"\0"
+    head = _HEADS.get(n)
+    if head is None:
+        head = struct.Struct(f"<{2 * n + 1}I")
+        if n <= _HEADS_MAX:
+            _HEADS[n] = head
+    return head.pack(n, *map(len, flat)) + data + b"\0"
+
+
+# The header of a serialized map of n pairs, by n (maps of up to _HEADS_MAX pairs).
+_HEADS: dict[int, struct.Struct] = {}
+_HEADS_MAX = 128
 
 
 def deserialize(data: bytes) -> list[tuple[bytes, bytes]] | None:

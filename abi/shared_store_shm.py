@@ -11,7 +11,8 @@ what a hand-written shared-memory zone would have to re-invent:
   at all, so a worker dying mid-write can never leave a torn record;
 * a hard size cap (``map_size``) with a clean ``MapFullError``.
 
-Everything that crosses the process boundary is msgpack.
+Everything that crosses the process boundary is msgpack, except the two records every set()
+rewrites (below).
 
 Layout: ONE LMDB B-tree (the main database), records told apart by a key prefix — a write
 touching two named sub-databases costs about 1 µs more, since each sub-database root is itself a
@@ -20,10 +21,12 @@ record in the main tree.
 ===========================================  ===================================================
 key                                          value (msgpack unless noted)
 ===========================================  ===================================================
-``M``                                        ``[cas_counter, used_bytes, queue_seq, metric_seq,
-                                             evictable_bytes, expired_count, evicted_count]``
-``k``+key  (``h``+blake2b(key) if ≥ 480 B)   ``[cas, value]``  (``[cas, value, key]``); an
-                                             expiring entry ``[cas, value, key|nil, deadline]``
+``M``                                        8 × u64 little-endian: ``cas_counter, used_bytes,
+                                             queue_seq, metric_seq, evictable_bytes,
+                                             expired_count, evicted_count, reap_hint``
+``k``+key  (``h``+blake2b(key) if ≥ 480 B)   binary: cas (u32 BE), deadline (u64 BE, 0 = never
+                                             expires), then the value (``h``: key length u16
+                                             BE and the key first)
 ``E``+deadline (u64 BE)+data key             empty: expiring entries in deadline order
 ``Qn``+name                                  qid
 ``Qi``+qid (u32 BE)                          ``[name, head, tail, {token: [pid, pending]}]``
@@ -32,6 +35,15 @@ key                                          value (msgpack unless noted)
 ``Xi``+id (u32 BE)                           ``[kind, name, value]``; histogram
                                              ``[2, name, sum, count, [count per bucket]]``
 ===========================================  ===================================================
+
+The meta and data records are read and rewritten inside the write lock on every set(), so they
+are fixed binary layouts (struct) rather than msgpack. ``reap_hint`` is a lower bound of the
+earliest deadline in the ``E`` index (u64 max when it is empty): an expiring write looks for
+expired entries to drop only once the clock has reached it, instead of opening a cursor on every
+write. Each set() takes the clock and derives its keys and deadline *before* it takes the
+write lock: every other worker's writes wait while it is held (and py-lmdb releases the GIL
+around each LMDB call, so every call inside the lock is a point where another thread of the
+worker may run first).
 
 Size: ``max_bytes`` is a *logical* budget, enforced exactly by this module: every shared-data
 entry costs ``len(key) + len(value) + ENTRY_OVERHEAD`` and every queued item
@@ -145,7 +157,8 @@ HISTOGRAM_BOUNDS: tuple[float, ...] = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 100
 _U32 = 0xFFFFFFFF
 _U64 = (1 << 64) - 1
 _CONFIG_FILE = "wasmgate-store.msgpack"
-_FORMAT = 2                         # 2: expiring entries (deadline index, meta[4:7])
+_FORMAT = 3                         # 2: expiring entries (deadline index, meta[4:7]); 3: binary
+                                    # meta and data records, reap hint meta[7]
 
 _packb = msgpack.packb
 _unpackb = msgpack.unpackb
@@ -158,6 +171,21 @@ _META = b"M"
 _QNAME, _QREC, _ITEM = b"Qn", b"Qi", b"I"
 _MNAME, _MREC = b"Xn", b"Xi"
 _EXP = b"E"                         # E + deadline (u64 BE) + data key: expiring entries by deadline
+# Meta and data records are fixed binary headers, not msgpack: they are decoded and re-encoded
+# inside the write lock on every set(), and struct does that in a fraction of msgpack's time.
+_META_S = struct.Struct("<8Q")      # the meta record's 8 counters (module docstring)
+_REC = struct.Struct(">IQ")         # data record header: cas, deadline (0 = never expires)
+_REC_LEN = _REC.size
+_KLEN = struct.Struct(">H")         # hashed keys: the full key's length, after the header
+_HREC_LEN = _REC_LEN + _KLEN.size
+
+
+def _load_meta(raw: bytes) -> list[int]:
+    return list(_META_S.unpack(raw))
+
+
+def _dump_meta(meta: list[int]) -> bytes:
+    return _META_S.pack(*meta)
 
 
 class StoreFull(Exception):
@@ -246,10 +274,25 @@ def _data_key(key: bytes) -> tuple[bytes, bool]:
     return b"h" + hashlib.blake2b(key, digest_size=32).digest(), True
 
 
-def _record_cost(dk: bytes, rec: list) -> int:
-    """Accounted bytes of the data record ``rec`` stored under ``dk``."""
-    klen = len(rec[2]) if dk[:1] == b"h" else len(dk) - 1
-    return klen + len(rec[1]) + ENTRY_OVERHEAD
+def _hashed_body(key: bytes, value: bytes) -> bytes:
+    """What follows the header of a hashed key's data record: the full key, then the value."""
+    return _KLEN.pack(len(key)) + key + value
+
+
+def _record_cost(dk: bytes, raw: bytes) -> int:
+    """Accounted bytes (key + value + ENTRY_OVERHEAD) of the data record ``raw`` under ``dk``."""
+    if dk[:1] == b"h":                             # header, key length, key, value
+        return len(raw) - _HREC_LEN + ENTRY_OVERHEAD
+    return len(dk) - 1 + len(raw) - _REC_LEN + ENTRY_OVERHEAD
+
+
+def _record_key(raw: bytes) -> bytes:
+    """The full key stored in a hashed key's record."""
+    return raw[_HREC_LEN:_HREC_LEN + _KLEN.unpack_from(raw, _REC_LEN)[0]]
+
+
+def _hashed_value(raw: bytes) -> bytes:
+    return raw[_HREC_LEN + _KLEN.unpack_from(raw, _REC_LEN)[0]:]
 
 
 class _Env:
@@ -389,7 +432,7 @@ class ShmStore:
         with store._lock:
             env = store._e.ensure(create=True)
             with env.begin(write=True) as txn:
-                txn.put(_META, _packb([0] * 7))
+                txn.put(_META, _dump_meta([0] * 7 + [_U64]))
         if preallocate:
             fd = os.open(path / "data.mdb", os.O_RDWR)
             try:
@@ -522,8 +565,8 @@ class ShmStore:
         return _FULL
 
     @staticmethod
-    def _meta(txn) -> list:
-        return _unpackb(txn.get(_META))
+    def _meta(txn) -> list[int]:
+        return _load_meta(txn.get(_META))
 
     # ---------------------------------------------------------------- shared data (§5.4)
     def get(self, key: bytes) -> tuple[bytes, int] | None:
@@ -542,60 +585,70 @@ class ShmStore:
                 txn.abort()
         if raw is None:
             return None
-        rec = _unpackb(raw)
-        if hashed and rec[2] != key:
-            return None
-        if len(rec) == 4 and rec[3] <= self.clock():
+        cas, due = _REC.unpack_from(raw)
+        if due and due <= self.clock():
             return None                            # expired: absent (reclaimed by a later write)
-        return rec[1], rec[0]
+        if hashed:
+            if _record_key(raw) != key:
+                return None
+            return _hashed_value(raw), cas
+        return raw[_REC_LEN:], cas
 
     def set(self, key: bytes, value: bytes, cas: int, ttl_ns: int | None = None) -> int:
         """§5.4 set; ``ttl_ns`` makes the entry expiring (abi/shared_store.py docstring)."""
-        r = self._write(self._set_txn, bytes(key), bytes(value), cas & _U32,
-                        None if ttl_ns is None else ttl_ns & _U64)
+        # Everything that does not depend on the stored state is computed before the write lock
+        # is taken: every other worker's writes wait while it is held.
+        key = bytes(key)
+        value = bytes(value)
+        dk, hashed = _data_key(key)
+        now = self.clock()
+        if ttl_ns is None:
+            due = 0
+        else:
+            ttl_ns &= _U64
+            due = deadline(now, ttl_ns) if ttl_ns else -1
+        r = self._write(self._set_txn, dk, key, value, hashed, cas & _U32, now, due)
         return STATUS_FULL if r is _FULL else r
 
-    def _set_txn(self, txn, key, value, cas, ttl):
-        dk, hashed = _data_key(key)
-        meta = _unpackb(txn.get(_META))
-        now = self.clock() if meta[4] or ttl is not None else 0
+    def _set_txn(self, txn, dk, key, value, hashed, cas, now, due):
+        """``due``: the new deadline, 0 = never expires, -1 = expires at once."""
+        meta = _load_meta(txn.get(_META))
         raw = txn.get(dk)
         if raw is None:
-            prev = prev_due = None
-            live = False
+            prev_due = prev_cost = 0
         else:                                      # what occupies dk (maybe expired)
-            prev = _unpackb(raw)
-            prev_due = prev[3] if len(prev) == 4 else None
-            live = (not hashed or prev[2] == key) and (prev_due is None or prev_due > now)
-            if live and cas and cas != prev[0]:    # (hashed and another key: a hash collision)
+            prev_cas, prev_due = _REC.unpack_from(raw)
+            live = (not prev_due or prev_due > now) and (not hashed or _record_key(raw) == key)
+            if live and cas and cas != prev_cas:   # (hashed and another key: a hash collision)
                 return False, CAS_MISMATCH
-        pack = self._e.pack
-        if ttl == 0:                               # expires at once: a CAS-guarded delete
-            if prev is None:
-                return False, OK
-            self._drop_txn(txn, meta, dk, prev, now, counted=not live)
-            txn.put(_META, pack(meta))
-            return True, OK
-        prev_cost = 0 if prev is None else _record_cost(dk, prev)
+            prev_cost = _record_cost(dk, raw)
+            if due < 0:                            # expires at once: a CAS-guarded delete
+                self._drop_txn(txn, meta, dk, raw, now, counted=not live)
+                txn.put(_META, _dump_meta(meta))
+                return True, OK
+        if due < 0:
+            return False, OK
         new_cost = entry_cost(key, value)
         if new_cost > prev_cost and not self._fits(txn, meta, new_cost - prev_cost, now, dk,
-                                                   prev_cost if prev_due is not None else 0):
+                                                   prev_cost if prev_due else 0):
             return False, STATUS_FULL
-        if prev_due is not None:
+        if prev_due:
             txn.delete(_EXP + _u64(prev_due) + dk)
             meta[4] -= prev_cost
+            if not meta[4]:
+                meta[7] = _U64                     # the deadline index is empty
         fresh = meta[0] % (MISSING_CAS - 1) + 1    # global counter 1..2^32-2: skips 0 and MISSING_CAS
         meta[0] = fresh
         meta[1] += new_cost - prev_cost
-        if ttl is None:
-            txn.put(dk, pack([fresh, value, key] if hashed else [fresh, value]))
-        else:
-            due = deadline(now, ttl)
-            txn.put(dk, pack([fresh, value, key if hashed else None, due]))
+        txn.put(dk, _REC.pack(fresh, due) + (_hashed_body(key, value) if hashed else value))
+        if due:
             txn.put(_EXP + _u64(due) + dk, b"")
             meta[4] += new_cost
-            self._reap(txn, meta, now)
-        txn.put(_META, pack(meta))
+            if due < meta[7]:
+                meta[7] = due
+            if meta[7] <= now:                     # something may be due: reap a little
+                self._reap(txn, meta, now)
+        txn.put(_META, _dump_meta(meta))
         return True, OK
 
     def _fits(self, txn, meta, grow: int, now: int, keep: bytes = b"", keep_cost: int = 0) -> bool:
@@ -606,7 +659,6 @@ class ShmStore:
             return True
         if need > meta[4] - keep_cost:
             return False
-        now = now or self.clock()
         start = _EXP
         cur = txn.cursor()
         while need > 0:
@@ -616,31 +668,41 @@ class ShmStore:
             if dk == keep:
                 start = ik + b"\0"
                 continue
-            need -= self._drop_txn(txn, meta, dk, _unpackb(txn.get(dk)), now)
+            need -= self._drop_txn(txn, meta, dk, txn.get(dk), now)
         return True
 
     def _reap(self, txn, meta, now: int) -> None:
+        """Drop up to REAP_PER_WRITE expired entries; meta[7] (a lower bound of the earliest
+        deadline in the index, so a write can skip this when nothing is due) becomes exact."""
         cur = txn.cursor()
-        for _ in range(REAP_PER_WRITE):
-            if not cur.set_range(_EXP):
-                return
+        dropped = 0
+        while cur.set_range(_EXP):
             ik = cur.key()
-            if ik[:1] != _EXP or _U64S.unpack_from(ik, 1)[0] > now:
+            if ik[:1] != _EXP:
+                break
+            due = _U64S.unpack_from(ik, 1)[0]
+            if due > now or dropped == REAP_PER_WRITE:
+                meta[7] = due
                 return
-            self._drop_txn(txn, meta, ik[9:], _unpackb(txn.get(ik[9:])), now)
+            self._drop_txn(txn, meta, ik[9:], txn.get(ik[9:]), now)
+            dropped += 1
+        meta[7] = _U64                             # the deadline index is empty
 
     @staticmethod
-    def _drop_txn(txn, meta, dk: bytes, rec: list, now: int, counted: bool = True) -> int:
+    def _drop_txn(txn, meta, dk: bytes, raw: bytes, now: int, counted: bool = True) -> int:
         """Delete one data record (and its deadline record); returns the bytes freed.
         ``counted``: an expiry or eviction (not a delete the filter asked for)."""
-        cost = _record_cost(dk, rec)
+        cost = _record_cost(dk, raw)
         txn.delete(dk)
         meta[1] -= cost
-        if len(rec) == 4:
-            txn.delete(_EXP + _u64(rec[3]) + dk)
+        due = _REC.unpack_from(raw)[1]
+        if due:
+            txn.delete(_EXP + _u64(due) + dk)
             meta[4] -= cost
+            if not meta[4]:
+                meta[7] = _U64                     # the deadline index is empty
             if counted:
-                meta[5 if rec[3] <= now else 6] += 1
+                meta[5 if due <= now else 6] += 1
         return cost
 
     def delete(self, key: bytes) -> int:
@@ -651,14 +713,11 @@ class ShmStore:
     def _delete_txn(self, txn, key):
         dk, hashed = _data_key(key)
         raw = txn.get(dk)
-        if raw is None:
-            return False, NOT_FOUND
-        rec = _unpackb(raw)
-        if hashed and rec[2] != key:
+        if raw is None or (hashed and _record_key(raw) != key):
             return False, NOT_FOUND
         meta = self._meta(txn)
-        self._drop_txn(txn, meta, dk, rec, 0, counted=False)
-        txn.put(_META, self._e.pack(meta))
+        self._drop_txn(txn, meta, dk, raw, 0, counted=False)
+        txn.put(_META, _dump_meta(meta))
         return True, OK
 
     # ---------------------------------------------------------------- shared queues (§5.5)
@@ -678,7 +737,7 @@ class ShmStore:
             meta[2] = meta[2] % _U32 + 1
             qid = meta[2]
             meta[1] += len(nkey) - 2 + ENTRY_OVERHEAD  # the definition is accounted, not refused:
-            txn.put(_META, self._e.pack(meta))  # Rust accepts only OK from register
+            txn.put(_META, _dump_meta(meta))  # Rust accepts only OK from register
             txn.put(nkey, self._e.pack(qid))
             rec = [name, 0, 0, {}]
         else:
@@ -745,7 +804,7 @@ class ShmStore:
                 wake.append(tok)
         meta[1] = used
         txn.put(ik, self._e.pack(rec))
-        txn.put(_META, self._e.pack(meta))
+        txn.put(_META, _dump_meta(meta))
         return True, (OK, wake)
 
     def dequeue(self, qid: int) -> bytes | int:
@@ -767,7 +826,7 @@ class ShmStore:
         meta = self._meta(txn)
         meta[1] -= len(item) + ENTRY_OVERHEAD
         txn.put(ik, self._e.pack(rec))
-        txn.put(_META, self._e.pack(meta))
+        txn.put(_META, _dump_meta(meta))
         return True, bytes(item)
 
     # notification ------------------------------------------------------
@@ -923,7 +982,7 @@ class ShmStore:
                else [kind, name, 0])
         txn.put(nkey, self._e.pack(mid))
         txn.put(_MREC + _qkey(mid), self._e.pack(rec))
-        txn.put(_META, self._e.pack(meta))
+        txn.put(_META, _dump_meta(meta))
         return True, mid
 
     def increment_metric(self, metric_id: int, delta: int) -> int:
@@ -1049,14 +1108,17 @@ class ShmStore:
                 for k, raw in txn.cursor():
                     p1, p2 = k[:1], k[:2]
                     if p1 in (b"k", b"h"):
-                        rec = _unpackb(raw)
-                        if not (isinstance(rec, list) and len(rec) in (2, 3, 4) and 0 < rec[0] <= _U32):
+                        hashed = p1 == b"h"
+                        if (len(raw) < (_HREC_LEN if hashed else _REC_LEN)
+                                or not 0 < _REC.unpack_from(raw)[0] < MISSING_CAS
+                                or (hashed and _data_key(_record_key(raw))[0] != k)):
                             problems.append(f"bad data record {k!r}")
                             continue
-                        used += _record_cost(k, rec)
-                        if len(rec) == 4:
-                            deadlines[k] = rec[3]
-                            evictable += _record_cost(k, rec)
+                        used += _record_cost(k, raw)
+                        due = _REC.unpack_from(raw)[1]
+                        if due:
+                            deadlines[k] = due
+                            evictable += _record_cost(k, raw)
                     elif p1 == _EXP:
                         if indexed.setdefault(k[9:], _U64S.unpack_from(k, 1)[0]) != _U64S.unpack_from(k, 1)[0]:
                             problems.append(f"two deadlines for {k[9:]!r}")
@@ -1087,6 +1149,8 @@ class ShmStore:
             problems.append(f"deadline index {len(indexed)} records != {len(deadlines)} expiring entries")
         if evictable != meta[4]:
             problems.append(f"evictable bytes {meta[4]} != recomputed {evictable}")
+        if meta[7] > min(indexed.values(), default=_U64):
+            problems.append(f"reap hint {meta[7]} is past the earliest deadline {min(indexed.values())}")
         return problems
 
 

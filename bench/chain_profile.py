@@ -5,8 +5,8 @@
     python -m bench.chain_profile --filters auth  # any subset / order of the bench filters
     python -m bench.chain_profile -n 20000 -r 7   # requests per run, runs (best and median shown)
     python -m bench.chain_profile --dist DIR      # the same filters built elsewhere (e.g. opt-level 3)
-    python -m bench.chain_profile --dist B --against A   # the filters of two builds, runs
-                                                  # interleaved (A = e.g. main's filters/dist)
+    python -m bench.chain_profile --dist B --against-dist A   # the filters of two builds,
+                                                  # runs interleaved (A: e.g. main's filters/dist)
     python -m bench.chain_profile --breakdown     # time inside each guest callback (host calls
                                                   # excluded) and each host function, per request
     python -m bench.chain_profile --wasm F.wasm --config 'add-header x-a b' [--root-id ID]
@@ -19,6 +19,11 @@
     python -m bench.chain_profile --store shm     # the chain on the gateway-wide ShmStore (what
                                                   # each of 2+ workers uses) vs the one-process
                                                   # LocalStore, runs interleaved
+    python -m bench.chain_profile --against /tmp/main-tree  # this tree's abi/ vs the abi/ of
+                                                  # another tree (e.g. `git archive main`, with
+                                                  # its abi/engine/_crossing*.so built or
+                                                  # copied), both loaded in this process, runs
+                                                  # interleaved: paired "filters add"
 
 Loads the real filters/dist/*.wasm with the benchmark's configs (bench/gateway_cfg.py, the
 ones `python -m bench` runs: an API key that auth accepts, a rate limit that never rejects)
@@ -98,18 +103,38 @@ def wasm_spec(path: Path, config: str, root_id: str) -> FilterSpec:
                       root_id=root_id)
 
 
-def specs(names: list[str], dist: Path = DIST) -> list[FilterSpec]:
-    return [FilterSpec(name=n, wasm_path=Path(dist) / f"{n}.wasm",
+def specs(names: list[str], dist: Path = DIST, api=None) -> list[FilterSpec]:
+    spec = FilterSpec if api is None else api.FilterSpec
+    return [spec(name=n, wasm_path=Path(dist) / f"{n}.wasm",
                        configuration=json.dumps(FILTER_CONFIGS[n]).encode())
             for n in names]
 
 
-async def load(names: list[str], dist: Path = DIST, extra: list[FilterSpec] = (), shared_store=None):
-    return await load_filter_host(specs(names, dist) + list(extra), FakeServices(shared_store))
+async def load(names: list[str], dist: Path = DIST, extra: list[FilterSpec] = (), shared_store=None,
+               api=None):
+    """``api``: another tree's abi.api (--against); default this tree's."""
+    loader = load_filter_host if api is None else api.load_filter_host
+    return await loader(specs(names, dist, api) + list(extra), FakeServices(shared_store))
 
 
-def _check(names: list[str], fwd_req, fwd_resp, expect_request: list[str] = ()) -> None:
-    if not isinstance(fwd_req, Forward) or not isinstance(fwd_resp, Forward):
+def import_abi(tree: Path, alias: str = "abi_against"):
+    """The abi/ package of another source tree, imported under `alias` (its imports are all
+    relative), next to this tree's; returns its ``api`` module."""
+    import importlib
+    import importlib.util
+    import sys
+    pkg = Path(tree) / "abi"
+    spec = importlib.util.spec_from_file_location(alias, pkg / "__init__.py",
+                                                  submodule_search_locations=[str(pkg)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[alias] = module
+    spec.loader.exec_module(module)
+    return importlib.import_module(alias + ".api")
+
+
+def _check(names: list[str], fwd_req, fwd_resp, expect_request: list[str] = (), api=None) -> None:
+    forward = Forward if api is None else api.Forward
+    if not isinstance(fwd_req, forward) or not isinstance(fwd_resp, forward):
         raise SystemExit(f"the chain did not forward: {fwd_req!r} / {fwd_resp!r}")
     req = dict(fwd_req.headers)
     resp = dict(fwd_resp.headers)
@@ -127,16 +152,18 @@ def _check(names: list[str], fwd_req, fwd_resp, expect_request: list[str] = ()) 
 
 
 async def run(host, names: list[str], n: int, *, check_every: int = 1000,
-              expect_request: list[str] = (), trace: bool = False) -> float:
+              expect_request: list[str] = (), trace: bool = False, api=None) -> float:
     """n requests, one after another; returns CPU µs per request (process time). ``trace``: the
-    stream records the filter trace and its summary is formatted, as for the access log."""
+    stream records the filter trace and its summary is formatted, as for the access log.
+    ``api``: the abi.api of the tree `host` comes from (--against)."""
+    stream_info, log_info = (StreamInfo, LogInfo) if api is None else (api.StreamInfo, api.LogInfo)
     body = _Body()
-    log = LogInfo(status=RESPONSE_STATUS, bytes_in=0, bytes_out=2, duration_ns=1000,
+    log = log_info(status=RESPONSE_STATUS, bytes_in=0, bytes_out=2, duration_ns=1000,
                   upstream_address="127.0.0.1:9000")
     local = ("127.0.0.1", 8080)
     t0 = time.process_time()
     for i in range(n):
-        info = StreamInfo(request_id=f"req-{i}", route_name="bench", cluster_name="upstream",
+        info = stream_info(request_id=f"req-{i}", route_name="bench", cluster_name="upstream",
                           client_addr=("127.0.0.1", 40000 + (i & 1023)), local_addr=local,
                           connection_id=i >> 6, start_time_ns=time.time_ns(), trace=trace)
         stream = host.stream(names, info)
@@ -146,7 +173,7 @@ async def run(host, names: list[str], n: int, *, check_every: int = 1000,
         await stream.finish(log)
         summary = stream.trace_summary() if trace else ""
         if i % check_every == 0:
-            _check(names, fwd_req, fwd_resp, expect_request)
+            _check(names, fwd_req, fwd_resp, expect_request, api)
             if trace and summary.count("rqh=C,rsh=C") != len(names):
                 raise SystemExit(f"the trace did not record every filter: {summary!r}")
     return (time.process_time() - t0) / n * 1e6
@@ -256,6 +283,9 @@ async def main_async(args) -> None:
             await store_cost(loaded, extra, names, args)
             return
         if args.against:
+            await against_cost(host, empty, loaded, names, args)
+            return
+        if args.against_dist:
             await dist_cost(host, loaded, extra, names, args)
             return
         base = [await run(empty, [], args.n) for _ in range(args.repeats)]
@@ -306,6 +336,57 @@ async def trace_cost(host, names: list[str], args) -> None:
           f"{added / statistics.median(off):.1%} of the chain's")
 
 
+async def against_cost(host, empty, loaded: list[str], names: list[str], args) -> None:
+    """This tree's abi/ (b) against another tree's (a), both in this process, runs alternating
+    (which goes first alternates too): "filters add" of each and the paired difference."""
+    api = import_abi(Path(args.against))
+    other = await load(loaded, Path(args.dist), api=api)
+    other_empty = await load([], api=api)
+    try:
+        expect = args.expect_header
+        await run(other, names, min(2000, args.n), expect_request=expect, api=api)   # warm up
+        a, b = [], []
+        for r in range(args.repeats):
+            pair = [(a, other, other_empty, api), (b, host, empty, None)]
+            for out, h, e, which in (pair[::-1] if r % 2 else pair):
+                base = await run(e, [], args.n // 4, api=which)
+                out.append(await run(h, names, args.n, expect_request=expect, api=which) - base)
+    finally:
+        await other.close()
+        await other_empty.close()
+    diff = [y - x for x, y in zip(a, b)]
+    print(f"filters: {' -> '.join(names)}   {args.n} requests x {args.repeats} run pairs")
+    print(f"  a ({args.against}): filters add  best {min(a):7.1f}  median {statistics.median(a):7.1f} µs/request")
+    print(f"  b (this tree):  filters add  best {min(b):7.1f}  median {statistics.median(b):7.1f} µs/request")
+    print(f"  b - a: median of pair differences {statistics.median(diff):+.1f} µs/request, "
+          f"ratio of medians {statistics.median(b) / statistics.median(a):.3f}; "
+          f"b faster in {sum(d < 0 for d in diff)} of {len(diff)} pairs")
+    print("  pairs a/b: " + ", ".join(f"{x:.1f}/{y:.1f}" for x, y in zip(a, b)))
+
+
+async def dist_cost(host, loaded: list[str], extra: list[FilterSpec], names: list[str], args) -> None:
+    """The filters of --against-dist (A) and of --dist (B), paired runs in one process: what a
+    rebuild of the guest code (compiler options, SDK or filter changes) buys per request."""
+    base_host = await load(loaded, Path(args.against_dist), extra)
+    try:
+        expect = args.expect_header
+        await run(base_host, names, min(2000, args.n), expect_request=expect)   # warm up
+        a, b = [], []
+        for r in range(args.repeats):
+            # Which of the pair runs first alternates, so a drift favours neither.
+            pair = [(a, base_host), (b, host)]
+            for out, h in (pair[::-1] if r % 2 else pair):
+                out.append(await run(h, names, args.n, expect_request=expect))
+    finally:
+        await base_host.close()
+    diffs = [y - x for x, y in zip(a, b)]
+    print(f"filters: {' -> '.join(names)}   {args.n} requests x {args.repeats} run pairs (A/B)")
+    print(f"  A {args.against_dist}: best {min(a):7.1f} µs/request   median {statistics.median(a):7.1f}")
+    print(f"  B {args.dist}: best {min(b):7.1f} µs/request   median {statistics.median(b):7.1f}")
+    print(f"  B - A: {statistics.median(diffs):+.1f} µs/request (median of pair differences; "
+          f"pairs {' '.join(f'{d:+.1f}' for d in diffs)}), ratio {statistics.median(b) / statistics.median(a):.3f}")
+
+
 async def store_cost(loaded: list[str], extra: list[FilterSpec], names: list[str], args) -> None:
     """The same chain on a LocalStore and on an ShmStore (LMDB on /dev/shm, as 2+ workers
     share), paired runs in one process: what the gateway-wide store adds per request."""
@@ -344,37 +425,12 @@ async def store_cost(loaded: list[str], extra: list[FilterSpec], names: list[str
           f"ratio {statistics.median(on_shm) / statistics.median(local):.3f}")
 
 
-async def dist_cost(host, loaded: list[str], extra: list[FilterSpec], names: list[str], args) -> None:
-    """The filters of --against (A) and of --dist (B), paired runs in one process: what a
-    rebuild of the guest code (compiler options, SDK or filter changes) buys per request."""
-    base_host = await load(loaded, Path(args.against), extra)
-    try:
-        expect = args.expect_header
-        await run(base_host, names, min(2000, args.n), expect_request=expect)   # warm up
-        a, b = [], []
-        for r in range(args.repeats):
-            # Which of the pair runs first alternates, so a drift favours neither.
-            pair = [(a, base_host), (b, host)]
-            for out, h in (pair[::-1] if r % 2 else pair):
-                out.append(await run(h, names, args.n, expect_request=expect))
-    finally:
-        await base_host.close()
-    diffs = [y - x for x, y in zip(a, b)]
-    print(f"filters: {' -> '.join(names)}   {args.n} requests x {args.repeats} run pairs (A/B)")
-    print(f"  A {args.against}: best {min(a):7.1f} µs/request   median {statistics.median(a):7.1f}")
-    print(f"  B {args.dist}: best {min(b):7.1f} µs/request   median {statistics.median(b):7.1f}")
-    print(f"  B - A: {statistics.median(diffs):+.1f} µs/request (median of pair differences; "
-          f"pairs {' '.join(f'{d:+.1f}' for d in diffs)}), ratio {statistics.median(b) / statistics.median(a):.3f}")
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("-n", type=int, default=10000, help="requests per run")
     p.add_argument("-r", "--repeats", type=int, default=5)
     p.add_argument("--filters", default="", help="comma-separated, default auth,ratelimit,headers")
     p.add_argument("--dist", default=str(DIST), help="directory of the .wasm files (default filters/dist)")
-    p.add_argument("--against", metavar="DIR",
-                   help="A/B: these .wasm files (A) vs --dist's (B), runs interleaved")
     p.add_argument("--wasm", help="profile this module (after any --filters), e.g. a filters/examples build")
     p.add_argument("--config", default="", help="--wasm's plugin configuration, sent as is")
     p.add_argument("--root-id", default="", help="--wasm's root_id (AssemblyScript/C++ SDKs)")
@@ -386,6 +442,10 @@ def main() -> None:
     p.add_argument("--trace", action="store_true", help="the per-request filter trace: off vs on")
     p.add_argument("--store", choices=("local", "shm"), default="local",
                    help="shm: the chain on the gateway-wide ShmStore vs the LocalStore, interleaved")
+    p.add_argument("--against-dist", metavar="DIR",
+                   help="A/B: these .wasm files (A) vs --dist's (B), runs interleaved")
+    p.add_argument("--against", metavar="TREE",
+                   help="another source tree whose abi/ runs interleaved with this one's (paired)")
     p.add_argument("--sort", default="tottime", help="pstats sort key (tottime, cumulative...)")
     p.add_argument("--top", type=int, default=30)
     args = p.parse_args()

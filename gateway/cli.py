@@ -145,6 +145,7 @@ async def serve(config: Config, *, reuse_port: bool = False, ports: dict[str, in
                 slot: tuple[int, int] = (0, 1), watch_s: float | None = None) -> int:
     """Start the gateway, print where it listens, run until SIGTERM/SIGINT, then drain."""
     from abi.api import FilterLoadError
+    from . import gc_tuning
     from .server import Gateway, StartError
 
     if shared_store_name is not None:
@@ -169,6 +170,8 @@ async def serve(config: Config, *, reuse_port: bool = False, ports: dict[str, in
         _announce(config, gw.listener_ports, gw.admin_port)
     if on_started is not None:
         on_started(gw)
+    gc_tuning.tune()
+    gc_tuning.settle()          # start-up's objects out of the collector's sight (gc_tuning.py)
     _tell_ready(ready_fd)
     await stop.wait()
     log.info("stopping: draining in-flight requests (up to %.1fs)", gw.config.limits.drain_timeout_s)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -31,7 +30,7 @@ from .config import Config, Route
 from .http1 import BodyTooLarge, HttpError, PeerClosed, strip_hop_by_hop
 from .metrics import Metrics
 from .paths import PathPolicy, RedirectTo, normalize_path, routing_path
-from .request_head import upstream_headers, valid_request_id
+from .request_head import new_request_id, upstream_headers, valid_request_id
 from .routing import Router, rewrite_target
 from .spool import Spool
 from .tracing import DEBUG_HEADER, RequestTrace, Tracer, TraceHeaders
@@ -183,7 +182,7 @@ class Proxy:
         target = path + sep + query if sep else path
         ex.target = target
         rid = req.request_id if req.request_id is not None and valid_request_id(req.request_id) \
-            else os.urandom(16).hex()
+            else new_request_id()
         ex.rid = rid
         # Routes match on the headers as the filters and the upstream get them: a route on an
         # internal header (x-auth-identity) must not be chosen by a value the client sent.
@@ -285,7 +284,12 @@ class Proxy:
                 self.reply_error(conn, ex, 500, f"filter chain error: {type(e).__name__}", "filter_error")
             return False
         finally:
-            await self._finish_stream(stream, ex)
+            try:
+                await stream.finish(LogInfo(status=ex.status, bytes_in=original.received if original else 0,
+                                            bytes_out=ex.bytes_out, upstream_address=ex.upstream,
+                                            duration_ns=int((time.perf_counter() - ex.t0) * 1e9)))
+            except Exception:
+                log.exception("filter stream finish failed")
 
     def _rematch(self, gen: Generation, ex: Exchange, info: StreamInfo, method: str, target: str,
                  authority: str, headers: Headers, path_changed: bool) -> Route:
@@ -394,7 +398,8 @@ class Proxy:
         limits = gen.config.limits
         close = not ex.keepalive
         status, headers, length = resp.status, strip_hop_by_hop(resp.headers), resp.length
-        if stream is None and length is not None and 0 < length <= limits.response_buffer_bytes:
+        small = length is not None and 0 < length <= limits.response_buffer_bytes
+        if stream is None and small:
             # Small body, no filters: one read, the upstream connection back to the pool, one write.
             try:
                 data = await resp.read_exact()
@@ -414,7 +419,7 @@ class Proxy:
             status, headers, length, body = _after_chain(result, status, length, body, ex)
         if body is None:
             return await conn.send_response(ex, status, headers, None, length, close)
-        if resp.length is not None and 0 < resp.length <= limits.response_buffer_bytes:
+        if small:
             return await self._respond_small(conn, ex, resp, status, headers, body, close)
         spool = Spool(body, limits.response_buffer_bytes, limits.spool_max_bytes, limits.spool_dir,
                       on_end=resp.finish)
@@ -427,22 +432,24 @@ class Proxy:
     async def _respond_small(self, conn: Downstream, ex: Exchange, resp: UpstreamResponse, status: int,
                              headers: Headers, body: AsyncIterator[bytes], close: bool) -> bool:
         """A small upstream body through the filters: read whole (no read-ahead task), the
-        upstream connection back to the pool, one write with its exact length."""
-        chunks = []
+        upstream connection back to the pool, one write with its exact length (the front-ends
+        write Content-Length from it, whatever the headers say)."""
         try:
-            async for chunk in body:
-                chunks.append(chunk)
+            if body is resp.body:
+                # No filter reads the body: one read, as without filters.
+                data = await resp.read_exact()
+            else:
+                chunks = [chunk async for chunk in body]
+                data = b"".join(chunks)
         except LocalReplyInterrupt as e:
             self.send_local_reply(conn, ex, e.reply, close=True)
             return False
         except UpstreamReset as e:
             return self.upstream_broke(conn, ex, e)
         resp.finish()
-        data = b"".join(chunks)
         trailers = getattr(body, "trailers", None)
         if trailers:                        # a filter added trailers: they need the chunked form
             return await conn.send_response(ex, status, headers, _Trailed(data, trailers), None, close)
-        headers = [(n, v) for n, v in headers if n != "content-length"] + [("content-length", str(len(data)))]
         return await conn.send_response(ex, status, headers, data, len(data), close)
 
     async def first_chunk(self, conn: Downstream, ex: Exchange, it: AsyncIterator[bytes]
@@ -550,16 +557,6 @@ class Proxy:
             ex.error = reply.details
         conn.reply(ex, reply.status, [(n, v) for n, v in reply.headers if n[0] != ":"], reply.body,
                    close=close or self.gw.draining or not ex.keepalive)
-
-    # -- bookkeeping ---------------------------------------------------------------------------
-
-    async def _finish_stream(self, stream, ex: Exchange) -> None:
-        info = LogInfo(status=ex.status, bytes_in=ex.body.received if ex.body else 0, bytes_out=ex.bytes_out,
-                       duration_ns=int((time.perf_counter() - ex.t0) * 1e9), upstream_address=ex.upstream)
-        try:
-            await stream.finish(info)
-        except Exception:
-            log.exception("filter stream finish failed")
 
 
 def log_exchange(gw: GatewayState, ex: Exchange, client: str) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 
 from abi.api import FilterLoadError
 
+from . import gc_tuning
 from .config import Config, ConfigError, load_config
 from .control import ControlledGateway
 from .fetch import FetchError, fetch_filters
@@ -292,6 +293,8 @@ async def retire(old: Generation, drain_timeout_s: float, kept_pools: set[str], 
             await host.close()               # root on_done/on_delete of the filters not carried over
         except Exception:
             log.exception("closing the old generation's filters failed")
+    del old, host
+    gc_tuning.settle()                       # the new generation frozen, the old one collectable
 
 
 async def wait_retired(gw: ControlledGateway) -> None:

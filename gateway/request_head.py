@@ -7,6 +7,7 @@ import re
 from typing import TYPE_CHECKING
 
 from .http1 import HOP_BY_HOP, HttpError
+from .random_ids import random_hex
 
 if TYPE_CHECKING:
     from .tracing import TraceHeaders
@@ -28,6 +29,11 @@ def check_authority(value: str) -> None:
 
 def valid_request_id(value: str) -> bool:
     return _REQUEST_ID.fullmatch(value) is not None
+
+
+def new_request_id() -> str:
+    """A request id for a request without a usable one: 128 random bits as 32 hex digits."""
+    return random_hex(16)
 
 
 def upstream_headers(headers: Headers, conn_tokens: set[str] | None, client_ip: str, authority: str,

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import os
 import re
 import time
 from typing import Any
 
 from .config import Config
+from .random_ids import random_hex
 
 log = logging.getLogger("wasmgate.tracing")
 
@@ -147,12 +147,12 @@ class Tracer:
         elif incoming is not None:
             rt.trace_id, rt.parent_id, flags = incoming
             rt.flags = flags & 0x01      # level 1: only "sampled" is defined; others are zeroed
-            rt.span_id = os.urandom(8).hex()
+            rt.span_id = random_hex(8)
         else:
             # A new trace; not sampled: this gateway records no span of it, and must not make
             # every upstream record every request.
-            rt.trace_id = os.urandom(16).hex()
-            rt.span_id = os.urandom(8).hex()
+            rt.trace_id = random_hex(16)
+            rt.span_id = random_hex(8)
         if self.propagate:
             headers.append(("traceparent", f"00-{rt.trace_id}-{rt.span_id}-{rt.flags:02x}"))
             if state:

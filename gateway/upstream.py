@@ -115,8 +115,9 @@ class UpstreamResponse:
         return self._body_iter
 
     async def read_exact(self) -> bytes:
-        """The whole Content-Length body in one read: the fast path for small responses."""
-        assert self.length is not None and self.length > 0 and self._body_iter is None
+        """The whole Content-Length body in one read: the fast path for small responses.
+        ``body`` may have been handed out (to the filters), but nothing may have iterated it."""
+        assert self.length is not None and self.length > 0 and self.bytes == 0 and not self.complete
         conn = self.conn
         conn.watchdog.arm(self.idle_s)
         try:
@@ -413,8 +414,9 @@ class Pool:
             except (ConnectionError, _UploadStalled):
                 # The upstream may have answered early (e.g. 413) and closed; read what it said.
                 pass
-        loop = asyncio.get_running_loop()
-        timer = loop.call_later(self._request_timeout, conn.on_timeout)
+        # request_timeout_ms on the connection's watchdog: moving a deadline, not a timer per request.
+        watchdog = conn.watchdog
+        watchdog.arm(self._request_timeout)
         reader = conn.reader
         try:
             while True:
@@ -444,7 +446,7 @@ class Pool:
                     continue            # interim responses (100 Continue, 103) are not forwarded
                 break
         finally:
-            timer.cancel()
+            watchdog.disarm()
         if status == 101 and upgrade:
             conn.watchdog.close()
             return UpstreamTunnel(self, conn, rheaders)

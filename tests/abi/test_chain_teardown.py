@@ -46,20 +46,28 @@ def test_finished_requests_leave_no_cyclic_garbage():
 def test_second_finish_runs_no_callbacks(monkeypatch):
     calls: list[str] = []
     exported: list[str] = []         # the teardown callbacks the modules export, chain order
-    real = Filter.call
+    real = Filter._export
 
-    def call(self, ctx, name, *args):
-        calls.append(name)
-        return real(self, ctx, name, *args)
+    def export(self, inst, name):      # every guest call goes through a cached export
+        fn = real(self, inst, name)
+
+        def recorded(*args):
+            calls.append(name)
+            return fn(*args)
+        return recorded
 
     async def main():
         host = await load(CHAIN)
         try:
             exported.extend(n for name in CHAIN for n in host.filters[name].teardown_callbacks)
-            monkeypatch.setattr(Filter, "call", call)
+            monkeypatch.setattr(Filter, "_export", export)
+            for f in host.filters.values():
+                f._funcs.clear()
             await _one(host, 1, finish_twice=True)
         finally:
             monkeypatch.undo()
+            for f in host.filters.values():
+                f._funcs.clear()         # the roots' teardown at close() is not counted
             await host.close()
     asyncio.run(main())
     teardown = [n for n in calls if n in ("proxy_on_done", "proxy_on_log", "proxy_on_delete")]

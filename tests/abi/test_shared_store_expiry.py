@@ -132,6 +132,26 @@ def test_room_comes_from_the_earliest_deadline(make):
     assert s.usage()["used"] == 3 * per
 
 
+def test_rewritten_entries_are_evicted_by_their_latest_deadline():
+    """LocalStore keeps deadlines in a heap with lazy deletion: an entry rewritten (a rate-limit
+    bucket on every request) leaves stale items behind, which must neither decide the eviction
+    order nor pile up."""
+    clock = Clock()
+    s = LocalStore(max_bytes=3 * _entry(b"a", b"v"), clock=clock)
+    assert s.set(b"a", b"v", 0, 100) == OK
+    assert s.set(b"b", b"v", 0, 200) == OK
+    for i in range(1000):                 # a's deadline keeps moving past b's
+        assert s.set(b"a", b"v", s.get(b"a")[1], 300 + i) == OK
+    assert len(s._by_deadline) <= 2 * 2 + 64
+    assert s.set(b"c", b"v", 0, 5000) == OK             # fits
+    assert s.set(b"d", b"v", 0, 5000) == OK             # room from the earliest: b (200)
+    assert s.get(b"b") is None and s.get(b"a") is not None
+    assert s.usage()["evicted"] == 1
+    clock.now += 1299                                   # a's last deadline (300 + 999)
+    assert s.set(b"e", b"v", 0, 5000) == OK             # reaps a, then fits
+    assert s.get(b"a") is None and s.usage()["expired"] == 1
+
+
 def test_not_enough_evictable_room_changes_nothing(make):
     per = _entry(b"e0", b"v" * 10)
     s, _ = make(3 * per)
@@ -277,3 +297,38 @@ def test_same_results_as_local_store_under_pressure(ops):
 
 def test_entry_overhead_is_shared():
     assert S.ENTRY_OVERHEAD == ENTRY_OVERHEAD == 64
+
+
+def test_shm_reap_hint_follows_the_earliest_deadline():
+    """ShmStore keeps a lower bound of the earliest deadline (meta[7]) so an expiring write opens
+    the deadline index only once something may be due; the bound must never pass a deadline."""
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    s = S.create(name, 1 << 20)
+    s.clock = clock = Clock()
+    t0 = clock.now
+
+    def hint() -> int:
+        with s._ensure_env().begin() as txn:
+            return s._meta(txn)[7]
+
+    try:
+        assert hint() == S._U64                          # empty index
+        s.set(b"a", b"v", 0, 500)
+        s.set(b"b", b"v", 0, 100)
+        assert hint() == t0 + 100                        # lowered by the earlier deadline
+        s.set(b"b", b"v", 0, 1000)                       # b moves later: the bound may stay low
+        assert hint() <= t0 + 500
+        clock.now += 200                                 # passes the stale bound, not a deadline
+        s.set(b"c", b"v", 0, 1000)
+        assert hint() == t0 + 500 and s.usage()["expired"] == 0   # made exact by the look
+        clock.now += 400                                 # a is due now
+        s.set(b"d", b"v", 0, 1000)
+        assert s.get(b"a") is None and s.usage()["expired"] == 1
+        assert hint() == t0 + 1000                       # b's deadline, the earliest left
+        for k in (b"b", b"c", b"d"):
+            s.set(k, b"", 0, 0)                          # expire now: deletes
+        assert hint() == S._U64 and s.usage()["evictable"] == 0
+        assert s.verify() == []
+    finally:
+        s.close()
+        S.remove(name)

@@ -100,9 +100,9 @@ def test_long_keys_are_distinct(store):
 def test_cas_counter_skips_zero_on_wrap(store):
     env = store._ensure_env()
     with env.begin(write=True) as txn:           # put the global counter at u32 max
-        meta = msgpack.unpackb(txn.get(S._META))
+        meta = S._load_meta(txn.get(S._META))
         meta[0] = 0xFFFFFFFD
-        txn.put(S._META, msgpack.packb(meta))
+        txn.put(S._META, S._dump_meta(meta))
     store.set(b"a", b"1", 0)
     assert store.get(b"a")[1] == 0xFFFFFFFE
     store.set(b"a", b"2", 0)
@@ -470,7 +470,10 @@ def test_lmdb_map_full_is_a_clean_status(name, monkeypatch):
         values[b"k%d" % n] = v
     assert status == S.STATUS_FULL and n > 10                 # clean status, no exception
     qid = s.register_queue("q") if s.resolve_queue("q") is None else s.resolve_queue("q")
-    assert s.enqueue(qid, b"x" * 5000) == S.STATUS_FULL
+    # The set that failed needed a leaf split; a 5000-byte item takes overflow pages instead, so
+    # whether the first one still fits depends on the page layout: a few more certainly do not.
+    statuses = [s.enqueue(qid, b"x" * 5000) for _ in range(8)]
+    assert set(statuses) <= {S.OK, S.STATUS_FULL} and statuses[-1] == S.STATUS_FULL
     assert s.get(b"k%d" % n) is None                          # the refused write left nothing
     assert all(s.get(k)[0] == v for k, v in values.items())   # no corruption
     assert s.verify() == []
@@ -736,8 +739,12 @@ def test_inherited_store_object_is_usable_after_fork(name):
 
     def child():
         try:
-            v, cas = s.get(b"a")
-            assert s.set(b"a", b"child", cas) == S.OK
+            for _ in range(100):                     # a CAS loop: the other child may write between
+                v, cas = s.get(b"a")
+                if s.set(b"a", b"child", cas) == S.OK:
+                    break
+            else:
+                raise AssertionError("100 CAS mismatches in a row")
             cq = s.register_queue("child-q")
             assert cq != qid and s.enqueue(qid, b"from-child") == S.OK
             result.put("ok")

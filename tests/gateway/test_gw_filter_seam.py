@@ -73,6 +73,8 @@ class FakeStream:
             return Forward(headers, self._reject_after(body, 0, LocalReply(502, [], b"bad body", "")))
         if mode == "reject-later":
             return Forward(headers, self._reject_after(body, 2, LocalReply(502, [], b"bad body", "")))
+        if mode == "drop-length":           # headers edited, the body left alone
+            return Forward([(n, v) for n, v in headers if n != "content-length"], body)
         if mode == "replace":
             async for _ in body:
                 pass
@@ -433,3 +435,22 @@ filters: [{{name: auth, wasm: f.wasm}}]
             assert status == 200 and matched == ["/z", "/z"]
             assert hosts[0].streams[-1].info.route_name == "filtered"
             assert len(up.requests) == 2
+
+
+async def test_small_untouched_body_one_read_exact_length_connection_reused(setup):
+    """A filter that edits the response headers (drops Content-Length) but not the body: the
+    body is read in one piece, the client still gets its exact Content-Length, and the upstream
+    connection goes back to the pool read to its end (the next request reuses it)."""
+    gw, up, host = setup
+    pool = gw.gateway.generation.upstreams.pools["backend"]
+    async with aiohttp.ClientSession() as s:
+        conns = []
+        for i in range(2):
+            async with s.get(gw.url(f"/small/{i}"), headers={"x-fake-resp": "drop-length"}) as r:
+                body = await r.read()
+                assert r.status == 200 and r.headers["content-length"] == str(len(body))
+                assert f'"path": "/small/{i}"'.encode() in body
+            idle = [c for conns_ in pool.idle.values() for c in conns_]
+            assert len(idle) == 1
+            conns.append(idle[0])
+    assert conns[0] is conns[1]
