@@ -5,6 +5,8 @@
     python -m bench.chain_profile --filters auth  # any subset / order of the bench filters
     python -m bench.chain_profile -n 20000 -r 7   # requests per run, runs (best and median shown)
     python -m bench.chain_profile --dist DIR      # the same filters built elsewhere (e.g. opt-level 3)
+    python -m bench.chain_profile --dist B --against-dist A   # the filters of two builds,
+                                                  # runs interleaved (a: e.g. main's filters/dist)
     python -m bench.chain_profile --breakdown     # time inside each guest callback (host calls
                                                   # excluded) and each host function, per request
     python -m bench.chain_profile --wasm F.wasm --config 'add-header x-a b' [--root-id ID]
@@ -283,6 +285,9 @@ async def main_async(args) -> None:
         if args.against:
             await against_cost(host, empty, loaded, names, args)
             return
+        if args.against_dist:
+            await dist_cost(host, loaded, extra, names, args)
+            return
         base = [await run(empty, [], args.n) for _ in range(args.repeats)]
         chain = [await run(host, names, args.n, expect_request=expect) for _ in range(args.repeats)]
         if stats is not None:
@@ -349,14 +354,45 @@ async def against_cost(host, empty, loaded: list[str], names: list[str], args) -
     finally:
         await other.close()
         await other_empty.close()
+    print_pairs(names, args, "filters add", (str(args.against), a), ("this tree", b))
+
+
+def print_pairs(names: list[str], args, what: str, a: tuple[str, list[float]],
+                b: tuple[str, list[float]]) -> None:
+    """Paired runs (label, µs per request): each side's best and median, the median of the
+    pair differences, how many pairs b won."""
+    (la, a), (lb, b) = a, b
     diff = [y - x for x, y in zip(a, b)]
     print(f"filters: {' -> '.join(names)}   {args.n} requests x {args.repeats} run pairs")
-    print(f"  a ({args.against}): filters add  best {min(a):7.1f}  median {statistics.median(a):7.1f} µs/request")
-    print(f"  b (this tree):  filters add  best {min(b):7.1f}  median {statistics.median(b):7.1f} µs/request")
+    print(f"  a ({la}): {what}  best {min(a):7.1f}  median {statistics.median(a):7.1f} µs/request")
+    print(f"  b ({lb}): {what}  best {min(b):7.1f}  median {statistics.median(b):7.1f} µs/request")
     print(f"  b - a: median of pair differences {statistics.median(diff):+.1f} µs/request, "
           f"ratio of medians {statistics.median(b) / statistics.median(a):.3f}; "
           f"b faster in {sum(d < 0 for d in diff)} of {len(diff)} pairs")
     print("  pairs a/b: " + ", ".join(f"{x:.1f}/{y:.1f}" for x, y in zip(a, b)))
+
+
+async def paired_runs(host_a, host_b, names: list[str], args) -> tuple[list[float], list[float]]:
+    """args.repeats runs of the chain on each host, in pairs; which of a pair runs first
+    alternates, so a drift (allocator, caches, the machine) favours neither."""
+    a, b = [], []
+    for r in range(args.repeats):
+        pair = [(a, host_a), (b, host_b)]
+        for out, h in (pair[::-1] if r % 2 else pair):
+            out.append(await run(h, names, args.n, expect_request=args.expect_header))
+    return a, b
+
+
+async def dist_cost(host, loaded: list[str], extra: list[FilterSpec], names: list[str], args) -> None:
+    """The filters of --against-dist (a) and of --dist (b), paired runs in one process: what a
+    rebuild of the guest code (compiler options, SDK or filter changes) buys per request."""
+    base_host = await load(loaded, Path(args.against_dist), extra)
+    try:
+        await run(base_host, names, min(2000, args.n), expect_request=args.expect_header)  # warm up
+        a, b = await paired_runs(base_host, host, names, args)
+    finally:
+        await base_host.close()
+    print_pairs(names, args, "chain", (str(args.against_dist), a), (str(args.dist), b))
 
 
 async def store_cost(loaded: list[str], extra: list[FilterSpec], names: list[str], args) -> None:
@@ -370,12 +406,7 @@ async def store_cost(loaded: list[str], extra: list[FilterSpec], names: list[str
         expect = args.expect_header
         for h in (local_host, shm_host):                   # warm up (allocator, caches)
             await run(h, names, min(2000, args.n), expect_request=expect)
-        local, on_shm = [], []
-        for r in range(args.repeats):
-            # Which of the pair runs first alternates, so a drift favours neither.
-            pair = [(local, local_host), (on_shm, shm_host)]
-            for out, h in (pair[::-1] if r % 2 else pair):
-                out.append(await run(h, names, args.n, expect_request=expect))
+        local, on_shm = await paired_runs(local_host, shm_host, names, args)
         if args.profile:
             prof = cProfile.Profile()
             prof.enable()
@@ -414,6 +445,8 @@ def main() -> None:
     p.add_argument("--trace", action="store_true", help="the per-request filter trace: off vs on")
     p.add_argument("--store", choices=("local", "shm"), default="local",
                    help="shm: the chain on the gateway-wide ShmStore vs the LocalStore, interleaved")
+    p.add_argument("--against-dist", metavar="DIR",
+                   help="these .wasm files (a) vs --dist's (b), runs interleaved (paired)")
     p.add_argument("--against", metavar="TREE",
                    help="another source tree whose abi/ runs interleaved with this one's (paired)")
     p.add_argument("--sort", default="tottime", help="pstats sort key (tottime, cumulative...)")

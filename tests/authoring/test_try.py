@@ -48,7 +48,6 @@ logs:
     assert out.split("callbacks of the request (µs, host calls):\n")[1].split("callbacks at close")[0] == """\
   auth proxy_on_context_create N µs
   auth proxy_on_request_headers N µs
-    proxy_remove_header_map_value -> OK
     proxy_get_header_map_pairs -> OK
     proxy_replace_header_map_value -> OK
   headers proxy_on_context_create N µs
@@ -57,11 +56,7 @@ logs:
   headers proxy_on_response_headers N µs
     proxy_replace_header_map_value -> OK
   auth proxy_on_response_headers N µs
-  auth proxy_on_done N µs
-  auth proxy_on_log N µs
   auth proxy_on_delete N µs
-  headers proxy_on_done N µs
-  headers proxy_on_log N µs
   headers proxy_on_delete N µs
 """
 
@@ -89,15 +84,11 @@ callbacks at load (µs, host calls):
 callbacks of the request (µs, host calls):
   auth proxy_on_context_create N µs
   auth proxy_on_request_headers N µs
-    proxy_remove_header_map_value -> OK
     proxy_get_header_map_pairs -> OK
     proxy_send_local_response -> OK
   auth proxy_on_response_headers N µs
-  auth proxy_on_done N µs
-  auth proxy_on_log N µs
   auth proxy_on_delete N µs
 callbacks at close (µs, host calls):
-  auth proxy_on_done N µs
   auth proxy_on_delete N µs
 """
     rc, out, _ = run(capsys, DIST / "auth.wasm", "--config", AUTH, "-H", "x-api-key: wrong", "--json")

@@ -59,7 +59,8 @@ def no_us(summary: str) -> str:
 
 
 ALLOWED = "auth:rqh=C,rsh=C,m=h,us=N;headers:rqh=C,rsh=C,m=h,us=N"
-REJECTED = "auth:rqh=L401,rsh=C,m=h,us=N;headers:-"
+# auth changes no header of a request it rejects (no identity header was sent to remove)
+REJECTED = "auth:rqh=L401,rsh=C,us=N;headers:-"
 TRAPPED = "auth:rqh=C,rsh=C,m=h,us=N;trap:rqh=F,us=N,fail=trap"
 
 

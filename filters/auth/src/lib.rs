@@ -17,7 +17,9 @@ use wasmgate_sdk::traits::*;
 use wasmgate_sdk::types::*;
 use wasmgate_sdk::{base64, error, hostcalls, json, Value};
 
-wasmgate_sdk::main! {{
+// No on_done / on_log export: this filter keeps both at the default, and each left out is
+// one guest call less per request (the host skips a callback a module does not export).
+wasmgate_sdk::main! { callbacks: [request_headers, response_headers]; {
     wasmgate_sdk::set_log_level(LogLevel::Info);
     wasmgate_sdk::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { cfg: None }) });
 }}
@@ -601,14 +603,19 @@ impl Context for Stream {}
 impl HttpContext for Stream {
     fn on_http_request_headers(&mut self, _n: usize, _eos: bool) -> Action {
         let cfg = self.cfg.clone();
-        // never trust an identity the client sent itself
-        self.set_http_request_header(&cfg.identity_header, None);
-        if let Some(m) = &cfg.method_header {
-            self.set_http_request_header(m, None);
-        }
         // One read of the whole map (duplicates can only be seen there), parsed in place.
         let raw = hostcalls::get_map_serialized(MapType::HttpRequestHeaders).unwrap();
-        let headers = hostcalls::map_pairs(&raw).unwrap_or_default();
+        let parsed = hostcalls::map_pairs(&raw);
+        let readable = parsed.is_some();
+        let mut headers = parsed.unwrap_or_default();
+        // Never trust an identity the client sent itself: remove it before anything reads the
+        // headers. Only when it was sent (a host call less for every other request).
+        for name in std::iter::once(&cfg.identity_header).chain(cfg.method_header.iter()) {
+            if !readable || headers.iter().any(|(k, _)| *k == name.as_bytes()) {
+                self.set_http_request_header(name, None);
+                headers.retain(|(k, _)| *k != name.as_bytes());
+            }
+        }
         let path = header(&headers, ":path").unwrap_or_default();
         if let Some(message) = ambiguous_credentials(&cfg, &headers, &path) {
             self.reject(400, &message, Some("invalid_request"));

@@ -5,13 +5,16 @@
 //!
 //! Per side the operations run in this order: remove, rename, set, add.
 
+use std::borrow::Cow;
 use std::rc::Rc;
 use wasmgate_sdk::config::Cfg;
 use wasmgate_sdk::traits::*;
 use wasmgate_sdk::types::*;
 use wasmgate_sdk::{error, property, Value};
 
-wasmgate_sdk::main! {{
+// No on_done / on_log export: this filter keeps both at the default, and each left out is
+// one guest call less per request (the host skips a callback a module does not export).
+wasmgate_sdk::main! { callbacks: [request_headers, response_headers]; {
     wasmgate_sdk::set_log_level(LogLevel::Info);
     wasmgate_sdk::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { cfg: Rc::new(Config::default()) }) });
 }}
@@ -70,8 +73,24 @@ impl Template {
         Ok(Template(parts))
     }
 
-    fn is_literal(&self) -> bool {
-        self.0.iter().all(|p| matches!(p, Part::Lit(_)))
+    /// The value of a template without `${…}` (parsing merged its text into one part): set as
+    /// is, with no rendering per request. Its line breaks were refused with the configuration.
+    fn literal(&self) -> Option<&str> {
+        match self.0.as_slice() {
+            [] => Some(""),
+            [Part::Lit(s)] => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The header value to write, `None` to skip: a templated value that renders empty is
+    /// skipped unless `keep_empty`.
+    fn value(&self, lookup: &dyn Fn(&Part) -> Option<String>, keep_empty: bool) -> Option<Cow<str>> {
+        if let Some(v) = self.literal() {
+            return Some(Cow::Borrowed(v));
+        }
+        let v = self.render(lookup);
+        (!v.is_empty() || keep_empty).then_some(Cow::Owned(v))
     }
 
     fn render(&self, lookup: &dyn Fn(&Part) -> Option<String>) -> String {
@@ -79,15 +98,17 @@ impl Template {
         for p in &self.0 {
             match p {
                 Part::Lit(s) => out.push_str(s),
-                other => {
-                    if let Some(v) = lookup(other) {
-                        out.push_str(&v)
-                    }
-                }
+                other => match lookup(other) {
+                    Some(v) if out.is_empty() => out = v, // e.g. a value that is one `${…}`
+                    Some(v) => out.push_str(&v),
+                    None => {}
+                },
             }
         }
         // a templated value must not smuggle in a header line break
-        out.retain(|c| c != '\r' && c != '\n' && c != '\0');
+        if out.contains(['\r', '\n', '\0']) {
+            out.retain(|c| c != '\r' && c != '\n' && c != '\0');
+        }
         out
     }
 }
@@ -273,18 +294,14 @@ impl Stream {
             }
         };
         for (name, t) in &side.set {
-            let v = t.render(&lookup);
-            if v.is_empty() && !self.cfg.keep_empty && !t.is_literal() {
-                continue;
+            if let Some(v) = t.value(&lookup, self.cfg.keep_empty) {
+                let _ = wasmgate_sdk::hostcalls::set_map_value(map, name, Some(&v));
             }
-            let _ = wasmgate_sdk::hostcalls::set_map_value(map, name, Some(&v));
         }
         for (name, t) in &side.add {
-            let v = t.render(&lookup);
-            if v.is_empty() && !self.cfg.keep_empty && !t.is_literal() {
-                continue;
+            if let Some(v) = t.value(&lookup, self.cfg.keep_empty) {
+                let _ = wasmgate_sdk::hostcalls::add_map_value(map, name, &v);
             }
-            let _ = wasmgate_sdk::hostcalls::add_map_value(map, name, &v);
         }
     }
 }

@@ -1,9 +1,12 @@
 //! Routes every `proxy_on_*` export to the right context object by context id
 //! (the role of proxy-wasm-rust-sdk `src/dispatcher.rs`).
 //!
-//! A context is taken out of its table for the duration of its callback and put back
+//! A context is lent out of its table slot for the duration of its callback and put back
 //! afterwards, so a callback may call any SDK function (including ones that consult the
-//! dispatcher, like `dispatch_http_call`) without a `RefCell` double borrow.
+//! dispatcher, like `dispatch_http_call`) without a `RefCell` double borrow. The slot stays in
+//! the table meanwhile, so lending and returning are a lookup each, with no rebalancing; every
+//! export does one table lookup to find its context (a callback runs 18 times per request
+//! through a three-filter chain, so this is the SDK's per-callback cost).
 
 use crate::hostcalls;
 use crate::traits::*;
@@ -14,13 +17,14 @@ use std::collections::BTreeMap;
 pub type NewRootContext = fn(context_id: u32) -> Box<dyn RootContext>;
 pub type NewHttpContext = fn(context_id: u32, root_context_id: u32) -> Box<dyn HttpContext>;
 
+/// context id → its context; `None` while the context is lent out to its own callback.
+type Table<T> = RefCell<BTreeMap<u32, Option<Box<T>>>>;
+
 struct Dispatcher {
     new_root: Cell<Option<NewRootContext>>,
     new_http: Cell<Option<NewHttpContext>>,
-    roots: RefCell<BTreeMap<u32, Box<dyn RootContext>>>,
-    https: RefCell<BTreeMap<u32, Box<dyn HttpContext>>>,
-    /// http context id → its root context id
-    parents: RefCell<BTreeMap<u32, u32>>,
+    roots: Table<dyn RootContext>,
+    https: Table<dyn HttpContext>,
     /// callout token → context id that dispatched it
     callouts: RefCell<BTreeMap<u32, u32>>,
     active_id: Cell<u32>,
@@ -32,7 +36,6 @@ thread_local! {
         new_http: Cell::new(None),
         roots: RefCell::new(BTreeMap::new()),
         https: RefCell::new(BTreeMap::new()),
-        parents: RefCell::new(BTreeMap::new()),
         callouts: RefCell::new(BTreeMap::new()),
         active_id: Cell::new(0),
     };
@@ -53,36 +56,65 @@ pub(crate) fn register_callout(token: u32) {
     });
 }
 
-fn with_root<R>(id: u32, f: impl FnOnce(&mut dyn RootContext) -> R) -> R {
-    let mut ctx = DISPATCHER
-        .with(|d| d.roots.borrow_mut().remove(&id))
-        .unwrap_or_else(|| panic!("invalid root context_id {}", id));
-    DISPATCHER.with(|d| d.active_id.set(id));
+/// Which table holds a context id (absent: neither, or the context is in its own callback).
+enum Kind {
+    Root,
+    Http,
+}
+
+/// Take context `id` out of its slot (making it the active context) and run `f` on it, then
+/// put it back — unless it was deleted meanwhile. `None`: no such context, or it is busy.
+fn lend<T: ?Sized, R>(d: &Dispatcher, table: &Table<T>, id: u32, f: impl FnOnce(&mut T) -> R) -> Option<R> {
+    let mut ctx = table.borrow_mut().get_mut(&id)?.take()?;
+    d.active_id.set(id);
     let r = f(ctx.as_mut());
-    DISPATCHER.with(|d| d.roots.borrow_mut().insert(id, ctx));
-    r
+    if let Some(slot) = table.borrow_mut().get_mut(&id) {
+        *slot = Some(ctx);
+    }
+    Some(r)
 }
 
-fn with_http<R>(id: u32, f: impl FnOnce(&mut dyn HttpContext) -> R) -> R {
-    let mut ctx = DISPATCHER
-        .with(|d| d.https.borrow_mut().remove(&id))
-        .unwrap_or_else(|| panic!("invalid http context_id {}", id));
-    DISPATCHER.with(|d| d.active_id.set(id));
-    let r = f(ctx.as_mut());
-    DISPATCHER.with(|d| d.https.borrow_mut().insert(id, ctx));
-    r
+fn with_root<R>(id: u32, f: impl FnOnce(&mut (dyn RootContext + 'static)) -> R) -> R {
+    DISPATCHER
+        .with(|d| lend(d, &d.roots, id, f))
+        .unwrap_or_else(|| panic!("invalid root context_id {}", id))
 }
 
-fn is_root(id: u32) -> bool {
-    DISPATCHER.with(|d| d.roots.borrow().contains_key(&id))
+fn with_http<R>(id: u32, f: impl FnOnce(&mut (dyn HttpContext + 'static)) -> R) -> R {
+    DISPATCHER
+        .with(|d| lend(d, &d.https, id, f))
+        .unwrap_or_else(|| panic!("invalid http context_id {}", id))
 }
 
+/// A callback any context has (`Context`'s): to the http context of that id, else the root.
+fn with_any<R>(id: u32, on_http: impl FnOnce(&mut (dyn HttpContext + 'static)) -> R, on_root: impl FnOnce(&mut (dyn RootContext + 'static)) -> R) -> R {
+    match DISPATCHER.with(|d| lend(d, &d.https, id, on_http)) {
+        Some(r) => r,
+        None => with_root(id, on_root),
+    }
+}
+
+/// Where context `id` is, if it exists and is not in its own callback.
+fn kind(id: u32) -> Option<Kind> {
+    DISPATCHER.with(|d| {
+        if matches!(d.https.borrow().get(&id), Some(Some(_))) {
+            Some(Kind::Http)
+        } else if matches!(d.roots.borrow().get(&id), Some(Some(_))) {
+            Some(Kind::Root)
+        } else {
+            None
+        }
+    })
+}
+
+#[cfg(test)]
 fn is_http(id: u32) -> bool {
-    DISPATCHER.with(|d| d.https.borrow().contains_key(&id))
+    matches!(kind(id), Some(Kind::Http))
 }
 
 fn create_context(context_id: u32, parent_id: u32) {
-    if is_root(context_id) || is_http(context_id) {
+    let exists = DISPATCHER.with(|d| d.https.borrow().contains_key(&context_id) || d.roots.borrow().contains_key(&context_id));
+    if exists {
         panic!("duplicate context_id {}", context_id);
     }
     if parent_id == 0 {
@@ -90,7 +122,7 @@ fn create_context(context_id: u32, parent_id: u32) {
             Some(f) => f(context_id),
             None => Box::new(DefaultRoot),
         };
-        DISPATCHER.with(|d| d.roots.borrow_mut().insert(context_id, ctx));
+        DISPATCHER.with(|d| d.roots.borrow_mut().insert(context_id, Some(ctx)));
         return;
     }
     let ctx = if let Some(f) = DISPATCHER.with(|d| d.new_http.get()) {
@@ -102,10 +134,7 @@ fn create_context(context_id: u32, parent_id: u32) {
         })
     };
     let ctx = ctx.unwrap_or_else(|| panic!("root context {} created no http context", parent_id));
-    DISPATCHER.with(|d| {
-        d.https.borrow_mut().insert(context_id, ctx);
-        d.parents.borrow_mut().insert(context_id, parent_id);
-    });
+    DISPATCHER.with(|d| d.https.borrow_mut().insert(context_id, Some(ctx)));
 }
 
 struct DefaultRoot;
@@ -139,8 +168,9 @@ pub extern "C" fn proxy_on_queue_ready(context_id: u32, queue_id: u32) {
     with_root(context_id, |r| r.on_queue_ready(queue_id))
 }
 
-#[no_mangle]
-pub extern "C" fn proxy_on_request_headers(context_id: u32, num_headers: usize, end_of_stream: bool) -> Action {
+/// Exported by `main!` when listed in its `callbacks:` (all of them by default).
+#[doc(hidden)]
+pub fn proxy_on_request_headers(context_id: u32, num_headers: usize, end_of_stream: bool) -> Action {
     with_http(context_id, |c| c.on_http_request_headers(num_headers, end_of_stream))
 }
 
@@ -156,8 +186,9 @@ pub extern "C" fn proxy_on_request_trailers(context_id: u32, num_trailers: usize
     with_http(context_id, |c| c.on_http_request_trailers(num_trailers))
 }
 
-#[no_mangle]
-pub extern "C" fn proxy_on_response_headers(context_id: u32, num_headers: usize, end_of_stream: bool) -> Action {
+/// Exported by `main!` when listed in its `callbacks:` (all of them by default).
+#[doc(hidden)]
+pub fn proxy_on_response_headers(context_id: u32, num_headers: usize, end_of_stream: bool) -> Action {
     with_http(context_id, |c| c.on_http_response_headers(num_headers, end_of_stream))
 }
 
@@ -180,12 +211,16 @@ pub extern "C" fn proxy_on_http_call_response(_root_id: u32, token: u32, num_hea
     let target = DISPATCHER
         .with(|d| d.callouts.borrow_mut().remove(&token))
         .unwrap_or_else(|| panic!("invalid token_id {}", token));
-    if is_http(target) {
-        let _ = hostcalls::set_effective_context(target);
-        with_http(target, |c| c.on_http_call_response(token, num_headers, body_size, num_trailers))
-    } else if is_root(target) {
-        let _ = hostcalls::set_effective_context(target);
-        with_root(target, |c| c.on_http_call_response(token, num_headers, body_size, num_trailers))
+    match kind(target) {
+        Some(Kind::Http) => {
+            let _ = hostcalls::set_effective_context(target);
+            with_http(target, |c| c.on_http_call_response(token, num_headers, body_size, num_trailers))
+        }
+        Some(Kind::Root) => {
+            let _ = hostcalls::set_effective_context(target);
+            with_root(target, |c| c.on_http_call_response(token, num_headers, body_size, num_trailers))
+        }
+        None => {}
     }
     // else: the dispatching stream is gone; drop the answer (as the Go SDK does).
 }
@@ -199,40 +234,41 @@ pub extern "C" fn proxy_on_redis_call_response(_root_id: u32, token: u32, status
         Some(t) => t,
         None => return,
     };
-    if is_http(target) {
-        let _ = hostcalls::set_effective_context(target);
-        with_http(target, |c| c.on_redis_call_response(token, status, response_size))
-    } else if is_root(target) {
-        let _ = hostcalls::set_effective_context(target);
-        with_root(target, |c| c.on_redis_call_response(token, status, response_size))
+    match kind(target) {
+        Some(Kind::Http) => {
+            let _ = hostcalls::set_effective_context(target);
+            with_http(target, |c| c.on_redis_call_response(token, status, response_size))
+        }
+        Some(Kind::Root) => {
+            let _ = hostcalls::set_effective_context(target);
+            with_root(target, |c| c.on_redis_call_response(token, status, response_size))
+        }
+        None => {}
     }
 }
 
-#[no_mangle]
-pub extern "C" fn proxy_on_done(context_id: u32) -> bool {
-    if is_http(context_id) {
-        with_http(context_id, |c| c.on_done())
-    } else {
-        with_root(context_id, |c| c.on_done())
-    }
+/// Exported by `main!` when listed in its `callbacks:` (all of them by default).
+#[doc(hidden)]
+pub fn proxy_on_done(context_id: u32) -> bool {
+    with_any(context_id, |c| c.on_done(), |c| c.on_done())
 }
 
-#[no_mangle]
-pub extern "C" fn proxy_on_log(context_id: u32) {
-    if is_http(context_id) {
-        with_http(context_id, |c| c.on_log())
-    } else {
-        with_root(context_id, |c| c.on_log())
-    }
+/// Exported by `main!` when listed in its `callbacks:` (all of them by default).
+#[doc(hidden)]
+pub fn proxy_on_log(context_id: u32) {
+    with_any(context_id, |c| c.on_log(), |c| c.on_log())
 }
 
 #[no_mangle]
 pub extern "C" fn proxy_on_delete(context_id: u32) {
     DISPATCHER.with(|d| {
-        d.https.borrow_mut().remove(&context_id);
-        d.parents.borrow_mut().remove(&context_id);
-        d.roots.borrow_mut().remove(&context_id);
-        d.callouts.borrow_mut().retain(|_, v| *v != context_id);
+        if d.https.borrow_mut().remove(&context_id).is_none() {
+            d.roots.borrow_mut().remove(&context_id);
+        }
+        let mut callouts = d.callouts.borrow_mut();
+        if !callouts.is_empty() {
+            callouts.retain(|_, v| *v != context_id);
+        }
     });
 }
 
@@ -334,6 +370,41 @@ mod tests {
                 "log 2",
             ]
         );
+    }
+
+    #[test]
+    fn done_and_log_reach_root_contexts_and_deleted_contexts_stay_deleted() {
+        struct R;
+        impl Context for R {
+            fn on_done(&mut self) -> bool {
+                ev("root done".into());
+                false
+            }
+        }
+        impl RootContext for R {
+            fn on_log(&mut self) {
+                ev("root log".into());
+            }
+        }
+        struct Gone(u32);
+        impl Context for Gone {}
+        impl HttpContext for Gone {
+            fn on_http_request_headers(&mut self, _n: usize, _eos: bool) -> Action {
+                proxy_on_delete(self.0); // a host may delete a context from inside its callback
+                Action::Continue
+            }
+        }
+        set_root_context(|_| -> Box<dyn RootContext> { Box::new(R) });
+        set_http_context(|id, _| -> Box<dyn HttpContext> { Box::new(Gone(id)) });
+        proxy_on_context_create(1, 0);
+        assert!(!proxy_on_done(1));
+        proxy_on_log(1);
+        proxy_on_context_create(2, 1);
+        assert_eq!(proxy_on_request_headers(2, 0, true), Action::Continue);
+        assert!(!is_http(2)); // not put back after its callback
+        proxy_on_context_create(2, 1); // the id is free again
+        assert!(is_http(2));
+        assert_eq!(events(), vec!["root done", "root log"]);
     }
 
     #[test]

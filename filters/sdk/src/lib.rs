@@ -54,9 +54,16 @@ pub extern "C" fn proxy_abi_version_0_2_1() {}
 
 /// Defines the WASI reactor entry `_initialize`: runs static constructors, installs the
 /// panic hook, then your block (where you register the root context factory).
+///
+/// `main! {{ … }}` exports every HTTP callback. `main! { callbacks: [request_headers, …]; { … } }`
+/// exports only the listed ones of `request_headers`, `response_headers`, `done`, `log`: a host
+/// does not call a callback the module does not export (Proxy-Wasm hosts check each export), so
+/// every one left out is one guest call less per request. Leave out only callbacks your contexts
+/// keep at the trait's default (`Continue`, `true`, nothing): an override of a callback left out
+/// is never called. (Body and trailer callbacks are chosen with the SDK's features instead.)
 #[macro_export]
 macro_rules! main {
-    ($code:block) => {
+    (callbacks: [$($callback:ident),* $(,)?]; $code:block) => {
         #[cfg(target_os = "wasi")]
         extern "C" {
             fn __wasm_call_ctors();
@@ -70,6 +77,41 @@ macro_rules! main {
             }
             $crate::logger::install_panic_hook();
             $code;
+        }
+
+        $( $crate::__export_callback!($callback); )*
+    };
+    ($code:block) => {
+        $crate::main!(callbacks: [request_headers, response_headers, done, log]; $code);
+    };
+}
+
+/// One optional HTTP callback export of `main!` (an unknown name does not compile).
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __export_callback {
+    (request_headers) => {
+        #[no_mangle]
+        pub extern "C" fn proxy_on_request_headers(context_id: u32, num_headers: usize, end_of_stream: bool) -> $crate::types::Action {
+            $crate::dispatcher::proxy_on_request_headers(context_id, num_headers, end_of_stream)
+        }
+    };
+    (response_headers) => {
+        #[no_mangle]
+        pub extern "C" fn proxy_on_response_headers(context_id: u32, num_headers: usize, end_of_stream: bool) -> $crate::types::Action {
+            $crate::dispatcher::proxy_on_response_headers(context_id, num_headers, end_of_stream)
+        }
+    };
+    (done) => {
+        #[no_mangle]
+        pub extern "C" fn proxy_on_done(context_id: u32) -> bool {
+            $crate::dispatcher::proxy_on_done(context_id)
+        }
+    };
+    (log) => {
+        #[no_mangle]
+        pub extern "C" fn proxy_on_log(context_id: u32) {
+            $crate::dispatcher::proxy_on_log(context_id)
         }
     };
 }
