@@ -154,10 +154,7 @@ async def serve(config: Config, *, reuse_port: bool = False, ports: dict[str, in
         store = _shared_store_api("create_local_store")(config.shared_data_max_bytes)
     try:
         gw = await Gateway.start(config, reuse_port=reuse_port, ports=ports, shared_store=store)
-    except FilterLoadError as e:
-        print(f"wasmgate: {e}; not started", file=sys.stderr)
-        return 1
-    except StartError as e:
+    except (FilterLoadError, StartError) as e:
         print(f"wasmgate: {e}; not started", file=sys.stderr)
         return 1
     stop = asyncio.Event()
