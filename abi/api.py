@@ -7,6 +7,7 @@ No abi module imports this one, so it closes no circle.
 from __future__ import annotations
 
 from .capabilities import ALL as CAPABILITIES    # config.py validates capability names with it
+from .protowire import length_delimited, varint  # gateway/otlp_wire.py writes OTLP with them
 from .seam import (
     Body, CallFailed, CallResponse, FilterHostProtocol, FilterLimits, FilterLoadError,
     FilterSpec, Forward, GrpcReply, GrpcStream, Headers, HostObserver, HostServices, HttpStream,
@@ -20,7 +21,7 @@ __all__ = [
     "HostServices", "HttpStream", "LocalReply", "LocalReplyInterrupt", "LogInfo",
     "MetricSample", "NodeInfo", "RedisOptions", "StreamInfo", "TlsFacts",
     "load_filter_host", "create_local_store", "create_shared_store", "open_shared_store",
-    "remove_shared_store",
+    "remove_shared_store", "length_delimited", "varint",
 ]
 
 

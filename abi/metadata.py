@@ -22,6 +22,7 @@ import struct
 from typing import Any, Mapping, Sequence
 
 from .pairs import serialize
+from .protowire import length_delimited, varint
 
 _DOUBLE = struct.Struct("<d")
 
@@ -138,18 +139,9 @@ class Node(Walkable):
 
 # -- protobuf wire format (only what Struct, Metadata and Node need) ---------------------------
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
 def _field(number: int, payload: bytes) -> bytes:
     """A length-delimited field (wire type 2)."""
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+    return length_delimited(varint(number << 3 | 2), payload)
 
 
 def _pb_value(value: Any) -> bytes:

@@ -17,6 +17,8 @@ from __future__ import annotations
 import struct
 from typing import Iterable, Union
 
+from abi.api import length_delimited, varint
+
 Value = Union[str, bool, int, float]
 
 # Span.flags (field 16): the SDK's SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE / _IS_REMOTE bits.
@@ -32,25 +34,7 @@ _DOUBLE = struct.Struct("<d")
 _CACHE_MAX = 4096                        # entries of each of Encoder's caches
 
 
-_ONE_BYTE = [bytes((i,)) for i in range(0x80)]
-
-
-def varint(n: int) -> bytes:
-    if n < 0x80:
-        return _ONE_BYTE[n]
-    if n < 0x4000:
-        return bytes(((n & 0x7F) | 0x80, n >> 7))
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def _field(tag: bytes, payload: bytes) -> bytes:
-    """A length-delimited field: tag, length, payload."""
-    return tag + varint(len(payload)) + payload
+_field = length_delimited                # tag (pre-encoded bytes), length, payload
 
 
 def _any_value(v: Value) -> bytes:
