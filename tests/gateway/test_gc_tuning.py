@@ -5,6 +5,7 @@ import asyncio
 import gc
 import json
 import weakref
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -78,3 +79,33 @@ async def test_reload_freezes_the_new_generation_and_frees_the_old_one(tmp_path,
                 await asyncio.sleep(0.01)
         assert g.generation.router.routes[0].name == "two"
         assert gc.get_freeze_count() > 0
+
+
+def _alive(type_name: str) -> int:
+    return sum(1 for o in gc.get_objects() if type(o).__name__ == type_name)
+
+
+async def test_a_filtered_request_leaves_no_cycle_for_the_collector(tmp_path, gc_state):
+    """Through a real filter that sets a response header (so the chain is handed the upstream
+    body but does not read it: the one-read path), the request's upstream response, its body
+    iterator and generator are freed by reference counting when the request ends: nothing is
+    left for a young collection, whose pause would land on every request in flight (bench/README.md,
+    Issue 15 third pass)."""
+    from tests.helpers import gateway_config
+    headers_wasm = Path(__file__).resolve().parents[2] / "filters" / "dist" / "headers.wasm"
+    async with echo_upstream() as up, run_gateway(gateway_config(
+            up.port, [{"name": "all", "cluster": "backend", "filters": ["tagger"]}],
+            [{"name": "tagger", "wasm": str(headers_wasm),
+              "config": {"response": {"set": {"x-tagged": "yes"}}}}]), tmp_path) as gw:
+        async with aiohttp.ClientSession() as s:
+            async with s.get(gw.url("/warm")) as r:        # first-request caches out of the count
+                assert r.status == 200 and r.headers["x-tagged"] == "yes"
+            gc.collect()
+            gc.disable()                                    # from here only refcounts free anything
+            before = {t: _alive(t) for t in ("UpstreamResponse", "BodyStream", "async_generator")}
+            for i in range(20):
+                async with s.get(gw.url(f"/r/{i}")) as r:
+                    assert r.status == 200 and r.headers["x-tagged"] == "yes"
+                    assert f'"path": "/r/{i}"'.encode() in await r.read()
+            after = {t: _alive(t) for t in before}
+    assert after == before, f"per-request objects left to the cyclic collector: {before} -> {after}"
