@@ -19,6 +19,8 @@ import json
 import time
 import urllib.parse
 
+from bench.procs import wait_seconds
+
 _now = time.perf_counter
 
 
@@ -173,12 +175,14 @@ class PacedClient:
         interval = 1.0 / self.rate
         slot = 0
         issued_rec = 0
+        waited = wait_seconds()     # taken again when recording starts
         while True:
             now = _now()
             if now >= end:
                 break
             if not self.recording and now >= rec_start:
                 self.recording = True
+                waited = wait_seconds()
             while start + slot * interval <= now:
                 if self.recording:
                     self.lags.append(now - (start + slot * interval))
@@ -186,6 +190,7 @@ class PacedClient:
                 self._issue(now)
                 slot += 1
             await asyncio.sleep(max(0.0, start + slot * interval - _now()))
+        waited = wait_seconds() - waited
         drain_deadline = _now() + 5.0
         while self.outstanding > 0 and _now() < drain_deadline:
             await asyncio.sleep(0.01)
@@ -204,6 +209,9 @@ class PacedClient:
             "p50_ms": pct(lat, 50), "p90_ms": pct(lat, 90), "p99_ms": pct(lat, 99),
             "p999_ms": pct(lat, 99.9), "max_ms": lat[-1] * 1000 if lat else None,
             "lag_p99_ms": pct(lags, 99),
+            # time this client was runnable but not running (its core busy with other work): each
+            # such stall delays the responses it timestamps, so it shows up as latency
+            "client_wait_ms_per_s": waited / duration * 1000,
         }
 
 

@@ -185,6 +185,29 @@ def tree_cpu_seconds(root: int) -> float:
     return total / CLK_TCK
 
 
+def wait_seconds(pid: int | str = "self") -> float:
+    """Seconds the threads of one process spent runnable but waiting for a CPU (the second field
+    of /proc/<pid>/task/<tid>/schedstat, summed over its live threads): what other work on its
+    core cost it. 0.0 where the kernel keeps no schedstat."""
+    total = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0.0
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[1])
+        except (OSError, ValueError, IndexError):
+            pass
+    return total / 1e9
+
+
+def tree_wait_seconds(root: int) -> float:
+    """wait_seconds() of `root` and all its live descendants."""
+    return sum(wait_seconds(pid) for pid in tree_pids(root))
+
+
 def system_busy_seconds() -> float:
     """Busy CPU seconds of the whole machine (all cores) from /proc/stat: everything but idle
     and iowait."""
