@@ -111,6 +111,7 @@ class PacedClient:
         self.idle: list[_Conn] = []
         self.pending: collections.deque[tuple[float, bool]] = collections.deque()
         self.latencies: list[float] = []
+        self.issued_at: list[float] = []      # with --record: each recorded request's issue time
         self.lags: list[float] = []
         self.statuses: collections.Counter[int] = collections.Counter()
         self.errors = 0
@@ -136,6 +137,7 @@ class PacedClient:
         self.outstanding -= 1
         if rec:
             self.latencies.append(latency)
+            self.issued_at.append(conn.t0)
             self.statuses[status] += 1
         if close:
             conn.transport.close()
@@ -223,6 +225,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=float, default=1.0)
     ap.add_argument("--connections", type=int, default=64)
     ap.add_argument("-H", "--header", action="append", default=[])
+    ap.add_argument("--record", metavar="FILE",
+                    help="also write every recorded request as [issued at (time.perf_counter, "
+                         "CLOCK_MONOTONIC), latency] in s to FILE (JSON), for bench/tail_probe.py")
     args = ap.parse_args()
     headers = dict(h.split(":", 1) for h in args.header)
     headers = {k.strip(): v.strip() for k, v in headers.items()}
@@ -232,7 +237,11 @@ def main() -> None:
     except ImportError:
         pass
     client = PacedClient(args.url, args.rate, args.connections, headers)
-    print(json.dumps(asyncio.run(client.run(args.duration, args.warmup))))
+    result = asyncio.run(client.run(args.duration, args.warmup))
+    if args.record:
+        with open(args.record, "w") as f:
+            json.dump(list(zip(client.issued_at, client.latencies)), f)
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":
