@@ -45,7 +45,9 @@ def render(r: dict) -> str:
     h, c, cs = r.get("chain_half_rate"), r.get("crossing", {}), r.get("cold_start")
     if h:
         out.append(f"- `gateway_chain` at half its peak ({h['target_rps']:,.0f} req/s, open loop): "
-                   f"p50 {h['p50_ms']:.2f} ms, p99 {h['p99_ms']:.2f} ms")
+                   f"p50 {h['p50_ms']:.2f} ms, p99 {h['p99_ms']:.2f} ms"
+                   + (f" (the proxy waited {h['proxy_wait_ms_per_s']:.0f} ms/s for a CPU)"
+                      if h.get("proxy_wait_ms_per_s") is not None else ""))
     out.append(f"- crossing: guest callback {c.get('guest_call_us')} µs, host call "
                f"{c.get('host_call_us')} µs")
     if cs:

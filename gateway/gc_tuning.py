@@ -7,7 +7,11 @@ instead of the whole long-lived heap every time the oldest generation comes due.
 Request garbage is nearly all freed by reference counting; the collector only finds the few cycles
 (exceptions with their tracebacks, cancelled tasks). The young generation's threshold is raised so
 those are collected every few hundred requests instead of every few dozen; each young collection
-then walks at most ~10,000 objects (0.15 ms measured; bench/README.md, Issue 15's glue).
+then walks at most ~10,000 objects (0.15 ms measured in process; bench/README.md, Issue 15's glue).
+That holds only while an ordinary request leaves no cycle behind: when each one did (the upstream
+response and its body generator, until the third pass), a young collection came every ~1,000
+requests and freed them all in one 3-5 ms pause under live load, a pause on every request in
+flight (bench/README.md, "Issue 15, third pass"; tests/gateway/test_gc_tuning.py checks it).
 """
 from __future__ import annotations
 
