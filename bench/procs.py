@@ -186,25 +186,19 @@ def tree_cpu_seconds(root: int) -> float:
 
 
 def wait_seconds(pid: int | str = "self") -> float:
-    """Seconds the threads of one process spent runnable but waiting for a CPU (the second field
-    of /proc/<pid>/task/<tid>/schedstat, summed over its live threads): what other work on its
-    core cost it. 0.0 where the kernel keeps no schedstat."""
-    total = 0
+    """Seconds the main thread of a process (the event loop's, nginx's worker's) spent runnable but
+    waiting for a CPU (the second field of /proc/<pid>/schedstat): what other work on its core
+    cost it. Helper threads (the gateway's epoch ticker) are left out: their waits delay no
+    request. 0.0 where the kernel keeps no schedstat."""
     try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
+        with open(f"/proc/{pid}/schedstat") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
         return 0.0
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                total += int(f.read().split()[1])
-        except (OSError, ValueError, IndexError):
-            pass
-    return total / 1e9
 
 
 def tree_wait_seconds(root: int) -> float:
-    """wait_seconds() of `root` and all its live descendants."""
+    """wait_seconds() of `root` and all its live descendants (each worker's main thread)."""
     return sum(wait_seconds(pid) for pid in tree_pids(root))
 
 

@@ -354,7 +354,7 @@ class Bench:
         d = json.loads(r.stdout.strip().splitlines()[-1])
         d["proxy_cpu_us_per_req"] = (round((cpu1 - cpu0) / d["completed"] * 1e6, 1)
                                      if d["completed"] else None)
-        # The proxy's threads runnable but not running (its core taken by something else), over
+        # The proxy's main threads runnable but not running (its core taken by something else), over
         # the whole client run: a stall of a few ms there is a few ms on every request in flight.
         d["proxy_wait_ms_per_s"] = round((wait1 - wait0) / (time.monotonic() - t0) * 1000, 2)
         d["method"] = ("bench/paced.py: open-loop fixed-rate asyncio client, keep-alive "

@@ -7,7 +7,7 @@ stall monitor (a callback every 2 ms noting how late it ran, by ``time.perf_coun
 ``bench.paced`` run records every request's issue time and latency; the gateway hands over its
 probe records (SIGUSR2) and the probe prints, for the requests at or above the p99, how many
 overlapped a collection, how many a loop stall with no collection under it, and how long the
-gateway's threads and the client waited for a CPU (other work on their cores) — the tail's
+gateway's main thread and the client waited for a CPU (other work on their cores) — the tail's
 causes side by side. Both processes read the same clock (CLOCK_MONOTONIC).
 
 The gateway side runs as ``python -m bench.tail_probe --serve OUT -- <wasmgate run args>``.
