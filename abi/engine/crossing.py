@@ -135,7 +135,8 @@ def _load_native():
 
 _NATIVE_NAMES = ("call", "set_call_target", "HOST_TRAMPOLINE", "HostFn", "TYPED_TRAMPOLINE",
                  "ticker_configure", "ticker_add", "ticker_remove", "ticker_register",
-                 "ticker_state", "ticker_enter", "ticker_leave", "charged_ns", "gc_callback")
+                 "ticker_state", "ticker_enter", "ticker_leave", "charged_ns", "gc_callback",
+                 "mem_read", "mem_header_pair", "mem_put_result")
 
 
 _native = _load_native()
