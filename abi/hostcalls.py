@@ -15,7 +15,7 @@ from typing import Callable
 from .seam import LocalReply
 from .buffers import BAD_VALUE, GOOD_NAMES, lower_key, valid_header
 from .enums import BufferType, LogLevel, MapType, MetricType, Status
-from .engine import HostTrap, MemoryAccessError, Trap
+from .engine import HostTrap, MemoryAccessError, Trap, guarded_host
 from .limits import MAX_LOG_BYTES
 from .pairs import deserialize, deserialize_str, to_bytes, to_str, to_text
 from .context import LAST_STREAM_MAP, STREAM_MAPS, FilterView
@@ -570,10 +570,13 @@ def guarded(f: FilterView, name: str, fn: Callable, *, bad_memory: int | None,
     A bad guest pointer → `bad_memory` (INVALID_MEMORY_ACCESS, as cpp-host; WASI: FAULT); a
     bug of ours → logged, counted, `internal`. Trap (a nested guest call such as the allocator
     trapped) and HostTrap (proc_exit) propagate: they end the guest call on purpose.
-    With ``arity`` (the wasm parameter count) the wrapper takes exactly that many arguments
-    (generated once per arity): no *args packing on every host call.
+    On the native path the wrapper is C (engine.guarded_host: no Python frame per host call);
+    otherwise it is generated once per ``arity`` (the wasm parameter count) and takes exactly
+    that many arguments: no *args packing on every host call.
     """
-    host = _guarded_factory(arity)(f, name, fn, bad_memory, internal,
-                                   MemoryAccessError, Trap, HostTrap)
-    host.__name__ = name
+    host = guarded_host(fn, f, bad_memory, internal, functools.partial(f.host_error, name))
+    if host is None:                # the C path is off: the same in a generated wrapper
+        host = _guarded_factory(arity)(f, name, fn, bad_memory, internal,
+                                       MemoryAccessError, Trap, HostTrap)
+        host.__name__ = name
     return host

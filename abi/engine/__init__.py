@@ -43,12 +43,13 @@ from __future__ import annotations
 
 from .binary import Export, Import
 from .compile import Engine, Module
-from .crossing import WASMTIME_VERSION
+from .crossing import WASMTIME_VERSION, guarded_host
 from .errors import EngineError, HostTrap, MemoryAccessError, Trap
 from .instance import Instance, Memory
 from .public_api import public_api_crossing
 
 __all__ = [
     "Engine", "EngineError", "Export", "HostTrap", "Import", "Instance", "Memory",
-    "MemoryAccessError", "Module", "Trap", "WASMTIME_VERSION", "public_api_crossing",
+    "MemoryAccessError", "Module", "Trap", "WASMTIME_VERSION", "guarded_host",
+    "public_api_crossing",
 ]

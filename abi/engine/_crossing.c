@@ -27,6 +27,7 @@
 #include <errno.h>
 #include <pthread.h>
 #include <stdatomic.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -801,6 +802,111 @@ done:
     return result;
 }
 
+/* -- guarded host functions ----------------------------------------------------------------
+ * Guarded(fn, first, bad_memory, internal, on_error, memory_error, passthrough) is what
+ * abi/hostcalls.py's guarded() wrapper does, as a C callable (no Python frame per host call):
+ * called with the wasm arguments, it returns fn(first, *args); when fn raises, a
+ * ``memory_error`` answers ``bad_memory``, a ``passthrough`` exception (the deliberate traps)
+ * and anything that is not an Exception propagate, any other Exception goes to on_error(exc)
+ * and answers ``internal``. */
+#define MAX_GUARDED_ARGS 16
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *fn, *first, *bad_memory, *internal, *on_error, *memory_error, *passthrough;
+    vectorcallfunc vectorcall;
+} Guarded;
+
+static PyObject *guarded_vectorcall(Guarded *g, PyObject *const *args, size_t nargsf,
+                                    PyObject *kwnames) {
+    Py_ssize_t n = PyVectorcall_NARGS(nargsf);
+    if (kwnames != NULL || n > MAX_GUARDED_ARGS) {
+        PyErr_SetString(PyExc_TypeError, "Guarded: at most 16 positional arguments");
+        return NULL;
+    }
+    PyObject *argv[MAX_GUARDED_ARGS + 1];
+    argv[0] = g->first;
+    for (Py_ssize_t i = 0; i < n; i++)
+        argv[i + 1] = args[i];
+    PyObject *r = PyObject_Vectorcall(g->fn, argv, (size_t)n + 1, NULL);
+    if (r != NULL)
+        return r;
+    if (PyErr_ExceptionMatches(g->memory_error)) {
+        PyErr_Clear();
+        return Py_NewRef(g->bad_memory);
+    }
+    if (PyErr_ExceptionMatches(g->passthrough) || !PyErr_ExceptionMatches(PyExc_Exception))
+        return NULL;
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (tb != NULL && value != NULL)
+        PyException_SetTraceback(value, tb);
+    PyObject *logged = PyObject_CallOneArg(g->on_error, value ? value : Py_None);
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(tb);
+    if (logged == NULL)
+        return NULL;        /* as an exception raised in the wrapper's except clause */
+    Py_DECREF(logged);
+    return Py_NewRef(g->internal);
+}
+
+static int guarded_init(Guarded *self, PyObject *args, PyObject *kw) {
+    PyObject *o[7];
+    if (!PyArg_ParseTuple(args, "OOOOOOO", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6]))
+        return -1;
+    PyObject **slots[7] = {&self->fn, &self->first, &self->bad_memory, &self->internal,
+                           &self->on_error, &self->memory_error, &self->passthrough};
+    for (int i = 0; i < 7; i++)
+        Py_XSETREF(*slots[i], Py_NewRef(o[i]));
+    self->vectorcall = (vectorcallfunc)guarded_vectorcall;
+    return 0;
+}
+
+static int guarded_traverse(Guarded *self, visitproc visit, void *arg) {
+    Py_VISIT(self->fn);
+    Py_VISIT(self->first);
+    Py_VISIT(self->bad_memory);
+    Py_VISIT(self->internal);
+    Py_VISIT(self->on_error);
+    Py_VISIT(self->memory_error);
+    Py_VISIT(self->passthrough);
+    return 0;
+}
+
+static int guarded_clear(Guarded *self) {
+    Py_CLEAR(self->fn);
+    Py_CLEAR(self->first);
+    Py_CLEAR(self->bad_memory);
+    Py_CLEAR(self->internal);
+    Py_CLEAR(self->on_error);
+    Py_CLEAR(self->memory_error);
+    Py_CLEAR(self->passthrough);
+    return 0;
+}
+
+static void guarded_dealloc(Guarded *self) {
+    PyObject_GC_UnTrack(self);
+    guarded_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyTypeObject GuardedType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "abi.engine._crossing.Guarded",
+    .tp_basicsize = sizeof(Guarded),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "Guarded(fn, first, bad_memory, internal, on_error, memory_error, passthrough)",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)guarded_init,
+    .tp_traverse = (traverseproc)guarded_traverse,
+    .tp_clear = (inquiry)guarded_clear,
+    .tp_dealloc = (destructor)guarded_dealloc,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(Guarded, vectorcall),
+};
+
 static PyMethodDef methods[] = {
     {"call", (PyCFunction)(void (*)(void))call, METH_FASTCALL,
      "wasmtime_func_call_unchecked(ctx, func, args, nargs, trap_out), GIL released"},
@@ -866,6 +972,11 @@ PyMODINIT_FUNC PyInit__crossing(void) {
             str_view == NULL || str_check == NULL ||
             PyType_Ready(&HostFnType) < 0 ||
             PyModule_AddObjectRef(m, "HostFn", (PyObject *)&HostFnType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    if (PyType_Ready(&GuardedType) < 0 ||
+            PyModule_AddObjectRef(m, "Guarded", (PyObject *)&GuardedType) < 0) {
         Py_DECREF(m);
         return NULL;
     }
