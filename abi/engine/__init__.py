@@ -43,7 +43,7 @@ from __future__ import annotations
 
 from .binary import Export, Import
 from .compile import Engine, Module
-from .crossing import WASMTIME_VERSION, guarded_host
+from .crossing import WASMTIME_VERSION, guarded_host, serialize_pairs
 from .errors import EngineError, HostTrap, MemoryAccessError, Trap
 from .instance import Instance, Memory
 from .public_api import public_api_crossing
@@ -51,5 +51,5 @@ from .public_api import public_api_crossing
 __all__ = [
     "Engine", "EngineError", "Export", "HostTrap", "Import", "Instance", "Memory",
     "MemoryAccessError", "Module", "Trap", "WASMTIME_VERSION", "guarded_host",
-    "public_api_crossing",
+    "public_api_crossing", "serialize_pairs",
 ]

@@ -907,6 +907,59 @@ static PyTypeObject GuardedType = {
     .tp_vectorcall_offset = offsetof(Guarded, vectorcall),
 };
 
+/* -- header maps as the guest reads them ----------------------------------------------------
+ * serialize_pairs(items) -> bytes | None: abi/pairs.py serialize_str() of a list of
+ * (name, value) str pairs (reference §4.1: u32 N, N x (u32 name_len, u32 value_len),
+ * N x (name NUL value NUL); b"" for no pair), each str taken as latin-1 bytes. None when an
+ * item is not a pair of one-byte (latin-1) strs: the caller's Python path handles those. */
+static void put_u32le(unsigned char *p, uint32_t v) {
+    p[0] = v & 0xFF;
+    p[1] = (v >> 8) & 0xFF;
+    p[2] = (v >> 16) & 0xFF;
+    p[3] = v >> 24;
+}
+
+static PyObject *serialize_pairs(PyObject *self, PyObject *items) {
+    if (!PyList_Check(items))
+        Py_RETURN_NONE;
+    Py_ssize_t n = PyList_GET_SIZE(items);
+    if (n == 0)
+        return PyBytes_FromStringAndSize(NULL, 0);
+    if (n > (Py_ssize_t)UINT32_MAX)
+        Py_RETURN_NONE;
+    Py_ssize_t total = 4 + 8 * n;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *t = PyList_GET_ITEM(items, i);
+        if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != 2)
+            Py_RETURN_NONE;
+        for (int j = 0; j < 2; j++) {
+            PyObject *str = PyTuple_GET_ITEM(t, j);
+            if (!PyUnicode_Check(str) || PyUnicode_KIND(str) != PyUnicode_1BYTE_KIND)
+                Py_RETURN_NONE;
+            total += PyUnicode_GET_LENGTH(str) + 1;
+        }
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, total);
+    if (out == NULL)
+        return NULL;
+    unsigned char *head = (unsigned char *)PyBytes_AS_STRING(out), *data = head + 4 + 8 * n;
+    put_u32le(head, (uint32_t)n);
+    head += 4;
+    for (Py_ssize_t i = 0; i < n; i++) {        /* no Python code runs: items cannot change */
+        PyObject *t = PyList_GET_ITEM(items, i);
+        for (int j = 0; j < 2; j++) {
+            PyObject *str = PyTuple_GET_ITEM(t, j);
+            Py_ssize_t len = PyUnicode_GET_LENGTH(str);
+            put_u32le(head, (uint32_t)len);
+            head += 4;
+            memcpy(data, PyUnicode_1BYTE_DATA(str), (size_t)len);
+            data[len] = 0;
+            data += len + 1;
+        }
+    }
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"call", (PyCFunction)(void (*)(void))call, METH_FASTCALL,
      "wasmtime_func_call_unchecked(ctx, func, args, nargs, trap_out), GIL released"},
@@ -930,6 +983,8 @@ static PyMethodDef methods[] = {
      "Memory.header_pair(key_ptr, key_size, value_ptr, value_size) of the Memory given first"},
     {"mem_put_result", (PyCFunction)(void (*)(void))mem_put_result, METH_FASTCALL,
      "Memory.put_result(alloc, data, ret_pp, ret_size_p) of the Memory given first"},
+    {"serialize_pairs", serialize_pairs, METH_O,
+     "abi/pairs.py serialize_str() of a list of latin-1 str pairs; None for anything else"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -138,11 +138,15 @@ def _load_native():
 _NATIVE_NAMES = ("call", "set_call_target", "HOST_TRAMPOLINE", "HostFn", "TYPED_TRAMPOLINE",
                  "ticker_configure", "ticker_add", "ticker_remove", "ticker_register",
                  "ticker_state", "ticker_enter", "ticker_leave", "charged_ns", "gc_callback",
-                 "mem_read", "mem_header_pair", "mem_put_result", "Guarded")
+                 "mem_read", "mem_header_pair", "mem_put_result", "Guarded", "serialize_pairs")
 
 
 _native = _load_native()
 USE_NATIVE = _native is not None
+# abi/pairs.py serialize_str() of a list of latin-1 str pairs in C (None: anything else, or
+# no C build); what every proxy_get_header_map_pairs hands the guest.
+serialize_pairs: Callable[[list], bytes | None] | None = \
+    _native.serialize_pairs if _native is not None else None
 
 
 def host_entry(callback: Callable[..., int], native: bool) -> tuple[Any, Any, int | None]:
