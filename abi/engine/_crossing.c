@@ -21,6 +21,11 @@
  *   set_call_target(address): the address of wasmtime_func_call_unchecked.
  *   ticker_*, charged_ns, gc_callback: the epoch ticker (see "the epoch ticker without the
  *       GIL" below; ticker.py's _NativeTicker drives it).
+ *   mem_read, mem_header_pair, mem_put_result: what host functions do with guest memory most,
+ *       for instance.py's Memory (see "guest memory for host functions" below).
+ *   Guarded: abi/hostcalls.py's error wrapper of a host function (see "guarded host functions").
+ *   serialize_pairs: abi/pairs.py's header-map serialization (see "header maps as the guest
+ *       reads them").
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
