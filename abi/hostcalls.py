@@ -142,18 +142,21 @@ def proxy_get_header_map_value(f, map_type, key_ptr, key_size, ret_pp, ret_size_
 
 # Header edits: the key and value are read before the map is looked up (a bad pointer answers
 # INVALID_MEMORY_ACCESS even where the map does not exist), as cpp-host.
-# add and replace stay two flat functions on purpose: every filter header edit runs one, and
-# each step is inlined where it would cost a Python frame (bench/chain_profile): the guest
-# memory read is one call into the engine (Memory.header_pair; C on the native path), the
-# current context is Filter.ctx(), the stream map HttpContext.writable_map (other contexts
-# take the method), the name check valid_header()'s cache (valid_header itself when missed).
+# Every filter header edit runs _header_edit (through a functools.partial per host function:
+# no Python frame), and each of its steps is inlined where it would cost one (measured with
+# bench/chain_profile): the guest memory read is one call into the engine (Memory.header_pair;
+# C on the native path), the current context is Filter.ctx(), the stream map
+# HttpContext.writable_map (other contexts take the method), the name check valid_header()'s
+# cache (valid_header itself when it misses).
 
 def _header_pair(f, kp, ks, vp, vs):
     """The key and value of a header edit when the filter has no memory of its own yet."""
     return f.read(kp, ks).lower().decode("latin-1"), f.read(vp, vs).decode("latin-1")
 
 
-def proxy_add_header_map_value(f, map_type, kp, ks, vp, vs):
+def _header_edit(replace, f, map_type, kp, ks, vp, vs):
+    """proxy_replace_header_map_value (``replace``: Envoy setCopy) or
+    proxy_add_header_map_value (addCopy)."""
     if map_type > _MAP_MAX:
         return BAD_ARGUMENT
     mem = f._mem
@@ -168,33 +171,16 @@ def proxy_add_header_map_value(f, map_type, kp, ks, vp, vs):
         m = ctx.writable_map(map_type)
     if m is None:
         return BAD_ARGUMENT
-    if not m.add(key, value):
-        return ctx.map_over_limit("proxy_add_header_map_value", map_type)
+    if not (m.replace(key, value) if replace else m.add(key, value)):
+        return ctx.map_over_limit("proxy_replace_header_map_value" if replace
+                                  else "proxy_add_header_map_value", map_type)
     if (key not in GOOD_NAMES or BAD_VALUE.search(value)) and not valid_header(key, value):
         m.unsafe = True                    # OK as Envoy; the entry never reaches the wire
     return OK
 
 
-def proxy_replace_header_map_value(f, map_type, kp, ks, vp, vs):
-    if map_type > _MAP_MAX:
-        return BAD_ARGUMENT
-    mem = f._mem
-    key, value = (mem.header_pair(kp, ks, vp, vs) if mem is not None
-                  else _header_pair(f, kp, ks, vp, vs))
-    ctx = f._effective or f._current or f._vm_ctx
-    chain = ctx.chain
-    if chain is not None and map_type <= LAST_STREAM_MAP:
-        ctx.edited = True
-        m = getattr(chain, STREAM_MAPS[map_type])
-    else:
-        m = ctx.writable_map(map_type)
-    if m is None:
-        return BAD_ARGUMENT
-    if not m.replace(key, value):
-        return ctx.map_over_limit("proxy_replace_header_map_value", map_type)
-    if (key not in GOOD_NAMES or BAD_VALUE.search(value)) and not valid_header(key, value):
-        m.unsafe = True                    # OK as Envoy; the entry never reaches the wire
-    return OK
+proxy_add_header_map_value = functools.partial(_header_edit, False)
+proxy_replace_header_map_value = functools.partial(_header_edit, True)
 
 
 def proxy_remove_header_map_value(f, map_type, kp, ks):
