@@ -785,12 +785,13 @@ static PyObject *mem_put_result(PyObject *self, PyObject *const *args, Py_ssize_
         Py_XDECREF(n);
         if (a == NULL)
             goto done;                          /* a Trap of the allocator: propagates */
-        long long at;
-        int bad = as_offset(a, &at);
+        long long at = 0;
+        int truth = PyObject_IsTrue(a);         /* ``if not addr`` (None from a void export) */
+        int bad = truth < 0 || (truth && as_offset(a, &at) < 0);
         Py_DECREF(a);
-        if (bad < 0)
+        if (bad)
             goto done;
-        if (at == 0) {
+        if (!truth) {
             result = Py_NewRef(Py_False);
             goto done;
         }

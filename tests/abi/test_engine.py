@@ -290,6 +290,7 @@ def test_memory_put_result_allocates_writes_and_fills_the_out_pointers(engine, c
     # the allocator answers 0: nothing written
     mem.write_u32(16, 7)
     assert mem.put_result(lambda n: 0, b"value", 16, 20) is False
+    assert mem.put_result(lambda n: None, b"value", 16, 20) is False    # a void "allocator"
     assert mem.read_u32(16) == 7
     # a bad out-pointer raises after the allocation and the data write (cpp-host's order)
     asked.clear()
