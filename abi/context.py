@@ -38,6 +38,7 @@ class Context:
     """Behaviour common to every context of one filter instance."""
     is_root = False
     failure: str | None = None      # how a callback on it failed (trap kind), for the trace
+    chain: ChainView | None = None  # the request's chain (HTTP contexts; the header edits read it)
 
     def __init__(self, filter: FilterView, context_id: int, generation: int):
         self.filter = filter
@@ -142,11 +143,11 @@ class RootContext(Context):
 
 
 # Map types 0..3 → the chain attribute holding that map.
-_STREAM_MAPS = {MapType.HTTP_REQUEST_HEADERS: "request_headers",
+STREAM_MAPS = {MapType.HTTP_REQUEST_HEADERS: "request_headers",
                 MapType.HTTP_RESPONSE_HEADERS: "response_headers",
                 MapType.HTTP_REQUEST_TRAILERS: "request_trailers",
                 MapType.HTTP_RESPONSE_TRAILERS: "response_trailers"}
-_LAST_STREAM_MAP = MapType.HTTP_RESPONSE_TRAILERS
+LAST_STREAM_MAP = MapType.HTTP_RESPONSE_TRAILERS
 
 
 class HttpContext(Context):
@@ -176,8 +177,8 @@ class HttpContext(Context):
         return src
 
     def get_map(self, map_type: int) -> HeaderMap | None:
-        if map_type <= _LAST_STREAM_MAP:
-            return getattr(self.chain, _STREAM_MAPS[map_type])
+        if map_type <= LAST_STREAM_MAP:
+            return getattr(self.chain, STREAM_MAPS[map_type])
         return super().get_map(map_type)
 
     edited = False                  # a header edit was asked for (the trace's m=h)
@@ -185,10 +186,10 @@ class HttpContext(Context):
     def writable_map(self, map_type: int) -> HeaderMap | None:
         # Trailers exist only when the message has some (HTTP/1.1 chunked trailers).
         self.edited = True
-        return getattr(self.chain, _STREAM_MAPS[map_type]) if map_type <= _LAST_STREAM_MAP else None
+        return getattr(self.chain, STREAM_MAPS[map_type]) if map_type <= LAST_STREAM_MAP else None
 
     def _stream_map(self, map_type: int) -> HeaderMap | None:
-        return getattr(self.chain, _STREAM_MAPS[map_type])
+        return getattr(self.chain, STREAM_MAPS[map_type])
 
     def get_buffer(self, buffer_type: int) -> BodyBuffer | None:
         if buffer_type <= BufferType.HTTP_RESPONSE_BODY:
@@ -286,6 +287,11 @@ class FilterView(Protocol):
 
     @property
     def ctx(self) -> Context: ...               # the context a host call acts on
+    # what ctx() reads, for the header edits, which inline it (each frame counts there)
+    _effective: Context | None
+    _current: Context | None
+    _vm_ctx: Context
+    _mem: Any                                   # engine.Memory once the instance is built
     # guest memory
     def read(self, ptr: int, size: int) -> bytes: ...
     def read_prefix(self, ptr: int, size: int, cap: int) -> bytes: ...

@@ -560,7 +560,8 @@ class Filter:
     def read(self, ptr: int, size: int) -> bytes:
         if size == 0:
             return b""
-        return (self._mem or self._memory()).read(ptr, size)
+        mem = self._mem
+        return mem.read(ptr, size) if mem is not None else self._memory().read(ptr, size)
 
     def read_prefix(self, ptr: int, size: int, cap: int) -> bytes:
         """The first `cap` bytes of (ptr, size), the whole range bounds-checked: a size the
@@ -596,29 +597,21 @@ class Filter:
         """Copy `data` into guest-owned memory (guest allocator) and fill the out-pointers.
 
         Bad out-pointers surface as MemoryAccessError after the allocation, as in cpp-host."""
-        if not data:
-            self.write_u32(ret_pp, 0)
-            self.write_u32(ret_size_p, 0)
-            return Status.OK
         alloc = self._alloc
-        if alloc is None and self._booting is not None:
-            alloc = self._booting_allocator()
-        if alloc is None or self._allocating:
-            # No allocator, or one that calls back into the host for more data: refuse rather
-            # than recurse host → guest → host until Python's stack gives out.
-            return Status.INVALID_MEMORY_ACCESS
+        if data:
+            if alloc is None and self._booting is not None:
+                alloc = self._booting_allocator()
+            if alloc is None or self._allocating:
+                # No allocator, or one that calls back into the host for more data: refuse
+                # rather than recurse host → guest → host until Python's stack gives out.
+                return Status.INVALID_MEMORY_ACCESS
+        mem = self._mem or self._memory()
         self._allocating = True
         try:
-            addr = alloc(len(data))
+            written = mem.put_result(alloc, data, ret_pp, ret_size_p)
         finally:
             self._allocating = False
-        if not addr:
-            return Status.INVALID_MEMORY_ACCESS
-        mem = self._mem or self._memory()    # (Memory re-reads its size if the allocator grew it)
-        mem.write(addr, data)
-        mem.write_u32(ret_pp, addr)
-        mem.write_u32(ret_size_p, len(data))
-        return Status.OK
+        return Status.OK if written else Status.INVALID_MEMORY_ACCESS
 
     # -- logging -------------------------------------------------------------------------------
 

@@ -21,12 +21,18 @@
  *   set_call_target(address): the address of wasmtime_func_call_unchecked.
  *   ticker_*, charged_ns, gc_callback: the epoch ticker (see "the epoch ticker without the
  *       GIL" below; ticker.py's _NativeTicker drives it).
+ *   mem_read, mem_header_pair, mem_put_result: what host functions do with guest memory most,
+ *       for instance.py's Memory (see "guest memory for host functions" below).
+ *   Guarded: abi/hostcalls.py's error wrapper of a host function (see "guarded host functions").
+ *   serialize_pairs: abi/pairs.py's header-map serialization (see "header maps as the guest
+ *       reads them").
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <errno.h>
 #include <pthread.h>
 #include <stdatomic.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -616,6 +622,350 @@ static void *typed_trampoline(void *env, void *caller, void *vals, size_t n) {
     return trap;
 }
 
+/* -- guest memory for host functions ------------------------------------------------------
+ * What instance.py's Memory does for the hot host functions, without a Python frame each (the
+ * Memory binds them to itself when its instance is native; its Python methods are the
+ * fallback and the reference):
+ *   mem_read(mem, ptr, n) -> bytes                        Memory.read
+ *   mem_header_pair(mem, kp, ks, vp, vs) -> (key, value)  Memory.header_pair
+ *   mem_put_result(mem, alloc, data, ret_pp, ret_size_p) -> bool   Memory.put_result
+ * ``mem`` is the Memory: its ``_view`` (a memoryview over linear memory) is read on each call,
+ * and a range outside it is handed to ``mem._check(ptr, n)``, which re-reads the size (the
+ * guest may have grown) and raises MemoryAccessError when the range is still outside: the
+ * bounds are exactly the Python path's. */
+static PyObject *str_view, *str_check;
+
+/* A buffer over mem._view that holds [ptr, ptr + n); -1 with an exception set. */
+static int mem_span(PyObject *mem, PyObject *ptr_obj, PyObject *n_obj, long long ptr,
+                    long long n, Py_buffer *buf, int writable) {
+    for (int attempt = 0;; attempt++) {
+        PyObject *view = PyObject_GetAttr(mem, str_view);
+        if (view == NULL)
+            return -1;
+        int rc = PyObject_GetBuffer(view, buf, writable ? PyBUF_WRITABLE : PyBUF_SIMPLE);
+        Py_DECREF(view);
+        if (rc < 0)
+            return -1;
+        if (ptr >= 0 && n >= 0 && ptr <= buf->len && n <= buf->len - ptr)
+            return 0;
+        PyBuffer_Release(buf);
+        if (attempt) {      /* _check accepted the range, yet the view does not hold it */
+            PyErr_SetString(PyExc_SystemError, "Memory._check and Memory._view disagree");
+            return -1;
+        }
+        PyObject *r = ptr_obj && n_obj
+            ? PyObject_CallMethodObjArgs(mem, str_check, ptr_obj, n_obj, NULL)
+            : PyObject_CallMethod(mem, "_check", "LL", ptr, n);
+        if (r == NULL)
+            return -1;      /* MemoryAccessError */
+        Py_DECREF(r);
+    }
+}
+
+/* An argument as a signed 64-bit int; a value out of that range becomes -1 (out of bounds:
+ * _check raises for it, as the Python path would). */
+static int as_offset(PyObject *o, long long *out) {
+    int overflow;
+    long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
+    if (v == -1 && PyErr_Occurred())
+        return -1;
+    *out = overflow ? -1 : v;
+    return 0;
+}
+
+static PyObject *mem_read(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    long long ptr, n;
+    Py_buffer buf;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "mem_read(mem, ptr, n)");
+        return NULL;
+    }
+    if (as_offset(args[1], &ptr) < 0 || as_offset(args[2], &n) < 0 ||
+            mem_span(args[0], args[1], args[2], ptr, n, &buf, 0) < 0)
+        return NULL;
+    PyObject *r = PyBytes_FromStringAndSize((const char *)buf.buf + ptr, (Py_ssize_t)n);
+    PyBuffer_Release(&buf);
+    return r;
+}
+
+/* A latin-1 str of guest bytes, ASCII upper case lowered when ``lower`` (bytes.lower()). A
+ * zero-length string is "" whatever its pointer (Filter.read answers b"" without a check). */
+static PyObject *guest_str(PyObject *mem, PyObject *ptr_obj, PyObject *n_obj, int lower) {
+    long long ptr, n;
+    Py_buffer buf;
+    if (as_offset(ptr_obj, &ptr) < 0 || as_offset(n_obj, &n) < 0)
+        return NULL;
+    if (n == 0)
+        return PyUnicode_New(0, 0);
+    if (mem_span(mem, ptr_obj, n_obj, ptr, n, &buf, 0) < 0)
+        return NULL;
+    const unsigned char *src = (const unsigned char *)buf.buf + ptr;
+    PyObject *r;
+    if (!lower) {
+        r = PyUnicode_DecodeLatin1((const char *)src, (Py_ssize_t)n, NULL);
+    } else {
+        char small[256];
+        char *tmp = n <= (long long)sizeof small ? small : PyMem_Malloc((size_t)n);
+        if (tmp == NULL) {
+            PyBuffer_Release(&buf);
+            return PyErr_NoMemory();
+        }
+        for (long long i = 0; i < n; i++) {
+            unsigned char c = src[i];
+            tmp[i] = (char)(c >= 'A' && c <= 'Z' ? c + 32 : c);
+        }
+        r = PyUnicode_DecodeLatin1(tmp, (Py_ssize_t)n, NULL);
+        if (tmp != small)
+            PyMem_Free(tmp);
+    }
+    PyBuffer_Release(&buf);
+    return r;
+}
+
+static PyObject *mem_header_pair(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "mem_header_pair(mem, key_ptr, key_size, value_ptr, "
+                                         "value_size)");
+        return NULL;
+    }
+    PyObject *key = guest_str(args[0], args[1], args[2], 1);
+    if (key == NULL)
+        return NULL;
+    PyObject *value = guest_str(args[0], args[3], args[4], 0);
+    if (value == NULL) {
+        Py_DECREF(key);
+        return NULL;
+    }
+    PyObject *r = PyTuple_New(2);
+    if (r == NULL) {
+        Py_DECREF(key);
+        Py_DECREF(value);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(r, 0, key);
+    PyTuple_SET_ITEM(r, 1, value);
+    return r;
+}
+
+/* Copy n bytes (or a little-endian u32) to guest memory at ptr, bounds-checked. */
+static int guest_put(PyObject *mem, long long ptr, const void *src, long long n) {
+    Py_buffer buf;
+    if (mem_span(mem, NULL, NULL, ptr, n, &buf, 1) < 0)
+        return -1;
+    memcpy((char *)buf.buf + ptr, src, (size_t)n);
+    PyBuffer_Release(&buf);
+    return 0;
+}
+
+static int guest_put_u32(PyObject *mem, PyObject *ptr_obj, uint32_t v) {
+    long long ptr;
+    unsigned char le[4] = {v & 0xFF, (v >> 8) & 0xFF, (v >> 16) & 0xFF, v >> 24};
+    if (as_offset(ptr_obj, &ptr) < 0)
+        return -1;
+    return guest_put(mem, ptr, le, 4);
+}
+
+/* put_result: data into a block of the guest's allocator, then its address and size into the
+ * two out-pointers (in that order; a bad out-pointer raises after the allocation, as cpp-host).
+ * Empty data allocates nothing and writes (0, 0). False: the allocator answered 0. */
+static PyObject *mem_put_result(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "mem_put_result(mem, alloc, data, ret_pp, ret_size_p)");
+        return NULL;
+    }
+    PyObject *mem = args[0], *alloc = args[1];
+    Py_buffer data;
+    if (PyObject_GetBuffer(args[2], &data, PyBUF_SIMPLE) < 0)
+        return NULL;
+    PyObject *result = NULL;
+    uint32_t addr = 0;
+    if (data.len > 0) {
+        PyObject *n = PyLong_FromSsize_t(data.len);
+        PyObject *a = n ? PyObject_CallOneArg(alloc, n) : NULL;
+        Py_XDECREF(n);
+        if (a == NULL)
+            goto done;                          /* a Trap of the allocator: propagates */
+        long long at = 0;
+        int truth = PyObject_IsTrue(a);         /* ``if not addr`` (None from a void export) */
+        int bad = truth < 0 || (truth && as_offset(a, &at) < 0);
+        Py_DECREF(a);
+        if (bad)
+            goto done;
+        if (!truth) {
+            result = Py_NewRef(Py_False);
+            goto done;
+        }
+        if (guest_put(mem, at, data.buf, data.len) < 0)
+            goto done;
+        addr = (uint32_t)at;
+    }
+    if (guest_put_u32(mem, args[3], addr) < 0 ||
+            guest_put_u32(mem, args[4], (uint32_t)data.len) < 0)
+        goto done;
+    result = Py_NewRef(Py_True);
+done:
+    PyBuffer_Release(&data);
+    return result;
+}
+
+/* -- guarded host functions ----------------------------------------------------------------
+ * Guarded(fn, first, bad_memory, internal, on_error, memory_error, passthrough) is what
+ * abi/hostcalls.py's guarded() wrapper does, as a C callable (no Python frame per host call):
+ * called with the wasm arguments, it returns fn(first, *args); when fn raises, a
+ * ``memory_error`` answers ``bad_memory``, a ``passthrough`` exception (the deliberate traps)
+ * and anything that is not an Exception propagate, any other Exception goes to on_error(exc)
+ * and answers ``internal``. */
+#define MAX_GUARDED_ARGS 16
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *fn, *first, *bad_memory, *internal, *on_error, *memory_error, *passthrough;
+    vectorcallfunc vectorcall;
+} Guarded;
+
+static PyObject *guarded_vectorcall(Guarded *g, PyObject *const *args, size_t nargsf,
+                                    PyObject *kwnames) {
+    Py_ssize_t n = PyVectorcall_NARGS(nargsf);
+    if (kwnames != NULL || n > MAX_GUARDED_ARGS) {
+        PyErr_SetString(PyExc_TypeError, "Guarded: at most 16 positional arguments");
+        return NULL;
+    }
+    PyObject *argv[MAX_GUARDED_ARGS + 1];
+    argv[0] = g->first;
+    for (Py_ssize_t i = 0; i < n; i++)
+        argv[i + 1] = args[i];
+    PyObject *r = PyObject_Vectorcall(g->fn, argv, (size_t)n + 1, NULL);
+    if (r != NULL)
+        return r;
+    if (PyErr_ExceptionMatches(g->memory_error)) {
+        PyErr_Clear();
+        return Py_NewRef(g->bad_memory);
+    }
+    if (PyErr_ExceptionMatches(g->passthrough) || !PyErr_ExceptionMatches(PyExc_Exception))
+        return NULL;
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (tb != NULL && value != NULL)
+        PyException_SetTraceback(value, tb);
+    PyObject *logged = PyObject_CallOneArg(g->on_error, value ? value : Py_None);
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(tb);
+    if (logged == NULL)
+        return NULL;        /* as an exception raised in the wrapper's except clause */
+    Py_DECREF(logged);
+    return Py_NewRef(g->internal);
+}
+
+static int guarded_init(Guarded *self, PyObject *args, PyObject *kw) {
+    PyObject *o[7];
+    if (!PyArg_ParseTuple(args, "OOOOOOO", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6]))
+        return -1;
+    PyObject **slots[7] = {&self->fn, &self->first, &self->bad_memory, &self->internal,
+                           &self->on_error, &self->memory_error, &self->passthrough};
+    for (int i = 0; i < 7; i++)
+        Py_XSETREF(*slots[i], Py_NewRef(o[i]));
+    self->vectorcall = (vectorcallfunc)guarded_vectorcall;
+    return 0;
+}
+
+static int guarded_traverse(Guarded *self, visitproc visit, void *arg) {
+    Py_VISIT(self->fn);
+    Py_VISIT(self->first);
+    Py_VISIT(self->bad_memory);
+    Py_VISIT(self->internal);
+    Py_VISIT(self->on_error);
+    Py_VISIT(self->memory_error);
+    Py_VISIT(self->passthrough);
+    return 0;
+}
+
+static int guarded_clear(Guarded *self) {
+    Py_CLEAR(self->fn);
+    Py_CLEAR(self->first);
+    Py_CLEAR(self->bad_memory);
+    Py_CLEAR(self->internal);
+    Py_CLEAR(self->on_error);
+    Py_CLEAR(self->memory_error);
+    Py_CLEAR(self->passthrough);
+    return 0;
+}
+
+static void guarded_dealloc(Guarded *self) {
+    PyObject_GC_UnTrack(self);
+    guarded_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyTypeObject GuardedType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "abi.engine._crossing.Guarded",
+    .tp_basicsize = sizeof(Guarded),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "Guarded(fn, first, bad_memory, internal, on_error, memory_error, passthrough)",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)guarded_init,
+    .tp_traverse = (traverseproc)guarded_traverse,
+    .tp_clear = (inquiry)guarded_clear,
+    .tp_dealloc = (destructor)guarded_dealloc,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(Guarded, vectorcall),
+};
+
+/* -- header maps as the guest reads them ----------------------------------------------------
+ * serialize_pairs(items) -> bytes | None: abi/pairs.py serialize_str() of a list of
+ * (name, value) str pairs (reference §4.1: u32 N, N x (u32 name_len, u32 value_len),
+ * N x (name NUL value NUL); b"" for no pair), each str taken as latin-1 bytes. None when an
+ * item is not a pair of one-byte (latin-1) strs: the caller's Python path handles those. */
+static void put_u32le(unsigned char *p, uint32_t v) {
+    p[0] = v & 0xFF;
+    p[1] = (v >> 8) & 0xFF;
+    p[2] = (v >> 16) & 0xFF;
+    p[3] = v >> 24;
+}
+
+static PyObject *serialize_pairs(PyObject *self, PyObject *items) {
+    if (!PyList_Check(items))
+        Py_RETURN_NONE;
+    Py_ssize_t n = PyList_GET_SIZE(items);
+    if (n == 0)
+        return PyBytes_FromStringAndSize(NULL, 0);
+    if (n > (Py_ssize_t)UINT32_MAX)
+        Py_RETURN_NONE;
+    Py_ssize_t total = 4 + 8 * n;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *t = PyList_GET_ITEM(items, i);
+        if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != 2)
+            Py_RETURN_NONE;
+        for (int j = 0; j < 2; j++) {
+            PyObject *str = PyTuple_GET_ITEM(t, j);
+            if (!PyUnicode_Check(str) || PyUnicode_KIND(str) != PyUnicode_1BYTE_KIND)
+                Py_RETURN_NONE;
+            total += PyUnicode_GET_LENGTH(str) + 1;
+        }
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, total);
+    if (out == NULL)
+        return NULL;
+    unsigned char *head = (unsigned char *)PyBytes_AS_STRING(out), *data = head + 4 + 8 * n;
+    put_u32le(head, (uint32_t)n);
+    head += 4;
+    for (Py_ssize_t i = 0; i < n; i++) {        /* no Python code runs: items cannot change */
+        PyObject *t = PyList_GET_ITEM(items, i);
+        for (int j = 0; j < 2; j++) {
+            PyObject *str = PyTuple_GET_ITEM(t, j);
+            Py_ssize_t len = PyUnicode_GET_LENGTH(str);
+            put_u32le(head, (uint32_t)len);
+            head += 4;
+            memcpy(data, PyUnicode_1BYTE_DATA(str), (size_t)len);
+            data[len] = 0;
+            data += len + 1;
+        }
+    }
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"call", (PyCFunction)(void (*)(void))call, METH_FASTCALL,
      "wasmtime_func_call_unchecked(ctx, func, args, nargs, trap_out), GIL released"},
@@ -633,6 +983,14 @@ static PyMethodDef methods[] = {
     {"charged_ns", charged_ns, METH_NOARGS, "this thread's CPU ns minus its GC time"},
     {"gc_callback", (PyCFunction)(void (*)(void))gc_callback, METH_FASTCALL,
      "for gc.callbacks: counts each thread's GC time"},
+    {"mem_read", (PyCFunction)(void (*)(void))mem_read, METH_FASTCALL,
+     "Memory.read(ptr, n) of the Memory given first"},
+    {"mem_header_pair", (PyCFunction)(void (*)(void))mem_header_pair, METH_FASTCALL,
+     "Memory.header_pair(key_ptr, key_size, value_ptr, value_size) of the Memory given first"},
+    {"mem_put_result", (PyCFunction)(void (*)(void))mem_put_result, METH_FASTCALL,
+     "Memory.put_result(alloc, data, ret_pp, ret_size_p) of the Memory given first"},
+    {"serialize_pairs", serialize_pairs, METH_O,
+     "abi/pairs.py serialize_str() of a list of latin-1 str pairs; None for anything else"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -669,9 +1027,17 @@ PyMODINIT_FUNC PyInit__crossing(void) {
     str_poisoned = PyUnicode_InternFromString("poisoned");
     str_unwind = PyUnicode_InternFromString("unwind");
     str_host_failed = PyUnicode_InternFromString("host_failed");
+    str_view = PyUnicode_InternFromString("_view");
+    str_check = PyUnicode_InternFromString("_check");
     if (str_poisoned == NULL || str_unwind == NULL || str_host_failed == NULL ||
+            str_view == NULL || str_check == NULL ||
             PyType_Ready(&HostFnType) < 0 ||
             PyModule_AddObjectRef(m, "HostFn", (PyObject *)&HostFnType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    if (PyType_Ready(&GuardedType) < 0 ||
+            PyModule_AddObjectRef(m, "Guarded", (PyObject *)&GuardedType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

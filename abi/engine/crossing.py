@@ -30,6 +30,8 @@ from typing import Any, Callable, Protocol
 
 from wasmtime import _bindings as _B
 
+from .errors import HostTrap, MemoryAccessError, Trap
+
 WASMTIME_VERSION = "50.0.1"   # pinned: the raw signatures below are checked against it
 _SLOT = 16                    # sizeof(wasmtime_val_raw_t)
 REARM_S = 0.002               # a store re-arms its deadline at most this often (cost: a C call)
@@ -135,11 +137,16 @@ def _load_native():
 
 _NATIVE_NAMES = ("call", "set_call_target", "HOST_TRAMPOLINE", "HostFn", "TYPED_TRAMPOLINE",
                  "ticker_configure", "ticker_add", "ticker_remove", "ticker_register",
-                 "ticker_state", "ticker_enter", "ticker_leave", "charged_ns", "gc_callback")
+                 "ticker_state", "ticker_enter", "ticker_leave", "charged_ns", "gc_callback",
+                 "mem_read", "mem_header_pair", "mem_put_result", "Guarded", "serialize_pairs")
 
 
 _native = _load_native()
 USE_NATIVE = _native is not None
+# abi/pairs.py serialize_str() of a list of latin-1 str pairs in C (None: anything else, or
+# no C build); what every proxy_get_header_map_pairs hands the guest.
+serialize_pairs: Callable[[list], bytes | None] | None = \
+    _native.serialize_pairs if _native is not None else None
 
 
 def host_entry(callback: Callable[..., int], native: bool) -> tuple[Any, Any, int | None]:
@@ -152,6 +159,19 @@ def host_entry(callback: Callable[..., int], native: bool) -> tuple[Any, Any, in
         return callback, entry, id(callback)
     closure = _HostCallback(callback)
     return closure, ctypes.cast(closure, _B.wasmtime_func_unchecked_callback_t), None
+
+
+def guarded_host(fn: Callable[..., Any], first: object, bad_memory: Any, internal: Any,
+                 on_error: Callable[[Exception], object]) -> Callable[..., Any] | None:
+    """``fn(first, *args)`` as a C callable that answers ``bad_memory`` for a
+    MemoryAccessError, lets Trap, HostTrap and non-Exceptions through and hands any other
+    Exception to ``on_error`` and answers ``internal``: abi/hostcalls.py's guarded() wrapper
+    without its Python frame on every host call. None when the C path is off (its caller
+    then generates the wrapper in Python)."""
+    if not USE_NATIVE:
+        return None
+    return _native.Guarded(fn, first, bad_memory, internal, on_error,
+                           MemoryAccessError, (Trap, HostTrap))
 
 
 def _new_trap(message: str) -> int:
