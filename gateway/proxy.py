@@ -21,6 +21,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from http import HTTPStatus
+from operator import itemgetter
 from typing import AsyncIterator, Protocol
 
 from abi.api import Forward, LocalReply, LocalReplyInterrupt, LogInfo, StreamInfo, TlsFacts
@@ -198,7 +199,7 @@ class Proxy:
         ex.route = route.name
         ex.body = req.body
         if got is not None:
-            ex.trace = tracer.begin(got, conn.peer[0], headers, f"{req.method} {route.name}")
+            ex.trace = tracer.begin(got, conn.peer[0], headers, req.method, route.name)
         if req.upgrade is not None:
             if not route.upgrades:
                 # As Envoy (403, "upgrade_failed"), and the connection closes: a client may already
@@ -233,14 +234,14 @@ class Proxy:
                           cluster_metadata=gen.router.cluster_metadata.get(route.cluster),
                           trace=rt is not None and rt.records)
         try:
-            stream = host.stream(list(route.filters), info)   # type: ignore[attr-defined]
+            stream = host.stream(route.filters, info)   # type: ignore[attr-defined]
         except Exception as e:
             log.exception('route "%s": could not open a filter stream', route.name)
             return self.reply_error(conn, ex, 500, f"filter chain error: {type(e).__name__}", "filter_error")
         if info.trace:
             rt.stream = stream
         chain_headers = [(":method", req.method), (":path", target), (":authority", req.authority),
-                         (":scheme", req.scheme)] + headers
+                         (":scheme", req.scheme)] + headers      # in _CHAIN_PSEUDO's order
         original = req.body
         try:
             try:
@@ -612,18 +613,24 @@ class _Trailed:
 
 
 def _split_pseudo(headers: Headers, method: str, target: str, authority: str) -> tuple[str, str, str, Headers]:
-    rest = []
+    """The request's method, target and authority after the chain (the last of each
+    pseudo-header; the given ones if a filter removed it) and its other headers."""
+    rest = [h for h in headers if h[0][0] != ":"]
+    if len(rest) + 4 == len(headers) and list(map(_name, headers[:4])) == _CHAIN_PSEUDO:
+        return headers[0][1], headers[1][1], headers[2][1], rest      # as _with_filters put them
     for n, v in headers:
-        if n[0] == ":":
-            if n == ":method":
-                method = v
-            elif n == ":path":
-                target = v
-            elif n == ":authority":
-                authority = v
-        else:
-            rest.append((n, v))
+        if n == ":method":
+            method = v
+        elif n == ":path":
+            target = v
+        elif n == ":authority":
+            authority = v
     return method, target, authority, rest
+
+
+_name = itemgetter(0)
+# The request's pseudo-headers, first and in this order, as _with_filters hands them to the chain.
+_CHAIN_PSEUDO = [":method", ":path", ":authority", ":scheme"]
 
 
 class _NoRoute(HttpError):
@@ -667,10 +674,8 @@ def final_status(status: int, ex: Exchange) -> int:
 
 
 def header_value(headers: Headers, name: str) -> str | None:
-    for n, v in headers:
-        if n == name:
-            return v
-    return None
+    names = list(map(_name, headers))        # searched in C: cheaper than a loop over pairs
+    return headers[names.index(name)][1] if name in names else None
 
 
 def _rewrite_host(route: Route, authority: str) -> str:
