@@ -227,12 +227,12 @@ class Proxy:
             return self.reply_error(conn, ex, 500, f'route "{route.name}" has filters but none are loaded',
                                     "filter_error")
         rt = ex.trace
-        info = StreamInfo(request_id=ex.rid, route_name=route.name, cluster_name=route.cluster,
-                          client_addr=conn.peer, local_addr=conn.local, connection_id=conn.id,
-                          scheme=req.scheme, protocol=req.version, start_time_ns=time.time_ns(), tls=conn.tls,
-                          route_metadata=route.metadata,
-                          cluster_metadata=gen.router.cluster_metadata.get(route.cluster),
-                          trace=rt is not None and rt.records)
+        # Positional, in the fields' order: 13 keywords cost ~1 µs more per request (timeit).
+        info = StreamInfo(ex.rid, route.name, route.cluster,            # request_id, route_name, cluster_name
+                          conn.peer, conn.local, conn.id,               # client_addr, local_addr, connection_id
+                          req.scheme, req.version, time.time_ns(),      # scheme, protocol, start_time_ns
+                          conn.tls, rt is not None and rt.records,      # tls, trace
+                          route.metadata, gen.router.cluster_metadata.get(route.cluster))  # route_/cluster_metadata
         try:
             stream = host.stream(route.filters, info)   # type: ignore[attr-defined]
         except Exception as e:
@@ -257,7 +257,8 @@ class Proxy:
             routed_target = target
             method, target, authority, rest = _split_pseudo(result.headers, req.method, target, req.authority)
             if (target != routed_target or method != req.method or authority != req.authority
-                    or stream.route_cache_cleared or gen.router.headers_changed(headers, rest)):
+                    or stream.route_cache_cleared
+                    or (gen.router.header_names and gen.router.headers_changed(headers, rest))):
                 # Envoy clears the route cache when a filter edits the request headers: the
                 # request goes where its headers now say (the chain stays the one it ran).
                 try:
@@ -286,9 +287,9 @@ class Proxy:
             return False
         finally:
             try:
-                await stream.finish(LogInfo(status=ex.status, bytes_in=original.received if original else 0,
-                                            bytes_out=ex.bytes_out, upstream_address=ex.upstream,
-                                            duration_ns=int((time.perf_counter() - ex.t0) * 1e9)))
+                # status, bytes_in, bytes_out, duration_ns, upstream_address (positional, as above)
+                await stream.finish(LogInfo(ex.status, original.received if original else 0, ex.bytes_out,
+                                            int((time.perf_counter() - ex.t0) * 1e9), ex.upstream))
             except Exception:
                 log.exception("filter stream finish failed")
 
@@ -400,15 +401,8 @@ class Proxy:
         close = not ex.keepalive
         status, headers, length = resp.status, strip_hop_by_hop(resp.headers), resp.length
         small = length is not None and 0 < length <= limits.response_buffer_bytes
-        if stream is None and small:
-            # Small body, no filters: one read, the upstream connection back to the pool, one write.
-            try:
-                data = await resp.read_exact()
-            except UpstreamReset as e:
-                return self.upstream_broke(conn, ex, e)
-            resp.finish()
-            return await conn.send_response(ex, status, headers, data, length, close)
-        body = resp.body
+        # Small and without filters: the body iterator is never made.
+        body = upstream_body = resp.body if stream is not None or not small else None
         if stream is not None:
             try:
                 result = await stream.response(status, [(":status", str(status))] + headers, body)
@@ -418,6 +412,16 @@ class Proxy:
                 self.send_local_reply(conn, ex, result, close=False)
                 return True
             status, headers, length, body = _after_chain(result, status, length, body, ex)
+        if small and body is upstream_body:
+            # A small body no filter reads (or no filters): one read, the upstream connection
+            # back to the pool, one write with its exact length (the front-ends write
+            # Content-Length from it, whatever the headers say).
+            try:
+                data = await resp.read_exact()
+            except UpstreamReset as e:
+                return self.upstream_broke(conn, ex, e)
+            resp.finish()
+            return await conn.send_response(ex, status, headers, data, len(data), close)
         if body is None:
             return await conn.send_response(ex, status, headers, None, length, close)
         if small:
@@ -432,16 +436,11 @@ class Proxy:
 
     async def _respond_small(self, conn: Downstream, ex: Exchange, resp: UpstreamResponse, status: int,
                              headers: Headers, body: AsyncIterator[bytes], close: bool) -> bool:
-        """A small upstream body through the filters: read whole (no read-ahead task), the
-        upstream connection back to the pool, one write with its exact length (the front-ends
-        write Content-Length from it, whatever the headers say)."""
+        """A small upstream body a filter reads: read whole through the filters (no read-ahead
+        task), the upstream connection back to the pool, one write with its exact length."""
         try:
-            if body is resp.body:
-                # No filter reads the body: one read, as without filters.
-                data = await resp.read_exact()
-            else:
-                chunks = [chunk async for chunk in body]
-                data = b"".join(chunks)
+            chunks = [chunk async for chunk in body]
+            data = b"".join(chunks)
         except LocalReplyInterrupt as e:
             self.send_local_reply(conn, ex, e.reply, close=True)
             return False
@@ -586,7 +585,9 @@ def traced(ex: Exchange, headers: Headers) -> Headers:
 
 def _after_chain(result: Forward, status: int, length: int | None, body, ex: Exchange):
     """Status, headers, length and body of the response the filters let through."""
-    status = final_status(_status_of(result.headers, status), ex)
+    status = _status_of(result.headers, status)
+    if not 200 <= status <= 599:
+        status = final_status(status, ex)
     headers = [(n, v) for n, v in result.headers if n[0] != ":"]
     if result.body is None:
         length = 0
