@@ -352,7 +352,6 @@ class Chain:
             eos = body is None or length == 0        # Envoy: end_stream with the headers
             # The chunk pipeline is built only once a filter needs the body.
             src: Chunks | None = None
-            touched = False
             ctxs = self.ctxs
             for i, f in enumerate(self.filters):
                 try:                                 # _open, inlined
@@ -370,23 +369,26 @@ class Chain:
                         if src is None:
                             src = _with_eos(body, length, self._set_request_trailers)
                         src = await self._body_while_paused(i, src)
-                        staged = touched = True
+                        staged = True
                     else:
                         await self._wait(i, REQUEST)
                 if not eos and not staged and not self.skipped[i] and f.body_callbacks[REQUEST]:
                     if src is None:
                         src = _with_eos(body, length, self._set_request_trailers)
                     src = self._stage(i, REQUEST, src)
-                    touched = True
-            out = body if not touched else _Payload(src, lambda: self._wire_trailers(REQUEST))
-            hmap = self.request_headers      # _wire, inlined (every request)
-            return Forward(hmap.items if not hmap.unsafe else self._wire(hmap), out)
+            return self._handed_on(REQUEST, self.request_headers, body, src)
         except _Stop as s:
             return await self._encode_reply(s.reply)
         except LocalReplyInterrupt as e:
             # An earlier filter answered on a body chunk while a later one, paused in its
             # headers, was being fed the body (deliver_body_while_paused): already encoded.
             return e.reply
+
+    def _handed_on(self, direction: int, hmap: HeaderMap, body: Body | None, src: Chunks | None) -> Forward:
+        """The headers as they may go on the wire, and the body: the gateway's own when no
+        filter stage was built (``src`` None), else the stages' output."""
+        out = body if src is None else _Payload(src, lambda: self._wire_trailers(direction))
+        return Forward(hmap.items if not hmap.unsafe else self._wire(hmap), out)   # _wire, inlined
 
     def _set_request_trailers(self, trailers: HeaderMap) -> None:
         self.request_trailers = trailers
@@ -523,7 +525,6 @@ class Chain:
         eos = body is None or length == 0
         try:                                     # one coroutine for the response callbacks
             src: Chunks | None = None                # built only once a filter needs the body
-            touched = False
             ctxs = self.ctxs
             skipped = self.skipped
             filters = self.filters
@@ -539,10 +540,7 @@ class Chain:
                     if src is None:
                         src = _with_eos(body, length, self._set_response_trailers)
                     src = self._stage(i, RESPONSE, src)
-                    touched = True
-            out = body if not touched else _Payload(src, lambda: self._wire_trailers(RESPONSE))
-            hmap = self.response_headers     # _wire, inlined (every request)
-            return Forward(hmap.items if not hmap.unsafe else self._wire(hmap), out)
+            return self._handed_on(RESPONSE, self.response_headers, body, src)
         except _Stop as s:
             return self._finish_reply(s.reply)
 
