@@ -157,15 +157,20 @@ class HttpContext(Context):
     is made on first use.
     """
 
+    _props: PropertySource | None = None
+    waiter: asyncio.Future[Any] | None = None    # set while the chain waits for a resume
+
     def __init__(self, filter: FilterView, context_id: int, generation: int, chain: ChainView):
         self.filter = filter
         self.id = context_id
         self.generation = generation
-        self.chain = chain
-        self._props: PropertySource | None = None
+        # Set to None when the context is released (Filter.finish_context): no chain ↔
+        # context cycle is left, so a finished request is freed by reference counting instead
+        # of the cyclic GC, and no host call can act on it any more (it is no longer current,
+        # effective or findable by id).
+        self.chain: ChainView | None = chain
         self.bodies: list[BodyBuffer | None] = [None, None]      # [request, response]
         self.resumed = [False, False]
-        self.waiter: asyncio.Future[Any] | None = None
         self.pending_calls: set[int] = set()
 
     @property
@@ -235,14 +240,6 @@ class HttpContext(Context):
         self.chain.set_reply(self.chain.too_large(self.filter, buffer_type))
         self.wake()
         return Status.OK
-
-    def detach(self) -> None:
-        """After on_delete (the context is released): drop the references back to the chain,
-        so a finished request is freed by reference counting instead of the cyclic GC. No
-        host call can act on a released context any more (it is no longer current,
-        effective or findable by id)."""
-        self.chain = None                # type: ignore[assignment]
-        self._props = None
 
     def wake(self) -> None:
         w = self.waiter

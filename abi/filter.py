@@ -74,6 +74,9 @@ class Filter:
         self.has_context_create = "proxy_on_context_create" in loaded.exports
         self.on_headers: tuple[bool, bool] = tuple(   # (request, response) headers callbacks
             n in loaded.exports for n in ("proxy_on_request_headers", "proxy_on_response_headers"))
+        self.body_callbacks: tuple[bool, bool] = tuple(  # (request, response) body or trailers
+            any(f"proxy_on_{side}_{part}" in loaded.exports for part in ("body", "trailers"))
+            for side in ("request", "response"))
         self.teardown_callbacks: tuple[str, ...] = tuple(
             n for n in ("proxy_on_done", "proxy_on_log", "proxy_on_delete") if n in loaded.exports)
         self.abi_010 = loaded.abi_version == "0.1.0"
@@ -391,52 +394,52 @@ class Filter:
                 self._run_deferred()
 
     def finish_context(self, ctx: HttpContext, failed: bool) -> None:
-        """A finished request's context: its callouts dropped, the teardown callbacks run,
-        success noted (unless the request saw `failed`), and the context released."""
+        """A finished request's context, in one frame (every request runs it for every
+        filter): its callouts dropped; on_done → on_log → on_delete (the exported ones, spec
+        order: what ``call`` does for each, with one context switch and one timer for the
+        three), stopping when the instance dies; success noted unless the request saw
+        `failed`; then, whatever happened, the context released and detached from its chain.
+        A trap raises FilterFailure."""
         try:
             if ctx.pending_calls:
                 self.cancel_calls(ctx)
-            self.teardown(ctx)
+            inst = self.instance
+            if inst is not None and ctx.generation == self.generation:
+                funcs = self._funcs
+                cid = ctx.id
+                prev_current = self._current
+                prev_effective = self._effective
+                self._current = ctx
+                name = ""
+                t0 = perf_counter_ns()
+                try:
+                    for name in self.teardown_callbacks:
+                        if ctx.generation != self.generation:     # the instance died (not ctx.alive)
+                            break
+                        fn = funcs.get(name)
+                        if fn is None:
+                            fn = funcs[name] = self._export(inst, name)
+                        self._effective = None
+                        self.calls += 1
+                        fn(cid)
+                        if self._deferred:
+                            self._run_deferred()
+                except Trap as t:
+                    raise self._trapped(inst, ctx, name, t) from None
+                finally:
+                    self.guest_ns += perf_counter_ns() - t0
+                    self._current = prev_current
+                    self._effective = prev_effective
             if not failed and ctx.generation == self.generation:
                 self.consecutive_failures = 0
         finally:                         # release: what a teardown callback dispatched goes too
             if ctx.pending_calls:
                 self.cancel_calls(ctx)
-            if self.contexts.get(ctx.id) is ctx:
-                del self.contexts[ctx.id]
-
-    def teardown(self, ctx: Context) -> None:
-        """on_done → on_log → on_delete (the exported ones, spec order) for a finished
-        request's context: what ``call`` does for each, in one frame (every request runs it
-        for every filter). Stops when the instance dies; a trap raises FilterFailure."""
-        inst = self.instance
-        if inst is None or ctx.generation != self.generation:
-            return
-        funcs = self._funcs
-        cid = ctx.id
-        prev_current = self._current
-        prev_effective = self._effective
-        self._current = ctx
-        name = ""
-        t0 = perf_counter_ns()
-        try:
-            for name in self.teardown_callbacks:
-                if ctx.generation != self.generation:     # the instance died (not ctx.alive)
-                    return
-                fn = funcs.get(name)
-                if fn is None:
-                    fn = funcs[name] = self._export(inst, name)
-                self._effective = None
-                self.calls += 1
-                fn(cid)
-                if self._deferred:
-                    self._run_deferred()
-        except Trap as t:
-            raise self._trapped(inst, ctx, name, t) from None
-        finally:
-            self.guest_ns += perf_counter_ns() - t0
-            self._current = prev_current
-            self._effective = prev_effective
+            contexts = self.contexts
+            if contexts.get(ctx.id) is ctx:
+                del contexts[ctx.id]
+            ctx.chain = None             # detached: no chain ↔ context cycle (HttpContext.chain)
+            ctx._props = None
 
     def _resolve(self, inst: Instance | None, name: str) -> tuple[Instance, Callable]:
         """The instance to call and its export `name` (cached in _funcs), when the fast
