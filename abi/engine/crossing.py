@@ -135,11 +135,15 @@ def _load_native():
 
 _NATIVE_NAMES = ("call", "set_call_target", "HOST_TRAMPOLINE", "HostFn", "TYPED_TRAMPOLINE",
                  "ticker_configure", "ticker_add", "ticker_remove", "ticker_register",
-                 "ticker_state", "ticker_enter", "ticker_leave", "charged_ns", "gc_callback")
+                 "ticker_state", "ticker_enter", "ticker_leave", "charged_ns", "gc_callback",
+                 "CallCore", "GuestFn")
 
 
 _native = _load_native()
 USE_NATIVE = _native is not None
+# The base of store._StoreState: with _crossing.c, its depth/poisoned/armed_at are C fields
+# that _native.GuestFn reads without an attribute lookup (Python sees plain attributes).
+CallCore: type = _native.CallCore if _native is not None else object
 
 
 def host_entry(callback: Callable[..., int], native: bool) -> tuple[Any, Any, int | None]:
@@ -268,9 +272,23 @@ def _buffer_address(buf: bytearray) -> int:
     return ctypes.addressof((c_char * len(buf)).from_buffer(buf))
 
 
+_GUEST_CODES = {"i32": ("I", "I"), "i64": ("Q", "q")}    # (param, result) codes of GuestFn
+
+
 def _guest_caller(owner: object, st: CallState, name: str, fptr: int,
                   params: tuple[str, ...], results: tuple[str, ...],
                   native: bool = False) -> Callable[..., Any]:
+    """The caller of a guest export: on the C crossings, for integer signatures with at most
+    one result (every Proxy-Wasm callback and allocator), a ``_native.GuestFn`` that does all
+    of the generated code below in C (no frame, struct or arm check in Python); otherwise the
+    generated caller."""
+    if native and len(results) <= 1 and len(params) <= 16 and \
+            all(t in _GUEST_CODES for t in params + results):
+        call = _native.GuestFn(st, name, st.ctx, fptr, ctypes.addressof(st.trap_slot),
+                               "".join(_GUEST_CODES[t][0] for t in params),
+                               "".join(_GUEST_CODES[t][1] for t in results))
+        call._owner = owner     # as below
+        return call
     names = [f"a{i}" for i in range(len(params))]
     nslots = max(len(params), len(results), 1)
     buf = bytearray(nslots * _SLOT)
