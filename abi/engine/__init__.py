@@ -13,6 +13,8 @@
 * ``Memory`` (instance.py) is bounds-checked access to the instance's exported linear memory.
 * A guest call that ends abnormally raises ``Trap`` (kind: trap | deadline | exit | host) and
   poisons the instance (store.py decides which).
+* ``Tally`` counts the top-level guest calls of the instances given it and their wall time
+  (``Instance(..., tally=)``; abi/filter.py's ``calls`` / ``guest_ns``).
 
 The files, innermost first:
 
@@ -20,9 +22,10 @@ The files, innermost first:
 errors.py      the exceptions
 crossing.py    raw ctypes bindings over wasmtime's C API + per-signature code generation
                of guest calls and host callbacks: the hot path
-_crossing.c    optional C of the two hottest entries (guest call, host-callback entry) and
-               the epoch ticker thread (no GIL), built at install by setup.py; crossing.py
-               and ticker.py fall back to ctypes and a Python thread without it
+_crossing.c    optional C of the hot crossings (a guest call whole: ``GuestFn``; the
+               host-callback entry, whole for integer signatures: ``HostFn``) and the epoch
+               ticker thread (no GIL), built at install by setup.py; crossing.py and
+               ticker.py fall back to ctypes, generated code and a Python thread without it
 ticker.py      CPU-time deadlines per thread (the epoch ticker, GC time not charged)
 store.py       per-Store state every crossing reads: deadline arming, trap classification
 binary.py      the wasm binary reader (import/export signatures; Import, Export)
@@ -43,12 +46,12 @@ from __future__ import annotations
 
 from .binary import Export, Import
 from .compile import Engine, Module
-from .crossing import WASMTIME_VERSION
+from .crossing import WASMTIME_VERSION, Tally
 from .errors import EngineError, HostTrap, MemoryAccessError, Trap
 from .instance import Instance, Memory
 from .public_api import public_api_crossing
 
 __all__ = [
     "Engine", "EngineError", "Export", "HostTrap", "Import", "Instance", "Memory",
-    "MemoryAccessError", "Module", "Trap", "WASMTIME_VERSION", "public_api_crossing",
+    "MemoryAccessError", "Module", "Tally", "Trap", "WASMTIME_VERSION", "public_api_crossing",
 ]

@@ -624,8 +624,8 @@ static void *typed_trampoline(void *env, void *caller, void *vals, size_t n) {
 }
 
 /* -- guest calls: the whole generated caller in C ----------------------------------------
- * CallCore is the base of store.py's _StoreState: the three facts every guest call reads
- * (depth, poisoned, armed_at) as C fields, which Python reads and sets as attributes as before.
+ * CallCore is the base of store.py's _StoreState: what every guest call reads or counts
+ * (depth, poisoned, armed_at, tally) as C fields, which Python reads and sets as attributes.
  *
  * GuestFn(st, name, ctx, func, trap_out, params, result) is what crossing.py's generated
  * caller (_GUEST_CALL_SRC, top-level and nested) does, for integer signatures: params "I" per
@@ -633,18 +633,43 @@ static void *typed_trampoline(void *env, void *caller, void *vals, size_t n) {
  * result, "I" (i32, returned unsigned), "q" (i64, returned signed) or "" (None).
  * A top-level call (depth 0, not poisoned) raises depth to 1, calls st.arm() when the last arm
  * is older than the ticker's re-arm period (ticker_configure), runs the guest as call() does
- * and raises st.failure(err) on an error, a trap or a store poisoned meanwhile. A call from
+ * and raises st.failure(err) on an error, a trap or a store poisoned meanwhile; with a Tally
+ * in st.tally, it adds itself and its wall time there (one more clock read: the rate limit's
+ * reading is its start). A call from
  * inside a host function (depth > 0: e.g. the guest allocator) or on a poisoned store takes
  * the nested path: st.refusal() if poisoned, else depth + 1 around the call, st.failure(err)
  * on an error or trap. The arguments and results live in a buffer on this C frame, so a
  * re-entered export keeps each level's values. No Python frame, struct or tuple per call. */
 #define MAX_GUEST_PARAMS 16
 
+typedef struct {                    /* Tally(): what top-level guest calls add up to */
+    PyObject_HEAD
+    long long calls;
+    long long ns;                   /* their wall time (CLOCK_MONOTONIC, as perf_counter) */
+} Tally;
+
+static PyMemberDef tally_members[] = {
+    {"calls", T_LONGLONG, offsetof(Tally, calls), 0, "top-level guest calls"},
+    {"ns", T_LONGLONG, offsetof(Tally, ns), 0, "their wall time, ns"},
+    {NULL},
+};
+
+static PyTypeObject TallyType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "abi.engine._crossing.Tally",
+    .tp_basicsize = sizeof(Tally),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Tally(): calls and wall ns of the top-level guest calls of the stores it is given to",
+    .tp_new = PyType_GenericNew,
+    .tp_members = tally_members,
+};
+
 typedef struct {
     PyObject_HEAD
     int depth;                      /* guest calls in progress on this store */
     char poisoned;
     double armed_at;                /* time.monotonic() of the last arm() */
+    Tally *tally;                   /* NULL: top-level calls are not counted */
 } CallCore;
 
 static PyMemberDef callcore_members[] = {
@@ -654,6 +679,30 @@ static PyMemberDef callcore_members[] = {
     {NULL},
 };
 
+static PyObject *callcore_get_tally(CallCore *self, void *closure) {
+    return Py_NewRef(self->tally ? (PyObject *)self->tally : Py_None);
+}
+
+static int callcore_set_tally(CallCore *self, PyObject *value, void *closure) {
+    if (value != NULL && value != Py_None && !PyObject_TypeCheck(value, &TallyType)) {
+        PyErr_SetString(PyExc_TypeError, "tally must be a Tally or None");
+        return -1;
+    }
+    Py_XSETREF(self->tally, value == NULL || value == Py_None ? NULL : (Tally *)Py_NewRef(value));
+    return 0;
+}
+
+static PyGetSetDef callcore_getset[] = {
+    {"tally", (getter)callcore_get_tally, (setter)callcore_set_tally,
+     "the Tally this store's top-level calls add to (None: not counted)", NULL},
+    {NULL},
+};
+
+static void callcore_dealloc(CallCore *self) {
+    Py_CLEAR(self->tally);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
 static PyTypeObject CallCoreType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "abi.engine._crossing.CallCore",
@@ -661,7 +710,9 @@ static PyTypeObject CallCoreType = {
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
     .tp_doc = "the per-store call state GuestFn reads in C (base of store._StoreState)",
     .tp_new = PyType_GenericNew,
+    .tp_dealloc = (destructor)callcore_dealloc,
     .tp_members = callcore_members,
+    .tp_getset = callcore_getset,
 };
 
 typedef struct {
@@ -679,10 +730,10 @@ typedef struct {
 
 static PyObject *str_arm, *str_failure, *str_refusal;
 
-static double monotonic_s(void) {
+static int64_t monotonic_ns(void) {     /* time.monotonic()'s and perf_counter()'s clock */
     struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);    /* time.monotonic()'s clock */
-    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
 /* Raise what st.failure(err) / st.refusal() returns; always NULL. */
@@ -733,7 +784,8 @@ static PyObject *guestfn_call(GuestFn *g, PyObject *const *args, size_t nargsf, 
     void *err;
     if (top) {
         st->depth = 1;              /* before the rate limit: the ticker relies on it */
-        if (monotonic_s() - st->armed_at > rearm_ns * 1e-9) {
+        int64_t t0 = monotonic_ns();
+        if (t0 * 1e-9 - st->armed_at > rearm_ns * 1e-9) {
             PyObject *r = PyObject_CallMethodNoArgs((PyObject *)st, str_arm);
             if (r == NULL) {
                 st->depth = 0;
@@ -743,6 +795,11 @@ static PyObject *guestfn_call(GuestFn *g, PyObject *const *args, size_t nargsf, 
         }
         err = run_guest(g->ctx, g->func, vals, (size_t)g->nslots, g->trap);
         st->depth = 0;
+        Tally *tally = st->tally;
+        if (tally != NULL) {
+            tally->calls++;
+            tally->ns += monotonic_ns() - t0;
+        }
         if (err || *g->trap || st->poisoned)
             return guest_failure(g, err);
     } else {
@@ -849,7 +906,9 @@ static int guest_module_init(PyObject *m) {
     str_failure = PyUnicode_InternFromString("failure");
     str_refusal = PyUnicode_InternFromString("refusal");
     if (str_arm == NULL || str_failure == NULL || str_refusal == NULL ||
-            PyType_Ready(&CallCoreType) < 0 || PyType_Ready(&GuestFnType) < 0 ||
+            PyType_Ready(&TallyType) < 0 || PyType_Ready(&CallCoreType) < 0 ||
+            PyType_Ready(&GuestFnType) < 0 ||
+            PyModule_AddObjectRef(m, "Tally", (PyObject *)&TallyType) < 0 ||
             PyModule_AddObjectRef(m, "CallCore", (PyObject *)&CallCoreType) < 0 ||
             PyModule_AddObjectRef(m, "GuestFn", (PyObject *)&GuestFnType) < 0)
         return -1;

@@ -136,14 +136,28 @@ def _load_native():
 _NATIVE_NAMES = ("call", "set_call_target", "HOST_TRAMPOLINE", "HostFn", "TYPED_TRAMPOLINE",
                  "ticker_configure", "ticker_add", "ticker_remove", "ticker_register",
                  "ticker_state", "ticker_enter", "ticker_leave", "charged_ns", "gc_callback",
-                 "CallCore", "GuestFn")
+                 "CallCore", "GuestFn", "Tally")
 
 
 _native = _load_native()
 USE_NATIVE = _native is not None
-# The base of store._StoreState: with _crossing.c, its depth/poisoned/armed_at are C fields
-# that _native.GuestFn reads without an attribute lookup (Python sees plain attributes).
+# The base of store._StoreState: with _crossing.c, its depth/poisoned/armed_at/tally are C
+# fields that _native.GuestFn reads without an attribute lookup (Python sees attributes).
 CallCore: type = _native.CallCore if _native is not None else object
+
+
+class _PyTally:
+    """What the top-level guest calls of the stores given it add up to: ``calls`` and their
+    wall time ``ns`` (as ``Filter.calls`` / ``guest_ns`` report). _native.Tally with the C
+    crossings (GuestFn counts in C), this otherwise."""
+    __slots__ = ("calls", "ns")
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.ns = 0
+
+
+Tally: type = _native.Tally if _native is not None else _PyTally
 
 
 def host_entry(callback: Callable[..., int], native: bool) -> tuple[Any, Any, int | None]:
@@ -206,13 +220,14 @@ def {fn}({args}):
     if st.depth or st.poisoned:
         return nested({args})
     st.depth = 1                # before the rate limit: the ticker relies on it (see _Ticker)
+    {start}
     try:
         if monotonic() - st.armed_at > REARM_S:
             st.arm()
         pack_into(buf, 0{comma_packed})
         err = call_raw(ctx, fptr, bufaddr, nslots, trapaddr)
     finally:
-        st.depth = 0
+        st.depth = 0{count}
     if err or trap_slot.value or st.poisoned:
         raise st.failure(err)
     {ret}
@@ -256,6 +271,7 @@ class CallState(Protocol):
     ctx: int                        # wasmtime_context_t*
     trap_slot: c_void_p             # wasm_trap_t* out-param of every call
     armed_at: float                 # time.monotonic() of the last arm()
+    tally: Any                      # a Tally top-level calls add to, or None
     depth: int                      # guest calls in progress
     poisoned: bool
 
@@ -300,8 +316,11 @@ def _guest_caller(owner: object, st: CallState, name: str, fptr: int,
     else:
         ret = "return unpack_from(buf)"
     packed = _packed(names, params)
+    tally = st.tally            # set when the store is made, before any caller
     src = _GUEST_CALL_SRC.format(fn="call", args=", ".join(names),
-                                 comma_packed=", " + packed if packed else "", ret=ret)
+                                 comma_packed=", " + packed if packed else "", ret=ret,
+                                 start="t0 = perf_counter_ns()" if tally is not None else "",
+                                 count=_COUNT_SRC if tally is not None else "")
     env = {
         "st": st, "monotonic": time.monotonic, "REARM_S": REARM_S, "ctx": st.ctx, "fptr": fptr,
         "buf": buf, "bufaddr": _buffer_address(buf),
@@ -310,11 +329,17 @@ def _guest_caller(owner: object, st: CallState, name: str, fptr: int,
         "call_raw": _native.call if native else _call_unchecked,
         "pack_into": _struct(params, _PACK).pack_into,
         "unpack_from": _struct(results, _UNPACK).unpack_from,
+        "tally": tally, "perf_counter_ns": time.perf_counter_ns,
     }
     call = _bind(src, env, "call")
     call.__name__ = call.__qualname__ = name
     call._owner = owner     # a caller keeps its instance (owner; and so its store) alive
     return call
+
+
+_COUNT_SRC = """
+        tally.calls += 1
+        tally.ns += perf_counter_ns() - t0"""
 
 
 _BOOT_SRC = """

@@ -1273,3 +1273,33 @@ def test_a_bad_argument_is_a_type_error_and_the_store_stays_usable(engine, core)
     assert add64(2**64 - 1, 2) == 1             # masked to 64 bits, as i32 to 32
     assert add(True, 2) == 3
     assert not inst.poisoned and inst._st.depth == 0
+
+
+def test_a_tally_counts_top_level_calls_and_their_wall_time(engine, core):
+    # Filter.calls / guest_ns (GET /filters) come from here: every top-level call counts, a
+    # call from inside a host function (the allocator) is part of the outer call's time, a
+    # trapped call counts too, and instances may share one tally (a filter's rebuilds).
+    from abi.engine import Tally
+    tally = Tally()
+    box = {}
+
+    def h32(a, b):
+        _burn_ms(2)                         # time inside the outer call
+        return box["add"](a, b)
+
+    inst = make(engine, core, host_defaults(h32=h32), tally=tally)
+    box["add"] = inst.export_func("add")
+    assert (tally.calls, tally.ns) == (0, 0)         # instantiation is not counted
+    assert inst.export_func("add")(1, 2) == 3
+    assert tally.calls == 1
+    assert inst.export_func("call_h32")(1, 2) == 3   # one call: the nested add is inside it
+    assert tally.calls == 2 and tally.ns >= 2_000_000
+    with pytest.raises(Trap):
+        inst.export_func("crash")()
+    assert tally.calls == 3
+    other = make(engine, core, tally=tally)
+    other.export_func("add")(1, 1)
+    assert tally.calls == 4
+    untallied = make(engine, core)
+    untallied.export_func("add")(1, 1)
+    assert tally.calls == 4
