@@ -21,6 +21,8 @@
  *   set_call_target(address): the address of wasmtime_func_call_unchecked.
  *   ticker_*, charged_ns, gc_callback: the epoch ticker (see "the epoch ticker without the
  *       GIL" below; ticker.py's _NativeTicker drives it).
+ *   GuestFn, CallCore, Tally: a guest export's whole caller (what call() is the core of), the
+ *       store state it reads, what its top-level calls add up to (see "guest calls" below).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
