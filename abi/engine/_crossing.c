@@ -637,11 +637,11 @@ static void *typed_trampoline(void *env, void *caller, void *vals, size_t n) {
  * is older than the ticker's re-arm period (ticker_configure), runs the guest as call() does
  * and raises st.failure(err) on an error, a trap or a store poisoned meanwhile; with a Tally
  * in st.tally, it adds itself and its wall time there (one more clock read: the rate limit's
- * reading is its start). A call from
- * inside a host function (depth > 0: e.g. the guest allocator) or on a poisoned store takes
- * the nested path: st.refusal() if poisoned, else depth + 1 around the call, st.failure(err)
- * on an error or trap. The arguments and results live in a buffer on this C frame, so a
- * re-entered export keeps each level's values. No Python frame, struct or tuple per call. */
+ * reading is its start). A call from inside a host function (depth > 0: e.g. the guest
+ * allocator) or on a poisoned store takes the nested path: st.refusal() if poisoned, else
+ * depth + 1 around the call, st.failure(err) on an error or trap. The arguments and results
+ * live in a buffer on this C frame, so a re-entered export keeps each level's values. No
+ * Python frame, struct or tuple per call. */
 #define MAX_GUEST_PARAMS 16
 
 typedef struct {                    /* Tally(): what top-level guest calls add up to */
