@@ -16,6 +16,8 @@
   ``serialize_pairs`` is a header map's serialization in C (None likewise).
 * A guest call that ends abnormally raises ``Trap`` (kind: trap | deadline | exit | host) and
   poisons the instance (store.py decides which).
+* ``Tally`` counts the top-level guest calls of the instances given it and their wall time
+  (``Instance(..., tally=)``; abi/filter.py's ``calls`` / ``guest_ns``).
 
 The files, innermost first:
 
@@ -23,11 +25,12 @@ The files, innermost first:
 errors.py      the exceptions
 crossing.py    raw ctypes bindings over wasmtime's C API + per-signature code generation
                of guest calls and host callbacks: the hot path
-_crossing.c    optional C of the two hottest entries (guest call, host-callback entry), the
-               epoch ticker thread (no GIL), and what host functions do most (their error
-               wrapper, Memory's read/header_pair/put_result, the header-map serialization),
-               built at install by setup.py; crossing.py, ticker.py, instance.py and
-               abi/pairs.py fall back to ctypes, a Python thread and Python code without it
+_crossing.c    optional C of the hot crossings (a guest call whole: ``GuestFn``; the
+               host-callback entry, whole for integer signatures: ``HostFn``), the epoch
+               ticker thread (no GIL), and what host functions do most (their error wrapper,
+               Memory's read/header_pair/put_result, the header-map serialization), built at
+               install by setup.py; crossing.py, ticker.py, instance.py and abi/pairs.py fall
+               back to ctypes, generated code, a Python thread and Python code without it
 ticker.py      CPU-time deadlines per thread (the epoch ticker, GC time not charged)
 store.py       per-Store state every crossing reads: deadline arming, trap classification
 binary.py      the wasm binary reader (import/export signatures; Import, Export)
@@ -48,13 +51,13 @@ from __future__ import annotations
 
 from .binary import Export, Import
 from .compile import Engine, Module
-from .crossing import WASMTIME_VERSION, guarded_host, serialize_pairs
+from .crossing import WASMTIME_VERSION, Tally, guarded_host, serialize_pairs
 from .errors import EngineError, HostTrap, MemoryAccessError, Trap
 from .instance import Instance, Memory
 from .public_api import public_api_crossing
 
 __all__ = [
     "Engine", "EngineError", "Export", "HostTrap", "Import", "Instance", "Memory",
-    "MemoryAccessError", "Module", "Trap", "WASMTIME_VERSION", "guarded_host",
+    "MemoryAccessError", "Module", "Tally", "Trap", "WASMTIME_VERSION", "guarded_host",
     "public_api_crossing", "serialize_pairs",
 ]

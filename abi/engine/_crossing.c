@@ -26,9 +26,12 @@
  *   Guarded: abi/hostcalls.py's error wrapper of a host function (see "guarded host functions").
  *   serialize_pairs: abi/pairs.py's header-map serialization (see "header maps as the guest
  *       reads them").
+ *   GuestFn, CallCore, Tally: a guest export's whole caller (what call() is the core of), the
+ *       store state it reads, what its top-level calls add up to (see "guest calls" below).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 #include <errno.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -403,6 +406,27 @@ static PyObject *gc_callback(PyObject *self, PyObject *const *args, Py_ssize_t n
     Py_RETURN_NONE;
 }
 
+/* wasmtime_func_call_unchecked with the GIL released, this thread counted by the ticker
+ * meanwhile; returns the wasmtime_error_t* (NULL: none). call() and GuestFn's entry. */
+static void *run_guest(void *ctx, void *func, void *vals, size_t n, void **trap) {
+    slot *s = my_slot;              /* NULL: this thread never armed (the Python ticker) */
+    if (s != NULL) {
+        atomic_fetch_add(&s->calls, 1);
+        if (!atomic_load(&s->live)) {       /* forgotten since the arm: count it again */
+            pthread_mutex_lock(&mu);
+            revive_locked(s);
+            pthread_mutex_unlock(&mu);
+        }
+    }
+    void *err;
+    Py_BEGIN_ALLOW_THREADS
+    err = call_target(ctx, func, vals, n, trap);
+    Py_END_ALLOW_THREADS
+    if (s != NULL)
+        atomic_fetch_sub(&s->calls, 1);
+    return err;
+}
+
 static PyObject *call(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 5) {
         PyErr_SetString(PyExc_TypeError, "call(ctx, func, args, nargs, trap_out)");
@@ -419,22 +443,7 @@ static PyObject *call(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     void **trap = (void **)PyLong_AsVoidPtr(args[4]);
     if (PyErr_Occurred())
         return NULL;
-    slot *s = my_slot;              /* NULL: this thread never armed (the Python ticker) */
-    if (s != NULL) {
-        atomic_fetch_add(&s->calls, 1);
-        if (!atomic_load(&s->live)) {       /* forgotten since the arm: count it again */
-            pthread_mutex_lock(&mu);
-            revive_locked(s);
-            pthread_mutex_unlock(&mu);
-        }
-    }
-    void *err;
-    Py_BEGIN_ALLOW_THREADS
-    err = call_target(ctx, func, vals, n, trap);
-    Py_END_ALLOW_THREADS
-    if (s != NULL)
-        atomic_fetch_sub(&s->calls, 1);
-    return PyLong_FromVoidPtr(err);
+    return PyLong_FromVoidPtr(run_guest(ctx, func, vals, n, trap));
 }
 
 /* wasmtime_func_unchecked_callback_t: (env, caller, args_and_results, len) -> wasm_trap_t* */
@@ -966,6 +975,298 @@ static PyObject *serialize_pairs(PyObject *self, PyObject *items) {
     return out;
 }
 
+/* -- guest calls: the whole generated caller in C ----------------------------------------
+ * CallCore is the base of store.py's _StoreState: what every guest call reads or counts
+ * (depth, poisoned, armed_at, tally) as C fields, which Python reads and sets as attributes.
+ *
+ * GuestFn(st, name, ctx, func, trap_out, params, result) is what crossing.py's generated
+ * caller (_GUEST_CALL_SRC, top-level and nested) does, for integer signatures: params "I" per
+ * i32 (masked to 32 bits, either sign accepted), "Q" per i64 (masked to 64 bits); at most one
+ * result, "I" (i32, returned unsigned), "q" (i64, returned signed) or "" (None).
+ * A top-level call (depth 0, not poisoned) raises depth to 1, calls st.arm() when the last arm
+ * is older than the ticker's re-arm period (ticker_configure), runs the guest as call() does
+ * and raises st.failure(err) on an error, a trap or a store poisoned meanwhile; with a Tally
+ * in st.tally, it adds itself and its wall time there (one more clock read: the rate limit's
+ * reading is its start). A call from inside a host function (depth > 0: e.g. the guest
+ * allocator) or on a poisoned store takes the nested path: st.refusal() if poisoned, else
+ * depth + 1 around the call, st.failure(err) on an error or trap. The arguments and results
+ * live in a buffer on this C frame, so a re-entered export keeps each level's values. No
+ * Python frame, struct or tuple per call. */
+#define MAX_GUEST_PARAMS 16
+
+typedef struct {                    /* Tally(): what top-level guest calls add up to */
+    PyObject_HEAD
+    long long calls;
+    long long ns;                   /* their wall time (CLOCK_MONOTONIC, as perf_counter) */
+} Tally;
+
+static PyMemberDef tally_members[] = {
+    {"calls", T_LONGLONG, offsetof(Tally, calls), 0, "top-level guest calls"},
+    {"ns", T_LONGLONG, offsetof(Tally, ns), 0, "their wall time, ns"},
+    {NULL},
+};
+
+static PyTypeObject TallyType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "abi.engine._crossing.Tally",
+    .tp_basicsize = sizeof(Tally),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Tally(): calls and wall ns of the top-level guest calls of the stores it is given to",
+    .tp_new = PyType_GenericNew,
+    .tp_members = tally_members,
+};
+
+typedef struct {
+    PyObject_HEAD
+    int depth;                      /* guest calls in progress on this store */
+    char poisoned;
+    double armed_at;                /* time.monotonic() of the last arm() */
+    Tally *tally;                   /* NULL: top-level calls are not counted */
+} CallCore;
+
+static PyMemberDef callcore_members[] = {
+    {"depth", T_INT, offsetof(CallCore, depth), 0, "guest calls in progress (nesting)"},
+    {"poisoned", T_BOOL, offsetof(CallCore, poisoned), 0, "a trap made the store unusable"},
+    {"armed_at", T_DOUBLE, offsetof(CallCore, armed_at), 0, "time.monotonic() of the last arm"},
+    {NULL},
+};
+
+static PyObject *callcore_get_tally(CallCore *self, void *closure) {
+    return Py_NewRef(self->tally ? (PyObject *)self->tally : Py_None);
+}
+
+static int callcore_set_tally(CallCore *self, PyObject *value, void *closure) {
+    if (value != NULL && value != Py_None && !PyObject_TypeCheck(value, &TallyType)) {
+        PyErr_SetString(PyExc_TypeError, "tally must be a Tally or None");
+        return -1;
+    }
+    Py_XSETREF(self->tally, value == NULL || value == Py_None ? NULL : (Tally *)Py_NewRef(value));
+    return 0;
+}
+
+static PyGetSetDef callcore_getset[] = {
+    {"tally", (getter)callcore_get_tally, (setter)callcore_set_tally,
+     "the Tally this store's top-level calls add to (None: not counted)", NULL},
+    {NULL},
+};
+
+static void callcore_dealloc(CallCore *self) {
+    Py_CLEAR(self->tally);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyTypeObject CallCoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "abi.engine._crossing.CallCore",
+    .tp_basicsize = sizeof(CallCore),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_doc = "the per-store call state GuestFn reads in C (base of store._StoreState)",
+    .tp_new = PyType_GenericNew,
+    .tp_dealloc = (destructor)callcore_dealloc,
+    .tp_members = callcore_members,
+    .tp_getset = callcore_getset,
+};
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    CallCore *st;
+    PyObject *name;
+    PyObject *dict;                 /* _owner, _func: what the caller keeps alive */
+    void *ctx, *func;
+    void **trap;                    /* st.trap_slot's address */
+    int nparams, nslots;
+    char params[MAX_GUEST_PARAMS];
+    char result;                    /* 0, 'I' or 'q' */
+} GuestFn;
+
+static PyObject *str_arm, *str_failure, *str_refusal;
+
+static int64_t monotonic_ns(void) {     /* time.monotonic()'s and perf_counter()'s clock */
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/* Raise what st.failure(err) / st.refusal() returns; always NULL. */
+static PyObject *raise_from(PyObject *exc) {
+    if (exc == NULL)
+        return NULL;
+    if (PyExceptionInstance_Check(exc))
+        PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+    else
+        PyErr_Format(PyExc_TypeError, "expected an exception, got %.100s", Py_TYPE(exc)->tp_name);
+    Py_DECREF(exc);
+    return NULL;
+}
+
+static PyObject *guest_failure(GuestFn *g, void *err) {
+    PyObject *e = PyLong_FromVoidPtr(err);
+    if (e == NULL)
+        return NULL;
+    PyObject *exc = PyObject_CallMethodOneArg((PyObject *)g->st, str_failure, e);
+    Py_DECREF(e);
+    return raise_from(exc);
+}
+
+static PyObject *guestfn_call(GuestFn *g, PyObject *const *args, size_t nargsf, PyObject *kw) {
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if ((kw != NULL && PyTuple_GET_SIZE(kw)) || nargs != g->nparams) {
+        PyErr_Format(PyExc_TypeError, "%U() takes %d positional arguments (%zd given)",
+                     g->name, g->nparams, nargs);
+        return NULL;
+    }
+    CallCore *st = g->st;
+    int top = !(st->depth || st->poisoned);
+    if (!top && st->poisoned)
+        return raise_from(PyObject_CallMethodNoArgs((PyObject *)st, str_refusal));
+    uint64_t vals[2 * (MAX_GUEST_PARAMS + 1)];      /* 16 bytes a slot, 8-aligned */
+    memset(vals, 0, (size_t)g->nslots * 16);
+    for (int i = 0; i < g->nparams; i++) {
+        unsigned long long v = PyLong_AsUnsignedLongLongMask(args[i]);
+        if (v == (unsigned long long)-1 && PyErr_Occurred())
+            return NULL;
+        if (g->params[i] == 'I') {
+            uint32_t v32 = (uint32_t)v;
+            memcpy(&vals[2 * i], &v32, 4);
+        } else {
+            vals[2 * i] = (uint64_t)v;
+        }
+    }
+    void *err;
+    if (top) {
+        st->depth = 1;              /* before the rate limit: the ticker relies on it */
+        int64_t t0 = monotonic_ns();
+        if (t0 * 1e-9 - st->armed_at > rearm_ns * 1e-9) {
+            PyObject *r = PyObject_CallMethodNoArgs((PyObject *)st, str_arm);
+            if (r == NULL) {
+                st->depth = 0;
+                return NULL;
+            }
+            Py_DECREF(r);
+        }
+        err = run_guest(g->ctx, g->func, vals, (size_t)g->nslots, g->trap);
+        st->depth = 0;
+        Tally *tally = st->tally;
+        if (tally != NULL) {
+            tally->calls++;
+            tally->ns += monotonic_ns() - t0;
+        }
+        if (err || *g->trap || st->poisoned)
+            return guest_failure(g, err);
+    } else {
+        st->depth += 1;
+        err = run_guest(g->ctx, g->func, vals, (size_t)g->nslots, g->trap);
+        st->depth -= 1;
+        if (err || *g->trap)
+            return guest_failure(g, err);
+    }
+    if (g->result == 'I') {
+        uint32_t r;
+        memcpy(&r, &vals[0], 4);
+        return PyLong_FromUnsignedLong(r);
+    }
+    if (g->result == 'q')
+        return PyLong_FromLongLong((int64_t)vals[0]);
+    Py_RETURN_NONE;
+}
+
+static int guestfn_init(GuestFn *self, PyObject *args, PyObject *kw) {
+    PyObject *st, *name, *ctx, *func, *trap;
+    const char *params, *result;
+    if (!PyArg_ParseTuple(args, "O!UOOOss", &CallCoreType, &st, &name, &ctx, &func, &trap,
+                          &params, &result))
+        return -1;
+    size_t np = strlen(params);
+    if (np > MAX_GUEST_PARAMS || strspn(params, "IQ") != np || strlen(result) > 1 ||
+            strspn(result, "Iq") != strlen(result)) {
+        PyErr_SetString(PyExc_ValueError, "GuestFn: params of I/Q (at most 16), result I, q or ''");
+        return -1;
+    }
+    void *c = PyLong_AsVoidPtr(ctx), *f = PyLong_AsVoidPtr(func), *t = PyLong_AsVoidPtr(trap);
+    if (PyErr_Occurred())
+        return -1;
+    if (c == NULL || f == NULL || t == NULL) {
+        PyErr_SetString(PyExc_ValueError, "GuestFn: null context, function or trap slot");
+        return -1;
+    }
+    Py_INCREF(st);
+    Py_INCREF(name);
+    Py_XSETREF(self->st, (CallCore *)st);
+    Py_XSETREF(self->name, name);
+    self->ctx = c;
+    self->func = f;
+    self->trap = (void **)t;
+    self->nparams = (int)np;
+    memcpy(self->params, params, np);
+    self->result = result[0];
+    self->nslots = (int)np > 1 ? (int)np : 1;
+    self->vectorcall = (vectorcallfunc)guestfn_call;
+    return 0;
+}
+
+static int guestfn_traverse(GuestFn *self, visitproc visit, void *arg) {
+    Py_VISIT(self->st);
+    Py_VISIT(self->dict);
+    return 0;
+}
+
+static int guestfn_clear(GuestFn *self) {
+    Py_CLEAR(self->st);
+    Py_CLEAR(self->dict);
+    return 0;
+}
+
+static void guestfn_dealloc(GuestFn *self) {
+    PyObject_GC_UnTrack(self);
+    guestfn_clear(self);
+    Py_CLEAR(self->name);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *guestfn_repr(GuestFn *self) {
+    return PyUnicode_FromFormat("<guest function %R>", self->name ? self->name : Py_None);
+}
+
+static PyMemberDef guestfn_members[] = {
+    {"__name__", T_OBJECT, offsetof(GuestFn, name), READONLY, "the export's name"},
+    {NULL},
+};
+
+static PyTypeObject GuestFnType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "abi.engine._crossing.GuestFn",
+    .tp_basicsize = sizeof(GuestFn),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "GuestFn(st, name, ctx, func, trap_out, params, result): a guest export's caller",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)guestfn_init,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(GuestFn, vectorcall),
+    .tp_dictoffset = offsetof(GuestFn, dict),
+    .tp_getattro = PyObject_GenericGetAttr,
+    .tp_setattro = PyObject_GenericSetAttr,
+    .tp_traverse = (traverseproc)guestfn_traverse,
+    .tp_clear = (inquiry)guestfn_clear,
+    .tp_dealloc = (destructor)guestfn_dealloc,
+    .tp_repr = (reprfunc)guestfn_repr,
+    .tp_members = guestfn_members,
+};
+
+static int guest_module_init(PyObject *m) {
+    str_arm = PyUnicode_InternFromString("arm");
+    str_failure = PyUnicode_InternFromString("failure");
+    str_refusal = PyUnicode_InternFromString("refusal");
+    if (str_arm == NULL || str_failure == NULL || str_refusal == NULL ||
+            PyType_Ready(&TallyType) < 0 || PyType_Ready(&CallCoreType) < 0 ||
+            PyType_Ready(&GuestFnType) < 0 ||
+            PyModule_AddObjectRef(m, "Tally", (PyObject *)&TallyType) < 0 ||
+            PyModule_AddObjectRef(m, "CallCore", (PyObject *)&CallCoreType) < 0 ||
+            PyModule_AddObjectRef(m, "GuestFn", (PyObject *)&GuestFnType) < 0)
+        return -1;
+    return 0;
+}
+
 static PyMethodDef methods[] = {
     {"call", (PyCFunction)(void (*)(void))call, METH_FASTCALL,
      "wasmtime_func_call_unchecked(ctx, func, args, nargs, trap_out), GIL released"},
@@ -1036,7 +1337,8 @@ PyMODINIT_FUNC PyInit__crossing(void) {
         Py_DECREF(m);
         return NULL;
     }
-    if (PyType_Ready(&GuardedType) < 0 ||
+    if (guest_module_init(m) < 0 ||
+            PyType_Ready(&GuardedType) < 0 ||
             PyModule_AddObjectRef(m, "Guarded", (PyObject *)&GuardedType) < 0) {
         Py_DECREF(m);
         return NULL;

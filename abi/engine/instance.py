@@ -19,7 +19,7 @@ from wasmtime._ffi import WASMTIME_EXTERN_FUNC, WASMTIME_EXTERN_MEMORY
 from .binary import Import, _describe
 from .compile import Engine, Module
 from . import crossing
-from .crossing import (_NO_FINALIZER, REARM_S, _DeadlineCallback, _addr, _guest_caller,
+from .crossing import (_NO_FINALIZER, REARM_S, Tally, _DeadlineCallback, _addr, _guest_caller,
                        _host_callback, _memory_data, _memory_data_size, host_entry)
 from .errors import EngineError, MemoryAccessError
 from .store import _short_message, _StoreState
@@ -169,13 +169,17 @@ class Instance:
       on the first host call, an imported memory exists from the start).
     * Memory imports (e.g. ``env.memory`` of some Emscripten builds) are satisfied with a
       fresh memory of the declared limits, its maximum capped by ``memory_limit_bytes``.
+    * ``tally``: a ``Tally`` that every top-level guest call of this instance adds itself and
+      its wall time to (calls from inside a host function are part of the outer call's time;
+      instantiation is not counted). Several instances may share one (a filter's rebuilds).
     """
 
     def __init__(self, engine: Engine, module: Module,
                  host_functions: dict[tuple[str, str], Callable[..., int | None]],
                  *, memory_limit_bytes: int, deadline_ms: int,
                  instantiate_deadline_ms: int | None = None,
-                 on_created: Callable[["Instance"], None] | None = None):
+                 on_created: Callable[["Instance"], None] | None = None,
+                 tally: Tally | None = None):
         self.engine = engine
         self.module = module
         self.memory: Memory | None = None
@@ -192,7 +196,7 @@ class Instance:
         self._store.set_limits(memory_size=memory_limit_bytes,
                                table_elements=max(TABLE_ELEMENTS_FLOOR, memory_limit_bytes // 8))
         self._st = st = _StoreState(_addr(self._store._context()), engine.ticker(self._native),
-                                    self._ticks(deadline_ms), module)
+                                    self._ticks(deadline_ms), module, tally)
         on_deadline = _DeadlineCallback(lambda ctx, env, delta_p, kind_p:
                                         st.deadline_reached(delta_p, kind_p))
         self._callbacks.append(on_deadline)

@@ -1294,15 +1294,18 @@ def test_imported_memory_that_is_also_exported_keeps_one_memory_object(engine):
 
 def test_an_instance_crosses_through_the_implementation_chosen_at_its_creation(engine, core,
                                                                             crossing_impl):
-    """The parametrisation above is real: guest calls go through _crossing.c's call or the
+    """The parametrisation above is real: guest calls go through _crossing.c's GuestFn or the
     ctypes prototype, host callbacks through the C trampoline or a ctypes closure."""
     from abi.engine import crossing
     inst = make(engine, core)
     try:
         call = inst.export_func("call_h32")
-        raw = call.__closure__[call.__code__.co_freevars.index("call_raw")].cell_contents
         native = crossing_impl == "native"
-        assert raw is (crossing._native.call if native else crossing._call_unchecked)
+        if native:
+            assert isinstance(call, crossing._native.GuestFn)
+        else:
+            raw = call.__closure__[call.__code__.co_freevars.index("call_raw")].cell_contents
+            assert raw is crossing._call_unchecked
         host_entries = inst._callbacks[1:]          # [0]: the epoch deadline callback (ctypes)
         assert len(host_entries) == 3
         assert all(isinstance(k, ctypes._CFuncPtr) != native for k in host_entries)
@@ -1352,3 +1355,66 @@ def test_integer_host_functions_take_the_typed_c_entry(engine, core, crossing_im
     assert len(typed) == (3 if crossing_impl == "native" else 0)     # h32, h64, hvoid
     assert inst.export_func("call_h64")(-5) == -5
     assert inst.export_func("call_h32")(0xFFFFFFFF, 1) == 0xFFFFFFFF
+
+
+def test_top_level_calls_re_arm_at_most_once_per_rearm_period(engine, core):
+    # Arming costs a C call and a clock read: a caller (GuestFn in C, or the generated one)
+    # re-arms only when the last arm is older than REARM_S, so back-to-back calls share one;
+    # nested calls never arm (they run under the outer call's deadline).
+    from abi.engine.crossing import REARM_S
+    inst = make(engine, core, host_defaults(h32=lambda a, b: box["add"](a, b)))
+    box = {"add": inst.export_func("add")}
+    st = inst._st
+    arms = []
+    real_arm = st.arm
+    st.arm = lambda: arms.append(time.monotonic()) or real_arm()
+    start = time.monotonic()
+    for i in range(2000):
+        assert inst.export_func("call_h32")(i, 1) == i + 1
+    elapsed = time.monotonic() - start
+    assert 1 <= len(arms) <= elapsed / REARM_S + 1
+    assert all(b - a > REARM_S for a, b in zip(arms, arms[1:]))
+    assert st.depth == 0
+
+
+def test_a_bad_argument_is_a_type_error_and_the_store_stays_usable(engine, core):
+    inst = make(engine, core)
+    add, add64 = inst.export_func("add"), inst.export_func("add64")
+    for bad in ("1", 1.5, None):
+        with pytest.raises(TypeError):
+            add(bad, 1)
+    with pytest.raises(TypeError):
+        add(1, b=2)
+    assert add64(2**64 - 1, 2) == 1             # masked to 64 bits, as i32 to 32
+    assert add(True, 2) == 3
+    assert not inst.poisoned and inst._st.depth == 0
+
+
+def test_a_tally_counts_top_level_calls_and_their_wall_time(engine, core):
+    # Filter.calls / guest_ns (GET /filters) come from here: every top-level call counts, a
+    # call from inside a host function (the allocator) is part of the outer call's time, a
+    # trapped call counts too, and instances may share one tally (a filter's rebuilds).
+    from abi.engine import Tally
+    tally = Tally()
+    box = {}
+
+    def h32(a, b):
+        _burn_ms(2)                         # time inside the outer call
+        return box["add"](a, b)
+
+    inst = make(engine, core, host_defaults(h32=h32), tally=tally)
+    box["add"] = inst.export_func("add")
+    assert (tally.calls, tally.ns) == (0, 0)         # instantiation is not counted
+    assert inst.export_func("add")(1, 2) == 3
+    assert tally.calls == 1
+    assert inst.export_func("call_h32")(1, 2) == 3   # one call: the nested add is inside it
+    assert tally.calls == 2 and tally.ns >= 2_000_000
+    with pytest.raises(Trap):
+        inst.export_func("crash")()
+    assert tally.calls == 3
+    other = make(engine, core, tally=tally)
+    other.export_func("add")(1, 1)
+    assert tally.calls == 4
+    untallied = make(engine, core)
+    untallied.export_func("add")(1, 1)
+    assert tally.calls == 4

@@ -3,6 +3,7 @@ header edits' key and value, write_result's statuses, and how many Python frames
 edit costs on the C path."""
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
@@ -103,10 +104,17 @@ async def test_write_result_without_an_allocator(load, trace):
     assert trace.lines("f")[1:4] == ["data 6", "empty 0", "bad-out 6"]
 
 
+def _crossing_frame(code) -> bool:
+    if code.co_filename.startswith("<wasmgate engine"):
+        return code.co_name in ("call", "nested")
+    return code.co_name == "call" and code.co_filename.endswith(os.path.join("abi", "filter.py"))
+
+
 class HostCallFrames:
     """The Python frames each host call makes while active: every frame run between the
-    crossing (the generated guest caller that entered the guest) and the return to it, in
-    call order, one list per host call (the adapter, what it calls, any wrapper above it)."""
+    crossing (the generated guest caller that entered the guest, or on the C path, where the
+    guest caller is a C GuestFn, Filter.call that called it) and the return to it, in call
+    order, one list per host call (the adapter, what it calls, any wrapper above it)."""
 
     def __init__(self):
         self.calls: dict[int, tuple[object, list[str]]] = {}
@@ -115,8 +123,7 @@ class HostCallFrames:
         if event != "call":
             return
         f, top = frame, None
-        while f is not None and not (f.f_code.co_filename.startswith("<wasmgate engine")
-                                     and f.f_code.co_name in ("call", "nested")):
+        while f is not None and not _crossing_frame(f.f_code):
             top, f = f, f.f_back
         if f is not None and top is not None:     # (top: kept, so its id is not reused)
             self.calls.setdefault(id(top), (top, []))[1].append(frame.f_code.co_name)
