@@ -14,23 +14,23 @@ from .pairs import serialize_str, to_bytes, to_str
 
 
 _NAME = re.compile(r":?[!#$%&'*+\-.^_`|~0-9a-z]+")
-_BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
-_GOOD_NAMES: set[str] = set()        # names that passed _NAME (filters set the same few)
+GOOD_NAMES: set[str] = set()        # names that passed _NAME (filters set the same few)
 _GOOD_NAMES_MAX = 4096
 
 
 def valid_header(name: str, value: str) -> bool:
     """A lower-cased name that is an HTTP token (or a pseudo-header) and a value without
     control characters: what a filter sets must not be able to split a message on the wire."""
-    if name not in _GOOD_NAMES:
+    if name not in GOOD_NAMES:
         if _NAME.fullmatch(name) is None:
             return False
-        if len(_GOOD_NAMES) >= _GOOD_NAMES_MAX:
-            _GOOD_NAMES.clear()
-        _GOOD_NAMES.add(name)
-    return _BAD_VALUE.search(value) is None
+        if len(GOOD_NAMES) >= _GOOD_NAMES_MAX:
+            GOOD_NAMES.clear()
+        GOOD_NAMES.add(name)
+    return BAD_VALUE.search(value) is None
 
 
 def lower_key(key: bytes) -> str:

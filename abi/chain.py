@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from typing import AsyncIterator, Callable
+from operator import itemgetter
+from typing import AsyncIterator, Callable, Sequence
 
 from .seam import Body, Forward, Headers, LocalReply, LocalReplyInterrupt, LogInfo, StreamInfo
 from .buffers import BodyBuffer, HeaderMap
@@ -44,6 +45,7 @@ MORE, END, TRAILERS = 0, 1, 2
 MAX_TRAILERS_ACTION = 1
 
 Chunks = AsyncIterator[tuple[bytes, int]]
+_name = itemgetter(0)
 
 # Envoy's HTTP → gRPC status mapping for local replies (Grpc::Utility::httpToGrpcStatus).
 _HTTP_TO_GRPC = {400: 13, 401: 16, 403: 7, 404: 12, 429: 14, 502: 14, 503: 14, 504: 14}
@@ -122,33 +124,45 @@ def _content_length(headers: Headers) -> int | None:
 
 
 class Chain:
-    """Implements api.HttpStream; also the StreamFacts that properties read."""
+    """Implements api.HttpStream; also the StreamFacts that properties read.
 
-    def __init__(self, filters: list[Filter], info: StreamInfo,
+    One per request, so what most requests never set stays a class attribute until set.
+    """
+    request_headers: HeaderMap | None = None
+    response_headers: HeaderMap | None = None
+    request_trailers: HeaderMap | None = None
+    response_trailers: HeaderMap | None = None
+    log: LogInfo | None = None
+    reply: LocalReply | None = None
+    _replying = False                    # a local reply is being encoded: no second one
+    _closed = False                      # response headers went downstream
+    _finished = False                    # finish() ran
+    # The per-request filter trace (abi/trace.py): only when the gateway asks for it.
+    trace: FilterTrace | None = None
+    # Envoy's clearRouteCache (proxy_clear_route_cache, foreign function clear_route_cache):
+    # the gateway re-matches the route after the request headers (api.HttpStream).
+    route_cache_cleared = False
+    _custom: CustomProperties | None = None
+
+    def __init__(self, filters: Sequence[Filter], info: StreamInfo,
                  on_finished: Callable[[], None] | None = None):
-        self.filters = filters
+        self.filters = filters           # never changed here: FilterHost hands the same one out
         self._on_finished = on_finished
         self.info: StreamInfo | None = info
-        self.request_headers: HeaderMap | None = None
-        self.response_headers: HeaderMap | None = None
-        self.request_trailers: HeaderMap | None = None
-        self.response_trailers: HeaderMap | None = None
-        self.log: LogInfo | None = None
-        self.custom = CustomProperties()
         n = len(filters)
         self.ctxs: list[HttpContext | None] = [None] * n
         self.skipped = [False] * n
         self.failed = [False] * n
-        self.reply: LocalReply | None = None
-        self._replying = False           # a local reply is being encoded: no second one
-        self._closed = False             # response headers went downstream
-        self._finished = False           # finish() ran
-        self._phase = REQUEST
-        # The per-request filter trace (abi/trace.py): only when the gateway asks for it.
-        self.trace: FilterTrace | None = FilterTrace(filters) if info.trace else None
-        # Envoy's clearRouteCache (proxy_clear_route_cache, foreign function clear_route_cache):
-        # the gateway re-matches the route after the request headers (api.HttpStream).
-        self.route_cache_cleared = False
+        if info.trace:
+            self.trace = FilterTrace(filters)
+
+    @property
+    def custom(self) -> CustomProperties:
+        """The proxy_set_property values, made on first use (most requests set none)."""
+        c = self._custom
+        if c is None:
+            c = self._custom = CustomProperties()
+        return c
 
     # -- local replies -----------------------------------------------------------------------
 
@@ -280,9 +294,9 @@ class Chain:
         t = time.perf_counter_ns() if tr is not None else 0
         try:
             if f.headers_eos[direction]:
-                action = f.call(ctx, name, ctx.id, len(hmap), 1 if eos else 0)
+                action = f.call(ctx, name, ctx.id, len(hmap.items), 1 if eos else 0)
             else:                           # 0.1.0 as specified: (context_id, num_headers)
-                action = f.call(ctx, name, ctx.id, len(hmap))
+                action = f.call(ctx, name, ctx.id, len(hmap.items))
         except FilterFailure:
             if tr is not None:
                 tr.note(i, direction * 3, FAILED, t)
@@ -332,9 +346,37 @@ class Chain:
     # -- request -------------------------------------------------------------------------------
 
     async def request(self, headers: Headers, body: Body | None) -> Forward | LocalReply:
-        self._phase = REQUEST
-        try:
-            return await self._request(headers, body)
+        try:                                     # one coroutine for the request callbacks
+            self.request_headers = HeaderMap(list(headers))
+            length = _content_length(headers) if body is not None else None
+            eos = body is None or length == 0        # Envoy: end_stream with the headers
+            # The chunk pipeline is built only once a filter needs the body.
+            src: Chunks | None = None
+            ctxs = self.ctxs
+            for i, f in enumerate(self.filters):
+                try:                                 # _open, inlined
+                    ctx = f.new_http_context(self)
+                except FilterFailure:
+                    ctx = None
+                if ctx is None:
+                    self._fail(i)
+                    continue
+                ctxs[i] = ctx
+                state = self._headers(i, f, ctx, REQUEST, eos) if f.on_headers[REQUEST] else CONTINUE
+                staged = False
+                if state == PAUSED:
+                    if not eos and f.spec.deliver_body_while_paused and f.has(BODY_CB[REQUEST]):
+                        if src is None:
+                            src = _with_eos(body, length, self._set_request_trailers)
+                        src = await self._body_while_paused(i, src)
+                        staged = True
+                    else:
+                        await self._wait(i, REQUEST)
+                if not eos and not staged and not self.skipped[i] and f.body_callbacks[REQUEST]:
+                    if src is None:
+                        src = _with_eos(body, length, self._set_request_trailers)
+                    src = self._stage(i, REQUEST, src)
+            return self._handed_on(REQUEST, self.request_headers, body, src)
         except _Stop as s:
             return await self._encode_reply(s.reply)
         except LocalReplyInterrupt as e:
@@ -342,40 +384,11 @@ class Chain:
             # headers, was being fed the body (deliver_body_while_paused): already encoded.
             return e.reply
 
-    async def _request(self, headers: Headers, body: Body | None) -> Forward:
-        self.request_headers = HeaderMap(list(headers))
-        length = _content_length(headers) if body is not None else None
-        eos = body is None or length == 0        # Envoy: end_stream with the headers
-        # The chunk pipeline is built only once a filter needs the body.
-        src: Chunks | None = None
-        touched = False
-        ctxs = self.ctxs
-        for i, f in enumerate(self.filters):
-            try:                                 # _open, inlined
-                ctx = f.new_http_context(self)
-            except FilterFailure:
-                ctx = None
-            if ctx is None:
-                self._fail(i)
-                continue
-            ctxs[i] = ctx
-            state = self._headers(i, f, ctx, REQUEST, eos) if f.on_headers[REQUEST] else CONTINUE
-            staged = False
-            if state == PAUSED:
-                if not eos and f.spec.deliver_body_while_paused and f.has(BODY_CB[REQUEST]):
-                    if src is None:
-                        src = _with_eos(body, length, self._set_request_trailers)
-                    src = await self._body_while_paused(i, src)
-                    staged = touched = True
-                else:
-                    await self._wait(i, REQUEST)
-            if not eos and not staged and not self.skipped[i] and self._sees_body(f, REQUEST):
-                if src is None:
-                    src = _with_eos(body, length, self._set_request_trailers)
-                src = self._stage(i, REQUEST, src)
-                touched = True
-        out = body if not touched else _Payload(src, lambda: self._wire_trailers(REQUEST))
-        return Forward(self._wire(self.request_headers), out)
+    def _handed_on(self, direction: int, hmap: HeaderMap, body: Body | None, src: Chunks | None) -> Forward:
+        """The headers as they may go on the wire, and the body: the gateway's own when no
+        filter stage was built (``src`` None), else the stages' output."""
+        out = body if src is None else _Payload(src, lambda: self._wire_trailers(direction))
+        return Forward(hmap.items if not hmap.unsafe else self._wire(hmap), out)   # _wire, inlined
 
     def _set_request_trailers(self, trailers: HeaderMap) -> None:
         self.request_trailers = trailers
@@ -386,10 +399,6 @@ class Chain:
     def _wire_trailers(self, direction: int) -> Headers | None:
         hmap = self.request_trailers if direction == REQUEST else self.response_trailers
         return None if hmap is None else self._wire(hmap)
-
-    @staticmethod
-    def _sees_body(f: Filter, direction: int) -> bool:
-        return f.has(BODY_CB[direction]) or f.has(TRAILERS_CB[direction])
 
     async def _body_while_paused(self, i: int, src: Chunks) -> Chunks:
         """Filter i paused in request headers still gets the body (deliver_body_while_paused).
@@ -501,38 +510,39 @@ class Chain:
     # -- response ------------------------------------------------------------------------------
 
     async def response(self, status: int, headers: Headers, body: Body | None) -> Forward | LocalReply:
-        self._phase = RESPONSE
-        try:
-            return await self._response(status, headers, body)
+        names = list(map(_name, headers))       # searched in C (a Python loop costs more)
+        if names[:1] == [":status"] and names.count(":status") == 1:
+            items = list(headers)                # as the gateway hands them: :status first
+            items[0] = (":status", str(status))
+        else:
+            items = [(":status", str(status))]
+            items += [h for h in headers if h[0] != ":status"]
+        self.response_headers = HeaderMap(items)
+        length = None
+        if body is not None and "content-length" in names:   # _content_length, on `names`
+            v = headers[names.index("content-length")][1]
+            length = int(v) if v.strip().isdigit() else None
+        eos = body is None or length == 0
+        try:                                     # one coroutine for the response callbacks
+            src: Chunks | None = None                # built only once a filter needs the body
+            ctxs = self.ctxs
+            skipped = self.skipped
+            filters = self.filters
+            for i in range(len(filters) - 1, -1, -1):
+                ctx = ctxs[i]
+                if ctx is None or skipped[i]:
+                    continue
+                f = filters[i]
+                state = self._headers(i, f, ctx, RESPONSE, eos) if f.on_headers[RESPONSE] else CONTINUE
+                if state == PAUSED:
+                    await self._wait(i, RESPONSE)
+                if not eos and not self.skipped[i] and f.body_callbacks[RESPONSE]:
+                    if src is None:
+                        src = _with_eos(body, length, self._set_response_trailers)
+                    src = self._stage(i, RESPONSE, src)
+            return self._handed_on(RESPONSE, self.response_headers, body, src)
         except _Stop as s:
             return self._finish_reply(s.reply)
-
-    async def _response(self, status: int, headers: Headers, body: Body | None) -> Forward:
-        items = [(":status", str(status))]
-        items += [h for h in headers if h[0] != ":status"]
-        self.response_headers = HeaderMap(items)
-        length = _content_length(headers)
-        eos = body is None or length == 0
-        src: Chunks | None = None                # built only once a filter needs the body
-        touched = False
-        ctxs = self.ctxs
-        skipped = self.skipped
-        filters = self.filters
-        for i in range(len(filters) - 1, -1, -1):
-            ctx = ctxs[i]
-            if ctx is None or skipped[i]:
-                continue
-            f = filters[i]
-            state = self._headers(i, f, ctx, RESPONSE, eos) if f.on_headers[RESPONSE] else CONTINUE
-            if state == PAUSED:
-                await self._wait(i, RESPONSE)
-            if not eos and not self.skipped[i] and self._sees_body(f, RESPONSE):
-                if src is None:
-                    src = _with_eos(body, length, self._set_response_trailers)
-                src = self._stage(i, RESPONSE, src)
-                touched = True
-        out = body if not touched else _Payload(src, lambda: self._wire_trailers(RESPONSE))
-        return Forward(self._wire(self.response_headers), out)
 
     def _finish_reply(self, reply: LocalReply) -> LocalReply:
         self._closed = True
@@ -542,7 +552,6 @@ class Chain:
         """A request-phase reply passes the response callbacks of the filters that saw the
         request (Envoy encodes local replies through the chain; the replier sees its own)."""
         self._replying = True
-        self._phase = RESPONSE
         if self._finished:
             return self._finish_reply(reply)
         self.response_headers = HeaderMap([(":status", str(reply.status))] + list(reply.headers))
@@ -589,28 +598,23 @@ class Chain:
         self._finished = True
         done, self._on_finished = self._on_finished, None
         try:
-            self._teardown()
+            filters = self.filters
+            failed = self.failed
+            tr = self.trace
+            for i, ctx in enumerate(self.ctxs):
+                if tr is not None:
+                    tr.capture(i, ctx, failed[i])
+                if ctx is None or ctx.chain is None:     # never opened, or already deleted
+                    continue
+                f = filters[i]
+                try:
+                    if ctx.waiter is not None:
+                        ctx.wake()
+                    f.finish_context(ctx, failed[i])     # releases and detaches ctx, always
+                except FilterFailure:
+                    pass
+                except Exception:        # noqa: BLE001 — teardown must never fail the gateway
+                    f.log.exception('filter "%s": teardown failed', f.name)
         finally:
             if done is not None:
                 done()
-
-    def _teardown(self) -> None:
-        filters = self.filters
-        failed = self.failed
-        tr = self.trace
-        for i, ctx in enumerate(self.ctxs):
-            if tr is not None:
-                tr.capture(i, ctx, failed[i])
-            if ctx is None or ctx.chain is None:         # never opened, or already deleted
-                continue
-            f = filters[i]
-            try:
-                if ctx.waiter is not None:
-                    ctx.wake()
-                f.finish_context(ctx, failed[i])
-            except FilterFailure:
-                pass
-            except Exception:            # noqa: BLE001 — teardown must never fail the gateway
-                f.log.exception('filter "%s": teardown failed', f.name)
-            finally:
-                ctx.detach()             # no chain ↔ context cycle left for the GC

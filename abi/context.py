@@ -38,6 +38,7 @@ class Context:
     """Behaviour common to every context of one filter instance."""
     is_root = False
     failure: str | None = None      # how a callback on it failed (trap kind), for the trace
+    chain: ChainView | None = None  # the request's chain (HTTP contexts; the header edits read it)
 
     def __init__(self, filter: FilterView, context_id: int, generation: int):
         self.filter = filter
@@ -142,11 +143,11 @@ class RootContext(Context):
 
 
 # Map types 0..3 → the chain attribute holding that map.
-_STREAM_MAPS = {MapType.HTTP_REQUEST_HEADERS: "request_headers",
+STREAM_MAPS = {MapType.HTTP_REQUEST_HEADERS: "request_headers",
                 MapType.HTTP_RESPONSE_HEADERS: "response_headers",
                 MapType.HTTP_REQUEST_TRAILERS: "request_trailers",
                 MapType.HTTP_RESPONSE_TRAILERS: "response_trailers"}
-_LAST_STREAM_MAP = MapType.HTTP_RESPONSE_TRAILERS
+LAST_STREAM_MAP = MapType.HTTP_RESPONSE_TRAILERS
 
 
 class HttpContext(Context):
@@ -156,15 +157,20 @@ class HttpContext(Context):
     is made on first use.
     """
 
+    _props: PropertySource | None = None
+    waiter: asyncio.Future[Any] | None = None    # set while the chain waits for a resume
+
     def __init__(self, filter: FilterView, context_id: int, generation: int, chain: ChainView):
         self.filter = filter
         self.id = context_id
         self.generation = generation
-        self.chain = chain
-        self._props: PropertySource | None = None
+        # Set to None when the context is released (Filter.finish_context): no chain ↔
+        # context cycle is left, so a finished request is freed by reference counting instead
+        # of the cyclic GC, and no host call can act on it any more (it is no longer current,
+        # effective or findable by id).
+        self.chain: ChainView | None = chain
         self.bodies: list[BodyBuffer | None] = [None, None]      # [request, response]
         self.resumed = [False, False]
-        self.waiter: asyncio.Future[Any] | None = None
         self.pending_calls: set[int] = set()
 
     @property
@@ -176,8 +182,8 @@ class HttpContext(Context):
         return src
 
     def get_map(self, map_type: int) -> HeaderMap | None:
-        if map_type <= _LAST_STREAM_MAP:
-            return getattr(self.chain, _STREAM_MAPS[map_type])
+        if map_type <= LAST_STREAM_MAP:
+            return getattr(self.chain, STREAM_MAPS[map_type])
         return super().get_map(map_type)
 
     edited = False                  # a header edit was asked for (the trace's m=h)
@@ -185,10 +191,10 @@ class HttpContext(Context):
     def writable_map(self, map_type: int) -> HeaderMap | None:
         # Trailers exist only when the message has some (HTTP/1.1 chunked trailers).
         self.edited = True
-        return getattr(self.chain, _STREAM_MAPS[map_type]) if map_type <= _LAST_STREAM_MAP else None
+        return getattr(self.chain, STREAM_MAPS[map_type]) if map_type <= LAST_STREAM_MAP else None
 
     def _stream_map(self, map_type: int) -> HeaderMap | None:
-        return getattr(self.chain, _STREAM_MAPS[map_type])
+        return getattr(self.chain, STREAM_MAPS[map_type])
 
     def get_buffer(self, buffer_type: int) -> BodyBuffer | None:
         if buffer_type <= BufferType.HTTP_RESPONSE_BODY:
@@ -235,14 +241,6 @@ class HttpContext(Context):
         self.wake()
         return Status.OK
 
-    def detach(self) -> None:
-        """After on_delete (the context is released): drop the references back to the chain,
-        so a finished request is freed by reference counting instead of the cyclic GC. No
-        host call can act on a released context any more (it is no longer current,
-        effective or findable by id)."""
-        self.chain = None                # type: ignore[assignment]
-        self._props = None
-
     def wake(self) -> None:
         w = self.waiter
         if w is not None and not w.done():
@@ -286,6 +284,11 @@ class FilterView(Protocol):
 
     @property
     def ctx(self) -> Context: ...               # the context a host call acts on
+    # what ctx() reads, for the header edits, which inline it (each frame counts there)
+    _effective: Context | None
+    _current: Context | None
+    _vm_ctx: Context
+    _mem: Any                                   # engine.Memory once the instance is built
     # guest memory
     def read(self, ptr: int, size: int) -> bytes: ...
     def read_prefix(self, ptr: int, size: int, cap: int) -> bytes: ...

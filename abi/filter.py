@@ -12,7 +12,6 @@ import logging
 import os
 import threading
 import time
-from time import perf_counter_ns
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Protocol
@@ -21,7 +20,7 @@ from . import foreign
 from .seam import CallFailed, CallResponse, FilterLoadError, FilterSpec, HostServices
 from .buffers import BodyBuffer, HeaderMap, valid_header
 from .context import CalloutData, ChainView, Context, HttpContext, RootContext, VmContext
-from .engine import Engine, EngineError, Instance, MemoryAccessError, Trap
+from .engine import Engine, EngineError, Instance, MemoryAccessError, Tally, Trap
 from .enums import Status, WasiErrno
 from . import capabilities
 from .hostcalls import HOSTCALLS, PY_LEVELS, guarded, restricted_get_property
@@ -74,6 +73,9 @@ class Filter:
         self.has_context_create = "proxy_on_context_create" in loaded.exports
         self.on_headers: tuple[bool, bool] = tuple(   # (request, response) headers callbacks
             n in loaded.exports for n in ("proxy_on_request_headers", "proxy_on_response_headers"))
+        self.body_callbacks: tuple[bool, bool] = tuple(  # (request, response) body or trailers
+            any(f"proxy_on_{side}_{part}" in loaded.exports for part in ("body", "trailers"))
+            for side in ("request", "response"))
         self.teardown_callbacks: tuple[str, ...] = tuple(
             n for n in ("proxy_on_done", "proxy_on_log", "proxy_on_delete") if n in loaded.exports)
         self.abi_010 = loaded.abi_version == "0.1.0"
@@ -98,8 +100,7 @@ class Filter:
         self.rebuilds = 0
         self.host_errors = 0
         self.denied_calls: Counter[str] = Counter()     # capability group → calls refused
-        self.calls = 0                   # guest calls, and the wall time spent in them (GET /filters)
-        self.guest_ns = 0
+        self.tally = Tally()             # top-level guest calls and their wall time (GET /filters)
         self._denied_logged: set[str] = set()
         self._next_id = 1
         self._warned_pseudo: set[str] = set()
@@ -260,7 +261,8 @@ class Filter:
             return Instance(self.engine, self.loaded.module, self.host_functions,
                             memory_limit_bytes=self.spec.limits.memory_bytes,
                             deadline_ms=self.spec.limits.callback_ms,
-                            on_created=lambda i: setattr(self, "_booting", i))
+                            on_created=lambda i: setattr(self, "_booting", i),
+                            tally=self.tally)
         except EngineError as e:
             self.consecutive_failures += 1
             raise StartError("instantiate", str(e)) from None
@@ -272,6 +274,7 @@ class Filter:
         """Build thread: run the start sequence of a fresh instance; closes it on failure."""
         self._booting = inst
         self._funcs = {}
+        self._effective = None           # (a start section's host calls may have set it)
         try:
             # Settled once the instance is built (an exported memory is resolved during
             # instantiation at the latest); None when it has none: read() then says so.
@@ -365,78 +368,97 @@ class Filter:
 
     # -- calling the guest -------------------------------------------------------------------
 
+    @property
+    def calls(self) -> int:
+        """Top-level guest calls so far, every instance of this filter (the instances count
+        them: ``tally``)."""
+        return self.tally.calls
+
+    @property
+    def guest_ns(self) -> int:
+        """The wall time of those calls."""
+        return self.tally.ns
+
     def call(self, ctx: Context, name: str, *args: int) -> int | None:
         """Call an export with `ctx` current; a trap raises FilterFailure (instance gone)."""
         inst = self.instance
         fn = self._funcs.get(name)
         if fn is None or inst is None:
             inst, fn = self._resolve(inst, name)
-        # Saved and restored for a guest call made from inside a host function (the allocator
-        # is not one: it runs without a context switch, see write_result).
-        prev_current = self._current
-        prev_effective = self._effective
-        self._current = ctx
-        self._effective = None
-        t0 = perf_counter_ns()
+        if self._current is not None:    # from inside a host function: see _call_nested
+            return self._call_nested(inst, fn, ctx, name, args)
+        self._current = ctx              # (_effective is None between calls)
         try:
             return fn(*args)
         except Trap as t:
             raise self._trapped(inst, ctx, name, t) from None
         finally:
-            self.calls += 1
-            self.guest_ns += perf_counter_ns() - t0
+            self._current = self._effective = None
+            if self._deferred:
+                self._run_deferred()
+
+    def _call_nested(self, inst: Instance, fn: Callable, ctx: Context, name: str,
+                     args: tuple[int, ...]) -> int | None:
+        """call() made while another call of this filter runs (from a host function it called):
+        the outer call's current and effective contexts come back afterwards. (The allocator
+        is not called this way: it runs without a context switch, see write_result.)"""
+        prev_current = self._current
+        prev_effective = self._effective
+        self._current = ctx
+        self._effective = None
+        try:
+            return fn(*args)
+        except Trap as t:
+            raise self._trapped(inst, ctx, name, t) from None
+        finally:
             self._current = prev_current
             self._effective = prev_effective
             if self._deferred:
                 self._run_deferred()
 
     def finish_context(self, ctx: HttpContext, failed: bool) -> None:
-        """A finished request's context: its callouts dropped, the teardown callbacks run,
-        success noted (unless the request saw `failed`), and the context released."""
+        """A finished request's context, in one frame (every request runs it for every
+        filter): its callouts dropped; on_done → on_log → on_delete (the exported ones, spec
+        order: what ``call`` does for each, with one context switch for the three), stopping when the instance dies; success noted unless the request saw
+        `failed`; then, whatever happened, the context released and detached from its chain.
+        A trap raises FilterFailure."""
         try:
             if ctx.pending_calls:
                 self.cancel_calls(ctx)
-            self.teardown(ctx)
+            inst = self.instance
+            if inst is not None and ctx.generation == self.generation:
+                funcs = self._funcs
+                cid = ctx.id
+                prev_current = self._current
+                prev_effective = self._effective
+                self._current = ctx
+                name = ""
+                try:
+                    for name in self.teardown_callbacks:
+                        if ctx.generation != self.generation:     # the instance died (not ctx.alive)
+                            break
+                        fn = funcs.get(name)
+                        if fn is None:
+                            fn = funcs[name] = self._export(inst, name)
+                        self._effective = None
+                        fn(cid)
+                        if self._deferred:
+                            self._run_deferred()
+                except Trap as t:
+                    raise self._trapped(inst, ctx, name, t) from None
+                finally:
+                    self._current = prev_current
+                    self._effective = prev_effective
             if not failed and ctx.generation == self.generation:
                 self.consecutive_failures = 0
         finally:                         # release: what a teardown callback dispatched goes too
             if ctx.pending_calls:
                 self.cancel_calls(ctx)
-            if self.contexts.get(ctx.id) is ctx:
-                del self.contexts[ctx.id]
-
-    def teardown(self, ctx: Context) -> None:
-        """on_done → on_log → on_delete (the exported ones, spec order) for a finished
-        request's context: what ``call`` does for each, in one frame (every request runs it
-        for every filter). Stops when the instance dies; a trap raises FilterFailure."""
-        inst = self.instance
-        if inst is None or ctx.generation != self.generation:
-            return
-        funcs = self._funcs
-        cid = ctx.id
-        prev_current = self._current
-        prev_effective = self._effective
-        self._current = ctx
-        name = ""
-        t0 = perf_counter_ns()
-        try:
-            for name in self.teardown_callbacks:
-                if ctx.generation != self.generation:     # the instance died (not ctx.alive)
-                    return
-                fn = funcs.get(name)
-                if fn is None:
-                    fn = funcs[name] = self._export(inst, name)
-                self._effective = None
-                self.calls += 1
-                fn(cid)
-                if self._deferred:
-                    self._run_deferred()
-        except Trap as t:
-            raise self._trapped(inst, ctx, name, t) from None
-        finally:
-            self.guest_ns += perf_counter_ns() - t0
-            self._current = prev_current
-            self._effective = prev_effective
+            contexts = self.contexts
+            if contexts.get(ctx.id) is ctx:
+                del contexts[ctx.id]
+            ctx.chain = None             # detached: no chain ↔ context cycle (HttpContext.chain)
+            ctx._props = None
 
     def _resolve(self, inst: Instance | None, name: str) -> tuple[Instance, Callable]:
         """The instance to call and its export `name` (cached in _funcs), when the fast
@@ -560,7 +582,8 @@ class Filter:
     def read(self, ptr: int, size: int) -> bytes:
         if size == 0:
             return b""
-        return (self._mem or self._memory()).read(ptr, size)
+        mem = self._mem
+        return mem.read(ptr, size) if mem is not None else self._memory().read(ptr, size)
 
     def read_prefix(self, ptr: int, size: int, cap: int) -> bytes:
         """The first `cap` bytes of (ptr, size), the whole range bounds-checked: a size the
@@ -596,29 +619,21 @@ class Filter:
         """Copy `data` into guest-owned memory (guest allocator) and fill the out-pointers.
 
         Bad out-pointers surface as MemoryAccessError after the allocation, as in cpp-host."""
-        if not data:
-            self.write_u32(ret_pp, 0)
-            self.write_u32(ret_size_p, 0)
-            return Status.OK
         alloc = self._alloc
-        if alloc is None and self._booting is not None:
-            alloc = self._booting_allocator()
-        if alloc is None or self._allocating:
-            # No allocator, or one that calls back into the host for more data: refuse rather
-            # than recurse host → guest → host until Python's stack gives out.
-            return Status.INVALID_MEMORY_ACCESS
+        if data:
+            if alloc is None and self._booting is not None:
+                alloc = self._booting_allocator()
+            if alloc is None or self._allocating:
+                # No allocator, or one that calls back into the host for more data: refuse
+                # rather than recurse host → guest → host until Python's stack gives out.
+                return Status.INVALID_MEMORY_ACCESS
+        mem = self._mem or self._memory()
         self._allocating = True
         try:
-            addr = alloc(len(data))
+            written = mem.put_result(alloc, data, ret_pp, ret_size_p)
         finally:
             self._allocating = False
-        if not addr:
-            return Status.INVALID_MEMORY_ACCESS
-        mem = self._mem or self._memory()    # (Memory re-reads its size if the allocator grew it)
-        mem.write(addr, data)
-        mem.write_u32(ret_pp, addr)
-        mem.write_u32(ret_size_p, len(data))
-        return Status.OK
+        return Status.OK if written else Status.INVALID_MEMORY_ACCESS
 
     # -- logging -------------------------------------------------------------------------------
 

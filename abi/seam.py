@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Mapping, Protocol
+from typing import Any, AsyncIterator, Callable, Mapping, Protocol, Sequence
 
 Headers = list[tuple[str, str]]
 Body = AsyncIterator[bytes]
@@ -290,7 +290,7 @@ class HttpStream(Protocol):
 
 
 class FilterHostProtocol(Protocol):
-    def stream(self, filter_names: list[str], info: StreamInfo) -> HttpStream: ...
+    def stream(self, filter_names: Sequence[str], info: StreamInfo) -> HttpStream: ...   # a route's tuple as is
     def metrics(self) -> list[MetricSample]: ...
     def tick(self, filter_name: str) -> bool: ...   # one proxy_on_tick now (HostObserver.manual_ticks)
     async def close(self) -> None: ...

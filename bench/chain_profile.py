@@ -428,6 +428,25 @@ async def store_cost(loaded: list[str], extra: list[FilterSpec], names: list[str
           f"ratio {statistics.median(on_shm) / statistics.median(local):.3f}")
 
 
+def measure(n: int = 2000, repeats: int = 7) -> dict[str, float]:
+    """What `./dev bench` reports (scenario ``chain_profile``): the bench chain's "filters add"
+    in this process, best of `repeats` runs each paired with an empty chain's (µs/request)."""
+    async def go() -> dict[str, float]:
+        host = await load(list(CHAIN), DIST, [])
+        empty = await load([])
+        try:
+            await run(host, list(CHAIN), n)             # warm up (allocator, caches)
+            chain, base = [], []
+            for _ in range(repeats):
+                base.append(await run(empty, [], n // 4))
+                chain.append(await run(host, list(CHAIN), n))
+        finally:
+            await host.close()
+            await empty.close()
+        return {"filters_add_us": min(chain) - min(base), "chain_us": min(chain), "empty_us": min(base)}
+    return asyncio.run(go())
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("-n", type=int, default=10000, help="requests per run")

@@ -14,6 +14,11 @@ API, as the baseline.
   a few wasm instructions per iteration.
 * host call with alloc: the same, but the host function calls back into the exported
   allocator (a nested guest call), as every proxy_get_* that returns data does.
+* guarded host call: the host call through abi/hostcalls.py's guarded() wrapper (what every
+  Proxy-Wasm host function has), C (engine.guarded_host) and the generated Python wrapper,
+  in the same run; and a header edit's guest-memory read (Memory.header_pair, C and Python).
+* header map serialization: what proxy_get_header_map_pairs hands the guest, for a request
+  of 12 headers (abi/pairs.py serialize_str: C serialize_pairs and the Python path).
 """
 from __future__ import annotations
 
@@ -21,7 +26,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from abi.engine import Engine, Instance, public_api_crossing
+from abi.engine import Engine, Instance, MemoryAccessError, Trap, HostTrap, guarded_host
+from abi.engine import public_api_crossing
+from abi.hostcalls import _guarded_factory
+from abi.pairs import _serialize_str, serialize_str
 
 WAT = b"""
 (module
@@ -76,6 +84,63 @@ def _measure_nested(engine: Engine, module) -> float:
         inst.close()
 
 
+def _adapter(f, a: int, b: int, c: int) -> int:
+    return a
+
+
+def _measure_guarded(engine: Engine, module) -> tuple[float, float]:
+    """(C, Python) µs per host call through the guarded() wrapper, runs alternating."""
+    c_host = guarded_host(_adapter, None, 6, 10, print)
+    py_host = _guarded_factory(3)(None, "host", _adapter, 6, 10, MemoryAccessError, Trap,
+                                  HostTrap)
+    insts = [Instance(engine, module, {("env", "host"): h}, memory_limit_bytes=1 << 24,
+                      deadline_ms=10_000) for h in (c_host, py_host) if h is not None]
+    try:
+        runs: list[list[float]] = [[] for _ in insts]
+        for _ in range(REPEATS):
+            for inst, out in zip(insts, runs):
+                out.append(_time_host(inst.export_func("call_host"), HOST_CALLS))
+        best = [min(r) for r in runs]
+        return (best[0], best[1]) if len(best) == 2 else (float("nan"), best[0])
+    finally:
+        for inst in insts:
+            inst.close()
+
+
+def _measure_header_read(inst: Instance) -> tuple[float, float]:
+    """(engine's, Python's) µs per Memory.header_pair of an 8-byte name and a 24-byte value."""
+    mem = inst.memory
+    mem.write(256, b"X-Bench-Name: value-of-24-bytes!")
+    best = []
+    for read in (mem.header_pair, mem._py_header_pair):
+        times = []
+        for _ in range(REPEATS):
+            start = time.perf_counter()
+            for _ in range(HOST_CALLS):
+                read(256, 12, 264, 24)
+            times.append((time.perf_counter() - start) / HOST_CALLS * 1e6)
+        best.append(min(times))
+    return best[0], best[1]
+
+
+_REQUEST = [(":method", "GET"), (":path", "/api/v1/items?id=42"), (":authority", "127.0.0.1"),
+            (":scheme", "http"), ("user-agent", "wrk"), ("x-api-key", "bench-key-7f3a9c2e"),
+            ("accept", "*/*"), ("x-request-id", "4bf92f3577b34da6"), ("x-forwarded-for", "::1"),
+            ("x-auth-user", "bench"), ("x-ratelimit-remaining", "99"), ("content-length", "0")]
+
+
+def _measure_serialize() -> tuple[float, float]:
+    """(serialize_str, its Python path) µs per 12-header map, runs alternating."""
+    runs: list[list[float]] = [[], []]
+    for _ in range(REPEATS):
+        for fn, out in zip((serialize_str, _serialize_str), runs):
+            start = time.perf_counter()
+            for _ in range(HOST_CALLS // 4):
+                fn(_REQUEST)
+            out.append((time.perf_counter() - start) / (HOST_CALLS // 4) * 1e6)
+    return min(runs[0]), min(runs[1])
+
+
 def measure() -> dict[str, float]:
     """Best of REPEATS runs, in microseconds per crossing.
 
@@ -92,8 +157,11 @@ def measure() -> dict[str, float]:
             _time_guest(callback, 1000)                     # warm-up
             guest = min(_time_guest(callback, GUEST_CALLS) for _ in range(REPEATS))
             host = min(_time_host(call_host, HOST_CALLS) for _ in range(REPEATS))
+            header_read, header_read_py = _measure_header_read(inst)
             inst.close()
             nested = _measure_nested(engine, module)
+            guarded, guarded_py = _measure_guarded(engine, module)
+            serialized, serialized_py = _measure_serialize()
         finally:
             engine.close()
     public = [public_api_crossing(WAT, "callback", (1, 2, 3), "call_host", ("env", "host"),
@@ -102,6 +170,12 @@ def measure() -> dict[str, float]:
         "guest_call_us": guest,
         "host_call_us": host,
         "host_call_with_alloc_us": nested,
+        "guarded_host_call_us": guarded,
+        "guarded_host_call_python_us": guarded_py,
+        "header_read_us": header_read,
+        "header_read_python_us": header_read_py,
+        "serialize_us": serialized,
+        "serialize_python_us": serialized_py,
         "public_api_guest_call_us": min(p["guest_call_us"] for p in public),
         "public_api_host_call_us": min(p["host_call_us"] for p in public),
     }
@@ -116,6 +190,12 @@ def main() -> None:
         print(f"{label:<14}{raw:>13.3f} µs{pub:>11.2f} µs{pub / raw:>9.1f}x{target:>6.1f} µs"
               f"  {'ok' if raw <= target else 'MISSED'}")
     print(f"{'host call + nested allocator call':<34}{r['host_call_with_alloc_us']:>7.3f} µs")
+    print(f"{'guarded host call, C / Python':<34}{r['guarded_host_call_us']:>7.3f} µs"
+          f"{r['guarded_host_call_python_us']:>8.3f} µs")
+    print(f"{'header edit read, engine / Python':<34}{r['header_read_us']:>7.3f} µs"
+          f"{r['header_read_python_us']:>8.3f} µs")
+    print(f"{'12-header map serialized, C / Py':<34}{r['serialize_us']:>7.3f} µs"
+          f"{r['serialize_python_us']:>8.3f} µs")
 
 
 if __name__ == "__main__":

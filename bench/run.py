@@ -38,24 +38,28 @@ HANDSHAKE_SCENARIOS = {"gateway_tls_handshake": "gateway", "nginx_tls_handshake"
 # HTTP/2 scenarios: h2load with this many streams in flight per connection (connections =
 # --connections ÷ this, so as many requests are in flight as in the wrk scenarios).
 H2_STREAMS = 16
-EXTRAS = ["chain_half_rate", "chain_redis_half_rate", "crossing", "cold_start", "rebuild_stall"]
+EXTRAS = ["chain_half_rate", "chain_redis_half_rate", "crossing", "chain_profile", "cold_start", "rebuild_stall"]
 ALL = SCENARIOS + EXTRAS
 
 TARGETS = [  # key, description, comparison, bar
     ("chain_cpu_vs_baseline", "gateway_chain CPU/req ÷ baseline_aiohttp CPU/req", "<=", 1.0),
+    ("chain_cpu_vs_plain", "gateway_chain CPU/req ÷ gateway_plain CPU/req", "<=", 2.5),
+    ("chain_2w_cpu_vs_chain", "gateway_chain_2w CPU/req ÷ gateway_chain CPU/req", "<=", 1.1),
     ("chain_2w_rps_vs_chain", "gateway_chain_2w rps ÷ gateway_chain rps", ">=", 1.6),
     ("chain_p99_at_half_peak_ms", "gateway_chain p99 at half its peak rate (ms)", "<=", 5.0),
     ("redis_cpu_added_us", "CPU/req backend: redis adds to the chain (µs, paired)", "<=", 30.0),
     ("redis_p99_added_at_half_peak_ms", "p99 backend: redis adds at half its peak (ms, paired)",
      "<=", 1.0),
     ("cold_start_5_filters_s", "cold start, 5 filters, warm module cache (s)", "<=", 1.0),
-    ("guest_call_us", "one guest callback (µs)", "<=", 3.0),
+    ("chain_profile_us", "the three filters in process (µs/request, chain_profile)", "<=", 50.0),
+    ("guest_call_us", "one guest callback that does nothing (µs)", "<=", 1.0),
     ("host_call_us", "one host call (µs)", "<=", 1.5),
     ("tls_cpu_vs_plain", "gateway_tls CPU/req ÷ gateway_plain CPU/req", "<=", 1.3),
     ("rebuild_other_route_p99_ms", "another route's p99 while a filter rebuilds, 1 s start (ms)",
      "<=", 50.0),
     ("trace_cpu_vs_logged", "chain_traced CPU/req ÷ chain + access log w/o trace (paired)", "<=", 1.05),
     ("otlp_cpu_vs_chain", "chain_otlp CPU/req ÷ gateway_chain (paired)", "<=", 1.15),
+    ("plain_cpu_vs_nginx", "stretch: gateway_plain CPU/req ÷ nginx_proxy CPU/req", "<=", 2.5),
 ]
 # The tracing scenarios: four gateway processes (the same chain) measured in interleaved rounds.
 TRACE_VARIANTS = ("gateway_chain", "gateway_chain_untraced", "gateway_chain_logged", "gateway_chain_traced",
@@ -89,6 +93,7 @@ class Bench:
         self.failed: dict[str, str] = {}
         self.notes: list[str] = []
         self.crossing: dict = {"guest_call_us": None, "host_call_us": None}
+        self.chain_profile: dict | None = None    # bench.chain_profile.measure(), in process
         self.cold_start: dict | None = None
         self.half_rate: dict | None = None
         self.half_rate_redis: dict | None = None
@@ -611,6 +616,19 @@ class Bench:
         log(f"  crossing: guest call {self.crossing['guest_call_us']} µs, "
             f"host call {self.crossing['host_call_us']} µs")
 
+    def sc_chain_profile(self) -> None:
+        """The three bench filters in one process, no sockets (bench/chain_profile.py)."""
+        if gcfg.missing_wasm():
+            raise Skip(f"filters not built: {', '.join(gcfg.missing_wasm())}")
+        code = "import json, bench.chain_profile as c; print('PROFILE ' + json.dumps(c.measure()))"
+        r = subprocess.run(self.py("-c", code, cpus=self.proxy_cpus), cwd=ROOT, env=self.env(),
+                           capture_output=True, text=True, timeout=300)
+        line = next((ln for ln in r.stdout.splitlines() if ln.startswith("PROFILE ")), None)
+        if r.returncode != 0 or line is None:
+            raise Failed(f"chain_profile: bench.chain_profile.measure() failed:\n{r.stderr[-2000:]}")
+        self.chain_profile = {k: round(v, 1) for k, v in json.loads(line[len("PROFILE "):]).items()}
+        log(f"  chain_profile: the filters add {self.chain_profile['filters_add_us']} µs/request in process")
+
     def sc_cold_start(self) -> None:
         self.gateway_available()
         miss = gcfg.missing_wasm()
@@ -773,6 +791,10 @@ class Bench:
             "redis_cpu_added_us": (self.redis or {}).get("cpu_added_us"),
             "redis_p99_added_at_half_peak_ms": (self.redis or {}).get("p99_added_ms"),
             "chain_cpu_vs_baseline": vs.get("gateway_chain", {}).get("cpu_us_per_req"),
+            "chain_cpu_vs_plain": _cpu_ratio(sc, "gateway_chain", "gateway_plain"),
+            "chain_2w_cpu_vs_chain": _cpu_ratio(sc, "gateway_chain_2w", "gateway_chain"),
+            "plain_cpu_vs_nginx": _cpu_ratio(sc, "gateway_plain", "nginx_proxy"),
+            "chain_profile_us": (self.chain_profile or {}).get("filters_add_us"),
             "chain_2w_rps_vs_chain": round(chain2["rps"] / chain["rps"], 3)
             if chain and chain2 else None,
             "chain_p99_at_half_peak_ms": self.half_rate["p99_ms"] if self.half_rate else None,
@@ -819,6 +841,7 @@ class Bench:
         return {
             "scenarios": scenarios,
             "crossing": self.crossing,
+            "chain_profile": self.chain_profile,
             "machine": self.machine,
             "partial": partial,
             # other work used > 5 % of the machine during some measured run: don't commit this
@@ -882,6 +905,8 @@ class Bench:
         c = r["crossing"]
         log(f"crossing: guest call {c.get('guest_call_us')} µs, host call {c.get('host_call_us')} µs"
             + (f"  ({c['note']})" if c.get("note") else ""))
+        if r["chain_profile"]:
+            log(f"chain_profile (in process): the filters add {r['chain_profile']['filters_add_us']} µs/request")
         if r["cold_start"]:
             log(f"cold start (5 filters, warm cache): {r['cold_start']['seconds']:.3f} s")
         rs = r["rebuild_stall"]

@@ -21,6 +21,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from http import HTTPStatus
+from operator import itemgetter
 from typing import AsyncIterator, Protocol
 
 from abi.api import Forward, LocalReply, LocalReplyInterrupt, LogInfo, StreamInfo, TlsFacts
@@ -198,7 +199,7 @@ class Proxy:
         ex.route = route.name
         ex.body = req.body
         if got is not None:
-            ex.trace = tracer.begin(got, conn.peer[0], headers, f"{req.method} {route.name}")
+            ex.trace = tracer.begin(got, conn.peer[0], headers, req.method, route.name)
         if req.upgrade is not None:
             if not route.upgrades:
                 # As Envoy (403, "upgrade_failed"), and the connection closes: a client may already
@@ -226,21 +227,21 @@ class Proxy:
             return self.reply_error(conn, ex, 500, f'route "{route.name}" has filters but none are loaded',
                                     "filter_error")
         rt = ex.trace
-        info = StreamInfo(request_id=ex.rid, route_name=route.name, cluster_name=route.cluster,
-                          client_addr=conn.peer, local_addr=conn.local, connection_id=conn.id,
-                          scheme=req.scheme, protocol=req.version, start_time_ns=time.time_ns(), tls=conn.tls,
-                          route_metadata=route.metadata,
-                          cluster_metadata=gen.router.cluster_metadata.get(route.cluster),
-                          trace=rt is not None and rt.records)
+        # Positional, in the fields' order: 13 keywords cost ~1 µs more per request (timeit).
+        info = StreamInfo(ex.rid, route.name, route.cluster,            # request_id, route_name, cluster_name
+                          conn.peer, conn.local, conn.id,               # client_addr, local_addr, connection_id
+                          req.scheme, req.version, time.time_ns(),      # scheme, protocol, start_time_ns
+                          conn.tls, rt is not None and rt.records,      # tls, trace
+                          route.metadata, gen.router.cluster_metadata.get(route.cluster))  # route_/cluster_metadata
         try:
-            stream = host.stream(list(route.filters), info)   # type: ignore[attr-defined]
+            stream = host.stream(route.filters, info)   # type: ignore[attr-defined]
         except Exception as e:
             log.exception('route "%s": could not open a filter stream', route.name)
             return self.reply_error(conn, ex, 500, f"filter chain error: {type(e).__name__}", "filter_error")
         if info.trace:
             rt.stream = stream
         chain_headers = [(":method", req.method), (":path", target), (":authority", req.authority),
-                         (":scheme", req.scheme)] + headers
+                         (":scheme", req.scheme)] + headers      # in _CHAIN_PSEUDO's order
         original = req.body
         try:
             try:
@@ -256,7 +257,8 @@ class Proxy:
             routed_target = target
             method, target, authority, rest = _split_pseudo(result.headers, req.method, target, req.authority)
             if (target != routed_target or method != req.method or authority != req.authority
-                    or stream.route_cache_cleared or gen.router.headers_changed(headers, rest)):
+                    or stream.route_cache_cleared
+                    or (gen.router.header_names and gen.router.headers_changed(headers, rest))):
                 # Envoy clears the route cache when a filter edits the request headers: the
                 # request goes where its headers now say (the chain stays the one it ran).
                 try:
@@ -285,9 +287,9 @@ class Proxy:
             return False
         finally:
             try:
-                await stream.finish(LogInfo(status=ex.status, bytes_in=original.received if original else 0,
-                                            bytes_out=ex.bytes_out, upstream_address=ex.upstream,
-                                            duration_ns=int((time.perf_counter() - ex.t0) * 1e9)))
+                # status, bytes_in, bytes_out, duration_ns, upstream_address (positional, as above)
+                await stream.finish(LogInfo(ex.status, original.received if original else 0, ex.bytes_out,
+                                            int((time.perf_counter() - ex.t0) * 1e9), ex.upstream))
             except Exception:
                 log.exception("filter stream finish failed")
 
@@ -399,15 +401,8 @@ class Proxy:
         close = not ex.keepalive
         status, headers, length = resp.status, strip_hop_by_hop(resp.headers), resp.length
         small = length is not None and 0 < length <= limits.response_buffer_bytes
-        if stream is None and small:
-            # Small body, no filters: one read, the upstream connection back to the pool, one write.
-            try:
-                data = await resp.read_exact()
-            except UpstreamReset as e:
-                return self.upstream_broke(conn, ex, e)
-            resp.finish()
-            return await conn.send_response(ex, status, headers, data, length, close)
-        body = resp.body
+        # Small and without filters: the body iterator is never made.
+        body = upstream_body = resp.body if stream is not None or not small else None
         if stream is not None:
             try:
                 result = await stream.response(status, [(":status", str(status))] + headers, body)
@@ -417,6 +412,16 @@ class Proxy:
                 self.send_local_reply(conn, ex, result, close=False)
                 return True
             status, headers, length, body = _after_chain(result, status, length, body, ex)
+        if small and body is upstream_body:
+            # A small body no filter reads (or no filters): one read, the upstream connection
+            # back to the pool, one write with its exact length (the front-ends write
+            # Content-Length from it, whatever the headers say).
+            try:
+                data = await resp.read_exact()
+            except UpstreamReset as e:
+                return self.upstream_broke(conn, ex, e)
+            resp.finish()
+            return await conn.send_response(ex, status, headers, data, len(data), close)
         if body is None:
             return await conn.send_response(ex, status, headers, None, length, close)
         if small:
@@ -431,16 +436,11 @@ class Proxy:
 
     async def _respond_small(self, conn: Downstream, ex: Exchange, resp: UpstreamResponse, status: int,
                              headers: Headers, body: AsyncIterator[bytes], close: bool) -> bool:
-        """A small upstream body through the filters: read whole (no read-ahead task), the
-        upstream connection back to the pool, one write with its exact length (the front-ends
-        write Content-Length from it, whatever the headers say)."""
+        """A small upstream body a filter reads: read whole through the filters (no read-ahead
+        task), the upstream connection back to the pool, one write with its exact length."""
         try:
-            if body is resp.body:
-                # No filter reads the body: one read, as without filters.
-                data = await resp.read_exact()
-            else:
-                chunks = [chunk async for chunk in body]
-                data = b"".join(chunks)
+            chunks = [chunk async for chunk in body]
+            data = b"".join(chunks)
         except LocalReplyInterrupt as e:
             self.send_local_reply(conn, ex, e.reply, close=True)
             return False
@@ -585,7 +585,9 @@ def traced(ex: Exchange, headers: Headers) -> Headers:
 
 def _after_chain(result: Forward, status: int, length: int | None, body, ex: Exchange):
     """Status, headers, length and body of the response the filters let through."""
-    status = final_status(_status_of(result.headers, status), ex)
+    status = _status_of(result.headers, status)
+    if not 200 <= status <= 599:
+        status = final_status(status, ex)
     headers = [(n, v) for n, v in result.headers if n[0] != ":"]
     if result.body is None:
         length = 0
@@ -612,18 +614,24 @@ class _Trailed:
 
 
 def _split_pseudo(headers: Headers, method: str, target: str, authority: str) -> tuple[str, str, str, Headers]:
-    rest = []
+    """The request's method, target and authority after the chain (the last of each
+    pseudo-header; the given ones if a filter removed it) and its other headers."""
+    rest = [h for h in headers if h[0][0] != ":"]
+    if len(rest) + 4 == len(headers) and list(map(_name, headers[:4])) == _CHAIN_PSEUDO:
+        return headers[0][1], headers[1][1], headers[2][1], rest      # as _with_filters put them
     for n, v in headers:
-        if n[0] == ":":
-            if n == ":method":
-                method = v
-            elif n == ":path":
-                target = v
-            elif n == ":authority":
-                authority = v
-        else:
-            rest.append((n, v))
+        if n == ":method":
+            method = v
+        elif n == ":path":
+            target = v
+        elif n == ":authority":
+            authority = v
     return method, target, authority, rest
+
+
+_name = itemgetter(0)
+# The request's pseudo-headers, first and in this order, as _with_filters hands them to the chain.
+_CHAIN_PSEUDO = [":method", ":path", ":authority", ":scheme"]
 
 
 class _NoRoute(HttpError):
@@ -667,10 +675,8 @@ def final_status(status: int, ex: Exchange) -> int:
 
 
 def header_value(headers: Headers, name: str) -> str | None:
-    for n, v in headers:
-        if n == name:
-            return v
-    return None
+    names = list(map(_name, headers))        # searched in C: cheaper than a loop over pairs
+    return headers[names.index(name)][1] if name in names else None
 
 
 def _rewrite_host(route: Route, authority: str) -> str:

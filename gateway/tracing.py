@@ -132,34 +132,39 @@ class Tracer:
         self.active = self.propagate or self.log_filters or bool(self.debug_networks) or self.exporter is not None
 
     def begin(self, got: TraceHeaders, client_ip: str, headers: list[tuple[str, str]],
-              name: str) -> RequestTrace:
+              method: str, route: str) -> RequestTrace | None:
         """Start tracing a request: append traceparent/tracestate to ``headers`` (propagation on)
-        and start its span (export on). ``got``: the client's trace headers, already removed
-        from ``headers``; ``name``: the span's name."""
+        and start its span (export on; named "``method`` ``route``"). ``got``: the client's
+        trace headers, already removed from ``headers``. None when nothing of the request is
+        recorded (no export, no filter trace asked for): the trace headers are all it gets."""
         header = got.debug and bool(self.debug_networks) and in_cidrs(client_ip, self.debug_networks)
-        rt = RequestTrace(header, self.log_filters)
         incoming = parse_traceparent(got.traceparent) if got.traceparent else None
         state = valid_tracestate(got.tracestate) if incoming is not None and got.tracestate else None
-        if self.exporter is not None:
+        exporter = self.exporter
+        rt = RequestTrace(header, self.log_filters) if header or self.log_filters or exporter is not None \
+            else None
+        if not self.propagate:           # not ours to change: the client's go on as they were
+            headers += [("traceparent", v) for v in got.traceparent]
+            headers += [("tracestate", v) for v in got.tracestate]
+        if exporter is not None:
             rt.start_ns = time.time_ns()
             rt.start_perf = time.perf_counter_ns()
-            self.exporter.start(rt, name, incoming, state)
+            exporter.start(rt, f"{method} {route}", incoming, state)
+            trace_id, span_id, flags = rt.trace_id, rt.span_id, rt.flags
+        elif not self.propagate:
+            return rt
         elif incoming is not None:
-            rt.trace_id, rt.parent_id, flags = incoming
-            rt.flags = flags & 0x01      # level 1: only "sampled" is defined; others are zeroed
-            rt.span_id = random_hex(8)
+            trace_id, _, flags = incoming
+            flags &= 0x01                # level 1: only "sampled" is defined; others are zeroed
+            span_id = random_hex(8)
         else:
             # A new trace; not sampled: this gateway records no span of it, and must not make
             # every upstream record every request.
-            rt.trace_id = random_hex(16)
-            rt.span_id = random_hex(8)
+            trace_id, span_id, flags = random_hex(16), random_hex(8), 0
         if self.propagate:
-            headers.append(("traceparent", f"00-{rt.trace_id}-{rt.span_id}-{rt.flags:02x}"))
+            headers.append(("traceparent", f"00-{trace_id}-{span_id}-{flags:02x}"))
             if state:
                 headers.append(("tracestate", state))
-        else:                            # not ours to change: the client's go on as they were
-            headers += [("traceparent", v) for v in got.traceparent]
-            headers += [("tracestate", v) for v in got.tracestate]
         return rt
 
     def done(self, rt: RequestTrace, ex: Any, client: str) -> None:

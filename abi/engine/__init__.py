@@ -10,9 +10,14 @@
   (``set_deadline_ms`` changes it); instantiation gets its own. Host functions called by a
   start function can already use ``memory`` and exports (see ``on_created``); a memory import
   is satisfied with a fresh memory capped by the memory limit.
-* ``Memory`` (instance.py) is bounds-checked access to the instance's exported linear memory.
+* ``Memory`` (instance.py) is bounds-checked access to the instance's exported linear memory
+  (``read``, ``header_pair``, ``put_result``: C calls on a native instance).
+* ``guarded_host`` wraps a host function's errors in C (None without the C build);
+  ``serialize_pairs`` is a header map's serialization in C (None likewise).
 * A guest call that ends abnormally raises ``Trap`` (kind: trap | deadline | exit | host) and
   poisons the instance (store.py decides which).
+* ``Tally`` counts the top-level guest calls of the instances given it and their wall time
+  (``Instance(..., tally=)``; abi/filter.py's ``calls`` / ``guest_ns``).
 
 The files, innermost first:
 
@@ -20,9 +25,12 @@ The files, innermost first:
 errors.py      the exceptions
 crossing.py    raw ctypes bindings over wasmtime's C API + per-signature code generation
                of guest calls and host callbacks: the hot path
-_crossing.c    optional C of the two hottest entries (guest call, host-callback entry) and
-               the epoch ticker thread (no GIL), built at install by setup.py; crossing.py
-               and ticker.py fall back to ctypes and a Python thread without it
+_crossing.c    optional C of the hot crossings (a guest call whole: ``GuestFn``; the
+               host-callback entry, whole for integer signatures: ``HostFn``), the epoch
+               ticker thread (no GIL), and what host functions do most (their error wrapper,
+               Memory's read/header_pair/put_result, the header-map serialization), built at
+               install by setup.py; crossing.py, ticker.py, instance.py and abi/pairs.py fall
+               back to ctypes, generated code, a Python thread and Python code without it
 ticker.py      CPU-time deadlines per thread (the epoch ticker, GC time not charged)
 store.py       per-Store state every crossing reads: deadline arming, trap classification
 binary.py      the wasm binary reader (import/export signatures; Import, Export)
@@ -43,12 +51,13 @@ from __future__ import annotations
 
 from .binary import Export, Import
 from .compile import Engine, Module
-from .crossing import WASMTIME_VERSION
+from .crossing import WASMTIME_VERSION, Tally, guarded_host, serialize_pairs
 from .errors import EngineError, HostTrap, MemoryAccessError, Trap
 from .instance import Instance, Memory
 from .public_api import public_api_crossing
 
 __all__ = [
     "Engine", "EngineError", "Export", "HostTrap", "Import", "Instance", "Memory",
-    "MemoryAccessError", "Module", "Trap", "WASMTIME_VERSION", "public_api_crossing",
+    "MemoryAccessError", "Module", "Tally", "Trap", "WASMTIME_VERSION", "guarded_host",
+    "public_api_crossing", "serialize_pairs",
 ]

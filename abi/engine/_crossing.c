@@ -21,12 +21,21 @@
  *   set_call_target(address): the address of wasmtime_func_call_unchecked.
  *   ticker_*, charged_ns, gc_callback: the epoch ticker (see "the epoch ticker without the
  *       GIL" below; ticker.py's _NativeTicker drives it).
+ *   mem_read, mem_header_pair, mem_put_result: what host functions do with guest memory most,
+ *       for instance.py's Memory (see "guest memory for host functions" below).
+ *   Guarded: abi/hostcalls.py's error wrapper of a host function (see "guarded host functions").
+ *   serialize_pairs: abi/pairs.py's header-map serialization (see "header maps as the guest
+ *       reads them").
+ *   GuestFn, CallCore, Tally: a guest export's whole caller (what call() is the core of), the
+ *       store state it reads, what its top-level calls add up to (see "guest calls" below).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 #include <errno.h>
 #include <pthread.h>
 #include <stdatomic.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -397,6 +406,27 @@ static PyObject *gc_callback(PyObject *self, PyObject *const *args, Py_ssize_t n
     Py_RETURN_NONE;
 }
 
+/* wasmtime_func_call_unchecked with the GIL released, this thread counted by the ticker
+ * meanwhile; returns the wasmtime_error_t* (NULL: none). call() and GuestFn's entry. */
+static void *run_guest(void *ctx, void *func, void *vals, size_t n, void **trap) {
+    slot *s = my_slot;              /* NULL: this thread never armed (the Python ticker) */
+    if (s != NULL) {
+        atomic_fetch_add(&s->calls, 1);
+        if (!atomic_load(&s->live)) {       /* forgotten since the arm: count it again */
+            pthread_mutex_lock(&mu);
+            revive_locked(s);
+            pthread_mutex_unlock(&mu);
+        }
+    }
+    void *err;
+    Py_BEGIN_ALLOW_THREADS
+    err = call_target(ctx, func, vals, n, trap);
+    Py_END_ALLOW_THREADS
+    if (s != NULL)
+        atomic_fetch_sub(&s->calls, 1);
+    return err;
+}
+
 static PyObject *call(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 5) {
         PyErr_SetString(PyExc_TypeError, "call(ctx, func, args, nargs, trap_out)");
@@ -413,22 +443,7 @@ static PyObject *call(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     void **trap = (void **)PyLong_AsVoidPtr(args[4]);
     if (PyErr_Occurred())
         return NULL;
-    slot *s = my_slot;              /* NULL: this thread never armed (the Python ticker) */
-    if (s != NULL) {
-        atomic_fetch_add(&s->calls, 1);
-        if (!atomic_load(&s->live)) {       /* forgotten since the arm: count it again */
-            pthread_mutex_lock(&mu);
-            revive_locked(s);
-            pthread_mutex_unlock(&mu);
-        }
-    }
-    void *err;
-    Py_BEGIN_ALLOW_THREADS
-    err = call_target(ctx, func, vals, n, trap);
-    Py_END_ALLOW_THREADS
-    if (s != NULL)
-        atomic_fetch_sub(&s->calls, 1);
-    return PyLong_FromVoidPtr(err);
+    return PyLong_FromVoidPtr(run_guest(ctx, func, vals, n, trap));
 }
 
 /* wasmtime_func_unchecked_callback_t: (env, caller, args_and_results, len) -> wasm_trap_t* */
@@ -616,6 +631,642 @@ static void *typed_trampoline(void *env, void *caller, void *vals, size_t n) {
     return trap;
 }
 
+/* -- guest memory for host functions ------------------------------------------------------
+ * What instance.py's Memory does for the hot host functions, without a Python frame each (the
+ * Memory binds them to itself when its instance is native; its Python methods are the
+ * fallback and the reference):
+ *   mem_read(mem, ptr, n) -> bytes                        Memory.read
+ *   mem_header_pair(mem, kp, ks, vp, vs) -> (key, value)  Memory.header_pair
+ *   mem_put_result(mem, alloc, data, ret_pp, ret_size_p) -> bool   Memory.put_result
+ * ``mem`` is the Memory: its ``_view`` (a memoryview over linear memory) is read on each call,
+ * and a range outside it is handed to ``mem._check(ptr, n)``, which re-reads the size (the
+ * guest may have grown) and raises MemoryAccessError when the range is still outside: the
+ * bounds are exactly the Python path's. */
+static PyObject *str_view, *str_check;
+
+/* A buffer over mem._view that holds [ptr, ptr + n); -1 with an exception set. */
+static int mem_span(PyObject *mem, PyObject *ptr_obj, PyObject *n_obj, long long ptr,
+                    long long n, Py_buffer *buf, int writable) {
+    for (int attempt = 0;; attempt++) {
+        PyObject *view = PyObject_GetAttr(mem, str_view);
+        if (view == NULL)
+            return -1;
+        int rc = PyObject_GetBuffer(view, buf, writable ? PyBUF_WRITABLE : PyBUF_SIMPLE);
+        Py_DECREF(view);
+        if (rc < 0)
+            return -1;
+        if (ptr >= 0 && n >= 0 && ptr <= buf->len && n <= buf->len - ptr)
+            return 0;
+        PyBuffer_Release(buf);
+        if (attempt) {      /* _check accepted the range, yet the view does not hold it */
+            PyErr_SetString(PyExc_SystemError, "Memory._check and Memory._view disagree");
+            return -1;
+        }
+        PyObject *r = ptr_obj && n_obj
+            ? PyObject_CallMethodObjArgs(mem, str_check, ptr_obj, n_obj, NULL)
+            : PyObject_CallMethod(mem, "_check", "LL", ptr, n);
+        if (r == NULL)
+            return -1;      /* MemoryAccessError */
+        Py_DECREF(r);
+    }
+}
+
+/* An argument as a signed 64-bit int; a value out of that range becomes -1 (out of bounds:
+ * _check raises for it, as the Python path would). */
+static int as_offset(PyObject *o, long long *out) {
+    int overflow;
+    long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
+    if (v == -1 && PyErr_Occurred())
+        return -1;
+    *out = overflow ? -1 : v;
+    return 0;
+}
+
+static PyObject *mem_read(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    long long ptr, n;
+    Py_buffer buf;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "mem_read(mem, ptr, n)");
+        return NULL;
+    }
+    if (as_offset(args[1], &ptr) < 0 || as_offset(args[2], &n) < 0 ||
+            mem_span(args[0], args[1], args[2], ptr, n, &buf, 0) < 0)
+        return NULL;
+    PyObject *r = PyBytes_FromStringAndSize((const char *)buf.buf + ptr, (Py_ssize_t)n);
+    PyBuffer_Release(&buf);
+    return r;
+}
+
+/* A latin-1 str of guest bytes, ASCII upper case lowered when ``lower`` (bytes.lower()). A
+ * zero-length string is "" whatever its pointer (Filter.read answers b"" without a check). */
+static PyObject *guest_str(PyObject *mem, PyObject *ptr_obj, PyObject *n_obj, int lower) {
+    long long ptr, n;
+    Py_buffer buf;
+    if (as_offset(ptr_obj, &ptr) < 0 || as_offset(n_obj, &n) < 0)
+        return NULL;
+    if (n == 0)
+        return PyUnicode_New(0, 0);
+    if (mem_span(mem, ptr_obj, n_obj, ptr, n, &buf, 0) < 0)
+        return NULL;
+    const unsigned char *src = (const unsigned char *)buf.buf + ptr;
+    PyObject *r;
+    if (!lower) {
+        r = PyUnicode_DecodeLatin1((const char *)src, (Py_ssize_t)n, NULL);
+    } else {
+        char small[256];
+        char *tmp = n <= (long long)sizeof small ? small : PyMem_Malloc((size_t)n);
+        if (tmp == NULL) {
+            PyBuffer_Release(&buf);
+            return PyErr_NoMemory();
+        }
+        for (long long i = 0; i < n; i++) {
+            unsigned char c = src[i];
+            tmp[i] = (char)(c >= 'A' && c <= 'Z' ? c + 32 : c);
+        }
+        r = PyUnicode_DecodeLatin1(tmp, (Py_ssize_t)n, NULL);
+        if (tmp != small)
+            PyMem_Free(tmp);
+    }
+    PyBuffer_Release(&buf);
+    return r;
+}
+
+static PyObject *mem_header_pair(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "mem_header_pair(mem, key_ptr, key_size, value_ptr, "
+                                         "value_size)");
+        return NULL;
+    }
+    PyObject *key = guest_str(args[0], args[1], args[2], 1);
+    if (key == NULL)
+        return NULL;
+    PyObject *value = guest_str(args[0], args[3], args[4], 0);
+    if (value == NULL) {
+        Py_DECREF(key);
+        return NULL;
+    }
+    PyObject *r = PyTuple_New(2);
+    if (r == NULL) {
+        Py_DECREF(key);
+        Py_DECREF(value);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(r, 0, key);
+    PyTuple_SET_ITEM(r, 1, value);
+    return r;
+}
+
+/* Copy n bytes (or a little-endian u32) to guest memory at ptr, bounds-checked. */
+static int guest_put(PyObject *mem, long long ptr, const void *src, long long n) {
+    Py_buffer buf;
+    if (mem_span(mem, NULL, NULL, ptr, n, &buf, 1) < 0)
+        return -1;
+    memcpy((char *)buf.buf + ptr, src, (size_t)n);
+    PyBuffer_Release(&buf);
+    return 0;
+}
+
+static int guest_put_u32(PyObject *mem, PyObject *ptr_obj, uint32_t v) {
+    long long ptr;
+    unsigned char le[4] = {v & 0xFF, (v >> 8) & 0xFF, (v >> 16) & 0xFF, v >> 24};
+    if (as_offset(ptr_obj, &ptr) < 0)
+        return -1;
+    return guest_put(mem, ptr, le, 4);
+}
+
+/* put_result: data into a block of the guest's allocator, then its address and size into the
+ * two out-pointers (in that order; a bad out-pointer raises after the allocation, as cpp-host).
+ * Empty data allocates nothing and writes (0, 0). False: the allocator answered 0. */
+static PyObject *mem_put_result(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "mem_put_result(mem, alloc, data, ret_pp, ret_size_p)");
+        return NULL;
+    }
+    PyObject *mem = args[0], *alloc = args[1];
+    Py_buffer data;
+    if (PyObject_GetBuffer(args[2], &data, PyBUF_SIMPLE) < 0)
+        return NULL;
+    PyObject *result = NULL;
+    uint32_t addr = 0;
+    if (data.len > 0) {
+        PyObject *n = PyLong_FromSsize_t(data.len);
+        PyObject *a = n ? PyObject_CallOneArg(alloc, n) : NULL;
+        Py_XDECREF(n);
+        if (a == NULL)
+            goto done;                          /* a Trap of the allocator: propagates */
+        long long at = 0;
+        int truth = PyObject_IsTrue(a);         /* ``if not addr`` (None from a void export) */
+        int bad = truth < 0 || (truth && as_offset(a, &at) < 0);
+        Py_DECREF(a);
+        if (bad)
+            goto done;
+        if (!truth) {
+            result = Py_NewRef(Py_False);
+            goto done;
+        }
+        if (guest_put(mem, at, data.buf, data.len) < 0)
+            goto done;
+        addr = (uint32_t)at;
+    }
+    if (guest_put_u32(mem, args[3], addr) < 0 ||
+            guest_put_u32(mem, args[4], (uint32_t)data.len) < 0)
+        goto done;
+    result = Py_NewRef(Py_True);
+done:
+    PyBuffer_Release(&data);
+    return result;
+}
+
+/* -- guarded host functions ----------------------------------------------------------------
+ * Guarded(fn, first, bad_memory, internal, on_error, memory_error, passthrough) is what
+ * abi/hostcalls.py's guarded() wrapper does, as a C callable (no Python frame per host call):
+ * called with the wasm arguments, it returns fn(first, *args); when fn raises, a
+ * ``memory_error`` answers ``bad_memory``, a ``passthrough`` exception (the deliberate traps)
+ * and anything that is not an Exception propagate, any other Exception goes to on_error(exc)
+ * and answers ``internal``. */
+#define MAX_GUARDED_ARGS 16
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *fn, *first, *bad_memory, *internal, *on_error, *memory_error, *passthrough;
+    vectorcallfunc vectorcall;
+} Guarded;
+
+static PyObject *guarded_vectorcall(Guarded *g, PyObject *const *args, size_t nargsf,
+                                    PyObject *kwnames) {
+    Py_ssize_t n = PyVectorcall_NARGS(nargsf);
+    if (kwnames != NULL || n > MAX_GUARDED_ARGS) {
+        PyErr_SetString(PyExc_TypeError, "Guarded: at most 16 positional arguments");
+        return NULL;
+    }
+    PyObject *argv[MAX_GUARDED_ARGS + 1];
+    argv[0] = g->first;
+    for (Py_ssize_t i = 0; i < n; i++)
+        argv[i + 1] = args[i];
+    PyObject *r = PyObject_Vectorcall(g->fn, argv, (size_t)n + 1, NULL);
+    if (r != NULL)
+        return r;
+    if (PyErr_ExceptionMatches(g->memory_error)) {
+        PyErr_Clear();
+        return Py_NewRef(g->bad_memory);
+    }
+    if (PyErr_ExceptionMatches(g->passthrough) || !PyErr_ExceptionMatches(PyExc_Exception))
+        return NULL;
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (tb != NULL && value != NULL)
+        PyException_SetTraceback(value, tb);
+    PyObject *logged = PyObject_CallOneArg(g->on_error, value ? value : Py_None);
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(tb);
+    if (logged == NULL)
+        return NULL;        /* as an exception raised in the wrapper's except clause */
+    Py_DECREF(logged);
+    return Py_NewRef(g->internal);
+}
+
+static int guarded_init(Guarded *self, PyObject *args, PyObject *kw) {
+    PyObject *o[7];
+    if (!PyArg_ParseTuple(args, "OOOOOOO", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6]))
+        return -1;
+    PyObject **slots[7] = {&self->fn, &self->first, &self->bad_memory, &self->internal,
+                           &self->on_error, &self->memory_error, &self->passthrough};
+    for (int i = 0; i < 7; i++)
+        Py_XSETREF(*slots[i], Py_NewRef(o[i]));
+    self->vectorcall = (vectorcallfunc)guarded_vectorcall;
+    return 0;
+}
+
+static int guarded_traverse(Guarded *self, visitproc visit, void *arg) {
+    Py_VISIT(self->fn);
+    Py_VISIT(self->first);
+    Py_VISIT(self->bad_memory);
+    Py_VISIT(self->internal);
+    Py_VISIT(self->on_error);
+    Py_VISIT(self->memory_error);
+    Py_VISIT(self->passthrough);
+    return 0;
+}
+
+static int guarded_clear(Guarded *self) {
+    Py_CLEAR(self->fn);
+    Py_CLEAR(self->first);
+    Py_CLEAR(self->bad_memory);
+    Py_CLEAR(self->internal);
+    Py_CLEAR(self->on_error);
+    Py_CLEAR(self->memory_error);
+    Py_CLEAR(self->passthrough);
+    return 0;
+}
+
+static void guarded_dealloc(Guarded *self) {
+    PyObject_GC_UnTrack(self);
+    guarded_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyTypeObject GuardedType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "abi.engine._crossing.Guarded",
+    .tp_basicsize = sizeof(Guarded),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "Guarded(fn, first, bad_memory, internal, on_error, memory_error, passthrough)",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)guarded_init,
+    .tp_traverse = (traverseproc)guarded_traverse,
+    .tp_clear = (inquiry)guarded_clear,
+    .tp_dealloc = (destructor)guarded_dealloc,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(Guarded, vectorcall),
+};
+
+/* -- header maps as the guest reads them ----------------------------------------------------
+ * serialize_pairs(items) -> bytes | None: abi/pairs.py serialize_str() of a list of
+ * (name, value) str pairs (reference §4.1: u32 N, N x (u32 name_len, u32 value_len),
+ * N x (name NUL value NUL); b"" for no pair), each str taken as latin-1 bytes. None when an
+ * item is not a pair of one-byte (latin-1) strs: the caller's Python path handles those. */
+static void put_u32le(unsigned char *p, uint32_t v) {
+    p[0] = v & 0xFF;
+    p[1] = (v >> 8) & 0xFF;
+    p[2] = (v >> 16) & 0xFF;
+    p[3] = v >> 24;
+}
+
+static PyObject *serialize_pairs(PyObject *self, PyObject *items) {
+    if (!PyList_Check(items))
+        Py_RETURN_NONE;
+    Py_ssize_t n = PyList_GET_SIZE(items);
+    if (n == 0)
+        return PyBytes_FromStringAndSize(NULL, 0);
+    if (n > (Py_ssize_t)UINT32_MAX)
+        Py_RETURN_NONE;
+    Py_ssize_t total = 4 + 8 * n;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *t = PyList_GET_ITEM(items, i);
+        if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != 2)
+            Py_RETURN_NONE;
+        for (int j = 0; j < 2; j++) {
+            PyObject *str = PyTuple_GET_ITEM(t, j);
+            if (!PyUnicode_Check(str) || PyUnicode_KIND(str) != PyUnicode_1BYTE_KIND)
+                Py_RETURN_NONE;
+            total += PyUnicode_GET_LENGTH(str) + 1;
+        }
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, total);
+    if (out == NULL)
+        return NULL;
+    unsigned char *head = (unsigned char *)PyBytes_AS_STRING(out), *data = head + 4 + 8 * n;
+    put_u32le(head, (uint32_t)n);
+    head += 4;
+    for (Py_ssize_t i = 0; i < n; i++) {        /* no Python code runs: items cannot change */
+        PyObject *t = PyList_GET_ITEM(items, i);
+        for (int j = 0; j < 2; j++) {
+            PyObject *str = PyTuple_GET_ITEM(t, j);
+            Py_ssize_t len = PyUnicode_GET_LENGTH(str);
+            put_u32le(head, (uint32_t)len);
+            head += 4;
+            memcpy(data, PyUnicode_1BYTE_DATA(str), (size_t)len);
+            data[len] = 0;
+            data += len + 1;
+        }
+    }
+    return out;
+}
+
+/* -- guest calls: the whole generated caller in C ----------------------------------------
+ * CallCore is the base of store.py's _StoreState: what every guest call reads or counts
+ * (depth, poisoned, armed_at, tally) as C fields, which Python reads and sets as attributes.
+ *
+ * GuestFn(st, name, ctx, func, trap_out, params, result) is what crossing.py's generated
+ * caller (_GUEST_CALL_SRC, top-level and nested) does, for integer signatures: params "I" per
+ * i32 (masked to 32 bits, either sign accepted), "Q" per i64 (masked to 64 bits); at most one
+ * result, "I" (i32, returned unsigned), "q" (i64, returned signed) or "" (None).
+ * A top-level call (depth 0, not poisoned) raises depth to 1, calls st.arm() when the last arm
+ * is older than the ticker's re-arm period (ticker_configure), runs the guest as call() does
+ * and raises st.failure(err) on an error, a trap or a store poisoned meanwhile; with a Tally
+ * in st.tally, it adds itself and its wall time there (one more clock read: the rate limit's
+ * reading is its start). A call from inside a host function (depth > 0: e.g. the guest
+ * allocator) or on a poisoned store takes the nested path: st.refusal() if poisoned, else
+ * depth + 1 around the call, st.failure(err) on an error or trap. The arguments and results
+ * live in a buffer on this C frame, so a re-entered export keeps each level's values. No
+ * Python frame, struct or tuple per call. */
+#define MAX_GUEST_PARAMS 16
+
+typedef struct {                    /* Tally(): what top-level guest calls add up to */
+    PyObject_HEAD
+    long long calls;
+    long long ns;                   /* their wall time (CLOCK_MONOTONIC, as perf_counter) */
+} Tally;
+
+static PyMemberDef tally_members[] = {
+    {"calls", T_LONGLONG, offsetof(Tally, calls), 0, "top-level guest calls"},
+    {"ns", T_LONGLONG, offsetof(Tally, ns), 0, "their wall time, ns"},
+    {NULL},
+};
+
+static PyTypeObject TallyType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "abi.engine._crossing.Tally",
+    .tp_basicsize = sizeof(Tally),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Tally(): calls and wall ns of the top-level guest calls of the stores it is given to",
+    .tp_new = PyType_GenericNew,
+    .tp_members = tally_members,
+};
+
+typedef struct {
+    PyObject_HEAD
+    int depth;                      /* guest calls in progress on this store */
+    char poisoned;
+    double armed_at;                /* time.monotonic() of the last arm() */
+    Tally *tally;                   /* NULL: top-level calls are not counted */
+} CallCore;
+
+static PyMemberDef callcore_members[] = {
+    {"depth", T_INT, offsetof(CallCore, depth), 0, "guest calls in progress (nesting)"},
+    {"poisoned", T_BOOL, offsetof(CallCore, poisoned), 0, "a trap made the store unusable"},
+    {"armed_at", T_DOUBLE, offsetof(CallCore, armed_at), 0, "time.monotonic() of the last arm"},
+    {NULL},
+};
+
+static PyObject *callcore_get_tally(CallCore *self, void *closure) {
+    return Py_NewRef(self->tally ? (PyObject *)self->tally : Py_None);
+}
+
+static int callcore_set_tally(CallCore *self, PyObject *value, void *closure) {
+    if (value != NULL && value != Py_None && !PyObject_TypeCheck(value, &TallyType)) {
+        PyErr_SetString(PyExc_TypeError, "tally must be a Tally or None");
+        return -1;
+    }
+    Py_XSETREF(self->tally, value == NULL || value == Py_None ? NULL : (Tally *)Py_NewRef(value));
+    return 0;
+}
+
+static PyGetSetDef callcore_getset[] = {
+    {"tally", (getter)callcore_get_tally, (setter)callcore_set_tally,
+     "the Tally this store's top-level calls add to (None: not counted)", NULL},
+    {NULL},
+};
+
+static void callcore_dealloc(CallCore *self) {
+    Py_CLEAR(self->tally);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyTypeObject CallCoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "abi.engine._crossing.CallCore",
+    .tp_basicsize = sizeof(CallCore),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_doc = "the per-store call state GuestFn reads in C (base of store._StoreState)",
+    .tp_new = PyType_GenericNew,
+    .tp_dealloc = (destructor)callcore_dealloc,
+    .tp_members = callcore_members,
+    .tp_getset = callcore_getset,
+};
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    CallCore *st;
+    PyObject *name;
+    PyObject *dict;                 /* _owner, _func: what the caller keeps alive */
+    void *ctx, *func;
+    void **trap;                    /* st.trap_slot's address */
+    int nparams, nslots;
+    char params[MAX_GUEST_PARAMS];
+    char result;                    /* 0, 'I' or 'q' */
+} GuestFn;
+
+static PyObject *str_arm, *str_failure, *str_refusal;
+
+static int64_t monotonic_ns(void) {     /* time.monotonic()'s and perf_counter()'s clock */
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/* Raise what st.failure(err) / st.refusal() returns; always NULL. */
+static PyObject *raise_from(PyObject *exc) {
+    if (exc == NULL)
+        return NULL;
+    if (PyExceptionInstance_Check(exc))
+        PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+    else
+        PyErr_Format(PyExc_TypeError, "expected an exception, got %.100s", Py_TYPE(exc)->tp_name);
+    Py_DECREF(exc);
+    return NULL;
+}
+
+static PyObject *guest_failure(GuestFn *g, void *err) {
+    PyObject *e = PyLong_FromVoidPtr(err);
+    if (e == NULL)
+        return NULL;
+    PyObject *exc = PyObject_CallMethodOneArg((PyObject *)g->st, str_failure, e);
+    Py_DECREF(e);
+    return raise_from(exc);
+}
+
+static PyObject *guestfn_call(GuestFn *g, PyObject *const *args, size_t nargsf, PyObject *kw) {
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if ((kw != NULL && PyTuple_GET_SIZE(kw)) || nargs != g->nparams) {
+        PyErr_Format(PyExc_TypeError, "%U() takes %d positional arguments (%zd given)",
+                     g->name, g->nparams, nargs);
+        return NULL;
+    }
+    CallCore *st = g->st;
+    int top = !(st->depth || st->poisoned);
+    if (!top && st->poisoned)
+        return raise_from(PyObject_CallMethodNoArgs((PyObject *)st, str_refusal));
+    uint64_t vals[2 * (MAX_GUEST_PARAMS + 1)];      /* 16 bytes a slot, 8-aligned */
+    memset(vals, 0, (size_t)g->nslots * 16);
+    for (int i = 0; i < g->nparams; i++) {
+        unsigned long long v = PyLong_AsUnsignedLongLongMask(args[i]);
+        if (v == (unsigned long long)-1 && PyErr_Occurred())
+            return NULL;
+        if (g->params[i] == 'I') {
+            uint32_t v32 = (uint32_t)v;
+            memcpy(&vals[2 * i], &v32, 4);
+        } else {
+            vals[2 * i] = (uint64_t)v;
+        }
+    }
+    void *err;
+    if (top) {
+        st->depth = 1;              /* before the rate limit: the ticker relies on it */
+        int64_t t0 = monotonic_ns();
+        if (t0 * 1e-9 - st->armed_at > rearm_ns * 1e-9) {
+            PyObject *r = PyObject_CallMethodNoArgs((PyObject *)st, str_arm);
+            if (r == NULL) {
+                st->depth = 0;
+                return NULL;
+            }
+            Py_DECREF(r);
+        }
+        err = run_guest(g->ctx, g->func, vals, (size_t)g->nslots, g->trap);
+        st->depth = 0;
+        Tally *tally = st->tally;
+        if (tally != NULL) {
+            tally->calls++;
+            tally->ns += monotonic_ns() - t0;
+        }
+        if (err || *g->trap || st->poisoned)
+            return guest_failure(g, err);
+    } else {
+        st->depth += 1;
+        err = run_guest(g->ctx, g->func, vals, (size_t)g->nslots, g->trap);
+        st->depth -= 1;
+        if (err || *g->trap)
+            return guest_failure(g, err);
+    }
+    if (g->result == 'I') {
+        uint32_t r;
+        memcpy(&r, &vals[0], 4);
+        return PyLong_FromUnsignedLong(r);
+    }
+    if (g->result == 'q')
+        return PyLong_FromLongLong((int64_t)vals[0]);
+    Py_RETURN_NONE;
+}
+
+static int guestfn_init(GuestFn *self, PyObject *args, PyObject *kw) {
+    PyObject *st, *name, *ctx, *func, *trap;
+    const char *params, *result;
+    if (!PyArg_ParseTuple(args, "O!UOOOss", &CallCoreType, &st, &name, &ctx, &func, &trap,
+                          &params, &result))
+        return -1;
+    size_t np = strlen(params);
+    if (np > MAX_GUEST_PARAMS || strspn(params, "IQ") != np || strlen(result) > 1 ||
+            strspn(result, "Iq") != strlen(result)) {
+        PyErr_SetString(PyExc_ValueError, "GuestFn: params of I/Q (at most 16), result I, q or ''");
+        return -1;
+    }
+    void *c = PyLong_AsVoidPtr(ctx), *f = PyLong_AsVoidPtr(func), *t = PyLong_AsVoidPtr(trap);
+    if (PyErr_Occurred())
+        return -1;
+    if (c == NULL || f == NULL || t == NULL) {
+        PyErr_SetString(PyExc_ValueError, "GuestFn: null context, function or trap slot");
+        return -1;
+    }
+    Py_INCREF(st);
+    Py_INCREF(name);
+    Py_XSETREF(self->st, (CallCore *)st);
+    Py_XSETREF(self->name, name);
+    self->ctx = c;
+    self->func = f;
+    self->trap = (void **)t;
+    self->nparams = (int)np;
+    memcpy(self->params, params, np);
+    self->result = result[0];
+    self->nslots = (int)np > 1 ? (int)np : 1;
+    self->vectorcall = (vectorcallfunc)guestfn_call;
+    return 0;
+}
+
+static int guestfn_traverse(GuestFn *self, visitproc visit, void *arg) {
+    Py_VISIT(self->st);
+    Py_VISIT(self->dict);
+    return 0;
+}
+
+static int guestfn_clear(GuestFn *self) {
+    Py_CLEAR(self->st);
+    Py_CLEAR(self->dict);
+    return 0;
+}
+
+static void guestfn_dealloc(GuestFn *self) {
+    PyObject_GC_UnTrack(self);
+    guestfn_clear(self);
+    Py_CLEAR(self->name);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *guestfn_repr(GuestFn *self) {
+    return PyUnicode_FromFormat("<guest function %R>", self->name ? self->name : Py_None);
+}
+
+static PyMemberDef guestfn_members[] = {
+    {"__name__", T_OBJECT, offsetof(GuestFn, name), READONLY, "the export's name"},
+    {NULL},
+};
+
+static PyTypeObject GuestFnType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "abi.engine._crossing.GuestFn",
+    .tp_basicsize = sizeof(GuestFn),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "GuestFn(st, name, ctx, func, trap_out, params, result): a guest export's caller",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)guestfn_init,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(GuestFn, vectorcall),
+    .tp_dictoffset = offsetof(GuestFn, dict),
+    .tp_getattro = PyObject_GenericGetAttr,
+    .tp_setattro = PyObject_GenericSetAttr,
+    .tp_traverse = (traverseproc)guestfn_traverse,
+    .tp_clear = (inquiry)guestfn_clear,
+    .tp_dealloc = (destructor)guestfn_dealloc,
+    .tp_repr = (reprfunc)guestfn_repr,
+    .tp_members = guestfn_members,
+};
+
+static int guest_module_init(PyObject *m) {
+    str_arm = PyUnicode_InternFromString("arm");
+    str_failure = PyUnicode_InternFromString("failure");
+    str_refusal = PyUnicode_InternFromString("refusal");
+    if (str_arm == NULL || str_failure == NULL || str_refusal == NULL ||
+            PyType_Ready(&TallyType) < 0 || PyType_Ready(&CallCoreType) < 0 ||
+            PyType_Ready(&GuestFnType) < 0 ||
+            PyModule_AddObjectRef(m, "Tally", (PyObject *)&TallyType) < 0 ||
+            PyModule_AddObjectRef(m, "CallCore", (PyObject *)&CallCoreType) < 0 ||
+            PyModule_AddObjectRef(m, "GuestFn", (PyObject *)&GuestFnType) < 0)
+        return -1;
+    return 0;
+}
+
 static PyMethodDef methods[] = {
     {"call", (PyCFunction)(void (*)(void))call, METH_FASTCALL,
      "wasmtime_func_call_unchecked(ctx, func, args, nargs, trap_out), GIL released"},
@@ -633,6 +1284,14 @@ static PyMethodDef methods[] = {
     {"charged_ns", charged_ns, METH_NOARGS, "this thread's CPU ns minus its GC time"},
     {"gc_callback", (PyCFunction)(void (*)(void))gc_callback, METH_FASTCALL,
      "for gc.callbacks: counts each thread's GC time"},
+    {"mem_read", (PyCFunction)(void (*)(void))mem_read, METH_FASTCALL,
+     "Memory.read(ptr, n) of the Memory given first"},
+    {"mem_header_pair", (PyCFunction)(void (*)(void))mem_header_pair, METH_FASTCALL,
+     "Memory.header_pair(key_ptr, key_size, value_ptr, value_size) of the Memory given first"},
+    {"mem_put_result", (PyCFunction)(void (*)(void))mem_put_result, METH_FASTCALL,
+     "Memory.put_result(alloc, data, ret_pp, ret_size_p) of the Memory given first"},
+    {"serialize_pairs", serialize_pairs, METH_O,
+     "abi/pairs.py serialize_str() of a list of latin-1 str pairs; None for anything else"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -669,9 +1328,18 @@ PyMODINIT_FUNC PyInit__crossing(void) {
     str_poisoned = PyUnicode_InternFromString("poisoned");
     str_unwind = PyUnicode_InternFromString("unwind");
     str_host_failed = PyUnicode_InternFromString("host_failed");
+    str_view = PyUnicode_InternFromString("_view");
+    str_check = PyUnicode_InternFromString("_check");
     if (str_poisoned == NULL || str_unwind == NULL || str_host_failed == NULL ||
+            str_view == NULL || str_check == NULL ||
             PyType_Ready(&HostFnType) < 0 ||
             PyModule_AddObjectRef(m, "HostFn", (PyObject *)&HostFnType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    if (guest_module_init(m) < 0 ||
+            PyType_Ready(&GuardedType) < 0 ||
+            PyModule_AddObjectRef(m, "Guarded", (PyObject *)&GuardedType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

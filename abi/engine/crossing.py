@@ -9,9 +9,11 @@ prototypes that take plain integer addresses, with code generated once per signa
 is a cached memoryview (instance.py). Measured (``python -m bench.crossing``, quiet machine):
 guest call ~0.75 us, host call ~0.5 us, 32-byte read ~0.13 us. ctypes itself is most of what
 is left (a raw prototype call ~0.85 us of a ~0.95 us guest call on a loaded machine), so the
-two hottest entries also exist in C (``_crossing.c``, optional; see "the C fast path" below),
-and on that path an integer host function is called by C alone (``_native.HostFn``: ~0.11 us a
-host call, vs ~0.41 us through the generated callback).
+two hottest entries also exist in C (``_crossing.c``, optional; see "the C fast path" below).
+On that path an integer host function is called by C alone (``_native.HostFn``: ~0.11 us a
+host call, vs ~0.41 us through the generated callback), and so is an integer guest export
+(``_native.GuestFn``: ~0.12 us a guest call, vs ~0.53 us through the generated caller and
+``_native.call``; a host call with a nested allocator call ~0.21 us, vs ~0.65).
 
 i32 values cross as UNSIGNED Python ints in both directions (masked here, in one place);
 i64 values cross signed.
@@ -29,6 +31,8 @@ from ctypes import CFUNCTYPE, POINTER, c_char, c_size_t, c_uint64, c_void_p
 from typing import Any, Callable, Protocol
 
 from wasmtime import _bindings as _B
+
+from .errors import HostTrap, MemoryAccessError, Trap
 
 WASMTIME_VERSION = "50.0.1"   # pinned: the raw signatures below are checked against it
 _SLOT = 16                    # sizeof(wasmtime_val_raw_t)
@@ -111,8 +115,9 @@ _DeadlineCallback = EXPECTED_SIGNATURES["wasmtime_store_epoch_deadline_callback"
 
 
 # -- the C fast path (optional) ----------------------------------------------------------
-# _crossing.c does the two hot crossings without ctypes: a guest call (~0.5 us less) and the
-# entry of a host callback; and it runs the epoch ticker without the GIL (ticker.py). Built at
+# _crossing.c does the two hot crossings without ctypes: a guest call (GuestFn: the whole
+# generated caller; call(): the raw call for other signatures) and the entry of a host
+# callback; and it runs the epoch ticker without the GIL (ticker.py). Built at
 # install when a C compiler is there (setup.py); without it, or with WASMGATE_PURE_PYTHON=1,
 # the ctypes prototypes above (and a Python ticker) do the same. An Instance picks one when it
 # is created (``USE_NATIVE``; the tests run both).
@@ -135,11 +140,34 @@ def _load_native():
 
 _NATIVE_NAMES = ("call", "set_call_target", "HOST_TRAMPOLINE", "HostFn", "TYPED_TRAMPOLINE",
                  "ticker_configure", "ticker_add", "ticker_remove", "ticker_register",
-                 "ticker_state", "ticker_enter", "ticker_leave", "charged_ns", "gc_callback")
+                 "ticker_state", "ticker_enter", "ticker_leave", "charged_ns", "gc_callback",
+                 "mem_read", "mem_header_pair", "mem_put_result", "Guarded", "serialize_pairs",
+                 "CallCore", "GuestFn", "Tally")
 
 
 _native = _load_native()
 USE_NATIVE = _native is not None
+# abi/pairs.py serialize_str() of a list of latin-1 str pairs in C (None: anything else, or
+# no C build); what every proxy_get_header_map_pairs hands the guest.
+serialize_pairs: Callable[[list], bytes | None] | None = \
+    _native.serialize_pairs if _native is not None else None
+# The base of store._StoreState: with _crossing.c, its depth/poisoned/armed_at/tally are C
+# fields that _native.GuestFn reads without an attribute lookup (Python sees attributes).
+CallCore: type = _native.CallCore if _native is not None else object
+
+
+class _PyTally:
+    """What the top-level guest calls of the stores given it add up to: ``calls`` and their
+    wall time ``ns`` (as ``Filter.calls`` / ``guest_ns`` report). _native.Tally with the C
+    crossings (GuestFn counts in C), this otherwise."""
+    __slots__ = ("calls", "ns")
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.ns = 0
+
+
+Tally: type = _native.Tally if _native is not None else _PyTally
 
 
 def host_entry(callback: Callable[..., int], native: bool) -> tuple[Any, Any, int | None]:
@@ -152,6 +180,19 @@ def host_entry(callback: Callable[..., int], native: bool) -> tuple[Any, Any, in
         return callback, entry, id(callback)
     closure = _HostCallback(callback)
     return closure, ctypes.cast(closure, _B.wasmtime_func_unchecked_callback_t), None
+
+
+def guarded_host(fn: Callable[..., Any], first: object, bad_memory: Any, internal: Any,
+                 on_error: Callable[[Exception], object]) -> Callable[..., Any] | None:
+    """``fn(first, *args)`` as a C callable that answers ``bad_memory`` for a
+    MemoryAccessError, lets Trap, HostTrap and non-Exceptions through and hands any other
+    Exception to ``on_error`` and answers ``internal``: abi/hostcalls.py's guarded() wrapper
+    without its Python frame on every host call. None when the C path is off (its caller
+    then generates the wrapper in Python)."""
+    if not USE_NATIVE:
+        return None
+    return _native.Guarded(fn, first, bad_memory, internal, on_error,
+                           MemoryAccessError, (Trap, HostTrap))
 
 
 def _new_trap(message: str) -> int:
@@ -202,13 +243,14 @@ def {fn}({args}):
     if st.depth or st.poisoned:
         return nested({args})
     st.depth = 1                # before the rate limit: the ticker relies on it (see _Ticker)
+    {start}
     try:
         if monotonic() - st.armed_at > REARM_S:
             st.arm()
         pack_into(buf, 0{comma_packed})
         err = call_raw(ctx, fptr, bufaddr, nslots, trapaddr)
     finally:
-        st.depth = 0
+        st.depth = 0{count}
     if err or trap_slot.value or st.poisoned:
         raise st.failure(err)
     {ret}
@@ -252,6 +294,7 @@ class CallState(Protocol):
     ctx: int                        # wasmtime_context_t*
     trap_slot: c_void_p             # wasm_trap_t* out-param of every call
     armed_at: float                 # time.monotonic() of the last arm()
+    tally: Any                      # a Tally top-level calls add to, or None
     depth: int                      # guest calls in progress
     poisoned: bool
 
@@ -268,9 +311,23 @@ def _buffer_address(buf: bytearray) -> int:
     return ctypes.addressof((c_char * len(buf)).from_buffer(buf))
 
 
+_GUEST_CODES = {"i32": ("I", "I"), "i64": ("Q", "q")}    # (param, result) codes of GuestFn
+
+
 def _guest_caller(owner: object, st: CallState, name: str, fptr: int,
                   params: tuple[str, ...], results: tuple[str, ...],
                   native: bool = False) -> Callable[..., Any]:
+    """The caller of a guest export: on the C crossings, for integer signatures with at most
+    one result (every Proxy-Wasm callback and allocator), a ``_native.GuestFn`` that does all
+    of the generated code below in C (no frame, struct or arm check in Python); otherwise the
+    generated caller."""
+    if native and len(results) <= 1 and len(params) <= 16 and \
+            all(t in _GUEST_CODES for t in params + results):
+        call = _native.GuestFn(st, name, st.ctx, fptr, ctypes.addressof(st.trap_slot),
+                               "".join(_GUEST_CODES[t][0] for t in params),
+                               "".join(_GUEST_CODES[t][1] for t in results))
+        call._owner = owner     # as below
+        return call
     names = [f"a{i}" for i in range(len(params))]
     nslots = max(len(params), len(results), 1)
     buf = bytearray(nslots * _SLOT)
@@ -282,8 +339,11 @@ def _guest_caller(owner: object, st: CallState, name: str, fptr: int,
     else:
         ret = "return unpack_from(buf)"
     packed = _packed(names, params)
+    tally = st.tally            # set when the store is made, before any caller
     src = _GUEST_CALL_SRC.format(fn="call", args=", ".join(names),
-                                 comma_packed=", " + packed if packed else "", ret=ret)
+                                 comma_packed=", " + packed if packed else "", ret=ret,
+                                 start="t0 = perf_counter_ns()" if tally is not None else "",
+                                 count=_COUNT_SRC if tally is not None else "")
     env = {
         "st": st, "monotonic": time.monotonic, "REARM_S": REARM_S, "ctx": st.ctx, "fptr": fptr,
         "buf": buf, "bufaddr": _buffer_address(buf),
@@ -292,11 +352,17 @@ def _guest_caller(owner: object, st: CallState, name: str, fptr: int,
         "call_raw": _native.call if native else _call_unchecked,
         "pack_into": _struct(params, _PACK).pack_into,
         "unpack_from": _struct(results, _UNPACK).unpack_from,
+        "tally": tally, "perf_counter_ns": time.perf_counter_ns,
     }
     call = _bind(src, env, "call")
     call.__name__ = call.__qualname__ = name
     call._owner = owner     # a caller keeps its instance (owner; and so its store) alive
     return call
+
+
+_COUNT_SRC = """
+        tally.calls += 1
+        tally.ns += perf_counter_ns() - t0"""
 
 
 _BOOT_SRC = """

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import struct
+from functools import partial
 from ctypes import POINTER, c_char
 from typing import Any, Callable
 
@@ -18,7 +19,7 @@ from wasmtime._ffi import WASMTIME_EXTERN_FUNC, WASMTIME_EXTERN_MEMORY
 from .binary import Import, _describe
 from .compile import Engine, Module
 from . import crossing
-from .crossing import (_NO_FINALIZER, REARM_S, _DeadlineCallback, _addr, _guest_caller,
+from .crossing import (_NO_FINALIZER, REARM_S, Tally, _DeadlineCallback, _addr, _guest_caller,
                        _host_callback, _memory_data, _memory_data_size, host_entry)
 from .errors import EngineError, MemoryAccessError
 from .store import _short_message, _StoreState
@@ -40,9 +41,14 @@ class Memory:
     Memory only grows and (memory_may_move=False) never moves, so a view over the first
     ``_size`` bytes stays valid for the store's lifetime; an access beyond it re-reads the
     size once (the guest may have grown) before failing.
+
+    ``read``, ``header_pair`` and ``put_result`` are what host functions call most: on a
+    native instance they are _crossing.c's (bound to this Memory, no Python frame), otherwise
+    the ``_py_*`` methods below, which say what they do (the tests run both).
     """
 
-    __slots__ = ("_st", "_handle", "_view", "_size", "_owner", "__weakref__")
+    __slots__ = ("_st", "_handle", "_view", "_size", "_owner", "read", "header_pair",
+                 "put_result", "__weakref__")
 
     def __init__(self, owner: "Instance", st: _StoreState, wt_memory: wt.Memory):
         self._owner = owner               # keeps the store alive while the view is in use
@@ -51,6 +57,15 @@ class Memory:
         self._view = _EMPTY
         self._size = 0
         self._refresh()
+        native = crossing._native if owner._native else None
+        if native is not None:
+            self.read = partial(native.mem_read, self)
+            self.header_pair = partial(native.mem_header_pair, self)
+            self.put_result = partial(native.mem_put_result, self)
+        else:
+            self.read = self._py_read
+            self.header_pair = self._py_header_pair
+            self.put_result = self._py_put_result
 
     def _refresh(self) -> None:
         st = self._st
@@ -78,11 +93,35 @@ class Memory:
         self._refresh()
         return self._size
 
-    def read(self, ptr: int, length: int) -> bytes:
+    def _py_read(self, ptr: int, length: int) -> bytes:
         end = ptr + length
         if not 0 <= ptr <= end <= self._size:
             self._check(ptr, length)
         return self._view[ptr:end].tobytes()
+
+    def _py_header_pair(self, key_ptr: int, key_size: int, value_ptr: int,
+                        value_size: int) -> tuple[str, str]:
+        """A header edit's (name, value) as the ABI takes them: the name lower-cased (ASCII,
+        as Envoy's LowerCaseString), both latin-1 (one char per byte). A zero-length string
+        is "" whatever its pointer (as a zero-length read in abi/filter.py)."""
+        key = self._py_read(key_ptr, key_size).lower().decode("latin-1") if key_size else ""
+        return key, self._py_read(value_ptr, value_size).decode("latin-1") if value_size else ""
+
+    def _py_put_result(self, alloc: Callable[[int], int] | None, data: bytes, ret_pp: int,
+                       ret_size_p: int) -> bool:
+        """``data`` into a block from the guest's allocator ``alloc``, then its address and
+        size into the out-pointers ``ret_pp`` and ``ret_size_p`` (in that order: a bad
+        out-pointer raises MemoryAccessError after the allocation, as cpp-host). Empty data
+        allocates nothing and writes (0, 0). False: the allocator answered 0."""
+        addr = 0
+        if data:
+            addr = alloc(len(data))
+            if not addr:
+                return False
+            self.write(addr, data)      # (re-reads the size if the allocator grew the memory)
+        self.write_u32(ret_pp, addr)
+        self.write_u32(ret_size_p, len(data))
+        return True
 
     def write(self, ptr: int, data: bytes) -> None:
         end = ptr + len(data)
@@ -130,13 +169,17 @@ class Instance:
       on the first host call, an imported memory exists from the start).
     * Memory imports (e.g. ``env.memory`` of some Emscripten builds) are satisfied with a
       fresh memory of the declared limits, its maximum capped by ``memory_limit_bytes``.
+    * ``tally``: a ``Tally`` that every top-level guest call of this instance adds itself and
+      its wall time to (calls from inside a host function are part of the outer call's time;
+      instantiation is not counted). Several instances may share one (a filter's rebuilds).
     """
 
     def __init__(self, engine: Engine, module: Module,
                  host_functions: dict[tuple[str, str], Callable[..., int | None]],
                  *, memory_limit_bytes: int, deadline_ms: int,
                  instantiate_deadline_ms: int | None = None,
-                 on_created: Callable[["Instance"], None] | None = None):
+                 on_created: Callable[["Instance"], None] | None = None,
+                 tally: Tally | None = None):
         self.engine = engine
         self.module = module
         self.memory: Memory | None = None
@@ -153,7 +196,7 @@ class Instance:
         self._store.set_limits(memory_size=memory_limit_bytes,
                                table_elements=max(TABLE_ELEMENTS_FLOOR, memory_limit_bytes // 8))
         self._st = st = _StoreState(_addr(self._store._context()), engine.ticker(self._native),
-                                    self._ticks(deadline_ms), module)
+                                    self._ticks(deadline_ms), module, tally)
         on_deadline = _DeadlineCallback(lambda ctx, env, delta_p, kind_p:
                                         st.deadline_reached(delta_p, kind_p))
         self._callbacks.append(on_deadline)

@@ -10,7 +10,7 @@ import wasmtime as wt
 from wasmtime import _bindings as _B
 from wasmtime._trap import Frame, FrameList
 
-from .crossing import _new_error, _new_trap, _set_epoch_deadline
+from .crossing import CallCore, Tally, _new_error, _new_trap, _set_epoch_deadline
 from .errors import HostTrap, Trap
 from .ticker import _EPOCH_NS, _NativeTicker, _Ticker
 
@@ -20,13 +20,15 @@ if TYPE_CHECKING:
 _UPDATE_DEADLINE_CONTINUE = 0  # wasmtime_update_deadline_kind_t
 
 
-class _StoreState:
+class _StoreState(CallCore):
     """Mutable per-Store facts read on every crossing; deliberately holds no reference to the
-    Instance, so callbacks do not keep it alive."""
+    Instance, so callbacks do not keep it alive. (``depth``, ``poisoned`` and ``armed_at`` are
+    C fields of CallCore when _crossing.c is built: GuestFn reads them directly.)"""
 
     def __init__(self, ctx: int, ticker: _Ticker | _NativeTicker, deadline_ticks: int,
-                 module: Module):
+                 module: Module, tally: Tally | None = None):
         self.ctx = ctx
+        self.tally = tally              # what the top-level calls add up to (None: not counted)
         self.ticker = ticker
         self.deadline_ticks = deadline_ticks
         self.armed_at = -1e9            # time.monotonic() of the last arm()

@@ -58,6 +58,19 @@ class FakeServices:
         return result
 
 
+@pytest.fixture(params=["native", "ctypes"])
+def crossing_impl(request, monkeypatch):
+    """Runs a test on both crossings: abi/engine/_crossing.c (built at install when a C
+    compiler is there) and the ctypes / pure-Python fallback (WASMGATE_PURE_PYTHON=1). An
+    Instance picks one when it is made, a filter's host-function wrappers when it is loaded;
+    modules use it with ``pytestmark = pytest.mark.usefixtures("crossing_impl")``."""
+    from abi.engine import crossing
+    if request.param == "native" and crossing._native is None:
+        pytest.skip("abi/engine/_crossing.c is not built (no C compiler at install?)")
+    monkeypatch.setattr(crossing, "USE_NATIVE", request.param == "native")
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def engine(tmp_path_factory) -> Engine:
     return Engine(cache_dir=tmp_path_factory.mktemp("wasm-cache"))

@@ -74,3 +74,37 @@ def test_second_finish_runs_no_callbacks(monkeypatch):
     # (the bench filters leave out on_done / on_log: on_delete is what frees their contexts)
     assert exported.count("proxy_on_delete") == len(CHAIN)
     assert teardown == exported
+
+
+def test_each_guest_callback_of_a_request_is_counted_once(monkeypatch):
+    # GET /filters' calls / guest_us: the instance counts its top-level guest calls (every
+    # callback, in call() and teardown() alike) and their wall time; the allocator calls made
+    # from host functions are inside those and not counted again.
+    made: dict[str, list[str]] = {}
+    real = Filter._export
+
+    def export(self, inst, name):
+        fn = real(self, inst, name)
+
+        def recorded(*args):
+            made.setdefault(self.name, []).append(name)
+            return fn(*args)
+        return recorded
+
+    async def main():
+        host = await load(CHAIN)
+        try:
+            monkeypatch.setattr(Filter, "_export", export)
+            for f in host.filters.values():
+                f._funcs.clear()
+            before = {name: (f.calls, f.guest_ns) for name, f in host.filters.items()}
+            for i in range(3):
+                await _one(host, i)
+            for name, f in host.filters.items():
+                calls, ns = before[name]
+                assert f.calls - calls == len(made[name]) > 0, (name, made[name])
+                assert f.guest_ns > ns
+        finally:
+            monkeypatch.undo()
+            await host.close()
+    asyncio.run(main())

@@ -7,6 +7,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -46,15 +47,8 @@ def host_defaults(**overrides):
     return funcs
 
 
-@pytest.fixture(autouse=True, params=["native", "ctypes"])
-def crossing_impl(request, monkeypatch):
-    """Every test here runs on both crossings: abi/engine/_crossing.c (built at install when
-    a C compiler is there) and the ctypes fallback. An Instance picks one when it is made."""
-    from abi.engine import crossing
-    if request.param == "native" and crossing._native is None:
-        pytest.skip("abi/engine/_crossing.c is not built (no C compiler at install?)")
-    monkeypatch.setattr(crossing, "USE_NATIVE", request.param == "native")
-    return request.param
+# Every test here runs on both crossings (conftest.py's crossing_impl).
+pytestmark = pytest.mark.usefixtures("crossing_impl")
 
 
 @pytest.fixture(scope="module")
@@ -241,6 +235,127 @@ def test_memory_cap_makes_grow_fail(engine, core):
     assert grow(1) == 0xFFFFFFFF           # -1: refused by the limiter
     assert inst.memory.size() == 4 * 65536
     assert not inst.poisoned
+
+
+def test_memory_header_pair_lowers_ascii_only_and_decodes_latin1(engine, core):
+    # Memory.header_pair (C on the native crossing) is what the header-edit host functions
+    # read their key and value with: bytes.lower() on the key, latin-1 for both.
+    mem = make(engine, core).memory
+    mem.write(100, b"X-Caf\xc9-\xe4Z:")
+    mem.write(200, b"V\xe9 \x00\r\nEnd")
+    assert mem.header_pair(100, 10, 200, 9) == ("x-caf\xc9-\xe4z:", "V\xe9 \x00\r\nEnd")
+    key = "x" * 300 + "y"                       # longer than the C path's stack buffer
+    mem.write(1000, key.upper().encode())
+    assert mem.header_pair(1000, 301, 0, 0) == (key, "")
+    # a zero-length string is "" wherever it points; any other range is bounds-checked
+    assert mem.header_pair(0xFFFFFFFF, 0, 2**40, 0) == ("", "")
+    assert mem.header_pair(65535, 1, 65534, 2) == ("\x00", "\x00\x00")
+    for args in [(65535, 2, 0, 1), (0, 1, 65535, 2), (-1, 1, 0, 1), (0, 1, 0, -1)]:
+        with pytest.raises(MemoryAccessError):
+            mem.header_pair(*args)
+
+
+def test_memory_helpers_see_a_growth_inside_a_host_call(engine, core):
+    box = {}
+
+    def h32(a, b):
+        mem = box["inst"].memory
+        top = mem.size()                        # (re-reads the size: grown by the guest)
+        mem.write(top - 8, b"AbCdeFgh")
+        assert mem.read(top - 8, 8) == b"AbCdeFgh"
+        assert mem.header_pair(top - 8, 4, top - 4, 4) == ("abcd", "eFgh")
+        return top
+
+    inst = make(engine, core, host_defaults(h32=h32))
+    box["inst"] = inst
+    inst.memory.read(0, 1)
+    assert inst.export_func("grow_then_h")(1) == 2 * 65536
+
+
+def test_memory_put_result_allocates_writes_and_fills_the_out_pointers(engine, core):
+    inst = make(engine, core)
+    mem = inst.memory
+    asked = []
+
+    def alloc(n):
+        asked.append(n)
+        return 4096
+
+    mem.write(16, b"\xff" * 8)
+    assert mem.put_result(alloc, b"value", 16, 20) is True
+    assert (asked, mem.read(4096, 5), mem.read_u32(16), mem.read_u32(20)) == ([5], b"value", 4096, 5)
+    # empty data: no allocation, (0, 0) written; no allocator needed
+    assert mem.put_result(None, b"", 16, 20) is True
+    assert (asked, mem.read_u32(16), mem.read_u32(20)) == ([5], 0, 0)
+    # the allocator answers 0: nothing written
+    mem.write_u32(16, 7)
+    assert mem.put_result(lambda n: 0, b"value", 16, 20) is False
+    assert mem.put_result(lambda n: None, b"value", 16, 20) is False    # a void "allocator"
+    assert mem.read_u32(16) == 7
+    # a bad out-pointer raises after the allocation and the data write (cpp-host's order)
+    asked.clear()
+    with pytest.raises(MemoryAccessError):
+        mem.put_result(alloc, b"late", 16, 65533)
+    assert (asked, mem.read(4096, 4), mem.read_u32(16)) == ([4], b"late", 4096)
+    with pytest.raises(MemoryAccessError):
+        mem.put_result(alloc, b"late", 65533, 16)
+    with pytest.raises(MemoryAccessError):     # an allocator answering outside memory
+        mem.put_result(lambda n: 65535, b"ab", 16, 20)
+    with pytest.raises(ZeroDivisionError):     # what the allocator raises goes through
+        mem.put_result(lambda n: 1 // 0, b"ab", 16, 20)
+
+
+def test_memory_put_result_into_memory_the_allocator_grew(engine, core):
+    inst = make(engine, core)
+    mem = inst.memory
+    mem.read(0, 1)                              # a view of the first page only
+    grow = inst.export_func("grow")
+
+    def alloc(n):
+        grow(1)
+        return 65536 + 10
+
+    assert mem.put_result(alloc, b"past the old end", 100, 104) is True
+    assert mem.read(65546, 16) == b"past the old end"
+    assert (mem.read_u32(100), mem.read_u32(104)) == (65546, 16)
+
+
+def test_guarded_host_answers_as_the_generated_wrapper(crossing_impl):
+    # engine.guarded_host is abi/hostcalls.py guarded()'s wrapper in C (native path only).
+    from abi.engine import guarded_host
+    from abi.hostcalls import _guarded_factory
+    errors = []
+
+    def adapter(first, a, b):
+        if a == 1:
+            raise MemoryAccessError("bad pointer")
+        if a == 2:
+            raise ValueError("a bug of ours")
+        if a == 3:
+            raise Trap("trap", "nested guest call trapped")
+        if a == 4:
+            raise HostTrap("proc_exit")
+        if a == 5:
+            raise KeyboardInterrupt
+        return first + b
+
+    c_host = guarded_host(adapter, 100, 6, 10, errors.append)
+    if crossing_impl != "native":
+        assert c_host is None                   # the generated wrapper is used instead
+        return
+    py_host = _guarded_factory(2)(SimpleNamespace(host_error=lambda name, e: errors.append(e)),
+                                  "h", lambda f, a, b: adapter(100, a, b), 6, 10,
+                                  MemoryAccessError, Trap, HostTrap)
+    for host in (c_host, py_host):
+        errors.clear()
+        assert (host(0, 5), host(1, 0), host(2, 0)) == (105, 6, 10)
+        assert [type(e) for e in errors] == [ValueError]
+        assert errors[0].__traceback__ is not None
+        for a, exc in ((3, Trap), (4, HostTrap), (5, KeyboardInterrupt)):
+            with pytest.raises(exc):
+                host(a, 0)
+    void = guarded_host(adapter, 0, None, None, errors.append)
+    assert (void(1, 0), void(2, 0)) == (None, None)
 
 
 def test_initial_memory_above_cap_fails_instantiation(engine):
@@ -1179,15 +1294,18 @@ def test_imported_memory_that_is_also_exported_keeps_one_memory_object(engine):
 
 def test_an_instance_crosses_through_the_implementation_chosen_at_its_creation(engine, core,
                                                                             crossing_impl):
-    """The parametrisation above is real: guest calls go through _crossing.c's call or the
+    """The parametrisation above is real: guest calls go through _crossing.c's GuestFn or the
     ctypes prototype, host callbacks through the C trampoline or a ctypes closure."""
     from abi.engine import crossing
     inst = make(engine, core)
     try:
         call = inst.export_func("call_h32")
-        raw = call.__closure__[call.__code__.co_freevars.index("call_raw")].cell_contents
         native = crossing_impl == "native"
-        assert raw is (crossing._native.call if native else crossing._call_unchecked)
+        if native:
+            assert isinstance(call, crossing._native.GuestFn)
+        else:
+            raw = call.__closure__[call.__code__.co_freevars.index("call_raw")].cell_contents
+            assert raw is crossing._call_unchecked
         host_entries = inst._callbacks[1:]          # [0]: the epoch deadline callback (ctypes)
         assert len(host_entries) == 3
         assert all(isinstance(k, ctypes._CFuncPtr) != native for k in host_entries)
@@ -1237,3 +1355,66 @@ def test_integer_host_functions_take_the_typed_c_entry(engine, core, crossing_im
     assert len(typed) == (3 if crossing_impl == "native" else 0)     # h32, h64, hvoid
     assert inst.export_func("call_h64")(-5) == -5
     assert inst.export_func("call_h32")(0xFFFFFFFF, 1) == 0xFFFFFFFF
+
+
+def test_top_level_calls_re_arm_at_most_once_per_rearm_period(engine, core):
+    # Arming costs a C call and a clock read: a caller (GuestFn in C, or the generated one)
+    # re-arms only when the last arm is older than REARM_S, so back-to-back calls share one;
+    # nested calls never arm (they run under the outer call's deadline).
+    from abi.engine.crossing import REARM_S
+    inst = make(engine, core, host_defaults(h32=lambda a, b: box["add"](a, b)))
+    box = {"add": inst.export_func("add")}
+    st = inst._st
+    arms = []
+    real_arm = st.arm
+    st.arm = lambda: arms.append(time.monotonic()) or real_arm()
+    start = time.monotonic()
+    for i in range(2000):
+        assert inst.export_func("call_h32")(i, 1) == i + 1
+    elapsed = time.monotonic() - start
+    assert 1 <= len(arms) <= elapsed / REARM_S + 1
+    assert all(b - a > REARM_S for a, b in zip(arms, arms[1:]))
+    assert st.depth == 0
+
+
+def test_a_bad_argument_is_a_type_error_and_the_store_stays_usable(engine, core):
+    inst = make(engine, core)
+    add, add64 = inst.export_func("add"), inst.export_func("add64")
+    for bad in ("1", 1.5, None):
+        with pytest.raises(TypeError):
+            add(bad, 1)
+    with pytest.raises(TypeError):
+        add(1, b=2)
+    assert add64(2**64 - 1, 2) == 1             # masked to 64 bits, as i32 to 32
+    assert add(True, 2) == 3
+    assert not inst.poisoned and inst._st.depth == 0
+
+
+def test_a_tally_counts_top_level_calls_and_their_wall_time(engine, core):
+    # Filter.calls / guest_ns (GET /filters) come from here: every top-level call counts, a
+    # call from inside a host function (the allocator) is part of the outer call's time, a
+    # trapped call counts too, and instances may share one tally (a filter's rebuilds).
+    from abi.engine import Tally
+    tally = Tally()
+    box = {}
+
+    def h32(a, b):
+        _burn_ms(2)                         # time inside the outer call
+        return box["add"](a, b)
+
+    inst = make(engine, core, host_defaults(h32=h32), tally=tally)
+    box["add"] = inst.export_func("add")
+    assert (tally.calls, tally.ns) == (0, 0)         # instantiation is not counted
+    assert inst.export_func("add")(1, 2) == 3
+    assert tally.calls == 1
+    assert inst.export_func("call_h32")(1, 2) == 3   # one call: the nested add is inside it
+    assert tally.calls == 2 and tally.ns >= 2_000_000
+    with pytest.raises(Trap):
+        inst.export_func("crash")()
+    assert tally.calls == 3
+    other = make(engine, core, tally=tally)
+    other.export_func("add")(1, 1)
+    assert tally.calls == 4
+    untallied = make(engine, core)
+    untallied.export_func("add")(1, 1)
+    assert tally.calls == 4

@@ -17,6 +17,10 @@ from abi.wasi import WASI
 from abi_helpers import REQ, info
 from abi_wat import Wat
 
+# Both crossings: the C one (_crossing.c: guest-memory helpers, the host functions' error
+# wrapper) and the Python fallback (conftest.py).
+pytestmark = pytest.mark.usefixtures("crossing_impl")
+
 DATA = 0x9400          # where each example writes its random bytes
 U32 = 0xFFFFFFFF
 

@@ -3,11 +3,17 @@ from __future__ import annotations
 
 import struct
 
+import pytest
+
 from abi.api import Forward, LocalReply, LogInfo
 from abi.pairs import serialize
 
 from abi_helpers import REQ, body_iter, collect, info
 from abi_wat import LOG_OUT, OUT, Wat, out_ptr_size, status
+
+# Both crossings: the C one (_crossing.c: guest-memory helpers, the host functions' error
+# wrapper) and the Python fallback (conftest.py).
+pytestmark = pytest.mark.usefixtures("crossing_impl")
 
 O = f"(i32.const {OUT}) (i32.const {OUT + 4})"
 

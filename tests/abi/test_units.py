@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import struct
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -163,7 +164,23 @@ def test_vm_namespaces_are_injective_and_leave_default_keys_alone():
 def test_serialize_str_is_serialize_of_each_header_encoded(pairs):
     """serialize_str's one-pass encoding gives the bytes the per-header path gives, for wire
     text (latin-1) and for a str that did not come off the wire (the utf-8 fallback)."""
-    from abi.pairs import deserialize, serialize, serialize_str, to_bytes
+    from abi.pairs import _serialize_str, deserialize, serialize, serialize_str, to_bytes
     expected = serialize([(to_bytes(k), to_bytes(v)) for k, v in pairs])
     assert serialize_str(pairs) == expected
+    assert _serialize_str(pairs) == expected        # the Python path when the C one is there
     assert deserialize(expected) == [(to_bytes(k), to_bytes(v)) for k, v in pairs]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.text(st.characters(max_codepoint=255), max_size=40),
+                          st.text(st.characters(max_codepoint=255), max_size=40)), max_size=40))
+def test_c_serialize_pairs_is_the_python_serialization(pairs):
+    """abi/engine/_crossing.c serialize_pairs: the bytes of pairs._serialize_str for latin-1
+    pairs; None (the Python path's turn) for anything but a list of latin-1 str pairs."""
+    from abi.engine import serialize_pairs
+    from abi.pairs import _serialize_str
+    if serialize_pairs is None:
+        pytest.skip("abi/engine/_crossing.c is not built")
+    assert serialize_pairs(pairs) == _serialize_str(pairs)
+    odd = [("k\u0100", "v")], [("k", b"v")], [("k", "v", "w")], [["k", "v"]], (("k", "v"),)
+    assert [serialize_pairs(p) for p in odd] == [None] * len(odd)

@@ -41,6 +41,11 @@ class FakeStream:
             return Forward(headers, body)
         if mode == "path":
             return Forward([(n, "/rewritten?by=filter" if n == ":path" else v) for n, v in headers], body)
+        if mode == "move-pseudo":            # removed and added again, after the other headers
+            return Forward([(n, v) for n, v in headers if n not in (":path", ":method")]
+                           + [(":path", "/moved?by=filter"), (":method", "PUT"), (":method", "DELETE")], body)
+        if mode == "drop-authority":
+            return Forward([(n, v) for n, v in headers if n != ":authority"], body)
         if mode == "reject-body":
             return Forward(headers, self._reject_after(body, 1, LocalReply(400, [], b"bad chunk", "body_rejected")))
         if mode == "buffer-upper":
@@ -171,7 +176,7 @@ async def test_passthrough_with_pseudo_headers_and_stream_info(setup):
     assert hget(sent, "content-length") == "7" and hget(sent, "x-forwarded-for") == "127.0.0.1"
     assert host.response_headers[0][0] == (":status", "200")
     stream = host.streams[0]
-    assert stream.names == ["auth", "hdr"]
+    assert list(stream.names) == ["auth", "hdr"]      # the route's tuple, handed as is
     info = stream.info
     assert (info.request_id, info.route_name, info.cluster_name) == ("rid-1", "filtered", "backend")
     assert info.client_addr[0] == "127.0.0.1" and info.local_addr[1] == gw.port()
@@ -198,6 +203,18 @@ async def test_request_header_and_path_changes_reach_upstream(setup):
     await request("GET", gw.url("/x"), headers={"x-fake": "path"})
     assert up.requests[0].header("x-added") == "1"
     assert up.requests[1].path == "/rewritten?by=filter"
+
+
+async def test_moved_or_removed_pseudo_headers(setup):
+    # The last of each pseudo-header wherever a filter put it; a removed one keeps the
+    # request's own value; none of them goes upstream as a header.
+    gw, up, host = setup
+    await request("GET", gw.url("/x"), headers={"x-fake": "move-pseudo"})
+    await request("GET", gw.url("/x?q=1"), headers={"x-fake": "drop-authority", "Host": "orig.host"})
+    moved, dropped = up.requests
+    assert (moved.method, moved.path) == ("DELETE", "/moved?by=filter")
+    assert (dropped.method, dropped.path) == ("GET", "/x?q=1")        # (its host: the route's rewrite)
+    assert not any(k.startswith(":") for r in (moved, dropped) for k, _ in r.headers)
 
 
 async def test_request_body_interrupt_aborts_upstream_and_replies(setup):

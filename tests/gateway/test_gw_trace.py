@@ -312,3 +312,28 @@ print(sorted(m for m in sys.modules if m.startswith("opentelemetry")))
                        cwd=Path(__file__).resolve().parents[2])
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
+
+
+
+def test_begin_makes_a_request_trace_only_when_something_records(tmp_path):
+    """Propagation alone (the default) still sends a traceparent upstream, without per-request
+    trace state; the access log's filters field (as the debug header or export) needs one."""
+    from gateway.config import parse_config
+    from gateway.tracing import Tracer, TraceHeaders
+    plain = Tracer(parse_config(config(tmp_path, 9), "c.yaml", tmp_path))
+    logged = Tracer(parse_config(config(tmp_path, 9, access_log={"path": str(tmp_path / "a.log")}), "c.yaml",
+                                 tmp_path))
+    for tracer, records in ((plain, False), (logged, True)):
+        got = TraceHeaders()
+        got.traceparent.append(f"00-{TRACE_ID}-{PARENT_ID}-01")
+        headers = [("accept", "*/*")]
+        rt = tracer.begin(got, "127.0.0.1", headers, "GET", "main")
+        assert (rt is not None) == records and (rt is None or rt.records)
+        assert [n for n, _ in headers] == ["accept", "traceparent"]
+        trace_id, parent_id, flags = parse_traceparent([headers[-1][1]])
+        assert trace_id == TRACE_ID and parent_id != PARENT_ID and flags == 1     # continued, sampled
+        headers = []
+        rt = tracer.begin(TraceHeaders(), "127.0.0.1", headers, "GET", "main")
+        assert (rt is not None) == records
+        trace_id, _, flags = parse_traceparent([headers[-1][1]])
+        assert trace_id != TRACE_ID and flags == 0                                # a new trace, not sampled

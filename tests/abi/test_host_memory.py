@@ -1,0 +1,160 @@
+"""Host functions on guest memory, on both crossings (C helpers and the Python fallback): the
+header edits' key and value, write_result's statuses, and how many Python frames a header
+edit costs on the C path."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+from abi.api import Forward, LogInfo
+
+from abi_helpers import REQ, info
+from abi_wat import OUT, Wat, out_ptr_size, status
+
+pytestmark = pytest.mark.usefixtures("crossing_impl")
+
+O = f"(i32.const {OUT}) (i32.const {OUT + 4})"
+FAR = "(i32.const 0x7ffffff0)"           # far outside the filter's 2 pages
+
+
+async def request(host):
+    s = host.stream(["f"], info())
+    out = await s.request(REQ, None)
+    await s.finish(LogInfo())
+    return out
+
+
+async def test_header_edit_key_and_value_as_the_abi_takes_them(load, trace):
+    # The key lower-cased (ASCII only) and both latin-1; a zero-length string never reads
+    # memory; a bad pointer answers INVALID_MEMORY_ACCESS (6) even for a map that cannot be
+    # written (5: gRPC metadata outside a gRPC callback), which answers BAD_ARGUMENT (2) once
+    # both strings are good.
+    w = Wat()
+    w.on("proxy_on_request_headers",
+         status(w, "rep", f"(call $proxy_replace_header_map_value (i32.const 0) {w.s(b'X-Caf-UPPER')} {w.s(b'caf' + bytes([0xE9]))})")
+         + status(w, "get", f"(call $proxy_get_header_map_value (i32.const 0) {w.s('x-caf-upper')} {O})")
+         + out_ptr_size(w, "out")
+         + status(w, "add-empty", f"(call $proxy_add_header_map_value (i32.const 0) {w.s('x-empty')} {FAR} (i32.const 0))")
+         + status(w, "bad-key", f"(call $proxy_replace_header_map_value (i32.const 0) {FAR} (i32.const 3) {w.s('v')})")
+         + status(w, "bad-value", f"(call $proxy_add_header_map_value (i32.const 0) {w.s('x-v')} (i32.const 131070) (i32.const 3))")
+         + status(w, "last-bytes", f"(call $proxy_add_header_map_value (i32.const 0) {w.s('x-last')} (i32.const 131070) (i32.const 2))")
+         + status(w, "map5-bad", f"(call $proxy_replace_header_map_value (i32.const 5) {FAR} (i32.const 3) {w.s('v')})")
+         + status(w, "map5", f"(call $proxy_replace_header_map_value (i32.const 5) {w.s('x-a')} {w.s('v')})")
+         + status(w, "map9", f"(call $proxy_replace_header_map_value (i32.const 9) {FAR} (i32.const 3) {w.s('v')})")
+         + " (i32.const 0)")
+    host = await load(w)
+    trace.records.clear()
+    fwd = await request(host)
+    lines = trace.lines("f")[1:]
+    assert lines[:2] == ["rep 0", "get 0"] and lines[2].endswith(" 4")
+    assert lines[3:10] == ["add-empty 0", "bad-key 6", "bad-value 6", "last-bytes 0",
+                         "map5-bad 6", "map5 2", "map9 2"]
+    assert isinstance(fwd, Forward)
+    # x-last (two NULs) is stored (OK, as Envoy) but never reaches the wire
+    assert fwd.headers == REQ + [("x-caf-upper", "caf\xe9"), ("x-empty", "")]
+
+
+def _allocator(body: str) -> str:
+    return f'(func (export "proxy_on_memory_allocate") (param $n i32) (result i32) {body})'
+
+
+async def test_write_result_statuses(load, trace):
+    # What write_result answers: an allocator that asks the host for data again is refused
+    # (the nested call gets 6, the outer one its data); an allocator answering 0 gets 6;
+    # empty data needs no allocator: (0, 0).
+    w = Wat(allocator=False)
+    nested = (f"(call $proxy_get_header_map_value (i32.const 0) {w.s(':path')} "
+              f"(i32.const {OUT + 16}) (i32.const {OUT + 20}))")
+    w.extra.append("(global $depth (mut i32) (i32.const 0))")
+    w.extra.append(_allocator(
+        "(if (i32.eqz (global.get $depth)) (then"
+        "  (global.set $depth (i32.const 1))"
+        f" {status(w, 'nested', nested)}"
+        "  (global.set $depth (i32.const 0))"
+        "  (return (i32.const 0x10000))))"
+        "(i32.const 0)"))                       # the nested (refused) call would get 0 anyway
+    w.on("proxy_on_request_headers",
+         status(w, "outer", f"(call $proxy_get_header_map_value (i32.const 0) {w.s('x-a')} {O})")
+         + out_ptr_size(w, "outer-out")
+         + "(global.set $depth (i32.const 2))"   # now the allocator answers 0
+         + status(w, "zero", f"(call $proxy_get_header_map_value (i32.const 0) {w.s('x-a')} {O})")
+         + status(w, "empty", f"(call $proxy_get_header_map_pairs (i32.const 2) {O})")
+         + out_ptr_size(w, "empty-out")
+         + " (i32.const 0)")
+    host = await load(w)
+    trace.records.clear()
+    await request(host)
+    assert trace.lines("f")[1:7] == ["nested 6", "outer 0", "outer-out 65536 1", "zero 6",
+                                     "empty 0", "empty-out 0 0"]
+    assert host.filters["f"].host_errors == 0
+
+
+async def test_write_result_without_an_allocator(load, trace):
+    w = Wat(allocator=False)
+    w.on("proxy_on_request_headers",
+         status(w, "data", f"(call $proxy_get_header_map_value (i32.const 0) {w.s('x-a')} {O})")
+         + status(w, "empty", f"(call $proxy_get_header_map_pairs (i32.const 2) {O})")
+         + status(w, "bad-out", f"(call $proxy_get_header_map_pairs (i32.const 2) {FAR} (i32.const 0))")
+         + " (i32.const 0)")
+    host = await load(w)
+    trace.records.clear()
+    await request(host)
+    assert trace.lines("f")[1:4] == ["data 6", "empty 0", "bad-out 6"]
+
+
+def _crossing_frame(code) -> bool:
+    if code.co_filename.startswith("<wasmgate engine"):
+        return code.co_name in ("call", "nested")
+    return code.co_name == "call" and code.co_filename.endswith(os.path.join("abi", "filter.py"))
+
+
+class HostCallFrames:
+    """The Python frames each host call makes while active: every frame run between the
+    crossing (the generated guest caller that entered the guest, or on the C path, where the
+    guest caller is a C GuestFn, Filter.call that called it) and the return to it, in call
+    order, one list per host call (the adapter, what it calls, any wrapper above it)."""
+
+    def __init__(self):
+        self.calls: dict[int, tuple[object, list[str]]] = {}
+
+    def _profile(self, frame, event, arg):
+        if event != "call":
+            return
+        f, top = frame, None
+        while f is not None and not _crossing_frame(f.f_code):
+            top, f = f, f.f_back
+        if f is not None and top is not None:     # (top: kept, so its id is not reused)
+            self.calls.setdefault(id(top), (top, []))[1].append(frame.f_code.co_name)
+
+    def of(self, adapter: str) -> list[list[str]]:
+        return [names for _top, names in self.calls.values() if adapter in names]
+
+    def __enter__(self):
+        sys.setprofile(self._profile)
+        return self
+
+    def __exit__(self, *exc):
+        sys.setprofile(None)
+
+
+async def test_a_header_edit_is_two_python_frames_on_the_c_path(load, crossing_impl):
+    # bench/chain_profile: a filter's header edits are most of its host calls. On the C path
+    # the guest-memory read, the error wrapper and the validity check cost no Python frame:
+    # what is left is the adapter (_header_edit) and HeaderMap.replace.
+    w = Wat()
+    w.on("proxy_on_request_headers",
+         f"(drop (call $proxy_replace_header_map_value (i32.const 0) {w.s('x-a')} {w.s('v')}))"
+         f"(drop (call $proxy_replace_header_map_value (i32.const 0) {w.s('X-New')} {w.s('w')}))"
+         " (i32.const 0)")
+    host = await load(w)
+    await request(host)                         # warm: the name check's cache, callers
+    with HostCallFrames() as frames:
+        await request(host)
+    edits = frames.of("_header_edit")
+    if crossing_impl == "native":
+        assert edits == [["_header_edit", "replace"]] * 2
+    else:               # the ctypes callback, guarded()'s wrapper, Memory's Python reads
+        assert edits == [["callback", "host", "_header_edit",
+                          "_py_header_pair", "_py_read", "_py_read", "replace"]] * 2
