@@ -116,11 +116,12 @@ async def _just(item: tuple[bytes, int]) -> Chunks:
     yield item
 
 
-def _content_length(headers: Headers) -> int | None:
-    for k, v in headers:
-        if k == "content-length":
-            return int(v) if v.strip().isdigit() else None
-    return None
+def _content_length(headers: Headers, names: list[str]) -> int | None:
+    """The first Content-Length of ``headers`` (``names``: their names, searched in C)."""
+    if "content-length" not in names:
+        return None
+    v = headers[names.index("content-length")][1]
+    return int(v) if v.strip().isdigit() else None
 
 
 class Chain:
@@ -348,7 +349,7 @@ class Chain:
     async def request(self, headers: Headers, body: Body | None) -> Forward | LocalReply:
         try:                                     # one coroutine for the request callbacks
             self.request_headers = HeaderMap(list(headers))
-            length = _content_length(headers) if body is not None else None
+            length = _content_length(headers, list(map(_name, headers))) if body is not None else None
             eos = body is None or length == 0        # Envoy: end_stream with the headers
             # The chunk pipeline is built only once a filter needs the body.
             src: Chunks | None = None
@@ -518,10 +519,7 @@ class Chain:
             items = [(":status", str(status))]
             items += [h for h in headers if h[0] != ":status"]
         self.response_headers = HeaderMap(items)
-        length = None
-        if body is not None and "content-length" in names:   # _content_length, on `names`
-            v = headers[names.index("content-length")][1]
-            length = int(v) if v.strip().isdigit() else None
+        length = _content_length(headers, names) if body is not None else None
         eos = body is None or length == 0
         try:                                     # one coroutine for the response callbacks
             src: Chunks | None = None                # built only once a filter needs the body

@@ -419,9 +419,10 @@ class Filter:
     def finish_context(self, ctx: HttpContext, failed: bool) -> None:
         """A finished request's context, in one frame (every request runs it for every
         filter): its callouts dropped; on_done → on_log → on_delete (the exported ones, spec
-        order: what ``call`` does for each, with one context switch for the three), stopping when the instance dies; success noted unless the request saw
-        `failed`; then, whatever happened, the context released and detached from its chain.
-        A trap raises FilterFailure."""
+        order: what ``call`` does for each, with one context switch for the three), stopping
+        when the instance dies; success noted unless the request saw `failed`; then, whatever
+        happened, the context released and detached from its chain. A trap raises
+        FilterFailure."""
         try:
             if ctx.pending_calls:
                 self.cancel_calls(ctx)
