@@ -215,7 +215,7 @@ class Chain:
         """The filter of `ctx` tried to grow host state past a fixed bound (abi/limits.py) and
         the edit was refused: the request gets the filter's failure policy, as for an invalid
         return action. The instance is kept: a client's request may be what tipped it over."""
-        i = self.ctxs.index(ctx)
+        i = self._slot(ctx)
         if self.failed[i]:
             return                       # already failed: once is enough (and one log line)
         self._soft_failure(i, call, "host_limit", what)
@@ -223,6 +223,14 @@ class Chain:
             self._fail(i)
         except _Stop as s:
             self.set_reply(s.reply)
+
+    def _slot(self, ctx: HttpContext) -> int:
+        """The chain position of `ctx`'s filter. A context still in proxy_on_context_create
+        is not recorded yet: its slot is its filter's first one with no context."""
+        ctxs = self.ctxs
+        if ctx in ctxs:
+            return ctxs.index(ctx)
+        return next(i for i, f in enumerate(self.filters) if f is ctx.filter and ctxs[i] is None)
 
     def too_large(self, f: Filter, direction: int) -> LocalReply:
         """The reply when filter `f` would make the host hold more body than its

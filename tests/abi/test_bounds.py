@@ -379,7 +379,7 @@ def property_setter(n: int, distinct: bool, size: int = 1024, where: str = "prox
             " (local.set $i (i32.add (local.get $i) (i32.const 1)))"
             f" (br_if $l (i32.lt_u (local.get $i) (i32.const {n}))))"
             f"(call $log_num {w.s('statuses')} (local.get $sum))")
-    result = " (i32.const 0)" if where == "proxy_on_request_headers" else " (i32.const 1)"
+    result = {"proxy_on_request_headers": " (i32.const 0)", "proxy_on_context_create": ""}.get(where, " (i32.const 1)")
     w.on(where, body + result)
     return w
 
@@ -399,6 +399,24 @@ async def test_property_growth_per_request_is_bounded(load, trace):
     s = host2.stream(["g"], info())
     assert isinstance(await s.request(REQ, None), Forward)
     await s.finish(LogInfo())
+
+
+@pytest.mark.parametrize("policy,expect", [("fail_closed", LocalReply), ("fail_open", Forward)])
+async def test_property_growth_while_the_context_opens_gets_the_failure_policy(load, trace, policy, expect):
+    # proxy_on_context_create runs before the chain has recorded the context: the refused edit
+    # must still find the filter's place in the chain (it once raised inside the host call).
+    host = await load(property_setter(2000, distinct=True, where="proxy_on_context_create"),
+                      failure_policy=policy)
+    s = host.stream(["f"], info())
+    out = await s.request(REQ, None)
+    assert isinstance(out, expect)
+    if expect is LocalReply:
+        assert out.status == 503
+    await s.finish(LogInfo())
+    f = host.filters["f"]
+    # Once for the root context (it opens through the same callback at load), once for the request's.
+    assert f.failures == {("proxy_set_property", "host_limit"): 2}
+    assert f.host_errors == 0                     # refused cleanly, not a host-function error
 
 
 async def test_property_growth_in_a_root_context_is_refused_and_logged_once(load, trace):
