@@ -20,7 +20,8 @@ from . import foreign
 from .seam import CallFailed, CallResponse, FilterLoadError, FilterSpec, HostServices
 from .buffers import BodyBuffer, HeaderMap, valid_header
 from .context import CalloutData, ChainView, Context, HttpContext, RootContext, VmContext
-from .engine import Engine, EngineError, Instance, MemoryAccessError, Tally, Trap
+from .engine import (Engine, EngineError, FilterCore, Instance, MemoryAccessError, Tally, Trap,
+                     native_crossings)
 from .enums import Status, WasiErrno
 from . import capabilities
 from .hostcalls import HOSTCALLS, PY_LEVELS, guarded, restricted_get_property
@@ -949,6 +950,26 @@ class Filter:
 
 
 _executor: tuple[int, ThreadPoolExecutor] | None = None
+
+
+if FilterCore is not None:
+    class NativeFilter(FilterCore, Filter):
+        """A Filter whose per-request calls (``call``, ``new_http_context``, ``finish_context``:
+        each filter runs them on every request) and the state they read are _crossing.c's
+        FilterCore: one C call each, no Python frame. Filter's methods of those names are the
+        pure-Python path (WASMGATE_PURE_PYTHON=1, no C build) and say what the C does."""
+
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self._context_type = HttpContext    # what new_http_context builds (a C field)
+
+
+def new_filter(spec: FilterSpec, loaded: LoadedModule, engine: Engine, services: HostServices,
+               store: SharedStore, host: FilterHostView) -> Filter:
+    """A NativeFilter when the C crossings are on (decided per filter, as for an Instance),
+    else a Filter."""
+    cls = NativeFilter if FilterCore is not None and native_crossings() else Filter
+    return cls(spec, loaded, engine, services, store, host)
 
 
 def _build_executor() -> ThreadPoolExecutor:

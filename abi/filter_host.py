@@ -9,7 +9,7 @@ from typing import Any, Callable, Sequence
 from .seam import FilterSpec, HostServices, MetricSample, StreamInfo
 from .chain import Chain
 from .engine import Engine
-from .filter import Filter
+from .filter import Filter, new_filter
 from .module import load_module
 from .shared_store import LocalStore, SharedStore
 
@@ -77,7 +77,7 @@ class FilterHost:
                     continue
                 # Compiling can take seconds on a cache miss: keep the event loop responsive.
                 loaded = await asyncio.to_thread(load_module, engine, spec)
-                f = Filter(spec, loaded, engine, services, store, host)
+                f = new_filter(spec, loaded, engine, services, store, host)
                 host.filters[spec.name] = f      # closed with the host if the load fails
                 host.digests[spec.name] = digest
                 await f.start_at_load()          # built off the event loop

@@ -97,10 +97,11 @@ class FakeServices:
         raise CallFailed("no clusters in the profile harness")
 
 
-def wasm_spec(path: Path, config: str, root_id: str) -> FilterSpec:
+def wasm_spec(path: Path, config: str, root_id: str, api=None) -> FilterSpec:
     """--wasm: one module of the user's, named by its file stem, its config sent as is."""
-    return FilterSpec(name=Path(path).stem, wasm_path=Path(path), configuration=config.encode(),
-                      root_id=root_id)
+    spec = FilterSpec if api is None else api.FilterSpec
+    return spec(name=Path(path).stem, wasm_path=Path(path), configuration=config.encode(),
+                root_id=root_id)
 
 
 def specs(names: list[str], dist: Path = DIST, api=None) -> list[FilterSpec]:
@@ -340,7 +341,8 @@ async def against_cost(host, empty, loaded: list[str], names: list[str], args) -
     """This tree's abi/ (b) against another tree's (a), both in this process, runs alternating
     (which goes first alternates too): "filters add" of each and the paired difference."""
     api = import_abi(Path(args.against))
-    other = await load(loaded, Path(args.dist), api=api)
+    extra = [wasm_spec(Path(args.wasm), args.config, args.root_id, api)] if args.wasm else []
+    other = await load(loaded, Path(args.dist), extra, api=api)
     other_empty = await load([], api=api)
     try:
         expect = args.expect_header

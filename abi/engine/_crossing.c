@@ -1300,6 +1300,8 @@ static struct PyModuleDef module = {
     "Hot crossings of abi/engine/crossing.py without ctypes (optional).", -1, methods,
 };
 
+static int filter_core_init(PyObject *m);    /* the last section of this file */
+
 PyMODINIT_FUNC PyInit__crossing(void) {
     static int once;
     if (!once) {
@@ -1337,11 +1339,468 @@ PyMODINIT_FUNC PyInit__crossing(void) {
         Py_DECREF(m);
         return NULL;
     }
-    if (guest_module_init(m) < 0 ||
+    if (guest_module_init(m) < 0 || filter_core_init(m) < 0 ||
             PyType_Ready(&GuardedType) < 0 ||
             PyModule_AddObjectRef(m, "Guarded", (PyObject *)&GuardedType) < 0) {
         Py_DECREF(m);
         return NULL;
     }
     return m;
+}
+
+
+/* == a filter's per-request calls (abi/filter.py's NativeFilter) ============================
+ * FilterCore is the C base of abi/filter.py's NativeFilter: the state every guest call of a
+ * filter reads (instance, generation, _current, _effective, _funcs, _deferred, contexts, root,
+ * _next_id, has_context_create, teardown_callbacks, _context_type) as C fields, which Python
+ * reads and sets as attributes, and three methods that do what Filter's Python methods of the
+ * same names do, without a Python frame (each filter runs them on every request):
+ *
+ *   call(ctx, name, *args)        Filter.call: the export from _funcs with ctx current, a Trap
+ *                                 turned into self._trapped(...)'s FilterFailure, _current and
+ *                                 _effective cleared and _deferred run afterwards. The cold
+ *                                 paths stay Python methods: _resolve (export not cached, or
+ *                                 no instance), _call_nested (called from a host function).
+ *   new_http_context(chain)       Filter.new_http_context (ensure_ready() when no instance).
+ *   finish_context(ctx, failed)   Filter.finish_context: cancel_calls, on_done/on_log/on_delete
+ *                                 with one context switch, the context always released.
+ *
+ * FilterCore.bind(Trap) names the exception a guest call raises (crossing.py, once). */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *instance, *generation, *current, *effective, *funcs, *deferred, *contexts, *root;
+    PyObject *teardown, *context_type;
+    long long next_id;
+    char has_context_create;
+} FilterCore;
+
+static PyObject *fc_trap_type;      /* FilterCore.bind(Trap) */
+static PyObject *str__resolve, *str__call_nested, *str__trapped, *str__run_deferred,
+    *str_ensure_ready, *str_cancel_calls, *str__export, *str_pending_calls, *str_generation,
+    *str_id, *str_chain, *str__props, *str_consecutive_failures, *str_context_create;
+
+static PyObject *fc_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
+    FilterCore *self = (FilterCore *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    PyObject **slots[] = {&self->instance, &self->current, &self->effective, &self->root,
+                          &self->context_type};
+    for (size_t i = 0; i < sizeof slots / sizeof slots[0]; i++)
+        *slots[i] = Py_NewRef(Py_None);
+    self->generation = PyLong_FromLong(0);
+    self->funcs = PyDict_New();
+    self->deferred = PyList_New(0);
+    self->contexts = PyDict_New();
+    self->teardown = PyTuple_New(0);
+    self->next_id = 1;
+    if (!self->generation || !self->funcs || !self->deferred || !self->contexts || !self->teardown) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    return (PyObject *)self;
+}
+
+static int fc_traverse(FilterCore *self, visitproc visit, void *arg) {
+    Py_VISIT(self->instance);
+    Py_VISIT(self->current);
+    Py_VISIT(self->effective);
+    Py_VISIT(self->funcs);
+    Py_VISIT(self->deferred);
+    Py_VISIT(self->contexts);
+    Py_VISIT(self->root);
+    Py_VISIT(self->teardown);
+    Py_VISIT(self->context_type);
+    return 0;
+}
+
+static int fc_clear(FilterCore *self) {
+    Py_CLEAR(self->instance);
+    Py_CLEAR(self->current);
+    Py_CLEAR(self->effective);
+    Py_CLEAR(self->funcs);
+    Py_CLEAR(self->deferred);
+    Py_CLEAR(self->contexts);
+    Py_CLEAR(self->root);
+    Py_CLEAR(self->teardown);
+    Py_CLEAR(self->context_type);
+    return 0;
+}
+
+static void fc_dealloc(FilterCore *self) {
+    PyObject_GC_UnTrack(self);
+    fc_clear(self);
+    Py_CLEAR(self->generation);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* A field Python may have deleted (NULL) reads as None here. */
+#define FC_FIELD(o) ((o) != NULL ? (o) : Py_None)
+
+static int fc_deferred_pending(FilterCore *self) {
+    return self->deferred != NULL && PyList_Check(self->deferred) && PyList_GET_SIZE(self->deferred);
+}
+
+/* self._run_deferred() with the exception in flight (if any) kept, as in a finally clause; a
+ * new exception from it replaces that one. 0, or -1 with the new exception set. */
+static int fc_run_deferred(FilterCore *self) {
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    PyObject *r = PyObject_CallMethodNoArgs((PyObject *)self, str__run_deferred);
+    if (r == NULL) {
+        Py_XDECREF(et);
+        Py_XDECREF(ev);
+        Py_XDECREF(tb);
+        return -1;
+    }
+    Py_DECREF(r);
+    PyErr_Restore(et, ev, tb);
+    return 0;
+}
+
+/* With a Trap raised by the guest call of export `name`: raise self._trapped(inst, ctx, name,
+ * trap) instead (``raise ... from None``). Any other exception is left as it is. */
+static void fc_raise_trapped(FilterCore *self, PyObject *inst, PyObject *ctx, PyObject *name) {
+    if (fc_trap_type == NULL || !PyErr_ExceptionMatches(fc_trap_type))
+        return;
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    PyErr_NormalizeException(&et, &ev, &tb);
+    PyObject *exc = PyObject_CallMethodObjArgs((PyObject *)self, str__trapped, inst, ctx, name,
+                                               ev ? ev : Py_None, NULL);
+    Py_XDECREF(et);
+    Py_XDECREF(ev);
+    Py_XDECREF(tb);
+    if (exc == NULL)
+        return;
+    if (PyExceptionInstance_Check(exc)) {
+        PyException_SetCause(exc, NULL);            /* from None: sets __suppress_context__ */
+        PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+    } else {
+        PyErr_Format(PyExc_TypeError, "_trapped returned %.100s", Py_TYPE(exc)->tp_name);
+    }
+    Py_DECREF(exc);
+}
+
+static PyObject *fc_call_impl(FilterCore *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs < 2) {
+        PyErr_SetString(PyExc_TypeError, "call(ctx, name, *args)");
+        return NULL;
+    }
+    PyObject *ctx = args[0], *name = args[1];
+    PyObject *inst = FC_FIELD(self->instance), *fn = NULL;
+    if (inst != Py_None && self->funcs != NULL && PyDict_CheckExact(self->funcs)) {
+        fn = PyDict_GetItemWithError(self->funcs, name);
+        if (fn == NULL && PyErr_Occurred())
+            return NULL;
+    }
+    if (fn != NULL) {
+        Py_INCREF(inst);            /* held: a host function may discard or swap them */
+        Py_INCREF(fn);
+    } else {
+        PyObject *pair = PyObject_CallMethodObjArgs((PyObject *)self, str__resolve, inst, name, NULL);
+        if (pair == NULL)
+            return NULL;
+        if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) {
+            Py_DECREF(pair);
+            PyErr_SetString(PyExc_TypeError, "_resolve must return (instance, function)");
+            return NULL;
+        }
+        inst = Py_NewRef(PyTuple_GET_ITEM(pair, 0));
+        fn = Py_NewRef(PyTuple_GET_ITEM(pair, 1));
+        Py_DECREF(pair);
+    }
+    PyObject *r;
+    if (FC_FIELD(self->current) != Py_None) {       /* from inside a host function */
+        PyObject *rest = PyTuple_New(nargs - 2);
+        if (rest == NULL) {
+            r = NULL;
+        } else {
+            for (Py_ssize_t i = 2; i < nargs; i++)
+                PyTuple_SET_ITEM(rest, i - 2, Py_NewRef(args[i]));
+            r = PyObject_CallMethodObjArgs((PyObject *)self, str__call_nested, inst, fn, ctx,
+                                           name, rest, NULL);
+            Py_DECREF(rest);
+        }
+    } else {
+        Py_XSETREF(self->current, Py_NewRef(ctx));  /* (_effective is None between calls) */
+        r = PyObject_Vectorcall(fn, args + 2, (size_t)(nargs - 2), NULL);
+        if (r == NULL)
+            fc_raise_trapped(self, inst, ctx, name);
+        Py_XSETREF(self->current, Py_NewRef(Py_None));
+        Py_XSETREF(self->effective, Py_NewRef(Py_None));
+        if (fc_deferred_pending(self) && fc_run_deferred(self) < 0)
+            Py_CLEAR(r);
+    }
+    Py_DECREF(inst);
+    Py_DECREF(fn);
+    return r;
+}
+
+static PyObject *fc_call(FilterCore *self, PyObject *const *args, Py_ssize_t nargs) {
+    return fc_call_impl(self, args, nargs);
+}
+
+/* ctx.generation == self.generation: 1, 0, or -1 with an exception set. */
+static int fc_alive(FilterCore *self, PyObject *ctx) {
+    PyObject *g = PyObject_GetAttr(ctx, str_generation);
+    if (g == NULL)
+        return -1;
+    int same = g == self->generation ? 1 : PyObject_RichCompareBool(g, FC_FIELD(self->generation), Py_EQ);
+    Py_DECREF(g);
+    return same;
+}
+
+static PyObject *fc_new_http_context(FilterCore *self, PyObject *chain) {
+    if (FC_FIELD(self->instance) == Py_None) {
+        PyObject *ready = PyObject_CallMethodNoArgs((PyObject *)self, str_ensure_ready);
+        if (ready == NULL)
+            return NULL;
+        int ok = PyObject_IsTrue(ready);
+        Py_DECREF(ready);
+        if (ok <= 0)
+            return ok < 0 ? NULL : Py_NewRef(Py_None);
+    }
+    if (self->contexts == NULL || !PyDict_Check(self->contexts)) {
+        PyErr_SetString(PyExc_TypeError, "contexts must be a dict");
+        return NULL;
+    }
+    PyObject *cid = PyLong_FromLongLong(self->next_id);
+    if (cid == NULL)
+        return NULL;
+    self->next_id++;
+    PyObject *argv[4] = {(PyObject *)self, cid, FC_FIELD(self->generation), chain};
+    PyObject *ctx = PyObject_Vectorcall(self->context_type, argv, 4, NULL);
+    if (ctx == NULL || PyDict_SetItem(self->contexts, cid, ctx) < 0) {
+        Py_DECREF(cid);
+        Py_XDECREF(ctx);
+        return NULL;
+    }
+    if (self->has_context_create) {
+        PyObject *root_id = PyObject_GetAttr(FC_FIELD(self->root), str_id);
+        PyObject *r = NULL;
+        if (root_id != NULL) {
+            PyObject *cargs[4] = {ctx, str_context_create, cid, root_id};
+            r = fc_call_impl(self, cargs, 4);
+            Py_DECREF(root_id);
+        }
+        if (r == NULL) {
+            Py_DECREF(cid);
+            Py_DECREF(ctx);
+            return NULL;
+        }
+        Py_DECREF(r);
+    }
+    Py_DECREF(cid);
+    return ctx;
+}
+
+/* if ctx.pending_calls: self.cancel_calls(ctx). 0, or -1 with an exception set. */
+static int fc_cancel_pending(FilterCore *self, PyObject *ctx) {
+    PyObject *pending = PyObject_GetAttr(ctx, str_pending_calls);
+    if (pending == NULL)
+        return -1;
+    int any = PyObject_IsTrue(pending);
+    Py_DECREF(pending);
+    if (any <= 0)
+        return any;
+    PyObject *r = PyObject_CallMethodOneArg((PyObject *)self, str_cancel_calls, ctx);
+    Py_XDECREF(r);
+    return r == NULL ? -1 : 0;
+}
+
+/* The teardown callbacks of a live context, one context switch for them all; stops when the
+ * instance dies. 0, or -1 with an exception set (a Trap already turned into FilterFailure). */
+static int fc_teardown(FilterCore *self, PyObject *inst, PyObject *ctx) {
+    PyObject *funcs = Py_NewRef(FC_FIELD(self->funcs));
+    PyObject *teardown = Py_NewRef(FC_FIELD(self->teardown));
+    PyObject *cid = PyObject_GetAttr(ctx, str_id);
+    PyObject *prev_current = self->current, *prev_effective = self->effective;   /* owned */
+    self->current = Py_NewRef(ctx);
+    self->effective = Py_NewRef(Py_None);
+    int rc = cid != NULL ? 0 : -1;
+    if (rc == 0 && !(PyDict_Check(funcs) && PyTuple_Check(teardown))) {
+        PyErr_SetString(PyExc_TypeError, "_funcs must be a dict, teardown_callbacks a tuple");
+        rc = -1;
+    }
+    for (Py_ssize_t i = 0; rc == 0 && i < PyTuple_GET_SIZE(teardown); i++) {
+        PyObject *name = PyTuple_GET_ITEM(teardown, i);
+        int alive = fc_alive(self, ctx);
+        if (alive <= 0) {                           /* the instance died (not ctx.alive) */
+            rc = alive;
+            break;
+        }
+        PyObject *fn = PyDict_GetItemWithError(funcs, name);
+        if (fn != NULL) {
+            Py_INCREF(fn);
+        } else if (PyErr_Occurred() ||
+                   (fn = PyObject_CallMethodObjArgs((PyObject *)self, str__export, inst, name, NULL)) == NULL ||
+                   PyDict_SetItem(funcs, name, fn) < 0) {
+            Py_XDECREF(fn);
+            rc = -1;
+            break;
+        }
+        Py_XSETREF(self->effective, Py_NewRef(Py_None));
+        PyObject *r = PyObject_Vectorcall(fn, &cid, 1, NULL);
+        Py_DECREF(fn);
+        if (r == NULL) {
+            fc_raise_trapped(self, inst, ctx, name);
+            rc = -1;
+            break;
+        }
+        Py_DECREF(r);
+        if (fc_deferred_pending(self) && fc_run_deferred(self) < 0)
+            rc = -1;
+    }
+    Py_XSETREF(self->current, prev_current);
+    Py_XSETREF(self->effective, prev_effective);
+    Py_XDECREF(cid);
+    Py_DECREF(funcs);
+    Py_DECREF(teardown);
+    return rc;
+}
+
+/* What finish_context does before the release; 0, or -1 with an exception set. */
+static int fc_finish_body(FilterCore *self, PyObject *ctx, int failed) {
+    if (fc_cancel_pending(self, ctx) < 0)
+        return -1;
+    PyObject *inst = Py_NewRef(FC_FIELD(self->instance));
+    int alive = inst != Py_None ? fc_alive(self, ctx) : 0;
+    int rc = alive < 0 ? -1 : 0;
+    if (alive > 0)
+        rc = fc_teardown(self, inst, ctx);
+    Py_DECREF(inst);
+    if (rc < 0 || failed)
+        return rc;
+    alive = fc_alive(self, ctx);
+    if (alive <= 0)
+        return alive;
+    PyObject *zero = PyLong_FromLong(0);
+    rc = zero ? PyObject_SetAttr((PyObject *)self, str_consecutive_failures, zero) : -1;
+    Py_XDECREF(zero);
+    return rc;
+}
+
+/* The release, whatever happened: what a teardown callback dispatched goes too; the context
+ * leaves contexts and is detached from its chain. 0, or -1 with an exception set. */
+static int fc_release(FilterCore *self, PyObject *ctx) {
+    if (fc_cancel_pending(self, ctx) < 0)
+        return -1;
+    PyObject *cid = PyObject_GetAttr(ctx, str_id);
+    if (cid == NULL)
+        return -1;
+    int rc = 0;
+    if (self->contexts != NULL && PyDict_Check(self->contexts)) {
+        PyObject *known = PyDict_GetItemWithError(self->contexts, cid);
+        if (known == ctx)
+            rc = PyDict_DelItem(self->contexts, cid);
+        else if (known == NULL && PyErr_Occurred())
+            rc = -1;
+    }
+    Py_DECREF(cid);
+    if (rc < 0 || PyObject_SetAttr(ctx, str_chain, Py_None) < 0 ||
+            PyObject_SetAttr(ctx, str__props, Py_None) < 0)
+        return -1;
+    return 0;
+}
+
+static PyObject *fc_finish_context(FilterCore *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "finish_context(ctx, failed)");
+        return NULL;
+    }
+    PyObject *ctx = args[0];
+    int failed = PyObject_IsTrue(args[1]);
+    if (failed < 0)
+        return NULL;
+    Py_INCREF(ctx);
+    int rc = fc_finish_body(self, ctx, failed);
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);                     /* finally: release */
+    if (fc_release(self, ctx) < 0) {
+        Py_XDECREF(et);
+        Py_XDECREF(ev);
+        Py_XDECREF(tb);
+        rc = -1;
+    } else {
+        PyErr_Restore(et, ev, tb);
+    }
+    Py_DECREF(ctx);
+    if (rc < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *fc_bind(PyObject *cls, PyObject *trap_type) {
+    if (!PyType_Check(trap_type) || !PyType_IsSubtype((PyTypeObject *)trap_type,
+                                                      (PyTypeObject *)PyExc_BaseException)) {
+        PyErr_SetString(PyExc_TypeError, "bind(trap_type): an exception class");
+        return NULL;
+    }
+    Py_XSETREF(fc_trap_type, Py_NewRef(trap_type));
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef fc_methods[] = {
+    {"call", (PyCFunction)(void (*)(void))fc_call, METH_FASTCALL,
+     "call(ctx, name, *args): Filter.call in C"},
+    {"new_http_context", (PyCFunction)fc_new_http_context, METH_O,
+     "new_http_context(chain): Filter.new_http_context in C"},
+    {"finish_context", (PyCFunction)(void (*)(void))fc_finish_context, METH_FASTCALL,
+     "finish_context(ctx, failed): Filter.finish_context in C"},
+    {"bind", (PyCFunction)fc_bind, METH_O | METH_CLASS,
+     "bind(Trap): the exception class a guest call raises"},
+    {NULL},
+};
+
+static PyMemberDef fc_members[] = {
+    {"instance", T_OBJECT_EX, offsetof(FilterCore, instance), 0, "the live Instance or None"},
+    {"generation", T_OBJECT_EX, offsetof(FilterCore, generation), 0, "instance generation"},
+    {"_current", T_OBJECT_EX, offsetof(FilterCore, current), 0, "context of the call in progress"},
+    {"_effective", T_OBJECT_EX, offsetof(FilterCore, effective), 0, "proxy_set_effective_context's"},
+    {"_funcs", T_OBJECT_EX, offsetof(FilterCore, funcs), 0, "export name -> caller"},
+    {"_deferred", T_OBJECT_EX, offsetof(FilterCore, deferred), 0, "actions after the call"},
+    {"contexts", T_OBJECT_EX, offsetof(FilterCore, contexts), 0, "context id -> context"},
+    {"root", T_OBJECT_EX, offsetof(FilterCore, root), 0, "the root context or None"},
+    {"teardown_callbacks", T_OBJECT_EX, offsetof(FilterCore, teardown), 0,
+     "the exported on_done/on_log/on_delete, in order"},
+    {"_context_type", T_OBJECT_EX, offsetof(FilterCore, context_type), 0,
+     "what new_http_context builds: (filter, id, generation, chain)"},
+    {"_next_id", T_LONGLONG, offsetof(FilterCore, next_id), 0, "the next context id"},
+    {"has_context_create", T_BOOL, offsetof(FilterCore, has_context_create), 0,
+     "proxy_on_context_create is exported"},
+    {NULL},
+};
+
+static PyTypeObject FilterCoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "abi.engine._crossing.FilterCore",
+    .tp_basicsize = sizeof(FilterCore),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "the C base of abi/filter.py's NativeFilter: its per-request calls",
+    .tp_new = fc_new,
+    .tp_traverse = (traverseproc)fc_traverse,
+    .tp_clear = (inquiry)fc_clear,
+    .tp_dealloc = (destructor)fc_dealloc,
+    .tp_methods = fc_methods,
+    .tp_members = fc_members,
+};
+
+static int filter_core_init(PyObject *m) {
+    struct { PyObject **slot; const char *s; } names[] = {
+        {&str__resolve, "_resolve"}, {&str__call_nested, "_call_nested"},
+        {&str__trapped, "_trapped"}, {&str__run_deferred, "_run_deferred"},
+        {&str_ensure_ready, "ensure_ready"}, {&str_cancel_calls, "cancel_calls"},
+        {&str__export, "_export"}, {&str_pending_calls, "pending_calls"},
+        {&str_generation, "generation"}, {&str_id, "id"}, {&str_chain, "chain"},
+        {&str__props, "_props"}, {&str_consecutive_failures, "consecutive_failures"},
+        {&str_context_create, "proxy_on_context_create"},
+    };
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
+        if ((*names[i].slot = PyUnicode_InternFromString(names[i].s)) == NULL)
+            return -1;
+    if (PyType_Ready(&FilterCoreType) < 0 ||
+            PyModule_AddObjectRef(m, "FilterCore", (PyObject *)&FilterCoreType) < 0)
+        return -1;
+    return 0;
 }

@@ -135,6 +135,7 @@ def _load_native():
                       f"rebuild it with `python setup.py build_ext --inplace`")
         return None
     _crossing.set_call_target(_addr(_B._wasmtime_func_call_unchecked))
+    _crossing.FilterCore.bind(Trap)
     return _crossing
 
 
@@ -142,7 +143,7 @@ _NATIVE_NAMES = ("call", "set_call_target", "HOST_TRAMPOLINE", "HostFn", "TYPED_
                  "ticker_configure", "ticker_add", "ticker_remove", "ticker_register",
                  "ticker_state", "ticker_enter", "ticker_leave", "charged_ns", "gc_callback",
                  "mem_read", "mem_header_pair", "mem_put_result", "Guarded", "serialize_pairs",
-                 "CallCore", "GuestFn", "Tally")
+                 "CallCore", "GuestFn", "Tally", "FilterCore")
 
 
 _native = _load_native()
@@ -154,6 +155,16 @@ serialize_pairs: Callable[[list], bytes | None] | None = \
 # The base of store._StoreState: with _crossing.c, its depth/poisoned/armed_at/tally are C
 # fields that _native.GuestFn reads without an attribute lookup (Python sees attributes).
 CallCore: type = _native.CallCore if _native is not None else object
+
+
+# The C base of abi/filter.py's NativeFilter (a filter's per-request calls without a Python
+# frame: call, new_http_context, finish_context); None without _crossing.c.
+FilterCore: type | None = _native.FilterCore if _native is not None else None
+
+
+def native_crossings() -> bool:
+    """Whether what is made now (an Instance, a filter) uses _crossing.c (the tests flip it)."""
+    return USE_NATIVE
 
 
 class _PyTally:
