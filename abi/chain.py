@@ -289,7 +289,8 @@ class Chain:
         return self.trace.phases() if self.trace is not None else []
 
     def _headers(self, i: int, f: Filter, ctx: HttpContext, direction: int, eos: bool) -> int:
-        """Filter i's (`f`, context `ctx`, which exports the callback) headers callback."""
+        """Filter i's (`f`, context `ctx`, which exports the callback) headers callback, as
+        ``f.headers`` asks (NativeFilter's C does the common case itself: keep them alike)."""
         name = HEADERS_CB[direction]
         hmap = self.request_headers if direction == REQUEST else self.response_headers
         ctx.resumed[direction] = False
@@ -371,7 +372,7 @@ class Chain:
                     self._fail(i)
                     continue
                 ctxs[i] = ctx
-                state = self._headers(i, f, ctx, REQUEST, eos) if f.on_headers[REQUEST] else CONTINUE
+                state = f.headers(self, i, ctx, REQUEST, eos) if f.on_headers[REQUEST] else CONTINUE
                 staged = False
                 if state == PAUSED:
                     if not eos and f.spec.deliver_body_while_paused and f.has(BODY_CB[REQUEST]):
@@ -539,7 +540,7 @@ class Chain:
                 if ctx is None or skipped[i]:
                     continue
                 f = filters[i]
-                state = self._headers(i, f, ctx, RESPONSE, eos) if f.on_headers[RESPONSE] else CONTINUE
+                state = f.headers(self, i, ctx, RESPONSE, eos) if f.on_headers[RESPONSE] else CONTINUE
                 if state == PAUSED:
                     await self._wait(i, RESPONSE)
                 if not eos and not self.skipped[i] and f.body_callbacks[RESPONSE]:

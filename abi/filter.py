@@ -398,6 +398,12 @@ class Filter:
             if self._deferred:
                 self._run_deferred()
 
+    def headers(self, chain: ChainView, i: int, ctx: HttpContext, direction: int, eos: bool) -> int:
+        """This filter's headers callback as position `i` of `chain`: its state (chain.py's
+        CONTINUE, PAUSED, SKIPPED). Chain._headers does it; NativeFilter's C does its common
+        case without a Python frame and hands the chain the rest."""
+        return chain._headers(i, self, ctx, direction, eos)
+
     def _call_nested(self, inst: Instance, fn: Callable, ctx: Context, name: str,
                      args: tuple[int, ...]) -> int | None:
         """call() made while another call of this filter runs (from a host function it called):
@@ -953,11 +959,14 @@ _executor: tuple[int, ThreadPoolExecutor] | None = None
 
 
 if FilterCore is not None:
+    FilterCore.bind(Trap, FilterFailure)
+
     class NativeFilter(FilterCore, Filter):
-        """A Filter whose per-request calls (``call``, ``new_http_context``, ``finish_context``:
-        each filter runs them on every request) and the state they read are _crossing.c's
-        FilterCore: one C call each, no Python frame. Filter's methods of those names are the
-        pure-Python path (WASMGATE_PURE_PYTHON=1, no C build) and say what the C does."""
+        """A Filter whose per-request calls (``call``, ``new_http_context``, ``headers``,
+        ``finish_context``: each filter runs them on every request) and the state they read
+        are _crossing.c's FilterCore: one C call each, no Python frame. Filter's methods of
+        those names are the pure-Python path (WASMGATE_PURE_PYTHON=1, no C build) and say what
+        the C does."""
 
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)

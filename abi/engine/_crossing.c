@@ -1364,18 +1364,20 @@ PyMODINIT_FUNC PyInit__crossing(void) {
  *   new_http_context(chain)       Filter.new_http_context (ensure_ready() when no instance).
  *   finish_context(ctx, failed)   Filter.finish_context: cancel_calls, on_done/on_log/on_delete
  *                                 with one context switch, the context always released.
+ *   headers(chain, i, ctx, d, eos) Filter.headers: Chain._headers's common case (see below).
  *
- * FilterCore.bind(Trap) names the exception a guest call raises (crossing.py, once). */
+ * FilterCore.bind(Trap, FilterFailure) names the exception a guest call raises and the one
+ * call() raises for it (abi/filter.py, once). */
 
 typedef struct {
     PyObject_HEAD
     PyObject *instance, *generation, *current, *effective, *funcs, *deferred, *contexts, *root;
-    PyObject *teardown, *context_type;
+    PyObject *teardown, *context_type, *headers_eos;
     long long next_id;
     char has_context_create;
 } FilterCore;
 
-static PyObject *fc_trap_type;      /* FilterCore.bind(Trap) */
+static PyObject *fc_trap_type, *fc_failure_type;     /* FilterCore.bind(Trap, FilterFailure) */
 static PyObject *str__resolve, *str__call_nested, *str__trapped, *str__run_deferred,
     *str_ensure_ready, *str_cancel_calls, *str__export, *str_pending_calls, *str_generation,
     *str_id, *str_chain, *str__props, *str_consecutive_failures, *str_context_create;
@@ -1385,7 +1387,7 @@ static PyObject *fc_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
     if (self == NULL)
         return NULL;
     PyObject **slots[] = {&self->instance, &self->current, &self->effective, &self->root,
-                          &self->context_type};
+                          &self->context_type, &self->headers_eos};
     for (size_t i = 0; i < sizeof slots / sizeof slots[0]; i++)
         *slots[i] = Py_NewRef(Py_None);
     self->generation = PyLong_FromLong(0);
@@ -1411,6 +1413,7 @@ static int fc_traverse(FilterCore *self, visitproc visit, void *arg) {
     Py_VISIT(self->root);
     Py_VISIT(self->teardown);
     Py_VISIT(self->context_type);
+    Py_VISIT(self->headers_eos);
     return 0;
 }
 
@@ -1424,6 +1427,7 @@ static int fc_clear(FilterCore *self) {
     Py_CLEAR(self->root);
     Py_CLEAR(self->teardown);
     Py_CLEAR(self->context_type);
+    Py_CLEAR(self->headers_eos);
     return 0;
 }
 
@@ -1731,14 +1735,143 @@ static PyObject *fc_finish_context(FilterCore *self, PyObject *const *args, Py_s
     Py_RETURN_NONE;
 }
 
-static PyObject *fc_bind(PyObject *cls, PyObject *trap_type) {
-    if (!PyType_Check(trap_type) || !PyType_IsSubtype((PyTypeObject *)trap_type,
-                                                      (PyTypeObject *)PyExc_BaseException)) {
-        PyErr_SetString(PyExc_TypeError, "bind(trap_type): an exception class");
+static int is_exception_class(PyObject *o) {
+    return PyType_Check(o) && PyType_IsSubtype((PyTypeObject *)o, (PyTypeObject *)PyExc_BaseException);
+}
+
+static PyObject *fc_bind(PyObject *cls, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2 || !is_exception_class(args[0]) || !is_exception_class(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "bind(Trap, FilterFailure): two exception classes");
         return NULL;
     }
-    Py_XSETREF(fc_trap_type, Py_NewRef(trap_type));
+    Py_XSETREF(fc_trap_type, Py_NewRef(args[0]));
+    Py_XSETREF(fc_failure_type, Py_NewRef(args[1]));
     Py_RETURN_NONE;
+}
+
+/* -- headers(chain, i, ctx, direction, eos): chain.py's Chain._headers, its common case ----
+ * Filter i's headers callback for `direction` (0 request, 1 response) with ctx current,
+ * answering chain.py's CONTINUE (0), PAUSED (1) or SKIPPED (2). The uncommon cases are the
+ * chain's Python: a finished stream, a dead context or a trace on go to chain._headers whole;
+ * after the call, a FilterFailure goes to chain._fail(i), a reply to chain._replied(i, phase)
+ * (which raises), an action past MAX_HEADERS_ACTION to chain._invalid(i, name, action). */
+#define HEADERS_CONTINUE 0
+#define HEADERS_PAUSED 1
+#define HEADERS_SKIPPED 2
+#define MAX_HEADERS_ACTION 4
+
+static PyObject *headers_cb[2], *str__finished, *str_trace, *str_hmaps[2], *str_items,
+    *str_resumed, *str__headers, *str__fail, *str_reply, *str__replied, *str__invalid;
+
+/* obj.name is truthy: 1, 0, or -1 with an exception set. */
+static int attr_true(PyObject *obj, PyObject *name) {
+    PyObject *v = PyObject_GetAttr(obj, name);
+    if (v == NULL)
+        return -1;
+    int t = PyObject_IsTrue(v);
+    Py_DECREF(v);
+    return t;
+}
+
+static PyObject *headers_state(int state) {
+    return PyLong_FromLong(state);      /* small ints: cached, never fails */
+}
+
+/* The callback's answer as chain._headers reads it, after the call returned `action`. */
+static PyObject *fc_headers_answer(PyObject *chain, PyObject *i, PyObject *ctx, int d,
+                                   PyObject *action) {
+    PyObject *reply = PyObject_GetAttr(chain, str_reply);
+    if (reply == NULL)
+        return NULL;
+    int replied = reply != Py_None;
+    Py_DECREF(reply);
+    if (replied) {
+        PyObject *phase = PyLong_FromLong(d * 3);
+        PyObject *r = phase ? PyObject_CallMethodObjArgs(chain, str__replied, i, phase, NULL) : NULL;
+        Py_XDECREF(phase);
+        if (r == NULL)
+            return NULL;
+        Py_DECREF(r);
+    }
+    long long a = PyLong_AsLongLong(action);
+    if (a == -1 && PyErr_Occurred())
+        return NULL;
+    if (a == 0 || a == 2)                   /* Continue, ContinueAndEndStream */
+        return headers_state(HEADERS_CONTINUE);
+    if (a > MAX_HEADERS_ACTION) {
+        PyObject *r = PyObject_CallMethodObjArgs(chain, str__invalid, i, headers_cb[d], action, NULL);
+        if (r == NULL)
+            return NULL;
+        Py_DECREF(r);
+        return headers_state(HEADERS_SKIPPED);
+    }
+    PyObject *resumed = PyObject_GetAttr(ctx, str_resumed);
+    PyObject *on = resumed ? PySequence_GetItem(resumed, d) : NULL;
+    Py_XDECREF(resumed);
+    int t = on ? PyObject_IsTrue(on) : -1;
+    Py_XDECREF(on);
+    return t < 0 ? NULL : headers_state(t ? HEADERS_CONTINUE : HEADERS_PAUSED);
+}
+
+static PyObject *fc_headers(FilterCore *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "headers(chain, i, ctx, direction, eos)");
+        return NULL;
+    }
+    PyObject *chain = args[0], *i = args[1], *ctx = args[2];
+    long d = PyLong_AsLong(args[3]);
+    if (d != 0 && d != 1) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "direction: 0 (request) or 1 (response)");
+        return NULL;
+    }
+    int finished = attr_true(chain, str__finished);
+    int traced = finished == 0 ? attr_true(chain, str_trace) : finished;   /* a FilterTrace is truthy */
+    int alive = traced == 0 ? fc_alive(self, ctx) : !traced;
+    if (finished < 0 || traced < 0 || alive < 0)
+        return NULL;
+    if (finished || traced || !alive)
+        return PyObject_CallMethodObjArgs(chain, str__headers, i, (PyObject *)self, ctx, args[3],
+                                          args[4], NULL);
+    int eos = PyObject_IsTrue(args[4]);
+    PyObject *hmap = eos < 0 ? NULL : PyObject_GetAttr(chain, str_hmaps[d]);
+    PyObject *items = hmap ? PyObject_GetAttr(hmap, str_items) : NULL;
+    Py_XDECREF(hmap);
+    Py_ssize_t n = items ? PyObject_Size(items) : -1;
+    Py_XDECREF(items);
+    PyObject *resumed = n < 0 ? NULL : PyObject_GetAttr(ctx, str_resumed);
+    int rc = resumed ? PySequence_SetItem(resumed, d, Py_False) : -1;
+    Py_XDECREF(resumed);
+    PyObject *with_eos = rc < 0 ? NULL : PySequence_GetItem(FC_FIELD(self->headers_eos), d);
+    int take_eos = with_eos ? PyObject_IsTrue(with_eos) : -1;
+    Py_XDECREF(with_eos);
+    PyObject *cid = take_eos < 0 ? NULL : PyObject_GetAttr(ctx, str_id);
+    PyObject *count = cid ? PyLong_FromSsize_t(n) : NULL;
+    PyObject *end = count ? PyLong_FromLong(eos) : NULL;
+    if (end == NULL) {
+        Py_XDECREF(cid);
+        Py_XDECREF(count);
+        return NULL;
+    }
+    /* 0.1.0 as specified: (context_id, num_headers); later: end_of_stream too */
+    PyObject *cargs[5] = {ctx, headers_cb[d], cid, count, end};
+    PyObject *action = fc_call_impl(self, cargs, take_eos ? 5 : 4);
+    Py_DECREF(cid);
+    Py_DECREF(count);
+    Py_DECREF(end);
+    if (action == NULL) {
+        if (fc_failure_type == NULL || !PyErr_ExceptionMatches(fc_failure_type))
+            return NULL;
+        PyErr_Clear();
+        PyObject *r = PyObject_CallMethodOneArg(chain, str__fail, i);
+        if (r == NULL)
+            return NULL;
+        Py_DECREF(r);
+        return headers_state(HEADERS_SKIPPED);
+    }
+    PyObject *state = fc_headers_answer(chain, i, ctx, (int)d, action);
+    Py_DECREF(action);
+    return state;
 }
 
 static PyMethodDef fc_methods[] = {
@@ -1748,8 +1881,10 @@ static PyMethodDef fc_methods[] = {
      "new_http_context(chain): Filter.new_http_context in C"},
     {"finish_context", (PyCFunction)(void (*)(void))fc_finish_context, METH_FASTCALL,
      "finish_context(ctx, failed): Filter.finish_context in C"},
-    {"bind", (PyCFunction)fc_bind, METH_O | METH_CLASS,
-     "bind(Trap): the exception class a guest call raises"},
+    {"headers", (PyCFunction)(void (*)(void))fc_headers, METH_FASTCALL,
+     "headers(chain, i, ctx, direction, eos): Chain._headers's common case in C"},
+    {"bind", (PyCFunction)(void (*)(void))fc_bind, METH_FASTCALL | METH_CLASS,
+     "bind(Trap, FilterFailure): what a guest call raises, what call() raises for it"},
     {NULL},
 };
 
@@ -1766,6 +1901,8 @@ static PyMemberDef fc_members[] = {
      "the exported on_done/on_log/on_delete, in order"},
     {"_context_type", T_OBJECT_EX, offsetof(FilterCore, context_type), 0,
      "what new_http_context builds: (filter, id, generation, chain)"},
+    {"headers_eos", T_OBJECT_EX, offsetof(FilterCore, headers_eos), 0,
+     "(request, response): the headers callback takes end_of_stream"},
     {"_next_id", T_LONGLONG, offsetof(FilterCore, next_id), 0, "the next context id"},
     {"has_context_create", T_BOOL, offsetof(FilterCore, has_context_create), 0,
      "proxy_on_context_create is exported"},
@@ -1795,6 +1932,12 @@ static int filter_core_init(PyObject *m) {
         {&str_generation, "generation"}, {&str_id, "id"}, {&str_chain, "chain"},
         {&str__props, "_props"}, {&str_consecutive_failures, "consecutive_failures"},
         {&str_context_create, "proxy_on_context_create"},
+        {&headers_cb[0], "proxy_on_request_headers"}, {&headers_cb[1], "proxy_on_response_headers"},
+        {&str__finished, "_finished"}, {&str_trace, "trace"},
+        {&str_hmaps[0], "request_headers"}, {&str_hmaps[1], "response_headers"},
+        {&str_items, "items"}, {&str_resumed, "resumed"}, {&str__headers, "_headers"},
+        {&str__fail, "_fail"}, {&str_reply, "reply"}, {&str__replied, "_replied"},
+        {&str__invalid, "_invalid"},
     };
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
         if ((*names[i].slot = PyUnicode_InternFromString(names[i].s)) == NULL)

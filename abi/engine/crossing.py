@@ -135,7 +135,6 @@ def _load_native():
                       f"rebuild it with `python setup.py build_ext --inplace`")
         return None
     _crossing.set_call_target(_addr(_B._wasmtime_func_call_unchecked))
-    _crossing.FilterCore.bind(Trap)
     return _crossing
 
 

@@ -6,10 +6,15 @@ from __future__ import annotations
 import asyncio
 import gc
 
+import pytest
+
 from abi.api import Forward, LogInfo
 from abi.filter import Filter
 from bench.chain_profile import CHAIN, REQUEST_HEADERS, RESPONSE_HEADERS, load
 from abi_helpers import info
+
+# The chain's behaviour on both filter call paths: NativeFilter's C and Filter's Python.
+pytestmark = pytest.mark.usefixtures("crossing_impl")
 
 
 async def _one(host, i: int, *, finish_twice: bool = False) -> None:

@@ -108,7 +108,7 @@ def _crossing_frame(code) -> bool:
     if code.co_filename.startswith("<wasmgate engine"):
         return code.co_name in ("call", "nested")
     if code.co_filename.endswith(os.path.join("abi", "chain.py")):
-        return code.co_name == "_headers"        # NativeFilter.call is C: its caller's frame
+        return code.co_name in ("request", "_headers")   # NativeFilter's C: its caller's frame
     return code.co_name == "call" and code.co_filename.endswith(os.path.join("abi", "filter.py"))
 
 
@@ -116,7 +116,7 @@ class HostCallFrames:
     """The Python frames each host call makes while active: every frame run between the
     crossing (the generated guest caller that entered the guest, or on the C path, where the
     guest caller is a C GuestFn, Filter.call that called it, and where that is C too
-    (NativeFilter), Chain._headers) and the return to it, in call
+    (NativeFilter), the chain's frame that called it) and the return to it, in call
     order, one list per host call (the adapter, what it calls, any wrapper above it)."""
 
     def __init__(self):

@@ -6,11 +6,15 @@ import json
 import re
 
 import aiohttp
+import pytest
 
 from abi.pairs import serialize
 from tests.helpers import echo_upstream, run_gateway
 
 from abi_wat import OUT, Wat
+
+# The chain's behaviour on both filter call paths: NativeFilter's C and Filter's Python.
+pytestmark = pytest.mark.usefixtures("crossing_impl")
 
 O = f"(i32.const {OUT}) (i32.const {OUT + 4})"
 

@@ -12,6 +12,9 @@ from abi.api import FilterLimits, Forward, LocalReply, LogInfo
 from abi_helpers import REQ, info, rebuilt
 from abi_wat import OUT, Wat, status
 
+# The chain's behaviour on both filter call paths: NativeFilter's C and Filter's Python.
+pytestmark = pytest.mark.usefixtures("crossing_impl")
+
 O = f"(i32.const {OUT}) (i32.const {OUT + 4})"
 
 

@@ -1,10 +1,15 @@
 """Start sequence and per-request callback order, through the FilterHost API (§2.3, §2.4)."""
 from __future__ import annotations
 
+import pytest
+
 from abi.api import Forward, LocalReply, LogInfo
 
 from abi_helpers import REQ, body_iter, collect, info
 from abi_wat import Wat
+
+# The chain's behaviour on both filter call paths: NativeFilter's C and Filter's Python.
+pytestmark = pytest.mark.usefixtures("crossing_impl")
 
 
 async def test_start_sequence_and_request_order(load, trace):

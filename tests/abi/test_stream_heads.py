@@ -9,6 +9,9 @@ from abi.api import LogInfo
 from abi_helpers import REQ, info
 from abi_wat import Wat
 
+# The chain's behaviour on both filter call paths: NativeFilter's C and Filter's Python.
+pytestmark = pytest.mark.usefixtures("crossing_impl")
+
 
 class _Body:
     """A body the chain hands back untouched (no filter here reads bodies)."""
