@@ -17,8 +17,8 @@
 * A guest call that ends abnormally raises ``Trap`` (kind: trap | deadline | exit | host) and
   poisons the instance (store.py decides which).
 * ``FilterCore`` (None without the C build) is the C base of abi/filter.py's NativeFilter: a
-  filter's per-request calls (``call``, ``new_http_context``, ``finish_context``) without a
-  Python frame; ``native_crossings()`` says whether what is made now uses the C build.
+  filter's per-request calls (``call``, ``new_http_context``, ``headers``, ``finish_context``)
+  without a Python frame; ``native_crossings()`` says whether what is made now uses the C build.
 * ``Tally`` counts the top-level guest calls of the instances given it and their wall time
   (``Instance(..., tally=)``; abi/filter.py's ``calls`` / ``guest_ns``).
 
@@ -54,7 +54,8 @@ from __future__ import annotations
 
 from .binary import Export, Import
 from .compile import Engine, Module
-from .crossing import WASMTIME_VERSION, FilterCore, Tally, guarded_host, native_crossings, serialize_pairs
+from .crossing import (WASMTIME_VERSION, FilterCore, Tally, guarded_host, native_crossings,
+                       serialize_pairs)
 from .errors import EngineError, HostTrap, MemoryAccessError, Trap
 from .instance import Instance, Memory
 from .public_api import public_api_crossing

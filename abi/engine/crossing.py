@@ -157,7 +157,7 @@ CallCore: type = _native.CallCore if _native is not None else object
 
 
 # The C base of abi/filter.py's NativeFilter (a filter's per-request calls without a Python
-# frame: call, new_http_context, finish_context); None without _crossing.c.
+# frame: call, new_http_context, headers, finish_context); None without _crossing.c.
 FilterCore: type | None = _native.FilterCore if _native is not None else None
 
 
