@@ -1773,6 +1773,16 @@ static int attr_true(PyObject *obj, PyObject *name) {
     return t;
 }
 
+/* obj.name is not None: 1, 0, or -1 with an exception set. */
+static int attr_not_none(PyObject *obj, PyObject *name) {
+    PyObject *v = PyObject_GetAttr(obj, name);
+    if (v == NULL)
+        return -1;
+    int set = v != Py_None;
+    Py_DECREF(v);
+    return set;
+}
+
 static PyObject *headers_state(int state) {
     return PyLong_FromLong(state);      /* small ints: cached, never fails */
 }
@@ -1826,7 +1836,7 @@ static PyObject *fc_headers(FilterCore *self, PyObject *const *args, Py_ssize_t 
         return NULL;
     }
     int finished = attr_true(chain, str__finished);
-    int traced = finished == 0 ? attr_true(chain, str_trace) : finished;   /* a FilterTrace is truthy */
+    int traced = finished == 0 ? attr_not_none(chain, str_trace) : finished;
     int alive = traced == 0 ? fc_alive(self, ctx) : !traced;
     if (finished < 0 || traced < 0 || alive < 0)
         return NULL;
