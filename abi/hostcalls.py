@@ -12,6 +12,7 @@ import logging
 import textwrap
 from typing import Callable
 
+from . import foreign
 from .seam import LocalReply
 from .buffers import BAD_VALUE, GOOD_NAMES, lower_key, valid_header
 from .enums import BufferType, LogLevel, MapType, MetricType, Status
@@ -107,9 +108,12 @@ def proxy_get_buffer_status(f, buffer_type, ret_len_p, ret_flags_p):
 # -- header maps ----------------------------------------------------------------------------
 
 def proxy_get_header_map_pairs(f, map_type, ret_pp, ret_size_p):
-    if map_type > MapType.MAX:
-        return Status.BAD_ARGUMENT
-    m = f.ctx().get_map(map_type)
+    if map_type > _MAP_MAX:
+        return BAD_ARGUMENT
+    ctx = f._effective or f._current or f._vm_ctx       # f.ctx(), inlined as _header_edit
+    chain = ctx.chain
+    m = (getattr(chain, STREAM_MAPS[map_type]) if chain is not None and map_type <= LAST_STREAM_MAP
+         else ctx.get_map(map_type))
     # An unavailable map reads as empty: the Rust SDK accepts only OK here.
     return f.write_result(m.serialized() if m is not None else b"", ret_pp, ret_size_p)
 
@@ -375,7 +379,7 @@ def proxy_grpc_close(f, token):
 
 
 def proxy_call_foreign_function(f, name_ptr, name_size, args_ptr, args_size, ret_pp, ret_size_p):
-    status, result = f.call_foreign(to_text(f.read(name_ptr, name_size)), f.read(args_ptr, args_size))
+    status, result = foreign.call(f, f.read(name_ptr, name_size), f.read(args_ptr, args_size))
     if status != OK:
         return status
     return f.write_result(result, ret_pp, ret_size_p)
