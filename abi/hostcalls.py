@@ -16,7 +16,8 @@ from . import foreign
 from .seam import LocalReply
 from .buffers import BAD_VALUE, GOOD_NAMES, lower_key, valid_header
 from .enums import BufferType, LogLevel, MapType, MetricType, Status
-from .engine import HostTrap, MemoryAccessError, Trap, guarded_host, native_hostcalls
+from .engine import (HostTrap, MemoryAccessError, Trap, guarded_host, native_header_edit,
+                     native_time_ns)
 from .limits import MAX_HEADER_MAP_BYTES, MAX_LOG_BYTES
 from .pairs import deserialize, deserialize_str, to_bytes, to_str, to_text
 from .context import LAST_STREAM_MAP, STREAM_MAPS, FilterView
@@ -532,23 +533,17 @@ HOSTCALLS: dict[str, tuple[Callable, tuple[str, ...], tuple[str, ...]]] = {
 # Host functions done whole in C on their common path (_crossing.c "host calls of every
 # request"), each with its Python function above as the fallback for the rest and the
 # reference: guarded() links the C one wherever the C crossings are on. No Python frame for a
-# request's header edits or clock read; a hot property's getter, the store's get and a
-# foreign function are all that is left of the others.
+# request's header edits or clock read.
 IN_C: dict[Callable, Callable] = {}
-if native_hostcalls is not None:
-    _c = native_hostcalls
+if native_header_edit is not None:
     _MAP_NAMES = tuple(STREAM_MAPS[t] for t in range(LAST_STREAM_MAP + 1))
     for _fn, _replace in ((proxy_add_header_map_value, False),
                           (proxy_replace_header_map_value, True)):
-        IN_C[_fn] = functools.partial(_c.header_edit, _fn, _replace, MAX_HEADER_MAP_BYTES,
+        IN_C[_fn] = functools.partial(native_header_edit, _fn, _replace, MAX_HEADER_MAP_BYTES,
                                       _MAP_NAMES)
+if native_time_ns is not None:
     IN_C[proxy_get_current_time_nanoseconds] = functools.partial(
-        _c.time_ns, proxy_get_current_time_nanoseconds)
-    IN_C[proxy_get_property] = functools.partial(_c.get_property, proxy_get_property,
-                                                 STREAM_PROPERTIES)
-    IN_C[proxy_get_shared_data] = functools.partial(_c.get_shared_data, proxy_get_shared_data)
-    IN_C[proxy_call_foreign_function] = functools.partial(
-        _c.call_foreign, proxy_call_foreign_function, foreign.BY_NAME)
+        native_time_ns, proxy_get_current_time_nanoseconds)
 
 _GUARDED_SRC = """
 def host({args}):

@@ -14,9 +14,8 @@
   (``read``, ``header_pair``, ``put_result``: C calls on a native instance).
 * ``guarded_host`` wraps a host function's errors in C (None without the C build);
   ``serialize_pairs`` is a header map's serialization in C (None likewise);
-  ``native_hostcalls`` has abi/hostcalls.py's host functions of every request (header edits,
-  clock, hot properties, shared-data read, foreign functions) whole in C on their common path
-  (None likewise).
+  ``native_header_edit`` / ``native_time_ns`` are abi/hostcalls.py's header edits and clock
+  read whole in C on their common path (None likewise).
 * A guest call that ends abnormally raises ``Trap`` (kind: trap | deadline | exit | host) and
   poisons the instance (store.py decides which).
 * ``Tally`` counts the top-level guest calls of the instances given it and their wall time
@@ -54,7 +53,8 @@ from __future__ import annotations
 
 from .binary import Export, Import
 from .compile import Engine, Module
-from .crossing import WASMTIME_VERSION, Tally, guarded_host, native_hostcalls, serialize_pairs
+from .crossing import (WASMTIME_VERSION, Tally, guarded_host, native_header_edit, native_time_ns,
+                       serialize_pairs)
 from .errors import EngineError, HostTrap, MemoryAccessError, Trap
 from .instance import Instance, Memory
 from .public_api import public_api_crossing
@@ -62,5 +62,5 @@ from .public_api import public_api_crossing
 __all__ = [
     "Engine", "EngineError", "Export", "HostTrap", "Import", "Instance", "Memory",
     "MemoryAccessError", "Module", "Tally", "Trap", "WASMTIME_VERSION", "guarded_host",
-    "native_hostcalls", "public_api_crossing", "serialize_pairs",
+    "native_header_edit", "native_time_ns", "public_api_crossing", "serialize_pairs",
 ]

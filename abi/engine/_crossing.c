@@ -1284,19 +1284,9 @@ static int guest_module_init(PyObject *m) {
  *       map type (context.STREAM_MAPS); ``limit``: MAX_HEADER_MAP_BYTES.
  *   time_ns(fallback, f, ret_p) -> status
  *       proxy_get_current_time_nanoseconds: f.now_ns() as a u64 at ret_p.
- *   get_property(fallback, table, f, path_ptr, path_size, ret_pp, ret_size_p) -> status
- *       proxy_get_property of a path in ``table`` (properties.STREAM_PROPERTIES: path bytes ->
- *       getter(chain) -> bytes | None) on an HTTP context.
- *   get_shared_data(fallback, f, key_ptr, key_size, ret_pp, ret_size_p, ret_cas_p) -> status
- *       proxy_get_shared_data: f.store.get(key), the value and cas handed back.
- *   call_foreign(fallback, table, f, name_ptr, name_size, args_ptr, args_size, ret_pp,
- *       ret_size_p) -> status
- *       proxy_call_foreign_function of a name in ``table`` (foreign.BY_NAME).
- * The last three hand results back as Filter.write_result does (write_result below).
  *
- * They answer OK (0), NOT_FOUND (1) or INVALID_MEMORY_ACCESS (6, a result the allocator gave no
- * room for) themselves, or the status a foreign function answered; every other status comes
- * from the fallback. A bad guest pointer raises MemoryAccessError (through Memory._check, as above),
+ * Both answer Status.OK (0) themselves and nothing else: every other status comes from the
+ * fallback. A bad guest pointer raises MemoryAccessError (through Memory._check, as above),
  * which the Guarded wrapper turns into INVALID_MEMORY_ACCESS. */
 static PyObject *str_mem, *str_effective, *str_current, *str_vm_ctx, *str_chain, *str_edited,
                 *str_items, *str_grown, *str_ser, *str_unsafe, *str_now_ns;
@@ -1494,201 +1484,11 @@ static PyObject *time_ns(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     return r;
 }
 
-/* Filter.write_result(data, ret_pp, ret_size_p) on its common path: the instance's allocator
- * and memory are there and no allocator call is in progress (``_allocating``: an allocator
- * that calls the host for data again must not recurse); the same as the method then (its
- * ``_allocating`` set around the call, mem_put_result's bounds and order), else the method
- * itself. A new reference to the status, NULL with an exception set. */
-static PyObject *str_alloc, *str_allocating, *str_write_result, *str_store, *str_get;
-
-static PyObject *write_result(PyObject *f, PyObject *data, PyObject *ret_pp, PyObject *ret_sp) {
-    PyObject *alloc = PyObject_GetAttr(f, str_alloc);
-    PyObject *mem = alloc == NULL ? NULL : PyObject_GetAttr(f, str_mem);
-    PyObject *busy = mem == NULL ? NULL : PyObject_GetAttr(f, str_allocating);
-    PyObject *r = NULL;
-    if (busy == NULL)
-        goto done;
-    if (alloc == Py_None || mem == Py_None || busy != Py_False) {
-        r = PyObject_CallMethodObjArgs(f, str_write_result, data, ret_pp, ret_sp, NULL);
-        goto done;
-    }
-    if (PyObject_SetAttr(f, str_allocating, Py_True) < 0)
-        goto done;
-    PyObject *args[5] = {mem, alloc, data, ret_pp, ret_sp};
-    PyObject *written = mem_put_result(NULL, args, 5);
-    PyObject *type, *value, *tb;
-    PyErr_Fetch(&type, &value, &tb);            /* finally: _allocating = False */
-    int reset = PyObject_SetAttr(f, str_allocating, Py_False);
-    if (type != NULL)
-        PyErr_Restore(type, value, tb);
-    if (written != NULL && reset == 0)          /* Status.OK / INVALID_MEMORY_ACCESS */
-        r = PyLong_FromLong(written == Py_True ? 0 : 6);
-    Py_XDECREF(written);
-done:
-    Py_XDECREF(alloc);
-    Py_XDECREF(mem);
-    Py_XDECREF(busy);
-    return r;
-}
-
-/* Filter.read(ptr, n): b"" for n == 0 whatever the pointer, else mem_read's. */
-static PyObject *guest_bytes(PyObject *mem, PyObject *ptr_obj, PyObject *n_obj) {
-    long long ptr, n;
-    Py_buffer buf;
-    if (as_offset(ptr_obj, &ptr) < 0 || as_offset(n_obj, &n) < 0)
-        return NULL;
-    if (n == 0)
-        return PyBytes_FromStringAndSize(NULL, 0);
-    if (mem_span(mem, ptr_obj, n_obj, ptr, n, &buf, 0) < 0)
-        return NULL;
-    PyObject *r = PyBytes_FromStringAndSize((const char *)buf.buf + ptr, (Py_ssize_t)n);
-    PyBuffer_Release(&buf);
-    return r;
-}
-
-/* The arguments as the Python host function takes them: args[skip:]. */
-#define FALL_BACK(skip) fall_back(args[0], args + (skip), nargs - (skip))
-
-/* get_property(fallback, table, f, path_ptr, path_size, ret_pp, ret_size_p): a path of
- * ``table`` (properties.STREAM_PROPERTIES) on an HTTP context, answered by its getter from
- * the context's chain; NOT_FOUND for None. */
-static PyObject *get_property(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 7 || !PyDict_Check(args[1])) {
-        PyErr_SetString(PyExc_TypeError, "get_property(fallback, table: dict, f, path_ptr, "
-                                         "path_size, ret_pp, ret_size_p)");
-        return NULL;
-    }
-    PyObject *f = args[2], *r = NULL, *ctx = NULL, *chain = NULL, *path = NULL, *value = NULL;
-    PyObject *mem = PyObject_GetAttr(f, str_mem);
-    if (mem == NULL)
-        return NULL;
-    if (mem != Py_None && (ctx = current_ctx(f)) != NULL)
-        chain = PyObject_GetAttr(ctx, str_chain);
-    if (chain != NULL && chain != Py_None)
-        path = guest_bytes(mem, args[3], args[4]);
-    PyObject *getter = path == NULL ? NULL : PyDict_GetItemWithError(args[1], path);  /* borrowed */
-    if (getter == NULL) {
-        if (!PyErr_Occurred())
-            r = FALL_BACK(2);
-        goto done;
-    }
-    value = PyObject_CallOneArg(getter, chain);
-    if (value == Py_None)
-        r = PyLong_FromLong(1);                 /* Status.NOT_FOUND */
-    else if (value != NULL)
-        r = write_result(f, value, args[5], args[6]);
-done:
-    Py_XDECREF(mem);
-    Py_XDECREF(ctx);
-    Py_XDECREF(chain);
-    Py_XDECREF(path);
-    Py_XDECREF(value);
-    return r;
-}
-
-/* get_shared_data(fallback, f, key_ptr, key_size, ret_pp, ret_size_p, ret_cas_p): f.store.get
- * (key); the cas out-pointer proven before the value is allocated, written after it. */
-static PyObject *get_shared_data(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 7) {
-        PyErr_SetString(PyExc_TypeError, "get_shared_data(fallback, f, key_ptr, key_size, "
-                                         "ret_pp, ret_size_p, ret_cas_p)");
-        return NULL;
-    }
-    PyObject *f = args[1], *r = NULL, *key = NULL, *store = NULL, *found = NULL;
-    PyObject *mem = PyObject_GetAttr(f, str_mem);
-    if (mem == NULL)
-        return NULL;
-    if (mem == Py_None) {
-        Py_DECREF(mem);
-        return FALL_BACK(1);
-    }
-    long long cas_p;
-    Py_buffer buf;
-    if ((key = guest_bytes(mem, args[2], args[3])) == NULL ||
-            (store = PyObject_GetAttr(f, str_store)) == NULL ||
-            (found = PyObject_CallMethodOneArg(store, str_get, key)) == NULL)
-        goto done;
-    if (found == Py_None) {
-        r = PyLong_FromLong(1);                 /* Status.NOT_FOUND */
-        goto done;
-    }
-    if (!PyTuple_Check(found) || PyTuple_GET_SIZE(found) != 2) {
-        PyErr_SetString(PyExc_TypeError, "store.get: not a (value, cas) pair");
-        goto done;
-    }
-    if (as_offset(args[6], &cas_p) < 0 || mem_span(mem, args[6], NULL, cas_p, 4, &buf, 1) < 0)
-        goto done;                              /* (Filter.check_out) */
-    PyBuffer_Release(&buf);
-    unsigned long cas = PyLong_AsUnsignedLongMask(PyTuple_GET_ITEM(found, 1));
-    if (cas == (unsigned long)-1 && PyErr_Occurred())
-        goto done;
-    r = write_result(f, PyTuple_GET_ITEM(found, 0), args[4], args[5]);
-    if (r != NULL && PyLong_AsLong(r) == 0 && guest_put_u32(mem, args[6], (uint32_t)cas) < 0)
-        Py_CLEAR(r);
-done:
-    Py_DECREF(mem);
-    Py_XDECREF(key);
-    Py_XDECREF(store);
-    Py_XDECREF(found);
-    return r;
-}
-
-/* call_foreign(fallback, table, f, name_ptr, name_size, args_ptr, args_size, ret_pp,
- * ret_size_p): a function of ``table`` (foreign.BY_NAME: name bytes -> fn(f, args) ->
- * (status, result)); its result handed to the guest when the status is OK. */
-static PyObject *call_foreign(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 9 || !PyDict_Check(args[1])) {
-        PyErr_SetString(PyExc_TypeError, "call_foreign(fallback, table: dict, f, name_ptr, "
-                                         "name_size, args_ptr, args_size, ret_pp, ret_size_p)");
-        return NULL;
-    }
-    PyObject *f = args[2], *r = NULL, *name = NULL, *data = NULL, *out = NULL;
-    PyObject *mem = PyObject_GetAttr(f, str_mem);
-    if (mem == NULL)
-        return NULL;
-    PyObject *fn = NULL;
-    if (mem != Py_None && (name = guest_bytes(mem, args[3], args[4])) != NULL)
-        fn = PyDict_GetItemWithError(args[1], name);                    /* borrowed */
-    if (fn == NULL) {
-        if (!PyErr_Occurred())
-            r = FALL_BACK(2);
-        goto done;
-    }
-    Py_INCREF(fn);
-    data = guest_bytes(mem, args[5], args[6]);
-    PyObject *call_args[2] = {f, data};
-    out = data == NULL ? NULL : PyObject_Vectorcall(fn, call_args, 2, NULL);
-    Py_DECREF(fn);
-    if (out == NULL)
-        goto done;
-    if (!PyTuple_Check(out) || PyTuple_GET_SIZE(out) != 2) {
-        PyErr_SetString(PyExc_TypeError, "a foreign function answers (status, result)");
-        goto done;
-    }
-    PyObject *status = PyTuple_GET_ITEM(out, 0);
-    long st = PyLong_AsLong(status);
-    if (st == -1 && PyErr_Occurred())
-        goto done;
-    r = st != 0 ? Py_NewRef(status) : write_result(f, PyTuple_GET_ITEM(out, 1), args[7], args[8]);
-done:
-    Py_DECREF(mem);
-    Py_XDECREF(name);
-    Py_XDECREF(data);
-    Py_XDECREF(out);
-    return r;
-}
-
 static PyMethodDef hostcall_methods[] = {
     {"header_edit", (PyCFunction)(void (*)(void))header_edit, METH_FASTCALL,
      "proxy_replace/add_header_map_value on a stream's map (see the section comment)"},
     {"time_ns", (PyCFunction)(void (*)(void))time_ns, METH_FASTCALL,
      "proxy_get_current_time_nanoseconds (see the section comment)"},
-    {"get_property", (PyCFunction)(void (*)(void))get_property, METH_FASTCALL,
-     "proxy_get_property of a hot stream property (see the section comment)"},
-    {"get_shared_data", (PyCFunction)(void (*)(void))get_shared_data, METH_FASTCALL,
-     "proxy_get_shared_data (see the section comment)"},
-    {"call_foreign", (PyCFunction)(void (*)(void))call_foreign, METH_FASTCALL,
-     "proxy_call_foreign_function of a known function (see the section comment)"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1697,9 +1497,7 @@ static int hostcall_module_init(PyObject *m) {
         {&str_mem, "_mem"}, {&str_effective, "_effective"}, {&str_current, "_current"},
         {&str_vm_ctx, "_vm_ctx"}, {&str_chain, "chain"}, {&str_edited, "edited"},
         {&str_items, "items"}, {&str_grown, "grown"}, {&str_ser, "_ser"},
-        {&str_unsafe, "unsafe"}, {&str_now_ns, "now_ns"}, {&str_alloc, "_alloc"},
-        {&str_allocating, "_allocating"}, {&str_write_result, "write_result"},
-        {&str_store, "store"}, {&str_get, "get"},
+        {&str_unsafe, "unsafe"}, {&str_now_ns, "now_ns"},
     };
     for (size_t i = 0; i < sizeof strs / sizeof strs[0]; i++)
         if ((*strs[i].slot = PyUnicode_InternFromString(strs[i].name)) == NULL)

@@ -4,7 +4,6 @@ edit costs on the C path."""
 from __future__ import annotations
 
 import gc
-import struct
 import os
 import sys
 
@@ -171,42 +170,3 @@ async def test_header_edits_and_the_clock_are_no_python_frame_on_the_c_path(load
                           "_py_read", "add"],
                          ["callback", "host", "proxy_get_current_time_nanoseconds",
                           "write_u64", "write_u64"]]
-
-
-async def test_hot_reads_and_the_foreign_write_skip_the_python_adapters_on_the_c_path(
-        load, trace, crossing_impl):
-    # A hot property, a shared-data read and wasmgate.set_shared_data_ttl: on the C path the
-    # adapter, the guest-memory reads and the result hand-back are C (_crossing.c
-    # get_property, get_shared_data, call_foreign); what is left is the property's getter,
-    # the store and the foreign function. The same statuses and bytes on both paths.
-    args = struct.pack("<IQI", 0, 10 ** 12, 1) + b"k" + b"v1"
-    w = Wat()
-    w.on("proxy_on_request_headers",
-         status(w, "set", f"(call $proxy_set_shared_data {w.s('k')} {w.s('v0')} (i32.const 0))")
-         + status(w, "prop", f"(call $proxy_get_property {w.s(b'source' + bytes(1) + b'address')} {O})")
-         + out_ptr_size(w, "prop-out")
-         + status(w, "ttl", f"(call $proxy_call_foreign_function {w.s('wasmgate.set_shared_data_ttl')} {w.s(args)} {O})")
-         + status(w, "get", f"(call $proxy_get_shared_data {w.s('k')} {O} (i32.const {OUT + 8}))")
-         + out_ptr_size(w, "get-out")
-         + status(w, "miss", f"(call $proxy_get_shared_data {w.s('nope')} {O} (i32.const {OUT + 8}))")
-         + " (i32.const 0)")
-    host = await load(w)
-    await request(host)
-    trace.records.clear()
-    gc.disable()
-    try:
-        with HostCallFrames() as frames:
-            await request(host)
-    finally:
-        gc.enable()
-    lines = trace.lines("f")[1:]
-    assert [lines[i] for i in (0, 1, 3, 4, 6)] == ["set 0", "prop 0", "ttl 0", "get 0", "miss 1"]
-    assert lines[2].endswith(" 15") and lines[5].endswith(" 2")    # "127.0.0.1:40000", b"v1"
-    names = {n for _top, ns in frames.calls.values()
-             if "proxy_log" not in ns and "proxy_set_shared_data" not in ns for n in ns}
-    adapters = {"proxy_get_property", "proxy_get_shared_data", "proxy_call_foreign_function",
-                "write_result", "read", "check_out", "write_u32"}
-    if crossing_impl == "native":
-        assert names & adapters == set() and {"_source_address", "set_shared_data_ttl"} <= names
-    else:
-        assert adapters - {"check_out"} <= names
