@@ -272,7 +272,7 @@ def get_property(src: PropertySource, path: bytes) -> bytes | None:
 # The stream properties filters read on every request, answered from the stream's facts (an
 # HTTP context's chain) in one step: path as the guest sends it (with or without the C++ SDK's
 # final NUL) -> encoded value or None, exactly what get_property answers for it
-# (tests/abi/test_metadata_properties.py compares the two), without its lookup, getter and
+# (tests/abi/test_units.py compares the two), without its lookup, getter and
 # encoding layers.
 def _stream_str(fn: Callable[[StreamFacts], str | None]) -> Callable[[StreamFacts], bytes | None]:
     def get(facts: StreamFacts) -> bytes | None:
