@@ -16,7 +16,6 @@ from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Protocol
 
-from . import foreign
 from .seam import CallFailed, CallResponse, FilterLoadError, FilterSpec, HostServices
 from .buffers import BodyBuffer, HeaderMap, valid_header
 from .context import CalloutData, ChainView, Context, HttpContext, RootContext, VmContext
@@ -611,8 +610,9 @@ class Filter:
         (self._mem or self._memory()).write_u64(ptr, value)
 
     def check_out(self, ptr: int, size: int) -> None:
-        if ptr + size > self._memory().size():
-            raise MemoryAccessError(f"({ptr}, {size}) outside linear memory")
+        mem = self._mem or self._memory()
+        if ptr + size > mem._size:      # the size known first: reading it anew is a ctypes call
+            mem._check(ptr, size)       # (raises MemoryAccessError if still outside)
 
     def _booting_allocator(self) -> Callable | None:
         for name in ("proxy_on_memory_allocate", "malloc"):
@@ -663,9 +663,7 @@ class Filter:
         self.log.error('filter "%s": host function %s failed: %r', self.name, name, e,
                        exc_info=e)
 
-    @staticmethod
-    def now_ns() -> int:
-        return time.time_ns()
+    now_ns = staticmethod(time.time_ns)     # (C: no Python frame when a filter reads the clock)
 
     # -- contexts ------------------------------------------------------------------------------
 
@@ -880,11 +878,6 @@ class Filter:
                 entry[0].cancel()
             self._release_callout_bytes(token)
         ctx.pending_calls.clear()
-
-    # -- foreign functions (Envoy's and wasmgate's, abi/foreign.py) -----------------------------
-
-    def call_foreign(self, name: str, args: bytes) -> tuple[int, bytes]:
-        return foreign.call(self, name, args)
 
     # -- queues (reference §5.5) ----------------------------------------------------------------
 

@@ -82,9 +82,13 @@ FUNCTIONS: dict[str, Callable[[FilterView, bytes], tuple[int, bytes]]] = {
 }
 
 
-def call(f: FilterView, name: str, args: bytes) -> tuple[int, bytes]:
-    """(status of the call, result bytes) — NOT_FOUND for a name we do not define."""
-    fn = FUNCTIONS.get(name)
+_BY_NAME = {name.encode(): fn for name, fn in FUNCTIONS.items()}
+
+
+def call(f: FilterView, name: bytes, args: bytes) -> tuple[int, bytes]:
+    """(status of the call, result bytes) — NOT_FOUND for a name we do not define. ``name``:
+    the bytes the guest sent (a name matches when they are its UTF-8)."""
+    fn = _BY_NAME.get(name)
     if fn is None:
         return Status.NOT_FOUND, b""
     return fn(f, args)

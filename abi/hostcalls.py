@@ -12,13 +12,16 @@ import logging
 import textwrap
 from typing import Callable
 
+from . import foreign
 from .seam import LocalReply
 from .buffers import BAD_VALUE, GOOD_NAMES, lower_key, valid_header
 from .enums import BufferType, LogLevel, MapType, MetricType, Status
-from .engine import HostTrap, MemoryAccessError, Trap, guarded_host
-from .limits import MAX_LOG_BYTES
+from .engine import (HostTrap, MemoryAccessError, Trap, guarded_host, native_header_edit,
+                     native_time_ns)
+from .limits import MAX_HEADER_MAP_BYTES, MAX_LOG_BYTES
 from .pairs import deserialize, deserialize_str, to_bytes, to_str, to_text
 from .context import LAST_STREAM_MAP, STREAM_MAPS, FilterView
+from .properties import STREAM_PROPERTIES
 
 I32, I64 = "i32", "i64"
 _U32 = 0xFFFFFFFF
@@ -105,9 +108,12 @@ def proxy_get_buffer_status(f, buffer_type, ret_len_p, ret_flags_p):
 # -- header maps ----------------------------------------------------------------------------
 
 def proxy_get_header_map_pairs(f, map_type, ret_pp, ret_size_p):
-    if map_type > MapType.MAX:
-        return Status.BAD_ARGUMENT
-    m = f.ctx().get_map(map_type)
+    if map_type > _MAP_MAX:
+        return BAD_ARGUMENT
+    ctx = f._effective or f._current or f._vm_ctx       # f.ctx(), inlined as _header_edit
+    chain = ctx.chain
+    m = (getattr(chain, STREAM_MAPS[map_type]) if chain is not None and map_type <= LAST_STREAM_MAP
+         else ctx.get_map(map_type))
     # An unavailable map reads as empty: the Rust SDK accepts only OK here.
     return f.write_result(m.serialized() if m is not None else b"", ret_pp, ret_size_p)
 
@@ -205,7 +211,11 @@ def proxy_get_header_map_size(f, map_type, ret_p):
 # -- properties -----------------------------------------------------------------------------
 
 def proxy_get_property(f, path_ptr, path_size, ret_pp, ret_size_p):
-    value = f.ctx().get_property(f.read(path_ptr, path_size))
+    path = f.read(path_ptr, path_size)
+    ctx = f._effective or f._current or f._vm_ctx       # f.ctx(), inlined as _header_edit
+    chain = ctx.chain                   # an HTTP context's: its properties' facts
+    fast = STREAM_PROPERTIES.get(path) if chain is not None else None
+    value = fast(chain) if fast is not None else ctx.get_property(path)
     if value is None:
         return Status.NOT_FOUND
     return f.write_result(value, ret_pp, ret_size_p)
@@ -369,7 +379,7 @@ def proxy_grpc_close(f, token):
 
 
 def proxy_call_foreign_function(f, name_ptr, name_size, args_ptr, args_size, ret_pp, ret_size_p):
-    status, result = f.call_foreign(to_text(f.read(name_ptr, name_size)), f.read(args_ptr, args_size))
+    status, result = foreign.call(f, f.read(name_ptr, name_size), f.read(args_ptr, args_size))
     if status != OK:
         return status
     return f.write_result(result, ret_pp, ret_size_p)
@@ -520,6 +530,21 @@ HOSTCALLS: dict[str, tuple[Callable, tuple[str, ...], tuple[str, ...]]] = {
     "pthread_equal": (pthread_equal, *_sig(2)),
 }
 
+# Host functions done whole in C on their common path (_crossing.c "host calls of every
+# request"), each with its Python function above as the fallback for the rest and the
+# reference: guarded() links the C one wherever the C crossings are on. No Python frame for a
+# request's header edits or clock read.
+IN_C: dict[Callable, Callable] = {}
+if native_header_edit is not None:
+    _MAP_NAMES = tuple(STREAM_MAPS[t] for t in range(LAST_STREAM_MAP + 1))
+    for _fn, _replace in ((proxy_add_header_map_value, False),
+                          (proxy_replace_header_map_value, True)):
+        IN_C[_fn] = functools.partial(native_header_edit, _fn, _replace, MAX_HEADER_MAP_BYTES,
+                                      _MAP_NAMES)
+if native_time_ns is not None:
+    IN_C[proxy_get_current_time_nanoseconds] = functools.partial(
+        native_time_ns, proxy_get_current_time_nanoseconds)
+
 _GUARDED_SRC = """
 def host({args}):
     try:
@@ -556,11 +581,13 @@ def guarded(f: FilterView, name: str, fn: Callable, *, bad_memory: int | None,
     A bad guest pointer → `bad_memory` (INVALID_MEMORY_ACCESS, as cpp-host; WASI: FAULT); a
     bug of ours → logged, counted, `internal`. Trap (a nested guest call such as the allocator
     trapped) and HostTrap (proc_exit) propagate: they end the guest call on purpose.
-    On the native path the wrapper is C (engine.guarded_host: no Python frame per host call);
+    On the native path the wrapper is C (engine.guarded_host: no Python frame per host call)
+    and wraps ``fn``'s C variant where it has one (IN_C);
     otherwise it is generated once per ``arity`` (the wasm parameter count) and takes exactly
     that many arguments: no *args packing on every host call.
     """
-    host = guarded_host(fn, f, bad_memory, internal, functools.partial(f.host_error, name))
+    host = guarded_host(IN_C.get(fn, fn), f, bad_memory, internal,
+                        functools.partial(f.host_error, name))
     if host is None:                # the C path is off: the same in a generated wrapper
         host = _guarded_factory(arity)(f, name, fn, bad_memory, internal,
                                        MemoryAccessError, Trap, HostTrap)

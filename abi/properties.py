@@ -106,7 +106,11 @@ def _req(name: str) -> Callable[[PropertySource], Any]:
     return get
 
 
-_req_x_request_id = _req("x-request-id")
+def _request_id(facts: StreamFacts) -> str | None:
+    # Envoy's x-request-id, else the id the gateway gave the request.
+    h = facts.request_headers
+    return (h.get("x-request-id") if h is not None else None) or \
+        (facts.info.request_id if facts.info is not None else None)
 
 
 def _url(src: PropertySource):
@@ -157,7 +161,7 @@ _ATTRIBUTES: dict[tuple[str, ...], Callable[[PropertySource], Any]] = {
     ("request", "headers"): lambda s: _headers_map(s.facts.request_headers),
     ("request", "referer"): _req("referer"),
     ("request", "useragent"): _req("user-agent"),
-    ("request", "id"): lambda s: _req_x_request_id(s) or (s.facts.info.request_id if s.facts.info else None),
+    ("request", "id"): lambda s: _request_id(s.facts),
     ("request", "protocol"): _info(lambda i: i.protocol),
     ("request", "time"): _info(lambda i: Timestamp(i.start_time_ns)),
     ("request", "duration"): _log(lambda l: Duration(l.duration_ns)),
@@ -263,6 +267,37 @@ def get_property(src: PropertySource, path: bytes) -> bytes | None:
     if isinstance(value, Walkable):
         return value.encode()
     return encode(value)
+
+
+# The stream properties filters read on every request, answered from the stream's facts (an
+# HTTP context's chain) in one step: path as the guest sends it (with or without the C++ SDK's
+# final NUL) -> encoded value or None, exactly what get_property answers for it
+# (tests/abi/test_units.py compares the two), without its lookup, getter and
+# encoding layers.
+def _stream_str(fn: Callable[[StreamFacts], str | None]) -> Callable[[StreamFacts], bytes | None]:
+    def get(facts: StreamFacts) -> bytes | None:
+        value = fn(facts)
+        return None if value is None else to_bytes(value)
+    return get
+
+
+def _request_header(name: str) -> Callable[[StreamFacts], str | None]:
+    return lambda facts: facts.request_headers.get(name) if facts.request_headers is not None else None
+
+
+def _source_address(facts: StreamFacts) -> bytes | None:
+    info = facts.info
+    return None if info is None else to_bytes(_addr(info.client_addr))
+
+
+STREAM_PROPERTIES: dict[bytes, Callable[[StreamFacts], bytes | None]] = {
+    b"source\0address": _source_address,
+    b"request\0id": _stream_str(_request_id),
+    b"request\0path": _stream_str(_request_header(":path")),
+    b"request\0method": _stream_str(_request_header(":method")),
+    b"request\0host": _stream_str(_request_header(":authority")),
+}
+STREAM_PROPERTIES.update({path + b"\0": get for path, get in STREAM_PROPERTIES.items()})
 
 
 def set_property(src: PropertySource, path: bytes, value: bytes) -> bool:

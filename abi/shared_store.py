@@ -110,11 +110,16 @@ class VmStore:
         self.record_metric = store.record_metric
         self.get_metric = store.get_metric
 
+    # vm_key inlined for the default VM's plain keys (every shared-data call of a request).
     def get(self, key: bytes) -> tuple[bytes, int] | None:
-        return self.base.get(vm_key(self.vm_id, key))
+        if self.vm_id or key[:1] == _KEY_MARK:
+            key = vm_key(self.vm_id, key)
+        return self.base.get(key)
 
     def set(self, key: bytes, value: bytes, cas: int, ttl_ns: int | None = None) -> int:
-        return self.base.set(vm_key(self.vm_id, key), value, cas, ttl_ns)
+        if self.vm_id or key[:1] == _KEY_MARK:
+            key = vm_key(self.vm_id, key)
+        return self.base.set(key, value, cas, ttl_ns)
 
     def register_queue(self, name: str) -> int:
         return self.base.register_queue(vm_queue_name(self.vm_id, name))
@@ -213,7 +218,7 @@ class LocalStore:
         self._next_cas = cas + 1 if cas < 0xFFFFFFFE else 1
         self._data[key] = (value, cas)
         if ttl_ns is not None:
-            due = deadline(now, ttl_ns)
+            due = min(now + ttl_ns, _U64)        # deadline(), inlined (hot path)
             self._deadlines[key] = due
             heap = self._by_deadline
             heapq.heappush(heap, (due, key))

@@ -13,7 +13,9 @@
 * ``Memory`` (instance.py) is bounds-checked access to the instance's exported linear memory
   (``read``, ``header_pair``, ``put_result``: C calls on a native instance).
 * ``guarded_host`` wraps a host function's errors in C (None without the C build);
-  ``serialize_pairs`` is a header map's serialization in C (None likewise).
+  ``serialize_pairs`` is a header map's serialization in C (None likewise);
+  ``native_header_edit`` / ``native_time_ns`` are abi/hostcalls.py's header edits and clock
+  read whole in C on their common path (None likewise).
 * A guest call that ends abnormally raises ``Trap`` (kind: trap | deadline | exit | host) and
   poisons the instance (store.py decides which).
 * ``FilterCore`` (None without the C build) is the C base of abi/filter.py's NativeFilter: a
@@ -55,7 +57,7 @@ from __future__ import annotations
 from .binary import Export, Import
 from .compile import Engine, Module
 from .crossing import (WASMTIME_VERSION, FilterCore, Tally, guarded_host, native_crossings,
-                       serialize_pairs)
+                       native_header_edit, native_time_ns, serialize_pairs)
 from .errors import EngineError, HostTrap, MemoryAccessError, Trap
 from .instance import Instance, Memory
 from .public_api import public_api_crossing
@@ -63,5 +65,6 @@ from .public_api import public_api_crossing
 __all__ = [
     "Engine", "EngineError", "Export", "FilterCore", "HostTrap", "Import", "Instance", "Memory",
     "MemoryAccessError", "Module", "Tally", "Trap", "WASMTIME_VERSION", "guarded_host",
-    "native_crossings", "public_api_crossing", "serialize_pairs",
+    "native_crossings", "native_header_edit", "native_time_ns", "public_api_crossing",
+    "serialize_pairs",
 ]

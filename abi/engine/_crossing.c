@@ -28,6 +28,8 @@
  *       reads them").
  *   GuestFn, CallCore, Tally: a guest export's whole caller (what call() is the core of), the
  *       store state it reads, what its top-level calls add up to (see "guest calls" below).
+ *   header_edit, time_ns: host functions of every request whole in C on their common path
+ *       (see "host calls of every request" below).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -1267,6 +1269,243 @@ static int guest_module_init(PyObject *m) {
     return 0;
 }
 
+/* == host calls of every request (abi/hostcalls.py) ========================================
+ * The host functions a filter chain calls on every request, done whole in C on their common
+ * path; anything else (no memory yet, a map or context the fast path does not know, an edit
+ * the host_limit bound refuses) is handed to ``fallback``, the Python host function, which
+ * is the reference and does exactly what it always did (the pure-Python path runs it alone).
+ *
+ *   header_edit(fallback, replace, limit, map_names, f, map_type, kp, ks, vp, vs) -> status
+ *       proxy_replace_header_map_value (``replace`` true: Envoy setCopy) or
+ *       proxy_add_header_map_value on a stream's HeaderMap (abi/buffers.py): the name read
+ *       lower-cased and the value latin-1 (mem_header_pair), the context's ``edited`` set,
+ *       the map's ``items`` / ``grown`` / ``_ser`` / ``unsafe`` updated as HeaderMap.replace
+ *       / add and valid_header() would. ``map_names``: the chain attribute of each stream
+ *       map type (context.STREAM_MAPS); ``limit``: MAX_HEADER_MAP_BYTES.
+ *   time_ns(fallback, f, ret_p) -> status
+ *       proxy_get_current_time_nanoseconds: f.now_ns() as a u64 at ret_p.
+ *
+ * Both answer Status.OK (0) themselves and nothing else: every other status comes from the
+ * fallback. A bad guest pointer raises MemoryAccessError (through Memory._check, as above),
+ * which the Guarded wrapper turns into INVALID_MEMORY_ACCESS. */
+static PyObject *str_mem, *str_effective, *str_current, *str_vm_ctx, *str_chain, *str_edited,
+                *str_items, *str_grown, *str_ser, *str_unsafe, *str_now_ns;
+
+/* fallback(*args): the Python host function, given the arguments the host function has */
+static PyObject *fall_back(PyObject *fallback, PyObject *const *args, Py_ssize_t nargs) {
+    return PyObject_Vectorcall(fallback, args, (size_t)nargs, NULL);
+}
+
+/* f._effective or f._current or f._vm_ctx (Filter.ctx()); NULL with an exception set */
+static PyObject *current_ctx(PyObject *f) {
+    PyObject *names[3] = {str_effective, str_current, str_vm_ctx};
+    for (int i = 0; i < 3; i++) {
+        PyObject *c = PyObject_GetAttr(f, names[i]);
+        if (c == NULL)
+            return NULL;
+        int yes = i == 2 ? 1 : PyObject_IsTrue(c);
+        if (yes)
+            return yes < 0 ? (Py_DECREF(c), NULL) : c;
+        Py_DECREF(c);
+    }
+    return NULL;    /* not reached */
+}
+
+/* buffers._NAME: ``:?[!#$%&'*+\-.^_`|~0-9a-z]+`` (an HTTP token, lower case, or a pseudo-header) */
+static int token_name(PyObject *name) {
+    Py_ssize_t n = PyUnicode_GET_LENGTH(name), i = 0;
+    if (PyUnicode_KIND(name) != PyUnicode_1BYTE_KIND)
+        return 0;
+    const unsigned char *s = PyUnicode_1BYTE_DATA(name);
+    if (n > 0 && s[0] == ':')
+        i = 1;
+    if (i == n)
+        return 0;
+    for (; i < n; i++) {
+        unsigned char c = s[i];
+        if (!((c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || strchr("!#$%&'*+-.^_`|~", c)) ||
+                c == 0)
+            return 0;
+    }
+    return 1;
+}
+
+/* not buffers.BAD_VALUE.search(value): no control character but HTAB */
+static int clean_value(PyObject *value) {
+    Py_ssize_t n = PyUnicode_GET_LENGTH(value);
+    int kind = PyUnicode_KIND(value);
+    const void *data = PyUnicode_DATA(value);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_UCS4 c = PyUnicode_READ(kind, data, i);
+        if ((c < 0x20 && c != '\t') || c == 0x7f)
+            return 0;
+    }
+    return 1;
+}
+
+static int same_str(PyObject *a, PyObject *b) {   /* both exact str */
+    if (a == b)
+        return 1;
+    Py_ssize_t n = PyUnicode_GET_LENGTH(a);
+    if (n != PyUnicode_GET_LENGTH(b) || PyUnicode_KIND(a) != PyUnicode_KIND(b))
+        return 0;   /* (compact strs of one content have one kind) */
+    return memcmp(PyUnicode_DATA(a), PyUnicode_DATA(b), (size_t)n * PyUnicode_KIND(a)) == 0;
+}
+
+/* The HeaderMap edit itself: 1 done, 0 not done (the bound refuses it, or the map is not the
+ * plain HeaderMap this knows: nothing changed, the fallback decides), -1 error. The list is
+ * changed before anything that could run Python code (an allocation may start the GC). */
+static int edit_map(PyObject *m, PyObject *key, PyObject *value, int replace, long long limit) {
+    PyObject *items = PyObject_GetAttr(m, str_items);
+    PyObject *grown_obj = items == NULL ? NULL : PyObject_GetAttr(m, str_grown);
+    PyObject *pair = grown_obj == NULL ? NULL : PyTuple_Pack(2, key, value);
+    int rc = pair == NULL ? -1 : 0, overflow = 0;
+    long long grown = rc == 0 && PyLong_CheckExact(grown_obj)
+        ? PyLong_AsLongLongAndOverflow(grown_obj, &overflow) : 0;
+    if (rc < 0 || !PyList_CheckExact(items) || !PyLong_CheckExact(grown_obj) || overflow)
+        goto done;                              /* rc 0: not a map of ours (or an error) */
+    Py_ssize_t n = PyList_GET_SIZE(items), first = -1, count = 0;
+    long long dropped = 0, klen = PyUnicode_GET_LENGTH(key), vlen = PyUnicode_GET_LENGTH(value);
+    for (Py_ssize_t j = 0; replace && j < n; j++) {
+        PyObject *kv = PyList_GET_ITEM(items, j);
+        if (!PyTuple_CheckExact(kv) || PyTuple_GET_SIZE(kv) != 2 ||
+                !PyUnicode_CheckExact(PyTuple_GET_ITEM(kv, 0)) ||
+                !PyUnicode_CheckExact(PyTuple_GET_ITEM(kv, 1)))
+            goto done;
+        if (!same_str(PyTuple_GET_ITEM(kv, 0), key))
+            continue;
+        if (count++ == 0)
+            first = j;
+        else            /* buffers._entry of a later occurrence */
+            dropped += klen + PyUnicode_GET_LENGTH(PyTuple_GET_ITEM(kv, 1)) + 10;
+    }
+    long long delta = count == 0 ? klen + vlen + 10
+        : vlen - PyUnicode_GET_LENGTH(PyTuple_GET_ITEM(PyList_GET_ITEM(items, first), 1)) - dropped;
+    if (delta > 0 && grown + delta > limit)
+        goto done;                              /* refused: HeaderMap's False */
+    if (count == 0) {
+        rc = PyList_Append(items, pair);
+    } else {
+        for (Py_ssize_t j = n - 1; rc == 0 && count > 1 && j > first; j--)
+            if (same_str(PyTuple_GET_ITEM(PyList_GET_ITEM(items, j), 0), key))
+                rc = PyList_SetSlice(items, j, j + 1, NULL);
+        if (rc == 0)
+            rc = PyList_SetItem(items, first, Py_NewRef(pair));
+    }
+    PyObject *new_grown = rc < 0 ? NULL : PyLong_FromLongLong(grown + delta);
+    rc = new_grown == NULL || PyObject_SetAttr(m, str_grown, new_grown) < 0 ||
+         PyObject_SetAttr(m, str_ser, Py_None) < 0 ? -1 : 1;
+    Py_XDECREF(new_grown);
+    if (rc > 0 && !(token_name(key) && clean_value(value)) &&
+            PyObject_SetAttr(m, str_unsafe, Py_True) < 0)   /* it never reaches the wire */
+        rc = -1;
+done:
+    Py_XDECREF(items);
+    Py_XDECREF(grown_obj);
+    Py_XDECREF(pair);
+    return rc;
+}
+
+static PyObject *header_edit(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 10) {
+        PyErr_SetString(PyExc_TypeError, "header_edit(fallback, replace, limit, map_names, "
+                                         "f, map_type, key_ptr, key_size, value_ptr, value_size)");
+        return NULL;
+    }
+    int replace = PyObject_IsTrue(args[1]);
+    long long limit = PyLong_AsLongLong(args[2]);
+    PyObject *names = args[3], *f = args[4];
+    long long map_type;
+    if (replace < 0 || (limit == -1 && PyErr_Occurred()) || as_offset(args[5], &map_type) < 0)
+        return NULL;
+    if (!PyTuple_Check(names) || map_type < 0 || map_type >= PyTuple_GET_SIZE(names))
+        return fall_back(args[0], args + 4, nargs - 4);
+    PyObject *mem = PyObject_GetAttr(f, str_mem);
+    if (mem == NULL)
+        return NULL;
+    PyObject *ctx = mem == Py_None ? NULL : current_ctx(f);
+    PyObject *chain = ctx == NULL ? NULL : PyObject_GetAttr(ctx, str_chain);
+    PyObject *key = NULL, *value = NULL, *m = NULL, *r = NULL;
+    if (chain == NULL || chain == Py_None) {
+        if (!PyErr_Occurred())
+            r = fall_back(args[0], args + 4, nargs - 4);
+        goto done;
+    }
+    /* the key and value first: a bad pointer is reported whatever the map (as cpp-host) */
+    key = guest_str(mem, args[6], args[7], 1);
+    value = key == NULL ? NULL : guest_str(mem, args[8], args[9], 0);
+    if (value == NULL || PyObject_SetAttr(ctx, str_edited, Py_True) < 0)
+        goto done;
+    m = PyObject_GetAttr(chain, PyTuple_GET_ITEM(names, map_type));
+    if (m == NULL)
+        goto done;
+    int done = m == Py_None ? 0 : edit_map(m, key, value, replace, limit);
+    if (done > 0)
+        r = PyLong_FromLong(0);                    /* Status.OK */
+    else if (done == 0)
+        r = fall_back(args[0], args + 4, nargs - 4);
+done:
+    Py_XDECREF(mem);
+    Py_XDECREF(ctx);
+    Py_XDECREF(chain);
+    Py_XDECREF(key);
+    Py_XDECREF(value);
+    Py_XDECREF(m);
+    return r;
+}
+
+static PyObject *time_ns(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "time_ns(fallback, f, ret_p)");
+        return NULL;
+    }
+    PyObject *f = args[1];
+    PyObject *mem = PyObject_GetAttr(f, str_mem);
+    if (mem == NULL)
+        return NULL;
+    if (mem == Py_None) {
+        Py_DECREF(mem);
+        return fall_back(args[0], args + 1, nargs - 1);
+    }
+    PyObject *now = PyObject_CallMethodNoArgs(f, str_now_ns);
+    unsigned long long v = now == NULL ? 0 : PyLong_AsUnsignedLongLongMask(now);
+    long long ptr;
+    PyObject *r = NULL;
+    if (now != NULL && !(v == (unsigned long long)-1 && PyErr_Occurred()) &&
+            as_offset(args[2], &ptr) == 0) {
+        unsigned char le[8];
+        for (int i = 0; i < 8; i++)
+            le[i] = (unsigned char)(v >> (8 * i));
+        if (guest_put(mem, ptr, le, 8) == 0)
+            r = PyLong_FromLong(0);                /* Status.OK */
+    }
+    Py_XDECREF(now);
+    Py_DECREF(mem);
+    return r;
+}
+
+static PyMethodDef hostcall_methods[] = {
+    {"header_edit", (PyCFunction)(void (*)(void))header_edit, METH_FASTCALL,
+     "proxy_replace/add_header_map_value on a stream's map (see the section comment)"},
+    {"time_ns", (PyCFunction)(void (*)(void))time_ns, METH_FASTCALL,
+     "proxy_get_current_time_nanoseconds (see the section comment)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static int hostcall_module_init(PyObject *m) {
+    struct { PyObject **slot; const char *name; } strs[] = {
+        {&str_mem, "_mem"}, {&str_effective, "_effective"}, {&str_current, "_current"},
+        {&str_vm_ctx, "_vm_ctx"}, {&str_chain, "chain"}, {&str_edited, "edited"},
+        {&str_items, "items"}, {&str_grown, "grown"}, {&str_ser, "_ser"},
+        {&str_unsafe, "unsafe"}, {&str_now_ns, "now_ns"},
+    };
+    for (size_t i = 0; i < sizeof strs / sizeof strs[0]; i++)
+        if ((*strs[i].slot = PyUnicode_InternFromString(strs[i].name)) == NULL)
+            return -1;
+    return PyModule_AddFunctions(m, hostcall_methods);
+}
+/* == end of: host calls of every request ================================================ */
+
 static PyMethodDef methods[] = {
     {"call", (PyCFunction)(void (*)(void))call, METH_FASTCALL,
      "wasmtime_func_call_unchecked(ctx, func, args, nargs, trap_out), GIL released"},
@@ -1339,7 +1578,7 @@ PyMODINIT_FUNC PyInit__crossing(void) {
         Py_DECREF(m);
         return NULL;
     }
-    if (guest_module_init(m) < 0 || filter_core_init(m) < 0 ||
+    if (guest_module_init(m) < 0 || filter_core_init(m) < 0 || hostcall_module_init(m) < 0 ||
             PyType_Ready(&GuardedType) < 0 ||
             PyModule_AddObjectRef(m, "Guarded", (PyObject *)&GuardedType) < 0) {
         Py_DECREF(m);

@@ -151,6 +151,10 @@ USE_NATIVE = _native is not None
 # no C build); what every proxy_get_header_map_pairs hands the guest.
 serialize_pairs: Callable[[list], bytes | None] | None = \
     _native.serialize_pairs if _native is not None else None
+# abi/hostcalls.py's header edits and clock read, whole in C on their common path (_crossing.c
+# "host calls of every request"); None without the C build (or with one older than them).
+native_header_edit: Callable[..., int] | None = getattr(_native, "header_edit", None)
+native_time_ns: Callable[..., int] | None = getattr(_native, "time_ns", None)
 # The base of store._StoreState: with _crossing.c, its depth/poisoned/armed_at/tally are C
 # fields that _native.GuestFn reads without an attribute lookup (Python sees attributes).
 CallCore: type = _native.CallCore if _native is not None else object

@@ -100,6 +100,30 @@ async def test_header_value_get_add_replace_remove(load, trace):
                            ("x-empty", "")]
 
 
+async def test_header_edits_duplicates_accounting_and_validity(load, trace):
+    # On both crossings (the C header_edit, the Python _header_edit): a replace keeps the first
+    # occurrence's place and drops the later ones, the map's ``grown`` counts the serialized
+    # bytes edits added (net), an invalid name or value is OK but never reaches the wire.
+    w = Wat()
+    w.on("proxy_on_request_headers",
+         status(w, "rep", f"(call $proxy_replace_header_map_value (i32.const 0) {w.s('X-D')} {w.s('v')})")
+         + status(w, "add", f"(call $proxy_add_header_map_value (i32.const 0) {w.s('x-n')} {w.s('v2')})")
+         + status(w, "bad-name", f"(call $proxy_replace_header_map_value (i32.const 0) {w.s('x-bad name')} {w.s('v')})")
+         + status(w, "bad-value", f"(call $proxy_replace_header_map_value (i32.const 0) {w.s('x-n')} {w.s('a' + chr(10) + 'b')})")
+         + status(w, "pseudo", f"(call $proxy_replace_header_map_value (i32.const 1) {w.s(':x')} {w.s('t')})")
+         + " (i32.const 0)")
+    host = await load(w)
+    trace.records.clear()
+    s, fwd = await run_request(host, headers=REQ + [("x-d", "1"), ("x-t", "t"), ("x-d", "22"), ("x-d", "333")])
+    assert trace.lines("f")[1:] == ["rep 0", "add 0", "bad-name 0", "bad-value 0", "pseudo 2"]
+    assert fwd.headers == REQ + [("x-d", "v"), ("x-t", "t")]     # x-n's new value is unsafe
+    m = s.request_headers
+    assert m.items[-3:] == [("x-t", "t"), ("x-n", "a\nb"), ("x-bad name", "v")]
+    # replace x-d: -(3+2+10) - (3+3+10) for the dropped ones; add x-n: 3+2+10;
+    # x-bad name: 10+1+10; x-n's value 2 -> 3 bytes: +1
+    assert m.grown == -31 + 15 + 21 + 1 and m.unsafe
+
+
 async def test_set_header_map_pairs_replaces_all_and_lowercases(load):
     w = Wat()
     data = serialize([(b":method", b"POST"), (b":path", b"/p"), (b":authority", b"h"), (b"X-Up", b"v")])

@@ -184,3 +184,26 @@ def test_c_serialize_pairs_is_the_python_serialization(pairs):
     assert serialize_pairs(pairs) == _serialize_str(pairs)
     odd = [("k\u0100", "v")], [("k", b"v")], [("k", "v", "w")], [["k", "v"]], (("k", "v"),)
     assert [serialize_pairs(p) for p in odd] == [None] * len(odd)
+
+
+@pytest.mark.parametrize("case", ["plain", "no-info", "no-headers", "empty-id-header", "id-header", "ipv6"])
+def test_stream_properties_answer_what_get_property_does(case):
+    """STREAM_PROPERTIES (the hot paths proxy_get_property answers in one step) give exactly
+    get_property's bytes or None, for each path as the guest sends it (with or without the
+    C++ SDK's final NUL), whatever facts the stream has."""
+    from abi.buffers import HeaderMap
+    from abi.properties import STREAM_PROPERTIES
+    headers = [(":method", "GET"), (":path", "/p?q=1"), (":authority", "h.example"), ("x-a", "é")]
+    facts = RootFacts(info=info(), request_headers=HeaderMap(list(headers)))
+    if case == "no-info":
+        facts.info = None
+    elif case == "no-headers":
+        facts.request_headers = None
+    elif case in ("empty-id-header", "id-header"):
+        facts.request_headers.add("x-request-id", "" if case == "empty-id-header" else "rid-7")
+    elif case == "ipv6":
+        facts.info.client_addr = ("::1", 443)
+    src = PropertySource("p", facts)
+    assert len(STREAM_PROPERTIES) == 10
+    for path, fast in STREAM_PROPERTIES.items():
+        assert fast(facts) == get_property(src, path), path
