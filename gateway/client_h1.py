@@ -31,8 +31,8 @@ from abi.api import LocalReplyInterrupt, TlsFacts
 
 from .client_h2 import H2Connection
 from .config import Limits
-from .http1 import (FRAMING, BodyTooLarge, HttpError, PeerClosed, body_length, parse_request_head, read_chunked,
-                    trailer_block)
+from .http1 import (FRAMING, BodyTooLarge, HttpError, PeerClosed, StreamProtocol, body_length, parse_request_head,
+                    read_chunked, trailer_block)
 from .proxy import (ClientRequest, Exchange, GatewayState, final_status, header_value, init_connection,
                     log_exchange, reason, traced)
 from .request_head import check_authority
@@ -49,12 +49,11 @@ _READ = 65536
 IDLE, HEAD, BODY, BUSY, SEND = range(5)
 
 
-class ClientProtocol(asyncio.StreamReaderProtocol):
-    """asyncio's stream protocol that also tells the connection when the client goes away."""
+class ClientProtocol(StreamProtocol):
+    """The stream protocol that also tells the connection when the client goes away."""
 
     def __init__(self, limit: int, on_connection: Callable):
-        loop = asyncio.get_running_loop()
-        super().__init__(asyncio.StreamReader(limit=limit, loop=loop), on_connection, loop=loop)
+        super().__init__(asyncio.StreamReader(limit=limit, loop=asyncio.get_running_loop()), on_connection)
         self.on_gone: Callable[[], None] | None = None
 
     def eof_received(self) -> bool | None:
@@ -209,7 +208,9 @@ class Connection:
                     if not head:
                         buf, self.pending = self.pending, b""
                         continue
-                self._leave_idle()
+                if self.phase == IDLE:      # _leave_idle(), inline: once per request
+                    self.gw.idle_connections -= 1
+                    self.phase = HEAD
                 return head
             if len(buf) > limit:
                 self._leave_idle()
@@ -244,7 +245,7 @@ class Connection:
             self.phase = HEAD
 
     def _go_idle(self) -> None:
-        self.watchdog.disarm()
+        self.watchdog.deadline = None       # disarm(), without the call
         self.phase = IDLE
         self.gw.idle_connections += 1
         self.last_active = time.monotonic()
@@ -254,7 +255,8 @@ class Connection:
         gw = self.gw
         gen = gw.generation
         limits = self.limits = gen.config.limits
-        self._enter(BUSY, None)
+        self.phase = BUSY                   # _enter(BUSY, None), inline: once per request
+        self.watchdog.deadline = None
         ex = Exchange("-", "-")
         gen.active += 1
         try:
@@ -289,7 +291,7 @@ class Connection:
         finally:
             gen.active -= 1
             if ex.tunnel is None:
-                self._log(ex)
+                log_exchange(gw, ex, self.peer_text)
         if ex.tunnel is not None:
             await self._switch(ex)
             return False
@@ -306,6 +308,7 @@ class Connection:
         expect = ""
         upgrade: str | None = None
         conn_tokens: set[str] | None = None
+        framed = False              # a Content-Length or Transfer-Encoding field: body_length() decides
         for name, value in headers:
             if name == "host":
                 if authority is not None:
@@ -320,6 +323,8 @@ class Connection:
                 conn_tokens = tokens if conn_tokens is None else conn_tokens | tokens
             elif name == "upgrade":
                 upgrade = value if upgrade is None else f"{upgrade}, {value}"
+            elif name == "content-length" or name == "transfer-encoding":
+                framed = True
         keepalive = version == "HTTP/1.1"
         if conn_tokens:
             if "close" in conn_tokens:
@@ -336,7 +341,7 @@ class Connection:
             authority = f"{self.local[0]}:{self.local[1]}"
         else:
             check_authority(authority)
-        length = body_length(headers, request=True)
+        length = body_length(headers, request=True) if framed else -1
         if length is None and version == "HTTP/1.0":
             raise HttpError(400, "Transfer-Encoding in an HTTP/1.0 request")
         if length is not None and length > limits.max_request_body_bytes:
@@ -346,7 +351,8 @@ class Connection:
             return self.proxy.reply_error(self, ex, 417, f"unsupported Expect: {expect}", "bad_request")
         if target == "*":
             return self.proxy.reply_error(self, ex, 404, "no route for OPTIONS *", "no_route", close=length != -1)
-        upgrade = _upgrade_to(upgrade, conn_tokens, version)
+        if upgrade is not None:
+            upgrade = _upgrade_to(upgrade, conn_tokens, version)
         if upgrade is not None:
             if length is None or length > 0:
                 # The new protocol's bytes would follow a body we forward first: never worth the
@@ -455,10 +461,13 @@ class Connection:
             ex.status = status
             return not close
         if isinstance(body, bytes):
-            self.writer.write(head + body)
+            transport = self.transport
+            transport.write(head + body)
             ex.status = status
             ex.bytes_out = len(body)
-            return await self._drained() and not close
+            if transport.get_write_buffer_size():       # else _drained() would return at once
+                return await self._drained() and not close
+            return not close and not transport.is_closing()
         return await self._stream(ex, status, head, body, chunked) and not close
 
     async def _stream(self, ex: Exchange, status: int, head: bytes, body: AsyncIterator[bytes],

@@ -11,8 +11,9 @@ a Content-Length body is counted, not parsed; a chunked body goes through llhttp
 """
 from __future__ import annotations
 
+import asyncio
 import re
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import httptools
 
@@ -55,17 +56,26 @@ class PeerClosed(Exception):
     """The other side closed or reset the connection mid-message."""
 
 
+class StreamProtocol(asyncio.StreamReaderProtocol):
+    """asyncio's stream protocol, handing each segment straight to its reader: the base class
+    looks the reader up through a weakref property on every data_received."""
+
+    def __init__(self, reader: asyncio.StreamReader, on_connection: Callable | None = None):
+        super().__init__(reader, on_connection, loop=asyncio.get_running_loop())
+        self._reader = reader
+
+    def data_received(self, data: bytes) -> None:
+        self._reader.feed_data(data)
+
+
 class _Head:
-    """llhttp callbacks for one head: target and lower-cased header fields (latin-1)."""
-    __slots__ = ("url", "headers", "complete")
+    """llhttp callbacks for one head: lower-cased header fields (latin-1). The request target
+    is sliced from the request line llhttp validated, without a callback."""
+    __slots__ = ("headers", "complete")
 
     def __init__(self):
-        self.url = b""
         self.headers: Headers = []
         self.complete = False
-
-    def on_url(self, url: bytes) -> None:
-        self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name.decode("latin-1").lower(), value.decode("latin-1").strip(" \t")))
@@ -151,7 +161,11 @@ def parse_request_head(head: bytes) -> tuple[str, str, str, Headers]:
     version = head[eol - 8:eol]                        # llhttp checked it: HTTP/<digit>.<digit>
     if version != b"HTTP/1.1" and version != b"HTTP/1.0":
         raise HttpError(505, "only HTTP/1.1 and HTTP/1.0 are supported")
-    return method.decode("latin-1"), sink.url.decode("latin-1"), version.decode("latin-1"), sink.headers
+    # llhttp took the request line as method SP+ target SP+ version, the target without spaces.
+    target = head[sp + 1:eol - 9].strip(b" ")
+    if not target:
+        raise HttpError(400, "malformed request line")
+    return method.decode("latin-1"), target.decode("latin-1"), version.decode("latin-1"), sink.headers
 
 
 def parse_response_head(head: bytes) -> tuple[int, str, Headers]:
@@ -171,7 +185,10 @@ def strip_hop_by_hop(headers: Headers) -> Headers:
     hop = HOP_BY_HOP
     for name, value in headers:
         if name == "connection":
-            hop = hop | {t.strip().lower() for t in value.split(",")}
+            low = value.lower()
+            if low in hop:          # "keep-alive", most of the time: nothing to add
+                continue
+            hop = hop | {t.strip() for t in low.split(",")}
     return [(n, v) for n, v in headers if n not in hop]
 
 

@@ -17,7 +17,7 @@ from abi.api import CallFailed, CallResponse, GrpcReply, GrpcStream, Headers, No
 from .config import Cluster, Endpoint, RedisCluster
 from .grpc_clusters import GrpcClusters
 from .redis_clusters import RedisClusters
-from .http1 import (FRAMING, BodyStream, HttpError, PeerClosed, body_length, connection_tokens,
+from .http1 import (FRAMING, BodyStream, HttpError, PeerClosed, StreamProtocol, body_length, connection_tokens,
                     parse_response_head, read_chunked, trailer_block)
 from .tls import client_context, ssl_reason
 from .watchdog import Watchdog
@@ -56,13 +56,20 @@ class _Stale(Exception):
 
 
 class UpConn:
-    __slots__ = ("reader", "writer", "endpoint", "reused", "timed_out", "idle_since", "watchdog")
+    """One upstream connection. What every request touches is resolved once per connection: the
+    transport (StreamWriter.transport is a property), the endpoint's text (Endpoint.__str__) and
+    the pool's idle list for it (an Endpoint is hashed by a generated Python __hash__)."""
+    __slots__ = ("reader", "writer", "transport", "endpoint", "name", "idle", "reused", "timed_out",
+                 "idle_since", "watchdog")
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, endpoint: Endpoint,
-                 idle_timeout_s: float):
+                 idle_timeout_s: float, idle: list["UpConn"]):
         self.reader = reader
         self.writer = writer
+        self.transport = writer.transport
         self.endpoint = endpoint
+        self.name = str(endpoint)
+        self.idle = idle            # the pool's idle connections to this endpoint
         self.reused = False
         self.timed_out = False
         self.idle_since = 0.0
@@ -70,15 +77,15 @@ class UpConn:
         self.watchdog = Watchdog(asyncio.get_running_loop(), idle_timeout_s, self.on_timeout)
 
     def usable(self) -> bool:
-        return not self.writer.transport.is_closing() and not self.reader.at_eof()
+        return not self.transport.is_closing() and not self.reader.at_eof()
 
     def abort(self) -> None:
         self.watchdog.close()
-        self.writer.transport.abort()
+        self.transport.abort()
 
     def on_timeout(self) -> None:
         self.timed_out = True
-        self.writer.transport.abort()
+        self.transport.abort()
 
 
 class UpstreamResponse:
@@ -100,7 +107,7 @@ class UpstreamResponse:
         self.length = length            # int, None = chunked, -1 = until close
         self.keepalive = keepalive
         self.complete = length == 0
-        self.endpoint = str(conn.endpoint)
+        self.endpoint = conn.name
         self.bytes = 0
         self._body_iter: AsyncIterator[bytes] | None = None
         self.idle_s = pool.cluster.response_idle_timeout_ms / 1000
@@ -119,13 +126,14 @@ class UpstreamResponse:
         ``body`` may have been handed out (to the filters), but nothing may have iterated it."""
         assert self.length is not None and self.length > 0 and self.bytes == 0 and not self.complete
         conn = self.conn
-        conn.watchdog.arm(self.idle_s)
+        watchdog = conn.watchdog
+        watchdog.arm(self.idle_s)
         try:
             data = await conn.reader.readexactly(self.length)
         except (asyncio.IncompleteReadError, ConnectionError) as e:
             raise self._broke(f"connection closed inside the body ({e})") from None
         finally:
-            conn.watchdog.disarm()
+            watchdog.deadline = None            # disarm(), without the call
         self.bytes = len(data)
         self.complete = True
         return data
@@ -208,7 +216,7 @@ class UpstreamTunnel:
         self.pool = pool
         self.conn: UpConn | None = conn
         self.headers = headers
-        self.endpoint = str(conn.endpoint)
+        self.endpoint = conn.name
         self.reader = conn.reader       # may already hold the first bytes the upstream sent after 101
         self.writer = conn.writer
 
@@ -228,6 +236,8 @@ class Pool:
     def __init__(self, cluster: Cluster):
         self.cluster = cluster
         self.idle: dict[Endpoint, list[UpConn]] = {ep: [] for ep in cluster.endpoints}
+        # One endpoint (the common case): no round robin, its idle list is where a request looks.
+        self._single = self.idle[cluster.endpoints[0]] if len(cluster.endpoints) == 1 else None
         self.open = 0
         self._rr = 0
         self._ejected: dict[Endpoint, float] = {}
@@ -261,6 +271,21 @@ class Pool:
             self._ejected[ep] = time.monotonic() + self.cluster.eject_ms / 1000
             log.warning('cluster "%s": endpoint %s ejected for %d ms', self.cluster.name, ep,
                         self.cluster.eject_ms)
+
+    def _reuse(self) -> UpConn | None:
+        """acquire()'s first step without a coroutine, for a single-endpoint cluster: an idle
+        connection fit for reuse, or None."""
+        idle = self._single
+        if not idle:
+            return None
+        now = time.monotonic()
+        while idle:
+            conn = idle.pop()
+            if not conn.transport.is_closing() and not conn.reader.at_eof() and now - conn.idle_since < IDLE_REUSE_S:
+                conn.reused = True
+                return conn
+            self._close(conn)
+        return None
 
     async def acquire(self) -> UpConn:
         """A connection to the next endpoint in round robin: idle if one is pooled, else new."""
@@ -316,10 +341,13 @@ class Pool:
             # SNI and the name verified: `sni`, else the endpoint's host (Python sends no SNI for an IP).
             "ssl": self._tls, "server_hostname": self.cluster.tls.sni or ep.host,   # type: ignore[union-attr]
             "ssl_handshake_timeout": self._connect_timeout}
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=_READ, loop=loop)
         try:
             # connect_timeout_ms bounds the TCP connect and the TLS handshake together.
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(ep.host, ep.port, limit=_READ, **tls), self._connect_timeout)
+            # (asyncio.open_connection, with the leaner protocol.)
+            transport, protocol = await asyncio.wait_for(
+                loop.create_connection(lambda: StreamProtocol(reader), ep.host, ep.port, **tls), self._connect_timeout)
         except asyncio.TimeoutError:
             self._eject(ep)
             raise UpstreamError(504, "timeout", f"connect to {ep} timed out", str(ep)) from None
@@ -331,19 +359,21 @@ class Pool:
             self._eject(ep)
             why = "refused" if isinstance(e, ConnectionRefusedError) else (e.strerror or str(e))
             raise UpstreamError(502, "refused", f"connect to {ep}: {why}", str(ep)) from None
+        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
         sock = writer.get_extra_info("socket")
         if sock is not None:
             # Head, body chunks and the final chunk go out as separate writes: no Nagle delay.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return UpConn(reader, writer, ep, self.cluster.response_idle_timeout_ms / 1000)
+        return UpConn(reader, writer, ep, self.cluster.response_idle_timeout_ms / 1000, self.idle[ep])
 
     def release(self, conn: UpConn) -> None:
-        if self._closed or not conn.usable():
+        if self._closed or conn.transport.is_closing() or conn.reader.at_eof():
             self._close(conn)
             return
         conn.idle_since = time.monotonic()
-        self.idle[conn.endpoint].append(conn)
-        self._wake()
+        conn.idle.append(conn)
+        if self._waiters:
+            self._wake()
 
     def discard(self, conn: UpConn) -> None:
         conn.abort()
@@ -352,7 +382,7 @@ class Pool:
 
     def _close(self, conn: UpConn) -> None:
         conn.watchdog.close()
-        conn.writer.transport.close()
+        conn.transport.close()
         self.open -= 1
         self._wake()
 
@@ -382,7 +412,9 @@ class Pool:
         UpstreamTunnel, anything else an ordinary response.
         """
         for attempt in (0, 1):
-            conn = await self.acquire()
+            conn = self._reuse() if self._single is not None else None
+            if conn is None:
+                conn = await self.acquire()
             try:
                 return await self._exchange_on(conn, method, target, authority, headers, body, length, upgrade)
             except _Stale:
@@ -391,7 +423,7 @@ class Pool:
                 if body is None and attempt == 0:
                     continue
                 raise UpstreamError(502, "reset", f"{conn.endpoint} closed the connection before responding",
-                                    str(conn.endpoint)) from None
+                                    conn.name) from None
             except BaseException:
                 self.discard(conn)
                 raise
@@ -410,8 +442,7 @@ class Pool:
             parts.append("content-length: 0\r\n\r\n")
         else:
             parts.append("\r\n")
-        writer = conn.writer
-        writer.write("".join(parts).encode("latin-1", "replace"))
+        conn.transport.write("".join(parts).encode("latin-1", "replace"))
         if body is not None:
             try:
                 await self._send_body(conn, body, length)
@@ -429,46 +460,47 @@ class Pool:
                 except asyncio.IncompleteReadError as e:
                     if conn.timed_out:
                         raise UpstreamError(504, "timeout", f"{conn.endpoint} did not respond within "
-                                            f"{self.cluster.request_timeout_ms} ms", str(conn.endpoint)) from None
+                                            f"{self.cluster.request_timeout_ms} ms", conn.name) from None
                     if not e.partial and conn.reused:
                         raise _Stale() from None
                     raise UpstreamError(502, "reset", f"{conn.endpoint} closed the connection before responding",
-                                        str(conn.endpoint)) from None
+                                        conn.name) from None
                 except asyncio.LimitOverrunError:
                     raise UpstreamError(502, "bad_response", f"{conn.endpoint} sent a response head over "
-                                        f"{_READ} bytes", str(conn.endpoint)) from None
+                                        f"{_READ} bytes", conn.name) from None
                 except ConnectionError as e:
                     if conn.timed_out:
                         raise UpstreamError(504, "timeout", f"{conn.endpoint} did not respond in time",
-                                            str(conn.endpoint)) from None
-                    raise UpstreamError(502, "reset", f"{conn.endpoint}: {e}", str(conn.endpoint)) from None
+                                            conn.name) from None
+                    raise UpstreamError(502, "reset", f"{conn.endpoint}: {e}", conn.name) from None
                 try:
                     status, version, rheaders = parse_response_head(head)
                 except HttpError as e:
-                    raise UpstreamError(502, "bad_response", f"{conn.endpoint}: {e.message}", str(conn.endpoint)) from None
+                    raise UpstreamError(502, "bad_response", f"{conn.endpoint}: {e.message}", conn.name) from None
                 if 100 <= status < 200 and status != 101:
                     continue            # interim responses (100 Continue, 103) are not forwarded
                 break
         finally:
-            watchdog.disarm()
+            watchdog.deadline = None            # disarm(), without the call
         if status == 101 and upgrade:
             conn.watchdog.close()
             return UpstreamTunnel(self, conn, rheaders)
         if status == 101:
             raise UpstreamError(502, "bad_response", f"{conn.endpoint} switched protocols, which is not supported",
-                                str(conn.endpoint))
+                                conn.name)
         if method == "HEAD" or status == 204 or status == 304:
             n: int | None = 0
         else:
             try:
                 n = body_length(rheaders, request=False)
             except HttpError as e:
-                raise UpstreamError(502, "bad_response", f"{conn.endpoint}: {e.message}", str(conn.endpoint)) from None
+                raise UpstreamError(502, "bad_response", f"{conn.endpoint}: {e.message}", conn.name) from None
         # A refused upgrade: the upstream may still expect the other protocol on this connection.
         keepalive = version == "HTTP/1.1" and n != -1 and not upgrade
         if keepalive:
             for name, value in rheaders:
-                if name == "connection" and "close" in connection_tokens([(name, value)]):
+                # "close" in the value is rare ("keep-alive" is not): only then split the tokens.
+                if name == "connection" and "close" in value.lower() and "close" in connection_tokens([(name, value)]):
                     keepalive = False
         return UpstreamResponse(self, conn, status, rheaders, n, keepalive)
 
@@ -491,7 +523,7 @@ class Pool:
         elif sent != length:
             # Framing would be wrong on the wire; never send a message the upstream would split.
             raise UpstreamError(502, "bad_request_body", f"body had {sent} bytes, Content-Length said {length}",
-                                str(conn.endpoint))
+                                conn.name)
 
     async def _drain(self, conn: UpConn) -> None:
         # An upstream that stops reading for a whole request timeout is treated as stalled.

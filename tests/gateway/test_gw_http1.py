@@ -50,6 +50,40 @@ def test_arbitrary_bytes_parse_or_raise_http_error(data):
             assert e.status == 400
 
 
+@given(st.sampled_from([b"GET", b"OPTIONS", b"CONNECT", b"PURGE-ALL"]), st.sampled_from([b" ", b"  ", b"\t"]),
+       st.sampled_from([b"/", b"/p?q=1&r", b"*", b"http://h:1/x#f", b"h:443", b"/a b", b"/%7e", b""]),
+       st.sampled_from([b" ", b"   ", b""]))
+@settings(max_examples=200, deadline=None)
+def test_request_target_is_what_llhttp_reports(method, gap, target, gap2):
+    """The target is sliced from the request line llhttp validated (no on_url callback): for
+    every line llhttp takes, it is exactly what llhttp's on_url reports."""
+    import httptools
+
+    class Url:
+        url = b""
+
+        def on_url(self, url):
+            self.url += url
+
+    line = method + gap + target + gap2 + b" HTTP/1.1\r\nHost: h\r\n\r\n"
+    seen = Url()
+    try:
+        httptools.HttpRequestParser(seen).feed_data(line.replace(b"PURGE-ALL", b"PUT", 1))
+    except httptools.HttpParserUpgrade:
+        pass
+    except httptools.HttpParserError:
+        with pytest.raises(HttpError):
+            parse_request_head(line)
+        return
+    try:
+        got = parse_request_head(line)[1]
+    except HttpError as e:
+        # "CONNECT  HTTP/1.1": llhttp reads "HTTP/1.1" as the target of a versionless line; we refuse.
+        assert not target and e.status == 400
+        return
+    assert got == seen.url.decode("latin-1")
+
+
 def test_response_status_lines():
     assert parse_response_head(b"HTTP/1.0 204\r\n\r\n")[:2] == (204, "HTTP/1.0")
     for bad in (b"RTSP/1.0 200 OK", b"HTTP/2.0 200 OK", b"HTTP/1.1 20 OK", b"HTTP/1.1 200 OK\r\nX : y"):
