@@ -160,7 +160,8 @@ class Tracer:
         else:
             # A new trace; not sampled: this gateway records no span of it, and must not make
             # every upstream record every request.
-            trace_id, span_id, flags = random_hex(16), random_hex(8), 0
+            ids = random_hex(24)         # trace id (16 bytes) and span id (8) in one draw
+            trace_id, span_id, flags = ids[:32], ids[32:], 0
         if self.propagate:
             headers.append(("traceparent", f"00-{trace_id}-{span_id}-{flags:02x}"))
             if state:
