@@ -140,8 +140,10 @@ class Tracer:
         trace headers, already removed from ``headers``. None when nothing of the request is
         recorded (no export, no filter trace asked for): the trace headers are all it gets."""
         if self._propagate_only and not got.traceparent:
-            # Most requests: a new, unsampled trace (the last case below), decided in one test.
-            return self._new_trace(headers)
+            # Most requests: the last case below (a new trace, not sampled), decided in one test.
+            ids = random_hex(24)
+            headers.append(("traceparent", f"00-{ids[:32]}-{ids[32:]}-00"))
+            return None
         header = got.debug and bool(self.debug_networks) and in_cidrs(client_ip, self.debug_networks)
         incoming = parse_traceparent(got.traceparent) if got.traceparent else None
         state = valid_tracestate(got.tracestate) if incoming is not None and got.tracestate else None
@@ -163,20 +165,14 @@ class Tracer:
             flags &= 0x01                # level 1: only "sampled" is defined; others are zeroed
             span_id = random_hex(8)
         else:
-            return self._new_trace(headers, rt)
+            # A new trace; not sampled: this gateway records no span of it, and must not make
+            # every upstream record every request.
+            ids = random_hex(24)         # trace id (16 bytes) and span id (8) in one draw
+            trace_id, span_id, flags = ids[:32], ids[32:], 0
         if self.propagate:
             headers.append(("traceparent", f"00-{trace_id}-{span_id}-{flags:02x}"))
             if state:
                 headers.append(("tracestate", state))
-        return rt
-
-    @staticmethod
-    def _new_trace(headers: list[tuple[str, str]], rt: RequestTrace | None = None) -> RequestTrace | None:
-        """Propagation without a valid incoming traceparent nor export: a new trace, not sampled
-        (this gateway records no span of it, and must not make every upstream record every
-        request); a tracestate without a traceparent is dropped with it (W3C §3.3)."""
-        ids = random_hex(24)            # trace id (16 bytes) and span id (8) in one draw
-        headers.append(("traceparent", f"00-{ids[:32]}-{ids[32:]}-00"))
         return rt
 
     def done(self, rt: RequestTrace, ex: Any, client: str) -> None:
