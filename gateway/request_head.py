@@ -4,6 +4,7 @@ sets — and the request head the upstream gets instead (hop-by-hop removed, X-F
 from __future__ import annotations
 
 import re
+from operator import itemgetter
 from typing import TYPE_CHECKING
 
 from .http1 import HOP_BY_HOP, HttpError
@@ -13,6 +14,7 @@ if TYPE_CHECKING:
     from .tracing import TraceHeaders
 
 Headers = list[tuple[str, str]]
+_name = itemgetter(0)
 
 # RFC 3986 host (IP-literal, IPv4 or reg-name without percent-encodings) and an optional port,
 # as nginx validates Host: no spaces, "/", "\", "@" (userinfo) or "..".
@@ -36,14 +38,28 @@ def new_request_id() -> str:
     return random_hex(16)
 
 
+# Names the loop in upstream_headers does more with than copy: with none of them (nor an
+# internal header) in a request, its headers go on as they came, less Host.
+_NOT_COPIED = HOP_BY_HOP | {"expect", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id",
+                            "x-wasmgate-trace", "traceparent", "tracestate"}
+
+
 def upstream_headers(headers: Headers, conn_tokens: set[str] | None, client_ip: str, authority: str,
                      rid: str, scheme: str, internal: frozenset[str], trace: "TraceHeaders | None" = None) -> Headers:
     """Request headers for the upstream (and the filters): hop-by-hop and ``internal`` headers
     gone, X-Forwarded-* appended, exactly one x-request-id (``rid``, validated by the caller).
     x-wasmgate-trace never goes on; with ``trace`` (tracing.TraceHeaders) it and the W3C
     traceparent/tracestate are moved there (gateway/tracing.py decides what goes upstream)."""
+    names = list(map(_name, headers))      # the common case decided in C, not per header
+    if not conn_tokens and _NOT_COPIED.isdisjoint(names) and internal.isdisjoint(names) and names.count("host") < 2:
+        out = headers.copy()
+        if "host" in names:
+            del out[names.index("host")]
+        out += (("x-forwarded-for", client_ip), ("x-forwarded-proto", scheme), ("x-forwarded-host", authority),
+                ("x-request-id", rid))
+        return out
     hop = HOP_BY_HOP | conn_tokens if conn_tokens else HOP_BY_HOP
-    out: Headers = []
+    out = []
     xff = xfp = xfh = None
     for name, value in headers:
         if name in hop or name == "host" or name == "expect":
