@@ -4,7 +4,6 @@ sets — and the request head the upstream gets instead (hop-by-hop removed, X-F
 from __future__ import annotations
 
 import re
-from operator import itemgetter
 from typing import TYPE_CHECKING
 
 from .http1 import HOP_BY_HOP, HttpError
@@ -14,7 +13,6 @@ if TYPE_CHECKING:
     from .tracing import TraceHeaders
 
 Headers = list[tuple[str, str]]
-_name = itemgetter(0)
 
 # RFC 3986 host (IP-literal, IPv4 or reg-name without percent-encodings) and an optional port,
 # as nginx validates Host: no spaces, "/", "\", "@" (userinfo) or "..".
@@ -38,10 +36,11 @@ def new_request_id() -> str:
     return random_hex(16)
 
 
-# Names the loop in upstream_headers does more with than copy: with none of them (nor an
-# internal header) in a request, its headers go on as they came, less Host.
-_NOT_COPIED = HOP_BY_HOP | {"expect", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id",
-                            "x-wasmgate-trace", "traceparent", "tracestate"}
+# Names upstream_headers does more with than copy (hop-by-hop, Host, Expect, the X-Forwarded-*
+# it joins, x-request-id, trace headers): any other header costs one set lookup (and one in
+# ``internal``), not the chain of comparisons below.
+_NOT_COPIED = HOP_BY_HOP | {"host", "expect", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host",
+                            "x-request-id", "x-wasmgate-trace", "traceparent", "tracestate"}
 
 
 def upstream_headers(headers: Headers, conn_tokens: set[str] | None, client_ip: str, authority: str,
@@ -50,18 +49,13 @@ def upstream_headers(headers: Headers, conn_tokens: set[str] | None, client_ip: 
     gone, X-Forwarded-* appended, exactly one x-request-id (``rid``, validated by the caller).
     x-wasmgate-trace never goes on; with ``trace`` (tracing.TraceHeaders) it and the W3C
     traceparent/tracestate are moved there (gateway/tracing.py decides what goes upstream)."""
-    names = list(map(_name, headers))      # the common case decided in C, not per header
-    if not conn_tokens and _NOT_COPIED.isdisjoint(names) and internal.isdisjoint(names) and names.count("host") < 2:
-        out = headers.copy()
-        if "host" in names:
-            del out[names.index("host")]
-        out += (("x-forwarded-for", client_ip), ("x-forwarded-proto", scheme), ("x-forwarded-host", authority),
-                ("x-request-id", rid))
-        return out
-    hop = HOP_BY_HOP | conn_tokens if conn_tokens else HOP_BY_HOP
-    out = []
+    hop, special = (HOP_BY_HOP | conn_tokens, _NOT_COPIED | conn_tokens) if conn_tokens else (HOP_BY_HOP, _NOT_COPIED)
+    out: Headers = []
     xff = xfp = xfh = None
     for name, value in headers:
+        if name not in special and name not in internal:
+            out.append((name, value))
+            continue
         if name in hop or name == "host" or name == "expect":
             continue
         if name[0] == "x":
