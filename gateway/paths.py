@@ -31,6 +31,9 @@ _PCT = re.compile(r"%(.?.?)")
 _HEX2 = re.compile(r"[0-9A-Fa-f]{2}")
 # Paths with none of these are already normal (the common case costs one regex search).
 _NEEDS_WORK = re.compile(r"%|//|/\.|\\|;|^[^/]")
+# Whether ``path`` may differ from its normal form (or from its routing form: ";" is in the
+# pattern); the proxy asks this before calling normalize_path, to skip two calls per request.
+needs_normalizing = _NEEDS_WORK.search
 
 
 @dataclass(frozen=True)

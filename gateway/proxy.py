@@ -30,8 +30,9 @@ from .accesslog import AccessLog
 from .config import Config, Route
 from .http1 import BodyTooLarge, HttpError, PeerClosed, strip_hop_by_hop
 from .metrics import Metrics
-from .paths import PathPolicy, RedirectTo, normalize_path, routing_path
-from .request_head import new_request_id, upstream_headers, valid_request_id
+from .paths import PathPolicy, RedirectTo, needs_normalizing, normalize_path, routing_path
+from .random_ids import random_hex
+from .request_head import upstream_headers, valid_request_id
 from .routing import Router, rewrite_target
 from .spool import Spool
 from .tracing import DEBUG_HEADER, RequestTrace, Tracer, TraceHeaders
@@ -176,14 +177,19 @@ class Proxy:
         path, sep, query = req.target.partition("?")
         if "#" in req.target:
             raise HttpError(400, "a fragment in the request target")
-        try:
-            path = normalize_path(path, config.path_normalization)
-        except RedirectTo as r:
-            return self._redirect(conn, ex, r.path + sep + query, req)
+        if needs_normalizing(path):         # most paths are normal already: no call at all
+            try:
+                path = normalize_path(path, config.path_normalization)
+            except RedirectTo as r:
+                return self._redirect(conn, ex, r.path + sep + query, req)
+            rpath = routing_path(path)
+        else:
+            rpath = path                    # nothing to normalise means no ";" parameters either
         target = path + sep + query if sep else path
         ex.target = target
-        rid = req.request_id if req.request_id is not None and valid_request_id(req.request_id) \
-            else new_request_id()
+        rid = req.request_id
+        if rid is None or not valid_request_id(rid):
+            rid = random_hex(16)            # request_head.new_request_id, inlined: 128 random bits
         ex.rid = rid
         # Routes match on the headers as the filters and the upstream get them: a route on an
         # internal header (x-auth-identity) must not be chosen by a value the client sent.
@@ -191,7 +197,7 @@ class Proxy:
         got = TraceHeaders() if tracer.active else None
         headers = upstream_headers(req.headers, req.conn_tokens, conn.peer[0], req.authority, rid, req.scheme,
                                    config.internal_headers, got)
-        route = gen.router.match(req.method, req.authority, routing_path(path), headers)
+        route = gen.router.match(req.method, req.authority, rpath, headers)
         has_body = req.body is not None
         if route is None:
             return self.reply_error(conn, ex, 404, f"no route for {req.method} {req.authority}{path}", "no_route",
@@ -215,8 +221,11 @@ class Proxy:
         try:
             if route.filters:
                 return await self._with_filters(conn, gen, ex, route, req, target, headers)
-            return await self._forward(conn, gen, ex, route, req.method, rewrite_target(route, target),
-                                       _rewrite_host(route, req.authority), headers, req.body, up_length, None)
+            authority = req.authority
+            if route.rewrite is not None:
+                target, authority = rewrite_target(route, target), _rewrite_host(route, authority)
+            return await self._forward(conn, gen, ex, route, req.method, target, authority, headers, req.body,
+                                       up_length, None)
         finally:
             self.metrics.active_requests -= 1
 
@@ -278,8 +287,10 @@ class Proxy:
                 up_len = length if (length is not None and length >= 0 and cl == str(length)) else None
             else:
                 up_body, up_len = result.body, None
-            return await self._forward(conn, gen, ex, route, method, rewrite_target(route, target),
-                                       _rewrite_host(route, authority), rest, up_body, up_len, stream)
+            if route.rewrite is not None:
+                target, authority = rewrite_target(route, target), _rewrite_host(route, authority)
+            return await self._forward(conn, gen, ex, route, method, target, authority, rest, up_body, up_len,
+                                       stream)
         except Exception as e:   # a bug in the chain must cost one request, not the process
             log.exception('filter chain of route "%s" failed', route.name)
             if ex.status == 0:
@@ -317,18 +328,46 @@ class Proxy:
     async def _forward(self, conn: Downstream, gen: Generation, ex: Exchange, route: Route, method: str,
                        target: str, authority: str, headers: Headers, body: AsyncIterator[bytes] | None,
                        up_len: int | None, stream) -> bool:
-        limits = gen.config.limits
+        """The request upstream, its answer back. One frame from the body to the response (the
+        exchange is not a coroutine of its own): every frame here is resumed on every wake-up."""
         spool = None
         try:
             if body is not None:
                 # Read the body (through the filters) before taking an upstream connection, so
                 # a slow upload holds none; past the buffers it streams on from the client.
+                limits = gen.config.limits
                 spool = Spool(body, limits.request_buffer_bytes, limits.spool_max_bytes, limits.spool_dir)
                 await spool.fill()
                 spool.raise_failure()
                 body = spool
-            return await self._exchange(conn, gen, ex, route, method, target, authority, headers, body, up_len,
-                                        stream)
+            pool = gen.upstreams.pools[route.cluster]
+            t_up = time.perf_counter()
+            try:
+                resp = await pool.exchange(method, target, authority, headers, body, up_len,
+                                           ex.upgrade is not None)
+            except UpstreamError as e:
+                ex.upstream = e.endpoint
+                log.warning('route "%s": %s', route.name, e.message)
+                unread = ex.body is not None and not ex.body.done
+                if stream is not None:
+                    # As Envoy encodes its router's error replies through the filters: the chain's
+                    # response callbacks see (and may change) the 502/503/504.
+                    return await self._error_through_chain(conn, ex, stream, e.status, _short_upstream_reason(e),
+                                                           f"upstream_{e.kind}", close=unread)
+                return self.reply_error(conn, ex, e.status, _short_upstream_reason(e), f"upstream_{e.kind}",
+                                        close=unread)
+            self.metrics.upstream(route.cluster, time.perf_counter() - t_up)
+            ex.upstream = resp.endpoint
+            if isinstance(resp, UpstreamTunnel):
+                try:
+                    return await self._switch(conn, gen, ex, route, resp, stream)
+                except BaseException:
+                    resp.close(abort=True)
+                    raise
+            try:
+                return await self._respond(conn, gen, ex, method, resp, stream)
+            finally:
+                resp.finish()
         except LocalReplyInterrupt as e:
             # A filter rejected a request body chunk (the upstream request, if any, was aborted).
             self.send_local_reply(conn, ex, e.reply, close=True)
@@ -338,37 +377,6 @@ class Proxy:
         finally:
             if spool is not None:
                 spool.close()
-
-    async def _exchange(self, conn: Downstream, gen: Generation, ex: Exchange, route: Route, method: str,
-                        target: str, authority: str, headers: Headers, body: AsyncIterator[bytes] | None,
-                        up_len: int | None, stream) -> bool:
-        pool = gen.upstreams.pools[route.cluster]
-        t_up = time.perf_counter()
-        try:
-            resp = await pool.exchange(method, target, authority, headers, body, up_len, ex.upgrade is not None)
-        except UpstreamError as e:
-            ex.upstream = e.endpoint
-            log.warning('route "%s": %s', route.name, e.message)
-            unread = ex.body is not None and not ex.body.done
-            if stream is not None:
-                # As Envoy encodes its router's error replies through the filters: the chain's
-                # response callbacks see (and may change) the 502/503/504.
-                return await self._error_through_chain(conn, ex, stream, e.status, _short_upstream_reason(e),
-                                                       f"upstream_{e.kind}", close=unread)
-            return self.reply_error(conn, ex, e.status, _short_upstream_reason(e), f"upstream_{e.kind}",
-                                    close=unread)
-        self.metrics.upstream(route.cluster, time.perf_counter() - t_up)
-        ex.upstream = resp.endpoint
-        if isinstance(resp, UpstreamTunnel):
-            try:
-                return await self._switch(conn, gen, ex, route, resp, stream)
-            except BaseException:
-                resp.close(abort=True)
-                raise
-        try:
-            return await self._respond(conn, gen, ex, method, resp, stream)
-        finally:
-            resp.finish()
 
     async def _switch(self, conn: Downstream, gen: Generation, ex: Exchange, route: Route, up: UpstreamTunnel,
                       stream) -> bool:
@@ -585,15 +593,28 @@ def traced(ex: Exchange, headers: Headers) -> Headers:
 
 def _after_chain(result: Forward, status: int, length: int | None, body, ex: Exchange):
     """Status, headers, length and body of the response the filters let through."""
-    status = _status_of(result.headers, status)
+    items = result.headers
+    names = list(map(_name, items))          # one C-built names list for every search below
+    if names[:1] == [":status"] and not any(map(str.startswith, names[1:], _COLONS)):
+        # The chain's usual answer: its own :status first and no other pseudo-header.
+        try:
+            status = int(items[0][1])
+        except ValueError:
+            pass
+        headers = items[1:]
+        del names[0]
+    else:
+        status = _status_of(items, status)
+        headers = [(n, v) for n, v in items if n[0] != ":"]
+        names = list(map(_name, headers))
     if not 200 <= status <= 599:
         status = final_status(status, ex)
-    headers = [(n, v) for n, v in result.headers if n[0] != ":"]
     if result.body is None:
         length = 0
     elif result.body is not body:
         length = None               # a filter's new body: length unknown until sent
-    elif length is not None and length >= 0 and header_value(headers, "content-length") != str(length):
+    elif length is not None and length >= 0 and (
+            "content-length" not in names or headers[names.index("content-length")][1] != str(length)):
         length = None               # a filter dropped or changed Content-Length
     return status, headers, length, result.body
 
@@ -616,9 +637,10 @@ class _Trailed:
 def _split_pseudo(headers: Headers, method: str, target: str, authority: str) -> tuple[str, str, str, Headers]:
     """The request's method, target and authority after the chain (the last of each
     pseudo-header; the given ones if a filter removed it) and its other headers."""
+    names = list(map(_name, headers))
+    if names[:4] == _CHAIN_PSEUDO and not any(map(str.startswith, names[4:], _COLONS)):
+        return headers[0][1], headers[1][1], headers[2][1], headers[4:]   # as _with_filters put them
     rest = [h for h in headers if h[0][0] != ":"]
-    if len(rest) + 4 == len(headers) and list(map(_name, headers[:4])) == _CHAIN_PSEUDO:
-        return headers[0][1], headers[1][1], headers[2][1], rest      # as _with_filters put them
     for n, v in headers:
         if n == ":method":
             method = v
@@ -630,6 +652,8 @@ def _split_pseudo(headers: Headers, method: str, target: str, authority: str) ->
 
 
 _name = itemgetter(0)
+# str.startswith's second argument for map(): a pseudo-header among names, searched in C.
+_COLONS = itertools.repeat(":")
 # The request's pseudo-headers, first and in this order, as _with_filters hands them to the chain.
 _CHAIN_PSEUDO = [":method", ":path", ":authority", ":scheme"]
 

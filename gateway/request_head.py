@@ -36,16 +36,26 @@ def new_request_id() -> str:
     return random_hex(16)
 
 
+# Names upstream_headers does more with than copy (hop-by-hop, Host, Expect, the X-Forwarded-*
+# it joins, x-request-id, trace headers): any other header costs one set lookup (and one in
+# ``internal``), not the chain of comparisons below.
+_NOT_COPIED = HOP_BY_HOP | {"host", "expect", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host",
+                            "x-request-id", "x-wasmgate-trace", "traceparent", "tracestate"}
+
+
 def upstream_headers(headers: Headers, conn_tokens: set[str] | None, client_ip: str, authority: str,
                      rid: str, scheme: str, internal: frozenset[str], trace: "TraceHeaders | None" = None) -> Headers:
     """Request headers for the upstream (and the filters): hop-by-hop and ``internal`` headers
     gone, X-Forwarded-* appended, exactly one x-request-id (``rid``, validated by the caller).
     x-wasmgate-trace never goes on; with ``trace`` (tracing.TraceHeaders) it and the W3C
     traceparent/tracestate are moved there (gateway/tracing.py decides what goes upstream)."""
-    hop = HOP_BY_HOP | conn_tokens if conn_tokens else HOP_BY_HOP
+    hop, special = (HOP_BY_HOP | conn_tokens, _NOT_COPIED | conn_tokens) if conn_tokens else (HOP_BY_HOP, _NOT_COPIED)
     out: Headers = []
     xff = xfp = xfh = None
     for name, value in headers:
+        if name not in special and name not in internal:
+            out.append((name, value))
+            continue
         if name in hop or name == "host" or name == "expect":
             continue
         if name[0] == "x":
