@@ -8,6 +8,7 @@
 //! export does one table lookup to find its context (a callback runs 18 times per request
 //! through a three-filter chain, so this is the SDK's per-callback cost).
 
+use crate::callouts;
 use crate::hostcalls;
 use crate::traits::*;
 use crate::types::*;
@@ -25,9 +26,6 @@ struct Dispatcher {
     new_http: Cell<Option<NewHttpContext>>,
     roots: Table<dyn RootContext>,
     https: Table<dyn HttpContext>,
-    /// callout token → context id that dispatched it
-    callouts: RefCell<BTreeMap<u32, u32>>,
-    active_id: Cell<u32>,
 }
 
 thread_local! {
@@ -36,8 +34,6 @@ thread_local! {
         new_http: Cell::new(None),
         roots: RefCell::new(BTreeMap::new()),
         https: RefCell::new(BTreeMap::new()),
-        callouts: RefCell::new(BTreeMap::new()),
-        active_id: Cell::new(0),
     };
 }
 
@@ -49,13 +45,6 @@ pub fn set_http_context(callback: NewHttpContext) {
     DISPATCHER.with(|d| d.new_http.set(Some(callback)));
 }
 
-pub(crate) fn register_callout(token: u32) {
-    DISPATCHER.with(|d| {
-        let id = d.active_id.get();
-        d.callouts.borrow_mut().insert(token, id);
-    });
-}
-
 /// Which table holds a context id (absent: neither, or the context is in its own callback).
 enum Kind {
     Root,
@@ -64,9 +53,9 @@ enum Kind {
 
 /// Take context `id` out of its slot (making it the active context) and run `f` on it, then
 /// put it back — unless it was deleted meanwhile. `None`: no such context, or it is busy.
-fn lend<T: ?Sized, R>(d: &Dispatcher, table: &Table<T>, id: u32, f: impl FnOnce(&mut T) -> R) -> Option<R> {
+fn lend<T: ?Sized, R>(table: &Table<T>, id: u32, f: impl FnOnce(&mut T) -> R) -> Option<R> {
     let mut ctx = table.borrow_mut().get_mut(&id)?.take()?;
-    d.active_id.set(id);
+    callouts::set_active(id);
     let r = f(ctx.as_mut());
     if let Some(slot) = table.borrow_mut().get_mut(&id) {
         *slot = Some(ctx);
@@ -76,19 +65,19 @@ fn lend<T: ?Sized, R>(d: &Dispatcher, table: &Table<T>, id: u32, f: impl FnOnce(
 
 fn with_root<R>(id: u32, f: impl FnOnce(&mut (dyn RootContext + 'static)) -> R) -> R {
     DISPATCHER
-        .with(|d| lend(d, &d.roots, id, f))
+        .with(|d| lend(&d.roots, id, f))
         .unwrap_or_else(|| panic!("invalid root context_id {}", id))
 }
 
 fn with_http<R>(id: u32, f: impl FnOnce(&mut (dyn HttpContext + 'static)) -> R) -> R {
     DISPATCHER
-        .with(|d| lend(d, &d.https, id, f))
+        .with(|d| lend(&d.https, id, f))
         .unwrap_or_else(|| panic!("invalid http context_id {}", id))
 }
 
 /// A callback any context has (`Context`'s): to the http context of that id, else the root.
 fn with_any<R>(id: u32, on_http: impl FnOnce(&mut (dyn HttpContext + 'static)) -> R, on_root: impl FnOnce(&mut (dyn RootContext + 'static)) -> R) -> R {
-    match DISPATCHER.with(|d| lend(d, &d.https, id, on_http)) {
+    match DISPATCHER.with(|d| lend(&d.https, id, on_http)) {
         Some(r) => r,
         None => with_root(id, on_root),
     }
@@ -208,9 +197,7 @@ pub extern "C" fn proxy_on_response_trailers(context_id: u32, num_trailers: usiz
 /// the SDK routes the answer to the context that dispatched the call and makes it effective.
 #[no_mangle]
 pub extern "C" fn proxy_on_http_call_response(_root_id: u32, token: u32, num_headers: usize, body_size: usize, num_trailers: usize) {
-    let target = DISPATCHER
-        .with(|d| d.callouts.borrow_mut().remove(&token))
-        .unwrap_or_else(|| panic!("invalid token_id {}", token));
+    let target = callouts::take(token).unwrap_or_else(|| panic!("invalid token_id {}", token));
     match kind(target) {
         Some(Kind::Http) => {
             let _ = hostcalls::set_effective_context(target);
@@ -230,7 +217,7 @@ pub extern "C" fn proxy_on_http_call_response(_root_id: u32, token: u32, num_hea
 #[cfg(feature = "redis")]
 #[no_mangle]
 pub extern "C" fn proxy_on_redis_call_response(_root_id: u32, token: u32, status: u32, response_size: usize) {
-    let target = match DISPATCHER.with(|d| d.callouts.borrow_mut().remove(&token)) {
+    let target = match callouts::take(token) {
         Some(t) => t,
         None => return,
     };
@@ -265,11 +252,8 @@ pub extern "C" fn proxy_on_delete(context_id: u32) {
         if d.https.borrow_mut().remove(&context_id).is_none() {
             d.roots.borrow_mut().remove(&context_id);
         }
-        let mut callouts = d.callouts.borrow_mut();
-        if !callouts.is_empty() {
-            callouts.retain(|_, v| *v != context_id);
-        }
     });
+    callouts::forget(context_id);
 }
 
 #[cfg(test)]
@@ -434,10 +418,10 @@ mod tests {
         proxy_on_context_create(1, 0);
         proxy_on_context_create(2, 1);
         proxy_on_context_create(3, 1);
-        DISPATCHER.with(|d| d.active_id.set(2));
-        register_callout(7);
-        DISPATCHER.with(|d| d.active_id.set(3));
-        register_callout(11);
+        callouts::set_active(2);
+        callouts::register(7);
+        callouts::set_active(3);
+        callouts::register(11);
         proxy_on_delete(3);
         proxy_on_redis_call_response(1, 7, 0, 5);
         proxy_on_redis_call_response(1, 11, 1, 0); // stream 3 is gone: dropped, no panic

@@ -308,7 +308,7 @@ pub fn dispatch_http_call(upstream: &str, headers: &[(&str, &str)], body: Option
     unsafe {
         ok(proxy_http_call(upstream.as_ptr(), upstream.len(), h.as_ptr(), h.len(), bp, bl, t.as_ptr(), t.len(), timeout.as_millis() as u32, &mut token))?;
     }
-    crate::dispatcher::register_callout(token);
+    crate::callouts::register(token);
     Ok(token)
 }
 
@@ -327,7 +327,7 @@ pub fn redis_call(cluster: &str, query: &[u8]) -> Result<u32, Status> {
     unsafe {
         ok(proxy_redis_call(cluster.as_ptr(), cluster.len(), query.as_ptr(), query.len(), &mut token))?;
     }
-    crate::dispatcher::register_callout(token);
+    crate::callouts::register(token);
     Ok(token)
 }
 

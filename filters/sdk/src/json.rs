@@ -263,6 +263,55 @@ impl<'a> Parser<'a> {
     }
 }
 
+// The JSON writer lives beside the reader and `quote`, so value.rs needs nothing of this module.
+impl Value {
+    /// Serialize as compact JSON (`Bin` becomes a base64url string, non-finite floats `null`).
+    pub fn to_json(&self) -> String {
+        let mut out = String::new();
+        write_json(self, &mut out);
+        out
+    }
+}
+
+fn write_json(v: &Value, out: &mut String) {
+    match v {
+        Value::Null => out.push_str("null"),
+        Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+        Value::Int(i) => out.push_str(&i.to_string()),
+        Value::Float(f) => {
+            if f.is_finite() {
+                out.push_str(&format!("{:?}", f))
+            } else {
+                out.push_str("null")
+            }
+        }
+        Value::Str(s) => out.push_str(&quote(s)),
+        Value::Bin(b) => out.push_str(&quote(&crate::base64::encode_url(b))),
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_json(item, out);
+            }
+            out.push(']');
+        }
+        Value::Object(members) => {
+            out.push('{');
+            for (i, (k, item)) in members.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&quote(k));
+                out.push(':');
+                write_json(item, out);
+            }
+            out.push('}');
+        }
+    }
+}
+
 /// `s` as a JSON string literal, quotes included.
 pub fn quote(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 2);

@@ -20,6 +20,7 @@
 
 pub mod allocator;
 pub mod base64;
+mod callouts;
 pub mod config;
 pub mod crypto;
 pub mod dispatcher;
