@@ -17,7 +17,7 @@ from typing import AsyncIterator, Callable, Sequence
 from .seam import Body, Forward, Headers, LocalReply, LocalReplyInterrupt, LogInfo, StreamInfo
 from .buffers import BodyBuffer, HeaderMap
 from .context import REQUEST, RESPONSE, HttpContext
-from .engine import chain_walks
+from .engine import chain_walks, native_stream_head
 from .filter import Filter, FilterFailure
 from .properties import CustomProperties
 from .trace import FAILED, FilterTrace
@@ -123,6 +123,22 @@ def _content_length(headers: Headers, names: list[str]) -> int | None:
         return None
     v = headers[names.index("content-length")][1]
     return int(v) if v.strip().isdigit() else None
+
+
+def _stream_head(status: int | None, headers: Headers, has_body: bool) -> tuple[Headers, int | None]:
+    """The items of a stream's header map (a copy; for a response, ``status`` not None, with
+    ":status" first and set to str(status)) and, when a body follows, its first
+    Content-Length. _crossing.c's stream_head does it in C for the plain case: keep alike."""
+    names = list(map(_name, headers))       # searched in C (a Python loop costs more)
+    if status is None:
+        items = list(headers)
+    elif names[:1] == [":status"] and names.count(":status") == 1:
+        items = list(headers)                # as the gateway hands them: :status first
+        items[0] = (":status", str(status))
+    else:
+        items = [(":status", str(status))]
+        items += [h for h in headers if h[0] != ":status"]
+    return items, _content_length(headers, names) if has_body else None
 
 
 class Chain:
@@ -358,8 +374,9 @@ class Chain:
 
     async def request(self, headers: Headers, body: Body | None) -> Forward | LocalReply:
         try:                                     # one coroutine for the request callbacks
-            self.request_headers = HeaderMap(list(headers))
-            length = _content_length(headers, list(map(_name, headers))) if body is not None else None
+            items, length = (stream_head(None, headers, body is not None)
+                             or _stream_head(None, headers, body is not None))
+            self.request_headers = HeaderMap(items)
             eos = body is None or length == 0        # Envoy: end_stream with the headers
             # The chunk pipeline is built only once a filter needs the body. The walk runs the
             # filters that open, answer Continue and need no body work; what it hands back
@@ -517,15 +534,9 @@ class Chain:
     # -- response ------------------------------------------------------------------------------
 
     async def response(self, status: int, headers: Headers, body: Body | None) -> Forward | LocalReply:
-        names = list(map(_name, headers))       # searched in C (a Python loop costs more)
-        if names[:1] == [":status"] and names.count(":status") == 1:
-            items = list(headers)                # as the gateway hands them: :status first
-            items[0] = (":status", str(status))
-        else:
-            items = [(":status", str(status))]
-            items += [h for h in headers if h[0] != ":status"]
+        items, length = (stream_head(status, headers, body is not None)
+                         or _stream_head(status, headers, body is not None))
         self.response_headers = HeaderMap(items)
-        length = _content_length(headers, names) if body is not None else None
         eos = body is None or length == 0
         try:                                     # one coroutine for the response callbacks
             src: Chunks | None = None                # built only once a filter needs the body
@@ -683,3 +694,4 @@ def _walk_finish(chain: Chain) -> None:
 
 PY_WALKS = (_walk_request, _walk_response, _walk_finish)
 walk_request, walk_response, walk_finish = chain_walks or PY_WALKS
+stream_head = native_stream_head or _stream_head

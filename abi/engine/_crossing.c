@@ -2463,6 +2463,104 @@ done:
     return result;
 }
 
+/* stream_head(status, headers, has_body): chain.py's _stream_head (the reference) for the
+ * headers the gateway hands over: a list of (name, value) str pairs. The map's items (a copy;
+ * for a response, status not None, with ":status" first and set to str(status)) and the
+ * first content-length as an int when there is a body (None otherwise). None when the
+ * headers are anything else, or the content-length is not plain ASCII digits: the reference
+ * decides those. */
+static PyObject *str_status_name, *str_content_length;
+
+static int name_is(PyObject *name, PyObject *want) {
+    if (name == want)
+        return 1;
+    Py_ssize_t n = PyUnicode_GET_LENGTH(want);
+    return PyUnicode_GET_LENGTH(name) == n && PyUnicode_KIND(name) == PyUnicode_1BYTE_KIND &&
+           memcmp(PyUnicode_DATA(name), PyUnicode_DATA(want), (size_t)n) == 0;
+}
+
+/* An exact str of ASCII digits only: its int; NULL without an exception otherwise. */
+static PyObject *plain_length(PyObject *v) {
+    if (!PyUnicode_CheckExact(v) || !PyUnicode_IS_ASCII(v) || PyUnicode_GET_LENGTH(v) == 0 ||
+            PyUnicode_GET_LENGTH(v) > 18)
+        return NULL;
+    const char *p = (const char *)PyUnicode_DATA(v);
+    long long n = 0;
+    for (Py_ssize_t k = 0; k < PyUnicode_GET_LENGTH(v); k++) {
+        if (p[k] < '0' || p[k] > '9')
+            return NULL;
+        n = n * 10 + (p[k] - '0');
+    }
+    return PyLong_FromLongLong(n);
+}
+
+static PyObject *stream_head(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "stream_head(status, headers, has_body)");
+        return NULL;
+    }
+    PyObject *status = args[0], *headers = args[1];
+    int has_body = PyObject_IsTrue(args[2]);
+    if (has_body < 0)
+        return NULL;
+    if (!PyList_CheckExact(headers))
+        Py_RETURN_NONE;
+    Py_ssize_t n = PyList_GET_SIZE(headers), statuses = 0;
+    PyObject *cl = NULL;                            /* borrowed: the first content-length */
+    for (Py_ssize_t k = 0; k < n; k++) {
+        PyObject *h = PyList_GET_ITEM(headers, k);
+        if (!PyTuple_CheckExact(h) || PyTuple_GET_SIZE(h) != 2 ||
+                !PyUnicode_CheckExact(PyTuple_GET_ITEM(h, 0)))
+            Py_RETURN_NONE;
+        PyObject *name = PyTuple_GET_ITEM(h, 0);
+        if (name_is(name, str_status_name))
+            statuses++;
+        else if (cl == NULL && name_is(name, str_content_length))
+            cl = PyTuple_GET_ITEM(h, 1);
+    }
+    PyObject *length = Py_None;
+    if (has_body && cl != NULL) {
+        length = plain_length(cl);
+        if (length == NULL) {
+            if (PyErr_Occurred())
+                return NULL;
+            Py_RETURN_NONE;
+        }
+    } else {
+        Py_INCREF(length);
+    }
+    PyObject *items;
+    if (status == Py_None) {
+        items = PyList_GetSlice(headers, 0, n);
+    } else {
+        PyObject *text = PyObject_Str(status);
+        PyObject *first = text ? PyTuple_Pack(2, str_status_name, text) : NULL;
+        Py_XDECREF(text);
+        int in_place = n > 0 && statuses == 1 &&
+                       name_is(PyTuple_GET_ITEM(PyList_GET_ITEM(headers, 0), 0), str_status_name);
+        items = first ? PyList_New(in_place ? n : n - statuses + 1) : NULL;
+        if (items != NULL) {
+            PyList_SET_ITEM(items, 0, Py_NewRef(first));
+            Py_ssize_t at = 1;
+            for (Py_ssize_t k = in_place ? 1 : 0; k < n; k++) {
+                PyObject *h = PyList_GET_ITEM(headers, k);
+                if (!in_place && name_is(PyTuple_GET_ITEM(h, 0), str_status_name))
+                    continue;
+                PyList_SET_ITEM(items, at++, Py_NewRef(h));
+            }
+        }
+        Py_XDECREF(first);
+    }
+    if (items == NULL) {
+        Py_DECREF(length);
+        return NULL;
+    }
+    PyObject *r = PyTuple_Pack(2, items, length);
+    Py_DECREF(items);
+    Py_DECREF(length);
+    return r;
+}
+
 static PyMethodDef walk_methods[] = {
     {"walk_request", (PyCFunction)(void (*)(void))walk_request, METH_FASTCALL,
      "walk_request(chain, i, eos): chain.py's _walk_request in C"},
@@ -2470,6 +2568,8 @@ static PyMethodDef walk_methods[] = {
      "walk_response(chain, i, eos): chain.py's _walk_response in C"},
     {"walk_finish", (PyCFunction)walk_finish, METH_O,
      "walk_finish(chain): chain.py's _walk_finish in C"},
+    {"stream_head", (PyCFunction)(void (*)(void))stream_head, METH_FASTCALL,
+     "stream_head(status, headers, has_body): chain.py's _stream_head in C, or None"},
     {NULL},
 };
 
@@ -2546,6 +2646,7 @@ static int filter_core_init(PyObject *m) {
         {&str_headers, "headers"}, {&str_on_headers, "on_headers"},
         {&str_body_callbacks, "body_callbacks"}, {&str_waiter, "waiter"}, {&str_wake, "wake"},
         {&str_finish_context, "finish_context"}, {&str__teardown_failed, "_teardown_failed"},
+        {&str_status_name, ":status"}, {&str_content_length, "content-length"},
     };
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
         if ((*names[i].slot = PyUnicode_InternFromString(names[i].s)) == NULL)

@@ -143,7 +143,7 @@ _NATIVE_NAMES = ("call", "set_call_target", "HOST_TRAMPOLINE", "HostFn", "TYPED_
                  "ticker_state", "ticker_enter", "ticker_leave", "charged_ns", "gc_callback",
                  "mem_read", "mem_header_pair", "mem_put_result", "Guarded", "serialize_pairs",
                  "CallCore", "GuestFn", "Tally", "FilterCore", "walk_request", "walk_response",
-                 "walk_finish")
+                 "walk_finish", "stream_head")
 
 
 _native = _load_native()
@@ -168,6 +168,9 @@ FilterCore: type | None = _native.FilterCore if _native is not None else None
 # _walk_finish, in that order; None without _crossing.c.
 chain_walks: tuple[Callable, Callable, Callable] | None = (
     (_native.walk_request, _native.walk_response, _native.walk_finish) if _native is not None else None)
+# abi/chain.py's _stream_head (a stream's header map items and content-length) in C for the
+# plain case, None for the rest; None without _crossing.c.
+native_stream_head: Callable[..., tuple | None] | None = getattr(_native, "stream_head", None)
 
 
 def native_crossings() -> bool:

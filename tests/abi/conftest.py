@@ -73,6 +73,7 @@ def crossing_impl(request, monkeypatch):
         from abi import chain
         for name, walk in zip(("walk_request", "walk_response", "walk_finish"), chain.PY_WALKS):
             monkeypatch.setattr(chain, name, walk)
+        monkeypatch.setattr(chain, "stream_head", chain._stream_head)
     return request.param
 
 

@@ -252,3 +252,38 @@ async def test_a_teardown_that_raises_is_logged_and_the_others_still_run(load, t
     assert 'filter "b": teardown failed' in trace.text()
     assert [r.exc_info[1].args for r in trace.records if r.exc_info] == [("boom",)]
     assert any(line.startswith("proxy_on_delete") for line in trace.lines("c"))
+
+
+S200 = (":status", "200")
+CL = ("content-length", "12")
+
+
+@pytest.mark.skipif(crossing.native_stream_head is None, reason="abi/engine/_crossing.c is not built")
+@pytest.mark.parametrize("status, headers, has_body", [
+    (None, [("a", "1"), CL], True),
+    (None, [("a", "1"), CL], False),
+    (None, [], True),
+    (204, [S200, ("b", "2"), CL, ("content-length", "99")], True),    # the first one counts
+    (503, [("b", "2"), S200], True),                                 # :status not first
+    (503, [S200, ("b", "2"), S200], False),                          # twice
+    (200, [("b", "2")], True),                                       # none
+    (200, [S200, ("content-length", " 12 ")], True),                 # not plain: the reference
+    (200, [S200, ("content-length", "1x")], True),
+    (200, [S200, ("content-length", "")], True),
+    (200, [S200, ("content-length", "9" * 30)], True),
+    (200, [S200, ["b", "2"]], True),                                 # not pairs: the reference
+    (200, ((":status", "200"),), True),                              # not a list: the reference
+])
+def test_the_c_stream_head_is_the_python_one(status, headers, has_body):
+    c = crossing.native_stream_head(status, headers, has_body)
+    py = chain_mod._stream_head(status, headers, has_body)
+    plain = type(headers) is list and all(type(h) is tuple for h in headers) and not any(
+        h[0] == "content-length" and not (h[1].isascii() and h[1].isdigit() and len(h[1]) < 19)
+        for h in headers)
+    if plain:
+        assert c == py and c[0] is not headers
+    else:
+        assert c is None                     # the chain asks the reference
+    if status is not None:
+        assert py[0][0] == (":status", str(status))
+        assert [h for h in py[0] if h[0] == ":status"] == [(":status", str(status))]
