@@ -5,6 +5,10 @@ pipeline of per-filter stages (async generators) that exist only for filters exp
 callback; without any, the gateway's body iterator is handed back untouched. A stage buffers
 while its filter answers Pause and releases the buffer on Continue, so each body callback
 sees the cumulative buffered size.
+
+The per-filter loops are walks (the end of this file): the plain part of each (a filter that
+opens, answers Continue and has no body to stage; every teardown) runs as one C call with the
+C build (engine.chain_walks), and the coroutines here carry on only where a walk hands back.
 """
 from __future__ import annotations
 

@@ -1591,7 +1591,8 @@ PyMODINIT_FUNC PyInit__crossing(void) {
 /* == a filter's per-request calls (abi/filter.py's NativeFilter) ============================
  * FilterCore is the C base of abi/filter.py's NativeFilter: the state every guest call of a
  * filter reads (instance, generation, _current, _effective, _funcs, _deferred, contexts, root,
- * _next_id, has_context_create, teardown_callbacks, _context_type) as C fields, which Python
+ * _next_id, has_context_create, teardown_callbacks, _context_type; on_headers and
+ * body_callbacks for the chain's walks below) as C fields, which Python
  * reads and sets as attributes, and three methods that do what Filter's Python methods of the
  * same names do, without a Python frame (each filter runs them on every request):
  *
