@@ -2301,10 +2301,37 @@ static int walk_args(PyObject *const *args, Py_ssize_t nargs, const char *usage,
     return *eos < 0 ? -1 : 0;
 }
 
-static PyObject *walk_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+#define NOT_OPENED (-2)          /* a response step's filter never opened, or is skipped */
+
+/* chain._walk_response's step for filter i: its response headers callback, if it has one. */
+static long response_step(Walk *w, PyObject *chain, PyObject *f, PyObject *io, Py_ssize_t i,
+                          PyObject *eos_obj) {
+    PyObject *ctx = PyList_GET_ITEM(w->ctxs, i);
+    if (ctx == Py_None)
+        return NOT_OPENED;
+    int skipped = flag_at(w->skipped, i);
+    if (skipped != 0)
+        return skipped < 0 ? -1 : NOT_OPENED;
+    int on = filter_flag(f, 0, 1);
+    if (on <= 0)
+        return on < 0 ? -1 : HEADERS_CONTINUE;
+    Py_INCREF(ctx);                     /* held: the callback runs Python */
+    long state;
+    if (PyObject_TypeCheck(f, &FilterCoreType))
+        state = as_state(fc_headers_impl((FilterCore *)f, chain, io, ctx, 1, eos_obj));
+    else
+        state = as_state(PyObject_CallMethodObjArgs(f, str_headers, chain, io, ctx, directions[1],
+                                                    eos_obj, NULL));
+    Py_DECREF(ctx);
+    return state;
+}
+
+/* walk_request (d 0: filters i, i+1, ...) and walk_response (d 1: filters i, i-1, ..., 0). */
+static PyObject *walk_headers(long d, PyObject *const *args, Py_ssize_t nargs) {
     Py_ssize_t i;
     int eos;
-    if (walk_args(args, nargs, "walk_request(chain, i, eos)", &i, &eos) < 0)
+    if (walk_args(args, nargs, d ? "walk_response(chain, i, eos)" : "walk_request(chain, i, eos)",
+                  &i, &eos) < 0)
         return NULL;
     PyObject *chain = args[0];
     Walk w;
@@ -2312,13 +2339,18 @@ static PyObject *walk_request(PyObject *module, PyObject *const *args, Py_ssize_
         walk_close(&w);
         return NULL;
     }
+    if (d && i >= w.n)
+        i = w.n - 1;
     PyObject *result = NULL;
-    for (; i >= 0 && i < w.n; i++) {
+    for (; i >= 0 && i < w.n; i += d ? -1 : 1) {
         PyObject *f = PySequence_Fast_GET_ITEM(w.filters, i);
         PyObject *io = PyLong_FromSsize_t(i);
-        long state = io ? request_step(chain, f, io, i, args[2], w.ctxs) : -1;
+        long state = io == NULL ? -1 : d ? response_step(&w, chain, f, io, i, args[2])
+                                         : request_step(chain, f, io, i, args[2], w.ctxs);
         Py_XDECREF(io);
-        int back = state < 0 ? -1 : hand_back(&w, f, i, 0, state, eos);
+        if (state == NOT_OPENED)
+            continue;
+        int back = state < 0 ? -1 : hand_back(&w, f, i, d, state, eos);
         if (back < 0)
             goto done;
         if (back) {
@@ -2332,57 +2364,12 @@ done:
     return result;
 }
 
+static PyObject *walk_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    return walk_headers(0, args, nargs);
+}
+
 static PyObject *walk_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
-    Py_ssize_t i;
-    int eos;
-    if (walk_args(args, nargs, "walk_response(chain, i, eos)", &i, &eos) < 0)
-        return NULL;
-    PyObject *chain = args[0];
-    Walk w;
-    if (walk_open(&w, chain, str_skipped) < 0) {
-        walk_close(&w);
-        return NULL;
-    }
-    PyObject *result = NULL;
-    for (i = i < w.n ? i : w.n - 1; i >= 0; i--) {
-        PyObject *ctx = PyList_GET_ITEM(w.ctxs, i);
-        if (ctx == Py_None)
-            continue;
-        int skipped = flag_at(w.skipped, i);
-        if (skipped < 0)
-            goto done;
-        if (skipped)
-            continue;
-        PyObject *f = PySequence_Fast_GET_ITEM(w.filters, i);
-        int on = filter_flag(f, 0, 1);
-        if (on < 0)
-            goto done;
-        long state = HEADERS_CONTINUE;
-        if (on) {
-            PyObject *io = PyLong_FromSsize_t(i);
-            Py_INCREF(ctx);                 /* held: the callback runs Python */
-            if (io == NULL)
-                state = -1;
-            else if (PyObject_TypeCheck(f, &FilterCoreType))
-                state = as_state(fc_headers_impl((FilterCore *)f, chain, io, ctx, 1, args[2]));
-            else
-                state = as_state(PyObject_CallMethodObjArgs(f, str_headers, chain, io, ctx,
-                                                            directions[1], args[2], NULL));
-            Py_DECREF(ctx);
-            Py_XDECREF(io);
-        }
-        int back = state < 0 ? -1 : hand_back(&w, f, i, 1, state, eos);
-        if (back < 0)
-            goto done;
-        if (back) {
-            result = PyLong_FromSsize_t(i * 4 + state);
-            goto done;
-        }
-    }
-    result = Py_NewRef(Py_None);
-done:
-    walk_close(&w);
-    return result;
+    return walk_headers(1, args, nargs);
 }
 
 /* One context's teardown as chain._finish_one(i) does it; 0, or -1 with an exception. */
