@@ -69,7 +69,7 @@ def crossing_impl(request, monkeypatch):
     if request.param == "native" and crossing._native is None:
         pytest.skip("abi/engine/_crossing.c is not built (no C compiler at install?)")
     monkeypatch.setattr(crossing, "USE_NATIVE", request.param == "native")
-    if request.param == "python":            # the chain's loops too: chain.py's reference walks
+    if request.param == "ctypes":            # the chain's loops too: chain.py's reference walks
         from abi import chain
         for name, walk in zip(("walk_request", "walk_response", "walk_finish"), chain.PY_WALKS):
             monkeypatch.setattr(chain, name, walk)
