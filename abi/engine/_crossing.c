@@ -2312,14 +2312,12 @@ static long response_step(Walk *w, PyObject *chain, PyObject *f, PyObject *io, P
     int skipped = flag_at(w->skipped, i);
     if (skipped != 0)
         return skipped < 0 ? -1 : NOT_OPENED;
+    Py_INCREF(ctx);                     /* held: what follows may run Python */
     int on = filter_flag(f, 0, 1);
-    if (on <= 0)
-        return on < 0 ? -1 : HEADERS_CONTINUE;
-    Py_INCREF(ctx);                     /* held: the callback runs Python */
-    long state;
-    if (PyObject_TypeCheck(f, &FilterCoreType))
+    long state = on < 0 ? -1 : HEADERS_CONTINUE;
+    if (on > 0 && PyObject_TypeCheck(f, &FilterCoreType))
         state = as_state(fc_headers_impl((FilterCore *)f, chain, io, ctx, 1, eos_obj));
-    else
+    else if (on > 0)
         state = as_state(PyObject_CallMethodObjArgs(f, str_headers, chain, io, ctx, directions[1],
                                                     eos_obj, NULL));
     Py_DECREF(ctx);
