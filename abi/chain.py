@@ -5,6 +5,10 @@ pipeline of per-filter stages (async generators) that exist only for filters exp
 callback; without any, the gateway's body iterator is handed back untouched. A stage buffers
 while its filter answers Pause and releases the buffer on Continue, so each body callback
 sees the cumulative buffered size.
+
+The per-filter loops are walks (the end of this file): the plain part of each (a filter that
+opens, answers Continue and has no body to stage; every teardown) runs as one C call with the
+C build (engine.chain_walks), and the coroutines here carry on only where a walk hands back.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from typing import AsyncIterator, Callable, Sequence
 from .seam import Body, Forward, Headers, LocalReply, LocalReplyInterrupt, LogInfo, StreamInfo
 from .buffers import BodyBuffer, HeaderMap
 from .context import REQUEST, RESPONSE, HttpContext
+from .engine import chain_walks, native_stream_head
 from .filter import Filter, FilterFailure
 from .properties import CustomProperties
 from .trace import FAILED, FilterTrace
@@ -122,6 +127,22 @@ def _content_length(headers: Headers, names: list[str]) -> int | None:
         return None
     v = headers[names.index("content-length")][1]
     return int(v) if v.strip().isdigit() else None
+
+
+def _stream_head(status: int | None, headers: Headers, has_body: bool) -> tuple[Headers, int | None]:
+    """The items of a stream's header map (a copy; for a response, ``status`` not None, with
+    ":status" first and set to str(status)) and, when a body follows, its first
+    Content-Length. _crossing.c's stream_head does it in C for the plain case: keep alike."""
+    names = list(map(_name, headers))       # searched in C (a Python loop costs more)
+    if status is None:
+        items = list(headers)
+    elif names[:1] == [":status"] and names.count(":status") == 1:
+        items = list(headers)                # as the gateway hands them: :status first
+        items[0] = (":status", str(status))
+    else:
+        items = [(":status", str(status))]
+        items += [h for h in headers if h[0] != ":status"]
+    return items, _content_length(headers, names) if has_body else None
 
 
 class Chain:
@@ -357,22 +378,18 @@ class Chain:
 
     async def request(self, headers: Headers, body: Body | None) -> Forward | LocalReply:
         try:                                     # one coroutine for the request callbacks
-            self.request_headers = HeaderMap(list(headers))
-            length = _content_length(headers, list(map(_name, headers))) if body is not None else None
+            items, length = (stream_head(None, headers, body is not None)
+                             or _stream_head(None, headers, body is not None))
+            self.request_headers = HeaderMap(items)
             eos = body is None or length == 0        # Envoy: end_stream with the headers
-            # The chunk pipeline is built only once a filter needs the body.
+            # The chunk pipeline is built only once a filter needs the body. The walk runs the
+            # filters that open, answer Continue and need no body work; what it hands back
+            # (filter i paused, or has a body to stage) carries on here.
             src: Chunks | None = None
-            ctxs = self.ctxs
-            for i, f in enumerate(self.filters):
-                try:                                 # _open, inlined
-                    ctx = f.new_http_context(self)
-                except FilterFailure:
-                    ctx = None
-                if ctx is None:
-                    self._fail(i)
-                    continue
-                ctxs[i] = ctx
-                state = f.headers(self, i, ctx, REQUEST, eos) if f.on_headers[REQUEST] else CONTINUE
+            i = 0
+            while (stop := walk_request(self, i, eos)) is not None:
+                i, state = stop >> 2, stop & 3
+                f = self.filters[i]
                 staged = False
                 if state == PAUSED:
                     if not eos and f.spec.deliver_body_while_paused and f.has(BODY_CB[REQUEST]):
@@ -386,6 +403,7 @@ class Chain:
                     if src is None:
                         src = _with_eos(body, length, self._set_request_trailers)
                     src = self._stage(i, REQUEST, src)
+                i += 1
             return self._handed_on(REQUEST, self.request_headers, body, src)
         except _Stop as s:
             return await self._encode_reply(s.reply)
@@ -520,33 +538,22 @@ class Chain:
     # -- response ------------------------------------------------------------------------------
 
     async def response(self, status: int, headers: Headers, body: Body | None) -> Forward | LocalReply:
-        names = list(map(_name, headers))       # searched in C (a Python loop costs more)
-        if names[:1] == [":status"] and names.count(":status") == 1:
-            items = list(headers)                # as the gateway hands them: :status first
-            items[0] = (":status", str(status))
-        else:
-            items = [(":status", str(status))]
-            items += [h for h in headers if h[0] != ":status"]
+        items, length = (stream_head(status, headers, body is not None)
+                         or _stream_head(status, headers, body is not None))
         self.response_headers = HeaderMap(items)
-        length = _content_length(headers, names) if body is not None else None
         eos = body is None or length == 0
         try:                                     # one coroutine for the response callbacks
             src: Chunks | None = None                # built only once a filter needs the body
-            ctxs = self.ctxs
-            skipped = self.skipped
-            filters = self.filters
-            for i in range(len(filters) - 1, -1, -1):
-                ctx = ctxs[i]
-                if ctx is None or skipped[i]:
-                    continue
-                f = filters[i]
-                state = f.headers(self, i, ctx, RESPONSE, eos) if f.on_headers[RESPONSE] else CONTINUE
+            i = len(self.filters) - 1
+            while (stop := walk_response(self, i, eos)) is not None:
+                i, state = stop >> 2, stop & 3
                 if state == PAUSED:
                     await self._wait(i, RESPONSE)
-                if not eos and not self.skipped[i] and f.body_callbacks[RESPONSE]:
+                if not eos and not self.skipped[i] and self.filters[i].body_callbacks[RESPONSE]:
                     if src is None:
                         src = _with_eos(body, length, self._set_response_trailers)
                     src = self._stage(i, RESPONSE, src)
+                i -= 1
             return self._handed_on(RESPONSE, self.response_headers, body, src)
         except _Stop as s:
             return self._finish_reply(s.reply)
@@ -605,23 +612,90 @@ class Chain:
         self._finished = True
         done, self._on_finished = self._on_finished, None
         try:
-            filters = self.filters
-            failed = self.failed
             tr = self.trace
-            for i, ctx in enumerate(self.ctxs):
-                if tr is not None:
-                    tr.capture(i, ctx, failed[i])
-                if ctx is None or ctx.chain is None:     # never opened, or already deleted
-                    continue
-                f = filters[i]
-                try:
-                    if ctx.waiter is not None:
-                        ctx.wake()
-                    f.finish_context(ctx, failed[i])     # releases and detaches ctx, always
-                except FilterFailure:
-                    pass
-                except Exception:        # noqa: BLE001 — teardown must never fail the gateway
-                    f.log.exception('filter "%s": teardown failed', f.name)
+            if tr is None:
+                walk_finish(self)
+            else:                        # the trace reads each context before its teardown
+                for i, ctx in enumerate(self.ctxs):
+                    tr.capture(i, ctx, self.failed[i])
+                    self._finish_one(i)
         finally:
             if done is not None:
                 done()
+
+    def _finish_one(self, i: int) -> None:
+        """Filter i's context torn down (walk_finish does it for each; never raises)."""
+        ctx = self.ctxs[i]
+        if ctx is None or ctx.chain is None:     # never opened, or already deleted
+            return
+        f = self.filters[i]
+        try:
+            if ctx.waiter is not None:
+                ctx.wake()
+            f.finish_context(ctx, self.failed[i])    # releases and detaches ctx, always
+        except FilterFailure:
+            pass
+        except Exception as e:           # noqa: BLE001 — teardown must never fail the gateway
+            self._teardown_failed(i, e)
+
+    def _teardown_failed(self, i: int, e: Exception) -> None:
+        f = self.filters[i]
+        f.log.error('filter "%s": teardown failed', f.name, exc_info=e)
+
+    # -- the per-filter loops --------------------------------------------------------------------
+    # What _crossing.c's walk_request / walk_response / walk_finish do in C (engine.chain_walks,
+    # the ones used when built); these are the reference, used without the C build: keep them
+    # alike. A headers walk answers None once every filter is done, else ``i * 4 + state``:
+    # filter i's headers callback answered `state` and the chain's coroutine carries on there,
+    # because filter i paused or has a body to stage.
+
+    def _request_headers(self, i: int, eos: bool) -> int:
+        """Filter i's context opened and its request headers callback run: its state (a
+        failure to open is the filter's failure policy, then SKIPPED)."""
+        f = self.filters[i]
+        try:
+            ctx = f.new_http_context(self)
+        except FilterFailure:
+            ctx = None
+        if ctx is None:
+            self._fail(i)
+            return SKIPPED
+        self.ctxs[i] = ctx
+        return f.headers(self, i, ctx, REQUEST, eos) if f.on_headers[REQUEST] else CONTINUE
+
+
+def _hand_back(chain: Chain, i: int, direction: int, state: int, eos: bool) -> bool:
+    """Whether the chain's coroutine carries on at filter i: it paused, or has a body to stage."""
+    return state == PAUSED or (not eos and not chain.skipped[i]
+                               and chain.filters[i].body_callbacks[direction])
+
+
+def _walk_request(chain: Chain, i: int, eos: bool) -> int | None:
+    for i in range(i, len(chain.filters)):
+        state = chain._request_headers(i, eos)
+        if _hand_back(chain, i, REQUEST, state, eos):
+            return i * 4 + state
+    return None
+
+
+def _walk_response(chain: Chain, i: int, eos: bool) -> int | None:
+    ctxs = chain.ctxs
+    for i in range(min(i, len(ctxs) - 1), -1, -1):
+        ctx = ctxs[i]
+        if ctx is None or chain.skipped[i]:
+            continue
+        f = chain.filters[i]
+        state = f.headers(chain, i, ctx, RESPONSE, eos) if f.on_headers[RESPONSE] else CONTINUE
+        if _hand_back(chain, i, RESPONSE, state, eos):
+            return i * 4 + state
+    return None
+
+
+def _walk_finish(chain: Chain) -> None:
+    for i in range(len(chain.ctxs)):
+        chain._finish_one(i)
+
+
+PY_WALKS = (_walk_request, _walk_response, _walk_finish)
+walk_request, walk_response, walk_finish = chain_walks or PY_WALKS
+stream_head = native_stream_head or _stream_head

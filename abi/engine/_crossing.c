@@ -1591,7 +1591,8 @@ PyMODINIT_FUNC PyInit__crossing(void) {
 /* == a filter's per-request calls (abi/filter.py's NativeFilter) ============================
  * FilterCore is the C base of abi/filter.py's NativeFilter: the state every guest call of a
  * filter reads (instance, generation, _current, _effective, _funcs, _deferred, contexts, root,
- * _next_id, has_context_create, teardown_callbacks, _context_type) as C fields, which Python
+ * _next_id, has_context_create, teardown_callbacks, _context_type; on_headers and
+ * body_callbacks for the chain's walks below) as C fields, which Python
  * reads and sets as attributes, and three methods that do what Filter's Python methods of the
  * same names do, without a Python frame (each filter runs them on every request):
  *
@@ -1611,7 +1612,7 @@ PyMODINIT_FUNC PyInit__crossing(void) {
 typedef struct {
     PyObject_HEAD
     PyObject *instance, *generation, *current, *effective, *funcs, *deferred, *contexts, *root;
-    PyObject *teardown, *context_type, *headers_eos;
+    PyObject *teardown, *context_type, *headers_eos, *on_headers, *body_callbacks;
     long long next_id;
     char has_context_create;
 } FilterCore;
@@ -1626,7 +1627,8 @@ static PyObject *fc_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
     if (self == NULL)
         return NULL;
     PyObject **slots[] = {&self->instance, &self->current, &self->effective, &self->root,
-                          &self->context_type, &self->headers_eos};
+                          &self->context_type, &self->headers_eos, &self->on_headers,
+                          &self->body_callbacks};
     for (size_t i = 0; i < sizeof slots / sizeof slots[0]; i++)
         *slots[i] = Py_NewRef(Py_None);
     self->generation = PyLong_FromLong(0);
@@ -1653,6 +1655,8 @@ static int fc_traverse(FilterCore *self, visitproc visit, void *arg) {
     Py_VISIT(self->teardown);
     Py_VISIT(self->context_type);
     Py_VISIT(self->headers_eos);
+    Py_VISIT(self->on_headers);
+    Py_VISIT(self->body_callbacks);
     return 0;
 }
 
@@ -1667,6 +1671,8 @@ static int fc_clear(FilterCore *self) {
     Py_CLEAR(self->teardown);
     Py_CLEAR(self->context_type);
     Py_CLEAR(self->headers_eos);
+    Py_CLEAR(self->on_headers);
+    Py_CLEAR(self->body_callbacks);
     return 0;
 }
 
@@ -2062,27 +2068,21 @@ static PyObject *fc_headers_answer(PyObject *chain, PyObject *i, PyObject *ctx, 
     return t < 0 ? NULL : headers_state(t ? HEADERS_CONTINUE : HEADERS_PAUSED);
 }
 
-static PyObject *fc_headers(FilterCore *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "headers(chain, i, ctx, direction, eos)");
-        return NULL;
-    }
-    PyObject *chain = args[0], *i = args[1], *ctx = args[2];
-    long d = PyLong_AsLong(args[3]);
-    if (d != 0 && d != 1) {
-        if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_ValueError, "direction: 0 (request) or 1 (response)");
-        return NULL;
-    }
+static PyObject *fc_headers_impl(FilterCore *self, PyObject *chain, PyObject *i, PyObject *ctx,
+                                 long d, PyObject *eos_obj) {
     int finished = attr_true(chain, str__finished);
     int traced = finished == 0 ? attr_not_none(chain, str_trace) : finished;
     int alive = traced == 0 ? fc_alive(self, ctx) : !traced;
     if (finished < 0 || traced < 0 || alive < 0)
         return NULL;
-    if (finished || traced || !alive)
-        return PyObject_CallMethodObjArgs(chain, str__headers, i, (PyObject *)self, ctx, args[3],
-                                          args[4], NULL);
-    int eos = PyObject_IsTrue(args[4]);
+    if (finished || traced || !alive) {
+        PyObject *dir = PyLong_FromLong(d);
+        PyObject *r = dir ? PyObject_CallMethodObjArgs(chain, str__headers, i, (PyObject *)self,
+                                                       ctx, dir, eos_obj, NULL) : NULL;
+        Py_XDECREF(dir);
+        return r;
+    }
+    int eos = PyObject_IsTrue(eos_obj);
     PyObject *hmap = eos < 0 ? NULL : PyObject_GetAttr(chain, str_hmaps[d]);
     PyObject *items = hmap ? PyObject_GetAttr(hmap, str_items) : NULL;
     Py_XDECREF(hmap);
@@ -2123,6 +2123,442 @@ static PyObject *fc_headers(FilterCore *self, PyObject *const *args, Py_ssize_t 
     return state;
 }
 
+static PyObject *fc_headers(FilterCore *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "headers(chain, i, ctx, direction, eos)");
+        return NULL;
+    }
+    long d = PyLong_AsLong(args[3]);
+    if (d != 0 && d != 1) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "direction: 0 (request) or 1 (response)");
+        return NULL;
+    }
+    return fc_headers_impl(self, args[0], args[1], args[2], d, args[4]);
+}
+
+/* == the chain's per-filter loops (abi/chain.py's Chain.request / response / finish) ========
+ * walk_request(chain, i, eos) and walk_response(chain, i, eos) run the plain part of the
+ * headers loops from filter i (upwards on the request, downwards on the response);
+ * walk_finish(chain) runs the teardown loop of an untraced chain. They do what chain.py's
+ * _walk_request / _walk_response / _walk_finish do in Python (the reference: keep them alike).
+ * A NativeFilter's steps are its FilterCore C above (new_http_context, headers,
+ * finish_context), called directly; any other filter's are its Python methods.
+ *
+ * A headers walk answers None once every filter is done, else i * 4 + state: filter i's
+ * headers callback ran and answered `state` (CONTINUE, PAUSED, SKIPPED), and the chain's
+ * Python carries on from there, because filter i paused or needs its body staged (a body
+ * or trailers callback, a body coming, the filter not skipped). What the chain raises (its
+ * _Stop on a reply or a fail-closed failure) goes through to the chain. */
+
+static PyObject *str_filters, *str_ctxs, *str_skipped, *str_failed, *str__request_headers,
+    *str_headers, *str_on_headers, *str_body_callbacks, *str_waiter, *str_wake,
+    *str_finish_context, *str__teardown_failed;
+static PyObject *directions[2];         /* 0 (request), 1 (response) */
+static PyTypeObject FilterCoreType;     /* below */
+
+typedef struct {
+    PyObject *filters, *ctxs, *skipped;     /* owned: chain.filters (as a fast sequence), ... */
+    Py_ssize_t n;
+} Walk;
+
+static void walk_close(Walk *w) {
+    Py_XDECREF(w->filters);
+    Py_XDECREF(w->ctxs);
+    Py_XDECREF(w->skipped);
+}
+
+/* The chain's lists, read once a walk (the chain never replaces them). 0, or -1. */
+static int walk_open(Walk *w, PyObject *chain, PyObject *second) {
+    w->ctxs = w->skipped = NULL;
+    PyObject *filters = PyObject_GetAttr(chain, str_filters);
+    w->filters = filters ? PySequence_Fast(filters, "chain.filters must be a sequence") : NULL;
+    Py_XDECREF(filters);
+    if (w->filters == NULL)
+        return -1;
+    w->n = PySequence_Fast_GET_SIZE(w->filters);
+    w->ctxs = PyObject_GetAttr(chain, str_ctxs);
+    w->skipped = w->ctxs ? PyObject_GetAttr(chain, second) : NULL;
+    if (w->skipped == NULL)
+        return -1;
+    if (!PyList_Check(w->ctxs) || !PyList_Check(w->skipped) ||
+            PyList_GET_SIZE(w->ctxs) != w->n || PyList_GET_SIZE(w->skipped) != w->n) {
+        PyErr_SetString(PyExc_TypeError, "chain.ctxs and its flags: lists, one item a filter");
+        return -1;
+    }
+    return 0;
+}
+
+/* A truth value without a call for the bools it nearly always is: 1, 0, or -1. */
+static int truth(PyObject *v) {
+    return v == Py_True ? 1 : v == Py_False ? 0 : PyObject_IsTrue(v);
+}
+
+/* list[i] is true (the chain's skipped / failed flags; the walk checked the size). */
+static int flag_at(PyObject *list, Py_ssize_t i) {
+    if (i >= PyList_GET_SIZE(list)) {
+        PyErr_SetString(PyExc_IndexError, "chain flags changed size");
+        return -1;
+    }
+    return truth(PyList_GET_ITEM(list, i));
+}
+
+/* f.on_headers[d] (which 0) or f.body_callbacks[d] (which 1): 1, 0, or -1. */
+static int filter_flag(PyObject *f, int which, long d) {
+    PyObject *pair;
+    if (PyObject_TypeCheck(f, &FilterCoreType)) {
+        FilterCore *fc = (FilterCore *)f;
+        pair = Py_NewRef(FC_FIELD(which ? fc->body_callbacks : fc->on_headers));
+    } else {
+        pair = PyObject_GetAttr(f, which ? str_body_callbacks : str_on_headers);
+        if (pair == NULL)
+            return -1;
+    }
+    int t;
+    if (PyTuple_CheckExact(pair) && PyTuple_GET_SIZE(pair) == 2) {
+        t = truth(PyTuple_GET_ITEM(pair, d));
+    } else {
+        PyObject *v = PySequence_GetItem(pair, d);
+        t = v ? PyObject_IsTrue(v) : -1;
+        Py_XDECREF(v);
+    }
+    Py_DECREF(pair);
+    return t;
+}
+
+/* A headers step's answer (new reference or NULL) as a state 0..2; -1 with an exception. */
+static long as_state(PyObject *r) {
+    if (r == NULL)
+        return -1;
+    long v = PyLong_AsLong(r);
+    Py_DECREF(r);
+    if (v == -1 && PyErr_Occurred())
+        return -1;
+    if (v < HEADERS_CONTINUE || v > HEADERS_SKIPPED) {
+        PyErr_Format(PyExc_ValueError, "a headers step answered %ld", v);
+        return -1;
+    }
+    return v;
+}
+
+/* chain._request_headers(i, eos) for filter f: its context opened (a failure to open is
+ * chain._fail(i) and SKIPPED), its request headers callback run. A state, or -1. */
+static long request_step(PyObject *chain, PyObject *f, PyObject *io, Py_ssize_t i,
+                         PyObject *eos_obj, PyObject *ctxs) {
+    if (!PyObject_TypeCheck(f, &FilterCoreType))
+        return as_state(PyObject_CallMethodObjArgs(chain, str__request_headers, io, eos_obj, NULL));
+    FilterCore *fc = (FilterCore *)f;
+    PyObject *ctx = fc_new_http_context(fc, chain);
+    if (ctx == NULL) {
+        if (fc_failure_type == NULL || !PyErr_ExceptionMatches(fc_failure_type))
+            return -1;
+        PyErr_Clear();
+        ctx = Py_NewRef(Py_None);
+    }
+    if (ctx == Py_None) {
+        Py_DECREF(ctx);
+        PyObject *r = PyObject_CallMethodOneArg(chain, str__fail, io);
+        if (r == NULL)
+            return -1;
+        Py_DECREF(r);
+        return HEADERS_SKIPPED;
+    }
+    if (PyList_SetItem(ctxs, i, Py_NewRef(ctx)) < 0) {     /* steals the new reference */
+        Py_DECREF(ctx);
+        return -1;
+    }
+    int on = filter_flag(f, 0, 0);
+    long state = on < 0 ? -1 : HEADERS_CONTINUE;
+    if (on > 0)
+        state = as_state(fc_headers_impl(fc, chain, io, ctx, 0, eos_obj));
+    Py_DECREF(ctx);
+    return state;
+}
+
+/* After filter i's headers step answered `state`: whether the chain's Python must carry on
+ * there (it paused, or it needs its body staged): 1, 0, or -1. */
+static int hand_back(Walk *w, PyObject *f, Py_ssize_t i, long d, long state, int eos) {
+    if (state == HEADERS_PAUSED)
+        return 1;
+    if (eos)
+        return 0;
+    int skipped = flag_at(w->skipped, i);
+    if (skipped != 0)
+        return skipped < 0 ? -1 : 0;
+    return filter_flag(f, 1, d);
+}
+
+static int walk_args(PyObject *const *args, Py_ssize_t nargs, const char *usage,
+                     Py_ssize_t *i, int *eos) {
+    if (nargs != 3) {
+        PyErr_Format(PyExc_TypeError, "%s", usage);
+        return -1;
+    }
+    *i = PyLong_AsSsize_t(args[1]);
+    if (*i == -1 && PyErr_Occurred())
+        return -1;
+    *eos = PyObject_IsTrue(args[2]);
+    return *eos < 0 ? -1 : 0;
+}
+
+#define NOT_OPENED (-2)          /* a response step's filter never opened, or is skipped */
+
+/* chain._walk_response's step for filter i: its response headers callback, if it has one. */
+static long response_step(Walk *w, PyObject *chain, PyObject *f, PyObject *io, Py_ssize_t i,
+                          PyObject *eos_obj) {
+    PyObject *ctx = PyList_GET_ITEM(w->ctxs, i);
+    if (ctx == Py_None)
+        return NOT_OPENED;
+    int skipped = flag_at(w->skipped, i);
+    if (skipped != 0)
+        return skipped < 0 ? -1 : NOT_OPENED;
+    Py_INCREF(ctx);                     /* held: what follows may run Python */
+    int on = filter_flag(f, 0, 1);
+    long state = on < 0 ? -1 : HEADERS_CONTINUE;
+    if (on > 0 && PyObject_TypeCheck(f, &FilterCoreType))
+        state = as_state(fc_headers_impl((FilterCore *)f, chain, io, ctx, 1, eos_obj));
+    else if (on > 0)
+        state = as_state(PyObject_CallMethodObjArgs(f, str_headers, chain, io, ctx, directions[1],
+                                                    eos_obj, NULL));
+    Py_DECREF(ctx);
+    return state;
+}
+
+/* walk_request (d 0: filters i, i+1, ...) and walk_response (d 1: filters i, i-1, ..., 0). */
+static PyObject *walk_headers(long d, PyObject *const *args, Py_ssize_t nargs) {
+    Py_ssize_t i;
+    int eos;
+    if (walk_args(args, nargs, d ? "walk_response(chain, i, eos)" : "walk_request(chain, i, eos)",
+                  &i, &eos) < 0)
+        return NULL;
+    PyObject *chain = args[0];
+    Walk w;
+    if (walk_open(&w, chain, str_skipped) < 0) {
+        walk_close(&w);
+        return NULL;
+    }
+    if (d && i >= w.n)
+        i = w.n - 1;
+    PyObject *result = NULL;
+    for (; i >= 0 && i < w.n; i += d ? -1 : 1) {
+        PyObject *f = PySequence_Fast_GET_ITEM(w.filters, i);
+        PyObject *io = PyLong_FromSsize_t(i);
+        long state = io == NULL ? -1 : d ? response_step(&w, chain, f, io, i, args[2])
+                                         : request_step(chain, f, io, i, args[2], w.ctxs);
+        Py_XDECREF(io);
+        if (state == NOT_OPENED)
+            continue;
+        int back = state < 0 ? -1 : hand_back(&w, f, i, d, state, eos);
+        if (back < 0)
+            goto done;
+        if (back) {
+            result = PyLong_FromSsize_t(i * 4 + state);
+            goto done;
+        }
+    }
+    result = Py_NewRef(Py_None);
+done:
+    walk_close(&w);
+    return result;
+}
+
+static PyObject *walk_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    return walk_headers(0, args, nargs);
+}
+
+static PyObject *walk_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    return walk_headers(1, args, nargs);
+}
+
+/* One context's teardown as chain._finish_one(i) does it; 0, or -1 with an exception. */
+static int finish_step(PyObject *chain, PyObject *f, PyObject *ctx, PyObject *failed,
+                       Py_ssize_t i) {
+    PyObject *attached = PyObject_GetAttr(ctx, str_chain);
+    if (attached == NULL)
+        return -1;
+    int deleted = attached == Py_None;               /* never opened, or already deleted */
+    Py_DECREF(attached);
+    if (deleted)
+        return 0;
+    PyObject *waiter = PyObject_GetAttr(ctx, str_waiter);
+    PyObject *r = waiter;
+    if (waiter != NULL && waiter != Py_None) {
+        r = PyObject_CallMethodNoArgs(ctx, str_wake);
+    }
+    Py_XDECREF(waiter);
+    if (r != NULL) {
+        if (PyObject_TypeCheck(f, &FilterCoreType)) {
+            PyObject *fargs[2] = {ctx, failed};
+            r = fc_finish_context((FilterCore *)f, fargs, 2);
+        } else {
+            r = PyObject_CallMethodObjArgs(f, str_finish_context, ctx, failed, NULL);
+        }
+    }
+    if (r != NULL) {
+        Py_DECREF(r);
+        return 0;
+    }
+    if (fc_failure_type != NULL && PyErr_ExceptionMatches(fc_failure_type)) {
+        PyErr_Clear();
+        return 0;
+    }
+    if (!PyErr_ExceptionMatches(PyExc_Exception))
+        return -1;
+    PyObject *et, *ev, *tb;                          /* teardown must never fail the gateway */
+    PyErr_Fetch(&et, &ev, &tb);
+    PyErr_NormalizeException(&et, &ev, &tb);
+    if (tb != NULL && ev != NULL)
+        PyException_SetTraceback(ev, tb);
+    PyObject *io = PyLong_FromSsize_t(i);
+    r = io ? PyObject_CallMethodObjArgs(chain, str__teardown_failed, io, ev ? ev : Py_None, NULL)
+           : NULL;
+    Py_XDECREF(io);
+    Py_XDECREF(et);
+    Py_XDECREF(ev);
+    Py_XDECREF(tb);
+    Py_XDECREF(r);
+    return r == NULL ? -1 : 0;
+}
+
+static PyObject *walk_finish(PyObject *module, PyObject *chain) {
+    Walk w;
+    if (walk_open(&w, chain, str_failed) < 0) {
+        walk_close(&w);
+        return NULL;
+    }
+    PyObject *result = NULL;
+    for (Py_ssize_t i = 0; i < w.n; i++) {
+        if (i >= PyList_GET_SIZE(w.ctxs) || i >= PyList_GET_SIZE(w.skipped)) {
+            PyErr_SetString(PyExc_IndexError, "chain.ctxs changed size");
+            goto done;
+        }
+        PyObject *ctx = PyList_GET_ITEM(w.ctxs, i);
+        if (ctx == Py_None)
+            continue;
+        Py_INCREF(ctx);
+        PyObject *failed = Py_NewRef(PyList_GET_ITEM(w.skipped, i));     /* chain.failed */
+        int rc = finish_step(chain, PySequence_Fast_GET_ITEM(w.filters, i), ctx, failed, i);
+        Py_DECREF(ctx);
+        Py_DECREF(failed);
+        if (rc < 0)
+            goto done;
+    }
+    result = Py_NewRef(Py_None);
+done:
+    walk_close(&w);
+    return result;
+}
+
+/* stream_head(status, headers, has_body): chain.py's _stream_head (the reference) for the
+ * headers the gateway hands over: a list of (name, value) str pairs. The map's items (a copy;
+ * for a response, status not None, with ":status" first and set to str(status)) and the
+ * first content-length as an int when there is a body (None otherwise). None when the
+ * headers are anything else, or the content-length is not plain ASCII digits: the reference
+ * decides those. */
+static PyObject *str_status_name, *str_content_length;
+
+static int name_is(PyObject *name, PyObject *want) {
+    if (name == want)
+        return 1;
+    Py_ssize_t n = PyUnicode_GET_LENGTH(want);
+    return PyUnicode_GET_LENGTH(name) == n && PyUnicode_KIND(name) == PyUnicode_1BYTE_KIND &&
+           memcmp(PyUnicode_DATA(name), PyUnicode_DATA(want), (size_t)n) == 0;
+}
+
+/* An exact str of ASCII digits only: its int; NULL without an exception otherwise. */
+static PyObject *plain_length(PyObject *v) {
+    if (!PyUnicode_CheckExact(v) || !PyUnicode_IS_ASCII(v) || PyUnicode_GET_LENGTH(v) == 0 ||
+            PyUnicode_GET_LENGTH(v) > 18)
+        return NULL;
+    const char *p = (const char *)PyUnicode_DATA(v);
+    long long n = 0;
+    for (Py_ssize_t k = 0; k < PyUnicode_GET_LENGTH(v); k++) {
+        if (p[k] < '0' || p[k] > '9')
+            return NULL;
+        n = n * 10 + (p[k] - '0');
+    }
+    return PyLong_FromLongLong(n);
+}
+
+static PyObject *stream_head(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "stream_head(status, headers, has_body)");
+        return NULL;
+    }
+    PyObject *status = args[0], *headers = args[1];
+    int has_body = PyObject_IsTrue(args[2]);
+    if (has_body < 0)
+        return NULL;
+    if (!PyList_CheckExact(headers))
+        Py_RETURN_NONE;
+    Py_ssize_t n = PyList_GET_SIZE(headers), statuses = 0;
+    PyObject *cl = NULL;                            /* borrowed: the first content-length */
+    for (Py_ssize_t k = 0; k < n; k++) {
+        PyObject *h = PyList_GET_ITEM(headers, k);
+        if (!PyTuple_CheckExact(h) || PyTuple_GET_SIZE(h) != 2 ||
+                !PyUnicode_CheckExact(PyTuple_GET_ITEM(h, 0)))
+            Py_RETURN_NONE;
+        PyObject *name = PyTuple_GET_ITEM(h, 0);
+        if (name_is(name, str_status_name))
+            statuses++;
+        else if (cl == NULL && name_is(name, str_content_length))
+            cl = PyTuple_GET_ITEM(h, 1);
+    }
+    PyObject *length = Py_None;
+    if (has_body && cl != NULL) {
+        length = plain_length(cl);
+        if (length == NULL) {
+            if (PyErr_Occurred())
+                return NULL;
+            Py_RETURN_NONE;
+        }
+    } else {
+        Py_INCREF(length);
+    }
+    PyObject *items;
+    if (status == Py_None) {
+        items = PyList_GetSlice(headers, 0, n);
+    } else {
+        PyObject *text = PyObject_Str(status);
+        PyObject *first = text ? PyTuple_Pack(2, str_status_name, text) : NULL;
+        Py_XDECREF(text);
+        int in_place = n > 0 && statuses == 1 &&
+                       name_is(PyTuple_GET_ITEM(PyList_GET_ITEM(headers, 0), 0), str_status_name);
+        items = first ? PyList_New(in_place ? n : n - statuses + 1) : NULL;
+        if (items != NULL) {
+            PyList_SET_ITEM(items, 0, Py_NewRef(first));
+            Py_ssize_t at = 1;
+            for (Py_ssize_t k = in_place ? 1 : 0; k < n; k++) {
+                PyObject *h = PyList_GET_ITEM(headers, k);
+                if (!in_place && name_is(PyTuple_GET_ITEM(h, 0), str_status_name))
+                    continue;
+                PyList_SET_ITEM(items, at++, Py_NewRef(h));
+            }
+        }
+        Py_XDECREF(first);
+    }
+    if (items == NULL) {
+        Py_DECREF(length);
+        return NULL;
+    }
+    PyObject *r = PyTuple_Pack(2, items, length);
+    Py_DECREF(items);
+    Py_DECREF(length);
+    return r;
+}
+
+static PyMethodDef walk_methods[] = {
+    {"walk_request", (PyCFunction)(void (*)(void))walk_request, METH_FASTCALL,
+     "walk_request(chain, i, eos): chain.py's _walk_request in C"},
+    {"walk_response", (PyCFunction)(void (*)(void))walk_response, METH_FASTCALL,
+     "walk_response(chain, i, eos): chain.py's _walk_response in C"},
+    {"walk_finish", (PyCFunction)walk_finish, METH_O,
+     "walk_finish(chain): chain.py's _walk_finish in C"},
+    {"stream_head", (PyCFunction)(void (*)(void))stream_head, METH_FASTCALL,
+     "stream_head(status, headers, has_body): chain.py's _stream_head in C, or None"},
+    {NULL},
+};
+
 static PyMethodDef fc_methods[] = {
     {"call", (PyCFunction)(void (*)(void))fc_call, METH_FASTCALL,
      "call(ctx, name, *args): Filter.call in C"},
@@ -2152,6 +2588,10 @@ static PyMemberDef fc_members[] = {
      "what new_http_context builds: (filter, id, generation, chain)"},
     {"headers_eos", T_OBJECT_EX, offsetof(FilterCore, headers_eos), 0,
      "(request, response): the headers callback takes end_of_stream"},
+    {"on_headers", T_OBJECT_EX, offsetof(FilterCore, on_headers), 0,
+     "(request, response): the headers callback is exported"},
+    {"body_callbacks", T_OBJECT_EX, offsetof(FilterCore, body_callbacks), 0,
+     "(request, response): a body or trailers callback is exported"},
     {"_next_id", T_LONGLONG, offsetof(FilterCore, next_id), 0, "the next context id"},
     {"has_context_create", T_BOOL, offsetof(FilterCore, has_context_create), 0,
      "proxy_on_context_create is exported"},
@@ -2187,12 +2627,21 @@ static int filter_core_init(PyObject *m) {
         {&str_items, "items"}, {&str_resumed, "resumed"}, {&str__headers, "_headers"},
         {&str__fail, "_fail"}, {&str_reply, "reply"}, {&str__replied, "_replied"},
         {&str__invalid, "_invalid"},
+        {&str_filters, "filters"}, {&str_ctxs, "ctxs"}, {&str_skipped, "skipped"},
+        {&str_failed, "failed"}, {&str__request_headers, "_request_headers"},
+        {&str_headers, "headers"}, {&str_on_headers, "on_headers"},
+        {&str_body_callbacks, "body_callbacks"}, {&str_waiter, "waiter"}, {&str_wake, "wake"},
+        {&str_finish_context, "finish_context"}, {&str__teardown_failed, "_teardown_failed"},
+        {&str_status_name, ":status"}, {&str_content_length, "content-length"},
     };
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
         if ((*names[i].slot = PyUnicode_InternFromString(names[i].s)) == NULL)
             return -1;
+    if ((directions[0] = PyLong_FromLong(0)) == NULL || (directions[1] = PyLong_FromLong(1)) == NULL)
+        return -1;
     if (PyType_Ready(&FilterCoreType) < 0 ||
-            PyModule_AddObjectRef(m, "FilterCore", (PyObject *)&FilterCoreType) < 0)
+            PyModule_AddObjectRef(m, "FilterCore", (PyObject *)&FilterCoreType) < 0 ||
+            PyModule_AddFunctions(m, walk_methods) < 0)
         return -1;
     return 0;
 }

@@ -142,7 +142,8 @@ _NATIVE_NAMES = ("call", "set_call_target", "HOST_TRAMPOLINE", "HostFn", "TYPED_
                  "ticker_configure", "ticker_add", "ticker_remove", "ticker_register",
                  "ticker_state", "ticker_enter", "ticker_leave", "charged_ns", "gc_callback",
                  "mem_read", "mem_header_pair", "mem_put_result", "Guarded", "serialize_pairs",
-                 "CallCore", "GuestFn", "Tally", "FilterCore")
+                 "CallCore", "GuestFn", "Tally", "FilterCore", "walk_request", "walk_response",
+                 "walk_finish", "stream_head")
 
 
 _native = _load_native()
@@ -163,6 +164,13 @@ CallCore: type = _native.CallCore if _native is not None else object
 # The C base of abi/filter.py's NativeFilter (a filter's per-request calls without a Python
 # frame: call, new_http_context, headers, finish_context); None without _crossing.c.
 FilterCore: type | None = _native.FilterCore if _native is not None else None
+# The chain's per-filter loops in C: abi/chain.py's _walk_request, _walk_response and
+# _walk_finish, in that order; None without _crossing.c.
+chain_walks: tuple[Callable, Callable, Callable] | None = (
+    (_native.walk_request, _native.walk_response, _native.walk_finish) if _native is not None else None)
+# abi/chain.py's _stream_head (a stream's header map items and content-length) in C for the
+# plain case, None for the rest; None without _crossing.c.
+native_stream_head: Callable[..., tuple | None] | None = getattr(_native, "stream_head", None)
 
 
 def native_crossings() -> bool:

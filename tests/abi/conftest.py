@@ -62,12 +62,18 @@ class FakeServices:
 def crossing_impl(request, monkeypatch):
     """Runs a test on both crossings: abi/engine/_crossing.c (built at install when a C
     compiler is there) and the ctypes / pure-Python fallback (WASMGATE_PURE_PYTHON=1). An
-    Instance picks one when it is made, a filter's host-function wrappers when it is loaded;
+    Instance picks one when it is made, a filter's host-function wrappers when it is loaded,
+    the chain's loops (abi/chain.py walk_*) when a request runs;
     modules use it with ``pytestmark = pytest.mark.usefixtures("crossing_impl")``."""
     from abi.engine import crossing
     if request.param == "native" and crossing._native is None:
         pytest.skip("abi/engine/_crossing.c is not built (no C compiler at install?)")
     monkeypatch.setattr(crossing, "USE_NATIVE", request.param == "native")
+    if request.param == "ctypes":            # the chain's loops too: chain.py's reference walks
+        from abi import chain
+        for name, walk in zip(("walk_request", "walk_response", "walk_finish"), chain.PY_WALKS):
+            monkeypatch.setattr(chain, name, walk)
+        monkeypatch.setattr(chain, "stream_head", chain._stream_head)
     return request.param
 
 

@@ -16,9 +16,12 @@ from abi_wat import Wat
 pytestmark = pytest.mark.usefixtures("crossing_impl")
 
 # What the C path does without a frame: Filter.call / new_http_context / headers /
-# finish_context, and Chain._headers (its common case).
+# finish_context, Chain._headers (its common case), and the chain's loops (walks) and head.
 PER_FILTER = {("filter.py", "call"), ("filter.py", "new_http_context"), ("filter.py", "headers"),
-              ("filter.py", "finish_context"), ("chain.py", "_headers")}
+              ("filter.py", "finish_context"), ("chain.py", "_headers"),
+              ("chain.py", "_walk_request"), ("chain.py", "_walk_response"),
+              ("chain.py", "_walk_finish"), ("chain.py", "_request_headers"),
+              ("chain.py", "_hand_back"), ("chain.py", "_finish_one"), ("chain.py", "_stream_head")}
 
 
 class Frames:

@@ -168,7 +168,10 @@ async def test_header_edits_and_the_clock_are_no_python_frame_on_the_c_path(load
     # (a host function, or the engine's wrapper around one) are host calls.
     host_files = (os.path.join("abi", "hostcalls.py"), os.path.join("abi", "engine", ""),
                   "<wasmgate engine")
+    # The deadline re-arm (store.py arm, once per REARM_S of calls) is the guest call's, not a
+    # host call: whether it falls in the measured request depends on the machine's load.
     calls = [names for top, names in frames.calls.values() if "proxy_log" not in names
+             and names[0] != "arm"
              and (top.f_code.co_filename.endswith(host_files[0])
                   or host_files[1] in top.f_code.co_filename
                   or top.f_code.co_filename.startswith(host_files[2]))]
