@@ -28,6 +28,8 @@
  *       reads them").
  *   GuestFn, CallCore, Tally: a guest export's whole caller (what call() is the core of), the
  *       store state it reads, what its top-level calls add up to (see "guest calls" below).
+ *   set_deadline_target: where GuestFn's re-arm sets the epoch deadline (see "deadline
+ *       re-arm" below).
  *   header_edit, time_ns: host functions of every request whole in C on their common path
  *       (see "host calls of every request" below).
  */
@@ -336,15 +338,19 @@ static engine_ref *find_locked(void *engine) {
 
 /* register() -> lag: count this thread's CPU from now on (a deadline is being armed);
  * returns how far the epoch may still jump at once (ms), as _Ticker.register does. */
-static PyObject *ticker_register(PyObject *self, PyObject *noarg) {
-    slot *s = this_slot();
-    if (s == NULL)
-        return NULL;
+static int64_t register_thread(slot *s) {
     pthread_mutex_lock(&mu);
     revive_locked(s);
     int64_t lag = (cpu_ns + pending_locked()) / EPOCH_NS - cpu_ns / EPOCH_NS;
     pthread_mutex_unlock(&mu);
-    return PyLong_FromLongLong(lag);
+    return lag;
+}
+
+static PyObject *ticker_register(PyObject *self, PyObject *noarg) {
+    slot *s = this_slot();
+    if (s == NULL)
+        return NULL;
+    return PyLong_FromLongLong(register_thread(s));
 }
 
 /* state(engine) -> (epoch, now_ms, idle): the engine's epoch, the deadline clock in that
@@ -985,8 +991,9 @@ static PyObject *serialize_pairs(PyObject *self, PyObject *items) {
  * caller (_GUEST_CALL_SRC, top-level and nested) does, for integer signatures: params "I" per
  * i32 (masked to 32 bits, either sign accepted), "Q" per i64 (masked to 64 bits); at most one
  * result, "I" (i32, returned unsigned), "q" (i64, returned signed) or "" (None).
- * A top-level call (depth 0, not poisoned) raises depth to 1, calls st.arm() when the last arm
- * is older than the ticker's re-arm period (ticker_configure), runs the guest as call() does
+ * A top-level call (depth 0, not poisoned) raises depth to 1, re-arms the deadline when the last
+ * arm is older than the ticker's re-arm period (ticker_configure; rearm(), "deadline re-arm"
+ * below: in C on _NativeTicker, else st.arm()), runs the guest as call() does
  * and raises st.failure(err) on an error, a trap or a store poisoned meanwhile; with a Tally
  * in st.tally, it adds itself and its wall time there (one more clock read: the rate limit's
  * reading is its start). A call from inside a host function (depth > 0: e.g. the guest
@@ -1024,12 +1031,22 @@ typedef struct {
     char poisoned;
     double armed_at;                /* time.monotonic() of the last arm() */
     Tally *tally;                   /* NULL: top-level calls are not counted */
+    /* store.py _StoreState.arm's state, which rearm() (see "deadline re-arm") keeps in C */
+    long long deadline_ticks, arm_cpu_ns, budget_ns;
+    char native_arm;                /* on _NativeTicker: rearm() arms in C, not st.arm() */
 } CallCore;
 
 static PyMemberDef callcore_members[] = {
     {"depth", T_INT, offsetof(CallCore, depth), 0, "guest calls in progress (nesting)"},
     {"poisoned", T_BOOL, offsetof(CallCore, poisoned), 0, "a trap made the store unusable"},
     {"armed_at", T_DOUBLE, offsetof(CallCore, armed_at), 0, "time.monotonic() of the last arm"},
+    {"deadline_ticks", T_LONGLONG, offsetof(CallCore, deadline_ticks), 0,
+     "epochs (ms of CPU) a call of an arm may run"},
+    {"arm_cpu_ns", T_LONGLONG, offsetof(CallCore, arm_cpu_ns), 0,
+     "the arming thread's deadline clock at the last arm"},
+    {"budget_ns", T_LONGLONG, offsetof(CallCore, budget_ns), 0, "the CPU the calls of that arm may use"},
+    {"native_arm", T_BOOL, offsetof(CallCore, native_arm), 0,
+     "GuestFn re-arms in C (the store's ticker is _NativeTicker)"},
     {NULL},
 };
 
@@ -1111,6 +1128,8 @@ static PyObject *guest_failure(GuestFn *g, void *err) {
     return raise_from(exc);
 }
 
+static int rearm(CallCore *st, void *ctx, int64_t now_ns);     /* "deadline re-arm" below */
+
 static PyObject *guestfn_call(GuestFn *g, PyObject *const *args, size_t nargsf, PyObject *kw) {
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
     if ((kw != NULL && PyTuple_GET_SIZE(kw)) || nargs != g->nparams) {
@@ -1139,13 +1158,9 @@ static PyObject *guestfn_call(GuestFn *g, PyObject *const *args, size_t nargsf, 
     if (top) {
         st->depth = 1;              /* before the rate limit: the ticker relies on it */
         int64_t t0 = monotonic_ns();
-        if (t0 * 1e-9 - st->armed_at > rearm_ns * 1e-9) {
-            PyObject *r = PyObject_CallMethodNoArgs((PyObject *)st, str_arm);
-            if (r == NULL) {
-                st->depth = 0;
-                return NULL;
-            }
-            Py_DECREF(r);
+        if (t0 * 1e-9 - st->armed_at > rearm_ns * 1e-9 && rearm(st, g->ctx, t0) < 0) {
+            st->depth = 0;
+            return NULL;
         }
         err = run_guest(g->ctx, g->func, vals, (size_t)g->nslots, g->trap);
         st->depth = 0;
@@ -1268,6 +1283,57 @@ static int guest_module_init(PyObject *m) {
         return -1;
     return 0;
 }
+
+/* == deadline re-arm =======================================================================
+ * What store.py's _StoreState.arm does, for GuestFn's top-level call when the last arm is
+ * stale (every REARM_S at most), without a Python frame: the thread's deadline clock read
+ * (charged(), as charged_ns()), the thread registered with the ticker (register_thread(), as
+ * ticker_register()), armed_at set, and wasmtime_context_set_epoch_deadline(ctx, ticks + lag).
+ * Only for a store on _NativeTicker (CallCore.native_arm, set by _StoreState); any other store,
+ * or a module whose set_deadline_target() was not called, gets st.arm(), which stays the
+ * reference (and what instantiation and the ctypes crossings use).
+ *
+ *   set_deadline_target(address): the address of wasmtime_context_set_epoch_deadline.
+ *
+ * armed_at is GuestFn's clock reading just before (one clock read less than arm(); an arm
+ * that reads as a few ns older only comes due that much sooner). */
+typedef void (*set_deadline_t)(void *ctx, uint64_t ticks);
+
+static set_deadline_t set_deadline;
+
+static PyObject *set_deadline_target(PyObject *self, PyObject *arg) {
+    void *p = PyLong_AsVoidPtr(arg);
+    if (p == NULL && PyErr_Occurred())
+        return NULL;
+    set_deadline = (set_deadline_t)p;
+    Py_RETURN_NONE;
+}
+
+/* Arm st's deadline for the calls of the next REARM (now_ns: CLOCK_MONOTONIC); -1: error set. */
+static int rearm(CallCore *st, void *ctx, int64_t now_ns) {
+    if (!st->native_arm || set_deadline == NULL) {
+        PyObject *r = PyObject_CallMethodNoArgs((PyObject *)st, str_arm);
+        if (r == NULL)
+            return -1;
+        Py_DECREF(r);
+        return 0;
+    }
+    slot *s = this_slot();
+    if (s == NULL)
+        return -1;
+    int64_t cpu = charged(s);
+    if (cpu < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    st->arm_cpu_ns = cpu;
+    st->budget_ns = st->deadline_ticks * EPOCH_NS;
+    int64_t lag = register_thread(s);
+    st->armed_at = now_ns * 1e-9;
+    set_deadline(ctx, (uint64_t)(st->deadline_ticks + lag));
+    return 0;
+}
+/* == end of: deadline re-arm ============================================================== */
 
 /* == host calls of every request (abi/hostcalls.py) ========================================
  * The host functions a filter chain calls on every request, done whole in C on their common
@@ -1529,6 +1595,8 @@ static PyMethodDef methods[] = {
      "Memory.header_pair(key_ptr, key_size, value_ptr, value_size) of the Memory given first"},
     {"mem_put_result", (PyCFunction)(void (*)(void))mem_put_result, METH_FASTCALL,
      "Memory.put_result(alloc, data, ret_pp, ret_size_p) of the Memory given first"},
+    {"set_deadline_target", set_deadline_target, METH_O,
+     "the address of wasmtime_context_set_epoch_deadline (GuestFn's re-arm in C)"},
     {"serialize_pairs", serialize_pairs, METH_O,
      "abi/pairs.py serialize_str() of a list of latin-1 str pairs; None for anything else"},
     {NULL, NULL, 0, NULL},

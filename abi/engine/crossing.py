@@ -135,6 +135,7 @@ def _load_native():
                       f"rebuild it with `python setup.py build_ext --inplace`")
         return None
     _crossing.set_call_target(_addr(_B._wasmtime_func_call_unchecked))
+    _crossing.set_deadline_target(_addr(_B._wasmtime_context_set_epoch_deadline))
     return _crossing
 
 
@@ -142,7 +143,7 @@ _NATIVE_NAMES = ("call", "set_call_target", "HOST_TRAMPOLINE", "HostFn", "TYPED_
                  "ticker_configure", "ticker_add", "ticker_remove", "ticker_register",
                  "ticker_state", "ticker_enter", "ticker_leave", "charged_ns", "gc_callback",
                  "mem_read", "mem_header_pair", "mem_put_result", "Guarded", "serialize_pairs",
-                 "CallCore", "GuestFn", "Tally", "FilterCore")
+                 "CallCore", "GuestFn", "Tally", "FilterCore", "set_deadline_target")
 
 
 _native = _load_native()
@@ -155,8 +156,9 @@ serialize_pairs: Callable[[list], bytes | None] | None = \
 # "host calls of every request"); None without the C build (or with one older than them).
 native_header_edit: Callable[..., int] | None = getattr(_native, "header_edit", None)
 native_time_ns: Callable[..., int] | None = getattr(_native, "time_ns", None)
-# The base of store._StoreState: with _crossing.c, its depth/poisoned/armed_at/tally are C
-# fields that _native.GuestFn reads without an attribute lookup (Python sees attributes).
+# The base of store._StoreState: with _crossing.c, its depth/poisoned/armed_at/tally and the
+# deadline arm's state are C fields that _native.GuestFn reads (and re-arms) without an
+# attribute lookup (Python sees attributes).
 CallCore: type = _native.CallCore if _native is not None else object
 
 
