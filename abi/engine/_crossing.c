@@ -30,6 +30,8 @@
  *       store state it reads, what its top-level calls add up to (see "guest calls" below).
  *   set_deadline_target: where GuestFn's re-arm sets the epoch deadline (see "deadline
  *       re-arm" below).
+ *   ContextCore: the C base of abi/context.py's HttpContext (see "an HTTP context's
+ *       construction" below).
  *   header_edit, time_ns: host functions of every request whole in C on their common path
  *       (see "host calls of every request" below).
  */
@@ -131,12 +133,14 @@ static int64_t charged(slot *s) {
     return (started ? started : now) - atomic_load(&s->gc_ns);
 }
 
-static int64_t pending_locked(void) {       /* CPU charged since the last tick */
+/* CPU charged since the last tick; ``me``'s reading is ``mine`` (a thread CPU clock read is a
+ * system call, ~0.7 us here: the caller has just read its own). me NULL: read every clock. */
+static int64_t pending_locked(slot *me, int64_t mine) {
     int64_t step = 0;
     for (slot *s = slots; s; s = s->next) {
         if (!atomic_load(&s->live))
             continue;
-        int64_t r = charged(s);
+        int64_t r = s == me ? mine : charged(s);
         if (r >= 0 && r - s->last > step)
             step = r - s->last;
     }
@@ -196,10 +200,9 @@ static void *ticker_main(void *arg) {
     return NULL;
 }
 
-/* Count this thread again from now (mu held). */
-static void revive_locked(slot *s) {
+/* Count this thread again from now (mu held); r: its charged() reading now. */
+static void revive_locked(slot *s, int64_t r) {
     if (!atomic_load(&s->live)) {
-        int64_t r = charged(s);
         s->last = r < 0 ? 0 : r;
         atomic_store(&s->live, 1);
     }
@@ -338,10 +341,10 @@ static engine_ref *find_locked(void *engine) {
 
 /* register() -> lag: count this thread's CPU from now on (a deadline is being armed);
  * returns how far the epoch may still jump at once (ms), as _Ticker.register does. */
-static int64_t register_thread(slot *s) {
+static int64_t register_thread(slot *s, int64_t r) {   /* r: charged(s) just now */
     pthread_mutex_lock(&mu);
-    revive_locked(s);
-    int64_t lag = (cpu_ns + pending_locked()) / EPOCH_NS - cpu_ns / EPOCH_NS;
+    revive_locked(s, r);
+    int64_t lag = (cpu_ns + pending_locked(s, r)) / EPOCH_NS - cpu_ns / EPOCH_NS;
     pthread_mutex_unlock(&mu);
     return lag;
 }
@@ -350,7 +353,7 @@ static PyObject *ticker_register(PyObject *self, PyObject *noarg) {
     slot *s = this_slot();
     if (s == NULL)
         return NULL;
-    return PyLong_FromLongLong(register_thread(s));
+    return PyLong_FromLongLong(register_thread(s, charged(s)));
 }
 
 /* state(engine) -> (epoch, now_ms, idle): the engine's epoch, the deadline clock in that
@@ -362,7 +365,7 @@ static PyObject *ticker_state(PyObject *self, PyObject *arg) {
     pthread_mutex_lock(&mu);
     engine_ref *e = find_locked(engine);
     long long epoch = e ? e->epoch : 0, base = e ? e->base : 0;
-    long long now = (cpu_ns + pending_locked()) / EPOCH_NS - base;
+    long long now = (cpu_ns + pending_locked(NULL, 0)) / EPOCH_NS - base;
     int napping = idle;
     pthread_mutex_unlock(&mu);
     return Py_BuildValue("(LLO)", epoch, now, napping ? Py_True : Py_False);
@@ -422,7 +425,7 @@ static void *run_guest(void *ctx, void *func, void *vals, size_t n, void **trap)
         atomic_fetch_add(&s->calls, 1);
         if (!atomic_load(&s->live)) {       /* forgotten since the arm: count it again */
             pthread_mutex_lock(&mu);
-            revive_locked(s);
+            revive_locked(s, charged(s));
             pthread_mutex_unlock(&mu);
         }
     }
@@ -1295,8 +1298,10 @@ static int guest_module_init(PyObject *m) {
  *
  *   set_deadline_target(address): the address of wasmtime_context_set_epoch_deadline.
  *
- * armed_at is GuestFn's clock reading just before (one clock read less than arm(); an arm
- * that reads as a few ns older only comes due that much sooner). */
+ * Fewer clock reads than arm(): armed_at is GuestFn's monotonic reading just before (an arm
+ * that reads as a few ns older only comes due that much sooner), and the thread's CPU clock,
+ * a system call (~0.7 us here), is read once for arm_cpu_ns, the ticker's count of this
+ * thread and the lag (arm() reads it in charged_ns() and again in ticker_register()). */
 typedef void (*set_deadline_t)(void *ctx, uint64_t ticks);
 
 static set_deadline_t set_deadline;
@@ -1328,12 +1333,129 @@ static int rearm(CallCore *st, void *ctx, int64_t now_ns) {
     }
     st->arm_cpu_ns = cpu;
     st->budget_ns = st->deadline_ticks * EPOCH_NS;
-    int64_t lag = register_thread(s);
+    int64_t lag = register_thread(s, cpu);      /* one clock read for both (a syscall) */
     st->armed_at = now_ns * 1e-9;
     set_deadline(ctx, (uint64_t)(st->deadline_ticks + lag));
     return 0;
 }
 /* == end of: deadline re-arm ============================================================== */
+
+/* == an HTTP context's construction (abi/context.py's HttpContext) ==========================
+ * ContextCore is the C base of abi/context.py's HttpContext, built for every request and
+ * filter (FilterCore.new_http_context calls the class): ContextCore(filter, context_id,
+ * generation, chain) sets the fields HttpContext.__init__ sets in Python where _crossing.c is
+ * not built (filter, id, generation, chain; bodies = [None, None], resumed = [False, False],
+ * pending_calls = set()) without a Python frame. They are C fields that Python reads and sets
+ * as attributes; everything else (_props, waiter, edited, limit_hit...) lives in the
+ * instance's __dict__, as before. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *filter, *id, *generation, *chain, *bodies, *resumed, *pending_calls;
+    PyObject *dict, *weakrefs;
+} ContextCore;
+
+static int ctxcore_init(ContextCore *self, PyObject *args, PyObject *kw) {
+    PyObject *filter, *cid, *generation, *chain;
+    if ((kw != NULL && PyDict_GET_SIZE(kw)) ||
+            !PyArg_UnpackTuple(args, "HttpContext", 4, 4, &filter, &cid, &generation, &chain)) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError, "HttpContext(filter, context_id, generation, chain)");
+        return -1;
+    }
+    PyObject *bodies = PyList_New(2), *resumed = PyList_New(2), *pending = PySet_New(NULL);
+    if (bodies == NULL || resumed == NULL || pending == NULL) {
+        Py_XDECREF(bodies);
+        Py_XDECREF(resumed);
+        Py_XDECREF(pending);
+        return -1;
+    }
+    PyList_SET_ITEM(bodies, 0, Py_NewRef(Py_None));
+    PyList_SET_ITEM(bodies, 1, Py_NewRef(Py_None));
+    PyList_SET_ITEM(resumed, 0, Py_NewRef(Py_False));
+    PyList_SET_ITEM(resumed, 1, Py_NewRef(Py_False));
+    Py_XSETREF(self->filter, Py_NewRef(filter));
+    Py_XSETREF(self->id, Py_NewRef(cid));
+    Py_XSETREF(self->generation, Py_NewRef(generation));
+    Py_XSETREF(self->chain, Py_NewRef(chain));
+    Py_XSETREF(self->bodies, bodies);
+    Py_XSETREF(self->resumed, resumed);
+    Py_XSETREF(self->pending_calls, pending);
+    return 0;
+}
+
+static int ctxcore_traverse(ContextCore *self, visitproc visit, void *arg) {
+    Py_VISIT(self->filter);
+    Py_VISIT(self->id);
+    Py_VISIT(self->generation);
+    Py_VISIT(self->chain);
+    Py_VISIT(self->bodies);
+    Py_VISIT(self->resumed);
+    Py_VISIT(self->pending_calls);
+    Py_VISIT(self->dict);
+    return 0;
+}
+
+static int ctxcore_clear(ContextCore *self) {
+    Py_CLEAR(self->filter);
+    Py_CLEAR(self->id);
+    Py_CLEAR(self->generation);
+    Py_CLEAR(self->chain);
+    Py_CLEAR(self->bodies);
+    Py_CLEAR(self->resumed);
+    Py_CLEAR(self->pending_calls);
+    Py_CLEAR(self->dict);
+    return 0;
+}
+
+/* (A heap subtype's type reference is visited and released by subtype_traverse/_dealloc.) */
+static void ctxcore_dealloc(ContextCore *self) {
+    PyObject_GC_UnTrack(self);
+    if (self->weakrefs != NULL)
+        PyObject_ClearWeakRefs((PyObject *)self);
+    ctxcore_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMemberDef ctxcore_members[] = {
+    {"filter", T_OBJECT, offsetof(ContextCore, filter), 0, "the filter (instance) of this context"},
+    {"id", T_OBJECT, offsetof(ContextCore, id), 0, "the context id"},
+    {"generation", T_OBJECT, offsetof(ContextCore, generation), 0, "the filter's instance generation"},
+    {"chain", T_OBJECT, offsetof(ContextCore, chain), 0, "the request's chain (None: released)"},
+    {"bodies", T_OBJECT, offsetof(ContextCore, bodies), 0, "[request, response] body buffers"},
+    {"resumed", T_OBJECT, offsetof(ContextCore, resumed), 0, "[request, response] continued"},
+    {"pending_calls", T_OBJECT, offsetof(ContextCore, pending_calls), 0, "callout tokens in flight"},
+    {NULL},
+};
+
+static PyGetSetDef ctxcore_getset[] = {
+    {"__dict__", PyObject_GenericGetDict, PyObject_GenericSetDict, NULL, NULL},
+    {NULL},
+};
+
+static PyTypeObject ContextCoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "abi.engine._crossing.ContextCore",
+    .tp_basicsize = sizeof(ContextCore),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "ContextCore(filter, context_id, generation, chain): the C base of HttpContext",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)ctxcore_init,
+    .tp_dictoffset = offsetof(ContextCore, dict),
+    .tp_weaklistoffset = offsetof(ContextCore, weakrefs),
+    .tp_traverse = (traverseproc)ctxcore_traverse,
+    .tp_clear = (inquiry)ctxcore_clear,
+    .tp_dealloc = (destructor)ctxcore_dealloc,
+    .tp_members = ctxcore_members,
+    .tp_getset = ctxcore_getset,
+};
+
+static int context_core_init(PyObject *m) {
+    if (PyType_Ready(&ContextCoreType) < 0 ||
+            PyModule_AddObjectRef(m, "ContextCore", (PyObject *)&ContextCoreType) < 0)
+        return -1;
+    return 0;
+}
+/* == end of: an HTTP context's construction ============================================== */
 
 /* == host calls of every request (abi/hostcalls.py) ========================================
  * The host functions a filter chain calls on every request, done whole in C on their common
@@ -1647,6 +1769,7 @@ PyMODINIT_FUNC PyInit__crossing(void) {
         return NULL;
     }
     if (guest_module_init(m) < 0 || filter_core_init(m) < 0 || hostcall_module_init(m) < 0 ||
+            context_core_init(m) < 0 ||
             PyType_Ready(&GuardedType) < 0 ||
             PyModule_AddObjectRef(m, "Guarded", (PyObject *)&GuardedType) < 0) {
         Py_DECREF(m);

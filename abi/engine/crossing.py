@@ -143,7 +143,8 @@ _NATIVE_NAMES = ("call", "set_call_target", "HOST_TRAMPOLINE", "HostFn", "TYPED_
                  "ticker_configure", "ticker_add", "ticker_remove", "ticker_register",
                  "ticker_state", "ticker_enter", "ticker_leave", "charged_ns", "gc_callback",
                  "mem_read", "mem_header_pair", "mem_put_result", "Guarded", "serialize_pairs",
-                 "CallCore", "GuestFn", "Tally", "FilterCore", "set_deadline_target")
+                 "CallCore", "GuestFn", "Tally", "FilterCore", "set_deadline_target",
+                 "ContextCore")
 
 
 _native = _load_native()
@@ -165,6 +166,11 @@ CallCore: type = _native.CallCore if _native is not None else object
 # The C base of abi/filter.py's NativeFilter (a filter's per-request calls without a Python
 # frame: call, new_http_context, headers, finish_context); None without _crossing.c.
 FilterCore: type | None = _native.FilterCore if _native is not None else None
+
+
+# The C base of abi/context.py's HttpContext (its construction without a Python frame, for
+# every request and filter); None without _crossing.c.
+ContextCore: type | None = _native.ContextCore if _native is not None else None
 
 
 def native_crossings() -> bool:
