@@ -21,8 +21,9 @@
 * ``FilterCore`` (None without the C build) is the C base of abi/filter.py's NativeFilter: a
   filter's per-request calls (``call``, ``new_http_context``, ``headers``, ``finish_context``)
   without a Python frame; ``native_crossings()`` says whether what is made now uses the C build.
-* ``ContextCore`` (None without the C build) is the C base of abi/context.py's HttpContext: its
-  construction (every request and filter) without a Python frame.
+* ``ContextCore`` / ``HeaderMapCore`` (None without the C build) are the C bases of
+  abi/context.py's HttpContext and abi/buffers.py's HeaderMap: their construction (every
+  request) without a Python frame.
 * ``Tally`` counts the top-level guest calls of the instances given it and their wall time
   (``Instance(..., tally=)``; abi/filter.py's ``calls`` / ``guest_ns``).
 
@@ -58,14 +59,14 @@ from __future__ import annotations
 
 from .binary import Export, Import
 from .compile import Engine, Module
-from .crossing import (WASMTIME_VERSION, ContextCore, FilterCore, Tally, guarded_host, native_crossings,
-                       native_header_edit, native_time_ns, serialize_pairs)
+from .crossing import (WASMTIME_VERSION, ContextCore, FilterCore, HeaderMapCore, Tally, guarded_host,
+                       native_crossings, native_header_edit, native_time_ns, serialize_pairs)
 from .errors import EngineError, HostTrap, MemoryAccessError, Trap
 from .instance import Instance, Memory
 from .public_api import public_api_crossing
 
 __all__ = [
-    "ContextCore", "Engine", "EngineError", "Export", "FilterCore", "HostTrap", "Import", "Instance", "Memory",
+    "ContextCore", "Engine", "EngineError", "Export", "FilterCore", "HeaderMapCore", "HostTrap", "Import", "Instance", "Memory",
     "MemoryAccessError", "Module", "Tally", "Trap", "WASMTIME_VERSION", "guarded_host",
     "native_crossings", "native_header_edit", "native_time_ns", "public_api_crossing",
     "serialize_pairs",

@@ -30,8 +30,8 @@
  *       store state it reads, what its top-level calls add up to (see "guest calls" below).
  *   set_deadline_target: where GuestFn's re-arm sets the epoch deadline (see "deadline
  *       re-arm" below).
- *   ContextCore: the C base of abi/context.py's HttpContext (see "an HTTP context's
- *       construction" below).
+ *   ContextCore, HeaderMapCore: the C bases of abi/context.py's HttpContext and
+ *       abi/buffers.py's HeaderMap (see "an HTTP context's construction" below).
  *   header_edit, time_ns: host functions of every request whole in C on their common path
  *       (see "host calls of every request" below).
  */
@@ -1449,13 +1449,89 @@ static PyTypeObject ContextCoreType = {
     .tp_getset = ctxcore_getset,
 };
 
-static int context_core_init(PyObject *m) {
-    if (PyType_Ready(&ContextCoreType) < 0 ||
-            PyModule_AddObjectRef(m, "ContextCore", (PyObject *)&ContextCoreType) < 0)
+/* == end of: an HTTP context's construction ============================================== */
+
+/* == a header map's construction (abi/buffers.py's HeaderMap) ==============================
+ * HeaderMapCore is the C base of abi/buffers.py's HeaderMap, built twice per request (the
+ * request's and the response's map): HeaderMapCore(items) sets what _HeaderMapFields.__init__
+ * sets in Python where _crossing.c is not built (items; _ser None, unsafe False, grown 0)
+ * without a Python frame; the four are C fields Python reads and sets as attributes (any
+ * object, as before). No __dict__: HeaderMap has __slots__ = (). */
+typedef struct {
+    PyObject_HEAD
+    PyObject *items, *ser, *unsafe, *grown;
+} HeaderMapCore;
+
+static int hmcore_init(HeaderMapCore *self, PyObject *args, PyObject *kw) {
+    PyObject *items;
+    if ((kw != NULL && PyDict_GET_SIZE(kw)) || !PyArg_UnpackTuple(args, "HeaderMap", 1, 1, &items)) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError, "HeaderMap(items)");
+        return -1;
+    }
+    PyObject *zero = PyLong_FromLong(0);
+    if (zero == NULL)
+        return -1;
+    Py_XSETREF(self->items, Py_NewRef(items));
+    Py_XSETREF(self->ser, Py_NewRef(Py_None));
+    Py_XSETREF(self->unsafe, Py_NewRef(Py_False));
+    Py_XSETREF(self->grown, zero);
+    return 0;
+}
+
+static int hmcore_traverse(HeaderMapCore *self, visitproc visit, void *arg) {
+    Py_VISIT(self->items);
+    Py_VISIT(self->ser);
+    Py_VISIT(self->unsafe);
+    Py_VISIT(self->grown);
+    return 0;
+}
+
+static int hmcore_clear(HeaderMapCore *self) {
+    Py_CLEAR(self->items);
+    Py_CLEAR(self->ser);
+    Py_CLEAR(self->unsafe);
+    Py_CLEAR(self->grown);
+    return 0;
+}
+
+/* (A heap subtype's type reference is visited and released by subtype_traverse/_dealloc.) */
+static void hmcore_dealloc(HeaderMapCore *self) {
+    PyObject_GC_UnTrack(self);
+    hmcore_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMemberDef hmcore_members[] = {
+    {"items", T_OBJECT, offsetof(HeaderMapCore, items), 0, "(name, value) pairs, names lower-case"},
+    {"_ser", T_OBJECT, offsetof(HeaderMapCore, ser), 0, "the cached serialization (None: stale)"},
+    {"unsafe", T_OBJECT, offsetof(HeaderMapCore, unsafe), 0, "an entry must not reach the wire"},
+    {"grown", T_OBJECT, offsetof(HeaderMapCore, grown), 0, "serialized bytes the edits added"},
+    {NULL},
+};
+
+static PyTypeObject HeaderMapCoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "abi.engine._crossing.HeaderMapCore",
+    .tp_basicsize = sizeof(HeaderMapCore),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "HeaderMapCore(items): the C base of HeaderMap",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)hmcore_init,
+    .tp_traverse = (traverseproc)hmcore_traverse,
+    .tp_clear = (inquiry)hmcore_clear,
+    .tp_dealloc = (destructor)hmcore_dealloc,
+    .tp_members = hmcore_members,
+};
+/* == end of: a header map's construction ================================================= */
+
+static int context_core_init(PyObject *m) {     /* ContextCore and HeaderMapCore */
+    if (PyType_Ready(&ContextCoreType) < 0 || PyType_Ready(&HeaderMapCoreType) < 0 ||
+            PyModule_AddObjectRef(m, "ContextCore", (PyObject *)&ContextCoreType) < 0 ||
+            PyModule_AddObjectRef(m, "HeaderMapCore", (PyObject *)&HeaderMapCoreType) < 0)
         return -1;
     return 0;
 }
-/* == end of: an HTTP context's construction ============================================== */
 
 /* == host calls of every request (abi/hostcalls.py) ========================================
  * The host functions a filter chain calls on every request, done whole in C on their common

@@ -144,7 +144,7 @@ _NATIVE_NAMES = ("call", "set_call_target", "HOST_TRAMPOLINE", "HostFn", "TYPED_
                  "ticker_state", "ticker_enter", "ticker_leave", "charged_ns", "gc_callback",
                  "mem_read", "mem_header_pair", "mem_put_result", "Guarded", "serialize_pairs",
                  "CallCore", "GuestFn", "Tally", "FilterCore", "set_deadline_target",
-                 "ContextCore")
+                 "ContextCore", "HeaderMapCore")
 
 
 _native = _load_native()
@@ -171,6 +171,8 @@ FilterCore: type | None = _native.FilterCore if _native is not None else None
 # The C base of abi/context.py's HttpContext (its construction without a Python frame, for
 # every request and filter); None without _crossing.c.
 ContextCore: type | None = _native.ContextCore if _native is not None else None
+# The C base of abi/buffers.py's HeaderMap (likewise, twice per request); None without it.
+HeaderMapCore: type | None = _native.HeaderMapCore if _native is not None else None
 
 
 def native_crossings() -> bool:

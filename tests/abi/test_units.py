@@ -252,3 +252,30 @@ def test_an_http_context_is_built_as_the_python_reference_builds_it_without_a_fr
     del cyc
     gc.collect()
     assert gone() is None
+
+
+def test_a_header_map_is_built_as_the_python_reference_builds_it_without_a_frame():
+    # HeaderMap's fields are set by _crossing.c's HeaderMapCore (twice per request, no Python
+    # frame); _HeaderMapFields is the reference (and the base without the C build).
+    import sys
+    from abi.buffers import _HeaderMapFields
+    from abi.engine import HeaderMapCore
+    if HeaderMapCore is None:
+        pytest.skip("abi/engine/_crossing.c is not built")
+    assert HeaderMap.__mro__[1] is HeaderMapCore
+    items = [("a", "1")]
+    frames = []
+    sys.setprofile(lambda frame, event, arg: event == "call" and frames.append(frame.f_code.co_name))
+    try:
+        m = HeaderMap(items)
+    finally:
+        sys.setprofile(None)
+    assert frames == []
+    ref = _HeaderMapFields(items)
+    fields = ("items", "_ser", "unsafe", "grown")
+    assert [getattr(m, f) for f in fields] == [getattr(ref, f) for f in fields]
+    assert m.items is items
+    with pytest.raises(AttributeError):
+        m.other = 1                 # no __dict__, as with the reference's __slots__
+    with pytest.raises(TypeError):
+        HeaderMap()
