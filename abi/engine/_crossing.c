@@ -1351,7 +1351,8 @@ static int rearm(CallCore *st, void *ctx, int64_t now_ns) {
 typedef struct {
     PyObject_HEAD
     PyObject *filter, *id, *generation, *chain, *bodies, *resumed, *pending_calls;
-    PyObject *dict, *weakrefs;
+    PyObject *dict;
+    PyObject *weakrefs;             /* last: not a field the GC visits (see fields_traverse) */
 } ContextCore;
 
 static int ctxcore_init(ContextCore *self, PyObject *args, PyObject *kw) {
@@ -1383,37 +1384,38 @@ static int ctxcore_init(ContextCore *self, PyObject *args, PyObject *kw) {
     return 0;
 }
 
-static int ctxcore_traverse(ContextCore *self, visitproc visit, void *arg) {
-    Py_VISIT(self->filter);
-    Py_VISIT(self->id);
-    Py_VISIT(self->generation);
-    Py_VISIT(self->chain);
-    Py_VISIT(self->bodies);
-    Py_VISIT(self->resumed);
-    Py_VISIT(self->pending_calls);
-    Py_VISIT(self->dict);
+/* ContextCore and HeaderMapCore are PyObject_HEAD and then only object fields (a weak-reference
+ * list last, if any): the GC visits and clears those of the instance's C base. (A heap
+ * subtype's type reference is visited and released by subtype_traverse/_dealloc.) */
+static Py_ssize_t nfields(PyObject *self) {
+    PyTypeObject *t = Py_TYPE(self);
+    while (t->tp_flags & Py_TPFLAGS_HEAPTYPE)       /* HttpContext, HeaderMap: add no fields */
+        t = t->tp_base;
+    Py_ssize_t size = t->tp_basicsize - (t->tp_weaklistoffset ? (Py_ssize_t)sizeof(PyObject *) : 0);
+    return (size - (Py_ssize_t)sizeof(PyObject)) / (Py_ssize_t)sizeof(PyObject *);
+}
+
+#define FIELDS(self) ((PyObject **)((char *)(self) + sizeof(PyObject)))
+
+static int fields_traverse(PyObject *self, visitproc visit, void *arg) {
+    for (Py_ssize_t i = 0, n = nfields(self); i < n; i++)
+        Py_VISIT(FIELDS(self)[i]);
     return 0;
 }
 
-static int ctxcore_clear(ContextCore *self) {
-    Py_CLEAR(self->filter);
-    Py_CLEAR(self->id);
-    Py_CLEAR(self->generation);
-    Py_CLEAR(self->chain);
-    Py_CLEAR(self->bodies);
-    Py_CLEAR(self->resumed);
-    Py_CLEAR(self->pending_calls);
-    Py_CLEAR(self->dict);
+static int fields_clear(PyObject *self) {
+    for (Py_ssize_t i = 0, n = nfields(self); i < n; i++)
+        Py_CLEAR(FIELDS(self)[i]);
     return 0;
 }
 
-/* (A heap subtype's type reference is visited and released by subtype_traverse/_dealloc.) */
-static void ctxcore_dealloc(ContextCore *self) {
+static void fields_dealloc(PyObject *self) {
     PyObject_GC_UnTrack(self);
-    if (self->weakrefs != NULL)
-        PyObject_ClearWeakRefs((PyObject *)self);
-    ctxcore_clear(self);
-    Py_TYPE(self)->tp_free((PyObject *)self);
+    Py_ssize_t weak = Py_TYPE(self)->tp_weaklistoffset;
+    if (weak && *(PyObject **)((char *)self + weak) != NULL)
+        PyObject_ClearWeakRefs(self);
+    fields_clear(self);
+    Py_TYPE(self)->tp_free(self);
 }
 
 static PyMemberDef ctxcore_members[] = {
@@ -1442,9 +1444,9 @@ static PyTypeObject ContextCoreType = {
     .tp_init = (initproc)ctxcore_init,
     .tp_dictoffset = offsetof(ContextCore, dict),
     .tp_weaklistoffset = offsetof(ContextCore, weakrefs),
-    .tp_traverse = (traverseproc)ctxcore_traverse,
-    .tp_clear = (inquiry)ctxcore_clear,
-    .tp_dealloc = (destructor)ctxcore_dealloc,
+    .tp_traverse = fields_traverse,
+    .tp_clear = fields_clear,
+    .tp_dealloc = fields_dealloc,
     .tp_members = ctxcore_members,
     .tp_getset = ctxcore_getset,
 };
@@ -1479,29 +1481,6 @@ static int hmcore_init(HeaderMapCore *self, PyObject *args, PyObject *kw) {
     return 0;
 }
 
-static int hmcore_traverse(HeaderMapCore *self, visitproc visit, void *arg) {
-    Py_VISIT(self->items);
-    Py_VISIT(self->ser);
-    Py_VISIT(self->unsafe);
-    Py_VISIT(self->grown);
-    return 0;
-}
-
-static int hmcore_clear(HeaderMapCore *self) {
-    Py_CLEAR(self->items);
-    Py_CLEAR(self->ser);
-    Py_CLEAR(self->unsafe);
-    Py_CLEAR(self->grown);
-    return 0;
-}
-
-/* (A heap subtype's type reference is visited and released by subtype_traverse/_dealloc.) */
-static void hmcore_dealloc(HeaderMapCore *self) {
-    PyObject_GC_UnTrack(self);
-    hmcore_clear(self);
-    Py_TYPE(self)->tp_free((PyObject *)self);
-}
-
 static PyMemberDef hmcore_members[] = {
     {"items", T_OBJECT, offsetof(HeaderMapCore, items), 0, "(name, value) pairs, names lower-case"},
     {"_ser", T_OBJECT, offsetof(HeaderMapCore, ser), 0, "the cached serialization (None: stale)"},
@@ -1518,9 +1497,9 @@ static PyTypeObject HeaderMapCoreType = {
     .tp_doc = "HeaderMapCore(items): the C base of HeaderMap",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)hmcore_init,
-    .tp_traverse = (traverseproc)hmcore_traverse,
-    .tp_clear = (inquiry)hmcore_clear,
-    .tp_dealloc = (destructor)hmcore_dealloc,
+    .tp_traverse = fields_traverse,
+    .tp_clear = fields_clear,
+    .tp_dealloc = fields_dealloc,
     .tp_members = hmcore_members,
 };
 /* == end of: a header map's construction ================================================= */
