@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from operator import itemgetter
 
+from .engine import HeaderMapCore
 from .enums import Status
 from .limits import MAX_HEADER_MAP_BYTES
 from .pairs import serialize_str, to_bytes, to_str
@@ -47,7 +48,19 @@ def _entry(name: str, value: str) -> int:
 _name = itemgetter(0)
 
 
-class HeaderMap:
+class _HeaderMapFields:
+    """What a HeaderMap is built with. _crossing.c's HeaderMapCore does the same in C (no Python
+    frame, twice per request): this is the reference, and the base without it."""
+    __slots__ = ("items", "_ser", "unsafe", "grown")
+
+    def __init__(self, items: list[tuple[str, str]]):
+        self.items = items
+        self._ser: bytes | None = None
+        self.unsafe = False
+        self.grown = 0
+
+
+class HeaderMap(HeaderMapCore or _HeaderMapFields):    # type: ignore[misc]
     """Ordered (name, value) pairs with lower-case names; serialization cached.
 
     ``unsafe`` is set when a filter stored a header that must not reach the wire (CR/LF...);
@@ -56,13 +69,7 @@ class HeaderMap:
     edit (return False) that would take it past MAX_HEADER_MAP_BYTES. Counting what filters
     add, not the map's size, keeps a big request from a client from tripping a filter's edit.
     """
-    __slots__ = ("items", "_ser", "unsafe", "grown")
-
-    def __init__(self, items: list[tuple[str, str]]):
-        self.items = items
-        self._ser: bytes | None = None
-        self.unsafe = False
-        self.grown = 0
+    __slots__ = ()                  # items, _ser, unsafe, grown: the base's
 
     def wire(self) -> list[tuple[str, str]]:
         """The items safe to send (all of them unless a filter stored an invalid header)."""

@@ -17,6 +17,7 @@ from typing import Any, Callable, Protocol
 
 from .seam import FilterSpec, HostServices, LocalReply
 from .buffers import BodyBuffer, HeaderMap
+from .engine import ContextCore
 from .enums import BufferType, MapType, Status, StreamType
 from .limits import MAX_HEADER_MAP_BYTES, MAX_PROPERTY_BYTES
 from .properties import PropertySource, RootFacts, get_property, set_property
@@ -150,15 +151,9 @@ STREAM_MAPS = {MapType.HTTP_REQUEST_HEADERS: "request_headers",
 LAST_STREAM_MAP = MapType.HTTP_RESPONSE_TRAILERS
 
 
-class HttpContext(Context):
-    """One request through one filter.
-
-    Built for every request and filter, so it is kept light: the property view (``props``)
-    is made on first use.
-    """
-
-    _props: PropertySource | None = None
-    waiter: asyncio.Future[Any] | None = None    # set while the chain waits for a resume
+class _ContextFields:
+    """What an HttpContext is built with. _crossing.c's ContextCore does the same in C (no
+    Python frame per request and filter): this is the reference, and the base without it."""
 
     def __init__(self, filter: FilterView, context_id: int, generation: int, chain: ChainView):
         self.filter = filter
@@ -172,6 +167,17 @@ class HttpContext(Context):
         self.bodies: list[BodyBuffer | None] = [None, None]      # [request, response]
         self.resumed = [False, False]
         self.pending_calls: set[int] = set()
+
+
+class HttpContext(ContextCore or _ContextFields, Context):     # type: ignore[misc]
+    """One request through one filter.
+
+    Built for every request and filter, so it is kept light: its fields are set in C
+    (ContextCore, as _ContextFields does), the property view (``props``) is made on first use.
+    """
+
+    _props: PropertySource | None = None
+    waiter: asyncio.Future[Any] | None = None    # set while the chain waits for a resume
 
     @property
     def props(self) -> PropertySource:              # type: ignore[override]

@@ -24,6 +24,9 @@
   ``chain_walks`` (None likewise) are abi/chain.py's per-filter loops (request headers,
   response headers, teardown) in C, calling a NativeFilter's FilterCore directly;
   ``native_stream_head`` (None likewise) its header-map prologue (chain.py's _stream_head).
+* ``ContextCore`` / ``HeaderMapCore`` (None without the C build) are the C bases of
+  abi/context.py's HttpContext and abi/buffers.py's HeaderMap: their construction (every
+  request) without a Python frame.
 * ``Tally`` counts the top-level guest calls of the instances given it and their wall time
   (``Instance(..., tally=)``; abi/filter.py's ``calls`` / ``guest_ns``).
 
@@ -59,15 +62,15 @@ from __future__ import annotations
 
 from .binary import Export, Import
 from .compile import Engine, Module
-from .crossing import (WASMTIME_VERSION, FilterCore, Tally, chain_walks, guarded_host,
-                       native_crossings, native_header_edit, native_stream_head, native_time_ns,
-                       serialize_pairs)
+from .crossing import (WASMTIME_VERSION, ContextCore, FilterCore, HeaderMapCore, Tally,
+                       chain_walks, guarded_host, native_crossings, native_header_edit,
+                       native_stream_head, native_time_ns, serialize_pairs)
 from .errors import EngineError, HostTrap, MemoryAccessError, Trap
 from .instance import Instance, Memory
 from .public_api import public_api_crossing
 
 __all__ = [
-    "Engine", "EngineError", "Export", "FilterCore", "HostTrap", "Import", "Instance", "Memory",
+    "ContextCore", "Engine", "EngineError", "Export", "FilterCore", "HeaderMapCore", "HostTrap", "Import", "Instance", "Memory",
     "MemoryAccessError", "Module", "Tally", "Trap", "WASMTIME_VERSION", "guarded_host",
     "native_crossings", "native_header_edit", "native_time_ns", "public_api_crossing",
     "serialize_pairs", "chain_walks", "native_stream_head",

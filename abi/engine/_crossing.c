@@ -28,6 +28,10 @@
  *       reads them").
  *   GuestFn, CallCore, Tally: a guest export's whole caller (what call() is the core of), the
  *       store state it reads, what its top-level calls add up to (see "guest calls" below).
+ *   set_deadline_target: where GuestFn's re-arm sets the epoch deadline (see "deadline
+ *       re-arm" below).
+ *   ContextCore, HeaderMapCore: the C bases of abi/context.py's HttpContext and
+ *       abi/buffers.py's HeaderMap (see "an HTTP context's construction" below).
  *   header_edit, time_ns: host functions of every request whole in C on their common path
  *       (see "host calls of every request" below).
  */
@@ -129,12 +133,14 @@ static int64_t charged(slot *s) {
     return (started ? started : now) - atomic_load(&s->gc_ns);
 }
 
-static int64_t pending_locked(void) {       /* CPU charged since the last tick */
+/* CPU charged since the last tick; ``me``'s reading is ``mine`` (a thread CPU clock read is a
+ * system call, ~0.7 us here: the caller has just read its own). me NULL: read every clock. */
+static int64_t pending_locked(slot *me, int64_t mine) {
     int64_t step = 0;
     for (slot *s = slots; s; s = s->next) {
         if (!atomic_load(&s->live))
             continue;
-        int64_t r = charged(s);
+        int64_t r = s == me ? mine : charged(s);
         if (r >= 0 && r - s->last > step)
             step = r - s->last;
     }
@@ -194,10 +200,9 @@ static void *ticker_main(void *arg) {
     return NULL;
 }
 
-/* Count this thread again from now (mu held). */
-static void revive_locked(slot *s) {
+/* Count this thread again from now (mu held); r: its charged() reading now. */
+static void revive_locked(slot *s, int64_t r) {
     if (!atomic_load(&s->live)) {
-        int64_t r = charged(s);
         s->last = r < 0 ? 0 : r;
         atomic_store(&s->live, 1);
     }
@@ -336,15 +341,19 @@ static engine_ref *find_locked(void *engine) {
 
 /* register() -> lag: count this thread's CPU from now on (a deadline is being armed);
  * returns how far the epoch may still jump at once (ms), as _Ticker.register does. */
+static int64_t register_thread(slot *s, int64_t r) {   /* r: charged(s) just now */
+    pthread_mutex_lock(&mu);
+    revive_locked(s, r);
+    int64_t lag = (cpu_ns + pending_locked(s, r)) / EPOCH_NS - cpu_ns / EPOCH_NS;
+    pthread_mutex_unlock(&mu);
+    return lag;
+}
+
 static PyObject *ticker_register(PyObject *self, PyObject *noarg) {
     slot *s = this_slot();
     if (s == NULL)
         return NULL;
-    pthread_mutex_lock(&mu);
-    revive_locked(s);
-    int64_t lag = (cpu_ns + pending_locked()) / EPOCH_NS - cpu_ns / EPOCH_NS;
-    pthread_mutex_unlock(&mu);
-    return PyLong_FromLongLong(lag);
+    return PyLong_FromLongLong(register_thread(s, charged(s)));
 }
 
 /* state(engine) -> (epoch, now_ms, idle): the engine's epoch, the deadline clock in that
@@ -356,7 +365,7 @@ static PyObject *ticker_state(PyObject *self, PyObject *arg) {
     pthread_mutex_lock(&mu);
     engine_ref *e = find_locked(engine);
     long long epoch = e ? e->epoch : 0, base = e ? e->base : 0;
-    long long now = (cpu_ns + pending_locked()) / EPOCH_NS - base;
+    long long now = (cpu_ns + pending_locked(NULL, 0)) / EPOCH_NS - base;
     int napping = idle;
     pthread_mutex_unlock(&mu);
     return Py_BuildValue("(LLO)", epoch, now, napping ? Py_True : Py_False);
@@ -416,7 +425,7 @@ static void *run_guest(void *ctx, void *func, void *vals, size_t n, void **trap)
         atomic_fetch_add(&s->calls, 1);
         if (!atomic_load(&s->live)) {       /* forgotten since the arm: count it again */
             pthread_mutex_lock(&mu);
-            revive_locked(s);
+            revive_locked(s, charged(s));
             pthread_mutex_unlock(&mu);
         }
     }
@@ -985,8 +994,9 @@ static PyObject *serialize_pairs(PyObject *self, PyObject *items) {
  * caller (_GUEST_CALL_SRC, top-level and nested) does, for integer signatures: params "I" per
  * i32 (masked to 32 bits, either sign accepted), "Q" per i64 (masked to 64 bits); at most one
  * result, "I" (i32, returned unsigned), "q" (i64, returned signed) or "" (None).
- * A top-level call (depth 0, not poisoned) raises depth to 1, calls st.arm() when the last arm
- * is older than the ticker's re-arm period (ticker_configure), runs the guest as call() does
+ * A top-level call (depth 0, not poisoned) raises depth to 1, re-arms the deadline when the last
+ * arm is older than the ticker's re-arm period (ticker_configure; rearm(), "deadline re-arm"
+ * below: in C on _NativeTicker, else st.arm()), runs the guest as call() does
  * and raises st.failure(err) on an error, a trap or a store poisoned meanwhile; with a Tally
  * in st.tally, it adds itself and its wall time there (one more clock read: the rate limit's
  * reading is its start). A call from inside a host function (depth > 0: e.g. the guest
@@ -1024,12 +1034,22 @@ typedef struct {
     char poisoned;
     double armed_at;                /* time.monotonic() of the last arm() */
     Tally *tally;                   /* NULL: top-level calls are not counted */
+    /* store.py _StoreState.arm's state, which rearm() (see "deadline re-arm") keeps in C */
+    long long deadline_ticks, arm_cpu_ns, budget_ns;
+    char native_arm;                /* on _NativeTicker: rearm() arms in C, not st.arm() */
 } CallCore;
 
 static PyMemberDef callcore_members[] = {
     {"depth", T_INT, offsetof(CallCore, depth), 0, "guest calls in progress (nesting)"},
     {"poisoned", T_BOOL, offsetof(CallCore, poisoned), 0, "a trap made the store unusable"},
     {"armed_at", T_DOUBLE, offsetof(CallCore, armed_at), 0, "time.monotonic() of the last arm"},
+    {"deadline_ticks", T_LONGLONG, offsetof(CallCore, deadline_ticks), 0,
+     "epochs (ms of CPU) a call of an arm may run"},
+    {"arm_cpu_ns", T_LONGLONG, offsetof(CallCore, arm_cpu_ns), 0,
+     "the arming thread's deadline clock at the last arm"},
+    {"budget_ns", T_LONGLONG, offsetof(CallCore, budget_ns), 0, "the CPU the calls of that arm may use"},
+    {"native_arm", T_BOOL, offsetof(CallCore, native_arm), 0,
+     "GuestFn re-arms in C (the store's ticker is _NativeTicker)"},
     {NULL},
 };
 
@@ -1111,6 +1131,8 @@ static PyObject *guest_failure(GuestFn *g, void *err) {
     return raise_from(exc);
 }
 
+static int rearm(CallCore *st, void *ctx, int64_t now_ns);     /* "deadline re-arm" below */
+
 static PyObject *guestfn_call(GuestFn *g, PyObject *const *args, size_t nargsf, PyObject *kw) {
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
     if ((kw != NULL && PyTuple_GET_SIZE(kw)) || nargs != g->nparams) {
@@ -1139,13 +1161,9 @@ static PyObject *guestfn_call(GuestFn *g, PyObject *const *args, size_t nargsf, 
     if (top) {
         st->depth = 1;              /* before the rate limit: the ticker relies on it */
         int64_t t0 = monotonic_ns();
-        if (t0 * 1e-9 - st->armed_at > rearm_ns * 1e-9) {
-            PyObject *r = PyObject_CallMethodNoArgs((PyObject *)st, str_arm);
-            if (r == NULL) {
-                st->depth = 0;
-                return NULL;
-            }
-            Py_DECREF(r);
+        if (t0 * 1e-9 - st->armed_at > rearm_ns * 1e-9 && rearm(st, g->ctx, t0) < 0) {
+            st->depth = 0;
+            return NULL;
         }
         err = run_guest(g->ctx, g->func, vals, (size_t)g->nslots, g->trap);
         st->depth = 0;
@@ -1265,6 +1283,231 @@ static int guest_module_init(PyObject *m) {
             PyModule_AddObjectRef(m, "Tally", (PyObject *)&TallyType) < 0 ||
             PyModule_AddObjectRef(m, "CallCore", (PyObject *)&CallCoreType) < 0 ||
             PyModule_AddObjectRef(m, "GuestFn", (PyObject *)&GuestFnType) < 0)
+        return -1;
+    return 0;
+}
+
+/* == deadline re-arm =======================================================================
+ * What store.py's _StoreState.arm does, for GuestFn's top-level call when the last arm is
+ * stale (every REARM_S at most), without a Python frame: the thread's deadline clock read
+ * (charged(), as charged_ns()), the thread registered with the ticker (register_thread(), as
+ * ticker_register()), armed_at set, and wasmtime_context_set_epoch_deadline(ctx, ticks + lag).
+ * Only for a store on _NativeTicker (CallCore.native_arm, set by _StoreState); any other store,
+ * or a module whose set_deadline_target() was not called, gets st.arm(), which stays the
+ * reference (and what instantiation and the ctypes crossings use).
+ *
+ *   set_deadline_target(address): the address of wasmtime_context_set_epoch_deadline.
+ *
+ * Fewer clock reads than arm(): armed_at is GuestFn's monotonic reading just before (an arm
+ * that reads as a few ns older only comes due that much sooner), and the thread's CPU clock,
+ * a system call (~0.7 us here), is read once for arm_cpu_ns, the ticker's count of this
+ * thread and the lag (arm() reads it in charged_ns() and again in ticker_register()). */
+typedef void (*set_deadline_t)(void *ctx, uint64_t ticks);
+
+static set_deadline_t set_deadline;
+
+static PyObject *set_deadline_target(PyObject *self, PyObject *arg) {
+    void *p = PyLong_AsVoidPtr(arg);
+    if (p == NULL && PyErr_Occurred())
+        return NULL;
+    set_deadline = (set_deadline_t)p;
+    Py_RETURN_NONE;
+}
+
+/* Arm st's deadline for the calls of the next REARM (now_ns: CLOCK_MONOTONIC); -1: error set. */
+static int rearm(CallCore *st, void *ctx, int64_t now_ns) {
+    if (!st->native_arm || set_deadline == NULL) {
+        PyObject *r = PyObject_CallMethodNoArgs((PyObject *)st, str_arm);
+        if (r == NULL)
+            return -1;
+        Py_DECREF(r);
+        return 0;
+    }
+    slot *s = this_slot();
+    if (s == NULL)
+        return -1;
+    int64_t cpu = charged(s);
+    if (cpu < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    st->arm_cpu_ns = cpu;
+    st->budget_ns = st->deadline_ticks * EPOCH_NS;
+    int64_t lag = register_thread(s, cpu);      /* one clock read for both (a syscall) */
+    st->armed_at = now_ns * 1e-9;
+    set_deadline(ctx, (uint64_t)(st->deadline_ticks + lag));
+    return 0;
+}
+/* == end of: deadline re-arm ============================================================== */
+
+/* == an HTTP context's construction (abi/context.py's HttpContext) ==========================
+ * ContextCore is the C base of abi/context.py's HttpContext, built for every request and
+ * filter (FilterCore.new_http_context calls the class): ContextCore(filter, context_id,
+ * generation, chain) sets the fields HttpContext.__init__ sets in Python where _crossing.c is
+ * not built (filter, id, generation, chain; bodies = [None, None], resumed = [False, False],
+ * pending_calls = set()) without a Python frame. They are C fields that Python reads and sets
+ * as attributes; everything else (_props, waiter, edited, limit_hit...) lives in the
+ * instance's __dict__, as before. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *filter, *id, *generation, *chain, *bodies, *resumed, *pending_calls;
+    PyObject *dict;
+    PyObject *weakrefs;             /* last: not a field the GC visits (see fields_traverse) */
+} ContextCore;
+
+static int ctxcore_init(ContextCore *self, PyObject *args, PyObject *kw) {
+    PyObject *filter, *cid, *generation, *chain;
+    if ((kw != NULL && PyDict_GET_SIZE(kw)) ||
+            !PyArg_UnpackTuple(args, "HttpContext", 4, 4, &filter, &cid, &generation, &chain)) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError, "HttpContext(filter, context_id, generation, chain)");
+        return -1;
+    }
+    PyObject *bodies = PyList_New(2), *resumed = PyList_New(2), *pending = PySet_New(NULL);
+    if (bodies == NULL || resumed == NULL || pending == NULL) {
+        Py_XDECREF(bodies);
+        Py_XDECREF(resumed);
+        Py_XDECREF(pending);
+        return -1;
+    }
+    PyList_SET_ITEM(bodies, 0, Py_NewRef(Py_None));
+    PyList_SET_ITEM(bodies, 1, Py_NewRef(Py_None));
+    PyList_SET_ITEM(resumed, 0, Py_NewRef(Py_False));
+    PyList_SET_ITEM(resumed, 1, Py_NewRef(Py_False));
+    Py_XSETREF(self->filter, Py_NewRef(filter));
+    Py_XSETREF(self->id, Py_NewRef(cid));
+    Py_XSETREF(self->generation, Py_NewRef(generation));
+    Py_XSETREF(self->chain, Py_NewRef(chain));
+    Py_XSETREF(self->bodies, bodies);
+    Py_XSETREF(self->resumed, resumed);
+    Py_XSETREF(self->pending_calls, pending);
+    return 0;
+}
+
+/* ContextCore and HeaderMapCore are PyObject_HEAD and then only object fields (a weak-reference
+ * list last, if any): the GC visits and clears those of the instance's C base. (A heap
+ * subtype's type reference is visited and released by subtype_traverse/_dealloc.) */
+static Py_ssize_t nfields(PyObject *self) {
+    PyTypeObject *t = Py_TYPE(self);
+    while (t->tp_flags & Py_TPFLAGS_HEAPTYPE)       /* HttpContext, HeaderMap: add no fields */
+        t = t->tp_base;
+    Py_ssize_t size = t->tp_basicsize - (t->tp_weaklistoffset ? (Py_ssize_t)sizeof(PyObject *) : 0);
+    return (size - (Py_ssize_t)sizeof(PyObject)) / (Py_ssize_t)sizeof(PyObject *);
+}
+
+#define FIELDS(self) ((PyObject **)((char *)(self) + sizeof(PyObject)))
+
+static int fields_traverse(PyObject *self, visitproc visit, void *arg) {
+    for (Py_ssize_t i = 0, n = nfields(self); i < n; i++)
+        Py_VISIT(FIELDS(self)[i]);
+    return 0;
+}
+
+static int fields_clear(PyObject *self) {
+    for (Py_ssize_t i = 0, n = nfields(self); i < n; i++)
+        Py_CLEAR(FIELDS(self)[i]);
+    return 0;
+}
+
+static void fields_dealloc(PyObject *self) {
+    PyObject_GC_UnTrack(self);
+    Py_ssize_t weak = Py_TYPE(self)->tp_weaklistoffset;
+    if (weak && *(PyObject **)((char *)self + weak) != NULL)
+        PyObject_ClearWeakRefs(self);
+    fields_clear(self);
+    Py_TYPE(self)->tp_free(self);
+}
+
+static PyMemberDef ctxcore_members[] = {
+    {"filter", T_OBJECT, offsetof(ContextCore, filter), 0, "the filter (instance) of this context"},
+    {"id", T_OBJECT, offsetof(ContextCore, id), 0, "the context id"},
+    {"generation", T_OBJECT, offsetof(ContextCore, generation), 0, "the filter's instance generation"},
+    {"chain", T_OBJECT, offsetof(ContextCore, chain), 0, "the request's chain (None: released)"},
+    {"bodies", T_OBJECT, offsetof(ContextCore, bodies), 0, "[request, response] body buffers"},
+    {"resumed", T_OBJECT, offsetof(ContextCore, resumed), 0, "[request, response] continued"},
+    {"pending_calls", T_OBJECT, offsetof(ContextCore, pending_calls), 0, "callout tokens in flight"},
+    {NULL},
+};
+
+static PyGetSetDef ctxcore_getset[] = {
+    {"__dict__", PyObject_GenericGetDict, PyObject_GenericSetDict, NULL, NULL},
+    {NULL},
+};
+
+static PyTypeObject ContextCoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "abi.engine._crossing.ContextCore",
+    .tp_basicsize = sizeof(ContextCore),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "ContextCore(filter, context_id, generation, chain): the C base of HttpContext",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)ctxcore_init,
+    .tp_dictoffset = offsetof(ContextCore, dict),
+    .tp_weaklistoffset = offsetof(ContextCore, weakrefs),
+    .tp_traverse = fields_traverse,
+    .tp_clear = fields_clear,
+    .tp_dealloc = fields_dealloc,
+    .tp_members = ctxcore_members,
+    .tp_getset = ctxcore_getset,
+};
+
+/* == end of: an HTTP context's construction ============================================== */
+
+/* == a header map's construction (abi/buffers.py's HeaderMap) ==============================
+ * HeaderMapCore is the C base of abi/buffers.py's HeaderMap, built twice per request (the
+ * request's and the response's map): HeaderMapCore(items) sets what _HeaderMapFields.__init__
+ * sets in Python where _crossing.c is not built (items; _ser None, unsafe False, grown 0)
+ * without a Python frame; the four are C fields Python reads and sets as attributes (any
+ * object, as before). No __dict__: HeaderMap has __slots__ = (). */
+typedef struct {
+    PyObject_HEAD
+    PyObject *items, *ser, *unsafe, *grown;
+} HeaderMapCore;
+
+static int hmcore_init(HeaderMapCore *self, PyObject *args, PyObject *kw) {
+    PyObject *items;
+    if ((kw != NULL && PyDict_GET_SIZE(kw)) || !PyArg_UnpackTuple(args, "HeaderMap", 1, 1, &items)) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError, "HeaderMap(items)");
+        return -1;
+    }
+    PyObject *zero = PyLong_FromLong(0);
+    if (zero == NULL)
+        return -1;
+    Py_XSETREF(self->items, Py_NewRef(items));
+    Py_XSETREF(self->ser, Py_NewRef(Py_None));
+    Py_XSETREF(self->unsafe, Py_NewRef(Py_False));
+    Py_XSETREF(self->grown, zero);
+    return 0;
+}
+
+static PyMemberDef hmcore_members[] = {
+    {"items", T_OBJECT, offsetof(HeaderMapCore, items), 0, "(name, value) pairs, names lower-case"},
+    {"_ser", T_OBJECT, offsetof(HeaderMapCore, ser), 0, "the cached serialization (None: stale)"},
+    {"unsafe", T_OBJECT, offsetof(HeaderMapCore, unsafe), 0, "an entry must not reach the wire"},
+    {"grown", T_OBJECT, offsetof(HeaderMapCore, grown), 0, "serialized bytes the edits added"},
+    {NULL},
+};
+
+static PyTypeObject HeaderMapCoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "abi.engine._crossing.HeaderMapCore",
+    .tp_basicsize = sizeof(HeaderMapCore),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "HeaderMapCore(items): the C base of HeaderMap",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)hmcore_init,
+    .tp_traverse = fields_traverse,
+    .tp_clear = fields_clear,
+    .tp_dealloc = fields_dealloc,
+    .tp_members = hmcore_members,
+};
+/* == end of: a header map's construction ================================================= */
+
+static int context_core_init(PyObject *m) {     /* ContextCore and HeaderMapCore */
+    if (PyType_Ready(&ContextCoreType) < 0 || PyType_Ready(&HeaderMapCoreType) < 0 ||
+            PyModule_AddObjectRef(m, "ContextCore", (PyObject *)&ContextCoreType) < 0 ||
+            PyModule_AddObjectRef(m, "HeaderMapCore", (PyObject *)&HeaderMapCoreType) < 0)
         return -1;
     return 0;
 }
@@ -1529,6 +1772,8 @@ static PyMethodDef methods[] = {
      "Memory.header_pair(key_ptr, key_size, value_ptr, value_size) of the Memory given first"},
     {"mem_put_result", (PyCFunction)(void (*)(void))mem_put_result, METH_FASTCALL,
      "Memory.put_result(alloc, data, ret_pp, ret_size_p) of the Memory given first"},
+    {"set_deadline_target", set_deadline_target, METH_O,
+     "the address of wasmtime_context_set_epoch_deadline (GuestFn's re-arm in C)"},
     {"serialize_pairs", serialize_pairs, METH_O,
      "abi/pairs.py serialize_str() of a list of latin-1 str pairs; None for anything else"},
     {NULL, NULL, 0, NULL},
@@ -1579,6 +1824,7 @@ PyMODINIT_FUNC PyInit__crossing(void) {
         return NULL;
     }
     if (guest_module_init(m) < 0 || filter_core_init(m) < 0 || hostcall_module_init(m) < 0 ||
+            context_core_init(m) < 0 ||
             PyType_Ready(&GuardedType) < 0 ||
             PyModule_AddObjectRef(m, "Guarded", (PyObject *)&GuardedType) < 0) {
         Py_DECREF(m);

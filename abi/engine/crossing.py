@@ -135,6 +135,7 @@ def _load_native():
                       f"rebuild it with `python setup.py build_ext --inplace`")
         return None
     _crossing.set_call_target(_addr(_B._wasmtime_func_call_unchecked))
+    _crossing.set_deadline_target(_addr(_B._wasmtime_context_set_epoch_deadline))
     return _crossing
 
 
@@ -143,7 +144,8 @@ _NATIVE_NAMES = ("call", "set_call_target", "HOST_TRAMPOLINE", "HostFn", "TYPED_
                  "ticker_state", "ticker_enter", "ticker_leave", "charged_ns", "gc_callback",
                  "mem_read", "mem_header_pair", "mem_put_result", "Guarded", "serialize_pairs",
                  "CallCore", "GuestFn", "Tally", "FilterCore", "walk_request", "walk_response",
-                 "walk_finish", "stream_head")
+                 "walk_finish", "stream_head", "set_deadline_target", "ContextCore",
+                 "HeaderMapCore")
 
 
 _native = _load_native()
@@ -156,8 +158,9 @@ serialize_pairs: Callable[[list], bytes | None] | None = \
 # "host calls of every request"); None without the C build (or with one older than them).
 native_header_edit: Callable[..., int] | None = getattr(_native, "header_edit", None)
 native_time_ns: Callable[..., int] | None = getattr(_native, "time_ns", None)
-# The base of store._StoreState: with _crossing.c, its depth/poisoned/armed_at/tally are C
-# fields that _native.GuestFn reads without an attribute lookup (Python sees attributes).
+# The base of store._StoreState: with _crossing.c, its depth/poisoned/armed_at/tally and the
+# deadline arm's state are C fields that _native.GuestFn reads (and re-arms) without an
+# attribute lookup (Python sees attributes).
 CallCore: type = _native.CallCore if _native is not None else object
 
 
@@ -171,6 +174,13 @@ chain_walks: tuple[Callable, Callable, Callable] | None = (
 # abi/chain.py's _stream_head (a stream's header map items and content-length) in C for the
 # plain case, None for the rest; None without _crossing.c.
 native_stream_head: Callable[..., tuple | None] | None = getattr(_native, "stream_head", None)
+
+
+# The C base of abi/context.py's HttpContext (its construction without a Python frame, for
+# every request and filter); None without _crossing.c.
+ContextCore: type | None = _native.ContextCore if _native is not None else None
+# The C base of abi/buffers.py's HeaderMap (likewise, twice per request); None without it.
+HeaderMapCore: type | None = _native.HeaderMapCore if _native is not None else None
 
 
 def native_crossings() -> bool:

@@ -22,8 +22,9 @@ _UPDATE_DEADLINE_CONTINUE = 0  # wasmtime_update_deadline_kind_t
 
 class _StoreState(CallCore):
     """Mutable per-Store facts read on every crossing; deliberately holds no reference to the
-    Instance, so callbacks do not keep it alive. (``depth``, ``poisoned`` and ``armed_at`` are
-    C fields of CallCore when _crossing.c is built: GuestFn reads them directly.)"""
+    Instance, so callbacks do not keep it alive. (``depth``, ``poisoned``, ``armed_at`` and
+    arm()'s state are C fields of CallCore when _crossing.c is built: GuestFn reads them
+    directly and, on _NativeTicker (``native_arm``), re-arms in C as arm() does.)"""
 
     def __init__(self, ctx: int, ticker: _Ticker | _NativeTicker, deadline_ticks: int,
                  module: Module, tally: Tally | None = None):
@@ -34,6 +35,7 @@ class _StoreState(CallCore):
         self.armed_at = -1e9            # time.monotonic() of the last arm()
         self.arm_cpu_ns = 0             # the arming thread's deadline clock at the last arm()
         self.budget_ns = 0              # the CPU the calls of that arm may use
+        self.native_arm = ticker.native  # GuestFn re-arms in C ("deadline re-arm", _crossing.c)
         self.depth = 0                  # guest calls in progress (nesting through host calls)
         self.poisoned = False
         self.closed = False
@@ -45,7 +47,8 @@ class _StoreState(CallCore):
 
     def arm(self) -> None:
         """Give the calls of the next REARM_S a fresh deadline (caller: ``depth`` already set,
-        see _Ticker).
+        see _Ticker). The reference of _crossing.c's rearm(), which GuestFn runs instead on
+        _NativeTicker: change both together.
 
         The deadline is counted from the engine epoch, which may lag the clock and then jump:
         adding the current lag keeps that jump from eating into this deadline.

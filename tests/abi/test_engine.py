@@ -1365,12 +1365,12 @@ def test_top_level_calls_re_arm_at_most_once_per_rearm_period(engine, core):
     inst = make(engine, core, host_defaults(h32=lambda a, b: box["add"](a, b)))
     box = {"add": inst.export_func("add")}
     st = inst._st
-    arms = []
-    real_arm = st.arm
-    st.arm = lambda: arms.append(time.monotonic()) or real_arm()
+    arms = []                       # armed_at of each arm (st.arm() or GuestFn's, in C)
     start = time.monotonic()
     for i in range(2000):
         assert inst.export_func("call_h32")(i, 1) == i + 1
+        if not arms or st.armed_at != arms[-1]:
+            arms.append(st.armed_at)
     elapsed = time.monotonic() - start
     assert 1 <= len(arms) <= elapsed / REARM_S + 1
     assert all(b - a > REARM_S for a, b in zip(arms, arms[1:]))
@@ -1418,3 +1418,36 @@ def test_a_tally_counts_top_level_calls_and_their_wall_time(engine, core):
     untallied = make(engine, core)
     untallied.export_func("add")(1, 1)
     assert tally.calls == 4
+
+
+def test_the_c_caller_re_arms_without_a_python_frame_as_arm_would(engine, core, crossing_impl):
+    # On _NativeTicker, GuestFn re-arms in C (_crossing.c "deadline re-arm"): no Python frame
+    # on the request path, and the same state as _StoreState.arm, the reference, leaves.
+    if crossing_impl != "native":
+        pytest.skip("the ctypes crossings re-arm with _StoreState.arm (in Python)")
+    inst = make(engine, core, deadline_ms=30)
+    add, st = inst.export_func("add"), inst._st
+    assert st.native_arm and type(add).__name__ == "GuestFn"
+    add(1, 1)
+    frames = []
+    st.armed_at = -1e9              # stale: the next top-level call re-arms
+    before_cpu = st.ticker.charged_ns()
+    sys.setprofile(lambda frame, event, arg: event == "call" and frames.append(frame.f_code))
+    try:
+        t0 = time.monotonic()
+        assert add(2, 3) == 5
+        t1 = time.monotonic()
+    finally:
+        sys.setprofile(None)
+    assert frames == []
+    assert t0 - 0.001 <= st.armed_at <= t1
+    assert before_cpu <= st.arm_cpu_ns <= st.ticker.charged_ns()
+    assert st.budget_ns == st.deadline_ticks * 1_000_000 >= 30 * 1_000_000
+    # The deadline it set is enforced (the ticker counts this thread from the arm on): a
+    # spinning guest stops after its 30 ms of CPU.
+    st.armed_at = -1e9
+    start = time.monotonic()
+    with pytest.raises(Trap) as ei:
+        inst.export_func("spin")()
+    assert ei.value.kind == "deadline"
+    assert 0.029 <= time.monotonic() - start < 2.5

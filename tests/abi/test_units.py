@@ -207,3 +207,75 @@ def test_stream_properties_answer_what_get_property_does(case):
     assert len(STREAM_PROPERTIES) == 10
     for path, fast in STREAM_PROPERTIES.items():
         assert fast(facts) == get_property(src, path), path
+
+
+def test_an_http_context_is_built_as_the_python_reference_builds_it_without_a_frame():
+    # HttpContext's fields are set by _crossing.c's ContextCore on every request and filter
+    # (no Python frame); _ContextFields is the reference (and the base without the C build).
+    import gc
+    import sys
+    import weakref
+    from abi.context import Context, HttpContext, _ContextFields
+    from abi.engine import ContextCore
+    if ContextCore is None:
+        pytest.skip("abi/engine/_crossing.c is not built")
+    assert HttpContext.__mro__[1] is ContextCore
+
+    class Reference(_ContextFields, Context):
+        pass
+
+    filter_, chain = object(), object()
+    frames = []
+    sys.setprofile(lambda frame, event, arg: event == "call" and frames.append(frame.f_code.co_name))
+    try:
+        ctx = HttpContext(filter_, 7, 3, chain)
+    finally:
+        sys.setprofile(None)
+    assert frames == []
+    ref = Reference(filter_, 7, 3, chain)
+    fields = ("filter", "id", "generation", "chain", "bodies", "resumed", "pending_calls")
+    assert [getattr(ctx, f) for f in fields] == [getattr(ref, f) for f in fields]
+    assert ctx.bodies is not HttpContext(filter_, 8, 3, chain).bodies     # fresh per context
+    # The rest of the context works as before: class defaults, attributes set later, release.
+    assert ctx.edited is False and ctx.waiter is None and ctx.failure is None
+    ctx.edited, ctx.chain = True, None
+    assert ctx.__dict__ == {"edited": True} and ctx.chain is None
+    with pytest.raises(TypeError):
+        HttpContext(filter_, 7, 3)
+    # Collected by reference counting once released, and by the GC in a cycle.
+    gone = weakref.ref(ctx)
+    del ctx
+    assert gone() is None
+    cyc = HttpContext(filter_, 9, 3, None)
+    cyc.chain = cyc
+    gone = weakref.ref(cyc)
+    del cyc
+    gc.collect()
+    assert gone() is None
+
+
+def test_a_header_map_is_built_as_the_python_reference_builds_it_without_a_frame():
+    # HeaderMap's fields are set by _crossing.c's HeaderMapCore (twice per request, no Python
+    # frame); _HeaderMapFields is the reference (and the base without the C build).
+    import sys
+    from abi.buffers import _HeaderMapFields
+    from abi.engine import HeaderMapCore
+    if HeaderMapCore is None:
+        pytest.skip("abi/engine/_crossing.c is not built")
+    assert HeaderMap.__mro__[1] is HeaderMapCore
+    items = [("a", "1")]
+    frames = []
+    sys.setprofile(lambda frame, event, arg: event == "call" and frames.append(frame.f_code.co_name))
+    try:
+        m = HeaderMap(items)
+    finally:
+        sys.setprofile(None)
+    assert frames == []
+    ref = _HeaderMapFields(items)
+    fields = ("items", "_ser", "unsafe", "grown")
+    assert [getattr(m, f) for f in fields] == [getattr(ref, f) for f in fields]
+    assert m.items is items
+    with pytest.raises(AttributeError):
+        m.other = 1                 # no __dict__, as with the reference's __slots__
+    with pytest.raises(TypeError):
+        HeaderMap()
