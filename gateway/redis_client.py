@@ -94,7 +94,7 @@ class RedisConnection(asyncio.Protocol):
         self.closed = False
         self.draining = False           # closes once its calls in flight have their replies
         self._out: list[bytes] = []     # commands of this loop turn, written together
-        self._buf = b""
+        self._buf: bytes | bytearray = b""     # the start of a reply still incomplete
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._room: deque[asyncio.Future] = deque()
@@ -188,7 +188,11 @@ class RedisConnection(asyncio.Protocol):
             self._flush()
 
     def data_received(self, data: bytes) -> None:
-        buf = self._buf + data if self._buf else data
+        if self._buf:                   # the rest of a reply: grown in place, not copied anew
+            self._buf += data
+            buf = self._buf
+        else:
+            buf = data
         pos = 0
         pending = self.pending
         counts = self.client.counts
@@ -199,7 +203,7 @@ class RedisConnection(asyncio.Protocol):
                     break
                 fut = pending.popleft()[0]
                 if not fut.done():
-                    reply = buf[pos:end]
+                    reply = bytes(buf[pos:end]) if buf is self._buf else buf[pos:end]
                     counts["error_reply" if reply[:1] == b"-" else "ok"] += 1
                     fut.set_result(reply)
                 pos = end
@@ -207,11 +211,13 @@ class RedisConnection(asyncio.Protocol):
             self.client._failed("reset", f"{self.ep}: {e}")
             self.close()
             return
-        self._buf = buf[pos:]
+        if pos or buf is data:
+            self._buf = bytearray(buf[pos:]) if pos < len(buf) else b""
+        if self._room:
+            self._wake()
         if pending:
-            if self._room:
-                self._wake()
-        elif self._buf:
+            return
+        if self._buf:
             self.client._failed("reset", f"{self.ep}: a reply no command asked for")
             self.close()
         elif self.draining:
