@@ -45,11 +45,11 @@ class _Credentials:
     database: int
 
 
-def command(*args: str) -> bytes:
+def command(*args: str | bytes) -> bytes:
     """One command as a RESP array of bulk strings."""
     out = [b"*%d\r\n" % len(args)]
     for a in args:
-        b = a.encode()
+        b = a.encode() if isinstance(a, str) else a
         out.append(b"$%d\r\n%s\r\n" % (len(b), b))
     return b"".join(out)
 
@@ -184,7 +184,9 @@ class RedisConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport      # type: ignore[assignment]
-        if self._out:                   # (written before the connection was there)
+        if self.closed:                 # (closed while connecting: evicted, shut down)
+            transport.close()
+        elif self._out:                   # (written before the connection was there)
             self._flush()
 
     def data_received(self, data: bytes) -> None:
