@@ -24,6 +24,7 @@ filter with the protocol error Redis would send, without touching the shared con
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 from urllib.parse import parse_qsl
 
 from . import limits
@@ -88,7 +89,7 @@ class RedisCalls:
     def __init__(self, f: FilterView):
         self.f = f
         self.options: dict[str, RedisOptions] = {}      # cluster name -> proxy_redis_init's choice
-        self.pending: dict[int, asyncio.Task] = {}
+        self.pending: dict[int, asyncio.Future] = {}
         self.response: bytes | None = None
         self._next_token = 3
 
@@ -122,33 +123,43 @@ class RedisCalls:
         options = self.options.get(name) or RedisOptions()
 
         def start() -> None:             # (from a start sequence: at the swap, see Filter.on_loop)
-            self.pending[token] = f.loop.create_task(
-                self._run(token, f.generation, name, query, options))
+            fut = self._send(name, query, options)
+            self.pending[token] = fut
+            fut.add_done_callback(partial(self._done, token, f.generation, name))
         f.on_loop(start)
         return Status.OK, token
 
-    async def _run(self, token: int, generation: int, name: str, query: bytes,
-                   options: RedisOptions) -> None:
-        status, reply = Status.OK, b""
+    def _send(self, name: str, query: bytes, options: RedisOptions) -> asyncio.Future:
+        """The future of the reply: the host's (a future, no task per call), or Redis's protocol
+        error at once for a query that is not one command."""
         problem = query_error(query)
-        if problem is not None:
-            reply = b"-ERR Protocol error: " + problem.encode() + b"\r\n"
-        else:
+        if problem is None:
             try:
-                reply = await self.f.services.redis_call(name, query, options)
-            except CallFailed as e:
-                status = CALL_FAILED
-                # (the gateway logs Redis failures per cluster, at most once a second)
-                self.f.log.debug('redis call of filter "%s" to %s failed: %s', self.f.name, name,
-                                 e.reason)
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:       # noqa: BLE001 — a gateway bug is a failed call here
-                status = CALL_FAILED
-                self.f.log.error('filter "%s": redis call to %s failed: %r', self.f.name, name, e)
-        self._deliver(token, generation, status, reply)
+                return asyncio.ensure_future(self.f.services.redis_call(name, query, options))
+            except Exception as e:       # noqa: BLE001 — a gateway bug is a failed call (_done)
+                fut = self.f.loop.create_future()
+                fut.set_exception(e)
+                return fut
+        fut = self.f.loop.create_future()
+        fut.set_result(b"-ERR Protocol error: " + problem.encode() + b"\r\n")
+        return fut
 
-    def _deliver(self, token: int, generation: int, status: int, reply: bytes) -> None:
+    def _done(self, token: int, generation: int, name: str, fut: asyncio.Future) -> None:
+        if fut.cancelled():
+            self.pending.pop(token, None)
+            return
+        status, reply = Status.OK, b""
+        e = fut.exception()
+        if e is None:
+            reply = fut.result()
+        elif isinstance(e, CallFailed):
+            status = CALL_FAILED
+            # (the gateway logs Redis failures per cluster, at most once a second)
+            self.f.log.debug('redis call of filter "%s" to %s failed: %s', self.f.name, name,
+                             e.reason)
+        else:                            # a gateway bug is a failed call here
+            status = CALL_FAILED
+            self.f.log.error('filter "%s": redis call to %s failed: %r', self.f.name, name, e)
         f = self.f
         if self.pending.pop(token, None) is None or generation != f.generation or f.root is None:
             return
@@ -162,6 +173,6 @@ class RedisCalls:
 
     def cancel_all(self) -> None:
         """The instance is gone (trap, close): its calls' answers have nowhere to go."""
-        for task in self.pending.values():
-            task.cancel()
+        for fut in self.pending.values():
+            fut.cancel()
         self.pending.clear()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Mapping, Protocol, Sequence
+from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Protocol, Sequence
 
 Headers = list[tuple[str, str]]
 Body = AsyncIterator[bytes]
@@ -144,10 +144,10 @@ class HostServices(Protocol):
 
     def has_redis_cluster(self, name: str) -> bool: ...
 
-    async def redis_call(self, cluster: str, query: bytes, options: RedisOptions) -> bytes:
-        """Send one RESP-encoded command; return Redis's reply as it was on the wire (an error
-        reply is a reply). Raise CallFailed on refuse/reset/timeout (the cluster's or
-        ``options.timeout_ms``)."""
+    def redis_call(self, cluster: str, query: bytes, options: RedisOptions) -> Awaitable[bytes]:
+        """Send one RESP-encoded command; a future (or coroutine) of Redis's reply as it was on
+        the wire (an error reply is a reply). It raises CallFailed on refuse/reset/timeout (the
+        cluster's or ``options.timeout_ms``). A future spares the host a task per call."""
         ...
 
     # gRPC callouts (optional, like the Redis methods: without them no cluster is a gRPC one).

@@ -160,7 +160,7 @@ class RedisCluster:
     database: int = 0
     connect_timeout_ms: int = 1000     # one connection attempt (the call's timeout_ms bounds it too)
     timeout_ms: int = 200           # a whole call: waiting for a connection, connecting, the reply
-    max_connections: int = 64       # per worker
+    max_connections: int = 64       # calls in flight per worker and endpoint (one pipelined connection)
     eject_ms: int = 1000            # an endpoint whose connect failed is skipped this long
 
 

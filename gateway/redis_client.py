@@ -1,19 +1,24 @@
-"""One `type: redis` cluster in one worker: pooled asyncio connections (redis-py).
+"""One `type: redis` cluster in one worker: one pipelined connection per endpoint.
 
 A filter hands us one RESP-encoded command and gets Redis's reply back byte for byte, the way
 Higress's Envoy passes a raw reply to ``proxy_on_redis_call_response`` — an error reply
 (``-ERR ...``, ``-NOSCRIPT ...``, ``-WRONGPASS ...``) is a reply like any other. Only a call
-that got no reply (timeout, refused, dropped connection) raises ``CallFailed``.
+that got no reply (timeout, refused, dropped connection) fails, with ``CallFailed``.
 
-Per cluster and worker: one pool of redis-py connections per endpoint (and per set of
-credentials a filter chose with ``proxy_redis_init``), at most ``max_connections`` each. The pool
-is a free list of redis-py ``Connection``s (redis-py connects, authenticates, selects the
-database and parses); redis-py's own ``BlockingConnectionPool`` puts a condition variable, an
-event dispatch and observability hooks on every call, none of which this needs.
+Per cluster and worker: one connection per endpoint (and per set of credentials a filter chose
+with ``proxy_redis_init``), as Envoy's and Higress's Redis clients keep. Commands are written as
+they come (those of one event-loop turn in one write) and Redis answers them in order, so the
+replies are matched first in, first out; a reply is only framed (where it ends), never turned
+into Python values. At most ``max_connections`` calls are in flight on a connection; a call
+beyond that waits for one to finish. A call is a future, not a task: only a call that has to
+wait (for the connection to be made, or for room on it) runs as a task.
+
 Endpoints are a failover list: calls go to the first endpoint that is not ejected; an endpoint
 whose connect fails is skipped for ``eject_ms``, and with every endpoint ejected a call fails at
 once instead of waiting out its timeout. A call is never retried after its command was sent (it
-may have run).
+may have run). A call without a reply within its timeout closes its connection, as Envoy's
+client does: the calls pipelined behind it would wait behind the same reply, so they fail at
+once (``reset``) and the next call connects afresh.
 """
 from __future__ import annotations
 
@@ -23,11 +28,6 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass
 
-from redis import exceptions as rx
-from redis._parsers.resp2 import _AsyncRESP2Parser
-from redis.asyncio import Connection
-from redis.maint_notifications import MaintNotificationsConfig
-
 from abi.api import CallFailed, RedisOptions
 
 from .config import Endpoint, RedisCluster
@@ -35,30 +35,7 @@ from .config import Endpoint, RedisCluster
 log = logging.getLogger("wasmgate.redis")
 
 ERROR_LOG_INTERVAL_S = 1.0        # at most one log line per cluster per interval while failing
-MAX_CREDENTIAL_SETS = 8           # pools per endpoint (filters' proxy_redis_init choices); oldest go
-
-
-class RawReplyParser(_AsyncRESP2Parser):
-    """redis-py's RESP2 parser that also keeps the bytes of the reply it just parsed (``raw``):
-    the connection handshake (AUTH, SELECT) still reads parsed values, the ABI gets the wire
-    bytes. Relies on the parser's buffer (``_buffer``/``_chunks``/``_pos``), hence redis<9."""
-
-    raw = b""
-
-    async def read_response(self, disable_decoding: bool = False):
-        if not self._connected:
-            raise rx.ConnectionError("Connection closed by server.")
-        if self._chunks:
-            self._buffer += b"".join(self._chunks)
-            self._chunks.clear()
-        self._pos = 0
-        response = await self._read_response(disable_decoding=disable_decoding)
-        if self._chunks:
-            self._buffer += b"".join(self._chunks)
-            self._chunks.clear()
-        self.raw = self._buffer[:self._pos]
-        self._clear()
-        return response
+MAX_CREDENTIAL_SETS = 8           # connections per endpoint (filters' proxy_redis_init choices); oldest go
 
 
 @dataclass(frozen=True)
@@ -68,77 +45,226 @@ class _Credentials:
     database: int
 
 
-class ConnectionPool:
-    """Connections to one endpoint with one set of credentials: idle ones are reused (last in,
-    first out), at most ``size`` are open; a caller beyond that waits for one to come back."""
+def command(*args: str | bytes) -> bytes:
+    """One command as a RESP array of bulk strings."""
+    out = [b"*%d\r\n" % len(args)]
+    for a in args:
+        b = a.encode() if isinstance(a, str) else a
+        out.append(b"$%d\r\n%s\r\n" % (len(b), b))
+    return b"".join(out)
 
-    def __init__(self, ep: Endpoint, cred: _Credentials, size: int, connect_timeout_s: float):
-        self._kwargs = dict(
-            host=ep.host, port=ep.port, db=cred.database,
-            username=cred.username or None, password=cred.password or None,
-            socket_connect_timeout=connect_timeout_s, parser_class=RawReplyParser, protocol=2,
-            # RESP2 and a plain server: no CLIENT MAINT_NOTIFICATIONS handshake.
-            maint_notifications_config=MaintNotificationsConfig(enabled=False))
-        self._size = size
-        self._idle: list[Connection] = []
-        self._open = 0
-        self._waiters: deque[asyncio.Future] = deque()
-        self._closed = False
 
-    async def acquire(self) -> Connection:
-        """A connected connection; raises redis-py's ConnectionError / AuthenticationError /
-        TimeoutError when a new one cannot be made."""
-        while True:
-            while self._idle:
-                conn = self._idle.pop()
-                # Closed by the server while idle (a Redis restart): drop it, take another.
-                if conn.is_connected and not await conn.can_read():
-                    return conn
-                await self._drop(conn)
-            if self._open < self._size:
-                self._open += 1
-                conn = Connection(**self._kwargs)
-                try:
-                    await conn.connect()
-                except BaseException:
-                    await self._drop(conn)
-                    raise
-                return conn
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
-            try:
-                await waiter
-            finally:
-                if not waiter.done():
-                    waiter.cancel()
+def reply_end(buf: bytes, pos: int) -> int:
+    """Where the RESP2 reply that starts at ``pos`` ends; -1 while it is incomplete. Raises
+    ValueError on bytes that are not RESP2."""
+    line = buf.find(b"\r\n", pos)
+    if line < 0:
+        return -1
+    kind = buf[pos]
+    if kind in b"+-:":
+        return line + 2
+    n = int(buf[pos + 1:line])
+    if kind == 36:                      # '$': a bulk string (-1: nil)
+        end = line + 4 + n if n >= 0 else line + 2
+        return end if end <= len(buf) else -1
+    if kind != 42:                      # '*': an array (-1: nil) of n replies
+        raise ValueError(f"not a RESP2 reply: {buf[pos:pos + 1]!r}")
+    pos = line + 2
+    for _ in range(n):
+        pos = reply_end(buf, pos)
+        if pos < 0:
+            return -1
+    return pos
 
-    async def release(self, conn: Connection) -> None:
-        """Back to the pool, or closed when a failure left it in doubt (redis-py disconnects a
-        connection whose send or read failed or was cancelled)."""
-        if conn.is_connected and not self._closed:
-            self._idle.append(conn)
-            self._wake()
+
+class RedisConnection(asyncio.Protocol):
+    """One connection to one endpoint with one set of credentials. ``pending`` holds, in the
+    order the commands were written, each call's (future, deadline); the connection's one timer
+    fires at the earliest deadline."""
+
+    def __init__(self, client: "RedisClusterClient", ep: Endpoint, cred: _Credentials):
+        self.client = client
+        self.ep = ep
+        self.cred = cred
+        self.loop = asyncio.get_running_loop()
+        self.depth = client.cfg.max_connections
+        self.pending: deque[tuple[asyncio.Future, float]] = deque()
+        self.transport: asyncio.Transport | None = None
+        self.ready = False              # connected and authenticated: calls may go out
+        self.closed = False
+        self.draining = False           # closes once its calls in flight have their replies
+        self._out: list[bytes] = []     # commands of this loop turn, written together
+        self._buf: bytes | bytearray = b""     # the start of a reply still incomplete
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._room: deque[asyncio.Future] = deque()
+        self._opening: asyncio.Future | None = None
+
+    async def open(self, connect_timeout_s: float) -> tuple[str, bytes] | None:
+        """Connect, authenticate and select the database (once, whoever asks first). None when
+        ready; (what, Redis's error reply) when Redis refused AUTH or SELECT. Raises OSError /
+        TimeoutError when the endpoint cannot be reached."""
+        if self._opening is None:
+            self._opening = self.loop.create_task(self._open(connect_timeout_s))
+        return await asyncio.shield(self._opening)
+
+    async def _open(self, connect_timeout_s: float) -> tuple[str, bytes] | None:
+        try:
+            async with asyncio.timeout(connect_timeout_s):
+                await self.loop.create_connection(lambda: self, self.ep.host, self.ep.port)
+            cred = self.cred
+            hello = []
+            if cred.password:
+                auth = (cred.username, cred.password) if cred.username else (cred.password,)
+                hello.append(("authentication", command("AUTH", *auth)))
+            if cred.database:
+                hello.append((f"selecting database {cred.database}",
+                              command("SELECT", str(cred.database))))
+            deadline = self.loop.time() + connect_timeout_s
+            replies = await asyncio.gather(*(self.send(q, deadline) for _, q in hello))
+            for (what, _), reply in zip(hello, replies):
+                if reply[:1] == b"-":
+                    self.close()
+                    return what, reply
+        except BaseException:
+            self.close()
+            raise
+        self.ready = not self.closed
+        return None
+
+    def send(self, query: bytes, deadline: float) -> asyncio.Future:
+        """Write one command; the future gets its reply's bytes (or CallFailed)."""
+        fut = self.loop.create_future()
+        if self.closed:
+            self.client.counts["reset"] += 1
+            fut.set_exception(CallFailed("reset"))
+            return fut
+        if not self._out:
+            self.loop.call_soon(self._flush)
+        self._out.append(query)
+        self.pending.append((fut, deadline))
+        if self._timer is None or deadline < self._timer_at:
+            self._arm(deadline)
+        return fut
+
+    async def room(self) -> None:
+        """Wait until fewer than ``depth`` calls are in flight."""
+        while len(self.pending) >= self.depth and not self.closed:
+            waiter = self.loop.create_future()
+            self._room.append(waiter)
+            await waiter
+
+    def _flush(self) -> None:
+        if self.transport is not None and self._out:
+            out, self._out = self._out, []
+            self.transport.write(b"".join(out))
+
+    def _arm(self, at: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = self.loop.call_at(at, self._check_deadlines)
+
+    def _check_deadlines(self) -> None:
+        self._timer = None
+        if not self.pending:
+            return
+        now = self.loop.time()
+        first = min(deadline for _, deadline in self.pending)
+        if first > now:
+            self._arm(first)
+            return
+        expired = [fut for fut, deadline in self.pending if deadline <= now and not fut.done()]
+        for fut in expired:
+            fut.set_exception(CallFailed("timeout"))
+        self.client.counts["timeout"] += len(expired)
+        self.client._failed("timeout", f"{self.ep}: no reply within the call's timeout "
+                            "(its connection is closed)", count=False)
+        self.close()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport      # type: ignore[assignment]
+        if self.closed:                 # (closed while connecting: evicted, shut down)
+            transport.close()
+        elif self._out:                   # (written before the connection was there)
+            self._flush()
+
+    def data_received(self, data: bytes) -> None:
+        if self._buf:                   # the rest of a reply: grown in place, not copied anew
+            self._buf += data
+            buf = self._buf
         else:
-            await self._drop(conn)
-
-    async def _drop(self, conn: Connection) -> None:
-        self._open -= 1
-        self._wake()
-        await conn.disconnect(nowait=True)
+            buf = data
+        pos = 0
+        pending = self.pending
+        counts = self.client.counts
+        try:
+            while pending:
+                end = reply_end(buf, pos)
+                if end < 0:
+                    break
+                fut = pending.popleft()[0]
+                if not fut.done():
+                    reply = bytes(buf[pos:end]) if buf is self._buf else buf[pos:end]
+                    counts["error_reply" if reply[:1] == b"-" else "ok"] += 1
+                    fut.set_result(reply)
+                pos = end
+        except ValueError as e:
+            self.client._failed("reset", f"{self.ep}: {e}")
+            self.close()
+            return
+        if pos or buf is data:
+            self._buf = bytearray(buf[pos:]) if pos < len(buf) else b""
+        if self._room:
+            self._wake()
+        if pending:
+            return
+        if self._buf:
+            self.client._failed("reset", f"{self.ep}: a reply no command asked for")
+            self.close()
+        elif self.draining:
+            self.close()
 
     def _wake(self) -> None:
-        while self._waiters:
-            w = self._waiters.popleft()
+        while self._room:
+            w = self._room.popleft()
             if not w.done():
                 w.set_result(None)
-                return
 
-    async def aclose(self) -> None:
-        """Close the idle connections; those in use close when they come back."""
-        self._closed = True
-        idle, self._idle = self._idle, []
-        for conn in idle:
-            await self._drop(conn)
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed:
+            self.closed = True
+            if self.pending:
+                self.client._failed("reset", f"{self.ep}: connection lost ({exc or 'closed by Redis'})",
+                                    count=False)
+        self._fail_pending()
+
+    def close_when_idle(self) -> None:
+        """No new calls; close once those in flight have their replies (a reload, a credential
+        set evicted)."""
+        self.ready = False
+        self.draining = True
+        if not self.pending:
+            self.close()
+
+    def close(self) -> None:
+        self.closed = True
+        self.ready = False
+        if self.transport is not None:
+            self.transport.close()
+        self._fail_pending()
+
+    def _fail_pending(self) -> None:
+        self.ready = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        pending, self.pending = self.pending, deque()
+        for fut, _ in pending:
+            if not fut.done():
+                self.client.counts["reset"] += 1
+                fut.set_exception(CallFailed("reset"))
+        self._wake()
 
 
 class RedisClusterClient:
@@ -147,9 +273,8 @@ class RedisClusterClient:
     def __init__(self, cfg: RedisCluster, counts: Counter | None = None):
         self.cfg = cfg
         self.counts: Counter[str] = counts if counts is not None else Counter()   # result -> calls
-        self._pools: dict[tuple[int, _Credentials], ConnectionPool] = {}
+        self._conns: dict[tuple[int, _Credentials], RedisConnection] = {}
         self._credentials: dict[RedisOptions, _Credentials] = {}
-        self._closing: set[asyncio.Task] = set()
         self._ejected_until = [0.0] * len(cfg.endpoints)
         self._last_log = 0.0
         self._unlogged = 0
@@ -167,61 +292,64 @@ class RedisClusterClient:
             cred = self._credentials[options] = _Credentials(user, password, db)
         return cred
 
-    def _pool(self, index: int, cred: _Credentials) -> ConnectionPool:
-        pool = self._pools.get((index, cred))
-        if pool is None:
-            if len(self._pools) >= MAX_CREDENTIAL_SETS * len(self.cfg.endpoints):
-                # A filter cycling through credentials must not pile up connections.
-                oldest = self._pools.pop(next(iter(self._pools)))
-                task = asyncio.get_running_loop().create_task(oldest.aclose())
-                self._closing.add(task)
-                task.add_done_callback(self._closing.discard)
-            pool = self._pools[(index, cred)] = ConnectionPool(
-                self.cfg.endpoints[index], cred, self.cfg.max_connections,
-                self.cfg.connect_timeout_ms / 1000)
-        return pool
-
-    async def call(self, query: bytes, options: RedisOptions) -> bytes:
+    def call(self, query: bytes, options: RedisOptions) -> asyncio.Future:
+        """The future of one command's reply (bytes; CallFailed when none came)."""
+        cred = self.credentials(options)
         timeout = (options.timeout_ms or self.cfg.timeout_ms) / 1000
-        try:
-            async with asyncio.timeout(timeout):
-                reply = await self._call(query, self.credentials(options))
-        except TimeoutError:
-            self._failed("timeout", f"no reply within {timeout * 1000:g} ms")
-            raise CallFailed("timeout") from None
-        self.counts["error_reply" if reply[:1] == b"-" else "ok"] += 1
-        return reply
-
-    async def _call(self, query: bytes, cred: _Credentials) -> bytes:
-        now = time.monotonic()
+        now = time.monotonic()          # (the event loop's clock)
         for index, until in enumerate(self._ejected_until):
             if until > now:
                 continue
-            pool = self._pool(index, cred)
-            try:
-                conn = await pool.acquire()
-            except rx.AuthenticationError as e:
-                # Redis refused our credentials: hand the filter Redis's own error reply.
-                self._failed("auth", f"authentication failed: {e}", count=False)
-                return _auth_reply(e)
-            except (rx.ConnectionError, rx.TimeoutError, OSError) as e:
-                self._ejected_until[index] = time.monotonic() + self.cfg.eject_ms / 1000
-                self._failed("refused", f"{self.cfg.endpoints[index]}: {e}", count=False)
-                continue
-            try:
-                await conn.send_packed_command(query, check_health=False)
-                try:
-                    await conn.read_response(disable_decoding=True)
-                except rx.ResponseError:
-                    pass                        # an error reply: its bytes are the answer
-                return conn._parser.raw          # (our RawReplyParser: the reply's bytes)
-            except (rx.ConnectionError, rx.TimeoutError, OSError) as e:
-                self._failed("reset", f"{self.cfg.endpoints[index]}: {e}")
-                raise CallFailed("reset") from None
-            finally:
-                await pool.release(conn)
+            conn = self._conns.get((index, cred))
+            if conn is not None and conn.ready and len(conn.pending) < conn.depth:
+                return conn.send(query, now + timeout)
+            break
+        return asyncio.get_running_loop().create_task(self._call_waiting(query, cred, timeout))
+
+    async def _call_waiting(self, query: bytes, cred: _Credentials, timeout: float) -> bytes:
+        """A call that has to wait: for a connection to be made (failing over to the next
+        endpoint if it cannot be), or for room on it."""
+        try:
+            async with asyncio.timeout(timeout):
+                deadline = asyncio.get_running_loop().time() + timeout
+                for index, until in enumerate(self._ejected_until):
+                    if until > time.monotonic():
+                        continue
+                    conn = self._conn(index, cred)
+                    try:
+                        refused = await conn.open(self.cfg.connect_timeout_ms / 1000)
+                    except (OSError, TimeoutError) as e:
+                        if conn is self._conns.get((index, cred)):
+                            del self._conns[(index, cred)]
+                        self._ejected_until[index] = time.monotonic() + self.cfg.eject_ms / 1000
+                        self._failed("refused", f"{self.cfg.endpoints[index]}: "
+                                     f"{e or 'connect timed out'}", count=False)
+                        continue
+                    if refused is not None:
+                        # Redis refused our AUTH or SELECT: the filter gets Redis's own reply.
+                        what, reply = refused
+                        self._failed("auth", f"{what} failed: {reply[1:].decode('latin-1').strip()}",
+                                     count=False)
+                        self.counts["error_reply"] += 1
+                        return reply
+                    await conn.room()
+                    return await conn.send(query, deadline)
+        except TimeoutError:
+            self._failed("timeout", f"no reply within {timeout * 1000:g} ms")
+            raise CallFailed("timeout") from None
         self._failed("unavailable", "every endpoint refused connections (ejected)")
         raise CallFailed("unavailable")
+
+    def _conn(self, index: int, cred: _Credentials) -> RedisConnection:
+        """The connection to endpoint ``index`` with ``cred`` (a new one if it closed)."""
+        key = (index, cred)
+        conn = self._conns.get(key)
+        if conn is None or conn.closed or conn.draining:
+            if conn is None and len(self._conns) >= MAX_CREDENTIAL_SETS * len(self.cfg.endpoints):
+                # A filter cycling through credentials must not pile up connections.
+                self._conns.pop(next(iter(self._conns))).close_when_idle()
+            conn = self._conns[key] = RedisConnection(self, self.cfg.endpoints[index], cred)
+        return conn
 
     def _failed(self, result: str, message: str, *, count: bool = True) -> None:
         if count:
@@ -238,11 +366,6 @@ class RedisClusterClient:
         return self._ejected_until[index] > time.monotonic()
 
     async def aclose(self) -> None:
-        pools, self._pools = list(self._pools.values()), {}
-        for pool in pools:
-            await pool.aclose()
-
-
-def _auth_reply(e: rx.AuthenticationError) -> bytes:
-    """The error reply Redis gave our AUTH, rebuilt from redis-py's exception."""
-    return f"-{e.status_code or 'ERR'} {e}\r\n".encode()
+        conns, self._conns = list(self._conns.values()), {}
+        for conn in conns:
+            conn.close_when_idle()

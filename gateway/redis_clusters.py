@@ -1,9 +1,10 @@
 """`type: redis` clusters of one config generation: what HostServices.redis_call reaches.
 
-The clients (gateway/redis_client.py) and so redis-py are imported only when the config has a
-Redis cluster: a gateway without one does not pay for the import.
+The clients (gateway/redis_client.py) are imported only when the config has a Redis cluster.
 """
 from __future__ import annotations
+
+import asyncio
 
 from abi.api import CallFailed, MetricSample, RedisOptions
 
@@ -22,11 +23,14 @@ class RedisClusters:
     def has(self, name: str) -> bool:
         return name in self.clients
 
-    async def call(self, name: str, query: bytes, options: RedisOptions) -> bytes:
+    def call(self, name: str, query: bytes, options: RedisOptions) -> asyncio.Future:
+        """The future of Redis's reply (bytes; CallFailed when none came)."""
         client = self.clients.get(name)
         if client is None:
-            raise CallFailed(f'no redis cluster named "{name}"')
-        return await client.call(query, options)
+            fut = asyncio.get_running_loop().create_future()
+            fut.set_exception(CallFailed(f'no redis cluster named "{name}"'))
+            return fut
+        return client.call(query, options)
 
     def take_over(self, old: "RedisClusters") -> set[str]:
         """A reload: keep the clients (warm connections) of unchanged clusters; a changed one

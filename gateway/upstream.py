@@ -563,9 +563,9 @@ class Upstreams:
     def has_redis_cluster(self, name: str) -> bool:
         return self.redis.has(name)
 
-    async def redis_call(self, cluster: str, query: bytes, options: RedisOptions) -> bytes:
+    def redis_call(self, cluster: str, query: bytes, options: RedisOptions) -> asyncio.Future:
         """HostServices.redis_call: one command to a `type: redis` cluster, the raw reply."""
-        return await self.redis.call(cluster, query, options)
+        return self.redis.call(cluster, query, options)
 
     def has_grpc_cluster(self, name: str) -> bool:
         return self.grpc.has(name)

@@ -16,6 +16,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from gateway.redis_client import command
+
 START_TIMEOUT_S = 10.0
 
 
@@ -25,13 +27,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def resp(*args: str | bytes) -> bytes:
-    """One command as a RESP array of bulk strings."""
-    out = [b"*%d\r\n" % len(args)]
-    for a in args:
-        b = a.encode() if isinstance(a, str) else a
-        out.append(b"$%d\r\n%s\r\n" % (len(b), b))
-    return b"".join(out)
+resp = command          # one command as a RESP array of bulk strings
 
 
 class LocalServer:
