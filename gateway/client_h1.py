@@ -39,6 +39,7 @@ from .request_head import check_authority
 from .tunnel import splice
 from .upstream import UpstreamReset
 from .watchdog import Watchdog
+from .write_batch import batch_for
 
 log = logging.getLogger("wasmgate.proxy")
 
@@ -75,7 +76,7 @@ class Connection:
     """One HTTP/1.1 client connection (the proxy's Downstream)."""
     __slots__ = ("gw", "proxy", "reader", "writer", "transport", "id", "peer", "peer_text", "local", "scheme",
                  "tls", "task", "linger", "last_active", "pending", "phase", "watchdog", "busy", "gone", "version",
-                 "limits", "h2c")
+                 "limits", "h2c", "out")
 
     def __init__(self, gw: GatewayState, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                  tls: TlsFacts | None = None, h2c: bool = False):
@@ -92,7 +93,9 @@ class Connection:
         self.h2c = h2c              # the listener also takes HTTP/2 with prior knowledge
         lim = self.limits
         period = min(lim.request_header_timeout_s, lim.request_body_idle_timeout_s, lim.response_send_timeout_s)
-        self.watchdog = Watchdog(asyncio.get_running_loop(), period, self._expired)
+        loop = asyncio.get_running_loop()
+        self.watchdog = Watchdog(loop, period, self._expired)
+        self.out = batch_for(loop)      # answers go out at the end of the loop's turn
 
     @property
     def idle(self) -> bool:
@@ -134,11 +137,13 @@ class Connection:
 
     def close_idle(self) -> None:
         """Close the connection between requests (keep-alive timeout)."""
+        self.out.settle(self.transport)
         self.transport.close()
 
     def drain(self) -> None:
         """The gateway stops: an idle connection closes now, a busy one after its request."""
         if self.idle:
+            self.out.settle(self.transport)
             self.transport.close()
 
     async def run(self) -> None:
@@ -168,6 +173,7 @@ class Connection:
             if self.phase == IDLE:
                 gw.idle_connections -= 1
             self.phase = BUSY
+            self.out.settle(self.transport)
             if self.linger and not self.transport.is_closing():
                 await _lingering_close(self, 0.2 if gw.draining else 1.0)
             gw.connections.discard(self)
@@ -377,6 +383,7 @@ class Connection:
             self._log(ex)
             return
         head = ["HTTP/1.1 101 Switching Protocols\r\n"] + [f"{n}: {v}\r\n" for n, v in tunnel.headers]
+        self.out.settle(self.transport)
         self.writer.write(("".join(head) + "\r\n").encode("latin-1", "replace"))
         pending, self.pending = self.pending, b""
         gw.metrics.active_upgraded += 1
@@ -426,7 +433,7 @@ class Connection:
             parts.append("connection: close\r\n")
         parts.append("\r\n")
         data = "".join(parts).encode("latin-1", "replace")
-        self.writer.write(data if ex.method == "HEAD" else data + body)
+        self.out.write(self.transport, data if ex.method == "HEAD" else data + body)
         self.linger = close
         ex.status = status
         ex.bytes_out = 0 if ex.method == "HEAD" else len(body)
@@ -457,12 +464,12 @@ class Connection:
         parts.append("\r\n")
         head = "".join(parts).encode("latin-1", "replace")
         if no_body or body is None:
-            self.writer.write(head)
+            self.out.write(self.transport, head)
             ex.status = status
             return not close
         if isinstance(body, bytes):
             transport = self.transport
-            transport.write(head + body)
+            self.out.write(transport, head + body)
             ex.status = status
             ex.bytes_out = len(body)
             if transport.get_write_buffer_size():       # else _drained() would return at once
@@ -480,6 +487,7 @@ class Connection:
             return False
         first, more = got
         ex.status = status
+        self.out.settle(transport)      # a stream is written as it comes, after what is queued
         if chunked:
             writer.writelines((head, b"%x\r\n" % len(first), first, b"\r\n") if first else (head,))
         else:
@@ -568,6 +576,7 @@ class RequestBody:
         if self.expect:
             # The client waits for this before sending the body: ask only when we want it.
             self.expect = False
+            conn.out.settle(conn.transport)
             conn.writer.write(_CONTINUE)
         try:
             if self.length is not None:
@@ -632,6 +641,7 @@ async def _lingering_close(conn: Connection, seconds: float) -> None:
     sending its huge header).
     """
     try:
+        conn.out.settle(conn.transport)
         if conn.writer.can_write_eof():     # TLS cannot half-close: there, only read and drop
             conn.writer.write_eof()
         async with asyncio.timeout(seconds):

@@ -21,6 +21,7 @@ from .http1 import (FRAMING, BodyStream, HttpError, PeerClosed, StreamProtocol, 
                     parse_response_head, read_chunked, trailer_block)
 from .tls import client_context, ssl_reason
 from .watchdog import Watchdog
+from .write_batch import batch_for
 
 log = logging.getLogger("wasmgate.upstream")
 
@@ -60,7 +61,7 @@ class UpConn:
     transport (StreamWriter.transport is a property), the endpoint's text (Endpoint.__str__) and
     the pool's idle list for it (an Endpoint is hashed by a generated Python __hash__)."""
     __slots__ = ("reader", "writer", "transport", "endpoint", "name", "idle", "reused", "timed_out",
-                 "idle_since", "watchdog")
+                 "idle_since", "watchdog", "out")
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, endpoint: Endpoint,
                  idle_timeout_s: float, idle: list["UpConn"]):
@@ -74,7 +75,9 @@ class UpConn:
         self.timed_out = False
         self.idle_since = 0.0
         # response_idle_timeout: armed before each read of a response body.
-        self.watchdog = Watchdog(asyncio.get_running_loop(), idle_timeout_s, self.on_timeout)
+        loop = asyncio.get_running_loop()
+        self.watchdog = Watchdog(loop, idle_timeout_s, self.on_timeout)
+        self.out = batch_for(loop)      # a request without a body goes out at the end of the turn
 
     def usable(self) -> bool:
         return not self.transport.is_closing() and not self.reader.at_eof()
@@ -442,8 +445,11 @@ class Pool:
             parts.append("content-length: 0\r\n\r\n")
         else:
             parts.append("\r\n")
-        conn.transport.write("".join(parts).encode("latin-1", "replace"))
-        if body is not None:
+        head = "".join(parts).encode("latin-1", "replace")
+        if body is None:
+            conn.out.write(conn.transport, head)    # nothing else writes here before the answer
+        else:
+            conn.transport.write(head)
             try:
                 await self._send_body(conn, body, length)
             except (ConnectionError, _UploadStalled):
