@@ -162,6 +162,7 @@ class RedisCluster:
     timeout_ms: int = 200           # a whole call: waiting for a connection, connecting, the reply
     max_connections: int = 64       # calls in flight per worker and endpoint (one pipelined connection)
     eject_ms: int = 1000            # an endpoint whose connect failed is skipped this long
+    max_reply_bytes: int = 16 * 1024 * 1024     # one reply, held whole for the filter
 
 
 @dataclass(frozen=True)
@@ -877,7 +878,7 @@ def _redis_cluster(ck: _Checker, node: yaml.Node, path: str, base: Path) -> Redi
     n0 = len(ck.errors)
     f = ck.mapping(node, path, {"name", "type", "endpoints", "username", "password", "password_file",
                                 "database", "connect_timeout_ms", "timeout_ms", "max_connections",
-                                "eject_ms"}, {"name", "endpoints"})
+                                "eject_ms", "max_reply_bytes"}, {"name", "endpoints"})
     if f is None:
         return None
     name = _get(f, "name", path, ck.string)
@@ -900,6 +901,7 @@ def _redis_cluster(ck: _Checker, node: yaml.Node, path: str, base: Path) -> Redi
         timeout_ms=_get(f, "timeout_ms", path, ms(1), d.timeout_ms),
         max_connections=_get(f, "max_connections", path, ms(1), d.max_connections),
         eject_ms=_get(f, "eject_ms", path, ms(0), d.eject_ms),
+        max_reply_bytes=_get(f, "max_reply_bytes", path, ms(16), d.max_reply_bytes),
     )
     return cluster if len(ck.errors) == n0 and name and endpoints else None
 

@@ -54,27 +54,48 @@ def command(*args: str | bytes) -> bytes:
     return b"".join(out)
 
 
+def frame(buf: bytes | bytearray, pos: int, todo: list[int]) -> tuple[int, bool]:
+    """Walk a RESP2 reply from the element at ``pos``. ``todo`` is how many elements each open
+    level still needs, innermost last: ``[1]`` for a reply not begun. Returns (where the reply
+    ends, True) once it is complete, else (where its first incomplete element starts, False)
+    with ``todo`` updated, so the next bytes resume there and no complete element is walked
+    twice. Raises ValueError on bytes that are not RESP2."""
+    size = len(buf)
+    while True:
+        line = buf.find(b"\r\n", pos)
+        if line < 0:
+            return pos, False
+        kind = buf[pos]
+        if kind in b"+-:":
+            end = line + 2
+        else:
+            n = int(buf[pos + 1:line])
+            if kind == 36:                  # '$': a bulk string (-1: nil)
+                end = line + 4 + n if n >= 0 else line + 2
+                if end > size:
+                    return pos, False
+            elif kind == 42:                # '*': an array (-1: nil) of n replies
+                end = line + 2
+                if n > 0:
+                    pos = end
+                    todo.append(n)
+                    continue
+            else:
+                raise ValueError(f"not a RESP2 reply: {buf[pos:pos + 1]!r}")
+        pos = end
+        while todo:                         # one element done: count it, close finished arrays
+            todo[-1] -= 1
+            if todo[-1]:
+                break
+            todo.pop()
+        if not todo:
+            return pos, True
+
+
 def reply_end(buf: bytes, pos: int) -> int:
-    """Where the RESP2 reply that starts at ``pos`` ends; -1 while it is incomplete. Raises
-    ValueError on bytes that are not RESP2."""
-    line = buf.find(b"\r\n", pos)
-    if line < 0:
-        return -1
-    kind = buf[pos]
-    if kind in b"+-:":
-        return line + 2
-    n = int(buf[pos + 1:line])
-    if kind == 36:                      # '$': a bulk string (-1: nil)
-        end = line + 4 + n if n >= 0 else line + 2
-        return end if end <= len(buf) else -1
-    if kind != 42:                      # '*': an array (-1: nil) of n replies
-        raise ValueError(f"not a RESP2 reply: {buf[pos:pos + 1]!r}")
-    pos = line + 2
-    for _ in range(n):
-        pos = reply_end(buf, pos)
-        if pos < 0:
-            return -1
-    return pos
+    """Where the RESP2 reply that starts at ``pos`` ends; -1 while it is incomplete."""
+    end, done = frame(buf, pos, [1])
+    return end if done else -1
 
 
 class RedisConnection(asyncio.Protocol):
@@ -88,6 +109,7 @@ class RedisConnection(asyncio.Protocol):
         self.cred = cred
         self.loop = asyncio.get_running_loop()
         self.depth = client.cfg.max_connections
+        self.max_reply = client.cfg.max_reply_bytes
         self.pending: deque[tuple[asyncio.Future, float]] = deque()
         self.transport: asyncio.Transport | None = None
         self.ready = False              # connected and authenticated: calls may go out
@@ -95,6 +117,8 @@ class RedisConnection(asyncio.Protocol):
         self.draining = False           # closes once its calls in flight have their replies
         self._out: list[bytes] = []     # commands of this loop turn, written together
         self._buf: bytes | bytearray = b""     # the start of a reply still incomplete
+        self._scan = 0                  # where in _buf its walk resumes (frame)
+        self._todo: list[int] = []      # and the elements its open levels still need
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._room: deque[asyncio.Future] = deque()
@@ -193,28 +217,42 @@ class RedisConnection(asyncio.Protocol):
         if self._buf:                   # the rest of a reply: grown in place, not copied anew
             self._buf += data
             buf = self._buf
+            scan, todo = self._scan, self._todo
         else:
             buf = data
+            scan, todo = 0, [1]
         pos = 0
         pending = self.pending
         counts = self.client.counts
         try:
             while pending:
-                end = reply_end(buf, pos)
-                if end < 0:
+                end, done = frame(buf, scan, todo)
+                if not done:
+                    scan = end
                     break
                 fut = pending.popleft()[0]
-                if not fut.done():
+                if fut.done():
+                    pass
+                elif end - pos > self.max_reply:
+                    self._too_large(fut)
+                else:
                     reply = bytes(buf[pos:end]) if buf is self._buf else buf[pos:end]
                     counts["error_reply" if reply[:1] == b"-" else "ok"] += 1
                     fut.set_result(reply)
-                pos = end
+                pos = scan = end
+                todo = [1]
         except ValueError as e:
             self.client._failed("reset", f"{self.ep}: {e}")
             self.close()
             return
         if pos or buf is data:
             self._buf = bytearray(buf[pos:]) if pos < len(buf) else b""
+        self._scan, self._todo = scan - pos, todo
+        if len(self._buf) > self.max_reply and pending:
+            # Still arriving: rather than hold it whole, drop the connection under it.
+            self._too_large(pending.popleft()[0])
+            self.close()
+            return
         if self._room:
             self._wake()
         if pending:
@@ -224,6 +262,14 @@ class RedisConnection(asyncio.Protocol):
             self.close()
         elif self.draining:
             self.close()
+
+    def _too_large(self, fut: asyncio.Future) -> None:
+        """A reply is handed to the filter whole: one over max_reply_bytes fails its call."""
+        self.client._failed("too_large", f"{self.ep}: a reply over max_reply_bytes ({self.max_reply})",
+                            count=False)
+        if not fut.done():
+            self.client.counts["too_large"] += 1
+            fut.set_exception(CallFailed("too_large"))
 
     def _wake(self) -> None:
         while self._room:

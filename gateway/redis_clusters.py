@@ -54,7 +54,7 @@ class RedisClusters:
                 out.append(MetricSample("wasmgate_redis_calls_total", "counter", float(n),
                                         {"cluster": name, "result": result},
                                         "Redis calls by result (ok, error_reply, timeout, reset, "
-                                        "unavailable)."))
+                                        "unavailable, too_large)."))
             for i, ep in enumerate(c.cfg.endpoints):
                 out.append(MetricSample("wasmgate_redis_endpoint_ejected", "gauge",
                                         1.0 if c.is_ejected(i) else 0.0,

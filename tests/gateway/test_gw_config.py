@@ -276,6 +276,7 @@ def test_redis_cluster_keys_defaults_and_password_file(tmp_path):
     assert [str(e) for e in rc.endpoints] == ["127.0.0.1:6379", "10.0.0.2:6380"]
     assert (rc.username, rc.password, rc.database, rc.timeout_ms) == ("gw", "s3cret", 2, 50)
     assert (rc.connect_timeout_ms, rc.max_connections, rc.eject_ms) == (1000, 64, 1000)
+    assert rc.max_reply_bytes == 16 * 1024 * 1024
     assert "s3cret" not in repr(rc)
     raw = redact(cfg.raw)
     assert raw["clusters"][1]["password_file"] == "[redacted]"
@@ -283,7 +284,7 @@ def test_redis_cluster_keys_defaults_and_password_file(tmp_path):
 
 def test_redis_cluster_errors(tmp_path):
     text = REDIS.replace("    password_file: redis.pass\n", "    password_file: missing.pass\n    password: x\n") \
-        .replace("    timeout_ms: 50\n", "    timeout_ms: 0\n    request_timeout_ms: 5\n") \
+        .replace("    timeout_ms: 50\n", "    timeout_ms: 0\n    request_timeout_ms: 5\n    max_reply_bytes: 8\n") \
         .replace("routes: [{name: r, cluster: backend}]",
                  "  - {name: odd, type: memcached, endpoints: [\"127.0.0.1:1\"]}\n"
                  "  - {name: lone, type: redis, endpoints: [\"127.0.0.1:1\"], username: u}\n"
@@ -291,9 +292,10 @@ def test_redis_cluster_errors(tmp_path):
     errs = [e.split(" ", 1)[1] for e in errors_of(tmp_path, text)]
     assert errs == [
         "clusters[1].request_timeout_ms: unknown key (allowed: connect_timeout_ms, database, eject_ms, "
-        "endpoints, max_connections, name, password, password_file, timeout_ms, type, username)",
+        "endpoints, max_connections, max_reply_bytes, name, password, password_file, timeout_ms, type, username)",
         "clusters[1].password_file: use either password or password_file, not both",
         "clusters[1].timeout_ms: must be >= 1, got 0",
+        "clusters[1].max_reply_bytes: must be >= 16, got 8",
         'clusters[2].type: must be http or redis, got "memcached"',
         "clusters[3].username: needs a password (or password_file)",
         'routes[0].cluster: "store" is a redis cluster (type: redis); a route needs an HTTP cluster',

@@ -95,3 +95,55 @@ async def test_a_timeout_closes_the_connection_under_the_calls_behind_it(server)
         assert c._conns[(0, c.credentials(RedisOptions()))] is not first
     finally:
         await c.aclose()
+
+
+def test_a_reply_in_many_pieces_is_walked_once():
+    """frame() resumes at the first incomplete element: however small the pieces a reply comes
+    in, no complete element is walked again (the old framer rescanned from the reply's start on
+    every read, quadratic in the pieces)."""
+    from gateway.redis_client import frame
+    elements = [resp("x" * (i % 13)) if i % 3 else b":%d\r\n" % i for i in range(2000)]
+    nested = b"*2\r\n*3\r\n+a\r\n$-1\r\n*0\r\n:7\r\n"
+    reply = b"*%d\r\n" % (len(elements) + 1) + b"".join(elements) + nested
+    longest = max(len(e) for e in elements + [nested])
+    pos, todo, done = 0, [1], False
+    for cut in range(5, len(reply) + 5, 5):
+        prefix = reply[:cut]
+        start = pos
+        pos, done = frame(prefix, pos, todo)
+        assert pos >= start                               # never back before where it stopped
+        if done:
+            break
+        assert pos >= len(prefix) - longest               # at most the element in progress again
+    assert done and pos == len(reply) and cut >= len(reply)
+    # Pieces cut anywhere frame the same replies as the whole.
+    whole = reply + b"+OK\r\n" + resp("tail")
+    assert reply_end(whole, 0) == len(reply)
+    assert reply_end(whole, len(reply)) == len(reply) + 5
+
+
+async def test_a_reply_over_max_reply_bytes_fails_its_call(server):
+    """Over the bound, a call fails (too_large) whether its reply came in one read or is still
+    arriving; one still arriving is not held whole: its connection is closed under it."""
+    server.command("SET", "rc:big", "v" * 100_000)
+    server.command("SET", "rc:huge", "v" * 4_000_000)       # more than one read can bring
+    c = client(server, max_reply_bytes=64 * 1024)
+    try:
+        assert await c.call(resp("PING"), RedisOptions()) == b"+PONG\r\n"
+        with pytest.raises(CallFailed, match="too_large"):
+            await c.call(resp("GET", "rc:big"), RedisOptions())
+        assert await c.call(resp("PING"), RedisOptions()) == b"+PONG\r\n"
+        (first,) = [conn for conn in c._conns.values() if not conn.closed]
+        with pytest.raises(CallFailed, match="too_large"):
+            await c.call(resp("GET", "rc:huge"), RedisOptions())
+        assert first.closed and c.counts["too_large"] == 2
+        assert first._buf == b"" or len(first._buf) <= 64 * 1024 + 256 * 1024   # not 4 MB
+        small = await c.call(resp("GETRANGE", "rc:huge", "0", "9"), RedisOptions())
+        assert small == b"$10\r\n" + b"v" * 10 + b"\r\n"   # the next call connects afresh
+        # Under the bound, a reply read in many pieces arrives whole.
+        server.command("DEL", "rc:list")
+        server.command("RPUSH", "rc:list", *(f"item-{i}" for i in range(3000)))
+        got = await c.call(resp("LRANGE", "rc:list", "0", "-1"), RedisOptions())
+        assert got == server.command("LRANGE", "rc:list", "0", "-1") and len(got) > 40_000
+    finally:
+        await c.aclose()
