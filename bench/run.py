@@ -38,7 +38,8 @@ HANDSHAKE_SCENARIOS = {"gateway_tls_handshake": "gateway", "nginx_tls_handshake"
 # HTTP/2 scenarios: h2load with this many streams in flight per connection (connections =
 # --connections ÷ this, so as many requests are in flight as in the wrk scenarios).
 H2_STREAMS = 16
-EXTRAS = ["chain_half_rate", "chain_redis_half_rate", "crossing", "chain_profile", "cold_start", "rebuild_stall"]
+EXTRAS = ["core_rounds", "chain_half_rate", "chain_redis_half_rate", "crossing", "chain_profile", "cold_start",
+          "rebuild_stall"]
 ALL = SCENARIOS + EXTRAS
 
 TARGETS = [  # key, description, comparison, bar
@@ -60,7 +61,13 @@ TARGETS = [  # key, description, comparison, bar
     ("trace_cpu_vs_logged", "chain_traced CPU/req ÷ chain + access log w/o trace (paired)", "<=", 1.05),
     ("otlp_cpu_vs_chain", "chain_otlp CPU/req ÷ gateway_chain (paired)", "<=", 1.15),
     ("plain_cpu_vs_nginx", "stretch: gateway_plain CPU/req ÷ nginx_proxy CPU/req", "<=", 2.5),
+    ("paired_chain_cpu_vs_baseline", "the same, paired rounds: gateway_chain ÷ baseline_aiohttp", "<=", 1.0),
+    ("paired_chain_cpu_vs_plain", "the same, paired rounds: gateway_chain ÷ gateway_plain", "<=", 2.5),
+    ("paired_plain_cpu_vs_nginx", "stretch, paired rounds: gateway_plain ÷ nginx_proxy", "<=", 2.5),
 ]
+# core_rounds: the four proxies of the headline ratios, side by side in interleaved rounds.
+CORE_VARIANTS = ("baseline_aiohttp", "gateway_plain", "gateway_chain", "nginx_proxy")
+CORE_ROUNDS = 3
 # The tracing scenarios: four gateway processes (the same chain) measured in interleaved rounds.
 TRACE_VARIANTS = ("gateway_chain", "gateway_chain_untraced", "gateway_chain_logged", "gateway_chain_traced",
                   "gateway_chain_otlp")
@@ -99,6 +106,7 @@ class Bench:
         self.half_rate_redis: dict | None = None
         self.rebuild_stall: dict | None = None
         self.redis: dict | None = None            # gateway_chain_redis: the Redis server's CPU
+        self.core: dict | None = None             # core_rounds: the headline ratios, paired
         self.tracing: dict | None = None          # gateway_chain_traced / _otlp: paired rounds
         self.tools: dict[str, str] = {}
         self.upstream_port = 0
@@ -512,6 +520,81 @@ class Bench:
             f"traced ÷ logged {self.tracing['traced_vs_logged']}, otlp ÷ chain {self.tracing['otlp_vs_chain']}; "
             f"sink got {exported['spans']:,} spans in {exported['requests']} exports; gateway counted {gateway_spans}")
 
+    def sc_core_rounds(self) -> None:
+        """The headline ratios side by side: baseline_aiohttp, gateway_plain, gateway_chain and
+        nginx_proxy running at once on the proxy core, wrk against each in turn (half the
+        scenario duration each, at least 5 s), CORE_ROUNDS rounds with the order rotated; per
+        proxy the median CPU µs/req. The single scenarios run minutes apart, and this VM's speed
+        drifts by tens of percent over minutes; neighbouring runs share the drift."""
+        self.gateway_available()
+        miss = gcfg.missing_wasm()
+        if miss:
+            raise Skip(f"filters not built: {', '.join(miss)}")
+        procs: dict[str, tuple[Proc, str, dict | None]] = {}
+        try:
+            port = free_port()
+            proc = Proc("core_baseline_aiohttp",
+                        self.py("-m", "bench.baseline_proxy", "--port", str(port), "--upstream",
+                                f"127.0.0.1:{self.upstream_port}", cpus=self.proxy_cpus),
+                        cwd=ROOT, env=self.env(), log_path=self.tmp / "core_baseline.log")
+            procs["baseline_aiohttp"] = (proc, f"http://127.0.0.1:{port}/bench", None)
+            wait_ready(f"http://127.0.0.1:{port}/", proc, 30)
+            for name, filters in (("gateway_plain", None), ("gateway_chain", gcfg.CHAIN_FILTERS)):
+                cfg = gcfg.gateway_config(port=free_port(), admin_port=free_port(),
+                                          upstream_port=self.upstream_port, filters=filters)
+                proc, port, _ = self.start_gateway(f"core_{name}", cfg, None, self.proxy_cpus)
+                procs[name] = (proc, f"http://127.0.0.1:{port}/bench",
+                               gcfg.AUTH_HEADERS if filters else None)
+            port = free_port()
+            proc = start_nginx(self.tools["nginx"], self.tmp / "core_nginx_proxy", "core_nginx_proxy", port,
+                               upstream_port=self.upstream_port, cpus=self.proxy_cpus)
+            procs["nginx_proxy"] = (proc, f"http://127.0.0.1:{port}/bench", None)
+            duration = max(5.0, self.args.duration / 2)
+            for v, (proc, url, headers) in procs.items():
+                status, _, body = http_get(url, headers)
+                if status != 200:
+                    raise Failed(f"core_rounds {v}: first request answered {status}: {body[:200]!r}")
+                warm = self.wrk(url, self.args.warmup, headers)
+                if not warm.ok():
+                    raise Failed(f"core_rounds {v}: warm-up had {warm.non_2xx} non-2xx responses")
+            cpu: dict[str, list[float]] = {v: [] for v in CORE_VARIANTS}
+            order = list(CORE_VARIANTS)
+            for _ in range(CORE_ROUNDS):
+                for v in order:
+                    proc, url, headers = procs[v]
+                    cpu0, mark0 = tree_cpu_seconds(proc.pid), self.foreign_mark()
+                    res = self.wrk(url, duration, headers)
+                    cpu1, mark1 = tree_cpu_seconds(proc.pid), self.foreign_mark()
+                    if not res.ok():
+                        raise Failed(f"core_rounds {v}: measured run had {res.non_2xx} non-2xx "
+                                     f"responses and {res.socket_errors} socket errors")
+                    self.warn_foreign(f"core_rounds {v}", self.foreign_share(mark0, mark1, cpu1 - cpu0,
+                                                                              res.duration_s))
+                    cpu[v].append(round((cpu1 - cpu0) / res.requests * 1e6, 1))
+                    log(f"  {v}: {res.rps:,.0f} req/s  CPU {cpu[v][-1]:.1f} µs/req")
+                order = order[1:] + order[:1]
+        except Failed as e:
+            tails = "\n".join(f"--- {v}:\n{p.log_tail()}" for v, (p, _, _) in procs.items())
+            raise Failed(f"{e}\n{tails}")
+        finally:
+            for proc, _, _ in procs.values():
+                proc.stop()
+        med = {v: statistics.median(c) for v, c in cpu.items()}
+        ratio = lambda a, b: round(med[a] / med[b], 3)   # noqa: E731
+        self.core = {
+            "cpu_us_per_req_rounds": cpu, "cpu_us_per_req_median": med,
+            "chain_vs_baseline": ratio("gateway_chain", "baseline_aiohttp"),
+            "chain_vs_plain": ratio("gateway_chain", "gateway_plain"),
+            "plain_vs_nginx": ratio("gateway_plain", "nginx_proxy"),
+            "method": f"baseline_aiohttp, gateway_plain, gateway_chain and nginx_proxy running at once "
+                      f"(pinned as their scenarios), wrk {duration:g} s against each in turn, "
+                      f"{CORE_ROUNDS} rounds, order rotated; median CPU µs/req per proxy",
+        }
+        log(f"  paired medians: baseline {med['baseline_aiohttp']:.1f}, plain {med['gateway_plain']:.1f}, "
+            f"chain {med['gateway_chain']:.1f}, nginx {med['nginx_proxy']:.1f} µs/req; chain ÷ baseline "
+            f"{self.core['chain_vs_baseline']}, chain ÷ plain {self.core['chain_vs_plain']}, "
+            f"plain ÷ nginx {self.core['plain_vs_nginx']}")
+
     def sc_gateway_chain_redis(self) -> None:
         """gateway_chain with `ratelimit` on `backend: redis`: one script run per request
         against a local redis-server (pinned with the load generator, not the proxy)."""
@@ -806,6 +889,9 @@ class Bench:
                 self.rebuild_stall["rebuilding"]["p99_ms"] if self.rebuild_stall else None,
             "trace_cpu_vs_logged": (self.tracing or {}).get("traced_vs_logged"),
             "otlp_cpu_vs_chain": (self.tracing or {}).get("otlp_vs_chain"),
+            "paired_chain_cpu_vs_baseline": (self.core or {}).get("chain_vs_baseline"),
+            "paired_chain_cpu_vs_plain": (self.core or {}).get("chain_vs_plain"),
+            "paired_plain_cpu_vs_nginx": (self.core or {}).get("plain_vs_nginx"),
         }
         targets = {}
         for key, desc, op, bar in TARGETS:
@@ -853,6 +939,7 @@ class Bench:
             "chain_redis_half_rate": self.half_rate_redis,
             "redis": self.redis,
             "tracing": self.tracing,
+            "core_rounds": self.core,
             "tls_handshake": self.handshakes(),
             "rebuild_stall": self.rebuild_stall,
             "ratios": self.ratios(),
