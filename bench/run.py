@@ -66,7 +66,6 @@ TARGETS = [  # key, description, comparison, bar
     ("paired_plain_cpu_vs_nginx", "stretch, paired rounds: gateway_plain ÷ nginx_proxy", "<=", 2.5),
 ]
 # core_rounds: the four proxies of the headline ratios, side by side in interleaved rounds.
-CORE_VARIANTS = ("baseline_aiohttp", "gateway_plain", "gateway_chain", "nginx_proxy")
 CORE_ROUNDS = 3
 # The tracing scenarios: four gateway processes (the same chain) measured in interleaved rounds.
 TRACE_VARIANTS = ("gateway_chain", "gateway_chain_untraced", "gateway_chain_logged", "gateway_chain_traced",
@@ -439,7 +438,7 @@ class Bench:
         sink_port = free_port()
         sink = Proc("otlp_sink", self.py("-m", "bench.otlp_sink", "--port", str(sink_port), cpus=self.load_cpus),
                     cwd=ROOT, env=self.env(), log_path=self.tmp / "otlp_sink.log")
-        procs: dict[str, tuple[Proc, str]] = {}
+        procs: dict[str, tuple[Proc, str, dict | None]] = {}
         try:
             wait_ready(f"http://127.0.0.1:{sink_port}/stats", sink, 30)
             for v in TRACE_VARIANTS:
@@ -455,33 +454,8 @@ class Bench:
                 if v == "gateway_chain_otlp":
                     otlp_admin = cfg["admin"]["port"]
                 proc, port, _ = self.start_gateway(v, cfg, None, self.proxy_cpus)
-                procs[v] = (proc, f"http://127.0.0.1:{port}/bench")
-            headers = gcfg.AUTH_HEADERS
-            for v, (proc, url) in procs.items():
-                status, _, body = http_get(url, headers)
-                if status != 200:
-                    raise Failed(f"{v}: a request with the API key answered {status}: {body[:200]!r}")
-                warm = self.wrk(url, self.args.warmup, headers)
-                if not warm.ok():
-                    raise Failed(f"{v}: warm-up had {warm.non_2xx} non-2xx responses")
-            cpu: dict[str, list[float]] = {v: [] for v in TRACE_VARIANTS}
-            last: dict[str, dict] = {}
-            order = list(TRACE_VARIANTS)
-            for _ in range(TRACE_ROUNDS):
-                for v in order:
-                    proc, url = procs[v]
-                    cpu0, mark0 = tree_cpu_seconds(proc.pid), self.foreign_mark()
-                    res = self.wrk(url, self.args.duration, headers)
-                    cpu1, mark1 = tree_cpu_seconds(proc.pid), self.foreign_mark()
-                    if not res.ok():
-                        raise Failed(f"{v}: measured run had {res.non_2xx} non-2xx responses and "
-                                     f"{res.socket_errors} socket errors")
-                    self.warn_foreign(v, self.foreign_share(mark0, mark1, cpu1 - cpu0, res.duration_s))
-                    cpu[v].append(round((cpu1 - cpu0) / res.requests * 1e6, 1))
-                    last[v] = {"rps": round(res.rps, 1), "p50_ms": round(res.p50_ms, 3),
-                               "p99_ms": round(res.p99_ms, 3), "requests": res.requests}
-                    log(f"  {v}: {res.rps:,.0f} req/s  CPU {cpu[v][-1]:.1f} µs/req")
-                order = order[1:] + order[:1]
+                procs[v] = (proc, f"http://127.0.0.1:{port}/bench", gcfg.AUTH_HEADERS)
+            cpu, last = self.rounds(procs, TRACE_ROUNDS, self.args.duration)
             med = {v: statistics.median(c) for v, c in cpu.items()}
             _, _, metrics = http_get(f"http://127.0.0.1:{otlp_admin}/metrics", None)
             gateway_spans = {m.group(1): int(float(m.group(2))) for m in re.finditer(
@@ -490,10 +464,10 @@ class Bench:
             _, _, body = http_get(f"http://127.0.0.1:{sink_port}/stats", None)
             exported = json.loads(body)
         except Failed as e:
-            tails = "\n".join(f"--- {v}:\n{p.log_tail()}" for v, (p, _) in procs.items())
+            tails = "\n".join(f"--- {v}:\n{p.log_tail()}" for v, (p, _, _) in procs.items())
             raise Failed(f"{e}\n{tails}")
         finally:
-            for proc, _ in procs.values():
+            for proc, _, _ in procs.values():
                 proc.stop()
             sink.stop()
         for v in ("gateway_chain_traced", "gateway_chain_otlp"):
@@ -519,6 +493,38 @@ class Bench:
             f"+filter trace {med['gateway_chain_traced']:.1f}, otlp {med['gateway_chain_otlp']:.1f} µs/req; "
             f"traced ÷ logged {self.tracing['traced_vs_logged']}, otlp ÷ chain {self.tracing['otlp_vs_chain']}; "
             f"sink got {exported['spans']:,} spans in {exported['requests']} exports; gateway counted {gateway_spans}")
+
+    def rounds(self, procs: dict[str, tuple[Proc, str, dict | None]], rounds: int,
+               duration: float) -> tuple[dict[str, list[float]], dict[str, dict]]:
+        """Proxies running side by side: each checked (one 200) and warmed up, then wrk against
+        each in turn, ``rounds`` rounds with the order rotated. Returns each one's CPU µs/req per
+        round and its last round's rps / p50 / p99."""
+        for v, (proc, url, headers) in procs.items():
+            status, _, body = http_get(url, headers)
+            if status != 200:
+                raise Failed(f"{v}: first request answered {status}: {body[:200]!r}")
+            warm = self.wrk(url, self.args.warmup, headers)
+            if not warm.ok():
+                raise Failed(f"{v}: warm-up had {warm.non_2xx} non-2xx responses")
+        cpu: dict[str, list[float]] = {v: [] for v in procs}
+        last: dict[str, dict] = {}
+        order = list(procs)
+        for _ in range(rounds):
+            for v in order:
+                proc, url, headers = procs[v]
+                cpu0, mark0 = tree_cpu_seconds(proc.pid), self.foreign_mark()
+                res = self.wrk(url, duration, headers)
+                cpu1, mark1 = tree_cpu_seconds(proc.pid), self.foreign_mark()
+                if not res.ok():
+                    raise Failed(f"{v}: measured run had {res.non_2xx} non-2xx responses and "
+                                 f"{res.socket_errors} socket errors")
+                self.warn_foreign(v, self.foreign_share(mark0, mark1, cpu1 - cpu0, res.duration_s))
+                cpu[v].append(round((cpu1 - cpu0) / res.requests * 1e6, 1))
+                last[v] = {"rps": round(res.rps, 1), "p50_ms": round(res.p50_ms, 3),
+                           "p99_ms": round(res.p99_ms, 3), "requests": res.requests}
+                log(f"  {v}: {res.rps:,.0f} req/s  CPU {cpu[v][-1]:.1f} µs/req")
+            order = order[1:] + order[:1]
+        return cpu, last
 
     def sc_core_rounds(self) -> None:
         """The headline ratios side by side: baseline_aiohttp, gateway_plain, gateway_chain and
@@ -550,29 +556,7 @@ class Bench:
                                upstream_port=self.upstream_port, cpus=self.proxy_cpus)
             procs["nginx_proxy"] = (proc, f"http://127.0.0.1:{port}/bench", None)
             duration = max(5.0, self.args.duration / 2)
-            for v, (proc, url, headers) in procs.items():
-                status, _, body = http_get(url, headers)
-                if status != 200:
-                    raise Failed(f"core_rounds {v}: first request answered {status}: {body[:200]!r}")
-                warm = self.wrk(url, self.args.warmup, headers)
-                if not warm.ok():
-                    raise Failed(f"core_rounds {v}: warm-up had {warm.non_2xx} non-2xx responses")
-            cpu: dict[str, list[float]] = {v: [] for v in CORE_VARIANTS}
-            order = list(CORE_VARIANTS)
-            for _ in range(CORE_ROUNDS):
-                for v in order:
-                    proc, url, headers = procs[v]
-                    cpu0, mark0 = tree_cpu_seconds(proc.pid), self.foreign_mark()
-                    res = self.wrk(url, duration, headers)
-                    cpu1, mark1 = tree_cpu_seconds(proc.pid), self.foreign_mark()
-                    if not res.ok():
-                        raise Failed(f"core_rounds {v}: measured run had {res.non_2xx} non-2xx "
-                                     f"responses and {res.socket_errors} socket errors")
-                    self.warn_foreign(f"core_rounds {v}", self.foreign_share(mark0, mark1, cpu1 - cpu0,
-                                                                              res.duration_s))
-                    cpu[v].append(round((cpu1 - cpu0) / res.requests * 1e6, 1))
-                    log(f"  {v}: {res.rps:,.0f} req/s  CPU {cpu[v][-1]:.1f} µs/req")
-                order = order[1:] + order[:1]
+            cpu, _ = self.rounds(procs, CORE_ROUNDS, duration)
         except Failed as e:
             tails = "\n".join(f"--- {v}:\n{p.log_tail()}" for v, (p, _, _) in procs.items())
             raise Failed(f"{e}\n{tails}")
