@@ -29,7 +29,7 @@ from .grpc_call import GrpcCalls
 from .module import LoadedModule
 from .redis_call import RedisCalls
 from .shared_store import SharedStore, VmStore
-from .wasi import WASI, WASI_MODULES, ProcExit
+from .wasi import WASI, WASI_MODULES
 
 BACKOFF_FIRST_S = 0.1
 BACKOFF_MAX_S = 30.0
