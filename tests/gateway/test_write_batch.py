@@ -3,6 +3,8 @@ never out of order with the writes made at once, and never lost when a connectio
 import asyncio
 import socket
 
+import pytest
+import uvloop
 from aiohttp import web
 
 from gateway.write_batch import MAX_QUEUED, batch_for
@@ -81,6 +83,56 @@ async def test_a_closed_transport_drops_its_queue_and_the_others_still_go():
         t2.close()
         s1.close()
         s2.close()
+
+
+async def _gather_many_writes() -> None:
+    batch = batch_for(asyncio.get_running_loop())
+    t, s = await _pair()
+    try:
+        pieces = [b"answer %06d\n" % i for i in range(4 * MAX_QUEUED // 14)]
+        early = b""
+        for piece in pieces:
+            batch.write(t, piece)
+            early += _received(s)   # the socket never fills: what the batch hands over arrives
+        total = sum(map(len, pieces))
+        # All but the last MAX_QUEUED bytes (and one piece) went out before the turn ended.
+        assert total - len(early) <= MAX_QUEUED + len(pieces[0]), (total, len(early))
+        assert len(early) >= 3 * MAX_QUEUED
+        await asyncio.sleep(0)
+        assert early + _received(s) == b"".join(pieces)     # all of it, in order
+    finally:
+        t.close()
+        s.close()
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_many_writes_to_one_transport_in_a_turn_go_out_at_the_bound_in_order(loop_kind):
+    """A client pipelining requests the gateway answers itself gets all its answers in one turn:
+    what its transport gathers is handed over each time it passes MAX_QUEUED (memory stays
+    bounded outside the transport's flow control), in order, on both loops the gateway runs on
+    (the gathered bytes reach the transport as a bytearray)."""
+    loop = uvloop.new_event_loop() if loop_kind == "uvloop" else asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(_gather_many_writes())
+    finally:
+        loop.close()
+
+
+async def test_thousands_of_pipelined_local_replies_come_back_whole_and_in_order(tmp_path):
+    """3,000 requests in one write, each answered by the gateway itself (404: no route), so the
+    answers of many requests are queued in one turn: every one arrives, in request order."""
+    async with echo_upstream(_streaming_upstream) as up, \
+            run_gateway(basic_yaml(up.port, routes="  - {name: fixed, match: {prefix: /fixed}, cluster: backend}\n"),
+                        tmp_path) as gw:
+        n = 3000
+        raw = await raw_exchange(gw.port(), b"".join(
+            b"GET /nowhere/%d HTTP/1.1\r\nHost: h\r\n\r\n" % i for i in range(n - 1))
+            + b"GET /nowhere/last HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n", timeout=30)
+    answers = split_responses(raw)
+    assert len(answers) == n
+    assert all(status == 404 for status, _, _ in answers)
+    assert [b"/nowhere/%d" % i in body for i, (_, _, body) in enumerate(answers[:-1])] == [True] * (n - 1)
+    assert b"/nowhere/last" in answers[-1][2]
 
 
 async def _streaming_upstream(request: web.Request) -> web.StreamResponse:
