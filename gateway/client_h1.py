@@ -301,6 +301,12 @@ class Connection:
         if ex.tunnel is not None:
             await self._switch(ex)
             return False
+        # A client that pipelines requests and never reads the answers must not make the gateway
+        # buffer them without end (answers given here need no upstream, so nothing else slows
+        # it): before the next request, wait for it to take what is written; the send timeout
+        # closes the connection if it never does.
+        if keep and self.transport.get_write_buffer_size() > _HIGH_WATER:
+            keep = await self._drained()
         if keep:
             self._go_idle()
         return keep

@@ -130,6 +130,23 @@ async def test_slow_reader_releases_the_upstream_and_is_closed(tmp_path):
             writer.close()
 
 
+async def test_a_pipelining_client_that_never_reads_is_not_answered_into_memory(upstream, tmp_path):
+    """200,000 pipelined requests the gateway answers itself (404: no route), and the client
+    reads nothing: once the unsent answers pass the high-water mark the gateway takes no further
+    request, and after response_send_timeout it closes the connection. It used to answer every
+    one of them into its own memory (~30 MB here), with no timeout ever firing."""
+    routes = "  - {name: only, match: {prefix: /only}, cluster: backend}\n"
+    async with run_gateway(basic_yaml(upstream.port, extra=LIMITS, routes=routes), tmp_path) as gw:
+        reader, writer = await _open(gw.port())
+        n = 200_000
+        writer.write(b"GET /nowhere HTTP/1.1\r\nHost: h\r\n\r\n" * n)   # asyncio keeps what the socket won't take
+        await _until(lambda: gw.gateway.metrics.errors["client_send_timeout"] >= 1)
+        answered = _requests_total(gw, 404)
+        # What the two sockets' buffers hold (a few MB of 404s on loopback), not all of them.
+        assert 0 < answered < n // 2, answered
+        writer.transport.abort()
+
+
 async def test_idle_keepalive_connections_are_capped(upstream, tmp_path):
     extra = "limits: {max_idle_connections: 2}\n"
     async with run_gateway(basic_yaml(upstream.port, extra=extra), tmp_path) as gw:
