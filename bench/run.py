@@ -5,6 +5,7 @@ See bench/README.md for what each scenario is and how the numbers are taken.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -18,6 +19,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+from typing import Iterator
 
 from bench import gateway_cfg as gcfg
 from bench import rebuild_stall
@@ -83,6 +85,20 @@ class Failed(Exception):
 
 def log(msg: str) -> None:
     print(msg, flush=True)
+
+
+@contextlib.contextmanager
+def stopped_after(procs: "dict[str, tuple[Proc, str, dict | None]]") -> Iterator[None]:
+    """The proxies of ``procs`` (filled inside the block) all stopped when it ends; a Failed
+    raised inside carries their log tails."""
+    try:
+        yield
+    except Failed as e:
+        tails = "\n".join(f"--- {v}:\n{p.log_tail()}" for v, (p, _, _) in procs.items())
+        raise Failed(f"{e}\n{tails}")
+    finally:
+        for proc, _, _ in procs.values():
+            proc.stop()
 
 
 class Bench:
@@ -440,35 +456,31 @@ class Bench:
                     cwd=ROOT, env=self.env(), log_path=self.tmp / "otlp_sink.log")
         procs: dict[str, tuple[Proc, str, dict | None]] = {}
         try:
-            wait_ready(f"http://127.0.0.1:{sink_port}/stats", sink, 30)
-            for v in TRACE_VARIANTS:
-                cfg = gcfg.gateway_config(port=free_port(), admin_port=free_port(),
-                                          upstream_port=self.upstream_port, filters=gcfg.CHAIN_FILTERS)
-                if v in ("gateway_chain_logged", "gateway_chain_traced"):
-                    cfg["access_log"] = {"path": str(self.tmp / f"{v}.access.log"),
-                                         "filters": v == "gateway_chain_traced"}
-                if v == "gateway_chain_otlp":
-                    cfg["tracing"] = {"otlp_endpoint": f"http://127.0.0.1:{sink_port}"}
-                if v == "gateway_chain_untraced":      # tracing all off: what the default's propagation costs
-                    cfg["tracing"] = {"propagate": False}
-                if v == "gateway_chain_otlp":
-                    otlp_admin = cfg["admin"]["port"]
-                proc, port, _ = self.start_gateway(v, cfg, None, self.proxy_cpus)
-                procs[v] = (proc, f"http://127.0.0.1:{port}/bench", gcfg.AUTH_HEADERS)
-            cpu, last = self.rounds(procs, TRACE_ROUNDS, self.args.duration)
-            med = {v: statistics.median(c) for v, c in cpu.items()}
-            _, _, metrics = http_get(f"http://127.0.0.1:{otlp_admin}/metrics", None)
-            gateway_spans = {m.group(1): int(float(m.group(2))) for m in re.finditer(
-                r'^wasmgate_otlp_spans_total\{outcome="(\w+)"\} (\S+)$', metrics.decode(), re.M)}
-            procs["gateway_chain_otlp"][0].stop()     # flushes the spans still queued
-            _, _, body = http_get(f"http://127.0.0.1:{sink_port}/stats", None)
-            exported = json.loads(body)
-        except Failed as e:
-            tails = "\n".join(f"--- {v}:\n{p.log_tail()}" for v, (p, _, _) in procs.items())
-            raise Failed(f"{e}\n{tails}")
+            with stopped_after(procs):
+                wait_ready(f"http://127.0.0.1:{sink_port}/stats", sink, 30)
+                for v in TRACE_VARIANTS:
+                    cfg = gcfg.gateway_config(port=free_port(), admin_port=free_port(),
+                                              upstream_port=self.upstream_port, filters=gcfg.CHAIN_FILTERS)
+                    if v in ("gateway_chain_logged", "gateway_chain_traced"):
+                        cfg["access_log"] = {"path": str(self.tmp / f"{v}.access.log"),
+                                             "filters": v == "gateway_chain_traced"}
+                    if v == "gateway_chain_otlp":
+                        cfg["tracing"] = {"otlp_endpoint": f"http://127.0.0.1:{sink_port}"}
+                    if v == "gateway_chain_untraced":      # tracing all off: what the default's propagation costs
+                        cfg["tracing"] = {"propagate": False}
+                    if v == "gateway_chain_otlp":
+                        otlp_admin = cfg["admin"]["port"]
+                    proc, port, _ = self.start_gateway(v, cfg, None, self.proxy_cpus)
+                    procs[v] = (proc, f"http://127.0.0.1:{port}/bench", gcfg.AUTH_HEADERS)
+                cpu, last = self.rounds(procs, TRACE_ROUNDS, self.args.duration)
+                med = {v: statistics.median(c) for v, c in cpu.items()}
+                _, _, metrics = http_get(f"http://127.0.0.1:{otlp_admin}/metrics", None)
+                gateway_spans = {m.group(1): int(float(m.group(2))) for m in re.finditer(
+                    r'^wasmgate_otlp_spans_total\{outcome="(\w+)"\} (\S+)$', metrics.decode(), re.M)}
+                procs["gateway_chain_otlp"][0].stop()     # flushes the spans still queued
+                _, _, body = http_get(f"http://127.0.0.1:{sink_port}/stats", None)
+                exported = json.loads(body)
         finally:
-            for proc, _, _ in procs.values():
-                proc.stop()
             sink.stop()
         for v in ("gateway_chain_traced", "gateway_chain_otlp"):
             self.scenarios[v] = {**{k: last[v][k] for k in ("rps", "p50_ms", "p99_ms")},
@@ -537,7 +549,7 @@ class Bench:
         if miss:
             raise Skip(f"filters not built: {', '.join(miss)}")
         procs: dict[str, tuple[Proc, str, dict | None]] = {}
-        try:
+        with stopped_after(procs):
             port = free_port()
             proc = Proc("core_baseline_aiohttp",
                         self.py("-m", "bench.baseline_proxy", "--port", str(port), "--upstream",
@@ -557,12 +569,6 @@ class Bench:
             procs["nginx_proxy"] = (proc, f"http://127.0.0.1:{port}/bench", None)
             duration = max(5.0, self.args.duration / 2)
             cpu, _ = self.rounds(procs, CORE_ROUNDS, duration)
-        except Failed as e:
-            tails = "\n".join(f"--- {v}:\n{p.log_tail()}" for v, (p, _, _) in procs.items())
-            raise Failed(f"{e}\n{tails}")
-        finally:
-            for proc, _, _ in procs.values():
-                proc.stop()
         med = {v: statistics.median(c) for v, c in cpu.items()}
         ratio = lambda a, b: round(med[a] / med[b], 3)   # noqa: E731
         self.core = {
