@@ -158,12 +158,18 @@ class Connection:
         h2 = False
         try:
             h2 = self.h2c and await self._sniff_preface()
+            in_a_row = 0
             while not h2 and not gw.draining:
                 head = await self._next_head()
                 if head is None:
                     break
                 if not await self._serve(head):
                     break
+                if self.pending:        # the next request is read already: pipelined
+                    in_a_row += 1
+                    if in_a_row >= self.limits.max_requests_per_io_cycle:
+                        in_a_row = 0
+                        await asyncio.sleep(0)      # the other connections' turn
         except asyncio.CancelledError:
             pass
         except Exception:

@@ -108,6 +108,10 @@ class Limits:
     response_send_timeout_s: float = 30.0       # a write to the client that cannot drain → close
     keepalive_timeout_s: float = 60.0           # idle between requests → close
     max_idle_connections: int = 1024            # idle keep-alive connections per worker
+    # Pipelined HTTP/1.1 requests one connection has served in a row, already read, before it
+    # lets the other connections run (Envoy's http.max_requests_per_io_cycle). Unbounded, one
+    # client pipelining requests the gateway answers itself starves every other connection.
+    max_requests_per_io_cycle: int = 1
     # A slow client must not hold an upstream connection: bodies are buffered in memory up to
     # these sizes, and beyond them spooled to a temporary file up to spool_max_bytes.
     request_buffer_bytes: int = 65536
@@ -732,7 +736,8 @@ def _limits(ck: _Checker, node: yaml.Node, path: str, base_dir: Path) -> Limits:
         "drain_timeout_s": lambda n, p: ck.number(n, p, 0),
         "request_header_timeout_s": secs, "request_body_idle_timeout_s": secs,
         "response_send_timeout_s": secs, "keepalive_timeout_s": secs,
-        "max_idle_connections": size(0), "request_buffer_bytes": size(0),
+        "max_idle_connections": size(0), "max_requests_per_io_cycle": size(1),
+        "request_buffer_bytes": size(0),
         "response_buffer_bytes": size(0), "spool_max_bytes": size(0),
         "spool_dir": ck.string, "max_buffered_body_bytes": lambda n, p: _u32(ck, n, p),
         # RFC 9113 §6.5.2: 2^31-1 is the largest window; a stream limit under 1 would refuse all.

@@ -147,6 +147,36 @@ async def test_a_pipelining_client_that_never_reads_is_not_answered_into_memory(
         writer.transport.abort()
 
 
+async def test_a_pipelining_client_does_not_starve_the_other_connections(upstream, tmp_path):
+    """5,000 pipelined requests the gateway answers itself (404) on one connection, then one
+    proxied request on another: the second is answered after a few of the 5,000, not after all
+    that the first connection had already sent (limits.max_requests_per_io_cycle, 1 by default:
+    one pipelined request, then the others' turn). It used to wait for all of them."""
+    routes = "  - {name: only, match: {prefix: /only}, cluster: backend}\n"
+    async with run_gateway(basic_yaml(upstream.port, routes=routes), tmp_path) as gw:
+        n = 5000
+        ra, wa = await _open(gw.port())
+
+        async def count_answers() -> int:
+            got = 0
+            while got < n:
+                got += (await ra.read(1 << 20)).count(b"HTTP/1.1 404")
+            return got
+
+        reading = asyncio.create_task(count_answers())     # the flooder reads: never held back
+        wa.write(b"GET /nowhere HTTP/1.1\r\nHost: h\r\n\r\n" * n)
+        await _until(lambda: _requests_total(gw, 404) > 0)
+        rb, wb = await _open(gw.port())
+        wb.write(b"GET /only HTTP/1.1\r\nHost: h\r\n\r\n")
+        head = await asyncio.wait_for(rb.readuntil(b"\r\n\r\n"), 10)
+        served_meanwhile = _requests_total(gw, 404)
+        assert head.startswith(b"HTTP/1.1 200")
+        assert served_meanwhile < n // 2, served_meanwhile
+        assert await asyncio.wait_for(reading, 30) == n        # and the flooder got every answer
+        wa.close()
+        wb.close()
+
+
 async def test_idle_keepalive_connections_are_capped(upstream, tmp_path):
     extra = "limits: {max_idle_connections: 2}\n"
     async with run_gateway(basic_yaml(upstream.port, extra=extra), tmp_path) as gw:

@@ -114,6 +114,14 @@ def test_buffer_and_callout_limits_validated(tmp_path):
     ]
 
 
+def test_max_requests_per_io_cycle_defaults_to_one_and_refuses_zero(tmp_path):
+    assert load_config(write(tmp_path, GOOD)).limits.max_requests_per_io_cycle == 1
+    text = GOOD.replace("drain_timeout_s: 2.5}", "drain_timeout_s: 2.5, max_requests_per_io_cycle: 16}")
+    assert load_config(write(tmp_path, text)).limits.max_requests_per_io_cycle == 16
+    errs = errors_of(tmp_path, GOOD.replace("drain_timeout_s: 2.5}", "drain_timeout_s: 2.5, max_requests_per_io_cycle: 0}"))
+    assert [e.split(" ", 1)[1] for e in errs] == ["limits.max_requests_per_io_cycle: must be >= 1, got 0"]
+
+
 def test_issue_example_message(tmp_path):
     text = GOOD.replace("  - name: rest\n    cluster: backend", "  - name: rest\n    cluster: usrs")
     errs = errors_of(tmp_path, text)
