@@ -22,8 +22,9 @@ log = logging.getLogger("wasmgate.write_batch")
 
 # Larger writes gain nothing from waiting (their copy costs more than a wake-up) and would hold
 # memory outside the transport's flow control. The same bound holds for what one transport
-# gathers in a turn: a client pipelining requests the gateway answers itself (401s, 404s) gets
-# them all answered in one turn, and its queue is written out each time it passes the bound.
+# gathers in a turn: with limits.max_requests_per_io_cycle raised, a client pipelining requests
+# the gateway answers itself (401s, 404s) gets many answered in one turn, and its queue is
+# written out each time it passes the bound.
 MAX_QUEUED = 64 * 1024
 
 

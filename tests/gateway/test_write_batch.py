@@ -107,10 +107,10 @@ async def _gather_many_writes() -> None:
 
 @pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
 def test_many_writes_to_one_transport_in_a_turn_go_out_at_the_bound_in_order(loop_kind):
-    """A client pipelining requests the gateway answers itself gets all its answers in one turn:
-    what its transport gathers is handed over each time it passes MAX_QUEUED (memory stays
-    bounded outside the transport's flow control), in order, on both loops the gateway runs on
-    (the gathered bytes reach the transport as a bytearray)."""
+    """Many answers to one connection in one turn (pipelined requests the gateway answers itself,
+    with limits.max_requests_per_io_cycle raised): what its transport gathers is handed over each
+    time it passes MAX_QUEUED (memory stays bounded outside the transport's flow control), in
+    order, on both loops the gateway runs on (the gathered bytes reach it as a bytearray)."""
     loop = uvloop.new_event_loop() if loop_kind == "uvloop" else asyncio.new_event_loop()
     try:
         loop.run_until_complete(_gather_many_writes())
@@ -118,12 +118,15 @@ def test_many_writes_to_one_transport_in_a_turn_go_out_at_the_bound_in_order(loo
         loop.close()
 
 
-async def test_thousands_of_pipelined_local_replies_come_back_whole_and_in_order(tmp_path):
-    """3,000 requests in one write, each answered by the gateway itself (404: no route), so the
-    answers of many requests are queued in one turn: every one arrives, in request order."""
+@pytest.mark.parametrize("per_cycle", [None, 100_000])
+async def test_thousands_of_pipelined_local_replies_come_back_whole_and_in_order(tmp_path, per_cycle):
+    """3,000 requests in one write, each answered by the gateway itself (404: no route): one a
+    turn by default (limits.max_requests_per_io_cycle), or all that were read in one turn, their
+    answers gathered past MAX_QUEUED. Either way every one arrives, in request order."""
+    extra = "" if per_cycle is None else f"limits: {{max_requests_per_io_cycle: {per_cycle}}}\n"
+    routes = "  - {name: fixed, match: {prefix: /fixed}, cluster: backend}\n"
     async with echo_upstream(_streaming_upstream) as up, \
-            run_gateway(basic_yaml(up.port, routes="  - {name: fixed, match: {prefix: /fixed}, cluster: backend}\n"),
-                        tmp_path) as gw:
+            run_gateway(basic_yaml(up.port, routes=routes, extra=extra), tmp_path) as gw:
         n = 3000
         raw = await raw_exchange(gw.port(), b"".join(
             b"GET /nowhere/%d HTTP/1.1\r\nHost: h\r\n\r\n" % i for i in range(n - 1))
