@@ -165,11 +165,13 @@ class Connection:
                     break
                 if not await self._serve(head):
                     break
-                if self.pending:        # the next request is read already: pipelined
-                    in_a_row += 1
-                    if in_a_row >= self.limits.max_requests_per_io_cycle:
-                        in_a_row = 0
-                        await asyncio.sleep(0)      # the other connections' turn
+                if not self.pending:    # the next request is not read yet: not pipelined
+                    in_a_row = 0
+                    continue
+                in_a_row += 1
+                if in_a_row >= self.limits.max_requests_per_io_cycle:
+                    in_a_row = 0
+                    await asyncio.sleep(0)          # the other connections' turn
         except asyncio.CancelledError:
             pass
         except Exception:
