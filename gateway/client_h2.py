@@ -11,6 +11,9 @@ Limits, per stream where HTTP/1.1 has them per connection:
 - SETTINGS_MAX_CONCURRENT_STREAMS = ``limits.http2_max_concurrent_streams``; a stream opened while
   that many are still being served (a reset stream counts until its task ended: "rapid reset")
   is refused (RST_STREAM REFUSED_STREAM), and a client that keeps doing it gets GOAWAY;
+- ``limits.http2_max_streams_per_io_cycle`` streams start per event-loop turn; the others a read
+  brought wait, in order, for the next turns, after the other connections' events (what Envoy's
+  http.max_requests_per_io_cycle does against abusive HTTP/2 connections);
 - the request head (decoded header list, RFC 9113 §6.5.2 sizes) over ``limits.max_header_bytes``
   → 431 on that stream; far over it (twice, or 64 KiB) → GOAWAY, as HPACK stops decoding;
 - receive flow control: each stream's window is ``limits.http2_stream_window_bytes`` and is
@@ -93,6 +96,9 @@ class H2Connection:
         self.requests = 0
         self.refused = 0
         self.closing = False        # GOAWAY sent or received: no new streams
+        # Streams received but not started yet (http2_max_streams_per_io_cycle), with their headers.
+        self._deferred: deque[tuple[H2Stream, list]] = deque()
+        self._start_budget = 0      # streams the read being handled may still start at once
         self._flush_handle: asyncio.Handle | None = None
         self._loop = asyncio.get_running_loop()
         lim = self.limits
@@ -205,6 +211,8 @@ class H2Connection:
 
     def _receive(self, data: bytes) -> bool:
         """Feed bytes to h2 and act on its events; False once the connection is done for."""
+        if not self._deferred:      # else the streams waiting go first, one turn's worth at a time
+            self._start_budget = self.limits.http2_max_streams_per_io_cycle
         try:
             events = self.h2.receive_data(data)
         except h2.exceptions.ProtocolError as e:
@@ -243,6 +251,9 @@ class H2Connection:
 
     async def _end_streams(self) -> None:
         """The connection is gone: every stream still served ends as a vanished client's."""
+        while self._deferred:        # logged as 499s, as any stream the client left behind
+            stream, headers = self._deferred.popleft()
+            stream.task = asyncio.ensure_future(stream.serve(headers))
         tasks = []
         for stream in list(self.streams.values()):
             stream.peer_gone(_CONNECTION_GONE)
@@ -275,7 +286,25 @@ class H2Connection:
             lim = self.limits
             stream.body = H2Body(stream, lim.max_request_body_bytes, lim.request_body_idle_timeout_s)
         self.streams[sid] = stream
-        stream.task = asyncio.ensure_future(stream.serve(ev.headers))
+        if self._start_budget > 0:
+            self._start_budget -= 1
+            stream.task = asyncio.ensure_future(stream.serve(ev.headers))
+            return
+        if not self._deferred:
+            self._loop.call_soon(self._start_deferred)
+        self._deferred.append((stream, ev.headers))
+
+    def _start_deferred(self) -> None:
+        """One turn's worth of the streams waiting to start; the rest wait for the next turn.
+        A stream reset meanwhile starts too: it ends at once as a vanished client's (499)."""
+        waiting = self._deferred
+        for _ in range(self.limits.http2_max_streams_per_io_cycle):
+            if not waiting:         # all started (or the connection went, _end_streams)
+                return
+            stream, headers = waiting.popleft()
+            stream.task = asyncio.ensure_future(stream.serve(headers))
+        if waiting:
+            self._loop.call_soon(self._start_deferred)
 
     def _on_data(self, ev: h2.events.DataReceived) -> None:
         stream = self.streams.get(ev.stream_id)

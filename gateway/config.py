@@ -123,6 +123,11 @@ class Limits:
     # window (how much of a request body a client may send ahead of the proxy reading it).
     http2_max_concurrent_streams: int = 100
     http2_stream_window_bytes: int = 65535
+    # Streams one HTTP/2 connection starts per event-loop turn; the rest of what one read brought
+    # waits for the next turns, so that one connection's burst cannot hold every other one up
+    # (what Envoy's http.max_requests_per_io_cycle does for HTTP/2). Above HTTP/1.1's 1, since
+    # multiplexing is HTTP/2's normal use: each turn a connection waits costs it a write.
+    http2_max_streams_per_io_cycle: int = 8
     # A WebSocket (or other upgraded) connection with no byte either way this long is closed.
     upgrade_idle_timeout_s: float = 300.0
 
@@ -743,6 +748,7 @@ def _limits(ck: _Checker, node: yaml.Node, path: str, base_dir: Path) -> Limits:
         # RFC 9113 §6.5.2: 2^31-1 is the largest window; a stream limit under 1 would refuse all.
         "http2_max_concurrent_streams": lambda n, p: ck.integer(n, p, 1, 2**31 - 1),
         "http2_stream_window_bytes": lambda n, p: ck.integer(n, p, 65535, 2**31 - 1),
+        "http2_max_streams_per_io_cycle": size(1),
         "upgrade_idle_timeout_s": secs,
     }
     values = {k: _get(f, k, path, read, getattr(d, k)) for k, read in readers.items()}

@@ -20,7 +20,7 @@ from aiohttp import web
 from hpack import Encoder
 from hyperframe.frame import HeadersFrame, SettingsFrame
 
-from tests.h2client import RawH2
+from tests.h2client import RawH2, StreamState
 from tests.helpers import (echo_upstream, raw_exchange, raw_upstream, read_chunked_rest, read_request_head,
                            run_gateway)
 
@@ -293,6 +293,73 @@ async def test_rapid_reset_is_refused_then_goaway(tmp_path):
                 assert (await hc.get(gw.url("/after"))).status_code == 200
 
 
+def _burst(c: RawH2, n: int, path: str) -> list[int]:
+    """n GET streams in one write (one read for the gateway, as a flooding client sends them)."""
+    sids = []
+    for i in range(n):
+        sid = c.h2.get_next_available_stream_id()
+        c.streams[sid] = StreamState()
+        c.h2.send_headers(sid, [(":method", "GET"), (":path", f"{path}/{i}"), (":scheme", "http"),
+                                (":authority", "gw.test")], end_stream=True)
+        sids.append(sid)
+    c.flush()
+    return sids
+
+
+async def _until(predicate, timeout: float = 20.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.005)
+
+
+async def test_one_connections_burst_of_streams_does_not_hold_up_the_others(tmp_path):
+    """1,000 streams in one read, each answered 401 by the auth filter, then one request on
+    another connection: it is answered after some of the 1,000, not after all of them
+    (limits.http2_max_streams_per_io_cycle: the streams a read brought start a few per event-loop
+    turn, the other connections' events in between). It used to wait for all of them."""
+    limits = ", http2_max_concurrent_streams: 1000, http2_max_streams_per_io_cycle: 1"
+    async with echo_upstream() as up:
+        async with run_gateway(config(up.port, limits), tmp_path) as gw:
+            denied = lambda: gw.gateway.metrics.requests.get(("api", 401), 0)   # noqa: E731
+            async with RawH2.connect(gw.port()) as c:
+                await c.wait(lambda: c.remote_settings)
+                n = 1000
+                sids = _burst(c, n, "/api/denied")
+                await _until(lambda: denied() > 0)
+                reader, writer = await asyncio.open_connection("127.0.0.1", gw.port())
+                writer.write(b"GET /other HTTP/1.1\r\nHost: h\r\n\r\n")
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+                served_meanwhile = denied()
+                assert head.startswith(b"HTTP/1.1 200")
+                assert served_meanwhile < n // 2, served_meanwhile
+                await c.wait(lambda: all(c.streams[s].ended for s in sids))   # and every one answered
+                assert [c.streams[s].status for s in sids] == [401] * n
+                writer.close()
+
+
+async def test_streams_waiting_to_start_are_served_or_logged_when_the_client_leaves(tmp_path):
+    """Streams the per-turn limit holds back still count (max_concurrent_streams) and are never
+    lost: when the client goes, each ends as a vanished client's (499) or was answered."""
+    limits = ", http2_max_concurrent_streams: 500, http2_max_streams_per_io_cycle: 1"
+    async with echo_upstream() as up:
+        async with run_gateway(config(up.port, limits), tmp_path) as gw:
+            async with RawH2.connect(gw.port()) as c:
+                await c.wait(lambda: c.remote_settings)
+                _burst(c, 300, "/gone")
+            def by_status() -> dict[int, int]:      # route "-": gone before it was routed
+                got: dict[int, int] = {}
+                for (route, status), n in gw.gateway.metrics.requests.items():
+                    if route in ("plain", "-"):
+                        got[status] = got.get(status, 0) + n
+                return got
+            await _until(lambda: sum(by_status().values()) == 300)
+            assert by_status().get(499, 0) > 0, by_status()
+            assert set(by_status()) <= {200, 499}, by_status()
+            assert gw.gateway.generation.active == 0
+            async with h2_client() as hc:          # the gateway itself is fine
+                assert (await hc.get(gw.url("/after"))).status_code == 200
+
+
 async def test_body_idle_timeout_is_per_stream(tmp_path):
     async with echo_upstream() as up:
         async with run_gateway(config(up.port, ", request_body_idle_timeout_s: 0.5"), tmp_path) as gw:
@@ -335,7 +402,7 @@ def test_config_keys_for_protocols_are_checked(tmp_path):
     from gateway.config import ConfigError, parse_config
     text = """
 listeners: [{name: main, port: 0, http2: "yes"}]
-limits: {http2_max_concurrent_streams: 0, http2_stream_window_bytes: 100, upgrade_idle_timeout_s: 0}
+limits: {http2_max_concurrent_streams: 0, http2_stream_window_bytes: 100, upgrade_idle_timeout_s: 0, http2_max_streams_per_io_cycle: 0}
 clusters: [{name: b, endpoints: ["127.0.0.1:1"]}]
 routes: [{name: r, cluster: b, upgrades: 1}]
 """
@@ -346,13 +413,16 @@ routes: [{name: r, cluster: b, upgrades: 1}]
     assert "limits.http2_max_concurrent_streams: must be 1..2147483647, got 0" in errors
     assert "limits.http2_stream_window_bytes: must be 65535..2147483647, got 100" in errors
     assert "limits.upgrade_idle_timeout_s: must be >= 0.001" in errors
+    assert "limits.http2_max_streams_per_io_cycle: must be >= 1, got 0" in errors
     assert "config.yaml:5 routes[0].upgrades: expected true or false, got 1" in errors
     ok = parse_config(text.replace('http2: "yes"', "http2: false").replace("upgrades: 1", "upgrades: false")
                       .replace("limits: {http2_max_concurrent_streams: 0, http2_stream_window_bytes: 100, "
-                               "upgrade_idle_timeout_s: 0}", "limits: {http2_max_concurrent_streams: 8}"),
+                               "upgrade_idle_timeout_s: 0, http2_max_streams_per_io_cycle: 0}",
+                               "limits: {http2_max_concurrent_streams: 8}"),
                       "config.yaml", tmp_path)
     assert ok.listeners[0].http2 is False and ok.routes[0].upgrades is False
     assert ok.limits.http2_max_concurrent_streams == 8 and ok.limits.http2_stream_window_bytes == 65535
+    assert ok.limits.http2_max_streams_per_io_cycle == 8           # the default
 
 
 async def test_a_stream_whose_window_stays_shut_is_reset_after_the_send_timeout(tmp_path):
