@@ -338,8 +338,8 @@ async def test_one_connections_burst_of_streams_does_not_hold_up_the_others(tmp_
 
 
 async def test_streams_waiting_to_start_are_served_or_logged_when_the_client_leaves(tmp_path):
-    """Streams the per-turn limit holds back still count (max_concurrent_streams) and are never
-    lost: when the client goes, each ends as a vanished client's (499) or was answered."""
+    """Streams the per-turn limit holds back are never lost: when the client goes before they
+    started, each is still logged and counted, as a vanished client's (499) or answered."""
     limits = ", http2_max_concurrent_streams: 500, http2_max_streams_per_io_cycle: 1"
     async with echo_upstream() as up:
         async with run_gateway(config(up.port, limits), tmp_path) as gw:
