@@ -130,11 +130,9 @@ def main(argv=None) -> int:
                 proc, port = run_gateway(scratch, up_port, cycle, knob)
                 try:
                     fl: dict = {}
-                    if args.h2:
-                        t = threading.Thread(target=flood_h2, args=(tools["h2load"], port, args.h2, seconds + 1, fl),
-                                             daemon=True)
-                    else:
-                        t = threading.Thread(target=flood, args=(port, args.batch, seconds + 1, fl), daemon=True)
+                    target, fargs = (flood_h2, (tools["h2load"], port, args.h2)) if args.h2 else \
+                        (flood, (port, args.batch))
+                    t = threading.Thread(target=target, args=(*fargs, seconds + 1, fl), daemon=True)
                     t.start()
                     time.sleep(0.5)         # the flood under way before the paced client starts
                     res = {"paced": paced(port, args.rate, seconds)}

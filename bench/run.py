@@ -469,10 +469,9 @@ class Bench:
                                              "filters": v == "gateway_chain_traced"}
                     if v == "gateway_chain_otlp":
                         cfg["tracing"] = {"otlp_endpoint": f"http://127.0.0.1:{sink_port}"}
+                        otlp_admin = cfg["admin"]["port"]
                     if v == "gateway_chain_untraced":      # tracing all off: what the default's propagation costs
                         cfg["tracing"] = {"propagate": False}
-                    if v == "gateway_chain_otlp":
-                        otlp_admin = cfg["admin"]["port"]
                     proc, port, _ = self.start_gateway(v, cfg, None, self.proxy_cpus)
                     procs[v] = (proc, f"http://127.0.0.1:{port}/bench", gcfg.AUTH_HEADERS)
                 cpu, last = self.rounds(procs, TRACE_ROUNDS, self.args.duration)

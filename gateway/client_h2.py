@@ -252,8 +252,7 @@ class H2Connection:
     async def _end_streams(self) -> None:
         """The connection is gone: every stream still served ends as a vanished client's."""
         while self._deferred:        # logged as 499s, as any stream the client left behind
-            stream, headers = self._deferred.popleft()
-            stream.task = asyncio.ensure_future(stream.serve(headers))
+            self._start(*self._deferred.popleft())
         tasks = []
         for stream in list(self.streams.values()):
             stream.peer_gone(_CONNECTION_GONE)
@@ -288,11 +287,15 @@ class H2Connection:
         self.streams[sid] = stream
         if self._start_budget > 0:
             self._start_budget -= 1
-            stream.task = asyncio.ensure_future(stream.serve(ev.headers))
+            self._start(stream, ev.headers)
             return
         if not self._deferred:
             self._loop.call_soon(self._start_deferred)
         self._deferred.append((stream, ev.headers))
+
+    @staticmethod
+    def _start(stream: "H2Stream", headers: list) -> None:
+        stream.task = asyncio.ensure_future(stream.serve(headers))
 
     def _start_deferred(self) -> None:
         """One turn's worth of the streams waiting to start; the rest wait for the next turn.
@@ -301,8 +304,7 @@ class H2Connection:
         for _ in range(self.limits.http2_max_streams_per_io_cycle):
             if not waiting:         # all started (or the connection went, _end_streams)
                 return
-            stream, headers = waiting.popleft()
-            stream.task = asyncio.ensure_future(stream.serve(headers))
+            self._start(*waiting.popleft())
         if waiting:
             self._loop.call_soon(self._start_deferred)
 

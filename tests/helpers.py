@@ -44,6 +44,7 @@ Also here:
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from contextlib import asynccontextmanager
@@ -177,6 +178,13 @@ async def run_gateway(yaml_text: str, tmp_path: Path, *, filter_host_factory=Non
         yield RunningGateway(gateway, path)
     finally:
         await gateway.stop(drain_timeout_s=drain_timeout_s)
+
+
+async def until(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.01) -> None:
+    """Poll ``predicate`` until it is true; TimeoutError after ``timeout`` seconds."""
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(interval)
 
 
 async def raw_exchange(port: int, data: bytes, *, timeout: float = 5.0, half_close: bool = False) -> bytes:

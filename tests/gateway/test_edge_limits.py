@@ -12,7 +12,7 @@ from aiohttp import web
 
 from tests.conformance import watlib
 from tests.gateway.conftest import basic_yaml
-from tests.helpers import echo_upstream, raw_exchange, raw_upstream, read_request_head, run_gateway
+from tests.helpers import echo_upstream, raw_exchange, raw_upstream, read_request_head, run_gateway, until
 
 def limits(header: float = 0.3, body: float = 0.3, send: float = 0.5) -> str:
     return (f"limits: {{request_header_timeout_s: {header}, request_body_idle_timeout_s: {body}, "
@@ -24,12 +24,6 @@ LIMITS = limits()
 
 async def _open(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     return await asyncio.open_connection("127.0.0.1", port)
-
-
-async def _until(predicate, timeout: float = 10.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
 
 
 def _requests_total(gw, status: int) -> int:
@@ -114,12 +108,12 @@ async def test_slow_reader_releases_the_upstream_and_is_closed(tmp_path):
             head = await reader.readuntil(b"\r\n\r\n")       # then never read again
             assert head.startswith(b"HTTP/1.1 200")
             pool = gw.gateway.generation.upstreams.pools["backend"]
-            await _until(lambda: pool.open == 1 and sum(map(len, pool.idle.values())) == 1)
+            await until(lambda: pool.open == 1 and sum(map(len, pool.idle.values())) == 1)
             async with aiohttp.ClientSession() as s:     # the one upstream connection is free again
                 async with s.get(gw.url("/small")) as r:
                     assert r.status == 200 and await r.read() == b"small"
             # The reader that does not read is cut off after response_send_timeout.
-            await _until(lambda: gw.gateway.metrics.errors["client_send_timeout"] >= 1)
+            await until(lambda: gw.gateway.metrics.errors["client_send_timeout"] >= 1)
             got = len(head)
             try:
                 while chunk := await asyncio.wait_for(reader.read(1 << 20), 5):
@@ -140,7 +134,7 @@ async def test_a_pipelining_client_that_never_reads_is_not_answered_into_memory(
         reader, writer = await _open(gw.port())
         n = 200_000
         writer.write(b"GET /nowhere HTTP/1.1\r\nHost: h\r\n\r\n" * n)   # asyncio keeps what the socket won't take
-        await _until(lambda: gw.gateway.metrics.errors["client_send_timeout"] >= 1)
+        await until(lambda: gw.gateway.metrics.errors["client_send_timeout"] >= 1)
         answered = _requests_total(gw, 404)
         # What the two sockets' buffers hold (a few MB of 404s on loopback), not all of them.
         assert 0 < answered < n // 2, answered
@@ -165,7 +159,7 @@ async def test_a_pipelining_client_does_not_starve_the_other_connections(upstrea
 
         reading = asyncio.create_task(count_answers())     # the flooder reads: never held back
         wa.write(b"GET /nowhere HTTP/1.1\r\nHost: h\r\n\r\n" * n)
-        await _until(lambda: _requests_total(gw, 404) > 0)
+        await until(lambda: _requests_total(gw, 404) > 0)
         rb, wb = await _open(gw.port())
         wb.write(b"GET /only HTTP/1.1\r\nHost: h\r\n\r\n")
         head = await asyncio.wait_for(rb.readuntil(b"\r\n\r\n"), 10)
@@ -214,7 +208,7 @@ async def test_upstream_silent_before_anything_went_downstream_gives_504(tmp_pat
         async with run_gateway(yaml_text, tmp_path) as gw:
             raw = await raw_exchange(gw.port(), b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
             assert raw.startswith(b"HTTP/1.1 504")
-            await _until(lambda: closed == [True])
+            await until(lambda: closed == [True])
 
 
 async def test_upstream_silent_mid_body_closes_the_client(tmp_path):
@@ -225,7 +219,7 @@ async def test_upstream_silent_mid_body_closes_the_client(tmp_path):
             raw = await raw_exchange(gw.port(), b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
             # The head went out with the first bytes; the only honest signal left is closing.
             assert raw.startswith(b"HTTP/1.1 200") and raw.endswith(b"\r\n\r\nabc")
-            await _until(lambda: closed == [True])
+            await until(lambda: closed == [True])
             assert gw.gateway.metrics.errors["upstream_timeout"] >= 1
 
 
@@ -249,10 +243,10 @@ async def test_client_gone_while_waiting_for_the_upstream_aborts_it(tmp_path):
         async with run_gateway(basic_yaml(up.port), tmp_path) as gw:
             reader, writer = await _open(gw.port())
             writer.write(b"GET /wait HTTP/1.1\r\nHost: h\r\n\r\n")
-            await _until(lambda: len(seen) == 1)
+            await until(lambda: len(seen) == 1)
             writer.close()
-            await _until(lambda: closed == [True])       # the upstream exchange was aborted
-            await _until(lambda: _requests_total(gw, 499) == 1)
+            await until(lambda: closed == [True])       # the upstream exchange was aborted
+            await until(lambda: _requests_total(gw, 499) == 1)
             assert gw.gateway.metrics.errors["client_closed"] == 1
             assert gw.gateway.metrics.active_requests == 0
 
@@ -273,15 +267,15 @@ async def test_client_gone_while_waiting_for_a_connection_sends_nothing(tmp_path
             pool._connect = counted_connect
             r1, w1 = await _open(gw.port())
             w1.write(b"GET /first HTTP/1.1\r\nHost: h\r\n\r\n")   # takes the only connection
-            await _until(lambda: len(seen) == 1)
+            await until(lambda: len(seen) == 1)
             r2, w2 = await _open(gw.port())
             w2.write(b"GET /second HTTP/1.1\r\nHost: h\r\n\r\n")  # waits for it
-            await _until(lambda: len(pool._waiters) == 1)
+            await until(lambda: len(pool._waiters) == 1)
             w2.close()
-            await _until(lambda: _requests_total(gw, 499) == 1)
+            await until(lambda: _requests_total(gw, 499) == 1)
             assert pool._waiters == []
             w1.close()                      # frees the connection: nobody may be waiting for it
-            await _until(lambda: _requests_total(gw, 499) == 2)
+            await until(lambda: _requests_total(gw, 499) == 2)
             assert len(connects) == 1 and pool.open == 0
             assert len(seen) == 1 and b"/first" in seen[0]
 
@@ -304,9 +298,9 @@ async def test_client_gone_while_paused_in_a_filter_runs_teardown_and_sends_noth
             reader, writer = await _open(gw.port())
             writer.write(b"POST /pay HTTP/1.1\r\nHost: h\r\nx-act: call\r\nx-cluster: hang\r\n"
                          b"x-timeout: 30000\r\nContent-Length: 4\r\n\r\nbody")
-            await _until(lambda: len(seen) == 1)             # the callout is in flight
+            await until(lambda: len(seen) == 1)             # the callout is in flight
             writer.close()
-            await _until(lambda: _requests_total(gw, 499) == 1)
+            await until(lambda: _requests_total(gw, 499) == 1)
             async with aiohttp.ClientSession() as s:
                 async with s.get(gw.url("/__trace/p1")) as r:
                     trace = (await r.text()).split()
@@ -314,4 +308,4 @@ async def test_client_gone_while_paused_in_a_filter_runs_teardown_and_sends_noth
             for cb in ("done", "log", "delete"):
                 assert f"{cb}:{ctx}" in trace, trace
             assert backend.requests == []                   # never sent upstream
-            await _until(lambda: closed == [True])          # the callout was cancelled too
+            await until(lambda: closed == [True])          # the callout was cancelled too

@@ -22,7 +22,7 @@ from hyperframe.frame import HeadersFrame, SettingsFrame
 
 from tests.h2client import RawH2, StreamState
 from tests.helpers import (echo_upstream, raw_exchange, raw_upstream, read_chunked_rest, read_request_head,
-                           run_gateway)
+                           run_gateway, until)
 
 DIST = Path(__file__).resolve().parents[2] / "filters" / "dist"
 KEY = "key-h2-alice"
@@ -306,12 +306,6 @@ def _burst(c: RawH2, n: int, path: str) -> list[int]:
     return sids
 
 
-async def _until(predicate, timeout: float = 20.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.005)
-
-
 async def test_one_connections_burst_of_streams_does_not_hold_up_the_others(tmp_path):
     """1,000 streams in one read, each answered 401 by the auth filter, then one request on
     another connection: it is answered after some of the 1,000, not after all of them
@@ -325,7 +319,7 @@ async def test_one_connections_burst_of_streams_does_not_hold_up_the_others(tmp_
                 await c.wait(lambda: c.remote_settings)
                 n = 1000
                 sids = _burst(c, n, "/api/denied")
-                await _until(lambda: denied() > 0)
+                await until(lambda: denied() > 0, timeout=20, interval=0.005)
                 reader, writer = await asyncio.open_connection("127.0.0.1", gw.port())
                 writer.write(b"GET /other HTTP/1.1\r\nHost: h\r\n\r\n")
                 head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
@@ -352,7 +346,7 @@ async def test_streams_waiting_to_start_are_served_or_logged_when_the_client_lea
                     if route in ("plain", "-"):
                         got[status] = got.get(status, 0) + n
                 return got
-            await _until(lambda: sum(by_status().values()) == 300)
+            await until(lambda: sum(by_status().values()) == 300, timeout=20, interval=0.005)
             assert by_status().get(499, 0) > 0, by_status()
             assert set(by_status()) <= {200, 499}, by_status()
             assert gw.gateway.generation.active == 0
