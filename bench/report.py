@@ -52,6 +52,13 @@ def render(r: dict) -> str:
                f"{c.get('host_call_us')} µs")
     if cs:
         out.append(f"- cold start, {cs['filters']} filters, warm module cache: {cs['seconds']:.3f} s")
+    w = r.get("worker_rounds")
+    if w:
+        m = w["cpu_us_per_req_median"]
+        out.append(f"- two workers, paired: one worker {m['gateway_chain']:.1f}, one worker on the load core "
+                   f"{m['gateway_chain_load_core']:.1f}, two workers {m['gateway_chain_2w']:.1f} µs/req; "
+                   f"two ÷ one {w['chain_2w_vs_chain']}, the load core ÷ the proxy core "
+                   f"{w['load_core_vs_chain']}, two ÷ the two single workers' mean {w['chain_2w_vs_both_cores']}")
     tls = r.get("ratios", {}).get("tls_cpu_vs_plain", {})
     if any(v is not None for v in tls.values()):
         out.append(f"- TLS keep-alive CPU/req ÷ plain: `gateway_tls`/`gateway_plain` {_f(tls.get('gateway_tls'), '')},"

@@ -40,8 +40,8 @@ HANDSHAKE_SCENARIOS = {"gateway_tls_handshake": "gateway", "nginx_tls_handshake"
 # HTTP/2 scenarios: h2load with this many streams in flight per connection (connections =
 # --connections ÷ this, so as many requests are in flight as in the wrk scenarios).
 H2_STREAMS = 16
-EXTRAS = ["core_rounds", "chain_half_rate", "chain_redis_half_rate", "crossing", "chain_profile", "cold_start",
-          "rebuild_stall"]
+EXTRAS = ["core_rounds", "worker_rounds", "chain_half_rate", "chain_redis_half_rate", "crossing", "chain_profile",
+          "cold_start", "rebuild_stall"]
 ALL = SCENARIOS + EXTRAS
 
 TARGETS = [  # key, description, comparison, bar
@@ -65,13 +65,13 @@ TARGETS = [  # key, description, comparison, bar
     ("plain_cpu_vs_nginx", "stretch: gateway_plain CPU/req ÷ nginx_proxy CPU/req", "<=", 2.5),
     ("paired_chain_cpu_vs_baseline", "the same, paired rounds: gateway_chain ÷ baseline_aiohttp", "<=", 1.0),
     ("paired_chain_cpu_vs_plain", "the same, paired rounds: gateway_chain ÷ gateway_plain", "<=", 2.5),
-    # gateway_chain_2w needs both cores, so it cannot join core_rounds; its ratio to the paired
-    # chain leaves out the chain scenario's own drift, which the single ratio divides by.
-    ("chain_2w_cpu_vs_paired_chain", "gateway_chain_2w CPU/req ÷ the paired rounds' gateway_chain", "<=", 1.1),
+    ("paired_chain_2w_cpu_vs_chain", "the same, paired rounds: gateway_chain_2w ÷ gateway_chain", "<=", 1.1),
     ("paired_plain_cpu_vs_nginx", "stretch, paired rounds: gateway_plain ÷ nginx_proxy", "<=", 2.5),
 ]
 # core_rounds: the four proxies of the headline ratios, side by side in interleaved rounds.
 CORE_ROUNDS = 3
+# worker_rounds: the chain with one worker on each core and with two workers, the same way.
+WORKER_ROUNDS = 3
 # The tracing scenarios: four gateway processes (the same chain) measured in interleaved rounds.
 TRACE_VARIANTS = ("gateway_chain", "gateway_chain_untraced", "gateway_chain_logged", "gateway_chain_traced",
                   "gateway_chain_otlp")
@@ -125,6 +125,7 @@ class Bench:
         self.rebuild_stall: dict | None = None
         self.redis: dict | None = None            # gateway_chain_redis: the Redis server's CPU
         self.core: dict | None = None             # core_rounds: the headline ratios, paired
+        self.workers: dict | None = None          # worker_rounds: what a second worker costs, paired
         self.tracing: dict | None = None          # gateway_chain_traced / _otlp: paired rounds
         self.tools: dict[str, str] = {}
         self.upstream_port = 0
@@ -587,6 +588,48 @@ class Bench:
             f"{self.core['chain_vs_baseline']}, chain ÷ plain {self.core['chain_vs_plain']}, "
             f"plain ÷ nginx {self.core['plain_vs_nginx']}")
 
+    def sc_worker_rounds(self) -> None:
+        """What the second worker of gateway_chain_2w costs, and why: the chain with one worker on
+        the proxy core (as gateway_chain), one worker on the load core (where the second worker
+        of two runs, beside wrk and the upstream nginx) and two workers on both (as
+        gateway_chain_2w), running at once, wrk against each in turn, WORKER_ROUNDS rounds with
+        the order rotated; per gateway the median CPU µs/req. Two workers ÷ the mean of the two
+        single workers is what two workers cost beyond the cores they run on: the gateway-wide
+        shared store and both cores busy at once."""
+        if not self.pin:
+            raise Skip("needs the pinning (without --no-pin): it compares the two cores")
+        self.gateway_available()
+        miss = gcfg.missing_wasm()
+        if miss:
+            raise Skip(f"filters not built: {', '.join(miss)}")
+        procs: dict[str, tuple[Proc, str, dict | None]] = {}
+        with stopped_after(procs):
+            for name, workers, cpus in (("gateway_chain", None, self.proxy_cpus),
+                                        ("gateway_chain_load_core", None, self.load_cpus),
+                                        ("gateway_chain_2w", 2, self.proxy_cpus_2w)):
+                cfg = gcfg.gateway_config(port=free_port(), admin_port=free_port(),
+                                          upstream_port=self.upstream_port, filters=gcfg.CHAIN_FILTERS)
+                proc, port, _ = self.start_gateway(f"workers_{name}", cfg, workers, cpus)
+                procs[name] = (proc, f"http://127.0.0.1:{port}/bench", gcfg.AUTH_HEADERS)
+            duration = max(5.0, self.args.duration / 2)
+            cpu, _ = self.rounds(procs, WORKER_ROUNDS, duration)
+        med = {v: statistics.median(c) for v, c in cpu.items()}
+        one, there, two = med["gateway_chain"], med["gateway_chain_load_core"], med["gateway_chain_2w"]
+        self.workers = {
+            "cpu_us_per_req_rounds": cpu, "cpu_us_per_req_median": med,
+            "chain_2w_vs_chain": round(two / one, 3),
+            "load_core_vs_chain": round(there / one, 3),
+            "chain_2w_vs_both_cores": round(two / ((one + there) / 2), 3),
+            "method": f"gateway_chain with one worker on the proxy core, one worker on the load core "
+                      f"(wrk and the upstream's core) and two workers on both, running at once, wrk "
+                      f"{duration:g} s against each in turn, {WORKER_ROUNDS} rounds, order rotated; "
+                      f"median CPU µs/req per gateway; both_cores = the mean of the two single workers",
+        }
+        log(f"  paired medians: 1 worker {one:.1f}, 1 worker on the load core {there:.1f}, 2 workers "
+            f"{two:.1f} µs/req; 2 workers ÷ 1 {self.workers['chain_2w_vs_chain']}, load core ÷ proxy core "
+            f"{self.workers['load_core_vs_chain']}, 2 workers ÷ the two single workers' mean "
+            f"{self.workers['chain_2w_vs_both_cores']}")
+
     def sc_gateway_chain_redis(self) -> None:
         """gateway_chain with `ratelimit` on `backend: redis`: one script run per request
         against a local redis-server (pinned with the load generator, not the proxy)."""
@@ -884,9 +927,7 @@ class Bench:
             "paired_chain_cpu_vs_baseline": (self.core or {}).get("chain_vs_baseline"),
             "paired_chain_cpu_vs_plain": (self.core or {}).get("chain_vs_plain"),
             "paired_plain_cpu_vs_nginx": (self.core or {}).get("plain_vs_nginx"),
-            "chain_2w_cpu_vs_paired_chain": round(chain2["cpu_us_per_req"]
-                                                  / self.core["cpu_us_per_req_median"]["gateway_chain"], 3)
-            if chain2 and self.core else None,
+            "paired_chain_2w_cpu_vs_chain": (self.workers or {}).get("chain_2w_vs_chain"),
         }
         targets = {}
         for key, desc, op, bar in TARGETS:
@@ -935,6 +976,7 @@ class Bench:
             "redis": self.redis,
             "tracing": self.tracing,
             "core_rounds": self.core,
+            "worker_rounds": self.workers,
             "tls_handshake": self.handshakes(),
             "rebuild_stall": self.rebuild_stall,
             "ratios": self.ratios(),
