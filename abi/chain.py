@@ -613,12 +613,10 @@ class Chain:
         done, self._on_finished = self._on_finished, None
         try:
             tr = self.trace
-            if tr is None:
-                walk_finish(self)
-            else:                        # the trace reads each context before its teardown
+            if tr is not None:           # the trace reads the contexts before their teardown
                 for i, ctx in enumerate(self.ctxs):
                     tr.capture(i, ctx, self.failed[i])
-                    self._finish_one(i)
+            walk_finish(self)
         finally:
             if done is not None:
                 done()

@@ -78,29 +78,22 @@ class FilterTrace:
     def summary(self) -> str:
         s = self.slots
         out = []
+        width = N_PHASES * _W
         for i, f in enumerate(self.filters):
-            base = i * N_PHASES * _W
-            parts = []
-            ns = 0
-            # Phases that ran have calls; a reply while paused can mark one that never returned.
-            for p, calls in enumerate(s[base + 1:base + N_PHASES * _W:_W]):
-                act = s[base + p * _W]
-                if not calls and act >= 0:
-                    continue
-                code = _action(act, p)
-                parts.append(f"{PHASES[p]}={code}*{calls}" if calls > 1 else f"{PHASES[p]}={code}")
-                ns += s[base + p * _W + 4]
-            failure = self.failures[i]
-            if not parts and not failure and not self.opened[i]:
-                out.append(f"{f.name}:-")
-                continue
-            ed = self.edited[i]
-            if ed:
-                parts.append(_EDITS[ed])
-            parts.append(f"us={(ns + 500) // 1000}")
-            if failure:
-                parts.append(f"fail={failure}")
-            out.append(f"{f.name}:{','.join(parts)}")
+            seg = s[i * width:(i + 1) * width]
+            # Everything but the µs repeats from request to request: formatted once per shape.
+            key = (f.name, tuple(seg[ACT::_W]), tuple(seg[CALLS::_W]), self.edited[i], self.failures[i],
+                   self.opened[i])
+            shape = _shapes.get(key)
+            if shape is None:
+                shape = _shape(*key)
+                if len(_shapes) < _MAX_SHAPES:
+                    _shapes[key] = shape
+            head, tail = shape
+            if tail is None:
+                out.append(head)
+            else:              # a phase that never ran holds 0 ns: sum them all
+                out.append(f"{head}{(sum(seg[NS::_W]) + 500) // 1000}{tail}")
         return ";".join(out)
 
     def phases(self) -> list[tuple[str, str, str, int, int, int]]:
@@ -113,6 +106,30 @@ class FilterTrace:
                 if s[k + 1]:
                     out.append((f.name, PHASES[p], _action(s[k], p), s[k + 1], s[k + 2], s[k + 3]))
         return out
+
+
+# (name, actions, calls, edited, failure, opened) -> (the entry up to "us=", after the µs), or
+# (the whole entry, None) for a filter that never saw the request. Bounded: body phases called
+# a varying number of times make new shapes.
+_shapes: dict[tuple, tuple[str, str | None]] = {}
+_MAX_SHAPES = 4096
+
+
+def _shape(name: str, acts: tuple, calls: tuple, edited: int, failure: str,
+           opened: bool) -> tuple[str, str | None]:
+    parts = []
+    # Phases that ran have calls; a reply while paused can mark one that never returned.
+    for p, (act, n) in enumerate(zip(acts, calls)):
+        if not n and act >= 0:
+            continue
+        code = _action(act, p)
+        parts.append(f"{PHASES[p]}={code}*{n}" if n > 1 else f"{PHASES[p]}={code}")
+    if not parts and not failure and not opened:
+        return f"{name}:-", None
+    if edited:
+        parts.append(_EDITS[edited])
+    parts.append("us=")
+    return f"{name}:{','.join(parts)}", f",fail={failure}" if failure else ""
 
 
 def _action(act: int, phase: int) -> str:

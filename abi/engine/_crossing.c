@@ -2243,16 +2243,31 @@ static PyObject *fc_bind(PyObject *cls, PyObject *const *args, Py_ssize_t nargs)
 /* -- headers(chain, i, ctx, direction, eos): chain.py's Chain._headers, its common case ----
  * Filter i's headers callback for `direction` (0 request, 1 response) with ctx current,
  * answering chain.py's CONTINUE (0), PAUSED (1) or SKIPPED (2). The uncommon cases are the
- * chain's Python: a finished stream, a dead context or a trace on go to chain._headers whole;
- * after the call, a FilterFailure goes to chain._fail(i), a reply to chain._replied(i, phase)
- * (which raises), an action past MAX_HEADERS_ACTION to chain._invalid(i, name, action). */
+ * chain's Python: a finished stream or a dead context go to chain._headers whole; after the
+ * call, the chain's trace (when on) notes it, as chain._headers does, then a FilterFailure goes
+ * to chain._fail(i), a reply to chain._replied(i, phase) (which raises), an action past
+ * MAX_HEADERS_ACTION to chain._invalid(i, name, action). */
 #define HEADERS_CONTINUE 0
 #define HEADERS_PAUSED 1
 #define HEADERS_SKIPPED 2
 #define MAX_HEADERS_ACTION 4
 
 static PyObject *headers_cb[2], *str__finished, *str_trace, *str_hmaps[2], *str_items,
-    *str_resumed, *str__headers, *str__fail, *str_reply, *str__replied, *str__invalid;
+    *str_resumed, *str__headers, *str__fail, *str_reply, *str__replied, *str__invalid, *str_note;
+
+/* trace.note(i, phase, action, start): abi/trace.py's FilterTrace records a callback's end.
+ * `action` NULL: the callback failed (trace.FAILED). 0, or -1 with an exception set. */
+static int trace_note(PyObject *tr, PyObject *i, long phase, PyObject *action, int64_t start) {
+    PyObject *ph = PyLong_FromLong(phase);
+    PyObject *act = action ? Py_NewRef(action) : PyLong_FromLong(-1);
+    PyObject *t = PyLong_FromLongLong(start);
+    PyObject *r = ph && act && t ? PyObject_CallMethodObjArgs(tr, str_note, i, ph, act, t, NULL) : NULL;
+    Py_XDECREF(ph);
+    Py_XDECREF(act);
+    Py_XDECREF(t);
+    Py_XDECREF(r);
+    return r == NULL ? -1 : 0;
+}
 
 /* obj.name is truthy: 1, 0, or -1 with an exception set. */
 static int attr_true(PyObject *obj, PyObject *name) {
@@ -2262,16 +2277,6 @@ static int attr_true(PyObject *obj, PyObject *name) {
     int t = PyObject_IsTrue(v);
     Py_DECREF(v);
     return t;
-}
-
-/* obj.name is not None: 1, 0, or -1 with an exception set. */
-static int attr_not_none(PyObject *obj, PyObject *name) {
-    PyObject *v = PyObject_GetAttr(obj, name);
-    if (v == NULL)
-        return -1;
-    int set = v != Py_None;
-    Py_DECREF(v);
-    return set;
 }
 
 static PyObject *headers_state(int state) {
@@ -2317,17 +2322,19 @@ static PyObject *fc_headers_answer(PyObject *chain, PyObject *i, PyObject *ctx, 
 static PyObject *fc_headers_impl(FilterCore *self, PyObject *chain, PyObject *i, PyObject *ctx,
                                  long d, PyObject *eos_obj) {
     int finished = attr_true(chain, str__finished);
-    int traced = finished == 0 ? attr_not_none(chain, str_trace) : finished;
-    int alive = traced == 0 ? fc_alive(self, ctx) : !traced;
-    if (finished < 0 || traced < 0 || alive < 0)
+    int alive = finished == 0 ? fc_alive(self, ctx) : !finished;
+    if (finished < 0 || alive < 0)
         return NULL;
-    if (finished || traced || !alive) {
+    if (finished || !alive) {
         PyObject *dir = PyLong_FromLong(d);
         PyObject *r = dir ? PyObject_CallMethodObjArgs(chain, str__headers, i, (PyObject *)self,
                                                        ctx, dir, eos_obj, NULL) : NULL;
         Py_XDECREF(dir);
         return r;
     }
+    PyObject *tr = PyObject_GetAttr(chain, str_trace);      /* None: not traced */
+    if (tr == NULL)
+        return NULL;
     int eos = PyObject_IsTrue(eos_obj);
     PyObject *hmap = eos < 0 ? NULL : PyObject_GetAttr(chain, str_hmaps[d]);
     PyObject *items = hmap ? PyObject_GetAttr(hmap, str_items) : NULL;
@@ -2346,25 +2353,33 @@ static PyObject *fc_headers_impl(FilterCore *self, PyObject *chain, PyObject *i,
     if (end == NULL) {
         Py_XDECREF(cid);
         Py_XDECREF(count);
+        Py_DECREF(tr);
         return NULL;
     }
     /* 0.1.0 as specified: (context_id, num_headers); later: end_of_stream too */
     PyObject *cargs[5] = {ctx, headers_cb[d], cid, count, end};
+    int64_t start = tr != Py_None ? monotonic_ns() : 0;     /* perf_counter_ns()'s clock */
     PyObject *action = fc_call_impl(self, cargs, take_eos ? 5 : 4);
     Py_DECREF(cid);
     Py_DECREF(count);
     Py_DECREF(end);
     if (action == NULL) {
-        if (fc_failure_type == NULL || !PyErr_ExceptionMatches(fc_failure_type))
+        if (fc_failure_type == NULL || !PyErr_ExceptionMatches(fc_failure_type)) {
+            Py_DECREF(tr);
             return NULL;
+        }
         PyErr_Clear();
-        PyObject *r = PyObject_CallMethodOneArg(chain, str__fail, i);
+        rc = tr != Py_None ? trace_note(tr, i, d * 3, NULL, start) : 0;
+        Py_DECREF(tr);
+        PyObject *r = rc < 0 ? NULL : PyObject_CallMethodOneArg(chain, str__fail, i);
         if (r == NULL)
             return NULL;
         Py_DECREF(r);
         return headers_state(HEADERS_SKIPPED);
     }
-    PyObject *state = fc_headers_answer(chain, i, ctx, (int)d, action);
+    rc = tr != Py_None ? trace_note(tr, i, d * 3, action, start) : 0;
+    Py_DECREF(tr);
+    PyObject *state = rc < 0 ? NULL : fc_headers_answer(chain, i, ctx, (int)d, action);
     Py_DECREF(action);
     return state;
 }
@@ -2386,7 +2401,7 @@ static PyObject *fc_headers(FilterCore *self, PyObject *const *args, Py_ssize_t 
 /* == the chain's per-filter loops (abi/chain.py's Chain.request / response / finish) ========
  * walk_request(chain, i, eos) and walk_response(chain, i, eos) run the plain part of the
  * headers loops from filter i (upwards on the request, downwards on the response);
- * walk_finish(chain) runs the teardown loop of an untraced chain. They do what chain.py's
+ * walk_finish(chain) runs the teardown loop. They do what chain.py's
  * _walk_request / _walk_response / _walk_finish do in Python (the reference: keep them alike).
  * A NativeFilter's steps are its FilterCore C above (new_http_context, headers,
  * finish_context), called directly; any other filter's are its Python methods.
@@ -2872,7 +2887,7 @@ static int filter_core_init(PyObject *m) {
         {&str_hmaps[0], "request_headers"}, {&str_hmaps[1], "response_headers"},
         {&str_items, "items"}, {&str_resumed, "resumed"}, {&str__headers, "_headers"},
         {&str__fail, "_fail"}, {&str_reply, "reply"}, {&str__replied, "_replied"},
-        {&str__invalid, "_invalid"},
+        {&str__invalid, "_invalid"}, {&str_note, "note"},
         {&str_filters, "filters"}, {&str_ctxs, "ctxs"}, {&str_skipped, "skipped"},
         {&str_failed, "failed"}, {&str__request_headers, "_request_headers"},
         {&str_headers, "headers"}, {&str_on_headers, "on_headers"},
