@@ -11,6 +11,7 @@ import pytest
 from abi.api import CallResponse, FilterLimits, Forward, LocalReply, LocalReplyInterrupt, LogInfo
 from abi.limits import MAX_LOG_BYTES
 from abi.pairs import serialize
+from tests.helpers import until
 
 from abi_helpers import REQ, collect, info
 from abi_wat import OUT, Wat
@@ -463,10 +464,10 @@ async def test_callout_request_bytes_in_flight_are_bounded(load, services, trace
     assert [l for l in trace.lines("f") if l.startswith("dispatch")] == ["dispatch 0"] * 3 + ["dispatch 10"]
     f = host.filters["f"]
     assert f.failures == {("proxy_http_call", "callout_limit"): 1}
-    await wait_until(lambda: len(services.calls) == 3)
+    await until(lambda: len(services.calls) == 3)
     assert 9000 < f._callout_bytes <= 10_000
     go.set()                                               # answered and delivered: bytes released
-    await wait_until(lambda: f._callout_bytes == 0 and not f._calls)
+    await until(lambda: f._callout_bytes == 0 and not f._calls)
     assert trace.lines("f").count("counts 1 2 0") == 3          # :status, "ok"
     await s.finish(LogInfo())
     # Room again: the next request's calls go out (one still refused: 4 x 3030 > 10,000).
@@ -474,7 +475,7 @@ async def test_callout_request_bytes_in_flight_are_bounded(load, services, trace
     s = host.stream(["f"], info())
     await s.request(REQ, None)
     assert [l for l in trace.lines("f") if l.startswith("dispatch")] == ["dispatch 0"] * 3 + ["dispatch 10"]
-    await wait_until(lambda: f._callout_bytes == 0)
+    await until(lambda: f._callout_bytes == 0)
     await s.finish(LogInfo())
 
 
@@ -485,7 +486,7 @@ async def test_callout_response_over_the_budget_is_a_failed_call(load, services,
     s = host.stream(["f"], info())
     await s.request(REQ, None)
     f = host.filters["f"]
-    await wait_until(lambda: not f._calls)
+    await until(lambda: not f._calls)
     # Delivered as Envoy delivers an overflowing callout response: (0, 0, 0), BrokenConnection.
     assert "counts 0 0 0" in trace.lines("f") and "code 11" in trace.lines("f")
     assert f._callout_bytes == 0
@@ -503,10 +504,3 @@ async def test_cancelled_callouts_release_their_bytes(load, services):
     assert f._callout_bytes > 2000
     await s.finish(LogInfo())                  # the request ends: its calls are cancelled
     assert f._callout_bytes == 0 and f._call_bytes == {}
-
-
-async def wait_until(predicate, timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
 
 import pytest
 
@@ -18,6 +17,7 @@ from abi.api import Forward, LocalReply, LogInfo
 from abi.context import REQUEST, RESPONSE
 from abi.engine import crossing
 from abi.pairs import serialize
+from tests.helpers import until
 
 from abi_helpers import REQ, body_iter, collect, info, rebuilt
 from abi_wat import CALLBACKS, Wat
@@ -77,13 +77,6 @@ CASES = {
 }
 
 
-async def _until(cond) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not cond():
-        assert time.monotonic() < deadline, "condition not reached"
-        await asyncio.sleep(0)
-
-
 def _result(r) -> tuple:
     if isinstance(r, LocalReply):
         return ("reply", r.status, r.headers, r.body, r.details)
@@ -106,7 +99,7 @@ async def _run(load, trace, case: str, native: bool, walks, monkeypatch, traced:
     headers = REQ + ([("content-length", "4")] if body else [])
     task = asyncio.ensure_future(s.request(headers, body_iter(*body) if body else None))
     if resume == REQUEST:
-        await _until(lambda: s.ctxs[1] is not None and s.ctxs[1].waiter is not None)
+        await until(lambda: s.ctxs[1] is not None and s.ctxs[1].waiter is not None, WAIT_S, interval=0)
         if finish_paused:
             await s.finish(LogInfo(status=0))
         else:
@@ -117,7 +110,7 @@ async def _run(load, trace, case: str, native: bool, walks, monkeypatch, traced:
         out.append(await collect(r.body))
         task = asyncio.ensure_future(s.response(200, [(":status", "200")], None))
         if resume == RESPONSE:
-            await _until(lambda: s.ctxs[1].waiter is not None)
+            await until(lambda: s.ctxs[1].waiter is not None, WAIT_S, interval=0)
             s.ctxs[1].continue_stream(RESPONSE)
         out.append(_result(await task))
     summary = re.sub(r"us=\d+,?", "", s.trace_summary())

@@ -16,6 +16,7 @@ from abi.pairs import serialize
 from gateway.config import Cluster, Endpoint
 from gateway.grpc_clusters import GrpcClusters
 from tests.grpc_server import grpc_server
+from tests.helpers import until
 
 from abi_helpers import REQ, info
 from abi_wat import LOG_OUT, OUT, Wat, status
@@ -78,13 +79,6 @@ def unary(w: Wat, method: str, *, cluster: str | bytes = "gc", md: bytes = NO_MD
     return (status(w, "call", f"(call $proxy_grpc_call {w.s(cluster)} {w.s('t.Svc')} {w.s(method)} "
                               f"{w.s(md)} {w.s(msg)} (i32.const {timeout_ms}) (i32.const {TOKEN}))")
             + f"(call $log_num {w.s('token')} (i32.load (i32.const {TOKEN})))")
-
-
-async def until(condition, timeout: float = 10) -> None:
-    async def poll():
-        while not condition():
-            await asyncio.sleep(0.01)
-    await asyncio.wait_for(poll(), timeout)
 
 
 def lines(trace) -> list[str]:

@@ -14,6 +14,7 @@ import abi.limits
 from abi.api import LogInfo
 from gateway.config import Endpoint, RedisCluster
 from gateway.redis_clusters import RedisClusters
+from tests.helpers import until
 from tests.redis_server import RedisServer, resp
 
 from abi_helpers import REQ, info
@@ -69,14 +70,6 @@ def init(w: Wat, cluster_name: str, user: str = "", password: str = "", timeout_
          label: str = "init") -> str:
     return status(w, label, f"(call $proxy_redis_init {w.s(cluster_name)} {w.s(user)} {w.s(password)} "
                             f"(i32.const {timeout_ms}))")
-
-
-async def until(cond, timeout: float = 5.0):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached")
-        await asyncio.sleep(0.005)
 
 
 def replies(trace) -> list[str]:

@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.helpers import echo_upstream, raw_exchange, raw_upstream, read_request_head, run_gateway
+from tests.helpers import echo_upstream, raw_exchange, raw_upstream, read_request_head, run_gateway, until
 
 DIST = Path(__file__).resolve().parents[2] / "filters" / "dist"
 KEY = "key-ws-alice"
@@ -92,7 +92,7 @@ async def test_websocket_echo_through_the_chain(tmp_path):
                 await asyncio.wait_for(wsu.closed.wait(), 10)
             assert await metric(gw, "wasmgate_upgraded_connections_total") == 1
             # The splice is over once both sides are closed.
-            await _until(lambda: gw.gateway.metrics.active_upgraded == 0)
+            await until(lambda: gw.gateway.metrics.active_upgraded == 0)
     hs = wsu.handshakes[0]
     assert hs["x-auth-identity"] == "ws-alice" and "x-api-key" not in {k.lower() for k in hs}
     assert hs["Upgrade"].lower() == "websocket" and "upgrade" in hs["Connection"].lower()
@@ -128,7 +128,7 @@ async def test_client_that_vanishes_closes_the_upstream_side(tmp_path):
                 assert (await ws.receive()).data == "echo:x"
                 ws._response.connection.transport.abort()      # no close frame, just gone
                 await asyncio.wait_for(wsu.closed.wait(), 10)
-            await _until(lambda: gw.gateway.metrics.active_upgraded == 0)
+            await until(lambda: gw.gateway.metrics.active_upgraded == 0)
 
 
 async def test_upstream_closing_closes_the_client(tmp_path):
@@ -208,12 +208,6 @@ async def test_upgrade_with_a_body_is_refused(tmp_path):
             raw = await raw_exchange(gw.port(), b"POST /x HTTP/1.1\r\nHost: h\r\nConnection: upgrade\r\n"
                                      b"Upgrade: websocket\r\nContent-Length: 3\r\n\r\nabc", timeout=5)
     assert raw.startswith(b"HTTP/1.1 400") and up.requests == []
-
-
-async def _until(cond, timeout: float = 10) -> None:
-    async with asyncio.timeout(timeout):
-        while not cond():
-            await asyncio.sleep(0.01)
 
 
 async def test_websocket_over_a_tls_listener(tmp_path, pki):
