@@ -130,6 +130,9 @@ class Bench:
         self.tools: dict[str, str] = {}
         self.upstream_port = 0
         self.upstream: Proc | None = None
+        # Other servers the bench starts beside the upstream (redis-server, the OTLP sink): their
+        # CPU is the bench's own, not other work on the machine.
+        self.helpers: list[Proc] = []
         self.tls_files: tuple[str, str] | None = None     # the TLS scenarios' certificate and key
 
     # ---------------------------------------------------------------- helpers
@@ -155,6 +158,7 @@ class Bench:
 
     def foreign_mark(self) -> tuple[float, float, float]:
         up = tree_cpu_seconds(self.upstream.pid) if self.upstream else 0.0
+        up += sum(tree_cpu_seconds(p.pid) for p in self.helpers if p.alive())
         return system_busy_seconds(), own_cpu_seconds(), up
 
     def foreign_share(self, m0, m1, proxy_cpu: float, duration: float) -> float:
@@ -459,6 +463,7 @@ class Bench:
         sink = Proc("otlp_sink", self.py("-m", "bench.otlp_sink", "--port", str(sink_port), cpus=self.load_cpus),
                     cwd=ROOT, env=self.env(), log_path=self.tmp / "otlp_sink.log")
         procs: dict[str, tuple[Proc, str, dict | None]] = {}
+        self.helpers.append(sink)
         try:
             with stopped_after(procs):
                 wait_ready(f"http://127.0.0.1:{sink_port}/stats", sink, 30)
@@ -484,6 +489,7 @@ class Bench:
                 _, _, body = http_get(f"http://127.0.0.1:{sink_port}/stats", None)
                 exported = json.loads(body)
         finally:
+            self.helpers.remove(sink)
             sink.stop()
         for v in ("gateway_chain_traced", "gateway_chain_otlp"):
             self.scenarios[v] = {**{k: last[v][k] for k in ("rps", "p50_ms", "p99_ms")},
@@ -641,11 +647,13 @@ class Bench:
                 "--appendonly", "no", "--dir", str(self.tmp)]
         redis = Proc("redis", (["taskset", "-c", self.load_cpus] if self.load_cpus else []) + argv,
                      cwd=self.tmp, log_path=self.tmp / "redis.log")
+        self.helpers.append(redis)
         try:
             _wait_redis(port, redis)
             self.gateway_scenario("gateway_chain_redis", gcfg.CHAIN_REDIS_FILTERS, None,
                                   self.proxy_cpus, redis=redis, redis_port=port)
         finally:
+            self.helpers.remove(redis)
             redis.stop()
 
     def sc_gateway_chain_2w(self) -> None:
