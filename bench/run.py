@@ -288,14 +288,20 @@ class Bench:
             raise Failed(f"{name}: gateway did not become ready: {e}")
         return proc, cfg["listeners"][0]["port"], t_ready - t0
 
+    def need_chain(self) -> None:
+        """The gateway and the chain's filters are there, else Skip."""
+        self.gateway_available()
+        miss = gcfg.missing_wasm()
+        if miss:
+            raise Skip(f"filters not built: {', '.join(miss)}")
+
     def gateway_scenario(self, name: str, filters, workers: int | None, cpus: str | None,
                          half_rate: bool = False, redis: Proc | None = None,
                          redis_port: int | None = None, tls: bool = False) -> None:
-        self.gateway_available()
         if filters:
-            miss = gcfg.missing_wasm()
-            if miss:
-                raise Skip(f"filters not built: {', '.join(miss)}")
+            self.need_chain()
+        else:
+            self.gateway_available()
         cfg = gcfg.gateway_config(port=free_port(), admin_port=free_port(),
                                   upstream_port=self.upstream_port, filters=filters,
                                   redis_port=redis_port, tls=self.certificate() if tls else None)
@@ -455,10 +461,7 @@ class Bench:
         else the machine does, so the ratios are steadier than separate scenarios'."""
         if self.tracing is not None:
             return
-        self.gateway_available()
-        miss = gcfg.missing_wasm()
-        if miss:
-            raise Skip(f"filters not built: {', '.join(miss)}")
+        self.need_chain()
         sink_port = free_port()
         sink = Proc("otlp_sink", self.py("-m", "bench.otlp_sink", "--port", str(sink_port), cpus=self.load_cpus),
                     cwd=ROOT, env=self.env(), log_path=self.tmp / "otlp_sink.log")
@@ -553,10 +556,7 @@ class Bench:
         scenario duration each, at least 5 s), CORE_ROUNDS rounds with the order rotated; per
         proxy the median CPU µs/req. The single scenarios run minutes apart, and this VM's speed
         drifts by tens of percent over minutes; neighbouring runs share the drift."""
-        self.gateway_available()
-        miss = gcfg.missing_wasm()
-        if miss:
-            raise Skip(f"filters not built: {', '.join(miss)}")
+        self.need_chain()
         procs: dict[str, tuple[Proc, str, dict | None]] = {}
         with stopped_after(procs):
             port = free_port()
@@ -604,10 +604,7 @@ class Bench:
         shared store and both cores busy at once."""
         if not self.pin:
             raise Skip("needs the pinning (without --no-pin): it compares the two cores")
-        self.gateway_available()
-        miss = gcfg.missing_wasm()
-        if miss:
-            raise Skip(f"filters not built: {', '.join(miss)}")
+        self.need_chain()
         procs: dict[str, tuple[Proc, str, dict | None]] = {}
         with stopped_after(procs):
             for name, workers, cpus in (("gateway_chain", None, self.proxy_cpus),
@@ -756,10 +753,7 @@ class Bench:
         log(f"  chain_profile: the filters add {self.chain_profile['filters_add_us']} µs/request in process")
 
     def sc_cold_start(self) -> None:
-        self.gateway_available()
-        miss = gcfg.missing_wasm()
-        if miss:
-            raise Skip(f"filters not built: {', '.join(miss)}")
+        self.need_chain()
         runs: list[float] = []
         n = 1 if self.args.quick else 3
         for i in range(n + 1):   # run 0 warms the compiled-module cache, not counted
