@@ -190,7 +190,6 @@ async def until(predicate: Callable[[], object], timeout: float = 10.0, interval
 async def raw_exchange(port: int, data: bytes, *, timeout: float = 5.0, half_close: bool = False) -> bytes:
     """Send raw bytes to 127.0.0.1:port and return everything received until the server closes
     (or ``timeout`` passes). For malformed-request and smuggling tests no client library allows."""
-    import asyncio
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         writer.write(data)
@@ -248,7 +247,6 @@ async def raw_upstream(handler) -> AsyncIterator[Upstream]:
     """An upstream you script byte by byte: ``async def handler(reader, writer)`` runs per
     connection (asyncio streams). For resets, timeouts, 1xx, odd framing. ``up.requests`` stays
     empty; count connections yourself if needed."""
-    import asyncio
     server = await asyncio.start_server(handler, "127.0.0.1", 0)
     up = Upstream(port=server.sockets[0].getsockname()[1])
     try:
@@ -273,7 +271,6 @@ async def read_chunked_rest(reader) -> bytes:
 
 async def read_request_head(reader) -> bytes:
     """For raw_upstream handlers: one request head (b'' at EOF)."""
-    import asyncio
     try:
         return await reader.readuntil(b"\r\n\r\n")
     except (asyncio.IncompleteReadError, ConnectionError):
@@ -296,7 +293,6 @@ async def run_cli_gateway(config_path: Path, *extra_args: str, startup_timeout: 
                           stop_timeout: float = 20.0) -> AsyncIterator[CliGateway]:
     """Run ``python -m gateway.cli run -c config_path *extra_args`` and wait for its
     "wasmgate: listener NAME on http://HOST:PORT" lines; SIGTERM and wait on exit."""
-    import asyncio
     import re
     import signal
     import sys
