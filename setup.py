@@ -1,9 +1,14 @@
-"""Only the optional C extension lives here; everything else is in pyproject.toml.
+"""Only the optional C extensions live here; everything else is in pyproject.toml.
 
 abi/engine/_crossing.c speeds up the guest-call and host-callback crossings and runs the epoch
-ticker without the GIL. optional=True: without a C compiler the install still succeeds and
-abi/engine/crossing.py uses ctypes (ticker.py a Python thread).
+ticker without the GIL. abi/_lmdb.c is the gateway-wide shared store's LMDB binding, with its
+request-path get and set whole in C (needs liblmdb-dev). optional=True: without a C compiler
+(or without liblmdb) the install still succeeds; abi/engine/crossing.py then uses ctypes,
+ticker.py a Python thread, and abi/shared_store_shm.py py-lmdb.
 """
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("abi.engine._crossing", ["abi/engine/_crossing.c"], optional=True)])
+setup(ext_modules=[
+    Extension("abi.engine._crossing", ["abi/engine/_crossing.c"], optional=True),
+    Extension("abi._lmdb", ["abi/_lmdb.c"], libraries=["lmdb"], optional=True),
+])

@@ -1,7 +1,7 @@
 """Gateway-wide SharedStore: shared data, shared queues and metrics shared by ALL worker processes.
 
-Backend: LMDB (PyPI ``lmdb``) in a directory on tmpfs (``/dev/shm``). LMDB gives us, for free,
-what a hand-written shared-memory zone would have to re-invent:
+Backend: LMDB in a directory on tmpfs (``/dev/shm``). LMDB gives us, for free, what a
+hand-written shared-memory zone would have to re-invent:
 
 * an mmap shared by every process that opens the directory — reads are lock-free snapshots;
 * one writer at a time via a *robust* pthread mutex in ``lock.mdb``: a process killed with -9
@@ -13,6 +13,14 @@ what a hand-written shared-memory zone would have to re-invent:
 
 Everything that crosses the process boundary is msgpack, except the two records every set()
 rewrites (below).
+
+Two bindings, the same records: abi/_lmdb.c (built at install against the system's liblmdb),
+whose ``get_record`` and ``set_record`` do a rate limiter's ``get`` and ``set`` whole in C —
+``set_record`` is ``_set_txn`` for a short key when nothing has to be evicted, and hands every
+other case back to it, having written nothing — and py-lmdb, where all of it is Python (no C
+extension, or ``WASMGATE_PURE_PYTHON=1``). Everything else runs the same Python over either.
+A process uses one binding for a store (``binding``, chosen at import): LMDB must never open
+one environment twice in a process, and two copies of LMDB cannot share one.
 
 Layout: ONE LMDB B-tree (the main database), records told apart by a key prefix — a write
 touching two named sub-databases costs about 1 µs more, since each sub-database root is itself a
@@ -43,7 +51,7 @@ expired entries to drop only once the clock has reached it, instead of opening a
 write. Each set() takes the clock and derives its keys and deadline *before* it takes the
 write lock: every other worker's writes wait while it is held (and py-lmdb releases the GIL
 around each LMDB call, so every call inside the lock is a point where another thread of the
-worker may run first).
+worker may run first; abi/_lmdb.c releases it only while waiting for the lock).
 
 Size: ``max_bytes`` is a *logical* budget, enforced exactly by this module: every shared-data
 entry costs ``len(key) + len(value) + ENTRY_OVERHEAD`` and every queued item
@@ -119,13 +127,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import lmdb
+import lmdb as _py_lmdb
 import msgpack
 
 from .seam import MetricSample
 from .shared_store import ENTRY_OVERHEAD, REAP_PER_WRITE, deadline, entry_cost, usage_samples
 
+try:
+    from . import _lmdb as _c_lmdb      # abi/_lmdb.c: built at install when liblmdb-dev is there
+except ImportError:
+    _c_lmdb = None
+
 log = logging.getLogger("wasmgate.shared_store")
+
+
+def _default_binding():
+    if _c_lmdb is None or os.environ.get("WASMGATE_PURE_PYTHON"):
+        return _py_lmdb
+    return _c_lmdb
+
+
+#: The LMDB binding that environments opened from now on use: abi/_lmdb.c (the store's request
+#: path whole in C) or py-lmdb (the same records, everything in Python). One binding per process
+#: for a given store: a worker inherits WASMGATE_PURE_PYTHON with the rest of its environment.
+#: The tests set it to run the store on both.
+binding = _default_binding()
+_MAP_FULL = (_py_lmdb.MapFullError,) + ((_c_lmdb.MapFullError,) if _c_lmdb else ())
 
 # proxy_status_t (§3.1)
 OK = 0
@@ -303,7 +330,8 @@ class _Env:
         self.path = path
         self.map_size = map_size
         self.lock = threading.Lock()
-        self.env: lmdb.Environment | None = None
+        self.env = None
+        self.native = False                    # env is abi._lmdb's: get_record / set_record
         self.refs = 0
         self.pack = msgpack.Packer().pack      # reused; only called under self.lock
 
@@ -311,7 +339,7 @@ class _Env:
         env = self.env
         if env is None:
             # create=False: a worker outliving a removed store must not silently recreate it
-            env = lmdb.open(str(self.path), map_size=self.map_size, subdir=True, max_dbs=0,
+            env = binding.open(str(self.path), map_size=self.map_size, subdir=True, max_dbs=0,
                             max_readers=1024, max_spare_txns=1, sync=False, metasync=False,
                             writemap=True, readahead=False, meminit=False, lock=True,
                             create=create)
@@ -323,6 +351,7 @@ class _Env:
             # fresh snapshot each time, and reset (pins no pages) while unused. The fork
             # hooks close the environment, spare included, so a child never inherits it.
             self.env = env
+            self.native = hasattr(env, "set_record")
         return env
 
     def close(self) -> None:
@@ -555,11 +584,11 @@ class ShmStore:
                 env = self._ensure_env()
             try:
                 return _in_write_txn(env, fn, args)
-            except lmdb.MapFullError:
+            except _MAP_FULL:
                 env.reader_check()               # dead readers' snapshots pin pages: once more
                 try:
                     return _in_write_txn(env, fn, args)
-                except lmdb.MapFullError:
+                except _MAP_FULL:
                     pass
         log.warning("shared store %s: LMDB map full (%d bytes)", self.path, self._map_size)
         return _FULL
@@ -578,11 +607,14 @@ class ShmStore:
             env = e.env
             if env is None or self._closed:
                 env = self._ensure_env()
-            txn = env.begin()
-            try:
-                raw = txn.get(dk)
-            finally:
-                txn.abort()
+            if e.native:
+                raw = env.get_record(dk)
+            else:
+                txn = env.begin()
+                try:
+                    raw = txn.get(dk)
+                finally:
+                    txn.abort()
         if raw is None:
             return None
         cas, due = _REC.unpack_from(raw)
@@ -607,8 +639,25 @@ class ShmStore:
         else:
             ttl_ns &= _U64
             due = deadline(now, ttl_ns) if ttl_ns else -1
+        if not hashed and self._e.native:
+            r = self._set_record(dk, key, value, cas & _U32, now, due)
+            if r >= 0:
+                return r
         r = self._write(self._set_txn, dk, key, value, hashed, cas & _U32, now, due)
         return STATUS_FULL if r is _FULL else r
+
+    def _set_record(self, dk, key, value, cas, now, due) -> int:
+        """abi/_lmdb.c's set_record: _set_txn for a short key when nothing has to be evicted,
+        in one C call; _lmdb.SLOW (< 0) when it is not that case and wrote nothing."""
+        e = self._e
+        with e.lock:
+            env = e.env
+            if env is None or self._closed:
+                env = self._ensure_env()
+            if not e.native:                   # (reopened under another binding: tests)
+                return -1
+            return env.set_record(dk, len(key), value, cas, now, due, self.max_bytes,
+                                  ENTRY_OVERHEAD, REAP_PER_WRITE)
 
     def _set_txn(self, txn, dk, key, value, hashed, cas, now, due):
         """``due``: the new deadline, 0 = never expires, -1 = expires at once."""

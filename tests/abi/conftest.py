@@ -77,6 +77,25 @@ def crossing_impl(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=["c", "py-lmdb"])
+def lmdb_binding(request, monkeypatch):
+    """Runs a test on both LMDB bindings of the gateway-wide shared store: abi/_lmdb.c (built
+    at install when liblmdb-dev is there; the request path's get and set whole in C) and py-lmdb
+    (WASMGATE_PURE_PYTHON=1). Stores created from then on use it, and so do the processes a test
+    starts (they inherit the environment); modules use it with
+    ``pytestmark = pytest.mark.usefixtures("lmdb_binding")``."""
+    from abi import shared_store_shm as S
+    if request.param == "c":
+        if S._c_lmdb is None:
+            pytest.skip("abi/_lmdb.c is not built (no liblmdb-dev at install?)")
+        monkeypatch.setattr(S, "binding", S._c_lmdb)
+        monkeypatch.delenv("WASMGATE_PURE_PYTHON", raising=False)
+    else:
+        monkeypatch.setattr(S, "binding", S._py_lmdb)
+        monkeypatch.setenv("WASMGATE_PURE_PYTHON", "1")
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def engine(tmp_path_factory) -> Engine:
     return Engine(cache_dir=tmp_path_factory.mktemp("wasm-cache"))

@@ -22,6 +22,8 @@ from abi.shared_store import ENTRY_OVERHEAD, LocalStore, entry_cost
 OK, CAS_MISMATCH, FULL = 0, 8, 10
 CREATE_IF_ABSENT = 0xFFFFFFFF
 FORK = mp.get_context("fork")
+#: every test on both LMDB bindings (abi/_lmdb.c and py-lmdb; tests/abi/conftest.py)
+pytestmark = pytest.mark.usefixtures("lmdb_binding")
 
 
 class Clock:

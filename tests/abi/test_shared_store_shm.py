@@ -25,6 +25,8 @@ sys.path.insert(0, str(ROOT))
 from abi import shared_store_shm as S  # noqa: E402
 
 FORK = mp.get_context("fork")
+#: every test on both LMDB bindings (abi/_lmdb.c and py-lmdb; tests/abi/conftest.py)
+pytestmark = pytest.mark.usefixtures("lmdb_binding")
 
 
 @pytest.fixture
