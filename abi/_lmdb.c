@@ -300,6 +300,22 @@ put_be64(unsigned char *p, uint64_t v)
         p[i] = (unsigned char)v;
 }
 
+static uint64_t
+le64(const unsigned char *p)
+{
+    uint64_t v = 0;
+    for (int i = 7; i >= 0; i--)
+        v = (v << 8) | p[i];
+    return v;
+}
+
+static void
+put_le64(unsigned char *p, uint64_t v)
+{
+    for (int i = 0; i < 8; i++, v >>= 8)
+        p[i] = (unsigned char)v;
+}
+
 static uint32_t
 be32(const unsigned char *p)
 {
@@ -460,7 +476,8 @@ env_set_record(EnvObject *e, PyObject *const *args, Py_ssize_t nargs)
     uint64_t meta[8];
     if (mdb_get(t, e->dbi, &mk, &mv) || mv.mv_size != META_LEN)
         goto abort;
-    memcpy(meta, mv.mv_data, META_LEN);             /* little-endian host (x86-64, arm64) */
+    for (int i = 0; i < 8; i++)                     /* the meta record is 8 x u64 LE */
+        meta[i] = le64((unsigned char *)mv.mv_data + 8 * i);
     uint64_t prev_due = 0;
     long long prev_cost = 0;
     rc = mdb_get(t, e->dbi, &rk, &rv);
@@ -526,8 +543,11 @@ env_set_record(EnvObject *e, PyObject *const *args, Py_ssize_t nargs)
             goto abort;
     }
 commit:
+    unsigned char meta_le[META_LEN];
+    for (int i = 0; i < 8; i++)
+        put_le64(meta_le + 8 * i, meta[i]);
     mv.mv_size = META_LEN;
-    mv.mv_data = meta;
+    mv.mv_data = meta_le;
     if (mdb_put(t, e->dbi, &mk, &mv, 0))
         goto abort;
     if (mdb_txn_commit(t))                          /* (a failed commit has freed t) */
