@@ -150,6 +150,8 @@ lmdb_open(PyObject *self, PyObject *args, PyObject *kw)
                                      &subdir, &max_dbs, &max_readers, &max_spare, &sync,
                                      &metasync, &writemap, &readahead, &meminit, &lock, &create))
         return NULL;
+    /* max_spare_txns is accepted as py-lmdb takes it; this binding always keeps one spare. */
+    (void)max_spare;
     if (!subdir || !lock || max_dbs != 0) {
         PyErr_SetString(PyExc_ValueError, "abi._lmdb supports subdir=True, lock=True, max_dbs=0 only");
         return NULL;
