@@ -366,6 +366,33 @@ record_cost(const char *dk, size_t dklen, size_t raw_size, long long overhead)
     return (long long)dklen - 1 + (long long)raw_size - REC_LEN + overhead;
 }
 
+/* "E" + deadline (u64 BE) + data key, in buf (9 + 511 bytes): dk's record in the deadline index. */
+static MDB_val
+exp_key(unsigned char *buf, uint64_t due, const char *dk, size_t dklen)
+{
+    buf[0] = 'E';
+    put_be64(buf + 1, due);
+    memcpy(buf + 9, dk, dklen);
+    return (MDB_val){dklen + 9, buf};
+}
+
+/* Take dk's entry (cost accounted bytes, deadline due) out of the deadline index, as
+ * _set_txn and _drop_txn do: 0, or -1 on an LMDB error. */
+static int
+unindex(MDB_txn *t, MDB_dbi dbi, uint64_t *meta, uint64_t due, const char *dk, size_t dklen,
+        long long cost)
+{
+    unsigned char buf[9 + 511];
+    MDB_val k = exp_key(buf, due, dk, dklen);
+    int rc = mdb_del(t, dbi, &k, NULL);
+    if (rc && rc != MDB_NOTFOUND)
+        return -1;
+    meta[4] -= (uint64_t)cost;
+    if (!meta[4])
+        meta[7] = UINT64_MAX;                       /* the deadline index is empty */
+    return 0;
+}
+
 /* ShmStore._drop_txn: delete a data record (and its deadline record); the bytes freed, or -1
  * on an LMDB error. */
 static long long
@@ -378,17 +405,8 @@ drop(MDB_txn *t, MDB_dbi dbi, uint64_t *meta, const char *dk, size_t dklen, size
         return -1;
     meta[1] -= (uint64_t)cost;
     if (due) {
-        unsigned char ik[9 + 511];
-        ik[0] = 'E';
-        put_be64(ik + 1, due);
-        memcpy(ik + 9, dk, dklen);
-        MDB_val ikv = {dklen + 9, ik};
-        int rc = mdb_del(t, dbi, &ikv, NULL);
-        if (rc && rc != MDB_NOTFOUND)
+        if (unindex(t, dbi, meta, due, dk, dklen, cost) < 0)
             return -1;
-        meta[4] -= (uint64_t)cost;
-        if (!meta[4])
-            meta[7] = UINT64_MAX;                   /* the deadline index is empty */
         if (counted)
             meta[due <= now ? 5 : 6] += 1;
     }
@@ -476,6 +494,7 @@ env_set_record(EnvObject *e, PyObject *const *args, Py_ssize_t nargs)
     long status = SLOW;
     MDB_val mk = {1, "M"}, mv, rk = {(size_t)dklen, dk}, rv;
     uint64_t meta[8];
+    unsigned char meta_le[META_LEN];
     if (mdb_get(t, e->dbi, &mk, &mv) || mv.mv_size != META_LEN)
         goto abort;
     for (int i = 0; i < 8; i++)                     /* the meta record is 8 x u64 LE */
@@ -511,18 +530,8 @@ env_set_record(EnvObject *e, PyObject *const *args, Py_ssize_t nargs)
     if (new_cost > prev_cost && (long long)meta[1] + (new_cost - prev_cost) > max_bytes)
         goto abort;                                 /* would have to evict: Python does */
 
-    unsigned char ik[9 + 511];                      /* "E" + deadline + data key */
-    ik[0] = 'E';
-    memcpy(ik + 9, dk, (size_t)dklen);
-    MDB_val ikv = {(size_t)dklen + 9, ik};
-    if (prev_due) {
-        put_be64(ik + 1, prev_due);
-        if ((rc = mdb_del(t, e->dbi, &ikv, NULL)) && rc != MDB_NOTFOUND)
-            goto abort;
-        meta[4] -= (uint64_t)prev_cost;
-        if (!meta[4])
-            meta[7] = UINT64_MAX;                   /* the deadline index is empty */
-    }
+    if (prev_due && unindex(t, e->dbi, meta, prev_due, dk, (size_t)dklen, prev_cost) < 0)
+        goto abort;
     uint32_t fresh = (uint32_t)(meta[0] % (MISSING_CAS - 1) + 1);  /* skips 0 and MISSING_CAS */
     meta[0] = fresh;
     meta[1] += (uint64_t)(new_cost - prev_cost);
@@ -534,8 +543,8 @@ env_set_record(EnvObject *e, PyObject *const *args, Py_ssize_t nargs)
     put_be64((unsigned char *)rv.mv_data + 4, due);
     memcpy((unsigned char *)rv.mv_data + REC_LEN, value, (size_t)vlen);
     if (due) {
-        MDB_val empty = {0, ""};
-        put_be64(ik + 1, due);
+        unsigned char ik[9 + 511];
+        MDB_val ikv = exp_key(ik, due, dk, (size_t)dklen), empty = {0, ""};
         if (mdb_put(t, e->dbi, &ikv, &empty, 0))
             goto abort;
         meta[4] += (uint64_t)new_cost;
@@ -545,7 +554,6 @@ env_set_record(EnvObject *e, PyObject *const *args, Py_ssize_t nargs)
             goto abort;
     }
 commit:
-    unsigned char meta_le[META_LEN];
     for (int i = 0; i < 8; i++)
         put_le64(meta_le + 8 * i, meta[i]);
     mv.mv_size = META_LEN;
