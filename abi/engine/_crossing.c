@@ -417,8 +417,17 @@ static PyObject *gc_callback(PyObject *self, PyObject *const *args, Py_ssize_t n
     Py_RETURN_NONE;
 }
 
-/* wasmtime_func_call_unchecked with the GIL released, this thread counted by the ticker
- * meanwhile; returns the wasmtime_error_t* (NULL: none). call() and GuestFn's entry. */
+/* Set on a thread once it runs a chain walk (walk_headers): a thread that serves requests.
+ * Its guest calls keep the GIL. Releasing and re-taking it costs two mutex round trips per
+ * call (a request makes ~25), and on the event loop's thread it buys nothing: the loop waits
+ * for the guest either way, and the epoch ticker that ends a runaway guest needs no GIL. A
+ * build thread never walks a chain, so its guest calls (a start or on_configure that computes
+ * for a second) still release the GIL and let the loop run. */
+static __thread int serving;
+
+/* wasmtime_func_call_unchecked, this thread counted by the ticker meanwhile, with the GIL
+ * released unless the thread serves requests (``serving``); returns the wasmtime_error_t*
+ * (NULL: none). call() and GuestFn's entry. */
 static void *run_guest(void *ctx, void *func, void *vals, size_t n, void **trap) {
     slot *s = my_slot;              /* NULL: this thread never armed (the Python ticker) */
     if (s != NULL) {
@@ -430,9 +439,13 @@ static void *run_guest(void *ctx, void *func, void *vals, size_t n, void **trap)
         }
     }
     void *err;
-    Py_BEGIN_ALLOW_THREADS
-    err = call_target(ctx, func, vals, n, trap);
-    Py_END_ALLOW_THREADS
+    if (serving) {
+        err = call_target(ctx, func, vals, n, trap);
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        err = call_target(ctx, func, vals, n, trap);
+        Py_END_ALLOW_THREADS
+    }
     if (s != NULL)
         atomic_fetch_sub(&s->calls, 1);
     return err;
@@ -2593,6 +2606,7 @@ static PyObject *walk_headers(long d, PyObject *const *args, Py_ssize_t nargs) {
                   &i, &eos) < 0)
         return NULL;
     PyObject *chain = args[0];
+    serving = 1;                        /* see run_guest */
     Walk w;
     if (walk_open(&w, chain, str_skipped) < 0) {
         walk_close(&w);

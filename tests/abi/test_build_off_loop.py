@@ -262,3 +262,33 @@ async def test_a_callback_is_charged_its_own_cpu_not_a_concurrent_builds(load, s
     assert slow.building is not None, "the build ended before the check: nothing was measured"
     assert isinstance(out, Forward), host.filters["h"].failures
     assert not host.filters["h"].failures
+
+
+async def test_a_request_callback_keeps_the_gil_while_a_build_thread_releases_it(load):
+    # The loop thread's guest calls keep the GIL (_crossing.c run_guest: the loop waits for
+    # them anyway, and a release costs two mutex round trips per call); a build thread's
+    # release it, so the loop runs meanwhile (the tests above). Seen from another Python
+    # thread: it cannot run while a request callback computes.
+    from abi.engine import crossing
+    if crossing._native is None:
+        pytest.skip("abi/engine/_crossing.c is not built: the ctypes crossing always releases")
+    host = await load(slow_start(0, "(call $burn (i32.const 60)) (i32.const 0)"))
+    await one(host)                      # this thread now serves requests (its first chain walk)
+    ran, stop, worst = threading.Event(), threading.Event(), []
+
+    def count():
+        last = time.perf_counter()
+        gap = 0.0
+        while not stop.is_set():
+            now = time.perf_counter()
+            gap, last = max(gap, now - last), now
+            ran.set()
+        worst.append(gap)
+
+    t = threading.Thread(target=count)
+    t.start()
+    assert await asyncio.to_thread(ran.wait, 5)
+    await one(host)                      # 60 ms of guest computing on this thread
+    stop.set()
+    t.join(5)
+    assert worst and worst[0] >= 0.05
