@@ -10,5 +10,6 @@ from setuptools import Extension, setup
 
 setup(ext_modules=[
     Extension("abi.engine._crossing", ["abi/engine/_crossing.c"], optional=True),
+    Extension("abi._local_store", ["abi/_local_store.c"], optional=True),
     Extension("abi._lmdb", ["abi/_lmdb.c"], libraries=["lmdb"], optional=True),
 ])

@@ -23,6 +23,7 @@ expires and is never evicted, as before. Both backends handle expiring entries a
 from __future__ import annotations
 
 import heapq
+import os
 import re
 import threading
 import time
@@ -52,6 +53,16 @@ def entry_cost(key: bytes, value: bytes) -> int:
 def deadline(now_ns: int, ttl_ns: int) -> int:
     """The expiry of an entry written at ``now_ns`` with ``ttl_ns`` (a u64, so it cannot wrap)."""
     return min(now_ns + ttl_ns, _U64)
+
+
+try:
+    from . import _local_store    # abi/_local_store.c: LocalStore.set in C, built at install
+    _local_store.configure(ENTRY_OVERHEAD, Status.OK, Status.CAS_MISMATCH, Status.INTERNAL_FAILURE)
+    _StoreBase: type = _local_store.StoreCore
+except ImportError:
+    _StoreBase = object
+#: Whether new LocalStores write through StoreCore.set's C (tests switch it, as the crossings').
+USE_C_SET = _StoreBase is not object and not os.environ.get("WASMGATE_PURE_PYTHON")
 
 
 class SharedStore(Protocol):
@@ -141,7 +152,7 @@ class _Metric:
         self.buckets = [0] * len(HISTOGRAM_BUCKETS)
 
 
-class LocalStore:
+class LocalStore(_StoreBase):
     """In-process store for one worker (the default backend).
 
     Used from the event loop and from the threads that build filter instances (a start
@@ -175,6 +186,9 @@ class LocalStore:
         self._metrics_by_name: dict[tuple[int, str], _Metric] = {}
         self._next_metric = [MetricType.COUNTER, MetricType.GAUGE, MetricType.HISTOGRAM]
         self._lock = threading.Lock()
+        # StoreCore.set (abi/_local_store.c, when built) runs _set in C; pure: it calls
+        # _locked_set, which is LocalStore.set without the extension.
+        self._pure = not USE_C_SET
 
     # -- shared data (cpp-host shared_data.cc; expiry: module docstring) ------------------
 
@@ -186,9 +200,12 @@ class LocalStore:
                 return None
         return found
 
-    def set(self, key: bytes, value: bytes, cas: int, ttl_ns: int | None = None) -> int:
+    def _locked_set(self, key: bytes, value: bytes, cas: int, ttl_ns: int | None = None) -> int:
         with self._lock:
             return self._set(key, value, cas, ttl_ns)
+
+    if _StoreBase is object:     # else StoreCore.set: this in C (abi/_local_store.c)
+        set = _locked_set
 
     def _set(self, key: bytes, value: bytes, cas: int, ttl_ns: int | None) -> int:
         old = self._data.get(key)

@@ -77,6 +77,19 @@ def crossing_impl(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=["c", "python"])
+def local_store_impl(request, monkeypatch):
+    """Runs a test on both LocalStore.set paths: abi/_local_store.c's StoreCore.set (built at
+    install when a C compiler is there) and the Python _set (WASMGATE_PURE_PYTHON=1). Stores
+    made from then on use it; modules use it with
+    ``pytestmark = pytest.mark.usefixtures("local_store_impl")``."""
+    from abi import shared_store
+    if request.param == "c" and shared_store._StoreBase is object:
+        pytest.skip("abi/_local_store.c is not built (no C compiler at install?)")
+    monkeypatch.setattr(shared_store, "USE_C_SET", request.param == "c")
+    return request.param
+
+
 @pytest.fixture(params=["c", "py-lmdb"])
 def lmdb_binding(request, monkeypatch):
     """Runs a test on both LMDB bindings of the gateway-wide shared store: abi/_lmdb.c (built

@@ -1,8 +1,12 @@
 """LocalStore's CAS values: the create-if-absent sentinel (0xFFFFFFFF) is never handed out,
 so a filter can create a key atomically within §5.4's rules (the ratelimit filter does)."""
+import pytest
+
 from abi.shared_store import LocalStore
 
 from abi_helpers import on_threads
+
+pytestmark = pytest.mark.usefixtures("local_store_impl")
 
 OK, CAS_MISMATCH, SENTINEL = 0, 8, 0xFFFFFFFF
 

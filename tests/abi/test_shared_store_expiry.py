@@ -38,15 +38,17 @@ def _entry(key: bytes, value: bytes) -> int:
     return entry_cost(key, value)
 
 
-@pytest.fixture(params=["local", "shm"])
+@pytest.fixture(params=["local", "local-py", "shm"])
 def make(request):
-    """make(max_bytes) → a fresh store of the parametrized kind with a hand-driven clock."""
+    """make(max_bytes) → a fresh store of the parametrized kind with a hand-driven clock
+    (local: LocalStore.set in C where abi/_local_store.c is built; local-py: its Python _set)."""
     made = []
 
     def factory(max_bytes: int):
         clock = Clock()
-        if request.param == "local":
+        if request.param.startswith("local"):
             s = LocalStore(max_bytes=max_bytes, clock=clock)
+            s._pure = s._pure or request.param == "local-py"
         else:
             name = f"test-{uuid.uuid4().hex[:12]}"
             s = S.create(name, max(max_bytes, S.MIN_MAX_BYTES))
