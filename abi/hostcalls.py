@@ -17,7 +17,7 @@ from .seam import LocalReply
 from .buffers import BAD_VALUE, GOOD_NAMES, lower_key, valid_header
 from .enums import BufferType, LogLevel, MapType, MetricType, Status
 from .engine import (HostTrap, MemoryAccessError, Trap, guarded_host, native_header_edit,
-                     native_time_ns)
+                     native_stream_property, native_time_ns)
 from .limits import MAX_HEADER_MAP_BYTES, MAX_LOG_BYTES
 from .pairs import deserialize, deserialize_str, to_bytes, to_str, to_text
 from .context import LAST_STREAM_MAP, STREAM_MAPS, FilterView
@@ -533,7 +533,7 @@ HOSTCALLS: dict[str, tuple[Callable, tuple[str, ...], tuple[str, ...]]] = {
 # Host functions done whole in C on their common path (_crossing.c "host calls of every
 # request"), each with its Python function above as the fallback for the rest and the
 # reference: guarded() links the C one wherever the C crossings are on. No Python frame for a
-# request's header edits or clock read.
+# request's header edits, clock read or stream property reads.
 IN_C: dict[Callable, Callable] = {}
 if native_header_edit is not None:
     _MAP_NAMES = tuple(STREAM_MAPS[t] for t in range(LAST_STREAM_MAP + 1))
@@ -544,6 +544,9 @@ if native_header_edit is not None:
 if native_time_ns is not None:
     IN_C[proxy_get_current_time_nanoseconds] = functools.partial(
         native_time_ns, proxy_get_current_time_nanoseconds)
+if native_stream_property is not None:
+    IN_C[proxy_get_property] = functools.partial(
+        native_stream_property, proxy_get_property, STREAM_PROPERTIES, Status.INVALID_MEMORY_ACCESS)
 
 _GUARDED_SRC = """
 def host({args}):

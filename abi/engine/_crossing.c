@@ -1540,12 +1540,21 @@ static int context_core_init(PyObject *m) {     /* ContextCore and HeaderMapCore
  *       map type (context.STREAM_MAPS); ``limit``: MAX_HEADER_MAP_BYTES.
  *   time_ns(fallback, f, ret_p) -> status
  *       proxy_get_current_time_nanoseconds: f.now_ns() as a u64 at ret_p.
+ *   stream_property(fallback, table, invalid, f, path_ptr, path_size, ret_pp, ret_size_p)
+ *       -> status
+ *       proxy_get_property of a stream property filters read on every request (``table``:
+ *       properties.STREAM_PROPERTIES, path -> getter of an HTTP context's chain): the value
+ *       into a block of the guest's allocator as Filter.write_result puts it (``invalid``:
+ *       Status.INVALID_MEMORY_ACCESS when the allocator answers 0). Any other path, an
+ *       absent value, or no allocator free to call goes to the fallback.
  *
  * Both answer Status.OK (0) themselves and nothing else: every other status comes from the
  * fallback. A bad guest pointer raises MemoryAccessError (through Memory._check, as above),
  * which the Guarded wrapper turns into INVALID_MEMORY_ACCESS. */
 static PyObject *str_mem, *str_effective, *str_current, *str_vm_ctx, *str_chain, *str_edited,
-                *str_items, *str_grown, *str_ser, *str_unsafe, *str_now_ns;
+                *str_items, *str_grown, *str_ser, *str_unsafe, *str_now_ns, *str_alloc,
+                *str_allocating;
+static PyObject *mem_put_result(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 
 /* fallback(*args): the Python host function, given the arguments the host function has */
 static PyObject *fall_back(PyObject *fallback, PyObject *const *args, Py_ssize_t nargs) {
@@ -1740,11 +1749,112 @@ static PyObject *time_ns(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     return r;
 }
 
+/* The getter's value for the path at (path_ptr, path_size); NULL: none (fall back), or an
+ * exception set. */
+static PyObject *stream_property_value(PyObject *table, PyObject *f, PyObject *mem,
+                                       PyObject *path_ptr, PyObject *path_size) {
+    long long ptr, n;
+    Py_buffer buf;
+    if (as_offset(path_ptr, &ptr) < 0 || as_offset(path_size, &n) < 0)
+        return NULL;
+    if (n == 0)
+        return NULL;
+    if (mem_span(mem, path_ptr, path_size, ptr, n, &buf, 0) < 0)
+        return NULL;
+    PyObject *path = PyBytes_FromStringAndSize((const char *)buf.buf + ptr, (Py_ssize_t)n);
+    PyBuffer_Release(&buf);
+    if (path == NULL)
+        return NULL;
+    PyObject *getter = PyDict_GetItemWithError(table, path);   /* borrowed */
+    Py_DECREF(path);
+    if (getter == NULL)
+        return NULL;
+    PyObject *ctx = current_ctx(f);
+    if (ctx == NULL)
+        return NULL;
+    PyObject *chain = PyObject_GetAttr(ctx, str_chain);
+    Py_DECREF(ctx);
+    if (chain == NULL || chain == Py_None) {
+        Py_XDECREF(chain);
+        return NULL;
+    }
+    PyObject *value = PyObject_CallOneArg(getter, chain);
+    Py_DECREF(chain);
+    if (value != NULL && (!PyBytes_CheckExact(value) || PyBytes_GET_SIZE(value) == 0)) {
+        Py_DECREF(value);                       /* None (absent), or empty: the fallback's */
+        return NULL;
+    }
+    return value;
+}
+
+static PyObject *stream_property(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 8) {
+        PyErr_SetString(PyExc_TypeError, "stream_property(fallback, table, invalid, f, path_ptr, "
+                                         "path_size, ret_pp, ret_size_p)");
+        return NULL;
+    }
+    PyObject *table = args[1], *f = args[3];
+    if (!PyDict_Check(table)) {
+        PyErr_SetString(PyExc_TypeError, "stream_property: table must be a dict");
+        return NULL;
+    }
+    PyObject *mem = PyObject_GetAttr(f, str_mem);
+    if (mem == NULL)
+        return NULL;
+    PyObject *value = NULL, *alloc = NULL, *result = NULL;
+    if (mem == Py_None)
+        goto fallback;
+    value = stream_property_value(table, f, mem, args[4], args[5]);
+    if (value == NULL) {
+        if (PyErr_Occurred())
+            goto done;                          /* MemoryAccessError, or the getter raised */
+        goto fallback;
+    }
+    alloc = PyObject_GetAttr(f, str_alloc);
+    PyObject *busy = alloc != NULL ? PyObject_GetAttr(f, str_allocating) : NULL;
+    if (busy == NULL)
+        goto done;
+    int allocating = PyObject_IsTrue(busy);
+    Py_DECREF(busy);
+    if (allocating < 0)
+        goto done;
+    if (alloc == Py_None || allocating)
+        goto fallback;                          /* (booting, or an allocator calling back in) */
+    if (PyObject_SetAttr(f, str_allocating, Py_True) < 0)
+        goto done;
+    PyObject *put_args[5] = {mem, alloc, value, args[6], args[7]};
+    PyObject *written = mem_put_result(NULL, put_args, 5);
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);                 /* the flag comes down whatever happened */
+    int reset = PyObject_SetAttr(f, str_allocating, Py_False);
+    if (et != NULL) {
+        if (reset < 0)
+            PyErr_Clear();
+        PyErr_Restore(et, ev, tb);
+    }
+    if (written == NULL || reset < 0) {
+        Py_XDECREF(written);
+        goto done;
+    }
+    result = written == Py_True ? PyLong_FromLong(0) : Py_NewRef(args[2]);   /* OK / invalid */
+    Py_DECREF(written);
+    goto done;
+fallback:
+    result = fall_back(args[0], args + 3, nargs - 3);
+done:
+    Py_XDECREF(value);
+    Py_XDECREF(alloc);
+    Py_DECREF(mem);
+    return result;
+}
+
 static PyMethodDef hostcall_methods[] = {
     {"header_edit", (PyCFunction)(void (*)(void))header_edit, METH_FASTCALL,
      "proxy_replace/add_header_map_value on a stream's map (see the section comment)"},
     {"time_ns", (PyCFunction)(void (*)(void))time_ns, METH_FASTCALL,
      "proxy_get_current_time_nanoseconds (see the section comment)"},
+    {"stream_property", (PyCFunction)(void (*)(void))stream_property, METH_FASTCALL,
+     "proxy_get_property of a stream property (see the section comment)"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1753,7 +1863,8 @@ static int hostcall_module_init(PyObject *m) {
         {&str_mem, "_mem"}, {&str_effective, "_effective"}, {&str_current, "_current"},
         {&str_vm_ctx, "_vm_ctx"}, {&str_chain, "chain"}, {&str_edited, "edited"},
         {&str_items, "items"}, {&str_grown, "grown"}, {&str_ser, "_ser"},
-        {&str_unsafe, "unsafe"}, {&str_now_ns, "now_ns"},
+        {&str_unsafe, "unsafe"}, {&str_now_ns, "now_ns"}, {&str_alloc, "_alloc"},
+        {&str_allocating, "_allocating"},
     };
     for (size_t i = 0; i < sizeof strs / sizeof strs[0]; i++)
         if ((*strs[i].slot = PyUnicode_InternFromString(strs[i].name)) == NULL)

@@ -92,6 +92,40 @@ async def test_write_result_statuses(load, trace):
     assert host.filters["f"].host_errors == 0
 
 
+async def test_a_stream_property_is_written_as_write_result_writes(load, trace):
+    # The C stream_property (the hot proxy_get_property) against the Python one, on each
+    # crossing: an allocator that asks for a property again is refused (6), the outer call
+    # gets its data, an allocator answering 0 gets 6, a bad out-pointer gets 6, a property
+    # outside the fast table and an absent one go through the Python path.
+    w = Wat(allocator=False)
+    addr = w.s(b"source\0address")
+    nested = f"(call $proxy_get_property {addr} (i32.const {OUT + 16}) (i32.const {OUT + 20}))"
+    w.extra.append("(global $depth (mut i32) (i32.const 0))")
+    w.extra.append(_allocator(
+        "(if (i32.eqz (global.get $depth)) (then"
+        "  (global.set $depth (i32.const 1))"
+        f" {status(w, 'nested', nested)}"
+        "  (global.set $depth (i32.const 0))"
+        "  (return (i32.const 0x10000))))"
+        "(i32.const 0)"))
+    w.on("proxy_on_request_headers",
+         status(w, "outer", f"(call $proxy_get_property {addr} {O})")
+         + out_ptr_size(w, "outer-out")
+         + status(w, "bad-out", f"(call $proxy_get_property {addr} {FAR} (i32.const 0))")
+         + status(w, "other", f"(call $proxy_get_property {w.s(b'request' + bytes(1) + b'protocol')} {O})")
+         + status(w, "absent", f"(call $proxy_get_property {w.s(b'request' + bytes(1) + b'nope')} {O})")
+         + "(global.set $depth (i32.const 2))"   # now the allocator answers 0
+         + status(w, "zero", f"(call $proxy_get_property {addr} {O})")
+         + " (i32.const 0)")
+    host = await load(w)
+    trace.records.clear()
+    await request(host)
+    # (each allocation, the bad out-pointer's and the other property's too, asks once more)
+    assert trace.lines("f")[1:10] == ["nested 6", "outer 0", "outer-out 65536 15", "nested 6",
+                                      "bad-out 6", "nested 6", "other 0", "absent 1", "zero 6"]
+    assert host.filters["f"].host_errors == 0
+
+
 async def test_write_result_without_an_allocator(load, trace):
     w = Wat(allocator=False)
     w.on("proxy_on_request_headers",
@@ -145,14 +179,17 @@ class HostCallFrames:
 
 async def test_header_edits_and_the_clock_are_no_python_frame_on_the_c_path(load, crossing_impl):
     # bench/chain_profile: a filter's header edits are most of its host calls. On the C path
-    # an edit of a stream's map and the clock read are C whole (_crossing.c header_edit,
-    # time_ns): not one Python frame; on the Python path, the adapters.
+    # an edit of a stream's map, the clock read and a stream property read are C whole
+    # (_crossing.c header_edit, time_ns, stream_property; the property's getter is
+    # properties.py's, not a host frame): not one host-call frame; on the Python path, the
+    # adapters.
     w = Wat()
     w.on("proxy_on_request_headers",
          f"(drop (call $proxy_replace_header_map_value (i32.const 0) {w.s('x-a')} {w.s('v')}))"
          f"(drop (call $proxy_replace_header_map_value (i32.const 0) {w.s('X-New')} {w.s('w')}))"
          f"(drop (call $proxy_add_header_map_value (i32.const 0) {w.s('x-add')} {w.s('z')}))"
          f"(drop (call $proxy_get_current_time_nanoseconds (i32.const {OUT})))"
+         f"(drop (call $proxy_get_property {w.s(b'source' + bytes(1) + b'address')} (i32.const {OUT}) (i32.const {OUT + 4})))"
          " (i32.const 0)")
     host = await load(w)
     await request(host)                         # warm: the name check's cache, callers
@@ -183,4 +220,7 @@ async def test_header_edits_and_the_clock_are_no_python_frame_on_the_c_path(load
                          ["callback", "host", "_header_edit", "_py_header_pair", "_py_read",
                           "_py_read", "add"],
                          ["callback", "host", "proxy_get_current_time_nanoseconds",
-                          "write_u64", "write_u64"]]
+                          "write_u64", "write_u64"],
+                         ["callback", "host", "proxy_get_property", "read", "_py_read",
+                          "_source_address", "_addr", "to_bytes", "write_result", "_py_put_result",
+                          "write", "write_u32", "write_u32"]]
