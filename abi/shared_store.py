@@ -158,6 +158,9 @@ class LocalStore(_StoreBase):
     Used from the event loop and from the threads that build filter instances (a start
     sequence may set shared data, define metrics or register queues): every read-modify-write
     holds ``_lock``; single dict reads need not. Enqueue callbacks run outside the lock.
+
+    ``set`` is ``_set`` under the lock; where abi/_local_store.c is built it is StoreCore's, in
+    C (``_set`` stays the reference, which the tests compare it with, and the pure path).
     """
 
     def __init__(self, max_bytes: int = 16 * 1024 * 1024, max_queue_items: int = 10000,
