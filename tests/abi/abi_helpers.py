@@ -79,3 +79,31 @@ def on_threads(fn, n: int) -> None:
             t.join()
     finally:
         sys.setswitchinterval(old)
+
+
+# -- the differential store tests (one store path against another, operation by operation) --
+CREATE_IF_ABSENT = 0xFFFFFFFF
+STORE_OPS = ["get", "set", "set_ttl", "cas_ttl", "stale_cas", "create", "expire"]
+
+
+def store_op(s, op: str, key: bytes, val: bytes, n: int, stale_cas: int):
+    """What store ``s`` answers to one of STORE_OPS on ``key``: a get, a plain set, an expiring
+    set (ttl 1 + n), a CAS write of the current entry (create-if-absent when there is none), a
+    write with an older cas ``stale_cas`` (ttl n, so 0 deletes), a create-if-absent, and an
+    expire-at-once delete of the current entry. Every op reads the key first, as a filter's
+    read-modify-write does."""
+    cur = s.get(key)
+    if op == "get":
+        return cur
+    if op == "set":
+        return s.set(key, val, 0)
+    if op == "set_ttl":
+        return s.set(key, val, 0, 1 + n)
+    if op == "cas_ttl":
+        return s.set(key, val, cur[1] if cur else CREATE_IF_ABSENT, 1 + n % 40)
+    if op == "stale_cas":
+        return s.set(key, val, stale_cas, n)
+    if op == "create":
+        return s.set(key, val, CREATE_IF_ABSENT, 1 + n)
+    assert op == "expire", op
+    return s.set(key, b"", cur[1] if cur else 0, 0)

@@ -61,13 +61,9 @@ def _allocator(body: str) -> str:
     return f'(func (export "proxy_on_memory_allocate") (param $n i32) (result i32) {body})'
 
 
-async def test_write_result_statuses(load, trace):
-    # What write_result answers: an allocator that asks the host for data again is refused
-    # (the nested call gets 6, the outer one its data); an allocator answering 0 gets 6;
-    # empty data needs no allocator: (0, 0).
-    w = Wat(allocator=False)
-    nested = (f"(call $proxy_get_header_map_value (i32.const 0) {w.s(':path')} "
-              f"(i32.const {OUT + 16}) (i32.const {OUT + 20}))")
+def _asking_allocator(w: Wat, nested: str) -> None:
+    """An allocator that first makes the host call ``nested`` (traced as "nested <status>") and
+    then answers 0x10000; once $depth is set to 2, it answers 0."""
     w.extra.append("(global $depth (mut i32) (i32.const 0))")
     w.extra.append(_allocator(
         "(if (i32.eqz (global.get $depth)) (then"
@@ -76,6 +72,15 @@ async def test_write_result_statuses(load, trace):
         "  (global.set $depth (i32.const 0))"
         "  (return (i32.const 0x10000))))"
         "(i32.const 0)"))                       # the nested (refused) call would get 0 anyway
+
+
+async def test_write_result_statuses(load, trace):
+    # What write_result answers: an allocator that asks the host for data again is refused
+    # (the nested call gets 6, the outer one its data); an allocator answering 0 gets 6;
+    # empty data needs no allocator: (0, 0).
+    w = Wat(allocator=False)
+    _asking_allocator(w, f"(call $proxy_get_header_map_value (i32.const 0) {w.s(':path')} "
+                         f"(i32.const {OUT + 16}) (i32.const {OUT + 20}))")
     w.on("proxy_on_request_headers",
          status(w, "outer", f"(call $proxy_get_header_map_value (i32.const 0) {w.s('x-a')} {O})")
          + out_ptr_size(w, "outer-out")
@@ -99,15 +104,7 @@ async def test_a_stream_property_is_written_as_write_result_writes(load, trace):
     # outside the fast table and an absent one go through the Python path.
     w = Wat(allocator=False)
     addr = w.s(b"source\0address")
-    nested = f"(call $proxy_get_property {addr} (i32.const {OUT + 16}) (i32.const {OUT + 20}))"
-    w.extra.append("(global $depth (mut i32) (i32.const 0))")
-    w.extra.append(_allocator(
-        "(if (i32.eqz (global.get $depth)) (then"
-        "  (global.set $depth (i32.const 1))"
-        f" {status(w, 'nested', nested)}"
-        "  (global.set $depth (i32.const 0))"
-        "  (return (i32.const 0x10000))))"
-        "(i32.const 0)"))
+    _asking_allocator(w, f"(call $proxy_get_property {addr} (i32.const {OUT + 16}) (i32.const {OUT + 20}))")
     w.on("proxy_on_request_headers",
          status(w, "outer", f"(call $proxy_get_property {addr} {O})")
          + out_ptr_size(w, "outer-out")

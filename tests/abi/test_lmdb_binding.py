@@ -14,9 +14,10 @@ from hypothesis import given, settings, strategies as st
 
 from abi import shared_store_shm as S
 
+from abi_helpers import CREATE_IF_ABSENT, STORE_OPS, store_op
+
 pytestmark = pytest.mark.skipif(S._c_lmdb is None, reason="abi/_lmdb.c is not built")
 BINDINGS = {"c": S._c_lmdb, "py-lmdb": S._py_lmdb}
-CREATE_IF_ABSENT = 0xFFFFFFFF
 
 
 class Clock:
@@ -116,8 +117,7 @@ KEYS = [b"k%d" % i for i in range(6)] + [b"L" * 500, b"L" * 501]   # two hashed 
 
 
 @settings(max_examples=80, deadline=None)
-@given(ops=st.lists(st.tuples(st.sampled_from(["get", "set", "set_ttl", "cas_ttl", "stale_cas",
-                                               "create", "expire", "tick"]),
+@given(ops=st.lists(st.tuples(st.sampled_from(STORE_OPS + ["tick"]),
                               st.integers(0, len(KEYS) - 1), st.integers(0, 600)), max_size=80))
 def test_c_request_path_writes_what_the_python_path_writes(ops):
     clock, stores = _pair()
@@ -131,23 +131,7 @@ def test_c_request_path_writes_what_the_python_path_writes(ops):
             if op == "tick":
                 clock.now += n
                 continue
-            res = []
-            for s in (c, py):
-                cur = s.get(key)
-                if op == "get":
-                    res.append(cur)
-                elif op == "set":
-                    res.append(s.set(key, val, 0))
-                elif op == "set_ttl":
-                    res.append(s.set(key, val, 0, 1 + n))
-                elif op == "cas_ttl":
-                    res.append(s.set(key, val, cur[1] if cur else CREATE_IF_ABSENT, 1 + n % 40))
-                elif op == "stale_cas":
-                    res.append(s.set(key, val, last_cas.get(i, 1), n))
-                elif op == "create":
-                    res.append(s.set(key, val, CREATE_IF_ABSENT, 1 + n))
-                else:
-                    res.append(s.set(key, b"", cur[1] if cur else 0, 0))   # expires at once
+            res = [store_op(s, op, key, val, n, last_cas.get(i, 1)) for s in (c, py)]
             if res[0] is not None and not isinstance(res[0], int):
                 last_cas[i] = res[0][1]
             assert res[0] == res[1], (op, i, n, res)

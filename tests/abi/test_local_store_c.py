@@ -10,11 +10,12 @@ from hypothesis import given, settings, strategies as st
 from abi import shared_store
 from abi.shared_store import ENTRY_OVERHEAD, LocalStore
 
+from abi_helpers import CREATE_IF_ABSENT, STORE_OPS, store_op
+
 pytestmark = pytest.mark.skipif(shared_store._StoreBase is object,
                                 reason="abi/_local_store.c is not built (no C compiler at install?)")
 
 OK, CAS_MISMATCH, INTERNAL_FAILURE = 0, 8, 10
-CREATE_IF_ABSENT = 0xFFFFFFFF
 KEYS = [b"k%d" % i for i in range(6)]
 
 
@@ -39,8 +40,7 @@ def _state(s: LocalStore) -> tuple:
 
 
 @settings(max_examples=150, deadline=None)
-@given(ops=st.lists(st.tuples(st.sampled_from(["get", "set", "set_ttl", "cas_ttl", "stale_cas", "create",
-                                               "expire", "rewrites", "tick"]),
+@given(ops=st.lists(st.tuples(st.sampled_from(STORE_OPS + ["rewrites", "tick"]),
                               st.integers(0, len(KEYS) - 1), st.integers(0, 600)), max_size=60))
 def test_c_set_leaves_what_the_python_set_leaves(ops):
     clock, c, py = _pair(max_bytes=5 * (ENTRY_OVERHEAD + 120))      # small: writes evict
@@ -50,25 +50,10 @@ def test_c_set_leaves_what_the_python_set_leaves(ops):
         if op == "tick":
             clock.now += n
             continue
-        res = []
-        for s in (c, py):
-            cur = s.get(key)
-            if op == "get":
-                res.append(cur)
-            elif op == "set":
-                res.append(s.set(key, val, 0))
-            elif op == "set_ttl":
-                res.append(s.set(key, val, 0, 1 + n))
-            elif op == "cas_ttl":
-                res.append(s.set(key, val, cur[1] if cur else CREATE_IF_ABSENT, ttl_ns=1 + n % 40))
-            elif op == "stale_cas":
-                res.append(s.set(key, val, last_cas.get(i, 1), n))
-            elif op == "create":
-                res.append(s.set(key, val, CREATE_IF_ABSENT, 1 + n))
-            elif op == "rewrites":                # stale heap items pile up: _compact runs
-                res.append([s.set(key, b"r", 0, 10_000 + n) for _ in range(70)])
-            else:
-                res.append(s.set(key, b"", cur[1] if cur else 0, 0))   # expires at once
+        if op == "rewrites":                      # stale heap items pile up: _compact runs
+            res = [[s.set(key, b"r", 0, ttl_ns=10_000 + n) for _ in range(70)] for s in (c, py)]
+        else:
+            res = [store_op(s, op, key, val, n, last_cas.get(i, 1)) for s in (c, py)]
         if isinstance(res[0], tuple):
             last_cas[i] = res[0][1]
         assert res[0] == res[1], (op, i, n, res)
