@@ -149,7 +149,7 @@ static long long set_locked(StoreCore *st, PyObject *key, PyObject *value, unsig
     int live = old != NULL && (old_due_obj == NULL || old_due > now);
     if (live && cas != 0) {
         unsigned long long held = as_u64(PyTuple_GET_ITEM(old, 1), &ok);
-        if (ok && cas != held) {
+        if (!ok || cas != held) {               /* (a stored cas is always a u32) */
             status = status_cas_mismatch;
             goto done;
         }

@@ -1548,7 +1548,8 @@ static int context_core_init(PyObject *m) {     /* ContextCore and HeaderMapCore
  *       Status.INVALID_MEMORY_ACCESS when the allocator answers 0). Any other path, an
  *       absent value, or no allocator free to call goes to the fallback.
  *
- * Both answer Status.OK (0) themselves and nothing else: every other status comes from the
+ * They answer Status.OK (0) themselves, and stream_property ``invalid`` when the guest's
+ * allocator answers 0 (as Filter.write_result does); every other status comes from the
  * fallback. A bad guest pointer raises MemoryAccessError (through Memory._check, as above),
  * which the Guarded wrapper turns into INVALID_MEMORY_ACCESS. */
 static PyObject *str_mem, *str_effective, *str_current, *str_vm_ctx, *str_chain, *str_edited,
