@@ -1754,16 +1754,11 @@ static PyObject *time_ns(PyObject *self, PyObject *const *args, Py_ssize_t nargs
  * exception set. */
 static PyObject *stream_property_value(PyObject *table, PyObject *f, PyObject *mem,
                                        PyObject *path_ptr, PyObject *path_size) {
-    long long ptr, n;
-    Py_buffer buf;
-    if (as_offset(path_ptr, &ptr) < 0 || as_offset(path_size, &n) < 0)
-        return NULL;
-    if (n == 0)
-        return NULL;
-    if (mem_span(mem, path_ptr, path_size, ptr, n, &buf, 0) < 0)
-        return NULL;
-    PyObject *path = PyBytes_FromStringAndSize((const char *)buf.buf + ptr, (Py_ssize_t)n);
-    PyBuffer_Release(&buf);
+    long long n;
+    if (as_offset(path_size, &n) < 0 || n == 0)
+        return NULL;                            /* (an empty path: the fallback's, unchecked) */
+    PyObject *read_args[3] = {mem, path_ptr, path_size};
+    PyObject *path = mem_read(NULL, read_args, 3);
     if (path == NULL)
         return NULL;
     PyObject *getter = PyDict_GetItemWithError(table, path);   /* borrowed */
