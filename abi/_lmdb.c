@@ -4,8 +4,10 @@
  * Why: a rate limiter does one get and one set of the shared store per request. Driven from
  * Python through py-lmdb, that costs a two-worker gateway 13-14 us per request live (LMDB's
  * own code is ~2 % of a worker's samples; the rest is Python around it, on cold caches between
- * wasm callbacks). Here get_record() is one read transaction and set_record() the common case
- * of ShmStore._set_txn in one write transaction, each a single call from Python.
+ * wasm callbacks). Here get_entry() is ShmStore.get in one read transaction and set_entry() the
+ * common case of ShmStore.set in one write transaction, each a single call from Python. counters()
+ * maps the store's metric values, which an increment changes with one atomic instruction
+ * instead of a write transaction.
  *
  * Optional: built at install (setup.py, optional=True, needs liblmdb-dev). Without it,
  * shared_store_shm.py uses py-lmdb with the same records (the tests run both). One process
@@ -15,7 +17,7 @@
  * The py-lmdb subset the store uses, with py-lmdb's semantics:
  *   open(path, map_size=, max_readers=, create=, ...) -> Environment
  *   Environment.begin(write=False, buffers=False) -> Transaction; .reader_check(); .info();
- *       .close(); .get_record(key); .set_record(...) (below)
+ *       .close(); .get_record(key); .get_entry(...); .set_entry(...) (below)
  *   Transaction.get(key, default=None) / put(key, value) / delete(key) / pop(key) / cursor()
  *       / commit() / abort(); a context manager (commit on success, abort on an exception)
  *   Cursor.set_range(key) / key() / value(); iteration yields (key, value) from the current
@@ -33,7 +35,11 @@
 #include <lmdb.h>
 #include <stdint.h>
 #include <string.h>
+#include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
 
 static PyObject *LmdbError;
 static PyObject *MapFullError;
@@ -284,7 +290,9 @@ env_begin(EnvObject *e, PyObject *args, PyObject *kw)
 #define MISSING_CAS 0xFFFFFFFFu
 #define STATUS_OK 0
 #define STATUS_CAS_MISMATCH 8
-#define SLOW (-1)                               /* set_record: take the Python path instead */
+#define SLOW (-1)                               /* set_entry: take the Python path instead */
+#define RAISED (-2)                             /* set_core: an exception is set */
+#define LONG_KEY 480                            /* shared_store_shm.LONG_KEY: longer keys hash */
 
 static uint64_t
 be64(const unsigned char *p)
@@ -454,45 +462,34 @@ reap(MDB_txn *t, MDB_dbi dbi, uint64_t *meta, uint64_t now, long reap_max, long 
     return result;
 }
 
-/* set_record(dk, key_len, value, cas, now, due, max_bytes, entry_overhead, reap_max) -> status
- *
- * ShmStore._set_txn for a short key (not hashed; due: the new deadline, 0 = never expires,
- * -1 = expires at once) when the write fits the budget without evicting: the same reads,
- * checks and writes (reaping included), in one write transaction. Returns 0 (OK), 8
- * (CAS_MISMATCH), or -1 (SLOW) when the write would have to evict, or on any LMDB error (a
- * full map included): nothing was written, and the caller runs the Python _set_txn, which
- * handles every case. */
-static PyObject *
-env_set_record(EnvObject *e, PyObject *const *args, Py_ssize_t nargs)
-{
-    if (nargs != 9) {
-        PyErr_SetString(PyExc_TypeError, "set_record takes 9 arguments");
-        return NULL;
-    }
-    char *dk, *value;
-    Py_ssize_t dklen, vlen;
-    if (PyBytes_AsStringAndSize(args[0], &dk, &dklen) < 0
-            || PyBytes_AsStringAndSize(args[2], &value, &vlen) < 0)
-        return NULL;
-    long long key_len = PyLong_AsLongLong(args[1]);
-    unsigned long cas = PyLong_AsUnsignedLong(args[3]);
-    unsigned long long now = PyLong_AsUnsignedLongLong(args[4]);
-    int expire_now = PyLong_Check(args[5]) && _PyLong_Sign(args[5]) < 0;
-    unsigned long long due = expire_now ? 0 : PyLong_AsUnsignedLongLong(args[5]);
-    long long max_bytes = PyLong_AsLongLong(args[6]);
-    long long overhead = PyLong_AsLongLong(args[7]);
-    long reap_max = PyLong_AsLong(args[8]);
-    if (PyErr_Occurred() || !env_ok(e))
-        return NULL;
-    if (dklen + 9 > 511 || dk[0] != 'k')
-        return PyLong_FromLong(SLOW);
+/* The budget and reaping arguments every write takes (ShmStore.max_bytes, ENTRY_OVERHEAD,
+ * REAP_PER_WRITE). */
+typedef struct {
+    long long max_bytes, overhead;
+    long reap_max;
+} Budget;
 
+/* ShmStore._set_txn for a short key dk (not hashed; due: the new deadline, 0 = never expires;
+ * expire_now: a CAS-guarded delete) when the write fits the budget without evicting: the same
+ * reads, checks and writes (reaping included), in one write transaction. Returns 0 (OK), 8
+ * (CAS_MISMATCH), RAISED (an exception is set: no write transaction), or SLOW when the write
+ * would have to evict, or on any LMDB error (a full map included): nothing was written, and
+ * the caller runs the Python _set_txn, which handles every case. */
+static long
+set_core(EnvObject *e, const char *dk, Py_ssize_t dklen, long long key_len, const char *value,
+         Py_ssize_t vlen, uint32_t cas, uint64_t now, uint64_t due, int expire_now,
+         const Budget *b)
+{
+    long long max_bytes = b->max_bytes, overhead = b->overhead;
+    long reap_max = b->reap_max;
     MDB_txn *t;
     int rc = write_txn(e, &t);
-    if (rc)
-        return raise_mdb(rc, "begin");
+    if (rc) {
+        raise_mdb(rc, "begin");
+        return RAISED;
+    }
     long status = SLOW;
-    MDB_val mk = {1, "M"}, mv, rk = {(size_t)dklen, dk}, rv;
+    MDB_val mk = {1, "M"}, mv, rk = {(size_t)dklen, (void *)dk}, rv;
     uint64_t meta[8];
     unsigned char meta_le[META_LEN];
     if (mdb_get(t, e->dbi, &mk, &mv) || mv.mv_size != META_LEN)
@@ -561,11 +558,121 @@ commit:
     if (mdb_put(t, e->dbi, &mk, &mv, 0))
         goto abort;
     if (mdb_txn_commit(t))                          /* (a failed commit has freed t) */
-        return PyLong_FromLong(SLOW);
-    return PyLong_FromLong(STATUS_OK);
+        return SLOW;
+    return STATUS_OK;
 abort:
     mdb_txn_abort(t);
-    return PyLong_FromLong(status);
+    return status;
+}
+
+/* CLOCK_MONOTONIC in nanoseconds: time.monotonic_ns(), ShmStore's default clock. */
+static uint64_t
+monotonic_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* "k" + key in buf (LONG_KEY bytes): a short key's data key; 0 if key is not short bytes. */
+static Py_ssize_t
+short_data_key(PyObject *key, char *buf)
+{
+    if (!PyBytes_CheckExact(key) || PyBytes_GET_SIZE(key) >= LONG_KEY)
+        return 0;
+    buf[0] = 'k';
+    memcpy(buf + 1, PyBytes_AS_STRING(key), (size_t)PyBytes_GET_SIZE(key));
+    return PyBytes_GET_SIZE(key) + 1;
+}
+
+/* The clock argument: None for CLOCK_MONOTONIC read here, else the caller's reading. */
+static int
+clock_arg(PyObject *arg, uint64_t *now)
+{
+    if (arg == Py_None) {
+        *now = monotonic_ns();
+        return 0;
+    }
+    *now = PyLong_AsUnsignedLongLong(arg);
+    return *now == (uint64_t)-1 && PyErr_Occurred() ? -1 : 0;
+}
+
+/* get_entry(key, now) -> (value, cas) | None | NotImplemented: ShmStore.get whole, for a short
+ * key — its record read in one read transaction, absent once expired (now: None reads
+ * CLOCK_MONOTONIC). NotImplemented (nothing read) for a long key, a key that is not bytes, or
+ * a closed environment: the caller takes its Python path. Never releases the GIL, so no other
+ * thread of the process can close the environment under it. */
+static PyObject *
+env_get_entry(EnvObject *e, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "get_entry takes 2 arguments");
+        return NULL;
+    }
+    char dk[LONG_KEY];
+    Py_ssize_t dklen = short_data_key(args[0], dk);
+    if (dklen == 0 || e->env == NULL)
+        Py_RETURN_NOTIMPLEMENTED;
+    MDB_txn *t;
+    int rc = read_txn(e, &t);
+    if (rc)
+        return raise_mdb(rc, "get");
+    MDB_val key = {(size_t)dklen, dk}, val;
+    rc = mdb_get(t, e->dbi, &key, &val);
+    PyObject *out;
+    uint64_t now;
+    if (rc == MDB_NOTFOUND) {
+        out = Py_NewRef(Py_None);
+    } else if (rc) {
+        out = raise_mdb(rc, "get");
+    } else if (val.mv_size < REC_LEN) {
+        out = PyErr_Format(LmdbError, "bad data record (%zu bytes)", val.mv_size);
+    } else {
+        uint64_t due = be64((unsigned char *)val.mv_data + 4);
+        if (due && (clock_arg(args[1], &now) < 0 || due <= now))
+            out = PyErr_Occurred() ? NULL : Py_NewRef(Py_None);   /* expired: absent */
+        else
+            out = Py_BuildValue("(y#k)", (char *)val.mv_data + REC_LEN,
+                                (Py_ssize_t)(val.mv_size - REC_LEN),
+                                (unsigned long)be32(val.mv_data));
+    }
+    read_done(e, t);
+    return out;
+}
+
+/* set_entry(key, value, cas, ttl_ns, now, max_bytes, entry_overhead, reap_max) -> status
+ *
+ * ShmStore.set whole, for a short key when nothing has to be evicted: the data key, the cas
+ * (mod 2**32) and the deadline (ttl_ns None: never expires; 0: expires at once, a CAS-guarded
+ * delete; else now + ttl_ns, capped at 2**64 - 1; now None reads CLOCK_MONOTONIC) derived here,
+ * then set_core's write. SLOW (nothing written) for a long key, a key or value that is not
+ * bytes, a closed environment, and every case set_core hands back. */
+static PyObject *
+env_set_entry(EnvObject *e, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 8) {
+        PyErr_SetString(PyExc_TypeError, "set_entry takes 8 arguments");
+        return NULL;
+    }
+    char dk[LONG_KEY];
+    Py_ssize_t dklen = short_data_key(args[0], dk);
+    if (dklen == 0 || !PyBytes_CheckExact(args[1]) || e->env == NULL)
+        return PyLong_FromLong(SLOW);
+    uint32_t cas = (uint32_t)PyLong_AsUnsignedLongMask(args[2]);
+    uint64_t now, ttl = 0, due = 0;
+    int expire_now = 0;
+    if (args[3] != Py_None) {
+        ttl = (uint64_t)PyLong_AsUnsignedLongLongMask(args[3]);
+        expire_now = ttl == 0;
+    }
+    Budget b = {PyLong_AsLongLong(args[5]), PyLong_AsLongLong(args[6]), PyLong_AsLong(args[7])};
+    if (PyErr_Occurred() || clock_arg(args[4], &now) < 0)
+        return NULL;
+    if (args[3] != Py_None && !expire_now)
+        due = ttl > UINT64_MAX - now ? UINT64_MAX : now + ttl;     /* shared_store.deadline */
+    long status = set_core(e, dk, dklen, dklen - 1, PyBytes_AS_STRING(args[1]),
+                           PyBytes_GET_SIZE(args[1]), cas, now, due, expire_now, &b);
+    return status == RAISED ? NULL : PyLong_FromLong(status);
 }
 
 static PyMethodDef env_methods[] = {
@@ -574,7 +681,8 @@ static PyMethodDef env_methods[] = {
     {"info", (PyCFunction)env_info, METH_NOARGS, NULL},
     {"close", (PyCFunction)env_close_m, METH_NOARGS, NULL},
     {"get_record", (PyCFunction)env_get_record, METH_O, NULL},
-    {"set_record", (PyCFunction)(void (*)(void))env_set_record, METH_FASTCALL, NULL},
+    {"get_entry", (PyCFunction)(void (*)(void))env_get_entry, METH_FASTCALL, NULL},
+    {"set_entry", (PyCFunction)(void (*)(void))env_set_entry, METH_FASTCALL, NULL},
     {NULL}
 };
 
@@ -909,10 +1017,143 @@ static PyTypeObject CursorType = {
     .tp_methods = cur_methods,
 };
 
+/* ------------------------------------------------------------------ metric counters */
+
+/* counters(path, count) -> Counters: the store's metric values (counters and gauges), one u64
+ * per metric sequence number in a file of count slots that every process maps shared, updated
+ * with atomic instructions (Envoy keeps its stats the same way). An increment is then one
+ * locked add instead of an LMDB write transaction, and never waits for another worker's write.
+ *   add(i, delta)    slot i += delta (mod 2**64; a negative delta wraps as i64 arithmetic does)
+ *   store(i, value)  slot i = value (mod 2**64)
+ *   load(i) -> int   slot i, as a u64
+ * An index outside the file raises IndexError. The mapping is undone when the object goes. */
+typedef struct {
+    PyObject_HEAD
+    uint64_t *slots;
+    Py_ssize_t count;
+} CountersObject;
+
+static PyTypeObject CountersType;
+
+static PyObject *
+counters_open(PyObject *self, PyObject *args)
+{
+    const char *path;
+    Py_ssize_t count;
+    if (!PyArg_ParseTuple(args, "sn", &path, &count))
+        return NULL;
+    if (count <= 0) {
+        PyErr_SetString(PyExc_ValueError, "counters: count must be positive");
+        return NULL;
+    }
+    int fd = open(path, O_RDWR | O_CLOEXEC);
+    if (fd < 0)
+        return PyErr_SetFromErrnoWithFilename(PyExc_OSError, path);
+    struct stat st;
+    size_t len = (size_t)count * sizeof(uint64_t);
+    if (fstat(fd, &st) != 0 || (size_t)st.st_size < len) {
+        close(fd);
+        return PyErr_Format(PyExc_ValueError, "%s: shorter than %zd counters", path, count);
+    }
+    void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);                                      /* the mapping keeps the file */
+    if (p == MAP_FAILED)
+        return PyErr_SetFromErrnoWithFilename(PyExc_OSError, path);
+    CountersObject *c = PyObject_New(CountersObject, &CountersType);
+    if (c == NULL) {
+        munmap(p, len);
+        return NULL;
+    }
+    c->slots = p;
+    c->count = count;
+    return (PyObject *)c;
+}
+
+static void
+counters_dealloc(CountersObject *c)
+{
+    munmap(c->slots, (size_t)c->count * sizeof(uint64_t));
+    PyObject_Free(c);
+}
+
+/* The slot args[0] names, or NULL with IndexError set. */
+static uint64_t *
+counter_slot(CountersObject *c, PyObject *arg)
+{
+    Py_ssize_t i = PyLong_AsSsize_t(arg);
+    if (i == -1 && PyErr_Occurred())
+        return NULL;
+    if (i < 0 || i >= c->count) {
+        PyErr_SetString(PyExc_IndexError, "counter index out of range");
+        return NULL;
+    }
+    return c->slots + i;
+}
+
+static PyObject *
+counters_add(CountersObject *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "add takes 2 arguments");
+        return NULL;
+    }
+    uint64_t *slot = counter_slot(c, args[0]);
+    if (slot == NULL)
+        return NULL;
+    uint64_t delta = (uint64_t)PyLong_AsUnsignedLongLongMask(args[1]);
+    if (delta == (uint64_t)-1 && PyErr_Occurred())
+        return NULL;
+    __atomic_fetch_add(slot, delta, __ATOMIC_RELAXED);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+counters_store(CountersObject *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "store takes 2 arguments");
+        return NULL;
+    }
+    uint64_t *slot = counter_slot(c, args[0]);
+    if (slot == NULL)
+        return NULL;
+    uint64_t value = (uint64_t)PyLong_AsUnsignedLongLongMask(args[1]);
+    if (value == (uint64_t)-1 && PyErr_Occurred())
+        return NULL;
+    __atomic_store_n(slot, value, __ATOMIC_RELAXED);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+counters_load(CountersObject *c, PyObject *arg)
+{
+    uint64_t *slot = counter_slot(c, arg);
+    if (slot == NULL)
+        return NULL;
+    return PyLong_FromUnsignedLongLong(__atomic_load_n(slot, __ATOMIC_RELAXED));
+}
+
+static PyMethodDef counters_methods[] = {
+    {"add", (PyCFunction)(void (*)(void))counters_add, METH_FASTCALL, NULL},
+    {"store", (PyCFunction)(void (*)(void))counters_store, METH_FASTCALL, NULL},
+    {"load", (PyCFunction)counters_load, METH_O, NULL},
+    {NULL}
+};
+
+static PyTypeObject CountersType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "abi._lmdb.Counters",
+    .tp_basicsize = sizeof(CountersObject),
+    .tp_dealloc = (destructor)counters_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_methods = counters_methods,
+};
+
 /* ------------------------------------------------------------------ module */
 
 static PyMethodDef module_methods[] = {
     {"open", (PyCFunction)(void (*)(void))lmdb_open, METH_VARARGS | METH_KEYWORDS, NULL},
+    {"counters", (PyCFunction)counters_open, METH_VARARGS, NULL},
     {NULL}
 };
 
@@ -923,7 +1164,8 @@ static struct PyModuleDef module_def = {
 PyMODINIT_FUNC
 PyInit__lmdb(void)
 {
-    if (PyType_Ready(&EnvType) < 0 || PyType_Ready(&TxnType) < 0 || PyType_Ready(&CursorType) < 0)
+    if (PyType_Ready(&EnvType) < 0 || PyType_Ready(&TxnType) < 0 || PyType_Ready(&CursorType) < 0
+            || PyType_Ready(&CountersType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module_def);
     if (m == NULL)
@@ -935,6 +1177,7 @@ PyInit__lmdb(void)
             || PyModule_AddObjectRef(m, "MapFullError", MapFullError) < 0
             || PyModule_AddObjectRef(m, "Environment", (PyObject *)&EnvType) < 0
             || PyModule_AddIntConstant(m, "SLOW", SLOW) < 0
+            || PyModule_AddIntConstant(m, "LONG_KEY", LONG_KEY) < 0
             || PyModule_AddStringConstant(m, "LMDB_VERSION", MDB_VERSION_STRING) < 0) {
         Py_DECREF(m);
         return NULL;

@@ -15,10 +15,11 @@ Everything that crosses the process boundary is msgpack, except the two records 
 rewrites (below).
 
 Two bindings, the same records: abi/_lmdb.c (built at install against the system's liblmdb),
-whose ``get_record`` and ``set_record`` do a rate limiter's ``get`` and ``set`` whole in C —
-``set_record`` is ``_set_txn`` for a short key when nothing has to be evicted, and hands every
-other case back to it, having written nothing — and py-lmdb, where all of it is Python (no C
-extension, or ``WASMGATE_PURE_PYTHON=1``). Everything else runs the same Python over either.
+whose ``get_entry`` and ``set_entry`` are a rate limiter's ``get`` and ``set`` whole in C —
+``set_entry`` is ``set`` with ``_set_txn`` for a short key when nothing has to be evicted, and
+hands every other case back to them, having written nothing — and py-lmdb, where all of it is
+Python (no C extension, or ``WASMGATE_PURE_PYTHON=1``). Everything else runs the same Python
+over either.
 A process uses one binding for a store (``binding``, chosen at import): LMDB must never open
 one environment twice in a process, and two copies of LMDB cannot share one.
 
@@ -40,9 +41,18 @@ key                                          value (msgpack unless noted)
 ``Qi``+qid (u32 BE)                          ``[name, head, tail, {token: [pid, pending]}]``
 ``I``+qid (u32 BE)+seq (u64 BE)              the item (raw bytes)
 ``Xn``+kind (1 byte)+name                    metric id  (``(seq << 2) | kind``, as Envoy)
-``Xi``+id (u32 BE)                           ``[kind, name, value]``; histogram
+``Xi``+id (u32 BE)                           ``[kind, name]``; histogram
                                              ``[2, name, sum, count, [count per bucket]]``
 ===========================================  ===================================================
+
+A counter's or gauge's value is not in LMDB: it is the u64 at slot ``seq`` of ``metrics.u64``
+(a file of ``max_bytes // ENTRY_OVERHEAD + 1`` slots beside the map, mapped shared by every
+process), changed with an atomic add or store by abi/_lmdb.c's ``counters``. A rate limiter
+counts every request; as a write transaction that cost ~4 µs and took the writer lock every
+worker's writes wait on, as an atomic add it costs ~0.5 µs and waits for nothing. (py-lmdb's
+fallback does the same read-modify-write inside a write transaction: the writer lock makes it
+atomic among processes that all use py-lmdb, which a gateway's workers do.) A killed process
+leaves a slot either added to or not.
 
 The meta and data records are read and rewritten inside the write lock on every set(), so they
 are fixed binary layouts (struct) rather than msgpack. ``reap_hint`` is a lower bound of the
@@ -114,6 +124,7 @@ import asyncio
 import errno
 import hashlib
 import logging
+import mmap
 import os
 import re
 import shutil
@@ -183,13 +194,18 @@ HISTOGRAM_BOUNDS: tuple[float, ...] = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 100
 
 _U32 = 0xFFFFFFFF
 _U64 = (1 << 64) - 1
+#: ShmStore's default clock; abi/_lmdb.c reads the same CLOCK_MONOTONIC itself when it is in use.
+_MONOTONIC = time.monotonic_ns
 _CONFIG_FILE = "wasmgate-store.msgpack"
-_FORMAT = 3                         # 2: expiring entries (deadline index, meta[4:7]); 3: binary
-                                    # meta and data records, reap hint meta[7]
+_COUNTERS_FILE = "metrics.u64"
+_FORMAT = 4                         # 2: expiring entries (deadline index, meta[4:7]); 3: binary
+                                    # meta and data records, reap hint meta[7]; 4: counter and
+                                    # gauge values in _COUNTERS_FILE
 
 _packb = msgpack.packb
 _unpackb = msgpack.unpackb
-_qkey = struct.Struct(">I").pack
+_QKEY = struct.Struct(">I")
+_qkey = _QKEY.pack
 _U64S = struct.Struct(">Q")
 _u64 = _U64S.pack
 _itemkey = struct.Struct(">IQ").pack
@@ -295,6 +311,40 @@ def _map_size(max_bytes: int) -> int:
     return (size + page - 1) // page * page
 
 
+def _counter_slots(max_bytes: int) -> int:
+    """Slots of _COUNTERS_FILE: one per metric sequence number the budget allows (a definition
+    costs at least ENTRY_OVERHEAD and is never dropped; sequence numbers start at 1)."""
+    return max_bytes // ENTRY_OVERHEAD + 1
+
+
+class _MappedCounters:
+    """py-lmdb's side of ``abi._lmdb.counters``: the same file, the same u64 slots in native
+    byte order. Its read-modify-write is not atomic by itself: ShmStore runs ``add`` and
+    ``store`` inside an LMDB write transaction, whose writer lock every process takes."""
+
+    _SLOT = struct.Struct("=Q")
+
+    def __init__(self, path: str, count: int):
+        with Path(path).open("r+b") as f:
+            self._map = mmap.mmap(f.fileno(), count * 8)
+        self.count = count
+
+    def _at(self, i: int) -> int:
+        if not 0 <= i < self.count:
+            raise IndexError("counter index out of range")
+        return i * 8
+
+    def add(self, i: int, delta: int) -> None:
+        at = self._at(i)
+        self._SLOT.pack_into(self._map, at, (self._SLOT.unpack_from(self._map, at)[0] + delta) & _U64)
+
+    def store(self, i: int, value: int) -> None:
+        self._SLOT.pack_into(self._map, self._at(i), value & _U64)
+
+    def load(self, i: int) -> int:
+        return self._SLOT.unpack_from(self._map, self._at(i))[0]
+
+
 def _data_key(key: bytes) -> tuple[bytes, bool]:
     if len(key) < LONG_KEY:
         return b"k" + key, False
@@ -331,9 +381,11 @@ class _Env:
         self.map_size = map_size
         self.lock = threading.Lock()
         self.env = None
-        self.native = False                    # env is abi._lmdb's: get_record / set_record
+        self.native = False                    # env is abi._lmdb's: get_entry / set_entry
         self.refs = 0
         self.pack = msgpack.Packer().pack      # reused; only called under self.lock
+        self.counters = None                   # the metric values (_counters), opened lazily
+        self.defined: set[int] = set()         # metric ids seen defined (never undefined)
 
     def ensure(self, create: bool = False):
         env = self.env
@@ -351,7 +403,7 @@ class _Env:
             # fresh snapshot each time, and reset (pins no pages) while unused. The fork
             # hooks close the environment, spare included, so a child never inherits it.
             self.env = env
-            self.native = hasattr(env, "set_record")
+            self.native = hasattr(env, "set_entry")
         return env
 
     def close(self) -> None:
@@ -436,7 +488,7 @@ class ShmStore:
         self._writer_fds: dict[bytes, int] = {}
         self._dead_tokens: set[bytes] = set()
         self._closed = False
-        self.clock: Callable[[], int] = time.monotonic_ns   # CLOCK_MONOTONIC: one clock machine-wide
+        self.clock: Callable[[], int] = _MONOTONIC   # CLOCK_MONOTONIC: one clock machine-wide
         _open_stores.add(self)
 
     @classmethod
@@ -453,21 +505,25 @@ class ShmStore:
             if os.path.realpath(c) in _envs:
                 raise RuntimeError(f"shared store {c} is open in this process; close it before create()")
         map_size = _map_size(max_bytes)
-        path = _pick_location(path_or_name, map_size)
+        counters_size = _counter_slots(max_bytes) * 8
+        path = _pick_location(path_or_name, map_size + counters_size)
         for c in _candidates(path_or_name):
             shutil.rmtree(c, ignore_errors=True)
         (path / "wake").mkdir(parents=True, exist_ok=True)
+        with (path / _COUNTERS_FILE).open("wb") as f:
+            f.truncate(counters_size)                  # zeros: every metric starts at 0
         store = cls(path, max_bytes, map_size)
         with store._lock:
             env = store._e.ensure(create=True)
             with env.begin(write=True) as txn:
                 txn.put(_META, _dump_meta([0] * 7 + [_U64]))
         if preallocate:
-            fd = os.open(path / "data.mdb", os.O_RDWR)
-            try:
-                os.posix_fallocate(fd, 0, map_size)
-            finally:
-                os.close(fd)
+            for name, size in (("data.mdb", map_size), (_COUNTERS_FILE, counters_size)):
+                fd = os.open(path / name, os.O_RDWR)
+                try:
+                    os.posix_fallocate(fd, 0, size)
+                finally:
+                    os.close(fd)
         cfg = path / _CONFIG_FILE
         tmp = path / (_CONFIG_FILE + ".tmp")
         tmp.write_bytes(_packb({"format": _FORMAT, "max_bytes": max_bytes, "map_size": map_size,
@@ -599,10 +655,19 @@ class ShmStore:
 
     # ---------------------------------------------------------------- shared data (§5.4)
     def get(self, key: bytes) -> tuple[bytes, int] | None:
-        # The request path (a rate limiter's get + set per request): no context manager, the
-        # environment checked inline; a read transaction reuses one reader slot (max_spare_txns).
-        dk, hashed = _data_key(key)
+        # The request path (a rate limiter's get + set per request). abi/_lmdb.c's get_entry is
+        # all of it for a short key, without the lock: it never releases the GIL, so no other
+        # thread can close the environment under it (a closed one answers NotImplemented).
         e = self._e
+        env = e.env
+        if e.native and env is not None and not self._closed:
+            clock = self.clock
+            r = env.get_entry(key, None if clock is _MONOTONIC else clock())
+            if r is not NotImplemented:
+                return r
+        # No context manager, the environment checked inline; a read transaction reuses one
+        # reader slot (max_spare_txns).
+        dk, hashed = _data_key(key)
         with e.lock:
             env = e.env
             if env is None or self._closed:
@@ -629,7 +694,20 @@ class ShmStore:
     def set(self, key: bytes, value: bytes, cas: int, ttl_ns: int | None = None) -> int:
         """§5.4 set; ``ttl_ns`` makes the entry expiring (abi/shared_store.py docstring)."""
         # Everything that does not depend on the stored state is computed before the write lock
-        # is taken: every other worker's writes wait while it is held.
+        # is taken: every other worker's writes wait while it is held. abi/_lmdb.c's set_entry
+        # is all of it for a short key when nothing has to be evicted (else SLOW, nothing
+        # written, and the Python below decides).
+        e = self._e
+        if e.native and not self._closed:
+            clock = self.clock
+            with e.lock:
+                env = e.env
+                if env is not None:
+                    r = env.set_entry(key, value, cas, ttl_ns,
+                                      None if clock is _MONOTONIC else clock(),
+                                      self.max_bytes, ENTRY_OVERHEAD, REAP_PER_WRITE)
+                    if r >= 0:
+                        return r
         key = bytes(key)
         value = bytes(value)
         dk, hashed = _data_key(key)
@@ -639,25 +717,8 @@ class ShmStore:
         else:
             ttl_ns &= _U64
             due = deadline(now, ttl_ns) if ttl_ns else -1
-        if not hashed and self._e.native:
-            r = self._set_record(dk, key, value, cas & _U32, now, due)
-            if r >= 0:
-                return r
         r = self._write(self._set_txn, dk, key, value, hashed, cas & _U32, now, due)
         return STATUS_FULL if r is _FULL else r
-
-    def _set_record(self, dk, key, value, cas, now, due) -> int:
-        """abi/_lmdb.c's set_record: _set_txn for a short key when nothing has to be evicted,
-        in one C call; _lmdb.SLOW (< 0) when it is not that case and wrote nothing."""
-        e = self._e
-        with e.lock:
-            env = e.env
-            if env is None or self._closed:
-                env = self._ensure_env()
-            if not e.native:                   # (reopened under another binding: tests)
-                return -1
-            return env.set_record(dk, len(key), value, cas, now, due, self.max_bytes,
-                                  ENTRY_OVERHEAD, REAP_PER_WRITE)
 
     def _set_txn(self, txn, dk, key, value, hashed, cas, now, due):
         """``due``: the new deadline, 0 = never expires, -1 = expires at once."""
@@ -998,6 +1059,11 @@ class ShmStore:
         return bool(due), due
 
     # ---------------------------------------------------------------- metrics (§5.6)
+    # A definition is an LMDB record (name → id, id → [kind, name], histograms with their
+    # buckets). A counter's or gauge's value is slot ``id >> 2`` of _COUNTERS_FILE, changed by
+    # an atomic add or store (abi/_lmdb.c's counters) without a write transaction: a rate
+    # limiter counts every request, and each transaction takes the writer lock every worker's
+    # writes wait on. A histogram is recorded in its LMDB record, under that lock.
     def define_metric(self, kind: int, name: str) -> int:
         """Same (kind, name) → same id in every process. Raises ValueError for kind > 2."""
         if kind not in KIND_NAMES:
@@ -1024,11 +1090,11 @@ class ShmStore:
         used = meta[1] + len(nkey) - 3 + ENTRY_OVERHEAD
         meta[3] += 1
         mid = (meta[3] << 2) | kind
-        if mid > _U32:
+        if mid > _U32 or meta[3] >= _counter_slots(self.max_bytes):
             return False, None
         meta[1] = used
         rec = ([kind, name, 0, 0, [0] * (len(HISTOGRAM_BOUNDS) + 1)] if kind == HISTOGRAM
-               else [kind, name, 0])
+               else [kind, name])
         txn.put(nkey, self._e.pack(mid))
         txn.put(_MREC + _qkey(mid), self._e.pack(rec))
         txn.put(_META, _dump_meta(meta))
@@ -1040,50 +1106,80 @@ class ShmStore:
             return BAD_ARGUMENT
         if kind not in (COUNTER, GAUGE):
             return NOT_FOUND
-        r = self._write(self._metric_txn, metric_id & _U32, delta, True)
-        return INTERNAL_FAILURE if r is _FULL else r
+        mid = metric_id & _U32
+        if mid not in self._e.defined and not self._is_defined(mid):
+            return NOT_FOUND
+        if kind == COUNTER and delta <= 0:
+            return BAD_ARGUMENT
+        return self._count(mid >> 2, delta, True)
 
     def record_metric(self, metric_id: int, value: int) -> int:
-        if metric_id & 3 == 3:
+        kind = metric_id & 3
+        mid = metric_id & _U32
+        if kind == 3 or (mid not in self._e.defined and not self._is_defined(mid)):
             return NOT_FOUND
-        r = self._write(self._metric_txn, metric_id & _U32, value, False)
+        if kind == HISTOGRAM:
+            r = self._write(self._histogram_txn, mid, value & _U64)
+            return INTERNAL_FAILURE if r is _FULL else r
+        return self._count(mid >> 2, value, kind == COUNTER)   # a counter adds, a gauge is set
+
+    def _is_defined(self, mid: int) -> bool:
+        """Whether metric ``mid`` has a definition; remembered, as definitions are never dropped."""
+        with self._lock:
+            env = self._ensure_env()
+            with env.begin() as txn:
+                raw = txn.get(_MREC + _qkey(mid))
+        if raw is None:
+            return False
+        self._e.defined.add(mid)
+        return True
+
+    def _counters(self):
+        e = self._e
+        with e.lock:
+            self._ensure_env()                 # (sets e.native for the binding in use)
+            if e.counters is None:
+                where, count = str(self.path / _COUNTERS_FILE), _counter_slots(self.max_bytes)
+                e.counters = (_c_lmdb.counters(where, count) if e.native
+                              else _MappedCounters(where, count))
+            return e.counters
+
+    def _count(self, slot: int, value: int, add: bool) -> int:
+        counters = None if self._closed else self._e.counters
+        if counters is None:
+            counters = self._counters()        # (raises once the store is closed)
+        if self._e.native:                     # an atomic instruction: no lock to take
+            (counters.add if add else counters.store)(slot, value)
+            return OK
+        r = self._write(self._count_txn, counters, slot, value, add)
         return INTERNAL_FAILURE if r is _FULL else r
 
-    def _metric_txn(self, txn, mid, v, increment):
+    @staticmethod
+    def _count_txn(txn, counters, slot, value, add):
+        # py-lmdb: the read-modify-write of the slot under the writer lock; LMDB writes nothing.
+        (counters.add if add else counters.store)(slot, value)
+        return False, OK
+
+    def _histogram_txn(self, txn, mid, v):
         ik = _MREC + _qkey(mid)
-        raw = txn.get(ik)
-        if raw is None:
-            return False, NOT_FOUND
-        rec = _unpackb(raw)
-        kind = rec[0]
-        if kind == COUNTER:
-            if increment and v <= 0:
-                return False, BAD_ARGUMENT
-            rec[2] = (rec[2] + (v & _U64)) & _U64          # record on a counter adds (§5.6)
-        elif kind == GAUGE:
-            x = rec[2] + v if increment else v
-            rec[2] = ((x + (1 << 63)) & _U64) - (1 << 63)   # i64 wrap
-        else:
-            if increment:
-                return False, BAD_ARGUMENT
-            v &= _U64
-            rec[2] = (rec[2] + v) & _U64
-            rec[3] += 1
-            rec[4][bisect_left(HISTOGRAM_BOUNDS, v)] += 1
+        rec = _unpackb(txn.get(ik))
+        rec[2] = (rec[2] + v) & _U64
+        rec[3] += 1
+        rec[4][bisect_left(HISTOGRAM_BOUNDS, v)] += 1
         txn.put(ik, self._e.pack(rec))
         return True, OK
 
     def get_metric(self, metric_id: int) -> tuple[int, int]:
-        with self._lock:
-            env = self._ensure_env()
-            with env.begin() as txn:
-                raw = txn.get(_MREC + _qkey(metric_id & _U32))
-        if raw is None:
+        kind = metric_id & 3
+        mid = metric_id & _U32
+        if kind == 3 or (mid not in self._e.defined and not self._is_defined(mid)):
             return NOT_FOUND, 0
-        rec = _unpackb(raw)
-        if rec[0] == HISTOGRAM:
+        if kind == HISTOGRAM:
             return BAD_ARGUMENT, 0
-        return OK, rec[2] & _U64           # the ABI value is a u64 (a negative gauge wraps)
+        counters = None if self._closed else self._e.counters
+        if counters is None:
+            counters = self._counters()
+        return OK, counters.load(mid >> 2)     # the ABI value is a u64 (a negative gauge wraps)
 
     def metric_values(self) -> list[StoreMetric]:
         """Every metric, gateway-wide (one value shared by all workers), ordered by definition."""
@@ -1096,9 +1192,10 @@ class ShmStore:
                     for k, raw in cur:
                         if not k.startswith(_MREC):
                             break
-                        out.append(_unpackb(raw))
+                        out.append((_QKEY.unpack_from(k, len(_MREC))[0], _unpackb(raw)))
+        counters = (self._e.counters or self._counters()) if out else None
         values = []
-        for rec in out:
+        for mid, rec in out:
             kind = rec[0]
             if kind == HISTOGRAM:
                 cum, buckets = 0, []
@@ -1107,7 +1204,10 @@ class ShmStore:
                     buckets.append((le, cum))
                 values.append(StoreMetric(rec[1], "histogram", rec[3], buckets, rec[2], rec[3]))
             else:
-                values.append(StoreMetric(rec[1], KIND_NAMES[kind], rec[2]))
+                v = counters.load(mid >> 2)
+                if kind == GAUGE and v >> 63:
+                    v -= 1 << 64                   # a gauge is an i64
+                values.append(StoreMetric(rec[1], KIND_NAMES[kind], v))
         return values
 
     def metric_samples(self) -> list[MetricSample]:

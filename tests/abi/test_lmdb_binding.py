@@ -1,12 +1,13 @@
 """abi/_lmdb.c, the shared store's C binding of LMDB, against py-lmdb (the fallback).
 
 Two things are checked: the py-lmdb subset abi/shared_store_shm.py uses behaves the same on
-both, and the store's request path in C (get_record, set_record) leaves the very records the
+both, and the store's request path in C (get_entry, set_entry) leaves the very records the
 Python path (ShmStore._set_txn over py-lmdb) leaves, byte for byte, on random operations with
 expiry, eviction, long keys and CAS.
 """
 from __future__ import annotations
 
+import time
 import uuid
 
 import pytest
@@ -146,7 +147,7 @@ def test_c_request_path_writes_what_the_python_path_writes(ops):
 def test_a_rate_limiter_never_leaves_the_c_path(monkeypatch):
     """What a token bucket does per request — get; set with a short expiry or create-if-absent;
     expired buckets read absent and are overwritten; a full bucket is deleted (ttl 0); old
-    deadlines are reaped — runs whole in set_record: ShmStore._set_txn (Python) never runs.
+    deadlines are reaped — runs whole in set_entry: ShmStore._set_txn (Python) never runs.
     Only a write that must evict leaves it."""
     calls = []
     real = S.ShmStore._set_txn
@@ -171,3 +172,78 @@ def test_a_rate_limiter_never_leaves_the_c_path(monkeypatch):
         for st_, name in stores:
             st_.close()
             S.remove(name)
+
+
+def _closing(stores):
+    for s, name in stores:
+        s.close()
+        S.remove(name)
+
+
+@pytest.mark.parametrize("ttl", [None, 0, 1, 10**9, (1 << 64) - 1, (1 << 64) + 3, 1 << 70])
+def test_the_c_path_derives_keys_cas_and_deadlines_as_python_does(ttl):
+    """set_entry takes the key, cas and ttl as ShmStore.set does and derives the rest in C:
+    the data key, the cas mod 2**32, the deadline capped at 2**64 - 1 (a clock near the top),
+    ttl 0 as a delete. Same statuses and records as the Python path, for keys either side of
+    the hashed-key length and for keys and values that are not bytes."""
+    clock, stores = _pair()
+    (c, _), (py, _) = stores
+    clock.now = (1 << 64) - 1000
+    try:
+        for key in (b"a", b"k" * (S.LONG_KEY - 1), b"k" * S.LONG_KEY, bytearray(b"ba")):
+            for value, cas in ((b"v1", 0), (memoryview(b"v2"), None), (b"v3", (1 << 32) + 7)):
+                res = []
+                for s in (c, py):
+                    cur = s.get(key)
+                    res.append((cur, s.set(key, value, cur[1] if cas is None and cur else cas or 0, ttl)))
+                assert res[0] == res[1], (key[:8], value, cas, ttl)
+                assert _records(c) == _records(py)
+                clock.now += 1
+        assert c.verify() == [] and py.verify() == []
+    finally:
+        _closing(stores)
+
+
+def test_the_c_path_reads_the_clock_python_reads():
+    """With the default clock, get_entry and set_entry read CLOCK_MONOTONIC in C: a deadline
+    lands between time.monotonic_ns() taken before and after the write, plus the ttl."""
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    saved, S.binding = S.binding, S._c_lmdb
+    try:
+        s = S.create(name, S.MIN_MAX_BYTES)
+    finally:
+        S.binding = saved
+    try:
+        assert s.clock is time.monotonic_ns
+        before = time.monotonic_ns()
+        assert s.set(b"bucket", b"x", 0, 10**9) == S.OK
+        after = time.monotonic_ns()
+        due = {k: v for k, v in _records(s)}[b"kbucket"]
+        assert before + 10**9 <= S._REC.unpack_from(due)[1] <= after + 10**9
+        assert s.get(b"bucket")[0] == b"x"
+        assert s.set(b"gone", b"x", 0, 1) == S.OK            # due 1 ns later: already past
+        assert s.get(b"gone") is None
+    finally:
+        s.close()
+        S.remove(name)
+
+
+def test_short_keys_never_reach_the_python_path(monkeypatch):
+    """A short key's get and set are get_entry and set_entry alone: the Python that derives
+    the data key never runs for them on the C binding (it does on py-lmdb)."""
+    calls = []
+    real = S._data_key
+    monkeypatch.setattr(S, "_data_key", lambda key: calls.append(key) or real(key))
+    clock, stores = _pair()
+    (c, _), (py, _) = stores
+    try:
+        for s in (c, py):
+            calls.clear()
+            for r in range(50):
+                cur = s.get(b"ratelimit:%d" % (r % 3))
+                assert s.set(b"ratelimit:%d" % (r % 3), b"%d" % r,
+                             cur[1] if cur else CREATE_IF_ABSENT, 10 + r) == S.OK
+                clock.now += 3
+            assert (len(calls) == 0) == (s is c), len(calls)
+    finally:
+        _closing(stores)

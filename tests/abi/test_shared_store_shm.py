@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -415,6 +416,78 @@ def test_metrics_summed_across_processes(name):
     # every process got the same ids
     assert s.define_metric(S.COUNTER, "requests") == s.define_metric(S.COUNTER, "requests")
     assert s.get_metric(s.define_metric(S.COUNTER, "requests")) == (S.OK, len(seeds) * k)
+    s.close()
+
+
+def _worker_counting(name, k, start):
+    s = S.open(name)
+    c = s.define_metric(S.COUNTER, "hits")
+    g = s.define_metric(S.GAUGE, "level")
+    start.wait(30)
+    for _ in range(k):
+        s.increment_metric(c, 1)
+        s.increment_metric(g, -1)
+        s.record_metric(c, 2)              # a record on a counter adds
+    s.close()
+
+
+def test_counters_lose_no_increment_when_processes_race(name):
+    """Three processes increment the same counter and gauge at once, in tight loops started
+    together: every update lands (an unlocked read-modify-write loses some on two cores)."""
+    s = S.create(name, 1 << 20)
+    k, n = 20_000, 3
+    start = FORK.Barrier(n)
+    procs = [FORK.Process(target=_worker_counting, args=(name, k, start)) for _ in range(n)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    by_name = {m.name: m for m in s.metric_values()}
+    assert by_name["hits"].value == 3 * k * n
+    assert (by_name["level"].kind, by_name["level"].value) == ("gauge", -k * n)   # an i64
+    assert s.get_metric(s.define_metric(S.GAUGE, "level")) == (S.OK, (1 << 64) - k * n)
+    s.close()
+
+
+def _hold_the_writer_lock(name, held, release):
+    s = S.open(name)
+    with s._lock:
+        txn = s._ensure_env().begin(write=True)
+    held.set()
+    release.wait(30)
+    txn.abort()
+    s.close()
+
+
+def test_an_increment_never_waits_for_another_workers_write(name):
+    """A counter is an atomic add in shared memory, not an LMDB write: while another process
+    holds the store's writer lock, a count still lands at once. (py-lmdb's fallback takes
+    the writer lock for its read-modify-write, so only the C binding is held to this.)"""
+    if S.binding is not S._c_lmdb:
+        pytest.skip("py-lmdb's counters take the writer lock")
+    s = S.create(name, 1 << 20)
+    c = s.define_metric(S.COUNTER, "requests")
+    g = s.define_metric(S.GAUGE, "inflight")
+    held, release = FORK.Event(), FORK.Event()
+    p = FORK.Process(target=_hold_the_writer_lock, args=(name, held, release))
+    p.start()
+    try:
+        assert held.wait(30)
+        done = FORK.Event()
+
+        def count():
+            assert s.increment_metric(c, 5) == S.OK
+            assert s.record_metric(g, 7) == S.OK
+            done.set()
+
+        t = threading.Thread(target=count, daemon=True)
+        t.start()
+        assert done.wait(10), "an increment waited for the LMDB writer lock"
+        assert s.get_metric(c) == (S.OK, 5) and s.get_metric(g) == (S.OK, 7)
+    finally:
+        release.set()
+        p.join(30)
     s.close()
 
 
