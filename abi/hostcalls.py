@@ -16,8 +16,9 @@ from . import foreign
 from .seam import LocalReply
 from .buffers import BAD_VALUE, GOOD_NAMES, lower_key, valid_header
 from .enums import BufferType, LogLevel, MapType, MetricType, Status
-from .engine import (HostTrap, MemoryAccessError, Trap, guarded_host, native_header_edit,
-                     native_stream_property, native_time_ns)
+from .engine import (HostTrap, MemoryAccessError, Trap, guarded_host, native_foreign_set_ttl,
+                     native_header_edit, native_shared_data_get, native_stream_property,
+                     native_time_ns)
 from .limits import MAX_HEADER_MAP_BYTES, MAX_LOG_BYTES
 from .pairs import deserialize, deserialize_str, to_bytes, to_str, to_text
 from .context import LAST_STREAM_MAP, STREAM_MAPS, FilterView
@@ -547,6 +548,13 @@ if native_time_ns is not None:
 if native_stream_property is not None:
     IN_C[proxy_get_property] = functools.partial(
         native_stream_property, proxy_get_property, STREAM_PROPERTIES, Status.INVALID_MEMORY_ACCESS)
+if native_shared_data_get is not None:
+    IN_C[proxy_get_shared_data] = functools.partial(
+        native_shared_data_get, proxy_get_shared_data, Status.INVALID_MEMORY_ACCESS)
+if native_foreign_set_ttl is not None:
+    IN_C[proxy_call_foreign_function] = functools.partial(
+        native_foreign_set_ttl, proxy_call_foreign_function,
+        foreign.SET_SHARED_DATA_TTL.encode(), Status.INVALID_MEMORY_ACCESS)
 
 _GUARDED_SRC = """
 def host({args}):

@@ -14,9 +14,10 @@
   (``read``, ``header_pair``, ``put_result``: C calls on a native instance).
 * ``guarded_host`` wraps a host function's errors in C (None without the C build);
   ``serialize_pairs`` is a header map's serialization in C (None likewise);
-  ``native_header_edit`` / ``native_time_ns`` / ``native_stream_property`` are
-  abi/hostcalls.py's header edits, clock read and stream property read whole in C on their
-  common path (None likewise).
+  ``native_header_edit`` / ``native_time_ns`` / ``native_stream_property`` /
+  ``native_shared_data_get`` / ``native_foreign_set_ttl`` are abi/hostcalls.py's header edits,
+  clock read, stream property read, shared-data read and wasmgate.set_shared_data_ttl whole in
+  C on their common path (None likewise).
 * A guest call that ends abnormally raises ``Trap`` (kind: trap | deadline | exit | host) and
   poisons the instance (store.py decides which).
 * ``FilterCore`` (None without the C build) is the C base of abi/filter.py's NativeFilter: a
@@ -64,8 +65,9 @@ from __future__ import annotations
 from .binary import Export, Import
 from .compile import Engine, Module
 from .crossing import (WASMTIME_VERSION, ContextCore, FilterCore, HeaderMapCore, Tally,
-                       chain_walks, guarded_host, native_crossings, native_header_edit,
-                       native_stream_head, native_stream_property, native_time_ns, serialize_pairs)
+                       chain_walks, guarded_host, native_crossings, native_foreign_set_ttl,
+                       native_header_edit, native_shared_data_get, native_stream_head,
+                       native_stream_property, native_time_ns, serialize_pairs)
 from .errors import EngineError, HostTrap, MemoryAccessError, Trap
 from .instance import Instance, Memory
 from .public_api import public_api_crossing
@@ -75,4 +77,5 @@ __all__ = [
     "MemoryAccessError", "Module", "Tally", "Trap", "WASMTIME_VERSION", "guarded_host",
     "native_crossings", "native_header_edit", "native_time_ns", "public_api_crossing",
     "serialize_pairs", "chain_walks", "native_stream_head", "native_stream_property",
+    "native_shared_data_get", "native_foreign_set_ttl",
 ]

@@ -1547,14 +1547,26 @@ static int context_core_init(PyObject *m) {     /* ContextCore and HeaderMapCore
  *       into a block of the guest's allocator as Filter.write_result puts it (``invalid``:
  *       Status.INVALID_MEMORY_ACCESS when the allocator answers 0). Any other path, an
  *       absent value, or no allocator free to call goes to the fallback.
+ *   shared_data_get(fallback, invalid, f, key_ptr, key_size, ret_pp, ret_size_p, ret_cas_p)
+ *       -> status
+ *       proxy_get_shared_data: f.store.get(key) (NOT_FOUND, 1, when absent); the cas pointer
+ *       checked before allocating, the value written as Filter.write_result puts it, then the
+ *       cas. An empty key, a store answering otherwise, or no allocator free to call goes to
+ *       the fallback.
+ *   foreign_set_ttl(fallback, name, invalid, f, name_ptr, name_size, args_ptr, args_size,
+ *                   ret_pp, ret_size_p) -> status
+ *       proxy_call_foreign_function of ``name`` (foreign.SET_SHARED_DATA_TTL): its arguments
+ *       parsed as foreign.set_shared_data_ttl does, f.store.set(key, value, cas, ttl_ns), and
+ *       the write's status (u32 LE) written as write_result puts it. Another name, malformed
+ *       arguments, or no allocator free to call (checked before the write) go to the fallback.
  *
- * They answer Status.OK (0) themselves, and stream_property ``invalid`` when the guest's
- * allocator answers 0 (as Filter.write_result does); every other status comes from the
- * fallback. A bad guest pointer raises MemoryAccessError (through Memory._check, as above),
+ * They answer Status.OK (0) themselves (and NOT_FOUND for an absent shared-data key), and
+ * ``invalid`` when the guest's allocator answers 0 (as Filter.write_result does); every other
+ * status comes from the fallback. A bad guest pointer raises MemoryAccessError (through Memory._check, as above),
  * which the Guarded wrapper turns into INVALID_MEMORY_ACCESS. */
 static PyObject *str_mem, *str_effective, *str_current, *str_vm_ctx, *str_chain, *str_edited,
                 *str_items, *str_grown, *str_ser, *str_unsafe, *str_now_ns, *str_alloc,
-                *str_allocating;
+                *str_allocating, *str_store, *str_get, *str_set;
 static PyObject *mem_put_result(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 
 /* fallback(*args): the Python host function, given the arguments the host function has */
@@ -1783,6 +1795,47 @@ static PyObject *stream_property_value(PyObject *table, PyObject *f, PyObject *m
     return value;
 }
 
+/* Filter.write_result of ``value`` (bytes) for a host function done in C: 1 with *status the
+ * answer (Status.OK, or ``invalid`` when the guest's allocator answers 0); 0 when no allocator
+ * is free to call (booting, or an allocator calling back in: the caller falls back, as
+ * write_result would refuse); -1 with an exception set (a Trap of the allocator, a bad
+ * out-pointer's MemoryAccessError). f._allocating is set around the allocator call and comes
+ * down whatever happened, as in write_result. */
+static int put_result(PyObject *f, PyObject *mem, PyObject *value, PyObject *ret_pp,
+                      PyObject *ret_size_p, PyObject *invalid, PyObject **status) {
+    PyObject *alloc = PyObject_GetAttr(f, str_alloc);
+    PyObject *busy = alloc != NULL ? PyObject_GetAttr(f, str_allocating) : NULL;
+    if (busy == NULL) {
+        Py_XDECREF(alloc);
+        return -1;
+    }
+    int allocating = PyObject_IsTrue(busy);
+    Py_DECREF(busy);
+    if (allocating < 0 || ((alloc == Py_None || allocating) && PyBytes_GET_SIZE(value) > 0)
+            || PyObject_SetAttr(f, str_allocating, Py_True) < 0) {
+        Py_DECREF(alloc);
+        return allocating < 0 || PyErr_Occurred() ? -1 : 0;
+    }
+    PyObject *put_args[5] = {mem, alloc, value, ret_pp, ret_size_p};
+    PyObject *written = mem_put_result(NULL, put_args, 5);
+    Py_DECREF(alloc);
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);                 /* the flag comes down whatever happened */
+    int reset = PyObject_SetAttr(f, str_allocating, Py_False);
+    if (et != NULL) {
+        if (reset < 0)
+            PyErr_Clear();
+        PyErr_Restore(et, ev, tb);
+    }
+    if (written == NULL || reset < 0) {
+        Py_XDECREF(written);
+        return -1;
+    }
+    *status = written == Py_True ? PyLong_FromLong(0) : Py_NewRef(invalid);   /* OK / invalid */
+    Py_DECREF(written);
+    return *status == NULL ? -1 : 1;
+}
+
 static PyObject *stream_property(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 8) {
         PyErr_SetString(PyExc_TypeError, "stream_property(fallback, table, invalid, f, path_ptr, "
@@ -1797,7 +1850,7 @@ static PyObject *stream_property(PyObject *self, PyObject *const *args, Py_ssize
     PyObject *mem = PyObject_GetAttr(f, str_mem);
     if (mem == NULL)
         return NULL;
-    PyObject *value = NULL, *alloc = NULL, *result = NULL;
+    PyObject *value = NULL, *result = NULL;
     if (mem == Py_None)
         goto fallback;
     value = stream_property_value(table, f, mem, args[4], args[5]);
@@ -1806,40 +1859,171 @@ static PyObject *stream_property(PyObject *self, PyObject *const *args, Py_ssize
             goto done;                          /* MemoryAccessError, or the getter raised */
         goto fallback;
     }
-    alloc = PyObject_GetAttr(f, str_alloc);
-    PyObject *busy = alloc != NULL ? PyObject_GetAttr(f, str_allocating) : NULL;
-    if (busy == NULL)
+    if (put_result(f, mem, value, args[6], args[7], args[2], &result) != 0)
         goto done;
-    int allocating = PyObject_IsTrue(busy);
-    Py_DECREF(busy);
-    if (allocating < 0)
-        goto done;
-    if (alloc == Py_None || allocating)
-        goto fallback;                          /* (booting, or an allocator calling back in) */
-    if (PyObject_SetAttr(f, str_allocating, Py_True) < 0)
-        goto done;
-    PyObject *put_args[5] = {mem, alloc, value, args[6], args[7]};
-    PyObject *written = mem_put_result(NULL, put_args, 5);
-    PyObject *et, *ev, *tb;
-    PyErr_Fetch(&et, &ev, &tb);                 /* the flag comes down whatever happened */
-    int reset = PyObject_SetAttr(f, str_allocating, Py_False);
-    if (et != NULL) {
-        if (reset < 0)
-            PyErr_Clear();
-        PyErr_Restore(et, ev, tb);
-    }
-    if (written == NULL || reset < 0) {
-        Py_XDECREF(written);
-        goto done;
-    }
-    result = written == Py_True ? PyLong_FromLong(0) : Py_NewRef(args[2]);   /* OK / invalid */
-    Py_DECREF(written);
-    goto done;
 fallback:
     result = fall_back(args[0], args + 3, nargs - 3);
 done:
     Py_XDECREF(value);
-    Py_XDECREF(alloc);
+    Py_DECREF(mem);
+    return result;
+}
+
+/* A bounds check of [ptr, ptr + n) without writing (Filter.check_out): -1 with
+ * MemoryAccessError set when it is outside the guest's memory. */
+static int guest_check(PyObject *mem, PyObject *ptr_obj, long long n) {
+    long long ptr;
+    Py_buffer buf;
+    if (as_offset(ptr_obj, &ptr) < 0 || mem_span(mem, NULL, NULL, ptr, n, &buf, 0) < 0)
+        return -1;
+    PyBuffer_Release(&buf);
+    return 0;
+}
+
+static PyObject *shared_data_get(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 8) {
+        PyErr_SetString(PyExc_TypeError, "shared_data_get(fallback, invalid, f, key_ptr, "
+                                         "key_size, ret_pp, ret_size_p, ret_cas_p)");
+        return NULL;
+    }
+    PyObject *f = args[2];
+    PyObject *mem = PyObject_GetAttr(f, str_mem);
+    if (mem == NULL)
+        return NULL;
+    PyObject *key = NULL, *store = NULL, *found = NULL, *result = NULL;
+    long long n;
+    if (mem == Py_None || as_offset(args[4], &n) < 0 || n == 0)
+        goto fallback;                          /* (an empty key: Filter.read's b"", unchecked) */
+    PyObject *read_args[3] = {mem, args[3], args[4]};
+    if ((key = mem_read(NULL, read_args, 3)) == NULL || (store = PyObject_GetAttr(f, str_store)) == NULL
+            || (found = PyObject_CallMethodOneArg(store, str_get, key)) == NULL)
+        goto done;
+    if (found == Py_None) {
+        result = PyLong_FromLong(1);            /* Status.NOT_FOUND */
+        goto done;
+    }
+    unsigned long cas;
+    if (!PyTuple_CheckExact(found) || PyTuple_GET_SIZE(found) != 2
+            || !PyBytes_CheckExact(PyTuple_GET_ITEM(found, 0))
+            || ((cas = PyLong_AsUnsignedLongMask(PyTuple_GET_ITEM(found, 1))) == (unsigned long)-1
+                && PyErr_Occurred())) {
+        PyErr_Clear();
+        goto fallback;                          /* (a store answering otherwise: Python's) */
+    }
+    if (guest_check(mem, args[7], 4) < 0)       /* the cas pointer before allocating */
+        goto done;
+    int put = put_result(f, mem, PyTuple_GET_ITEM(found, 0), args[5], args[6], args[1], &result);
+    if (put < 0)
+        goto done;
+    if (put == 0)
+        goto fallback;
+    if (PyLong_AsLong(result) == 0 && guest_put_u32(mem, args[7], (uint32_t)cas) < 0)
+        Py_CLEAR(result);
+    goto done;
+fallback:
+    result = fall_back(args[0], args + 2, nargs - 2);
+done:
+    Py_XDECREF(key);
+    Py_XDECREF(store);
+    Py_XDECREF(found);
+    Py_DECREF(mem);
+    return result;
+}
+
+/* 1 when f's allocator is free to call (write_result would use it for a non-empty result), 0
+ * when not (booting, or an allocator calling back in), -1 with an exception set. */
+static int allocator_free(PyObject *f) {
+    PyObject *alloc = PyObject_GetAttr(f, str_alloc);
+    if (alloc == NULL)
+        return -1;
+    int none = alloc == Py_None;
+    Py_DECREF(alloc);
+    PyObject *busy = PyObject_GetAttr(f, str_allocating);
+    int allocating = busy == NULL ? -1 : PyObject_IsTrue(busy);
+    Py_XDECREF(busy);
+    return allocating < 0 ? -1 : !none && !allocating;
+}
+
+static uint64_t le_u64(const unsigned char *p, int n) {
+    uint64_t v = 0;
+    for (int i = n - 1; i >= 0; i--)
+        v = (v << 8) | p[i];
+    return v;
+}
+
+static PyObject *foreign_set_ttl(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 10) {
+        PyErr_SetString(PyExc_TypeError, "foreign_set_ttl(fallback, name, invalid, f, name_ptr, "
+                                         "name_size, args_ptr, args_size, ret_pp, ret_size_p)");
+        return NULL;
+    }
+    PyObject *f = args[3];
+    if (!PyBytes_CheckExact(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "foreign_set_ttl: name must be bytes");
+        return NULL;
+    }
+    PyObject *mem = PyObject_GetAttr(f, str_mem);
+    if (mem == NULL)
+        return NULL;
+    PyObject *name = NULL, *call = NULL, *store = NULL, *key = NULL, *value = NULL;
+    PyObject *status = NULL, *packed = NULL, *result = NULL;
+    long long name_size, args_size;
+    if (mem == Py_None || as_offset(args[5], &name_size) < 0 || as_offset(args[7], &args_size) < 0
+            || name_size != PyBytes_GET_SIZE(args[1]) || args_size < 16)
+        goto fallback;                          /* another function, or malformed: Python's */
+    int free = allocator_free(f);               /* before the write: the result needs it */
+    if (free <= 0) {
+        if (free < 0)
+            goto done;
+        goto fallback;
+    }
+    PyObject *name_args[3] = {mem, args[4], args[5]};
+    if ((name = mem_read(NULL, name_args, 3)) == NULL)
+        goto done;
+    if (memcmp(PyBytes_AS_STRING(name), PyBytes_AS_STRING(args[1]), (size_t)name_size) != 0)
+        goto fallback;
+    PyObject *call_args[3] = {mem, args[6], args[7]};
+    if ((call = mem_read(NULL, call_args, 3)) == NULL)
+        goto done;
+    /* cas u32 | ttl_ns u64 | key_size u32 | key | value, little-endian (foreign.py) */
+    const unsigned char *a = (const unsigned char *)PyBytes_AS_STRING(call);
+    uint64_t key_size = le_u64(a + 12, 4);
+    if (key_size > (uint64_t)args_size - 16)
+        goto fallback;
+    if ((key = PyBytes_FromStringAndSize((const char *)a + 16, (Py_ssize_t)key_size)) == NULL
+            || (value = PyBytes_FromStringAndSize((const char *)a + 16 + key_size,
+                                                  (Py_ssize_t)(args_size - 16 - key_size))) == NULL
+            || (store = PyObject_GetAttr(f, str_store)) == NULL)
+        goto done;
+    PyObject *cas = PyLong_FromUnsignedLongLong(le_u64(a, 4));
+    PyObject *ttl = cas == NULL ? NULL : PyLong_FromUnsignedLongLong(le_u64(a + 4, 8));
+    if (ttl != NULL) {
+        PyObject *set_args[5] = {store, key, value, cas, ttl};
+        status = PyObject_VectorcallMethod(str_set, set_args, 5 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    }
+    Py_XDECREF(cas);
+    Py_XDECREF(ttl);
+    if (status == NULL)
+        goto done;
+    unsigned long st = PyLong_AsUnsignedLongMask(status);
+    if (st == (unsigned long)-1 && PyErr_Occurred())
+        goto done;
+    unsigned char le[4] = {st & 0xFF, (st >> 8) & 0xFF, (st >> 16) & 0xFF, (st >> 24) & 0xFF};
+    if ((packed = PyBytes_FromStringAndSize((const char *)le, 4)) == NULL)
+        goto done;
+    if (put_result(f, mem, packed, args[8], args[9], args[2], &result) == 0)
+        result = Py_NewRef(args[2]);            /* (not reached: allocator_free said free) */
+    goto done;
+fallback:
+    result = fall_back(args[0], args + 3, nargs - 3);
+done:
+    Py_XDECREF(name);
+    Py_XDECREF(call);
+    Py_XDECREF(store);
+    Py_XDECREF(key);
+    Py_XDECREF(value);
+    Py_XDECREF(status);
+    Py_XDECREF(packed);
     Py_DECREF(mem);
     return result;
 }
@@ -1851,6 +2035,10 @@ static PyMethodDef hostcall_methods[] = {
      "proxy_get_current_time_nanoseconds (see the section comment)"},
     {"stream_property", (PyCFunction)(void (*)(void))stream_property, METH_FASTCALL,
      "proxy_get_property of a stream property (see the section comment)"},
+    {"shared_data_get", (PyCFunction)(void (*)(void))shared_data_get, METH_FASTCALL,
+     "proxy_get_shared_data (see the section comment)"},
+    {"foreign_set_ttl", (PyCFunction)(void (*)(void))foreign_set_ttl, METH_FASTCALL,
+     "proxy_call_foreign_function of wasmgate.set_shared_data_ttl (see the section comment)"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1860,7 +2048,8 @@ static int hostcall_module_init(PyObject *m) {
         {&str_vm_ctx, "_vm_ctx"}, {&str_chain, "chain"}, {&str_edited, "edited"},
         {&str_items, "items"}, {&str_grown, "grown"}, {&str_ser, "_ser"},
         {&str_unsafe, "unsafe"}, {&str_now_ns, "now_ns"}, {&str_alloc, "_alloc"},
-        {&str_allocating, "_allocating"},
+        {&str_allocating, "_allocating"}, {&str_store, "store"}, {&str_get, "get"},
+        {&str_set, "set"},
     };
     for (size_t i = 0; i < sizeof strs / sizeof strs[0]; i++)
         if ((*strs[i].slot = PyUnicode_InternFromString(strs[i].name)) == NULL)

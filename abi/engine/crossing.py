@@ -159,6 +159,8 @@ serialize_pairs: Callable[[list], bytes | None] | None = \
 native_header_edit: Callable[..., int] | None = getattr(_native, "header_edit", None)
 native_time_ns: Callable[..., int] | None = getattr(_native, "time_ns", None)
 native_stream_property: Callable[..., int] | None = getattr(_native, "stream_property", None)
+native_shared_data_get: Callable[..., int] | None = getattr(_native, "shared_data_get", None)
+native_foreign_set_ttl: Callable[..., int] | None = getattr(_native, "foreign_set_ttl", None)
 # The base of store._StoreState: with _crossing.c, its depth/poisoned/armed_at/tally and the
 # deadline arm's state are C fields that _native.GuestFn reads (and re-arms) without an
 # attribute lookup (Python sees attributes).

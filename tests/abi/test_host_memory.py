@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import os
+import struct
 import sys
 
 import pytest
@@ -123,6 +124,67 @@ async def test_a_stream_property_is_written_as_write_result_writes(load, trace):
     assert host.filters["f"].host_errors == 0
 
 
+def _ttl_args(cas: int, ttl_ns: int, key: bytes, value: bytes) -> bytes:
+    """wasmgate.set_shared_data_ttl's arguments (abi/foreign.py)."""
+    return struct.pack("<IQI", cas, ttl_ns, len(key)) + key + value
+
+
+async def test_shared_data_reads_and_ttl_writes_are_written_as_write_result_writes(load, trace):
+    # The C shared_data_get and foreign_set_ttl (a rate limiter's read and write of its bucket
+    # on every request) against the Python host functions, on each crossing: the same
+    # statuses, results and out-params for a read, an absent key, an empty value, a bad cas
+    # pointer (refused before allocating), a bad out-pointer, an allocator that asks again
+    # (refused: 6) or answers 0 (6; the ttl write still happened, as in write_result), a
+    # stale cas (8 in the result), malformed arguments (2) and another foreign name (1).
+    w = Wat(allocator=False)
+    key, cas_p = w.s("k"), f"(i32.const {OUT + 8})"
+    _asking_allocator(w, f"(call $proxy_get_shared_data {key} (i32.const {OUT + 16}) "
+                         f"(i32.const {OUT + 20}) (i32.const {OUT + 24}))")
+    ttl_name = w.s("wasmgate.set_shared_data_ttl")
+
+    def get(label: str, k: str, out: str = O, cas: str = cas_p) -> str:
+        return status(w, label, f"(call $proxy_get_shared_data {k} {out} {cas})")
+
+    def ttl(label: str, args: bytes, name: str = ttl_name) -> str:
+        return status(w, label, f"(call $proxy_call_foreign_function {name} {w.s(args)} {O})")
+
+    def u32(label: str, addr: str) -> str:
+        return f"(call $log_num {w.s(label)} (i32.load {addr}))"
+
+    result = f"(i32.load (i32.const {OUT}))"
+    w.on("proxy_on_request_headers",
+         status(w, "set", f"(call $proxy_set_shared_data {key} {w.s('v1')} (i32.const 0))")
+         + status(w, "set-empty", f"(call $proxy_set_shared_data {w.s('e')} {w.s('')} (i32.const 0))")
+         + get("outer", key) + out_ptr_size(w, "outer-out") + u32("cas", f"(i32.const {OUT + 8})")
+         + get("missing", w.s("nope"))
+         + get("empty", w.s("e")) + out_ptr_size(w, "empty-out")
+         + get("bad-cas", key, cas=FAR)
+         + get("bad-out", key, out=f"{FAR} (i32.const 0)")
+         + ttl("ttl", _ttl_args(0, 10**9, b"t", b"x")) + out_ptr_size(w, "ttl-out")
+         + u32("ttl-result", result)
+         + ttl("ttl-stale", _ttl_args(12345, 10**9, b"t", b"y")) + u32("stale-result", result)
+         + ttl("ttl-short", bytes(15))
+         + ttl("ttl-long-key", _ttl_args(0, 1, b"key", b"")[:-1])
+         + ttl("other-name", b"", name=w.s("wasmgate.nope"))
+         + "(global.set $depth (i32.const 2))"   # now the allocator answers 0
+         + get("zero-get", key)
+         + ttl("zero-ttl", _ttl_args(0, 10**9, b"z", b"zz"))
+         + get("zero-ttl-wrote", w.s("z"))
+         + " (i32.const 0)")
+    host = await load(w)
+    trace.records.clear()
+    await request(host)
+    assert trace.lines("f")[1:26] == [
+        "set 0", "set-empty 0", "nested 6", "outer 0", "outer-out 65536 2", "cas 1", "missing 1",
+        "empty 0", "empty-out 0 0", "bad-cas 6", "nested 6", "bad-out 6",
+        "nested 6", "ttl 0", "ttl-out 65536 4", "ttl-result 0", "nested 6", "ttl-stale 0",
+        "stale-result 8", "ttl-short 2", "ttl-long-key 2", "other-name 1",
+        "zero-get 6", "zero-ttl 6", "zero-ttl-wrote 6"]
+    store = host.filters["f"].store
+    assert store.get(b"t")[0] == b"x" and store.get(b"z")[0] == b"zz"   # (written, result refused)
+    assert host.filters["f"].host_errors == 0
+
+
 async def test_write_result_without_an_allocator(load, trace):
     w = Wat(allocator=False)
     w.on("proxy_on_request_headers",
@@ -176,9 +238,10 @@ class HostCallFrames:
 
 async def test_header_edits_and_the_clock_are_no_python_frame_on_the_c_path(load, crossing_impl):
     # bench/chain_profile: a filter's header edits are most of its host calls. On the C path
-    # an edit of a stream's map, the clock read and a stream property read are C whole
-    # (_crossing.c header_edit, time_ns, stream_property; the property's getter is
-    # properties.py's, not a host frame): not one host-call frame; on the Python path, the
+    # an edit of a stream's map, the clock read, a stream property read, a shared-data read
+    # and a wasmgate.set_shared_data_ttl write are C whole (_crossing.c header_edit, time_ns,
+    # stream_property, shared_data_get, foreign_set_ttl; the property's getter and the store's
+    # get and set are not host frames): not one host-call frame; on the Python path, the
     # adapters.
     w = Wat()
     w.on("proxy_on_request_headers",
@@ -187,6 +250,9 @@ async def test_header_edits_and_the_clock_are_no_python_frame_on_the_c_path(load
          f"(drop (call $proxy_add_header_map_value (i32.const 0) {w.s('x-add')} {w.s('z')}))"
          f"(drop (call $proxy_get_current_time_nanoseconds (i32.const {OUT})))"
          f"(drop (call $proxy_get_property {w.s(b'source' + bytes(1) + b'address')} (i32.const {OUT}) (i32.const {OUT + 4})))"
+         f"(drop (call $proxy_call_foreign_function {w.s('wasmgate.set_shared_data_ttl')} "
+         f"{w.s(_ttl_args(0, 10**9, b'bucket', b'tokens'))} (i32.const {OUT}) (i32.const {OUT + 4})))"
+         f"(drop (call $proxy_get_shared_data {w.s('bucket')} (i32.const {OUT}) (i32.const {OUT + 4}) (i32.const {OUT + 8})))"
          " (i32.const 0)")
     host = await load(w)
     await request(host)                         # warm: the name check's cache, callers
@@ -220,4 +286,10 @@ async def test_header_edits_and_the_clock_are_no_python_frame_on_the_c_path(load
                           "write_u64", "write_u64"],
                          ["callback", "host", "proxy_get_property", "read", "_py_read",
                           "_source_address", "_addr", "to_bytes", "write_result", "_py_put_result",
-                          "write", "write_u32", "write_u32"]]
+                          "write", "write_u32", "write_u32"],
+                         ["callback", "host", "proxy_call_foreign_function", "read", "_py_read",
+                          "read", "_py_read", "call", "set_shared_data_ttl", "set", "write_result",
+                          "_py_put_result", "write", "write_u32", "write_u32"],
+                         ["callback", "host", "proxy_get_shared_data", "read", "_py_read", "get",
+                          "get", "check_out", "write_result", "_py_put_result", "write",
+                          "write_u32", "write_u32", "write_u32", "write_u32"]]
