@@ -1090,18 +1090,26 @@ counter_slot(CountersObject *c, PyObject *arg)
     return c->slots + i;
 }
 
+/* add/store's arguments: the slot and the value (mod 2**64); -1 with an exception set. */
+static int
+counter_args(CountersObject *c, PyObject *const *args, Py_ssize_t nargs, uint64_t **slot,
+             uint64_t *value)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "add and store take 2 arguments");
+        return -1;
+    }
+    if ((*slot = counter_slot(c, args[0])) == NULL)
+        return -1;
+    *value = (uint64_t)PyLong_AsUnsignedLongLongMask(args[1]);
+    return *value == (uint64_t)-1 && PyErr_Occurred() ? -1 : 0;
+}
+
 static PyObject *
 counters_add(CountersObject *c, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "add takes 2 arguments");
-        return NULL;
-    }
-    uint64_t *slot = counter_slot(c, args[0]);
-    if (slot == NULL)
-        return NULL;
-    uint64_t delta = (uint64_t)PyLong_AsUnsignedLongLongMask(args[1]);
-    if (delta == (uint64_t)-1 && PyErr_Occurred())
+    uint64_t *slot, delta;
+    if (counter_args(c, args, nargs, &slot, &delta) < 0)
         return NULL;
     __atomic_fetch_add(slot, delta, __ATOMIC_RELAXED);
     Py_RETURN_NONE;
@@ -1110,15 +1118,8 @@ counters_add(CountersObject *c, PyObject *const *args, Py_ssize_t nargs)
 static PyObject *
 counters_store(CountersObject *c, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "store takes 2 arguments");
-        return NULL;
-    }
-    uint64_t *slot = counter_slot(c, args[0]);
-    if (slot == NULL)
-        return NULL;
-    uint64_t value = (uint64_t)PyLong_AsUnsignedLongLongMask(args[1]);
-    if (value == (uint64_t)-1 && PyErr_Occurred())
+    uint64_t *slot, value;
+    if (counter_args(c, args, nargs, &slot, &value) < 0)
         return NULL;
     __atomic_store_n(slot, value, __ATOMIC_RELAXED);
     Py_RETURN_NONE;

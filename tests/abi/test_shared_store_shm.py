@@ -373,6 +373,15 @@ def test_metric_statuses(store):
     assert store.increment_metric(c | 3, 1) == S.NOT_FOUND
 
 
+def _run_all(procs, timeout_s: float) -> None:
+    """Start every process, then wait for each (bounded): each must exit cleanly."""
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout_s)
+        assert p.exitcode == 0
+
+
 def _worker_metrics(name, k, seed):
     s = S.open(name)
     c = s.define_metric(S.COUNTER, "requests")
@@ -388,12 +397,7 @@ def _worker_metrics(name, k, seed):
 def test_metrics_summed_across_processes(name):
     s = S.create(name, 1 << 20)
     k, seeds = 300, [1, 2, 3]
-    procs = [FORK.Process(target=_worker_metrics, args=(name, k, sd)) for sd in seeds]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(30)
-        assert p.exitcode == 0
+    _run_all([FORK.Process(target=_worker_metrics, args=(name, k, sd)) for sd in seeds], 30)
     by_name = {m.name: m for m in s.metric_values()}
     assert set(by_name) == {"requests", "balance", "size"}
     assert (by_name["requests"].kind, by_name["requests"].value) == ("counter", len(seeds) * k)
@@ -437,12 +441,7 @@ def test_counters_lose_no_increment_when_processes_race(name):
     s = S.create(name, 1 << 20)
     k, n = 20_000, 3
     start = FORK.Barrier(n)
-    procs = [FORK.Process(target=_worker_counting, args=(name, k, start)) for _ in range(n)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(60)
-        assert p.exitcode == 0
+    _run_all([FORK.Process(target=_worker_counting, args=(name, k, start)) for _ in range(n)], 60)
     by_name = {m.name: m for m in s.metric_values()}
     assert by_name["hits"].value == 3 * k * n
     assert (by_name["level"].kind, by_name["level"].value) == ("gauge", -k * n)   # an i64
