@@ -1562,8 +1562,8 @@ static int context_core_init(PyObject *m) {     /* ContextCore and HeaderMapCore
  *
  * They answer Status.OK (0) themselves (and NOT_FOUND for an absent shared-data key), and
  * ``invalid`` when the guest's allocator answers 0 (as Filter.write_result does); every other
- * status comes from the fallback. A bad guest pointer raises MemoryAccessError (through Memory._check, as above),
- * which the Guarded wrapper turns into INVALID_MEMORY_ACCESS. */
+ * status comes from the fallback. A bad guest pointer raises MemoryAccessError (through
+ * Memory._check, as above), which the Guarded wrapper turns into INVALID_MEMORY_ACCESS. */
 static PyObject *str_mem, *str_effective, *str_current, *str_vm_ctx, *str_chain, *str_edited,
                 *str_items, *str_grown, *str_ser, *str_unsafe, *str_now_ns, *str_alloc,
                 *str_allocating, *str_store, *str_get, *str_set;
