@@ -1107,7 +1107,7 @@ class ShmStore:
         if kind not in (COUNTER, GAUGE):
             return NOT_FOUND
         mid = metric_id & _U32
-        if mid not in self._e.defined and not self._is_defined(mid):
+        if not self._is_defined(mid):
             return NOT_FOUND
         if kind == COUNTER and delta <= 0:
             return BAD_ARGUMENT
@@ -1116,7 +1116,7 @@ class ShmStore:
     def record_metric(self, metric_id: int, value: int) -> int:
         kind = metric_id & 3
         mid = metric_id & _U32
-        if kind == 3 or (mid not in self._e.defined and not self._is_defined(mid)):
+        if kind == 3 or not self._is_defined(mid):
             return NOT_FOUND
         if kind == HISTOGRAM:
             r = self._write(self._histogram_txn, mid, value & _U64)
@@ -1125,6 +1125,8 @@ class ShmStore:
 
     def _is_defined(self, mid: int) -> bool:
         """Whether metric ``mid`` has a definition; remembered, as definitions are never dropped."""
+        if mid in self._e.defined:
+            return True
         with self._lock:
             env = self._ensure_env()
             with env.begin() as txn:
@@ -1135,6 +1137,10 @@ class ShmStore:
         return True
 
     def _counters(self):
+        """The metric values' slots, mapped once per process and path (raises once closed)."""
+        counters = None if self._closed else self._e.counters
+        if counters is not None:
+            return counters
         e = self._e
         with e.lock:
             self._ensure_env()                 # (sets e.native for the binding in use)
@@ -1145,9 +1151,7 @@ class ShmStore:
             return e.counters
 
     def _count(self, slot: int, value: int, add: bool) -> int:
-        counters = None if self._closed else self._e.counters
-        if counters is None:
-            counters = self._counters()        # (raises once the store is closed)
+        counters = self._counters()
         if self._e.native:                     # an atomic instruction: no lock to take
             (counters.add if add else counters.store)(slot, value)
             return OK
@@ -1172,14 +1176,11 @@ class ShmStore:
     def get_metric(self, metric_id: int) -> tuple[int, int]:
         kind = metric_id & 3
         mid = metric_id & _U32
-        if kind == 3 or (mid not in self._e.defined and not self._is_defined(mid)):
+        if kind == 3 or not self._is_defined(mid):
             return NOT_FOUND, 0
         if kind == HISTOGRAM:
             return BAD_ARGUMENT, 0
-        counters = None if self._closed else self._e.counters
-        if counters is None:
-            counters = self._counters()
-        return OK, counters.load(mid >> 2)     # the ABI value is a u64 (a negative gauge wraps)
+        return OK, self._counters().load(mid >> 2)     # the ABI value is a u64 (a negative gauge wraps)
 
     def metric_values(self) -> list[StoreMetric]:
         """Every metric, gateway-wide (one value shared by all workers), ordered by definition."""
@@ -1193,7 +1194,7 @@ class ShmStore:
                         if not k.startswith(_MREC):
                             break
                         out.append((_QKEY.unpack_from(k, len(_MREC))[0], _unpackb(raw)))
-        counters = (self._e.counters or self._counters()) if out else None
+        counters = self._counters() if out else None
         values = []
         for mid, rec in out:
             kind = rec[0]

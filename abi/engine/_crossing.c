@@ -1795,6 +1795,24 @@ static PyObject *stream_property_value(PyObject *table, PyObject *f, PyObject *m
     return value;
 }
 
+/* 1 when f's allocator is free to call (write_result would use it for a non-empty result), 0
+ * when not (booting, or an allocator calling back in), -1 with an exception set. ``alloc``
+ * (may be NULL): f._alloc, a new reference, unless -1. */
+static int allocator_free(PyObject *f, PyObject **alloc) {
+    PyObject *a = PyObject_GetAttr(f, str_alloc);
+    if (a == NULL)
+        return -1;
+    PyObject *busy = PyObject_GetAttr(f, str_allocating);
+    int allocating = busy == NULL ? -1 : PyObject_IsTrue(busy);
+    Py_XDECREF(busy);
+    int free = allocating < 0 ? -1 : a != Py_None && !allocating;
+    if (alloc != NULL && free >= 0)
+        *alloc = a;
+    else
+        Py_DECREF(a);
+    return free;
+}
+
 /* Filter.write_result of ``value`` (bytes) for a host function done in C: 1 with *status the
  * answer (Status.OK, or ``invalid`` when the guest's allocator answers 0); 0 when no allocator
  * is free to call (booting, or an allocator calling back in: the caller falls back, as
@@ -1803,18 +1821,13 @@ static PyObject *stream_property_value(PyObject *table, PyObject *f, PyObject *m
  * down whatever happened, as in write_result. */
 static int put_result(PyObject *f, PyObject *mem, PyObject *value, PyObject *ret_pp,
                       PyObject *ret_size_p, PyObject *invalid, PyObject **status) {
-    PyObject *alloc = PyObject_GetAttr(f, str_alloc);
-    PyObject *busy = alloc != NULL ? PyObject_GetAttr(f, str_allocating) : NULL;
-    if (busy == NULL) {
-        Py_XDECREF(alloc);
+    PyObject *alloc;
+    int free = allocator_free(f, &alloc);
+    if (free < 0)
         return -1;
-    }
-    int allocating = PyObject_IsTrue(busy);
-    Py_DECREF(busy);
-    if (allocating < 0 || ((alloc == Py_None || allocating) && PyBytes_GET_SIZE(value) > 0)
-            || PyObject_SetAttr(f, str_allocating, Py_True) < 0) {
-        Py_DECREF(alloc);
-        return allocating < 0 || PyErr_Occurred() ? -1 : 0;
+    if ((!free && PyBytes_GET_SIZE(value) > 0) || PyObject_SetAttr(f, str_allocating, Py_True) < 0) {
+        Py_DECREF(alloc);                       /* (empty data needs no allocator) */
+        return PyErr_Occurred() ? -1 : 0;
     }
     PyObject *put_args[5] = {mem, alloc, value, ret_pp, ret_size_p};
     PyObject *written = mem_put_result(NULL, put_args, 5);
@@ -1930,20 +1943,6 @@ done:
     return result;
 }
 
-/* 1 when f's allocator is free to call (write_result would use it for a non-empty result), 0
- * when not (booting, or an allocator calling back in), -1 with an exception set. */
-static int allocator_free(PyObject *f) {
-    PyObject *alloc = PyObject_GetAttr(f, str_alloc);
-    if (alloc == NULL)
-        return -1;
-    int none = alloc == Py_None;
-    Py_DECREF(alloc);
-    PyObject *busy = PyObject_GetAttr(f, str_allocating);
-    int allocating = busy == NULL ? -1 : PyObject_IsTrue(busy);
-    Py_XDECREF(busy);
-    return allocating < 0 ? -1 : !none && !allocating;
-}
-
 static uint64_t le_u64(const unsigned char *p, int n) {
     uint64_t v = 0;
     for (int i = n - 1; i >= 0; i--)
@@ -1971,7 +1970,7 @@ static PyObject *foreign_set_ttl(PyObject *self, PyObject *const *args, Py_ssize
     if (mem == Py_None || as_offset(args[5], &name_size) < 0 || as_offset(args[7], &args_size) < 0
             || name_size != PyBytes_GET_SIZE(args[1]) || args_size < 16)
         goto fallback;                          /* another function, or malformed: Python's */
-    int free = allocator_free(f);               /* before the write: the result needs it */
+    int free = allocator_free(f, NULL);         /* before the write: the result needs it */
     if (free <= 0) {
         if (free < 0)
             goto done;
@@ -2008,7 +2007,8 @@ static PyObject *foreign_set_ttl(PyObject *self, PyObject *const *args, Py_ssize
     unsigned long st = PyLong_AsUnsignedLongMask(status);
     if (st == (unsigned long)-1 && PyErr_Occurred())
         goto done;
-    unsigned char le[4] = {st & 0xFF, (st >> 8) & 0xFF, (st >> 16) & 0xFF, (st >> 24) & 0xFF};
+    unsigned char le[4];
+    put_u32le(le, (uint32_t)st);
     if ((packed = PyBytes_FromStringAndSize((const char *)le, 4)) == NULL)
         goto done;
     if (put_result(f, mem, packed, args[8], args[9], args[2], &result) == 0)
