@@ -24,7 +24,9 @@ Result: OK, and 4 bytes (u32 LE) holding the status of the write, as ``proxy_set
 would return it: OK, CAS_MISMATCH or INTERNAL_FAILURE (no room). It is carried in the result
 rather than as the call's status because the official Rust SDK panics on a CAS_MISMATCH from
 ``call_foreign_function``. BAD_ARGUMENT when the arguments are malformed. ``ttl_ns`` 0 deletes
-the key (if the cas matches). Semantics of expiring entries: abi/shared_store.py.
+the key (if the cas matches). Semantics of expiring entries: abi/shared_store.py. It writes
+shared data, so a filter needs capability ``shared_data`` as well as ``foreign_functions``;
+without it the result holds INTERNAL_FAILURE, what a denied ``proxy_set_shared_data`` answers.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ import struct
 import zlib
 from typing import Callable
 
+from . import capabilities
 from .enums import Status
 from .context import FilterView
 
@@ -41,6 +44,10 @@ _STATUS = struct.Struct("<I")
 
 
 def set_shared_data_ttl(f: FilterView, args: bytes) -> tuple[int, bytes]:
+    group = capabilities.FOREIGN[SET_SHARED_DATA_TTL]
+    if not capabilities.grants(f.spec.capabilities, group):
+        f.capability_denied(SET_SHARED_DATA_TTL, group)
+        return Status.OK, _STATUS.pack(Status.INTERNAL_FAILURE)
     if len(args) < _SET_HEAD.size:
         return Status.BAD_ARGUMENT, b""
     cas, ttl_ns, key_size = _SET_HEAD.unpack_from(args)

@@ -586,18 +586,18 @@ def _guarded_factory(arity: int | None) -> Callable:
 
 
 def guarded(f: FilterView, name: str, fn: Callable, *, bad_memory: int | None,
-            internal: int | None, arity: int | None = None) -> Callable:
+            internal: int | None, arity: int | None = None, in_c: bool = True) -> Callable:
     """Wrap an adapter so nothing but a deliberate trap leaves it.
 
     A bad guest pointer → `bad_memory` (INVALID_MEMORY_ACCESS, as cpp-host; WASI: FAULT); a
     bug of ours → logged, counted, `internal`. Trap (a nested guest call such as the allocator
     trapped) and HostTrap (proc_exit) propagate: they end the guest call on purpose.
     On the native path the wrapper is C (engine.guarded_host: no Python frame per host call)
-    and wraps ``fn``'s C variant where it has one (IN_C);
+    and wraps ``fn``'s C variant where it has one (IN_C) unless ``in_c`` is false;
     otherwise it is generated once per ``arity`` (the wasm parameter count) and takes exactly
     that many arguments: no *args packing on every host call.
     """
-    host = guarded_host(IN_C.get(fn, fn), f, bad_memory, internal,
+    host = guarded_host(IN_C.get(fn, fn) if in_c else fn, f, bad_memory, internal,
                         functools.partial(f.host_error, name))
     if host is None:                # the C path is off: the same in a generated wrapper
         host = _guarded_factory(arity)(f, name, fn, bad_memory, internal,

@@ -288,7 +288,7 @@ async def test_header_edits_and_the_clock_are_no_python_frame_on_the_c_path(load
                           "_source_address", "_addr", "to_bytes", "write_result", "_py_put_result",
                           "write", "write_u32", "write_u32"],
                          ["callback", "host", "proxy_call_foreign_function", "read", "_py_read",
-                          "read", "_py_read", "call", "set_shared_data_ttl", "set", "write_result",
+                          "read", "_py_read", "call", "set_shared_data_ttl", "grants", "set", "write_result",
                           "_py_put_result", "write", "write_u32", "write_u32"],
                          ["callback", "host", "proxy_get_shared_data", "read", "_py_read", "get",
                           "get", "check_out", "write_result", "_py_put_result", "write",

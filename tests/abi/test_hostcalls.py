@@ -339,6 +339,34 @@ async def test_foreign_set_shared_data_ttl(load, trace):
     assert store.get(b"k") is None
 
 
+async def test_foreign_ttl_write_needs_the_shared_data_capability(load, trace):
+    """wasmgate.set_shared_data_ttl writes shared data: ``foreign_functions`` alone must not let
+    a filter do what a missing ``shared_data`` denies. The result holds INTERNAL_FAILURE (a
+    denied proxy_set_shared_data's answer), nothing is written, the denial is counted as
+    shared_data; another foreign function still runs, and with both groups the write lands."""
+    from abi.foreign import SET_SHARED_DATA_TTL
+    from abi.shared_store import LocalStore
+
+    ttl_args = struct.pack("<IQI", 0, 60 * 10**9, 1) + b"k" + b"v"
+    w = Wat()
+    w.on("proxy_on_request_headers",
+         status(w, "ttl", f"(call $proxy_call_foreign_function {w.s(SET_SHARED_DATA_TTL)} {w.s(ttl_args)} {O})")
+         + status(w, "result", f"(i32.load (i32.load (i32.const {OUT})))")
+         + status(w, "compress", f"(call $proxy_call_foreign_function {w.s('compress')} {w.s(b'abc')} {O})")
+         + " (i32.const 0)")
+    denial = (f'{SET_SHARED_DATA_TTL} denied: capability "shared_data" not granted (logged once; '
+              "counted in wasmgate_filter_denied_calls_total)")
+    for granted, seen, stored in (({"log", "foreign_functions"}, [denial, "ttl 0", "result 10"], None),
+                                  ({"log", "foreign_functions", "shared_data"}, ["ttl 0", "result 0"], b"v")):
+        store = LocalStore()
+        host = await load(w, store=store, capabilities=frozenset(granted))
+        trace.records.clear()
+        await run_request(host)
+        assert trace.lines("f")[1:] == seen + ["compress 0"]
+        assert (store.get(b"k") or (None,))[0] == stored
+        assert host.stats()["f"]["denied_calls"] == ({} if stored else {"shared_data": 1})
+
+
 async def test_foreign_clear_route_cache_marks_the_request_and_uncompress_bounds(load, trace):
     """Envoy's `clear_route_cache` foreign function marks the request for re-routing
     (Chain.route_cache_cleared, read by the gateway) and is a no-op outside a request;
