@@ -41,15 +41,19 @@ key                                          value (msgpack unless noted)
 ``Qi``+qid (u32 BE)                          ``[name, head, tail, {token: [pid, pending]}]``
 ``I``+qid (u32 BE)+seq (u64 BE)              the item (raw bytes)
 ``Xn``+kind (1 byte)+name                    metric id  (``(seq << 2) | kind``, as Envoy)
-``Xi``+id (u32 BE)                           ``[kind, name]``; histogram
-                                             ``[2, name, sum, count, [count per bucket]]``
+``Xi``+id (u32 BE)                           ``[kind, name]``; histogram ``[2, name, slot]``
+``Xh``                                       the number of histograms defined
 ===========================================  ===================================================
 
-A counter's or gauge's value is not in LMDB: it is the u64 at slot ``seq`` of ``metrics.u64``
-(a file of ``max_bytes // ENTRY_OVERHEAD + 1`` slots beside the map, mapped shared by every
-process), changed with an atomic add or store by abi/_lmdb.c's ``counters``. A rate limiter
-counts every request; as a write transaction that cost ~4 µs and took the writer lock every
-worker's writes wait on, as an atomic add it costs ~0.5 µs and waits for nothing. (py-lmdb's
+A metric's values are not in LMDB: a counter's or gauge's is the u64 at slot ``seq`` of
+``metrics.u64`` (a file of u64 slots beside the map, mapped shared by every process), changed
+with an atomic add or store by abi/_lmdb.c's ``counters``. A rate limiter counts every request;
+as a write transaction that cost ~4 µs and took the writer lock every worker's writes wait on,
+as an atomic add it costs ~0.5 µs and waits for nothing. A histogram's are 21 slots after the
+``seq`` ones, from the ``slot`` its record names: the sum, then one count per bucket (its count is
+theirs, so ``_count`` always equals the ``+Inf`` bucket); a sample is two atomic adds, and a
+reader between them may see the bucket before the sum, as Envoy's merged histograms can be a
+sample apart. (py-lmdb's
 fallback does the same read-modify-write inside a write transaction: the writer lock makes it
 atomic among processes that all use py-lmdb, which a gateway's workers do.) A killed process
 leaves a slot either added to or not.
@@ -198,9 +202,9 @@ _U64 = (1 << 64) - 1
 _MONOTONIC = time.monotonic_ns
 _CONFIG_FILE = "wasmgate-store.msgpack"
 _COUNTERS_FILE = "metrics.u64"
-_FORMAT = 4                         # 2: expiring entries (deadline index, meta[4:7]); 3: binary
+_FORMAT = 5                         # 2: expiring entries (deadline index, meta[4:7]); 3: binary
                                     # meta and data records, reap hint meta[7]; 4: counter and
-                                    # gauge values in _COUNTERS_FILE
+                                    # gauge values in _COUNTERS_FILE; 5: histograms' too
 
 _packb = msgpack.packb
 _unpackb = msgpack.unpackb
@@ -212,7 +216,7 @@ _itemkey = struct.Struct(">IQ").pack
 # key prefixes in the single LMDB tree (data keys start with b"k" or b"h")
 _META = b"M"
 _QNAME, _QREC, _ITEM = b"Qn", b"Qi", b"I"
-_MNAME, _MREC = b"Xn", b"Xi"
+_MNAME, _MREC, _MHISTS = b"Xn", b"Xi", b"Xh"
 _EXP = b"E"                         # E + deadline (u64 BE) + data key: expiring entries by deadline
 # Meta and data records are fixed binary headers, not msgpack: they are decoded and re-encoded
 # inside the write lock on every set(), and struct does that in a fraction of msgpack's time.
@@ -312,9 +316,26 @@ def _map_size(max_bytes: int) -> int:
 
 
 def _counter_slots(max_bytes: int) -> int:
-    """Slots of _COUNTERS_FILE: one per metric sequence number the budget allows (a definition
-    costs at least ENTRY_OVERHEAD and is never dropped; sequence numbers start at 1)."""
+    """The first slots of _COUNTERS_FILE: one per metric sequence number the budget allows (a
+    definition costs at least ENTRY_OVERHEAD and is never dropped; sequence numbers start at 1)."""
     return max_bytes // ENTRY_OVERHEAD + 1
+
+
+#: a histogram's slots: its sum, then one per bucket (the last one past every bound)
+_HIST_SLOTS = 1 + len(HISTOGRAM_BOUNDS) + 1
+#: what a histogram's definition costs in the budget beyond a counter's: its slots
+_HIST_COST = _HIST_SLOTS * 8
+
+
+def _max_histograms(max_bytes: int) -> int:
+    """Histograms a store may define: 16,400 for the default 16 MiB. As many as the budget
+    allows (ENTRY_OVERHEAD + _HIST_COST each) would make their slots 0.72 × max_bytes."""
+    return max_bytes // 1024 + 16
+
+
+def _all_slots(max_bytes: int) -> int:
+    """Slots of _COUNTERS_FILE: the sequence numbers', then the histograms'."""
+    return _counter_slots(max_bytes) + _max_histograms(max_bytes) * _HIST_SLOTS
 
 
 class _MappedCounters:
@@ -386,6 +407,7 @@ class _Env:
         self.pack = msgpack.Packer().pack      # reused; only called under self.lock
         self.counters = None                   # the metric values (_counters), opened lazily
         self.defined: set[int] = set()         # metric ids seen defined (never undefined)
+        self.hist_slots: dict[int, int] = {}   # histogram id → its first slot (never moves)
 
     def ensure(self, create: bool = False):
         env = self.env
@@ -505,7 +527,7 @@ class ShmStore:
             if os.path.realpath(c) in _envs:
                 raise RuntimeError(f"shared store {c} is open in this process; close it before create()")
         map_size = _map_size(max_bytes)
-        counters_size = _counter_slots(max_bytes) * 8
+        counters_size = _all_slots(max_bytes) * 8
         path = _pick_location(path_or_name, map_size + counters_size)
         for c in _candidates(path_or_name):
             shutil.rmtree(c, ignore_errors=True)
@@ -1059,11 +1081,12 @@ class ShmStore:
         return bool(due), due
 
     # ---------------------------------------------------------------- metrics (§5.6)
-    # A definition is an LMDB record (name → id, id → [kind, name], histograms with their
-    # buckets). A counter's or gauge's value is slot ``id >> 2`` of _COUNTERS_FILE, changed by
+    # A definition is an LMDB record (name → id, id → [kind, name], a histogram's with its
+    # first slot). A counter's or gauge's value is slot ``id >> 2`` of _COUNTERS_FILE, changed by
     # an atomic add or store (abi/_lmdb.c's counters) without a write transaction: a rate
     # limiter counts every request, and each transaction takes the writer lock every worker's
-    # writes wait on. A histogram is recorded in its LMDB record, under that lock.
+    # writes wait on. A histogram's sample is two atomic adds to its slots, for the same reason
+    # (a filter timing every request).
     def define_metric(self, kind: int, name: str) -> int:
         """Same (kind, name) → same id in every process. Raises ValueError for kind > 2."""
         if kind not in KIND_NAMES:
@@ -1085,16 +1108,22 @@ class ShmStore:
         if raw is not None:
             return False, _unpackb(raw)
         meta = self._meta(txn)
-        if not self._fits(txn, meta, len(nkey) - 3 + ENTRY_OVERHEAD, 0):
+        cost = len(nkey) - 3 + ENTRY_OVERHEAD + (_HIST_COST if kind == HISTOGRAM else 0)
+        if not self._fits(txn, meta, cost, 0):
             return False, None
-        used = meta[1] + len(nkey) - 3 + ENTRY_OVERHEAD
         meta[3] += 1
         mid = (meta[3] << 2) | kind
         if mid > _U32 or meta[3] >= _counter_slots(self.max_bytes):
             return False, None
-        meta[1] = used
-        rec = ([kind, name, 0, 0, [0] * (len(HISTOGRAM_BOUNDS) + 1)] if kind == HISTOGRAM
-               else [kind, name])
+        meta[1] += cost
+        rec = [kind, name]
+        if kind == HISTOGRAM:
+            raw = txn.get(_MHISTS)
+            n = 0 if raw is None else _unpackb(raw)
+            if n >= _max_histograms(self.max_bytes):
+                return False, None
+            rec.append(_counter_slots(self.max_bytes) + n * _HIST_SLOTS)
+            txn.put(_MHISTS, self._e.pack(n + 1))
         txn.put(nkey, self._e.pack(mid))
         txn.put(_MREC + _qkey(mid), self._e.pack(rec))
         txn.put(_META, _dump_meta(meta))
@@ -1119,8 +1148,7 @@ class ShmStore:
         if kind == 3 or not self._is_defined(mid):
             return NOT_FOUND
         if kind == HISTOGRAM:
-            r = self._write(self._histogram_txn, mid, value & _U64)
-            return INTERNAL_FAILURE if r is _FULL else r
+            return self._sample(self._hist_slot(mid), value & _U64)
         return self._count(mid >> 2, value, kind == COUNTER)   # a counter adds, a gauge is set
 
     def _is_defined(self, mid: int) -> bool:
@@ -1145,7 +1173,7 @@ class ShmStore:
         with e.lock:
             self._ensure_env()                 # (sets e.native for the binding in use)
             if e.counters is None:
-                where, count = str(self.path / _COUNTERS_FILE), _counter_slots(self.max_bytes)
+                where, count = str(self.path / _COUNTERS_FILE), _all_slots(self.max_bytes)
                 e.counters = (_c_lmdb.counters(where, count) if e.native
                               else _MappedCounters(where, count))
             return e.counters
@@ -1164,14 +1192,30 @@ class ShmStore:
         (counters.add if add else counters.store)(slot, value)
         return False, OK
 
-    def _histogram_txn(self, txn, mid, v):
-        ik = _MREC + _qkey(mid)
-        rec = _unpackb(txn.get(ik))
-        rec[2] = (rec[2] + v) & _U64
-        rec[3] += 1
-        rec[4][bisect_left(HISTOGRAM_BOUNDS, v)] += 1
-        txn.put(ik, self._e.pack(rec))
-        return True, OK
+    def _hist_slot(self, mid: int) -> int:
+        """Histogram ``mid``'s first slot (defined: _is_defined said so); remembered."""
+        slot = self._e.hist_slots.get(mid)
+        if slot is None:
+            with self._lock:
+                env = self._ensure_env()
+                with env.begin() as txn:
+                    slot = self._e.hist_slots[mid] = _unpackb(txn.get(_MREC + _qkey(mid)))[2]
+        return slot
+
+    def _sample(self, slot: int, v: int) -> int:
+        counters = self._counters()
+        if self._e.native:
+            self._add_sample(None, counters, slot, v)
+            return OK
+        r = self._write(self._add_sample, counters, slot, v)
+        return INTERNAL_FAILURE if r is _FULL else r
+
+    @staticmethod
+    def _add_sample(_txn, counters, slot, v):
+        # sum and bucket; py-lmdb: under the writer lock (see _count_txn)
+        counters.add(slot, v)
+        counters.add(slot + 1 + bisect_left(HISTOGRAM_BOUNDS, v), 1)
+        return False, OK
 
     def get_metric(self, metric_id: int) -> tuple[int, int]:
         kind = metric_id & 3
@@ -1199,11 +1243,12 @@ class ShmStore:
         for mid, rec in out:
             kind = rec[0]
             if kind == HISTOGRAM:
+                slot = rec[2]
                 cum, buckets = 0, []
-                for le, c in zip(HISTOGRAM_BOUNDS + (float("inf"),), rec[4]):
-                    cum += c
+                for i, le in enumerate(HISTOGRAM_BOUNDS + (float("inf"),), slot + 1):
+                    cum += counters.load(i)
                     buckets.append((le, cum))
-                values.append(StoreMetric(rec[1], "histogram", rec[3], buckets, rec[2], rec[3]))
+                values.append(StoreMetric(rec[1], "histogram", cum, buckets, counters.load(slot), cum))
             else:
                 v = counters.load(mid >> 2)
                 if kind == GAUGE and v >> 63:

@@ -427,17 +427,20 @@ def _worker_counting(name, k, start):
     s = S.open(name)
     c = s.define_metric(S.COUNTER, "hits")
     g = s.define_metric(S.GAUGE, "level")
+    h = s.define_metric(S.HISTOGRAM, "latency")
     start.wait(30)
-    for _ in range(k):
+    for i in range(k):
         s.increment_metric(c, 1)
         s.increment_metric(g, -1)
         s.record_metric(c, 2)              # a record on a counter adds
+        s.record_metric(h, i % 7)          # buckets 0.5, 1, 5 and 10
     s.close()
 
 
 def test_counters_lose_no_increment_when_processes_race(name):
-    """Three processes increment the same counter and gauge at once, in tight loops started
-    together: every update lands (an unlocked read-modify-write loses some on two cores)."""
+    """Three processes increment the same counter and gauge and record into the same histogram
+    at once, in tight loops started together: every update lands (an unlocked
+    read-modify-write loses some on two cores)."""
     s = S.create(name, 1 << 20)
     k, n = 20_000, 3
     start = FORK.Barrier(n)
@@ -446,6 +449,33 @@ def test_counters_lose_no_increment_when_processes_race(name):
     assert by_name["hits"].value == 3 * k * n
     assert (by_name["level"].kind, by_name["level"].value) == ("gauge", -k * n)   # an i64
     assert s.get_metric(s.define_metric(S.GAUGE, "level")) == (S.OK, (1 << 64) - k * n)
+    samples = [i % 7 for i in range(k)] * n
+    h = by_name["latency"]
+    assert (h.count, h.sum) == (k * n, sum(samples))
+    assert h.buckets == [(le, sum(1 for x in samples if x <= le))
+                         for le in S.HISTOGRAM_BOUNDS + (float("inf"),)]
+    s.close()
+
+
+@pytest.mark.parametrize("max_bytes", [S.MIN_MAX_BYTES, 1 << 16])     # the budget, the cap ends it
+def test_histograms_defined_to_the_limit_keep_their_own_slots(name, max_bytes):
+    """Each histogram's slots (a sum, a count per bucket) are its own: defining as many as the
+    store allows, then one sample each, gives each exactly its sample. The next definition
+    is a clean StoreFull, not a slot past the file's end."""
+    s = S.create(name, max_bytes)
+    ids = []
+    with pytest.raises(S.StoreFull):
+        for i in range(1000):
+            ids.append(s.define_metric(S.HISTOGRAM, f"h{i}"))
+    cap = S._max_histograms(max_bytes)
+    assert (10 <= len(ids) < cap) if max_bytes == S.MIN_MAX_BYTES else len(ids) == cap
+    for i, h in enumerate(ids):
+        assert s.record_metric(h, i * 1000) == S.OK
+    got = {m.name: m for m in s.metric_values()}
+    for i in range(len(ids)):
+        m = got[f"h{i}"]
+        assert (m.count, m.sum) == (1, i * 1000)
+        assert [n for _, n in m.buckets] == [int(i * 1000 <= le) for le in S.HISTOGRAM_BOUNDS] + [1]
     s.close()
 
 
@@ -467,6 +497,7 @@ def test_an_increment_never_waits_for_another_workers_write(name):
     s = S.create(name, 1 << 20)
     c = s.define_metric(S.COUNTER, "requests")
     g = s.define_metric(S.GAUGE, "inflight")
+    h = s.define_metric(S.HISTOGRAM, "latency")
     held, release = FORK.Event(), FORK.Event()
     p = FORK.Process(target=_hold_the_writer_lock, args=(name, held, release))
     p.start()
@@ -477,6 +508,7 @@ def test_an_increment_never_waits_for_another_workers_write(name):
         def count():
             assert s.increment_metric(c, 5) == S.OK
             assert s.record_metric(g, 7) == S.OK
+            assert s.record_metric(h, 300) == S.OK
             done.set()
 
         t = threading.Thread(target=count, daemon=True)
@@ -486,6 +518,9 @@ def test_an_increment_never_waits_for_another_workers_write(name):
         release.set()
         assert done.wait(30)
         assert s.get_metric(c) == (S.OK, 5) and s.get_metric(g) == (S.OK, 7)
+        latency = {m.name: m for m in s.metric_values()}["latency"]
+        assert (latency.count, latency.sum) == (1, 300)
+        assert [n for le, n in latency.buckets if le in (250, 500)] == [0, 1]
     finally:
         release.set()
         p.join(30)
