@@ -790,9 +790,17 @@ static int guest_put(PyObject *mem, long long ptr, const void *src, long long n)
     return 0;
 }
 
+static void put_u32le(unsigned char *p, uint32_t v) {
+    p[0] = v & 0xFF;
+    p[1] = (v >> 8) & 0xFF;
+    p[2] = (v >> 16) & 0xFF;
+    p[3] = v >> 24;
+}
+
 static int guest_put_u32(PyObject *mem, PyObject *ptr_obj, uint32_t v) {
     long long ptr;
-    unsigned char le[4] = {v & 0xFF, (v >> 8) & 0xFF, (v >> 16) & 0xFF, v >> 24};
+    unsigned char le[4];
+    put_u32le(le, v);
     if (as_offset(ptr_obj, &ptr) < 0)
         return -1;
     return guest_put(mem, ptr, le, 4);
@@ -951,13 +959,6 @@ static PyTypeObject GuardedType = {
  * (name, value) str pairs (reference §4.1: u32 N, N x (u32 name_len, u32 value_len),
  * N x (name NUL value NUL); b"" for no pair), each str taken as latin-1 bytes. None when an
  * item is not a pair of one-byte (latin-1) strs: the caller's Python path handles those. */
-static void put_u32le(unsigned char *p, uint32_t v) {
-    p[0] = v & 0xFF;
-    p[1] = (v >> 8) & 0xFF;
-    p[2] = (v >> 16) & 0xFF;
-    p[3] = v >> 24;
-}
-
 static PyObject *serialize_pairs(PyObject *self, PyObject *items) {
     if (!PyList_Check(items))
         Py_RETURN_NONE;
