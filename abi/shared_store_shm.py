@@ -50,13 +50,12 @@ A metric's values are not in LMDB: a counter's or gauge's is the u64 at slot ``s
 with an atomic add or store by abi/_lmdb.c's ``counters``. A rate limiter counts every request;
 as a write transaction that cost ~4 µs and took the writer lock every worker's writes wait on,
 as an atomic add it costs ~0.5 µs and waits for nothing. A histogram's are 21 slots after the
-``seq`` ones, from the ``slot`` its record names: the sum, then one count per bucket (its count is
-theirs, so ``_count`` always equals the ``+Inf`` bucket); a sample is two atomic adds, and a
+``seq`` ones, from the ``slot`` its record names: the sum, then one count per bucket (its count
+is theirs, so ``_count`` always equals the ``+Inf`` bucket); a sample is two atomic adds, and a
 reader between them may see the bucket before the sum, as Envoy's merged histograms can be a
-sample apart. (py-lmdb's
-fallback does the same read-modify-write inside a write transaction: the writer lock makes it
-atomic among processes that all use py-lmdb, which a gateway's workers do.) A killed process
-leaves a slot either added to or not.
+sample apart. (py-lmdb's fallback does the same read-modify-write inside a write transaction:
+the writer lock makes it atomic among processes that all use py-lmdb, which a gateway's workers
+do.) A killed process leaves a slot either added to or not.
 
 The meta and data records are read and rewritten inside the write lock on every set(), so they
 are fixed binary layouts (struct) rather than msgpack. ``reap_hint`` is a lower bound of the
