@@ -337,6 +337,17 @@ def _all_slots(max_bytes: int) -> int:
     return _counter_slots(max_bytes) + _max_histograms(max_bytes) * _HIST_SLOTS
 
 
+def _add_sample(counters, slot: int, v: int) -> None:
+    """A histogram's sample: its sum, and the count of its bucket."""
+    counters.add(slot, v)
+    counters.add(slot + 1 + bisect_left(HISTOGRAM_BOUNDS, v), 1)
+
+
+def _run_uncommitted(_txn, fn, args):
+    fn(*args)
+    return False, OK
+
+
 class _MappedCounters:
     """py-lmdb's side of ``abi._lmdb.counters``: the same file, the same u64 slots in native
     byte order. Its read-modify-write is not atomic by itself: ShmStore runs ``add`` and
@@ -1147,11 +1158,13 @@ class ShmStore:
         if kind == 3 or not self._is_defined(mid):
             return NOT_FOUND
         if kind == HISTOGRAM:
-            return self._sample(self._hist_slot(mid), value & _U64)
+            return self._atomically(_add_sample, self._counters(), self._e.hist_slots[mid],
+                                    value & _U64)
         return self._count(mid >> 2, value, kind == COUNTER)   # a counter adds, a gauge is set
 
     def _is_defined(self, mid: int) -> bool:
-        """Whether metric ``mid`` has a definition; remembered, as definitions are never dropped."""
+        """Whether metric ``mid`` has a definition; remembered (with a histogram's first slot,
+        in hist_slots), as definitions are never dropped and slots never move."""
         if mid in self._e.defined:
             return True
         with self._lock:
@@ -1160,6 +1173,8 @@ class ShmStore:
                 raw = txn.get(_MREC + _qkey(mid))
         if raw is None:
             return False
+        if mid & 3 == HISTOGRAM:
+            self._e.hist_slots[mid] = _unpackb(raw)[2]
         self._e.defined.add(mid)
         return True
 
@@ -1179,42 +1194,21 @@ class ShmStore:
 
     def _count(self, slot: int, value: int, add: bool) -> int:
         counters = self._counters()
-        if self._e.native:                     # an atomic instruction: no lock to take
-            (counters.add if add else counters.store)(slot, value)
+        fn = counters.add if add else counters.store
+        if self._e.native:          # _atomically's first branch, inlined: a rate limiter
+            fn(slot, value)         # increments on every request (bench/README.md)
             return OK
-        r = self._write(self._count_txn, counters, slot, value, add)
-        return INTERNAL_FAILURE if r is _FULL else r
+        return self._atomically(fn, slot, value)
 
-    @staticmethod
-    def _count_txn(txn, counters, slot, value, add):
-        # py-lmdb: the read-modify-write of the slot under the writer lock; LMDB writes nothing.
-        (counters.add if add else counters.store)(slot, value)
-        return False, OK
-
-    def _hist_slot(self, mid: int) -> int:
-        """Histogram ``mid``'s first slot (defined: _is_defined said so); remembered."""
-        slot = self._e.hist_slots.get(mid)
-        if slot is None:
-            with self._lock:
-                env = self._ensure_env()
-                with env.begin() as txn:
-                    slot = self._e.hist_slots[mid] = _unpackb(txn.get(_MREC + _qkey(mid)))[2]
-        return slot
-
-    def _sample(self, slot: int, v: int) -> int:
-        counters = self._counters()
+    def _atomically(self, fn, *args) -> int:
+        """fn(*args) on the metric slots, atomic among the workers: at once on the C binding
+        (its add and store are atomic instructions: no lock to take); on py-lmdb inside a
+        write transaction, whose writer lock every process takes (LMDB writes nothing)."""
         if self._e.native:
-            self._add_sample(None, counters, slot, v)
+            fn(*args)
             return OK
-        r = self._write(self._add_sample, counters, slot, v)
+        r = self._write(_run_uncommitted, fn, args)
         return INTERNAL_FAILURE if r is _FULL else r
-
-    @staticmethod
-    def _add_sample(_txn, counters, slot, v):
-        # sum and bucket; py-lmdb: under the writer lock (see _count_txn)
-        counters.add(slot, v)
-        counters.add(slot + 1 + bisect_left(HISTOGRAM_BOUNDS, v), 1)
-        return False, OK
 
     def get_metric(self, metric_id: int) -> tuple[int, int]:
         kind = metric_id & 3
