@@ -43,11 +43,8 @@ GROUPS: dict[str, tuple[str, ...]] = {
 ALL: frozenset[str] = frozenset(GROUPS)
 GROUP_OF: dict[str, str] = {name: group for group, names in GROUPS.items() for name in names}
 
-# Foreign functions (abi/foreign.py) that do another group's work: granted only with that group
-# as well as "foreign_functions", or ``foreign_functions`` alone would reopen what the group
-# closes. Checked by the foreign function itself, which a filter without the group always runs
-# (abi/filter.py links no C shortcut past it).
-FOREIGN: dict[str, str] = {"wasmgate.set_shared_data_ttl": "shared_data"}
+# A foreign function that does another group's work needs that group too: abi/foreign.py's
+# GROUPS, checked by the function itself.
 
 
 def grants(granted: frozenset[str] | None, group: str) -> bool:

@@ -22,7 +22,7 @@ from .context import CalloutData, ChainView, Context, HttpContext, RootContext, 
 from .engine import (Engine, EngineError, FilterCore, Instance, MemoryAccessError, Tally, Trap,
                      native_crossings)
 from .enums import Status, WasiErrno
-from . import capabilities
+from . import capabilities, foreign
 from .hostcalls import HOSTCALLS, PY_LEVELS, guarded, restricted_get_property
 from .limits import MAX_LOG_BYTES, MAX_PENDING_CALLS
 from .grpc_call import GrpcCalls
@@ -137,11 +137,11 @@ class Filter:
 
     def _host_functions(self) -> dict[tuple[str, str], Callable]:
         table = {}
-        # A foreign function doing a group's work checks the group itself (abi/foreign.py); the
+        # A foreign function doing a group's work checks the group itself (foreign.GROUPS); the
         # C shortcut of proxy_call_foreign_function does not, so it is left out for a filter
         # that lacks one of those groups.
         foreign_checks = any(not capabilities.grants(self.spec.capabilities, group)
-                             for group in capabilities.FOREIGN.values())
+                             for group in foreign.GROUPS.values())
         for name, (fn, params, results) in HOSTCALLS.items():
             void = not results
             table[("env", name)] = guarded(
